@@ -1,0 +1,608 @@
+"""Configuration: a TOML file validated into frozen dataclasses.
+
+Every problem in a file is collected and reported at once; each names the file,
+the key path (``power.ladder_w[1]``), what was expected and what was found.
+Unknown keys get a did-you-mean. A file that fails validation never replaces a
+running configuration: :func:`load_config` either returns a whole
+:class:`Config` or raises :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import os
+import stat
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from governor.model import GpuInfo
+
+DEFAULT_CONFIG_PATH = Path("/etc/gpu-governor/governor.toml")
+DEFAULT_METRICS_PORT = 9847
+"""Default metrics port.
+
+Chosen to collide with none of the ports a GPU host already runs: 9100
+(node-exporter), 9400 (dcgm-exporter), 9835 (nvidia_gpu_exporter), 8000
+(nvitop-exporter), nor 9090/9093 (Prometheus, Alertmanager).
+"""
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A governor config is a few kilobytes; anything over 1 MiB is refused unread."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem found in a config file."""
+
+    file: str
+    key: str
+    expected: str
+    got: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else self.file
+        return f"{where}: expected {self.expected}, got {self.got}"
+
+
+class ConfigError(Exception):
+    """A config file could not be used; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues = tuple(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+@dataclass(frozen=True, slots=True)
+class ThermalPolicy:
+    """Zone thresholds in degrees Celsius; a zone is entered at >= its threshold
+    and left only once the temperature is below threshold - hysteresis_c."""
+
+    warning_c: float = 70.0
+    hot_c: float = 80.0
+    throttle_c: float = 85.0
+    critical_c: float = 95.0
+    hysteresis_c: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class PowerPolicy:
+    """The power ladder: rungs in watts, highest first, and when to move on it.
+
+    One rung down after ``debounce_samples`` consecutive readings >=
+    ``step_down_at_c``; one rung up after the temperature stayed <= ``step_up_at_c``
+    for ``dwell_s`` seconds; at most one change per ``min_change_interval_s``
+    seconds, except that entering the critical zone drops straight to the floor.
+    """
+
+    ladder_w: tuple[float, ...] = (200.0, 180.0)
+    step_down_at_c: float = 75.0
+    step_up_at_c: float = 65.0
+    debounce_samples: int = 3
+    dwell_s: float = 60.0
+    min_change_interval_s: float = 30.0
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPolicy:
+    """The thermal and power policy in force for one GPU."""
+
+    thermal: ThermalPolicy = field(default_factory=ThermalPolicy)
+    power: PowerPolicy = field(default_factory=PowerPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuOverride:
+    """Per-GPU policy changes, applied to every GPU the match selects.
+
+    A GPU is selected when every given selector matches: ``index``, ``uuid``
+    (exact, case-insensitive) and ``name`` (a case-insensitive glob such as
+    ``"*H100*"``). Overrides apply in file order; later ones win.
+    """
+
+    index: int | None
+    uuid: str | None
+    name: str | None
+    thermal: Mapping[str, Any]
+    power: Mapping[str, Any]
+
+    def matches(self, gpu: GpuInfo) -> bool:
+        """True when this override selects ``gpu``."""
+        if self.index is not None and gpu.index != self.index:
+            return False
+        if self.uuid is not None and gpu.uuid.lower() != self.uuid.lower():
+            return False
+        if self.name is not None and not fnmatch.fnmatchcase(gpu.name.lower(), self.name.lower()):
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Where the Prometheus endpoint listens."""
+
+    enabled: bool = True
+    listen_address: str = "127.0.0.1"
+    port: int = DEFAULT_METRICS_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Log format (auto picks journal under systemd, console on a terminal, else json) and level."""
+
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationConfig:
+    """The simulated backend: which GPUs, which workload, where its hardware state lives."""
+
+    profile: str = "rtx4070"
+    gpu_count: int = 1
+    scenario: str = "sustained-inference"
+    seed: int = 0
+    ambient_c: float | None = None
+    state_file: str = ""
+    time_scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, validated configuration."""
+
+    source: str = "<defaults>"
+    poll_interval_s: float = 1.0
+    dry_run: bool = False
+    backend: str = "nvml"
+    state_dir: str = "/var/lib/gpu-governor"
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    thermal: ThermalPolicy = field(default_factory=ThermalPolicy)
+    power: PowerPolicy = field(default_factory=PowerPolicy)
+    gpus: tuple[GpuOverride, ...] = ()
+
+    def policy_for(self, gpu: GpuInfo) -> GpuPolicy:
+        """The thermal and power policy for ``gpu``: defaults, then every matching override."""
+        thermal, power = self.thermal, self.power
+        for override in self.gpus:
+            if override.matches(gpu):
+                thermal = replace(thermal, **override.thermal)
+                power = replace(power, **override.power)
+        return GpuPolicy(thermal=thermal, power=power)
+
+
+# --------------------------------------------------------------------------- schema
+
+Validator = Callable[[Any], "str | None"]
+"""Returns None when a value is acceptable, else a description of what was expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """How one config key is checked and converted."""
+
+    kind: str  # "float" | "int" | "bool" | "str" | "float_list"
+    expected: str
+    check: Validator | None = None
+
+
+def _between(lo: float, hi: float) -> Validator:
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"a value between {lo:g} and {hi:g}"
+
+    return check
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "a value greater than 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "a value of 0 or more"
+
+
+def _one_of(*choices: str) -> Validator:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+def _ladder(v: Any) -> str | None:
+    if not v:
+        return "a non-empty list of watts, highest first"
+    if any(x <= 0 for x in v):
+        return "watts greater than 0"
+    if any(b >= a for a, b in zip(v, v[1:])):
+        return "a strictly descending list of watts (highest rung first)"
+    return None
+
+
+_TEMP = _between(-40.0, 150.0)
+
+THERMAL_KEYS: dict[str, Key] = {
+    "warning_c": Key("float", "a temperature in C", _TEMP),
+    "hot_c": Key("float", "a temperature in C", _TEMP),
+    "throttle_c": Key("float", "a temperature in C", _TEMP),
+    "critical_c": Key("float", "a temperature in C", _TEMP),
+    "hysteresis_c": Key("float", "degrees C", _between(0.0, 30.0)),
+}
+POWER_KEYS: dict[str, Key] = {
+    "enabled": Key("bool", "true or false"),
+    "ladder_w": Key("float_list", "a list of watts", _ladder),
+    "step_down_at_c": Key("float", "a temperature in C", _TEMP),
+    "step_up_at_c": Key("float", "a temperature in C", _TEMP),
+    "debounce_samples": Key("int", "a whole number of samples", _between(1, 3600)),
+    "dwell_s": Key("float", "seconds", _between(0.0, 86400.0)),
+    "min_change_interval_s": Key("float", "seconds", _between(0.0, 86400.0)),
+}
+SCHEMA: dict[str, Key | dict[str, Key]] = {
+    "poll_interval_s": Key("float", "seconds", _between(0.05, 3600.0)),
+    "dry_run": Key("bool", "true or false"),
+    "backend": Key("str", "a backend name", _one_of("nvml", "simulated")),
+    "state_dir": Key("str", "a directory path"),
+    "metrics": {
+        "enabled": Key("bool", "true or false"),
+        "listen_address": Key("str", "an IP address or host name"),
+        "port": Key("int", "a TCP port", _between(0, 65535)),
+    },
+    "logging": {
+        "format": Key("str", "a log format", _one_of("auto", "console", "json", "journal")),
+        "level": Key("str", "a log level", _one_of("debug", "info", "warning", "error")),
+    },
+    "simulation": {
+        "profile": Key("str", "a profile name or a path to a profile TOML"),
+        "gpu_count": Key("int", "a number of GPUs", _between(1, 64)),
+        "scenario": Key("str", "a scenario name or a path to a scenario TOML"),
+        "seed": Key("int", "an integer seed"),
+        "ambient_c": Key("float", "a temperature in C", _between(-20.0, 60.0)),
+        "state_file": Key("str", "a file path (empty: keep state in memory)"),
+        "time_scale": Key("float", "a speed factor", _between(0.01, 10000.0)),
+    },
+    "thermal": THERMAL_KEYS,
+    "power": POWER_KEYS,
+}
+GPU_SELECTORS: dict[str, Key] = {
+    "index": Key("int", "a GPU index", _between(0, 1023)),
+    "uuid": Key("str", "a GPU UUID such as 'GPU-...'"),
+    "name": Key("str", "a model name glob such as '*RTX 4070*'"),
+}
+
+
+class _Collector:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.issues: list[ConfigIssue] = []
+
+    def add(self, key: str, expected: str, got: str) -> None:
+        self.issues.append(ConfigIssue(self.file, key, expected, got))
+
+
+def _describe(value: Any) -> str:
+    kind = type(value).__name__
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({kind})"
+
+
+def _convert(key: Key, value: Any, path: str, out: _Collector) -> Any:
+    """Check one scalar; returns the converted value or None after recording an issue."""
+    if key.kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(float(value)):
+            ok = False
+        converted: Any = float(value) if ok else None
+        expected = f"{key.expected} (a number)"
+    elif key.kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        converted = value if ok else None
+        expected = f"{key.expected} (an integer)"
+    elif key.kind == "bool":
+        ok = isinstance(value, bool)
+        converted = value if ok else None
+        expected = key.expected
+    elif key.kind == "str":
+        ok = isinstance(value, str)
+        converted = value if ok else None
+        expected = f"{key.expected} (a string)"
+    elif key.kind == "float_list":
+        ok = isinstance(value, list)
+        converted = None
+        if ok:
+            items: list[float] = []
+            for i, item in enumerate(value):
+                if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+                    out.add(f"{path}[{i}]", "watts (a number)", _describe(item))
+                    ok = False
+                else:
+                    items.append(float(item))
+            if not ok:
+                return None
+            converted = tuple(items)
+        expected = f"{key.expected} (an array)"
+    else:  # pragma: no cover - schema bug
+        raise AssertionError(key.kind)
+    if not ok:
+        out.add(path, expected, _describe(value))
+        return None
+    if key.check is not None:
+        problem = key.check(converted)
+        if problem is not None:
+            out.add(path, problem, _describe(value))
+            return None
+    return converted
+
+
+def _unknown(path: str, name: str, known: Sequence[str], out: _Collector) -> None:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    out.add(path, "one of the known keys: " + ", ".join(sorted(known)), f"unknown key '{name}'{hint}")
+
+
+def _section(
+    table: Mapping[str, Any], schema: Mapping[str, Key], prefix: str, out: _Collector
+) -> dict[str, Any]:
+    """Convert the known keys of ``table``; record unknown ones and bad values."""
+    result: dict[str, Any] = {}
+    for name, value in table.items():
+        path = f"{prefix}{name}"
+        key = schema.get(name)
+        if key is None:
+            _unknown(path, name, list(schema), out)
+            continue
+        converted = _convert(key, value, path, out)
+        if converted is not None:
+            result[name] = converted
+    return result
+
+
+def _thermal_contradictions(t: ThermalPolicy, prefix: str, out: _Collector) -> None:
+    order = [("warning_c", t.warning_c), ("hot_c", t.hot_c), ("throttle_c", t.throttle_c), ("critical_c", t.critical_c)]
+    for (lo_name, lo), (hi_name, hi) in zip(order, order[1:]):
+        if not lo < hi:
+            out.add(
+                f"{prefix}thermal.{hi_name}",
+                f"a temperature above thermal.{lo_name} ({lo:g} C)",
+                f"{hi:g}",
+            )
+
+
+def _power_contradictions(p: PowerPolicy, prefix: str, out: _Collector) -> None:
+    if not p.step_up_at_c < p.step_down_at_c:
+        out.add(
+            f"{prefix}power.step_up_at_c",
+            f"a temperature below power.step_down_at_c ({p.step_down_at_c:g} C)",
+            f"{p.step_up_at_c:g}",
+        )
+
+
+def _table(value: Any, path: str, out: _Collector) -> Mapping[str, Any] | None:
+    if isinstance(value, dict):
+        return value
+    out.add(path, "a table", _describe(value))
+    return None
+
+
+def parse_config(data: Mapping[str, Any], source: str) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    out = _Collector(source)
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    raw_gpus: Any = None
+    known_top = [*SCHEMA, "gpu"]
+    for name, value in data.items():
+        if name == "gpu":
+            raw_gpus = value
+            continue
+        spec = SCHEMA.get(name)
+        if spec is None:
+            _unknown(name, name, known_top, out)
+        elif isinstance(spec, Key):
+            converted = _convert(spec, value, name, out)
+            if converted is not None:
+                top[name] = converted
+        else:
+            table = _table(value, name, out)
+            if table is not None:
+                sections[name] = _section(table, spec, f"{name}.", out)
+
+    thermal = replace(ThermalPolicy(), **sections.get("thermal", {}))
+    power = replace(PowerPolicy(), **sections.get("power", {}))
+    _thermal_contradictions(thermal, "", out)
+    _power_contradictions(power, "", out)
+
+    overrides: list[GpuOverride] = []
+    if raw_gpus is not None:
+        if not isinstance(raw_gpus, list):
+            out.add("gpu", "an array of tables ([[gpu]])", _describe(raw_gpus))
+        else:
+            for i, entry in enumerate(raw_gpus):
+                override = _parse_override(entry, f"gpu[{i}]", thermal, power, out)
+                if override is not None:
+                    overrides.append(override)
+
+    if out.issues:
+        raise ConfigError(out.issues)
+    return Config(
+        source=source,
+        metrics=replace(MetricsConfig(), **sections.get("metrics", {})),
+        logging=replace(LoggingConfig(), **sections.get("logging", {})),
+        simulation=replace(SimulationConfig(), **sections.get("simulation", {})),
+        thermal=thermal,
+        power=power,
+        gpus=tuple(overrides),
+        **top,
+    )
+
+
+def _parse_override(
+    entry: Any, path: str, thermal: ThermalPolicy, power: PowerPolicy, out: _Collector
+) -> GpuOverride | None:
+    table = _table(entry, path, out)
+    if table is None:
+        return None
+    selectors: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {"thermal": {}, "power": {}}
+    known = [*GPU_SELECTORS, "thermal", "power"]
+    for name, value in table.items():
+        key_path = f"{path}.{name}"
+        if name in GPU_SELECTORS:
+            converted = _convert(GPU_SELECTORS[name], value, key_path, out)
+            if converted is not None:
+                selectors[name] = converted
+        elif name in parts:
+            sub = _table(value, key_path, out)
+            if sub is not None:
+                schema = THERMAL_KEYS if name == "thermal" else POWER_KEYS
+                parts[name] = _section(sub, schema, f"{key_path}.", out)
+        else:
+            _unknown(key_path, name, known, out)
+    if not selectors:
+        out.add(path, "at least one of index, uuid or name to select GPUs", "no selector")
+    # Contradictions inherited unchanged from the top level are reported there, once.
+    if parts["thermal"]:
+        _thermal_contradictions(replace(thermal, **parts["thermal"]), f"{path}.", out)
+    if parts["power"]:
+        _power_contradictions(replace(power, **parts["power"]), f"{path}.", out)
+    return GpuOverride(
+        index=selectors.get("index"),
+        uuid=selectors.get("uuid"),
+        name=selectors.get("name"),
+        thermal=parts["thermal"],
+        power=parts["power"],
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Read a config file, refusing anything that is not a small regular file."""
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError([ConfigIssue(source, "", "a regular file", "a device, pipe or directory")])
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue(source, "", "an existing file", "no such file")]) from None
+    except IsADirectoryError:
+        raise ConfigError([ConfigIssue(source, "", "a regular file", "a directory")]) from None
+    except PermissionError:
+        raise ConfigError([ConfigIssue(source, "", "a readable file", "permission denied")]) from None
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(source, "", "a readable file", exc.strerror or str(exc))]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue(source, "", f"a file of at most {MAX_CONFIG_BYTES} bytes", "a larger file")])
+    return data
+
+
+def check_trust(path: Path, euid: int | None = None) -> None:
+    """When running as root, refuse a config that is not root-owned or is group/other-writable.
+
+    The file decides which processes get signalled and which power limits get set,
+    so anyone who can write it can act as root.
+    """
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        return
+    info = os.stat(path)
+    problems = []
+    if info.st_uid != 0:
+        problems.append(f"owned by uid {info.st_uid}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
+    if problems:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    str(path),
+                    "",
+                    "a file owned by root and writable only by root, since it decides "
+                    "which processes are signalled (fix: chown root:root, chmod 644)",
+                    " and ".join(problems),
+                )
+            ]
+        )
+
+
+def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
+    """Read, parse and validate ``path``; raise ConfigError naming every problem."""
+    path = Path(path)
+    source = str(path)
+    data = _read_bytes(path)
+    if enforce_trust:
+        check_trust(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
+    if "\x00" in text:
+        raise ConfigError([ConfigIssue(source, "", "TOML text", "binary data (NUL bytes)")])
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigIssue(source, "", "valid TOML", str(exc))]) from None
+    return parse_config(document, source)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(type(value))
+
+
+def render_config(config: Config) -> str:
+    """The effective configuration as TOML (defaults merged), loadable again."""
+    lines = [f"# effective configuration from {config.source}"]
+    sections: list[tuple[str, Any]] = []
+    for f in fields(config):
+        if f.name in ("source", "gpus"):
+            continue
+        value = getattr(config, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            sections.append((f.name, value))
+        elif value is not None:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for name, section in sections:
+        lines.append("")
+        lines.append(f"[{name}]")
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if value is not None:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+    for override in config.gpus:
+        lines.append("")
+        lines.append("[[gpu]]")
+        for selector in ("index", "uuid", "name"):
+            value = getattr(override, selector)
+            if value is not None:
+                lines.append(f"{selector} = {_toml_value(value)}")
+        for part in ("thermal", "power"):
+            values = getattr(override, part)
+            if values:
+                lines.append(f"{part} = {_toml_value(dict(values))}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,169 @@
+"""Frozen value types shared by every module: GPU facts, readings, snapshots, decisions.
+
+Units live in field names (``_c`` degrees Celsius, ``_w`` watts, ``_bytes`` bytes,
+``_s`` seconds). A reading the hardware could not give is ``None``, never ``0``.
+Times (``t_s``) are seconds on the monotonic clock of whoever took the snapshot (the
+real monotonic clock for NVML, the virtual clock for the simulator); rules take their
+notion of "now" from the snapshot alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class ThermalZone(enum.Enum):
+    """Named temperature bands, ordered from coolest to hottest."""
+
+    OPTIMAL = "optimal"
+    WARNING = "warning"
+    HOT = "hot"
+    THROTTLE = "throttle"
+    CRITICAL = "critical"
+    UNKNOWN = "unknown"
+
+    @property
+    def severity(self) -> int:
+        """Rank of the zone: 0 for optimal up to 4 for critical; -1 for unknown."""
+        return _SEVERITY[self]
+
+
+_SEVERITY = {
+    ThermalZone.OPTIMAL: 0,
+    ThermalZone.WARNING: 1,
+    ThermalZone.HOT: 2,
+    ThermalZone.THROTTLE: 3,
+    ThermalZone.CRITICAL: 4,
+    ThermalZone.UNKNOWN: -1,
+}
+
+ZONES_BY_SEVERITY: tuple[ThermalZone, ...] = (
+    ThermalZone.OPTIMAL,
+    ThermalZone.WARNING,
+    ThermalZone.HOT,
+    ThermalZone.THROTTLE,
+    ThermalZone.CRITICAL,
+)
+
+
+class GpuHealth(enum.Enum):
+    """How far the governor can trust and act on a GPU."""
+
+    OK = "ok"
+    DEGRADED = "degraded"  # some reading missing; rules hold rather than act
+    LOST = "lost"  # the GPU stopped answering (NVML GPU_IS_LOST or similar)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """Static facts about one GPU, read once when the backend opens it."""
+
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str | None = None
+    power_limit_min_w: float | None = None
+    power_limit_max_w: float | None = None
+    power_limit_default_w: float | None = None
+    temperature_slowdown_c: float | None = None
+    temperature_shutdown_c: float | None = None
+    memory_total_bytes: int | None = None
+    driver_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessReading:
+    """One process using a GPU, as the backend saw it in this tick."""
+
+    pid: int
+    used_memory_bytes: int | None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """Live values of one GPU at one instant. Missing values are ``None``.
+
+    ``error`` holds a short, human-readable reason when the whole read failed
+    (``health`` is then ``LOST`` or ``DEGRADED``).
+    """
+
+    index: int
+    uuid: str
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None  # enforced limit
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    utilization_gpu_ratio: float | None = None  # 0..1
+    clock_event_reasons: int | None = None  # NVML bitmask
+    processes: tuple[ProcessReading, ...] | None = None
+    health: GpuHealth = GpuHealth.OK
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every GPU's reading taken in one tick, at monotonic time ``t_s``.
+
+    ``wall_time_s`` is the matching Unix time, for humans and metrics only.
+    """
+
+    t_s: float
+    wall_time_s: float
+    gpus: tuple[GpuReading, ...]
+
+
+class Action(enum.Enum):
+    """What a decision asks the actuator to do."""
+
+    NONE = "none"  # informational (zone change, hold, report)
+    SET_POWER_LIMIT = "set_power_limit"
+    SIGNAL_TERM = "sigterm"
+    SIGNAL_KILL = "sigkill"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One thing a rule decided, with the reason a human can read back.
+
+    ``rule`` names the rule (``power_step_down``, ``thermal_zone`` ...), ``reading``
+    is the value it looked at, ``threshold`` the limit it compared against,
+    ``from_value`` and ``to_value`` what changes (watts for power limits, zone
+    names for zones). ``pid``/``process_start_time`` identify a process target.
+    """
+
+    t_s: float
+    gpu_index: int
+    gpu_uuid: str
+    rule: str
+    action: Action
+    reason: str
+    reading: float | None = None
+    threshold: float | None = None
+    from_value: float | str | None = None
+    to_value: float | str | None = None
+    pid: int | None = None
+    process_start_time: float | None = None
+    extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+
+class Outcome(enum.Enum):
+    """What the actuator did with a decision."""
+
+    APPLIED = "applied"
+    DRY_RUN = "dry_run"
+    UNCHANGED = "unchanged"  # already in force (idempotent)
+    FAILED = "failed"
+    REFUSED = "refused"  # the GPU or process is not ours to touch (monitor-only, protected)
+    SKIPPED = "skipped"  # nothing to do (informational decision, vanished process)
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    """The actuator's report on one decision."""
+
+    decision: Decision
+    outcome: Outcome
+    detail: str | None = None

@@ -1,0 +1,252 @@
+"""The trace format: JSON Lines of NVML samples, read by calibrate/replay, written by record.
+
+A trace holds, per GPU, one ``device`` record (static facts) followed by ``sample``
+records (one per GPU per interval), in time order. The format is documented in
+``docs/trace-format.md``; it is the format of ``shared/traces/h100-load.jsonl``.
+
+Units: ``t`` seconds since the start of the recording; ``temperature_c`` Celsius;
+``power_w`` and ``power_limit_w`` watts; ``*_bytes`` bytes; ``utilization_gpu_pct``
+percent (0-100); ``clock_event_reasons`` the NVML bitmask.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from governor.model import GpuInfo, GpuReading, ProcessReading, Snapshot
+
+
+class TraceError(Exception):
+    """A trace file is malformed; the message names the file, line and field."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceDevice:
+    """The static facts of one GPU in a trace."""
+
+    info: GpuInfo
+    interval_s: float | None
+    profile: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSample:
+    """One sample of one GPU: a reading and its time since the start of the trace."""
+
+    t_s: float
+    reading: GpuReading
+    power_limit_w: float | None
+    utilization_gpu_pct: float | None
+    sm_clock_mhz: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """A whole trace: devices by GPU index and their samples in time order."""
+
+    source: str
+    devices: dict[int, TraceDevice]
+    samples: dict[int, tuple[TraceSample, ...]]
+
+    def snapshots(self) -> Iterator[Snapshot]:
+        """Samples grouped into per-tick snapshots (samples of all GPUs at the same tick)."""
+        rows: list[tuple[float, int, TraceSample]] = []
+        for gpu, samples in self.samples.items():
+            rows.extend((s.t_s, gpu, s) for s in samples)
+        rows.sort(key=lambda r: (r[0], r[1]))
+        interval = min((d.interval_s or 1.0) for d in self.devices.values()) if self.devices else 1.0
+        group: list[TraceSample] = []
+        group_t = 0.0
+        for t, _, sample in rows:
+            if group and t - group_t >= interval / 2:
+                yield Snapshot(t_s=group_t, wall_time_s=group_t, gpus=tuple(s.reading for s in group))
+                group = []
+            if not group:
+                group_t = t
+            group.append(sample)
+        if group:
+            yield Snapshot(t_s=group_t, wall_time_s=group_t, gpus=tuple(s.reading for s in group))
+
+
+def _num(record: dict[str, Any], key: str, where: str, *, required: bool = False) -> float | None:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise TraceError(f"{where}: field '{key}': expected a number, got nothing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TraceError(f"{where}: field '{key}': expected a number, got {value!r}")
+    return float(value)
+
+
+def _int(record: dict[str, Any], key: str, where: str, *, required: bool = False) -> int | None:
+    value = _num(record, key, where, required=required)
+    return None if value is None else int(value)
+
+
+def _device(record: dict[str, Any], where: str) -> TraceDevice:
+    gpu = _int(record, "gpu", where, required=True)
+    assert gpu is not None
+    info = GpuInfo(
+        index=gpu,
+        uuid=str(record.get("uuid") or f"trace-gpu-{gpu}"),
+        name=str(record.get("name") or "unknown GPU"),
+        pci_bus_id=record.get("pci_bus_id"),
+        power_limit_min_w=_num(record, "power_limit_min_w", where),
+        power_limit_max_w=_num(record, "power_limit_max_w", where),
+        power_limit_default_w=_num(record, "power_limit_default_w", where),
+        temperature_slowdown_c=_num(record, "temperature_slowdown_c", where),
+        temperature_shutdown_c=_num(record, "temperature_shutdown_c", where),
+        memory_total_bytes=_int(record, "memory_total_bytes", where),
+        driver_version=record.get("driver"),
+    )
+    return TraceDevice(info=info, interval_s=_num(record, "interval_s", where), profile=record.get("profile"))
+
+
+def _processes(record: dict[str, Any], where: str) -> tuple[ProcessReading, ...] | None:
+    raw = record.get("processes")
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise TraceError(f"{where}: field 'processes': expected a list, got {raw!r}")
+    result = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise TraceError(f"{where}: field 'processes[{i}]': expected an object, got {entry!r}")
+        pid = _int(entry, "pid", f"{where}: processes[{i}]", required=True)
+        assert pid is not None
+        name = entry.get("name")
+        result.append(
+            ProcessReading(
+                pid=pid,
+                used_memory_bytes=_int(entry, "used_memory_bytes", f"{where}: processes[{i}]"),
+                name=None if name is None else str(name),
+            )
+        )
+    return tuple(result)
+
+
+def _sample(record: dict[str, Any], where: str, device: TraceDevice) -> TraceSample:
+    t = _num(record, "t", where, required=True)
+    assert t is not None
+    util = _num(record, "utilization_gpu_pct", where)
+    reading = GpuReading(
+        index=device.info.index,
+        uuid=device.info.uuid,
+        temperature_c=_num(record, "temperature_c", where),
+        power_w=_num(record, "power_w", where),
+        power_limit_w=_num(record, "power_limit_w", where),
+        memory_used_bytes=_int(record, "memory_used_bytes", where),
+        memory_total_bytes=_int(record, "memory_total_bytes", where) or device.info.memory_total_bytes,
+        utilization_gpu_ratio=None if util is None else util / 100.0,
+        clock_event_reasons=_int(record, "clock_event_reasons", where),
+        processes=_processes(record, where),
+    )
+    return TraceSample(
+        t_s=t,
+        reading=reading,
+        power_limit_w=reading.power_limit_w,
+        utilization_gpu_pct=util,
+        sm_clock_mhz=_num(record, "sm_clock_mhz", where),
+    )
+
+
+def read_trace(path: Path | str) -> Trace:
+    """Read and check a trace file; raise TraceError naming the line of the first problem."""
+    path = Path(path)
+    devices: dict[int, TraceDevice] = {}
+    samples: dict[int, list[TraceSample]] = {}
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                where = f"{path}:{number}"
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TraceError(f"{where}: not JSON: {exc.msg}") from None
+                if not isinstance(record, dict):
+                    raise TraceError(f"{where}: expected a JSON object")
+                kind = record.get("record")
+                if kind == "device":
+                    device = _device(record, where)
+                    devices[device.info.index] = device
+                    samples.setdefault(device.info.index, [])
+                elif kind == "sample":
+                    gpu = _int(record, "gpu", where, required=True)
+                    if gpu not in devices:
+                        raise TraceError(f"{where}: sample for GPU {gpu} before its device record")
+                    sample = _sample(record, where, devices[gpu])
+                    previous = samples[gpu]
+                    if previous and sample.t_s < previous[-1].t_s:
+                        raise TraceError(f"{where}: field 't': samples must be in time order")
+                    previous.append(sample)
+                else:
+                    raise TraceError(f"{where}: field 'record': expected 'device' or 'sample', got {kind!r}")
+        except UnicodeDecodeError:
+            raise TraceError(f"{path}: not UTF-8 text") from None
+    if not devices:
+        raise TraceError(f"{path}: no device record")
+    return Trace(source=str(path), devices=devices, samples={k: tuple(v) for k, v in samples.items()})
+
+
+def device_record(info: GpuInfo, interval_s: float, profile: str | None = None) -> dict[str, Any]:
+    """The ``device`` record for one GPU."""
+    return {
+        "record": "device",
+        "gpu": info.index,
+        "uuid": info.uuid,
+        "name": info.name,
+        "driver": info.driver_version,
+        "pci_bus_id": info.pci_bus_id,
+        "power_limit_min_w": info.power_limit_min_w,
+        "power_limit_max_w": info.power_limit_max_w,
+        "power_limit_default_w": info.power_limit_default_w,
+        "memory_total_bytes": info.memory_total_bytes,
+        "temperature_slowdown_c": info.temperature_slowdown_c,
+        "temperature_shutdown_c": info.temperature_shutdown_c,
+        "profile": profile,
+        "interval_s": interval_s,
+    }
+
+
+def sample_record(t_s: float, reading: GpuReading, sm_clock_mhz: float | None = None) -> dict[str, Any]:
+    """The ``sample`` record for one GPU reading taken ``t_s`` seconds after the start."""
+    util = reading.utilization_gpu_ratio
+    processes = None
+    if reading.processes is not None:
+        processes = [
+            {"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "name": p.name} for p in reading.processes
+        ]
+    return {
+        "record": "sample",
+        "t": round(t_s, 3),
+        "gpu": reading.index,
+        "temperature_c": reading.temperature_c,
+        "power_w": reading.power_w,
+        "power_limit_w": reading.power_limit_w,
+        "memory_used_bytes": reading.memory_used_bytes,
+        "memory_total_bytes": reading.memory_total_bytes,
+        "utilization_gpu_pct": None if util is None else round(util * 100.0, 1),
+        "clock_event_reasons": reading.clock_event_reasons,
+        "sm_clock_mhz": sm_clock_mhz,
+        "processes": processes,
+        "health": reading.health.value,
+    }
+
+
+def write_records(out: IO[str], records: Iterable[dict[str, Any]]) -> None:
+    """Write records as JSON Lines and flush, so a killed recorder loses at most one line."""
+    for record in records:
+        out.write(json.dumps(record, separators=(", ", ": ")) + "\n")
+    out.flush()
