@@ -54,23 +54,12 @@ class Trace:
     samples: dict[int, tuple[TraceSample, ...]]
 
     def snapshots(self) -> Iterator[Snapshot]:
-        """Samples grouped into per-tick snapshots (samples of all GPUs at the same tick)."""
-        rows: list[tuple[float, int, TraceSample]] = []
-        for gpu, samples in self.samples.items():
-            rows.extend((s.t_s, gpu, s) for s in samples)
-        rows.sort(key=lambda r: (r[0], r[1]))
-        interval = min((d.interval_s or 1.0) for d in self.devices.values()) if self.devices else 1.0
-        group: list[TraceSample] = []
-        group_t = 0.0
-        for t, _, sample in rows:
-            if group and t - group_t >= interval / 2:
-                yield Snapshot(t_s=group_t, wall_time_s=group_t, gpus=tuple(s.reading for s in group))
-                group = []
-            if not group:
-                group_t = t
-            group.append(sample)
-        if group:
-            yield Snapshot(t_s=group_t, wall_time_s=group_t, gpus=tuple(s.reading for s in group))
+        """Per-tick snapshots: the i-th sample of every GPU forms tick i (a recorder
+        samples all GPUs once per interval), timed by the earliest of them."""
+        columns = [self.samples[gpu] for gpu in sorted(self.samples)]
+        for row in zip(*columns):
+            t = min(s.t_s for s in row)
+            yield Snapshot(t_s=t, wall_time_s=t, gpus=tuple(s.reading for s in row))
 
 
 def _num(record: dict[str, Any], key: str, where: str, *, required: bool = False) -> float | None:
