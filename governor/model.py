@@ -98,6 +98,9 @@ class GpuReading:
     memory_total_bytes: int | None = None
     utilization_gpu_ratio: float | None = None  # 0..1
     clock_event_reasons: int | None = None  # NVML bitmask
+    sm_clock_mhz: float | None = None
+    power_limit_requested_w: float | None = None  # slow read: refreshed on a slower cadence
+    energy_j: float | None = None  # total energy counter; slow read: slower cadence
     processes: tuple[ProcessReading, ...] | None = None
     health: GpuHealth = GpuHealth.OK
     error: str | None = None
