@@ -25,6 +25,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+import itertools
+
 from governor.model import GpuInfo
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpu-governor/governor.toml")
@@ -122,9 +124,7 @@ class GpuOverride:
             return False
         if self.uuid is not None and gpu.uuid.lower() != self.uuid.lower():
             return False
-        if self.name is not None and not fnmatch.fnmatchcase(gpu.name.lower(), self.name.lower()):
-            return False
-        return True
+        return not (self.name is not None and not fnmatch.fnmatchcase(gpu.name.lower(), self.name.lower()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +225,7 @@ def _ladder(v: Any) -> str | None:
         return "a non-empty list of watts, highest first"
     if any(x <= 0 for x in v):
         return "watts greater than 0"
-    if any(b >= a for a, b in zip(v, v[1:])):
+    if any(b >= a for a, b in itertools.pairwise(v)):
         return "a strictly descending list of watts (highest rung first)"
     return None
 
@@ -370,8 +370,13 @@ def _section(
 
 
 def _thermal_contradictions(t: ThermalPolicy, prefix: str, out: _Collector) -> None:
-    order = [("warning_c", t.warning_c), ("hot_c", t.hot_c), ("throttle_c", t.throttle_c), ("critical_c", t.critical_c)]
-    for (lo_name, lo), (hi_name, hi) in zip(order, order[1:]):
+    order = [
+        ("warning_c", t.warning_c),
+        ("hot_c", t.hot_c),
+        ("throttle_c", t.throttle_c),
+        ("critical_c", t.critical_c),
+    ]
+    for (lo_name, lo), (hi_name, hi) in itertools.pairwise(order):
         if not lo < hi:
             out.add(
                 f"{prefix}thermal.{hi_name}",
@@ -504,7 +509,9 @@ def _read_bytes(path: Path) -> bytes:
     except OSError as exc:
         raise ConfigError([ConfigIssue(source, "", "a readable file", exc.strerror or str(exc))]) from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError([ConfigIssue(source, "", f"a file of at most {MAX_CONFIG_BYTES} bytes", "a larger file")])
+        raise ConfigError(
+            [ConfigIssue(source, "", f"a file of at most {MAX_CONFIG_BYTES} bytes", "a larger file")]
+        )
     return data
 
 
@@ -547,7 +554,9 @@ def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
+        raise ConfigError(
+            [ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]
+        ) from None
     if "\x00" in text:
         raise ConfigError([ConfigIssue(source, "", "TOML text", "binary data (NUL bytes)")])
     try:

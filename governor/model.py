@@ -170,3 +170,65 @@ class ActionResult:
     decision: Decision
     outcome: Outcome
     detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuStatus:
+    """What the governor knows and wants for one GPU after a tick (for metrics and ``status``)."""
+
+    info: GpuInfo
+    zone: ThermalZone
+    zone_thresholds_c: tuple[tuple[ThermalZone, float], ...]
+    ladder_w: tuple[float, ...]
+    rung: int | None
+    target_w: float | None
+    monitor_only: str | None
+    last_decision: Decision | None
+    last_decision_wall_s: float | None
+
+
+TICK_BUCKETS_S: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+"""Histogram bucket bounds (seconds) for the duration of one tick."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedState:
+    """The immutable state the daemon publishes after each tick; metrics read only this.
+
+    Counters are totals since the daemon started. ``decision_counts`` is keyed by
+    (gpu index, rule, action); ``action_counts`` by (gpu index, action, outcome).
+    """
+
+    version: str
+    backend: str
+    started_wall_s: float
+    config_source: str
+    config_loaded_wall_s: float
+    config_reload_ok: bool
+    config_reloads: tuple[tuple[str, int], ...]  # (result, count)
+    dry_run: bool
+    snapshot: Snapshot | None
+    gpus: tuple[GpuStatus, ...]
+    decision_counts: tuple[tuple[tuple[int, str, str], int], ...]
+    action_counts: tuple[tuple[tuple[int, str, str], int], ...]
+    read_errors: tuple[tuple[int, int], ...]  # (gpu index, count)
+    tick_count: int
+    tick_duration_s: float | None
+    tick_bucket_counts: tuple[int, ...]  # cumulative, per TICK_BUCKETS_S then +Inf
+    tick_duration_sum_s: float
+    last_poll_wall_s: float | None
+    state_write_errors: int
+    ready: bool

@@ -151,7 +151,7 @@ def read_trace(path: Path | str) -> Trace:
     devices: dict[int, TraceDevice] = {}
     samples: dict[int, list[TraceSample]] = {}
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
         raise TraceError(f"{path}: cannot open: {exc.strerror or exc}") from None
     with handle:
@@ -215,7 +215,8 @@ def sample_record(t_s: float, reading: GpuReading, sm_clock_mhz: float | None = 
     processes = None
     if reading.processes is not None:
         processes = [
-            {"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "name": p.name} for p in reading.processes
+            {"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "name": p.name}
+            for p in reading.processes
         ]
     return {
         "record": "sample",

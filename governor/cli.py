@@ -1,0 +1,272 @@
+"""The command line: ``gpu-governor run | check-config | status | record``.
+
+Errors are one clear line on stderr and a distinct exit code, never a traceback:
+
+====  ==========================================================
+code  meaning
+====  ==========================================================
+0     success
+1     unexpected internal error (a bug: please report it)
+2     bad command-line usage
+3     invalid or untrusted configuration
+4     no NVIDIA driver / NVML library (try ``--simulate``)
+5     the hardware backend failed fatally (e.g. driver upgraded): restart
+6     the metrics address cannot be bound (port in use, bad address)
+7     ``status``: the daemon's metrics endpoint cannot be reached
+====  ==========================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
+
+from governor import __version__
+from governor.backends import Backend, BackendFatal, BackendUnavailable
+from governor.clock import Clock, RealClock
+from governor.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, render_config
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_NO_DRIVER = 4
+EXIT_BACKEND_FATAL = 5
+EXIT_BIND = 6
+EXIT_UNREACHABLE = 7
+
+
+class CliError(Exception):
+    """An error with its exit code; printed as one line."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="gpu-governor", description="Keeps NVIDIA GPUs inside thermal, power and VRAM budgets."
+    )
+    parser.add_argument("--version", action="version", version=f"gpu-governor {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the governor daemon")
+    run.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    run.add_argument(
+        "--simulate",
+        nargs="?",
+        const="",
+        metavar="PROFILE",
+        help="use the simulated GPU backend (optionally with a profile name or file)",
+    )
+    run.add_argument("--dry-run", action="store_true", help="decide and log, but change no power limit")
+    run.add_argument(
+        "--listen", type=_listen, metavar="HOST:PORT", help="metrics address (default 127.0.0.1:9847)"
+    )
+    run.add_argument("--log-format", choices=["auto", "console", "json", "journal"], help="log format")
+
+    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    check.add_argument("path", nargs="?", type=Path, default=DEFAULT_CONFIG_PATH)
+
+    status = sub.add_parser("status", help="show what the running daemon sees and decided")
+    status.add_argument("--url", help="metrics URL (default: from the config, http://127.0.0.1:9847/metrics)")
+    status.add_argument("--config", type=Path, default=None, help="config to take the metrics address from")
+
+    record = sub.add_parser("record", help="record NVML samples to a trace file (JSON Lines)")
+    record.add_argument("--output", "-o", type=Path, required=True, help="trace file to write")
+    record.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
+    record.add_argument(
+        "--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)"
+    )
+    record.add_argument("--simulate", nargs="?", const="", metavar="PROFILE", help="record the simulated GPU")
+    return parser
+
+
+def _load_run_config(path: Path | None) -> Config:
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config(source=f"built-in defaults ({DEFAULT_CONFIG_PATH} not found)")
+        path = DEFAULT_CONFIG_PATH
+    return load_config(path)
+
+
+def make_backend(config: Config, clock: Clock) -> Backend:
+    """Open the backend the config names; BackendUnavailable when there is no driver."""
+    if config.backend == "simulated":
+        from governor.backends.simulated import build_simulated_backend
+
+        return build_simulated_backend(config.simulation, clock)
+    from governor.backends.nvml import NvmlBackend
+
+    return NvmlBackend(clock)
+
+
+def _apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
+    if args.simulate is not None:
+        simulation = config.simulation
+        if args.simulate:
+            simulation = replace(simulation, profile=args.simulate)
+        config = replace(config, backend="simulated", simulation=simulation)
+    if args.dry_run:
+        config = replace(config, dry_run=True)
+    if args.listen is not None:
+        host, port = args.listen
+        config = replace(config, metrics=replace(config.metrics, listen_address=host, port=port))
+    if args.log_format is not None:
+        config = replace(config, logging=replace(config.logging, format=args.log_format))
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM/SIGINT."""
+    from governor import logsetup
+    from governor.daemon import Daemon
+    from governor.httpserver import MetricsServer
+    from governor.metrics import build_registry
+
+    logsetup.configure(args.log_format or "auto")
+    config = _apply_run_flags(_load_run_config(args.config), args)
+    logsetup.configure(config.logging.format, config.logging.level)
+    clock = RealClock()
+    try:
+        backend = make_backend(config, clock)
+    except BackendUnavailable as exc:
+        raise CliError(f"{exc}", EXIT_NO_DRIVER) from None
+    except BackendFatal as exc:
+        raise CliError(f"{exc}", EXIT_BACKEND_FATAL) from None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot start the {config.backend} backend: {exc}", EXIT_CONFIG) from None
+
+    metrics = config.metrics
+
+    def serve(source: object) -> MetricsServer:
+        try:
+            return MetricsServer(metrics.listen_address, metrics.port, build_registry(source))  # type: ignore[arg-type]
+        except OSError as exc:
+            where = f"{metrics.listen_address}:{metrics.port}"
+            raise CliError(
+                f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND
+            ) from None
+
+    daemon = Daemon(
+        config,
+        backend,
+        clock,
+        config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
+        metrics_server_factory=serve if metrics.enabled else None,
+    )
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    """Validate a config; print the effective config or every error."""
+    config = load_config(args.path)
+    out.write(render_config(config))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    """Fetch the daemon's metrics and print a per-GPU table."""
+    from governor.status import fetch_status, render_status
+
+    url = args.url
+    if url is None:
+        config = _load_run_config(args.config) if args.config or DEFAULT_CONFIG_PATH.exists() else Config()
+        host = config.metrics.listen_address
+        host = f"[{host}]" if ":" in host else host
+        url = f"http://{host}:{config.metrics.port}/metrics"
+    try:
+        status = fetch_status(url)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(
+            f"cannot reach the governor at {url}: {reason} (is it running?)", EXIT_UNREACHABLE
+        ) from None
+    out.write(render_status(status))
+    return EXIT_OK
+
+
+def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
+    """Record samples of every GPU to a trace file."""
+    from governor import logsetup
+    from governor.record import run_record
+
+    logsetup.configure("auto")
+    if args.interval <= 0:
+        raise CliError(f"--interval: expected seconds > 0, got {args.interval}", EXIT_USAGE)
+    config = Config()
+    if args.simulate is not None:
+        config = replace(config, backend="simulated")
+        if args.simulate:
+            config = replace(config, simulation=replace(config.simulation, profile=args.simulate))
+    clock = RealClock()
+    try:
+        backend = make_backend(config, clock)
+    except BackendUnavailable as exc:
+        raise CliError(str(exc), EXIT_NO_DRIVER) from None
+    try:
+        count = run_record(backend, args.output, args.interval, args.duration, clock)
+    except KeyboardInterrupt:
+        count = -1
+    finally:
+        backend.close()
+    if count >= 0:
+        out.write(f"wrote {count} samples to {args.output}\n")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Entry point; returns the exit code."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(err)
+        return EXIT_USAGE
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "check-config":
+            return cmd_check_config(args, out)
+        if args.command == "status":
+            return cmd_status(args, out)
+        if args.command == "record":
+            return cmd_record(args, out)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            err.write(f"gpu-governor: config error: {issue}\n")
+        return EXIT_CONFIG
+    except CliError as exc:
+        err.write(f"gpu-governor: {exc}\n")
+        return exc.code
+    except BackendUnavailable as exc:
+        err.write(f"gpu-governor: {exc}\n")
+        return EXIT_NO_DRIVER
+    except BackendFatal as exc:
+        err.write(f"gpu-governor: {exc}\n")
+        return EXIT_BACKEND_FATAL
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help(err)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

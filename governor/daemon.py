@@ -1,0 +1,464 @@
+"""The daemon: owns the loop, the schedule and the signals, and wires the others together.
+
+One thread does all the work. Signal handlers only enqueue an event; the loop waits
+on that queue with a timeout until the next tick is due, so a signal cuts the sleep
+short and every state change happens on the loop's thread. Ticks run on a
+drift-free schedule (start + k * interval); a tick that runs late does not shift
+the ones after it, and ticks missed entirely are skipped, not run in a burst.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import queue
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from governor import __version__
+from governor.actuator import Actuator
+from governor.backends import Backend, BackendFatal
+from governor.clock import Clock, VirtualClock
+from governor.config import Config, ConfigError, load_config
+from governor.logsetup import get_logger
+from governor.model import (
+    TICK_BUCKETS_S,
+    Action,
+    ActionResult,
+    Decision,
+    GpuHealth,
+    GpuStatus,
+    Outcome,
+    PublishedState,
+    Snapshot,
+    ThermalZone,
+)
+from governor.notify import Notifier
+from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
+from governor.rules.power import target_w
+from governor.rules.thermal import thresholds
+from governor.state import OriginalLimits
+
+RELOAD = "reload"
+STOP = "stop"
+
+
+class Waiter(Protocol):
+    """How the loop waits for its next tick or an event."""
+
+    def put(self, event: str) -> None:
+        """Queue an event (safe from a signal handler)."""
+        ...
+
+    def wait(self, deadline_s: float) -> list[str]:
+        """Block until ``deadline_s`` on the clock or until an event arrives; return the events."""
+        ...
+
+
+class QueueWaiter:
+    """Real waiting: a SimpleQueue (reentrant, safe from signal handlers) with a timeout."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def put(self, event: str) -> None:
+        """Queue an event."""
+        self._queue.put(event)
+
+    def wait(self, deadline_s: float) -> list[str]:
+        """Wait for the deadline or the first event, then drain whatever else is queued."""
+        events: list[str] = []
+        timeout = deadline_s - self._clock.monotonic()
+        if timeout > 0:
+            with contextlib.suppress(queue.Empty):
+                events.append(self._queue.get(timeout=timeout))
+        while True:
+            try:
+                events.append(self._queue.get_nowait())
+            except queue.Empty:
+                return events
+
+
+class VirtualWaiter:
+    """Virtual waiting: jump the virtual clock to the deadline unless an event is queued."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self._clock = clock
+        self._events: list[str] = []
+
+    def put(self, event: str) -> None:
+        """Queue an event."""
+        self._events.append(event)
+
+    def wait(self, deadline_s: float) -> list[str]:
+        """Return queued events at once, else advance the clock to the deadline."""
+        if self._events:
+            events, self._events = self._events, []
+            return events
+        self._clock.advance_to(deadline_s)
+        return []
+
+
+EVENT_NAMES = {
+    "thermal_zone": "thermal_zone_changed",
+    "power_step_down": "power_limit_stepped",
+    "power_step_up": "power_limit_stepped",
+    "power_critical": "power_limit_stepped",
+    "power_hold": "power_limit_held",
+    "power_drift_reapply": "power_limit_drift_reapplied",
+    "power_drift_external_lower": "power_limit_external_lower",
+    "restore_on_stop": "power_limit_restored",
+    "restore_after_crash": "power_limit_restored",
+}
+
+
+class Daemon:
+    """The governor: read, decide, act, publish, once per interval."""
+
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        clock: Clock,
+        *,
+        config_path: Path | None = None,
+        waiter: Waiter | None = None,
+        notifier: Notifier | None = None,
+        metrics_server_factory: Callable[[Callable[[], PublishedState | None]], Any] | None = None,
+        load: Callable[[Path], Config] = load_config,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.backend = backend
+        self.clock = clock
+        self.waiter: Waiter = waiter if waiter is not None else QueueWaiter(clock)
+        self.notifier = notifier if notifier is not None else Notifier()
+        self._metrics_server_factory = metrics_server_factory
+        self._load = load
+        self.metrics_server: Any = None
+        self.log = get_logger()
+        self.published: PublishedState | None = None
+        self._gpus = backend.gpus()
+        self.originals = OriginalLimits(config.state_dir)
+        self.actuator = Actuator(backend, self.originals, self._gpus, dry_run=config.dry_run)
+        self.plans = self._build_plans(config)
+        self.states: dict[str, GpuRuleState] = {}
+        self.snapshot: Snapshot | None = None
+        self._started_wall_s = clock.wall()
+        self._config_loaded_wall_s = clock.wall()
+        self._config_ok = True
+        self._reloads: Counter[str] = Counter()
+        self._decision_counts: Counter[tuple[int, str, str]] = Counter()
+        self._action_counts: Counter[tuple[int, str, str]] = Counter()
+        self._read_errors: Counter[int] = Counter()
+        self._last_decision: dict[str, tuple[Decision, float]] = {}
+        self._tick_count = 0
+        self._tick_buckets = [0] * len(TICK_BUCKETS_S)
+        self._tick_sum_s = 0.0
+        self._tick_last_s: float | None = None
+        self._ready = False
+        self._monitor_only_logged: set[str] = set()
+        self._state_error_logged: str | None = None
+
+    # ------------------------------------------------------------------ wiring
+
+    def _build_plans(self, config: Config) -> dict[str, GpuPlan]:
+        return {g.uuid: GpuPlan.build(g, config.policy_for(g)) for g in self._gpus}
+
+    def install_signal_handlers(self) -> None:
+        """SIGHUP reloads, SIGTERM and SIGINT stop; handlers only enqueue."""
+        signal.signal(signal.SIGHUP, lambda *_: self.waiter.put(RELOAD))
+        signal.signal(signal.SIGTERM, lambda *_: self.waiter.put(STOP))
+        signal.signal(signal.SIGINT, lambda *_: self.waiter.put(STOP))
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop (thread-safe)."""
+        self.waiter.put(STOP)
+
+    def request_reload(self) -> None:
+        """Ask the loop to reload its config (thread-safe)."""
+        self.waiter.put(RELOAD)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Restore leftovers of a crash, take the first snapshot, bind metrics, send READY."""
+        self.log.info(
+            "governor_starting",
+            version=__version__,
+            backend=self.backend.name,
+            gpus=len(self._gpus),
+            config=self.config.source,
+            dry_run=self.config.dry_run,
+        )
+        for gpu in self._gpus:
+            plan = self.plans[gpu.uuid]
+            self.log.info(
+                "gpu_found",
+                gpu=gpu.index,
+                uuid=gpu.uuid,
+                name=gpu.name,
+                power_limit_range_w=f"{gpu.power_limit_min_w}-{gpu.power_limit_max_w}",
+                ladder_w=list(plan.ladder_w),
+            )
+        if self.originals.load_warning:
+            self.log.warning("state_unreadable", detail=self.originals.load_warning)
+        snapshot = self.backend.read()
+        leftovers = self.actuator.restore(snapshot, snapshot.t_s, "restore_after_crash")
+        self._log_results(leftovers)
+        if any(r.outcome is Outcome.APPLIED for r in leftovers):
+            snapshot = self.backend.read()
+        self._tick(snapshot)
+        if self._metrics_server_factory is not None:
+            self.metrics_server = self._metrics_server_factory(lambda: self.published)
+            self.log.info("metrics_listening", url=getattr(self.metrics_server, "url", None))
+        self._ready = True
+        self._publish(snapshot, 0.0)
+        self.notifier.ready(self.status_line())
+        self.log.info("governor_ready", status=self.status_line())
+
+    def run(self) -> int:
+        """Start, loop until asked to stop, clean up; returns the process exit code."""
+        try:
+            self.start()
+        except BackendFatal as exc:
+            self.log.critical("backend_fatal", error=str(exc))
+            self._close()
+            return 5
+        except BaseException:
+            self._close()
+            raise
+        interval = self.config.poll_interval_s
+        origin = self.clock.monotonic()
+        k = 1
+        code = 0
+        try:
+            while True:
+                deadline = origin + k * interval
+                events = self.waiter.wait(deadline)
+                if STOP in events:
+                    break
+                if RELOAD in events:
+                    self.reload()  # a storm of SIGHUPs arrives here drained: one reload
+                    if self.config.poll_interval_s != interval:
+                        interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
+                    continue
+                now = self.clock.monotonic()
+                if now < deadline:
+                    continue
+                try:
+                    self.tick()
+                except BackendFatal as exc:
+                    self.log.critical("backend_fatal", error=str(exc))
+                    code = 5
+                    break
+                missed = int((self.clock.monotonic() - origin) // interval)
+                k = max(k + 1, missed + 1)
+        finally:
+            self.stop()
+        return code
+
+    def tick(self) -> None:
+        """One cycle: read every GPU, run the rules, act, publish, ping the watchdog."""
+        started = time.perf_counter()
+        snapshot = self.backend.read()
+        self._tick(snapshot)
+        self._publish(snapshot, time.perf_counter() - started)
+        self.notifier.watchdog()
+        self.notifier.status(self.status_line())
+
+    def _tick(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        for reading in snapshot.gpus:
+            if reading.health is not GpuHealth.OK:
+                self._read_errors[reading.index] += 1
+        self.states, decisions = evaluate(snapshot, self.plans, self.states, dry_run=self.config.dry_run)
+        results = self.actuator.apply(decisions, snapshot)
+        self._log_results(results)
+        self._check_state_store()
+
+    def reload(self) -> bool:
+        """Validate the config file first; swap it in only if whole and valid."""
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise ConfigError([])
+            new = self._load(self.config_path)
+        except ConfigError as exc:
+            self._config_ok = False
+            self._reloads["failure"] += 1
+            self.log.error(
+                "config_reload_failed",
+                config=str(self.config_path),
+                errors=[str(i) for i in exc.issues] or ["no config file to reload"],
+                kept=self.config.source,
+            )
+            self.notifier.ready(self.status_line())
+            return False
+        for key in ("backend", "state_dir", "metrics", "simulation"):
+            if getattr(new, key) != getattr(self.config, key):
+                self.log.warning("config_change_needs_restart", key=key)
+                new = replace(new, **{key: getattr(self.config, key)})
+        self.config = new
+        self.plans = self._build_plans(new)
+        self.actuator.dry_run = new.dry_run
+        self._config_ok = True
+        self._config_loaded_wall_s = self.clock.wall()
+        self._reloads["success"] += 1
+        self.log.info(
+            "config_reloaded",
+            config=new.source,
+            step_down_at_c=new.power.step_down_at_c,
+            step_up_at_c=new.power.step_up_at_c,
+        )
+        self.notifier.ready(self.status_line())
+        return True
+
+    def stop(self) -> None:
+        """STOPPING=1, restore every original limit, release the hardware and the port."""
+        self.notifier.stopping()
+        self.log.info("governor_stopping")
+        snapshot = None
+        with contextlib.suppress(Exception):
+            snapshot = self.backend.read()
+        t_s = snapshot.t_s if snapshot is not None else self.clock.monotonic()
+        self._log_results(self.actuator.restore(snapshot, t_s, "restore_on_stop"))
+        self._close()
+        self.log.info("governor_stopped")
+
+    def _close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        self.backend.close()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _log_results(self, results: list[ActionResult]) -> None:
+        wall = self.clock.wall()
+        for result in results:
+            decision = result.decision
+            self._decision_counts[(decision.gpu_index, decision.rule, decision.action.value)] += 1
+            if decision.action is not Action.NONE:
+                self._action_counts[(decision.gpu_index, decision.action.value, result.outcome.value)] += 1
+            self._last_decision[decision.gpu_uuid] = (decision, wall)
+            self._log_decision(result)
+
+    def _log_decision(self, result: ActionResult) -> None:
+        d = result.decision
+        fields: dict[str, Any] = {
+            "gpu": d.gpu_index,
+            "uuid": d.gpu_uuid,
+            "rule": d.rule,
+            "reason": d.reason,
+            "outcome": result.outcome.value,
+        }
+        if d.reading is not None:
+            fields["temperature_c"] = d.reading
+        if d.threshold is not None:
+            fields["threshold_c"] = d.threshold
+        if d.rule == "thermal_zone":
+            fields["from_zone"], fields["to_zone"] = d.from_value, d.to_value
+        else:
+            fields["from_w"], fields["to_w"] = d.from_value, d.to_value
+        if result.detail:
+            fields["detail"] = result.detail
+        event = EVENT_NAMES.get(d.rule, d.rule)
+        if result.outcome is Outcome.DRY_RUN:
+            self.log.info("power_limit_would_set", **fields)
+        elif result.outcome is Outcome.FAILED:
+            self.log.error("power_limit_set_failed", **fields)
+            if d.gpu_uuid in self.actuator.monitor_only and d.gpu_uuid not in self._monitor_only_logged:
+                self._monitor_only_logged.add(d.gpu_uuid)
+                self.log.error("gpu_monitor_only", gpu=d.gpu_index, uuid=d.gpu_uuid, reason=result.detail)
+        elif result.outcome is Outcome.REFUSED:
+            self.log.debug(event, **fields)
+        elif (
+            (
+                d.rule == "thermal_zone"
+                and ThermalZone(str(d.to_value)).severity >= ThermalZone.THROTTLE.severity
+            )
+            or d.rule in ("power_critical", "power_hold", "power_drift_external_lower")
+            or (d.rule == "thermal_zone" and d.to_value == ThermalZone.UNKNOWN.value)
+        ):
+            self.log.warning(event, **fields)
+        else:
+            self.log.info(event, **fields)
+
+    def _check_state_store(self) -> None:
+        error = self.originals.last_error
+        if error and error != self._state_error_logged:
+            self.log.error(
+                "state_write_failed", detail=error, effect="governing continues; limits kept in memory"
+            )
+        self._state_error_logged = error
+
+    def status_line(self) -> str:
+        """A one-line summary for systemd's STATUS= and humans."""
+        if self.snapshot is None:
+            return "starting"
+        parts = []
+        for reading in self.snapshot.gpus:
+            state = self.states.get(reading.uuid, GpuRuleState())
+            if reading.health is GpuHealth.LOST:
+                parts.append(f"gpu{reading.index} lost")
+                continue
+            temp = "?" if reading.temperature_c is None else f"{reading.temperature_c:.0f}C"
+            limit = "?" if reading.power_limit_w is None else f"{reading.power_limit_w:.0f}W"
+            parts.append(f"gpu{reading.index} {temp} {state.zone.value} {limit}")
+        prefix = "dry-run; " if self.config.dry_run else ""
+        return f"{prefix}governing {len(self.snapshot.gpus)} GPU(s): " + ", ".join(parts)
+
+    def _publish(self, snapshot: Snapshot, duration_s: float) -> None:
+        if duration_s > 0:
+            self._tick_count += 1
+            self._tick_sum_s += duration_s
+            self._tick_last_s = duration_s
+            for i in range(bisect.bisect_left(TICK_BUCKETS_S, duration_s), len(TICK_BUCKETS_S)):
+                self._tick_buckets[i] += 1
+        statuses = []
+        for gpu in self._gpus:
+            plan = self.plans[gpu.uuid]
+            state = self.states.get(gpu.uuid, GpuRuleState())
+            last = self._last_decision.get(gpu.uuid)
+            statuses.append(
+                GpuStatus(
+                    info=gpu,
+                    zone=state.zone,
+                    zone_thresholds_c=thresholds(plan.policy.thermal),
+                    ladder_w=plan.ladder_w,
+                    rung=state.ladder.rung,
+                    target_w=target_w(state.ladder, plan.ladder_w),
+                    monitor_only=self.actuator.monitor_only.get(gpu.uuid),
+                    last_decision=None if last is None else last[0],
+                    last_decision_wall_s=None if last is None else last[1],
+                )
+            )
+        self.published = PublishedState(
+            version=__version__,
+            backend=self.backend.name,
+            started_wall_s=self._started_wall_s,
+            config_source=self.config.source,
+            config_loaded_wall_s=self._config_loaded_wall_s,
+            config_reload_ok=self._config_ok,
+            config_reloads=tuple(sorted(self._reloads.items())),
+            dry_run=self.config.dry_run,
+            snapshot=snapshot,
+            gpus=tuple(statuses),
+            decision_counts=tuple(sorted(self._decision_counts.items())),
+            action_counts=tuple(sorted(self._action_counts.items())),
+            read_errors=tuple(sorted(self._read_errors.items())),
+            tick_count=self._tick_count,
+            tick_duration_s=self._tick_last_s,
+            tick_bucket_counts=tuple(self._tick_buckets),
+            tick_duration_sum_s=self._tick_sum_s,
+            last_poll_wall_s=snapshot.wall_time_s,
+            state_write_errors=self.originals.write_errors,
+            ready=self._ready,
+        )

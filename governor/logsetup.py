@@ -1,0 +1,133 @@
+"""Logging, configured in one place (structlog).
+
+Formats:
+* ``console``: coloured, aligned, for a human at a terminal;
+* ``json``: one JSON object per line;
+* ``journal``: one ``key=value`` line per event prefixed with ``<N>``, the syslog
+  priority, which systemd-journald turns into the entry's priority, so
+  ``journalctl -p warning`` filters by level.
+``auto`` picks journal when JOURNAL_STREAM is set (we run under systemd), console on
+a terminal, json otherwise.
+
+Every string value is escaped: control characters, newlines and invalid surrogates
+from process names or command lines never reach a log line raw.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def escape(text: str) -> str:
+    """Printable form of untrusted text: control characters and lone surrogates as escapes."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch.isprintable():
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _escape_values(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = escape(value)
+    return event
+
+
+def _journal_prefix(_: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    level = str(event.get("level", method))
+    event["_priority"] = SYSLOG_PRIORITY.get(level, 6)
+    return event
+
+
+class _JournalRenderer:
+    """``<N>event key=value ...``: one line, with the syslog priority journald reads."""
+
+    def __init__(self) -> None:
+        self._kv = structlog.processors.KeyValueRenderer(
+            sort_keys=False, key_order=["event"], drop_missing=True
+        )
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
+        priority = event.pop("_priority", 6)
+        name = event.pop("event", "")
+        event.pop("timestamp", None)
+        rest = self._kv(logger, method, event) if event else ""
+        return f"<{priority}>{name} {rest}".rstrip()
+
+
+def resolve_format(requested: str, stream: TextIO | None = None) -> str:
+    """Turn ``auto`` into a concrete format for this process's environment."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("JOURNAL_STREAM"):
+        return "journal"
+    stream = sys.stderr if stream is None else stream
+    try:
+        if stream.isatty():
+            return "console"
+    except (AttributeError, ValueError):
+        pass
+    return "json"
+
+
+def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> str:
+    """Configure structlog for the whole process; returns the concrete format chosen."""
+    stream = sys.stderr if stream is None else stream
+    concrete = resolve_format(log_format, stream)
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        _escape_values,
+    ]
+    if concrete == "journal":
+        processors += [_journal_prefix, _JournalRenderer()]
+    elif concrete == "json":
+        processors += [
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
+    else:
+        processors += [
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(colors=_colour(stream)),
+        ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, 20)),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    return concrete
+
+
+def _colour(stream: TextIO) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def get_logger(**context: Any) -> Any:
+    """A structlog logger, with ``context`` bound to every event it logs."""
+    return structlog.get_logger().bind(**context)

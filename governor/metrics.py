@@ -1,0 +1,244 @@
+"""Prometheus metrics, built at scrape time from the last published state.
+
+The collector never calls the hardware: it renders the immutable
+:class:`~governor.model.PublishedState` the daemon published after its last tick,
+so a scrape costs no NVML call and series of things that are gone (a lost GPU's
+readings, a process that exited) simply disappear. Readings that are missing are
+left out, never exported as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from governor.model import TICK_BUCKETS_S, ZONES_BY_SEVERITY, GpuHealth, PublishedState
+
+PREFIX = "gpu_governor"
+GPU_LABELS = ["gpu", "uuid"]
+
+CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+)
+"""NVML clock event reason bits and the label values they are exported as."""
+
+
+class GovernorCollector(Collector):
+    """Renders the latest published state as metric families."""
+
+    def __init__(self, source: Callable[[], PublishedState | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every metric family for the current state (none before the first tick)."""
+        state = self._source()
+        if state is None:
+            return
+        yield from _governor_metrics(state)
+        yield from _gpu_metrics(state)
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        f"{PREFIX}_{name}", doc, labels=GPU_LABELS if labels is None else labels, unit=unit
+    )
+
+
+def _governor_metrics(state: PublishedState) -> Iterator[Metric]:
+    info = InfoMetricFamily(f"{PREFIX}_build", "Version and backend of the running governor.")
+    info.add_metric(
+        [], {"version": state.version, "backend": state.backend, "dry_run": str(state.dry_run).lower()}
+    )
+    yield info
+
+    config = InfoMetricFamily(f"{PREFIX}_config", "The configuration file in force.")
+    config.add_metric([], {"source": state.config_source})
+    yield config
+
+    ok = _gauge("config_last_reload_successful", "1 if the last config load or reload succeeded, else 0.", [])
+    ok.add_metric([], 1.0 if state.config_reload_ok else 0.0)
+    yield ok
+
+    loaded = _gauge("config_loaded_timestamp_seconds", "Unix time the config in force was loaded.", [])
+    loaded.add_metric([], state.config_loaded_wall_s)
+    yield loaded
+
+    reloads = CounterMetricFamily(f"{PREFIX}_config_reloads", "Config reloads by result.", labels=["result"])
+    for result, count in state.config_reloads:
+        reloads.add_metric([result], count)
+    yield reloads
+
+    started = _gauge("start_timestamp_seconds", "Unix time the governor started.", [])
+    started.add_metric([], state.started_wall_s)
+    yield started
+
+    ready = _gauge("ready", "1 once the governor governs (backend open, first snapshot taken).", [])
+    ready.add_metric([], 1.0 if state.ready else 0.0)
+    yield ready
+
+    if state.last_poll_wall_s is not None:
+        poll = _gauge("last_poll_timestamp_seconds", "Unix time of the last hardware poll.", [])
+        poll.add_metric([], state.last_poll_wall_s)
+        yield poll
+
+    ticks = HistogramMetricFamily(
+        f"{PREFIX}_tick_duration_seconds", "Time one tick took: read, rules, act, publish."
+    )
+    buckets = [(_le(bound), count) for bound, count in zip(TICK_BUCKETS_S, state.tick_bucket_counts)]
+    buckets.append(("+Inf", state.tick_count))
+    ticks.add_metric([], buckets, sum_value=state.tick_duration_sum_s)
+    yield ticks
+
+    writes = CounterMetricFamily(
+        f"{PREFIX}_state_write_errors", "Failed writes of the saved original limits (governing goes on)."
+    )
+    writes.add_metric([], state.state_write_errors)
+    yield writes
+
+
+def _le(bound: float) -> str:
+    return repr(bound)
+
+
+def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
+    readings = {} if state.snapshot is None else {r.uuid: r for r in state.snapshot.gpus}
+    families: dict[str, Any] = {
+        "info": InfoMetricFamily(f"{PREFIX}_gpu", "Static facts of each GPU.", labels=GPU_LABELS),
+        "temp": _gauge("gpu_temperature_celsius", "GPU temperature."),
+        "power": _gauge("gpu_power_watts", "Power draw."),
+        "limit": _gauge("gpu_power_limit_watts", "Power limit the driver enforces."),
+        "requested": _gauge("gpu_power_limit_requested_watts", "Power limit requested (slower cadence)."),
+        "target": _gauge(
+            "gpu_power_limit_target_watts", "Power limit the governor wants (absent while hands-off)."
+        ),
+        "min": _gauge("gpu_power_limit_min_watts", "Lowest power limit the GPU allows."),
+        "max": _gauge("gpu_power_limit_max_watts", "Highest power limit the GPU allows."),
+        "default": _gauge("gpu_power_limit_default_watts", "The GPU's default power limit."),
+        "rung": _gauge(
+            "gpu_power_ladder_rung", "Index of the current ladder rung (0 = top; absent while hands-off)."
+        ),
+        "mem_used": _gauge("gpu_memory_used_bytes", "VRAM in use."),
+        "mem_total": _gauge("gpu_memory_total_bytes", "VRAM in total."),
+        "util": _gauge("gpu_utilization_ratio", "GPU busy ratio, 0-1."),
+        "energy": CounterMetricFamily(
+            f"{PREFIX}_gpu_energy_joules", "Energy used since driver load.", labels=GPU_LABELS
+        ),
+        "reasons": _gauge(
+            "gpu_clock_event_reason_active",
+            "1 while NVML reports this clock event reason.",
+            [*GPU_LABELS, "reason"],
+        ),
+        "zone": StateSetMetricFamily(
+            f"{PREFIX}_gpu_thermal_zone", "Thermal zone of each GPU.", labels=GPU_LABELS
+        ),
+        "threshold": _gauge(
+            "gpu_thermal_zone_threshold_celsius", "Lower bound of each thermal zone.", [*GPU_LABELS, "zone"]
+        ),
+        "health": StateSetMetricFamily(
+            f"{PREFIX}_gpu_health", "ok, degraded (readings missing) or lost.", labels=GPU_LABELS
+        ),
+        "monitor_only": _gauge(
+            "gpu_monitor_only", "1 when the governor cannot set this GPU's limit and only watches."
+        ),
+        "last_decision": _gauge(
+            "gpu_last_decision_timestamp_seconds", "Unix time of the last decision for a GPU."
+        ),
+    }
+    for status in state.gpus:
+        info = status.info
+        labels = [str(info.index), info.uuid]
+        families["info"].add_metric(
+            labels,
+            {"name": info.name, "pci_bus_id": info.pci_bus_id or "", "driver": info.driver_version or ""},
+        )
+        for key, value in (
+            ("min", info.power_limit_min_w),
+            ("max", info.power_limit_max_w),
+            ("default", info.power_limit_default_w),
+            ("mem_total", info.memory_total_bytes),
+            ("target", status.target_w),
+            ("rung", status.rung),
+            ("last_decision", status.last_decision_wall_s),
+        ):
+            if value is not None:
+                families[key].add_metric(labels, float(value))
+        families["monitor_only"].add_metric(labels, 1.0 if status.monitor_only else 0.0)
+        families["zone"].add_metric(labels, {z.value: status.zone is z for z in ZONES_BY_SEVERITY})
+        for zone, lower_c in status.zone_thresholds_c:
+            families["threshold"].add_metric([*labels, zone.value], lower_c)
+        reading = readings.get(info.uuid)
+        health = GpuHealth.LOST if reading is None else reading.health
+        families["health"].add_metric(labels, {h.value: health is h for h in GpuHealth})
+        if reading is None:
+            continue
+        for key, value in (
+            ("temp", reading.temperature_c),
+            ("power", reading.power_w),
+            ("limit", reading.power_limit_w),
+            ("requested", reading.power_limit_requested_w),
+            ("mem_used", reading.memory_used_bytes),
+            ("util", reading.utilization_gpu_ratio),
+            ("energy", reading.energy_j),
+        ):
+            if value is not None:
+                families[key].add_metric(labels, float(value))
+        if reading.memory_total_bytes is not None and info.memory_total_bytes is None:
+            families["mem_total"].add_metric(labels, float(reading.memory_total_bytes))
+        if reading.clock_event_reasons is not None:
+            for bit, name in CLOCK_EVENT_REASONS:
+                families["reasons"].add_metric(
+                    [*labels, name], 1.0 if reading.clock_event_reasons & bit else 0.0
+                )
+    yield from families.values()
+
+    decisions = CounterMetricFamily(
+        f"{PREFIX}_decisions", "Decisions taken, by GPU, rule and action.", labels=["gpu", "rule", "action"]
+    )
+    for (gpu, rule, action), count in state.decision_counts:
+        decisions.add_metric([str(gpu), rule, action], count)
+    yield decisions
+
+    actions = CounterMetricFamily(
+        f"{PREFIX}_actions",
+        "What the actuator did, by GPU, action and outcome.",
+        labels=["gpu", "action", "outcome"],
+    )
+    for (gpu, action, outcome), count in state.action_counts:
+        actions.add_metric([str(gpu), action, outcome], count)
+    yield actions
+
+    errors = CounterMetricFamily(
+        f"{PREFIX}_gpu_read_errors", "Failed or partial reads of a GPU.", labels=["gpu"]
+    )
+    for gpu, count in state.read_errors:
+        errors.add_metric([str(gpu)], count)
+    yield errors
+
+
+def build_registry(source: Callable[[], PublishedState | None]) -> CollectorRegistry:
+    """A registry holding the governor's collector and the process collector (RSS, CPU, fds)."""
+    from prometheus_client import ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GovernorCollector(source))
+    ProcessCollector(registry=registry)
+    return registry

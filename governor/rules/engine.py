@@ -1,0 +1,84 @@
+"""All rules for one tick: thermal zones, then the power ladder, for every GPU.
+
+Pure: ``evaluate(snapshot, policies, states)`` returns new states and decisions and
+changes nothing. A lost GPU keeps its state untouched and gets no decision but the
+zone change to ``unknown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from governor.config import GpuPolicy
+from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, Snapshot, ThermalZone
+from governor.rules.power import LadderState, effective_ladder, step_power
+from governor.rules.thermal import evaluate_zone
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRuleState:
+    """Everything the rules remember about one GPU between ticks."""
+
+    zone: ThermalZone = ThermalZone.UNKNOWN
+    ladder: LadderState = field(default_factory=LadderState)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPlan:
+    """A GPU's policy resolved against its facts: what the rules need, computed once per config."""
+
+    info: GpuInfo
+    policy: GpuPolicy
+    ladder_w: tuple[float, ...]
+
+    @classmethod
+    def build(cls, info: GpuInfo, policy: GpuPolicy) -> GpuPlan:
+        """Resolve the ladder against the GPU's allowed power range."""
+        return cls(info=info, policy=policy, ladder_w=effective_ladder(policy.power.ladder_w, info))
+
+
+def evaluate_gpu(
+    reading: GpuReading, plan: GpuPlan, state: GpuRuleState, t_s: float, *, dry_run: bool = False
+) -> tuple[GpuRuleState, list[Decision]]:
+    """Run the thermal rule and then the power ladder for one GPU reading."""
+    decisions: list[Decision] = []
+    zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s)
+    if zone_decision is not None:
+        decisions.append(zone_decision)
+    if reading.health is GpuHealth.LOST:
+        return GpuRuleState(zone=zone, ladder=state.ladder), decisions
+    ladder, power_decisions = step_power(
+        reading,
+        state.zone,
+        zone,
+        plan.policy.power,
+        plan.ladder_w,
+        state.ladder,
+        t_s,
+        check_drift=not dry_run,
+    )
+    decisions.extend(power_decisions)
+    return GpuRuleState(zone=zone, ladder=ladder), decisions
+
+
+def evaluate(
+    snapshot: Snapshot,
+    plans: Mapping[str, GpuPlan],
+    states: Mapping[str, GpuRuleState],
+    *,
+    dry_run: bool = False,
+) -> tuple[dict[str, GpuRuleState], list[Decision]]:
+    """Run every rule on every GPU of ``snapshot`` (keyed by UUID); GPUs without a plan are skipped."""
+    new_states = dict(states)
+    decisions: list[Decision] = []
+    for reading in snapshot.gpus:
+        plan = plans.get(reading.uuid)
+        if plan is None:
+            continue
+        state = states.get(reading.uuid, GpuRuleState())
+        new_states[reading.uuid], gpu_decisions = evaluate_gpu(
+            reading, plan, state, snapshot.t_s, dry_run=dry_run
+        )
+        decisions.extend(gpu_decisions)
+    return new_states, decisions

@@ -1,0 +1,241 @@
+"""The power-limit ladder (pure): aggressive when hot, lazy when releasing.
+
+* One rung down after ``debounce_samples`` consecutive readings at or above
+  ``step_down_at_c``.
+* One rung up only after the temperature stayed at or below ``step_up_at_c`` for
+  ``dwell_s`` seconds (the dwell restarts after each step up).
+* Never more than one change per ``min_change_interval_s``, except that entering
+  the critical zone drops straight to the lowest rung.
+* Every rung is clamped to the GPU's allowed range, so a 180 W rung on an H100
+  (200-700 W) becomes 200 W.
+* A missing temperature holds the current limit: never a step up on no data.
+* Drift: when the enforced limit differs from the governor's target, the target is
+  re-applied once per drift if the enforced limit is higher; an out-of-band limit
+  that is lower than ours (another tool, a BMC) is reported and never fought.
+
+Until its first step down the governor is hands-off (``rung`` is None): it does not
+touch a cool GPU's limit at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from governor.config import PowerPolicy
+from governor.model import Action, Decision, GpuInfo, GpuReading, ThermalZone
+
+DRIFT_TOLERANCE_W = 1.0
+"""Enforced and target limits closer than this (watts) are the same limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class LadderState:
+    """Where one GPU stands on its ladder, carried from tick to tick."""
+
+    rung: int | None = None  # index into the effective ladder; None: never stepped (hands-off)
+    hot_samples: int = 0  # consecutive readings >= step_down_at_c
+    cool_since_s: float | None = None  # start of the current run of readings <= step_up_at_c
+    last_change_s: float | None = None
+    holding: bool = False  # temperature missing: holding the limit
+    drift_seen: bool = False  # the current drift was already handled
+
+    @property
+    def governed(self) -> bool:
+        """True once the governor has chosen a limit for this GPU."""
+        return self.rung is not None
+
+
+def clamp_w(limit_w: float, gpu: GpuInfo | None) -> float:
+    """Clamp a limit in watts to the GPU's allowed range (NVML refuses anything outside)."""
+    if gpu is None:
+        return limit_w
+    if gpu.power_limit_max_w is not None:
+        limit_w = min(limit_w, gpu.power_limit_max_w)
+    if gpu.power_limit_min_w is not None:
+        limit_w = max(limit_w, gpu.power_limit_min_w)
+    return limit_w
+
+
+def effective_ladder(ladder_w: tuple[float, ...], gpu: GpuInfo) -> tuple[float, ...]:
+    """The configured ladder clamped to the GPU's allowed range, with repeated rungs merged."""
+    rungs: list[float] = []
+    for watts in (clamp_w(w, gpu) for w in ladder_w):
+        if not rungs or watts < rungs[-1]:
+            rungs.append(watts)
+    return tuple(rungs)
+
+
+def target_w(state: LadderState, ladder: tuple[float, ...]) -> float | None:
+    """The limit in watts the governor wants in force, or None while hands-off."""
+    if state.rung is None:
+        return None
+    return ladder[min(state.rung, len(ladder) - 1)]
+
+
+def _decision(
+    reading: GpuReading,
+    t_s: float,
+    rule: str,
+    reason: str,
+    *,
+    action: Action = Action.SET_POWER_LIMIT,
+    threshold: float | None = None,
+    from_w: float | None = None,
+    to_w: float | None = None,
+) -> Decision:
+    return Decision(
+        t_s=t_s,
+        gpu_index=reading.index,
+        gpu_uuid=reading.uuid,
+        rule=rule,
+        action=action,
+        reason=reason,
+        reading=reading.temperature_c,
+        threshold=threshold,
+        from_value=from_w,
+        to_value=to_w,
+    )
+
+
+def _first_rung_below(ladder: tuple[float, ...], limit_w: float | None) -> int | None:
+    """Index of the highest rung below the enforced limit (where a first step down lands)."""
+    if limit_w is None:
+        return 0
+    for i, watts in enumerate(ladder):
+        if watts < limit_w - DRIFT_TOLERANCE_W:
+            return i
+    return None
+
+
+def step_power(
+    reading: GpuReading,
+    previous_zone: ThermalZone,
+    zone: ThermalZone,
+    policy: PowerPolicy,
+    ladder: tuple[float, ...],
+    state: LadderState,
+    t_s: float,
+    *,
+    check_drift: bool = True,
+) -> tuple[LadderState, list[Decision]]:
+    """Advance one GPU's ladder by one reading; returns the new state and its decisions.
+
+    ``zone`` is this tick's thermal zone and ``previous_zone`` the last tick's (from
+    :mod:`governor.rules.thermal`); entering ``critical`` overrides debounce and the
+    minimum interval. ``check_drift`` is off in
+    dry-run, where the target was never applied.
+    """
+    entering_critical = zone is ThermalZone.CRITICAL and previous_zone is not ThermalZone.CRITICAL
+    if not policy.enabled or not ladder:
+        return state, []
+    temperature = reading.temperature_c
+    current_w = target_w(state, ladder)
+    from_w = current_w if current_w is not None else reading.power_limit_w
+    lowest = len(ladder) - 1
+
+    if temperature is None:
+        if state.holding:
+            return replace(state, hot_samples=0, cool_since_s=None), []
+        held = _decision(
+            reading,
+            t_s,
+            "power_hold",
+            "temperature reading missing: holding the power limit",
+            action=Action.NONE,
+            from_w=from_w,
+            to_w=from_w,
+        )
+        return replace(state, hot_samples=0, cool_since_s=None, holding=True), [held]
+    state = replace(state, holding=False)
+
+    interval_ok = state.last_change_s is None or t_s - state.last_change_s >= policy.min_change_interval_s
+
+    if entering_critical and state.rung != lowest:
+        state = replace(
+            state, rung=lowest, hot_samples=0, cool_since_s=None, last_change_s=t_s, drift_seen=False
+        )
+        reason = f"entered critical zone at {temperature:g} C: straight to the lowest rung"
+        return state, [_decision(reading, t_s, "power_critical", reason, from_w=from_w, to_w=ladder[lowest])]
+
+    if temperature >= policy.step_down_at_c:
+        hot = state.hot_samples + 1
+        state = replace(state, hot_samples=hot, cool_since_s=None)
+        if hot >= policy.debounce_samples and interval_ok:
+            below = _first_rung_below(ladder, reading.power_limit_w) if state.rung is None else state.rung + 1
+            if below is not None and below <= lowest:
+                state = replace(state, rung=below, hot_samples=0, last_change_s=t_s, drift_seen=False)
+                reason = (
+                    f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C "
+                    f"for {hot} consecutive samples"
+                )
+                return state, [
+                    _decision(
+                        reading,
+                        t_s,
+                        "power_step_down",
+                        reason,
+                        threshold=policy.step_down_at_c,
+                        from_w=from_w,
+                        to_w=ladder[below],
+                    )
+                ]
+    elif temperature <= policy.step_up_at_c:
+        cool_since = state.cool_since_s if state.cool_since_s is not None else t_s
+        state = replace(state, hot_samples=0, cool_since_s=cool_since)
+        cooled_s = t_s - cool_since
+        if state.rung is not None and state.rung > 0 and cooled_s >= policy.dwell_s and interval_ok:
+            up = state.rung - 1
+            state = replace(state, rung=up, cool_since_s=t_s, last_change_s=t_s, drift_seen=False)
+            reason = (
+                f"temperature <= {policy.step_up_at_c:g} C for {cooled_s:g} s "
+                f"(dwell {policy.dwell_s:g} s), now {temperature:g} C"
+            )
+            return state, [
+                _decision(
+                    reading,
+                    t_s,
+                    "power_step_up",
+                    reason,
+                    threshold=policy.step_up_at_c,
+                    from_w=from_w,
+                    to_w=ladder[up],
+                )
+            ]
+    else:
+        state = replace(state, hot_samples=0, cool_since_s=None)
+
+    if check_drift:
+        return _drift(reading, state, ladder, t_s)
+    return state, []
+
+
+def _drift(
+    reading: GpuReading, state: LadderState, ladder: tuple[float, ...], t_s: float
+) -> tuple[LadderState, list[Decision]]:
+    """Re-apply our target once per drift; report (never fight) a lower out-of-band limit."""
+    target = target_w(state, ladder)
+    enforced = reading.power_limit_w
+    if target is None or enforced is None:
+        return state, []
+    if abs(enforced - target) <= DRIFT_TOLERANCE_W:
+        return (replace(state, drift_seen=False) if state.drift_seen else state), []
+    if state.drift_seen:
+        return state, []
+    state = replace(state, drift_seen=True)
+    if enforced > target:
+        reason = f"enforced limit {enforced:g} W drifted above target {target:g} W: re-applying once"
+        return state, [_decision(reading, t_s, "power_drift_reapply", reason, from_w=enforced, to_w=target)]
+    reason = (
+        f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
+    )
+    return state, [
+        _decision(
+            reading,
+            t_s,
+            "power_drift_external_lower",
+            reason,
+            action=Action.NONE,
+            from_w=enforced,
+            to_w=target,
+        )
+    ]

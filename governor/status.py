@@ -1,0 +1,136 @@
+"""``gpu-governor status``: read the running daemon's metrics endpoint and print a table.
+
+It reads only what the daemon publishes, so it needs no NVML access and no root.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+FETCH_TIMEOUT_S = 5.0
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class GpuRow:
+    """What the table shows for one GPU."""
+
+    gpu: str
+    uuid: str
+    name: str = "?"
+    temperature_c: float | None = None
+    zone: str = "?"
+    health: str = "?"
+    power_w: float | None = None
+    limit_w: float | None = None
+    target_w: float | None = None
+    memory_used_bytes: float | None = None
+    memory_total_bytes: float | None = None
+    monitor_only: bool = False
+    last_decision_s: float | None = None
+    decisions: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DaemonStatus:
+    """The daemon-level facts and every GPU row."""
+
+    version: str = "?"
+    backend: str = "?"
+    dry_run: bool = False
+    config: str = "?"
+    config_ok: bool = True
+    gpus: dict[str, GpuRow] = field(default_factory=dict)
+
+
+_GAUGES = {
+    "gpu_governor_gpu_temperature_celsius": "temperature_c",
+    "gpu_governor_gpu_power_watts": "power_w",
+    "gpu_governor_gpu_power_limit_watts": "limit_w",
+    "gpu_governor_gpu_power_limit_target_watts": "target_w",
+    "gpu_governor_gpu_memory_used_bytes": "memory_used_bytes",
+    "gpu_governor_gpu_memory_total_bytes": "memory_total_bytes",
+    "gpu_governor_gpu_last_decision_timestamp_seconds": "last_decision_s",
+}
+
+
+def parse_status(text: str) -> DaemonStatus:
+    """Build a DaemonStatus from Prometheus text exposition."""
+    status = DaemonStatus()
+
+    def row(labels: dict[str, str]) -> GpuRow:
+        key = labels["gpu"]
+        if key not in status.gpus:
+            status.gpus[key] = GpuRow(gpu=key, uuid=labels.get("uuid", "?"))
+        return status.gpus[key]
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "gpu_governor_build_info":
+                status.version = labels.get("version", "?")
+                status.backend = labels.get("backend", "?")
+                status.dry_run = labels.get("dry_run") == "true"
+            elif sample.name == "gpu_governor_config_info":
+                status.config = labels.get("source", "?")
+            elif sample.name == "gpu_governor_config_last_reload_successful":
+                status.config_ok = sample.value == 1
+            elif sample.name == "gpu_governor_gpu_info":
+                row(labels).name = labels.get("name", "?")
+            elif sample.name in _GAUGES and "gpu" in labels:
+                setattr(row(labels), _GAUGES[sample.name], sample.value)
+            elif sample.name == "gpu_governor_gpu_thermal_zone" and sample.value == 1:
+                row(labels).zone = labels["gpu_governor_gpu_thermal_zone"]
+            elif sample.name == "gpu_governor_gpu_health" and sample.value == 1:
+                row(labels).health = labels["gpu_governor_gpu_health"]
+            elif sample.name == "gpu_governor_gpu_monitor_only" and "gpu" in labels:
+                row(labels).monitor_only = sample.value == 1
+    return status
+
+
+def fetch_status(url: str) -> DaemonStatus:
+    """GET the metrics endpoint and parse it."""
+    with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:  # noqa: S310 - URL given by the user
+        body = response.read(MAX_BODY_BYTES).decode("utf-8", errors="replace")
+    return parse_status(body)
+
+
+def _fmt(value: float | None, unit: str, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}{unit}"
+
+
+def render_status(status: DaemonStatus) -> str:
+    """The status table as text."""
+    mode = "dry-run" if status.dry_run else "enforcing"
+    lines = [
+        f"gpu-governor {status.version}, backend {status.backend}, {mode}",
+        f"config: {status.config}"
+        + ("" if status.config_ok else "  (last reload FAILED: old config in force)"),
+        "",
+    ]
+    header = ("GPU", "NAME", "TEMP", "ZONE", "HEALTH", "POWER", "LIMIT", "TARGET", "MEMORY", "MODE")
+    rows = [header]
+    for key in sorted(status.gpus, key=lambda k: int(k) if k.isdigit() else 0):
+        r = status.gpus[key]
+        memory = f"{_fmt(r.memory_used_bytes, '', 2**30, 1)}/{_fmt(r.memory_total_bytes, ' GiB', 2**30, 1)}"
+        rows.append(
+            (
+                r.gpu,
+                r.name,
+                _fmt(r.temperature_c, " C"),
+                r.zone,
+                r.health,
+                _fmt(r.power_w, " W"),
+                _fmt(r.limit_w, " W"),
+                _fmt(r.target_w, " W") if r.target_w is not None else "hands-off",
+                memory,
+                "monitor-only" if r.monitor_only else "governed",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines) + "\n"
