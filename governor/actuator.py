@@ -30,6 +30,7 @@ class Actuator:
         self.dry_run = dry_run
         self._gpus: dict[str, GpuInfo] = {g.uuid: g for g in gpus}
         self.monitor_only: dict[str, str] = {}
+        self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
 
     def apply(self, decisions: Iterable[Decision], snapshot: Snapshot) -> list[ActionResult]:
         """Carry out every decision; informational ones come back SKIPPED."""
@@ -48,9 +49,13 @@ class Actuator:
             return ActionResult(decision, Outcome.REFUSED, f"monitor-only: {self.monitor_only[uuid]}")
         limit_w = clamp_w(limit_w, self._gpus.get(uuid))
         enforced = None if reading is None else reading.power_limit_w
+        if self.dry_run:
+            # Compare with what would be in force had the earlier would-be changes happened.
+            enforced = self._would_be_w.get(uuid, enforced)
         if enforced is not None and abs(enforced - limit_w) <= DRIFT_TOLERANCE_W / 2:
             return ActionResult(decision, Outcome.UNCHANGED, f"{limit_w:g} W already in force")
         if self.dry_run:
+            self._would_be_w[uuid] = limit_w
             return ActionResult(decision, Outcome.DRY_RUN, f"would set {limit_w:g} W")
         if enforced is not None:
             self.originals.remember(uuid, enforced)

@@ -357,8 +357,9 @@ class Daemon:
             "uuid": d.gpu_uuid,
             "rule": d.rule,
             "reason": d.reason,
-            "outcome": result.outcome.value,
         }
+        if result.outcome is not Outcome.SKIPPED:
+            fields["outcome"] = result.outcome.value
         if d.reading is not None:
             fields["temperature_c"] = d.reading
         if d.threshold is not None:
