@@ -6,7 +6,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_pynvml import (
+from structlog.testing import capture_logs
+
+from governor.backends import (
+    Backend,
+    BackendFatal,
+    BackendUnavailable,
+    GpuLostError,
+    SetLimitFailed,
+    SetLimitRefused,
+)
+from governor.backends.nvml import NO_DRIVER_MESSAGE, VERSION_MISMATCH_MESSAGE, NvmlBackend
+from governor.clock import VirtualClock
+from governor.model import GpuHealth, GpuReading
+from tests.fake_pynvml import (
     NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_FUNCTION_NOT_FOUND,
     NVML_ERROR_GPU_IS_LOST,
@@ -21,19 +34,6 @@ from fake_pynvml import (
     FakeNvml,
     NVMLError,
 )
-from structlog.testing import capture_logs
-
-from governor.backends import (
-    Backend,
-    BackendFatal,
-    BackendUnavailable,
-    GpuLostError,
-    SetLimitFailed,
-    SetLimitRefused,
-)
-from governor.backends.nvml import NO_DRIVER_MESSAGE, VERSION_MISMATCH_MESSAGE, NvmlBackend
-from governor.clock import VirtualClock
-from governor.model import GpuHealth, GpuReading
 
 UUID0 = "GPU-00000000-0000-0000-0000-000000000000"
 UUID1 = "GPU-11111111-1111-1111-1111-111111111111"
