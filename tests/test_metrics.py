@@ -1,0 +1,83 @@
+"""Metrics built at scrape time: content, absent-not-zero, and promtool's lint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from governor.clock import VirtualClock
+from governor.config import Config
+from governor.daemon import Daemon, VirtualWaiter
+from governor.metrics import build_registry
+from governor.model import GpuHealth, GpuReading, Snapshot
+from governor.notify import Notifier
+from tests.scripted import ScriptedBackend
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skipped locally when absent, a failure where CI demands system tests."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1":
+            pytest.fail(f"{name} is required (GG_REQUIRE_SYSTEM_TESTS=1) but not installed")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def scrape_after_ticks(tmp_path: Path, ticks: int, gpu_count: int = 2) -> tuple[Daemon, str]:
+    clock = VirtualClock()
+    backend = ScriptedBackend(clock, lambda t, i: 80.0 if i == 0 else 50.0, gpu_count=gpu_count)
+    daemon = Daemon(Config(state_dir=str(tmp_path)), backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier())
+    daemon.start()
+    for _ in range(ticks):
+        clock.advance(1.0)
+        daemon.tick()
+    return daemon, generate_latest(build_registry(lambda: daemon.published)).decode()
+
+
+class TestCollector:
+    def test_nothing_before_the_first_tick(self) -> None:
+        """Before anything is published the governor's families are absent, not zero."""
+        body = generate_latest(build_registry(lambda: None)).decode()
+        assert "gpu_governor" not in body
+
+    def test_each_gpu_has_its_own_series(self, tmp_path: Path) -> None:
+        """Two GPUs give two temperature series and only the hot one gets a target limit."""
+        _, body = scrape_after_ticks(tmp_path, 5)
+        assert 'gpu_governor_gpu_temperature_celsius{gpu="0",uuid="GPU-test-0"} 80.0' in body
+        assert 'gpu_governor_gpu_temperature_celsius{gpu="1",uuid="GPU-test-1"} 50.0' in body
+        assert 'gpu_governor_gpu_power_limit_target_watts{gpu="0"' in body
+        assert 'gpu_governor_gpu_power_limit_target_watts{gpu="1"' not in body
+        assert 'gpu_governor_gpu_thermal_zone_threshold_celsius{gpu="0",uuid="GPU-test-0",zone="critical"} 95.0' in body
+
+    def test_missing_reading_is_absent_not_zero(self, tmp_path: Path) -> None:
+        """A GPU whose temperature is None has no temperature sample at all, and a lost GPU shows health lost."""
+        daemon, _ = scrape_after_ticks(tmp_path, 1)
+        assert daemon.published is not None and daemon.published.snapshot is not None
+        snap = daemon.published.snapshot
+        lost = GpuReading(index=1, uuid="GPU-test-1", health=GpuHealth.LOST, error="GPU is lost")
+        degraded = replace(snap.gpus[0], temperature_c=None, health=GpuHealth.DEGRADED)
+        state = replace(daemon.published, snapshot=Snapshot(snap.t_s, snap.wall_time_s, (degraded, lost)))
+        body = generate_latest(build_registry(lambda: state)).decode()
+        assert "gpu_governor_gpu_temperature_celsius{" not in body
+        assert 'gpu_governor_gpu_health{gpu="1",gpu_governor_gpu_health="lost",uuid="GPU-test-1"} 1.0' in body
+        assert 'gpu_governor_gpu_health{gpu="0",gpu_governor_gpu_health="degraded",uuid="GPU-test-0"} 1.0' in body
+        assert 'gpu_governor_gpu_power_watts{gpu="1"' not in body
+
+
+class TestPromtool:
+    def test_promtool_check_metrics_prints_nothing(self, tmp_path: Path) -> None:
+        """`promtool check metrics` on a real scrape (decisions, two GPUs) prints nothing and exits 0."""
+        promtool = require_tool("promtool")
+        _, body = scrape_after_ticks(tmp_path, 10)
+        result = subprocess.run(
+            [promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout == "" and result.stderr == ""
