@@ -1,0 +1,137 @@
+"""The NVML floor against NvmlBackend.read(): what the adapter adds on top of the raw reads.
+
+``python3 bench/nvml_floor.py [--iterations N] [--label TEXT]`` prints one JSON object:
+
+- ``raw_us``: per GPU, p50/p99 microseconds of exactly the NVML reads NvmlBackend makes
+  each tick (temperature V, power, enforced limit, memory v2, utilisation, clock event
+  reasons, SM clock, compute and graphics processes v3), in a tight loop;
+- ``per_read_us_p50``: the median of each of those reads alone (GPU 0);
+- ``adapter_us_per_gpu``: p50/p99 of ``NvmlBackend.read()`` divided by the GPU count
+  (the slow reads fall due once at the start, then every 10/30 s, so they barely show);
+- ``ratio_p50``: adapter p50 per GPU over the mean raw p50 per GPU.
+
+Read-only: it changes no GPU setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from governor.backends.nvml import NvmlBackend
+from governor.clock import RealClock
+
+
+def percentiles(samples_ns: list[int]) -> dict[str, float]:
+    """p50 and p99 in microseconds."""
+    ordered = sorted(samples_ns)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"p50": round(statistics.median(ordered) / 1000.0, 2), "p99": round(p99 / 1000.0, 2)}
+
+
+def raw_reads(nvml: Any, handle: Any) -> list[tuple[str, Callable[[], object]]]:
+    """The per-tick reads NvmlBackend makes, bound to one handle."""
+    return [
+        ("temperature", lambda: nvml.nvmlDeviceGetTemperatureV(handle, nvml.NVML_TEMPERATURE_GPU)),
+        ("power", lambda: nvml.nvmlDeviceGetPowerUsage(handle)),
+        ("enforced_limit", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle)),
+        ("memory_v2", lambda: nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)),
+        ("utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(handle)),
+        ("clock_event_reasons", lambda: nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)),
+        ("sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+        ("compute_processes", lambda: nvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)),
+        ("graphics_processes", lambda: nvml.nvmlDeviceGetGraphicsRunningProcesses_v3(handle)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--label", default=None, help="free text copied into the output")
+    args = parser.parse_args(argv)
+
+    import pynvml as nvml
+
+    nvml.nvmlInit()
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        names = [nvml.nvmlDeviceGetName(h) for h in handles]
+        driver = nvml.nvmlSystemGetDriverVersion()
+        perf = time.perf_counter_ns
+
+        raw: dict[str, dict[str, float]] = {}
+        for index, handle in enumerate(handles):
+            reads = [fn for _, fn in raw_reads(nvml, handle)]
+            for _ in range(args.warmup):
+                for fn in reads:
+                    fn()
+            samples = []
+            for _ in range(args.iterations):
+                t0 = perf()
+                for fn in reads:
+                    fn()
+                samples.append(perf() - t0)
+            raw[str(index)] = percentiles(samples)
+
+        per_read: dict[str, float] = {}
+        for label, fn in raw_reads(nvml, handles[0]):
+            one = []
+            for _ in range(max(200, args.iterations // 4)):
+                t0 = perf()
+                fn()
+                one.append(perf() - t0)
+            per_read[label] = percentiles(one)["p50"]
+    finally:
+        nvml.nvmlShutdown()
+
+    backend = NvmlBackend(RealClock())
+    try:
+        for _ in range(args.warmup):
+            backend.read()
+        per_gpu = []
+        processes = 0
+        for _ in range(args.iterations):
+            t0 = time.perf_counter_ns()
+            snapshot = backend.read()
+            per_gpu.append((time.perf_counter_ns() - t0) // len(snapshot.gpus))
+        processes = sum(len(r.processes or ()) for r in snapshot.gpus)
+        health = [r.health.value for r in snapshot.gpus]
+    finally:
+        backend.close()
+
+    adapter = percentiles(per_gpu)
+    raw_p50 = statistics.mean(v["p50"] for v in raw.values())
+    print(
+        json.dumps(
+            {
+                "label": args.label,
+                "device": names[0] if names else None,
+                "driver": driver,
+                "gpus": count,
+                "iterations": args.iterations,
+                "processes_seen": processes,
+                "health": health,
+                "raw_us": raw,
+                "per_read_us_p50": per_read,
+                "adapter_us_per_gpu": adapter,
+                "ratio_p50": round(adapter["p50"] / raw_p50, 2) if raw_p50 else None,
+                "overhead_us_p50": round(adapter["p50"] - raw_p50, 2),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Real-GPU validation (pytest marker ``gpu``); skipped where no NVIDIA GPU answers."""

@@ -1,0 +1,223 @@
+"""NvmlBackend on a real NVIDIA GPU, checked against nvidia-smi while a PyTorch load runs.
+
+Marker ``gpu``; every test skips where NVML does not start (CI has no GPU). Read-only:
+these tests never change a GPU setting (no power limit, clocks or persistence mode).
+Each comparison is printed (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from governor.backends import BackendUnavailable
+from governor.backends.nvml import NvmlBackend
+from governor.clock import RealClock
+from governor.model import GpuHealth, GpuReading
+from governor.record import run_record
+from governor.trace import read_trace
+
+pytestmark = pytest.mark.gpu
+
+LOAD_GIB = 3.0
+LOAD_SECONDS = 60.0
+LOAD_SCRIPT = Path(__file__).with_name("gpu_load.py")
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[NvmlBackend]:
+    """The real NVML backend, or a skip where no NVIDIA GPU answers."""
+    pytest.importorskip("pynvml")
+    try:
+        nvml = NvmlBackend(RealClock())
+    except BackendUnavailable as exc:
+        pytest.skip(f"no NVIDIA GPU: {exc}")
+    yield nvml
+    nvml.close()
+
+
+@pytest.fixture(scope="module")
+def smi() -> str:
+    path = shutil.which("nvidia-smi")
+    if path is None:
+        pytest.skip("nvidia-smi not found")
+    return path
+
+
+@dataclass(frozen=True)
+class Load:
+    pid: int
+    gpu_index: int
+
+
+@pytest.fixture(scope="module")
+def load(backend: NvmlBackend) -> Iterator[Load]:
+    """A PyTorch process holding LOAD_GIB GiB on NVML GPU 0 and running matmuls."""
+    env = dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, str(LOAD_SCRIPT), str(LOAD_GIB), str(LOAD_SECONDS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.strip() == "ready":
+            break
+    else:
+        proc.kill()
+    if not lines or lines[-1].strip() != "ready":
+        proc.kill()
+        proc.wait()
+        pytest.skip(f"PyTorch load did not start: {''.join(lines)[-2000:]}")
+    time.sleep(3.0)  # let power and the sensors settle under load
+    yield Load(pid=proc.pid, gpu_index=0)
+    proc.kill()
+    proc.wait()
+
+
+def query_smi(smi: str) -> dict[int, tuple[float, float, float]]:
+    """nvidia-smi's temperature (C), power draw (W) and memory used (MiB) per GPU index."""
+    out = subprocess.run(
+        [
+            smi,
+            "--query-gpu=index,temperature.gpu,power.draw,memory.used",
+            "--format=csv,noheader,nounits",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    result = {}
+    for line in out.strip().splitlines():
+        index, temp, power, mem = (field.strip() for field in line.split(","))
+        result[int(index)] = (float(temp), float(power), float(mem))
+    return result
+
+
+def report(what: str, **values: object) -> None:
+    print(f"\n[gpu] {what}: " + json.dumps(values, default=str), flush=True)
+
+
+def test_static_facts_match_smi(backend: NvmlBackend, smi: str) -> None:
+    """UUID, name, PCI id, driver, power-limit range and VRAM agree with nvidia-smi."""
+    out = subprocess.run(
+        [
+            smi,
+            "--query-gpu=index,uuid,name,pci.bus_id,driver_version,power.min_limit,power.max_limit,"
+            "power.default_limit,memory.total",
+            "--format=csv,noheader,nounits",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    rows = {int(r[0]): r for r in (line.split(", ") for line in out.strip().splitlines())}
+    for info in backend.gpus():
+        row = rows[info.index]
+        report("static", nvml=info, smi=row)
+        assert info.uuid == row[1]
+        assert info.name == row[2]
+        assert info.pci_bus_id is not None and info.pci_bus_id.lower() == row[3].lower()
+        assert info.driver_version == row[4]
+        assert info.power_limit_min_w == pytest.approx(float(row[5]), abs=1.0)
+        assert info.power_limit_max_w == pytest.approx(float(row[6]), abs=1.0)
+        assert info.power_limit_default_w == pytest.approx(float(row[7]), abs=1.0)
+        assert info.memory_total_bytes is not None
+        assert abs(info.memory_total_bytes / MIB - float(row[8])) <= 1.0
+        assert info.temperature_slowdown_c is not None
+        assert info.temperature_shutdown_c is not None
+        assert info.temperature_slowdown_c < info.temperature_shutdown_c
+
+
+def _within(value: float | None, before: float | None, after: float | None, tolerance: float) -> bool:
+    """``value`` lies within ``tolerance`` of the span between two readings around it."""
+    assert value is not None and before is not None and after is not None
+    return min(before, after) - tolerance <= value <= max(before, after) + tolerance
+
+
+def test_readings_match_smi_under_load(backend: NvmlBackend, smi: str, load: Load) -> None:
+    """Temperature within 2 C, power within 10 % and memory used within 1 % of nvidia-smi, under load."""
+    for _ in range(5):
+        before = backend.read()
+        theirs = query_smi(smi)
+        after = backend.read()
+        for b, a in zip(before.gpus, after.gpus, strict=True):
+            assert b.health is GpuHealth.OK and a.health is GpuHealth.OK
+            temp, power, mem_mib = theirs[b.index]
+            report(
+                "compare",
+                gpu=b.index,
+                smi={"temperature_c": temp, "power_w": power, "memory_used_mib": mem_mib},
+                nvml_before={
+                    "temperature_c": b.temperature_c,
+                    "power_w": b.power_w,
+                    "memory_used_mib": None if b.memory_used_bytes is None else b.memory_used_bytes / MIB,
+                },
+                nvml_after={
+                    "temperature_c": a.temperature_c,
+                    "power_w": a.power_w,
+                    "memory_used_mib": None if a.memory_used_bytes is None else a.memory_used_bytes / MIB,
+                },
+            )
+            assert _within(temp, b.temperature_c, a.temperature_c, 2.0)
+            assert _within(power, b.power_w, a.power_w, 0.10 * power)
+            mem_b = None if b.memory_used_bytes is None else b.memory_used_bytes / MIB
+            mem_a = None if a.memory_used_bytes is None else a.memory_used_bytes / MIB
+            assert _within(mem_mib, mem_b, mem_a, max(0.01 * mem_mib, 2.0))
+        time.sleep(0.5)
+    loaded = after.gpus[load.gpu_index]
+    assert loaded.utilization_gpu_ratio is not None and loaded.utilization_gpu_ratio > 0.5
+    assert loaded.sm_clock_mhz is not None and loaded.sm_clock_mhz > 0
+    assert loaded.power_limit_w is not None and loaded.power_limit_requested_w is not None
+    assert loaded.energy_j is not None and loaded.energy_j > 0
+
+
+def test_load_process_listed(backend: NvmlBackend, load: Load) -> None:
+    """The load's pid appears in its GPU's process list with about LOAD_GIB GiB of VRAM and a name."""
+    reading: GpuReading = backend.read().gpus[load.gpu_index]
+    assert reading.processes is not None
+    report("processes", gpu=reading.index, processes=reading.processes, load_pid=load.pid)
+    mine = [p for p in reading.processes if p.pid == load.pid]
+    assert len(mine) == 1
+    assert mine[0].used_memory_bytes is not None
+    assert mine[0].used_memory_bytes >= LOAD_GIB * (1 << 30)
+    assert mine[0].used_memory_bytes < (LOAD_GIB + 2) * (1 << 30)
+    assert mine[0].name is not None and mine[0].name.startswith("python")
+
+
+def test_record_short_trace(backend: NvmlBackend, tmp_path: Path) -> None:
+    """A 2 s recording at 0.5 s is a valid trace with every GPU's device record and 4 samples each."""
+    path = tmp_path / "real.jsonl"
+    count = run_record(backend, path, 0.5, 2.0, RealClock())
+    gpus = backend.gpus()
+    assert count == 4 * len(gpus)
+    trace = read_trace(path)
+    for info in gpus:
+        assert trace.devices[info.index].info == info
+        samples = trace.samples[info.index]
+        assert len(samples) == 4
+        assert all(s.reading.temperature_c is not None for s in samples)
+        assert all(s.reading.power_w is not None for s in samples)
+        ts = [s.t_s for s in samples]
+        assert ts[0] < 0.25 and 1.4 < ts[-1] < 1.8
+    report("trace", path=str(path), first_lines=path.read_text().splitlines()[: len(gpus) + 1])
