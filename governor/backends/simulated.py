@@ -1,0 +1,405 @@
+"""The simulated backend: GPUs played by governor.sim, behind the Backend Protocol.
+
+Time comes from a :class:`governor.clock.Clock`: simulated time is
+``(clock.monotonic() - start) * time_scale`` seconds, so a daemon on the real clock can
+run faster than real time and a test on a :class:`~governor.clock.VirtualClock` runs
+without sleeping. :meth:`SimulatedBackend.read` advances the physics to that time;
+``Snapshot.t_s`` is simulated seconds since the backend opened.
+
+Like NVML, :meth:`SimulatedBackend.set_power_limit` clamps nothing: a limit outside the
+profile's range raises SetLimitFailed (NVML's INVALID_ARGUMENT). Limits are taken in
+whole milliwatts, as NVML does.
+
+Hardware state: given ``state_file``, the power limits (by GPU UUID) live in that JSON
+file, rewritten atomically on every change and read at start, so a restarted daemon
+meets the limits its predecessor left, as on a real GPU. A missing file means default
+limits. A file that cannot be used (unreadable, not JSON, a limit out of range) also
+means default limits for the GPUs it cannot vouch for, and ``state_warning`` says why,
+for the daemon to log; the next change rewrites the file whole.
+
+Test and what-if hooks: :meth:`~SimulatedBackend.attach_process`,
+:meth:`~SimulatedBackend.set_process_memory`, :meth:`~SimulatedBackend.detach_process`,
+:meth:`~SimulatedBackend.inject_fault`, :meth:`~SimulatedBackend.external_set_power_limit`,
+:meth:`~SimulatedBackend.stats`. All methods are safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from governor.backends import BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
+from governor.clock import Clock
+from governor.config import ConfigIssue, SimulationConfig
+from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
+from governor.sim._schema import SimDataError
+from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu
+from governor.sim.profiles import GpuProfile, load_profile
+from governor.sim.scenario import FAULTS, PhaseTimeline, Scenario, load_scenario
+
+SYNTHETIC_PID_BASE = 4_194_304
+"""First PID given to scenario processes: Linux's PID_MAX_LIMIT (2**22), so no real
+process can ever have it, and signalling it fails harmlessly with ESRCH."""
+
+STATE_FORMAT = "gpu-governor-simulated-hardware"
+DEFAULT_SUBSTEP_S = 0.5
+
+
+class SimulatedBackend:
+    """Simulated GPUs of one profile running one scenario; see the module docstring."""
+
+    name = "simulated"
+
+    def __init__(
+        self,
+        profile: GpuProfile,
+        scenario: Scenario,
+        clock: Clock,
+        *,
+        gpu_count: int = 1,
+        seed: int = 0,
+        ambient_c: float | None = None,
+        state_file: str | Path | None = None,
+        time_scale: float = 1.0,
+        substep_s: float = DEFAULT_SUBSTEP_S,
+    ) -> None:
+        if gpu_count < 1:
+            raise ValueError(f"gpu_count: expected 1 or more, got {gpu_count}")
+        if not (time_scale > 0 and math.isfinite(time_scale)):
+            raise ValueError(f"time_scale: expected a number > 0, got {time_scale}")
+        if not 0.01 <= substep_s <= 5.0:
+            raise ValueError(f"substep_s: expected seconds between 0.01 and 5, got {substep_s}")
+        highest = scenario.highest_gpu_index()
+        if highest >= gpu_count:
+            raise SimDataError(
+                [
+                    ConfigIssue(
+                        scenario.source,
+                        "gpu",
+                        f"GPU indexes below simulation.gpu_count ({gpu_count}); this scenario needs "
+                        f"gpu_count = {highest + 1} or more",
+                        str(highest),
+                    )
+                ]
+            )
+        self.profile = profile
+        self.scenario = scenario
+        self._clock = clock
+        self._time_scale = time_scale
+        self._start_s = clock.monotonic()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._state_path = Path(state_file) if state_file else None
+        self.state_warning: str | None = None
+        self._infos = tuple(self._info(i) for i in range(gpu_count))
+        self._by_uuid = {info.uuid: i for i, info in enumerate(self._infos)}
+        self._state_extra: dict[str, float] = {}  # entries of GPUs this run does not have
+        limits = self._load_state()
+        timeline = PhaseTimeline(scenario)
+        self._gpus = [
+            SimulatedGpu(
+                i,
+                profile,
+                scenario,
+                timeline,
+                substep_s=substep_s,
+                seed=seed,
+                ambient_c=ambient_c,
+                limit_w=limits.get(self._infos[i].uuid, profile.power_limit_default_w),
+            )
+            for i in range(gpu_count)
+        ]
+        self._pids: dict[int, SimulatedGpu] = {}
+        next_pid = SYNTHETIC_PID_BASE
+        for spec in scenario.processes:
+            for gpu in self._gpus:
+                if spec.gpu is not None and spec.gpu != gpu.index:
+                    continue
+                proc = SimProcess(
+                    next_pid,
+                    spec.name,
+                    spec.start_s,
+                    spec.end_s,
+                    spec.memory_bytes,
+                    spec.growth_bytes_per_s,
+                    spec.max_memory_bytes,
+                )
+                gpu.add_process(proc)
+                self._pids[next_pid] = gpu
+                next_pid += 1
+
+    # ------------------------------------------------------------------ facts
+
+    def _info(self, index: int) -> GpuInfo:
+        p = self.profile
+        return GpuInfo(
+            index=index,
+            uuid=f"GPU-sim-{p.name}-{index}",
+            name=p.gpu_name,
+            pci_bus_id=f"00000000:{0x10 + index:02X}:00.0",
+            power_limit_min_w=p.power_limit_min_w,
+            power_limit_max_w=p.power_limit_max_w,
+            power_limit_default_w=p.power_limit_default_w,
+            temperature_slowdown_c=p.temperature_slowdown_c,
+            temperature_shutdown_c=p.temperature_shutdown_c,
+            memory_total_bytes=p.memory_total_bytes,
+            driver_version="simulated",
+        )
+
+    def gpus(self) -> tuple[GpuInfo, ...]:
+        """Static facts of every simulated GPU, in index order."""
+        return self._infos
+
+    def sim_time_s(self) -> float:
+        """Simulated seconds since the backend opened (by the clock, not the physics)."""
+        return max(0.0, (self._clock.monotonic() - self._start_s) * self._time_scale)
+
+    # ------------------------------------------------------------------ reading
+
+    def _advance(self) -> float:
+        t = self.sim_time_s()
+        for gpu in self._gpus:
+            target = math.floor(t / gpu.step_s + 1e-9)
+            if target > gpu.step:
+                gpu.advance_to(target)
+        return t
+
+    def read(self) -> Snapshot:
+        """Advance the physics to now and read every GPU (a faulty GPU yields a reading with
+        its health set, never an exception)."""
+        with self._lock:
+            if self._closed:
+                raise BackendError("simulated backend is closed")
+            t = self._advance()
+            return Snapshot(
+                t_s=t, wall_time_s=self._clock.wall(), gpus=tuple(self._reading(g, t) for g in self._gpus)
+            )
+
+    def _reading(self, gpu: SimulatedGpu, t_s: float) -> GpuReading:
+        info = self._infos[gpu.index]
+        if gpu.fault == "lost":
+            return GpuReading(index=gpu.index, uuid=info.uuid, health=GpuHealth.LOST, error=gpu.fault_error)
+        processes, used = gpu.processes_at(t_s)
+        total = self.profile.memory_total_bytes
+        degraded = gpu.fault == "temperature_unsupported"
+        return GpuReading(
+            index=gpu.index,
+            uuid=info.uuid,
+            temperature_c=None if degraded else float(round(gpu.thermal.die_c)),
+            power_w=round(gpu.power_w, 3),
+            power_limit_w=gpu.limit_w,
+            memory_used_bytes=min(total, self.profile.memory_reserved_bytes + used),
+            memory_total_bytes=total,
+            utilization_gpu_ratio=gpu.utilization_ratio,
+            clock_event_reasons=gpu.reasons,
+            power_limit_requested_w=gpu.limit_w,
+            energy_j=gpu.energy_j,
+            processes=processes,
+            health=GpuHealth.DEGRADED if degraded else GpuHealth.OK,
+            error=gpu.fault_error if degraded else None,
+        )
+
+    # ------------------------------------------------------------------ acting
+
+    def set_power_limit(self, uuid: str, limit_w: float) -> None:
+        """Set a GPU's power limit in watts, as NVML would: no clamping.
+
+        Raises SetLimitRefused (unknown UUID, injected refusal), GpuLostError (lost GPU),
+        SetLimitFailed (outside the profile's range, or the state file cannot be written).
+        """
+        with self._lock:
+            index = self._by_uuid.get(uuid)
+            if index is None:
+                raise SetLimitRefused(f"no simulated GPU has UUID {uuid}")
+            gpu = self._gpus[index]
+            self._advance()  # the old limit governs the time already past
+            if gpu.fault == "lost":
+                raise GpuLostError(f"GPU {index} ({uuid}) is lost")
+            if gpu.fault == "set_limit_refused":
+                raise SetLimitRefused(
+                    f"GPU {index}: setting the power limit is not permitted (simulated fault)"
+                )
+            p = self.profile
+            if not math.isfinite(limit_w):
+                raise SetLimitFailed(f"GPU {index}: invalid argument: power limit {limit_w!r} W")
+            limit_mw = round(limit_w * 1000.0)
+            if not round(p.power_limit_min_w * 1000) <= limit_mw <= round(p.power_limit_max_w * 1000):
+                raise SetLimitFailed(
+                    f"GPU {index}: invalid argument: power limit {limit_w:g} W outside "
+                    f"{p.power_limit_min_w:g}-{p.power_limit_max_w:g} W"
+                )
+            new_w = limit_mw / 1000.0
+            if new_w == gpu.limit_w:
+                return
+            self._save_state({uuid: new_w})
+            gpu.limit_w = new_w
+
+    def external_set_power_limit(self, gpu_index: int, limit_w: float) -> None:
+        """Another agent (a BMC, nvidia-smi) sets the enforced limit: no checks, not saved."""
+        with self._lock:
+            self._advance()
+            self._gpus[gpu_index].limit_w = float(limit_w)
+
+    def close(self) -> None:
+        """Stop serving reads. Idempotent."""
+        with self._lock:
+            self._closed = True
+
+    # ------------------------------------------------------------------ hooks
+
+    def attach_process(
+        self, gpu_index: int, pid: int, used_memory_bytes: int, name: str | None = None
+    ) -> None:
+        """Report the process ``pid`` (a real one) on GPU ``gpu_index`` holding ``used_memory_bytes``,
+        from now until :meth:`detach_process`. Attaching a PID again moves or resizes it."""
+        if used_memory_bytes < 0:
+            raise ValueError(f"used_memory_bytes: expected 0 or more, got {used_memory_bytes}")
+        with self._lock:
+            gpu = self._gpus[gpu_index]
+            t = self._advance()
+            if pid in self._pids:
+                self._remove(pid)
+            gpu.add_process(SimProcess(pid, name, t, None, used_memory_bytes, real=True))
+            self._pids[pid] = gpu
+
+    def set_process_memory(self, pid: int, used_memory_bytes: int) -> None:
+        """Make process ``pid`` (attached or from the scenario) hold ``used_memory_bytes`` from
+        now on; a growing scenario process stops growing. KeyError for an unknown PID."""
+        if used_memory_bytes < 0:
+            raise ValueError(f"used_memory_bytes: expected 0 or more, got {used_memory_bytes}")
+        with self._lock:
+            gpu = self._pids[pid]
+            for proc in gpu.processes:
+                if proc.pid == pid:
+                    proc.memory_bytes = used_memory_bytes
+                    proc.growth_bytes_per_s = 0.0
+                    proc.reading = None
+            gpu.invalidate_processes()
+
+    def detach_process(self, pid: int) -> None:
+        """Stop reporting process ``pid`` (attached, or a scenario process: it ends now, as if
+        it had exited or been killed). KeyError for an unknown PID."""
+        with self._lock:
+            self._advance()
+            if pid not in self._pids:
+                raise KeyError(pid)
+            self._remove(pid)
+
+    def _remove(self, pid: int) -> None:
+        gpu = self._pids.pop(pid)
+        gpu.processes = [p for p in gpu.processes if p.pid != pid]
+        gpu.invalidate_processes()
+
+    def inject_fault(self, gpu_index: int, fault: str | None) -> None:
+        """From now on GPU ``gpu_index`` has ``fault``: ``"lost"`` (reads LOST, setting a limit
+        raises GpuLostError), ``"temperature_unsupported"`` (no temperature, DEGRADED),
+        ``"set_limit_refused"`` (setting a limit raises SetLimitRefused); None clears it."""
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"fault: expected one of {', '.join(FAULTS)} or None, got {fault!r}")
+        with self._lock:
+            gpu = self._gpus[gpu_index]
+            self._advance()
+            gpu.set_fault(fault)
+
+    def stats(self, gpu_index: int) -> SimStats:
+        """Energy (J), work (full-speed seconds), elapsed and busy seconds of one GPU so far."""
+        with self._lock:
+            self._advance()
+            return self._gpus[gpu_index].stats()
+
+    def die_temperature_c(self, gpu_index: int) -> float:
+        """The die temperature in C to full precision (readings round it to whole degrees, as NVML)."""
+        with self._lock:
+            self._advance()
+            return self._gpus[gpu_index].thermal.die_c
+
+    # ------------------------------------------------------------------ state file
+
+    def _load_state(self) -> dict[str, float]:
+        path = self._state_path
+        if path is None:
+            return {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            self.state_warning = f"{path}: unreadable ({exc}); starting from default power limits"
+            return {}
+        try:
+            data: Any = json.loads(text)
+        except json.JSONDecodeError as exc:
+            self.state_warning = (
+                f"{path}: not JSON ({exc.msg} at line {exc.lineno}); starting from default power limits"
+            )
+            return {}
+        limits = data.get("power_limits_w") if isinstance(data, dict) else None
+        if not isinstance(limits, dict) or data.get("format") != STATE_FORMAT:
+            self.state_warning = (
+                f"{path}: expected an object with format {STATE_FORMAT!r} and power_limits_w; "
+                "starting from default power limits"
+            )
+            return {}
+        p = self.profile
+        out: dict[str, float] = {}
+        problems = []
+        for uuid, value in limits.items():
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if uuid not in self._by_uuid:
+                if ok:
+                    self._state_extra[str(uuid)] = float(value)
+                continue
+            if not ok or not p.power_limit_min_w <= value <= p.power_limit_max_w:
+                problems.append(
+                    f"{uuid}: {value!r} W is not a limit in {p.power_limit_min_w:g}-{p.power_limit_max_w:g} W"
+                )
+                continue
+            out[uuid] = float(value)
+        if problems:
+            self.state_warning = (
+                f"{path}: " + "; ".join(problems) + "; those GPUs start from the default power limit"
+            )
+        return out
+
+    def _save_state(self, change: dict[str, float]) -> None:
+        path = self._state_path
+        if path is None:
+            return
+        limits = dict(self._state_extra)
+        for gpu in self._gpus:
+            limits[self._infos[gpu.index].uuid] = gpu.limit_w
+        limits.update(change)
+        document = {"format": STATE_FORMAT, "version": 1, "power_limits_w": limits}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                json.dump(document, handle, indent=2, sort_keys=True)
+                handle.write("\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise SetLimitFailed(f"cannot save simulated hardware state to {path}: {exc}") from None
+
+
+def build_simulated_backend(sim: SimulationConfig, clock: Clock) -> SimulatedBackend:
+    """A SimulatedBackend from the ``[simulation]`` config: profile and scenario by name or
+    path, ``gpu_count`` GPUs of that profile. Raises SimDataError (a ConfigError) naming the
+    file and key when a profile or scenario cannot be used."""
+    return SimulatedBackend(
+        load_profile(sim.profile),
+        load_scenario(sim.scenario),
+        clock,
+        gpu_count=sim.gpu_count,
+        seed=sim.seed,
+        ambient_c=sim.ambient_c,
+        state_file=sim.state_file or None,
+        time_scale=sim.time_scale,
+    )

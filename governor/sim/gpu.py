@@ -1,0 +1,326 @@
+"""One simulated GPU: power draw, temperature, throughput and VRAM, stepped in fixed time.
+
+Time is counted in whole sub-steps of ``substep_s`` seconds of simulated time; step
+``k`` covers ``[k*substep_s, (k+1)*substep_s)`` with the phase, limit and fault in force
+at its start. Because the grid is fixed, a run gives the same physics (and, for one
+seed, the same noise) however often it is read.
+
+Per step::
+
+    base_w  = max(idle_w, min(demand_w, limit_w))       (idle_w when there is no work)
+    power_w = base_w + gauss(0, noise_w)                (seeded; never below 0)
+
+and when the die is at or above the slowdown temperature the GPU throttles itself:
+``base_w`` drops to the power that would hold the die at the slowdown temperature
+(clock event reason 0x20). Reaching the shutdown temperature turns the GPU ``lost``
+(as a real board drops off the bus). A lost GPU draws nothing and does no work.
+
+Accumulators: ``energy_j`` (integral of power), ``work_s`` (integral of the throughput
+ratio: seconds of full-speed work, see governor.sim.workload), ``active_s`` (seconds
+with work to do).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from governor.model import ProcessReading
+from governor.sim.profiles import GpuProfile
+from governor.sim.scenario import PhaseTimeline, Scenario, ScenarioEvent
+from governor.sim.thermal import ThermalState
+from governor.sim.workload import throughput_ratio
+
+REASON_IDLE = 0x1
+REASON_SW_POWER_CAP = 0x4
+REASON_SW_THERMAL_SLOWDOWN = 0x20
+
+
+@dataclass(frozen=True, slots=True)
+class SimStats:
+    """Totals of one GPU since the simulation started.
+
+    ``energy_j`` joules drawn; ``work_s`` seconds of full-speed work done (throughput
+    ratio integrated over time); ``elapsed_s`` simulated seconds; ``active_s`` seconds
+    with work to do. ``work_s / active_s`` is the mean speed while busy.
+    """
+
+    energy_j: float
+    work_s: float
+    elapsed_s: float
+    active_s: float
+
+
+class SimProcess:
+    """A process the simulator reports on a GPU: a scenario's (synthetic PID) or an
+    attached real one. Times in simulated seconds, sizes in bytes."""
+
+    __slots__ = (
+        "end_s",
+        "growth_bytes_per_s",
+        "max_memory_bytes",
+        "memory_bytes",
+        "name",
+        "origin_s",
+        "pid",
+        "reading",
+        "real",
+        "start_s",
+    )
+
+    def __init__(
+        self,
+        pid: int,
+        name: str | None,
+        start_s: float,
+        end_s: float | None,
+        memory_bytes: int,
+        growth_bytes_per_s: float = 0.0,
+        max_memory_bytes: int | None = None,
+        *,
+        real: bool = False,
+    ) -> None:
+        self.pid = pid
+        self.name = name
+        self.start_s = start_s
+        self.end_s = end_s
+        self.memory_bytes = memory_bytes
+        self.growth_bytes_per_s = growth_bytes_per_s
+        self.max_memory_bytes = max_memory_bytes
+        self.origin_s = start_s  # growth counts from here
+        self.real = real
+        self.reading: ProcessReading | None = None
+
+    def memory_at(self, t_s: float) -> int:
+        """Bytes held at ``t_s``."""
+        if self.growth_bytes_per_s == 0.0:
+            return self.memory_bytes
+        size = self.memory_bytes + int(self.growth_bytes_per_s * max(0.0, t_s - self.origin_s))
+        return size if self.max_memory_bytes is None else min(size, self.max_memory_bytes)
+
+
+def _steps_until(t_s: float, step_s: float) -> int:
+    """The first step index whose start is at or after ``t_s``."""
+    if t_s == math.inf:
+        return 1 << 62
+    return max(0, math.ceil(t_s / step_s - 1e-9))
+
+
+class SimulatedGpu:
+    """The physics and bookkeeping of one GPU; see the module docstring.
+
+    Not thread-safe on its own: the backend serialises access.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        profile: GpuProfile,
+        scenario: Scenario,
+        timeline: PhaseTimeline,
+        *,
+        substep_s: float,
+        seed: int,
+        ambient_c: float | None,
+        limit_w: float,
+    ) -> None:
+        self.index = index
+        self.profile = profile
+        self.step_s = substep_s
+        self._timeline = timeline
+        base_ambient = scenario.ambient_c if scenario.ambient_c is not None else profile.ambient_c
+        self._demand_w: list[float] = []
+        self._exponent: list[float] = []
+        self._utilization: list[float] = []
+        self._ambient_c: list[float] = []
+        for phase in scenario.phases:
+            load = phase.load_for(index)
+            self._demand_w.append(load.demand_for(profile))
+            self._exponent.append(load.perf_exponent)
+            self._utilization.append(load.utilization_ratio)
+            if ambient_c is not None:
+                self._ambient_c.append(ambient_c)
+            else:
+                self._ambient_c.append(phase.ambient_c if phase.ambient_c is not None else base_ambient)
+        self._noise_w = scenario.power_noise_w
+        self._rng = random.Random(seed * 1_000_003 + index)  # noqa: S311 - simulation noise, not secrets
+        self._events: list[ScenarioEvent] = [e for e in scenario.events if e.gpu == index]
+        self._next_event = 0
+        self.limit_w = limit_w
+        initial_w = profile.idle_power_w
+        if scenario.initial_power_fraction is not None:
+            initial_w = max(initial_w, scenario.initial_power_fraction * profile.power_limit_default_w)
+        self.thermal = ThermalState.at_steady_state(profile.thermal, substep_s, initial_w, self._ambient_c[0])
+        self.step = 0
+        self.energy_j = 0.0
+        self.work_s = 0.0
+        self.active_s = 0.0
+        self.power_w = profile.idle_power_w
+        self.reasons = REASON_IDLE
+        self.utilization_ratio = 0.0
+        self.fault: str | None = None
+        self.fault_error: str | None = None
+        self.processes: list[SimProcess] = []
+        self._proc_cache: tuple[ProcessReading, ...] = ()
+        self._proc_used_bytes = 0
+        self._proc_valid_until_s = -math.inf
+        self._proc_growing = False
+
+    # ------------------------------------------------------------------ physics
+
+    @property
+    def t_s(self) -> float:
+        """Simulated time the physics has reached, seconds."""
+        return self.step * self.step_s
+
+    def set_fault(self, fault: str | None, error: str | None = None) -> None:
+        """Put the GPU in ``fault`` (None clears it); ``error`` is the reason a reading shows."""
+        self.fault = fault
+        self.fault_error = error if fault is not None else None
+        if fault is not None and error is None:
+            self.fault_error = {
+                "lost": "GPU is lost (simulated fault)",
+                "temperature_unsupported": "temperature: not supported (simulated fault)",
+                "set_limit_refused": None,
+            }.get(fault)
+
+    def advance_to(self, target_step: int) -> None:
+        """Run the physics up to the start of step ``target_step``."""
+        h = self.step_s
+        while self.step < target_step:
+            t = self.step * h
+            events = self._events
+            while self._next_event < len(events) and events[self._next_event].at_s <= t + 1e-9:
+                self.set_fault(events[self._next_event].fault)
+                self._next_event += 1
+            phase, phase_end_s = self._timeline.phase_at(t)
+            end = min(target_step, _steps_until(phase_end_s, h))
+            if self._next_event < len(events):
+                end = min(end, _steps_until(events[self._next_event].at_s, h))
+            end = max(end, self.step + 1)
+            self._run(phase, end - self.step)
+
+    def _run(self, phase: int, n: int) -> None:
+        """``n`` steps of ``phase`` with everything but the die temperature constant."""
+        p = self.profile
+        h = self.step_s
+        ambient = self._ambient_c[phase]
+        th = self.thermal
+        if self.fault == "lost":
+            for _ in range(n):
+                th.step(0.0, ambient)
+            self.step += n
+            self.power_w = 0.0
+            self.utilization_ratio = 0.0
+            self.reasons = 0
+            return
+        demand = self._demand_w[phase]
+        exponent = self._exponent[phase]
+        limit = self.limit_w
+        idle = p.idle_power_w
+        active = demand > 0.0
+        base = max(idle, min(demand, limit)) if active else idle
+        hold = max(idle, (p.temperature_slowdown_c - ambient) / p.thermal.r_total_c_per_w)
+        base_hot = min(base, hold)
+        thr = throughput_ratio(base, demand, exponent)
+        thr_hot = throughput_ratio(base_hot, demand, exponent)
+        slowdown = p.temperature_slowdown_c
+        shutdown = p.temperature_shutdown_c
+        sigma = self._noise_w
+        gauss = self._rng.gauss
+        # The thermal step, inlined: this loop is the simulator's hot path.
+        e11, e12, e21, e22 = th.e11, th.e12, th.e21, th.e22
+        r_total, r_sink = th.r_total_c_per_w, th.r_sink_c_per_w
+        die, sink = th.die_c, th.sink_c
+        energy, work = self.energy_j, self.work_s
+        hot = False
+        power = base
+        done = 0
+        while done < n:
+            done += 1
+            hot = die >= slowdown
+            power = base_hot if hot else base
+            if sigma > 0.0:
+                power = max(power + gauss(0.0, sigma), 0.0)
+            inf_die = power * r_total
+            inf_sink = power * r_sink
+            d_die = die - ambient - inf_die
+            d_sink = sink - ambient - inf_sink
+            die = ambient + inf_die + e11 * d_die + e12 * d_sink
+            sink = ambient + inf_sink + e21 * d_die + e22 * d_sink
+            energy += power * h
+            work += (thr_hot if hot else thr) * h
+            if die >= shutdown:
+                break
+        th.die_c, th.sink_c = die, sink
+        self.energy_j, self.work_s = energy, work
+        if active:
+            self.active_s += done * h
+        self.step += done
+        self.power_w = power
+        self.utilization_ratio = self._utilization[phase] if active else 0.0
+        reasons = 0 if active else REASON_IDLE
+        if active and demand > limit:
+            reasons |= REASON_SW_POWER_CAP
+        if hot:
+            reasons |= REASON_SW_THERMAL_SLOWDOWN
+        self.reasons = reasons
+        if die >= shutdown:
+            self.set_fault("lost", f"thermal shutdown at {die:.1f} C (simulated)")
+            if done < n:
+                self._run(phase, n - done)
+
+    def stats(self) -> SimStats:
+        """Totals since the start."""
+        return SimStats(self.energy_j, self.work_s, self.t_s, self.active_s)
+
+    # ---------------------------------------------------------------- processes
+
+    def add_process(self, process: SimProcess) -> None:
+        """Report ``process`` on this GPU from its start time on."""
+        self.processes.append(process)
+        self.invalidate_processes()
+
+    def invalidate_processes(self) -> None:
+        """Rebuild the process list at the next read (a process was added, changed or removed)."""
+        self._proc_valid_until_s = -math.inf
+
+    def processes_at(self, t_s: float) -> tuple[tuple[ProcessReading, ...], int]:
+        """(the processes running at ``t_s``, the bytes they hold together).
+
+        Rebuilt only when a process starts, ends, grows or was changed; otherwise the
+        previous tuple is returned as is, so many idle processes cost nothing per read.
+        """
+        if t_s < self._proc_valid_until_s and not self._proc_growing:
+            return self._proc_cache, self._proc_used_bytes
+        readings: list[ProcessReading] = []
+        keep: list[SimProcess] = []
+        used = 0
+        valid_until = math.inf
+        growing = False
+        for proc in self.processes:
+            if proc.end_s is not None and proc.end_s <= t_s:
+                continue  # ended for good: time only moves forward
+            keep.append(proc)
+            if proc.start_s > t_s:
+                valid_until = min(valid_until, proc.start_s)
+                continue
+            if proc.end_s is not None:
+                valid_until = min(valid_until, proc.end_s)
+            size = proc.memory_at(t_s)
+            if proc.growth_bytes_per_s > 0.0 and (
+                proc.max_memory_bytes is None or size < proc.max_memory_bytes
+            ):
+                growing = True
+            reading = proc.reading
+            if reading is None or reading.used_memory_bytes != size:
+                reading = proc.reading = ProcessReading(pid=proc.pid, used_memory_bytes=size, name=proc.name)
+            readings.append(reading)
+            used += size
+        self.processes = keep
+        self._proc_cache = tuple(readings)
+        self._proc_used_bytes = used
+        self._proc_valid_until_s = valid_until
+        self._proc_growing = growing
+        return self._proc_cache, used

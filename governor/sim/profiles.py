@@ -1,0 +1,205 @@
+"""GPU profiles: the static facts and thermal constants of one simulated GPU model.
+
+A profile is a TOML file; the shipped ones live in ``governor/data/profiles`` and are
+loaded by name (``rtx4070``, ``h100-80gb``), any other by path. The format is
+documented in docs/simulation.md and is what :func:`render_profile` writes, so a
+calibration can produce a profile that loads back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from governor.config import ConfigIssue
+from governor.sim._schema import Issues, SimDataError, Table, read_toml
+from governor.sim.thermal import ThermalParams
+
+@dataclass(frozen=True, slots=True)
+class GpuProfile:
+    """One GPU model as the simulator plays it.
+
+    Powers in watts, temperatures in C, memory in bytes. ``ambient_c`` is the room
+    temperature the thermal constants were fitted or chosen for; a scenario or the
+    config may set another. ``memory_reserved_bytes`` is what the driver holds with no
+    process running (counted in ``memory_used_bytes``, like NVML's v1 memory info).
+    """
+
+    name: str
+    gpu_name: str
+    memory_total_bytes: int
+    memory_reserved_bytes: int
+    idle_power_w: float
+    power_limit_min_w: float
+    power_limit_max_w: float
+    power_limit_default_w: float
+    temperature_slowdown_c: float
+    temperature_shutdown_c: float
+    thermal: ThermalParams
+    ambient_c: float
+    source: str = "<built-in>"
+
+
+def is_path(name_or_path: str) -> bool:
+    """Whether a profile or scenario reference is a file path rather than a shipped name."""
+    return "/" in name_or_path or "\\" in name_or_path or name_or_path.endswith(".toml")
+
+
+def shipped_names(kind: str) -> list[str]:
+    """Names of the data files shipped in ``governor/data/<kind>`` (``profiles``, ``scenarios``)."""
+    folder = resources.files("governor").joinpath("data").joinpath(kind)
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name[: -len(".toml")] for entry in folder.iterdir() if entry.name.endswith(".toml"))
+
+
+def resolve(name_or_path: str, kind: str, key: str) -> Path:
+    """The file a profile or scenario reference points at; SimDataError when there is none.
+
+    ``kind`` is ``profiles`` or ``scenarios``; ``key`` the config key that named it,
+    for the error message.
+    """
+    if is_path(name_or_path):
+        return Path(name_or_path)
+    entry = resources.files("governor").joinpath("data").joinpath(kind).joinpath(f"{name_or_path}.toml")
+    if not entry.is_file():
+        names = ", ".join(repr(n) for n in shipped_names(kind))
+        raise SimDataError(
+            [
+                ConfigIssue(
+                    f"<shipped {kind}>", key, f"one of {names}, or a path to a .toml file", repr(name_or_path)
+                )
+            ]
+        )
+    return Path(str(entry))
+
+
+def _thermal(table: Table, issues: Issues) -> tuple[ThermalParams | None, float | None]:
+    r_die = table.number("r_die_c_per_w", "a thermal resistance in C/W", lo=0.0, above=True)
+    r_sink = table.number("r_sink_c_per_w", "a thermal resistance in C/W", lo=0.0, above=True)
+    capacities: dict[str, float | None] = {}
+    for node, r in (("die", r_die), ("sink", r_sink)):
+        c_key, tau_key = f"c_{node}_j_per_c", f"tau_{node}_s"
+        has_c, has_tau = table.has(c_key), table.has(tau_key)
+        if has_c == has_tau:
+            issues.add(
+                table.key(c_key),
+                f"exactly one of {c_key} (J/C) or {tau_key} (s)",
+                "both" if has_c else "neither",
+            )
+            capacities[node] = None
+        elif has_c:
+            capacities[node] = table.number(c_key, "a heat capacity in J/C", lo=0.0, above=True)
+        else:
+            tau = table.number(tau_key, "a time constant in seconds", lo=0.0, above=True)
+            capacities[node] = None if tau is None or r is None else tau / r
+    ambient = table.number("ambient_c", "a room temperature in C", lo=-20.0, hi=60.0)
+    c_die, c_sink = capacities["die"], capacities["sink"]
+    if r_die is None or r_sink is None or c_die is None or c_sink is None:
+        return None, ambient
+    return ThermalParams(r_die, c_die, r_sink, c_sink), ambient
+
+
+def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
+    """Validate a parsed profile document; SimDataError lists every problem."""
+    issues = Issues(source)
+    top = Table(dict(data), "", issues)
+    name = top.string("name", "a profile name")
+    gpu_name = top.string("gpu_name", "the GPU's marketing name as NVML reports it")
+    total = top.integer("memory_total_bytes", "bytes of VRAM", lo=1)
+    reserved = top.integer("memory_reserved_bytes", "bytes the driver holds with no process", lo=0)
+    idle = top.number("idle_power_w", "watts drawn with no work", lo=0.0)
+    limits = top.table("power_limit")
+    lo_w = hi_w = default_w = None
+    if limits is not None:
+        lo_w = limits.number("min_w", "watts", lo=0.0, above=True)
+        hi_w = limits.number("max_w", "watts", lo=0.0, above=True)
+        default_w = limits.number("default_w", "watts", lo=0.0, above=True)
+        limits.finish()
+        if lo_w is not None and hi_w is not None and default_w is not None and not lo_w <= default_w <= hi_w:
+            issues.add(
+                limits.key("default_w"),
+                f"a limit between min_w {lo_w:g} and max_w {hi_w:g}",
+                f"{default_w:g}",
+            )
+    temps = top.table("temperature")
+    slowdown = shutdown = None
+    if temps is not None:
+        slowdown = temps.number("slowdown_c", "a temperature in C", lo=30.0, hi=150.0)
+        shutdown = temps.number("shutdown_c", "a temperature in C", lo=30.0, hi=150.0)
+        temps.finish()
+        if slowdown is not None and shutdown is not None and shutdown <= slowdown:
+            issues.add(
+                temps.key("shutdown_c"), f"a temperature above slowdown_c {slowdown:g}", f"{shutdown:g}"
+            )
+    thermal_table = top.table("thermal")
+    params, ambient = _thermal(thermal_table, issues) if thermal_table is not None else (None, None)
+    if thermal_table is not None:
+        thermal_table.finish()
+    top.finish()
+    if total is not None and reserved is not None and reserved >= total:
+        issues.add("memory_reserved_bytes", f"fewer bytes than memory_total_bytes {total}", str(reserved))
+    if idle is not None and lo_w is not None and idle >= lo_w:
+        issues.add("idle_power_w", f"less than power_limit.min_w {lo_w:g}", f"{idle:g}")
+    issues.raise_if_any()
+    assert name is not None and gpu_name is not None and total is not None and reserved is not None
+    assert idle is not None and lo_w is not None and hi_w is not None and default_w is not None
+    assert slowdown is not None and shutdown is not None and params is not None and ambient is not None
+    return GpuProfile(
+        name=name,
+        gpu_name=gpu_name,
+        memory_total_bytes=total,
+        memory_reserved_bytes=reserved,
+        idle_power_w=idle,
+        power_limit_min_w=lo_w,
+        power_limit_max_w=hi_w,
+        power_limit_default_w=default_w,
+        temperature_slowdown_c=slowdown,
+        temperature_shutdown_c=shutdown,
+        thermal=params,
+        ambient_c=ambient,
+        source=source,
+    )
+
+
+def load_profile(name_or_path: str) -> GpuProfile:
+    """A shipped profile by name (``rtx4070``) or any profile TOML by path."""
+    path = resolve(name_or_path, "profiles", "simulation.profile")
+    return parse_profile(read_toml(path), str(path))
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+def render_profile(profile: GpuProfile, comment: str = "") -> str:
+    """The profile as TOML that :func:`load_profile` reads back unchanged; ``comment``
+    lines (for instance where the thermal constants came from) go at the top."""
+    lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
+    t = profile.thermal
+    lines += [
+        f"name = {json.dumps(profile.name)}",
+        f"gpu_name = {json.dumps(profile.gpu_name)}",
+        f"memory_total_bytes = {profile.memory_total_bytes}",
+        f"memory_reserved_bytes = {profile.memory_reserved_bytes}",
+        f"idle_power_w = {_num(profile.idle_power_w)}",
+        "",
+        "[power_limit]",
+        f"min_w = {_num(profile.power_limit_min_w)}",
+        f"max_w = {_num(profile.power_limit_max_w)}",
+        f"default_w = {_num(profile.power_limit_default_w)}",
+        "",
+        "[temperature]",
+        f"slowdown_c = {_num(profile.temperature_slowdown_c)}",
+        f"shutdown_c = {_num(profile.temperature_shutdown_c)}",
+        "",
+        "[thermal]",
+        f"r_die_c_per_w = {_num(t.r_die_c_per_w)}",
+        f"c_die_j_per_c = {_num(t.c_die_j_per_c)}",
+        f"r_sink_c_per_w = {_num(t.r_sink_c_per_w)}",
+        f"c_sink_j_per_c = {_num(t.c_sink_j_per_c)}",
+        f"ambient_c = {_num(profile.ambient_c)}",
+    ]
+    return "\n".join(lines) + "\n"
