@@ -1,0 +1,684 @@
+"""End to end under a real systemd: the .deb in a freshly debootstrapped Debian 12.
+
+The module builds the .deb (or takes ``GG_DEB``), debootstraps Debian 12 minbase
+with only its main archive, boots it with ``systemd-nspawn --boot`` (systemd as
+PID 1, a private network namespace with only loopback), installs the .deb with
+dpkg while systemd runs, and drives the unit from the host through ``nsenter``
+into the container's PID 1. A drop-in selects the simulated backend and shortens
+the watchdog and restart delays; /etc/gpu-governor/governor.toml (the conffile)
+is rewritten by the test to run the hot scenario fast, with the simulated GPU's
+power limit kept in a file under the state directory so it outlives the process.
+
+The tests run in file order and share the container: install, start/READY,
+governing, reload, watchdog, crash, stop, the hardened action paths, upgrade and
+purge. Nothing is cached between runs. Needs root, systemd-nspawn, debootstrap,
+nsenter and the .deb build tools (.ci/install-system-deps.sh); without them the
+tests skip, unless GG_REQUIRE_SYSTEM_TESTS=1 (CI), where they fail.
+
+Environment: GG_DEB (a prebuilt .deb), GG_DEBIAN_MIRROR (default
+http://deb.debian.org/debian), GG_KEEP_ROOT=1 (keep the container's root for a
+post-mortem; its path is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = "gpu-governor.service"
+UNIT_FILE = REPO / "systemd" / UNIT
+CONFIG = "/etc/gpu-governor/governor.toml"
+STATE_DIR = "/var/lib/gpu-governor"
+SIM_STATE = f"{STATE_DIR}/simulated-gpus.json"
+ORIGINALS = f"{STATE_DIR}/original-limits.json"
+METRICS_URL = "http://127.0.0.1:9847/metrics"
+SUITE = "bookworm"
+HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+REQUIRED = os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1"
+T = TypeVar("T")
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail when CI requires the system tests to run."""
+    if REQUIRED:
+        pytest.fail(f"GG_REQUIRE_SYSTEM_TESTS=1 but {reason}")
+    pytest.skip(reason)
+
+
+def host(
+    cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run a host command with Debian's tools first on PATH; output captured as text."""
+    env = {**os.environ, "PATH": HOST_PATH + ":" + os.environ.get("PATH", "")}
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.25) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- the container
+
+
+@dataclass
+class Container:
+    """A booted Debian 12 root; commands run in it through nsenter into its PID 1."""
+
+    root: Path
+    nspawn: subprocess.Popen[bytes]
+    leader: int
+    deb: Path
+
+    def sh(self, script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a shell script inside the container, with a clean environment."""
+        cmd = [
+            "nsenter", "-t", str(self.leader), "-a",
+            "env", "-i", f"PATH={HOST_PATH}", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0",
+            "sh", "-c", script,
+        ]  # fmt: skip
+        return host(cmd, timeout=timeout, check=check)
+
+    def show(self, *props: str) -> dict[str, str]:
+        """``systemctl show`` properties of the unit."""
+        out = self.sh(f"systemctl show {UNIT} " + " ".join(f"-p {p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def main_pid(self) -> int:
+        return int(self.show("MainPID")["MainPID"])
+
+    def write(self, path: str, text: str, mode: int = 0o644) -> None:
+        """Write a root-owned file inside the container (from the host, through its root)."""
+        target = self.root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        os.chown(target, 0, 0)
+        os.chmod(target, mode)
+
+    def read(self, path: str) -> str:
+        return (self.root / path.lstrip("/")).read_text()
+
+    def metrics(self) -> str | None:
+        """The metrics page, fetched inside the container on loopback; None when it does not answer."""
+        script = (
+            "import urllib.request, sys\n"
+            f"sys.stdout.write(urllib.request.urlopen({METRICS_URL!r}, timeout=5).read().decode())\n"
+        )
+        result = self.sh(f"python3 -c '{script}'", check=False)
+        return result.stdout if result.returncode == 0 else None
+
+    def journal(self, *args: str) -> list[dict[str, Any]]:
+        """Journal entries of the unit as JSON objects (``-o json``)."""
+        out = self.sh(f"journalctl --no-pager -o json -u {UNIT} " + " ".join(args)).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def daemon_events(self, *args: str) -> list[tuple[int, int, str]]:
+        """(PID, PRIORITY, MESSAGE) of what the daemon itself logged."""
+        events = []
+        for entry in self.journal(*args):
+            message = entry.get("MESSAGE")
+            if entry.get("_COMM") == "systemd" or entry.get("SYSLOG_IDENTIFIER") == "systemd":
+                continue
+            if not isinstance(message, str):  # journald stores non-UTF-8 as a list of bytes
+                continue
+            events.append((int(entry.get("_PID", 0)), int(entry.get("PRIORITY", 6)), message))
+        return events
+
+    def sim_limit_w(self) -> float:
+        """The simulated GPU 0's current ("hardware") power limit, from the backend's state file."""
+        return first_number(json.loads(self.read(SIM_STATE)), ("power_limit_w", "limit_w", "power_limit_mw"))
+
+
+def first_number(data: Any, keys: tuple[str, ...]) -> float:
+    """The first value under one of ``keys`` found anywhere in a JSON document (mW converted to W)."""
+    stack = [data]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, dict):
+            for key in keys:
+                if isinstance(item.get(key), (int, float)):
+                    value = float(item[key])
+                    return value / 1000.0 if key.endswith("_mw") else value
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    raise AssertionError(f"none of {keys} in {data!r}")
+
+
+def metric(page: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a Prometheus text page, None when absent."""
+    for line in page.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)", line.strip())
+        if match is None or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(3))
+    return None
+
+
+def build_deb(out: Path) -> Path:
+    prebuilt = os.environ.get("GG_DEB")
+    if prebuilt:
+        return Path(prebuilt).resolve()
+    result = host([str(REPO / "packaging" / "build-deb.sh"), str(out)], timeout=300)
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def deb_depends(deb: Path) -> list[str]:
+    """Package names of the .deb's Depends (first alternative, no versions or arch qualifiers)."""
+    field = host(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
+    names = []
+    for clause in field.split(","):
+        name = clause.split("|")[0].strip().split(" ")[0].split(":")[0]
+        if name:
+            names.append(name)
+    return names
+
+
+def debootstrap(root: Path, packages: list[str]) -> None:
+    """Debian 12 minbase, main only, plus systemd and the .deb's dependencies."""
+    mirror = os.environ.get("GG_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+    include = ["systemd", "systemd-sysv", "dbus", "python3", *packages]
+    host(
+        ["debootstrap", "--variant=minbase", "--components=main",
+         f"--include={','.join(sorted(set(include)))}", SUITE, str(root), mirror],
+        timeout=400,
+    )  # fmt: skip
+
+
+def boot(root: Path, deb: Path, log: Path) -> Container:
+    """Boot the root with systemd as PID 1 and wait until it is up."""
+    with open(log, "wb") as out:
+        nspawn = subprocess.Popen(
+            ["systemd-nspawn", "-q", "-D", str(root), "--boot", "--register=no", "--keep-unit",
+             "--private-network", "--console=pipe", f"--machine=gg-e2e-{os.getpid()}"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PATH": HOST_PATH},
+        )  # fmt: skip
+
+    def leader() -> int | None:
+        if nspawn.poll() is not None:
+            raise AssertionError(f"systemd-nspawn exited {nspawn.returncode}: {log.read_text()[-3000:]}")
+        children = host(["pgrep", "-P", str(nspawn.pid)], check=False).stdout.split()
+        return int(children[0]) if children else None
+
+    pid = wait_for("the container's PID 1", leader, 30)
+    box = Container(root=root, nspawn=nspawn, leader=pid, deb=deb)
+
+    def up() -> str | None:
+        state = box.sh("systemctl is-system-running", check=False).stdout.strip()
+        return state if state in ("running", "degraded") else None
+
+    state = wait_for("the container's systemd to finish booting", up, 90, interval=0.5)
+    if state == "degraded":
+        failed = box.sh("systemctl --failed --no-legend", check=False).stdout
+        print(f"container booted degraded; failed units:\n{failed}")
+    return box
+
+
+def power_off(box: Container) -> None:
+    """Power the container off; kill the nspawn process we started if it does not exit."""
+    if box.nspawn.poll() is None:
+        box.sh("systemctl --no-block poweroff", check=False, timeout=30)
+        try:
+            box.nspawn.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            box.nspawn.send_signal(signal.SIGKILL)
+            box.nspawn.wait(timeout=30)
+
+
+def remove_root(root: Path) -> None:
+    """Unmount anything left under the root, then delete it."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(str(root))), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def check_prerequisites() -> None:
+    if os.geteuid() != 0:
+        unavailable("system tests need root (debootstrap, systemd-nspawn, nsenter)")
+    tools = ["systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage", "dpkg-deb", "pgrep"]
+    if not os.environ.get("GG_DEB"):
+        tools += ["dh", "pybuild"]
+    missing = [t for t in tools if shutil.which(t, path=HOST_PATH) is None]
+    if missing:
+        unavailable(f"missing tools: {', '.join(missing)} (run .ci/install-system-deps.sh)")
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Container]:
+    """A booted Debian 12 with gpu-governor installed from the .deb and running on a simulated GPU."""
+    check_prerequisites()
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="gg-e2e-"))
+    root = work / "root"
+    container: Container | None = None
+    try:
+        deb = build_deb(work / "deb")
+        print(f"[e2e] .deb {deb.name} ready after {time.monotonic() - started:.0f}s")
+        debootstrap(root, deb_depends(deb))
+        print(f"[e2e] debootstrap done after {time.monotonic() - started:.0f}s")
+        shutil.copy(deb, root / "tmp" / "gpu-governor.deb")
+        # Before installing: the drop-in a user would add to try the governor on a
+        # simulated GPU, plus test-only short watchdog and restart delays.
+        drop_in = textwrap.dedent(
+            """\
+            [Service]
+            ExecStart=
+            ExecStart=/usr/bin/gpu-governor run --simulate
+            # test only: find a frozen daemon within 3 s and restart quickly
+            WatchdogSec=3s
+            TimeoutAbortSec=3s
+            RestartSec=1s
+            StartLimitIntervalSec=0
+            LimitCORE=0
+            """
+        )
+        (root / "etc/systemd/system/gpu-governor.service.d").mkdir(parents=True)
+        (root / "etc/systemd/system/gpu-governor.service.d/e2e.conf").write_text(drop_in)
+        container = boot(root, deb, work / "nspawn.log")
+        print(f"[e2e] container booted after {time.monotonic() - started:.0f}s")
+        yield container
+    finally:
+        if container is not None:
+            power_off(container)
+        if os.environ.get("GG_KEEP_ROOT") == "1":
+            print(f"[e2e] kept {work}")
+        else:
+            remove_root(root)
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"[e2e] module wall time {time.monotonic() - started:.0f}s")
+
+
+def test_config(hot_c: float = 80.0, step_down_at_c: float = 75.0) -> str:
+    """The test's governor.toml: the simulated RTX 4070 in the hot scenario, 20x real time."""
+    return textwrap.dedent(
+        f"""\
+        # written by tests/system/test_systemd_e2e.py
+        backend = "simulated"
+        poll_interval_s = 0.5
+        state_dir = "{STATE_DIR}"
+
+        [metrics]
+        listen_address = "127.0.0.1"
+        port = 9847
+
+        [simulation]
+        profile = "rtx4070"
+        scenario = "hot"
+        state_file = "{SIM_STATE}"
+        time_scale = 20.0
+
+        [thermal]
+        hot_c = {hot_c}
+
+        [power]
+        step_down_at_c = {step_down_at_c}
+        step_up_at_c = 65.0
+        debounce_samples = 2
+        """
+    )
+
+
+# --------------------------------------------------------------------------- tests, in order
+
+
+def test_installs_enabled_and_started_by_dpkg(box: Container) -> None:
+    """dpkg -i on a booted system installs the conffile, enables and starts the unit (dh_installsystemd)."""
+    box.sh("dpkg -i /tmp/gpu-governor.deb", timeout=120)
+    assert box.sh("dpkg-query -W -f='${Conffiles}' gpu-governor").stdout.strip().startswith(CONFIG)
+    assert box.sh(f"systemctl is-enabled {UNIT}", check=False).stdout.strip() == "enabled"
+    state = wait_for(
+        "the unit to be active after install",
+        lambda: box.show("ActiveState")["ActiveState"] == "active" or None,
+        30,
+    )
+    assert state
+    verify = box.sh(f"systemd-analyze verify /lib/systemd/system/{UNIT}", check=False)
+    assert verify.returncode == 0, verify.stderr
+    # From here on the test's own config (root-owned 0644: the trust check accepts it).
+    box.write(CONFIG, test_config())
+    box.sh(f"systemctl restart {UNIT}", timeout=60)
+
+
+def test_1_start_returns_after_ready_with_status(box: Container) -> None:
+    """`systemctl start` returns only once READY=1 was sent: active at once, STATUS= shown by status."""
+    box.sh(f"systemctl stop {UNIT}", timeout=60)
+    assert box.show("ActiveState")["ActiveState"] == "inactive"
+    box.sh(f"systemctl start {UNIT}", timeout=90)
+    props = box.show("ActiveState", "SubState", "StatusText", "MainPID")
+    assert props["ActiveState"] == "active", props
+    assert props["SubState"] == "running", props
+    # READY is sent after the first snapshot and after the metrics port is bound.
+    page = box.metrics()
+    assert page is not None, "metrics not answering right after start returned"
+    assert metric(page, "gpu_governor_ready") == 1.0
+    status_text = props["StatusText"]
+    assert status_text.startswith("governing 1 GPU(s)"), props
+    status = box.sh(f"systemctl status --no-pager --lines=0 {UNIT}", check=False).stdout
+    assert 'Status: "governing 1 GPU(s)' in status, status
+
+
+def test_2_steps_limit_in_hot_scenario_and_logs_decision(box: Container) -> None:
+    """The hot scenario drives the limit down; the decision is in the journal with its fields, at info."""
+    page = wait_for("the metrics page", box.metrics, 10)
+    original = metric(page, "gpu_governor_gpu_power_limit_default_watts", gpu="0")
+    assert original is not None
+
+    def stepped() -> list[tuple[int, int, str]] | None:
+        events = [e for e in box.daemon_events() if e[2].startswith("power_limit_stepped")]
+        return events or None
+
+    events = wait_for("a power_limit_stepped event", stepped, 60, interval=0.5)
+    _, priority, message = events[0]
+    for field in ("gpu=", "rule=", "from_w=", "to_w=", "temperature_c=", "threshold_c="):
+        assert field in message, message
+    assert priority == 6, f"a planned step is info, got priority {priority}: {message}"
+    now = box.metrics()
+    assert now is not None
+    limit = metric(now, "gpu_governor_gpu_power_limit_watts", gpu="0")
+    assert limit is not None and limit < original, (limit, original)
+    assert box.sim_limit_w() < original
+    # The recorded original is the limit found before the first change.
+    recorded = _numbers(json.loads(box.read(ORIGINALS)))
+    assert recorded and all(v == original for v in recorded), recorded
+    # journalctl -p warning shows the daemon's warnings and errors only: the
+    # syslog prefix reached journald, so info events are not among them.
+    everything = box.daemon_events()
+    assert any(p == 6 for _, p, _ in everything), "no info-level entries: is the <N> prefix parsed?"
+    for entry in box.journal("-p", "warning"):
+        assert int(entry["PRIORITY"]) <= 4, entry
+        assert not str(entry.get("MESSAGE", "")).startswith(("power_limit_stepped", "governor_ready")), entry
+
+
+def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Container) -> None:
+    """SIGHUP with a broken file: still active, error logged, old thresholds; with a valid file: new ones."""
+    pid = box.main_pid()
+
+    def hot_threshold() -> float | None:
+        page = box.metrics()
+        return (
+            None
+            if page is None
+            else metric(page, "gpu_governor_gpu_thermal_zone_threshold_celsius", gpu="0", zone="hot")
+        )
+
+    assert wait_for("the hot threshold metric", hot_threshold, 10) == 80.0
+    box.write(CONFIG, test_config() + '\n[thermal]\nhot_c = "very"\n')  # invalid: duplicate table, wrong type
+    box.sh(f"systemctl reload {UNIT}")
+    errors = wait_for(
+        "config_reload_failed in the journal",
+        lambda: (
+            [m for _, p, m in box.daemon_events("-p", "err") if m.startswith("config_reload_failed")] or None
+        ),
+        15,
+    )
+    assert CONFIG in errors[0]
+    assert box.show("ActiveState")["ActiveState"] == "active"
+    assert box.main_pid() == pid
+    page = box.metrics()
+    assert page is not None
+    assert metric(page, "gpu_governor_config_last_reload_successful") == 0.0
+    assert hot_threshold() == 80.0, "the invalid config must not replace the running one"
+
+    # A config writable by others is refused too (it decides what gets signalled).
+    box.write(CONFIG, test_config(hot_c=78.0), mode=0o666)
+    box.sh(f"systemctl reload {UNIT}")
+    wait_for(
+        "the trust refusal in the journal",
+        lambda: (
+            [m for _, _, m in box.daemon_events("-p", "err") if "writable by group or others" in m] or None
+        ),
+        15,
+    )
+    assert hot_threshold() == 80.0
+
+    box.write(CONFIG, test_config(hot_c=78.0, step_down_at_c=74.0))
+    box.sh(f"systemctl reload {UNIT}")
+    assert wait_for("the new hot threshold", lambda: hot_threshold() == 78.0 or None, 15)
+    page = box.metrics()
+    assert page is not None
+    assert metric(page, "gpu_governor_config_last_reload_successful") == 1.0
+    assert any(m.startswith("config_reloaded") and "74.0" in m for _, _, m in box.daemon_events())
+    assert box.main_pid() == pid
+    assert box.show("ActiveState")["ActiveState"] == "active"
+
+
+def _restarted_after(box: Container, old_pid: int, restarts: int, timeout: float) -> int:
+    def new_pid() -> int | None:
+        props = box.show("MainPID", "ActiveState", "SubState", "NRestarts")
+        pid = int(props["MainPID"])
+        ok = pid not in (0, old_pid) and props["ActiveState"] == "active" and props["SubState"] == "running"
+        return pid if ok and int(props["NRestarts"]) > restarts else None
+
+    return wait_for("the unit to be restarted with a new main process", new_pid, timeout)
+
+
+def _limit_restored_or_governed(box: Container, new_pid: int, original: float) -> None:
+    """After a crash the new process restores the recorded original, or steps it again by the rules."""
+    originals = json.loads(box.read(ORIGINALS)) if (box.root / ORIGINALS.lstrip("/")).exists() else {}
+    assert all(v == original for v in _numbers(originals)), f"recorded original corrupted: {originals}"
+
+    def settled() -> str | None:
+        mine = [m for pid, _, m in box.daemon_events() if pid == new_pid]
+        if any("restore_after_crash" in m for m in mine):
+            return "restored"
+        if box.sim_limit_w() == original:
+            return "at original"
+        if any(m.startswith("power_limit_stepped") for m in mine):
+            return "governed again"
+        return None
+
+    wait_for("the limit to be restored or governed again after the restart", settled, 30)
+
+
+def _numbers(data: Any) -> list[float]:
+    if isinstance(data, dict):
+        return [n for v in data.values() for n in _numbers(v)]
+    if isinstance(data, list):
+        return [n for v in data for n in _numbers(v)]
+    return [float(data)] if isinstance(data, (int, float)) and not isinstance(data, bool) else []
+
+
+def test_4_watchdog_kills_frozen_daemon_and_restart_after_kill_9(box: Container) -> None:
+    """SIGSTOP: the watchdog fires and systemd restarts the unit; SIGKILL: restarted too."""
+    page = box.metrics()
+    assert page is not None
+    original = metric(page, "gpu_governor_gpu_power_limit_default_watts", gpu="0")
+    assert original is not None
+    props = box.show("MainPID", "NRestarts")
+    pid, restarts = int(props["MainPID"]), int(props["NRestarts"])
+    box.sh(f"kill -STOP {pid}")
+    new_pid = _restarted_after(box, pid, restarts, 30)
+    messages = [
+        e.get("MESSAGE", "") for e in box.journal() if "Watchdog timeout" in str(e.get("MESSAGE", ""))
+    ]
+    assert messages, "systemd did not log a watchdog timeout"
+    _limit_restored_or_governed(box, new_pid, original)
+
+    restarts = int(box.show("NRestarts")["NRestarts"])
+    box.sh(f"kill -KILL {new_pid}")
+    newest = _restarted_after(box, new_pid, restarts, 30)
+    _limit_restored_or_governed(box, newest, original)
+
+
+def test_6_metrics_answer_on_loopback_inside_container(box: Container) -> None:
+    """The endpoint answers on 127.0.0.1 in the container's own network namespace; status reads it."""
+    page = wait_for("the metrics endpoint", box.metrics, 15)
+    assert "gpu_governor_gpu_power_limit_watts" in page
+    assert metric(page, "gpu_governor_ready") == 1.0
+    status = box.sh("gpu-governor status", check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_hardened_unit_can_still_do_its_job(box: Container) -> None:
+    """Under the unit's exact sandbox: pynvml loads, /proc of other users reads, a pidfd signal lands.
+
+    The earlyoom lesson: a syscall filter that kills the daemon at its first real
+    action is only found by exercising that action under the hardened unit.
+    """
+    unit = box.read(f"/lib/systemd/system/{UNIT}")
+    service = unit.split("[Service]", 1)[1].split("[Install]", 1)[0]
+    # Everything but the lifecycle: a oneshot, and no RuntimeDirectory= (stopping the
+    # probe would remove the running governor's /run/gpu-governor).
+    dropped = (
+        "Type=", "ExecStart=", "ExecReload=", "NotifyAccess=", "WatchdogSec=", "Restart", "Timeout",
+        "RuntimeDirectory",
+    )  # fmt: skip
+    sandbox = "\n".join(line for line in service.splitlines() if not line.startswith(dropped))
+    probe = textwrap.dedent(
+        """\
+        import os, signal, socket, sys, time
+        sys.path.insert(0, "/usr/lib/gpu-governor")
+        import psutil, pynvml
+        try:
+            pynvml.nvmlInit()
+            print("nvml: initialised")
+        except pynvml.NVMLError as exc:  # no driver in the container: an NVML error, not a SIGSYS
+            print("nvml:", exc)
+        victim = int(sys.argv[1])
+        proc = psutil.Process(victim)
+        cgroup = open(f"/proc/{victim}/cgroup").read().strip()
+        print("victim:", proc.username(), proc.cmdline(), proc.create_time() > 0, cgroup)
+        fd = os.pidfd_open(victim)
+        signal.pidfd_send_signal(fd, signal.SIGTERM)
+        os.close(fd)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        with open("/var/lib/gpu-governor/probe", "w") as f:
+            f.write("ok")
+        for _ in range(50):
+            if not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE:
+                print("PROBE-OK")
+                break
+            time.sleep(0.1)
+        """
+    )
+    box.write("/usr/local/lib/gg-probe.py", probe)
+    box.sh("systemd-run --unit=gg-victim.service -p User=nobody /bin/sleep 600")
+    victim = int(box.sh("systemctl show -p MainPID --value gg-victim.service").stdout.strip())
+    assert victim > 0
+    box.write(
+        "/run/systemd/system/gg-probe.service",
+        "[Service]\nType=oneshot\n"
+        f"ExecStart=/usr/bin/python3 -I /usr/local/lib/gg-probe.py {victim}\n{sandbox}\n",
+    )
+    box.sh("systemctl daemon-reload")
+    result = box.sh(
+        "systemctl start gg-probe.service; echo rc=$?; journalctl --no-pager -o cat -u gg-probe.service",
+        check=False,
+        timeout=60,
+    )
+    assert "PROBE-OK" in result.stdout, result.stdout + result.stderr
+    assert "nvml:" in result.stdout, result.stdout
+    assert box.show("ActiveState")["ActiveState"] == "active"
+
+
+def test_5_stop_restores_original_limit_and_ends_inactive_success(box: Container) -> None:
+    """`systemctl stop`: SIGTERM, the original limit restored, inactive with result success and status 0."""
+    page = box.metrics()
+    assert page is not None
+    original = metric(page, "gpu_governor_gpu_power_limit_default_watts", gpu="0")
+    assert original is not None
+    wait_for("the limit to be stepped down before stopping", lambda: box.sim_limit_w() < original or None, 30)
+    box.sh(f"systemctl stop {UNIT}", timeout=60)
+    props = box.show("ActiveState", "Result", "ExecMainStatus", "ExecMainCode")
+    assert props["ActiveState"] == "inactive", props
+    assert props["Result"] == "success", props
+    assert props["ExecMainStatus"] == "0", props
+    assert box.sim_limit_w() == original
+    events = [m for _, _, m in box.daemon_events() if m.startswith("power_limit_restored")]
+    assert events, "no power_limit_restored event on stop"
+
+
+def test_upgrade_keeps_modified_conffile_and_restarts(box: Container) -> None:
+    """Reinstall, then upgrade to a version whose shipped config changed: the admin's file is kept."""
+    box.sh(f"systemctl start {UNIT}", timeout=60)
+    admin = box.read(CONFIG)
+    box.sh("dpkg -i /tmp/gpu-governor.deb", timeout=120)
+    assert box.read(CONFIG) == admin
+    assert box.show("ActiveState")["ActiveState"] == "active"
+
+    # A newer version with a changed default config: repack the .deb.
+    work = Path(tempfile.mkdtemp(prefix="gg-upgrade-", dir=box.root / "tmp"))
+    tree = work / "tree"
+    host(["dpkg-deb", "-R", str(box.deb), str(tree)])
+    control = (tree / "DEBIAN/control").read_text()
+    version = re.search(r"^Version: (\S+)$", control, re.M)
+    assert version is not None
+    new_version = version.group(1) + "+upgrade1"
+    (tree / "DEBIAN/control").write_text(
+        control.replace(f"Version: {version.group(1)}", f"Version: {new_version}")
+    )
+    shipped = tree / "etc/gpu-governor/governor.toml"
+    shipped.write_text(shipped.read_text() + "\n# changed in the new version\n")
+    # md5sums lists every file but the conffiles (as dh_md5sums writes it).
+    md5 = "find . -path ./DEBIAN -prune -o -path ./etc -prune -o -type f -printf '%P\\0' | xargs -0 md5sum"
+    host(["sh", "-c", f"cd {tree} && {md5} > DEBIAN/md5sums"])
+    host(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(work / "new.deb")])
+    inside = "/" + str((work / "new.deb").relative_to(box.root))
+    old_pid = box.main_pid()
+    box.sh(f"dpkg --force-confold -i {inside}", timeout=120)
+    assert box.sh("dpkg-query -W -f='${Version}' gpu-governor").stdout == new_version
+    assert box.read(CONFIG) == admin, "the admin's config must survive the upgrade"
+    assert (box.root / "etc/gpu-governor/governor.toml.dpkg-dist").exists()
+    assert box.show("ActiveState")["ActiveState"] == "active"
+    assert box.main_pid() != old_pid, "the upgrade restarts the daemon"
+    shutil.rmtree(work)
+
+
+def test_purge_removes_state(box: Container) -> None:
+    """`dpkg --purge` stops the unit and removes /var/lib/gpu-governor, the config and the enablement."""
+    assert (box.root / STATE_DIR.lstrip("/")).is_dir()
+    box.sh("dpkg --purge gpu-governor", timeout=120)
+    assert not (box.root / STATE_DIR.lstrip("/")).exists()
+    assert not (box.root / "etc/gpu-governor/governor.toml").exists()
+    assert not (box.root / "etc/systemd/system/multi-user.target.wants" / UNIT).exists()
+    assert box.sh(f"systemctl is-active {UNIT}", check=False).stdout.strip() in ("inactive", "unknown")
+
+
+def test_unit_security_exposure_at_most_3() -> None:
+    """systemd-analyze security --offline=yes scores the shipped unit at most 3.0."""
+    if shutil.which("systemd-analyze", path=HOST_PATH) is None:
+        unavailable("systemd-analyze is not installed")
+    result = host(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT_FILE)], check=False)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match is not None, result.stdout + result.stderr
+    assert float(match.group(1)) <= 3.0, result.stdout
