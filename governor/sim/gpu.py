@@ -186,20 +186,25 @@ class SimulatedGpu:
             }.get(fault)
 
     def advance_to(self, target_step: int) -> None:
-        """Run the physics up to the start of step ``target_step``."""
+        """Run the physics up to the start of step ``target_step``; scenario events due by
+        then are in force afterwards."""
         h = self.step_s
+        events = self._events
+        self._apply_events()
         while self.step < target_step:
-            t = self.step * h
-            events = self._events
-            while self._next_event < len(events) and events[self._next_event].at_s <= t + 1e-9:
-                self.set_fault(events[self._next_event].fault)
-                self._next_event += 1
-            phase, phase_end_s = self._timeline.phase_at(t)
+            phase, phase_end_s = self._timeline.phase_at(self.step * h)
             end = min(target_step, _steps_until(phase_end_s, h))
             if self._next_event < len(events):
                 end = min(end, _steps_until(events[self._next_event].at_s, h))
-            end = max(end, self.step + 1)
-            self._run(phase, end - self.step)
+            self._run(phase, max(end, self.step + 1) - self.step)
+            self._apply_events()
+
+    def _apply_events(self) -> None:
+        t = self.step * self.step_s
+        events = self._events
+        while self._next_event < len(events) and events[self._next_event].at_s <= t + 1e-9:
+            self.set_fault(events[self._next_event].fault)
+            self._next_event += 1
 
     def _run(self, phase: int, n: int) -> None:
         """``n`` steps of ``phase`` with everything but the die temperature constant."""

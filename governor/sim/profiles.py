@@ -17,6 +17,7 @@ from governor.config import ConfigIssue
 from governor.sim._schema import Issues, SimDataError, Table, read_toml
 from governor.sim.thermal import ThermalParams
 
+
 @dataclass(frozen=True, slots=True)
 class GpuProfile:
     """One GPU model as the simulator plays it.
