@@ -13,11 +13,12 @@ from governor.sim.calibrate import (
     fit_thermal,
     nelder_mead,
     predict,
+    profile_from_trace,
     rmse,
     samples_from_trace,
     validate_split,
 )
-from governor.sim.profiles import load_profile
+from governor.sim.profiles import load_profile, render_profile
 from governor.sim.thermal import ThermalParams
 from governor.trace import read_trace
 
@@ -124,3 +125,19 @@ class TestRealH100Trace:
         for field in ("r_die_c_per_w", "c_die_j_per_c", "r_sink_c_per_w", "c_sink_j_per_c"):
             assert getattr(shipped.thermal, field) == pytest.approx(getattr(fit.params, field), rel=1e-3)
         assert shipped.ambient_c == pytest.approx(fit.ambient_c, abs=0.01)
+
+
+@needs_trace
+def test_profile_from_trace_matches_shipped(samples: list[ThermalSample], tmp_path: Path) -> None:
+    """A profile built from the trace and its fit equals the shipped h100-80gb in every fact but precision."""
+    trace = read_trace(TRACE)
+    built = profile_from_trace(trace, fit_thermal(samples), "h100-80gb")
+    shipped = load_profile("h100-80gb")
+    assert built.gpu_name == shipped.gpu_name
+    assert built.memory_total_bytes == shipped.memory_total_bytes
+    assert built.memory_reserved_bytes == shipped.memory_reserved_bytes
+    assert built.idle_power_w == pytest.approx(shipped.idle_power_w, abs=1.0)
+    assert (built.power_limit_min_w, built.power_limit_max_w) == (200.0, 700.0)
+    out = tmp_path / "fitted.toml"
+    out.write_text(render_profile(built))
+    assert load_profile(str(out)).thermal == built.thermal

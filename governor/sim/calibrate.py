@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from governor.sim.profiles import GpuProfile
 from governor.sim.thermal import StepMatrix, ThermalParams, sink_for_die_c, step_matrix
 from governor.trace import Trace
 
@@ -374,4 +375,61 @@ def validate_split(samples: Sequence[ThermalSample], fraction: float = 0.5) -> S
         n_predicted=len(held_out),
         predict_rmse_c=rmse(restarted, measured),
         continued_rmse_c=rmse(everything[cut:], measured),
+    )
+
+
+def profile_from_trace(trace: Trace, fit: FitResult, name: str, gpu_index: int | None = None) -> GpuProfile:
+    """A profile for the GPU recorded in ``trace`` (its device facts) with the thermal
+    constants of ``fit``; idle power is the median power of the samples NVML flagged idle
+    (clock event reason 0x1). ValueError names any fact the trace lacks.
+
+    With :func:`governor.sim.profiles.render_profile` this is what ``calibrate --output``
+    writes.
+    """
+    if gpu_index is None:
+        gpu_index = min(trace.devices)
+    info = trace.devices[gpu_index].info
+    idle = sorted(
+        s.reading.power_w
+        for s in trace.samples.get(gpu_index, ())
+        if s.reading.power_w is not None and (s.reading.clock_event_reasons or 0) & 0x1
+    )
+    facts = {
+        "power_limit_min_w": info.power_limit_min_w,
+        "power_limit_max_w": info.power_limit_max_w,
+        "power_limit_default_w": info.power_limit_default_w,
+        "temperature_slowdown_c": info.temperature_slowdown_c,
+        "temperature_shutdown_c": info.temperature_shutdown_c,
+        "memory_total_bytes": info.memory_total_bytes,
+    }
+    missing = [key for key, value in facts.items() if value is None]
+    if not idle:
+        missing.append("idle samples (clock_event_reasons 0x1)")
+    if missing:
+        raise ValueError(f"{trace.source}: GPU {gpu_index}: the trace lacks " + ", ".join(missing))
+    assert info.power_limit_min_w is not None and info.power_limit_max_w is not None
+    assert info.power_limit_default_w is not None and info.memory_total_bytes is not None
+    assert info.temperature_slowdown_c is not None and info.temperature_shutdown_c is not None
+    reserved = min(
+        (
+            s.reading.memory_used_bytes
+            for s in trace.samples.get(gpu_index, ())
+            if s.reading.memory_used_bytes
+        ),
+        default=0,
+    )
+    return GpuProfile(
+        name=name,
+        gpu_name=info.name,
+        memory_total_bytes=info.memory_total_bytes,
+        memory_reserved_bytes=reserved,
+        idle_power_w=round(idle[len(idle) // 2], 1),
+        power_limit_min_w=info.power_limit_min_w,
+        power_limit_max_w=info.power_limit_max_w,
+        power_limit_default_w=info.power_limit_default_w,
+        temperature_slowdown_c=info.temperature_slowdown_c,
+        temperature_shutdown_c=info.temperature_shutdown_c,
+        thermal=fit.params,
+        ambient_c=round(fit.ambient_c, 2),
+        source=trace.source,
     )
