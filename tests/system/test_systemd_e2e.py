@@ -99,14 +99,16 @@ class Container:
     leader: int
     deb: Path
 
-    def sh(self, script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def sh(
+        self, script: str, timeout: float = 60, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a shell script inside the container, with a clean environment."""
         cmd = [
             "nsenter", "-t", str(self.leader), "-a",
             "env", "-i", f"PATH={HOST_PATH}", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0",
             "sh", "-c", script,
         ]  # fmt: skip
-        return host(cmd, timeout=timeout, check=check)
+        return host(cmd, timeout=timeout, check=check, input=stdin)
 
     def show(self, *props: str) -> dict[str, str]:
         """``systemctl show`` properties of the unit."""
@@ -117,23 +119,26 @@ class Container:
         return int(self.show("MainPID")["MainPID"])
 
     def write(self, path: str, text: str, mode: int = 0o644) -> None:
-        """Write a root-owned file inside the container (from the host, through its root)."""
-        target = self.root / path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-        os.chown(target, 0, 0)
-        os.chmod(target, mode)
+        """Write a root-owned file inside the container (through nsenter: /run and /tmp are its own tmpfs)."""
+        self.sh(
+            f"mkdir -p $(dirname {path}) && cat > {path} && chown root:root {path} && chmod {mode:o} {path}",
+            stdin=text,
+        )
 
     def read(self, path: str) -> str:
-        return (self.root / path.lstrip("/")).read_text()
+        return self.sh(f"cat {path}").stdout
+
+    def exists(self, path: str) -> bool:
+        return self.sh(f"test -e {path}", check=False).returncode == 0
 
     def metrics(self) -> str | None:
         """The metrics page, fetched inside the container on loopback; None when it does not answer."""
         script = (
             "import urllib.request, sys\n"
-            f"sys.stdout.write(urllib.request.urlopen({METRICS_URL!r}, timeout=5).read().decode())\n"
+            f"page = urllib.request.urlopen({json.dumps(METRICS_URL)}, timeout=5).read()\n"
+            "sys.stdout.write(page.decode())\n"
         )
-        result = self.sh(f"python3 -c '{script}'", check=False)
+        result = self.sh("python3 -", check=False, stdin=script)
         return result.stdout if result.returncode == 0 else None
 
     def journal(self, *args: str) -> list[dict[str, Any]]:
@@ -155,23 +160,14 @@ class Container:
 
     def sim_limit_w(self) -> float:
         """The simulated GPU 0's current ("hardware") power limit, from the backend's state file."""
-        return first_number(json.loads(self.read(SIM_STATE)), ("power_limit_w", "limit_w", "power_limit_mw"))
+        limits = json.loads(self.read(SIM_STATE))["power_limits_w"]
+        return float(next(iter(limits.values())))
 
-
-def first_number(data: Any, keys: tuple[str, ...]) -> float:
-    """The first value under one of ``keys`` found anywhere in a JSON document (mW converted to W)."""
-    stack = [data]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, dict):
-            for key in keys:
-                if isinstance(item.get(key), (int, float)):
-                    value = float(item[key])
-                    return value / 1000.0 if key.endswith("_mw") else value
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    raise AssertionError(f"none of {keys} in {data!r}")
+    def originals(self) -> list[float]:
+        """The original limits the daemon recorded in its state directory (empty when none)."""
+        if not self.exists(ORIGINALS):
+            return []
+        return [float(v) for v in json.loads(self.read(ORIGINALS))["original_power_limits_w"].values()]
 
 
 def metric(page: str, name: str, **labels: str) -> float | None:
@@ -294,7 +290,7 @@ def box() -> Iterator[Container]:
         print(f"[e2e] .deb {deb.name} ready after {time.monotonic() - started:.0f}s")
         debootstrap(root, deb_depends(deb))
         print(f"[e2e] debootstrap done after {time.monotonic() - started:.0f}s")
-        shutil.copy(deb, root / "tmp" / "gpu-governor.deb")
+        shutil.copy(deb, root / "var/tmp" / "gpu-governor.deb")
         # Before installing: the drop-in a user would add to try the governor on a
         # simulated GPU, plus test-only short watchdog and restart delays.
         drop_in = textwrap.dedent(
@@ -326,7 +322,7 @@ def box() -> Iterator[Container]:
         print(f"[e2e] module wall time {time.monotonic() - started:.0f}s")
 
 
-def test_config(hot_c: float = 80.0, step_down_at_c: float = 75.0) -> str:
+def make_config(hot_c: float = 80.0, step_down_at_c: float = 75.0) -> str:
     """The test's governor.toml: the simulated RTX 4070 in the hot scenario, 20x real time."""
     return textwrap.dedent(
         f"""\
@@ -361,7 +357,7 @@ def test_config(hot_c: float = 80.0, step_down_at_c: float = 75.0) -> str:
 
 def test_installs_enabled_and_started_by_dpkg(box: Container) -> None:
     """dpkg -i on a booted system installs the conffile, enables and starts the unit (dh_installsystemd)."""
-    box.sh("dpkg -i /tmp/gpu-governor.deb", timeout=120)
+    box.sh("dpkg -i /var/tmp/gpu-governor.deb", timeout=120)
     assert box.sh("dpkg-query -W -f='${Conffiles}' gpu-governor").stdout.strip().startswith(CONFIG)
     assert box.sh(f"systemctl is-enabled {UNIT}", check=False).stdout.strip() == "enabled"
     state = wait_for(
@@ -373,7 +369,7 @@ def test_installs_enabled_and_started_by_dpkg(box: Container) -> None:
     verify = box.sh(f"systemd-analyze verify /lib/systemd/system/{UNIT}", check=False)
     assert verify.returncode == 0, verify.stderr
     # From here on the test's own config (root-owned 0644: the trust check accepts it).
-    box.write(CONFIG, test_config())
+    box.write(CONFIG, make_config())
     box.sh(f"systemctl restart {UNIT}", timeout=60)
 
 
@@ -410,13 +406,17 @@ def test_2_steps_limit_in_hot_scenario_and_logs_decision(box: Container) -> None
     for field in ("gpu=", "rule=", "from_w=", "to_w=", "temperature_c=", "threshold_c="):
         assert field in message, message
     assert priority == 6, f"a planned step is info, got priority {priority}: {message}"
-    now = box.metrics()
-    assert now is not None
-    limit = metric(now, "gpu_governor_gpu_power_limit_watts", gpu="0")
-    assert limit is not None and limit < original, (limit, original)
+
+    def enforced_limit_below_original() -> float | None:
+        page = box.metrics()
+        limit = None if page is None else metric(page, "gpu_governor_gpu_power_limit_watts", gpu="0")
+        return limit if limit is not None and limit < original else None
+
+    # The next snapshot after the step reads the new limit back.
+    wait_for("the enforced limit metric to drop", enforced_limit_below_original, 10)
     assert box.sim_limit_w() < original
     # The recorded original is the limit found before the first change.
-    recorded = _numbers(json.loads(box.read(ORIGINALS)))
+    recorded = box.originals()
     assert recorded and all(v == original for v in recorded), recorded
     # journalctl -p warning shows the daemon's warnings and errors only: the
     # syslog prefix reached journald, so info events are not among them.
@@ -440,7 +440,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
         )
 
     assert wait_for("the hot threshold metric", hot_threshold, 10) == 80.0
-    box.write(CONFIG, test_config() + '\n[thermal]\nhot_c = "very"\n')  # invalid: duplicate table, wrong type
+    box.write(CONFIG, make_config() + '\n[thermal]\nhot_c = "very"\n')  # invalid: duplicate table, wrong type
     box.sh(f"systemctl reload {UNIT}")
     errors = wait_for(
         "config_reload_failed in the journal",
@@ -458,7 +458,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
     assert hot_threshold() == 80.0, "the invalid config must not replace the running one"
 
     # A config writable by others is refused too (it decides what gets signalled).
-    box.write(CONFIG, test_config(hot_c=78.0), mode=0o666)
+    box.write(CONFIG, make_config(hot_c=78.0), mode=0o666)
     box.sh(f"systemctl reload {UNIT}")
     wait_for(
         "the trust refusal in the journal",
@@ -469,7 +469,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
     )
     assert hot_threshold() == 80.0
 
-    box.write(CONFIG, test_config(hot_c=78.0, step_down_at_c=74.0))
+    box.write(CONFIG, make_config(hot_c=78.0, step_down_at_c=74.0))
     box.sh(f"systemctl reload {UNIT}")
     assert wait_for("the new hot threshold", lambda: hot_threshold() == 78.0 or None, 15)
     page = box.metrics()
@@ -492,8 +492,8 @@ def _restarted_after(box: Container, old_pid: int, restarts: int, timeout: float
 
 def _limit_restored_or_governed(box: Container, new_pid: int, original: float) -> None:
     """After a crash the new process restores the recorded original, or steps it again by the rules."""
-    originals = json.loads(box.read(ORIGINALS)) if (box.root / ORIGINALS.lstrip("/")).exists() else {}
-    assert all(v == original for v in _numbers(originals)), f"recorded original corrupted: {originals}"
+    originals = box.originals()
+    assert all(v == original for v in originals), f"recorded original corrupted: {originals}"
 
     def settled() -> str | None:
         mine = [m for pid, _, m in box.daemon_events() if pid == new_pid]
@@ -506,14 +506,6 @@ def _limit_restored_or_governed(box: Container, new_pid: int, original: float) -
         return None
 
     wait_for("the limit to be restored or governed again after the restart", settled, 30)
-
-
-def _numbers(data: Any) -> list[float]:
-    if isinstance(data, dict):
-        return [n for v in data.values() for n in _numbers(v)]
-    if isinstance(data, list):
-        return [n for v in data for n in _numbers(v)]
-    return [float(data)] if isinstance(data, (int, float)) and not isinstance(data, bool) else []
 
 
 def test_4_watchdog_kills_frozen_daemon_and_restart_after_kill_9(box: Container) -> None:
@@ -632,12 +624,12 @@ def test_upgrade_keeps_modified_conffile_and_restarts(box: Container) -> None:
     """Reinstall, then upgrade to a version whose shipped config changed: the admin's file is kept."""
     box.sh(f"systemctl start {UNIT}", timeout=60)
     admin = box.read(CONFIG)
-    box.sh("dpkg -i /tmp/gpu-governor.deb", timeout=120)
+    box.sh("dpkg -i /var/tmp/gpu-governor.deb", timeout=120)
     assert box.read(CONFIG) == admin
     assert box.show("ActiveState")["ActiveState"] == "active"
 
     # A newer version with a changed default config: repack the .deb.
-    work = Path(tempfile.mkdtemp(prefix="gg-upgrade-", dir=box.root / "tmp"))
+    work = Path(tempfile.mkdtemp(prefix="gg-upgrade-", dir=box.root / "var/tmp"))
     tree = work / "tree"
     host(["dpkg-deb", "-R", str(box.deb), str(tree)])
     control = (tree / "DEBIAN/control").read_text()
@@ -658,7 +650,7 @@ def test_upgrade_keeps_modified_conffile_and_restarts(box: Container) -> None:
     box.sh(f"dpkg --force-confold -i {inside}", timeout=120)
     assert box.sh("dpkg-query -W -f='${Version}' gpu-governor").stdout == new_version
     assert box.read(CONFIG) == admin, "the admin's config must survive the upgrade"
-    assert (box.root / "etc/gpu-governor/governor.toml.dpkg-dist").exists()
+    assert box.exists(CONFIG + ".dpkg-dist")
     assert box.show("ActiveState")["ActiveState"] == "active"
     assert box.main_pid() != old_pid, "the upgrade restarts the daemon"
     shutil.rmtree(work)
@@ -666,11 +658,11 @@ def test_upgrade_keeps_modified_conffile_and_restarts(box: Container) -> None:
 
 def test_purge_removes_state(box: Container) -> None:
     """`dpkg --purge` stops the unit and removes /var/lib/gpu-governor, the config and the enablement."""
-    assert (box.root / STATE_DIR.lstrip("/")).is_dir()
+    assert box.exists(STATE_DIR)
     box.sh("dpkg --purge gpu-governor", timeout=120)
-    assert not (box.root / STATE_DIR.lstrip("/")).exists()
-    assert not (box.root / "etc/gpu-governor/governor.toml").exists()
-    assert not (box.root / "etc/systemd/system/multi-user.target.wants" / UNIT).exists()
+    assert not box.exists(STATE_DIR)
+    assert not box.exists(CONFIG)
+    assert not box.exists(f"/etc/systemd/system/multi-user.target.wants/{UNIT}")
     assert box.sh(f"systemctl is-active {UNIT}", check=False).stdout.strip() in ("inactive", "unknown")
 
 
