@@ -1,0 +1,467 @@
+"""The shipped monitoring: alert rules (promtool), the Grafana dashboard, the Kubernetes manifests."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+
+from governor.clock import VirtualClock
+from governor.config import Config, load_config
+from governor.daemon import Daemon, VirtualWaiter
+from governor.metrics import build_registry
+from governor.notify import Notifier
+from tests.scripted import ScriptedBackend
+
+REPO = Path(__file__).resolve().parent.parent
+PROMETHEUS_DIR = REPO / "packaging" / "prometheus"
+RULES = PROMETHEUS_DIR / "gpu-governor-alerts.yml"
+RULE_TESTS = PROMETHEUS_DIR / "gpu-governor-alerts.test.yml"
+SCRAPE_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+DASHBOARD = REPO / "packaging" / "grafana" / "gpu-governor.json"
+GENERATOR = REPO / "packaging" / "grafana" / "generate_dashboard.py"
+KUBERNETES_DIR = REPO / "packaging" / "kubernetes"
+
+VRAM_METRICS = frozenset(
+    {
+        "gpu_governor_class_vram_used_bytes",
+        "gpu_governor_class_vram_budget_bytes",
+        "gpu_governor_class_processes",
+        "gpu_governor_class_over_budget_processes",
+        "gpu_governor_process_actions_total",
+        "gpu_governor_unclassified_processes",
+        "gpu_governor_gpu_vram_reserve_bytes",
+        "gpu_governor_gpu_memory_pressure",
+    }
+)
+"""VRAM-budget metrics the dashboard and alerts use before governor/metrics.py exports them."""
+
+HOST_LEVEL_METRICS = frozenset(
+    {
+        "gpu_governor_build_info",
+        "gpu_governor_config_last_reload_successful",
+        "gpu_governor_ready",
+        "gpu_governor_start_timestamp_seconds",
+        "gpu_governor_last_poll_timestamp_seconds",
+        "gpu_governor_tick_duration_seconds_bucket",
+        "gpu_governor_state_write_errors_total",
+        "gpu_governor_class_vram_budget_bytes",
+        "gpu_governor_process_actions_total",
+    }
+)
+"""The governor's metrics without a gpu label (all others are filtered by $gpu on the dashboard)."""
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+VARIABLE_VALUES = {
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "job": "gpu-governor",
+    "instance": "127.0.0.1:9847",
+    "gpu": "0|1",
+}
+"""Values for the dashboard's variables, regex-safe where they land in =~ matchers."""
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skipped locally when absent, a failure where CI demands system tests."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1":
+            pytest.fail(f"{name} is required (GG_REQUIRE_SYSTEM_TESTS=1) but not installed")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("promtool"), *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def load_dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return dashboard
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those nested in collapsed rows."""
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL expression) of every target of every panel."""
+    return [(p["title"], t["expr"]) for p in panels(dashboard) for t in p.get("targets", [])]
+
+
+def substitute(expr: str, values: dict[str, str] = VARIABLE_VALUES) -> str:
+    """The expression with the dashboard's template variables replaced by concrete values."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], expr)
+
+
+def alert_blocks() -> dict[str, str]:
+    """Alert name -> the text of its rule in the shipped rules file."""
+    parts = re.split(r"^\s+- alert: ", RULES.read_text(), flags=re.MULTILINE)[1:]
+    return {part.split("\n", 1)[0].strip(): part for part in parts}
+
+
+def alert_exprs() -> list[tuple[str, str]]:
+    """(alert name, expression) of every shipped alert, read through promtool-free text parsing."""
+    exprs = []
+    for name, block in alert_blocks().items():
+        match = re.search(r"\n\s+expr: (?:>-\n)?(.*?)\n\s+(?:for|labels):", block, flags=re.DOTALL)
+        assert match, f"no expr found for {name}"
+        exprs.append((name, " ".join(line.strip() for line in match.group(1).splitlines())))
+    return exprs
+
+
+def check_exprs_with_promtool(exprs: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`promtool check rules` on a file holding each expression as a recording rule (parses the PromQL)."""
+    lines = ["groups:", "  - name: parse-check", "    rules:"]
+    for i, expr in enumerate(exprs):
+        lines += [f"      - record: parse_check_{i}", f"        expr: {json.dumps(expr)}"]
+    path = tmp_path / "exprs.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return promtool("check", "rules", path)
+
+
+def exported_metric_names(tmp_path: Path) -> set[str]:
+    """Sample and family names a real scrape of a governed two-GPU host exposes."""
+    clock = VirtualClock()
+    backend = ScriptedBackend(clock, lambda t, i: 90.0 if i == 0 else 50.0, gpu_count=2)
+    daemon = Daemon(
+        Config(state_dir=str(tmp_path)), backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier()
+    )
+    daemon.start()
+    for _ in range(5):
+        clock.advance(1.0)
+        daemon.tick()
+    body = generate_latest(build_registry(lambda: daemon.published)).decode()
+    names = set()
+    for line in body.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            names.add(name)
+            if kind == "histogram":
+                names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+            if kind == "counter" and not name.endswith("_total"):
+                names.add(f"{name}_total")
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """Names of the governor's and the process collector's metrics an expression selects."""
+    return set(re.findall(r"\b(?:gpu_governor|process)_\w+", expr))
+
+
+class TestAlertRules:
+    def test_promtool_check_rules_is_clean(self) -> None:
+        """`promtool check rules` accepts the shipped rules with no warning."""
+        result = promtool("check", "rules", RULES)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout
+        assert "WARNING" not in (result.stdout + result.stderr).upper()
+
+    def test_promtool_unit_tests_pass(self) -> None:
+        """`promtool test rules` passes every firing and not-firing case."""
+        result = subprocess.run(
+            [require_tool("promtool"), "test", "rules", RULE_TESTS.name],
+            cwd=PROMETHEUS_DIR,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout
+
+    def test_unit_tests_catch_a_broken_rule(self, tmp_path: Path) -> None:
+        """A rule whose expression is broken (throttle alert never true) makes `promtool test rules` fail."""
+        rules = RULES.read_text()
+        broken = 'gpu_governor_gpu_thermal_zone{gpu_governor_gpu_thermal_zone="throttle"} == 1'
+        assert broken in rules
+        (tmp_path / RULES.name).write_text(rules.replace(broken, broken.replace("== 1", "== 2")))
+        shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+        result = subprocess.run(
+            [require_tool("promtool"), "test", "rules", RULE_TESTS.name],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode != 0
+        assert "GpuGovernorGpuThrottleZone" in result.stdout + result.stderr
+
+    def test_every_alert_is_tested_firing_and_not_firing(self) -> None:
+        """Each alert has at least one unit-test case expecting it to fire and one expecting silence."""
+        firing: set[str] = set()
+        silent: set[str] = set()
+        lines = RULE_TESTS.read_text().splitlines()
+        for i, line in enumerate(lines):
+            match = re.match(r"\s+alertname: (\w+)$", line)
+            if match is None:
+                continue
+            following = lines[i + 1].strip()
+            if following == "exp_alerts: []":
+                silent.add(match.group(1))
+            elif following == "exp_alerts:" and "exp_labels" in lines[i + 2]:
+                firing.add(match.group(1))
+        alerts = set(alert_blocks())
+        assert len(alerts) >= 15
+        assert alerts - firing == set(), "alerts never tested firing"
+        assert alerts - silent == set(), "alerts never tested silent"
+
+    def test_every_alert_has_severity_summary_and_description(self) -> None:
+        """Each alert carries a known severity and a summary and description (what happened, what to do)."""
+        for name, block in alert_blocks().items():
+            assert name.startswith("GpuGovernor"), name
+            assert re.search(r"severity: (critical|warning|info)\n", block), name
+            assert "summary: " in block, name
+            description = block.split("description: >-", 1)
+            assert len(description) == 2, name
+            assert len(description[1].split("- alert:")[0].split()) >= 25, f"{name}: description too short"
+
+    def test_alerts_cover_the_issue(self) -> None:
+        """The shipped alerts watch zones, availability, staleness, the power floor, VRAM, NVML, config."""
+        alerts = alert_blocks()
+        text = "\n".join(alerts.values())
+        for needle in (
+            'gpu_governor_gpu_thermal_zone="throttle"',
+            'gpu_governor_gpu_thermal_zone="critical"',
+            'up{job="gpu-governor"} == 0',
+            'absent(up{job="gpu-governor"})',
+            "gpu_governor_last_poll_timestamp_seconds",
+            "gpu_governor_gpu_power_ladder_rung > 0",
+            "gpu_governor_class_over_budget_processes",
+            'action=~"sigterm|sigkill"',
+            "gpu_governor_gpu_read_errors_total",
+            'gpu_governor_gpu_health="lost"',
+            "gpu_governor_config_last_reload_successful == 0",
+            "gpu_governor_gpu_monitor_only == 1",
+        ):
+            assert needle in text, needle
+
+    def test_scrape_config_example_is_valid(self) -> None:
+        """`promtool check config` accepts the example scrape config, including its rule file."""
+        result = promtool("check", "config", SCRAPE_CONFIG)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "gpu-governor-alerts.yml" in result.stdout
+        text = SCRAPE_CONFIG.read_text()
+        assert "job_name: gpu-governor" in text
+        assert "file_sd_configs" in text
+
+
+class TestDashboard:
+    def test_importable_into_current_grafana(self) -> None:
+        """Fixed uid, a recent schemaVersion, a title, panels, no __inputs needing a choice at import."""
+        dashboard = load_dashboard()
+        assert dashboard["uid"] == "gpu-governor"
+        assert dashboard["schemaVersion"] >= 39
+        assert dashboard["title"]
+        assert "__inputs" not in dashboard
+        assert "id" not in dashboard or dashboard["id"] is None
+        assert len(list(panels(dashboard))) >= 20
+
+    def test_datasource_is_a_variable_never_a_fixed_uid(self) -> None:
+        """Every panel and target uses ${datasource}, a variable of type datasource limited to Prometheus."""
+        dashboard = load_dashboard()
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource"
+        assert variables["datasource"]["query"] == "prometheus"
+
+        def walk(node: Any) -> Iterator[Any]:
+            if isinstance(node, dict):
+                if "datasource" in node:
+                    yield node["datasource"]
+                for value in node.values():
+                    yield from walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    yield from walk(value)
+
+        refs = list(walk(dashboard))
+        assert refs
+        assert all(ref == DATASOURCE for ref in refs), [ref for ref in refs if ref != DATASOURCE]
+        for panel in panels(dashboard):
+            if panel["type"] != "row":
+                assert panel["datasource"] == DATASOURCE, panel["title"]
+                assert panel["targets"], panel["title"]
+                assert all(t["datasource"] == DATASOURCE for t in panel["targets"]), panel["title"]
+
+    def test_templated_by_host_and_gpu(self) -> None:
+        """Job, host and GPU variables exist; every query filters by job and host, per-GPU ones by GPU."""
+        dashboard = load_dashboard()
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        for name in ("job", "instance", "gpu"):
+            assert variables[name]["type"] == "query"
+            assert variables[name]["datasource"] == DATASOURCE
+        assert variables["instance"]["multi"] and variables["instance"]["includeAll"]
+        for title, expr in dashboard_queries(dashboard):
+            for selector in re.findall(r"\b\w+\{[^}]*\}", expr):
+                assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (title, selector)
+                metric = selector.split("{", 1)[0]
+                if metric.startswith("gpu_governor_") and metric not in HOST_LEVEL_METRICS:
+                    assert 'gpu=~"$gpu"' in selector, (title, selector)
+
+    def test_layout_has_unique_ids_and_no_overlap(self) -> None:
+        """Panel ids are unique and no two panels share a grid cell within the 24-column grid."""
+        dashboard = load_dashboard()
+        ids = [p["id"] for p in panels(dashboard)]
+        assert len(ids) == len(set(ids))
+        cells: dict[tuple[int, int], str] = {}
+        for panel in panels(dashboard):
+            pos = panel["gridPos"]
+            assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
+            for x in range(pos["x"], pos["x"] + pos["w"]):
+                for y in range(pos["y"], pos["y"] + pos["h"]):
+                    assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                    cells[(x, y)] = panel["title"]
+
+    def test_has_the_panels_the_issue_asks_for(self) -> None:
+        """Temperature with zone thresholds, power vs limits, zone timeline, VRAM vs budget and reserve,
+        decisions and actions, tick quantiles, read errors and poll age."""
+        by_title = {p["title"]: p for p in panels(load_dashboard())}
+
+        def exprs(title: str) -> str:
+            return "\n".join(t["expr"] for t in by_title[title]["targets"])
+
+        assert "gpu_governor_gpu_thermal_zone_threshold_celsius" in exprs("Temperature and zone thresholds")
+        assert by_title["Thermal zone"]["type"] == "state-timeline"
+        power = exprs("Power draw vs enforced and target limit")
+        for metric in (
+            "gpu_governor_gpu_power_watts",
+            "gpu_governor_gpu_power_limit_watts",
+            "gpu_governor_gpu_power_limit_target_watts",
+        ):
+            assert metric in power
+        vram = exprs("VRAM per class vs budget and reserve")
+        for metric in (
+            "gpu_governor_class_vram_used_bytes",
+            "gpu_governor_class_vram_budget_bytes",
+            "gpu_governor_gpu_vram_reserve_bytes",
+        ):
+            assert metric in vram
+        assert "gpu_governor_decisions_total" in exprs("Decisions per minute by rule")
+        assert "gpu_governor_actions_total" in exprs("Power-limit actions per minute by outcome")
+        assert "histogram_quantile(0.99" in exprs("Tick duration")
+        assert "gpu_governor_gpu_read_errors_total" in exprs("NVML read errors per minute")
+        assert "gpu_governor_last_poll_timestamp_seconds" in exprs("Age of last poll")
+
+    def test_every_expression_parses(self, tmp_path: Path) -> None:
+        """Every dashboard query, variables substituted, parses as PromQL (promtool check rules)."""
+        queries = [substitute(expr) for _, expr in dashboard_queries(load_dashboard())]
+        assert not any("$" in q for q in queries)
+        result = check_exprs_with_promtool(queries, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+
+    def test_the_parse_check_rejects_bad_promql(self, tmp_path: Path) -> None:
+        """The promtool-based parse check fails on an expression with unbalanced parentheses."""
+        result = check_exprs_with_promtool(["up", "sum by (instance (up)"], tmp_path)
+        assert result.returncode != 0
+
+    def test_uses_only_metrics_the_governor_exports(self, tmp_path: Path) -> None:
+        """Every metric the dashboard and alerts select is in a real scrape (or the pending VRAM set)."""
+        known = exported_metric_names(tmp_path) | VRAM_METRICS
+        exprs = [expr for _, expr in dashboard_queries(load_dashboard())] + [e for _, e in alert_exprs()]
+        used = set().union(*(metric_names_in(expr) for expr in exprs))
+        assert "gpu_governor_gpu_temperature_celsius" in used
+        assert "gpu_governor_tick_duration_seconds_bucket" in used
+        assert used - known == set()
+
+    def test_generator_reproduces_the_json(self) -> None:
+        """generate_dashboard.py (grafana-foundation-sdk) produces exactly the shipped JSON."""
+        pytest.importorskip("grafana_foundation_sdk")
+        spec = importlib.util.spec_from_file_location("generate_dashboard", GENERATOR)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.build() == load_dashboard()
+
+
+def configmap_governor_toml() -> str:
+    """The governor.toml embedded in the DaemonSet's ConfigMap (a `|` block indented by 4)."""
+    text = (KUBERNETES_DIR / "gpu-governor.yaml").read_text()
+    block = text.split("  governor.toml: |\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines) + "\n"
+
+
+class TestKubernetes:
+    def test_manifests_pass_kubernetes_schema_validation(self) -> None:
+        """Every object in gpu-governor.yaml validates strictly against the Kubernetes OpenAPI schemas."""
+        validate = pytest.importorskip("kubernetes_validate")
+        yaml = importlib.import_module("yaml")
+        documents = [d for d in yaml.safe_load_all((KUBERNETES_DIR / "gpu-governor.yaml").read_text()) if d]
+        kinds = {d["kind"] for d in documents}
+        assert {"DaemonSet", "ConfigMap", "Service"} <= kinds
+        version = validate.latest_version()
+        for document in documents:
+            validate.validate(document, version, strict=True)
+
+    def test_schema_validation_rejects_a_broken_daemonset(self) -> None:
+        """The validator catches a DaemonSet whose hostPID is a string."""
+        validate = pytest.importorskip("kubernetes_validate")
+        yaml = importlib.import_module("yaml")
+        documents = yaml.safe_load_all((KUBERNETES_DIR / "gpu-governor.yaml").read_text())
+        daemonset = next(d for d in documents if d and d["kind"] == "DaemonSet")
+        daemonset["spec"]["template"]["spec"]["hostPID"] = "yes"
+        with pytest.raises(validate.ValidationError):
+            validate.validate(daemonset, validate.latest_version(), strict=True)
+
+    def test_daemonset_has_what_a_gpu_node_needs(self) -> None:
+        """Host PIDs, device access, GPU-node selector, metrics port, scrape annotations, 0444 config."""
+        text = (KUBERNETES_DIR / "gpu-governor.yaml").read_text()
+        for needle in (
+            "kind: DaemonSet",
+            "hostPID: true",
+            "privileged: true",
+            "runAsUser: 0",
+            "NVIDIA_VISIBLE_DEVICES",
+            "nvidia.com/gpu.present",
+            "containerPort: 9847",
+            'prometheus.io/scrape: "true"',
+            'prometheus.io/port: "9847"',
+            "defaultMode: 0444",
+            "path: /var/lib/gpu-governor",
+        ):
+            assert needle in text, needle
+        assert "fsGroup" not in text.replace("pod fsGroup", "")
+
+    def test_servicemonitor_selects_the_service_port(self) -> None:
+        """The ServiceMonitor selects the Service's labels and scrapes its named metrics port."""
+        monitor = (KUBERNETES_DIR / "servicemonitor.yaml").read_text()
+        service = (KUBERNETES_DIR / "gpu-governor.yaml").read_text().split("kind: Service\n", 1)[1]
+        assert "apiVersion: monitoring.coreos.com/v1" in monitor
+        assert "kind: ServiceMonitor" in monitor
+        assert "app.kubernetes.io/name: gpu-governor" in monitor
+        assert "- port: metrics" in monitor and "- name: metrics" in service
+        assert "app.kubernetes.io/name: gpu-governor" in service
+
+    def test_configmap_holds_a_valid_governor_config(self, tmp_path: Path) -> None:
+        """The ConfigMap's governor.toml passes the governor's own validation and listens beyond loopback."""
+        path = tmp_path / "governor.toml"
+        path.write_text(configmap_governor_toml())
+        config = load_config(path, enforce_trust=False)
+        assert config.backend == "nvml"
+        assert config.metrics.listen_address == "0.0.0.0"
+        assert config.metrics.port == 9847
+        assert config.state_dir == "/var/lib/gpu-governor"
