@@ -1,0 +1,339 @@
+"""End to end against a real Prometheus: the shipped scrape config, alert rules and dashboard.
+
+The module starts the governor on two simulated RTX 4070s running the hot scenario
+(20x faster than real time) and a real ``prometheus`` on loopback whose config is the
+shipped packaging/prometheus/prometheus.yml with only the intervals shortened, the
+static target pointed at the governor's port and the shipped file_sd example beside it.
+The rules are the shipped alert rules with every ``for`` shortened. Then every
+dashboard query and every alert expression runs through Prometheus's HTTP API, and
+the throttle-zone alert must reach firing.
+
+Needs ``prometheus`` (Debian package prometheus); without it the tests skip, unless
+GG_REQUIRE_SYSTEM_TESTS=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+PROMETHEUS_DIR = REPO / "packaging" / "prometheus"
+DASHBOARD = REPO / "packaging" / "grafana" / "gpu-governor.json"
+
+VRAM_METRICS = (
+    "gpu_governor_class_vram_used_bytes",
+    "gpu_governor_class_vram_budget_bytes",
+    "gpu_governor_class_processes",
+    "gpu_governor_class_over_budget_processes",
+    "gpu_governor_process_actions_total",
+    "gpu_governor_unclassified_processes",
+    "gpu_governor_gpu_vram_reserve_bytes",
+    "gpu_governor_gpu_memory_pressure",
+)
+"""VRAM-budget metrics not exported yet: queries using them may return no data (parse they must)."""
+
+PANELS_WAITING_FOR_VRAM_METRICS = frozenset(
+    {
+        "VRAM per class vs budget and reserve",
+        "Processes per class",
+        "Process actions per minute",
+        "Memory pressure",
+    }
+)
+"""The only dashboard panels allowed a query without data, until the VRAM metrics exist."""
+
+# The hot scenario settles at 87 C at 200 W and near 82 C at 180 W (its own notes), which
+# would leave the throttle zone; a 195 W floor keeps it there, at the bottom rung.
+GOVERNOR_CONFIG = """\
+backend = "simulated"
+poll_interval_s = 0.5
+state_dir = "{state_dir}"
+
+[simulation]
+profile = "rtx4070"
+gpu_count = 2
+scenario = "hot"
+time_scale = 20.0
+
+[power]
+ladder_w = [200.0, 195.0]
+"""
+
+T = TypeVar("T")
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skipped locally when absent, a failure where CI demands system tests."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1":
+            pytest.fail(f"{name} is required (GG_REQUIRE_SYSTEM_TESTS=1) but not installed")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, interval_s: float = 0.5) -> T:
+    """Poll ``check`` until it returns something other than None; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def http_get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body: bytes = response.read()
+            return body
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+@dataclass(frozen=True)
+class Stack:
+    prometheus_url: str
+    instance: str
+    logs: tuple[Path, ...]
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET a Prometheus API endpoint; the decoded JSON (errors included, as answered)."""
+        url = f"{self.prometheus_url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:  # 400 on a bad query: the body says why
+            return json.load(exc)
+
+    def query(self, expr: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.api("query", query=expr)
+        return answer
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs)
+
+
+def prometheus_config(shipped: str, governor_port: int, file_sd_dir: Path) -> str:
+    """The shipped scrape config with 1 s intervals, the governor's port, and a file_sd folder."""
+    text = re.sub(r"(scrape_interval|evaluation_interval): 15s", r"\1: 1s", shipped)
+    text = text.replace("scrape_timeout: 5s", "scrape_timeout: 1s")
+    text = text.replace('"127.0.0.1:9847"', f'"127.0.0.1:{governor_port}"')
+    text = text.replace("file_sd/gpu-governor*.yml", f"{file_sd_dir}/gpu-governor*.yml")
+    assert text.count(": 1s") == 4 and str(governor_port) in text and str(file_sd_dir) in text, text
+    return text
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The governor on a simulated hot two-GPU host, scraped by a real Prometheus."""
+    prometheus = require_tool("prometheus")
+    tmp = tmp_path_factory.mktemp("prometheus-e2e")
+    governor_port, prometheus_port = free_port(), free_port()
+    (tmp / "state").mkdir()
+    config = tmp / "governor.toml"
+    config.write_text(GOVERNOR_CONFIG.format(state_dir=tmp / "state"))
+    file_sd = tmp / "file_sd"
+    file_sd.mkdir()
+    shutil.copy(PROMETHEUS_DIR / "file_sd" / "gpu-governor.yml", file_sd / "gpu-governor.yml")
+    (tmp / "prometheus.yml").write_text(
+        prometheus_config((PROMETHEUS_DIR / "prometheus.yml").read_text(), governor_port, file_sd)
+    )
+    rules = (PROMETHEUS_DIR / "gpu-governor-alerts.yml").read_text()
+    (tmp / "gpu-governor-alerts.yml").write_text(re.sub(r"\bfor: \w+", "for: 2s", rules))
+
+    governor_log, prometheus_log = tmp / "governor.log", tmp / "prometheus.log"
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with governor_log.open("wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "governor",
+                        "run",
+                        "--config",
+                        str(config),
+                        "--listen",
+                        f"127.0.0.1:{governor_port}",
+                        "--log-format",
+                        "json",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp,
+                )
+            )
+        with prometheus_log.open("wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    [
+                        prometheus,
+                        f"--config.file={tmp / 'prometheus.yml'}",
+                        f"--storage.tsdb.path={tmp / 'tsdb'}",
+                        f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                        "--log.level=warn",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp,
+                )
+            )
+        result = Stack(
+            f"http://127.0.0.1:{prometheus_port}",
+            f"127.0.0.1:{governor_port}",
+            (governor_log, prometheus_log),
+        )
+
+        def both_up() -> bool | None:
+            for name, process in zip(("governor", "prometheus"), processes):
+                if process.poll() is not None:
+                    pytest.fail(f"{name} exited with {process.returncode}\n{result.log_tail()}")
+            metrics = http_get(f"http://127.0.0.1:{governor_port}/metrics")
+            ready = http_get(f"{result.prometheus_url}/-/ready")
+            return True if metrics and b"gpu_governor_ready 1.0" in metrics and ready else None
+
+        wait_for("the governor's metrics and Prometheus's readiness", both_up, timeout_s=30)
+        yield result
+    finally:
+        for process in processes:
+            stop(process)
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, expression) of every dashboard target, variables set for this host."""
+    values = {"__rate_interval": "30s", "__interval": "1s", "job": "gpu-governor", "gpu": "0|1"}
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            queries.append((panel["title"], target["expr"]))
+    return [
+        (title, re.sub(r"\$(\w+)", lambda m: values.get(m.group(1), m.group(0)), e)) for title, e in queries
+    ]
+
+
+def shipped_alert_names() -> set[str]:
+    return set(
+        re.findall(r"^\s+- alert: (\w+)$", (PROMETHEUS_DIR / "gpu-governor-alerts.yml").read_text(), re.M)
+    )
+
+
+class TestPrometheusEndToEnd:
+    def test_scrapes_the_governor_and_the_file_sd_example(self, stack: Stack) -> None:
+        """The static target is up under job gpu-governor and the shipped file_sd hosts are discovered."""
+
+        def targets() -> list[dict[str, Any]] | None:
+            active: list[dict[str, Any]] = stack.api("targets")["data"]["activeTargets"]
+            ours = [t for t in active if t["labels"]["instance"] == stack.instance]
+            return active if ours and ours[0]["health"] == "up" else None
+
+        active = wait_for("the governor target to be up", targets, timeout_s=30)
+        ours = next(t for t in active if t["labels"]["instance"] == stack.instance)
+        assert ours["labels"]["job"] == "gpu-governor"
+        fleet = {t["labels"]["instance"]: t["labels"] for t in active if "rack" in t["labels"]}
+        assert set(fleet) == {
+            "gpu-node-01.lab.example:9847",
+            "gpu-node-02.lab.example:9847",
+            "gpu-node-11.lab.example:9847",
+        }
+        assert fleet["gpu-node-11.lab.example:9847"]["gpu_model"] == "h100"
+
+    def test_every_dashboard_query_parses_and_returns_data(self, stack: Stack) -> None:
+        """Each dashboard query succeeds; each returns data, except the listed VRAM panels for now."""
+        queries = [(title, expr.replace("$instance", stack.instance)) for title, expr in dashboard_queries()]
+        assert not any("$" in expr for _, expr in queries)
+
+        def all_answer() -> list[tuple[str, str]] | None:
+            empty = []
+            for title, expr in queries:
+                answer = stack.query(expr)
+                assert answer["status"] == "success", (title, expr, answer)
+                if not answer["data"]["result"]:
+                    empty.append((title, expr))
+            waiting = [(t, e) for t, e in empty if not any(metric in e for metric in VRAM_METRICS)]
+            return empty if not waiting else None
+
+        empty = wait_for("every dashboard query to return data", all_answer, timeout_s=60, interval_s=2)
+        assert {title for title, _ in empty} <= PANELS_WAITING_FOR_VRAM_METRICS
+        answered = len(queries) - len(empty)
+        assert answered >= 25, f"only {answered} of {len(queries)} queries returned data"
+
+    def test_every_alert_expression_parses(self, stack: Stack) -> None:
+        """Prometheus loaded every shipped alert, and each alert's expression runs as an instant query."""
+        groups = wait_for(
+            "the rules to load",
+            lambda: stack.api("rules", type="alert")["data"]["groups"] or None,
+            timeout_s=20,
+        )
+        rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+        assert set(rules) == shipped_alert_names()
+        for name, rule in rules.items():
+            assert rule["health"] != "err", (name, rule.get("lastError"))
+            answer = stack.query(rule["query"])
+            assert answer["status"] == "success", (name, answer)
+
+    def test_throttle_alert_fires_for_the_hot_gpus(self, stack: Stack) -> None:
+        """The hot scenario holds both GPUs in the throttle zone, and GpuGovernorGpuThrottleZone fires."""
+
+        def firing() -> set[str] | None:
+            alerts = stack.api("alerts")["data"]["alerts"]
+            gpus = {
+                a["labels"]["gpu"]
+                for a in alerts
+                if a["labels"]["alertname"] == "GpuGovernorGpuThrottleZone"
+                and a["labels"]["instance"] == stack.instance
+                and a["state"] == "firing"
+            }
+            return gpus if gpus == {"0", "1"} else None
+
+        assert wait_for("the throttle alert to fire", firing, timeout_s=60) == {"0", "1"}
+        alerts = stack.api("alerts")["data"]["alerts"]
+        throttle = next(a for a in alerts if a["labels"]["alertname"] == "GpuGovernorGpuThrottleZone")
+        assert throttle["labels"]["severity"] == "warning"
+        assert "throttle zone" in throttle["annotations"]["summary"]
+        zone_expr = next(e for t, e in dashboard_queries() if t == "Thermal zone").replace(
+            "$instance", stack.instance
+        )
+        zones = {r["metric"]["gpu"]: r["value"][1] for r in stack.query(zone_expr)["data"]["result"]}
+        assert zones == {"0": "3", "1": "3"}, "the dashboard's zone timeline shows throttle (index 3)"
