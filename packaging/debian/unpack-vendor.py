@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 SKIP_TOP_LEVEL = {"example.py"}
+SKIP_METADATA = ("/RECORD", "/top_level.txt")
 
 
 def requirements(path: Path) -> dict[str, tuple[str, str]]:
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
             if any(".data/" in n.split("/", 1)[0] + "/" for n in names):
                 sys.exit(f"{wheel}: has a .data directory; unpacking it would not be a complete install")
             for member in names:
-                if member in SKIP_TOP_LEVEL or member.endswith("/RECORD"):
+                if member in SKIP_TOP_LEVEL or member.endswith(SKIP_METADATA):
                     continue
                 archive.extract(member, target)
         found.add(key)

@@ -278,7 +278,7 @@ def check_prerequisites() -> None:
 
 
 @pytest.fixture(scope="module")
-def box() -> Iterator[Container]:
+def box(request: pytest.FixtureRequest) -> Iterator[Container]:
     """A booted Debian 12 with gpu-governor installed from the .deb and running on a simulated GPU."""
     check_prerequisites()
     started = time.monotonic()
@@ -313,6 +313,10 @@ def box() -> Iterator[Container]:
         yield container
     finally:
         if container is not None:
+            if request.session.testsfailed:
+                # Post-mortem for CI logs: the unit's journal, systemd's lines included.
+                tail = container.sh(f"journalctl --no-pager -o short-monotonic -n 150 -u {UNIT}", check=False)
+                print(f"[e2e] journal of {UNIT} (last 150 lines):\n{tail.stdout}")
             power_off(container)
         if os.environ.get("GG_KEEP_ROOT") == "1":
             print(f"[e2e] kept {work}")
@@ -598,6 +602,7 @@ def test_hardened_unit_can_still_do_its_job(box: Container) -> None:
         check=False,
         timeout=60,
     )
+    print(result.stdout)
     assert "PROBE-OK" in result.stdout, result.stdout + result.stderr
     assert "nvml:" in result.stdout, result.stdout
     assert box.show("ActiveState")["ActiveState"] == "active"
