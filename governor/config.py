@@ -27,6 +27,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 import itertools
 
+from governor.classes import VramPolicy, parse_vram
 from governor.model import GpuInfo
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpu-governor/governor.toml")
@@ -172,6 +173,7 @@ class Config:
     thermal: ThermalPolicy = field(default_factory=ThermalPolicy)
     power: PowerPolicy = field(default_factory=PowerPolicy)
     gpus: tuple[GpuOverride, ...] = ()
+    vram: VramPolicy = field(default_factory=VramPolicy)
 
     def policy_for(self, gpu: GpuInfo) -> GpuPolicy:
         """The thermal and power policy for ``gpu``: defaults, then every matching override."""
@@ -298,12 +300,20 @@ def _describe(value: Any) -> str:
     return f"{text} ({kind})"
 
 
+def _finite_number(value: Any) -> bool:
+    """True for an int or float (not a bool) that is finite as a float; huge ints are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _convert(key: Key, value: Any, path: str, out: _Collector) -> Any:
     """Check one scalar; returns the converted value or None after recording an issue."""
     if key.kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and not math.isfinite(float(value)):
-            ok = False
+        ok = _finite_number(value)
         converted: Any = float(value) if ok else None
         expected = f"{key.expected} (a number)"
     elif key.kind == "int":
@@ -324,7 +334,7 @@ def _convert(key: Key, value: Any, path: str, out: _Collector) -> Any:
         if ok:
             items: list[float] = []
             for i, item in enumerate(value):
-                if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+                if not _finite_number(item):
                     out.add(f"{path}[{i}]", "watts (a number)", _describe(item))
                     ok = False
                 else:
@@ -407,10 +417,12 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
     raw_gpus: Any = None
-    known_top = [*SCHEMA, "gpu"]
+    known_top = [*SCHEMA, "gpu", "vram", "class"]
     for name, value in data.items():
         if name == "gpu":
             raw_gpus = value
+            continue
+        if name in ("vram", "class"):
             continue
         spec = SCHEMA.get(name)
         if spec is None:
@@ -439,9 +451,12 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
                 if override is not None:
                     overrides.append(override)
 
+    vram = parse_vram(data.get("vram"), data.get("class"), out)
+
     if out.issues:
         raise ConfigError(out.issues)
     return Config(
+        vram=vram,
         source=source,
         metrics=replace(MetricsConfig(), **sections.get("metrics", {})),
         logging=replace(LoggingConfig(), **sections.get("logging", {})),
@@ -589,7 +604,7 @@ def render_config(config: Config) -> str:
     lines = [f"# effective configuration from {config.source}"]
     sections: list[tuple[str, Any]] = []
     for f in fields(config):
-        if f.name in ("source", "gpus"):
+        if f.name in ("source", "gpus", "vram"):
             continue
         value = getattr(config, f.name)
         if hasattr(value, "__dataclass_fields__"):
@@ -614,4 +629,37 @@ def render_config(config: Config) -> str:
             values = getattr(override, part)
             if values:
                 lines.append(f"{part} = {_toml_value(dict(values))}")
+    lines.extend(_render_vram(config.vram))
     return "\n".join(lines) + "\n"
+
+
+def _render_class_body(klass: Any, lines: list[str]) -> None:
+    from governor.classes import MATCH_KEYS, format_size
+
+    if klass.budget_bytes is not None:
+        lines.append(f"budget = {_toml_value(format_size(klass.budget_bytes))}")
+    for name in ("priority", "action", "grace_s", "kill_after_s", "dry_run", "protected"):
+        lines.append(f"{name} = {_toml_value(getattr(klass, name))}")
+    match = {}
+    for key in MATCH_KEYS:
+        value = getattr(klass.match, key, None)
+        if value is not None:
+            match[key] = value if isinstance(value, str) else value.pattern
+    if match:
+        lines.append(f"match = {_toml_value(match)}")
+
+
+def _render_vram(vram: VramPolicy) -> list[str]:
+    from governor.classes import format_size
+
+    lines = ["", "[vram]"]
+    lines.append(f"enabled = {_toml_value(vram.enabled)}")
+    lines.append(f"reserve = {_toml_value(format_size(vram.reserve_bytes))}")
+    for name in ("pressure_used_ratio", "cooldown_s", "dry_run", "per_process_metrics", "protected_names"):
+        lines.append(f"{name} = {_toml_value(getattr(vram, name))}")
+    lines += ["", "[vram.default]"]
+    _render_class_body(vram.default_class, lines)
+    for klass in vram.classes:
+        lines += ["", "[[class]]", f"name = {_toml_value(klass.name)}"]
+        _render_class_body(klass, lines)
+    return lines
