@@ -510,8 +510,12 @@ def _read_bytes(path: Path) -> bytes:
     """Read a config file, refusing anything that is not a small regular file."""
     source = str(path)
     try:
-        with open(path, "rb") as handle:
+        # O_NONBLOCK: opening a FIFO with no writer would otherwise block forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
+            if stat.S_ISDIR(info.st_mode):
+                raise ConfigError([ConfigIssue(source, "", "a regular file", "a directory")])
             if not stat.S_ISREG(info.st_mode):
                 raise ConfigError([ConfigIssue(source, "", "a regular file", "a device, pipe or directory")])
             data = handle.read(MAX_CONFIG_BYTES + 1)
