@@ -493,9 +493,9 @@ def _parse_override(
     if not selectors:
         out.add(path, "at least one of index, uuid or name to select GPUs", "no selector")
     # Contradictions inherited unchanged from the top level are reported there, once.
-    if parts["thermal"]:
+    if parts["thermal"].keys() & {"warning_c", "hot_c", "throttle_c", "critical_c"}:
         _thermal_contradictions(replace(thermal, **parts["thermal"]), f"{path}.", out)
-    if parts["power"]:
+    if parts["power"].keys() & {"step_up_at_c", "step_down_at_c"}:
         _power_contradictions(replace(power, **parts["power"]), f"{path}.", out)
     return GpuOverride(
         index=selectors.get("index"),
