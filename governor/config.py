@@ -588,14 +588,24 @@ def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
 # --------------------------------------------------------------------------- output
 
 
+def _toml_char(ch: str) -> str:
+    """One character of a TOML basic string: quote, backslash and control characters escaped."""
+    if ch in ('"', "\\"):
+        return "\\" + ch
+    if ch == "\t":
+        return ch
+    if ord(ch) < 0x20 or ord(ch) == 0x7F:
+        return f"\\u{ord(ch):04x}"
+    return ch
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return '"' + "".join(_toml_char(ch) for ch in value) + '"'
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
@@ -605,7 +615,8 @@ def _toml_value(value: Any) -> str:
 
 def render_config(config: Config) -> str:
     """The effective configuration as TOML (defaults merged), loadable again."""
-    lines = [f"# effective configuration from {config.source}"]
+    source = "".join(_toml_char(ch) if ch < " " or ch == "\x7f" else ch for ch in config.source)
+    lines = [f"# effective configuration from {source}"]
     sections: list[tuple[str, Any]] = []
     for f in fields(config):
         if f.name in ("source", "gpus", "vram"):
