@@ -1,0 +1,77 @@
+"""Small builders shared by the rule, actuator and property tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from governor.backends import BackendError
+from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
+
+H100 = GpuInfo(
+    index=0,
+    uuid="GPU-h100",
+    name="NVIDIA H100 80GB HBM3",
+    power_limit_min_w=200.0,
+    power_limit_max_w=700.0,
+    power_limit_default_w=700.0,
+)
+"""A GPU whose allowed range (200-700 W) clamps a 180 W rung."""
+
+CARD_200W = GpuInfo(
+    index=1,
+    uuid="GPU-200w",
+    name="NVIDIA GeForce RTX 4070",
+    power_limit_min_w=100.0,
+    power_limit_max_w=220.0,
+    power_limit_default_w=200.0,
+)
+"""A 200 W card: both default rungs (200 W, 180 W) fit its range."""
+
+
+def reading(
+    temperature_c: float | None,
+    power_limit_w: float | None = 200.0,
+    gpu: GpuInfo = CARD_200W,
+    health: GpuHealth = GpuHealth.OK,
+) -> GpuReading:
+    """A reading of ``gpu`` with the given temperature and enforced limit."""
+    return GpuReading(
+        index=gpu.index,
+        uuid=gpu.uuid,
+        temperature_c=temperature_c,
+        power_limit_w=power_limit_w,
+        health=health,
+    )
+
+
+def snapshot(t_s: float, readings: Iterable[GpuReading]) -> Snapshot:
+    """A snapshot at monotonic ``t_s`` (wall time equal, for simplicity)."""
+    return Snapshot(t_s=t_s, wall_time_s=t_s, gpus=tuple(readings))
+
+
+@dataclass
+class RecordingBackend:
+    """A Backend test double that records every set_power_limit call and can be told to fail."""
+
+    infos: tuple[GpuInfo, ...] = (CARD_200W,)
+    fail_with: BackendError | None = None
+    calls: list[tuple[str, float]] = field(default_factory=list)
+    name: str = "recording"
+
+    def gpus(self) -> tuple[GpuInfo, ...]:
+        """The GPUs this double pretends to have."""
+        return self.infos
+
+    def read(self) -> Snapshot:
+        """An empty snapshot; the actuator never reads."""
+        return snapshot(0.0, ())
+
+    def set_power_limit(self, uuid: str, limit_w: float) -> None:
+        """Record the call, then raise ``fail_with`` if set."""
+        self.calls.append((uuid, limit_w))
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def close(self) -> None:
+        """Nothing to release."""
