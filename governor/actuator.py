@@ -11,21 +11,74 @@ marked once, never retried every tick.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import errno
+import os
+import signal
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 from governor.backends import Backend, BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Snapshot
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
+from governor.processes import read_start_time
 from governor.state import OriginalLimits
+
+SIGNALS = {Action.SIGNAL_TERM: signal.SIGTERM, Action.SIGNAL_KILL: signal.SIGKILL}
+
+
+def send_signal(pid: int, start_time: int, signum: int, proc: Path = Path("/proc")) -> str | None:
+    """Signal the process (pid, start_time) and no other; returns why not, or None when sent.
+
+    Through a pidfd: the pidfd is opened first, then the start time is checked; from
+    then on the pidfd refers to that very process, so a PID reused in between can
+    never be hit. Without pidfd support (old kernels), the start time is re-checked
+    right before kill(), which leaves only a window of microseconds.
+
+    Raises PermissionError when the process may not be signalled.
+    """
+    pidfd_open = getattr(os, "pidfd_open", None)
+    pidfd_send = getattr(signal, "pidfd_send_signal", None)
+    if pidfd_open is not None and pidfd_send is not None:
+        try:
+            fd = pidfd_open(pid)
+        except ProcessLookupError:
+            return "vanished"
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP):  # no pidfd here: fall back
+                raise
+        else:
+            try:
+                if read_start_time(pid, proc) != start_time:
+                    return "pid reused by another process: left alone"
+                pidfd_send(fd, signum)
+            except ProcessLookupError:
+                return "vanished"
+            finally:
+                os.close(fd)
+            return None
+    if read_start_time(pid, proc) != start_time:
+        return "vanished or pid reused: left alone"
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return "vanished"
+    return None
 
 
 class Actuator:
     """Applies power-limit decisions through a backend."""
 
     def __init__(
-        self, backend: Backend, originals: OriginalLimits, gpus: Iterable[GpuInfo], *, dry_run: bool = False
+        self,
+        backend: Backend,
+        originals: OriginalLimits,
+        gpus: Iterable[GpuInfo],
+        *,
+        dry_run: bool = False,
+        signaller: Callable[[int, int, int], str | None] = send_signal,
     ) -> None:
         self._backend = backend
+        self._signaller = signaller
         self.originals = originals
         self.dry_run = dry_run
         self._gpus: dict[str, GpuInfo] = {g.uuid: g for g in gpus}
@@ -39,6 +92,8 @@ class Actuator:
         for decision in decisions:
             if decision.action is Action.SET_POWER_LIMIT and isinstance(decision.to_value, (int, float)):
                 results.append(self._set(decision, float(decision.to_value), readings.get(decision.gpu_uuid)))
+            elif decision.action in SIGNALS:
+                results.append(self._signal(decision))
             else:
                 results.append(ActionResult(decision, Outcome.SKIPPED))
         return results
@@ -60,6 +115,22 @@ class Actuator:
         if enforced is not None:
             self.originals.remember(uuid, enforced)
         return self._write(decision, uuid, limit_w)
+
+    def _signal(self, decision: Decision) -> ActionResult:
+        name = SIGNALS[decision.action].name
+        if decision.pid is None or decision.process_start_time is None:
+            return ActionResult(decision, Outcome.REFUSED, "process identity unknown: never signalled")
+        if decision.dry_run:
+            return ActionResult(decision, Outcome.DRY_RUN, f"would send {name}")
+        try:
+            why_not = self._signaller(decision.pid, decision.process_start_time, SIGNALS[decision.action])
+        except PermissionError as exc:
+            return ActionResult(decision, Outcome.FAILED, f"{name} not permitted: {exc.strerror or exc}")
+        except OSError as exc:
+            return ActionResult(decision, Outcome.FAILED, f"{name} failed: {exc.strerror or exc}")
+        if why_not is not None:
+            return ActionResult(decision, Outcome.SKIPPED, why_not)
+        return ActionResult(decision, Outcome.APPLIED, f"sent {name}")
 
     def _write(self, decision: Decision, uuid: str, limit_w: float) -> ActionResult:
         try:

@@ -30,15 +30,20 @@ from governor.model import (
     TICK_BUCKETS_S,
     Action,
     ActionResult,
+    ClassUsage,
     Decision,
     GpuHealth,
+    GpuReading,
     GpuStatus,
     Outcome,
+    ProcessRow,
     PublishedState,
     Snapshot,
     ThermalZone,
 )
 from governor.notify import Notifier
+from governor.processes import ProcessFacts, ProcessInspector
+from governor.rules.vram import under_pressure
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
 from governor.rules.thermal import thresholds
@@ -115,6 +120,14 @@ EVENT_NAMES = {
     "power_drift_external_lower": "power_limit_external_lower",
     "restore_on_stop": "power_limit_restored",
     "restore_after_crash": "power_limit_restored",
+    "vram_over_budget": "process_over_budget",
+    "vram_enforce": "process_signalled",
+    "vram_escalate": "process_signalled",
+}
+PROCESS_ACTION_NAMES = {
+    Action.NONE: "over_budget",
+    Action.SIGNAL_TERM: "sigterm",
+    Action.SIGNAL_KILL: "sigkill",
 }
 
 
@@ -132,6 +145,7 @@ class Daemon:
         notifier: Notifier | None = None,
         metrics_server_factory: Callable[[Callable[[], PublishedState | None]], Any] | None = None,
         load: Callable[[Path], Config] = load_config,
+        inspector: ProcessInspector | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -149,6 +163,9 @@ class Daemon:
         self.actuator = Actuator(backend, self.originals, self._gpus, dry_run=config.dry_run)
         self.plans = self._build_plans(config)
         self.states: dict[str, GpuRuleState] = {}
+        self.inspector = inspector if inspector is not None else ProcessInspector()
+        self.facts: dict[int, ProcessFacts] = {}
+        self._process_actions: Counter[tuple[str, str, str]] = Counter()
         self.snapshot: Snapshot | None = None
         self._started_wall_s = clock.wall()
         self._config_loaded_wall_s = clock.wall()
@@ -278,10 +295,28 @@ class Daemon:
         for reading in snapshot.gpus:
             if reading.health is not GpuHealth.OK:
                 self._read_errors[reading.index] += 1
-        self.states, decisions = evaluate(snapshot, self.plans, self.states, dry_run=self.config.dry_run)
+        self.facts = self._inspect(snapshot)
+        vram = self.config.vram if self.config.vram.enabled else None
+        self.states, decisions = evaluate(
+            snapshot, self.plans, self.states, dry_run=self.config.dry_run, vram=vram, facts=self.facts
+        )
         results = self.actuator.apply(decisions, snapshot)
         self._log_results(results)
         self._check_state_store()
+
+    def _inspect(self, snapshot: Snapshot) -> dict[int, ProcessFacts]:
+        """Facts for every process any GPU reports; one unreadable process never stops the tick."""
+        facts: dict[int, ProcessFacts] = {}
+        for reading in snapshot.gpus:
+            for process in reading.processes or ():
+                if process.pid in facts:
+                    continue
+                try:
+                    facts[process.pid] = self.inspector.facts(process.pid, process.name, self.config.vram)
+                except Exception as exc:  # noqa: BLE001 - a hostile /proc entry must not stop the loop
+                    self.log.warning("process_inspect_failed", pid=process.pid, error=str(exc))
+        self.inspector.forget_except(facts)
+        return facts
 
     def reload(self) -> bool:
         """Validate the config file first; swap it in only if whole and valid."""
@@ -307,6 +342,7 @@ class Daemon:
                 new = replace(new, **{key: getattr(self.config, key)})
         self.config = new
         self.plans = self._build_plans(new)
+        self.inspector.clear()
         self.actuator.dry_run = new.dry_run
         self._config_ok = True
         self._config_loaded_wall_s = self.clock.wall()
@@ -345,6 +381,10 @@ class Daemon:
         for result in results:
             decision = result.decision
             self._decision_counts[(decision.gpu_index, decision.rule, decision.action.value)] += 1
+            if decision.pid is not None and decision.process_class is not None:
+                action_name = PROCESS_ACTION_NAMES.get(decision.action, decision.action.value)
+                outcome = result.outcome.value if decision.action is not Action.NONE else "reported"
+                self._process_actions[(decision.process_class, action_name, outcome)] += 1
             if decision.action is not Action.NONE:
                 self._action_counts[(decision.gpu_index, decision.action.value, result.outcome.value)] += 1
             self._last_decision[decision.gpu_uuid] = (decision, wall)
@@ -352,6 +392,9 @@ class Daemon:
 
     def _log_decision(self, result: ActionResult) -> None:
         d = result.decision
+        if d.pid is not None:
+            self._log_process_decision(result)
+            return
         fields: dict[str, Any] = {
             "gpu": d.gpu_index,
             "uuid": d.gpu_uuid,
@@ -392,6 +435,77 @@ class Daemon:
         else:
             self.log.info(event, **fields)
 
+    def _log_process_decision(self, result: ActionResult) -> None:
+        d = result.decision
+        facts = self.facts.get(d.pid) if d.pid is not None else None
+        fields: dict[str, Any] = {
+            "gpu": d.gpu_index,
+            "uuid": d.gpu_uuid,
+            "rule": d.rule,
+            "pid": d.pid,
+            "process": d.from_value,
+            "class": d.process_class,
+            "used_bytes": None if d.reading is None else int(d.reading),
+            "budget_bytes": None if d.threshold is None else int(d.threshold),
+            "reason": d.reason,
+        }
+        if facts is not None:
+            fields["matched"] = facts.why
+            if facts.unit:
+                fields["unit"] = facts.unit
+            if facts.protected:
+                fields["protected"] = facts.protected
+        if d.action is Action.NONE:
+            self.log.warning("process_over_budget", **fields)
+            return
+        fields["signal"] = PROCESS_ACTION_NAMES[d.action].upper()
+        fields["outcome"] = result.outcome.value
+        if result.detail:
+            fields["detail"] = result.detail
+        if result.outcome is Outcome.DRY_RUN:
+            self.log.warning("process_would_signal", **fields)
+        elif result.outcome is Outcome.FAILED:
+            self.log.error("process_signal_failed", **fields)
+        elif result.outcome is Outcome.APPLIED:
+            self.log.warning("process_signalled", **fields)
+        else:
+            self.log.info("process_left_alone", **fields)
+
+    def _gpu_processes(
+        self, reading: GpuReading | None
+    ) -> tuple[tuple[ClassUsage, ...], int, tuple[ProcessRow, ...]]:
+        """Per-class VRAM use, unclassified count and process rows for one GPU."""
+        if reading is None or not reading.processes:
+            return (), 0, ()
+        vram = self.config.vram
+        usage: dict[str, list[int]] = {}
+        rows = []
+        unclassified = 0
+        for process in reading.processes:
+            facts = self.facts.get(process.pid)
+            klass = facts.klass if facts is not None else vram.default_class.name
+            budget = vram.class_named(klass).budget_bytes
+            used = process.used_memory_bytes
+            entry = usage.setdefault(klass, [0, 0, 0])
+            entry[0] += used or 0
+            entry[1] += 1
+            entry[2] += 1 if budget is not None and used is not None and used > budget else 0
+            if klass == vram.default_class.name:
+                unclassified += 1
+            if vram.per_process_metrics:
+                rows.append(
+                    ProcessRow(
+                        pid=process.pid,
+                        name=(facts.name if facts else process.name) or "",
+                        klass=klass,
+                        unit=(facts.unit if facts else None) or "",
+                        used_bytes=used,
+                        why=facts.why if facts else "",
+                    )
+                )
+        classes = tuple(ClassUsage(name, u, n, o) for name, (u, n, o) in sorted(usage.items()))
+        return classes, unclassified, tuple(rows)
+
     def _check_state_store(self) -> None:
         error = self.originals.last_error
         if error and error != self._state_error_logged:
@@ -424,10 +538,13 @@ class Daemon:
             for i in range(bisect.bisect_left(TICK_BUCKETS_S, duration_s), len(TICK_BUCKETS_S)):
                 self._tick_buckets[i] += 1
         statuses = []
+        readings = {r.uuid: r for r in snapshot.gpus}
         for gpu in self._gpus:
             plan = self.plans[gpu.uuid]
             state = self.states.get(gpu.uuid, GpuRuleState())
             last = self._last_decision.get(gpu.uuid)
+            reading = readings.get(gpu.uuid)
+            classes, unclassified, rows = self._gpu_processes(reading)
             statuses.append(
                 GpuStatus(
                     info=gpu,
@@ -439,6 +556,10 @@ class Daemon:
                     monitor_only=self.actuator.monitor_only.get(gpu.uuid),
                     last_decision=None if last is None else last[0],
                     last_decision_wall_s=None if last is None else last[1],
+                    classes=classes,
+                    unclassified_processes=unclassified,
+                    memory_pressure=None if reading is None else under_pressure(reading, self.config.vram),
+                    processes=rows,
                 )
             )
         self.published = PublishedState(
@@ -462,4 +583,13 @@ class Daemon:
             last_poll_wall_s=snapshot.wall_time_s,
             state_write_errors=self.originals.write_errors,
             ready=self._ready,
+            poll_interval_s=self.config.poll_interval_s,
+            class_budgets=tuple(
+                (c.name, c.budget_bytes)
+                for c in (*self.config.vram.classes, self.config.vram.default_class)
+                if c.budget_bytes is not None
+            ),
+            reserve_bytes=self.config.vram.reserve_bytes,
+            process_action_counts=tuple(sorted(self._process_actions.items())),
+            per_process_metrics=self.config.vram.per_process_metrics,
         )

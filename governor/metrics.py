@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from governor.logsetup import escape
 from governor.model import TICK_BUCKETS_S, ZONES_BY_SEVERITY, GpuHealth, PublishedState
 
 PREFIX = "gpu_governor"
@@ -55,6 +56,7 @@ class GovernorCollector(Collector):
             return
         yield from _governor_metrics(state)
         yield from _gpu_metrics(state)
+        yield from _vram_metrics(state)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
@@ -86,6 +88,10 @@ def _governor_metrics(state: PublishedState) -> Iterator[Metric]:
     for result, count in state.config_reloads:
         reloads.add_metric([result], count)
     yield reloads
+
+    interval = _gauge("poll_interval_seconds", "Seconds between two polls (from the config in force).", [])
+    interval.add_metric([], state.poll_interval_s)
+    yield interval
 
     started = _gauge("start_timestamp_seconds", "Unix time the governor started.", [])
     started.add_metric([], state.started_wall_s)
@@ -142,6 +148,9 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         "energy": CounterMetricFamily(
             f"{PREFIX}_gpu_energy_joules", "Energy used since driver load.", labels=GPU_LABELS
         ),
+        "floor": _gauge(
+            "gpu_power_ladder_floor_watts", "Lowest rung of the GPU's ladder (clamped to its range)."
+        ),
         "reasons": _gauge(
             "gpu_clock_event_reason_active",
             "1 while NVML reports this clock event reason.",
@@ -181,6 +190,8 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         ):
             if value is not None:
                 families[key].add_metric(labels, float(value))
+        if status.ladder_w:
+            families["floor"].add_metric(labels, status.ladder_w[-1])
         families["monitor_only"].add_metric(labels, 1.0 if status.monitor_only else 0.0)
         families["zone"].add_metric(labels, {z.value: status.zone is z for z in ZONES_BY_SEVERITY})
         for zone, lower_c in status.zone_thresholds_c:
@@ -232,6 +243,69 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
     for gpu, count in state.read_errors:
         errors.add_metric([str(gpu)], count)
     yield errors
+
+
+LABEL_MAX_CHARS = 64
+"""Process names in labels are escaped and cut to this length (they are chosen by the process)."""
+
+
+def _label(text: str) -> str:
+    return escape(text)[:LABEL_MAX_CHARS]
+
+
+def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
+    used = _gauge(
+        "class_vram_used_bytes", "VRAM used by the processes of a class on a GPU.", [*GPU_LABELS, "class"]
+    )
+    count = _gauge("class_processes", "Processes of a class on a GPU.", [*GPU_LABELS, "class"])
+    over = _gauge(
+        "class_over_budget_processes",
+        "Processes of a class over their budget on a GPU.",
+        [*GPU_LABELS, "class"],
+    )
+    unclassified = _gauge("unclassified_processes", "Processes on a GPU that matched no class.")
+    reserve = _gauge("gpu_vram_reserve_bytes", "Free VRAM the governor keeps in reserve on a GPU.")
+    pressure = _gauge(
+        "gpu_memory_pressure", "1 when free VRAM is below the reserve or use above the threshold."
+    )
+    per_process = _gauge(
+        "process_vram_used_bytes",
+        "VRAM of one process (only when [vram] per_process_metrics = true).",
+        [*GPU_LABELS, "pid", "name", "class", "unit"],
+    )
+    for status in state.gpus:
+        labels = [str(status.info.index), status.info.uuid]
+        for usage in status.classes:
+            used.add_metric([*labels, usage.name], float(usage.used_bytes))
+            count.add_metric([*labels, usage.name], float(usage.processes))
+            over.add_metric([*labels, usage.name], float(usage.over_budget))
+        unclassified.add_metric(labels, float(status.unclassified_processes))
+        reserve.add_metric(labels, float(state.reserve_bytes))
+        if status.memory_pressure is not None:
+            pressure.add_metric(labels, 1.0 if status.memory_pressure else 0.0)
+        for row in status.processes:
+            if row.used_bytes is not None:
+                per_process.add_metric(
+                    [*labels, str(row.pid), _label(row.name), row.klass, _label(row.unit)],
+                    float(row.used_bytes),
+                )
+    yield from (used, count, over, unclassified, reserve, pressure)
+    if state.per_process_metrics:
+        yield per_process
+
+    budget = _gauge("class_vram_budget_bytes", "VRAM budget of a class, per process and per GPU.", ["class"])
+    for name, size in state.class_budgets:
+        budget.add_metric([name], float(size))
+    yield budget
+
+    actions = CounterMetricFamily(
+        f"{PREFIX}_process_actions",
+        "Process reports and signals by class, action (over_budget, sigterm, sigkill) and outcome.",
+        labels=["class", "action", "outcome"],
+    )
+    for (klass, action, outcome), n in state.process_action_counts:
+        actions.add_metric([klass, action, outcome], n)
+    yield actions
 
 
 def build_registry(source: Callable[[], PublishedState | None]) -> CollectorRegistry:

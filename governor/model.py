@@ -148,7 +148,9 @@ class Decision:
     from_value: float | str | None = None
     to_value: float | str | None = None
     pid: int | None = None
-    process_start_time: float | None = None
+    process_start_time: int | None = None
+    process_class: str | None = None
+    dry_run: bool = False  # a process decision under dry-run (per class or [vram] dry_run)
     extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
@@ -173,6 +175,28 @@ class ActionResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ClassUsage:
+    """VRAM use of one process class on one GPU in the last tick."""
+
+    name: str
+    used_bytes: int
+    processes: int
+    over_budget: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRow:
+    """One process on one GPU, as classified (exported only when per-process metrics are on)."""
+
+    pid: int
+    name: str
+    klass: str
+    unit: str
+    used_bytes: int | None
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
 class GpuStatus:
     """What the governor knows and wants for one GPU after a tick (for metrics and ``status``)."""
 
@@ -185,6 +209,10 @@ class GpuStatus:
     monitor_only: str | None
     last_decision: Decision | None
     last_decision_wall_s: float | None
+    classes: tuple[ClassUsage, ...] = ()
+    unclassified_processes: int = 0
+    memory_pressure: bool | None = None
+    processes: tuple[ProcessRow, ...] = ()
 
 
 TICK_BUCKETS_S: tuple[float, ...] = (
@@ -232,3 +260,8 @@ class PublishedState:
     last_poll_wall_s: float | None
     state_write_errors: int
     ready: bool
+    poll_interval_s: float = 1.0
+    class_budgets: tuple[tuple[str, int], ...] = ()  # (class, bytes)
+    reserve_bytes: int = 0
+    process_action_counts: tuple[tuple[tuple[str, str, str], int], ...] = ()  # (class, action, outcome)
+    per_process_metrics: bool = False

@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from governor.classes import VramPolicy
 from governor.config import GpuPolicy
 from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, Snapshot, ThermalZone
+from governor.processes import ProcessFacts
 from governor.rules.power import LadderState, effective_ladder, step_power
 from governor.rules.thermal import evaluate_zone
+from governor.rules.vram import VramState, evaluate_vram
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,7 @@ class GpuRuleState:
 
     zone: ThermalZone = ThermalZone.UNKNOWN
     ladder: LadderState = field(default_factory=LadderState)
+    vram: VramState = field(default_factory=VramState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +72,14 @@ def evaluate(
     states: Mapping[str, GpuRuleState],
     *,
     dry_run: bool = False,
+    vram: VramPolicy | None = None,
+    facts: Mapping[int, ProcessFacts] | None = None,
 ) -> tuple[dict[str, GpuRuleState], list[Decision]]:
-    """Run every rule on every GPU of ``snapshot`` (keyed by UUID); GPUs without a plan are skipped."""
+    """Run every rule on every GPU of ``snapshot`` (keyed by UUID); GPUs without a plan are skipped.
+
+    ``facts`` (pid -> ProcessFacts) comes from :class:`governor.processes.ProcessInspector`;
+    without it the VRAM rule does not run.
+    """
     new_states = dict(states)
     decisions: list[Decision] = []
     for reading in snapshot.gpus:
