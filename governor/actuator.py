@@ -19,8 +19,8 @@ from pathlib import Path
 
 from governor.backends import Backend, BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Snapshot
-from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
 from governor.processes import read_start_time
+from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
 from governor.state import OriginalLimits
 
 SIGNALS = {Action.SIGNAL_TERM: signal.SIGTERM, Action.SIGNAL_KILL: signal.SIGKILL}

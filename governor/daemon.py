@@ -43,10 +43,10 @@ from governor.model import (
 )
 from governor.notify import Notifier
 from governor.processes import ProcessFacts, ProcessInspector
-from governor.rules.vram import under_pressure
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
 from governor.rules.thermal import thresholds
+from governor.rules.vram import under_pressure
 from governor.state import OriginalLimits
 
 RELOAD = "reload"
@@ -313,7 +313,7 @@ class Daemon:
                     continue
                 try:
                     facts[process.pid] = self.inspector.facts(process.pid, process.name, self.config.vram)
-                except Exception as exc:  # noqa: BLE001 - a hostile /proc entry must not stop the loop
+                except Exception as exc:  # a hostile /proc entry must not stop the loop
                     self.log.warning("process_inspect_failed", pid=process.pid, error=str(exc))
         self.inspector.forget_except(facts)
         return facts

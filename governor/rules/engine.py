@@ -43,15 +43,22 @@ class GpuPlan:
 
 
 def evaluate_gpu(
-    reading: GpuReading, plan: GpuPlan, state: GpuRuleState, t_s: float, *, dry_run: bool = False
+    reading: GpuReading,
+    plan: GpuPlan,
+    state: GpuRuleState,
+    t_s: float,
+    *,
+    dry_run: bool = False,
+    vram: VramPolicy | None = None,
+    facts: Mapping[int, ProcessFacts] | None = None,
 ) -> tuple[GpuRuleState, list[Decision]]:
-    """Run the thermal rule and then the power ladder for one GPU reading."""
+    """Run the thermal rule, the power ladder and the VRAM budgets for one GPU reading."""
     decisions: list[Decision] = []
     zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s)
     if zone_decision is not None:
         decisions.append(zone_decision)
     if reading.health is GpuHealth.LOST:
-        return GpuRuleState(zone=zone, ladder=state.ladder), decisions
+        return GpuRuleState(zone=zone, ladder=state.ladder, vram=state.vram), decisions
     ladder, power_decisions = step_power(
         reading,
         state.zone,
@@ -63,7 +70,11 @@ def evaluate_gpu(
         check_drift=not dry_run,
     )
     decisions.extend(power_decisions)
-    return GpuRuleState(zone=zone, ladder=ladder), decisions
+    vram_state = state.vram
+    if vram is not None and facts is not None:
+        vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s)
+        decisions.extend(vram_decisions)
+    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state), decisions
 
 
 def evaluate(
@@ -88,7 +99,7 @@ def evaluate(
             continue
         state = states.get(reading.uuid, GpuRuleState())
         new_states[reading.uuid], gpu_decisions = evaluate_gpu(
-            reading, plan, state, snapshot.t_s, dry_run=dry_run
+            reading, plan, state, snapshot.t_s, dry_run=dry_run, vram=vram, facts=facts
         )
         decisions.extend(gpu_decisions)
     return new_states, decisions

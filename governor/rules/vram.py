@@ -147,7 +147,8 @@ def evaluate_vram(
     last_victim = state.last_victim_s.get(uuid)
     cooling = last_victim is not None and t_s - last_victim < policy.cooldown_s
     new_victims: list[tuple[_Candidate, Offender]] = []
-    for candidate, offender in current:
+    for candidate, known in current:
+        offender = known
         klass = candidate.klass
         dry = policy.dry_run or klass.dry_run
         if offender.term_sent_s is not None and offender.kill_sent_s is None:
