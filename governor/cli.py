@@ -176,8 +176,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """Validate a config; print the effective config or every error."""
+    from governor.classes import config_warnings
+
     config = load_config(args.path)
     out.write(render_config(config))
+    for warning in config_warnings(config.vram):
+        sys.stderr.write(f"gpu-governor: config warning: {args.path}: {warning}\n")
     return EXIT_OK
 
 

@@ -1,0 +1,417 @@
+"""VRAM budgets: the pure rule, and the whole signalling path against real child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from governor.actuator import Actuator, send_signal
+from governor.backends.simulated import SimulatedBackend, build_simulated_backend
+from governor.classes import ProcessClass, ProcessMatch, VramPolicy, config_warnings, parse_size
+from governor.clock import VirtualClock
+from governor.config import Config, SimulationConfig, parse_config
+from governor.daemon import Daemon, VirtualWaiter
+from governor.model import Action, Decision, GpuReading, Outcome, ProcessReading
+from governor.notify import Notifier
+from governor.processes import ProcessFacts, ProcessInspector, read_start_time
+from governor.rules.vram import VramState, evaluate_vram
+from governor.state import OriginalLimits
+
+GiB = 2**30
+
+
+def facts(pid: int, klass: str, protected: str | None = None, start: int | None = 1000) -> ProcessFacts:
+    return ProcessFacts(
+        pid=pid,
+        start_time=start,
+        name=f"p{pid}",
+        exe=None,
+        cmdline=None,
+        uid=1000,
+        user="u",
+        cgroup=None,
+        unit=None,
+        slices=(),
+        kernel_thread=False,
+        klass=klass,
+        why="test",
+        protected=protected,
+    )
+
+
+def reading(*procs: tuple[int, int], used: int = 6 * GiB, total: int = 12 * GiB) -> GpuReading:
+    return GpuReading(
+        index=0,
+        uuid="GPU-0",
+        memory_used_bytes=used,
+        memory_total_bytes=total,
+        processes=tuple(ProcessReading(pid=p, used_memory_bytes=u) for p, u in procs),
+    )
+
+
+PRIMARY = ProcessClass(
+    "primary", ProcessMatch(name="p1"), 6 * GiB, priority=100, action="terminate", grace_s=30
+)
+SECONDARY = ProcessClass(
+    "secondary", ProcessMatch(name="p2"), 3 * GiB, priority=50, action="terminate", grace_s=30
+)
+POLICY = VramPolicy(reserve_bytes=2 * GiB, classes=(PRIMARY, SECONDARY), cooldown_s=20)
+
+
+def run(
+    ticks: list[tuple[float, GpuReading]], table: dict[int, ProcessFacts], policy: VramPolicy = POLICY
+) -> list[Decision]:
+    state = VramState()
+    out: list[Decision] = []
+    for t, r in ticks:
+        state, decisions = evaluate_vram(r, table, policy, state, t)
+        out.extend(decisions)
+    return out
+
+
+class TestVramRule:
+    def test_over_budget_is_reported_once_then_terminated_after_grace(self) -> None:
+        """A process over budget is reported once, then SIGTERMed once its grace has passed."""
+        table = {2: facts(2, "secondary")}
+        decisions = run([(t, reading((2, 4 * GiB))) for t in range(0, 40)], table)
+        assert [(d.rule, d.action, d.t_s) for d in decisions] == [
+            ("vram_over_budget", Action.NONE, 0),
+            ("vram_enforce", Action.SIGNAL_TERM, 30),
+        ]
+
+    def test_sigkill_follows_when_still_over_after_kill_after(self) -> None:
+        """A process still there and over budget kill_after seconds after SIGTERM gets SIGKILL."""
+        table = {2: facts(2, "secondary")}
+        decisions = run([(t, reading((2, 4 * GiB))) for t in range(0, 60)], table)
+        kills = [d for d in decisions if d.action is Action.SIGNAL_KILL]
+        assert [(d.rule, d.t_s) for d in kills] == [("vram_escalate", 40)]
+
+    def test_back_under_budget_resets(self) -> None:
+        """A process that drops under its budget before the grace ends is never signalled."""
+        table = {2: facts(2, "secondary")}
+        ticks = [(t, reading((2, 4 * GiB if t < 20 else 2 * GiB))) for t in range(0, 60)]
+        assert [d.rule for d in run(ticks, table)] == ["vram_over_budget"]
+
+    def test_protected_and_unknown_identity_are_never_signalled(self) -> None:
+        """Protected processes and processes without a start time are reported, never signalled."""
+        table = {2: facts(2, "secondary", protected="PID 1"), 3: facts(3, "secondary", start=None)}
+        decisions = run([(t, reading((2, 4 * GiB), (3, 4 * GiB))) for t in range(0, 100)], table)
+        assert {d.rule for d in decisions} == {"vram_over_budget"}
+        assert "never signalled" in decisions[0].reason
+
+    def test_pressure_acts_before_grace_on_lowest_priority_only(self) -> None:
+        """Under pressure only the lowest-priority offender is chosen, without waiting for its grace."""
+        table = {1: facts(1, "primary"), 2: facts(2, "secondary")}
+        tight = reading((1, 7 * GiB), (2, 4 * GiB), used=11 * GiB)
+        decisions = run([(0, tight), (1, tight)], table)
+        signals = [d for d in decisions if d.action is not Action.NONE]
+        assert [(d.pid, d.action) for d in signals] == [(2, Action.SIGNAL_TERM)]
+
+    def test_cooldown_spaces_new_victims(self) -> None:
+        """After a victim is chosen, the next one on that GPU waits for the cooldown."""
+        table = {1: facts(1, "primary"), 2: facts(2, "secondary")}
+        tight = reading((1, 7 * GiB), (2, 4 * GiB), used=11 * GiB)
+        decisions = run([(t, tight) for t in range(0, 25)], table)
+        enforce = [(d.pid, d.t_s) for d in decisions if d.rule == "vram_enforce"]
+        assert enforce == [(2, 0), (1, 20)]
+
+    def test_observe_class_only_reports(self) -> None:
+        """An observe class never yields a signal."""
+        observe = ProcessClass("obs", ProcessMatch(name="p2"), GiB, action="observe", grace_s=0)
+        policy = VramPolicy(classes=(observe,))
+        decisions = run([(t, reading((2, 4 * GiB))) for t in range(0, 100)], {2: facts(2, "obs")}, policy)
+        assert [d.rule for d in decisions] == ["vram_over_budget"]
+
+    def test_dry_run_marks_decisions(self) -> None:
+        """With [vram] dry_run the decisions carry dry_run so the actuator only logs them."""
+        policy = VramPolicy(classes=(SECONDARY,), dry_run=True)
+        decisions = run(
+            [(t, reading((2, 4 * GiB))) for t in range(0, 31)], {2: facts(2, "secondary")}, policy
+        )
+        assert decisions[-1].action is Action.SIGNAL_TERM and decisions[-1].dry_run
+
+
+class TestClassesConfig:
+    def test_sizes_parse_with_units(self) -> None:
+        """Budgets accept binary and decimal units and plain byte counts."""
+        assert parse_size("6GiB") == 6 * GiB
+        assert parse_size("512 MiB") == 512 * 2**20
+        assert parse_size("2GB") == 2 * 10**9
+        assert parse_size(1024) == 1024
+        assert parse_size("6 gigs") is None
+
+    def test_overlap_and_never_matching_warnings(self) -> None:
+        """check-config warns about a class that can never match and overlapping classes, naming the winner."""
+        cfg = parse_config(
+            {
+                "class": [
+                    {"name": "a", "budget": "1GiB", "match": {"name": "python*"}},
+                    {"name": "b", "budget": "1GiB", "match": {"name": "python3"}},
+                    {"name": "c", "budget": "1GiB", "match": {}},
+                ]
+            },
+            "t.toml",
+        )
+        warnings = config_warnings(cfg.vram)
+        assert any("'a' and 'b'" in w and "'a' wins" in w for w in warnings)
+        assert any("'c' has no match rule" in w for w in warnings)
+
+    def test_rtx4070_example_expresses_the_workstation_split(self) -> None:
+        """The shipped RTX 4070 example has primary 6 GiB, secondary 3 GiB and a 2 GiB reserve."""
+        from governor.config import load_config
+
+        cfg = load_config(Path(__file__).parents[1] / "config/examples/rtx4070.toml", enforce_trust=False)
+        budgets = {c.name: c.budget_bytes for c in cfg.vram.classes}
+        assert budgets["primary"] == 6 * GiB and budgets["secondary"] == 3 * GiB
+        assert cfg.vram.reserve_bytes == 2 * GiB
+
+
+class TestInspector:
+    def test_classifies_a_real_process_and_explains_why(self) -> None:
+        """A real child is matched on its command line and the explanation names the rule."""
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "worker-marker"])
+        try:
+            klass = ProcessClass(
+                "workers", ProcessMatch(cmdline=__import__("re").compile("worker-marker")), GiB
+            )
+            policy = VramPolicy(classes=(klass,))
+            got = ProcessInspector().facts(child.pid, None, policy)
+            assert got.klass == "workers" and "cmdline matches" in got.why
+            assert got.start_time == read_start_time(child.pid)
+            assert got.user is not None and got.protected is None
+        finally:
+            child.kill()
+            child.wait()
+
+    def test_pid_1_and_self_are_protected(self) -> None:
+        """PID 1 and the governor's own process are never signalled."""
+        inspector = ProcessInspector()
+        assert inspector.facts(1, None, VramPolicy()).protected == "PID 1"
+        assert inspector.facts(os.getpid(), None, VramPolicy()).protected == "the governor itself"
+
+
+# ----------------------------------------------------------------------------- real processes
+
+IGNORE_TERM = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(120)"
+SLEEPER = "import time\ntime.sleep(120)"
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+
+
+def spawn(children: list[subprocess.Popen[bytes]], code: str, tag: str) -> subprocess.Popen[bytes]:
+    child = subprocess.Popen([sys.executable, "-c", code, tag])
+    children.append(child)
+    deadline = time.monotonic() + 10
+    while read_start_time(child.pid) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return child
+
+
+def wait_exit(child: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int | None:
+    try:
+        return child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+class Harness:
+    """A daemon on a simulated GPU, stepped one virtual second at a time, reporting real children."""
+
+    def __init__(self, tmp_path: Path, toml: dict[str, Any]) -> None:
+        self.clock = VirtualClock()
+        cfg = parse_config(toml, "test.toml")
+        sim = SimulationConfig(profile="rtx4070", scenario="idle")
+        self.backend: SimulatedBackend = build_simulated_backend(sim, self.clock)
+        config = Config(state_dir=str(tmp_path), vram=cfg.vram, backend="simulated")
+        self.daemon = Daemon(
+            config, self.backend, self.clock, waiter=VirtualWaiter(self.clock), notifier=Notifier()
+        )
+        self.attached: dict[int, subprocess.Popen[bytes]] = {}
+
+    def attach(self, child: subprocess.Popen[bytes], used_bytes: int) -> None:
+        self.backend.attach_process(0, child.pid, used_bytes)
+        self.attached[child.pid] = child
+
+    def step(self, seconds: int) -> None:
+        """Advance and tick once per virtual second; a child that exited stops being reported (as NVML does)."""
+        for _ in range(seconds):
+            self.clock.advance(1.0)
+            self.daemon.tick()
+            time.sleep(0.02)  # let real signals land
+            for pid, child in list(self.attached.items()):
+                if child.poll() is not None:
+                    self.backend.detach_process(pid)
+                    del self.attached[pid]
+
+
+def classes_toml(**vram: Any) -> dict[str, Any]:
+    return {
+        "vram": {"reserve": "2GiB", "cooldown_s": 5.0, **vram},
+        "class": [
+            {
+                "name": "primary",
+                "budget": "6GiB",
+                "priority": 100,
+                "action": "terminate",
+                "grace_s": 3600.0,
+                "match": {"cmdline": "primary-marker"},
+            },
+            {
+                "name": "secondary",
+                "budget": "3GiB",
+                "priority": 50,
+                "action": "terminate",
+                "grace_s": 10.0,
+                "kill_after_s": 5.0,
+                "match": {"cmdline": "secondary-marker"},
+            },
+        ],
+    }
+
+
+class TestRealProcesses:
+    def test_over_budget_child_gets_sigterm_after_grace(
+        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    ) -> None:
+        """A real child over its 3 GiB budget is SIGTERMed once its 10 s grace passed, not before."""
+        h = Harness(tmp_path, classes_toml())
+        child = spawn(children, SLEEPER, "secondary-marker")
+        h.daemon.start()
+        h.attach(child, 4 * GiB)
+        with capture_logs() as logs:
+            h.step(9)
+            assert child.poll() is None
+            h.step(3)
+        assert wait_exit(child) == -signal.SIGTERM
+        events = [e["event"] for e in logs]
+        assert events.count("process_over_budget") == 1 and events.count("process_signalled") == 1
+        signalled = next(e for e in logs if e["event"] == "process_signalled")
+        assert signalled["signal"] == "SIGTERM" and signalled["class"] == "secondary"
+        assert "cmdline matches" in signalled["matched"]
+
+    def test_child_ignoring_sigterm_gets_sigkill(
+        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    ) -> None:
+        """A child that ignores SIGTERM and stays over budget is SIGKILLed after kill_after."""
+        h = Harness(tmp_path, classes_toml())
+        child = spawn(children, IGNORE_TERM, "secondary-marker")
+        h.daemon.start()
+        h.attach(child, 4 * GiB)
+        h.step(12)
+        assert child.poll() is None  # SIGTERM ignored
+        h.step(6)
+        assert wait_exit(child) == -signal.SIGKILL
+
+    def test_reused_pid_is_left_alone(self, children: list[subprocess.Popen[bytes]]) -> None:
+        """A decision about (pid, old start time) never signals the process now holding that pid."""
+        child = spawn(children, SLEEPER, "secondary-marker")
+        start = read_start_time(child.pid)
+        assert start is not None
+        assert (
+            send_signal(child.pid, start - 1, signal.SIGTERM) == "pid reused by another process: left alone"
+        )
+        decision = Decision(
+            t_s=0,
+            gpu_index=0,
+            gpu_uuid="GPU-0",
+            rule="vram_enforce",
+            action=Action.SIGNAL_KILL,
+            reason="test",
+            pid=child.pid,
+            process_start_time=start - 1,
+            process_class="secondary",
+        )
+        actuator = Actuator(_NoBackend(), OriginalLimits(None), [])
+        result = actuator._signal(decision)
+        assert result.outcome is Outcome.SKIPPED
+        time.sleep(0.1)
+        assert child.poll() is None
+
+    def test_vanished_process_is_not_an_error(self) -> None:
+        """Signalling a process that has exited reports 'vanished', no exception."""
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        assert send_signal(child.pid, 12345, signal.SIGTERM) == "vanished"
+
+    def test_protected_child_is_never_signalled(
+        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    ) -> None:
+        """A child whose class is protected stays alive however long it is over budget."""
+        toml = classes_toml()
+        toml["class"][1]["protected"] = True
+        h = Harness(tmp_path, toml)
+        child = spawn(children, SLEEPER, "secondary-marker")
+        h.daemon.start()
+        h.attach(child, 5 * GiB)
+        with capture_logs() as logs:
+            h.step(40)
+        assert child.poll() is None
+        over = [e for e in logs if e["event"] == "process_over_budget"]
+        assert len(over) == 1 and "protected" in over[0]
+        assert not any(e["event"] == "process_signalled" for e in logs)
+
+    def test_dry_run_signals_nothing_and_logs_everything(
+        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    ) -> None:
+        """With [vram] dry_run the child survives and the would-be SIGTERM and SIGKILL are logged."""
+        h = Harness(tmp_path, classes_toml(dry_run=True))
+        child = spawn(children, SLEEPER, "secondary-marker")
+        h.daemon.start()
+        h.attach(child, 4 * GiB)
+        with capture_logs() as logs:
+            h.step(20)
+        assert child.poll() is None
+        would = [e["signal"] for e in logs if e["event"] == "process_would_signal"]
+        assert would == ["SIGTERM", "SIGKILL"]
+
+    def test_pressure_stops_only_the_lowest_priority_offender(
+        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    ) -> None:
+        """Under pressure the lower-priority offender is stopped at once; the other is left running."""
+        toml = classes_toml()
+        toml["class"][1]["grace_s"] = 3600.0
+        h = Harness(tmp_path, toml)
+        primary = spawn(children, SLEEPER, "primary-marker")
+        secondary = spawn(children, SLEEPER, "secondary-marker")
+        h.daemon.start()
+        h.attach(primary, 7 * GiB)  # over 6 GiB
+        h.attach(secondary, 4 * GiB)  # over 3 GiB: 11 GiB of 12 used, reserve 2 GiB -> pressure
+        h.step(2)
+        assert wait_exit(secondary) == -signal.SIGTERM
+        h.step(30)
+        assert primary.poll() is None
+        assert h.daemon.published is not None
+        assert h.daemon.published.gpus[0].memory_pressure is False
+
+
+class _NoBackend:
+    name = "none"
+
+    def gpus(self) -> tuple[()]:
+        return ()
+
+    def read(self) -> Any:
+        raise AssertionError("not used")
+
+    def set_power_limit(self, uuid: str, limit_w: float) -> None:
+        raise AssertionError("not used")
+
+    def close(self) -> None:
+        return None
