@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ POLICY = VramPolicy(reserve_bytes=2 * GiB, classes=(PRIMARY, SECONDARY), cooldow
 
 
 def run(
-    ticks: list[tuple[float, GpuReading]], table: dict[int, ProcessFacts], policy: VramPolicy = POLICY
+    ticks: Sequence[tuple[float, GpuReading]], table: dict[int, ProcessFacts], policy: VramPolicy = POLICY
 ) -> list[Decision]:
     state = VramState()
     out: list[Decision] = []
@@ -150,7 +150,7 @@ class TestClassesConfig:
         assert parse_size("6 gigs") is None
 
     def test_overlap_and_never_matching_warnings(self) -> None:
-        """check-config warns about a class that can never match and overlapping classes, naming the winner."""
+        """check-config warns about a never-matching class and about overlaps, naming the winner."""
         cfg = parse_config(
             {
                 "class": [
@@ -250,7 +250,7 @@ class Harness:
         self.attached[child.pid] = child
 
     def step(self, seconds: int) -> None:
-        """Advance and tick once per virtual second; a child that exited stops being reported (as NVML does)."""
+        """Tick once per virtual second; an exited child stops being reported (as with NVML)."""
         for _ in range(seconds):
             self.clock.advance(1.0)
             self.daemon.tick()
