@@ -97,6 +97,12 @@ def _decision(
     )
 
 
+def _would_raise(watts: float, reading: GpuReading) -> bool:
+    """True when setting ``watts`` would raise the enforced limit (set lower by someone else)."""
+    enforced = reading.power_limit_w
+    return enforced is not None and watts > enforced + DRIFT_TOLERANCE_W
+
+
 def _first_rung_below(ladder: tuple[float, ...], limit_w: float | None) -> int | None:
     """Index of the highest rung below the enforced limit (where a first step down lands)."""
     if limit_w is None:
@@ -150,7 +156,7 @@ def step_power(
 
     interval_ok = state.last_change_s is None or t_s - state.last_change_s >= policy.min_change_interval_s
 
-    if entering_critical and state.rung != lowest:
+    if entering_critical and state.rung != lowest and not _would_raise(ladder[lowest], reading):
         state = replace(
             state, rung=lowest, hot_samples=0, cool_since_s=None, last_change_s=t_s, drift_seen=False
         )
@@ -162,7 +168,7 @@ def step_power(
         state = replace(state, hot_samples=hot, cool_since_s=None)
         if hot >= policy.debounce_samples and interval_ok:
             below = _first_rung_below(ladder, reading.power_limit_w) if state.rung is None else state.rung + 1
-            if below is not None and below <= lowest:
+            if below is not None and below <= lowest and not _would_raise(ladder[below], reading):
                 state = replace(state, rung=below, hot_samples=0, last_change_s=t_s, drift_seen=False)
                 reason = (
                     f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C "
