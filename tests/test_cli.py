@@ -99,7 +99,7 @@ class TestRun:
     def test_simulate_serves_metrics_that_promtool_accepts(
         self, tmp_path: Path, daemons: list[Daemon]
     ) -> None:
-        """`run --simulate` serves metrics on loopback shortly after start, and promtool finds nothing to lint."""
+        """`run --simulate` serves metrics on loopback soon after start; promtool finds nothing to lint."""
         port = free_port()
         config = tmp_path / "g.toml"
         config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
@@ -118,7 +118,7 @@ class TestRun:
     def test_sighup_keeps_old_config_when_invalid_and_applies_a_valid_one(
         self, tmp_path: Path, daemons: list[Daemon]
     ) -> None:
-        """SIGHUP with a broken file keeps the old thresholds (error logged); a valid file applies from the next tick."""
+        """SIGHUP: a broken file keeps the old thresholds (error logged); a valid one applies next tick."""
         port = free_port()
         config = tmp_path / "g.toml"
         base = f'state_dir = "{tmp_path / "state"}"\npoll_interval_s = 0.2\n'
@@ -138,7 +138,8 @@ class TestRun:
         assert f"{warning} 70.0" in scrape(port)
         failed = [e for e in d.events() if e["event"] == "config_reload_failed"]
         assert len(failed) == 1 and failed[0]["level"] == "error"
-        assert any("thermal.hot_c" in str(err) for err in failed[0]["errors"])  # type: ignore[union-attr]
+        errors = failed[0]["errors"]
+        assert isinstance(errors, list) and any("thermal.hot_c" in str(err) for err in errors)
 
         config.write_text(base + "[thermal]\nwarning_c = 60.0\n")
         d.proc.send_signal(signal.SIGHUP)
