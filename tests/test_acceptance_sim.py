@@ -1,0 +1,65 @@
+"""The seed case end to end: a simulated RTX 4070 under sustained inference in a warm room."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from structlog.testing import capture_logs
+
+from governor.backends.simulated import build_simulated_backend
+from governor.clock import VirtualClock
+from governor.config import Config, SimulationConfig
+from governor.daemon import Daemon
+from governor.metrics import build_registry
+from governor.notify import Notifier
+from tests.test_daemon import StopAt
+
+CYCLE_S = 900.0  # the scenario: 600 s serving at the power cap, 300 s quiet
+
+
+def run_cycles(
+    tmp_path: Path, cycles: int, *, dry_run: bool = False
+) -> tuple[Daemon, list[dict[str, object]]]:
+    clock = VirtualClock()
+    sim = SimulationConfig(profile="rtx4070", scenario="sustained-inference", seed=1)
+    backend = build_simulated_backend(sim, clock)
+    config = Config(state_dir=str(tmp_path), backend="simulated", simulation=sim, dry_run=dry_run)
+    daemon = Daemon(config, backend, clock, waiter=StopAt(clock, cycles * CYCLE_S - 1), notifier=Notifier())
+    with capture_logs() as logs:
+        assert daemon.run() == 0
+    return daemon, logs
+
+
+class TestSustainedInference:
+    def test_steps_200_to_180_when_hot_and_back_after_cooling(self, tmp_path: Path) -> None:
+        """Each cycle steps 200 -> 180 W once past 75 C and back to 200 W once below 65 C for the dwell."""
+        daemon, logs = run_cycles(tmp_path, 3)
+        steps = [e for e in logs if e["event"] == "power_limit_stepped"]
+        assert [(e["from_w"], e["to_w"]) for e in steps] == [(200.0, 180.0), (180.0, 200.0)] * 3
+        for down, up in zip(steps[::2], steps[1::2]):
+            assert down["rule"] == "power_step_down" and float(down["temperature_c"]) >= 75.0  # type: ignore[arg-type]
+            assert up["rule"] == "power_step_up" and float(up["temperature_c"]) <= 65.0  # type: ignore[arg-type]
+            assert "dwell 60 s" in str(up["reason"])
+            assert down["outcome"] == up["outcome"] == "applied"
+
+    def test_steps_show_in_the_metrics(self, tmp_path: Path) -> None:
+        """The decisions counter and the enforced limit reflect every step."""
+        daemon, _ = run_cycles(tmp_path, 2)
+        body = generate_latest(build_registry(lambda: daemon.published)).decode()
+        assert (
+            'gpu_governor_decisions_total{action="set_power_limit",gpu="0",rule="power_step_down"} 2.0'
+            in body
+        )
+        assert (
+            'gpu_governor_decisions_total{action="set_power_limit",gpu="0",rule="power_step_up"} 2.0' in body
+        )
+        assert 'gpu_governor_actions_total{action="set_power_limit",gpu="0",outcome="applied"} 4.0' in body
+
+    def test_dry_run_leaves_the_gpu_at_200_w(self, tmp_path: Path) -> None:
+        """Under dry-run the simulated GPU stays at 200 W while every would-be step is logged."""
+        daemon, logs = run_cycles(tmp_path, 1, dry_run=True)
+        would = [(e["from_w"], e["to_w"]) for e in logs if e["event"] == "power_limit_would_set"]
+        assert would == [(200.0, 180.0), (180.0, 200.0)]
+        assert daemon.snapshot is not None
+        assert daemon.snapshot.gpus[0].power_limit_w == 200.0
