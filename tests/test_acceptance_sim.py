@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
@@ -20,7 +22,7 @@ CYCLE_S = 900.0  # the scenario: 600 s serving at the power cap, 300 s quiet
 
 def run_cycles(
     tmp_path: Path, cycles: int, *, dry_run: bool = False
-) -> tuple[Daemon, list[dict[str, object]]]:
+) -> tuple[Daemon, list[MutableMapping[str, Any]]]:
     clock = VirtualClock()
     sim = SimulationConfig(profile="rtx4070", scenario="sustained-inference", seed=1)
     backend = build_simulated_backend(sim, clock)
@@ -34,12 +36,12 @@ def run_cycles(
 class TestSustainedInference:
     def test_steps_200_to_180_when_hot_and_back_after_cooling(self, tmp_path: Path) -> None:
         """Each cycle steps 200 -> 180 W once past 75 C and back to 200 W once below 65 C for the dwell."""
-        daemon, logs = run_cycles(tmp_path, 3)
+        _, logs = run_cycles(tmp_path, 3)
         steps = [e for e in logs if e["event"] == "power_limit_stepped"]
         assert [(e["from_w"], e["to_w"]) for e in steps] == [(200.0, 180.0), (180.0, 200.0)] * 3
         for down, up in zip(steps[::2], steps[1::2]):
-            assert down["rule"] == "power_step_down" and float(down["temperature_c"]) >= 75.0  # type: ignore[arg-type]
-            assert up["rule"] == "power_step_up" and float(up["temperature_c"]) <= 65.0  # type: ignore[arg-type]
+            assert down["rule"] == "power_step_down" and float(down["temperature_c"]) >= 75.0
+            assert up["rule"] == "power_step_up" and float(up["temperature_c"]) <= 65.0
             assert "dwell 60 s" in str(up["reason"])
             assert down["outcome"] == up["outcome"] == "applied"
 

@@ -200,7 +200,7 @@ class TestNotify:
         finally:
             daemon.request_stop()
             thread.join(10)
-        kinds = []
+        kinds: list[str] = []
         for message in listener.messages:
             for line in message.splitlines():
                 key = line.split("=", 1)[0]
