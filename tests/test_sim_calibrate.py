@@ -61,9 +61,7 @@ class TestSynthetic:
 
     def test_recovers_steady_state_from_whole_degree_readings(self) -> None:
         """With temperatures rounded to whole degrees, as NVML reports them, R_total stays within 3 %."""
-        samples = [
-            s._replace(temperature_c=float(round(s.temperature_c))) for s in synthetic(TRUE, TRUE_AMBIENT_C)
-        ]
+        samples = [s._replace(temperature_c=float(round(s.temperature_c))) for s in synthetic(TRUE, TRUE_AMBIENT_C)]
         fit = fit_thermal(samples)
         assert fit.rmse_c < 0.4
         assert fit.params.r_total_c_per_w == pytest.approx(TRUE.r_total_c_per_w, rel=0.03)
@@ -83,9 +81,7 @@ class TestSynthetic:
 
     def test_nelder_mead_finds_a_quadratic_minimum(self) -> None:
         """The hand-written Nelder-Mead finds the minimum of a shifted quadratic bowl."""
-        x, value, _ = nelder_mead(
-            lambda u: (u[0] - 3.0) ** 2 + 2.0 * (u[1] + 1.0) ** 2, [0.0, 0.0], [1.0, 1.0]
-        )
+        x, value, _ = nelder_mead(lambda u: (u[0] - 3.0) ** 2 + 2.0 * (u[1] + 1.0) ** 2, [0.0, 0.0], [1.0, 1.0])
         assert x == pytest.approx([3.0, -1.0], abs=1e-4)
         assert value < 1e-8
 

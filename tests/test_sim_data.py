@@ -228,9 +228,7 @@ fault = "melted"
 class TestPhaseTimeline:
     def test_repeat_cycles(self, tmp_path: Path) -> None:
         """With repeat, phases start over after the last: 0-10 s a, 10-15 s b, 15-25 s a again."""
-        text = (
-            '[[phase]]\nname="a"\nduration_s=10\ndemand_w=0\n[[phase]]\nname="b"\nduration_s=5\ndemand_w=0\n'
-        )
+        text = '[[phase]]\nname="a"\nduration_s=10\ndemand_w=0\n[[phase]]\nname="b"\nduration_s=5\ndemand_w=0\n'
         timeline = PhaseTimeline(load_scenario(write(tmp_path, "r.toml", 'name="r"\n' + text)))
         assert timeline.phase_at(0.0) == (0, 10.0)
         assert timeline.phase_at(12.0) == (1, 15.0)

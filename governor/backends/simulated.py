@@ -176,9 +176,7 @@ class SimulatedBackend:
             if self._closed:
                 raise BackendError("simulated backend is closed")
             t = self._advance()
-            return Snapshot(
-                t_s=t, wall_time_s=self._clock.wall(), gpus=tuple(self._reading(g, t) for g in self._gpus)
-            )
+            return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=tuple(self._reading(g, t) for g in self._gpus))
 
     def _reading(self, gpu: SimulatedGpu, t_s: float) -> GpuReading:
         info = self._infos[gpu.index]
@@ -221,9 +219,7 @@ class SimulatedBackend:
             if gpu.fault == "lost":
                 raise GpuLostError(f"GPU {index} ({uuid}) is lost")
             if gpu.fault == "set_limit_refused":
-                raise SetLimitRefused(
-                    f"GPU {index}: setting the power limit is not permitted (simulated fault)"
-                )
+                raise SetLimitRefused(f"GPU {index}: setting the power limit is not permitted (simulated fault)")
             p = self.profile
             if not math.isfinite(limit_w):
                 raise SetLimitFailed(f"GPU {index}: invalid argument: power limit {limit_w!r} W")
@@ -252,9 +248,7 @@ class SimulatedBackend:
 
     # ------------------------------------------------------------------ hooks
 
-    def attach_process(
-        self, gpu_index: int, pid: int, used_memory_bytes: int, name: str | None = None
-    ) -> None:
+    def attach_process(self, gpu_index: int, pid: int, used_memory_bytes: int, name: str | None = None) -> None:
         """Report the process ``pid`` (a real one) on GPU ``gpu_index`` holding ``used_memory_bytes``,
         from now until :meth:`detach_process`. Attaching a PID again moves or resizes it."""
         if used_memory_bytes < 0:
@@ -361,9 +355,7 @@ class SimulatedBackend:
                 continue
             out[uuid] = float(value)
         if problems:
-            self.state_warning = (
-                f"{path}: " + "; ".join(problems) + "; those GPUs start from the default power limit"
-            )
+            self.state_warning = f"{path}: " + "; ".join(problems) + "; those GPUs start from the default power limit"
         return out
 
     def _save_state(self, change: dict[str, float]) -> None:

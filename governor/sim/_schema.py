@@ -50,9 +50,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         document: dict[str, Any] = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise SimDataError(
-            [ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]
-        ) from None
+        raise SimDataError([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
     except tomllib.TOMLDecodeError as exc:
         raise SimDataError([ConfigIssue(source, "", "valid TOML", str(exc))]) from None
     return document

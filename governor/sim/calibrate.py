@@ -411,11 +411,7 @@ def profile_from_trace(trace: Trace, fit: FitResult, name: str, gpu_index: int |
     assert info.power_limit_default_w is not None and info.memory_total_bytes is not None
     assert info.temperature_slowdown_c is not None and info.temperature_shutdown_c is not None
     reserved = min(
-        (
-            s.reading.memory_used_bytes
-            for s in trace.samples.get(gpu_index, ())
-            if s.reading.memory_used_bytes
-        ),
+        (s.reading.memory_used_bytes for s in trace.samples.get(gpu_index, ()) if s.reading.memory_used_bytes),
         default=0,
     )
     return GpuProfile(

@@ -314,9 +314,7 @@ class SimulatedGpu:
             if proc.end_s is not None:
                 valid_until = min(valid_until, proc.end_s)
             size = proc.memory_at(t_s)
-            if proc.growth_bytes_per_s > 0.0 and (
-                proc.max_memory_bytes is None or size < proc.max_memory_bytes
-            ):
+            if proc.growth_bytes_per_s > 0.0 and (proc.max_memory_bytes is None or size < proc.max_memory_bytes):
                 growing = True
             reading = proc.reading
             if reading is None or reading.used_memory_bytes != size:

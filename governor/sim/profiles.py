@@ -68,11 +68,7 @@ def resolve(name_or_path: str, kind: str, key: str) -> Path:
     if not entry.is_file():
         names = ", ".join(repr(n) for n in shipped_names(kind))
         raise SimDataError(
-            [
-                ConfigIssue(
-                    f"<shipped {kind}>", key, f"one of {names}, or a path to a .toml file", repr(name_or_path)
-                )
-            ]
+            [ConfigIssue(f"<shipped {kind}>", key, f"one of {names}, or a path to a .toml file", repr(name_or_path))]
         )
     return Path(str(entry))
 
@@ -132,9 +128,7 @@ def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
         shutdown = temps.number("shutdown_c", "a temperature in C", lo=30.0, hi=150.0)
         temps.finish()
         if slowdown is not None and shutdown is not None and shutdown <= slowdown:
-            issues.add(
-                temps.key("shutdown_c"), f"a temperature above slowdown_c {slowdown:g}", f"{shutdown:g}"
-            )
+            issues.add(temps.key("shutdown_c"), f"a temperature above slowdown_c {slowdown:g}", f"{shutdown:g}")
     thermal_table = top.table("thermal")
     params, ambient = _thermal(thermal_table, issues) if thermal_table is not None else (None, None)
     if thermal_table is not None:

@@ -182,15 +182,11 @@ def _load(table: Table, parent: Load | None) -> Load | None:
         if demand_w is None:
             return None
     elif has_fraction:
-        demand_fraction = table.number(
-            "demand_fraction", "a fraction of the default power limit", lo=0.0, hi=5.0
-        )
+        demand_fraction = table.number("demand_fraction", "a fraction of the default power limit", lo=0.0, hi=5.0)
         if demand_fraction is None:
             return None
     elif parent is None:
-        table.issues.add(
-            table.key("demand_w"), "demand_w (watts) or demand_fraction (of the default limit)", "nothing"
-        )
+        table.issues.add(table.key("demand_w"), "demand_w (watts) or demand_fraction (of the default limit)", "nothing")
         return None
     else:
         demand_w, demand_fraction = parent.demand_w, parent.demand_fraction
@@ -234,9 +230,7 @@ def _bytes(table: Table, name: str, *, required: bool) -> int | None:
 def _rate(table: Table) -> float:
     has_b, has_gib = table.has("growth_bytes_per_s"), table.has("growth_gib_per_s")
     if has_b and has_gib:
-        table.issues.add(
-            table.key("growth_bytes_per_s"), "one of growth_bytes_per_s or growth_gib_per_s", "both"
-        )
+        table.issues.add(table.key("growth_bytes_per_s"), "one of growth_bytes_per_s or growth_gib_per_s", "both")
         return 0.0
     if has_b:
         return table.number("growth_bytes_per_s", "bytes per second", lo=0.0) or 0.0

@@ -136,9 +136,7 @@ class ThermalState:
         self.sink_c = sink_c
 
     @classmethod
-    def at_steady_state(
-        cls, params: ThermalParams, step_s: float, power_w: float, ambient_c: float
-    ) -> ThermalState:
+    def at_steady_state(cls, params: ThermalParams, step_s: float, power_w: float, ambient_c: float) -> ThermalState:
         """A GPU that has drawn ``power_w`` in ``ambient_c`` long enough to settle."""
         return cls(
             params,
