@@ -201,9 +201,7 @@ class FakeNvml:
     @staticmethod
     def _procs(entries: list[tuple[int, int | None]]) -> list[SimpleNamespace]:
         return [
-            SimpleNamespace(
-                pid=pid, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF
-            )
+            SimpleNamespace(pid=pid, usedGpuMemory=used, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF)
             for pid, used in entries
         ]
 
@@ -308,9 +306,7 @@ class FakeNvml:
         return SimpleNamespace(total=gpu.memory_total, free=gpu.memory_total - used, used=used)
 
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> SimpleNamespace:
-        return SimpleNamespace(
-            gpu=self._gpu("nvmlDeviceGetUtilizationRates", handle).utilization_pct, memory=0
-        )
+        return SimpleNamespace(gpu=self._gpu("nvmlDeviceGetUtilizationRates", handle).utilization_pct, memory=0)
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
         return self._gpu("nvmlDeviceGetCurrentClocksEventReasons", handle).clock_event_reasons

@@ -100,9 +100,7 @@ class TestInit:
     def test_static_not_supported_is_none(self) -> None:
         """A static fact NVML cannot give is None (not 0)."""
         backend, _, _ = make(
-            FakeGpu(
-                uuid=UUID0, errors={"nvmlDeviceGetPowerManagementLimitConstraints": NVML_ERROR_NOT_SUPPORTED}
-            )
+            FakeGpu(uuid=UUID0, errors={"nvmlDeviceGetPowerManagementLimitConstraints": NVML_ERROR_NOT_SUPPORTED})
         )
         (info,) = backend.gpus()
         assert info.power_limit_min_w is None
@@ -165,9 +163,7 @@ class TestRead:
         (tmp_path / "100").mkdir()
         (tmp_path / "100" / "comm").write_text("python3\n")
         backend, _, _ = make(
-            FakeGpu(
-                uuid=UUID0, compute=[(100, 2 << 30), (200, None)], graphics=[(100, 2 << 30), (300, 1 << 20)]
-            ),
+            FakeGpu(uuid=UUID0, compute=[(100, 2 << 30), (200, None)], graphics=[(100, 2 << 30), (300, 1 << 20)]),
             proc_root=tmp_path,
         )
         (r,) = backend.read().gpus
@@ -257,6 +253,21 @@ class TestNotSupported:
         clock.advance(60)
         (r,) = backend.read().gpus
         assert r.power_w == pytest.approx(85.097)
+
+    def test_field_failing_later_is_found(self) -> None:
+        """A field that turns NotSupported after many clean ticks is still found, None and logged."""
+        fake_gpu = FakeGpu(uuid=UUID0)
+        backend, _, clock = make(fake_gpu, FakeGpu(uuid=UUID1))
+        for _ in range(3):
+            backend.read()
+            clock.advance(1)
+        fake_gpu.errors["nvmlDeviceGetUtilizationRates"] = NVML_ERROR_NOT_SUPPORTED
+        with capture_logs() as logs:
+            snap = backend.read()
+        assert gpu(snap.gpus, 0).utilization_gpu_ratio is None
+        assert gpu(snap.gpus, 0).power_w == pytest.approx(85.097)
+        assert gpu(snap.gpus, 1).utilization_gpu_ratio == 0.0
+        assert [(e["event"], e["gpu"], e["field"]) for e in logs] == [("nvml_field_not_supported", 0, "utilization")]
 
     def test_missing_temperature_degrades(self) -> None:
         """A GPU whose temperature is NotSupported is DEGRADED with temperature None."""
@@ -382,9 +393,7 @@ class TestVersionFallbacks:
 
     def test_temperature_v_missing_in_driver(self) -> None:
         """A driver without the TemperatureV symbol is probed once, then the old call is used."""
-        backend, fake, _ = make(
-            FakeGpu(uuid=UUID0), FakeGpu(uuid=UUID1), absent_symbols={"nvmlDeviceGetTemperatureV"}
-        )
+        backend, fake, _ = make(FakeGpu(uuid=UUID0), FakeGpu(uuid=UUID1), absent_symbols={"nvmlDeviceGetTemperatureV"})
         for _ in range(3):
             snap = backend.read()
         assert [r.temperature_c for r in snap.gpus] == [40.0, 40.0]
@@ -456,9 +465,7 @@ class TestVersionFallbacks:
             )
             (r,) = backend.read().gpus
         assert r.clock_event_reasons is None
-        assert any(
-            e["event"] == "nvml_field_not_supported" and e["field"] == "clock_event_reasons" for e in logs
-        )
+        assert any(e["event"] == "nvml_field_not_supported" and e["field"] == "clock_event_reasons" for e in logs)
 
 
 class TestSetPowerLimit:
@@ -492,9 +499,7 @@ class TestSetPowerLimit:
 
     def test_gpu_lost_while_setting(self) -> None:
         """GPU_IS_LOST while setting raises GpuLostError and the next read shows the GPU LOST."""
-        backend, _, _ = make(
-            FakeGpu(uuid=UUID0, errors={"nvmlDeviceSetPowerManagementLimit": NVML_ERROR_GPU_IS_LOST})
-        )
+        backend, _, _ = make(FakeGpu(uuid=UUID0, errors={"nvmlDeviceSetPowerManagementLimit": NVML_ERROR_GPU_IS_LOST}))
         with pytest.raises(GpuLostError):
             backend.set_power_limit(UUID0, 500.0)
         (r,) = backend.read().gpus
@@ -527,9 +532,7 @@ class TestFatal:
     def test_mismatch_during_set(self) -> None:
         """LibRmVersionMismatch while setting a limit raises BackendFatal."""
         backend, _, _ = make(
-            FakeGpu(
-                uuid=UUID0, errors={"nvmlDeviceSetPowerManagementLimit": NVML_ERROR_LIB_RM_VERSION_MISMATCH}
-            )
+            FakeGpu(uuid=UUID0, errors={"nvmlDeviceSetPowerManagementLimit": NVML_ERROR_LIB_RM_VERSION_MISMATCH})
         )
         with pytest.raises(BackendFatal):
             backend.set_power_limit(UUID0, 500.0)

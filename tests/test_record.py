@@ -191,9 +191,7 @@ def test_real_trace_round_trip(tmp_path: Path) -> None:
     snapshots = list(original.snapshots())
     infos = tuple(d.info for d in original.devices.values())
     path = tmp_path / "again.jsonl"
-    count = record(
-        _ReplayBackend(infos, snapshots, clock), path, 1.0, float(len(snapshots)), clock, clock.advance
-    )
+    count = record(_ReplayBackend(infos, snapshots, clock), path, 1.0, float(len(snapshots)), clock, clock.advance)
     assert count == len(snapshots)
     again = read_trace(path)
     assert again.devices[0].info == original.devices[0].info

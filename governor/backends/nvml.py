@@ -48,9 +48,7 @@ __all__ = ["NO_DRIVER_MESSAGE", "VERSION_MISMATCH_MESSAGE", "NvmlBackend"]
 log = structlog.get_logger("governor.nvml")
 
 NO_DRIVER_MESSAGE: Final = "no NVIDIA driver found; try --simulate"
-VERSION_MISMATCH_MESSAGE: Final = (
-    "NVIDIA driver and library versions differ (driver upgraded?); restart needed"
-)
+VERSION_MISMATCH_MESSAGE: Final = "NVIDIA driver and library versions differ (driver upgraded?); restart needed"
 
 # NVML error codes (nvml.h); read from the module when it has them.
 _NOT_SUPPORTED: Final = 3
@@ -169,6 +167,7 @@ class _GpuState:
         "retry_at_s",
         "unsupported",
         "uuid",
+        "verified",
     )
 
     def __init__(self, index: int, uuid: str, handle: Any) -> None:
@@ -180,6 +179,8 @@ class _GpuState:
         self.unsupported: dict[str, float] = {}
         # (field, error code) pairs already logged
         self.reported: set[tuple[str, int]] = set()
+        # True once a field-by-field read has run: only then may the fast path be used
+        self.verified = False
         self.lost_error: str | None = None
         self.retry_at_s = 0.0
         self.backoff_s = 0.0
@@ -242,9 +243,7 @@ class NvmlBackend:
             try:
                 nvml = importlib.import_module("pynvml")
             except ImportError as exc:
-                raise BackendUnavailable(
-                    f"{NO_DRIVER_MESSAGE} (nvidia-ml-py is not installed: {exc})"
-                ) from None
+                raise BackendUnavailable(f"{NO_DRIVER_MESSAGE} (nvidia-ml-py is not installed: {exc})") from None
         self._nvml: Any = nvml
         self._error: type[Exception] = nvml.NVMLError
         mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
@@ -262,6 +261,7 @@ class NvmlBackend:
         self._not_supported: int = getattr(nvml, "NVML_ERROR_NOT_SUPPORTED", _NOT_SUPPORTED)
         self._mismatch: int = getattr(nvml, "NVML_ERROR_LIB_RM_VERSION_MISMATCH", _LIB_RM_VERSION_MISMATCH)
         self._build_reads(skip, lambda: self._error(self._not_supported))
+        self._fast_reads: tuple[_Read, ...] | None = None
 
         self._start()
         try:
@@ -368,6 +368,7 @@ class NvmlBackend:
                 st.info = self._static_info(st, driver, now)
             except _Lost as exc:
                 self._mark_lost(st, str(exc), now)
+            st.unsupported.clear()  # static facts are never read again
             states.append(st)
         if not states:
             raise BackendUnavailable("NVML could not open any GPU")
@@ -379,9 +380,7 @@ class NvmlBackend:
         get = self._get
         name = get(st, "name", nvml.nvmlDeviceGetName, now)
         pci = get(st, "pci_bus_id", nvml.nvmlDeviceGetPciInfo, now)
-        constraints = get(
-            st, "power_limit_constraints", nvml.nvmlDeviceGetPowerManagementLimitConstraints, now
-        )
+        constraints = get(st, "power_limit_constraints", nvml.nvmlDeviceGetPowerManagementLimitConstraints, now)
         default_mw = get(st, "power_limit_default", nvml.nvmlDeviceGetPowerManagementDefaultLimit, now)
         threshold = nvml.nvmlDeviceGetTemperatureThreshold
         slowdown = get(st, "temperature_slowdown", lambda h: threshold(h, _THRESHOLD_SLOWDOWN), now)
@@ -446,9 +445,7 @@ class NvmlBackend:
 
     def _mark_lost(self, st: _GpuState, reason: str, now: float) -> None:
         """Remember that the GPU stopped answering and when to try it again."""
-        st.backoff_s = (
-            self._backoff_initial_s if st.backoff_s == 0 else min(st.backoff_s * 2, self._backoff_max_s)
-        )
+        st.backoff_s = self._backoff_initial_s if st.backoff_s == 0 else min(st.backoff_s * 2, self._backoff_max_s)
         st.retry_at_s = now + st.backoff_s
         st.handle = None
         st.limit_requested_w = st.energy_j = None
@@ -512,19 +509,79 @@ class NvmlBackend:
             return False
         return True
 
+    def _read_fields(self, st: _GpuState, now: float) -> tuple[Any, ...]:
+        """The nine per-tick values of one GPU, each None when NVML cannot give it.
+
+        Fast path: once every versioned read has settled and the GPU has no field
+        marked NotSupported, all nine calls run under one ``try``. Any error there falls
+        back to the field-by-field path, which finds the culprit and remembers it.
+        """
+        fast = self._fast_reads
+        if fast is not None and st.verified and not st.unsupported:
+            h = st.handle
+            temperature, power, enforced, memory, util, reasons, sm_clock, compute, graphics = fast
+            try:
+                return (
+                    temperature(h),
+                    power(h),
+                    enforced(h),
+                    memory(h),
+                    util(h),
+                    reasons(h),
+                    sm_clock(h),
+                    compute(h),
+                    graphics(h),
+                )
+            except self._error:
+                pass
+        get = self._get
+        values = (
+            get(st, "temperature", self._read_temperature, now),
+            get(st, "power", self._read_power, now),
+            get(st, "power_limit_enforced", self._read_enforced, now),
+            get(st, "memory", self._read_memory, now),
+            get(st, "utilization", self._read_util, now),
+            get(st, "clock_event_reasons", self._read_reasons, now),
+            get(st, "sm_clock", self._read_sm_clock, now),
+            get(st, "compute_processes", self._read_compute, now),
+            get(st, "graphics_processes", self._read_graphics, now),
+        )
+        st.verified = True
+        if fast is None:
+            self._settle()
+        return values
+
+    def _settle(self) -> None:
+        """Enable the fast path once every versioned read has chosen its version."""
+        versioned = (
+            self._read_temperature,
+            self._read_memory,
+            self._read_reasons,
+            self._read_compute,
+            self._read_graphics,
+        )
+        chosen = [v.chosen for v in versioned if v.chosen is not None]
+        if len(chosen) < len(versioned):
+            return
+        temperature, memory, reasons, compute, graphics = chosen
+        self._fast_reads = (
+            temperature,
+            self._read_power,
+            self._read_enforced,
+            memory,
+            self._read_util,
+            reasons,
+            self._read_sm_clock,
+            compute,
+            graphics,
+        )
+
     def _read_gpu(self, st: _GpuState, now: float) -> GpuReading:
         """The per-tick reads of one GPU (plus the slow reads when they are due)."""
+        temperature, power_mw, enforced_mw, memory, util, reasons, sm_clock, compute, graphics = self._read_fields(
+            st, now
+        )
         get = self._get
-        temperature = get(st, "temperature", self._read_temperature, now)
-        power_mw = get(st, "power", self._read_power, now)
-        enforced_mw = get(st, "power_limit_enforced", self._read_enforced, now)
-        memory = get(st, "memory", self._read_memory, now)
-        util = get(st, "utilization", self._read_util, now)
-        reasons = get(st, "clock_event_reasons", self._read_reasons, now)
-        sm_clock = get(st, "sm_clock", self._read_sm_clock, now)
-        compute = get(st, "compute_processes", self._read_compute, now)
-        graphics = get(st, "graphics_processes", self._read_graphics, now)
-
         if now >= st.limit_due_s:
             requested_mw = get(st, "power_limit_requested", self._read_requested, now)
             st.limit_requested_w = None if requested_mw is None else requested_mw / 1000.0
@@ -610,18 +667,14 @@ class NvmlBackend:
         if st.lost_error is not None or st.handle is None:
             raise GpuLostError(f"GPU {st.index} ({uuid}): {st.lost_error or 'GPU lost'}")
         if not math.isfinite(limit_w):
-            raise SetLimitFailed(
-                f"GPU {st.index}: power limit must be a finite number of watts, got {limit_w!r}"
-            )
+            raise SetLimitFailed(f"GPU {st.index}: power limit must be a finite number of watts, got {limit_w!r}")
         limit_mw = round(limit_w * 1000.0)
         info = st.info
         low, high = info.power_limit_min_w, info.power_limit_max_w
         if (low is not None and limit_mw < round(low * 1000.0)) or (
             high is not None and limit_mw > round(high * 1000.0)
         ):
-            raise SetLimitFailed(
-                f"GPU {st.index}: power limit {limit_w:g} W outside its range {low}-{high} W"
-            )
+            raise SetLimitFailed(f"GPU {st.index}: power limit {limit_w:g} W outside its range {low}-{high} W")
         nvml = self._nvml
         try:
             nvml.nvmlDeviceSetPowerManagementLimit(st.handle, limit_mw)
