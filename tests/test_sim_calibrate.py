@@ -22,7 +22,8 @@ from governor.sim.profiles import load_profile, render_profile
 from governor.sim.thermal import ThermalParams
 from governor.trace import read_trace
 
-_CANDIDATES = [  # the workspace's shared folder beside the checkout, or one inside it
+_CANDIDATES = [  # the copy in the repo, the workspace's shared folder beside the checkout, or one inside it
+    Path(__file__).resolve().parent / "data" / "h100-load.jsonl",
     Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "h100-load.jsonl",
     Path(__file__).resolve().parents[1] / "shared" / "traces" / "h100-load.jsonl",
 ]
