@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from governor.model import GpuInfo, GpuReading, ProcessReading, Snapshot
+from governor.model import GpuHealth, GpuInfo, GpuReading, ProcessReading, Snapshot
 
 
 class TraceError(Exception):
@@ -124,6 +124,11 @@ def _sample(record: dict[str, Any], where: str, device: TraceDevice) -> TraceSam
     t = _num(record, "t", where, required=True)
     assert t is not None
     util = _num(record, "utilization_gpu_pct", where)
+    health_text = record.get("health", "ok")
+    try:
+        health = GpuHealth(health_text)
+    except ValueError:
+        raise TraceError(f"{where}: field 'health': expected ok, degraded or lost, got {health_text!r}") from None
     reading = GpuReading(
         index=device.info.index,
         uuid=device.info.uuid,
@@ -134,14 +139,18 @@ def _sample(record: dict[str, Any], where: str, device: TraceDevice) -> TraceSam
         memory_total_bytes=_int(record, "memory_total_bytes", where) or device.info.memory_total_bytes,
         utilization_gpu_ratio=None if util is None else util / 100.0,
         clock_event_reasons=_int(record, "clock_event_reasons", where),
+        sm_clock_mhz=_num(record, "sm_clock_mhz", where),
+        power_limit_requested_w=_num(record, "power_limit_requested_w", where),
+        energy_j=_num(record, "energy_j", where),
         processes=_processes(record, where),
+        health=health,
     )
     return TraceSample(
         t_s=t,
         reading=reading,
         power_limit_w=reading.power_limit_w,
         utilization_gpu_pct=util,
-        sm_clock_mhz=_num(record, "sm_clock_mhz", where),
+        sm_clock_mhz=reading.sm_clock_mhz,
     )
 
 
@@ -210,7 +219,12 @@ def device_record(info: GpuInfo, interval_s: float, profile: str | None = None) 
 
 
 def sample_record(t_s: float, reading: GpuReading, sm_clock_mhz: float | None = None) -> dict[str, Any]:
-    """The ``sample`` record for one GPU reading taken ``t_s`` seconds after the start."""
+    """The ``sample`` record for one GPU reading taken ``t_s`` seconds after the start.
+
+    ``sm_clock_mhz`` defaults to the reading's own.
+    """
+    if sm_clock_mhz is None:
+        sm_clock_mhz = reading.sm_clock_mhz
     util = reading.utilization_gpu_ratio
     processes = None
     if reading.processes is not None:
@@ -230,6 +244,8 @@ def sample_record(t_s: float, reading: GpuReading, sm_clock_mhz: float | None = 
         "utilization_gpu_pct": None if util is None else round(util * 100.0, 1),
         "clock_event_reasons": reading.clock_event_reasons,
         "sm_clock_mhz": sm_clock_mhz,
+        "power_limit_requested_w": reading.power_limit_requested_w,
+        "energy_j": reading.energy_j,
         "processes": processes,
         "health": reading.health.value,
     }
