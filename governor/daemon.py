@@ -226,6 +226,9 @@ class Daemon:
             )
         if self.originals.load_warning:
             self.log.warning("state_unreadable", detail=self.originals.load_warning)
+        backend_warning = getattr(self.backend, "state_warning", None)
+        if backend_warning:
+            self.log.warning("backend_state_unreadable", detail=str(backend_warning))
         snapshot = self.backend.read()
         leftovers = self.actuator.restore(snapshot, snapshot.t_s, "restore_after_crash")
         self._log_results(leftovers)
