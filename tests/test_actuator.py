@@ -1,0 +1,254 @@
+"""The actuator: idempotent, dry-run, clamping, originals, monitor-only, restore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from governor.actuator import Actuator
+from governor.backends import Backend, BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
+from governor.model import Action, Decision, GpuInfo, Outcome
+from governor.state import OriginalLimits
+from tests.helpers import CARD_200W, H100, RecordingBackend, reading, snapshot
+
+
+def set_to(watts: float, gpu: GpuInfo = CARD_200W, rule: str = "power_step_down") -> Decision:
+    """A decision asking for ``watts`` on ``gpu``."""
+    return Decision(
+        t_s=1.0,
+        gpu_index=gpu.index,
+        gpu_uuid=gpu.uuid,
+        rule=rule,
+        action=Action.SET_POWER_LIMIT,
+        reason="test",
+        to_value=watts,
+    )
+
+
+def make(
+    tmp_path: Path, *, dry_run: bool = False, gpus: tuple[GpuInfo, ...] = (CARD_200W, H100)
+) -> tuple[Actuator, RecordingBackend]:
+    """An actuator over a recording backend, with originals persisted under ``tmp_path``."""
+    backend = RecordingBackend(infos=gpus)
+    return Actuator(backend, OriginalLimits(tmp_path), gpus, dry_run=dry_run), backend
+
+
+class TestBackendDouble:
+    """The recording backend is a real Backend."""
+
+    def test_satisfies_protocol(self) -> None:
+        """RecordingBackend passes the runtime Backend protocol check."""
+        assert isinstance(RecordingBackend(), Backend)
+
+
+class TestApply:
+    """apply(): one result per decision."""
+
+    def test_sets_and_reports_applied(self, tmp_path: Path) -> None:
+        """A new limit is written once through the backend and reported APPLIED."""
+        act, backend = make(tmp_path)
+        (result,) = act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        assert result.outcome is Outcome.APPLIED
+        assert result.detail == "set 180 W"
+        assert backend.calls == [(CARD_200W.uuid, 180.0)]
+
+    def test_idempotent_when_already_enforced(self, tmp_path: Path) -> None:
+        """No backend call when the enforced limit already equals the target."""
+        act, backend = make(tmp_path)
+        (result,) = act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 180.0)]))
+        assert result.outcome is Outcome.UNCHANGED
+        assert backend.calls == []
+        assert act.originals.items() == []
+
+    def test_close_but_different_is_written(self, tmp_path: Path) -> None:
+        """An enforced limit 1 W away from the target is not 'already in force'."""
+        act, backend = make(tmp_path)
+        (result,) = act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 181.0)]))
+        assert result.outcome is Outcome.APPLIED
+        assert backend.calls == [(CARD_200W.uuid, 180.0)]
+
+    def test_informational_decisions_skipped(self, tmp_path: Path) -> None:
+        """A decision with Action.NONE is SKIPPED without a backend call."""
+        act, backend = make(tmp_path)
+        info = Decision(1.0, 1, CARD_200W.uuid, "power_hold", Action.NONE, "hold", to_value=200.0)
+        (result,) = act.apply([info], snapshot(1.0, [reading(None, 200.0)]))
+        assert result.outcome is Outcome.SKIPPED
+        assert backend.calls == []
+
+    def test_one_result_per_decision_in_order(self, tmp_path: Path) -> None:
+        """Several decisions give results in the same order."""
+        act, _ = make(tmp_path)
+        decisions = [set_to(180.0), set_to(300.0, H100)]
+        snap = snapshot(1.0, [reading(80.0, 200.0), reading(80.0, 700.0, H100)])
+        results = act.apply(decisions, snap)
+        assert [r.decision for r in results] == decisions
+        assert [r.outcome for r in results] == [Outcome.APPLIED, Outcome.APPLIED]
+
+    def test_clamps_to_gpu_range(self, tmp_path: Path) -> None:
+        """A 180 W request on an H100 (200-700 W) is written as 200 W."""
+        act, backend = make(tmp_path)
+        (result,) = act.apply([set_to(180.0, H100)], snapshot(1.0, [reading(80.0, 700.0, H100)]))
+        assert result.outcome is Outcome.APPLIED
+        assert backend.calls == [(H100.uuid, 200.0)]
+
+    def test_clamped_value_already_enforced_is_unchanged(self, tmp_path: Path) -> None:
+        """A request that clamps to the limit already in force makes no call."""
+        act, backend = make(tmp_path)
+        (result,) = act.apply([set_to(150.0, H100)], snapshot(1.0, [reading(80.0, 200.0, H100)]))
+        assert result.outcome is Outcome.UNCHANGED
+        assert backend.calls == []
+
+    def test_reading_missing_still_sets(self, tmp_path: Path) -> None:
+        """A GPU absent from the snapshot is still written, and no original is invented."""
+        act, backend = make(tmp_path)
+        (result,) = act.apply([set_to(180.0)], snapshot(1.0, []))
+        assert result.outcome is Outcome.APPLIED
+        assert backend.calls == [(CARD_200W.uuid, 180.0)]
+        assert act.originals.items() == []
+
+
+class TestDryRun:
+    """dry_run: decide and say 'would set', never write."""
+
+    def test_never_calls_backend(self, tmp_path: Path) -> None:
+        """A dry-run set returns DRY_RUN with 'would set' and the clamped value, without a call."""
+        act, backend = make(tmp_path, dry_run=True)
+        (result,) = act.apply([set_to(180.0, H100)], snapshot(1.0, [reading(80.0, 700.0, H100)]))
+        assert result.outcome is Outcome.DRY_RUN
+        assert result.detail == "would set 200 W"
+        assert backend.calls == []
+
+    def test_does_not_remember_originals(self, tmp_path: Path) -> None:
+        """Dry-run records no original limit, in memory or on disk."""
+        act, _ = make(tmp_path, dry_run=True)
+        act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        assert act.originals.items() == []
+        assert OriginalLimits(tmp_path).items() == []
+
+    def test_restore_in_dry_run(self, tmp_path: Path) -> None:
+        """A dry-run restore reports 'would set' and keeps the saved entry."""
+        OriginalLimits(tmp_path).remember(CARD_200W.uuid, 200.0)
+        act, backend = make(tmp_path, dry_run=True)
+        (result,) = act.restore(snapshot(1.0, [reading(60.0, 180.0)]), 9.0, "restore")
+        assert result.outcome is Outcome.DRY_RUN
+        assert backend.calls == []
+        assert act.originals.get(CARD_200W.uuid) == 200.0
+
+
+class TestOriginals:
+    """The original limit is remembered before the first change only."""
+
+    def test_first_change_remembers_enforced(self, tmp_path: Path) -> None:
+        """The enforced limit before the first write is saved as the original."""
+        act, _ = make(tmp_path)
+        act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        assert act.originals.get(CARD_200W.uuid) == 200.0
+
+    def test_later_changes_keep_first_original(self, tmp_path: Path) -> None:
+        """Further writes do not overwrite the saved original with the governor's own limits."""
+        act, _ = make(tmp_path)
+        act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        act.apply([set_to(150.0)], snapshot(2.0, [reading(80.0, 180.0)]))
+        act.apply([set_to(200.0)], snapshot(3.0, [reading(60.0, 150.0)]))
+        assert act.originals.get(CARD_200W.uuid) == 200.0
+
+    def test_original_survives_a_new_instance(self, tmp_path: Path) -> None:
+        """The original is persisted: a new store over the same directory (a restart) knows it."""
+        act, _ = make(tmp_path)
+        act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        again, _ = make(tmp_path)
+        assert again.originals.get(CARD_200W.uuid) == 200.0
+
+
+class TestFailures:
+    """Refused and failed writes."""
+
+    def test_refused_makes_gpu_monitor_only(self, tmp_path: Path) -> None:
+        """SetLimitRefused fails the decision and marks the GPU monitor-only with the reason."""
+        act, backend = make(tmp_path)
+        backend.fail_with = SetLimitRefused("NO_PERMISSION")
+        (result,) = act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        assert result.outcome is Outcome.FAILED
+        assert "monitor-only" in (result.detail or "")
+        assert act.monitor_only == {CARD_200W.uuid: "NO_PERMISSION"}
+
+    def test_monitor_only_refuses_without_backend_calls(self, tmp_path: Path) -> None:
+        """After a refusal, later decisions for that GPU are REFUSED and never reach the backend."""
+        act, backend = make(tmp_path)
+        backend.fail_with = SetLimitRefused("NOT_SUPPORTED")
+        act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        backend.fail_with = None
+        results = act.apply([set_to(150.0), set_to(300.0, H100)], snapshot(2.0, [reading(80.0, 200.0)]))
+        assert results[0].outcome is Outcome.REFUSED
+        assert results[0].detail == "monitor-only: NOT_SUPPORTED"
+        assert results[1].outcome is Outcome.APPLIED
+        assert backend.calls == [(CARD_200W.uuid, 180.0), (H100.uuid, 300.0)]
+
+    @pytest.mark.parametrize("error", [SetLimitFailed("busy"), GpuLostError("gone")])
+    def test_transient_failure_is_retried_later(self, tmp_path: Path, error: BackendError) -> None:
+        """A failure that may pass leaves the GPU governable: the next decision is written."""
+        act, backend = make(tmp_path)
+        backend.fail_with = error
+        (result,) = act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        assert result.outcome is Outcome.FAILED
+        assert result.detail == str(error)
+        assert act.monitor_only == {}
+        backend.fail_with = None
+        (again,) = act.apply([set_to(180.0)], snapshot(2.0, [reading(80.0, 200.0)]))
+        assert again.outcome is Outcome.APPLIED
+
+
+class TestRestore:
+    """restore(): put originals back and forget them."""
+
+    def test_restores_and_forgets(self, tmp_path: Path) -> None:
+        """Every saved original is written back and then dropped, on disk too."""
+        act, backend = make(tmp_path)
+        act.apply(
+            [set_to(180.0), set_to(300.0, H100)], snapshot(1.0, [reading(80.0, 200.0), reading(80.0, 700.0, H100)])
+        )
+        backend.calls.clear()
+        results = act.restore(snapshot(5.0, [reading(60.0, 180.0), reading(60.0, 300.0, H100)]), 5.0, "restore_on_stop")
+        assert sorted(backend.calls) == sorted([(CARD_200W.uuid, 200.0), (H100.uuid, 700.0)])
+        assert {r.outcome for r in results} == {Outcome.APPLIED}
+        assert all(r.decision.rule == "restore_on_stop" and r.decision.t_s == 5.0 for r in results)
+        assert act.originals.items() == []
+        assert OriginalLimits(tmp_path).items() == []
+
+    def test_already_original_is_unchanged_and_forgotten(self, tmp_path: Path) -> None:
+        """A GPU already back at its original limit gets no call and its entry is dropped."""
+        act, backend = make(tmp_path)
+        act.originals.remember(CARD_200W.uuid, 200.0)
+        (result,) = act.restore(snapshot(5.0, [reading(60.0, 200.0)]), 5.0, "restore")
+        assert result.outcome is Outcome.UNCHANGED
+        assert backend.calls == []
+        assert act.originals.items() == []
+
+    def test_skips_gpu_not_present(self, tmp_path: Path) -> None:
+        """An original for a GPU this host no longer has is skipped and kept for later."""
+        OriginalLimits(tmp_path).remember("GPU-elsewhere", 250.0)
+        act, backend = make(tmp_path)
+        (result,) = act.restore(None, 5.0, "restore_at_start")
+        assert result.outcome is Outcome.SKIPPED
+        assert result.decision.gpu_index == -1
+        assert backend.calls == []
+        assert act.originals.get("GPU-elsewhere") == 250.0
+
+    def test_failed_restore_keeps_entry(self, tmp_path: Path) -> None:
+        """A restore that fails keeps the original so a later start can retry it."""
+        act, backend = make(tmp_path)
+        act.originals.remember(CARD_200W.uuid, 200.0)
+        backend.fail_with = SetLimitFailed("busy")
+        (result,) = act.restore(None, 5.0, "restore")
+        assert result.outcome is Outcome.FAILED
+        assert act.originals.get(CARD_200W.uuid) == 200.0
+
+    def test_restore_without_snapshot_writes(self, tmp_path: Path) -> None:
+        """Without a snapshot (restore at start) the original is written blind."""
+        act, backend = make(tmp_path)
+        act.originals.remember(H100.uuid, 700.0)
+        (result,) = act.restore(None, 0.0, "restore")
+        assert result.outcome is Outcome.APPLIED
+        assert result.decision.from_value is None
+        assert backend.calls == [(H100.uuid, 700.0)]
