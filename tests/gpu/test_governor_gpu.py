@@ -191,6 +191,14 @@ def test_dry_run_decision_on_a_hot_real_gpu(tmp_path: Path, cleanup: list[object
     report("would_set", event=would)
     assert 'outcome="dry_run"' in body and "gpu_governor_actions_total" in body
     assert f'pid="{load.pid}"' in body, "the load process is in the per-process metrics"
+    pynvml.nvmlInit()
+    count = int(pynvml.nvmlDeviceGetCount())
+    pynvml.nvmlShutdown()
+    for index in range(count):
+        assert f'gpu_governor_gpu_temperature_celsius{{gpu="{index}"' in body, f"GPU {index} is read"
+    decided = {e["gpu"] for e in governor.events() if e["event"] == "power_limit_would_set"}
+    report("per_gpu", gpus=count, would_set_for=sorted(decided))
+    assert 0 in decided
     line = next(x for x in body.splitlines() if f'pid="{load.pid}"' in x)
     report("process_metric", line=line)
     assert enforced_limits_w() == before, "dry-run must not change the power limit"
