@@ -40,6 +40,9 @@ class OriginalLimits:
         except OSError as exc:
             self.load_warning = f"{self.path}: cannot read saved original limits: {exc.strerror or exc}"
             return
+        except UnicodeDecodeError as exc:
+            self.load_warning = f"{self.path}: saved original limits unreadable ({exc}); ignoring them"
+            return
         try:
             data = json.loads(raw)
             limits = data["original_power_limits_w"]
