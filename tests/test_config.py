@@ -309,9 +309,7 @@ class TestContradictions:
 
     def test_every_thermal_inversion_reported(self) -> None:
         """A fully reversed threshold list reports each out-of-order pair."""
-        issues = issues_of(
-            {"thermal": {"warning_c": 99.0, "hot_c": 90.0, "throttle_c": 80.0, "critical_c": 70.0}}
-        )
+        issues = issues_of({"thermal": {"warning_c": 99.0, "hot_c": 90.0, "throttle_c": 80.0, "critical_c": 70.0}})
         assert keys_of(issues) == ["thermal.hot_c", "thermal.throttle_c", "thermal.critical_c"]
 
     def test_all_issues_reported_at_once(self, tmp_path: Path) -> None:
@@ -441,9 +439,7 @@ class TestOverrides:
 
     def test_top_level_contradiction_reported_once(self) -> None:
         """A top-level contradiction is not repeated for each override that leaves it alone."""
-        issues = issues_of(
-            {"power": {"step_up_at_c": 80.0}, "gpu": [{"index": 0, "power": {"dwell_s": 1.0}}]}
-        )
+        issues = issues_of({"power": {"step_up_at_c": 80.0}, "gpu": [{"index": 0, "power": {"dwell_s": 1.0}}]})
         assert keys_of(issues) == ["power.step_up_at_c"]
 
 

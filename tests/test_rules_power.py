@@ -163,9 +163,7 @@ class TestStepDown:
 
     def test_one_rung_at_a_time(self) -> None:
         """Staying hot walks down one rung per debounce run, interval permitting."""
-        lad = Ladder(
-            policy=replace(POLICY, ladder_w=THREE, min_change_interval_s=0.0), gpu=H100, enforced_w=700.0
-        )
+        lad = Ladder(policy=replace(POLICY, ladder_w=THREE, min_change_interval_s=0.0), gpu=H100, enforced_w=700.0)
         lad.series([(float(t), 80.0) for t in range(9)])
         steps = [(d.from_value, d.to_value) for d in lad.decisions if d.rule == "power_step_down"]
         assert steps == [(700.0, 400.0), (400.0, 300.0), (300.0, 200.0)]
@@ -217,9 +215,7 @@ class TestStepUp:
 
     def test_dwell_restarts_after_each_step(self) -> None:
         """Walking up a three-rung ladder needs a full dwell per rung, though the interval is shorter."""
-        lad = Ladder(
-            policy=replace(POLICY, ladder_w=THREE, min_change_interval_s=0.0), gpu=H100, enforced_w=700.0
-        )
+        lad = Ladder(policy=replace(POLICY, ladder_w=THREE, min_change_interval_s=0.0), gpu=H100, enforced_w=700.0)
         lad.series([(float(t), 80.0) for t in range(9)])  # down to 200 W at t=8
         lad.series([(float(t), 50.0) for t in range(10, 200)])
         ups = [(d.t_s, d.to_value) for d in lad.decisions if d.rule == "power_step_up"]
@@ -440,9 +436,7 @@ class TestEngine:
         """A noisy series around 70 C between long hot and cool phases gives exactly one step each way."""
         noise = [0.0, 4.9, -4.0, 5.5, -5.5, 2.0, -3.0, 6.0, -6.0, 1.0]
         hot = [(float(t), 79.0 + noise[t % 10]) for t in range(0, 100)]  # 73.0 .. 85.0 C
-        middle = [
-            (float(t), 70.0 + noise[t % 10]) for t in range(100, 300)
-        ]  # 64.0 .. 76.0 C, never 3 in a row >= 75
+        middle = [(float(t), 70.0 + noise[t % 10]) for t in range(100, 300)]  # 64.0 .. 76.0 C, never 3 in a row >= 75
         cool = [(float(t), 58.0 + noise[t % 10]) for t in range(300, 500)]  # 52 .. 64 C
         sets = [d.rule for d in self.run(hot + middle + cool) if d.action is Action.SET_POWER_LIMIT]
         assert sets == ["power_step_down", "power_step_up"]
