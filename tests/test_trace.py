@@ -12,7 +12,9 @@ import pytest
 from governor.model import GpuHealth, GpuInfo, GpuReading, ProcessReading
 from governor.trace import Trace, TraceError, device_record, read_trace, sample_record, write_records
 
-H100_TRACE = Path(__file__).resolve().parents[2] / "shared/traces/h100-load.jsonl"
+SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared/traces/h100-load.jsonl"
+VENDORED_TRACE = Path(__file__).resolve().parent / "data/h100-load.jsonl"
+H100_TRACE = SHARED_TRACE if SHARED_TRACE.exists() else VENDORED_TRACE
 
 DEVICE: dict[str, Any] = {"record": "device", "gpu": 0, "uuid": "GPU-t", "name": "Test GPU", "interval_s": 1.0}
 
