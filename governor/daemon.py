@@ -45,7 +45,6 @@ from governor.notify import Notifier
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
-from governor.rules.thermal import thresholds
 from governor.rules.vram import under_pressure
 from governor.state import OriginalLimits
 
@@ -180,6 +179,7 @@ class Daemon:
         self._tick_sum_s = 0.0
         self._tick_last_s: float | None = None
         self._ready = False
+        self._frozen_cache: dict[int, tuple[tuple[int, int], tuple[tuple[Any, int], ...]]] = {}
         self._monitor_only_logged: set[str] = set()
         self._state_error_logged: str | None = None
 
@@ -291,7 +291,8 @@ class Daemon:
         self._tick(snapshot)
         self._publish(snapshot, time.perf_counter() - started)
         self.notifier.watchdog()
-        self.notifier.status(self.status_line())
+        if self.notifier.enabled:
+            self.notifier.status(self.status_line())
 
     def _tick(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -533,6 +534,16 @@ class Daemon:
         prefix = "dry-run; " if self.config.dry_run else ""
         return f"{prefix}governing {len(self.snapshot.gpus)} GPU(s): " + ", ".join(parts)
 
+    def _frozen(self, counter: Counter[Any]) -> tuple[tuple[Any, int], ...]:
+        """An immutable, sorted copy of a counter, rebuilt only when the counter changed."""
+        key = id(counter)
+        total = counter.total()
+        cached = self._frozen_cache.get(key)
+        if cached is None or cached[0] != (len(counter), total):
+            cached = ((len(counter), total), tuple(sorted(counter.items())))
+            self._frozen_cache[key] = cached
+        return cached[1]
+
     def _publish(self, snapshot: Snapshot, duration_s: float) -> None:
         if duration_s > 0:
             self._tick_count += 1
@@ -552,7 +563,7 @@ class Daemon:
                 GpuStatus(
                     info=gpu,
                     zone=state.zone,
-                    zone_thresholds_c=thresholds(plan.policy.thermal),
+                    zone_thresholds_c=plan.zone_thresholds_c,
                     ladder_w=plan.ladder_w,
                     rung=state.ladder.rung,
                     target_w=target_w(state.ladder, plan.ladder_w),
@@ -576,9 +587,9 @@ class Daemon:
             dry_run=self.config.dry_run,
             snapshot=snapshot,
             gpus=tuple(statuses),
-            decision_counts=tuple(sorted(self._decision_counts.items())),
-            action_counts=tuple(sorted(self._action_counts.items())),
-            read_errors=tuple(sorted(self._read_errors.items())),
+            decision_counts=self._frozen(self._decision_counts),
+            action_counts=self._frozen(self._action_counts),
+            read_errors=self._frozen(self._read_errors),
             tick_count=self._tick_count,
             tick_duration_s=self._tick_last_s,
             tick_bucket_counts=tuple(self._tick_buckets),
@@ -593,6 +604,6 @@ class Daemon:
                 if c.budget_bytes is not None
             ),
             reserve_bytes=self.config.vram.reserve_bytes,
-            process_action_counts=tuple(sorted(self._process_actions.items())),
+            process_action_counts=self._frozen(self._process_actions),
             per_process_metrics=self.config.vram.per_process_metrics,
         )

@@ -15,7 +15,7 @@ from governor.config import GpuPolicy
 from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, Snapshot, ThermalZone
 from governor.processes import ProcessFacts
 from governor.rules.power import LadderState, effective_ladder, step_power
-from governor.rules.thermal import evaluate_zone
+from governor.rules.thermal import evaluate_zone, thresholds
 from governor.rules.vram import VramState, evaluate_vram
 
 
@@ -35,11 +35,17 @@ class GpuPlan:
     info: GpuInfo
     policy: GpuPolicy
     ladder_w: tuple[float, ...]
+    zone_thresholds_c: tuple[tuple[ThermalZone, float], ...]
 
     @classmethod
     def build(cls, info: GpuInfo, policy: GpuPolicy) -> GpuPlan:
         """Resolve the ladder against the GPU's allowed power range."""
-        return cls(info=info, policy=policy, ladder_w=effective_ladder(policy.power.ladder_w, info))
+        return cls(
+            info=info,
+            policy=policy,
+            ladder_w=effective_ladder(policy.power.ladder_w, info),
+            zone_thresholds_c=thresholds(policy.thermal),
+        )
 
 
 def evaluate_gpu(
