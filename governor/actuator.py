@@ -112,9 +112,13 @@ class Actuator:
         if self.dry_run:
             self._would_be_w[uuid] = limit_w
             return ActionResult(decision, Outcome.DRY_RUN, f"would set {limit_w:g} W")
-        if enforced is not None:
-            self.originals.remember(uuid, enforced)
-        return self._write(decision, uuid, limit_w)
+        first_change = enforced is not None and self.originals.get(uuid) is None
+        if first_change and enforced is not None:
+            self.originals.remember(uuid, enforced)  # saved before the write: a crash right after it loses nothing
+        result = self._write(decision, uuid, limit_w)
+        if first_change and uuid in self.monitor_only:
+            self.originals.forget(uuid)  # refused: nothing was changed, so nothing to restore
+        return result
 
     def _signal(self, decision: Decision) -> ActionResult:
         name = SIGNALS[decision.action].name
@@ -161,6 +165,10 @@ class Actuator:
             )
             if info is None:
                 results.append(ActionResult(decision, Outcome.SKIPPED, "GPU not present; entry kept"))
+                continue
+            if uuid in self.monitor_only:
+                self.originals.forget(uuid)
+                results.append(ActionResult(decision, Outcome.REFUSED, f"monitor-only: {self.monitor_only[uuid]}"))
                 continue
             enforced = None if reading is None else reading.power_limit_w
             if enforced is not None and abs(enforced - original_w) <= DRIFT_TOLERANCE_W / 2:

@@ -57,20 +57,25 @@ def _journal_prefix(_: Any, method: str, event: MutableMapping[str, Any]) -> Mut
     return event
 
 
-class _JournalRenderer:
+def _journal_value(value: Any) -> str:
+    """A value for a ``key=value`` journal line: bare when unambiguous, else double-quoted.
+
+    Strings were already made printable by ``_escape_values``, so no value can break
+    the line; backslashes are left as they are rather than doubled.
+    """
+    text = value if isinstance(value, str) else repr(value) if not isinstance(value, (int, float)) else str(value)
+    if text and all(c not in text for c in ' "=') and text.isprintable():
+        return text
+    return '"' + escape(text).replace('"', '\\"') + '"'
+
+
+def _journal_renderer(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
     """``<N>event key=value ...``: one line, with the syslog priority journald reads."""
-
-    def __init__(self) -> None:
-        self._kv = structlog.processors.KeyValueRenderer(
-            sort_keys=False, key_order=["event"], drop_missing=True
-        )
-
-    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
-        priority = event.pop("_priority", 6)
-        name = event.pop("event", "")
-        event.pop("timestamp", None)
-        rest = self._kv(logger, method, event) if event else ""
-        return f"<{priority}>{name} {rest}".rstrip()
+    priority = event.pop("_priority", 6)
+    name = event.pop("event", "")
+    event.pop("timestamp", None)
+    rest = " ".join(f"{key}={_journal_value(value)}" for key, value in event.items())
+    return f"<{priority}>{name} {rest}".rstrip()
 
 
 def resolve_format(requested: str, stream: TextIO | None = None) -> str:
@@ -95,14 +100,14 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        structlog.processors.format_exc_info,
         _escape_values,
     ]
     if concrete == "journal":
-        processors += [_journal_prefix, _JournalRenderer()]
+        processors += [_journal_prefix, _journal_renderer]
     elif concrete == "json":
         processors += [
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=False),
         ]
     else:
