@@ -185,6 +185,16 @@ class TestFailures:
         assert results[1].outcome is Outcome.APPLIED
         assert backend.calls == [(CARD_200W.uuid, 180.0), (H100.uuid, 300.0)]
 
+    def test_refused_first_write_leaves_nothing_to_restore(self, tmp_path: Path) -> None:
+        """A refused first write removes the saved original, so stop never retries a monitor-only GPU."""
+        act, backend = make(tmp_path)
+        backend.fail_with = SetLimitRefused("NO_PERMISSION")
+        act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
+        assert act.originals.items() == []
+        assert OriginalLimits(tmp_path).items() == []
+        assert act.restore(snapshot(2.0, [reading(80.0, 200.0)]), 2.0, "restore_on_stop") == []
+        assert backend.calls == [(CARD_200W.uuid, 180.0)]
+
     @pytest.mark.parametrize("error", [SetLimitFailed("busy"), GpuLostError("gone")])
     def test_transient_failure_is_retried_later(self, tmp_path: Path, error: BackendError) -> None:
         """A failure that may pass leaves the GPU governable: the next decision is written."""
