@@ -61,16 +61,12 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def host(
-    cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any
-) -> subprocess.CompletedProcess[str]:
+def host(cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
     """Run a host command with Debian's tools first on PATH; output captured as text."""
     env = {**os.environ, "PATH": HOST_PATH + ":" + os.environ.get("PATH", "")}
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env, **kw)
     if check and result.returncode != 0:
-        raise AssertionError(
-            f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-        )
+        raise AssertionError(f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
 
 
@@ -295,6 +291,10 @@ def box(request: pytest.FixtureRequest) -> Iterator[Container]:
         # simulated GPU, plus test-only short watchdog and restart delays.
         drop_in = textwrap.dedent(
             """\
+            [Unit]
+            # test only: the test restarts the unit more often than a crash loop would
+            StartLimitIntervalSec=0
+
             [Service]
             ExecStart=
             ExecStart=/usr/bin/gpu-governor run --simulate
@@ -302,7 +302,6 @@ def box(request: pytest.FixtureRequest) -> Iterator[Container]:
             WatchdogSec=3s
             TimeoutAbortSec=3s
             RestartSec=1s
-            StartLimitIntervalSec=0
             LimitCORE=0
             """
         )
@@ -448,17 +447,19 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
     box.sh(f"systemctl reload {UNIT}")
     errors = wait_for(
         "config_reload_failed in the journal",
-        lambda: (
-            [m for _, p, m in box.daemon_events("-p", "err") if m.startswith("config_reload_failed")] or None
-        ),
+        lambda: [m for _, p, m in box.daemon_events("-p", "err") if m.startswith("config_reload_failed")] or None,
         15,
     )
     assert CONFIG in errors[0]
     assert box.show("ActiveState")["ActiveState"] == "active"
     assert box.main_pid() == pid
-    page = box.metrics()
-    assert page is not None
-    assert metric(page, "gpu_governor_config_last_reload_successful") == 0.0
+
+    def reload_ok_metric() -> float | None:
+        page = box.metrics()
+        return None if page is None else metric(page, "gpu_governor_config_last_reload_successful")
+
+    # Metrics are published each tick: wait for the first one after the reload.
+    assert wait_for("the reload-failed metric", lambda: reload_ok_metric() == 0.0 or None, 10)
     assert hot_threshold() == 80.0, "the invalid config must not replace the running one"
 
     # A config writable by others is refused too (it decides what gets signalled).
@@ -466,9 +467,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
     box.sh(f"systemctl reload {UNIT}")
     wait_for(
         "the trust refusal in the journal",
-        lambda: (
-            [m for _, _, m in box.daemon_events("-p", "err") if "writable by group or others" in m] or None
-        ),
+        lambda: [m for _, _, m in box.daemon_events("-p", "err") if "writable by group or others" in m] or None,
         15,
     )
     assert hot_threshold() == 80.0
@@ -476,9 +475,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
     box.write(CONFIG, make_config(hot_c=78.0, step_down_at_c=74.0))
     box.sh(f"systemctl reload {UNIT}")
     assert wait_for("the new hot threshold", lambda: hot_threshold() == 78.0 or None, 15)
-    page = box.metrics()
-    assert page is not None
-    assert metric(page, "gpu_governor_config_last_reload_successful") == 1.0
+    assert reload_ok_metric() == 1.0
     assert any(m.startswith("config_reloaded") and "74.0" in m for _, _, m in box.daemon_events())
     assert box.main_pid() == pid
     assert box.show("ActiveState")["ActiveState"] == "active"
@@ -522,9 +519,7 @@ def test_4_watchdog_kills_frozen_daemon_and_restart_after_kill_9(box: Container)
     pid, restarts = int(props["MainPID"]), int(props["NRestarts"])
     box.sh(f"kill -STOP {pid}")
     new_pid = _restarted_after(box, pid, restarts, 30)
-    messages = [
-        e.get("MESSAGE", "") for e in box.journal() if "Watchdog timeout" in str(e.get("MESSAGE", ""))
-    ]
+    messages = [e.get("MESSAGE", "") for e in box.journal() if "Watchdog timeout" in str(e.get("MESSAGE", ""))]
     assert messages, "systemd did not log a watchdog timeout"
     _limit_restored_or_governed(box, new_pid, original)
 
@@ -581,7 +576,11 @@ def test_hardened_unit_can_still_do_its_job(box: Container) -> None:
         with open("/var/lib/gpu-governor/probe", "w") as f:
             f.write("ok")
         for _ in range(50):
-            if not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE:
+            try:
+                gone = psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:
                 print("PROBE-OK")
                 break
             time.sleep(0.1)
@@ -593,8 +592,7 @@ def test_hardened_unit_can_still_do_its_job(box: Container) -> None:
     assert victim > 0
     box.write(
         "/run/systemd/system/gg-probe.service",
-        "[Service]\nType=oneshot\n"
-        f"ExecStart=/usr/bin/python3 -I /usr/local/lib/gg-probe.py {victim}\n{sandbox}\n",
+        f"[Service]\nType=oneshot\nExecStart=/usr/bin/python3 -I /usr/local/lib/gg-probe.py {victim}\n{sandbox}\n",
     )
     box.sh("systemctl daemon-reload")
     result = box.sh(
@@ -641,9 +639,7 @@ def test_upgrade_keeps_modified_conffile_and_restarts(box: Container) -> None:
     version = re.search(r"^Version: (\S+)$", control, re.M)
     assert version is not None
     new_version = version.group(1) + "+upgrade1"
-    (tree / "DEBIAN/control").write_text(
-        control.replace(f"Version: {version.group(1)}", f"Version: {new_version}")
-    )
+    (tree / "DEBIAN/control").write_text(control.replace(f"Version: {version.group(1)}", f"Version: {new_version}"))
     shipped = tree / "etc/gpu-governor/governor.toml"
     shipped.write_text(shipped.read_text() + "\n# changed in the new version\n")
     # md5sums lists every file but the conffiles (as dh_md5sums writes it).
