@@ -85,6 +85,11 @@ class PowerPolicy:
     ``step_down_at_c``; one rung up after the temperature stayed <= ``step_up_at_c``
     for ``dwell_s`` seconds; at most one change per ``min_change_interval_s``
     seconds, except that entering the critical zone drops straight to the floor.
+
+    Anti-flap backoff (lazy when releasing): a step down within ``flap_window_s`` seconds
+    of the last step up doubles the dwell before the next step up, up to ``dwell_max_s``
+    (never below ``dwell_s``); every ``backoff_decay_s`` seconds without a limit change
+    halves it again, back to ``dwell_s``. ``flap_window_s = 0`` turns the backoff off.
     """
 
     ladder_w: tuple[float, ...] = (200.0, 180.0)
@@ -94,6 +99,9 @@ class PowerPolicy:
     dwell_s: float = 60.0
     min_change_interval_s: float = 30.0
     enabled: bool = True
+    flap_window_s: float = 900.0
+    dwell_max_s: float = 1800.0
+    backoff_decay_s: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +257,9 @@ POWER_KEYS: dict[str, Key] = {
     "debounce_samples": Key("int", "a whole number of samples", _between(1, 3600)),
     "dwell_s": Key("float", "seconds", _between(0.0, 86400.0)),
     "min_change_interval_s": Key("float", "seconds", _between(0.0, 86400.0)),
+    "flap_window_s": Key("float", "seconds (0 turns the backoff off)", _between(0.0, 86400.0)),
+    "dwell_max_s": Key("float", "seconds", _between(0.0, 86400.0)),
+    "backoff_decay_s": Key("float", "seconds", _between(1.0, 86400.0)),
 }
 SCHEMA: dict[str, Key | dict[str, Key]] = {
     "poll_interval_s": Key("float", "seconds", _between(0.05, 3600.0)),

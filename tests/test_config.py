@@ -75,6 +75,9 @@ step_up_at_c = 60.0
 debounce_samples = 5
 dwell_s = 120.0
 min_change_interval_s = 10.0
+flap_window_s = 600.0
+dwell_max_s = 960.0
+backoff_decay_s = 1800.0
 
 [[gpu]]
 index = 0
@@ -156,7 +159,7 @@ class TestKeys:
         assert c.logging == LoggingConfig("journal", "debug")
         assert c.simulation == SimulationConfig("h100-80gb", 4, "hot", 42, 30.0, "/tmp/sim.json", 10.0)
         assert c.thermal == ThermalPolicy(60.0, 70.0, 80.0, 90.0, 2.0)
-        assert c.power == PowerPolicy((300.0, 250.0, 200.0), 78.0, 60.0, 5, 120.0, 10.0, False)
+        assert c.power == PowerPolicy((300.0, 250.0, 200.0), 78.0, 60.0, 5, 120.0, 10.0, False, 600.0, 960.0, 1800.0)
         assert c.gpus == (
             GpuOverride(
                 0,

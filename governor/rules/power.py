@@ -9,6 +9,11 @@
 * Every rung is clamped to the GPU's allowed range, so a 180 W rung on an H100
   (200-700 W) becomes 200 W.
 * A missing temperature holds the current limit: never a step up on no data.
+* Anti-flap backoff (lazy when releasing, as thermald): a step down (or critical
+  jump) within ``flap_window_s`` of the last step up doubles the dwell before the
+  next step up, up to ``dwell_max_s``; every ``backoff_decay_s`` without a limit
+  change halves it again. A load that cycles faster than the card cools settles on
+  the lower rung instead of stepping down and up every cycle.
 * Drift: when the enforced limit differs from the governor's target, the target is
   re-applied once per drift if the enforced limit is higher; an out-of-band limit
   that is lower than ours (another tool, a BMC) is reported and never fought.
@@ -38,6 +43,8 @@ class LadderState:
     last_change_s: float | None = None
     holding: bool = False  # temperature missing: holding the limit
     drift_seen: bool = False  # the current drift was already handled
+    last_up_s: float | None = None  # time of the last step up (a step down soon after is a flap)
+    backoff: int = 0  # dwell doublings in force as of last_change_s (before decay)
 
     @property
     def governed(self) -> bool:
@@ -70,6 +77,45 @@ def target_w(state: LadderState, ladder: tuple[float, ...]) -> float | None:
     if state.rung is None:
         return None
     return ladder[min(state.rung, len(ladder) - 1)]
+
+
+def _max_backoff(policy: PowerPolicy) -> int:
+    """The doublings after which the dwell reaches ``dwell_max_s`` (0 when there is no dwell)."""
+    if policy.dwell_s <= 0.0:
+        return 0
+    level = 0
+    while policy.dwell_s * (1 << level) < policy.dwell_max_s and level < 30:
+        level += 1
+    return level
+
+
+def backoff_level(policy: PowerPolicy, state: LadderState, t_s: float) -> int:
+    """Dwell doublings in force at ``t_s``: the stored level, halved once per
+    ``backoff_decay_s`` seconds since the last limit change."""
+    if state.backoff == 0 or state.last_change_s is None:
+        return state.backoff
+    calm_s = max(0.0, t_s - state.last_change_s)
+    return max(0, state.backoff - int(calm_s // policy.backoff_decay_s))
+
+
+def effective_dwell_s(policy: PowerPolicy, state: LadderState, t_s: float) -> float:
+    """Seconds of cool needed at ``t_s`` before a step up: ``dwell_s`` doubled per backoff
+    level, capped at ``dwell_max_s`` (never below ``dwell_s``)."""
+    level = backoff_level(policy, state, t_s)
+    if level == 0:
+        return policy.dwell_s
+    return max(policy.dwell_s, min(policy.dwell_s * (1 << level), policy.dwell_max_s))
+
+
+def _after_step_down(policy: PowerPolicy, state: LadderState, t_s: float) -> tuple[int, str]:
+    """The backoff level after a step down at ``t_s`` and a note for the reason ("" if no flap)."""
+    level = backoff_level(policy, state, t_s)
+    since_up = None if state.last_up_s is None else t_s - state.last_up_s
+    if policy.flap_window_s <= 0.0 or since_up is None or since_up > policy.flap_window_s:
+        return level, ""
+    level = min(level + 1, _max_backoff(policy))
+    dwell = effective_dwell_s(policy, replace(state, backoff=level, last_change_s=t_s), t_s)
+    return level, f"; {since_up:g} s after the last step up: next step up after {dwell:g} s of cool"
 
 
 def _decision(
@@ -157,10 +203,17 @@ def step_power(
     interval_ok = state.last_change_s is None or t_s - state.last_change_s >= policy.min_change_interval_s
 
     if entering_critical and state.rung != lowest and not _would_raise(ladder[lowest], reading):
+        level, note = _after_step_down(policy, state, t_s)
         state = replace(
-            state, rung=lowest, hot_samples=0, cool_since_s=None, last_change_s=t_s, drift_seen=False
+            state,
+            rung=lowest,
+            hot_samples=0,
+            cool_since_s=None,
+            last_change_s=t_s,
+            drift_seen=False,
+            backoff=level,
         )
-        reason = f"entered critical zone at {temperature:g} C: straight to the lowest rung"
+        reason = f"entered critical zone at {temperature:g} C: straight to the lowest rung{note}"
         return state, [_decision(reading, t_s, "power_critical", reason, from_w=from_w, to_w=ladder[lowest])]
 
     if temperature >= policy.step_down_at_c:
@@ -169,10 +222,11 @@ def step_power(
         if hot >= policy.debounce_samples and interval_ok:
             below = _first_rung_below(ladder, reading.power_limit_w) if state.rung is None else state.rung + 1
             if below is not None and below <= lowest and not _would_raise(ladder[below], reading):
-                state = replace(state, rung=below, hot_samples=0, last_change_s=t_s, drift_seen=False)
+                level, note = _after_step_down(policy, state, t_s)
+                state = replace(state, rung=below, hot_samples=0, last_change_s=t_s, drift_seen=False, backoff=level)
                 reason = (
                     f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C "
-                    f"for {hot} consecutive samples"
+                    f"for {hot} consecutive samples{note}"
                 )
                 return state, [
                     _decision(
@@ -189,12 +243,25 @@ def step_power(
         cool_since = state.cool_since_s if state.cool_since_s is not None else t_s
         state = replace(state, hot_samples=0, cool_since_s=cool_since)
         cooled_s = t_s - cool_since
-        if state.rung is not None and state.rung > 0 and cooled_s >= policy.dwell_s and interval_ok:
+        dwell_s = effective_dwell_s(policy, state, t_s)
+        if state.rung is not None and state.rung > 0 and cooled_s >= dwell_s and interval_ok:
             up = state.rung - 1
-            state = replace(state, rung=up, cool_since_s=t_s, last_change_s=t_s, drift_seen=False)
+            level = backoff_level(policy, state, t_s)
+            state = replace(
+                state,
+                rung=up,
+                cool_since_s=t_s,
+                last_change_s=t_s,
+                drift_seen=False,
+                last_up_s=t_s,
+                backoff=level,
+            )
+            dwell_text = f"dwell {dwell_s:g} s"
+            if dwell_s != policy.dwell_s:
+                dwell_text += f": {policy.dwell_s:g} s backed off after flapping"
             reason = (
                 f"temperature <= {policy.step_up_at_c:g} C for {cooled_s:g} s "
-                f"(dwell {policy.dwell_s:g} s), now {temperature:g} C"
+                f"({dwell_text}), now {temperature:g} C"
             )
             return state, [
                 _decision(
