@@ -58,12 +58,8 @@ def reading(*procs: tuple[int, int], used: int = 6 * GiB, total: int = 12 * GiB)
     )
 
 
-PRIMARY = ProcessClass(
-    "primary", ProcessMatch(name="p1"), 6 * GiB, priority=100, action="terminate", grace_s=30
-)
-SECONDARY = ProcessClass(
-    "secondary", ProcessMatch(name="p2"), 3 * GiB, priority=50, action="terminate", grace_s=30
-)
+PRIMARY = ProcessClass("primary", ProcessMatch(name="p1"), 6 * GiB, priority=100, action="terminate", grace_s=30)
+SECONDARY = ProcessClass("secondary", ProcessMatch(name="p2"), 3 * GiB, priority=50, action="terminate", grace_s=30)
 POLICY = VramPolicy(reserve_bytes=2 * GiB, classes=(PRIMARY, SECONDARY), cooldown_s=20)
 
 
@@ -134,9 +130,7 @@ class TestVramRule:
     def test_dry_run_marks_decisions(self) -> None:
         """With [vram] dry_run the decisions carry dry_run so the actuator only logs them."""
         policy = VramPolicy(classes=(SECONDARY,), dry_run=True)
-        decisions = run(
-            [(t, reading((2, 4 * GiB))) for t in range(0, 31)], {2: facts(2, "secondary")}, policy
-        )
+        decisions = run([(t, reading((2, 4 * GiB))) for t in range(0, 31)], {2: facts(2, "secondary")}, policy)
         assert decisions[-1].action is Action.SIGNAL_TERM and decisions[-1].dry_run
 
 
@@ -180,9 +174,7 @@ class TestInspector:
         """A real child is matched on its command line and the explanation names the rule."""
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "worker-marker"])
         try:
-            klass = ProcessClass(
-                "workers", ProcessMatch(cmdline=__import__("re").compile("worker-marker")), GiB
-            )
+            klass = ProcessClass("workers", ProcessMatch(cmdline=__import__("re").compile("worker-marker")), GiB)
             policy = VramPolicy(classes=(klass,))
             got = ProcessInspector().facts(child.pid, None, policy)
             assert got.klass == "workers" and "cmdline matches" in got.why
@@ -201,8 +193,10 @@ class TestInspector:
 
 # ----------------------------------------------------------------------------- real processes
 
-IGNORE_TERM = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(120)"
-SLEEPER = "import time\ntime.sleep(120)"
+IGNORE_TERM = (
+    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(120)"
+)
+SLEEPER = "import time\nprint('ready', flush=True)\ntime.sleep(120)"
 
 
 @pytest.fixture
@@ -216,11 +210,11 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def spawn(children: list[subprocess.Popen[bytes]], code: str, tag: str) -> subprocess.Popen[bytes]:
-    child = subprocess.Popen([sys.executable, "-c", code, tag])
+    """Start a child and wait until it has exec'd and set itself up (it prints ``ready``)."""
+    child = subprocess.Popen([sys.executable, "-c", code, tag], stdout=subprocess.PIPE)
     children.append(child)
-    deadline = time.monotonic() + 10
-    while read_start_time(child.pid) is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == b"ready"
     return child
 
 
@@ -240,9 +234,7 @@ class Harness:
         sim = SimulationConfig(profile="rtx4070", scenario="idle")
         self.backend: SimulatedBackend = build_simulated_backend(sim, self.clock)
         config = Config(state_dir=str(tmp_path), vram=cfg.vram, backend="simulated")
-        self.daemon = Daemon(
-            config, self.backend, self.clock, waiter=VirtualWaiter(self.clock), notifier=Notifier()
-        )
+        self.daemon = Daemon(config, self.backend, self.clock, waiter=VirtualWaiter(self.clock), notifier=Notifier())
         self.attached: dict[int, subprocess.Popen[bytes]] = {}
 
     def attach(self, child: subprocess.Popen[bytes], used_bytes: int) -> None:
@@ -306,9 +298,7 @@ class TestRealProcesses:
         assert signalled["signal"] == "SIGTERM" and signalled["class"] == "secondary"
         assert "cmdline matches" in signalled["matched"]
 
-    def test_child_ignoring_sigterm_gets_sigkill(
-        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
-    ) -> None:
+    def test_child_ignoring_sigterm_gets_sigkill(self, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
         """A child that ignores SIGTERM and stays over budget is SIGKILLed after kill_after."""
         h = Harness(tmp_path, classes_toml())
         child = spawn(children, IGNORE_TERM, "secondary-marker")
@@ -324,9 +314,7 @@ class TestRealProcesses:
         child = spawn(children, SLEEPER, "secondary-marker")
         start = read_start_time(child.pid)
         assert start is not None
-        assert (
-            send_signal(child.pid, start - 1, signal.SIGTERM) == "pid reused by another process: left alone"
-        )
+        assert send_signal(child.pid, start - 1, signal.SIGTERM) == "pid reused by another process: left alone"
         decision = Decision(
             t_s=0,
             gpu_index=0,
@@ -350,9 +338,7 @@ class TestRealProcesses:
         child.wait()
         assert send_signal(child.pid, 12345, signal.SIGTERM) == "vanished"
 
-    def test_protected_child_is_never_signalled(
-        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
-    ) -> None:
+    def test_protected_child_is_never_signalled(self, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
         """A child whose class is protected stays alive however long it is over budget."""
         toml = classes_toml()
         toml["class"][1]["protected"] = True
