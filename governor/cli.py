@@ -75,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the simulated GPU backend (optionally with a profile name or file)",
     )
     run.add_argument("--dry-run", action="store_true", help="decide and log, but change no power limit")
-    run.add_argument(
-        "--listen", type=_listen, metavar="HOST:PORT", help="metrics address (default 127.0.0.1:9847)"
-    )
+    run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="metrics address (default 127.0.0.1:9847)")
     run.add_argument("--log-format", choices=["auto", "console", "json", "journal"], help="log format")
 
     check = sub.add_parser("check-config", help="validate a config file and print the effective config")
@@ -90,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     record = sub.add_parser("record", help="record NVML samples to a trace file (JSON Lines)")
     record.add_argument("--output", "-o", type=Path, required=True, help="trace file to write")
     record.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
-    record.add_argument(
-        "--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)"
-    )
+    record.add_argument("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)")
     record.add_argument("--simulate", nargs="?", const="", metavar="PROFILE", help="record the simulated GPU")
     return parser
 
@@ -159,9 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return MetricsServer(metrics.listen_address, metrics.port, build_registry(source))  # type: ignore[arg-type]
         except OSError as exc:
             where = f"{metrics.listen_address}:{metrics.port}"
-            raise CliError(
-                f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND
-            ) from None
+            raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None
 
     daemon = Daemon(
         config,
@@ -199,10 +193,16 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         status = fetch_status(url)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise CliError(
-            f"cannot reach the governor at {url}: {reason} (is it running?)", EXIT_UNREACHABLE
-        ) from None
+        raise CliError(f"cannot reach the governor at {url}: {reason} (is it running?)", EXIT_UNREACHABLE) from None
     out.write(render_status(status))
+    from governor.status import read_process_table, render_processes
+
+    runtime_dir = (_load_run_config(args.config) if args.config else Config()).runtime_dir
+    rows = read_process_table(f"{runtime_dir}/processes.json") if runtime_dir else None
+    if rows is None:
+        out.write(f"\nprocesses: {runtime_dir}/processes.json not readable (run as root to see them)\n")
+    else:
+        out.write("\n" + render_processes(rows))
     return EXIT_OK
 
 

@@ -175,6 +175,7 @@ class Config:
     dry_run: bool = False
     backend: str = "nvml"
     state_dir: str = "/var/lib/gpu-governor"
+    runtime_dir: str = "/run/gpu-governor"
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -266,6 +267,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
     "dry_run": Key("bool", "true or false"),
     "backend": Key("str", "a backend name", _one_of("nvml", "simulated")),
     "state_dir": Key("str", "a directory path"),
+    "runtime_dir": Key("str", "a directory path (empty: write no process table)"),
     "metrics": {
         "enabled": Key("bool", "true or false"),
         "listen_address": Key("str", "an IP address or host name"),

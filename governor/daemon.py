@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import json
+import os
 import queue
 import signal
 import time
@@ -25,7 +27,7 @@ from governor.actuator import Actuator
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock, VirtualClock
 from governor.config import Config, ConfigError, load_config
-from governor.logsetup import get_logger
+from governor.logsetup import escape, get_logger
 from governor.model import (
     TICK_BUCKETS_S,
     Action,
@@ -179,6 +181,8 @@ class Daemon:
         self._tick_sum_s = 0.0
         self._tick_last_s: float | None = None
         self._ready = False
+        self._process_table_key: list[tuple[Any, ...]] = []
+        self._process_table_disabled = False
         self._frozen_cache: dict[int, tuple[tuple[int, int], tuple[tuple[Any, int], ...]]] = {}
         self._monitor_only_logged: set[str] = set()
         self._state_error_logged: str | None = None
@@ -307,6 +311,7 @@ class Daemon:
         results = self.actuator.apply(decisions, snapshot)
         self._log_results(results)
         self._check_state_store()
+        self._write_process_table(snapshot)
 
     def _inspect(self, snapshot: Snapshot) -> dict[int, ProcessFacts]:
         """Facts for every process any GPU reports; one unreadable process never stops the tick."""
@@ -428,10 +433,7 @@ class Daemon:
         elif result.outcome is Outcome.REFUSED:
             self.log.debug(event, **fields)
         elif (
-            (
-                d.rule == "thermal_zone"
-                and ThermalZone(str(d.to_value)).severity >= ThermalZone.THROTTLE.severity
-            )
+            (d.rule == "thermal_zone" and ThermalZone(str(d.to_value)).severity >= ThermalZone.THROTTLE.severity)
             or d.rule in ("power_critical", "power_hold", "power_drift_external_lower")
             or (d.rule == "thermal_zone" and d.to_value == ThermalZone.UNKNOWN.value)
         ):
@@ -475,9 +477,7 @@ class Daemon:
         else:
             self.log.info("process_left_alone", **fields)
 
-    def _gpu_processes(
-        self, reading: GpuReading | None
-    ) -> tuple[tuple[ClassUsage, ...], int, tuple[ProcessRow, ...]]:
+    def _gpu_processes(self, reading: GpuReading | None) -> tuple[tuple[ClassUsage, ...], int, tuple[ProcessRow, ...]]:
         """Per-class VRAM use, unclassified count and process rows for one GPU."""
         if reading is None or not reading.processes:
             return (), 0, ()
@@ -510,12 +510,54 @@ class Daemon:
         classes = tuple(ClassUsage(name, u, n, o) for name, (u, n, o) in sorted(usage.items()))
         return classes, unclassified, tuple(rows)
 
+    def _write_process_table(self, snapshot: Snapshot) -> None:
+        """Write every GPU process with its class and why to runtime_dir/processes.json (0600).
+
+        Rewritten only when the table changed; a directory that cannot be written (not
+        root, no RuntimeDirectory) disables it with one debug event.
+        """
+        if not self.config.runtime_dir or self._process_table_disabled:
+            return
+        entries = [
+            (reading.index, process, self.facts.get(process.pid))
+            for reading in snapshot.gpus
+            for process in reading.processes or ()
+        ]
+        default = self.config.vram.default_class.name
+        key = [(gpu, p.pid, f.klass if f else default, (p.used_memory_bytes or 0) >> 20) for gpu, p, f in entries]
+        if key == self._process_table_key:
+            return
+        self._process_table_key = key
+        rows = [
+            {
+                "gpu": gpu,
+                "pid": process.pid,
+                "name": escape((facts.name if facts else process.name) or "?"),
+                "class": facts.klass if facts else default,
+                "why": escape(facts.why) if facts else "",
+                "unit": escape(facts.unit or "") if facts else "",
+                "user": facts.user if facts else None,
+                "used_bytes": process.used_memory_bytes,
+                "budget_bytes": self.config.vram.class_named(facts.klass if facts else default).budget_bytes,
+                "protected": facts.protected if facts else None,
+            }
+            for gpu, process, facts in entries
+        ]
+        path = Path(self.config.runtime_dir) / "processes.json"
+        try:
+            tmp = path.with_name(f".processes.json.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump({"wall_time_s": snapshot.wall_time_s, "processes": rows}, handle)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self._process_table_disabled = True
+            self.log.debug("process_table_disabled", path=str(path), error=exc.strerror or str(exc))
+
     def _check_state_store(self) -> None:
         error = self.originals.last_error
         if error and error != self._state_error_logged:
-            self.log.error(
-                "state_write_failed", detail=error, effect="governing continues; limits kept in memory"
-            )
+            self.log.error("state_write_failed", detail=error, effect="governing continues; limits kept in memory")
         self._state_error_logged = error
 
     def status_line(self) -> str:

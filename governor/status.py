@@ -102,13 +102,50 @@ def _fmt(value: float | None, unit: str, scale: float = 1.0, digits: int = 0) ->
     return "-" if value is None else f"{value / scale:.{digits}f}{unit}"
 
 
+def read_process_table(path: str) -> list[dict[str, object]] | None:
+    """The daemon's process table (runtime_dir/processes.json), or None when unreadable."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    rows = data.get("processes") if isinstance(data, dict) else None
+    return rows if isinstance(rows, list) else None
+
+
+def render_processes(rows: list[dict[str, object]]) -> str:
+    """The process table: which class each GPU process got and why."""
+    header = ("GPU", "PID", "NAME", "CLASS", "VRAM", "BUDGET", "MATCHED")
+    table: list[tuple[str, ...]] = [header]
+    for row in rows:
+        used = row.get("used_bytes")
+        budget = row.get("budget_bytes")
+        why = str(row.get("why") or "")
+        if row.get("protected"):
+            why += f" [protected: {row['protected']}]"
+        table.append(
+            (
+                str(row.get("gpu")),
+                str(row.get("pid")),
+                str(row.get("name")),
+                str(row.get("class")),
+                _fmt(float(used), " GiB", 2**30, 2) if isinstance(used, (int, float)) else "-",
+                _fmt(float(budget), " GiB", 2**30, 2) if isinstance(budget, (int, float)) else "-",
+                why,
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table) + "\n"
+
+
 def render_status(status: DaemonStatus) -> str:
     """The status table as text."""
     mode = "dry-run" if status.dry_run else "enforcing"
     lines = [
         f"gpu-governor {status.version}, backend {status.backend}, {mode}",
-        f"config: {status.config}"
-        + ("" if status.config_ok else "  (last reload FAILED: old config in force)"),
+        f"config: {status.config}" + ("" if status.config_ok else "  (last reload FAILED: old config in force)"),
         "",
     ]
     header = ("GPU", "NAME", "TEMP", "ZONE", "HEALTH", "POWER", "LIMIT", "TARGET", "MEMORY", "MODE")

@@ -233,7 +233,7 @@ class Harness:
         cfg = parse_config(toml, "test.toml")
         sim = SimulationConfig(profile="rtx4070", scenario="idle")
         self.backend: SimulatedBackend = build_simulated_backend(sim, self.clock)
-        config = Config(state_dir=str(tmp_path), vram=cfg.vram, backend="simulated")
+        config = Config(state_dir=str(tmp_path), runtime_dir=str(tmp_path), vram=cfg.vram, backend="simulated")
         self.daemon = Daemon(config, self.backend, self.clock, waiter=VirtualWaiter(self.clock), notifier=Notifier())
         self.attached: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -297,6 +297,24 @@ class TestRealProcesses:
         signalled = next(e for e in logs if e["event"] == "process_signalled")
         assert signalled["signal"] == "SIGTERM" and signalled["class"] == "secondary"
         assert "cmdline matches" in signalled["matched"]
+
+    def test_status_process_table_says_which_rule_matched(
+        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    ) -> None:
+        """The daemon's process table (for `status`) names each process's class and the rule that matched it."""
+        from governor.status import read_process_table, render_processes
+
+        h = Harness(tmp_path, classes_toml())
+        child = spawn(children, SLEEPER, "secondary-marker")
+        h.daemon.start()
+        h.attach(child, 2 * GiB)
+        h.step(1)
+        rows = read_process_table(str(tmp_path / "processes.json"))
+        assert rows is not None and len(rows) == 1
+        assert rows[0]["pid"] == child.pid and rows[0]["class"] == "secondary"
+        assert (tmp_path / "processes.json").stat().st_mode & 0o777 == 0o600
+        table = render_processes(rows)
+        assert "secondary" in table and "cmdline matches /secondary-marker/" in table and "3.00 GiB" in table
 
     def test_child_ignoring_sigterm_gets_sigkill(self, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
         """A child that ignores SIGTERM and stays over budget is SIGKILLed after kill_after."""
