@@ -1,4 +1,4 @@
-"""The command line: ``gpu-governor run | check-config | status | record``.
+"""The command line: ``gpu-governor run | check-config | status | record | calibrate | replay | simulate``.
 
 Errors are one clear line on stderr and a distinct exit code, never a traceback:
 
@@ -90,6 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
     record.add_argument("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)")
     record.add_argument("--simulate", nargs="?", const="", metavar="PROFILE", help="record the simulated GPU")
+
+    calibrate = sub.add_parser("calibrate", help="fit the simulator's thermal model to a recorded trace")
+    calibrate.add_argument("trace", type=Path, help="trace file written by `record`")
+    calibrate.add_argument("--output", "-o", type=Path, help="write the fitted profile (TOML) here")
+    calibrate.add_argument("--check", type=Path, metavar="OTHER_TRACE", help="report the error predicting this trace")
+    calibrate.add_argument("--gpu", type=int, metavar="N", help="fit only GPU N (needed for --output with several)")
+
+    replay = sub.add_parser("replay", help="what would the rules have decided on a recorded trace (open loop)")
+    replay.add_argument("trace", type=Path, help="trace file written by `record`")
+    replay.add_argument("--config", type=Path, help="config whose policy to replay (default: built-in defaults)")
+    replay.add_argument("--plot", type=Path, metavar="FILE.png", help="write a plot (needs matplotlib)")
+
+    simulate = sub.add_parser("simulate", help="run policies on a simulated GPU and compare them (closed loop)")
+    simulate.add_argument("--profile", required=True, help="profile name (rtx4070, h100-80gb) or TOML path")
+    simulate.add_argument("--scenario", required=True, help="scenario name (sustained-inference, ...) or TOML path")
+    simulate.add_argument("--duration", required=True, help="simulated time: 24h, 90m, 3600s")
+    simulate.add_argument("--config", type=Path, help="config whose policy to simulate (default: built-in defaults)")
+    simulate.add_argument("--compare", type=Path, nargs="+", metavar="CONFIG", help="more configs, side by side")
+    simulate.add_argument("--seed", type=int, default=0, help="power noise seed (default 0)")
+    simulate.add_argument("--gpus", type=int, metavar="N", help="simulated GPUs (default: what the scenario needs)")
+    simulate.add_argument("--plot", type=Path, metavar="FILE.png", help="write a plot (needs matplotlib)")
     return parser
 
 
@@ -235,6 +256,21 @@ def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _whatif(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Dispatch to governor.whatif (imported only for these commands)."""
+    from governor.whatif import commands
+    from governor.whatif.common import WhatIfError
+
+    try:
+        if args.command == "calibrate":
+            return commands.cmd_calibrate(args, out)
+        if args.command == "replay":
+            return commands.cmd_replay(args, out)
+        return commands.cmd_simulate(args, out, err)
+    except WhatIfError as exc:
+        raise CliError(str(exc), exc.code) from None
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Entry point; returns the exit code."""
     out = sys.stdout if out is None else out
@@ -253,6 +289,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             return cmd_status(args, out)
         if args.command == "record":
             return cmd_record(args, out)
+        if args.command in ("calibrate", "replay", "simulate"):
+            return _whatif(args, out, err)
     except ConfigError as exc:
         for issue in exc.issues:
             err.write(f"gpu-governor: config error: {issue}\n")

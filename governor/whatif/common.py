@@ -1,0 +1,97 @@
+"""What the what-if commands share: their error type, durations, configs and labels."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from governor.config import Config, load_config
+
+EXIT_USAGE = 2
+"""Exit code for bad input named on the command line (a missing trace, a bad duration)."""
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(d|h|m|s)?", re.IGNORECASE)
+_UNIT_S = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
+MAX_DURATION_S = 366 * 86400.0
+"""The longest simulation accepted: a year of simulated time."""
+
+
+class WhatIfError(Exception):
+    """A what-if command cannot go on; printed as one line, exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``24h``, ``90m``, ``3600s``, ``3600`` or ``1h30m``.
+
+    Units: ``d`` days, ``h`` hours, ``m`` minutes, ``s`` seconds (the default). Raises
+    WhatIfError for anything else, for 0 and for more than a year.
+    """
+    compact = text.strip()
+    total = 0.0
+    position = 0
+    while position < len(compact):
+        match = _DURATION_PART.match(compact, position)
+        if match is None:
+            break
+        total += float(match.group(1)) * _UNIT_S[(match.group(2) or "").lower()]
+        position = match.end()
+        while position < len(compact) and compact[position] == " ":
+            position += 1
+    if not compact or position != len(compact) or not math.isfinite(total):
+        raise WhatIfError(f"--duration: expected a duration such as 24h, 90m or 3600s, got {text!r}")
+    if not 0.0 < total <= MAX_DURATION_S:
+        raise WhatIfError(f"--duration: expected more than 0 s and at most 366 days, got {text!r}")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """A short human form of ``seconds``: ``24h``, ``1h30m``, ``90s``."""
+    whole = round(seconds)
+    if abs(seconds - whole) > 1e-6 or whole < 60:
+        return f"{seconds:g}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{secs}s" if secs else ""]
+    return "".join(parts)
+
+
+def load_policy_config(path: Path | None) -> Config:
+    """The config whose policy a what-if run plays: built-in defaults when ``path`` is None.
+
+    Ownership is not checked (what-if commands change nothing on the machine); an
+    invalid file raises ConfigError like ``check-config``.
+    """
+    if path is None:
+        return Config(source="defaults")
+    return load_config(path, enforce_trust=False)
+
+
+def config_label(config: Config) -> str:
+    """A short name for a config in tables and legends: the file's stem, or ``defaults``."""
+    if config.source == "defaults":
+        return "defaults"
+    return Path(config.source).stem or config.source
+
+
+def unique_labels(configs: list[Config]) -> list[str]:
+    """Labels for ``configs``, using the whole path where two stems collide."""
+    labels = [config_label(c) for c in configs]
+    return [c.source if labels.count(label) > 1 else label for c, label in zip(configs, labels)]
+
+
+def without_governor(config: Config) -> Config:
+    """``config`` with the power ladder and VRAM enforcement off everywhere: the no-governor baseline."""
+    overrides = tuple(replace(o, power={**o.power, "enabled": False}) for o in config.gpus)
+    return replace(
+        config,
+        source="no governor",
+        power=replace(config.power, enabled=False),
+        gpus=overrides,
+        vram=replace(config.vram, enabled=False),
+    )

@@ -1,0 +1,427 @@
+"""Closed loop: the real daemon governing a simulated GPU on a virtual clock.
+
+Each policy (a config) runs the whole :class:`governor.daemon.Daemon` loop - read,
+rules, actuator, publish - against a :class:`governor.backends.simulated.SimulatedBackend`
+on a :class:`governor.clock.VirtualClock`: nothing sleeps, so a simulated day takes
+seconds. A waiter in place of the daemon's queue records every tick before letting
+the clock jump to the next one, and the daemon's decision events are captured from
+its structured log (they are not printed).
+
+Every comparison also runs the same profile, scenario and seed with no governor
+(``power.enabled = false``, VRAM enforcement off): throughput is reported against it.
+
+Measured per GPU, once per tick of the policy's ``poll_interval_s``:
+
+- peak die temperature (C, unrounded: the model's state, not NVML's whole degrees);
+- seconds above each threshold (the die strictly above it for the tick's interval);
+- limit changes: the enforced power limit differing from the previous tick's, per
+  hour of the run, and the most in any 3600 s window (the busiest hour);
+- work (seconds of full-speed work, see governor.sim.workload) and energy (J), from
+  the simulator's integrals over the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+
+from governor.backends.simulated import SimulatedBackend
+from governor.clock import VirtualClock
+from governor.config import Config
+from governor.daemon import STOP, Daemon
+from governor.model import GpuHealth, ThermalZone
+from governor.notify import Notifier
+from governor.processes import ProcessInspector
+from governor.rules.engine import GpuRuleState
+from governor.rules.power import target_w
+from governor.rules.thermal import thresholds
+from governor.sim.gpu import SimStats
+from governor.sim.profiles import GpuProfile
+from governor.sim.scenario import Scenario
+from governor.whatif.common import format_duration, without_governor
+from governor.whatif.progress import Progress
+from governor.whatif.series import GpuSeries, Mark
+
+REPORTED_THRESHOLDS_C = (75.0, 80.0, 85.0)
+"""Thresholds always reported, besides the configs' zone thresholds."""
+HOUR_S = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimSetup:
+    """What is simulated: ``gpu_count`` GPUs of ``profile`` running ``scenario`` for
+    ``duration_s`` simulated seconds, power noise seeded by ``seed``, in the scenario's
+    room unless ``ambient_c`` (C) is given."""
+
+    profile: GpuProfile
+    scenario: Scenario
+    duration_s: float
+    seed: int = 0
+    gpu_count: int = 1
+    ambient_c: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuOutcome:
+    """One GPU through one run: peak die temperature (C), seconds above each threshold
+    ((C, s) pairs), enforced-limit changes (total and in the busiest 3600 s window), work
+    (full-speed seconds), energy (J), and when it was lost (s; None if never)."""
+
+    gpu_index: int
+    peak_c: float
+    seconds_above: tuple[tuple[float, float], ...]
+    limit_changes: int
+    busiest_hour_changes: int
+    work_s: float
+    energy_j: float
+    lost_at_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """One policy through the whole setup: per-GPU outcomes, decisions counted by rule,
+    and the series for plotting."""
+
+    label: str
+    duration_s: float
+    poll_interval_s: float
+    gpus: tuple[GpuOutcome, ...]
+    decision_counts: tuple[tuple[str, int], ...]
+    series: tuple[GpuSeries, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """Several policies on the same setup, and the no-governor baseline."""
+
+    setup: SimSetup
+    thresholds_c: tuple[float, ...]
+    baseline: RunOutcome
+    runs: tuple[RunOutcome, ...]
+
+
+class _SilentNotifier(Notifier):
+    """A notifier that never talks to systemd: a what-if run is not the service."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = False
+        self.watchdog_interval_s = None
+
+    def _send(self, message: str) -> None:
+        """Send nothing."""
+
+
+@contextlib.contextmanager
+def capture_events(sink: Callable[[Mapping[str, Any]], None]) -> Iterator[None]:
+    """Route every structlog event to ``sink`` (and nowhere else) for the duration; the
+    previous configuration is restored after. Loggers bound inside keep the capture."""
+    previous = structlog.get_config()
+
+    def processor(_logger: Any, _method: str, event: Any) -> Any:
+        sink(event)
+        raise structlog.DropEvent
+
+    structlog.configure(
+        processors=[processor],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield
+    finally:
+        structlog.configure(**previous)
+
+
+def _mark_text(event: Mapping[str, Any]) -> str:
+    """A decision event of the daemon's log as a few words (see governor.whatif.series.describe_change)."""
+    if event.get("pid") is not None:
+        what = event.get("signal") or "over budget"
+        return f"pid {event['pid']} ({event.get('process')}): {what}"
+    if event.get("rule") == "thermal_zone":
+        return f"{event.get('from_zone')} -> {event.get('to_zone')}"
+    before, after = event.get("from_w"), event.get("to_w")
+    return f"{'?' if before is None else f'{before:g}'} -> {'?' if after is None else f'{after:g}'} W"
+
+
+def busiest_window(times_s: Sequence[float], window_s: float = HOUR_S) -> int:
+    """The most of ``times_s`` (sorted) that fall in any half-open window of ``window_s`` seconds."""
+    best = 0
+    start = 0
+    for end, t in enumerate(times_s):
+        while t - times_s[start] >= window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+class _Recorder:
+    """The daemon's waiter: records the tick just run, then jumps the clock to the next."""
+
+    def __init__(
+        self,
+        clock: VirtualClock,
+        backend: SimulatedBackend,
+        stop_s: float,
+        thresholds_c: Sequence[float],
+        series: list[GpuSeries],
+        progress: Progress | None,
+    ) -> None:
+        self.clock = clock
+        self.backend = backend
+        self.stop_s = stop_s
+        self.thresholds_c = tuple(thresholds_c)
+        self.series = series
+        self.progress = progress
+        self.daemon: Daemon | None = None
+        self.stopped = False
+        self.final: list[SimStats] = []
+        self._events: list[str] = []
+        self._last_snapshot: object = None
+        n = len(series)
+        self.peak_c = [float("-inf")] * n
+        self.above_s = [[0.0] * len(self.thresholds_c) for _ in range(n)]
+        self.changes: list[list[float]] = [[] for _ in range(n)]
+        self.lost_at_s: list[float | None] = [None] * n
+        self._limit: list[float | None] = [None] * n
+
+    def put(self, event: str) -> None:
+        """Queue an event for the loop."""
+        self._events.append(event)
+
+    def wait(self, deadline_s: float) -> list[str]:
+        """Record the last tick; stop at the end of the run, else advance to ``deadline_s``."""
+        self._record()
+        if self._events:
+            events, self._events = self._events, []
+            return events
+        if deadline_s >= self.stop_s:
+            self.clock.advance_to(self.stop_s)
+            self.final = [self.backend.stats(i) for i in range(len(self.series))]
+            self.stopped = True
+            if self.progress is not None:
+                self.progress.update(self.stop_s)
+            return [STOP]
+        self.clock.advance_to(deadline_s)
+        if self.progress is not None:
+            self.progress.update(deadline_s)
+        return []
+
+    def _record(self) -> None:
+        daemon = self.daemon
+        assert daemon is not None
+        snapshot = daemon.snapshot
+        if snapshot is None or snapshot is self._last_snapshot:
+            return
+        self._last_snapshot = snapshot
+        t = snapshot.t_s
+        dt = max(0.0, min(daemon.config.poll_interval_s, self.stop_s - t))
+        for reading in snapshot.gpus:
+            i = reading.index
+            die = self.backend.die_temperature_c(i)
+            self.peak_c[i] = max(self.peak_c[i], die)
+            above = self.above_s[i]
+            for k, threshold in enumerate(self.thresholds_c):
+                if die > threshold:
+                    above[k] += dt
+            lost = reading.health is GpuHealth.LOST
+            if lost and self.lost_at_s[i] is None:
+                self.lost_at_s[i] = t
+            limit = reading.power_limit_w
+            if limit is not None:
+                previous = self._limit[i]
+                if previous is not None and limit != previous:
+                    self.changes[i].append(t)
+                self._limit[i] = limit
+            plan = daemon.plans.get(reading.uuid)
+            state = daemon.states.get(reading.uuid, GpuRuleState())
+            target = target_w(state.ladder, plan.ladder_w) if plan is not None else None
+            vram: dict[str, int] = {}
+            for process in reading.processes or ():
+                facts = daemon.facts.get(process.pid)
+                klass = facts.klass if facts is not None else daemon.config.vram.default_class.name
+                vram[klass] = vram.get(klass, 0) + (process.used_memory_bytes or 0)
+            self.series[i].add(t, None if lost else die, reading.power_w, limit, target, vram)
+
+
+def _zone_thresholds(config: Config, backend: SimulatedBackend) -> list[tuple[tuple[ThermalZone, float], ...]]:
+    return [thresholds(config.policy_for(info).thermal) for info in backend.gpus()]
+
+
+def _backend(setup: SimSetup, clock: VirtualClock) -> SimulatedBackend:
+    return SimulatedBackend(
+        setup.profile,
+        setup.scenario,
+        clock,
+        gpu_count=setup.gpu_count,
+        seed=setup.seed,
+        ambient_c=setup.ambient_c,
+    )
+
+
+def run_policy(
+    setup: SimSetup,
+    config: Config,
+    label: str,
+    thresholds_c: Sequence[float],
+    progress: Progress | None = None,
+) -> RunOutcome:
+    """Run ``config``'s policy through the daemon loop for the whole setup.
+
+    The config's own backend, ``[simulation]``, ``state_dir``, metrics and ``dry_run``
+    are replaced: the run acts on the simulated GPUs only, keeps its saved limits in a
+    temporary directory and serves nothing.
+    """
+    clock = VirtualClock(start_s=0.0)
+    backend = _backend(setup, clock)
+    series = [
+        GpuSeries(label=label if setup.gpu_count == 1 else f"{label} gpu{i}", gpu_index=i, zones=zones)
+        for i, zones in enumerate(_zone_thresholds(config, backend))
+    ]
+    recorder = _Recorder(clock, backend, setup.duration_s, thresholds_c, series, progress)
+    counts: Counter[str] = Counter()
+
+    def sink(event: Mapping[str, Any]) -> None:
+        rule = event.get("rule")
+        if rule is None or recorder.stopped:
+            return
+        counts[str(rule)] += 1
+        gpu = event.get("gpu")
+        if isinstance(gpu, int) and 0 <= gpu < len(series):
+            series[gpu].marks.append(Mark(clock.monotonic(), str(rule), _mark_text(event)))
+
+    if progress is not None:
+        progress.start(f"simulating {label}", setup.duration_s)
+    with tempfile.TemporaryDirectory(prefix="gpu-governor-whatif-") as state_dir:
+        run_config = replace(
+            config,
+            backend="simulated",
+            dry_run=False,
+            state_dir=state_dir,
+            metrics=replace(config.metrics, enabled=False),
+            simulation=replace(
+                config.simulation,
+                profile=setup.profile.name,
+                scenario=setup.scenario.name,
+                gpu_count=setup.gpu_count,
+                seed=setup.seed,
+                ambient_c=setup.ambient_c,
+                state_file="",
+                time_scale=1.0,
+            ),
+        )
+        with capture_events(sink):
+            daemon = Daemon(
+                run_config,
+                backend,
+                clock,
+                waiter=recorder,
+                notifier=_SilentNotifier(),
+                inspector=ProcessInspector(),
+            )
+            recorder.daemon = daemon
+            daemon.run()
+    if progress is not None:
+        progress.finish()
+    final = recorder.final or [backend.stats(i) for i in range(setup.gpu_count)]
+    gpus = tuple(
+        GpuOutcome(
+            gpu_index=i,
+            peak_c=recorder.peak_c[i],
+            seconds_above=tuple(zip(recorder.thresholds_c, recorder.above_s[i])),
+            limit_changes=len(recorder.changes[i]),
+            busiest_hour_changes=busiest_window(recorder.changes[i]),
+            work_s=final[i].work_s,
+            energy_j=final[i].energy_j,
+            lost_at_s=recorder.lost_at_s[i],
+        )
+        for i in range(setup.gpu_count)
+    )
+    return RunOutcome(
+        label=label,
+        duration_s=setup.duration_s,
+        poll_interval_s=config.poll_interval_s,
+        gpus=gpus,
+        decision_counts=tuple(sorted(counts.items())),
+        series=tuple(series),
+    )
+
+
+def report_thresholds(setup: SimSetup, configs: Sequence[Config]) -> tuple[float, ...]:
+    """75, 80 and 85 C and every zone threshold any of ``configs`` sets for these GPUs, ascending."""
+    backend = _backend(setup, VirtualClock())
+    found = set(REPORTED_THRESHOLDS_C)
+    for config in configs:
+        for zones in _zone_thresholds(config, backend):
+            found.update(c for _, c in zones)
+    return tuple(sorted(found))
+
+
+def compare(
+    setup: SimSetup, configs: Sequence[Config], labels: Sequence[str], progress: Progress | None = None
+) -> Comparison:
+    """Run the no-governor baseline (from the first config) and every config on ``setup``."""
+    if not configs or len(configs) != len(labels):
+        raise ValueError("compare: expected one label per config, and at least one config")
+    limits = report_thresholds(setup, configs)
+    baseline = run_policy(setup, without_governor(configs[0]), "no governor", limits, progress)
+    runs = tuple(run_policy(setup, c, label, limits, progress) for c, label in zip(configs, labels))
+    return Comparison(setup=setup, thresholds_c=limits, baseline=baseline, runs=runs)
+
+
+def _table(rows: Sequence[Sequence[str]], left: int) -> list[str]:
+    """Rows as aligned text; the first ``left`` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [cell.ljust(w) if k < left else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def render_comparison(c: Comparison) -> str:
+    """The comparison as text: a header naming the setup, one row per policy and GPU, then
+    each policy's decisions by rule and any lost GPU."""
+    s = c.setup
+    ambient = s.ambient_c if s.ambient_c is not None else s.scenario.ambient_c
+    room = f"{ambient:g} C room" if ambient is not None else f"{s.profile.ambient_c:g} C room (the profile's)"
+    lines = [
+        f"simulated: {s.gpu_count} x {s.profile.gpu_name} (profile {s.profile.name}), "
+        f"scenario {s.scenario.name}, {format_duration(s.duration_s)}, seed {s.seed}, {room}",
+        f"  {s.scenario.description}" if s.scenario.description else "",
+        "",
+    ]
+    multi = s.gpu_count > 1
+    header = ["policy", *(["gpu"] if multi else []), "peak C"]
+    header += [f">{t:g} C s" for t in c.thresholds_c]
+    header += ["changes/h", "busiest h", "throughput", "energy kWh"]
+    rows = [header]
+    hours = s.duration_s / HOUR_S
+    for run in (c.baseline, *c.runs):
+        for g, base in zip(run.gpus, c.baseline.gpus):
+            row = [run.label, *([str(g.gpu_index)] if multi else []), f"{g.peak_c:.1f}"]
+            row += [f"{seconds:.0f}" for _, seconds in g.seconds_above]
+            retained = f"{100.0 * g.work_s / base.work_s:.1f} %" if base.work_s > 0 else "n/a"
+            row += [f"{g.limit_changes / hours:.2f}", str(g.busiest_hour_changes), retained]
+            row.append(f"{g.energy_j / 3.6e6:.3f}")
+            rows.append(row)
+    lines += _table(rows, 2 if multi else 1)
+    lines.append("")
+    lines.append(
+        "peak: die temperature; >X C s: seconds above X C; changes/h: enforced power-limit changes per hour; "
+        "busiest h: most changes in any 3600 s; throughput: work done vs no governor."
+    )
+    for run in (c.baseline, *c.runs):
+        decided = ", ".join(f"{rule} {n}" for rule, n in run.decision_counts) or "none"
+        lines.append(f"{run.label}: decisions: {decided}")
+        for g in run.gpus:
+            if g.lost_at_s is not None:
+                lines.append(f"{run.label}: gpu{g.gpu_index} lost at t={g.lost_at_s:g} s")
+    return "\n".join(line for k, line in enumerate(lines) if line or k > 1) + "\n"
