@@ -127,7 +127,7 @@ changes=$(ls "$work"/gpu-governor_*.changes)
 #    explains the ones that remain).
 if [ "${GG_LINTIAN:-1}" = 1 ] && command -v lintian >/dev/null 2>&1; then
     log "lintian"
-    lintian --info --display-info --fail-on error "$changes" >&2 || {
+    lintian --display-info --fail-on error "$changes" >&2 || {
         log "lintian reported errors"
         exit 1
     }
