@@ -40,7 +40,7 @@ from governor.backends.nvml import NvmlBackend  # noqa: E402
 from governor.classes import VramPolicy  # noqa: E402
 from governor.clock import RealClock  # noqa: E402
 from governor.config import Config  # noqa: E402
-from governor.daemon import Daemon, QueueWaiter  # noqa: E402
+from governor.daemon import Daemon, PipeWaiter  # noqa: E402
 from governor.notify import Notifier  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def floor_and_tick(iterations: int) -> dict[str, Any]:
     gpus = len(backend.gpus())
     with tempfile.TemporaryDirectory() as state:
         config = Config(dry_run=True, state_dir=state, vram=VramPolicy(per_process_metrics=True))
-        daemon = Daemon(config, backend, clock, waiter=QueueWaiter(clock), notifier=Notifier())
+        daemon = Daemon(config, backend, clock, waiter=PipeWaiter(clock), notifier=Notifier())
         daemon.start()
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(gpus)]
         reads = [fn for h in handles for _, fn in raw_reads(pynvml, h)]

@@ -19,6 +19,9 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import io
 import sys
 import urllib.error
 import urllib.request
@@ -156,6 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from governor.httpserver import MetricsServer
     from governor.metrics import build_registry
 
+    with contextlib.suppress(io.UnsupportedOperation, ValueError):  # stderr without a file descriptor
+        faulthandler.enable()  # a watchdog kill (SIGABRT) leaves every thread's stack in the journal
     logsetup.configure(args.log_format or "auto")
     config = _apply_run_flags(_load_run_config(args.config), args)
     logsetup.configure(config.logging.format, config.logging.level)

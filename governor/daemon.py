@@ -1,8 +1,8 @@
 """The daemon: owns the loop, the schedule and the signals, and wires the others together.
 
-One thread does all the work. Signal handlers only enqueue an event; the loop waits
-on that queue with a timeout until the next tick is due, so a signal cuts the sleep
-short and every state change happens on the loop's thread. Ticks run on a
+One thread does all the work. Signals only wake the loop (a self-pipe written by the
+C-level handler); the loop waits on that pipe with a timeout until the next tick is
+due, so a signal cuts the sleep short and every state change happens on the loop's thread. Ticks run on a
 drift-free schedule (start + k * interval); a tick that runs late does not shift
 the ones after it, and ticks missed entirely are skipped, not run in a burst.
 """
@@ -13,14 +13,15 @@ import bisect
 import contextlib
 import json
 import os
-import queue
+import select
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from governor import __version__
 from governor.actuator import Actuator
@@ -66,29 +67,72 @@ class Waiter(Protocol):
         ...
 
 
-class QueueWaiter:
-    """Real waiting: a SimpleQueue (reentrant, safe from signal handlers) with a timeout."""
+class PipeWaiter:
+    """Real waiting on a self-pipe: signals and requests from other threads wake the loop.
+
+    ``signal.set_wakeup_fd`` makes the C-level signal handler write the signal number
+    into the pipe the moment a signal arrives, so ``select`` returns at once; the
+    Python-level handlers do nothing at all. Events are read back from the bytes in the
+    pipe, so nothing depends on when Python runs its handlers. Other threads ask for a
+    reload or a stop by writing the same bytes.
+    """
+
+    CODES: ClassVar[dict[int, str]] = {signal.SIGHUP: RELOAD, signal.SIGTERM: STOP, signal.SIGINT: STOP}
+    BYTES: ClassVar[dict[str, bytes]] = {RELOAD: bytes([signal.SIGHUP]), STOP: bytes([signal.SIGTERM])}
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._installed = False
+        self._closed = False
+        self._lock = threading.Lock()  # put() from other threads never races close()
+
+    def install_signal_handlers(self) -> None:
+        """Route SIGHUP, SIGTERM and SIGINT into the pipe (main thread only)."""
+        signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._installed = True
+        for signum in self.CODES:
+            signal.signal(signum, _ignore_signal)
 
     def put(self, event: str) -> None:
-        """Queue an event."""
-        self._queue.put(event)
+        """Queue an event (from any thread); a no-op once the loop has ended and closed the pipe."""
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(BlockingIOError):  # a full pipe already holds a wake-up
+                os.write(self._write_fd, self.BYTES[event])
 
     def wait(self, deadline_s: float) -> list[str]:
-        """Wait for the deadline or the first event, then drain whatever else is queued."""
+        """Wait for the deadline or the first event, then return every event queued."""
+        timeout = max(0.0, deadline_s - self._clock.monotonic())
+        readable, _, _ = select.select([self._read_fd], [], [], timeout)
         events: list[str] = []
-        timeout = deadline_s - self._clock.monotonic()
-        if timeout > 0:
-            with contextlib.suppress(queue.Empty):
-                events.append(self._queue.get(timeout=timeout))
-        while True:
-            try:
-                events.append(self._queue.get_nowait())
-            except queue.Empty:
-                return events
+        if readable:
+            while True:
+                try:
+                    data = os.read(self._read_fd, 512)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                events.extend(self.CODES[b] for b in data if b in self.CODES)
+        return events
+
+    def close(self) -> None:
+        """Close the pipe (after the loop ended); signals stop writing to it first."""
+        if self._installed:
+            with contextlib.suppress(ValueError):  # only the main thread may do this
+                signal.set_wakeup_fd(-1)
+            self._installed = False
+        with self._lock:
+            self._closed = True
+            for fd in (self._read_fd, self._write_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The Python-level handler: nothing to do, the wake-up fd carried the signal."""
 
 
 class VirtualWaiter:
@@ -152,7 +196,7 @@ class Daemon:
         self.config_path = config_path
         self.backend = backend
         self.clock = clock
-        self.waiter: Waiter = waiter if waiter is not None else QueueWaiter(clock)
+        self.waiter: Waiter = waiter if waiter is not None else PipeWaiter(clock)
         self.notifier = notifier if notifier is not None else Notifier()
         self._metrics_server_factory = metrics_server_factory
         self._load = load
@@ -193,10 +237,14 @@ class Daemon:
         return {g.uuid: GpuPlan.build(g, config.policy_for(g)) for g in self._gpus}
 
     def install_signal_handlers(self) -> None:
-        """SIGHUP reloads, SIGTERM and SIGINT stop; handlers only enqueue."""
-        signal.signal(signal.SIGHUP, lambda *_: self.waiter.put(RELOAD))
-        signal.signal(signal.SIGTERM, lambda *_: self.waiter.put(STOP))
-        signal.signal(signal.SIGINT, lambda *_: self.waiter.put(STOP))
+        """SIGHUP reloads, SIGTERM and SIGINT stop: the signals only wake the loop's waiter."""
+        install = getattr(self.waiter, "install_signal_handlers", None)
+        if install is not None:
+            install()
+        else:
+            signal.signal(signal.SIGHUP, lambda *_: self.waiter.put(RELOAD))
+            signal.signal(signal.SIGTERM, lambda *_: self.waiter.put(STOP))
+            signal.signal(signal.SIGINT, lambda *_: self.waiter.put(STOP))
 
     def request_stop(self) -> None:
         """Ask the loop to stop (thread-safe)."""
@@ -378,6 +426,9 @@ class Daemon:
         self.log.info("governor_stopped")
 
     def _close(self) -> None:
+        close_waiter = getattr(self.waiter, "close", None)
+        if close_waiter is not None:
+            close_waiter()
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from governor.clock import RealClock, VirtualClock
 from governor.config import Config, PowerPolicy, load_config
-from governor.daemon import STOP, Daemon, QueueWaiter, VirtualWaiter
+from governor.daemon import STOP, Daemon, PipeWaiter, VirtualWaiter
 from governor.httpserver import MetricsServer
 from governor.metrics import build_registry
 from governor.notify import Notifier
@@ -184,7 +184,7 @@ class TestNotify:
             backend,
             clock,
             config_path=config_path,
-            waiter=QueueWaiter(clock),
+            waiter=PipeWaiter(clock),
             load=lambda p: load_config(p, enforce_trust=False),
         )
         thread = threading.Thread(target=daemon.run)
@@ -228,8 +228,7 @@ class TestMetricsEndpoint:
         assert 'gpu_governor_gpu_temperature_celsius{gpu="0",uuid="GPU-test-0"} 80.0' in body
         assert 'gpu_governor_gpu_power_limit_target_watts{gpu="0",uuid="GPU-test-0"} 180.0' in body
         assert (
-            'gpu_governor_gpu_thermal_zone{gpu="0",gpu_governor_gpu_thermal_zone="hot",uuid="GPU-test-0"} 1.0'
-            in body
+            'gpu_governor_gpu_thermal_zone{gpu="0",gpu_governor_gpu_thermal_zone="hot",uuid="GPU-test-0"} 1.0' in body
         )
         assert 'gpu_governor_decisions_total{action="set_power_limit",gpu="0",rule="power_step_down"} 1.0' in body
         assert "gpu_governor_tick_duration_seconds_count" in body
