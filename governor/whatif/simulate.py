@@ -394,10 +394,11 @@ def render_comparison(c: Comparison) -> str:
     room = f"{ambient:g} C room" if ambient is not None else f"{s.profile.ambient_c:g} C room (the profile's)"
     lines = [
         f"simulated: {s.gpu_count} x {s.profile.gpu_name} (profile {s.profile.name}), "
-        f"scenario {s.scenario.name}, {format_duration(s.duration_s)}, seed {s.seed}, {room}",
-        f"  {s.scenario.description}" if s.scenario.description else "",
-        "",
+        f"scenario {s.scenario.name}, {format_duration(s.duration_s)}, seed {s.seed}, {room}"
     ]
+    if s.scenario.description:
+        lines.append(f"  {s.scenario.description}")
+    lines.append("")
     multi = s.gpu_count > 1
     header = ["policy", *(["gpu"] if multi else []), "peak C"]
     header += [f">{t:g} C s" for t in c.thresholds_c]
@@ -424,4 +425,4 @@ def render_comparison(c: Comparison) -> str:
         for g in run.gpus:
             if g.lost_at_s is not None:
                 lines.append(f"{run.label}: gpu{g.gpu_index} lost at t={g.lost_at_s:g} s")
-    return "\n".join(line for k, line in enumerate(lines) if line or k > 1) + "\n"
+    return "\n".join(lines) + "\n"
