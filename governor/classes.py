@@ -284,9 +284,7 @@ def parse_vram(vram: Any, classes: Any, out: _Collector) -> VramPolicy:
                     continue
                 klass = _parse_class(table, f"class[{i}]", out, default=False)
                 if klass.name in seen or klass.name == DEFAULT_CLASS.name:
-                    out.add(
-                        f"class[{i}].name", "a class name used once (not 'unclassified')", repr(klass.name)
-                    )
+                    out.add(f"class[{i}].name", "a class name used once (not 'unclassified')", repr(klass.name))
                 seen.add(klass.name)
                 parsed.append(klass)
     return VramPolicy(classes=tuple(parsed), **values)

@@ -375,9 +375,7 @@ def _unknown(path: str, name: str, known: Sequence[str], out: _Collector) -> Non
     out.add(path, "one of the known keys: " + ", ".join(sorted(known)), f"unknown key '{name}'{hint}")
 
 
-def _section(
-    table: Mapping[str, Any], schema: Mapping[str, Key], prefix: str, out: _Collector
-) -> dict[str, Any]:
+def _section(table: Mapping[str, Any], schema: Mapping[str, Key], prefix: str, out: _Collector) -> dict[str, Any]:
     """Convert the known keys of ``table``; record unknown ones and bad values."""
     result: dict[str, Any] = {}
     for name, value in table.items():
@@ -541,9 +539,7 @@ def _read_bytes(path: Path) -> bytes:
     except OSError as exc:
         raise ConfigError([ConfigIssue(source, "", "a readable file", exc.strerror or str(exc))]) from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            [ConfigIssue(source, "", f"a file of at most {MAX_CONFIG_BYTES} bytes", "a larger file")]
-        )
+        raise ConfigError([ConfigIssue(source, "", f"a file of at most {MAX_CONFIG_BYTES} bytes", "a larger file")])
     return data
 
 
@@ -586,9 +582,7 @@ def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            [ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]
-        ) from None
+        raise ConfigError([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
     if "\x00" in text:
         raise ConfigError([ConfigIssue(source, "", "TOML text", "binary data (NUL bytes)")])
     try:

@@ -60,16 +60,12 @@ class GovernorCollector(Collector):
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
-    return GaugeMetricFamily(
-        f"{PREFIX}_{name}", doc, labels=GPU_LABELS if labels is None else labels, unit=unit
-    )
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=GPU_LABELS if labels is None else labels, unit=unit)
 
 
 def _governor_metrics(state: PublishedState) -> Iterator[Metric]:
     info = InfoMetricFamily(f"{PREFIX}_build", "Version and backend of the running governor.")
-    info.add_metric(
-        [], {"version": state.version, "backend": state.backend, "dry_run": str(state.dry_run).lower()}
-    )
+    info.add_metric([], {"version": state.version, "backend": state.backend, "dry_run": str(state.dry_run).lower()})
     yield info
 
     config = InfoMetricFamily(f"{PREFIX}_config", "The configuration file in force.")
@@ -106,9 +102,7 @@ def _governor_metrics(state: PublishedState) -> Iterator[Metric]:
         poll.add_metric([], state.last_poll_wall_s)
         yield poll
 
-    ticks = HistogramMetricFamily(
-        f"{PREFIX}_tick_duration_seconds", "Time one tick took: read, rules, act, publish."
-    )
+    ticks = HistogramMetricFamily(f"{PREFIX}_tick_duration_seconds", "Time one tick took: read, rules, act, publish.")
     buckets = [(_le(bound), count) for bound, count in zip(TICK_BUCKETS_S, state.tick_bucket_counts)]
     buckets.append(("+Inf", state.tick_count))
     ticks.add_metric([], buckets, sum_value=state.tick_duration_sum_s)
@@ -133,44 +127,32 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         "power": _gauge("gpu_power_watts", "Power draw."),
         "limit": _gauge("gpu_power_limit_watts", "Power limit the driver enforces."),
         "requested": _gauge("gpu_power_limit_requested_watts", "Power limit requested (slower cadence)."),
-        "target": _gauge(
-            "gpu_power_limit_target_watts", "Power limit the governor wants (absent while hands-off)."
-        ),
+        "target": _gauge("gpu_power_limit_target_watts", "Power limit the governor wants (absent while hands-off)."),
         "min": _gauge("gpu_power_limit_min_watts", "Lowest power limit the GPU allows."),
         "max": _gauge("gpu_power_limit_max_watts", "Highest power limit the GPU allows."),
         "default": _gauge("gpu_power_limit_default_watts", "The GPU's default power limit."),
-        "rung": _gauge(
-            "gpu_power_ladder_rung", "Index of the current ladder rung (0 = top; absent while hands-off)."
-        ),
+        "rung": _gauge("gpu_power_ladder_rung", "Index of the current ladder rung (0 = top; absent while hands-off)."),
         "mem_used": _gauge("gpu_memory_used_bytes", "VRAM in use."),
         "mem_total": _gauge("gpu_memory_total_bytes", "VRAM in total."),
         "util": _gauge("gpu_utilization_ratio", "GPU busy ratio, 0-1."),
         "energy": CounterMetricFamily(
             f"{PREFIX}_gpu_energy_joules", "Energy used since driver load.", labels=GPU_LABELS
         ),
-        "floor": _gauge(
-            "gpu_power_ladder_floor_watts", "Lowest rung of the GPU's ladder (clamped to its range)."
-        ),
+        "floor": _gauge("gpu_power_ladder_floor_watts", "Lowest rung of the GPU's ladder (clamped to its range)."),
         "reasons": _gauge(
             "gpu_clock_event_reason_active",
             "1 while NVML reports this clock event reason.",
             [*GPU_LABELS, "reason"],
         ),
-        "zone": StateSetMetricFamily(
-            f"{PREFIX}_gpu_thermal_zone", "Thermal zone of each GPU.", labels=GPU_LABELS
-        ),
+        "zone": StateSetMetricFamily(f"{PREFIX}_gpu_thermal_zone", "Thermal zone of each GPU.", labels=GPU_LABELS),
         "threshold": _gauge(
             "gpu_thermal_zone_threshold_celsius", "Lower bound of each thermal zone.", [*GPU_LABELS, "zone"]
         ),
         "health": StateSetMetricFamily(
             f"{PREFIX}_gpu_health", "ok, degraded (readings missing) or lost.", labels=GPU_LABELS
         ),
-        "monitor_only": _gauge(
-            "gpu_monitor_only", "1 when the governor cannot set this GPU's limit and only watches."
-        ),
-        "last_decision": _gauge(
-            "gpu_last_decision_timestamp_seconds", "Unix time of the last decision for a GPU."
-        ),
+        "monitor_only": _gauge("gpu_monitor_only", "1 when the governor cannot set this GPU's limit and only watches."),
+        "last_decision": _gauge("gpu_last_decision_timestamp_seconds", "Unix time of the last decision for a GPU."),
     }
     for status in state.gpus:
         info = status.info
@@ -216,9 +198,7 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
             families["mem_total"].add_metric(labels, float(reading.memory_total_bytes))
         if reading.clock_event_reasons is not None:
             for bit, name in CLOCK_EVENT_REASONS:
-                families["reasons"].add_metric(
-                    [*labels, name], 1.0 if reading.clock_event_reasons & bit else 0.0
-                )
+                families["reasons"].add_metric([*labels, name], 1.0 if reading.clock_event_reasons & bit else 0.0)
     yield from families.values()
 
     decisions = CounterMetricFamily(
@@ -237,9 +217,7 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         actions.add_metric([str(gpu), action, outcome], count)
     yield actions
 
-    errors = CounterMetricFamily(
-        f"{PREFIX}_gpu_read_errors", "Failed or partial reads of a GPU.", labels=["gpu"]
-    )
+    errors = CounterMetricFamily(f"{PREFIX}_gpu_read_errors", "Failed or partial reads of a GPU.", labels=["gpu"])
     for gpu, count in state.read_errors:
         errors.add_metric([str(gpu)], count)
     yield errors
@@ -254,9 +232,7 @@ def _label(text: str) -> str:
 
 
 def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
-    used = _gauge(
-        "class_vram_used_bytes", "VRAM used by the processes of a class on a GPU.", [*GPU_LABELS, "class"]
-    )
+    used = _gauge("class_vram_used_bytes", "VRAM used by the processes of a class on a GPU.", [*GPU_LABELS, "class"])
     count = _gauge("class_processes", "Processes of a class on a GPU.", [*GPU_LABELS, "class"])
     over = _gauge(
         "class_over_budget_processes",
@@ -265,9 +241,7 @@ def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
     )
     unclassified = _gauge("unclassified_processes", "Processes on a GPU that matched no class.")
     reserve = _gauge("gpu_vram_reserve_bytes", "Free VRAM the governor keeps in reserve on a GPU.")
-    pressure = _gauge(
-        "gpu_memory_pressure", "1 when free VRAM is below the reserve or use above the threshold."
-    )
+    pressure = _gauge("gpu_memory_pressure", "1 when free VRAM is below the reserve or use above the threshold.")
     per_process = _gauge(
         "process_vram_used_bytes",
         "VRAM of one process (only when [vram] per_process_metrics = true).",

@@ -19,9 +19,7 @@ class Notifier:
         watchdog_pid = os.environ.get("WATCHDOG_PID", "")
         pid_ok = not watchdog_pid or watchdog_pid == str(os.getpid())
         self.watchdog_interval_s: float | None = (
-            int(watchdog_usec) / 1e6
-            if watchdog_usec.isdigit() and int(watchdog_usec) > 0 and pid_ok
-            else None
+            int(watchdog_usec) / 1e6 if watchdog_usec.isdigit() and int(watchdog_usec) > 0 and pid_ok else None
         )
 
     def _send(self, message: str) -> None:

@@ -229,8 +229,7 @@ def sample_record(t_s: float, reading: GpuReading, sm_clock_mhz: float | None = 
     processes = None
     if reading.processes is not None:
         processes = [
-            {"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "name": p.name}
-            for p in reading.processes
+            {"pid": p.pid, "used_memory_bytes": p.used_memory_bytes, "name": p.name} for p in reading.processes
         ]
     return {
         "record": "sample",

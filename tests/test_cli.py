@@ -51,11 +51,7 @@ class Daemon:
 
     def __init__(self, args: list[str], tmp_path: Path) -> None:
         self.log_path = tmp_path / "daemon.log"
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")
-        }
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -96,9 +92,7 @@ def daemons() -> Iterator[list[Daemon]]:
 
 
 class TestRun:
-    def test_simulate_serves_metrics_that_promtool_accepts(
-        self, tmp_path: Path, daemons: list[Daemon]
-    ) -> None:
+    def test_simulate_serves_metrics_that_promtool_accepts(self, tmp_path: Path, daemons: list[Daemon]) -> None:
         """`run --simulate` serves metrics on loopback soon after start; promtool finds nothing to lint."""
         port = free_port()
         config = tmp_path / "g.toml"
@@ -109,9 +103,7 @@ class TestRun:
         body = scrape(port)
         assert 'gpu_governor_build_info{backend="simulated"' in body
         promtool = require_tool("promtool")
-        lint = subprocess.run(
-            [promtool, "check", "metrics"], input=body, capture_output=True, text=True, check=False
-        )
+        lint = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, check=False)
         assert (lint.returncode, lint.stdout, lint.stderr) == (0, "", "")
         assert d.stop() == 0
 
@@ -125,16 +117,12 @@ class TestRun:
         config.write_text(base + "[thermal]\nwarning_c = 70.0\n")
         d = Daemon(["--simulate", "--config", str(config), "--listen", f"127.0.0.1:{port}"], tmp_path)
         daemons.append(d)
-        warning = (
-            'gpu_governor_gpu_thermal_zone_threshold_celsius{gpu="0",uuid="GPU-sim-rtx4070-0",zone="warning"}'
-        )
+        warning = 'gpu_governor_gpu_thermal_zone_threshold_celsius{gpu="0",uuid="GPU-sim-rtx4070-0",zone="warning"}'
         wait_for(lambda: f"{warning} 70.0" in scrape(port), 10.0, "first scrape")
 
         config.write_text(base + "[thermal]\nwarning_c = 90.0\n")  # above hot_c: invalid
         d.proc.send_signal(signal.SIGHUP)
-        wait_for(
-            lambda: "gpu_governor_config_last_reload_successful 0.0" in scrape(port), 10.0, "failed reload"
-        )
+        wait_for(lambda: "gpu_governor_config_last_reload_successful 0.0" in scrape(port), 10.0, "failed reload")
         assert f"{warning} 70.0" in scrape(port)
         failed = [e for e in d.events() if e["event"] == "config_reload_failed"]
         assert len(failed) == 1 and failed[0]["level"] == "error"
@@ -147,9 +135,7 @@ class TestRun:
         assert "gpu_governor_config_last_reload_successful 1.0" in scrape(port)
         assert d.stop() == 0
 
-    def test_sigterm_restores_the_original_limit_and_exits_0(
-        self, tmp_path: Path, daemons: list[Daemon]
-    ) -> None:
+    def test_sigterm_restores_the_original_limit_and_exits_0(self, tmp_path: Path, daemons: list[Daemon]) -> None:
         """A hot simulated GPU is stepped down; SIGTERM puts the original 200 W back and exits 0."""
         port = free_port()
         hw = tmp_path / "hw.json"
@@ -169,9 +155,7 @@ class TestRun:
         saved = json.loads((tmp_path / "state" / "original-limits.json").read_text())
         assert saved["original_power_limits_w"] == {}
 
-    def test_dry_run_changes_nothing_on_the_simulated_gpu(
-        self, tmp_path: Path, daemons: list[Daemon]
-    ) -> None:
+    def test_dry_run_changes_nothing_on_the_simulated_gpu(self, tmp_path: Path, daemons: list[Daemon]) -> None:
         """Under --dry-run the hot GPU keeps 200 W and the would-be change is logged."""
         port = free_port()
         hw = tmp_path / "hw.json"
@@ -180,9 +164,7 @@ class TestRun:
             f'state_dir = "{tmp_path / "state"}"\npoll_interval_s = 0.1\n'
             f'[simulation]\nscenario = "hot"\ntime_scale = 20.0\nstate_file = "{hw}"\n'
         )
-        d = Daemon(
-            ["--simulate", "--dry-run", "--config", str(config), "--listen", f"127.0.0.1:{port}"], tmp_path
-        )
+        d = Daemon(["--simulate", "--dry-run", "--config", str(config), "--listen", f"127.0.0.1:{port}"], tmp_path)
         daemons.append(d)
         wait_for(lambda: any(e["event"] == "power_limit_would_set" for e in d.events()), 30.0, "would set")
         assert 'gpu_governor_gpu_power_limit_watts{gpu="0",uuid="GPU-sim-rtx4070-0"} 200.0' in scrape(port)

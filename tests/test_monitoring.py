@@ -140,9 +140,7 @@ def exported_metric_names(tmp_path: Path) -> set[str]:
     """Sample and family names a real scrape of a governed two-GPU host exposes."""
     clock = VirtualClock()
     backend = ScriptedBackend(clock, lambda t, i: 90.0 if i == 0 else 50.0, gpu_count=2)
-    daemon = Daemon(
-        Config(state_dir=str(tmp_path)), backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier()
-    )
+    daemon = Daemon(Config(state_dir=str(tmp_path)), backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier())
     daemon.start()
     for _ in range(5):
         clock.advance(1.0)

@@ -225,8 +225,7 @@ def step_power(
                 level, note = _after_step_down(policy, state, t_s)
                 state = replace(state, rung=below, hot_samples=0, last_change_s=t_s, drift_seen=False, backoff=level)
                 reason = (
-                    f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C "
-                    f"for {hot} consecutive samples{note}"
+                    f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C for {hot} consecutive samples{note}"
                 )
                 return state, [
                     _decision(
@@ -260,8 +259,7 @@ def step_power(
             if dwell_s != policy.dwell_s:
                 dwell_text += f": {policy.dwell_s:g} s backed off after flapping"
             reason = (
-                f"temperature <= {policy.step_up_at_c:g} C for {cooled_s:g} s "
-                f"({dwell_text}), now {temperature:g} C"
+                f"temperature <= {policy.step_up_at_c:g} C for {cooled_s:g} s ({dwell_text}), now {temperature:g} C"
             )
             return state, [
                 _decision(
@@ -298,9 +296,7 @@ def _drift(
     if enforced > target:
         reason = f"enforced limit {enforced:g} W drifted above target {target:g} W: re-applying once"
         return state, [_decision(reading, t_s, "power_drift_reapply", reason, from_w=enforced, to_w=target)]
-    reason = (
-        f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
-    )
+    reason = f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
     return state, [
         _decision(
             reading,

@@ -158,9 +158,7 @@ def evaluate_vram(
                     f"{t_s - offender.term_sent_s:g} s after SIGTERM (kill_after {klass.kill_after_s:g} s)"
                 )
                 decisions.append(
-                    _decision(
-                        reading, candidate, t_s, "vram_escalate", Action.SIGNAL_KILL, reason, dry_run=dry
-                    )
+                    _decision(reading, candidate, t_s, "vram_escalate", Action.SIGNAL_KILL, reason, dry_run=dry)
                 )
                 offender = replace(offender, kill_sent_s=t_s)
         elif (
@@ -196,9 +194,7 @@ def evaluate_vram(
         else:
             action, offender = Action.SIGNAL_TERM, replace(offender, term_sent_s=t_s)
         decisions.append(
-            _decision(
-                reading, candidate, t_s, "vram_enforce", action, f"{_describe(candidate)}: {why}", dry_run=dry
-            )
+            _decision(reading, candidate, t_s, "vram_enforce", action, f"{_describe(candidate)}: {why}", dry_run=dry)
         )
         offenders[candidate.key] = offender
         last_victim_s[uuid] = t_s

@@ -63,9 +63,7 @@ def with_queries(panel: P, queries: list[tuple[str, str]]) -> P:
     return panel
 
 
-def graph(
-    title: str, description: str, unit: str, queries: list[tuple[str, str]], w: int = 12
-) -> timeseries.Panel:
+def graph(title: str, description: str, unit: str, queries: list[tuple[str, str]], w: int = 12) -> timeseries.Panel:
     """A time series panel with a table legend showing last and max."""
     panel = (
         timeseries.Panel()
@@ -140,9 +138,7 @@ def zone_expr() -> str:
         f'(gpu_governor_gpu_thermal_zone{{{GPU},gpu_governor_gpu_thermal_zone="{zone}"}} == 1) * {i}'
         for i, (zone, _) in enumerate(ZONES)
     ]
-    parts.append(
-        f"(max without (gpu_governor_gpu_thermal_zone) (gpu_governor_gpu_thermal_zone{{{GPU}}}) == 0) - 1"
-    )
+    parts.append(f"(max without (gpu_governor_gpu_thermal_zone) (gpu_governor_gpu_thermal_zone{{{GPU}}}) == 0) - 1")
     return "max by (instance, gpu) (\n  " + "\n  or ".join(parts) + "\n)"
 
 
@@ -159,8 +155,7 @@ def overview_row(dash: db.Dashboard) -> db.Dashboard:
         ),
         stat_panel(
             "Config reload OK",
-            "gpu_governor_config_last_reload_successful: 0 after a refused reload "
-            "(the old config stays in force).",
+            "gpu_governor_config_last_reload_successful: 0 after a refused reload (the old config stays in force).",
             f"min by (instance) (gpu_governor_config_last_reload_successful{{{HOST}}})",
             "{{instance}}",
             ok,
@@ -183,8 +178,7 @@ def overview_row(dash: db.Dashboard) -> db.Dashboard:
         ),
         stat_panel(
             "GPUs monitor-only",
-            "GPUs whose limit the governor cannot set (gpu_governor_gpu_monitor_only): "
-            "watched, not governed.",
+            "GPUs whose limit the governor cannot set (gpu_governor_gpu_monitor_only): watched, not governed.",
             f"sum by (instance) (gpu_governor_gpu_monitor_only{{{GPU}}})",
             "{{instance}}",
         ).thresholds(
@@ -302,8 +296,7 @@ def power_row(dash: db.Dashboard) -> db.Dashboard:
     rung = (
         graph(
             "Power ladder rung",
-            "Current rung of the power ladder, 0 = top "
-            "(gpu_governor_gpu_power_ladder_rung; absent while hands-off).",
+            "Current rung of the power ladder, 0 = top (gpu_governor_gpu_power_ladder_rung; absent while hands-off).",
             "none",
             [(f"gpu_governor_gpu_power_ladder_rung{{{GPU}}}", GPU_LEGEND)],
             w=8,
@@ -340,8 +333,7 @@ def vram_row(dash: db.Dashboard) -> db.Dashboard:
             (f"max by (class) (gpu_governor_class_vram_budget_bytes{{{HOST}}})", "{{class}} budget"),
             (f"gpu_governor_gpu_memory_used_bytes{{{GPU}}}", f"{GPU_LEGEND} used (all)"),
             (
-                f"gpu_governor_gpu_memory_total_bytes{{{GPU}}}"
-                f" - gpu_governor_gpu_vram_reserve_bytes{{{GPU}}}",
+                f"gpu_governor_gpu_memory_total_bytes{{{GPU}}} - gpu_governor_gpu_vram_reserve_bytes{{{GPU}}}",
                 f"{GPU_LEGEND} total minus reserve",
             ),
         ],
@@ -376,9 +368,7 @@ def vram_row(dash: db.Dashboard) -> db.Dashboard:
             "none",
             [
                 (
-                    per_minute(
-                        "instance, class, action, outcome", "gpu_governor_process_actions_total", HOST
-                    ),
+                    per_minute("instance, class, action, outcome", "gpu_governor_process_actions_total", HOST),
                     "{{instance}} {{class}} {{action}} {{outcome}}",
                 )
             ],
@@ -453,8 +443,7 @@ def health_row(dash: db.Dashboard) -> db.Dashboard:
     buckets = f"gpu_governor_tick_duration_seconds_bucket{{{HOST}}}"
     ticks = graph(
         "Tick duration",
-        "Quantiles of one tick (read every GPU, rules, act, publish) "
-        "from gpu_governor_tick_duration_seconds.",
+        "Quantiles of one tick (read every GPU, rules, act, publish) from gpu_governor_tick_duration_seconds.",
         "s",
         [
             (

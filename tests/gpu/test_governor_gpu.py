@@ -196,7 +196,7 @@ def test_dry_run_decision_on_a_hot_real_gpu(tmp_path: Path, cleanup: list[object
     pynvml.nvmlShutdown()
     for index in range(count):
         assert f'gpu_governor_gpu_temperature_celsius{{gpu="{index}"' in body, f"GPU {index} is read"
-    decided = {e["gpu"] for e in governor.events() if e["event"] == "power_limit_would_set"}
+    decided = {int(str(e["gpu"])) for e in governor.events() if e["event"] == "power_limit_would_set"}
     report("per_gpu", gpus=count, would_set_for=sorted(decided))
     assert 0 in decided
     line = next(x for x in body.splitlines() if f'pid="{load.pid}"' in x)

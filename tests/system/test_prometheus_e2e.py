@@ -248,15 +248,11 @@ def dashboard_queries() -> list[tuple[str, str]]:
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             queries.append((panel["title"], target["expr"]))
-    return [
-        (title, re.sub(r"\$(\w+)", lambda m: values.get(m.group(1), m.group(0)), e)) for title, e in queries
-    ]
+    return [(title, re.sub(r"\$(\w+)", lambda m: values.get(m.group(1), m.group(0)), e)) for title, e in queries]
 
 
 def shipped_alert_names() -> set[str]:
-    return set(
-        re.findall(r"^\s+- alert: (\w+)$", (PROMETHEUS_DIR / "gpu-governor-alerts.yml").read_text(), re.M)
-    )
+    return set(re.findall(r"^\s+- alert: (\w+)$", (PROMETHEUS_DIR / "gpu-governor-alerts.yml").read_text(), re.M))
 
 
 class TestPrometheusEndToEnd:
@@ -332,8 +328,6 @@ class TestPrometheusEndToEnd:
         throttle = next(a for a in alerts if a["labels"]["alertname"] == "GpuGovernorGpuThrottleZone")
         assert throttle["labels"]["severity"] == "warning"
         assert "throttle zone" in throttle["annotations"]["summary"]
-        zone_expr = next(e for t, e in dashboard_queries() if t == "Thermal zone").replace(
-            "$instance", stack.instance
-        )
+        zone_expr = next(e for t, e in dashboard_queries() if t == "Thermal zone").replace("$instance", stack.instance)
         zones = {r["metric"]["gpu"]: r["value"][1] for r in stack.query(zone_expr)["data"]["result"]}
         assert zones == {"0": "3", "1": "3"}, "the dashboard's zone timeline shows throttle (index 3)"
