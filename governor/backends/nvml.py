@@ -213,7 +213,7 @@ class NvmlBackend:
         nvml: Any = None,
         *,
         limit_refresh_s: float = 30.0,
-        energy_refresh_s: float = 10.0,
+        energy_refresh_s: float = 60.0,
         unsupported_reprobe_s: float | None = 600.0,
         lost_backoff_initial_s: float = 1.0,
         lost_backoff_max_s: float = 60.0,

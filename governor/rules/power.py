@@ -159,6 +159,14 @@ def _first_rung_below(ladder: tuple[float, ...], limit_w: float | None) -> int |
     return None
 
 
+def _with(state: LadderState, **changes: object) -> LadderState:
+    """``replace`` that returns ``state`` itself when nothing changes (the common, steady tick)."""
+    for key, value in changes.items():
+        if getattr(state, key) != value:
+            return replace(state, **changes)  # type: ignore[arg-type]
+    return state
+
+
 def step_power(
     reading: GpuReading,
     previous_zone: ThermalZone,
@@ -187,7 +195,7 @@ def step_power(
 
     if temperature is None:
         if state.holding:
-            return replace(state, hot_samples=0, cool_since_s=None), []
+            return _with(state, hot_samples=0, cool_since_s=None), []
         held = _decision(
             reading,
             t_s,
@@ -198,7 +206,7 @@ def step_power(
             to_w=from_w,
         )
         return replace(state, hot_samples=0, cool_since_s=None, holding=True), [held]
-    state = replace(state, holding=False)
+    state = _with(state, holding=False)
 
     interval_ok = state.last_change_s is None or t_s - state.last_change_s >= policy.min_change_interval_s
 
@@ -240,7 +248,7 @@ def step_power(
                 ]
     elif temperature <= policy.step_up_at_c:
         cool_since = state.cool_since_s if state.cool_since_s is not None else t_s
-        state = replace(state, hot_samples=0, cool_since_s=cool_since)
+        state = _with(state, hot_samples=0, cool_since_s=cool_since)
         cooled_s = t_s - cool_since
         dwell_s = effective_dwell_s(policy, state, t_s)
         if state.rung is not None and state.rung > 0 and cooled_s >= dwell_s and interval_ok:
@@ -273,7 +281,7 @@ def step_power(
                 )
             ]
     else:
-        state = replace(state, hot_samples=0, cool_since_s=None)
+        state = _with(state, hot_samples=0, cool_since_s=None)
 
     if check_drift:
         return _drift(reading, state, ladder, t_s)
