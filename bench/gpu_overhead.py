@@ -212,6 +212,29 @@ def scrapes_and_soak(n: int, soak_s: float) -> dict[str, Any]:
     return out
 
 
+BASELINE_NVML = """
+import pynvml
+pynvml.nvmlInit()
+for i in range(pynvml.nvmlDeviceGetCount()):
+    h = pynvml.nvmlDeviceGetHandleByIndex(i)
+    pynvml.nvmlDeviceGetTemperature(h, 0); pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])
+"""
+BASELINE_GOVERNOR = """
+import governor.daemon, governor.metrics, governor.httpserver, governor.backends.nvml
+print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])
+"""
+
+
+def baseline_rss_mib() -> dict[str, float]:
+    """RSS of a bare Python that only initialises NVML, and of one that only imports the governor."""
+    out = {}
+    for name, code in (("python_plus_nvml_init", BASELINE_NVML), ("python_plus_governor_imports", BASELINE_GOVERNOR)):
+        text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+        out[name] = round(int(text.stdout.split()[-1]) / 1024, 1)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=3000)
@@ -221,7 +244,11 @@ def main() -> int:
     from governor import logsetup
 
     logsetup.configure("json", "warning")
-    result = {"tick": floor_and_tick(args.iterations), "scrape_ms": scrapes_and_soak(args.scrapes, args.soak_s)}
+    result = {
+        "tick": floor_and_tick(args.iterations),
+        "scrape_ms": scrapes_and_soak(args.scrapes, args.soak_s),
+        "baseline_rss_mib": baseline_rss_mib(),
+    }
     print(json.dumps(result, indent=2))
     return 0
 
