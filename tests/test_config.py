@@ -41,6 +41,7 @@ poll_interval_s = 2.5
 dry_run = true
 backend = "simulated"
 state_dir = "/tmp/gg-state"
+runtime_dir = "/tmp/gg-run"
 
 [metrics]
 enabled = false
@@ -149,11 +150,12 @@ class TestKeys:
     def test_every_documented_key_accepted(self, tmp_path: Path) -> None:
         """A file setting every key to a non-default value loads with each value in place."""
         c = load_config(write(tmp_path, FULL_TOML), enforce_trust=False)
-        assert (c.poll_interval_s, c.dry_run, c.backend, c.state_dir) == (
+        assert (c.poll_interval_s, c.dry_run, c.backend, c.state_dir, c.runtime_dir) == (
             2.5,
             True,
             "simulated",
             "/tmp/gg-state",
+            "/tmp/gg-run",
         )
         assert c.metrics == MetricsConfig(False, "0.0.0.0", 9999)
         assert c.logging == LoggingConfig("journal", "debug")
