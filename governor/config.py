@@ -176,6 +176,7 @@ class Config:
     backend: str = "nvml"
     state_dir: str = "/var/lib/gpu-governor"
     runtime_dir: str = "/run/gpu-governor"
+    wait_for_driver: bool = False
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
@@ -268,6 +269,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
     "backend": Key("str", "a backend name", _one_of("nvml", "simulated")),
     "state_dir": Key("str", "a directory path"),
     "runtime_dir": Key("str", "a directory path (empty: write no process table)"),
+    "wait_for_driver": Key("bool", "true or false"),
     "metrics": {
         "enabled": Key("bool", "true or false"),
         "listen_address": Key("str", "an IP address or host name"),

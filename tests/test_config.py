@@ -42,6 +42,7 @@ dry_run = true
 backend = "simulated"
 state_dir = "/tmp/gg-state"
 runtime_dir = "/tmp/gg-run"
+wait_for_driver = true
 
 [metrics]
 enabled = false
