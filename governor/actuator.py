@@ -85,6 +85,10 @@ class Actuator:
         self.monitor_only: dict[str, str] = {}
         self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
 
+    def set_gpus(self, gpus: Iterable[GpuInfo]) -> None:
+        """The GPUs present now (they can appear late, when the driver loads after start)."""
+        self._gpus = {g.uuid: g for g in gpus}
+
     def apply(self, decisions: Iterable[Decision], snapshot: Snapshot) -> list[ActionResult]:
         """Carry out every decision; informational ones come back SKIPPED."""
         readings = {r.uuid: r for r in snapshot.gpus}
@@ -146,11 +150,18 @@ class Actuator:
             return ActionResult(decision, Outcome.FAILED, str(exc))
         return ActionResult(decision, Outcome.APPLIED, f"set {limit_w:g} W")
 
-    def restore(self, snapshot: Snapshot | None, t_s: float, rule: str) -> list[ActionResult]:
-        """Put every saved original limit back (clean stop, or leftovers of a crash at start)."""
+    def restore(
+        self, snapshot: Snapshot | None, t_s: float, rule: str, only: set[str] | None = None
+    ) -> list[ActionResult]:
+        """Put every saved original limit back (clean stop, or leftovers of a crash at start).
+
+        ``only`` limits it to those GPU UUIDs (GPUs that just appeared).
+        """
         readings: Mapping[str, GpuReading] = {} if snapshot is None else {r.uuid: r for r in snapshot.gpus}
         results = []
         for uuid, original_w in self.originals.items():
+            if only is not None and uuid not in only:
+                continue
             reading = readings.get(uuid)
             info = self._gpus.get(uuid)
             decision = Decision(

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the simulated GPU backend (optionally with a profile name or file)",
     )
     run.add_argument("--dry-run", action="store_true", help="decide and log, but change no power limit")
+    run.add_argument(
+        "--wait-for-driver",
+        action="store_true",
+        help="with no NVIDIA driver yet, serve metrics and retry until it loads (instead of exiting 4)",
+    )
     run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="metrics address (default 127.0.0.1:9847)")
     run.add_argument("--log-format", choices=["auto", "console", "json", "journal"], help="log format")
 
@@ -133,6 +138,10 @@ def make_backend(config: Config, clock: Clock) -> Backend:
         return build_simulated_backend(config.simulation, clock)
     from governor.backends.nvml import NvmlBackend
 
+    if config.wait_for_driver:
+        from governor.backends.deferred import DeferredBackend
+
+        return DeferredBackend(lambda: NvmlBackend(clock), clock, name="nvml")
     return NvmlBackend(clock)
 
 
@@ -144,6 +153,8 @@ def _apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
         config = replace(config, backend="simulated", simulation=simulation)
     if args.dry_run:
         config = replace(config, dry_run=True)
+    if getattr(args, "wait_for_driver", False):
+        config = replace(config, wait_for_driver=True)
     if args.listen is not None:
         host, port = args.listen
         config = replace(config, metrics=replace(config.metrics, listen_address=host, port=port))

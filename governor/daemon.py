@@ -222,6 +222,10 @@ class Daemon:
         self._last_decision: dict[str, tuple[Decision, float]] = {}
         self._tick_count = 0
         self._tick_buckets = [0] * len(TICK_BUCKETS_S)
+        self._late_buckets = [0] * len(TICK_BUCKETS_S)
+        self._late_sum_s = 0.0
+        self._late_count = 0
+        self._tick_failures = 0
         self._tick_sum_s = 0.0
         self._tick_last_s: float | None = None
         self._ready = False
@@ -281,6 +285,8 @@ class Daemon:
         backend_warning = getattr(self.backend, "state_warning", None)
         if backend_warning:
             self.log.warning("backend_state_unreadable", detail=str(backend_warning))
+        if self.waiting_reason:
+            self.log.warning("waiting_for_driver", reason=self.waiting_reason, effect="retrying; metrics are served")
         snapshot = self.backend.read()
         leftovers = self.actuator.restore(snapshot, snapshot.t_s, "restore_after_crash")
         self._log_results(leftovers)
@@ -324,17 +330,29 @@ class Daemon:
                 now = self.clock.monotonic()
                 if now < deadline:
                     continue
+                self._record_lateness(now - deadline)
                 try:
                     self.tick()
                 except BackendFatal as exc:
                     self.log.critical("backend_fatal", error=str(exc))
                     code = 5
                     break
+                except Exception as exc:  # a bug or an unforeseen hardware error must not stop governing
+                    self._tick_failures += 1
+                    self.log.exception("tick_failed", error=str(exc), failures=self._tick_failures)
                 missed = int((self.clock.monotonic() - origin) // interval)
                 k = max(k + 1, missed + 1)
         finally:
             self.stop()
         return code
+
+    def _record_lateness(self, late_s: float) -> None:
+        """How late a tick started against its schedule (seconds), for the lateness histogram."""
+        late_s = max(0.0, late_s)
+        self._late_count += 1
+        self._late_sum_s += late_s
+        for i in range(bisect.bisect_left(TICK_BUCKETS_S, late_s), len(TICK_BUCKETS_S)):
+            self._late_buckets[i] += 1
 
     def tick(self) -> None:
         """One cycle: read every GPU, run the rules, act, publish, ping the watchdog."""
@@ -346,7 +364,27 @@ class Daemon:
         if self.notifier.enabled:
             self.notifier.status(self.status_line())
 
+    def _follow_gpus(self, snapshot: Snapshot) -> None:
+        """Pick up GPUs that appeared (a driver that loaded late) or went away."""
+        gpus = self.backend.gpus()
+        if gpus == self._gpus:
+            return
+        old = {g.uuid for g in self._gpus}
+        new = {g.uuid for g in gpus}
+        for gpu in gpus:
+            if gpu.uuid not in old:
+                self.log.info("gpu_found", gpu=gpu.index, uuid=gpu.uuid, name=gpu.name)
+        for gone in old - new:
+            self.log.warning("gpu_gone", uuid=gone)
+        self._gpus = gpus
+        self.plans = self._build_plans(self.config)
+        self.actuator.set_gpus(gpus)
+        appeared = new - old
+        if appeared and self._ready:
+            self._log_results(self.actuator.restore(snapshot, snapshot.t_s, "restore_after_crash", only=appeared))
+
     def _tick(self, snapshot: Snapshot) -> None:
+        self._follow_gpus(snapshot)
         self.snapshot = snapshot
         for reading in snapshot.gpus:
             if reading.health is not GpuHealth.OK:
@@ -611,8 +649,16 @@ class Daemon:
             self.log.error("state_write_failed", detail=error, effect="governing continues; limits kept in memory")
         self._state_error_logged = error
 
+    @property
+    def waiting_reason(self) -> str | None:
+        """Why the backend has no GPUs yet (the driver is not loaded), or None."""
+        reason = getattr(self.backend, "waiting_reason", None)
+        return str(reason) if reason else None
+
     def status_line(self) -> str:
         """A one-line summary for systemd's STATUS= and humans."""
+        if self.waiting_reason:
+            return f"waiting for the NVIDIA driver ({self.waiting_reason}); retrying"
         if self.snapshot is None:
             return "starting"
         parts = []
@@ -686,10 +732,14 @@ class Daemon:
             tick_count=self._tick_count,
             tick_duration_s=self._tick_last_s,
             tick_bucket_counts=tuple(self._tick_buckets),
+            lateness_bucket_counts=tuple(self._late_buckets),
+            lateness_sum_s=self._late_sum_s,
+            lateness_count=self._late_count,
+            tick_failures=self._tick_failures,
             tick_duration_sum_s=self._tick_sum_s,
             last_poll_wall_s=snapshot.wall_time_s,
             state_write_errors=self.originals.write_errors,
-            ready=self._ready,
+            ready=self._ready and not self.waiting_reason,
             poll_interval_s=self.config.poll_interval_s,
             class_budgets=tuple(
                 (c.name, c.budget_bytes)

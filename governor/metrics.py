@@ -108,6 +108,18 @@ def _governor_metrics(state: PublishedState) -> Iterator[Metric]:
     ticks.add_metric([], buckets, sum_value=state.tick_duration_sum_s)
     yield ticks
 
+    late = HistogramMetricFamily(
+        f"{PREFIX}_tick_lateness_seconds", "How late each tick started against its drift-free schedule."
+    )
+    late_buckets = [(_le(bound), count) for bound, count in zip(TICK_BUCKETS_S, state.lateness_bucket_counts)]
+    late_buckets.append(("+Inf", state.lateness_count))
+    late.add_metric([], late_buckets, sum_value=state.lateness_sum_s)
+    yield late
+
+    failures = CounterMetricFamily(f"{PREFIX}_tick_failures", "Ticks that raised an unexpected error (logged).")
+    failures.add_metric([], state.tick_failures)
+    yield failures
+
     writes = CounterMetricFamily(
         f"{PREFIX}_state_write_errors", "Failed writes of the saved original limits (governing goes on)."
     )

@@ -265,3 +265,7 @@ class PublishedState:
     reserve_bytes: int = 0
     process_action_counts: tuple[tuple[tuple[str, str, str], int], ...] = ()  # (class, action, outcome)
     per_process_metrics: bool = False
+    lateness_bucket_counts: tuple[int, ...] = ()  # cumulative, per TICK_BUCKETS_S
+    lateness_sum_s: float = 0.0
+    lateness_count: int = 0
+    tick_failures: int = 0
