@@ -585,6 +585,11 @@ def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
+    if not text.strip():
+        # A truncated file (a failed write, a full disk) must not silently reset every setting.
+        raise ConfigError(
+            [ConfigIssue(source, "", "a TOML document (a file of only comments means all defaults)", "an empty file")]
+        )
     if "\x00" in text:
         raise ConfigError([ConfigIssue(source, "", "TOML text", "binary data (NUL bytes)")])
     try:

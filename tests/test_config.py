@@ -524,8 +524,15 @@ class TestLoad:
 
     def test_source_is_the_path(self, tmp_path: Path) -> None:
         """The loaded config remembers the path it came from."""
-        path = write(tmp_path, "")
+        path = write(tmp_path, "# all defaults\n")
         assert load_config(str(path), enforce_trust=False).source == str(path)
+
+
+    def test_empty_file_is_refused_but_comments_mean_defaults(self, tmp_path: Path) -> None:
+        """An empty (truncated) file is an error; a file of only comments loads as all defaults."""
+        with pytest.raises(ConfigError, match="an empty file"):
+            load_config(write(tmp_path, "  \n"), enforce_trust=False)
+        assert load_config(write(tmp_path, "# nothing to change\n"), enforce_trust=False).poll_interval_s == 1.0
 
 
 class TestTrust:
