@@ -156,7 +156,7 @@ class TestRecord:
             record(backend, io.StringIO(), 1.0, -1.0, clock)
 
 
-SHARED_TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "h100-load.jsonl"
+SHARED_TRACE = Path(__file__).resolve().parent / "data" / "h100-load.jsonl"  # a copy of shared/traces/h100-load.jsonl
 
 
 class _ReplayBackend:
