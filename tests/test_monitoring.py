@@ -32,20 +32,6 @@ DASHBOARD = REPO / "packaging" / "grafana" / "gpu-governor.json"
 GENERATOR = REPO / "packaging" / "grafana" / "generate_dashboard.py"
 KUBERNETES_DIR = REPO / "packaging" / "kubernetes"
 
-VRAM_METRICS = frozenset(
-    {
-        "gpu_governor_class_vram_used_bytes",
-        "gpu_governor_class_vram_budget_bytes",
-        "gpu_governor_class_processes",
-        "gpu_governor_class_over_budget_processes",
-        "gpu_governor_process_actions_total",
-        "gpu_governor_unclassified_processes",
-        "gpu_governor_gpu_vram_reserve_bytes",
-        "gpu_governor_gpu_memory_pressure",
-    }
-)
-"""VRAM-budget metrics the dashboard and alerts use before governor/metrics.py exports them."""
-
 HOST_LEVEL_METRICS = frozenset(
     {
         "gpu_governor_build_info",
@@ -373,8 +359,8 @@ class TestDashboard:
         assert result.returncode != 0
 
     def test_uses_only_metrics_the_governor_exports(self, tmp_path: Path) -> None:
-        """Every metric the dashboard and alerts select is in a real scrape (or the pending VRAM set)."""
-        known = exported_metric_names(tmp_path) | VRAM_METRICS
+        """Every metric the dashboard and alerts select is in a real scrape."""
+        known = exported_metric_names(tmp_path)
         exprs = [expr for _, expr in dashboard_queries(load_dashboard())] + [e for _, e in alert_exprs()]
         used = set().union(*(metric_names_in(expr) for expr in exprs))
         assert "gpu_governor_gpu_temperature_celsius" in used
