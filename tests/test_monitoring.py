@@ -229,7 +229,7 @@ class TestAlertRules:
             'up{job="gpu-governor"} == 0',
             'absent(up{job="gpu-governor"})',
             "gpu_governor_last_poll_timestamp_seconds",
-            "gpu_governor_gpu_power_ladder_rung > 0",
+            "gpu_governor_gpu_power_ladder_floor_watts",
             "gpu_governor_class_over_budget_processes",
             'action=~"sigterm|sigkill"',
             "gpu_governor_gpu_read_errors_total",
