@@ -213,7 +213,7 @@ class ProcessInspector:
         kernel_thread = False
         if start is not None:
             comm = _read_text(base / "comm", 256)
-            name = comm.rstrip("\n") if comm is not None else None
+            name = comm.removesuffix("\n") if comm is not None else None  # the kernel's newline, not the name's
             try:
                 exe = os.readlink(base / "exe")
             except OSError:
