@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 from prometheus_client import generate_latest
 
 from governor.clock import VirtualClock
@@ -18,16 +15,7 @@ from governor.metrics import build_registry
 from governor.model import GpuHealth, GpuReading, Snapshot
 from governor.notify import Notifier
 from tests.scripted import ScriptedBackend
-
-
-def require_tool(name: str) -> str:
-    """The tool's path; skipped locally when absent, a failure where CI demands system tests."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1":
-            pytest.fail(f"{name} is required (GG_REQUIRE_SYSTEM_TESTS=1) but not installed")
-        pytest.skip(f"{name} not installed")
-    return path
+from tests.support import require_tool
 
 
 def scrape_after_ticks(tmp_path: Path, ticks: int, gpu_count: int = 2) -> tuple[Daemon, str]:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from governor.daemon import Daemon, PipeWaiter, VirtualWaiter
 from governor.model import GpuHealth, Snapshot
 from governor.notify import Notifier
 from tests.scripted import ScriptedBackend
+from tests.support import free_port, scrape, wait_for
 from tests.test_daemon import NotifyListener, StopAt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -373,19 +372,6 @@ class TestResources:
 # ----------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as response:
-        body: bytes = response.read()
-        return body.decode()
-
-
 def metric(body: str, name: str) -> float:
     for line in body.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -411,18 +397,6 @@ def p99_between(before: dict[float, float], after: dict[float, float]) -> float:
         if count >= 0.99 * total:
             return bound
     return float("inf")
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @pytest.fixture

@@ -15,10 +15,8 @@ GG_REQUIRE_SYSTEM_TESTS=1 (CI), where they fail.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from tests.support import free_port, require_tool
 
 pytestmark = pytest.mark.system
 
@@ -68,23 +68,6 @@ match = {{ name = "trainer" }}
 """
 
 T = TypeVar("T")
-
-
-def require_tool(name: str) -> str:
-    """The tool's path; skipped locally when absent, a failure where CI demands system tests."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1":
-            pytest.fail(f"{name} is required (GG_REQUIRE_SYSTEM_TESTS=1) but not installed")
-        pytest.skip(f"{name} not installed")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, interval_s: float = 0.5) -> T:
