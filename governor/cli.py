@@ -33,7 +33,7 @@ from typing import TextIO
 from governor import __version__
 from governor.backends import Backend, BackendFatal, BackendUnavailable
 from governor.clock import Clock, RealClock
-from governor.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config, render_config
+from governor.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_metrics, load_config, render_config
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0, help="power noise seed (default 0)")
     simulate.add_argument("--gpus", type=int, metavar="N", help="simulated GPUs (default: what the scenario needs)")
     simulate.add_argument("--plot", type=Path, metavar="FILE.png", help="write a plot (needs matplotlib)")
+
+    sub.add_parser(
+        "hash-password",
+        help="read a password (stdin; prompted without echo on a terminal), print its hash for "
+        "[metrics] basic_auth_password_hash",
+    )
     return parser
 
 
@@ -174,6 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         faulthandler.enable()  # a watchdog kill (SIGABRT) leaves every thread's stack in the journal
     logsetup.configure(args.log_format or "auto")
     config = _apply_run_flags(_load_run_config(args.config), args)
+    check_metrics(config.metrics, config.source)  # --listen gets the same loopback/allow_remote check as the file
     logsetup.configure(config.logging.format, config.logging.level)
     clock = RealClock()
     try:
@@ -272,6 +279,18 @@ def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_hash_password(stdin: TextIO, out: TextIO) -> int:
+    """Print a salted scrypt hash of the password read from ``stdin``; the password is never echoed."""
+    from governor.auth import hash_password, read_password
+
+    try:
+        password = read_password(stdin)
+    except ValueError as exc:
+        raise CliError(f"hash-password: expected a password, got {exc}", EXIT_USAGE) from None
+    out.write(hash_password(password) + "\n")
+    return EXIT_OK
+
+
 def _whatif(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Dispatch to governor.whatif (imported only for these commands)."""
     from governor.whatif import commands
@@ -305,6 +324,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             return cmd_status(args, out)
         if args.command == "record":
             return cmd_record(args, out)
+        if args.command == "hash-password":
+            return cmd_hash_password(sys.stdin, out)
         if args.command in ("calibrate", "replay", "simulate"):
             return _whatif(args, out, err)
     except ConfigError as exc:

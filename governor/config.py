@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import ipaddress
 import math
 import os
+import ssl
 import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -138,11 +140,33 @@ class GpuOverride:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    """Where the Prometheus endpoint listens."""
+    """Where the Prometheus endpoint listens and how it is protected (see docs/security.md).
+
+    A non-loopback ``listen_address`` needs ``allow_remote``. TLS is on when both
+    ``tls_cert_file`` and ``tls_key_file`` are set; ``tls_client_ca_file`` then
+    requires client certificates signed by that CA. Basic auth is on when both
+    ``basic_auth_username`` and ``basic_auth_password_hash`` are set. Empty is off.
+    """
 
     enabled: bool = True
     listen_address: str = "127.0.0.1"
     port: int = DEFAULT_METRICS_PORT
+    allow_remote: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    basic_auth_username: str = ""
+    basic_auth_password_hash: str = ""
+
+    @property
+    def tls(self) -> bool:
+        """True when the endpoint serves HTTPS."""
+        return bool(self.tls_cert_file and self.tls_key_file)
+
+    @property
+    def basic_auth(self) -> bool:
+        """True when the endpoint asks for a user name and password."""
+        return bool(self.basic_auth_username and self.basic_auth_password_hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +298,12 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
         "enabled": Key("bool", "true or false"),
         "listen_address": Key("str", "an IP address or host name"),
         "port": Key("int", "a TCP port", _between(0, 65535)),
+        "allow_remote": Key("bool", "true or false"),
+        "tls_cert_file": Key("str", "a PEM certificate file (empty: plain HTTP)"),
+        "tls_key_file": Key("str", "a PEM private key file (empty: plain HTTP)"),
+        "tls_client_ca_file": Key("str", "a PEM CA file for client certificates (empty: none asked)"),
+        "basic_auth_username": Key("str", "a user name (empty: no basic auth)"),
+        "basic_auth_password_hash": Key("str", "a hash from `gpu-governor hash-password` (empty: no basic auth)"),
     },
     "logging": {
         "format": Key("str", "a log format", _one_of("auto", "console", "json", "journal")),
@@ -417,6 +447,123 @@ def _power_contradictions(p: PowerPolicy, prefix: str, out: _Collector) -> None:
         )
 
 
+def is_loopback(address: str) -> bool:
+    """True for an address only this host can reach: 127.0.0.0/8, ::1 (also IPv4-mapped) or ``localhost``."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def _readable_file(path: str) -> str | None:
+    """None when ``path`` is a regular file we can open for reading, else what is wrong with it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "no such file"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "not a regular file"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _no_passphrase() -> bytes:
+    return b""  # an encrypted key then fails to load instead of prompting on a terminal
+
+
+def _tls_loads(m: MetricsConfig, prefix: str, out: _Collector) -> None:
+    """Load the certificate, key and CA as the server will, so check-config reports what it would hit."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(m.tls_cert_file, m.tls_key_file, password=_no_passphrase)
+    except (OSError, ValueError) as exc:
+        out.add(
+            f"{prefix}metrics.tls_cert_file",
+            "a PEM certificate and its matching unencrypted private key (metrics.tls_key_file)",
+            _describe(str(exc)),
+        )
+    if m.tls_client_ca_file:
+        try:
+            context.load_verify_locations(cafile=m.tls_client_ca_file)
+        except (OSError, ValueError) as exc:
+            out.add(f"{prefix}metrics.tls_client_ca_file", "a PEM CA certificate file", _describe(str(exc)))
+
+
+def _metrics_contradictions(m: MetricsConfig, prefix: str, out: _Collector) -> None:
+    """Pairs set together, a remote bind only when allowed, TLS files readable and loadable."""
+    pairs = (
+        ("tls_cert_file", m.tls_cert_file, "tls_key_file", m.tls_key_file),
+        ("basic_auth_username", m.basic_auth_username, "basic_auth_password_hash", m.basic_auth_password_hash),
+    )
+    for a_name, a, b_name, b in pairs:
+        if bool(a) != bool(b):
+            missing, present = (b_name, a_name) if a else (a_name, b_name)
+            out.add(
+                f"{prefix}metrics.{missing}", f"a value too, since metrics.{present} is set (both or neither)", "''"
+            )
+    if ":" in m.basic_auth_username or not m.basic_auth_username.isprintable():
+        out.add(
+            f"{prefix}metrics.basic_auth_username",
+            "a user name without ':' or control characters",
+            _describe(m.basic_auth_username),
+        )
+    if m.tls_client_ca_file and not m.tls:
+        out.add(
+            f"{prefix}metrics.tls_client_ca_file",
+            "metrics.tls_cert_file and metrics.tls_key_file too (client certificates need TLS)",
+            _describe(m.tls_client_ca_file),
+        )
+    if m.basic_auth_password_hash:
+        from governor.auth import HASH_FORMAT, parse_password_hash
+
+        try:
+            parse_password_hash(m.basic_auth_password_hash)
+        except ValueError as exc:
+            # The value is never echoed: it may be a password pasted in by mistake.
+            out.add(
+                f"{prefix}metrics.basic_auth_password_hash",
+                f"a hash from `gpu-governor hash-password` ({HASH_FORMAT})",
+                f"a value that is {exc}",
+            )
+    if not m.enabled:
+        return  # nothing is bound and no file is read
+    if not m.allow_remote and not is_loopback(m.listen_address):
+        out.add(
+            f"{prefix}metrics.listen_address",
+            "a loopback address (127.0.0.1, ::1, localhost), or metrics.allow_remote = true "
+            "to serve other hosts (see docs/security.md)",
+            _describe(m.listen_address),
+        )
+    readable = True
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        path = getattr(m, name)
+        problem = _readable_file(path) if path else None
+        if problem is not None:
+            out.add(f"{prefix}metrics.{name}", "a readable file", f"{_describe(path)}: {problem}")
+            readable = False
+    if readable and m.tls:
+        _tls_loads(m, prefix, out)
+
+
+def check_metrics(metrics: MetricsConfig, source: str) -> None:
+    """The [metrics] cross-checks alone, for values set outside a file (``run --listen``); raise ConfigError."""
+    out = _Collector(source)
+    _metrics_contradictions(metrics, "", out)
+    if out.issues:
+        raise ConfigError(out.issues)
+
+
 def _table(value: Any, path: str, out: _Collector) -> Mapping[str, Any] | None:
     if isinstance(value, dict):
         return value
@@ -453,6 +600,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     power = replace(PowerPolicy(), **sections.get("power", {}))
     _thermal_contradictions(thermal, "", out)
     _power_contradictions(power, "", out)
+    metrics = replace(MetricsConfig(), **sections.get("metrics", {}))
+    _metrics_contradictions(metrics, "", out)
 
     overrides: list[GpuOverride] = []
     if raw_gpus is not None:
@@ -471,7 +620,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     return Config(
         vram=vram,
         source=source,
-        metrics=replace(MetricsConfig(), **sections.get("metrics", {})),
+        metrics=metrics,
         logging=replace(LoggingConfig(), **sections.get("logging", {})),
         simulation=replace(SimulationConfig(), **sections.get("simulation", {})),
         thermal=thermal,

@@ -1,56 +1,371 @@
-"""The metrics HTTP endpoint: prometheus-client's WSGI app on a threaded server.
+"""The metrics HTTP endpoint: prometheus-client's WSGI app on a threaded, bounded server.
 
-Serving happens on its own threads and only reads the published state, so a slow or
-busy scraper never delays a tick.
+Serving happens on its own daemon threads and only reads the published state, so a
+slow or busy scraper never delays a tick. The endpoint is hardened for a process that
+runs as root (see docs/security.md):
+
+- only ``/metrics`` is served, every other path is 404, request bodies are never read;
+- the request line and the whole request head are capped in bytes, and the head must
+  arrive within ``request_timeout_s`` (the TLS handshake included), so a slow client
+  holds one thread for a bounded time and never the accepting thread;
+- at most ``MAX_CONNECTIONS`` requests are handled at once; more wait in the backlog;
+- optional TLS (prometheus-client's own context setup, optional client certificates)
+  and basic auth against a salted scrypt hash.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import http.client
+import io
+import os
 import socket
+import ssl
+import sys
 import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from types import TracebackType
+from typing import IO, Any, TypeAlias, cast
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import _get_ssl_ctx
+
+from governor.auth import PasswordHash, parse_password_hash
+from governor.config import MetricsConfig, is_loopback
+
+StartResponse: TypeAlias = Callable[..., Any]
+WsgiApp: TypeAlias = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+_ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType]
+
+METRICS_PATH = "/metrics"
+MAX_REQUEST_LINE_BYTES = 4096
+"""A scrape's request line is well under 100 bytes; longer ones get 414."""
+MAX_REQUEST_HEAD_BYTES = 16384
+"""Request line and headers together; more gets 431 (wsgiref alone allows 100 headers of 64 KiB)."""
+REQUEST_TIMEOUT_S = 10.0
+"""Time a client has to send its whole request head (TLS handshake included), and to take the response."""
+MAX_CONNECTIONS = 64
+"""Requests handled at once; further connections wait in the listen backlog."""
+LISTEN_BACKLOG = 128
+MAX_CACHED_CREDENTIALS = 4
+"""Accepted Authorization headers remembered (as keyed digests) so a scrape costs no scrypt run."""
+_SCRYPT_SLOTS = threading.BoundedSemaphore(2)
+"""A flood of wrong passwords burns at most two cores on scrypt."""
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr: scrapes every few seconds would drown the journal."""
+# --------------------------------------------------------------------------- WSGI layers
+
+
+def _plain(
+    start_response: StartResponse, status: str, text: str, headers: Iterable[tuple[str, str]] = ()
+) -> list[bytes]:
+    body = text.encode("utf-8")
+    start_response(
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers],
+    )
+    return [body]
+
+
+def metrics_only(app: WsgiApp) -> WsgiApp:
+    """Serve ``app`` at /metrics only; anything else is 404."""
+
+    def route(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            return _plain(start_response, "404 Not Found", f"not found: the metrics are at {METRICS_PATH}\n")
+        return app(environ, start_response)
+
+    return route
+
+
+class BasicAuth:
+    """Checks an ``Authorization: Basic`` header against a user name and a scrypt hash.
+
+    The hash is parsed once here; a header that once verified is remembered as an
+    HMAC digest under a per-process random key, so routine scrapes cost no scrypt run.
+    """
+
+    realm = "gpu-governor"
+
+    def __init__(self, username: str, password_hash: str) -> None:
+        self._username = username.encode("utf-8")
+        self._hash: PasswordHash = parse_password_hash(password_hash)
+        self._cache_key = os.urandom(32)
+        self._accepted: tuple[bytes, ...] = ()
+        self._lock = threading.Lock()
+
+    def check(self, header: str | None) -> bool:
+        """True when ``header`` (the raw Authorization value, or None) carries the right credentials."""
+        if not header:
+            return False
+        digest = hmac.new(self._cache_key, header.encode("latin-1", "replace"), hashlib.sha256).digest()
+        if any(hmac.compare_digest(digest, seen) for seen in self._accepted):
+            return True
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(token.strip().encode("ascii"), validate=True)
+        except (UnicodeEncodeError, binascii.Error):
+            return False
+        user, colon, password = decoded.partition(b":")
+        if not colon:
+            return False
+        with _SCRYPT_SLOTS:
+            # Always derive, so a wrong user name takes as long as a wrong password.
+            password_ok = self._hash.matches(password)
+        if not (hmac.compare_digest(user, self._username) and password_ok):
+            return False
+        with self._lock:
+            self._accepted = (digest, *self._accepted)[:MAX_CACHED_CREDENTIALS]
+        return True
+
+    def wrap(self, app: WsgiApp) -> WsgiApp:
+        """``app`` behind this check: 401 with a WWW-Authenticate challenge on failure."""
+
+        def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+            if self.check(environ.get("HTTP_AUTHORIZATION")):
+                return app(environ, start_response)
+            challenge = ("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"')
+            return _plain(start_response, "401 Unauthorized", "unauthorized\n", [challenge])
+
+        return guarded
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class _GuardedReader(io.RawIOBase):
+    """The request's socket as a raw stream that stops after ``budget`` bytes or at ``deadline``.
+
+    Past the budget a read raises http.client.LineTooLong (the handler answers 414/431);
+    past the deadline TimeoutError. Each recv waits at most until the deadline, so a
+    client dripping one byte at a time is cut off too.
+    """
+
+    def __init__(self, sock: socket.socket, budget: int, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._left = budget
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            raise http.client.LineTooLong(f"request head over {MAX_REQUEST_HEAD_BYTES} bytes")
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request head not received in time")
+        self._sock.settimeout(remaining)
+        view = memoryview(buffer)[: self._left]
+        count = self._sock.recv_into(view)
+        self._left -= count
+        return count
+
+
+class _Handler(WSGIRequestHandler):
+    """One request per connection, bounded in bytes and time, no access log, no body read."""
+
+    timeout = REQUEST_TIMEOUT_S
+    server: _ThreadingServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced below; closing it drops its hold on the socket
+        self._timeout_s = self.server.request_timeout_s
+        self.connection.settimeout(self._timeout_s)
+        deadline = time.monotonic() + self._timeout_s
+        self.rfile = io.BufferedReader(_GuardedReader(self.connection, MAX_REQUEST_HEAD_BYTES, deadline))
+
+    def handle(self) -> None:
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+            too_long = len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES
+            parsed = not too_long and self.parse_request()
+        except http.client.LineTooLong:
+            too_long, parsed = True, False
+        except (OSError, ValueError):
+            self.close_connection = True
+            return  # timed out, reset, or a failed TLS handshake: nothing to answer
+        self.connection.settimeout(self._timeout_s)  # a fresh allowance to send the response
+        if too_long:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(414)
+            return
+        if not parsed:
+            return  # parse_request has sent the error (400, 431, ...)
+        app = self.server.get_app()
+        if app is None:  # pragma: no cover - MetricsServer always sets one
+            return
+        body_ignored = io.BytesIO()
+        wfile = cast("IO[bytes]", self.wfile)
+        handler = ServerHandler(body_ignored, wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref's back-pointer for logging
+        handler.run(app)
 
     def log_message(self, format: str, *args: Any) -> None:
-        return
+        return  # scrapes every few seconds would drown the journal
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    block_on_close = False
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+    request_timeout_s = REQUEST_TIMEOUT_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.closing = False
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        while not self._slots.acquire(timeout=0.2):
+            if self.closing:
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (OSError, ValueError)):
+            return  # a client going away mid-response is not news
+        super().handle_error(request, client_address)
 
 
 class _ThreadingServer6(_ThreadingServer):
     address_family = socket.AF_INET6
 
 
+# --------------------------------------------------------------------------- the server
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for HTTPS; with ``client_ca_file`` clients must present a certificate it signed."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""
+
+
+def tls_context(tls: TlsFiles) -> ssl.SSLContext:
+    """A server context built by prometheus-client's own TLS setup, TLS 1.2 at least."""
+    context = _get_ssl_ctx(
+        tls.cert_file,
+        tls.key_file,
+        ssl.PROTOCOL_TLS_SERVER,
+        tls.client_ca_file or None,
+        None,
+        bool(tls.client_ca_file),
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def security_warnings(address: str, tls: TlsFiles | None, basic_auth: bool) -> tuple[str, ...]:
+    """What is weak about an endpoint on ``address``: nothing on loopback; plain HTTP or no auth when remote."""
+    if is_loopback(address):
+        return ()
+    warnings = []
+    if tls is None:
+        warnings.append("metrics are served to other hosts over plain HTTP (no TLS)")
+    if not basic_auth and not (tls is not None and tls.client_ca_file):
+        warnings.append("metrics are served to other hosts without authentication")
+    return tuple(warnings)
+
+
 class MetricsServer:
     """A running /metrics endpoint; ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, address: str, port: int, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        registry: CollectorRegistry,
+        *,
+        tls: TlsFiles | None = None,
+        basic_auth: BasicAuth | None = None,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
         server_class = _ThreadingServer6 if ":" in address else _ThreadingServer
-        app = make_wsgi_app(registry)
-        self._server = make_server(address, port, app, server_class=server_class, handler_class=_QuietHandler)
+        app: WsgiApp = metrics_only(make_wsgi_app(registry))
+        if basic_auth is not None:
+            app = basic_auth.wrap(app)
+        context = tls_context(tls) if tls is not None else None  # before binding: a bad file binds nothing
+        self._server = make_server(address, port, app, server_class=server_class, handler_class=_Handler)
+        self._server.request_timeout_s = request_timeout_s
+        if context is not None:
+            # Unlike prometheus-client's start_http_server, the handshake is not done in
+            # accept() on the serving thread (where one silent client would stall every
+            # scrape) but on the request's own thread, within its deadline.
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.address = address
         self.port: int = self._server.server_address[1]
+        self.tls = tls
+        self.basic_auth = basic_auth is not None
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, metrics: MetricsConfig, registry: CollectorRegistry) -> MetricsServer:
+        """Serve ``registry`` as [metrics] says: address, port, TLS files, basic auth."""
+        tls = TlsFiles(metrics.tls_cert_file, metrics.tls_key_file, metrics.tls_client_ca_file) if metrics.tls else None
+        auth = BasicAuth(metrics.basic_auth_username, metrics.basic_auth_password_hash) if metrics.basic_auth else None
+        return cls(metrics.listen_address, metrics.port, registry, tls=tls, basic_auth=auth)
 
     @property
     def url(self) -> str:
         """The endpoint's URL."""
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}/metrics"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}{METRICS_PATH}"
+
+    @property
+    def remote(self) -> bool:
+        """True when hosts other than this one may connect."""
+        return not is_loopback(self.address)
+
+    def security_warnings(self) -> tuple[str, ...]:
+        """What is weak about this endpoint (empty on loopback, or remote with TLS and auth)."""
+        return security_warnings(self.address, self.tls, self.basic_auth)
+
+    def security_summary(self) -> str:
+        """One line for the start-up log: where, how protected, and what is weak."""
+        parts = ["remote" if self.remote else "loopback only"]
+        if self.tls is None:
+            parts.append("plain http")
+        else:
+            parts.append("tls with client certificates" if self.tls.client_ca_file else "tls")
+        parts.append("basic auth" if self.basic_auth else "no basic auth")
+        warnings = self.security_warnings()
+        if warnings:
+            parts.append("WARNING: " + "; ".join(warnings))
+        return ", ".join(parts)
 
     def close(self) -> None:
         """Stop serving and release the port."""
+        self._server.closing = True
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
