@@ -152,7 +152,7 @@ def evaluate_vram(
         klass = candidate.klass
         dry = policy.dry_run or klass.dry_run
         if offender.term_sent_s is not None and offender.kill_sent_s is None:
-            if t_s - offender.term_sent_s >= klass.kill_after_s:
+            if candidate.facts.protected is None and t_s - offender.term_sent_s >= klass.kill_after_s:
                 reason = (
                     f"{_describe(candidate)}: still running and over budget "
                     f"{t_s - offender.term_sent_s:g} s after SIGTERM (kill_after {klass.kill_after_s:g} s)"
