@@ -527,7 +527,6 @@ class TestLoad:
         path = write(tmp_path, "# all defaults\n")
         assert load_config(str(path), enforce_trust=False).source == str(path)
 
-
     def test_empty_file_is_refused_but_comments_mean_defaults(self, tmp_path: Path) -> None:
         """An empty (truncated) file is an error; a file of only comments loads as all defaults."""
         with pytest.raises(ConfigError, match="an empty file"):
