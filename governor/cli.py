@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def serve(source: object) -> MetricsServer:
         try:
-            return MetricsServer(metrics.listen_address, metrics.port, build_registry(source))  # type: ignore[arg-type]
+            return MetricsServer.from_config(metrics, build_registry(source))  # type: ignore[arg-type]
         except OSError as exc:
             where = f"{metrics.listen_address}:{metrics.port}"
             raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None

@@ -295,7 +295,20 @@ class Daemon:
         self._tick(snapshot)
         if self._metrics_server_factory is not None:
             self.metrics_server = self._metrics_server_factory(lambda: self.published)
-            self.log.info("metrics_listening", url=getattr(self.metrics_server, "url", None))
+            server = self.metrics_server
+            summary = getattr(server, "security_summary", None)
+            self.log.info(
+                "metrics_listening", url=getattr(server, "url", None), security=summary() if summary else None
+            )
+            warnings = getattr(server, "security_warnings", None)
+            if warnings is not None and warnings():
+                self.log.warning(
+                    "metrics_exposed",
+                    url=server.url,
+                    tls=getattr(server, "tls", None) is not None,
+                    basic_auth=bool(getattr(server, "basic_auth", None)),
+                    warnings=list(warnings()),
+                )
         self._ready = True
         self._publish(snapshot, 0.0)
         self.notifier.ready(self.status_line())

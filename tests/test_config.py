@@ -48,6 +48,12 @@ wait_for_driver = true
 enabled = false
 listen_address = "0.0.0.0"
 port = 9999
+allow_remote = true
+tls_cert_file = "/etc/gpu-governor/tls/cert.pem"
+tls_key_file = "/etc/gpu-governor/tls/key.pem"
+tls_client_ca_file = "/etc/gpu-governor/tls/ca.pem"
+basic_auth_username = "prometheus"
+basic_auth_password_hash = "scrypt$32768$8$1$nf8cNElAnspmXOQf0twKaQ==$4ReUqs7/VdrlgVndwOx5/CP1q/gijwoyXI0vy350Jw8="
 
 [logging]
 format = "journal"
@@ -158,7 +164,17 @@ class TestKeys:
             "/tmp/gg-state",
             "/tmp/gg-run",
         )
-        assert c.metrics == MetricsConfig(False, "0.0.0.0", 9999)
+        assert c.metrics == MetricsConfig(
+            False,
+            "0.0.0.0",
+            9999,
+            True,
+            "/etc/gpu-governor/tls/cert.pem",
+            "/etc/gpu-governor/tls/key.pem",
+            "/etc/gpu-governor/tls/ca.pem",
+            "prometheus",
+            "scrypt$32768$8$1$nf8cNElAnspmXOQf0twKaQ==$4ReUqs7/VdrlgVndwOx5/CP1q/gijwoyXI0vy350Jw8=",
+        )
         assert c.logging == LoggingConfig("journal", "debug")
         assert c.simulation == SimulationConfig("h100-80gb", 4, "hot", 42, 30.0, "/tmp/sim.json", 10.0)
         assert c.thermal == ThermalPolicy(60.0, 70.0, 80.0, 90.0, 2.0)

@@ -734,3 +734,59 @@ class TestNoShell:
         assert len(modules) > 10
         found = [use for path in modules for use in shell_uses(path.read_text(encoding="utf-8"), str(path))]
         assert found == []
+
+
+class TestRunWiring:
+    def test_run_serves_https_behind_basic_auth(self, pki: Pki, password_hash: str, tmp_path: Path) -> None:
+        """`gpu-governor run` with TLS and basic-auth keys serves https, 401 without credentials, 200 with them."""
+        import json
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        from tests.support import free_port
+
+        port = free_port()
+        config = tmp_path / "g.toml"
+        config.write_text(
+            f'state_dir = "{tmp_path / "state"}"\nruntime_dir = ""\n[metrics]\nport = {port}\n'
+            f'tls_cert_file = "{pki.cert}"\ntls_key_file = "{pki.key}"\n'
+            f'basic_auth_username = "prometheus"\nbasic_auth_password_hash = "{password_hash}"\n'
+        )
+        config.chmod(0o644)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "governor", "run", "--simulate", "--config", str(config), "--log-format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    conn = http.client.HTTPSConnection(
+                        "127.0.0.1", port, timeout=TIMEOUT_S, context=client_context(pki)
+                    )
+                    conn.request("GET", "/metrics")
+                    status = conn.getresponse().status
+                    conn.close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the https endpoint never answered"
+                    time.sleep(0.2)
+            assert status == 401
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=TIMEOUT_S, context=client_context(pki))
+            conn.request("GET", "/metrics", headers=basic("prometheus", PASSWORD))
+            response = conn.getresponse()
+            body = response.read().decode()
+            conn.close()
+            assert response.status == 200 and "gpu_governor_gpu_temperature_celsius" in body
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        listening = next(e for e in events if e["event"] == "metrics_listening")
+        assert listening["url"].startswith("https://") and "basic auth" in listening["security"]
