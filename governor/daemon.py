@@ -229,7 +229,7 @@ class Daemon:
         self._tick_sum_s = 0.0
         self._tick_last_s: float | None = None
         self._ready = False
-        self._process_table_key: list[tuple[Any, ...]] = []
+        self._process_table_key: list[tuple[Any, ...]] | None = None  # None: never written yet
         self._process_table_disabled = False
         self._frozen_cache: dict[int, tuple[tuple[int, int], tuple[tuple[Any, int], ...]]] = {}
         self._monitor_only_logged: set[str] = set()

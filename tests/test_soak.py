@@ -79,6 +79,8 @@ CLASSES: dict[str, Any] = {
 Scenario processes have synthetic PIDs (above PID_MAX_LIMIT): no start time can be read for them, so
 the VRAM rule reports them over budget and never signals them."""
 
+pytestmark = pytest.mark.soak
+
 
 def rss_bytes() -> int:
     """Resident set size of this process now (second field of /proc/self/statm, in pages)."""

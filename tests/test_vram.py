@@ -91,6 +91,20 @@ class TestVramRule:
         kills = [d for d in decisions if d.action is Action.SIGNAL_KILL]
         assert [(d.rule, d.t_s) for d in kills] == [("vram_escalate", 40)]
 
+    def test_no_sigkill_once_a_reload_made_the_class_observe(self) -> None:
+        """A SIGTERMed process whose class turns observe-only on reload is not escalated to SIGKILL."""
+        table = {2: facts(2, "secondary")}
+        state = VramState()
+        for t in range(0, 31):
+            state, decisions = evaluate_vram(reading((2, 4 * GiB)), table, POLICY, state, t)
+        assert decisions and decisions[-1].action is Action.SIGNAL_TERM
+        observe = VramPolicy(classes=(PRIMARY, ProcessClass("secondary", SECONDARY.match, 3 * GiB, action="observe")))
+        later: list[Decision] = []
+        for t in range(31, 100):
+            state, decisions = evaluate_vram(reading((2, 4 * GiB)), table, observe, state, t)
+            later.extend(decisions)
+        assert all(d.action is Action.NONE for d in later)
+
     def test_back_under_budget_resets(self) -> None:
         """A process that drops under its budget before the grace ends is never signalled."""
         table = {2: facts(2, "secondary")}

@@ -152,7 +152,10 @@ def evaluate_vram(
         klass = candidate.klass
         dry = policy.dry_run or klass.dry_run
         if offender.term_sent_s is not None and offender.kill_sent_s is None:
-            if candidate.facts.protected is None and t_s - offender.term_sent_s >= klass.kill_after_s:
+            # Escalate only while the class still asks for it: a reload may have made it
+            # protected or observe-only since the SIGTERM.
+            escalate = candidate.facts.protected is None and klass.action != "observe" and not klass.protected
+            if escalate and t_s - offender.term_sent_s >= klass.kill_after_s:
                 reason = (
                     f"{_describe(candidate)}: still running and over budget "
                     f"{t_s - offender.term_sent_s:g} s after SIGTERM (kill_after {klass.kill_after_s:g} s)"
