@@ -244,7 +244,10 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     runtime_dir = (_load_run_config(args.config) if args.config else Config()).runtime_dir
     rows = read_process_table(f"{runtime_dir}/processes.json") if runtime_dir else None
     if rows is None:
-        out.write(f"\nprocesses: {runtime_dir}/processes.json not readable (run as root to see them)\n")
+        out.write(
+            f"\nprocesses: {runtime_dir}/processes.json is not readable: the daemon writes it (mode 0600) "
+            "when it can; run status as root to see every GPU process with its class\n"
+        )
     else:
         out.write("\n" + render_processes(rows))
     return EXIT_OK

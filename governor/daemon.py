@@ -647,6 +647,7 @@ class Daemon:
         ]
         path = Path(self.config.runtime_dir) / "processes.json"
         try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             tmp = path.with_name(f".processes.json.{os.getpid()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
