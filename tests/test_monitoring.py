@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from governor.daemon import Daemon, VirtualWaiter
 from governor.metrics import build_registry
 from governor.notify import Notifier
 from tests.scripted import ScriptedBackend
+from tests.support import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "packaging" / "prometheus"
@@ -56,16 +56,6 @@ VARIABLE_VALUES = {
     "gpu": "0|1",
 }
 """Values for the dashboard's variables, regex-safe where they land in =~ matchers."""
-
-
-def require_tool(name: str) -> str:
-    """The tool's path; skipped locally when absent, a failure where CI demands system tests."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1":
-            pytest.fail(f"{name} is required (GG_REQUIRE_SYSTEM_TESTS=1) but not installed")
-        pytest.skip(f"{name} not installed")
-    return path
 
 
 def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
