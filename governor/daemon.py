@@ -165,10 +165,8 @@ EVENT_NAMES = {
     "power_drift_external_lower": "power_limit_external_lower",
     "restore_on_stop": "power_limit_restored",
     "restore_after_crash": "power_limit_restored",
-    "vram_over_budget": "process_over_budget",
-    "vram_enforce": "process_signalled",
-    "vram_escalate": "process_signalled",
 }
+"""Log event names of GPU-level decisions (process decisions are logged by _log_process_decision)."""
 PROCESS_ACTION_NAMES = {
     Action.NONE: "over_budget",
     Action.SIGNAL_TERM: "sigterm",
