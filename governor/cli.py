@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import getpass
 import io
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -92,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what the running daemon sees and decided")
     status.add_argument("--url", help="metrics URL (default: from the config, http://127.0.0.1:9847/metrics)")
     status.add_argument("--config", type=Path, default=None, help="config to take the metrics address from")
+    status.add_argument("--cacert", help="CA or self-signed certificate to trust for https (default: tls_cert_file)")
+    status.add_argument(
+        "--user", help="basic-auth user; the password comes from GPU_GOVERNOR_METRICS_PASSWORD or a prompt"
+    )
 
     record = sub.add_parser("record", help="record NVML samples to a trace file (JSON Lines)")
     record.add_argument("--output", "-o", type=Path, required=True, help="trace file to write")
@@ -228,13 +234,20 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     from governor.status import fetch_status, render_status
 
     url = args.url
+    config = _load_run_config(args.config) if args.config or DEFAULT_CONFIG_PATH.exists() else Config()
+    tls = config.metrics.tls_cert_file
     if url is None:
-        config = _load_run_config(args.config) if args.config or DEFAULT_CONFIG_PATH.exists() else Config()
         host = config.metrics.listen_address
-        host = f"[{host}]" if ":" in host else host
-        url = f"http://{host}:{config.metrics.port}/metrics"
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host  # noqa: S104
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        url = f"{'https' if tls else 'http'}://{host}:{config.metrics.port}/metrics"
+    password = None
+    if args.user is not None:
+        password = os.environ.get("GPU_GOVERNOR_METRICS_PASSWORD")
+        if password is None:
+            password = getpass.getpass(f"password for {args.user}: ")
     try:
-        status = fetch_status(url)
+        status = fetch_status(url, cafile=args.cacert or tls or None, username=args.user, password=password)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise CliError(f"cannot reach the governor at {url}: {reason} (is it running?)", EXIT_UNREACHABLE) from None

@@ -91,9 +91,20 @@ def parse_status(text: str) -> DaemonStatus:
     return status
 
 
-def fetch_status(url: str) -> DaemonStatus:
-    """GET the metrics endpoint and parse it."""
-    with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as response:  # noqa: S310 - URL given by the user
+def fetch_status(
+    url: str, *, cafile: str | None = None, username: str | None = None, password: str | None = None
+) -> DaemonStatus:
+    """GET the metrics endpoint and parse it; ``cafile`` trusts a self-signed TLS certificate,
+    ``username``/``password`` answer basic auth."""
+    import base64
+    import ssl
+
+    request = urllib.request.Request(url)  # noqa: S310 - URL given by the user
+    if username is not None:
+        token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("https:") else None
+    with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S, context=context) as response:  # noqa: S310
         body = response.read(MAX_BODY_BYTES).decode("utf-8", errors="replace")
     return parse_status(body)
 

@@ -740,6 +740,7 @@ class TestRunWiring:
     def test_run_serves_https_behind_basic_auth(self, pki: Pki, password_hash: str, tmp_path: Path) -> None:
         """`gpu-governor run` with TLS and basic-auth keys serves https, 401 without credentials, 200 with them."""
         import json
+        import os
         import signal
         import subprocess
         import sys
@@ -755,6 +756,7 @@ class TestRunWiring:
             f'basic_auth_username = "prometheus"\nbasic_auth_password_hash = "{password_hash}"\n'
         )
         config.chmod(0o644)
+        STATUS = [sys.executable, "-m", "governor", "status"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "governor", "run", "--simulate", "--config", str(config), "--log-format", "json"],
             stdout=subprocess.PIPE,
@@ -783,6 +785,24 @@ class TestRunWiring:
             body = response.read().decode()
             conn.close()
             assert response.status == 200 and "gpu_governor_gpu_temperature_celsius" in body
+            shown = subprocess.run(
+                [
+                    *STATUS,
+                    "--url",
+                    f"https://127.0.0.1:{port}/metrics",
+                    "--cacert",
+                    str(pki.cert),
+                    "--user",
+                    "prometheus",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "GPU_GOVERNOR_METRICS_PASSWORD": PASSWORD},
+                check=False,
+            )
+            assert shown.returncode == 0, shown.stderr
+            assert "NVIDIA GeForce RTX 4070" in shown.stdout
         finally:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=30)
