@@ -35,10 +35,14 @@ from typing import IO, Any, TypeAlias, cast
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import _get_ssl_ctx
+from prometheus_client import exposition as _exposition
 
 from governor.auth import PasswordHash, parse_password_hash
 from governor.config import MetricsConfig, is_loopback
+
+# prometheus-client >= 0.17 sets up TLS for its own server: reuse that where present.
+# Debian 12 ships 0.16, which has none: tls_context() then does the same steps itself.
+_get_ssl_ctx: Callable[..., ssl.SSLContext] | None = getattr(_exposition, "_get_ssl_ctx", None)
 
 StartResponse: TypeAlias = Callable[..., Any]
 WsgiApp: TypeAlias = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -75,11 +79,14 @@ def _plain(
 
 
 def metrics_only(app: WsgiApp) -> WsgiApp:
-    """Serve ``app`` at /metrics only; anything else is 404."""
+    """Serve ``app`` at /metrics only, to GET and HEAD; other paths are 404, other methods 405
+    (checked here rather than left to prometheus-client, whose older releases answer POST)."""
 
     def route(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != METRICS_PATH:
             return _plain(start_response, "404 Not Found", f"not found: the metrics are at {METRICS_PATH}\n")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return _plain(start_response, "405 Method Not Allowed", "only GET and HEAD\n", [("Allow", "GET, HEAD")])
         return app(environ, start_response)
 
     return route
@@ -268,15 +275,23 @@ class TlsFiles:
 
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:
-    """A server context built by prometheus-client's own TLS setup, TLS 1.2 at least."""
-    context = _get_ssl_ctx(
-        tls.cert_file,
-        tls.key_file,
-        ssl.PROTOCOL_TLS_SERVER,
-        tls.client_ca_file or None,
-        None,
-        bool(tls.client_ca_file),
-    )
+    """A server context, TLS 1.2 at least: prometheus-client's own TLS setup where it has one
+    (0.17 and later), else the same steps with the standard library (Debian 12 ships 0.16)."""
+    if _get_ssl_ctx is not None:
+        context: ssl.SSLContext = _get_ssl_ctx(
+            tls.cert_file,
+            tls.key_file,
+            ssl.PROTOCOL_TLS_SERVER,
+            tls.client_ca_file or None,
+            None,
+            bool(tls.client_ca_file),
+        )
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if tls.client_ca_file:
+            context.load_verify_locations(tls.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 

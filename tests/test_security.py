@@ -375,6 +375,21 @@ class TestTls:
         finally:
             server.close()
 
+    def test_tls_without_prometheus_client_helper(self, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without prometheus-client's TLS helper (Debian 12 ships 0.16), TLS and client certificates still work."""
+        import governor.httpserver as httpserver
+
+        monkeypatch.setattr(httpserver, "_get_ssl_ctx", None)
+        tls = TlsFiles(str(pki.cert), str(pki.key), str(pki.client_cert))
+        server = MetricsServer("127.0.0.1", 0, tiny_registry(), tls=tls)
+        try:
+            with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+                fetch(server, context=client_context(pki))  # no client certificate
+            reply = fetch(server, context=client_context(pki, with_client_cert=True))
+            assert reply.status == 200
+        finally:
+            server.close()
+
     def test_plain_http_against_tls_port_fails(self, pki: Pki) -> None:
         """A plain-HTTP request to the TLS port gets no metrics."""
         server = MetricsServer("127.0.0.1", 0, tiny_registry(), tls=TlsFiles(str(pki.cert), str(pki.key)))

@@ -186,8 +186,12 @@ class TestClassesConfig:
 class TestInspector:
     def test_classifies_a_real_process_and_explains_why(self) -> None:
         """A real child is matched on its command line and the explanation names the rule."""
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "worker-marker"])
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)", "worker-marker"],
+            stdout=subprocess.PIPE,
+        )
         try:
+            assert child.stdout is not None and child.stdout.readline().strip() == b"ready"  # exec'd: cmdline is final
             klass = ProcessClass("workers", ProcessMatch(cmdline=__import__("re").compile("worker-marker")), GiB)
             policy = VramPolicy(classes=(klass,))
             got = ProcessInspector().facts(child.pid, None, policy)
