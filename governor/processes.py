@@ -178,6 +178,13 @@ def protection(facts: ProcessFacts, policy: VramPolicy, own_pid: int) -> str | N
     return None
 
 
+def classified(facts: ProcessFacts, policy: VramPolicy, own_pid: int) -> ProcessFacts:
+    """``facts`` with its class, why it matched, and whether it is protected, filled in."""
+    klass, why = classify(facts, policy)
+    facts = replace(facts, klass=klass, why=why)
+    return replace(facts, protected=protection(facts, policy, own_pid))
+
+
 class ProcessInspector:
     """Reads and caches ProcessFacts for the PIDs a backend reports."""
 
@@ -251,6 +258,4 @@ class ProcessInspector:
             why="",
             protected=None,
         )
-        klass, why = classify(draft, policy)
-        draft = replace(draft, klass=klass, why=why)
-        return replace(draft, protected=protection(draft, policy, self.own_pid))
+        return classified(draft, policy, self.own_pid)

@@ -22,12 +22,12 @@ import itertools
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from governor.classes import MATCH_KEYS, format_size
 from governor.config import Config
 from governor.model import Action, Decision, GpuHealth, ProcessReading, ThermalZone
-from governor.processes import ProcessFacts, classify, protection
+from governor.processes import ProcessFacts, classified
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
 from governor.rules.thermal import thresholds
@@ -107,9 +107,7 @@ class _Classifier:
                 why="",
                 protected=None,
             )
-            klass, why = classify(draft, self.vram)
-            draft = replace(draft, klass=klass, why=why)
-            found = replace(draft, protected=protection(draft, self.vram, NOT_A_PID))
+            found = classified(draft, self.vram, NOT_A_PID)
             self._cache[key] = found
         return found
 
