@@ -447,6 +447,23 @@ def _power_contradictions(p: PowerPolicy, prefix: str, out: _Collector) -> None:
         )
 
 
+def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]:
+    """Contradictions in the policy each GPU actually gets once every matching [[gpu]] applies.
+
+    Each override is checked against the top level at load time; two overrides that both
+    match one GPU can still combine into a contradiction (one lowers step_down_at_c, a later
+    one raises step_up_at_c). That is only knowable once the GPUs are: the daemon checks it
+    at start and before swapping in a reloaded config.
+    """
+    out = _Collector(config.source)
+    for gpu in gpus:
+        policy = config.policy_for(gpu)
+        prefix = f"[[gpu]] overrides for GPU {gpu.index} ({gpu.name}) combined: "
+        _thermal_contradictions(policy.thermal, prefix, out)
+        _power_contradictions(policy.power, prefix, out)
+    return out.issues
+
+
 def is_loopback(address: str) -> bool:
     """True for an address only this host can reach: 127.0.0.0/8, ::1 (also IPv4-mapped) or ``localhost``."""
     if address.lower() == "localhost":

@@ -27,7 +27,7 @@ from governor import __version__
 from governor.actuator import Actuator
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock, VirtualClock
-from governor.config import Config, ConfigError, load_config
+from governor.config import Config, ConfigError, check_resolved, load_config
 from governor.logsetup import escape, get_logger
 from governor.model import (
     TICK_BUCKETS_S,
@@ -260,6 +260,9 @@ class Daemon:
 
     def start(self) -> None:
         """Restore leftovers of a crash, take the first snapshot, bind metrics, send READY."""
+        combined = check_resolved(self.config, self._gpus)
+        if combined:
+            raise ConfigError(combined)
         self.log.info(
             "governor_starting",
             version=__version__,
@@ -388,6 +391,8 @@ class Daemon:
         for gone in old - new:
             self.log.warning("gpu_gone", uuid=gone)
         self._gpus = gpus
+        for issue in check_resolved(self.config, gpus):
+            self.log.error("config_contradiction", detail=str(issue))
         self.plans = self._build_plans(self.config)
         self.actuator.set_gpus(gpus)
         appeared = new - old
@@ -431,6 +436,9 @@ class Daemon:
             if self.config_path is None:
                 raise ConfigError([])
             new = self._load(self.config_path)
+            combined = check_resolved(new, self._gpus)
+            if combined:
+                raise ConfigError(combined)
         except ConfigError as exc:
             self._config_ok = False
             self._reloads["failure"] += 1

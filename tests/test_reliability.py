@@ -20,7 +20,7 @@ from governor.backends import Backend, BackendUnavailable
 from governor.backends.deferred import DeferredBackend
 from governor.backends.simulated import build_simulated_backend
 from governor.clock import RealClock, VirtualClock
-from governor.config import Config, SimulationConfig, load_config
+from governor.config import Config, ConfigError, SimulationConfig, load_config
 from governor.daemon import Daemon, PipeWaiter, VirtualWaiter
 from governor.model import GpuHealth, Snapshot
 from governor.notify import Notifier
@@ -261,6 +261,28 @@ class TestConfigFaults:
         clock.advance(1.0)
         daemon.tick()  # still governing
         assert daemon.published.tick_count >= 1
+
+    def test_overrides_that_combine_into_a_contradiction_are_refused(self, tmp_path: Path) -> None:
+        """Two [[gpu]] overrides, each fine alone, that contradict on one GPU: refused at start and on reload."""
+        path = tmp_path / "governor.toml"
+        path.write_text(
+            "[[gpu]]\nindex = 0\npower = { step_down_at_c = 60.0, step_up_at_c = 50.0 }\n"
+            '[[gpu]]\nname = "*"\npower = { step_up_at_c = 62.0 }\n'
+        )
+        clock = VirtualClock()
+        backend = ScriptedBackend(clock, lambda t, i: 50.0)
+        daemon = Daemon(load_config(path), backend, clock, config_path=path, waiter=VirtualWaiter(clock))
+        with pytest.raises(ConfigError, match=r"GPU 0 \(Test GPU\) combined: power.step_up_at_c"):
+            daemon.start()
+        path.write_text("[thermal]\nwarning_c = 65.0\n")
+        daemon = Daemon(load_config(path), backend, clock, config_path=path, waiter=VirtualWaiter(clock))
+        daemon.start()
+        path.write_text(
+            "[[gpu]]\nindex = 0\npower = { step_down_at_c = 60.0, step_up_at_c = 50.0 }\n"
+            '[[gpu]]\nname = "*"\npower = { step_up_at_c = 62.0 }\n'
+        )
+        assert daemon.reload() is False
+        assert daemon.config.thermal.warning_c == 65.0
 
     def test_config_replaced_during_reloads_is_read_whole(self, tmp_path: Path) -> None:
         """A file atomically replaced again and again while reloading is always read whole: old or new, never mixed."""
