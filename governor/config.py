@@ -685,8 +685,8 @@ def _parse_override(
     )
 
 
-def _read_bytes(path: Path) -> bytes:
-    """Read a config file, refusing anything that is not a small regular file."""
+def read_small_file(path: Path, error: type[ConfigError] = ConfigError) -> bytes:
+    """Read a config, profile or scenario file, refusing anything that is not a small regular file."""
     source = str(path)
     try:
         # O_NONBLOCK: opening a FIFO with no writer would otherwise block forever.
@@ -694,20 +694,20 @@ def _read_bytes(path: Path) -> bytes:
         with open(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             if stat.S_ISDIR(info.st_mode):
-                raise ConfigError([ConfigIssue(source, "", "a regular file", "a directory")])
+                raise error([ConfigIssue(source, "", "a regular file", "a directory")])
             if not stat.S_ISREG(info.st_mode):
-                raise ConfigError([ConfigIssue(source, "", "a regular file", "a device, pipe or directory")])
+                raise error([ConfigIssue(source, "", "a regular file", "a device, pipe or directory")])
             data = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError([ConfigIssue(source, "", "an existing file", "no such file")]) from None
+        raise error([ConfigIssue(source, "", "an existing file", "no such file")]) from None
     except IsADirectoryError:
-        raise ConfigError([ConfigIssue(source, "", "a regular file", "a directory")]) from None
+        raise error([ConfigIssue(source, "", "a regular file", "a directory")]) from None
     except PermissionError:
-        raise ConfigError([ConfigIssue(source, "", "a readable file", "permission denied")]) from None
+        raise error([ConfigIssue(source, "", "a readable file", "permission denied")]) from None
     except OSError as exc:
-        raise ConfigError([ConfigIssue(source, "", "a readable file", exc.strerror or str(exc))]) from None
+        raise error([ConfigIssue(source, "", "a readable file", exc.strerror or str(exc))]) from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError([ConfigIssue(source, "", f"a file of at most {MAX_CONFIG_BYTES} bytes", "a larger file")])
+        raise error([ConfigIssue(source, "", f"a file of at most {MAX_CONFIG_BYTES} bytes", "a larger file")])
     return data
 
 
@@ -740,29 +740,34 @@ def check_trust(path: Path, euid: int | None = None) -> None:
         )
 
 
+def parse_toml(data: bytes, source: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """Decode and parse TOML bytes read from ``source``; ``error`` names the file on any failure."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
+    if "\x00" in text:
+        raise error([ConfigIssue(source, "", "TOML text", "binary data (NUL bytes)")])
+    try:
+        document: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error([ConfigIssue(source, "", "valid TOML", str(exc))]) from None
+    return document
+
+
 def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
     """Read, parse and validate ``path``; raise ConfigError naming every problem."""
     path = Path(path)
     source = str(path)
-    data = _read_bytes(path)
+    data = read_small_file(path)
     if enforce_trust:
         check_trust(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
-    if not text.strip():
+    if not data.strip():
         # A truncated file (a failed write, a full disk) must not silently reset every setting.
         raise ConfigError(
             [ConfigIssue(source, "", "a TOML document (a file of only comments means all defaults)", "an empty file")]
         )
-    if "\x00" in text:
-        raise ConfigError([ConfigIssue(source, "", "TOML text", "binary data (NUL bytes)")])
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([ConfigIssue(source, "", "valid TOML", str(exc))]) from None
-    return parse_config(document, source)
+    return parse_config(parse_toml(data, source), source)
 
 
 # --------------------------------------------------------------------------- output

@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import difflib
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
-from governor.config import ConfigError, ConfigIssue
-
-MAX_DATA_BYTES = 1024 * 1024
-"""A profile or scenario is a few kilobytes; anything over 1 MiB is refused unread."""
+from governor.config import ConfigError, ConfigIssue, parse_toml, read_small_file
 
 
 class SimDataError(ConfigError):
@@ -39,21 +30,7 @@ def describe(value: Any) -> str:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse ``path`` as TOML; raise SimDataError naming the file on any failure."""
-    source = str(path)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_DATA_BYTES + 1)
-    except OSError as exc:
-        raise SimDataError([ConfigIssue(source, "", "a readable file", exc.strerror or str(exc))]) from None
-    if len(data) > MAX_DATA_BYTES:
-        raise SimDataError([ConfigIssue(source, "", f"at most {MAX_DATA_BYTES} bytes", "a larger file")])
-    try:
-        document: dict[str, Any] = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise SimDataError([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SimDataError([ConfigIssue(source, "", "valid TOML", str(exc))]) from None
-    return document
+    return parse_toml(read_small_file(path, SimDataError), str(path), SimDataError)
 
 
 class Issues:
