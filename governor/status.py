@@ -31,7 +31,6 @@ class GpuRow:
     memory_total_bytes: float | None = None
     monitor_only: bool = False
     last_decision_s: float | None = None
-    decisions: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,6 +112,12 @@ def _fmt(value: float | None, unit: str, scale: float = 1.0, digits: int = 0) ->
     return "-" if value is None else f"{value / scale:.{digits}f}{unit}"
 
 
+def _aligned(table: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+
+
 def read_process_table(path: str) -> list[dict[str, object]] | None:
     """The daemon's process table (runtime_dir/processes.json), or None when unreadable."""
     import json
@@ -147,8 +152,7 @@ def render_processes(rows: list[dict[str, object]]) -> str:
                 why,
             )
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table) + "\n"
+    return "\n".join(_aligned(table)) + "\n"
 
 
 def render_status(status: DaemonStatus) -> str:
@@ -160,7 +164,7 @@ def render_status(status: DaemonStatus) -> str:
         "",
     ]
     header = ("GPU", "NAME", "TEMP", "ZONE", "HEALTH", "POWER", "LIMIT", "TARGET", "MEMORY", "MODE")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for key in sorted(status.gpus, key=lambda k: int(k) if k.isdigit() else 0):
         r = status.gpus[key]
         memory = f"{_fmt(r.memory_used_bytes, '', 2**30, 1)}/{_fmt(r.memory_total_bytes, ' GiB', 2**30, 1)}"
@@ -178,7 +182,4 @@ def render_status(status: DaemonStatus) -> str:
                 "monitor-only" if r.monitor_only else "governed",
             )
         )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    for row in rows:
-        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _aligned(rows)) + "\n"
