@@ -165,6 +165,9 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         ),
         "monitor_only": _gauge("gpu_monitor_only", "1 when the governor cannot set this GPU's limit and only watches."),
         "last_decision": _gauge("gpu_last_decision_timestamp_seconds", "Unix time of the last decision for a GPU."),
+        "last_decision_info": InfoMetricFamily(
+            f"{PREFIX}_gpu_last_decision", "The last decision for a GPU: its rule and change.", labels=GPU_LABELS
+        ),
     }
     for status in state.gpus:
         info = status.info
@@ -187,6 +190,11 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         if status.ladder_w:
             families["floor"].add_metric(labels, status.ladder_w[-1])
         families["monitor_only"].add_metric(labels, 1.0 if status.monitor_only else 0.0)
+        if status.last_decision is not None:
+            d = status.last_decision
+            families["last_decision_info"].add_metric(
+                labels, {"rule": d.rule, "from": _label(str(d.from_value)), "to": _label(str(d.to_value))}
+            )
         families["zone"].add_metric(labels, {z.value: status.zone is z for z in ZONES_BY_SEVERITY})
         for zone, lower_c in status.zone_thresholds_c:
             families["threshold"].add_metric([*labels, zone.value], lower_c)

@@ -5,6 +5,7 @@ It reads only what the daemon publishes, so it needs no NVML access and no root.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class GpuRow:
     memory_total_bytes: float | None = None
     monitor_only: bool = False
     last_decision_s: float | None = None
+    last_decision: str = "-"
 
 
 @dataclass
@@ -85,6 +87,9 @@ def parse_status(text: str) -> DaemonStatus:
                 row(labels).zone = labels["gpu_governor_gpu_thermal_zone"]
             elif sample.name == "gpu_governor_gpu_health" and sample.value == 1:
                 row(labels).health = labels["gpu_governor_gpu_health"]
+            elif sample.name == "gpu_governor_gpu_last_decision_info":
+                change = f"{labels.get('from', '?')} -> {labels.get('to', '?')}"
+                row(labels).last_decision = f"{labels.get('rule', '?')} {change}"
             elif sample.name == "gpu_governor_gpu_monitor_only" and "gpu" in labels:
                 row(labels).monitor_only = sample.value == 1
     return status
@@ -155,15 +160,23 @@ def render_processes(rows: list[dict[str, object]]) -> str:
     return "\n".join(_aligned(table)) + "\n"
 
 
-def render_status(status: DaemonStatus) -> str:
-    """The status table as text."""
+def _last_decision(row: GpuRow, now_s: float) -> str:
+    """``rule from -> to (N s ago)``, or ``-`` before the first decision."""
+    if row.last_decision == "-" or row.last_decision_s is None:
+        return "-"
+    return f"{row.last_decision} ({max(0.0, now_s - row.last_decision_s):.0f} s ago)"
+
+
+def render_status(status: DaemonStatus, now_s: float | None = None) -> str:
+    """The status table as text; ``now_s`` (Unix time, default now) dates the last decisions."""
+    now_s = time.time() if now_s is None else now_s
     mode = "dry-run" if status.dry_run else "enforcing"
     lines = [
         f"gpu-governor {status.version}, backend {status.backend}, {mode}",
         f"config: {status.config}" + ("" if status.config_ok else "  (last reload FAILED: old config in force)"),
         "",
     ]
-    header = ("GPU", "NAME", "TEMP", "ZONE", "HEALTH", "POWER", "LIMIT", "TARGET", "MEMORY", "MODE")
+    header = ("GPU", "NAME", "TEMP", "ZONE", "HEALTH", "POWER", "LIMIT", "TARGET", "MEMORY", "MODE", "LAST DECISION")
     rows: list[tuple[str, ...]] = [header]
     for key in sorted(status.gpus, key=lambda k: int(k) if k.isdigit() else 0):
         r = status.gpus[key]
@@ -180,6 +193,7 @@ def render_status(status: DaemonStatus) -> str:
                 _fmt(r.target_w, " W") if r.target_w is not None else "hands-off",
                 memory,
                 "monitor-only" if r.monitor_only else "governed",
+                _last_decision(r, now_s),
             )
         )
     return "\n".join(lines + _aligned(rows)) + "\n"

@@ -69,3 +69,19 @@ class TestPromtool:
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert result.stdout == "" and result.stderr == ""
+
+
+class TestStatusTable:
+    def test_status_shows_the_last_decision_per_gpu(self, tmp_path: Path) -> None:
+        """`status` parses the scrape into a table whose LAST DECISION column names the rule and change."""
+        from governor.status import parse_status, render_status
+
+        daemon, body = scrape_after_ticks(tmp_path, 5)
+        assert 'gpu_governor_gpu_last_decision_info{from="200.0",gpu="0",rule="power_step_down"' in body
+        assert daemon.published is not None
+        when = dict((s.info.index, s.last_decision_wall_s) for s in daemon.published.gpus)[0]
+        assert when is not None
+        table = render_status(parse_status(body), now_s=when + 42)
+        gpu0 = next(line for line in table.splitlines() if line.startswith("0 "))
+        assert "power_step_down 200.0 -> 180.0 (42 s ago)" in gpu0
+        assert "LAST DECISION" in table
