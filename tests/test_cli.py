@@ -65,15 +65,21 @@ def daemons() -> Iterator[list[Daemon]]:
             d.proc.wait()
 
 
+def start_simulated(tmp_path: Path, daemons: list[Daemon]) -> tuple[Daemon, int]:
+    """`run --simulate` with a state directory in ``tmp_path``, once its metrics answer; (daemon, port)."""
+    port = free_port()
+    config = tmp_path / "g.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    d = Daemon(["--simulate", "--config", str(config), "--listen", f"127.0.0.1:{port}"], tmp_path)
+    daemons.append(d)
+    wait_for(lambda: "gpu_governor_gpu_temperature_celsius" in scrape(port), 10.0, "metrics")
+    return d, port
+
+
 class TestRun:
     def test_simulate_serves_metrics_that_promtool_accepts(self, tmp_path: Path, daemons: list[Daemon]) -> None:
         """`run --simulate` serves metrics on loopback soon after start; promtool finds nothing to lint."""
-        port = free_port()
-        config = tmp_path / "g.toml"
-        config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
-        d = Daemon(["--simulate", "--config", str(config), "--listen", f"127.0.0.1:{port}"], tmp_path)
-        daemons.append(d)
-        wait_for(lambda: "gpu_governor_gpu_temperature_celsius" in scrape(port), 10.0, "metrics")
+        d, port = start_simulated(tmp_path, daemons)
         body = scrape(port)
         assert 'gpu_governor_build_info{backend="simulated"' in body
         promtool = require_tool("promtool")
@@ -213,12 +219,7 @@ class TestCommands:
 
     def test_status_prints_a_table_from_a_running_daemon(self, tmp_path: Path, daemons: list[Daemon]) -> None:
         """`status --url` shows the GPU's temperature, zone, power and limit from the daemon's metrics."""
-        port = free_port()
-        config = tmp_path / "g.toml"
-        config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
-        d = Daemon(["--simulate", "--config", str(config), "--listen", f"127.0.0.1:{port}"], tmp_path)
-        daemons.append(d)
-        wait_for(lambda: "gpu_governor_gpu_temperature_celsius" in scrape(port), 10.0, "metrics")
+        d, port = start_simulated(tmp_path, daemons)
         result = subprocess.run(
             [sys.executable, "-m", "governor", "status", "--url", f"http://127.0.0.1:{port}/metrics"],
             capture_output=True,

@@ -38,6 +38,15 @@ def _no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+def tick_for(daemon: Daemon, seconds: int) -> None:
+    """Advance the daemon's virtual clock one second at a time, ticking each second."""
+    clock = daemon.clock
+    assert isinstance(clock, VirtualClock)
+    for _ in range(seconds):
+        clock.advance(1.0)
+        daemon.tick()
+
+
 def sim_daemon(tmp_path: Path, scenario: str, gpus: int, stop_s: float, **config: Any) -> tuple[Daemon, Any]:
     clock = VirtualClock()
     sim = SimulationConfig(profile="rtx4070", scenario=scenario, gpu_count=gpus)
@@ -117,16 +126,10 @@ class TestGpuFaults:
         """GPU 1 lost at t=30 s: it shows lost; GPU 0 is still stepped down; nothing crashes."""
         daemon, backend = sim_daemon(tmp_path, "hot", 2, 300)
         daemon.start()
-        clock = daemon.clock
-        assert isinstance(clock, VirtualClock)
         with capture_logs() as logs:
-            for _ in range(30):
-                clock.advance(1.0)
-                daemon.tick()
+            tick_for(daemon, 30)
             backend.inject_fault(1, "lost")
-            for _ in range(270):
-                clock.advance(1.0)
-                daemon.tick()
+            tick_for(daemon, 270)
         snap = daemon.snapshot
         assert snap is not None
         assert snap.gpus[1].health is GpuHealth.LOST and snap.gpus[0].health is GpuHealth.OK
@@ -140,11 +143,7 @@ class TestGpuFaults:
         daemon, backend = sim_daemon(tmp_path, "hot", 2, 300)
         daemon.start()
         backend.inject_fault(1, "temperature_unsupported")
-        clock = daemon.clock
-        assert isinstance(clock, VirtualClock)
-        for _ in range(120):
-            clock.advance(1.0)
-            daemon.tick()
+        tick_for(daemon, 120)
         snap = daemon.snapshot
         assert snap is not None
         assert snap.gpus[1].health is GpuHealth.DEGRADED and snap.gpus[1].power_limit_w == 200.0
@@ -155,11 +154,7 @@ class TestGpuFaults:
         daemon, backend = sim_daemon(tmp_path, "hot", 2, 300)
         daemon.start()
         backend.inject_fault(0, "set_limit_refused")
-        clock = daemon.clock
-        assert isinstance(clock, VirtualClock)
-        for _ in range(120):
-            clock.advance(1.0)
-            daemon.tick()
+        tick_for(daemon, 120)
         assert daemon.published is not None
         statuses = {s.info.index: s for s in daemon.published.gpus}
         assert statuses[0].monitor_only and not statuses[1].monitor_only
