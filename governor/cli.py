@@ -157,15 +157,31 @@ def make_backend(config: Config, clock: Clock) -> Backend:
     return NvmlBackend(clock)
 
 
+def _with_simulate(config: Config, simulate: str | None) -> Config:
+    """``--simulate [PROFILE]``: the simulated backend, with the profile when one is named."""
+    if simulate is None:
+        return config
+    simulation = replace(config.simulation, profile=simulate) if simulate else config.simulation
+    return replace(config, backend="simulated", simulation=simulation)
+
+
+def _open_backend(config: Config, clock: Clock) -> Backend:
+    """make_backend with its failures turned into one-line errors and exit codes."""
+    try:
+        return make_backend(config, clock)
+    except BackendUnavailable as exc:
+        raise CliError(f"{exc}", EXIT_NO_DRIVER) from None
+    except BackendFatal as exc:
+        raise CliError(f"{exc}", EXIT_BACKEND_FATAL) from None
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot start the {config.backend} backend: {exc}", EXIT_CONFIG) from None
+
+
 def _apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
-    if args.simulate is not None:
-        simulation = config.simulation
-        if args.simulate:
-            simulation = replace(simulation, profile=args.simulate)
-        config = replace(config, backend="simulated", simulation=simulation)
+    config = _with_simulate(config, args.simulate)
     if args.dry_run:
         config = replace(config, dry_run=True)
-    if getattr(args, "wait_for_driver", False):
+    if args.wait_for_driver:
         config = replace(config, wait_for_driver=True)
     if args.listen is not None:
         host, port = args.listen
@@ -189,15 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_metrics(config.metrics, config.source)  # --listen gets the same loopback/allow_remote check as the file
     logsetup.configure(config.logging.format, config.logging.level)
     clock = RealClock()
-    try:
-        backend = make_backend(config, clock)
-    except BackendUnavailable as exc:
-        raise CliError(f"{exc}", EXIT_NO_DRIVER) from None
-    except BackendFatal as exc:
-        raise CliError(f"{exc}", EXIT_BACKEND_FATAL) from None
-    except (OSError, ValueError) as exc:
-        raise CliError(f"cannot start the {config.backend} backend: {exc}", EXIT_CONFIG) from None
-
+    backend = _open_backend(config, clock)
     metrics = config.metrics
 
     def serve(source: object) -> MetricsServer:
@@ -274,16 +282,9 @@ def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
     logsetup.configure("auto")
     if args.interval <= 0:
         raise CliError(f"--interval: expected seconds > 0, got {args.interval}", EXIT_USAGE)
-    config = Config()
-    if args.simulate is not None:
-        config = replace(config, backend="simulated")
-        if args.simulate:
-            config = replace(config, simulation=replace(config.simulation, profile=args.simulate))
+    config = _with_simulate(Config(), args.simulate)
     clock = RealClock()
-    try:
-        backend = make_backend(config, clock)
-    except BackendUnavailable as exc:
-        raise CliError(str(exc), EXIT_NO_DRIVER) from None
+    backend = _open_backend(config, clock)
     try:
         count = run_record(backend, args.output, args.interval, args.duration, clock)
     except KeyboardInterrupt:
