@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -126,7 +127,7 @@ def as_nobody() -> list[str]:
 
 class TestRecordThenCalibrate:
     def test_recovers_the_profiles_thermal_constants(self, tmp_path: Path) -> None:
-        """`record --simulate` of a heat-then-cool run (time scale 100) has real times; calibrate recovers R and tau within 10 %."""
+        """`record --simulate` of a heat-then-cool run (100x) has real times; calibrate recovers R, tau within 10 %."""
         config = sim_config(tmp_path, HEAT_COOL, 100.0)
         trace = tmp_path / "t.jsonl"
         started = time.monotonic()
@@ -135,7 +136,7 @@ class TestRecordThenCalibrate:
         assert time.monotonic() - started < 90  # 600 simulated seconds at 100x, with generous headroom
         times = [r["t"] for r in map(json.loads, trace.read_text().splitlines()) if r["record"] == "sample"]
         assert times[0] == 0.0 and 595.0 <= times[-1] < 600.0
-        assert all(b > a for a, b in zip(times, times[1:]))
+        assert all(b > a for a, b in itertools.pairwise(times))
         cal = gg("calibrate", str(trace))
         assert cal.returncode == 0, cal.stderr
         fitted = {name: float(value) for name, value in re.findall(r"(\w+_c_per_w|tau_\w+)\s+([\d.]+)", cal.stdout)}
@@ -200,7 +201,7 @@ class TestPrivateSimulation:
         assert {p: p.exists() for p in before} == before  # nothing created under /var/lib or /run
 
     def test_without_xdg_runtime_dir_a_temp_dir_is_used_and_removed(self, tmp_path: Path) -> None:
-        """With no XDG_RUNTIME_DIR the files go to a fresh temp dir, named in the process table path, removed on exit."""
+        """With no XDG_RUNTIME_DIR the files go to a fresh temp dir (under TMPDIR), removed on exit."""
         config = sim_config(tmp_path, (REPO / "governor/data/scenarios/idle.toml").read_text(), 1.0)
         port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "NOTIFY_SOCKET", "JOURNAL_STREAM")}
@@ -227,7 +228,7 @@ class TestPrivateSimulation:
 
 class TestEvents:
     def test_pressure_and_lost_gpu_are_logged_at_their_levels(self, tmp_path: Path) -> None:
-        """Memory pressure begin/end and GPU recovered are warnings, GPU lost an error, in that order; --log-level warning drops info."""
+        """Pressure begin/end and GPU recovered are warnings, GPU lost an error; --log-level warning drops info."""
         extra = f'state_dir = "{tmp_path / "state"}"\npoll_interval_s = 0.2\n'
         config = sim_config(tmp_path, PRESSURE_AND_LOSS, 30.0, extra=extra)
         port = free_port()
