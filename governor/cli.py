@@ -44,7 +44,16 @@ from typing import TextIO
 from governor import __version__
 from governor.backends import Backend, BackendFatal, BackendUnavailable
 from governor.clock import Clock, RealClock
-from governor.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_metrics, load_config, render_config
+from governor.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    check_metrics,
+    load_config,
+    parse_toml,
+    read_small_file,
+    render_config,
+)
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -216,14 +225,22 @@ def _apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
     return config
 
 
-_DEFAULT_DIRS = Config()
+def _keys_in(path: Path | None) -> set[str]:
+    """The top-level keys the config file at ``path`` sets (none without a file)."""
+    if path is None:
+        return set()
+    try:
+        return set(parse_toml(read_small_file(path), str(path)))
+    except (ConfigError, OSError):
+        return set()
 
 
-def _private_dirs(config: Config, private: Path) -> Config:
-    """``config`` with the state and runtime directories it left at their defaults moved under ``private``."""
-    if config.state_dir == _DEFAULT_DIRS.state_dir:
+def _private_dirs(config: Config, private: Path, path: Path | None) -> Config:
+    """``config`` with ``state_dir`` and ``runtime_dir`` under ``private``, unless the file at ``path`` sets them."""
+    explicit = _keys_in(path)
+    if "state_dir" not in explicit:
         config = replace(config, state_dir=str(private / "state"))
-    if config.runtime_dir == _DEFAULT_DIRS.runtime_dir:
+    if "runtime_dir" not in explicit:
         config = replace(config, runtime_dir=str(private / "run"))
     return config
 
@@ -254,16 +271,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.backend != "simulated":
         return _run_daemon(args, config)
     # A simulation never touches the system: what it would write under /var/lib and /run
-    # goes to a private directory, removed when it stops.
+    # goes to a private directory, removed when it stops, unless the config names a directory.
     private = _make_private_dir()
+    path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     try:
-        return _run_daemon(args, _private_dirs(config, private), lambda c: _private_dirs(c, private))
+        return _run_daemon(
+            args,
+            _private_dirs(config, private, path),
+            lambda path: _private_dirs(load_config(path), private, path),
+        )
     finally:
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _run_daemon(args: argparse.Namespace, config: Config, adjust: Callable[[Config], Config] | None = None) -> int:
-    """Open the backend, start the daemon on ``config``; ``adjust`` is applied to every reloaded config."""
+def _run_daemon(args: argparse.Namespace, config: Config, load: Callable[[Path], Config] = load_config) -> int:
+    """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
     from governor.daemon import Daemon
     from governor.httpserver import MetricsServer
     from governor.metrics import build_registry
@@ -285,7 +307,7 @@ def _run_daemon(args: argparse.Namespace, config: Config, adjust: Callable[[Conf
         clock,
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=serve if metrics.enabled else None,
-        load=load_config if adjust is None else lambda path: adjust(load_config(path)),
+        load=load,
     )
     daemon.install_signal_handlers()
     return daemon.run()
