@@ -218,7 +218,7 @@ class TestPrivateSimulation:
             env=env,
         )
         try:
-            wait_for(lambda: (own / "processes.json").exists(), 20.0, "the process table in the named runtime_dir")
+            wait_for((own / "processes.json").exists, 20.0, "the process table in the named runtime_dir")
             assert len(list(tmp_path.glob("gpu-governor-sim-*"))) == 1
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=20)
