@@ -13,7 +13,13 @@ code  meaning
 5     the hardware backend failed fatally (e.g. driver upgraded): restart
 6     the metrics address cannot be bound (port in use, bad address)
 7     ``status``: the daemon's metrics endpoint cannot be reached
+130   interrupted (Ctrl-C)
+141   stdout was closed early (``gpu-governor status | head -1``): the rest of the
+      output is dropped quietly, as for a command killed by SIGPIPE (128 + 13)
 ====  ==========================================================
+
+A file a command would write (``record --output``, ``calibrate --output``, ``--plot``)
+is checked before any work starts, so a bad path fails at once, not after the run.
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ import faulthandler
 import getpass
 import io
 import os
+import shutil
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -35,7 +44,16 @@ from typing import TextIO
 from governor import __version__
 from governor.backends import Backend, BackendFatal, BackendUnavailable
 from governor.clock import Clock, RealClock
-from governor.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_metrics, load_config, render_config
+from governor.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    check_metrics,
+    load_config,
+    parse_toml,
+    read_small_file,
+    render_config,
+)
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -45,6 +63,9 @@ EXIT_NO_DRIVER = 4
 EXIT_BACKEND_FATAL = 5
 EXIT_BIND = 6
 EXIT_UNREACHABLE = 7
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class CliError(Exception):
@@ -87,9 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="metrics address (default 127.0.0.1:9847)")
     run.add_argument("--log-format", choices=["auto", "console", "json", "journal"], help="log format")
+    run.add_argument("--log-level", choices=LOG_LEVELS, help="lowest level logged (default: the config's, info)")
 
     check = sub.add_parser("check-config", help="validate a config file and print the effective config")
-    check.add_argument("path", nargs="?", type=Path, default=DEFAULT_CONFIG_PATH)
+    check.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        help=f"config file (default {DEFAULT_CONFIG_PATH}, or the built-in defaults when it does not exist)",
+    )
 
     status = sub.add_parser("status", help="show what the running daemon sees and decided")
     status.add_argument("--url", help="metrics URL (default: from the config, http://127.0.0.1:9847/metrics)")
@@ -101,9 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     record = sub.add_parser("record", help="record NVML samples to a trace file (JSON Lines)")
     record.add_argument("--output", "-o", type=Path, required=True, help="trace file to write")
-    record.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
-    record.add_argument("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)")
+    record.add_argument("--interval", default="1", help="time between samples: 1, 0.5, 10s, 1m (default 1 s)")
+    record.add_argument("--duration", default=None, help="time to record: 600, 10m, 2h (default: until Ctrl-C)")
     record.add_argument("--simulate", nargs="?", const="", metavar="PROFILE", help="record the simulated GPU")
+    record.add_argument(
+        "--config",
+        type=Path,
+        help="with --simulate: config whose [simulation] section (scenario, time_scale, ...) to use",
+    )
 
     calibrate = sub.add_parser("calibrate", help="fit the simulator's thermal model to a recorded trace")
     calibrate.add_argument("trace", type=Path, help="trace file written by `record`")
@@ -188,22 +220,76 @@ def _apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
         config = replace(config, metrics=replace(config.metrics, listen_address=host, port=port))
     if args.log_format is not None:
         config = replace(config, logging=replace(config.logging, format=args.log_format))
+    if args.log_level is not None:
+        config = replace(config, logging=replace(config.logging, level=args.log_level))
     return config
+
+
+def _keys_in(path: Path | None) -> set[str]:
+    """The top-level keys the config file at ``path`` sets (none without a file)."""
+    if path is None:
+        return set()
+    try:
+        return set(parse_toml(read_small_file(path), str(path)))
+    except (ConfigError, OSError):
+        return set()
+
+
+def _private_dirs(config: Config, private: Path, path: Path | None) -> Config:
+    """``config`` with ``state_dir`` and ``runtime_dir`` under ``private``, unless the file at ``path`` sets them."""
+    explicit = _keys_in(path)
+    if "state_dir" not in explicit:
+        config = replace(config, state_dir=str(private / "state"))
+    if "runtime_dir" not in explicit:
+        config = replace(config, runtime_dir=str(private / "run"))
+    return config
+
+
+def _make_private_dir() -> Path:
+    """A new directory only this user can enter, for a simulation's files: under
+    $XDG_RUNTIME_DIR when that is usable, else a fresh temporary directory."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
+        path = Path(runtime) / f"gpu-governor-sim-{os.getpid()}"
+        with contextlib.suppress(OSError):
+            path.mkdir(mode=0o700)
+            return path
+    return Path(tempfile.mkdtemp(prefix="gpu-governor-sim-"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
     from governor import logsetup
+
+    with contextlib.suppress(io.UnsupportedOperation, ValueError):  # stderr without a file descriptor
+        faulthandler.enable()  # a watchdog kill (SIGABRT) leaves every thread's stack in the journal
+    logsetup.configure(args.log_format or "auto", args.log_level or "info")
+    config = _apply_run_flags(_load_run_config(args.config), args)
+    where = "--listen {}:{}".format(*args.listen) if args.listen is not None else config.source
+    check_metrics(config.metrics, where)  # --listen gets the same loopback/allow_remote check as the file
+    logsetup.configure(config.logging.format, config.logging.level)
+    if config.backend != "simulated":
+        return _run_daemon(args, config)
+    # A simulation never touches the system: what it would write under /var/lib and /run
+    # goes to a private directory, removed when it stops, unless the config names a directory.
+    private = _make_private_dir()
+    path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    try:
+        return _run_daemon(
+            args,
+            _private_dirs(config, private, path),
+            lambda path: _private_dirs(load_config(path), private, path),
+        )
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _run_daemon(args: argparse.Namespace, config: Config, load: Callable[[Path], Config] = load_config) -> int:
+    """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
     from governor.daemon import Daemon
     from governor.httpserver import MetricsServer
     from governor.metrics import build_registry
 
-    with contextlib.suppress(io.UnsupportedOperation, ValueError):  # stderr without a file descriptor
-        faulthandler.enable()  # a watchdog kill (SIGABRT) leaves every thread's stack in the journal
-    logsetup.configure(args.log_format or "auto")
-    config = _apply_run_flags(_load_run_config(args.config), args)
-    check_metrics(config.metrics, config.source)  # --listen gets the same loopback/allow_remote check as the file
-    logsetup.configure(config.logging.format, config.logging.level)
     clock = RealClock()
     backend = _open_backend(config, clock)
     metrics = config.metrics
@@ -221,6 +307,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         clock,
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=serve if metrics.enabled else None,
+        load=load,
     )
     daemon.install_signal_handlers()
     return daemon.run()
@@ -230,10 +317,12 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     """Validate a config; print the effective config or every error."""
     from governor.classes import config_warnings
 
-    config = load_config(args.path)
+    # No path: what `run` would use, the default file or, without one, the built-in defaults;
+    # the first line of the output ("# effective configuration from ...") says which.
+    config = load_config(args.path) if args.path is not None else _load_run_config(None)
     out.write(render_config(config))
     for warning in config_warnings(config.vram):
-        sys.stderr.write(f"gpu-governor: config warning: {args.path}: {warning}\n")
+        sys.stderr.write(f"gpu-governor: config warning: {config.source}: {warning}\n")
     return EXIT_OK
 
 
@@ -274,21 +363,54 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _seconds(text: str | None, option: str) -> float | None:
+    """A command-line duration (``governor.durations``) in seconds; CliError naming ``option``."""
+    from governor.durations import parse_seconds
+
+    if text is None:
+        return None
+    try:
+        return parse_seconds(text)
+    except ValueError as exc:
+        raise CliError(f"{option}: {exc}", EXIT_USAGE) from None
+
+
 def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
-    """Record samples of every GPU to a trace file."""
+    """Record samples of every GPU to a trace file.
+
+    With ``--simulate``, ``--interval``, ``--duration`` and the trace's ``t`` are simulated
+    seconds: a ``[simulation] time_scale`` of 60 records 10 simulated minutes in 10 s.
+    """
     from governor import logsetup
-    from governor.record import run_record
+    from governor.record import ScaledClock, run_record
 
     logsetup.configure("auto")
-    if args.interval <= 0:
-        raise CliError(f"--interval: expected seconds > 0, got {args.interval}", EXIT_USAGE)
-    config = _with_simulate(Config(), args.simulate)
-    clock = RealClock()
-    backend = _open_backend(config, clock)
+    interval_s = _seconds(args.interval, "--interval")
+    duration_s = _seconds(args.duration, "--duration")
+    if interval_s is None:  # the option has a default
+        raise CliError("--interval: expected a duration", EXIT_USAGE)
+    if args.config is not None and args.simulate is None:
+        raise CliError("--config: only used with --simulate (its [simulation] section)", EXIT_USAGE)
+    base = load_config(args.config) if args.config is not None else Config()
+    config = _with_simulate(base, args.simulate)
+    simulated = config.backend == "simulated"
+    scale = config.simulation.time_scale if simulated else 1.0
+    real = RealClock()
+    backend = _open_backend(config, real)
     try:
-        count = run_record(backend, args.output, args.interval, args.duration, clock)
+        count = run_record(
+            backend,
+            args.output,
+            interval_s,
+            duration_s,
+            ScaledClock(real, scale),
+            sleep=lambda seconds: time.sleep(seconds / scale),
+            profile=config.simulation.profile if simulated else None,
+        )
     except KeyboardInterrupt:
         count = -1
+    except OSError as exc:
+        raise CliError(f"--output: cannot write {args.output}: {exc.strerror or exc}", EXIT_USAGE) from None
     finally:
         backend.close()
     if count >= 0:
@@ -323,28 +445,80 @@ def _whatif(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise CliError(str(exc), exc.code) from None
 
 
+def _check_output(path: Path | None, option: str) -> None:
+    """Fail now, not after the work, when ``path`` cannot be written: its folder must exist and be writable."""
+    if path is None:
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        problem = "it is a directory"
+    elif not folder.is_dir():
+        problem = f"no such directory {folder}"
+    elif not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        problem = "permission denied"
+    else:
+        return
+    raise CliError(f"{option}: cannot write {path}: {problem}", EXIT_USAGE)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path the command was given, checked before it starts."""
+    if args.command in ("record", "calibrate"):
+        _check_output(args.output, "--output")
+    elif args.command in ("replay", "simulate"):
+        _check_output(args.plot, "--plot")
+
+
+def _dispatch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int | None:
+    """Run the chosen command; None when there is none."""
+    _check_outputs(args)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "check-config":
+        return cmd_check_config(args, out)
+    if args.command == "status":
+        return cmd_status(args, out)
+    if args.command == "record":
+        return cmd_record(args, out)
+    if args.command == "hash-password":
+        return cmd_hash_password(sys.stdin, out)
+    if args.command in ("calibrate", "replay", "simulate"):
+        return _whatif(args, out, err)
+    return None
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null, so the interpreter's last flush
+    cannot fail again (the Python docs' recipe for SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Entry point; returns the exit code."""
+    """Entry point; returns the exit code (see the module docstring)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    try:
+        try:
+            return _main(argv, out, err)
+        finally:
+            out.flush()  # a reader that went away is found here, not at interpreter exit
+            if out is not sys.stdout:
+                sys.stdout.flush()  # argparse's --help and --version write to sys.stdout
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(err)
         return EXIT_USAGE
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "check-config":
-            return cmd_check_config(args, out)
-        if args.command == "status":
-            return cmd_status(args, out)
-        if args.command == "record":
-            return cmd_record(args, out)
-        if args.command == "hash-password":
-            return cmd_hash_password(sys.stdin, out)
-        if args.command in ("calibrate", "replay", "simulate"):
-            return _whatif(args, out, err)
+        code = _dispatch(args, out, err)
     except ConfigError as exc:
         for issue in exc.issues:
             err.write(f"gpu-governor: config error: {issue}\n")
@@ -359,7 +533,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         err.write(f"gpu-governor: {exc}\n")
         return EXIT_BACKEND_FATAL
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    if code is not None:
+        return code
     parser.print_help(err)
     return EXIT_USAGE
 

@@ -232,6 +232,8 @@ class Daemon:
         self._frozen_cache: dict[int, tuple[tuple[int, int], tuple[tuple[Any, int], ...]]] = {}
         self._monitor_only_logged: set[str] = set()
         self._state_error_logged: str | None = None
+        self._health: dict[str, GpuHealth] = {}  # by UUID, as of the last tick
+        self._pressure: dict[str, bool] = {}  # by UUID: memory pressure as of the last tick
 
     # ------------------------------------------------------------------ wiring
 
@@ -411,6 +413,7 @@ class Daemon:
             snapshot, self.plans, self.states, dry_run=self.config.dry_run, vram=vram, facts=self.facts
         )
         results = self.actuator.apply(decisions, snapshot)
+        self._log_transitions(snapshot)
         self._log_results(results)
         self._check_state_store()
         self._write_process_table(snapshot)
@@ -506,6 +509,24 @@ class Daemon:
                 self._action_counts[(decision.gpu_index, decision.action.value, result.outcome.value)] += 1
             self._last_decision[decision.gpu_uuid] = (decision, wall)
             self._log_decision(result)
+
+    def _log_transitions(self, snapshot: Snapshot) -> None:
+        """One event when a GPU is lost (error) or back (warning), and when memory pressure begins or ends (warning)."""
+        for r in snapshot.gpus:
+            health, was = r.health, self._health.get(r.uuid, GpuHealth.OK)
+            self._health[r.uuid] = health
+            if health is GpuHealth.LOST and was is not GpuHealth.LOST:
+                self.log.error("gpu_lost", gpu=r.index, uuid=r.uuid, reason="the GPU stopped answering")
+            elif health is not GpuHealth.LOST and was is GpuHealth.LOST:
+                self.log.warning("gpu_recovered", gpu=r.index, uuid=r.uuid, health=health.value)
+            if health is GpuHealth.LOST or r.memory_used_bytes is None or not self.config.vram.enabled:
+                continue  # no reading: pressure is neither begun nor ended
+            pressure = under_pressure(r, self.config.vram)
+            if pressure != self._pressure.get(r.uuid, False):
+                self._pressure[r.uuid] = pressure
+                fields = {"gpu": r.index, "uuid": r.uuid, "used_bytes": r.memory_used_bytes}
+                fields["total_bytes"] = r.memory_total_bytes
+                self.log.warning("memory_pressure_began" if pressure else "memory_pressure_ended", **fields)
 
     def _log_decision(self, result: ActionResult) -> None:
         d = result.decision

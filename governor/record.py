@@ -2,9 +2,11 @@
 
 The file is the trace format of :mod:`governor.trace` (``docs/trace-format.md``): one
 ``device`` record per GPU, then one ``sample`` record per GPU per tick, ``t`` in seconds
-since the recording started. Each tick is flushed, so a killed recorder loses at most
-one line. Ticks are scheduled on a fixed grid (``start + k * interval_s``): a slow read
-does not make the recording drift, and a tick missed entirely is skipped, not bunched.
+since the first sample, in the backend's own time (``Snapshot.t_s``): real seconds for
+NVML, simulated seconds for the simulated backend, whatever its time scale.
+Each tick is flushed, so a killed recorder loses at most one line. Ticks are scheduled
+on a fixed grid (``start + k * interval_s``): a slow read does not make the recording
+drift, and a tick missed entirely is skipped, not bunched.
 """
 
 from __future__ import annotations
@@ -20,7 +22,27 @@ from governor.backends import Backend
 from governor.clock import Clock
 from governor.trace import device_record, sample_record, write_records
 
-__all__ = ["record", "run_record"]
+__all__ = ["ScaledClock", "record", "run_record"]
+
+
+class ScaledClock:
+    """``base`` running ``scale`` times faster: the time of a simulated backend whose
+    ``time_scale`` is ``scale``, so a recorder schedules its ticks in simulated seconds."""
+
+    def __init__(self, base: Clock, scale: float = 1.0) -> None:
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale: expected a number > 0, got {scale!r}")
+        self._base = base
+        self._scale = scale
+        self._origin_s = base.monotonic()
+
+    def monotonic(self) -> float:
+        """Scaled seconds since this clock was made."""
+        return (self._base.monotonic() - self._origin_s) * self._scale
+
+    def wall(self) -> float:
+        """The base clock's Unix seconds (not scaled)."""
+        return self._base.wall()
 
 
 def record(
@@ -37,8 +59,10 @@ def record(
 
     ``output`` is an open text stream or a path (created or truncated). ``duration_s``
     is how long to record (ticks at ``k * interval_s < duration_s``; at least one tick);
-    ``None`` records until ``stop_event`` is set or KeyboardInterrupt. ``clock`` must be
-    the clock the backend stamps its snapshots with. ``sleep`` waits between ticks
+    ``None`` records until ``stop_event`` is set or KeyboardInterrupt. ``clock`` schedules
+    the ticks and must run at the rate of the backend's snapshot time (a
+    :class:`ScaledClock` for a simulated backend with a time scale); each sample's ``t``
+    is its snapshot's ``t_s`` minus the first one's. ``sleep`` waits between ticks
     (default: ``stop_event.wait`` when an event is given, so setting it ends the wait,
     else :func:`time.sleep`); tests pass ``VirtualClock.advance``. The count is of
     ``sample`` lines, one per GPU per tick.
@@ -75,9 +99,12 @@ def _record(
         start_s = clock.monotonic()
         write_records(out, (device_record(info, interval_s, profile) for info in backend.gpus()))
         tick = 0
+        origin_s: float | None = None
         while stop_event is None or not stop_event.is_set():
             snapshot = backend.read()
-            t_s = max(0.0, snapshot.t_s - start_s)
+            if origin_s is None:
+                origin_s = snapshot.t_s
+            t_s = max(0.0, snapshot.t_s - origin_s)
             write_records(out, [sample_record(t_s, r, r.sm_clock_mhz) for r in snapshot.gpus])
             count += len(snapshot.gpus)
             now_s = clock.monotonic()
@@ -101,10 +128,14 @@ def run_record(
     duration_s: float | None,
     clock: Clock,
     stop_event: threading.Event | None = None,
+    sleep: Callable[[float], object] | None = None,
+    profile: str | None = None,
 ) -> int:
     """Record to the file at ``path`` (the ``gpu-governor record`` command); return the samples written.
 
     Stops after ``duration_s`` seconds (``None``: never), when ``stop_event`` is set, or
-    on KeyboardInterrupt (Ctrl-C), with every tick already on disk.
+    on KeyboardInterrupt (Ctrl-C), with every tick already on disk. ``sleep`` waits
+    ``clock`` seconds (see :func:`record`); ``profile`` names the simulated profile in the
+    device records.
     """
-    return record(backend, path, interval_s, duration_s, clock, stop_event=stop_event)
+    return record(backend, path, interval_s, duration_s, clock, sleep, stop_event, profile)

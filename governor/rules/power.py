@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from governor.config import PowerPolicy
+from governor.durations import format_seconds
 from governor.model import Action, Decision, GpuInfo, GpuReading, ThermalZone
 
 DRIFT_TOLERANCE_W = 1.0
@@ -115,7 +116,10 @@ def _after_step_down(policy: PowerPolicy, state: LadderState, t_s: float) -> tup
         return level, ""
     level = min(level + 1, _max_backoff(policy))
     dwell = effective_dwell_s(policy, replace(state, backoff=level, last_change_s=t_s), t_s)
-    return level, f"; {since_up:g} s after the last step up: next step up after {dwell:g} s of cool"
+    return (
+        level,
+        f"; {format_seconds(since_up)} after the last step up: next step up after {format_seconds(dwell)} of cool",
+    )
 
 
 def _decision(
@@ -263,11 +267,12 @@ def step_power(
                 last_up_s=t_s,
                 backoff=level,
             )
-            dwell_text = f"dwell {dwell_s:g} s"
+            dwell_text = f"dwell {format_seconds(dwell_s)}"
             if dwell_s != policy.dwell_s:
-                dwell_text += f": {policy.dwell_s:g} s backed off after flapping"
+                dwell_text += f": {format_seconds(policy.dwell_s)} backed off after flapping"
             reason = (
-                f"temperature <= {policy.step_up_at_c:g} C for {cooled_s:g} s ({dwell_text}), now {temperature:g} C"
+                f"temperature <= {policy.step_up_at_c:g} C for {format_seconds(cooled_s)} ({dwell_text}), "
+                f"now {temperature:g} C"
             )
             return state, [
                 _decision(

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from governor.classes import ProcessClass, VramPolicy, format_size
+from governor.durations import format_seconds
 from governor.model import Action, Decision, GpuReading, ProcessReading
 from governor.processes import ProcessFacts
 
@@ -158,7 +159,8 @@ def evaluate_vram(
             if escalate and t_s - offender.term_sent_s >= klass.kill_after_s:
                 reason = (
                     f"{_describe(candidate)}: still running and over budget "
-                    f"{t_s - offender.term_sent_s:g} s after SIGTERM (kill_after {klass.kill_after_s:g} s)"
+                    f"{format_seconds(t_s - offender.term_sent_s)} after SIGTERM "
+                    f"(kill_after {format_seconds(klass.kill_after_s)})"
                 )
                 decisions.append(
                     _decision(reading, candidate, t_s, "vram_escalate", Action.SIGNAL_KILL, reason, dry_run=dry)
@@ -190,7 +192,7 @@ def evaluate_vram(
         why = (
             f"memory pressure on the GPU (lowest priority {klass.priority} first)"
             if pressure and over_s < klass.grace_s
-            else f"over budget for {over_s:g} s (grace {klass.grace_s:g} s)"
+            else f"over budget for {format_seconds(over_s)} (grace {format_seconds(klass.grace_s)})"
         )
         if klass.action == "kill":
             action, offender = Action.SIGNAL_KILL, replace(offender, kill_sent_s=t_s)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import replace
 from pathlib import Path
 
+from governor import durations
 from governor.config import Config, load_config
 
 EXIT_USAGE = 2
 """Exit code for bad input named on the command line (a missing trace, a bad duration)."""
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(d|h|m|s)?", re.IGNORECASE)
-_UNIT_S = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
-MAX_DURATION_S = 366 * 86400.0
+MAX_DURATION_S = durations.MAX_DURATION_S
 """The longest simulation accepted: a year of simulated time."""
 
 
@@ -29,25 +26,13 @@ class WhatIfError(Exception):
 def parse_duration(text: str) -> float:
     """Seconds in a duration such as ``24h``, ``90m``, ``3600s``, ``3600`` or ``1h30m``.
 
-    Units: ``d`` days, ``h`` hours, ``m`` minutes, ``s`` seconds (the default). Raises
-    WhatIfError for anything else, for 0 and for more than a year.
+    The one parser of :mod:`governor.durations`; raises WhatIfError naming ``--duration``
+    for anything else, for 0 and for more than a year.
     """
-    compact = text.strip()
-    total = 0.0
-    position = 0
-    while position < len(compact):
-        match = _DURATION_PART.match(compact, position)
-        if match is None:
-            break
-        total += float(match.group(1)) * _UNIT_S[(match.group(2) or "").lower()]
-        position = match.end()
-        while position < len(compact) and compact[position] == " ":
-            position += 1
-    if not compact or position != len(compact) or not math.isfinite(total):
-        raise WhatIfError(f"--duration: expected a duration such as 24h, 90m or 3600s, got {text!r}")
-    if not 0.0 < total <= MAX_DURATION_S:
-        raise WhatIfError(f"--duration: expected more than 0 s and at most 366 days, got {text!r}")
-    return total
+    try:
+        return durations.parse_seconds(text)
+    except ValueError as exc:
+        raise WhatIfError(f"--duration: {exc}") from None
 
 
 def format_duration(seconds: float) -> str:
