@@ -59,8 +59,12 @@ def reading(*procs: tuple[int, int], used: int = 6 * GiB, total: int = 12 * GiB)
     )
 
 
-PRIMARY = ProcessClass("primary", ProcessMatch(name="p1", user="u"), 6 * GiB, priority=100, action="terminate", grace_s=30)
-SECONDARY = ProcessClass("secondary", ProcessMatch(name="p2", user="u"), 3 * GiB, priority=50, action="terminate", grace_s=30)
+PRIMARY = ProcessClass(
+    "primary", ProcessMatch(name="p1", user="u"), 6 * GiB, priority=100, action="terminate", grace_s=30
+)
+SECONDARY = ProcessClass(
+    "secondary", ProcessMatch(name="p2", user="u"), 3 * GiB, priority=50, action="terminate", grace_s=30
+)
 POLICY = VramPolicy(reserve_bytes=2 * GiB, classes=(PRIMARY, SECONDARY), cooldown_s=20)
 
 
