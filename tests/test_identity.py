@@ -201,7 +201,8 @@ class TestUntrustedKeys:
         with capture_logs() as logs:
             h.step(5)
         assert job.poll() is None
-        assert any(e["event"] == "process_over_budget" for e in logs)
+        over = [e for e in logs if e["event"] == "process_over_budget"]
+        assert len(over) == 1 and "observed, never signalled" in str(over[0])
         assert not any(e["event"] == "process_signalled" for e in logs)
 
     def test_check_config_warns_about_untrusted_only_and_nested_quantifiers(self) -> None:

@@ -134,6 +134,8 @@ def evaluate_vram(
         if known is None:
             known = Offender(over_since_s=t_s)
             note = f"; protected ({pf.protected}): never signalled" if pf.protected else ""
+            if klass.enforced_action != klass.action:
+                note += f"; class {klass.name} matches only on name/cmdline: observed, never signalled"
             decisions.append(
                 _decision(
                     reading,
