@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +367,24 @@ class TestBoundedMatching:
         assert got.unresolved and got.klass == "unclassified" and "timed out" in got.why
         assert max(took) < MATCH_TIMEOUT_S + 0.5  # generous: one bounded match plus reading /proc
         assert [e["event"] for e in logs].count("process_match_timed_out") == 1
+
+    def test_an_unresolved_process_is_not_signalled_that_tick(self) -> None:
+        """A process whose match timed out sits in the default class but is never made a victim that tick."""
+        default = ProcessClass("unclassified", budget_bytes=GiB, action="kill", grace_s=0.0)
+        policy = VramPolicy(default_class=default)
+        draft = ProcessInspector().facts(os.getpid(), None, policy)
+        reading = GpuReading(
+            index=0,
+            uuid="GPU-0",
+            memory_used_bytes=11 * GiB,
+            memory_total_bytes=12 * GiB,
+            processes=(ProcessReading(pid=4242, used_memory_bytes=7 * GiB),),
+        )
+        facts = replace(draft, pid=4242, protected=None)
+        _, resolved = evaluate_vram(reading, {4242: facts}, policy, VramState(), 0.0)
+        _, unresolved = evaluate_vram(reading, {4242: replace(facts, unresolved=True)}, policy, VramState(), 0.0)
+        assert [d.action for d in resolved] == [Action.NONE, Action.SIGNAL_KILL]
+        assert [d.action for d in unresolved] == [Action.NONE]
 
     def test_daemon_ticks_stay_within_the_interval_and_metrics_answer(
         self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
