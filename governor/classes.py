@@ -56,7 +56,9 @@ SIZE_TEXT_MAX_CHARS = 64
 MAX_CLASSES = 256
 """At most this many ``[[class]]`` tables: bounds the overlap check and every tick's matching."""
 MATCH_TIMEOUT_S = 0.05
-"""Wall-clock bound of one ``cmdline``/``cgroup`` regex match, in seconds."""
+"""Bound of one ``cmdline``/``cgroup`` regex match, in seconds of CPU time (the ``regex``
+module counts CPU time: on a loaded machine the wall time of a cut-off match is longer;
+the per-tick budget in :mod:`governor.processes` counts wall time)."""
 MESSAGE_VALUE_CHARS = 60
 """Values quoted in config errors and warnings are cut to this many characters."""
 
