@@ -15,6 +15,7 @@ debhelper
 dh-python
 python3-all
 python3-psutil
+python3-regex
 python3-structlog
 python3-prometheus-client
 python3-sdnotify

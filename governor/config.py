@@ -834,10 +834,10 @@ def render_config(config: Config) -> str:
 
 
 def _render_class_body(klass: Any, lines: list[str]) -> None:
-    from governor.classes import MATCH_KEYS, format_size
+    from governor.classes import MATCH_KEYS, render_size
 
     if klass.budget_bytes is not None:
-        lines.append(f"budget = {_toml_value(format_size(klass.budget_bytes))}")
+        lines.append(f"budget = {_toml_value(render_size(klass.budget_bytes))}")
     for name in ("priority", "action", "grace_s", "kill_after_s", "dry_run", "protected"):
         lines.append(f"{name} = {_toml_value(getattr(klass, name))}")
     match = {}
@@ -845,16 +845,18 @@ def _render_class_body(klass: Any, lines: list[str]) -> None:
         value = getattr(klass.match, key, None)
         if value is not None:
             match[key] = value if isinstance(value, str) else value.pattern
+    if match and klass.match.user_units:
+        match["user_units"] = True
     if match:
         lines.append(f"match = {_toml_value(match)}")
 
 
 def _render_vram(vram: VramPolicy) -> list[str]:
-    from governor.classes import format_size
+    from governor.classes import render_size
 
     lines = ["", "[vram]"]
     lines.append(f"enabled = {_toml_value(vram.enabled)}")
-    lines.append(f"reserve = {_toml_value(format_size(vram.reserve_bytes))}")
+    lines.append(f"reserve = {_toml_value(render_size(vram.reserve_bytes))}")
     for name in ("pressure_used_ratio", "cooldown_s", "dry_run", "per_process_metrics", "protected_names"):
         lines.append(f"{name} = {_toml_value(getattr(vram, name))}")
     lines += ["", "[vram.default]"]

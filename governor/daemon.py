@@ -373,6 +373,7 @@ class Daemon:
     def tick(self) -> None:
         """One cycle: read every GPU, run the rules, act, publish, ping the watchdog."""
         started = time.perf_counter()
+        self.inspector.mark_listing()  # a process started after this holds a reused PID: not charged
         snapshot = self.backend.read()
         self._tick(snapshot)
         self._publish(snapshot, time.perf_counter() - started)

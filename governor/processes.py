@@ -7,6 +7,29 @@ re-reads only /proc/PID/stat for processes it already knows.
 
 Everything read from /proc is untrusted text (a process chooses its own name and
 command line): it is kept as given here and escaped where it is logged or exported.
+
+Trust. A process's comm name and command line never grant protection, and never alone
+put it in a class that signals (:attr:`governor.classes.ProcessClass.enforced_action`).
+Trusted facts are the owner uid, the executable the kernel reports (/proc/PID/exe) and
+the cgroup path *up to* a user manager (``user@UID.service``): systemd (root) creates
+that part; below it the user creates whatever units and slices they like (``systemd-run
+--user --unit=llama-server``), so ``unit``, ``slice`` and ``cgroup`` see only the part
+above unless a class sets ``user_units = true``. Built-in protection (display servers,
+compositors) needs the executable's basename to be listed *and* the executable to be a
+root-owned, not group- or world-writable file under a system directory *and* the owner
+to be a real account (uid below 60000: not nobody, not a systemd DynamicUser, not a
+user-namespace id). A process can only get such an exe by exec'ing that very binary.
+
+Bounded matching. ``cmdline`` and ``cgroup`` regexes (the ``regex`` module) run on at
+most ``CMDLINE_MAX_BYTES`` of text with a timeout of ``MATCH_TIMEOUT_S`` per match and a
+budget of ``TICK_MATCH_BUDGET_S`` per tick. A match that runs out leaves the process in
+the default class for that tick (not cached, tried again next tick) and is logged once
+per (pid, start time, pattern).
+
+PID reuse. :meth:`ProcessInspector.mark_listing` records the boot-clock time just before
+the GPU process list is read; a process whose start time is later than that is a new
+process holding a listed PID and is marked ``newer_than_listing``: the VRAM rule
+neither charges nor signals it that tick.
 """
 
 from __future__ import annotations
@@ -14,14 +37,29 @@ from __future__ import annotations
 import fnmatch
 import os
 import pwd
+import re
+import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from governor.classes import ProcessClass, VramPolicy
+import regex
+import structlog
+
+from governor.classes import MATCH_TIMEOUT_S, ProcessClass, VramPolicy, clip
+
+log = structlog.get_logger("governor.processes")
 
 CMDLINE_MAX_BYTES = 4096
-"""Command lines are cut to this many bytes: enough to match on, bounded in memory."""
+"""Command lines are cut to this many bytes: enough to match on, bounded in memory and time."""
+TICK_MATCH_BUDGET_S = 0.25
+"""Wall-clock seconds all regex matches of one tick may take together."""
+SYSTEM_EXE_PREFIXES = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/")
+"""Directories only root writes to: an executable there can be a built-in protected one."""
+REAL_ACCOUNT_UID_LIMIT = 60000
+"""Owners at or above this uid (nobody, systemd DynamicUsers, user-namespace ids) get no built-in protection."""
+_USER_MANAGER = re.compile(r"user@[0-9]+\.service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +80,16 @@ class ProcessFacts:
     klass: str
     why: str
     protected: str | None  # reason it must never be signalled, or None
+    system_exe: bool = False  # exe is a root-owned, not group/world-writable file under a system directory
+    newer_than_listing: bool = False  # started after the GPU process list was read: a reused PID
+    unresolved: bool = False  # a pattern match ran out of time: default class for this tick only
+
+    @property
+    def exe_name(self) -> str | None:
+        """The basename of the executable the kernel reports (without " (deleted)")."""
+        if self.exe is None:
+            return None
+        return self.exe.removesuffix(" (deleted)").rsplit("/", 1)[-1]
 
 
 def read_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -94,6 +142,21 @@ def _read_text(path: Path, limit: int = CMDLINE_MAX_BYTES) -> str | None:
     return data.decode("utf-8", errors="surrogateescape")
 
 
+def system_cgroup(cgroup: str | None) -> str | None:
+    """The part of a cgroup path systemd itself created: cut after ``user@UID.service``.
+
+    Below a user manager the user creates units and slices of any name; above it (and
+    anywhere outside user.slice) only root does.
+    """
+    if cgroup is None:
+        return None
+    parts = cgroup.split("/")
+    for i, part in enumerate(parts):
+        if _USER_MANAGER.fullmatch(part):
+            return "/".join(parts[: i + 1])
+    return cgroup
+
+
 def _cgroup_parts(cgroup: str | None) -> tuple[str | None, tuple[str, ...]]:
     """(unit, slices) from a cgroup v2 path such as /system.slice/ollama.service."""
     if not cgroup:
@@ -117,11 +180,51 @@ def _user_name(uid: int | None) -> str | None:
         return None
 
 
-def _match(klass: ProcessClass, facts: ProcessFacts) -> str | None:
-    """Why ``klass`` matches ``facts`` (every given key must), or None."""
+class _Deadline:
+    """The regex time one tick may still spend (seconds; only time spent matching counts)."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.left_s = budget_s
+
+    def search(self, pattern: regex.Pattern[str], text: str) -> bool | None:
+        """Whether ``pattern`` is found in ``text``; None when the time bound ran out."""
+        bound = min(MATCH_TIMEOUT_S, self.left_s)
+        if bound <= 0:
+            return None
+        began = time.monotonic()
+        try:
+            return pattern.search(text[:CMDLINE_MAX_BYTES], timeout=bound) is not None
+        except TimeoutError:
+            return None
+        finally:
+            self.left_s -= time.monotonic() - began
+
+
+class MatchTimedOut(Exception):
+    """A pattern match ran out of time; ``pattern`` is its source text."""
+
+    def __init__(self, key: str, pattern: str) -> None:
+        super().__init__(f"{key} match /{clip(pattern)}/ timed out")
+        self.key = key
+        self.pattern = pattern
+
+
+def _search(deadline: _Deadline, key: str, pattern: regex.Pattern[str], text: str | None) -> bool:
+    if text is None:
+        return False
+    found = deadline.search(pattern, text)
+    if found is None:
+        raise MatchTimedOut(key, pattern.pattern)
+    return found
+
+
+def _match(klass: ProcessClass, facts: ProcessFacts, deadline: _Deadline) -> str | None:
+    """Why ``klass`` matches ``facts`` (every given key must), or None; raises MatchTimedOut."""
     m = klass.match
     if m.is_empty():
         return None
+    cgroup = facts.cgroup if m.user_units else system_cgroup(facts.cgroup)
+    unit, slices = _cgroup_parts(cgroup) if m.user_units else (facts.unit, facts.slices)
     reasons = []
     if m.name is not None:
         if facts.name is None or not fnmatch.fnmatchcase(facts.name, m.name):
@@ -131,83 +234,154 @@ def _match(klass: ProcessClass, facts: ProcessFacts) -> str | None:
         if facts.exe is None or not fnmatch.fnmatchcase(facts.exe, m.exe):
             return None
         reasons.append(f"exe matches {m.exe!r}")
-    if m.cmdline is not None:
-        if facts.cmdline is None or m.cmdline.search(facts.cmdline) is None:
-            return None
-        reasons.append(f"cmdline matches /{m.cmdline.pattern}/")
     if m.user is not None:
         if m.user != facts.user and m.user != str(facts.uid):
             return None
         reasons.append(f"user {m.user}")
     if m.unit is not None:
-        if facts.unit is None or not fnmatch.fnmatchcase(facts.unit, m.unit):
+        if unit is None or not fnmatch.fnmatchcase(unit, m.unit):
             return None
-        reasons.append(f"unit {facts.unit}")
+        reasons.append(f"unit {unit}" + (" (user units allowed)" if m.user_units else ""))
     if m.slice is not None:
-        if not any(fnmatch.fnmatchcase(s, m.slice) for s in facts.slices):
+        if not any(fnmatch.fnmatchcase(s, m.slice) for s in slices):
             return None
         reasons.append(f"slice matches {m.slice!r}")
+    # The regexes last: the cheap, trusted keys above rule most classes out first.
     if m.cgroup is not None:
-        if facts.cgroup is None or m.cgroup.search(facts.cgroup) is None:
+        if not _search(deadline, "cgroup", m.cgroup, cgroup):
             return None
         reasons.append(f"cgroup matches /{m.cgroup.pattern}/")
+    if m.cmdline is not None:
+        if not _search(deadline, "cmdline", m.cmdline, facts.cmdline):
+            return None
+        reasons.append(f"cmdline matches /{m.cmdline.pattern}/")
     return " and ".join(reasons)
 
 
-def classify(facts: ProcessFacts, policy: VramPolicy) -> tuple[str, str]:
-    """(class name, why): the first class in file order whose every match key matches."""
+def classify(facts: ProcessFacts, policy: VramPolicy, deadline: _Deadline | None = None) -> tuple[str, str]:
+    """(class name, why): the first class in file order whose every match key matches.
+
+    Raises MatchTimedOut when a pattern match ran out of time before a class was found.
+    """
+    deadline = deadline if deadline is not None else _Deadline(TICK_MATCH_BUDGET_S)
     for klass in policy.classes:
-        why = _match(klass, facts)
+        why = _match(klass, facts, deadline)
         if why is not None:
             return klass.name, f"class {klass.name}: {why}"
     return policy.default_class.name, "no class matched"
 
 
 def protection(facts: ProcessFacts, policy: VramPolicy, own_pid: int) -> str | None:
-    """Why this process must never be signalled, or None."""
+    """Why this process must never be signalled, or None (never from its name or command line)."""
     if facts.pid == own_pid:
         return "the governor itself"
     if facts.pid <= 1:
         return "PID 1"
     if facts.kernel_thread:
         return "a kernel thread"
-    if facts.name is not None and facts.name in policy.protected_names:
-        return f"protected name {facts.name!r} (display server, compositor or driver daemon)"
+    exe_name = facts.exe_name
+    if (
+        exe_name is not None
+        and exe_name in policy.protected_names
+        and facts.system_exe
+        and facts.uid is not None
+        and facts.uid < REAL_ACCOUNT_UID_LIMIT
+    ):
+        return f"protected executable {exe_name!r} (display server, compositor or driver daemon)"
     if policy.class_named(facts.klass).protected:
         return f"class {facts.klass} is protected"
     return None
 
 
-def classified(facts: ProcessFacts, policy: VramPolicy, own_pid: int) -> ProcessFacts:
-    """``facts`` with its class, why it matched, and whether it is protected, filled in."""
-    klass, why = classify(facts, policy)
-    facts = replace(facts, klass=klass, why=why)
+def classified(
+    facts: ProcessFacts, policy: VramPolicy, own_pid: int, deadline: _Deadline | None = None
+) -> ProcessFacts:
+    """``facts`` with its class, why it matched, and whether it is protected, filled in.
+
+    A match that ran out of time gives the default class and ``unresolved`` (for this tick).
+    """
+    try:
+        klass, why = classify(facts, policy, deadline)
+        facts = replace(facts, klass=klass, why=why, unresolved=False)
+    except MatchTimedOut as exc:
+        facts = replace(facts, klass=policy.default_class.name, why=f"unclassified this tick: {exc}", unresolved=True)
+        _log_timeout_once(facts, exc)
     return replace(facts, protected=protection(facts, policy, own_pid))
 
 
+_TIMEOUTS_LOGGED: dict[tuple[int, int | None, str, str], None] = {}
+_TIMEOUTS_LOGGED_MAX = 4096
+
+
+def _log_timeout_once(facts: ProcessFacts, exc: MatchTimedOut) -> None:
+    key = (facts.pid, facts.start_time, exc.key, exc.pattern)
+    if key in _TIMEOUTS_LOGGED:
+        return
+    if len(_TIMEOUTS_LOGGED) >= _TIMEOUTS_LOGGED_MAX:
+        _TIMEOUTS_LOGGED.pop(next(iter(_TIMEOUTS_LOGGED)))
+    _TIMEOUTS_LOGGED[key] = None
+    log.warning(
+        "process_match_timed_out",
+        pid=facts.pid,
+        start_time=facts.start_time,
+        key=exc.key,
+        pattern=clip(exc.pattern),
+        timeout_s=MATCH_TIMEOUT_S,
+        outcome="unclassified for this tick",
+    )
+
+
+def boot_time_ticks() -> int:
+    """Now on the boot clock, in the clock ticks /proc/PID/stat uses for start times."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
 class ProcessInspector:
-    """Reads and caches ProcessFacts for the PIDs a backend reports."""
+    """Reads and caches ProcessFacts for the PIDs a backend reports.
+
+    Facts are cached per (pid, start time) for one policy (pattern set); a new policy
+    object empties the cache. The daemon calls :meth:`forget_except` once per tick,
+    which also starts the next tick's match budget and marks the listing time used to
+    spot reused PIDs (a new process gets one tick of grace, never a charge it did not
+    earn); :meth:`mark_listing` marks it exactly, right before a listing.
+    """
 
     def __init__(self, proc: Path = Path("/proc"), own_pid: int | None = None) -> None:
         self.proc = proc
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self._cache: dict[int, ProcessFacts] = {}
+        self._policy: VramPolicy | None = None
+        self._deadline = _Deadline(TICK_MATCH_BUDGET_S)
+        self._listed_at_ticks: int | None = None
+
+    def mark_listing(self, now_ticks: int | None = None) -> None:
+        """Note that the GPU process list is read now (boot-clock ticks); starts a tick's match budget."""
+        self._listed_at_ticks = boot_time_ticks() if now_ticks is None else now_ticks
+        self._deadline = _Deadline(TICK_MATCH_BUDGET_S)
 
     def facts(self, pid: int, reported_name: str | None, policy: VramPolicy) -> ProcessFacts:
-        """Facts for ``pid`` (cached while its start time is unchanged)."""
+        """Facts for ``pid`` (cached while its start time and the policy are unchanged)."""
+        if policy is not self._policy:
+            self._cache.clear()
+            self._policy = policy
         start = read_start_time(pid, self.proc)
         cached = self._cache.get(pid)
         if cached is not None and cached.start_time == start and (start is not None or cached.name == reported_name):
             return cached
         facts = self._read(pid, start, reported_name, policy)
-        self._cache[pid] = facts
+        if start is not None and self._listed_at_ticks is not None and start > self._listed_at_ticks:
+            # Started after the listing: whatever was listed under this pid was another process.
+            return replace(facts, newer_than_listing=True)
+        if not facts.unresolved:
+            self._cache[pid] = facts
         return facts
 
     def forget_except(self, live: Iterable[int]) -> None:
-        """Drop cached facts of PIDs no GPU reports any more."""
+        """Drop cached facts of PIDs no GPU reports any more; the next listing comes after now."""
         keep = set(live)
         for pid in [p for p in self._cache if p not in keep]:
             del self._cache[pid]
+        self.mark_listing()
 
     def clear(self) -> None:
         """Forget every cached fact (after a config reload, classes may differ)."""
@@ -217,14 +391,15 @@ class ProcessInspector:
         base = self.proc / str(pid)
         name = exe = cmdline = cgroup = None
         uid: int | None = None
-        kernel_thread = False
+        kernel_thread = system_exe = False
         if start is not None:
             comm = _read_text(base / "comm", 256)
             name = comm.removesuffix("\n") if comm is not None else None  # the kernel's newline, not the name's
             try:
                 exe = os.readlink(base / "exe")
+                system_exe = _is_system_exe(exe, os.stat(base / "exe"))
             except OSError:
-                exe = None
+                pass
             raw_cmdline = _read_text(base / "cmdline")
             cmdline = raw_cmdline.replace("\x00", " ").strip() if raw_cmdline is not None else None
             try:
@@ -241,7 +416,7 @@ class ProcessInspector:
             kernel_thread = ppid == 2 or pid == 2 or (not cmdline and exe is None and ppid is not None and ppid <= 2)
         if name is None:
             name = reported_name
-        unit, slices = _cgroup_parts(cgroup)
+        unit, slices = _cgroup_parts(system_cgroup(cgroup))
         draft = ProcessFacts(
             pid=pid,
             start_time=start,
@@ -257,5 +432,16 @@ class ProcessInspector:
             klass=policy.default_class.name,
             why="",
             protected=None,
+            system_exe=system_exe,
         )
-        return classified(draft, policy, self.own_pid)
+        return classified(draft, policy, self.own_pid, self._deadline)
+
+
+def _is_system_exe(path: str, info: os.stat_result) -> bool:
+    """True for a root-owned regular file, not group/world-writable, under a system directory."""
+    return (
+        path.startswith(SYSTEM_EXE_PREFIXES)
+        and stat.S_ISREG(info.st_mode)
+        and info.st_uid == 0
+        and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )

@@ -73,7 +73,7 @@ def process_classes(draw: st.DrawFn, name: str) -> ProcessClass:
     """A class with any budget, priority, action, grace, kill-after, dry-run and protection."""
     return ProcessClass(
         name=name,
-        match=ProcessMatch(name=name),
+        match=ProcessMatch(name=name, user="root"),
         budget_bytes=draw(st.sampled_from(BUDGETS)),
         priority=draw(st.integers(-5, 5)),
         action=draw(st.sampled_from([*ACTIONS, "terminate"])),
@@ -172,7 +172,9 @@ def cases(draw: st.DrawFn) -> Case:
 
 def protected_after_sigterm() -> Case:
     """SIGTERM at t = 1; a reload then protects the process (t = 10), which stays over budget past kill_after."""
-    klass = ProcessClass("c0", ProcessMatch(name="c0"), GiB, action="terminate", grace_s=0.0, kill_after_s=30.0)
+    klass = ProcessClass(
+        "c0", ProcessMatch(name="c0", user="root"), GiB, action="terminate", grace_s=0.0, kill_after_s=30.0
+    )
     policy = VramPolicy(cooldown_s=0.0, classes=(klass,))
     reading = GpuReading(index=0, uuid=UUIDS[0], processes=(ProcessReading(pid=PIDS[0], used_memory_bytes=2 * GiB),))
     ticks = []

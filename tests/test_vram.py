@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import regex
 from structlog.testing import capture_logs
 
 from governor.actuator import Actuator, send_signal
@@ -58,8 +59,12 @@ def reading(*procs: tuple[int, int], used: int = 6 * GiB, total: int = 12 * GiB)
     )
 
 
-PRIMARY = ProcessClass("primary", ProcessMatch(name="p1"), 6 * GiB, priority=100, action="terminate", grace_s=30)
-SECONDARY = ProcessClass("secondary", ProcessMatch(name="p2"), 3 * GiB, priority=50, action="terminate", grace_s=30)
+PRIMARY = ProcessClass(
+    "primary", ProcessMatch(name="p1", user="u"), 6 * GiB, priority=100, action="terminate", grace_s=30
+)
+SECONDARY = ProcessClass(
+    "secondary", ProcessMatch(name="p2", user="u"), 3 * GiB, priority=50, action="terminate", grace_s=30
+)
 POLICY = VramPolicy(reserve_bytes=2 * GiB, classes=(PRIMARY, SECONDARY), cooldown_s=20)
 
 
@@ -192,7 +197,7 @@ class TestInspector:
         )
         try:
             assert child.stdout is not None and child.stdout.readline().strip() == b"ready"  # exec'd: cmdline is final
-            klass = ProcessClass("workers", ProcessMatch(cmdline=__import__("re").compile("worker-marker")), GiB)
+            klass = ProcessClass("workers", ProcessMatch(cmdline=regex.compile("worker-marker")), GiB)
             policy = VramPolicy(classes=(klass,))
             got = ProcessInspector().facts(child.pid, None, policy)
             assert got.klass == "workers" and "cmdline matches" in got.why
@@ -281,7 +286,7 @@ def classes_toml(**vram: Any) -> dict[str, Any]:
                 "priority": 100,
                 "action": "terminate",
                 "grace_s": 3600.0,
-                "match": {"cmdline": "primary-marker"},
+                "match": {"cmdline": "primary-marker", "user": os.getuid()},
             },
             {
                 "name": "secondary",
@@ -290,7 +295,7 @@ def classes_toml(**vram: Any) -> dict[str, Any]:
                 "action": "terminate",
                 "grace_s": 10.0,
                 "kill_after_s": 5.0,
-                "match": {"cmdline": "secondary-marker"},
+                "match": {"cmdline": "secondary-marker", "user": os.getuid()},
             },
         ],
     }

@@ -15,7 +15,11 @@ For every process on every GPU with a class budget:
   (SIGTERM -> SIGKILL) is not held back by the cooldown;
 * protected processes (PID 1, kernel threads, the governor, display servers, protected
   classes) and processes whose identity (start time) is unknown are reported, never
-  signalled.
+  signalled;
+* a class whose action signals but which matches only on keys a process chooses itself
+  (name, cmdline) acts as ``observe`` (:attr:`ProcessClass.enforced_action`);
+* a process that started after the GPU listing (a reused PID) is neither charged nor
+  signalled that tick, and one whose class match timed out is not signalled that tick.
 
 A budget is per process and per GPU (see :mod:`governor.classes`).
 """
@@ -121,7 +125,7 @@ def evaluate_vram(
     for process in reading.processes:
         used = process.used_memory_bytes
         pf = facts.get(process.pid)
-        if used is None or pf is None:
+        if used is None or pf is None or pf.newer_than_listing:
             continue
         klass = policy.class_named(pf.klass)
         if klass.budget_bytes is None or used <= klass.budget_bytes:
@@ -131,6 +135,8 @@ def evaluate_vram(
         if known is None:
             known = Offender(over_since_s=t_s)
             note = f"; protected ({pf.protected}): never signalled" if pf.protected else ""
+            if klass.enforced_action != klass.action:
+                note += f"; class {klass.name} matches only on name/cmdline: observed, never signalled"
             decisions.append(
                 _decision(
                     reading,
@@ -155,7 +161,7 @@ def evaluate_vram(
         if offender.term_sent_s is not None and offender.kill_sent_s is None:
             # Escalate only while the class still asks for it: a reload may have made it
             # protected or observe-only since the SIGTERM.
-            escalate = candidate.facts.protected is None and klass.action != "observe" and not klass.protected
+            escalate = candidate.facts.protected is None and klass.enforced_action != "observe" and not klass.protected
             if escalate and t_s - offender.term_sent_s >= klass.kill_after_s:
                 reason = (
                     f"{_describe(candidate)}: still running and over budget "
@@ -169,9 +175,10 @@ def evaluate_vram(
         elif (
             offender.term_sent_s is None
             and offender.kill_sent_s is None
-            and klass.action != "observe"
+            and klass.enforced_action != "observe"
             and candidate.facts.protected is None
             and candidate.facts.start_time is not None
+            and not candidate.facts.unresolved
             and (pressure or t_s - offender.over_since_s >= klass.grace_s)
         ):
             new_victims.append((candidate, offender))
@@ -194,7 +201,7 @@ def evaluate_vram(
             if pressure and over_s < klass.grace_s
             else f"over budget for {format_seconds(over_s)} (grace {format_seconds(klass.grace_s)})"
         )
-        if klass.action == "kill":
+        if klass.enforced_action == "kill":
             action, offender = Action.SIGNAL_KILL, replace(offender, kill_sent_s=t_s)
         else:
             action, offender = Action.SIGNAL_TERM, replace(offender, term_sent_s=t_s)

@@ -202,10 +202,10 @@ def test_vram_grower_is_terminated_and_the_other_left_alone(tmp_path: Path, clea
         tmp_path,
         "[vram]\ncooldown_s = 5.0\nper_process_metrics = true\n"
         '[[class]]\nname = "steady"\nbudget = "4GiB"\npriority = 100\naction = "terminate"\ngrace_s = 5.0\n'
-        'match = { cmdline = "steady-marker" }\n'
+        f'match = {{ cmdline = "steady-marker", user = {os.getuid()} }}\n'
         '[[class]]\nname = "grower"\nbudget = "3GiB"\npriority = 10\naction = "terminate"\ngrace_s = 5.0\n'
         "kill_after_s = 10.0\n"
-        'match = { cmdline = "grower-marker" }\n',
+        f'match = {{ cmdline = "grower-marker", user = {os.getuid()} }}\n',
     )
     cleanup.append(governor)
     code = grower.proc.wait(timeout=90)
