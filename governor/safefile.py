@@ -103,9 +103,9 @@ def parse_json(path: Path, data: bytes) -> Any:
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except RecursionError:
-        raise UnusableFile(path, "not usable JSON: nested too deeply") from None
+        raise UnusableFile(path, "not JSON the governor can use: nested too deeply") from None
     except (ValueError, OverflowError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
-        raise UnusableFile(path, f"not usable JSON: {_short(str(exc))}") from None
+        raise UnusableFile(path, f"not JSON the governor can use: {_short(str(exc))}") from None
 
 
 def read_json(path: Path, max_bytes: int = MAX_STATE_BYTES) -> tuple[Any, bytes]:

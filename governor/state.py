@@ -6,9 +6,11 @@ of the directory) each time an entry changes, so a crash at any moment leaves ei
 the old or the new file. Per GPU (by UUID) it records the original limit and the limit
 the governor last set (version 2)::
 
-    {"version": 2, "gpus": {"GPU-...": {"original_power_limit_w": 200.0, "last_set_power_limit_w": 180.0}}}
+    {"version": 2,
+     "original_power_limits_w": {"GPU-...": 200.0},
+     "last_set_power_limits_w": {"GPU-...": 180.0}}
 
-Version 1 files (``{"original_power_limits_w": {"GPU-...": 200.0}}``) are still read.
+Version 1 files (the same without ``last_set_power_limits_w``) are still read.
 
 The actuator changes a GPU only once its original is on disk (:meth:`OriginalLimits.is_durable`);
 a save that fails leaves it in memory and sets ``last_error``, and the actuator retries
@@ -20,7 +22,8 @@ look like GPU UUIDs. A file with any problem is kept as ``original-limits.json.c
 (``set_aside``) and ``load_warning`` says why; the valid entries are kept and written
 back at once. An entry whose original is unusable stays as a *marker*: the governor
 changed that GPU once, so its present limit may be the governor's own (see
-:meth:`OriginalLimits.suspect`).
+:meth:`OriginalLimits.suspect`); on disk a marker is a GPU listed in
+``last_set_power_limits_w`` only.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ STATE_FILE_NAME = "original-limits.json"
 VERSION = 2
 MAX_PLAUSIBLE_W = 100_000.0
 """No GPU's limit is above this many watts: a larger saved value is corrupt."""
-ORIGINAL_KEY = "original_power_limit_w"
-LAST_SET_KEY = "last_set_power_limit_w"
+ORIGINAL_KEY = "original_power_limits_w"
+LAST_SET_KEY = "last_set_power_limits_w"
 _UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 MAX_REPORTED_PROBLEMS = 5
 
@@ -122,39 +125,28 @@ class OriginalLimits:
         if not isinstance(data, dict):
             return {}, [f"expected a JSON object, got {type(data).__name__}"]
         version = data.get("version", 1)
-        if version == 1 and isinstance(data.get("original_power_limits_w"), dict):
-            raw_entries = {k: {ORIGINAL_KEY: v} for k, v in data["original_power_limits_w"].items()}
-        elif version == VERSION and isinstance(data.get("gpus"), dict):
-            raw_entries = data["gpus"]
-        else:
+        originals = data.get(ORIGINAL_KEY)
+        last_set = data.get(LAST_SET_KEY, {}) if version == VERSION else {}
+        if version not in (1, VERSION) or not isinstance(originals, dict) or not isinstance(last_set, dict):
             return {}, [
-                f"version: expected 1 with an object original_power_limits_w or 2 with an object gpus, "
-                f"got version {short_repr(version)}"
+                f"expected version 1 or 2 with objects {ORIGINAL_KEY} (and {LAST_SET_KEY}), got "
+                f"version {short_repr(version)} with {ORIGINAL_KEY} {short_repr(originals)}"
             ]
         entries: dict[str, Entry] = {}
         problems: list[str] = []
-        for uuid, fields in raw_entries.items():
-            if not _UUID.fullmatch(uuid):
-                problems.append(f"{short_repr(uuid)}: expected a GPU UUID as the key; entry dropped")
-                continue
-            if not isinstance(fields, dict):
-                problems.append(f"{uuid}: expected an object, got {short_repr(fields)}")
-                entries[uuid] = Entry()
-                continue
-            entry = Entry()
-            for key in (ORIGINAL_KEY, LAST_SET_KEY):
-                if key not in fields:
+        for key, table in ((ORIGINAL_KEY, originals), (LAST_SET_KEY, last_set)):
+            for uuid, value in table.items():
+                if not _UUID.fullmatch(uuid):
+                    problems.append(f"{key}: {short_repr(uuid)}: expected a GPU UUID as the key; entry dropped")
                     continue
-                watts = _watts(fields[key])
+                entry = entries.setdefault(uuid, Entry())
+                watts = _watts(value)
                 if watts is None:
-                    problems.append(f"{uuid}: {key}: expected a number of watts, got {short_repr(fields[key])}")
+                    problems.append(f"{key}: {uuid}: expected a number of watts, got {short_repr(value)}")
                 elif key == ORIGINAL_KEY:
                     entry.original_w = watts
                 else:
                     entry.last_set_w = watts
-            if entry.original_w is None and ORIGINAL_KEY not in fields and entry.last_set_w is None:
-                problems.append(f"{uuid}: expected {ORIGINAL_KEY}, got an entry without it")
-            entries[uuid] = entry
         return entries, problems
 
     # ------------------------------------------------------------------ queries
@@ -236,15 +228,12 @@ class OriginalLimits:
     def _save(self) -> None:
         if self.path is None:
             return
-        gpus: dict[str, dict[str, float]] = {}
-        for uuid, entry in sorted(self._entries.items()):
-            fields = {}
-            if entry.original_w is not None:
-                fields[ORIGINAL_KEY] = entry.original_w
-            if entry.last_set_w is not None:
-                fields[LAST_SET_KEY] = entry.last_set_w
-            gpus[uuid] = fields
-        body = json.dumps({"version": VERSION, "gpus": gpus}, indent=2, sort_keys=True) + "\n"
+        document = {
+            "version": VERSION,
+            ORIGINAL_KEY: {u: e.original_w for u, e in self._entries.items() if e.original_w is not None},
+            LAST_SET_KEY: {u: e.last_set_w for u, e in self._entries.items() if e.last_set_w is not None},
+        }
+        body = json.dumps(document, indent=2, sort_keys=True) + "\n"
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_atomic(self.path, body.encode("utf-8"))

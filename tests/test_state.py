@@ -14,7 +14,8 @@ def on_disk(state_dir: Path) -> dict[str, float]:
     """The limits in the state file, parsed as JSON (fails the test if it is not valid JSON)."""
     data = json.loads((state_dir / STATE_FILE_NAME).read_text(encoding="utf-8"))
     assert data["version"] == 2
-    return {uuid: entry["original_power_limit_w"] for uuid, entry in data["gpus"].items()}
+    limits: dict[str, float] = data["original_power_limits_w"]
+    return limits
 
 
 class TestPersistence:
