@@ -195,8 +195,8 @@ def check_private_dir(path: Path, euid: int | None = None) -> str | None:
         return None
     try:
         info = os.stat(path)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # nothing there (yet): writing to it fails later and is reported then
     except OSError as exc:
         return f"{path}: cannot be checked ({exc.strerror or exc})"
     problems = []
