@@ -174,6 +174,7 @@ class Actuator:
         original_w = self._saved_original(uuid)
         if original_w is None:
             if enforced_w is None:
+                self.hands_off[uuid] = "the enforced limit cannot be read"
                 return "original limit unknown (the enforced limit cannot be read): not changed"
             original_w, _ = self.original_from(uuid, enforced_w)
         if self.originals.remember(uuid, original_w, last_set_w=limit_w):

@@ -454,13 +454,24 @@ class Daemon:
                 self._read_errors[reading.index] += 1
         self.facts = self._inspect(snapshot)
         vram = self.config.vram if self.config.vram.enabled else None
+        previous = self.states
         self.states, decisions = evaluate(
             snapshot, self.plans, self.states, dry_run=self.config.dry_run, vram=vram, facts=self.facts
         )
         results = self.actuator.apply(decisions, snapshot)
+        self._undo_unsaved_changes(previous, results)
         self._log_results(results)
         self._check_state_store()
         self._write_process_table(snapshot)
+
+    def _undo_unsaved_changes(self, previous: dict[str, GpuRuleState], results: list[ActionResult]) -> None:
+        """A limit change refused because the GPU's original is not saved did not happen: the ladder
+        goes back to where it was, so the rules decide the change again next tick (the retry)."""
+        for result in results:
+            uuid = result.decision.gpu_uuid
+            if result.outcome is Outcome.REFUSED and uuid in self.actuator.hands_off and uuid in self.states:
+                before = previous.get(uuid, GpuRuleState())
+                self.states[uuid] = replace(self.states[uuid], ladder=before.ladder)
 
     def _inspect(self, snapshot: Snapshot) -> dict[int, ProcessFacts]:
         """Facts for every process any GPU reports; one unreadable process never stops the tick."""

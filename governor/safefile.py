@@ -59,13 +59,16 @@ def _kind(mode: int) -> str:
 def read_bounded(path: Path, max_bytes: int = MAX_STATE_BYTES) -> bytes:
     """The whole content of a regular file of at most ``max_bytes`` bytes.
 
-    Raises FileNotFoundError when nothing is there, UnusableFile for a symlink, FIFO,
-    device, directory, a larger file or a read error.
+    Raises FileNotFoundError when nothing is there (also when a parent is not a
+    directory), UnusableFile for a symlink, FIFO, device, directory, a larger file or a
+    read error.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
+    except NotADirectoryError:  # a parent is not a directory: nothing can be there
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path)) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnusableFile(path, "a symbolic link, not a regular file (refused)") from None
