@@ -81,7 +81,7 @@ class OriginalLimits:
         self._corrupt_seen = False
         self.warnings: list[str] = []  # rejected entries since the last drain, for the daemon to log
         if self.path is not None:
-            self._corrupt_seen = os.path.lexists(self.corrupt_path)
+            self._corrupt_seen = os.path.lexists(self.path.with_name(STATE_FILE_NAME + CORRUPT_SUFFIX))
             self._load()
 
     @property

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import stat
 import subprocess
@@ -30,7 +29,7 @@ from governor.safefile import MAX_STATE_BYTES, UnusableFile, read_bounded, read_
 from governor.sim.profiles import load_profile
 from governor.sim.scenario import load_scenario
 from governor.state import STATE_FILE_NAME, OriginalLimits
-from tests.helpers import CARD_200W, H100, RecordingBackend, reading, snapshot
+from tests.helpers import CARD_200W, RecordingBackend, reading, snapshot
 from tests.scripted import ScriptedBackend
 from tests.support import free_port, scrape, wait_for
 from tests.test_daemon import StopAt
@@ -74,6 +73,7 @@ def finishes(action: Callable[[], object], within_s: float = 10.0) -> object:
 
 
 # ----------------------------------------------------------------------------- hostile files
+
 
 def _fifo(path: Path) -> None:
     os.mkfifo(path)
@@ -195,7 +195,11 @@ class TestOriginalsValidation:
 
     def test_limit_the_governor_set_is_never_the_original(self, tmp_path: Path) -> None:
         """An enforced limit equal to the recorded last-set limit, even above the default, is not taken as original."""
-        doc = {"version": 2, "original_power_limits_w": {"GPU-200w": True}, "last_set_power_limits_w": {"GPU-200w": 210}}
+        doc = {
+            "version": 2,
+            "original_power_limits_w": {"GPU-200w": True},
+            "last_set_power_limits_w": {"GPU-200w": 210},
+        }
         write_state(tmp_path, json.dumps(doc))
         backend = RecordingBackend(infos=(CARD_200W,))
         act = Actuator(backend, OriginalLimits(tmp_path), (CARD_200W,))
@@ -325,18 +329,26 @@ def small_disk(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)], check=True, timeout=30)
     try:
         filler = mount / "filler"
-        with open(filler, "wb") as handle:
-            try:
-                while True:
-                    handle.write(b"\0" * 4096)
-                    handle.flush()
-            except OSError:
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            while os.write(fd, b"\0" * 4096):  # unbuffered: the first ENOSPC ends the loop
                 pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
         with pytest.raises(OSError):
             (mount / "probe").write_bytes(b"x" * 4096)
         yield mount, filler
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False, timeout=30)
+
+
+CAPPED_GOVERNOR = (
+    "import resource, runpy; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+    "runpy.run_module('governor', run_name='__main__', alter_sys=True)"
+)
+"""``python -m governor`` with its address space capped at 4 GiB: a regression that reads /dev/zero fails fast."""
 
 
 class GovernorProcess:
@@ -348,13 +360,14 @@ class GovernorProcess:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "governor", "run", "--simulate", "--log-format", "json"]
-                + ["--config", str(config), "--listen", f"127.0.0.1:{self.port}", *extra],
+                [
+                    *(sys.executable, "-c", CAPPED_GOVERNOR, "run", "--simulate", "--log-format", "json"),
+                    *("--config", str(config), "--listen", f"127.0.0.1:{self.port}", *extra),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=REPO,
-                preexec_fn=_cap_memory,
             )
 
     def events(self) -> list[dict[str, Any]]:
@@ -380,11 +393,6 @@ class GovernorProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(20)
-
-
-def _cap_memory() -> None:
-    limit = 4 * 2**30
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 @pytest.fixture
@@ -417,7 +425,7 @@ class TestDiskFull:
     def test_disk_full_kill_9_restart_restores_200_w(
         self, tmp_path: Path, small_disk: tuple[Path, Path], governors: list[GovernorProcess]
     ) -> None:
-        """Disk full: the hot GPU is left at 200 W (metric 0); kill -9; restart with space: stepped, and stop restores 200 W."""
+        """Disk full: the hot GPU stays at 200 W (metric 0); kill -9; restart with space: stepped; stop gives 200 W."""
         state_dir, filler = small_disk
         hw = tmp_path / "hw.json"
         config = sim_config(tmp_path, state_dir, hw)
@@ -482,9 +490,7 @@ class TestBadStateFilesAtStart:
         assert backend.state_warning is not None and str(hw) in backend.state_warning
         assert os.path.lexists(tmp_path / "hw.json.corrupt")
 
-    @pytest.mark.parametrize(
-        ("originals", "hardware"), [("fifo", "symlink_to_dev_zero"), ("deep_nesting", "huge_int")]
-    )
+    @pytest.mark.parametrize(("originals", "hardware"), [("fifo", "symlink_to_dev_zero"), ("deep_nesting", "huge_int")])
     def test_daemon_starts_and_stops_cleanly(
         self, tmp_path: Path, governors: list[GovernorProcess], originals: str, hardware: str
     ) -> None:
@@ -554,10 +560,8 @@ class TestStateDirectories:
         ("key", "mode", "owner"),
         [("state_dir", 0o777, 0), ("state_dir", 0o755, 65534), ("runtime_dir", 0o775, 0)],
     )
-    def test_untrusted_dir_is_refused_at_start_as_root(
-        self, tmp_path: Path, key: str, mode: int, owner: int
-    ) -> None:
-        """As root, a group/world-writable or foreign-owned state or runtime dir: exit 3, one line naming it and the fix."""
+    def test_untrusted_dir_is_refused_at_start_as_root(self, tmp_path: Path, key: str, mode: int, owner: int) -> None:
+        """As root, an others-writable or foreign-owned state or runtime dir: exit 3, one line naming it and the fix."""
         need_root("ownership checks")
         directory = tmp_path / key
         directory.mkdir()
@@ -567,9 +571,7 @@ class TestStateDirectories:
         (tmp_path / other).mkdir(mode=0o755)
         config = tmp_path / "g.toml"
         hw = tmp_path / "hw.json"
-        config.write_text(
-            f'{key} = "{directory}"\n{other} = "{tmp_path / other}"\n[simulation]\nstate_file = "{hw}"\n'
-        )
+        config.write_text(f'{key} = "{directory}"\n{other} = "{tmp_path / other}"\n[simulation]\nstate_file = "{hw}"\n')
         result = subprocess.run(
             [sys.executable, "-m", "governor", "run", "--simulate", "--config", str(config), "--listen", "127.0.0.1:0"],
             capture_output=True,
@@ -595,7 +597,7 @@ class TestStateDirectories:
         check_state_dirs(config, euid=1000)  # not root: nothing to refuse
 
     def test_simulation_in_memory_neither_uses_nor_checks_state_dir(self, tmp_path: Path) -> None:
-        """A simulated run without a hardware-state file keeps its originals in memory: state_dir unchecked and unwritten."""
+        """A simulation without a hardware-state file keeps originals in memory: state_dir unchecked, unwritten."""
         state = tmp_path / "state"
         state.mkdir()
         state.chmod(0o777)

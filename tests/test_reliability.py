@@ -318,7 +318,7 @@ class TestConfigFaults:
 
 class TestResources:
     def test_unwritable_state_dir_changes_nothing(self, tmp_path: Path) -> None:
-        """With the state directory unusable, no limit is changed (its original cannot be saved); logged once, counted."""
+        """With the state directory unusable no limit is changed (the original cannot be saved); logged, counted."""
         blocker = tmp_path / "not-a-dir"
         blocker.write_text("a file where the state directory should be")
         clock = VirtualClock()

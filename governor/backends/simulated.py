@@ -344,8 +344,7 @@ class SimulatedBackend:
                 continue
             if not ok or not p.power_limit_min_w <= value <= p.power_limit_max_w:
                 problems.append(
-                    f"{uuid}: {short_repr(value)} W is not a limit in "
-                    f"{p.power_limit_min_w:g}-{p.power_limit_max_w:g} W"
+                    f"{uuid}: {short_repr(value)} W is not a limit in {p.power_limit_min_w:g}-{p.power_limit_max_w:g} W"
                 )
                 continue
             out[uuid] = float(value)
