@@ -490,6 +490,20 @@ class TestBadStateFilesAtStart:
         assert backend.state_warning is not None and str(hw) in backend.state_warning
         assert os.path.lexists(tmp_path / "hw.json.corrupt")
 
+    def test_hardware_state_with_overflowing_limits_opens_at_defaults(self, tmp_path: Path) -> None:
+        """A well-formed hw.json whose limits are 401-digit integers (known and unknown GPU) opens at 200 W."""
+        hw = tmp_path / "hw.json"
+        huge = "1" + "0" * 400
+        hw.write_text(
+            '{"format": "gpu-governor-simulated-hardware", "version": 1, "power_limits_w": '
+            f'{{"{SIM_UUID}": {huge}, "GPU-elsewhere": {huge}}}}}'
+        )
+        backend = SimulatedBackend(load_profile("rtx4070"), load_scenario("idle"), VirtualClock(), state_file=hw)
+        assert backend.read().gpus[0].power_limit_w == 200.0
+        assert backend.state_warning is not None and SIM_UUID in backend.state_warning
+        backend.set_power_limit(SIM_UUID, 180.0)
+        assert json.loads(hw.read_text())["power_limits_w"] == {SIM_UUID: 180.0}
+
     @pytest.mark.parametrize(("originals", "hardware"), [("fifo", "symlink_to_dev_zero"), ("deep_nesting", "huge_int")])
     def test_daemon_starts_and_stops_cleanly(
         self, tmp_path: Path, governors: list[GovernorProcess], originals: str, hardware: str
