@@ -126,7 +126,7 @@ class Actuator:
         if self.dry_run:
             self._would_be_w[uuid] = limit_w
             return ActionResult(decision, Outcome.DRY_RUN, f"would set {limit_w:g} W")
-        first_change = self._saved_original(uuid) is None
+        first_change = not self.originals.is_durable(uuid)  # no change of ours to undo yet
         why_not = self._save_original(uuid, enforced, limit_w)
         if why_not is not None:
             return ActionResult(decision, Outcome.REFUSED, why_not)
