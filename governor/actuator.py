@@ -1,9 +1,18 @@
 """The actuator: the only code that changes anything on the machine.
 
 It is idempotent (no write when the value already holds), honours dry-run (logs
-"would set" through its results instead of writing), remembers each GPU's original
-power limit before its first change, and returns an :class:`ActionResult` for every
-decision so the daemon can log and count it.
+"would set" through its results instead of writing), and returns an :class:`ActionResult`
+for every decision so the daemon can log and count it.
+
+The original limit is never lost: a GPU's limit is changed only once its original is
+durably saved (:meth:`OriginalLimits.remember`); when that save fails the change is not
+made (REFUSED, "original limit not saved"), the GPU is listed in ``hands_off`` and the
+save is retried with the next change wanted. A saved original outside the GPU's range is
+rejected. The original of a GPU with none usable is its enforced limit, except when the
+GPU is *suspect* (its entry was unusable, or a bad state file was set aside) and its
+enforced limit equals the limit the governor last set on it or is below the card's
+default: then the card's default limit is taken, since the governor itself may have
+lowered it. Restore clamps the original to the GPU's current range.
 
 A GPU whose limit cannot be set (no permission, not supported) becomes monitor-only:
 marked once, never retried every tick.
@@ -83,6 +92,7 @@ class Actuator:
         self.dry_run = dry_run
         self._gpus: dict[str, GpuInfo] = {g.uuid: g for g in gpus}
         self.monitor_only: dict[str, str] = {}
+        self.hands_off: dict[str, str] = {}  # GPU UUID -> why its original could not be saved
         self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
 
     def set_gpus(self, gpus: Iterable[GpuInfo]) -> None:
@@ -116,13 +126,63 @@ class Actuator:
         if self.dry_run:
             self._would_be_w[uuid] = limit_w
             return ActionResult(decision, Outcome.DRY_RUN, f"would set {limit_w:g} W")
-        first_change = enforced is not None and self.originals.get(uuid) is None
-        if first_change and enforced is not None:
-            self.originals.remember(uuid, enforced)  # saved before the write: a crash right after it loses nothing
+        first_change = not self.originals.is_durable(uuid)  # no change of ours to undo yet
+        why_not = self._save_original(uuid, enforced, limit_w)
+        if why_not is not None:
+            return ActionResult(decision, Outcome.REFUSED, why_not)
         result = self._write(decision, uuid, limit_w)
         if first_change and uuid in self.monitor_only:
             self.originals.forget(uuid)  # refused: nothing was changed, so nothing to restore
         return result
+
+    def _saved_original(self, uuid: str) -> float | None:
+        """The saved original of a GPU in watts, or None; one outside the GPU's range is rejected."""
+        original_w = self.originals.get(uuid)
+        info = self._gpus.get(uuid)
+        if original_w is None or info is None:
+            return original_w
+        low, high = info.power_limit_min_w, info.power_limit_max_w
+        slack = DRIFT_TOLERANCE_W / 2
+        if (low is not None and original_w < low - slack) or (high is not None and original_w > high + slack):
+            span = f"{'?' if low is None else f'{low:g}'}-{'?' if high is None else f'{high:g}'} W"
+            self.originals.reject(uuid, f"{original_w:g} W is outside the GPU's range {span}; not used")
+            return None
+        return original_w
+
+    def original_from(self, uuid: str, enforced_w: float) -> tuple[float, str]:
+        """The original limit to record for a GPU with no usable saved one, in watts, and why.
+
+        Its enforced limit, unless the GPU is suspect (see the module docstring) and that
+        limit equals the governor's last one or is below the card's default: then the default.
+        """
+        info = self._gpus.get(uuid)
+        default_w = None if info is None else info.power_limit_default_w
+        if default_w is None or not self.originals.suspect(uuid):
+            return enforced_w, "the enforced limit"
+        slack = DRIFT_TOLERANCE_W / 2
+        last_w = self.originals.last_set(uuid)
+        if last_w is not None and abs(enforced_w - last_w) <= slack:
+            return clamp_w(default_w, info), f"the default limit ({enforced_w:g} W is the limit the governor last set)"
+        if enforced_w < default_w - slack:
+            return clamp_w(default_w, info), (
+                f"the default limit ({enforced_w:g} W is below it and the saved originals were unusable)"
+            )
+        return enforced_w, "the enforced limit"
+
+    def _save_original(self, uuid: str, enforced_w: float | None, limit_w: float) -> str | None:
+        """Make sure the GPU's original is on disk before ``limit_w`` is written; why not, or None."""
+        original_w = self._saved_original(uuid)
+        if original_w is None:
+            if enforced_w is None:
+                self.hands_off[uuid] = "the enforced limit cannot be read"
+                return "original limit unknown (the enforced limit cannot be read): not changed"
+            original_w, _ = self.original_from(uuid, enforced_w)
+        if self.originals.remember(uuid, original_w, last_set_w=limit_w):
+            self.hands_off.pop(uuid, None)
+            return None
+        why = self.originals.last_error or "not saved"
+        self.hands_off[uuid] = why
+        return f"original limit {original_w:g} W not saved ({why}): not changed, retried next tick"
 
     def _signal(self, decision: Decision) -> ActionResult:
         name = SIGNALS[decision.action].name
@@ -158,19 +218,23 @@ class Actuator:
         ``only`` limits it to those GPU UUIDs (GPUs that just appeared).
         """
         readings: Mapping[str, GpuReading] = {} if snapshot is None else {r.uuid: r for r in snapshot.gpus}
+        if not self.dry_run:
+            self._recover_suspects(readings, only)
         results = []
-        for uuid, original_w in self.originals.items():
+        for uuid, saved_w in self.originals.items():
             if only is not None and uuid not in only:
                 continue
             reading = readings.get(uuid)
             info = self._gpus.get(uuid)
+            original_w = clamp_w(saved_w, info)
             decision = Decision(
                 t_s=t_s,
                 gpu_index=-1 if info is None else info.index,
                 gpu_uuid=uuid,
                 rule=rule,
                 action=Action.SET_POWER_LIMIT,
-                reason=f"restoring the original limit {original_w:g} W",
+                reason=f"restoring the original limit {original_w:g} W"
+                + ("" if original_w == saved_w else f" (saved {saved_w:g} W, clamped to the GPU's range)"),
                 from_value=None if reading is None else reading.power_limit_w,
                 to_value=original_w,
             )
@@ -192,3 +256,20 @@ class Actuator:
                 self.originals.forget(uuid)
             results.append(result)
         return results
+
+    def _recover_suspects(self, readings: Mapping[str, GpuReading], only: set[str] | None) -> None:
+        """Give suspect GPUs whose limit the governor may have lowered their default as the original.
+
+        Range-checks every saved original first (a bad one turns its GPU suspect).
+        """
+        for uuid in list(self._gpus):
+            if only is not None and uuid not in only:
+                continue
+            reading = readings.get(uuid)
+            if self._saved_original(uuid) is not None or reading is None or reading.power_limit_w is None:
+                continue
+            if uuid in self.monitor_only or not self.originals.suspect(uuid):
+                continue
+            original_w, _ = self.original_from(uuid, reading.power_limit_w)
+            if original_w != reading.power_limit_w:
+                self.originals.remember(uuid, original_w)

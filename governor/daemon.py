@@ -27,7 +27,7 @@ from governor import __version__
 from governor.actuator import Actuator
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock, VirtualClock
-from governor.config import Config, ConfigError, check_resolved, load_config
+from governor.config import Config, ConfigError, ConfigIssue, check_resolved, load_config
 from governor.logsetup import escape, get_logger
 from governor.model import (
     TICK_BUCKETS_S,
@@ -49,10 +49,49 @@ from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
 from governor.rules.vram import under_pressure
+from governor.safefile import check_private_dir, write_atomic
 from governor.state import OriginalLimits
 
 RELOAD = "reload"
 STOP = "stop"
+
+
+def memory_only_originals(config: Config) -> bool:
+    """True for a simulated run whose hardware lives in memory (no ``[simulation] state_file``).
+
+    Its GPUs start from their defaults in every run, so their originals need not
+    survive one, and a simulation never writes into a real governor's state_dir.
+    """
+    return config.backend == "simulated" and not config.simulation.state_file
+
+
+def check_state_dirs(config: Config, euid: int | None = None) -> None:
+    """When running as root, refuse a state_dir or runtime_dir that others own or may write.
+
+    The governor writes files there as root and trusts what it reads back; a directory
+    a user can write lets that user plant links or forge the saved originals.
+    Raises ConfigError (exit 3 at start) with one line per directory naming the fix.
+    """
+    dirs = [("runtime_dir", config.runtime_dir)]
+    if not memory_only_originals(config):
+        dirs.insert(0, ("state_dir", config.state_dir))
+    issues = []
+    for key, directory in dirs:
+        if not directory:
+            continue
+        problem = check_private_dir(Path(directory), euid)
+        if problem is not None:
+            issues.append(
+                ConfigIssue(
+                    config.source,
+                    key,
+                    "a directory owned by root and writable only by root, since the governor writes its "
+                    f"state there as root (fix: chown root:root {directory} && chmod 755 {directory})",
+                    problem,
+                )
+            )
+    if issues:
+        raise ConfigError(issues)
 
 
 class Waiter(Protocol):
@@ -202,7 +241,8 @@ class Daemon:
         self.log = get_logger()
         self.published: PublishedState | None = None
         self._gpus = backend.gpus()
-        self.originals = OriginalLimits(config.state_dir)
+        check_state_dirs(config)
+        self.originals = OriginalLimits(None if memory_only_originals(config) else config.state_dir)
         self.actuator = Actuator(backend, self.originals, self._gpus, dry_run=config.dry_run)
         self.plans = self._build_plans(config)
         self.states: dict[str, GpuRuleState] = {}
@@ -234,6 +274,7 @@ class Daemon:
         self._state_error_logged: str | None = None
         self._health: dict[str, GpuHealth] = {}  # by UUID, as of the last tick
         self._pressure: dict[str, bool] = {}  # by UUID: memory pressure as of the last tick
+        self._hands_off_logged: set[str] = set()
 
     # ------------------------------------------------------------------ wiring
 
@@ -284,7 +325,13 @@ class Daemon:
                 ladder_w=list(plan.ladder_w),
             )
         if self.originals.load_warning:
-            self.log.warning("state_unreadable", detail=self.originals.load_warning)
+            self.log.warning(
+                "state_unreadable",
+                detail=self.originals.load_warning,
+                moved_to=None if self.originals.set_aside_to is None else str(self.originals.set_aside_to),
+                effect="a GPU without a usable saved original whose limit is below its default "
+                "gets its default limit back; delete the .corrupt file once inspected",
+            )
         backend_warning = getattr(self.backend, "state_warning", None)
         if backend_warning:
             self.log.warning("backend_state_unreadable", detail=str(backend_warning))
@@ -410,14 +457,25 @@ class Daemon:
                 self._read_errors[reading.index] += 1
         self.facts = self._inspect(snapshot)
         vram = self.config.vram if self.config.vram.enabled else None
+        previous = self.states
         self.states, decisions = evaluate(
             snapshot, self.plans, self.states, dry_run=self.config.dry_run, vram=vram, facts=self.facts
         )
         results = self.actuator.apply(decisions, snapshot)
         self._log_transitions(snapshot)
+        self._undo_unsaved_changes(previous, results)
         self._log_results(results)
         self._check_state_store()
         self._write_process_table(snapshot)
+
+    def _undo_unsaved_changes(self, previous: dict[str, GpuRuleState], results: list[ActionResult]) -> None:
+        """A limit change refused because the GPU's original is not saved did not happen: the ladder
+        goes back to where it was, so the rules decide the change again next tick (the retry)."""
+        for result in results:
+            uuid = result.decision.gpu_uuid
+            if result.outcome is Outcome.REFUSED and uuid in self.actuator.hands_off and uuid in self.states:
+                before = previous.get(uuid, GpuRuleState())
+                self.states[uuid] = replace(self.states[uuid], ladder=before.ladder)
 
     def _inspect(self, snapshot: Snapshot) -> dict[int, ProcessFacts]:
         """Facts for every process any GPU reports; one unreadable process never stops the tick."""
@@ -483,6 +541,7 @@ class Daemon:
             snapshot = self.backend.read()
         t_s = snapshot.t_s if snapshot is not None else self.clock.monotonic()
         self._log_results(self.actuator.restore(snapshot, t_s, "restore_on_stop"))
+        self._check_state_store()
         self._close()
         self.log.info("governor_stopped")
 
@@ -674,13 +733,11 @@ class Daemon:
             for gpu, process, facts in entries
         ]
         path = Path(self.config.runtime_dir) / "processes.json"
+        body = json.dumps({"wall_time_s": snapshot.wall_time_s, "processes": rows})
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            tmp = path.with_name(f".processes.json.{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({"wall_time_s": snapshot.wall_time_s, "processes": rows}, handle)
-            os.replace(tmp, path)
+            # An exclusive temporary file (mkstemp, 0600), renamed: a planted symlink is never followed.
+            write_atomic(path, body.encode("utf-8"), durable=False)  # /run is tmpfs: nothing to fsync
         except OSError as exc:
             self._process_table_disabled = True
             self.log.debug("process_table_disabled", path=str(path), error=exc.strerror or str(exc))
@@ -688,8 +745,33 @@ class Daemon:
     def _check_state_store(self) -> None:
         error = self.originals.last_error
         if error and error != self._state_error_logged:
-            self.log.error("state_write_failed", detail=error, effect="governing continues; limits kept in memory")
+            self.log.error(
+                "state_write_failed",
+                detail=error,
+                effect="a GPU whose original limit is not saved is left unchanged until it is; retried each tick",
+            )
         self._state_error_logged = error
+        for warning in self.originals.drain_warnings():
+            self.log.warning("state_entry_rejected", detail=warning)
+        hands_off = set(self.actuator.hands_off)
+        indexes = {g.uuid: g.index for g in self._gpus}
+        for uuid in sorted(hands_off - self._hands_off_logged):
+            self.log.error(
+                "original_limit_unsaved",
+                gpu=indexes.get(uuid),
+                uuid=uuid,
+                reason=self.actuator.hands_off[uuid],
+                effect="power limit left unchanged until the original is saved",
+            )
+        for uuid in sorted(self._hands_off_logged - hands_off):
+            self.log.info("original_limit_saved", gpu=indexes.get(uuid), uuid=uuid)
+        self._hands_off_logged = hands_off
+
+    def _original_limit_saved(self, uuid: str) -> bool | None:
+        """False while a GPU is left alone because its original could not be saved, True once saved, else None."""
+        if uuid in self.actuator.hands_off:
+            return False
+        return True if self.originals.get(uuid) is not None and self.originals.is_durable(uuid) else None
 
     @property
     def waiting_reason(self) -> str | None:
@@ -755,6 +837,7 @@ class Daemon:
                     unclassified_processes=unclassified,
                     memory_pressure=None if reading is None else under_pressure(reading, self.config.vram),
                     processes=rows,
+                    original_limit_saved=self._original_limit_saved(gpu.uuid),
                 )
             )
         self.published = PublishedState(

@@ -164,6 +164,11 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
             f"{PREFIX}_gpu_health", "ok, degraded (readings missing) or lost.", labels=GPU_LABELS
         ),
         "monitor_only": _gauge("gpu_monitor_only", "1 when the governor cannot set this GPU's limit and only watches."),
+        "original_saved": _gauge(
+            "gpu_original_limit_saved",
+            "1 when the GPU's original limit is saved on disk; 0 while its limit is left unchanged because "
+            "saving the original failed; absent while the governor has changed nothing.",
+        ),
         "last_decision": _gauge("gpu_last_decision_timestamp_seconds", "Unix time of the last decision for a GPU."),
         "last_decision_info": InfoMetricFamily(
             f"{PREFIX}_gpu_last_decision", "The last decision for a GPU: its rule and change.", labels=GPU_LABELS
@@ -190,6 +195,8 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         if status.ladder_w:
             families["floor"].add_metric(labels, status.ladder_w[-1])
         families["monitor_only"].add_metric(labels, 1.0 if status.monitor_only else 0.0)
+        if status.original_limit_saved is not None:
+            families["original_saved"].add_metric(labels, 1.0 if status.original_limit_saved else 0.0)
         if status.last_decision is not None:
             d = status.last_decision
             families["last_decision_info"].add_metric(

@@ -213,6 +213,7 @@ class GpuStatus:
     unclassified_processes: int = 0
     memory_pressure: bool | None = None
     processes: tuple[ProcessRow, ...] = ()
+    original_limit_saved: bool | None = None  # False: left alone, its original could not be saved
 
 
 TICK_BUCKETS_S: tuple[float, ...] = (

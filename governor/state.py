@@ -1,98 +1,245 @@
 """The persisted original power limits: what the governor found before it changed anything.
 
-A JSON file under the state directory, written atomically (temporary file, fsync,
-rename) each time an entry is added or removed, so a crash at any moment leaves
-either the old or the new file. On the next start the daemon restores every limit
-still listed. A store that cannot be written keeps working in memory and says so
-(``last_error``), so governing never stops for a full disk.
+A JSON file under the state directory, written through
+:func:`governor.safefile.write_atomic` (exclusive temporary file, fsync, rename, fsync
+of the directory) each time an entry changes, so a crash at any moment leaves either
+the old or the new file. Per GPU (by UUID) it records the original limit and the limit
+the governor last set (version 2)::
+
+    {"version": 2,
+     "original_power_limits_w": {"GPU-...": 200.0},
+     "last_set_power_limits_w": {"GPU-...": 180.0}}
+
+Version 1 files (the same without ``last_set_power_limits_w``) are still read.
+
+The actuator changes a GPU only once its original is on disk (:meth:`OriginalLimits.is_durable`);
+a save that fails leaves it in memory and sets ``last_error``, and the actuator retries
+the save on the next change it wants.
+
+Reading is bounded and typed (:func:`governor.safefile.read_json`). Every value is
+checked: a real number of watts (not a bool, not a string), finite, above 0; keys must
+look like GPU UUIDs. A file with any problem is kept as ``original-limits.json.corrupt``
+(``set_aside``) and ``load_warning`` says why; the valid entries are kept and written
+back at once. An entry whose original is unusable stays as a *marker*: the governor
+changed that GPU once, so its present limit may be the governor's own (see
+:meth:`OriginalLimits.suspect`); on disk a marker is a GPU listed in
+``last_set_power_limits_w`` only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from governor.safefile import CORRUPT_SUFFIX, UnusableFile, read_json, set_aside, short_repr, write_atomic
 
 STATE_FILE_NAME = "original-limits.json"
+VERSION = 2
+MAX_PLAUSIBLE_W = 100_000.0
+"""No GPU's limit is above this many watts: a larger saved value is corrupt."""
+ORIGINAL_KEY = "original_power_limits_w"
+LAST_SET_KEY = "last_set_power_limits_w"
+_UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MAX_REPORTED_PROBLEMS = 5
+
+
+@dataclass
+class Entry:
+    """What is saved about one GPU: its original limit and the governor's last one, in watts."""
+
+    original_w: float | None = None
+    last_set_w: float | None = None
+
+
+def _watts(value: object) -> float | None:
+    """``value`` as watts if it is a plausible limit (a real number, finite, 0 < w <= 100 kW), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and not 0 < value <= MAX_PLAUSIBLE_W:  # compared as int: no OverflowError
+        return None
+    watts = float(value)
+    return watts if math.isfinite(watts) and 0 < watts <= MAX_PLAUSIBLE_W else None
 
 
 class OriginalLimits:
-    """GPU UUID -> original power limit in watts, kept in memory and on disk."""
+    """GPU UUID -> original power limit (and last limit set) in watts, in memory and on disk."""
 
     def __init__(self, state_dir: Path | str | None) -> None:
         self.path = None if state_dir is None else Path(state_dir) / STATE_FILE_NAME
-        self._limits: dict[str, float] = {}
+        self._entries: dict[str, Entry] = {}
+        self._saved: dict[str, Entry] = {}  # what the file holds since the last successful save
         self.last_error: str | None = None
         self.write_errors = 0
         self.load_warning: str | None = None
+        self.set_aside_to: Path | None = None
+        self._raw: bytes | None = None  # the bytes loaded, for a copy if an entry is rejected later
+        self._corrupt_seen = False
+        self.warnings: list[str] = []  # rejected entries since the last drain, for the daemon to log
         if self.path is not None:
+            self._corrupt_seen = os.path.lexists(self.path.with_name(STATE_FILE_NAME + CORRUPT_SUFFIX))
             self._load()
+
+    @property
+    def corrupt_path(self) -> Path | None:
+        """Where a bad state file is kept (``original-limits.json.corrupt``)."""
+        return None if self.path is None else self.path.with_name(STATE_FILE_NAME + CORRUPT_SUFFIX)
+
+    # ------------------------------------------------------------------ loading
 
     def _load(self) -> None:
         assert self.path is not None
         try:
-            raw = self.path.read_text(encoding="utf-8")
+            data, raw = read_json(self.path)
         except FileNotFoundError:
             return
-        except OSError as exc:
-            self.load_warning = f"{self.path}: cannot read saved original limits: {exc.strerror or exc}"
+        except UnusableFile as exc:
+            self._bad_file(f"{exc}; saved original limits ignored", raw=None)
             return
-        except UnicodeDecodeError as exc:
-            self.load_warning = f"{self.path}: saved original limits unreadable ({exc}); ignoring them"
-            return
-        try:
-            data = json.loads(raw)
-            limits = data["original_power_limits_w"]
-            parsed = {str(k): float(v) for k, v in limits.items()}
-            if not all(math.isfinite(v) and v > 0 for v in parsed.values()):
-                raise ValueError("non-positive limit")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            self.load_warning = f"{self.path}: saved original limits unreadable ({exc}); ignoring them"
-            return
-        self._limits = parsed
+        self._raw = raw
+        entries, problems = self._parse(data)
+        self._entries = entries
+        if problems:
+            shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS])
+            more = len(problems) - MAX_REPORTED_PROBLEMS
+            if more > 0:
+                shown += f"; and {more} more"
+            self._bad_file(f"{self.path}: {shown}; the valid entries are kept", raw=raw)
+            self._save()  # the good entries and the markers, durable before anything changes
+        else:
+            self._saved = {u: Entry(e.original_w, e.last_set_w) for u, e in entries.items()}
+
+    def _bad_file(self, warning: str, raw: bytes | None) -> None:
+        assert self.path is not None
+        self.set_aside_to = set_aside(self.path, raw)
+        self._corrupt_seen = True
+        where = f"kept as {self.set_aside_to}" if self.set_aside_to else "could not be set aside"
+        self.load_warning = f"{warning} ({where})"
+
+    def _parse(self, data: Any) -> tuple[dict[str, Entry], list[str]]:
+        """The entries of a version 1 or 2 document and every problem found in it."""
+        if not isinstance(data, dict):
+            return {}, [f"expected a JSON object, got {type(data).__name__}"]
+        version = data.get("version", 1)
+        originals = data.get(ORIGINAL_KEY)
+        last_set = data.get(LAST_SET_KEY, {}) if version == VERSION else {}
+        if version not in (1, VERSION) or not isinstance(originals, dict) or not isinstance(last_set, dict):
+            return {}, [
+                f"expected version 1 or 2 with objects {ORIGINAL_KEY} (and {LAST_SET_KEY}), got "
+                f"version {short_repr(version)} with {ORIGINAL_KEY} {short_repr(originals)}"
+            ]
+        entries: dict[str, Entry] = {}
+        problems: list[str] = []
+        for key, table in ((ORIGINAL_KEY, originals), (LAST_SET_KEY, last_set)):
+            for uuid, value in table.items():
+                if not _UUID.fullmatch(uuid):
+                    problems.append(f"{key}: {short_repr(uuid)}: expected a GPU UUID as the key; entry dropped")
+                    continue
+                entry = entries.setdefault(uuid, Entry())
+                watts = _watts(value)
+                if watts is None:
+                    problems.append(f"{key}: {uuid}: expected a number of watts, got {short_repr(value)}")
+                elif key == ORIGINAL_KEY:
+                    entry.original_w = watts
+                else:
+                    entry.last_set_w = watts
+        return entries, problems
+
+    # ------------------------------------------------------------------ queries
 
     def get(self, uuid: str) -> float | None:
         """The saved original limit of a GPU in watts, or None."""
-        return self._limits.get(uuid)
+        entry = self._entries.get(uuid)
+        return None if entry is None else entry.original_w
+
+    def last_set(self, uuid: str) -> float | None:
+        """The limit the governor last set on a GPU (watts), as recorded, or None."""
+        entry = self._entries.get(uuid)
+        return None if entry is None else entry.last_set_w
 
     def items(self) -> list[tuple[str, float]]:
-        """Every saved (uuid, watts) pair."""
-        return sorted(self._limits.items())
+        """Every saved (uuid, original watts) pair."""
+        return sorted((u, e.original_w) for u, e in self._entries.items() if e.original_w is not None)
 
-    def remember(self, uuid: str, limit_w: float) -> None:
-        """Record a GPU's original limit, once: the first value seen is the original."""
-        if uuid in self._limits:
+    def is_durable(self, uuid: str) -> bool:
+        """True when the GPU's original is on disk (always, for a store without a directory)."""
+        if self.path is None:
+            return uuid in self._entries and self._entries[uuid].original_w is not None
+        saved = self._saved.get(uuid)
+        return saved is not None and saved.original_w is not None and saved.original_w == self.get(uuid)
+
+    def suspect(self, uuid: str) -> bool:
+        """True when this GPU has no usable original but may carry a limit the governor set.
+
+        That is: its entry is a marker (the original was unusable), or a bad state file
+        was set aside (``original-limits.json.corrupt`` exists, now or from an earlier run).
+        """
+        entry = self._entries.get(uuid)
+        if entry is not None and entry.original_w is not None:
+            return False
+        return entry is not None or self._corrupt_seen
+
+    def drain_warnings(self) -> list[str]:
+        """Warnings about entries rejected since the last call (for the daemon to log)."""
+        out, self.warnings = self.warnings, []
+        return out
+
+    # ------------------------------------------------------------------ changes
+
+    def remember(self, uuid: str, limit_w: float, last_set_w: float | None = None) -> bool:
+        """Record a GPU's original limit (the first value seen stays) and the limit about to be set.
+
+        Saves when anything changed, or when the original is not on disk yet (a retry
+        after a failed save). Returns True when the original is on disk afterwards.
+        """
+        entry = self._entries.setdefault(uuid, Entry())
+        changed = False
+        if entry.original_w is None:
+            entry.original_w, changed = float(limit_w), True
+        if last_set_w is not None and entry.last_set_w != last_set_w:
+            entry.last_set_w, changed = float(last_set_w), True
+        if changed or not self.is_durable(uuid):
+            self._save()
+        return self.is_durable(uuid)
+
+    def reject(self, uuid: str, why: str) -> None:
+        """The saved original of a GPU cannot be right (outside its range): keep the file aside, keep a marker."""
+        entry = self._entries.get(uuid)
+        if entry is None or entry.original_w is None:
             return
-        self._limits[uuid] = limit_w
+        message = f"{self.path}: {uuid}: {ORIGINAL_KEY}: {why}"
+        if self.path is not None and self.set_aside_to is None and self._raw is not None:
+            self.set_aside_to = set_aside(self.path, self._raw)
+            self._corrupt_seen = True
+            message += f" (file kept as {self.set_aside_to})" if self.set_aside_to else ""
+        self.warnings.append(message)
+        entry.original_w = None
         self._save()
 
     def forget(self, uuid: str) -> None:
         """Drop a GPU's entry after its original limit was restored."""
-        if self._limits.pop(uuid, None) is not None:
+        if self._entries.pop(uuid, None) is not None:
             self._save()
 
     def _save(self) -> None:
         if self.path is None:
             return
-        body = json.dumps({"version": 1, "original_power_limits_w": self._limits}, indent=2, sort_keys=True)
+        document = {
+            "version": VERSION,
+            ORIGINAL_KEY: {u: e.original_w for u, e in self._entries.items() if e.original_w is not None},
+            LAST_SET_KEY: {u: e.last_set_w for u, e in self._entries.items() if e.last_set_w is not None},
+        }
+        body = json.dumps(document, indent=2, sort_keys=True) + "\n"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".original-limits.", dir=self.path.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    handle.write(body + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(self.path, body.encode("utf-8"))
         except OSError as exc:
             self.write_errors += 1
             self.last_error = f"{self.path}: cannot save original limits: {exc.strerror or exc}"
             return
         self.last_error = None
+        self._saved = {u: Entry(e.original_w, e.last_set_w) for u, e in self._entries.items()}

@@ -99,13 +99,22 @@ class TestApply:
         assert result.outcome is Outcome.UNCHANGED
         assert backend.calls == []
 
-    def test_reading_missing_still_sets(self, tmp_path: Path) -> None:
-        """A GPU absent from the snapshot is still written, and no original is invented."""
+    def test_reading_missing_without_original_is_refused(self, tmp_path: Path) -> None:
+        """A GPU absent from the snapshot, with no saved original, is not written: its original is unknown."""
         act, backend = make(tmp_path)
+        (result,) = act.apply([set_to(180.0)], snapshot(1.0, []))
+        assert result.outcome is Outcome.REFUSED
+        assert "original limit unknown" in (result.detail or "")
+        assert backend.calls == []
+        assert act.originals.items() == []
+
+    def test_reading_missing_with_saved_original_still_sets(self, tmp_path: Path) -> None:
+        """A GPU absent from the snapshot whose original is already saved is still written."""
+        act, backend = make(tmp_path)
+        act.originals.remember(CARD_200W.uuid, 200.0)
         (result,) = act.apply([set_to(180.0)], snapshot(1.0, []))
         assert result.outcome is Outcome.APPLIED
         assert backend.calls == [(CARD_200W.uuid, 180.0)]
-        assert act.originals.items() == []
 
 
 class TestDryRun:
@@ -179,7 +188,9 @@ class TestFailures:
         backend.fail_with = SetLimitRefused("NOT_SUPPORTED")
         act.apply([set_to(180.0)], snapshot(1.0, [reading(80.0, 200.0)]))
         backend.fail_with = None
-        results = act.apply([set_to(150.0), set_to(300.0, H100)], snapshot(2.0, [reading(80.0, 200.0)]))
+        results = act.apply(
+            [set_to(150.0), set_to(300.0, H100)], snapshot(2.0, [reading(80.0, 200.0), reading(80.0, 700.0, H100)])
+        )
         assert results[0].outcome is Outcome.REFUSED
         assert results[0].detail == "monitor-only: NOT_SUPPORTED"
         assert results[1].outcome is Outcome.APPLIED

@@ -317,8 +317,8 @@ class TestConfigFaults:
 
 
 class TestResources:
-    def test_unwritable_state_dir_keeps_governing(self, tmp_path: Path) -> None:
-        """With the state directory unusable, limits are still stepped, the error is logged once and counted."""
+    def test_unwritable_state_dir_changes_nothing(self, tmp_path: Path) -> None:
+        """With the state directory unusable no limit is changed (the original cannot be saved); logged, counted."""
         blocker = tmp_path / "not-a-dir"
         blocker.write_text("a file where the state directory should be")
         clock = VirtualClock()
@@ -327,10 +327,12 @@ class TestResources:
         daemon = Daemon(config, backend, clock, waiter=StopAt(clock, 100), notifier=Notifier())
         with capture_logs() as logs:
             assert daemon.run() == 0
-        assert backend.sets[0] == ("GPU-test-0", 180.0)
-        assert [e["event"] for e in logs].count("state_write_failed") == 1
+        assert backend.sets == []
+        events = [e["event"] for e in logs]
+        assert events.count("state_write_failed") == 1
+        assert events.count("original_limit_unsaved") == 1
         assert daemon.published is not None and daemon.published.state_write_errors >= 1
-        assert backend.sets[-1] == ("GPU-test-0", 200.0)  # the in-memory original is still restored
+        assert daemon.published.gpus[0].original_limit_saved is False
 
     def test_sighup_storm_is_coalesced(self, tmp_path: Path, running: Callable[..., Any]) -> None:
         """100 SIGHUPs in a burst lead to far fewer reloads than signals; the daemon keeps ticking."""

@@ -13,7 +13,7 @@ from governor.state import STATE_FILE_NAME, OriginalLimits
 def on_disk(state_dir: Path) -> dict[str, float]:
     """The limits in the state file, parsed as JSON (fails the test if it is not valid JSON)."""
     data = json.loads((state_dir / STATE_FILE_NAME).read_text(encoding="utf-8"))
-    assert data["version"] == 1
+    assert data["version"] == 2
     limits: dict[str, float] = data["original_power_limits_w"]
     return limits
 
@@ -121,13 +121,16 @@ class TestLoad:
         store = OriginalLimits(tmp_path)
         assert store.items() == []
         assert store.load_warning is not None
-        assert "cannot read" in store.load_warning
+        assert "not a regular file" in store.load_warning
 
-    def test_one_bad_entry_drops_all(self, tmp_path: Path) -> None:
-        """One bad value means nothing from the file is trusted (no partial restore)."""
+    def test_one_bad_entry_keeps_the_others(self, tmp_path: Path) -> None:
+        """One bad value sets the file aside and makes that GPU suspect; the valid entries are kept."""
         body = {"original_power_limits_w": {"GPU-a": 200.0, "GPU-b": -1.0}}
         (tmp_path / STATE_FILE_NAME).write_text(json.dumps(body), encoding="utf-8")
-        assert OriginalLimits(tmp_path).items() == []
+        store = OriginalLimits(tmp_path)
+        assert store.items() == [("GPU-a", 200.0)]
+        assert store.suspect("GPU-b") and not store.suspect("GPU-a")
+        assert (tmp_path / (STATE_FILE_NAME + ".corrupt")).exists()
 
 
 class TestWriteFailure:

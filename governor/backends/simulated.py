@@ -11,11 +11,15 @@ profile's range raises SetLimitFailed (NVML's INVALID_ARGUMENT). Limits are take
 whole milliwatts, as NVML does.
 
 Hardware state: given ``state_file``, the power limits (by GPU UUID) live in that JSON
-file, rewritten atomically on every change and read at start, so a restarted daemon
-meets the limits its predecessor left, as on a real GPU. A missing file means default
-limits. A file that cannot be used (unreadable, not JSON, a limit out of range) also
-means default limits for the GPUs it cannot vouch for, and ``state_warning`` says why,
-for the daemon to log; the next change rewrites the file whole.
+file, rewritten atomically on every change (:func:`governor.safefile.write_atomic`: an
+exclusive temporary file, never a predictable name a symlink could be planted at) and
+read at start (:func:`governor.safefile.read_json`: at most 1 MiB, a regular file, no
+symlink, FIFO or device), so a restarted daemon meets the limits its predecessor left,
+as on a real GPU. A missing file means default limits. A file that cannot be used
+(a symlink, FIFO or device, too large, not JSON, nested too deeply, a limit out of
+range) also means default limits for the GPUs it cannot vouch for, and
+``state_warning`` says why, for the daemon to log; a file unusable as a whole is
+renamed to ``<name>.corrupt``. The next change rewrites the file whole.
 
 Test and what-if hooks: :meth:`~SimulatedBackend.attach_process`,
 :meth:`~SimulatedBackend.set_process_memory`, :meth:`~SimulatedBackend.detach_process`,
@@ -25,10 +29,8 @@ Test and what-if hooks: :meth:`~SimulatedBackend.attach_process`,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from governor.backends import BackendError, GpuLostError, SetLimitFailed, SetLim
 from governor.clock import Clock
 from governor.config import ConfigIssue, SimulationConfig
 from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
+from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
 from governor.sim._schema import SimDataError
 from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu
 from governor.sim.profiles import GpuProfile, load_profile
@@ -319,38 +322,29 @@ class SimulatedBackend:
         if path is None:
             return {}
         try:
-            text = path.read_text(encoding="utf-8")
+            data: Any = read_json(path)[0]
         except FileNotFoundError:
             return {}
-        except (OSError, UnicodeDecodeError) as exc:
-            self.state_warning = f"{path}: unreadable ({exc}); starting from default power limits"
-            return {}
-        try:
-            data: Any = json.loads(text)
-        except json.JSONDecodeError as exc:
-            self.state_warning = (
-                f"{path}: not JSON ({exc.msg} at line {exc.lineno}); starting from default power limits"
-            )
+        except UnusableFile as exc:
+            self._unusable(path, exc.why)
             return {}
         limits = data.get("power_limits_w") if isinstance(data, dict) else None
         if not isinstance(limits, dict) or data.get("format") != STATE_FORMAT:
-            self.state_warning = (
-                f"{path}: expected an object with format {STATE_FORMAT!r} and power_limits_w; "
-                "starting from default power limits"
-            )
+            self._unusable(path, f"expected an object with format {STATE_FORMAT!r} and power_limits_w")
             return {}
         p = self.profile
         out: dict[str, float] = {}
         problems = []
         for uuid, value in limits.items():
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            # Compared, not converted: a 300-digit integer would overflow float(); NaN and inf fail it.
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6
             if uuid not in self._by_uuid:
                 if ok:
                     self._state_extra[str(uuid)] = float(value)
                 continue
             if not ok or not p.power_limit_min_w <= value <= p.power_limit_max_w:
                 problems.append(
-                    f"{uuid}: {value!r} W is not a limit in {p.power_limit_min_w:g}-{p.power_limit_max_w:g} W"
+                    f"{uuid}: {short_repr(value)} W is not a limit in {p.power_limit_min_w:g}-{p.power_limit_max_w:g} W"
                 )
                 continue
             out[uuid] = float(value)
@@ -367,18 +361,17 @@ class SimulatedBackend:
             limits[self._infos[gpu.index].uuid] = gpu.limit_w
         limits.update(change)
         document = {"format": STATE_FORMAT, "version": 1, "power_limits_w": limits}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        body = json.dumps(document, indent=2, sort_keys=True) + "\n"
         try:
-            with open(tmp, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=2, sort_keys=True)
-                handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, body.encode("utf-8"), mode=0o644)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise SetLimitFailed(f"cannot save simulated hardware state to {path}: {exc}") from None
+
+    def _unusable(self, path: Path, why: str) -> None:
+        """The whole state file cannot be used: rename it aside and say so."""
+        moved = set_aside(path)
+        where = f"kept as {moved}" if moved else "could not be set aside"
+        self.state_warning = f"{path}: {why}; starting from default power limits ({where})"
 
 
 def build_simulated_backend(sim: SimulationConfig, clock: Clock) -> SimulatedBackend:

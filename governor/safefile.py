@@ -1,0 +1,212 @@
+"""Reading and writing the governor's own state files, safely as root.
+
+Every state file the governor reads (the saved original limits, the simulator's
+hardware state) goes through :func:`read_bounded` or :func:`read_json`: opened with
+O_NOFOLLOW | O_NONBLOCK, checked with fstat to be a regular file, read up to a size
+cap. A symlink, FIFO, device or directory is refused at once (a FIFO never blocks the
+start, a link to /dev/zero is never read), and every parse error (RecursionError from
+deep nesting, ValueError from a 5000-digit integer, bad UTF-8) becomes one
+:class:`UnusableFile` naming the file and what is wrong.
+
+Every state file the governor writes goes through :func:`write_atomic`: a temporary
+file created exclusively in the target directory (``tempfile.mkstemp``: O_EXCL, mode
+0600, an unpredictable name, so a planted symlink is never followed), written, fsynced,
+renamed over the target, then the directory fsynced: a crash leaves the old file or
+the new one, never a torn one, and a completed call survives a power cut.
+
+:func:`check_private_dir` is the ownership and mode check for the directories these
+files live in when the governor runs as root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MAX_STATE_BYTES = 1024 * 1024
+"""Size cap (bytes) of one state file: the real ones are a few hundred bytes."""
+
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class UnusableFile(Exception):
+    """A state file that exists but cannot be used; the message names the file and why."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def read_bounded(path: Path, max_bytes: int = MAX_STATE_BYTES) -> bytes:
+    """The whole content of a regular file of at most ``max_bytes`` bytes.
+
+    Raises FileNotFoundError when nothing is there (also when a parent is not a
+    directory), UnusableFile for a symlink, FIFO, device, directory, a larger file or a
+    read error.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except NotADirectoryError:  # a parent is not a directory: nothing can be there
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path)) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnusableFile(path, "a symbolic link, not a regular file (refused)") from None
+        raise UnusableFile(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnusableFile(path, f"{_kind(info.st_mode)}, not a regular file (refused)")
+        if info.st_size > max_bytes:
+            raise UnusableFile(path, f"{info.st_size} bytes, more than the {max_bytes} allowed (refused unread)")
+        chunks = []
+        left = max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise UnusableFile(path, f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise UnusableFile(path, f"more than the {max_bytes} bytes allowed (refused)")
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(path: Path, data: bytes) -> Any:
+    """``data`` parsed as UTF-8 JSON (NaN and Infinity refused); UnusableFile on any parse error."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise UnusableFile(path, "not JSON the governor can use: nested too deeply") from None
+    except (ValueError, OverflowError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise UnusableFile(path, f"not JSON the governor can use: {_short(str(exc))}") from None
+
+
+def read_json(path: Path, max_bytes: int = MAX_STATE_BYTES) -> tuple[Any, bytes]:
+    """The parsed JSON of a bounded regular file, and its raw bytes.
+
+    Raises FileNotFoundError when nothing is there, UnusableFile for anything else wrong.
+    """
+    data = read_bounded(path, max_bytes)
+    return parse_json(path, data), data
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_repr(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about bad values."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too large to print
+        text = f"<{type(value).__name__} too large to print>"
+    return _short(text, limit)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (raises OSError when it fails)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
+    """Replace ``path`` with ``data``: exclusive temporary file, (fsync), rename, (fsync directory).
+
+    ``mode`` is the new file's permission bits. With ``durable`` (the default) the file
+    and its directory are fsynced, so the new content survives a power cut once this
+    returns; without it (a file on tmpfs that dies with the boot anyway) neither is.
+    Raises OSError when any step fails; the temporary file is then removed and the old
+    ``path`` is left as it was (unless only the final directory fsync failed).
+    """
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if mode != 0o600:
+                os.fchmod(handle.fileno(), mode)
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(directory)
+
+
+def set_aside(path: Path, raw: bytes | None = None) -> Path | None:
+    """Keep a bad state file as ``<name>.corrupt`` for a person to inspect; its new path, or None.
+
+    With ``raw`` (the bytes read from it) a copy is written and ``path`` stays for the
+    caller to replace atomically (so the good entries in it are never only in the copy);
+    without, ``path`` itself (a FIFO, a symlink, an unreadable file) is renamed. Returns
+    None when neither works (the caller reports the file as bad all the same).
+    """
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    try:
+        if raw is not None:
+            write_atomic(target, raw)
+        else:
+            os.replace(path, target)
+            fsync_dir(path.parent)
+    except OSError:
+        return None
+    return target
+
+
+def check_private_dir(path: Path, euid: int | None = None) -> str | None:
+    """When running as root: None if ``path`` is missing or a root-owned directory no one else may write,
+    else what is wrong with it (a sentence naming the directory)."""
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        return None
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # nothing there (yet): writing to it fails later and is reported then
+    except OSError as exc:
+        return f"{path}: cannot be checked ({exc.strerror or exc})"
+    problems = []
+    if not stat.S_ISDIR(info.st_mode):
+        problems.append("not a directory")
+    if info.st_uid != 0:
+        problems.append(f"owned by uid {info.st_uid}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
+    return f"{path} " + " and ".join(problems) if problems else None
