@@ -17,6 +17,7 @@ import select
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,6 +36,7 @@ from governor.model import (
     ActionResult,
     ClassUsage,
     Decision,
+    DecisionRecord,
     GpuHealth,
     GpuReading,
     GpuStatus,
@@ -218,6 +220,10 @@ class Daemon:
         self._action_counts: Counter[tuple[int, str, str]] = Counter()
         self._read_errors: Counter[int] = Counter()
         self._last_decision: dict[str, tuple[Decision, float]] = {}
+        self._last_power: dict[str, DecisionRecord] = {}  # by GPU UUID
+        self._last_vram: dict[str, DecisionRecord] = {}  # by GPU UUID
+        self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
+        self._process_table_written_s: float | None = None  # wall time of the last write
         self._tick_count = 0
         self._tick_buckets = [0] * len(TICK_BUCKETS_S)
         self._late_buckets = [0] * len(TICK_BUCKETS_S)
@@ -505,6 +511,12 @@ class Daemon:
             if decision.action is not Action.NONE:
                 self._action_counts[(decision.gpu_index, decision.action.value, result.outcome.value)] += 1
             self._last_decision[decision.gpu_uuid] = (decision, wall)
+            outcome = result.outcome.value if decision.action is not Action.NONE else "reported"
+            record = DecisionRecord(decision, wall, outcome)
+            if decision.pid is not None:
+                self._last_vram[decision.gpu_uuid] = record
+            elif decision.action is Action.SET_POWER_LIMIT or decision.rule.startswith("power"):
+                self._last_power[decision.gpu_uuid] = record
             self._log_decision(result)
 
     def _log_decision(self, result: ActionResult) -> None:
@@ -633,8 +645,11 @@ class Daemon:
         ]
         default = self.config.vram.default_class.name
         key = [(gpu, p.pid, f.klass if f else default, (p.used_memory_bytes or 0) >> 20) for gpu, p, f in entries]
-        if key == self._process_table_key:
-            return
+        now_s = self.clock.wall()
+        written = self._process_table_written_s
+        fresh = written is not None and 0.0 <= now_s - written < self.config.poll_interval_s
+        if key == self._process_table_key and fresh:
+            return  # unchanged; still rewritten once per poll interval so readers can tell it is live
         self._process_table_key = key
         rows = [
             {
@@ -657,8 +672,17 @@ class Daemon:
             tmp = path.with_name(f".processes.json.{os.getpid()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({"wall_time_s": snapshot.wall_time_s, "processes": rows}, handle)
+                json.dump(
+                    {
+                        "daemon": {"pid": os.getpid(), "instance": self.instance_id},
+                        "written_at_s": now_s,
+                        "wall_time_s": snapshot.wall_time_s,
+                        "processes": rows,
+                    },
+                    handle,
+                )
             os.replace(tmp, path)
+            self._process_table_written_s = now_s
         except OSError as exc:
             self._process_table_disabled = True
             self.log.debug("process_table_disabled", path=str(path), error=exc.strerror or str(exc))
@@ -733,6 +757,8 @@ class Daemon:
                     unclassified_processes=unclassified,
                     memory_pressure=None if reading is None else under_pressure(reading, self.config.vram),
                     processes=rows,
+                    last_power=self._last_power.get(gpu.uuid),
+                    last_vram=self._last_vram.get(gpu.uuid),
                 )
             )
         self.published = PublishedState(
@@ -769,4 +795,7 @@ class Daemon:
             reserve_bytes=self.config.vram.reserve_bytes,
             process_action_counts=self._frozen(self._process_actions),
             per_process_metrics=self.config.vram.per_process_metrics,
+            pid=os.getpid(),
+            instance_id=self.instance_id,
+            runtime_dir=self.config.runtime_dir,
         )

@@ -197,6 +197,16 @@ class ProcessRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A decision as the daemon handled it: at ``wall_s`` (Unix time, s), with ``outcome``
+    (an :class:`Outcome` value, or ``"reported"`` for a decision that asks for no action)."""
+
+    decision: Decision
+    wall_s: float
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
 class GpuStatus:
     """What the governor knows and wants for one GPU after a tick (for metrics and ``status``)."""
 
@@ -213,6 +223,8 @@ class GpuStatus:
     unclassified_processes: int = 0
     memory_pressure: bool | None = None
     processes: tuple[ProcessRow, ...] = ()
+    last_power: DecisionRecord | None = None  # the last power-limit decision (never a zone change)
+    last_vram: DecisionRecord | None = None  # the last decision about a process's VRAM
 
 
 TICK_BUCKETS_S: tuple[float, ...] = (
@@ -269,3 +281,6 @@ class PublishedState:
     lateness_sum_s: float = 0.0
     lateness_count: int = 0
     tick_failures: int = 0
+    pid: int | None = None  # the daemon's process id
+    instance_id: str = ""  # random per daemon start: tells two daemons with a reused pid apart
+    runtime_dir: str = ""  # where the daemon writes processes.json ("" for none)
