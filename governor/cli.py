@@ -57,6 +57,7 @@ assumed; https when the config has tls_cert_file). --json prints one document pe
 exit codes:
   0  the daemon answered and every GPU is ok
   2  bad usage (e.g. a --url that is neither a URL nor HOST:PORT)
+  3  the --config file is invalid
   7  no answer: connection refused (is it running?), timeout, unknown host, TLS failure
   8  the daemon answered, and a GPU is lost or degraded (like systemctl is-failed)
   9  an answer that is not usable gpu-governor metrics: HTTP 401/403 (credentials), 404 (not a

@@ -584,7 +584,7 @@ def status_json(status: DaemonStatus, table: ProcessTable, url: str, now_s: floa
     """The ``--json`` document (docs/status-json.md); missing values are None, never 0."""
     gpus = []
     for r in status.rows():
-        gpu_mode = "monitor-only" if r.monitor_only else status.mode if status.mode != "monitor-only" else None
+        gpu_mode = "monitor-only" if r.monitor_only else None if status.dry_run is None else status.mode
         gpus.append(
             {
                 "index": r.index,
