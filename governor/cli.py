@@ -12,7 +12,9 @@ code  meaning
 4     no NVIDIA driver / NVML library (try ``--simulate``)
 5     the hardware backend failed fatally (e.g. driver upgraded): restart
 6     the metrics address cannot be bound (port in use, bad address)
-7     ``status``: the daemon's metrics endpoint cannot be reached
+7     ``status``: no answer from the metrics endpoint (refused, timeout, unknown host, TLS)
+8     ``status``: the daemon answered, and a GPU is lost or degraded
+9     ``status``: an answer that is not usable gpu-governor metrics (HTTP 401/403, 404, other)
 130   interrupted (Ctrl-C)
 141   stdout was closed early (``gpu-governor status | head -1``): the rest of the
       output is dropped quietly, as for a command killed by SIGPIPE (128 + 13)
@@ -29,13 +31,12 @@ import contextlib
 import faulthandler
 import getpass
 import io
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -63,6 +64,22 @@ EXIT_NO_DRIVER = 4
 EXIT_BACKEND_FATAL = 5
 EXIT_BIND = 6
 EXIT_UNREACHABLE = 7
+EXIT_GPU_UNHEALTHY = 8
+EXIT_BAD_ANSWER = 9
+STATUS_EPILOG = """\
+--url takes a URL (http://HOST:PORT/metrics, https://...) or a plain HOST:PORT (http is
+assumed; https when the config has tls_cert_file). --json prints one document per line
+(schema: docs/status-json.md). --watch repeats every SECONDS (default 2) until Ctrl-C.
+
+exit codes:
+  0  the daemon answered and every GPU is ok
+  2  bad usage (e.g. a --url that is neither a URL nor HOST:PORT)
+  3  the --config file is invalid
+  7  no answer: connection refused (is it running?), timeout, unknown host, TLS failure
+  8  the daemon answered, and a GPU is lost or degraded (like systemctl is-failed)
+  9  an answer that is not usable gpu-governor metrics: HTTP 401/403 (credentials), 404 (not a
+     gpu-governor endpoint), another HTTP error or other content
+"""
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -81,6 +98,16 @@ def _listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _watch_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0.1 <= seconds <= 86400:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"expected seconds between 0.1 and 86400, got {value!r}")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"config file (default {DEFAULT_CONFIG_PATH}, or the built-in defaults when it does not exist)",
     )
 
-    status = sub.add_parser("status", help="show what the running daemon sees and decided")
-    status.add_argument("--url", help="metrics URL (default: from the config, http://127.0.0.1:9847/metrics)")
+    status = sub.add_parser(
+        "status",
+        help="show what the running daemon sees and decided",
+        description="Show what the running daemon sees and decided, from its metrics endpoint.",
+        epilog=STATUS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument(
+        "--url",
+        help="metrics URL or HOST:PORT (default: from the config, http://127.0.0.1:9847/metrics)",
+    )
+    status.add_argument("--json", action="store_true", help="print a JSON document (docs/status-json.md)")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_watch_seconds,
+        metavar="SECONDS",
+        help="repeat every SECONDS (default 2) until Ctrl-C, like nvidia-smi -l",
+    )
     status.add_argument("--config", type=Path, default=None, help="config to take the metrics address from")
     status.add_argument("--cacert", help="CA or self-signed certificate to trust for https (default: tls_cert_file)")
     status.add_argument(
@@ -327,13 +372,19 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
-    """Fetch the daemon's metrics and print a per-GPU table."""
-    from governor.status import fetch_status, render_status
+    """Fetch the daemon's metrics and print a per-GPU table or a JSON document, once or
+    every ``--watch`` seconds; EXIT_GPU_UNHEALTHY when a GPU is lost or degraded."""
+    from governor import status as st
 
-    url = args.url
     config = _load_run_config(args.config) if args.config or DEFAULT_CONFIG_PATH.exists() else Config()
     tls = config.metrics.tls_cert_file
-    if url is None:
+    codes = {"usage": EXIT_USAGE, "unreachable": EXIT_UNREACHABLE, "answer": EXIT_BAD_ANSWER}
+    if args.url is not None:
+        try:
+            url = st.normalize_url(args.url, tls=bool(tls))
+        except st.StatusError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    else:
         host = config.metrics.listen_address
         host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host  # noqa: S104
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -343,24 +394,58 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         password = os.environ.get("GPU_GOVERNOR_METRICS_PASSWORD")
         if password is None:
             password = getpass.getpass(f"password for {args.user}: ")
-    try:
-        status = fetch_status(url, cafile=args.cacert or tls or None, username=args.user, password=password)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach the governor at {url}: {reason} (is it running?)", EXIT_UNREACHABLE) from None
-    out.write(render_status(status))
-    from governor.status import read_process_table, render_processes
 
-    runtime_dir = (_load_run_config(args.config) if args.config else Config()).runtime_dir
-    rows = read_process_table(f"{runtime_dir}/processes.json") if runtime_dir else None
-    if rows is None:
-        out.write(
-            f"\nprocesses: {runtime_dir}/processes.json is not readable: the daemon writes it (mode 0600) "
-            "when it can; run status as root to see every GPU process with its class\n"
-        )
-    else:
-        out.write("\n" + render_processes(rows))
-    return EXIT_OK
+    def once(first: bool) -> int:
+        try:
+            status = st.fetch_status(url, cafile=args.cacert or tls or None, username=args.user, password=password)
+        except st.StatusError as exc:
+            raise CliError(str(exc), codes[exc.kind]) from None
+        now_s = time.time()
+        table = st.load_process_table(status, now_s)
+        if args.json:
+            out.write(json.dumps(st.status_json(status, table, url, now_s), separators=(",", ":")) + "\n")
+        else:
+            if args.watch is not None:
+                out.write("\x1b[H\x1b[2J" if out.isatty() else "" if first else "\n")
+            out.write(st.render_status(status, now_s))
+            if table.rows is not None:
+                out.write("\n" + st.render_processes(table.rows))
+            else:
+                out.write(f"\nprocesses: not shown: {table.note}\n")
+            for problem in st.render_problems(status):
+                out.write(f"attention: {problem}\n")
+        out.flush()
+        return EXIT_GPU_UNHEALTHY if status.unhealthy() else EXIT_OK
+
+    try:
+        if args.watch is None:
+            return once(True)
+        first = True
+        while True:
+            try:
+                once(first)
+            except CliError as exc:
+                if exc.code == EXIT_USAGE:
+                    raise
+                sys.stderr.write(f"gpu-governor: {exc}\n")
+                sys.stderr.flush()
+            first = False
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        if args.watch is None:
+            raise
+        return EXIT_OK  # Ctrl-C ends --watch: the normal way out
+    except BrokenPipeError:  # `status | head -1`: the reader is gone, nothing more to say
+        _silence(out)
+        return EXIT_OK
+
+
+def _silence(out: TextIO) -> None:
+    """Point ``out``'s file descriptor at /dev/null so the interpreter's final flush cannot fail."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
 
 
 def _seconds(text: str | None, option: str) -> float | None:

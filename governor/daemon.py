@@ -17,6 +17,7 @@ import select
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,6 +36,7 @@ from governor.model import (
     ActionResult,
     ClassUsage,
     Decision,
+    DecisionRecord,
     GpuHealth,
     GpuReading,
     GpuStatus,
@@ -258,6 +260,10 @@ class Daemon:
         self._action_counts: Counter[tuple[int, str, str]] = Counter()
         self._read_errors: Counter[int] = Counter()
         self._last_decision: dict[str, tuple[Decision, float]] = {}
+        self._last_power: dict[str, DecisionRecord] = {}  # by GPU UUID
+        self._last_vram: dict[str, DecisionRecord] = {}  # by GPU UUID
+        self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
+        self._process_table_written_s: float | None = None  # wall time of the last write
         self._tick_count = 0
         self._tick_buckets = [0] * len(TICK_BUCKETS_S)
         self._late_buckets = [0] * len(TICK_BUCKETS_S)
@@ -568,6 +574,12 @@ class Daemon:
             if decision.action is not Action.NONE:
                 self._action_counts[(decision.gpu_index, decision.action.value, result.outcome.value)] += 1
             self._last_decision[decision.gpu_uuid] = (decision, wall)
+            outcome = result.outcome.value if decision.action is not Action.NONE else "reported"
+            record = DecisionRecord(decision, wall, outcome)
+            if decision.pid is not None:
+                self._last_vram[decision.gpu_uuid] = record
+            elif decision.action is Action.SET_POWER_LIMIT or decision.rule.startswith("power"):
+                self._last_power[decision.gpu_uuid] = record
             self._log_decision(result)
 
     def _log_transitions(self, snapshot: Snapshot) -> None:
@@ -714,8 +726,11 @@ class Daemon:
         ]
         default = self.config.vram.default_class.name
         key = [(gpu, p.pid, f.klass if f else default, (p.used_memory_bytes or 0) >> 20) for gpu, p, f in entries]
-        if key == self._process_table_key:
-            return
+        now_s = self.clock.wall()
+        written = self._process_table_written_s
+        fresh = written is not None and 0.0 <= now_s - written < self.config.poll_interval_s
+        if key == self._process_table_key and fresh:
+            return  # unchanged; still rewritten once per poll interval so readers can tell it is live
         self._process_table_key = key
         rows = [
             {
@@ -733,11 +748,19 @@ class Daemon:
             for gpu, process, facts in entries
         ]
         path = Path(self.config.runtime_dir) / "processes.json"
-        body = json.dumps({"wall_time_s": snapshot.wall_time_s, "processes": rows})
+        body = json.dumps(
+            {
+                "daemon": {"pid": os.getpid(), "instance": self.instance_id},
+                "written_at_s": now_s,
+                "wall_time_s": snapshot.wall_time_s,
+                "processes": rows,
+            }
+        )
         try:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             # An exclusive temporary file (mkstemp, 0600), renamed: a planted symlink is never followed.
             write_atomic(path, body.encode("utf-8"), durable=False)  # /run is tmpfs: nothing to fsync
+            self._process_table_written_s = now_s
         except OSError as exc:
             self._process_table_disabled = True
             self.log.debug("process_table_disabled", path=str(path), error=exc.strerror or str(exc))
@@ -755,16 +778,16 @@ class Daemon:
             self.log.warning("state_entry_rejected", detail=warning)
         hands_off = set(self.actuator.hands_off)
         indexes = {g.uuid: g.index for g in self._gpus}
-        for uuid in sorted(hands_off - self._hands_off_logged):
+        for gpu_uuid in sorted(hands_off - self._hands_off_logged):
             self.log.error(
                 "original_limit_unsaved",
-                gpu=indexes.get(uuid),
-                uuid=uuid,
-                reason=self.actuator.hands_off[uuid],
+                gpu=indexes.get(gpu_uuid),
+                uuid=gpu_uuid,
+                reason=self.actuator.hands_off[gpu_uuid],
                 effect="power limit left unchanged until the original is saved",
             )
-        for uuid in sorted(self._hands_off_logged - hands_off):
-            self.log.info("original_limit_saved", gpu=indexes.get(uuid), uuid=uuid)
+        for gpu_uuid in sorted(self._hands_off_logged - hands_off):
+            self.log.info("original_limit_saved", gpu=indexes.get(gpu_uuid), uuid=gpu_uuid)
         self._hands_off_logged = hands_off
 
     def _original_limit_saved(self, uuid: str) -> bool | None:
@@ -838,6 +861,8 @@ class Daemon:
                     memory_pressure=None if reading is None else under_pressure(reading, self.config.vram),
                     processes=rows,
                     original_limit_saved=self._original_limit_saved(gpu.uuid),
+                    last_power=self._last_power.get(gpu.uuid),
+                    last_vram=self._last_vram.get(gpu.uuid),
                 )
             )
         self.published = PublishedState(
@@ -874,4 +899,7 @@ class Daemon:
             reserve_bytes=self.config.vram.reserve_bytes,
             process_action_counts=self._frozen(self._process_actions),
             per_process_metrics=self.config.vram.per_process_metrics,
+            pid=os.getpid(),
+            instance_id=self.instance_id,
+            runtime_dir=self.config.runtime_dir,
         )

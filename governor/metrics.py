@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from governor.logsetup import escape
-from governor.model import TICK_BUCKETS_S, ZONES_BY_SEVERITY, GpuHealth, PublishedState
+from governor.model import TICK_BUCKETS_S, ZONES_BY_SEVERITY, DecisionRecord, GpuHealth, PublishedState
 
 PREFIX = "gpu_governor"
 GPU_LABELS = ["gpu", "uuid"]
@@ -67,6 +67,20 @@ def _governor_metrics(state: PublishedState) -> Iterator[Metric]:
     info = InfoMetricFamily(f"{PREFIX}_build", "Version and backend of the running governor.")
     info.add_metric([], {"version": state.version, "backend": state.backend, "dry_run": str(state.dry_run).lower()})
     yield info
+
+    daemon = InfoMetricFamily(
+        f"{PREFIX}_daemon",
+        "Which daemon answers: its pid, an id random per start, and the directory of its process table.",
+    )
+    daemon.add_metric(
+        [],
+        {
+            "pid": "" if state.pid is None else str(state.pid),
+            "instance": state.instance_id,
+            "runtime_dir": state.runtime_dir,
+        },
+    )
+    yield daemon
 
     config = InfoMetricFamily(f"{PREFIX}_config", "The configuration file in force.")
     config.add_metric([], {"source": state.config_source})
@@ -173,6 +187,22 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         "last_decision_info": InfoMetricFamily(
             f"{PREFIX}_gpu_last_decision", "The last decision for a GPU: its rule and change.", labels=GPU_LABELS
         ),
+        "last_power": _gauge(
+            "gpu_last_power_decision_timestamp_seconds", "Unix time of the last power-limit decision for a GPU."
+        ),
+        "last_power_info": InfoMetricFamily(
+            f"{PREFIX}_gpu_last_power_decision",
+            "The last power-limit decision for a GPU: rule, limits in watts, reason, outcome.",
+            labels=GPU_LABELS,
+        ),
+        "last_vram": _gauge(
+            "gpu_last_vram_decision_timestamp_seconds", "Unix time of the last process VRAM decision on a GPU."
+        ),
+        "last_vram_info": InfoMetricFamily(
+            f"{PREFIX}_gpu_last_vram_decision",
+            "The last process VRAM decision on a GPU: rule, action, process, sizes in bytes, reason, outcome.",
+            labels=GPU_LABELS,
+        ),
     }
     for status in state.gpus:
         info = status.info
@@ -202,6 +232,12 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
             families["last_decision_info"].add_metric(
                 labels, {"rule": d.rule, "from": _label(str(d.from_value)), "to": _label(str(d.to_value))}
             )
+        if status.last_power is not None:
+            families["last_power"].add_metric(labels, status.last_power.wall_s)
+            families["last_power_info"].add_metric(labels, _power_decision_labels(status.last_power))
+        if status.last_vram is not None:
+            families["last_vram"].add_metric(labels, status.last_vram.wall_s)
+            families["last_vram_info"].add_metric(labels, _vram_decision_labels(status.last_vram))
         families["zone"].add_metric(labels, {z.value: status.zone is z for z in ZONES_BY_SEVERITY})
         for zone, lower_c in status.zone_thresholds_c:
             families["threshold"].add_metric([*labels, zone.value], lower_c)
@@ -256,6 +292,42 @@ LABEL_MAX_CHARS = 64
 
 def _label(text: str) -> str:
     return escape(text)[:LABEL_MAX_CHARS]
+
+
+REASON_MAX_CHARS = 256
+"""Decision reasons in labels are escaped and cut to this length (a VRAM reason names the process)."""
+
+
+def _number(value: float | str | None) -> str:
+    """A number as a label value, exact (``200``, ``3221225472``, ``179.5``), or "" when missing (never 0)."""
+    if not isinstance(value, (int, float)):
+        return ""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _power_decision_labels(record: DecisionRecord) -> dict[str, str]:
+    d = record.decision
+    return {
+        "rule": d.rule,
+        "from_watts": _number(d.from_value),
+        "to_watts": _number(d.to_value),
+        "reason": escape(d.reason)[:REASON_MAX_CHARS],
+        "outcome": record.outcome,
+    }
+
+
+def _vram_decision_labels(record: DecisionRecord) -> dict[str, str]:
+    d = record.decision
+    return {
+        "rule": d.rule,
+        "action": d.action.value,
+        "pid": "" if d.pid is None else str(d.pid),
+        "class": d.process_class or "",
+        "used_bytes": _number(d.reading),
+        "budget_bytes": _number(d.threshold),
+        "reason": escape(d.reason)[:REASON_MAX_CHARS],
+        "outcome": record.outcome,
+    }
 
 
 def _vram_metrics(state: PublishedState) -> Iterator[Metric]:

@@ -197,6 +197,16 @@ class ProcessRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A decision as the daemon handled it: at ``wall_s`` (Unix time, s), with ``outcome``
+    (an :class:`Outcome` value, or ``"reported"`` for a decision that asks for no action)."""
+
+    decision: Decision
+    wall_s: float
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
 class GpuStatus:
     """What the governor knows and wants for one GPU after a tick (for metrics and ``status``)."""
 
@@ -214,6 +224,8 @@ class GpuStatus:
     memory_pressure: bool | None = None
     processes: tuple[ProcessRow, ...] = ()
     original_limit_saved: bool | None = None  # False: left alone, its original could not be saved
+    last_power: DecisionRecord | None = None  # the last power-limit decision (never a zone change)
+    last_vram: DecisionRecord | None = None  # the last decision about a process's VRAM
 
 
 TICK_BUCKETS_S: tuple[float, ...] = (
@@ -270,3 +282,6 @@ class PublishedState:
     lateness_sum_s: float = 0.0
     lateness_count: int = 0
     tick_failures: int = 0
+    pid: int | None = None  # the daemon's process id
+    instance_id: str = ""  # random per daemon start: tells two daemons with a reused pid apart
+    runtime_dir: str = ""  # where the daemon writes processes.json ("" for none)

@@ -72,16 +72,37 @@ class TestPromtool:
 
 
 class TestStatusTable:
-    def test_status_shows_the_last_decision_per_gpu(self, tmp_path: Path) -> None:
-        """`status` parses the scrape into a table whose LAST DECISION column names the rule and change."""
+    def test_status_shows_the_last_power_decision_per_gpu(self, tmp_path: Path) -> None:
+        """`status` shows each GPU's last power decision with watts, age and reason (GPU 1 has none)."""
         from governor.status import parse_status, render_status
 
         daemon, body = scrape_after_ticks(tmp_path, 5)
-        assert 'gpu_governor_gpu_last_decision_info{from="200.0",gpu="0",rule="power_step_down"' in body
+        assert 'gpu_governor_gpu_last_power_decision_info{from_watts="200",gpu="0",outcome="applied"' in body
         assert daemon.published is not None
-        when = dict((s.info.index, s.last_decision_wall_s) for s in daemon.published.gpus)[0]
-        assert when is not None
-        table = render_status(parse_status(body), now_s=when + 42)
-        gpu0 = next(line for line in table.splitlines() if line.startswith("0 "))
-        assert "power_step_down 200.0 -> 180.0 (42 s ago)" in gpu0
-        assert "LAST DECISION" in table
+        record = daemon.published.gpus[0].last_power
+        assert record is not None
+        text = render_status(parse_status(body), now_s=record.wall_s + 42)
+        assert (
+            "GPU 0 last power decision: 200 W -> 180 W 42 s ago: temperature 80 C >= 75 C for 3 consecutive samples"
+            in text
+        )
+        assert "GPU 1 last power decision: -" in text
+
+    def test_a_later_zone_change_does_not_hide_the_power_step(self, tmp_path: Path) -> None:
+        """A zone change after the step down is the newest decision, yet the last power decision stays the step."""
+        from governor.status import parse_status
+
+        clock = VirtualClock()
+        backend = ScriptedBackend(clock, lambda t, i: 80.0 if t < 6 else 86.0, gpu_count=1)
+        daemon = Daemon(
+            Config(state_dir=str(tmp_path)), backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier()
+        )
+        daemon.start()
+        for _ in range(10):
+            clock.advance(1.0)
+            daemon.tick()
+        assert daemon.published is not None
+        gpu = daemon.published.gpus[0]
+        assert gpu.last_decision is not None and gpu.last_decision.rule == "thermal_zone"
+        power = parse_status(generate_latest(build_registry(lambda: daemon.published)).decode()).gpus["0"].last_power
+        assert power is not None and (power.rule, power.from_w, power.to_w) == ("power_step_down", 200.0, 180.0)
