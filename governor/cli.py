@@ -435,17 +435,6 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         if args.watch is None:
             raise
         return EXIT_OK  # Ctrl-C ends --watch: the normal way out
-    except BrokenPipeError:  # `status | head -1`: the reader is gone, nothing more to say
-        _silence(out)
-        return EXIT_OK
-
-
-def _silence(out: TextIO) -> None:
-    """Point ``out``'s file descriptor at /dev/null so the interpreter's final flush cannot fail."""
-    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
-        os.close(devnull)
 
 
 def _seconds(text: str | None, option: str) -> float | None:
