@@ -24,18 +24,31 @@ import faulthandler
 import getpass
 import io
 import os
+import signal
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from governor import __version__
+from governor import __version__, earlysignals
 from governor.backends import Backend, BackendFatal, BackendUnavailable
 from governor.clock import Clock, RealClock
-from governor.config import DEFAULT_CONFIG_PATH, Config, ConfigError, check_metrics, load_config, render_config
+from governor.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    check_metrics,
+    check_resolved,
+    load_config,
+    render_config,
+)
+from governor.model import GpuInfo
+
+if TYPE_CHECKING:
+    from governor.daemon import Daemon, Waiter
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -79,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROFILE",
         help="use the simulated GPU backend (optionally with a profile name or file)",
     )
-    run.add_argument("--dry-run", action="store_true", help="decide and log, but change no power limit")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="decide and log every action, but take none: no power limit set, no process signalled",
+    )
     run.add_argument(
         "--wait-for-driver",
         action="store_true",
@@ -88,8 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="metrics address (default 127.0.0.1:9847)")
     run.add_argument("--log-format", choices=["auto", "console", "json", "journal"], help="log format")
 
-    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and print the effective config, with the power ladder each GPU gets",
+    )
     check.add_argument("path", nargs="?", type=Path, default=DEFAULT_CONFIG_PATH)
+    check.add_argument(
+        "--profile",
+        action="append",
+        metavar="PROFILE",
+        help="show the ladder on this simulated profile (name or TOML; repeatable; 'all': every built-in one) "
+        "instead of the GPUs the NVIDIA driver reports",
+    )
 
     status = sub.add_parser("status", help="show what the running daemon sees and decided")
     status.add_argument("--url", help="metrics URL (default: from the config, http://127.0.0.1:9847/metrics)")
@@ -193,6 +220,28 @@ def _apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
+    from governor.daemon import PipeWaiter
+
+    # Handlers first (main() blocked the signals until now): a SIGHUP or SIGTERM during
+    # the rest of start-up lands in the waiter's pipe and the loop handles it once running.
+    clock = RealClock()
+    waiter = PipeWaiter(clock)
+    previous = {signum: signal.getsignal(signum) for signum in earlysignals.HELD}
+    waiter.install_signal_handlers()
+    earlysignals.release()
+    try:
+        daemon = _build_daemon(args, clock, waiter)
+    except BaseException:
+        waiter.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        raise
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def _build_daemon(args: argparse.Namespace, clock: Clock, waiter: Waiter) -> Daemon:
+    """Config, backend and metrics for ``run``: every failure is a CliError or ConfigError."""
     from governor import logsetup
     from governor.daemon import Daemon
     from governor.httpserver import MetricsServer
@@ -204,7 +253,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _apply_run_flags(_load_run_config(args.config), args)
     check_metrics(config.metrics, config.source)  # --listen gets the same loopback/allow_remote check as the file
     logsetup.configure(config.logging.format, config.logging.level)
-    clock = RealClock()
     backend = _open_backend(config, clock)
     metrics = config.metrics
 
@@ -215,15 +263,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             where = f"{metrics.listen_address}:{metrics.port}"
             raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None
 
-    daemon = Daemon(
+    return Daemon(
         config,
         backend,
         clock,
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=serve if metrics.enabled else None,
+        waiter=waiter,
     )
-    daemon.install_signal_handlers()
-    return daemon.run()
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
@@ -231,10 +278,94 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     from governor.classes import config_warnings
 
     config = load_config(args.path)
+    gpus, where = _ladder_gpus(args.profile)
     out.write(render_config(config))
+    out.write(render_ladders(config, gpus, where))
     for warning in config_warnings(config.vram):
         sys.stderr.write(f"gpu-governor: config warning: {args.path}: {warning}\n")
+    if not args.profile:
+        # Real GPUs: what `run` would refuse at start is an error here too.
+        problems = check_resolved(config, gpus)
+        if problems:
+            raise ConfigError(problems)
     return EXIT_OK
+
+
+def _ladder_gpus(profiles: list[str] | None) -> tuple[list[GpuInfo], str]:
+    """The GPUs to show the effective ladder for, and a line saying where they come from:
+    the named simulated profiles, else the GPUs the NVIDIA driver reports, else (no driver)
+    every built-in profile."""
+    from governor.sim.profiles import load_profile, shipped_names
+
+    where = "simulated profile(s)"
+    if not profiles:
+        try:
+            from governor.backends.nvml import NvmlBackend
+
+            backend = NvmlBackend(RealClock())
+        except (BackendUnavailable, BackendFatal, ImportError, OSError) as exc:
+            where = f"the built-in simulated profiles (no NVIDIA driver answered: {_first_line(exc)})"
+            profiles = ["all"]
+        else:
+            try:
+                return list(backend.gpus()), "the GPUs the NVIDIA driver reports"
+            finally:
+                backend.close()
+    names: list[str] = []
+    for name in profiles:
+        names.extend(shipped_names("profiles") if name == "all" else [name])
+    gpus = []
+    for index, name in enumerate(names):
+        profile = load_profile(name)  # SimDataError is a ConfigError: one line, exit 3
+        gpus.append(
+            GpuInfo(
+                index=index,
+                uuid=f"profile:{profile.name}",
+                name=profile.gpu_name,
+                power_limit_min_w=profile.power_limit_min_w,
+                power_limit_max_w=profile.power_limit_max_w,
+                power_limit_default_w=profile.power_limit_default_w,
+            )
+        )
+    return gpus, where
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def render_ladders(config: Config, gpus: Sequence[GpuInfo], where: str) -> str:
+    """The effective power ladder per GPU as TOML comments (the rendered config stays loadable)."""
+    from governor.config import deep_cap_problem
+    from governor.rules.power import effective_ladder
+
+    lines = ["", f"# Effective power ladder per GPU, on {where}:"]
+    if not gpus:
+        lines.append("#   (no GPU)")
+    for gpu in gpus:
+        policy = config.policy_for(gpu)
+        label = gpu.uuid[len("profile:") :] if gpu.uuid.startswith("profile:") else f"GPU {gpu.index} {gpu.uuid}"
+        limits = (
+            f"default {_watts(gpu.power_limit_default_w)}, "
+            f"range {_watts(gpu.power_limit_min_w)}-{_watts(gpu.power_limit_max_w)}"
+        )
+        ladder = effective_ladder(policy.power.ladder_w, gpu)
+        if not policy.power.enabled:
+            shown = "power ladder off (power.enabled = false)"
+        elif not ladder:
+            shown = "none: the card reports no default or maximum limit to resolve percentages against"
+        else:
+            shown = " -> ".join(f"{w:g}" for w in ladder) + " W"
+        lines.append(f"#   {label} ({gpu.name}, {limits}): {shown}")
+        problem = deep_cap_problem(policy.power, gpu)
+        if problem is not None:
+            lines.append(f"#     REFUSED on this card: expected {problem[0]}, got {problem[1]}")
+    return "\n".join(lines) + "\n"
+
+
+def _watts(value: float | None) -> str:
+    return "?" if value is None else f"{value:g} W"
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
@@ -327,6 +458,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     """Entry point; returns the exit code."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    if earlysignals.hold_for_run(sys.argv[1:] if argv is None else argv):
+        # Queued, never fatal, until cmd_run has its handlers (``python -m governor`` held them
+        # even earlier, before the imports). Released by cmd_run, or below on a usage error.
+        try:
+            return _main(argv, out, err)
+        finally:
+            earlysignals.release()
+    return _main(argv, out, err)
+
+
+def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
+    """main() after the signals are held."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -346,8 +489,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         if args.command in ("calibrate", "replay", "simulate"):
             return _whatif(args, out, err)
     except ConfigError as exc:
-        for issue in exc.issues:
-            err.write(f"gpu-governor: config error: {issue}\n")
+        for line in exc.summary():
+            err.write(f"gpu-governor: config error: {line}\n")
         return EXIT_CONFIG
     except CliError as exc:
         err.write(f"gpu-governor: {exc}\n")

@@ -27,7 +27,7 @@ from governor import __version__
 from governor.actuator import Actuator
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock, VirtualClock
-from governor.config import Config, ConfigError, check_resolved, load_config
+from governor.config import Config, ConfigError, ConfigIssue, check_resolved, load_config
 from governor.logsetup import escape, get_logger
 from governor.model import (
     TICK_BUCKETS_S,
@@ -53,6 +53,11 @@ from governor.state import OriginalLimits
 
 RELOAD = "reload"
 STOP = "stop"
+
+RELOAD_SETTLE_S = 0.5
+"""A reloaded config must have stayed unchanged this long (seconds) before it is read."""
+RELOAD_SETTLE_MAX_S = 5.0
+"""The longest a reload waits for a file that keeps changing (seconds)."""
 
 
 class Waiter(Protocol):
@@ -232,6 +237,8 @@ class Daemon:
         self._frozen_cache: dict[int, tuple[tuple[int, int], tuple[tuple[Any, int], ...]]] = {}
         self._monitor_only_logged: set[str] = set()
         self._state_error_logged: str | None = None
+        self.reload_settle_s = RELOAD_SETTLE_S
+        self.reload_settle_max_s = RELOAD_SETTLE_MAX_S
 
     # ------------------------------------------------------------------ wiring
 
@@ -429,23 +436,77 @@ class Daemon:
         self.inspector.forget_except(facts)
         return facts
 
+    def _settle(self, path: Path) -> bool:
+        """Wait until ``path`` has stayed unchanged (inode, size, mtime) for ``reload_settle_s``.
+
+        A reload that reads a file while its writer is still writing it would apply a torn
+        file; a file last changed longer ago than the settle time is read at once. Waits at
+        most ``reload_settle_max_s``, then reads what is there (validation judges it). The
+        wait is on the waiter, so SIGTERM cuts it short: False means a stop was queued.
+        """
+        settle_s = self.reload_settle_s
+        if settle_s <= 0:
+            return True
+
+        def identity() -> tuple[int, int, int] | None:
+            try:
+                info = os.stat(path)
+            except OSError:
+                return None  # the read reports it
+            return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+        seen = identity()
+        if seen is None or time.time() - seen[2] / 1e9 >= settle_s:
+            return True
+        begin = quiet_since = self.clock.monotonic()
+        while True:
+            now = self.clock.monotonic()
+            if now - quiet_since >= settle_s:
+                return True
+            if now - begin >= self.reload_settle_max_s:
+                self.log.warning("config_still_changing", config=str(path), waited_s=round(now - begin, 3))
+                return True
+            events = self.waiter.wait(now + min(0.1, settle_s))
+            if STOP in events:
+                self.waiter.put(STOP)
+                return False
+            current = identity()
+            if current != seen:
+                seen, quiet_since = current, self.clock.monotonic()
+
     def reload(self) -> bool:
         """Validate the config file first; swap it in only if whole and valid."""
         self.notifier.reloading()
         try:
             if self.config_path is None:
                 raise ConfigError([])
+            if not self._settle(self.config_path):
+                return False  # asked to stop while waiting: the stop comes next
             new = self._load(self.config_path)
             combined = check_resolved(new, self._gpus)
             if combined:
                 raise ConfigError(combined)
-        except ConfigError as exc:
+        except Exception as exc:  # no file, however broken, may stop the governor
+            error = (
+                exc
+                if isinstance(exc, ConfigError)
+                else ConfigError(
+                    [
+                        ConfigIssue(
+                            str(self.config_path),
+                            "",
+                            "a config the governor can read",
+                            f"{type(exc).__name__}: {exc}"[:160],
+                        )
+                    ]
+                )
+            )
             self._config_ok = False
             self._reloads["failure"] += 1
             self.log.error(
                 "config_reload_failed",
                 config=str(self.config_path),
-                errors=[str(i) for i in exc.issues] or ["no config file to reload"],
+                errors=error.summary() or ["no config file to reload"],
                 kept=self.config.source,
             )
             self.notifier.ready(self.status_line())
