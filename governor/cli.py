@@ -278,12 +278,12 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     from governor.classes import config_warnings
 
     config = load_config(args.path)
-    gpus, where = _ladder_gpus(args.profile)
+    gpus, where, real = _ladder_gpus(args.profile)
     out.write(render_config(config))
     out.write(render_ladders(config, gpus, where))
     for warning in config_warnings(config.vram):
         sys.stderr.write(f"gpu-governor: config warning: {args.path}: {warning}\n")
-    if not args.profile:
+    if real:
         # Real GPUs: what `run` would refuse at start is an error here too.
         problems = check_resolved(config, gpus)
         if problems:
@@ -291,10 +291,10 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _ladder_gpus(profiles: list[str] | None) -> tuple[list[GpuInfo], str]:
-    """The GPUs to show the effective ladder for, and a line saying where they come from:
-    the named simulated profiles, else the GPUs the NVIDIA driver reports, else (no driver)
-    every built-in profile."""
+def _ladder_gpus(profiles: list[str] | None) -> tuple[list[GpuInfo], str, bool]:
+    """The GPUs to show the effective ladder for, where they come from, and whether they are
+    real: the named simulated profiles, else the GPUs the NVIDIA driver reports, else (no
+    driver) every built-in profile."""
     from governor.sim.profiles import load_profile, shipped_names
 
     where = "simulated profile(s)"
@@ -308,7 +308,7 @@ def _ladder_gpus(profiles: list[str] | None) -> tuple[list[GpuInfo], str]:
             profiles = ["all"]
         else:
             try:
-                return list(backend.gpus()), "the GPUs the NVIDIA driver reports"
+                return list(backend.gpus()), "the GPUs the NVIDIA driver reports", True
             finally:
                 backend.close()
     names: list[str] = []
@@ -327,7 +327,7 @@ def _ladder_gpus(profiles: list[str] | None) -> tuple[list[GpuInfo], str]:
                 power_limit_default_w=profile.power_limit_default_w,
             )
         )
-    return gpus, where
+    return gpus, where, False
 
 
 def _first_line(exc: BaseException) -> str:
