@@ -179,7 +179,9 @@ class TestKeys:
         assert c.logging == LoggingConfig("journal", "debug")
         assert c.simulation == SimulationConfig("h100-80gb", 4, "hot", 42, 30.0, "/tmp/sim.json", 10.0)
         assert c.thermal == ThermalPolicy(60.0, 70.0, 80.0, 90.0, 2.0)
-        assert c.power == PowerPolicy((300.0, 250.0, 200.0), 78.0, 60.0, 5, 120.0, 10.0, False, 600.0, 960.0, 1800.0, True)
+        assert c.power == PowerPolicy(
+            (300.0, 250.0, 200.0), 78.0, 60.0, 5, 120.0, 10.0, False, 600.0, 960.0, 1800.0, True
+        )
         assert c.gpus == (
             GpuOverride(
                 0,

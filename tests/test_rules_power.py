@@ -15,7 +15,9 @@ from governor.rules.thermal import next_zone
 from tests.helpers import CARD_200W, H100, reading, snapshot
 
 Z = ThermalZone
-POLICY = PowerPolicy()  # ladder 100/90 % (200/180 W on CARD_200W), down at 75 C x3, up at 65 C for 60 s, 30 s between changes
+POLICY = (
+    PowerPolicy()
+)  # ladder 100/90 % (200/180 W on CARD_200W), down at 75 C x3, up at 65 C for 60 s, 30 s between changes
 LADDER = effective_ladder(POLICY.ladder_w, CARD_200W)
 THREE = (400.0, 300.0, 200.0)
 SET_RULES = {"power_step_down", "power_step_up", "power_critical", "power_drift_reapply"}
