@@ -9,9 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -59,7 +60,7 @@ def child() -> Iterator[subprocess.Popen[bytes]]:
     proc.wait()
 
 
-def run_over_budget(config: Config, child: subprocess.Popen[bytes], seconds: int) -> list[dict[str, object]]:
+def run_over_budget(config: Config, child: subprocess.Popen[bytes], seconds: int) -> list[MutableMapping[str, Any]]:
     """A daemon on a simulated RTX 4070 with ``child`` attached at 4 GiB, stepped ``seconds`` virtual seconds."""
     clock = VirtualClock()
     backend: SimulatedBackend = build_simulated_backend(SimulationConfig(profile="rtx4070", scenario="idle"), clock)

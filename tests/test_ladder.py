@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import tomllib
 from structlog.testing import capture_logs
 
 from governor.cli import main
@@ -23,6 +22,11 @@ from governor.sim.profiles import load_profile
 from governor.sim.scenario import load_scenario
 from governor.whatif.simulate import SimSetup, compare
 from tests.helpers import H100
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 only
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 
