@@ -311,7 +311,15 @@ def _ladder(v: Any) -> str | None:
 # ``70``), never a policy. GPUs slow down at 83-92 C and shut down at 90-100 C; none runs
 # below 30 C under load. Documented in the README's config section.
 THRESHOLD_RANGE_C = (30.0, 120.0)
-_THRESHOLD = _between(*THRESHOLD_RANGE_C)
+
+
+def _THRESHOLD(v: Any) -> str | None:
+    lo, hi = THRESHOLD_RANGE_C
+    if lo <= v <= hi:
+        return None
+    return f"a temperature between {lo:g} and {hi:g} C (outside that range it is a typo or a torn file)"
+
+
 _THRESHOLD_TEXT = f"a temperature in C ({THRESHOLD_RANGE_C[0]:g} to {THRESHOLD_RANGE_C[1]:g})"
 
 THERMAL_KEYS: dict[str, Key] = {
