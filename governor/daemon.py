@@ -27,7 +27,7 @@ from governor import __version__
 from governor.actuator import Actuator
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock, VirtualClock
-from governor.config import Config, ConfigError, ConfigIssue, check_resolved, load_config
+from governor.config import Config, ConfigError, ConfigIssue, check_resolved, deep_cap_problem, load_config
 from governor.logsetup import escape, get_logger
 from governor.model import (
     TICK_BUCKETS_S,
@@ -243,7 +243,15 @@ class Daemon:
     # ------------------------------------------------------------------ wiring
 
     def _build_plans(self, config: Config) -> dict[str, GpuPlan]:
-        return {g.uuid: GpuPlan.build(g, config.policy_for(g)) for g in self._gpus}
+        """Each GPU's plan. A GPU the ladder would deep-cap by surprise (one that appeared after
+        start, where nothing can be refused any more) gets no ladder: never a silent cut."""
+        plans = {}
+        for gpu in self._gpus:
+            policy = config.policy_for(gpu)
+            if deep_cap_problem(policy.power, gpu) is not None:
+                policy = replace(policy, power=replace(policy.power, enabled=False))
+            plans[gpu.uuid] = GpuPlan.build(gpu, policy)
+        return plans
 
     def install_signal_handlers(self) -> None:
         """SIGHUP reloads, SIGTERM and SIGINT stop: the signals only wake the loop's waiter."""
@@ -399,7 +407,7 @@ class Daemon:
             self.log.warning("gpu_gone", uuid=gone)
         self._gpus = gpus
         for issue in check_resolved(self.config, gpus):
-            self.log.error("config_contradiction", detail=str(issue))
+            self.log.error("config_contradiction", detail=str(issue), effect="a refused ladder is not applied")
         self.plans = self._build_plans(self.config)
         self.actuator.set_gpus(gpus)
         appeared = new - old

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from governor.backends.simulated import SimulatedBackend
 from governor.cli import main
 from governor.clock import VirtualClock
 from governor.config import Config, ConfigError, PowerPolicy, check_resolved, load_config, parse_config, render_config
@@ -148,6 +149,40 @@ class TestDeepCap:
             assert plan.ladder_w == (700.0, 630.0)
         finally:
             daemon.stop()
+
+    def test_gpu_appearing_after_start_gets_no_deep_cap(self, tmp_path: Path) -> None:
+        """With --wait-for-driver an H100 that appears late under a deep absolute ladder is logged and left uncapped."""
+        from governor.backends import BackendUnavailable
+        from governor.backends.deferred import DeferredBackend
+        from governor.backends.simulated import build_simulated_backend
+        from governor.config import SimulationConfig
+
+        clock = VirtualClock()
+        attempts = []
+
+        def factory() -> SimulatedBackend:
+            attempts.append(clock.monotonic())
+            if len(attempts) == 1:
+                raise BackendUnavailable("driver not loaded yet")
+            return build_simulated_backend(SimulationConfig(profile="h100-80gb", scenario="hot-inlet-training"), clock)
+
+        backend = DeferredBackend(factory, clock, name="simulated")
+        config = replace(
+            parse_config({"power": {"ladder_w": [200.0, 180.0], "debounce_samples": 1}}, "f.toml"),
+            state_dir=str(tmp_path),
+            runtime_dir="",
+        )
+        daemon = Daemon(config, backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier())
+        with capture_logs() as logs:
+            daemon.start()
+            for _ in range(400):
+                clock.advance(1.0)
+                daemon.tick()
+            daemon.stop()
+        assert any(e["event"] == "config_contradiction" and "allow_deep_cap" in e["detail"] for e in logs)
+        assert not any(e["event"] == "power_limit_stepped" for e in logs)
+        (plan,) = daemon.plans.values()
+        assert plan.policy.power.enabled is False
 
 
 class TestCheckConfigLadder:
