@@ -299,6 +299,9 @@ def _ladder_gpus(profiles: list[str] | None) -> tuple[list[GpuInfo], str, bool]:
 
     where = "simulated profile(s)"
     if not profiles:
+        from governor import logsetup
+
+        logsetup.configure("console", "warning")  # NVML's events go to stderr: stdout stays loadable TOML
         try:
             from governor.backends.nvml import NvmlBackend
 

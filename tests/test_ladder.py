@@ -205,6 +205,23 @@ class TestCheckConfigLadder:
         refused = [line for line in out.splitlines() if "REFUSED" in line]
         assert len(refused) == 1 and "700 W" in refused[0]
 
+    def test_real_gpus_from_the_driver(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With a driver (a fake pynvml) check-config shows each real GPU's ladder and exits 3 on a deep cap."""
+        from tests.fake_pynvml import FakeGpu, FakeNvml
+
+        monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([FakeGpu(uuid="GPU-real-h100")]))
+        relative = write(tmp_path, "# defaults\n")
+        assert main(["check-config", str(relative)]) == 0
+        out = capsys.readouterr().out
+        assert "the GPUs the NVIDIA driver reports" in out
+        assert "GPU 0 GPU-real-h100 (NVIDIA H100 80GB HBM3, default 700 W, range 200 W-700 W): 700 -> 630 W" in out
+        deep = write(tmp_path, "[power]\nladder_w = [200.0, 180.0]\n", "deep.toml")
+        assert main(["check-config", str(deep)]) == 3
+        err = capsys.readouterr().err
+        assert "GPU-real-h100" in err and "allow_deep_cap" in err
+
     def test_without_a_driver_says_so_and_shows_profiles(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
