@@ -254,6 +254,16 @@ class TestAcceptance:
         assert 630.0 - 0.5 <= first_step < 700.0, first_step
         assert dict(run.decision_counts).get("power_step_down", 0) >= 1
 
+    def test_hot_inlet_scenario_does_what_the_docs_say(self) -> None:
+        """hot-inlet-training on h100-80gb: past 75 C within 3 min at 700 W, settling near 81 C (docs/simulation.md)."""
+        setup = SimSetup(load_profile("h100-80gb"), load_scenario("hot-inlet-training"), 1800.0)
+        baseline = compare(setup, [Config(source="defaults")], ["defaults"]).baseline
+        series = baseline.series[0]
+        first_hot = next(t for t, c in zip(series.t_s, series.temperature_c, strict=True) if c >= 75.0)
+        assert first_hot <= 180.0, first_hot
+        assert 79.5 <= series.temperature_c[-1] <= 82.5
+        assert {round(w) for w in series.limit_w if w == w} == {700}
+
     def test_rtx4070_seed_benchmark_unchanged(self) -> None:
         """The seed case (rtx4070, sustained-inference) still steps 200 -> 180 W and spends 0 s above 80 C."""
         setup = SimSetup(load_profile("rtx4070"), load_scenario("sustained-inference"), 4 * 3600.0)
