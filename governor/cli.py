@@ -270,6 +270,9 @@ def _build_daemon(args: argparse.Namespace, clock: Clock, waiter: Waiter) -> Dae
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=serve if metrics.enabled else None,
         waiter=waiter,
+        # The command line wins over the file on every reload too: a SIGHUP must never
+        # turn a `--dry-run` daemon live (nor undo --simulate, --listen, --log-format).
+        load=lambda path: _apply_run_flags(load_config(path), args),
     )
 
 

@@ -137,6 +137,36 @@ class TestGlobalDryRun:
 
 
 class TestRealDaemonProcess:
+    def test_reload_keeps_the_command_line_dry_run(self, tmp_path: Path) -> None:
+        """A SIGHUP to a `run --dry-run` daemon whose file says nothing of dry_run leaves it dry."""
+        from tests.support import free_port, scrape, wait_for
+
+        path = tmp_path / "governor.toml"
+        path.write_text(f'state_dir = "{tmp_path}/state"\nruntime_dir = ""\npoll_interval_s = 0.2\n')
+        port = free_port()
+        listen = ["--listen", f"127.0.0.1:{port}", "--log-format", "json"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "governor", "run", "--simulate", "--dry-run", "--config", str(path), *listen],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: "gpu_governor_ready 1" in scrape(port, 5.0), 60, "the daemon to be ready")
+            path.write_text(path.read_text() + "[thermal]\nwarning_c = 68.0\n")
+            past = time.time() - 5
+            os.utime(path, (past, past))
+            proc.send_signal(signal.SIGHUP)
+            wait_for(
+                lambda: 'gpu_governor_config_reloads_total{result="success"} 1.0' in scrape(port, 5.0), 60, "reload"
+            )
+            body = scrape(port, 5.0)
+            assert 'dry_run="true"' in body
+            assert 'zone="warning"} 68.0' in body  # the new file is in force, the flag with it
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+
     def test_dry_run_daemon_changes_no_limit(self, tmp_path: Path) -> None:
         """A real `run --simulate --dry-run` on the hot scenario logs would-set limits and never sets one."""
         state_file = tmp_path / "hw.json"
