@@ -60,7 +60,9 @@ def evaluate_gpu(
 ) -> tuple[GpuRuleState, list[Decision]]:
     """Run the thermal rule, the power ladder and the VRAM budgets for one GPU reading.
 
-    ``dry_run`` (the global one) marks every decision as dry: power and process decisions alike.
+    ``dry_run`` is the global dry run: drift checks are off (the target was never applied)
+    and every process decision is marked dry whatever ``[vram]`` or its class says; the
+    actuator, under the same flag, takes no action of any kind.
     """
     decisions: list[Decision] = []
     zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s)
