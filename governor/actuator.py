@@ -188,7 +188,7 @@ class Actuator:
         name = SIGNALS[decision.action].name
         if decision.pid is None or decision.process_start_time is None:
             return ActionResult(decision, Outcome.REFUSED, "process identity unknown: never signalled")
-        if decision.dry_run:
+        if decision.dry_run or self.dry_run:  # the global dry run covers every action
             return ActionResult(decision, Outcome.DRY_RUN, f"would send {name}")
         try:
             why_not = self._signaller(decision.pid, decision.process_start_time, SIGNALS[decision.action])

@@ -34,15 +34,16 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from governor import __version__
+from governor import __version__, earlysignals
 from governor.backends import Backend, BackendFatal, BackendUnavailable
 from governor.clock import Clock, RealClock
 from governor.config import (
@@ -50,11 +51,16 @@ from governor.config import (
     Config,
     ConfigError,
     check_metrics,
+    check_resolved,
     load_config,
     parse_toml,
     read_small_file,
     render_config,
 )
+from governor.model import GpuInfo
+
+if TYPE_CHECKING:
+    from governor.daemon import Waiter
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -127,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROFILE",
         help="use the simulated GPU backend (optionally with a profile name or file)",
     )
-    run.add_argument("--dry-run", action="store_true", help="decide and log, but change no power limit")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="decide and log every action, but take none: no power limit set, no process signalled",
+    )
     run.add_argument(
         "--wait-for-driver",
         action="store_true",
@@ -137,12 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=["auto", "console", "json", "journal"], help="log format")
     run.add_argument("--log-level", choices=LOG_LEVELS, help="lowest level logged (default: the config's, info)")
 
-    check = sub.add_parser("check-config", help="validate a config file and print the effective config")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and print the effective config, with the power ladder each GPU gets",
+    )
     check.add_argument(
         "path",
         nargs="?",
         type=Path,
         help=f"config file (default {DEFAULT_CONFIG_PATH}, or the built-in defaults when it does not exist)",
+    )
+    check.add_argument(
+        "--profile",
+        action="append",
+        metavar="PROFILE",
+        help="show the ladder on this simulated profile (name or TOML; repeatable; 'all': every built-in one) "
+        "instead of the GPUs the NVIDIA driver reports",
     )
 
     status = sub.add_parser(
@@ -304,6 +324,25 @@ def _make_private_dir() -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
+    from governor.daemon import PipeWaiter
+
+    # Handlers first (main() blocked the signals until now): a SIGHUP or SIGTERM during
+    # the rest of start-up lands in the waiter's pipe and the loop handles it once running.
+    clock = RealClock()
+    waiter = PipeWaiter(clock)
+    previous = {signum: signal.getsignal(signum) for signum in earlysignals.HELD}
+    waiter.install_signal_handlers()
+    earlysignals.release()
+    try:
+        return _configure_and_run(args, clock, waiter)
+    finally:
+        waiter.close()  # closed already when the daemon ran; here for a start that failed
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _configure_and_run(args: argparse.Namespace, clock: Clock, waiter: Waiter) -> int:
+    """Logging, config and (for a simulation) a private directory, then the daemon."""
     from governor import logsetup
 
     with contextlib.suppress(io.UnsupportedOperation, ValueError):  # stderr without a file descriptor
@@ -314,7 +353,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_metrics(config.metrics, where)  # --listen gets the same loopback/allow_remote check as the file
     logsetup.configure(config.logging.format, config.logging.level)
     if config.backend != "simulated":
-        return _run_daemon(args, config)
+        return _run_daemon(args, config, clock, waiter)
     # A simulation never touches the system: what it would write under /var/lib and /run
     # goes to a private directory, removed when it stops, unless the config names a directory.
     private = _make_private_dir()
@@ -323,19 +362,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_daemon(
             args,
             _private_dirs(config, private, path),
+            clock,
+            waiter,
             lambda path: _private_dirs(load_config(path), private, path),
         )
     finally:
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _run_daemon(args: argparse.Namespace, config: Config, load: Callable[[Path], Config] = load_config) -> int:
+def _run_daemon(
+    args: argparse.Namespace,
+    config: Config,
+    clock: Clock,
+    waiter: Waiter,
+    load: Callable[[Path], Config] = load_config,
+) -> int:
     """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
     from governor.daemon import Daemon
     from governor.httpserver import MetricsServer
     from governor.metrics import build_registry
 
-    clock = RealClock()
     backend = _open_backend(config, clock)
     metrics = config.metrics
 
@@ -352,7 +398,10 @@ def _run_daemon(args: argparse.Namespace, config: Config, load: Callable[[Path],
         clock,
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=serve if metrics.enabled else None,
-        load=load,
+        waiter=waiter,
+        # The command line wins over the file on every reload too: a SIGHUP must never
+        # turn a `--dry-run` daemon live (nor undo --simulate, --listen, --log-format).
+        load=lambda path: _apply_run_flags(load(path), args),
     )
     daemon.install_signal_handlers()
     return daemon.run()
@@ -365,10 +414,97 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     # No path: what `run` would use, the default file or, without one, the built-in defaults;
     # the first line of the output ("# effective configuration from ...") says which.
     config = load_config(args.path) if args.path is not None else _load_run_config(None)
+    gpus, where, real = _ladder_gpus(args.profile)
     out.write(render_config(config))
+    out.write(render_ladders(config, gpus, where))
     for warning in config_warnings(config.vram):
         sys.stderr.write(f"gpu-governor: config warning: {config.source}: {warning}\n")
+    if real:
+        # Real GPUs: what `run` would refuse at start is an error here too.
+        problems = check_resolved(config, gpus)
+        if problems:
+            raise ConfigError(problems)
     return EXIT_OK
+
+
+def _ladder_gpus(profiles: list[str] | None) -> tuple[list[GpuInfo], str, bool]:
+    """The GPUs to show the effective ladder for, where they come from, and whether they are
+    real: the named simulated profiles, else the GPUs the NVIDIA driver reports, else (no
+    driver) every built-in profile."""
+    from governor.sim.profiles import load_profile, shipped_names
+
+    where = "simulated profile(s)"
+    if not profiles:
+        from governor import logsetup
+
+        logsetup.configure("console", "warning")  # NVML's events go to stderr: stdout stays loadable TOML
+        try:
+            from governor.backends.nvml import NvmlBackend
+
+            backend = NvmlBackend(RealClock())
+        except (BackendUnavailable, BackendFatal, ImportError, OSError) as exc:
+            where = f"the built-in simulated profiles (no NVIDIA driver answered: {_first_line(exc)})"
+            profiles = ["all"]
+        else:
+            try:
+                return list(backend.gpus()), "the GPUs the NVIDIA driver reports", True
+            finally:
+                backend.close()
+    names: list[str] = []
+    for name in profiles:
+        names.extend(shipped_names("profiles") if name == "all" else [name])
+    gpus = []
+    for index, name in enumerate(names):
+        profile = load_profile(name)  # SimDataError is a ConfigError: one line, exit 3
+        gpus.append(
+            GpuInfo(
+                index=index,
+                uuid=f"profile:{profile.name}",
+                name=profile.gpu_name,
+                power_limit_min_w=profile.power_limit_min_w,
+                power_limit_max_w=profile.power_limit_max_w,
+                power_limit_default_w=profile.power_limit_default_w,
+            )
+        )
+    return gpus, where, False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def render_ladders(config: Config, gpus: Sequence[GpuInfo], where: str) -> str:
+    """The effective power ladder per GPU as TOML comments (the rendered config stays loadable)."""
+    from governor.config import deep_cap_problem
+    from governor.rules.power import effective_ladder
+
+    lines = ["", f"# Effective power ladder per GPU, on {where}:"]
+    if not gpus:
+        lines.append("#   (no GPU)")
+    for gpu in gpus:
+        policy = config.policy_for(gpu)
+        label = gpu.uuid[len("profile:") :] if gpu.uuid.startswith("profile:") else f"GPU {gpu.index} {gpu.uuid}"
+        limits = (
+            f"default {_watts(gpu.power_limit_default_w)}, "
+            f"range {_watts(gpu.power_limit_min_w)}-{_watts(gpu.power_limit_max_w)}"
+        )
+        ladder = effective_ladder(policy.power.ladder_w, gpu)
+        if not policy.power.enabled:
+            shown = "power ladder off (power.enabled = false)"
+        elif not ladder:
+            shown = "none: the card reports no default or maximum limit to resolve percentages against"
+        else:
+            shown = " -> ".join(f"{w:g}" for w in ladder) + " W"
+        lines.append(f"#   {label} ({gpu.name}, {limits}): {shown}")
+        problem = deep_cap_problem(policy.power, gpu)
+        if problem is not None:
+            lines.append(f"#     REFUSED on this card: expected {problem[0]}, got {problem[1]}")
+    return "\n".join(lines) + "\n"
+
+
+def _watts(value: float | None) -> str:
+    return "?" if value is None else f"{value:g} W"
 
 
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
@@ -573,6 +709,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     """Entry point; returns the exit code (see the module docstring)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    if earlysignals.hold_for_run(sys.argv[1:] if argv is None else argv):
+        # Queued, never fatal, until cmd_run has its handlers (``python -m governor`` held them
+        # even earlier, before the imports). Released by cmd_run, or below on a usage error.
+        try:
+            return _flushed_main(argv, out, err)
+        finally:
+            earlysignals.release()
+    return _flushed_main(argv, out, err)
+
+
+def _flushed_main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
+    """_main(), with a reader that went away (closed pipe) ending quietly with EXIT_BROKEN_PIPE."""
     try:
         try:
             return _main(argv, out, err)
@@ -586,6 +734,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
 
 
 def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
+    """main() after the signals are held: parse, dispatch, map errors to exit codes."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -594,8 +743,8 @@ def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
     try:
         code = _dispatch(args, out, err)
     except ConfigError as exc:
-        for issue in exc.issues:
-            err.write(f"gpu-governor: config error: {issue}\n")
+        for line in exc.summary():
+            err.write(f"gpu-governor: config error: {line}\n")
         return EXIT_CONFIG
     except CliError as exc:
         err.write(f"gpu-governor: {exc}\n")

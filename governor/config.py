@@ -10,6 +10,7 @@ running configuration: :func:`load_config` either returns a whole
 from __future__ import annotations
 
 import difflib
+import errno
 import fnmatch
 import ipaddress
 import math
@@ -44,6 +45,16 @@ Chosen to collide with none of the ports a GPU host already runs: 9100
 MAX_CONFIG_BYTES = 1024 * 1024
 """A governor config is a few kilobytes; anything over 1 MiB is refused unread."""
 
+MAX_SHOWN_ISSUES = 20
+"""At most this many problems of one file are printed or logged; the rest are counted."""
+
+DEEP_CAP_RATIO = 0.75
+"""An absolute top rung under this fraction of a card's default limit is a deep cap (refused
+unless ``power.allow_deep_cap``)."""
+
+Rung = float | str
+"""One ladder rung: watts (float) or a percentage of the card's default limit ("90%")."""
+
 
 @dataclass(frozen=True, slots=True)
 class ConfigIssue:
@@ -64,7 +75,16 @@ class ConfigError(Exception):
 
     def __init__(self, issues: Sequence[ConfigIssue]) -> None:
         self.issues = tuple(issues)
-        super().__init__("\n".join(str(i) for i in self.issues))
+        super().__init__("\n".join(self.summary()))
+
+    def summary(self, limit: int = MAX_SHOWN_ISSUES) -> list[str]:
+        """The first ``limit`` problems as lines, then one line counting the rest (a hostile
+        file with 50k unknown keys must not print megabytes)."""
+        lines = [str(i) for i in self.issues[:limit]]
+        rest = len(self.issues) - limit
+        if rest > 0:
+            lines.append(f"{self.issues[0].file}: ... and {rest} more problem(s) not shown")
+        return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +101,16 @@ class ThermalPolicy:
 
 @dataclass(frozen=True, slots=True)
 class PowerPolicy:
-    """The power ladder: rungs in watts, highest first, and when to move on it.
+    """The power ladder: rungs highest first, and when to move on it.
+
+    A rung is watts (a float) or a percentage of the card's own default power limit
+    (a string such as ``"90%"``, the default as NVML reports it); one ladder is all
+    watts or all percentages. Rungs are resolved per GPU and clamped to its allowed
+    range (:func:`governor.rules.power.effective_ladder`): the built-in
+    ``("100%", "90%")`` gives an RTX 4070 (200 W default) 200 -> 180 W and an H100
+    (700 W) 700 -> 630 W. An absolute ladder whose top rung is under ``DEEP_CAP_RATIO``
+    of a card's default limit is refused for that card unless ``allow_deep_cap`` is
+    true (:func:`check_resolved`): a deep cap is never applied by accident.
 
     One rung down after ``debounce_samples`` consecutive readings >=
     ``step_down_at_c``; one rung up after the temperature stayed <= ``step_up_at_c``
@@ -94,7 +123,7 @@ class PowerPolicy:
     halves it again, back to ``dwell_s``. ``flap_window_s = 0`` turns the backoff off.
     """
 
-    ladder_w: tuple[float, ...] = (200.0, 180.0)
+    ladder_w: tuple[Rung, ...] = ("100%", "90%")
     step_down_at_c: float = 75.0
     step_up_at_c: float = 65.0
     debounce_samples: int = 3
@@ -104,6 +133,7 @@ class PowerPolicy:
     flap_window_s: float = 900.0
     dwell_max_s: float = 1800.0
     backoff_decay_s: float = 3600.0
+    allow_deep_cap: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +259,7 @@ Validator = Callable[[Any], "str | None"]
 class Key:
     """How one config key is checked and converted."""
 
-    kind: str  # "float" | "int" | "bool" | "str" | "float_list"
+    kind: str  # "float" | "int" | "bool" | "str" | "ladder"
     expected: str
     check: Validator | None = None
 
@@ -256,30 +286,57 @@ def _one_of(*choices: str) -> Validator:
     return check
 
 
+def percent_of(rung: str) -> float:
+    """The percentage of a relative rung (``"90%"`` -> 90.0); the rung was validated at load."""
+    return float(rung.rstrip("%"))
+
+
 def _ladder(v: Any) -> str | None:
     if not v:
-        return "a non-empty list of watts, highest first"
-    if any(x <= 0 for x in v):
+        return "a non-empty list of rungs, highest first"
+    relative = [isinstance(x, str) for x in v]
+    if any(relative) and not all(relative):
+        return "rungs all in watts or all in percent of the card's default limit, not mixed"
+    values = [percent_of(x) if isinstance(x, str) else x for x in v]
+    if all(relative) and any(not 10.0 <= x <= 100.0 for x in values):
+        return "percentages between 10% and 100% of the card's default limit"
+    if any(x <= 0 for x in values):
         return "watts greater than 0"
-    if any(b >= a for a, b in itertools.pairwise(v)):
-        return "a strictly descending list of watts (highest rung first)"
+    if any(b >= a for a, b in itertools.pairwise(values)):
+        return "a strictly descending list of rungs (highest rung first)"
     return None
 
 
-_TEMP = _between(-40.0, 150.0)
+# Plausible ranges: a value outside them is a typo or a torn file (``warning_c = 7`` cut from
+# ``70``), never a policy. GPUs slow down at 83-92 C and shut down at 90-100 C; none runs
+# below 30 C under load. Documented in the README's config section.
+THRESHOLD_RANGE_C = (30.0, 120.0)
+
+
+def _THRESHOLD(v: Any) -> str | None:
+    lo, hi = THRESHOLD_RANGE_C
+    if lo <= v <= hi:
+        return None
+    return f"a temperature between {lo:g} and {hi:g} C (outside that range it is a typo or a torn file)"
+
+
+_THRESHOLD_TEXT = f"a temperature in C ({THRESHOLD_RANGE_C[0]:g} to {THRESHOLD_RANGE_C[1]:g})"
 
 THERMAL_KEYS: dict[str, Key] = {
-    "warning_c": Key("float", "a temperature in C", _TEMP),
-    "hot_c": Key("float", "a temperature in C", _TEMP),
-    "throttle_c": Key("float", "a temperature in C", _TEMP),
-    "critical_c": Key("float", "a temperature in C", _TEMP),
-    "hysteresis_c": Key("float", "degrees C", _between(0.0, 30.0)),
+    "warning_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
+    "hot_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
+    "throttle_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
+    "critical_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
+    "hysteresis_c": Key("float", "degrees C (0 to 30)", _between(0.0, 30.0)),
 }
 POWER_KEYS: dict[str, Key] = {
     "enabled": Key("bool", "true or false"),
-    "ladder_w": Key("float_list", "a list of watts", _ladder),
-    "step_down_at_c": Key("float", "a temperature in C", _TEMP),
-    "step_up_at_c": Key("float", "a temperature in C", _TEMP),
+    "ladder_w": Key(
+        "ladder", 'a list of rungs: watts (200.0) or percent of the card\'s default limit ("90%")', _ladder
+    ),
+    "allow_deep_cap": Key("bool", "true or false (true: an absolute ladder may cap far below a card's default)"),
+    "step_down_at_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
+    "step_up_at_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
     "debounce_samples": Key("int", "a whole number of samples", _between(1, 3600)),
     "dwell_s": Key("float", "seconds", _between(0.0, 86400.0)),
     "min_change_interval_s": Key("float", "seconds", _between(0.0, 86400.0)),
@@ -338,8 +395,16 @@ class _Collector:
 
 
 def _describe(value: Any) -> str:
+    """A value for a message: its repr cut to 60 characters and its type; never raises."""
     kind = type(value).__name__
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits ({kind})"
+    if isinstance(value, (list, dict)) and len(value) > 20:
+        return f"a {kind} of {len(value)} items"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # nested too deep, or too long to print
+        return f"a {kind} nested too deeply to show"
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} ({kind})"
@@ -373,17 +438,18 @@ def _convert(key: Key, value: Any, path: str, out: _Collector) -> Any:
         ok = isinstance(value, str)
         converted = value if ok else None
         expected = f"{key.expected} (a string)"
-    elif key.kind == "float_list":
+    elif key.kind == "ladder":
         ok = isinstance(value, list)
         converted = None
         if ok:
-            items: list[float] = []
+            items: list[Rung] = []
             for i, item in enumerate(value):
-                if not _finite_number(item):
-                    out.add(f"{path}[{i}]", "watts (a number)", _describe(item))
+                rung = _rung(item)
+                if rung is None:
+                    out.add(f"{path}[{i}]", 'watts (a number) or a percentage such as "90%"', _describe(item))
                     ok = False
                 else:
-                    items.append(float(item))
+                    items.append(rung)
             if not ok:
                 return None
             converted = tuple(items)
@@ -401,10 +467,27 @@ def _convert(key: Key, value: Any, path: str, out: _Collector) -> Any:
     return converted
 
 
+def _rung(item: Any) -> Rung | None:
+    """A ladder item as watts (float) or a normalised percentage ("90%"), None when neither."""
+    if _finite_number(item):
+        return float(item)
+    if isinstance(item, str) and 1 < len(item) <= 12 and item.endswith("%"):
+        number = item[:-1].strip()
+        if number and all(ch.isdigit() or ch == "." for ch in number) and number.count(".") <= 1 and number != ".":
+            return f"{float(number):g}%"
+    return None
+
+
+def _short(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters for a message (a key name can be megabytes long)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _unknown(path: str, name: str, known: Sequence[str], out: _Collector) -> None:
+    name = _short(name)
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    out.add(path, "one of the known keys: " + ", ".join(sorted(known)), f"unknown key '{name}'{hint}")
+    out.add(_short(path, 80), "one of the known keys: " + ", ".join(sorted(known)), f"unknown key '{name}'{hint}")
 
 
 def _section(table: Mapping[str, Any], schema: Mapping[str, Key], prefix: str, out: _Collector) -> dict[str, Any]:
@@ -461,7 +544,36 @@ def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]
         prefix = f"[[gpu]] overrides for GPU {gpu.index} ({gpu.name}) combined: "
         _thermal_contradictions(policy.thermal, prefix, out)
         _power_contradictions(policy.power, prefix, out)
+        problem = deep_cap_problem(policy.power, gpu)
+        if problem is not None:
+            out.add(f"power.ladder_w for GPU {gpu.index} ({gpu.name}, {gpu.uuid})", *problem)
     return out.issues
+
+
+def deep_cap_problem(power: PowerPolicy, gpu: GpuInfo) -> tuple[str, str] | None:
+    """(expected, got) when an absolute ladder's top rung lies under ``DEEP_CAP_RATIO`` of the
+    card's default limit and ``allow_deep_cap`` is off; None when the ladder fits the card.
+
+    The installed ladder of one card family must never silently cap another (an H100 held
+    at 200 W by a ladder written for a 200 W card).
+    """
+    from governor.rules.power import effective_ladder
+
+    default_w = gpu.power_limit_default_w
+    if not power.enabled or power.allow_deep_cap or default_w is None or default_w <= 0:
+        return None
+    if any(isinstance(rung, str) for rung in power.ladder_w):
+        return None  # relative rungs follow the card
+    ladder = effective_ladder(power.ladder_w, gpu)
+    if not ladder or ladder[0] >= DEEP_CAP_RATIO * default_w:
+        return None
+    top = ladder[0]
+    return (
+        f"a top rung of at least {DEEP_CAP_RATIO:.0%} of this card's default limit {default_w:g} W "
+        f'(fixes: a relative ladder such as ladder_w = ["100%", "90%"], a [[gpu]] override with a '
+        "ladder for this card, or power.allow_deep_cap = true for a deliberate deep cap)",
+        f"a top rung of {top:g} W ({top / default_w:.0%} of {default_w:g} W)",
+    )
 
 
 def is_loopback(address: str) -> bool:
@@ -685,18 +797,29 @@ def _parse_override(
     )
 
 
-def read_small_file(path: Path, error: type[ConfigError] = ConfigError) -> bytes:
-    """Read a config, profile or scenario file, refusing anything that is not a small regular file."""
+def read_small_file(
+    path: Path, error: type[ConfigError] = ConfigError, *, nofollow: bool = False, trust_euid: int | None = None
+) -> bytes:
+    """Read a config, profile or scenario file, refusing anything that is not a small regular file.
+
+    The file is opened once and everything is checked on that one descriptor (fstat), so
+    a writer that replaces the file meanwhile cannot make the checks and the read see two
+    different files. ``nofollow`` refuses a symbolic link as the last component;
+    ``trust_euid`` (the effective uid, for the config) applies :func:`check_trust`'s rules.
+    """
     source = str(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
     try:
         # O_NONBLOCK: opening a FIFO with no writer would otherwise block forever.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
         with open(fd, "rb") as handle:
             info = os.fstat(handle.fileno())
             if stat.S_ISDIR(info.st_mode):
                 raise error([ConfigIssue(source, "", "a regular file", "a directory")])
             if not stat.S_ISREG(info.st_mode):
                 raise error([ConfigIssue(source, "", "a regular file", "a device, pipe or directory")])
+            if trust_euid is not None:
+                _check_trust_info(source, info, trust_euid)
             data = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise error([ConfigIssue(source, "", "an existing file", "no such file")]) from None
@@ -705,6 +828,10 @@ def read_small_file(path: Path, error: type[ConfigError] = ConfigError) -> bytes
     except PermissionError:
         raise error([ConfigIssue(source, "", "a readable file", "permission denied")]) from None
     except OSError as exc:
+        if nofollow and exc.errno == errno.ELOOP:
+            raise error(
+                [ConfigIssue(source, "", "a regular file, not a symbolic link (name its target)", "a symbolic link")]
+            ) from None
         raise error([ConfigIssue(source, "", "a readable file", exc.strerror or str(exc))]) from None
     if len(data) > MAX_CONFIG_BYTES:
         raise error([ConfigIssue(source, "", f"a file of at most {MAX_CONFIG_BYTES} bytes", "a larger file")])
@@ -717,10 +844,13 @@ def check_trust(path: Path, euid: int | None = None) -> None:
     The file decides which processes get signalled and which power limits get set,
     so anyone who can write it can act as root.
     """
-    euid = os.geteuid() if euid is None else euid
+    _check_trust_info(str(path), os.stat(path), os.geteuid() if euid is None else euid)
+
+
+def _check_trust_info(source: str, info: os.stat_result, euid: int) -> None:
+    """check_trust on the status of an open file (its owner and mode)."""
     if euid != 0:
         return
-    info = os.stat(path)
     problems = []
     if info.st_uid != 0:
         problems.append(f"owned by uid {info.st_uid}")
@@ -730,7 +860,7 @@ def check_trust(path: Path, euid: int | None = None) -> None:
         raise ConfigError(
             [
                 ConfigIssue(
-                    str(path),
+                    source,
                     "",
                     "a file owned by root and writable only by root, since it decides "
                     "which processes are signalled (fix: chown root:root, chmod 644)",
@@ -756,18 +886,32 @@ def parse_toml(data: bytes, source: str, error: type[ConfigError] = ConfigError)
 
 
 def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
-    """Read, parse and validate ``path``; raise ConfigError naming every problem."""
+    """Read, parse and validate ``path``; raise ConfigError naming every problem.
+
+    The file is read once through one descriptor (no symbolic link, trust checked on that
+    descriptor). Any failure at all - a nesting too deep for the parser, an integer too
+    long to print, a bug - is a ConfigError, so a reload is refused and a start exits 3
+    instead of the daemon dying on a file.
+    """
     path = Path(path)
     source = str(path)
-    data = read_small_file(path)
-    if enforce_trust:
-        check_trust(path)
+    data = read_small_file(path, nofollow=True, trust_euid=os.geteuid() if enforce_trust else None)
     if not data.strip():
         # A truncated file (a failed write, a full disk) must not silently reset every setting.
         raise ConfigError(
             [ConfigIssue(source, "", "a TOML document (a file of only comments means all defaults)", "an empty file")]
         )
-    return parse_config(parse_toml(data, source), source)
+    try:
+        return parse_config(parse_toml(data, source), source)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(
+            [ConfigIssue(source, "", "TOML nested at most a few hundred levels deep", "deeper nesting")]
+        ) from None
+    except Exception as exc:  # whatever a hostile file triggers is its error
+        detail = _short(f"{type(exc).__name__}: {exc}", 120)
+        raise ConfigError([ConfigIssue(source, "", "a config the governor can read", detail)]) from None
 
 
 # --------------------------------------------------------------------------- output

@@ -28,7 +28,7 @@ from governor import __version__
 from governor.actuator import Actuator
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock, VirtualClock
-from governor.config import Config, ConfigError, ConfigIssue, check_resolved, load_config
+from governor.config import Config, ConfigError, ConfigIssue, check_resolved, deep_cap_problem, load_config
 from governor.logsetup import escape, get_logger
 from governor.model import (
     TICK_BUCKETS_S,
@@ -56,6 +56,11 @@ from governor.state import OriginalLimits
 
 RELOAD = "reload"
 STOP = "stop"
+
+RELOAD_SETTLE_S = 0.5
+"""A reloaded config must have stayed unchanged this long (seconds) before it is read."""
+RELOAD_SETTLE_MAX_S = 5.0
+"""The longest a reload waits for a file that keeps changing (seconds)."""
 
 
 def memory_only_originals(config: Config) -> bool:
@@ -281,11 +286,21 @@ class Daemon:
         self._health: dict[str, GpuHealth] = {}  # by UUID, as of the last tick
         self._pressure: dict[str, bool] = {}  # by UUID: memory pressure as of the last tick
         self._hands_off_logged: set[str] = set()
+        self.reload_settle_s = RELOAD_SETTLE_S
+        self.reload_settle_max_s = RELOAD_SETTLE_MAX_S
 
     # ------------------------------------------------------------------ wiring
 
     def _build_plans(self, config: Config) -> dict[str, GpuPlan]:
-        return {g.uuid: GpuPlan.build(g, config.policy_for(g)) for g in self._gpus}
+        """Each GPU's plan. A GPU the ladder would deep-cap by surprise (one that appeared after
+        start, where nothing can be refused any more) gets no ladder: never a silent cut."""
+        plans = {}
+        for gpu in self._gpus:
+            policy = config.policy_for(gpu)
+            if deep_cap_problem(policy.power, gpu) is not None:
+                policy = replace(policy, power=replace(policy.power, enabled=False))
+            plans[gpu.uuid] = GpuPlan.build(gpu, policy)
+        return plans
 
     def install_signal_handlers(self) -> None:
         """SIGHUP reloads, SIGTERM and SIGINT stop: the signals only wake the loop's waiter."""
@@ -448,7 +463,7 @@ class Daemon:
             self.log.warning("gpu_gone", uuid=gone)
         self._gpus = gpus
         for issue in check_resolved(self.config, gpus):
-            self.log.error("config_contradiction", detail=str(issue))
+            self.log.error("config_contradiction", detail=str(issue), effect="a refused ladder is not applied")
         self.plans = self._build_plans(self.config)
         self.actuator.set_gpus(gpus)
         appeared = new - old
@@ -497,23 +512,77 @@ class Daemon:
         self.inspector.forget_except(facts)
         return facts
 
+    def _settle(self, path: Path) -> bool:
+        """Wait until ``path`` has stayed unchanged (inode, size, mtime) for ``reload_settle_s``.
+
+        A reload that reads a file while its writer is still writing it would apply a torn
+        file; a file last changed longer ago than the settle time is read at once. Waits at
+        most ``reload_settle_max_s``, then reads what is there (validation judges it). The
+        wait is on the waiter, so SIGTERM cuts it short: False means a stop was queued.
+        """
+        settle_s = self.reload_settle_s
+        if settle_s <= 0:
+            return True
+
+        def identity() -> tuple[int, int, int] | None:
+            try:
+                info = os.stat(path)
+            except OSError:
+                return None  # the read reports it
+            return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+        seen = identity()
+        if seen is None or time.time() - seen[2] / 1e9 >= settle_s:
+            return True
+        begin = quiet_since = self.clock.monotonic()
+        while True:
+            now = self.clock.monotonic()
+            if now - quiet_since >= settle_s:
+                return True
+            if now - begin >= self.reload_settle_max_s:
+                self.log.warning("config_still_changing", config=str(path), waited_s=round(now - begin, 3))
+                return True
+            events = self.waiter.wait(now + min(0.1, settle_s))
+            if STOP in events:
+                self.waiter.put(STOP)
+                return False
+            current = identity()
+            if current != seen:
+                seen, quiet_since = current, self.clock.monotonic()
+
     def reload(self) -> bool:
         """Validate the config file first; swap it in only if whole and valid."""
         self.notifier.reloading()
         try:
             if self.config_path is None:
                 raise ConfigError([])
+            if not self._settle(self.config_path):
+                return False  # asked to stop while waiting: the stop comes next
             new = self._load(self.config_path)
             combined = check_resolved(new, self._gpus)
             if combined:
                 raise ConfigError(combined)
-        except ConfigError as exc:
+        except Exception as exc:  # no file, however broken, may stop the governor
+            error = (
+                exc
+                if isinstance(exc, ConfigError)
+                else ConfigError(
+                    [
+                        ConfigIssue(
+                            str(self.config_path),
+                            "",
+                            "a config the governor can read",
+                            f"{type(exc).__name__}: {exc}"[:160],
+                        )
+                    ]
+                )
+            )
             self._config_ok = False
             self._reloads["failure"] += 1
             self.log.error(
                 "config_reload_failed",
                 config=str(self.config_path),
-                errors=[str(i) for i in exc.issues] or ["no config file to reload"],
+                errors=error.summary() or ["no config file to reload"],
                 kept=self.config.source,
             )
             self.notifier.ready(self.status_line())

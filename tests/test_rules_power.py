@@ -15,7 +15,9 @@ from governor.rules.thermal import next_zone
 from tests.helpers import CARD_200W, H100, reading, snapshot
 
 Z = ThermalZone
-POLICY = PowerPolicy()  # ladder 200/180 W, down at 75 C x3, up at 65 C for 60 s, 30 s between changes
+POLICY = (
+    PowerPolicy()
+)  # ladder 100/90 % (200/180 W on CARD_200W), down at 75 C x3, up at 65 C for 60 s, 30 s between changes
 LADDER = effective_ladder(POLICY.ladder_w, CARD_200W)
 THREE = (400.0, 300.0, 200.0)
 SET_RULES = {"power_step_down", "power_step_up", "power_critical", "power_drift_reapply"}
@@ -488,8 +490,9 @@ class TestEngine:
         assert states[H100.uuid].ladder.rung is None
 
     def test_plan_clamps_ladder(self) -> None:
-        """GpuPlan.build resolves the ladder against the GPU's range."""
-        assert plan(H100).ladder_w == (200.0,)
+        """GpuPlan.build resolves percent rungs against the default limit, watts against the range."""
+        assert plan(H100).ladder_w == (700.0, 630.0)
+        assert plan(H100, replace(POLICY, ladder_w=(200.0, 180.0))).ladder_w == (200.0,)
 
     def test_evaluate_gpu_passes_previous_zone(self) -> None:
         """Entering critical via evaluate_gpu uses the stored zone as previous and jumps to the floor."""

@@ -8,7 +8,7 @@ zone change to ``unknown``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from governor.classes import VramPolicy
 from governor.config import GpuPolicy
@@ -58,7 +58,12 @@ def evaluate_gpu(
     vram: VramPolicy | None = None,
     facts: Mapping[int, ProcessFacts] | None = None,
 ) -> tuple[GpuRuleState, list[Decision]]:
-    """Run the thermal rule, the power ladder and the VRAM budgets for one GPU reading."""
+    """Run the thermal rule, the power ladder and the VRAM budgets for one GPU reading.
+
+    ``dry_run`` is the global dry run: drift checks are off (the target was never applied)
+    and every process decision is marked dry whatever ``[vram]`` or its class says; the
+    actuator, under the same flag, takes no action of any kind.
+    """
     decisions: list[Decision] = []
     zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s)
     if zone_decision is not None:
@@ -78,6 +83,10 @@ def evaluate_gpu(
     decisions.extend(power_decisions)
     vram_state = state.vram
     if vram is not None and facts is not None:
+        if dry_run and not vram.dry_run:
+            # One dry run: the global one covers process signals too; a class's own
+            # dry_run = false cannot turn them back on.
+            vram = replace(vram, dry_run=True)
         vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s)
         decisions.extend(vram_decisions)
     return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state), decisions

@@ -6,8 +6,10 @@
   ``dwell_s`` seconds (the dwell restarts after each step up).
 * Never more than one change per ``min_change_interval_s``, except that entering
   the critical zone drops straight to the lowest rung.
-* Every rung is clamped to the GPU's allowed range, so a 180 W rung on an H100
-  (200-700 W) becomes 200 W.
+* A rung is watts or a percentage of the card's default limit ("90%": 180 W on a
+  200 W RTX 4070, 630 W on a 700 W H100); every rung is then clamped to the GPU's
+  allowed range, so a 180 W rung on an H100 (200-700 W) becomes 200 W (and an
+  absolute ladder that deep is refused at load unless ``allow_deep_cap``).
 * A missing temperature holds the current limit: never a step up on no data.
 * Anti-flap backoff (lazy when releasing, as thermald): a step down (or critical
   jump) within ``flap_window_s`` of the last step up doubles the dwell before the
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from governor.config import PowerPolicy
+from governor.config import PowerPolicy, Rung, percent_of
 from governor.durations import format_seconds
 from governor.model import Action, Decision, GpuInfo, GpuReading, ThermalZone
 
@@ -64,10 +66,28 @@ def clamp_w(limit_w: float, gpu: GpuInfo | None) -> float:
     return limit_w
 
 
-def effective_ladder(ladder_w: tuple[float, ...], gpu: GpuInfo) -> tuple[float, ...]:
-    """The configured ladder clamped to the GPU's allowed range, with repeated rungs merged."""
+def rung_w(rung: Rung, gpu: GpuInfo) -> float | None:
+    """One rung in watts for ``gpu``: watts as they are, a percentage of the card's default
+    limit (its maximum when NVML gives no default), rounded to a milliwatt; None when the
+    card reports neither."""
+    if not isinstance(rung, str):
+        return rung
+    base_w = gpu.power_limit_default_w if gpu.power_limit_default_w is not None else gpu.power_limit_max_w
+    if base_w is None:
+        return None
+    return round(base_w * percent_of(rung) / 100.0, 3)
+
+
+def effective_ladder(ladder_w: tuple[Rung, ...], gpu: GpuInfo) -> tuple[float, ...]:
+    """The configured ladder resolved for ``gpu`` (percent rungs against its default limit),
+    clamped to its allowed range, with repeated rungs merged. Empty when relative rungs
+    cannot be resolved (no default and no maximum limit known): the GPU is left alone."""
     rungs: list[float] = []
-    for watts in (clamp_w(w, gpu) for w in ladder_w):
+    for rung in ladder_w:
+        watts = rung_w(rung, gpu)
+        if watts is None:
+            return ()
+        watts = clamp_w(watts, gpu)
         if not rungs or watts < rungs[-1]:
             rungs.append(watts)
     return tuple(rungs)
