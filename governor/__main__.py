@@ -2,10 +2,6 @@
 
 import sys
 
-from governor.earlysignals import hold_for_run
+from governor.earlysignals import console_main
 
-hold_for_run(sys.argv[1:])  # before the heavy imports: a SIGHUP during start-up is queued
-
-from governor.cli import main  # noqa: E402
-
-sys.exit(main())
+sys.exit(console_main())

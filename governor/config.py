@@ -888,14 +888,16 @@ def parse_toml(data: bytes, source: str, error: type[ConfigError] = ConfigError)
 def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
     """Read, parse and validate ``path``; raise ConfigError naming every problem.
 
-    The file is read once through one descriptor (no symbolic link, trust checked on that
-    descriptor). Any failure at all - a nesting too deep for the parser, an integer too
+    The file is read once through one descriptor, with the trust checks (owner, mode, a
+    regular file) made on that descriptor, so what is checked is what is read. A symbolic
+    link is followed (configuration management often links /etc files): only root can
+    place one where the daemon looks, and the file it reaches must pass the same checks. Any failure at all - a nesting too deep for the parser, an integer too
     long to print, a bug - is a ConfigError, so a reload is refused and a start exits 3
     instead of the daemon dying on a file.
     """
     path = Path(path)
     source = str(path)
-    data = read_small_file(path, nofollow=True, trust_euid=os.geteuid() if enforce_trust else None)
+    data = read_small_file(path, trust_euid=os.geteuid() if enforce_trust else None)
     if not data.strip():
         # A truncated file (a failed write, a full disk) must not silently reset every setting.
         raise ConfigError(

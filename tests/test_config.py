@@ -25,6 +25,7 @@ from governor.config import (
     check_trust,
     load_config,
     parse_config,
+    read_small_file,
     render_config,
 )
 from governor.model import GpuInfo
@@ -534,14 +535,22 @@ class TestLoad:
         os.mkfifo(fifo)
         assert self.refused(fifo).expected == "a regular file"
 
-    def test_symlink_to_regular_file_is_refused(self, tmp_path: Path) -> None:
-        """The config is opened with O_NOFOLLOW: a symlink is refused, naming the fix (its target)."""
+    def test_symlink_to_regular_file_is_read(self, tmp_path: Path) -> None:
+        """A symlink to a regular file (configuration management) is followed and read."""
         target = write(tmp_path, "dry_run = true\n", "real.toml")
         link = tmp_path / "link.toml"
         link.symlink_to(target)
-        issue = self.refused(link)
-        assert issue.got == "a symbolic link" and "name its target" in issue.expected
-        assert load_config(target, enforce_trust=False).dry_run is True
+        assert load_config(link, enforce_trust=False).dry_run is True
+
+    def test_symlink_to_untrusted_file_is_refused_as_root(self, tmp_path: Path) -> None:
+        """The trust checks apply to the file a symlink reaches: a group-writable target is refused."""
+        target = write(tmp_path, "dry_run = true\n", "real.toml")
+        target.chmod(0o664)
+        link = tmp_path / "link.toml"
+        link.symlink_to(target)
+        with pytest.raises(ConfigError) as info:
+            read_small_file(link, trust_euid=0)  # checked as if running as root
+        assert "writable" in str(info.value.issues[0])
 
     def test_source_is_the_path(self, tmp_path: Path) -> None:
         """The loaded config remembers the path it came from."""
