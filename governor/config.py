@@ -891,8 +891,9 @@ def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
     The file is read once through one descriptor, with the trust checks (owner, mode, a
     regular file) made on that descriptor, so what is checked is what is read. A symbolic
     link is followed (configuration management often links /etc files): only root can
-    place one where the daemon looks, and the file it reaches must pass the same checks. Any failure at all - a nesting too deep for the parser, an integer too
-    long to print, a bug - is a ConfigError, so a reload is refused and a start exits 3
+    place one where the daemon looks, and the file it reaches must pass the same checks.
+    Any failure at all - a nesting too deep for the parser, an integer too long to
+    print, a bug - is a ConfigError, so a reload is refused and a start exits 3
     instead of the daemon dying on a file.
     """
     path = Path(path)
