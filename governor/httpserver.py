@@ -69,12 +69,14 @@ MAX_CONNECTIONS = 64
 """Requests handled at once, all addresses together; further connections wait in the listen backlog."""
 MAX_CONNECTIONS_PER_ADDRESS = 8
 """Connections one client address may hold open; more are closed at once on accept."""
-LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues for accept (capped by net.core.somaxconn): room for a burst of
+reconnects from capped addresses, so a scrape's SYN is not dropped (a dropped SYN costs a 1 s retry)."""
 MAX_CACHED_CREDENTIALS = 4
 """Accepted Authorization headers remembered (as keyed digests) so a scrape costs no scrypt run."""
 MAX_PASSWORD_CHECKS = 1
 """scrypt checks run at once: a flood of wrong passwords burns at most one core."""
-PASSWORD_CHECK_WAIT_S = 0.25
+PASSWORD_CHECK_WAIT_S = 0.1
 """Seconds a request waits for a password-check slot before it is answered 503."""
 METHODS = ("GET", "HEAD", "OPTIONS")
 _ALLOW = ", ".join(METHODS)
@@ -500,6 +502,11 @@ class MetricsServer:
         host = f"[{self.address}]" if ":" in self.address else self.address
         scheme = "https" if self.tls is not None else "http"
         return f"{scheme}://{host}:{self.port}{METRICS_PATH}"
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections closed on accept so far because their address held MAX_CONNECTIONS_PER_ADDRESS."""
+        return self._server.refused
 
     @property
     def remote(self) -> bool:
