@@ -36,6 +36,10 @@ BACKOFF_FORGET_S = 900.0
 """An address with no failure for this long (seconds) starts afresh."""
 BACKOFF_MAX_ADDRESSES = 4096
 """Addresses remembered at most; beyond that the one whose last failure is oldest is forgotten."""
+CHECKS_PER_S = 2.0
+"""Password checks (scrypt runs) allowed per second on average, all addresses together."""
+CHECK_BURST = 8
+"""Password checks allowed in a burst, beyond the average rate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,3 +186,32 @@ class FailureBackoff:
     def __len__(self) -> int:
         with self._lock:
             return len(self._seen)
+
+
+class CheckBudget:
+    """A token bucket for password checks: ``burst`` at once, refilled at ``per_s`` a second.
+
+    It bounds the CPU that guesses from any number of addresses can burn on scrypt
+    (``per_s`` times the cost of one check) where the per-address back-off cannot.
+    Times are monotonic seconds passed in by the caller; thread-safe.
+    """
+
+    def __init__(self, *, per_s: float = CHECKS_PER_S, burst: int = CHECK_BURST) -> None:
+        if per_s <= 0 or burst < 1:
+            raise ValueError("per_s > 0 and burst >= 1")
+        self._per_s = per_s
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at_s: float | None = None
+        self._lock = threading.Lock()
+
+    def take(self, now_s: float) -> bool:
+        """Spend one check at ``now_s``; False (nothing spent) when the budget is used up."""
+        with self._lock:
+            if self._at_s is not None:
+                self._tokens = min(self._burst, self._tokens + (now_s - self._at_s) * self._per_s)
+            self._at_s = now_s
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True

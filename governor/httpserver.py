@@ -45,7 +45,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer,
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client import exposition as _exposition
 
-from governor.auth import FailureBackoff, PasswordHash, parse_password_hash
+from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_password_hash
 from governor.config import MetricsConfig, is_loopback
 
 # prometheus-client >= 0.17 sets up TLS for its own server: reuse that where present.
@@ -156,8 +156,9 @@ class BasicAuth:
     HMAC digest under a per-process random key, so routine scrapes cost no scrypt run
     (and pass even while their address is backed off). Checks that need scrypt are
     bounded: ``check_slots`` at once, one at a time per address, each waiting at most
-    ``check_wait_s`` seconds for a slot; an address past its free failures is refused
-    without a check (see governor.auth.FailureBackoff).
+    ``check_wait_s`` seconds for a slot, and no more than ``budget`` allows over time
+    (governor.auth.CheckBudget); an address past its free failures is refused without
+    a check (governor.auth.FailureBackoff).
     """
 
     realm = "gpu-governor"
@@ -170,6 +171,7 @@ class BasicAuth:
         check_slots: int = MAX_PASSWORD_CHECKS,
         check_wait_s: float = PASSWORD_CHECK_WAIT_S,
         backoff: FailureBackoff | None = None,
+        budget: CheckBudget | None = None,
     ) -> None:
         self._username = username.encode("utf-8")
         self._hash: PasswordHash = parse_password_hash(password_hash)
@@ -180,6 +182,7 @@ class BasicAuth:
         self._check_wait_s = check_wait_s
         self._checking: set[str] = set()  # addresses with a scrypt check waiting or running
         self.backoff = backoff if backoff is not None else FailureBackoff()
+        self._budget = budget if budget is not None else CheckBudget()
         self.hash_checks = 0
         """scrypt derivations run so far (for tests and curiosity)."""
 
@@ -213,10 +216,12 @@ class BasicAuth:
         return Verdict.OK
 
     def _derive(self, password: bytes, address: str) -> bool | None:
-        """Whether ``password`` matches the hash; None when no check slot came free in time."""
+        """Whether ``password`` matches the hash; None when the check budget is spent or no slot came free in time."""
         with self._lock:
             if address in self._checking:
                 return None  # one check at a time per address: a flood from one address queues nothing
+            if not self._budget.take(time.monotonic()):
+                return None
             self._checking.add(address)
         try:
             if not self._slots.acquire(timeout=self._check_wait_s):

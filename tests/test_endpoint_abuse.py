@@ -32,7 +32,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from governor import auth, httpserver
-from governor.auth import FailureBackoff
+from governor.auth import CheckBudget, FailureBackoff
 from governor.httpserver import BasicAuth, MetricsServer
 from tests.support import free_port, wait_for
 from tests.test_reliability import lateness, p99_between
@@ -454,6 +454,19 @@ class TestPasswordChecks:
         finally:
             served.close()
 
+    def test_check_budget_bounds_checks_from_many_addresses(self, cheap_hash: str) -> None:
+        """Past the budget's burst, wrong guesses from fresh addresses get 503 without a scrypt run."""
+        guard = BasicAuth("prometheus", cheap_hash, budget=CheckBudget(per_s=0.01, burst=3))
+        served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
+        try:
+            statuses = [
+                request(served.port, source=f"127.0.0.{20 + i}", headers=basic("wrong")).status for i in range(6)
+            ]
+            assert statuses == [401, 401, 401, 503, 503, 503]
+            assert guard.hash_checks == 3
+        finally:
+            served.close()
+
     def test_one_check_at_a_time_per_address(self, cheap_hash: str) -> None:
         """A second concurrent check from the same address is 503 at once, even with a free slot."""
         guard = BasicAuth("prometheus", cheap_hash, check_slots=4)
@@ -501,6 +514,15 @@ class TestFailureBackoff:
             backoff.failed(f"10.0.0.{i}", float(i))
         assert len(backoff) == 3
         assert backoff.blocked_for("10.0.0.9", 9.0) > 0 and backoff.blocked_for("10.0.0.0", 0.0) == 0.0
+
+    def test_check_budget_refills_at_its_rate(self) -> None:
+        """The budget allows its burst at once, then one check per 1/per_s seconds, never more than the burst."""
+        budget = CheckBudget(per_s=2.0, burst=3)
+        assert [budget.take(0.0) for _ in range(4)] == [True, True, True, False]
+        assert budget.take(0.25) is False and budget.take(0.5) is True
+        assert [budget.take(100.0) for _ in range(4)] == [True, True, True, False]
+        with pytest.raises(ValueError, match="per_s > 0"):
+            CheckBudget(per_s=0.0)
 
     def test_bad_parameters_are_refused(self) -> None:
         """Nonsense parameters raise ValueError naming what is expected."""
