@@ -15,8 +15,10 @@ runs as root (see docs/security.md):
 - at most ``MAX_CONNECTIONS`` requests are handled at once; more wait in the backlog;
 - optional TLS (prometheus-client's own context setup, optional client certificates)
   and basic auth against a salted scrypt hash: at most ``MAX_PASSWORD_CHECKS`` checks
-  run at once, a request waits at most ``PASSWORD_CHECK_WAIT_S`` for one (else 503),
-  and an address with repeated failures is answered 429 without a check for a while.
+  run at once and no more than governor.auth.CHECKS_PER_S on average, a request waits
+  at most ``PASSWORD_CHECK_WAIT_S`` for one (else 503), and an address with repeated
+  failures is answered 429 without a check for a growing while; verified credentials
+  are cached, so a configured scraper needs no check at all.
 """
 
 from __future__ import annotations
