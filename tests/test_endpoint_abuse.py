@@ -188,6 +188,8 @@ def attacker_main(argv: list[str]) -> int:
     """``slow PORT`` or ``flood PORT``: attack until stdin has a line or closes (or ATTACK_LIMIT_S),
     print "started" once under way and the attack's counts as JSON at the end."""
     kind, port = argv[0], int(argv[1])
+    # Below the daemon's priority: on a 2-core test machine an attacker at full priority measures CPU
+    # starvation of the whole machine, not the endpoint (a governed host has cores to spare).
     os.nice(10)
     stop = threading.Event()
     result: dict[str, int] = {}
@@ -429,27 +431,21 @@ class TestPasswordChecks:
 
     def test_waiting_for_a_check_slot_is_bounded(self) -> None:
         """With the only check slot busy, a second login gets 503 (Retry-After) after the short wait, not queued."""
-        slow_hash = auth.hash_password(PASSWORD, n=2**16)  # about 0.3 s per check
+        slow_hash = auth.hash_password(PASSWORD, n=2**17)  # about 0.5 s per check
         guard = BasicAuth("prometheus", slow_hash, check_slots=1, check_wait_s=0.05)
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
-        answers: dict[str, Answer] = {}
-
-        def login(source: str, password: str) -> None:
-            answers[source] = request(served.port, source=source, headers=basic(password))
-
+        first: list[Answer] = []
         try:
-            threads = [
-                threading.Thread(target=login, args=("127.0.0.6", "wrong")),
-                threading.Thread(target=login, args=("127.0.0.7", PASSWORD)),
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(20)
-            assert sorted(a.status for a in answers.values()) in ([200, 503], [401, 503])
-            busy = next(a for a in answers.values() if a.status == 503)
-            assert busy.headers["Retry-After"] == "1" and busy.seconds < 1.0
-            assert guard.hash_checks == 1
+            checking = threading.Thread(
+                target=lambda: first.append(request(served.port, source="127.0.0.6", headers=basic("wrong")))
+            )
+            checking.start()
+            wait_for(lambda: guard.hash_checks == 1, 5, "the first check to hold the slot")
+            busy = request(served.port, source="127.0.0.7", headers=basic(PASSWORD))
+            checking.join(20)
+            assert busy.status == 503 and busy.headers["Retry-After"] == "1" and busy.seconds < 1.0
+            assert [a.status for a in first] == [401]
+            assert guard.hash_checks == 1  # the busy request ran no check
             assert request(served.port, source="127.0.0.7", headers=basic(PASSWORD)).status == 200  # free again
         finally:
             served.close()
@@ -467,15 +463,26 @@ class TestPasswordChecks:
         finally:
             served.close()
 
-    def test_one_check_at_a_time_per_address(self, cheap_hash: str) -> None:
-        """A second concurrent check from the same address is 503 at once, even with a free slot."""
-        guard = BasicAuth("prometheus", cheap_hash, check_slots=4)
-        guard._checking.add("127.0.0.8")  # as if a check from this address were running now
-        assert guard.verdict(basic("wrong")["Authorization"], "127.0.0.8") is httpserver.Verdict.BUSY
-        assert guard.hash_checks == 0
-        guard._checking.clear()
-        assert guard.verdict(basic("wrong")["Authorization"], "127.0.0.8") is httpserver.Verdict.WRONG
-        assert guard.hash_checks == 1
+    def test_one_check_at_a_time_per_address(self) -> None:
+        """A second concurrent check from the same address is 503 at once, even with free slots; others proceed."""
+        slow_hash = auth.hash_password(PASSWORD, n=2**17)  # about 0.5 s per check
+        guard = BasicAuth("prometheus", slow_hash, check_slots=4, check_wait_s=5.0)
+        served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
+        first: list[Answer] = []
+        try:
+            checking = threading.Thread(
+                target=lambda: first.append(request(served.port, source="127.0.0.8", headers=basic("wrong")))
+            )
+            checking.start()
+            wait_for(lambda: guard.hash_checks == 1, 5, "the first check to start")
+            again = request(served.port, source="127.0.0.8", headers=basic("wrong"))
+            other = request(served.port, source="127.0.0.9", headers=basic(PASSWORD))
+            checking.join(20)
+            assert again.status == 503 and again.seconds < 1.0
+            assert other.status == 200 and [a.status for a in first] == [401]
+            assert guard.hash_checks == 2
+        finally:
+            served.close()
 
 
 class TestFailureBackoff:
