@@ -1,4 +1,4 @@
-"""Password hashes for the metrics endpoint's basic auth.
+"""Password hashes for the metrics endpoint's basic auth, and the back-off for wrong guesses.
 
 The config holds only a salted scrypt hash, ``scrypt$N$r$p$salt_b64$hash_b64``, made by
 ``gpu-governor hash-password``; the password itself is never stored, logged or echoed.
@@ -12,6 +12,7 @@ import getpass
 import hashlib
 import hmac
 import os
+import threading
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -24,6 +25,21 @@ HASH_BYTES = 32
 MAX_SCRYPT_MEMORY_BYTES = 256 * 2**20
 """A hash asking for more memory than this per check is refused (128 * N * r * p bytes)."""
 HASH_FORMAT = "scrypt$N$r$p$salt_b64$hash_b64"
+
+FREE_FAILURES = 5
+"""Failed logins an address may make before it is backed off."""
+BACKOFF_FIRST_S = 1.0
+"""The first back-off period (seconds); it doubles with each further failure."""
+BACKOFF_MAX_S = 60.0
+"""The longest back-off period (seconds)."""
+BACKOFF_FORGET_S = 900.0
+"""An address with no failure for this long (seconds) starts afresh."""
+BACKOFF_MAX_ADDRESSES = 4096
+"""Addresses remembered at most; beyond that the one whose last failure is oldest is forgotten."""
+CHECKS_PER_S = 2.0
+"""Password checks (scrypt runs) allowed per second on average, all addresses together."""
+CHECK_BURST = 8
+"""Password checks allowed in a burst, beyond the average rate."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +118,100 @@ def read_password(stdin: TextIO) -> str:
     if not password:
         raise ValueError("an empty password")
     return password
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    last_s: float
+    blocked_until_s: float
+
+
+class FailureBackoff:
+    """Failed logins per client address, and how long each address is refused unchecked.
+
+    After ``free_failures`` failures an address is backed off for ``first_s`` seconds, and
+    each further failure (made once the period is over) doubles the period, up to
+    ``max_s``. A success, or ``forget_s`` seconds without a failure, clears the address.
+    At most ``max_addresses`` are remembered, so a flood from many addresses costs
+    bounded memory. Times are monotonic seconds passed in by the caller; thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        free_failures: int = FREE_FAILURES,
+        first_s: float = BACKOFF_FIRST_S,
+        max_s: float = BACKOFF_MAX_S,
+        forget_s: float = BACKOFF_FORGET_S,
+        max_addresses: int = BACKOFF_MAX_ADDRESSES,
+    ) -> None:
+        if free_failures < 1 or not 0 < first_s <= max_s or forget_s <= 0 or max_addresses < 1:
+            raise ValueError("free_failures >= 1, 0 < first_s <= max_s, forget_s > 0 and max_addresses >= 1")
+        self._free = free_failures
+        self._first_s = first_s
+        self._max_s = max_s
+        self._forget_s = forget_s
+        self._max_addresses = max_addresses
+        self._lock = threading.Lock()
+        self._seen: dict[str, _Failures] = {}  # ordered by last failure, oldest first
+
+    def blocked_for(self, address: str, now_s: float) -> float:
+        """Seconds ``address`` is still refused without a check at ``now_s`` (0.0 when it may try)."""
+        with self._lock:
+            record = self._seen.get(address)
+            return max(0.0, record.blocked_until_s - now_s) if record is not None else 0.0
+
+    def failed(self, address: str, now_s: float) -> None:
+        """Count a failed login from ``address`` at ``now_s``; back it off once past the free failures."""
+        with self._lock:
+            record = self._seen.pop(address, None)
+            if record is None or now_s - record.last_s > self._forget_s:
+                record = _Failures(0, now_s, now_s)
+            record.count += 1
+            record.last_s = now_s
+            beyond = record.count - self._free
+            if beyond >= 0:
+                period_s = min(self._max_s, self._first_s * 2.0 ** min(beyond, 32))
+                record.blocked_until_s = now_s + period_s
+            self._seen[address] = record
+            while len(self._seen) > self._max_addresses:
+                del self._seen[next(iter(self._seen))]
+
+    def succeeded(self, address: str) -> None:
+        """Forget the failures of ``address`` (it knows the password)."""
+        with self._lock:
+            self._seen.pop(address, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._seen)
+
+
+class CheckBudget:
+    """A token bucket for password checks: ``burst`` at once, refilled at ``per_s`` a second.
+
+    It bounds the CPU that guesses from any number of addresses can burn on scrypt
+    (``per_s`` times the cost of one check) where the per-address back-off cannot.
+    Times are monotonic seconds passed in by the caller; thread-safe.
+    """
+
+    def __init__(self, *, per_s: float = CHECKS_PER_S, burst: int = CHECK_BURST) -> None:
+        if per_s <= 0 or burst < 1:
+            raise ValueError("per_s > 0 and burst >= 1")
+        self._per_s = per_s
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at_s: float | None = None
+        self._lock = threading.Lock()
+
+    def take(self, now_s: float) -> bool:
+        """Spend one check at ``now_s``; False (nothing spent) when the budget is used up."""
+        with self._lock:
+            if self._at_s is not None:
+                self._tokens = min(self._burst, self._tokens + (now_s - self._at_s) * self._per_s)
+            self._at_s = now_s
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True

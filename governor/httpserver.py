@@ -4,23 +4,33 @@ Serving happens on its own daemon threads and only reads the published state, so
 slow or busy scraper never delays a tick. The endpoint is hardened for a process that
 runs as root (see docs/security.md):
 
-- only ``/metrics`` is served, every other path is 404, request bodies are never read;
+- only ``/metrics`` is served (GET, HEAD, OPTIONS), every other path is 404, request
+  bodies are never read;
 - the request line and the whole request head are capped in bytes, and the head must
   arrive within ``request_timeout_s`` (the TLS handshake included), so a slow client
   holds one thread for a bounded time and never the accepting thread;
+- at most ``MAX_CONNECTIONS_PER_ADDRESS`` connections per client address: more are
+  closed on accept, before they take a thread, so slow connections from one address
+  cannot hold the slots another address's scrape needs;
 - at most ``MAX_CONNECTIONS`` requests are handled at once; more wait in the backlog;
 - optional TLS (prometheus-client's own context setup, optional client certificates)
-  and basic auth against a salted scrypt hash.
+  and basic auth against a salted scrypt hash: at most ``MAX_PASSWORD_CHECKS`` checks
+  run at once and no more than governor.auth.CHECKS_PER_S on average, a request waits
+  at most ``PASSWORD_CHECK_WAIT_S`` for one (else 503), and an address with repeated
+  failures is answered 429 without a check for a growing while; verified credentials
+  are cached, so a configured scraper needs no check at all.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import hmac
 import http.client
 import io
+import math
 import os
 import socket
 import ssl
@@ -37,7 +47,7 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer,
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client import exposition as _exposition
 
-from governor.auth import PasswordHash, parse_password_hash
+from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_password_hash
 from governor.config import MetricsConfig, is_loopback
 
 # prometheus-client >= 0.17 sets up TLS for its own server: reuse that where present.
@@ -53,15 +63,25 @@ MAX_REQUEST_LINE_BYTES = 4096
 """A scrape's request line is well under 100 bytes; longer ones get 414."""
 MAX_REQUEST_HEAD_BYTES = 16384
 """Request line and headers together; more gets 431 (wsgiref alone allows 100 headers of 64 KiB)."""
-REQUEST_TIMEOUT_S = 10.0
-"""Time a client has to send its whole request head (TLS handshake included), and to take the response."""
+REQUEST_TIMEOUT_S = 3.0
+"""Seconds a client has to send its whole request head (TLS handshake included), from when a thread takes it."""
+RESPONSE_TIMEOUT_S = 10.0
+"""Seconds a client has to take the response (per send)."""
 MAX_CONNECTIONS = 64
-"""Requests handled at once; further connections wait in the listen backlog."""
-LISTEN_BACKLOG = 128
+"""Requests handled at once, all addresses together; further connections wait in the listen backlog."""
+MAX_CONNECTIONS_PER_ADDRESS = 8
+"""Connections one client address may hold open; more are closed at once on accept."""
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues for accept (capped by net.core.somaxconn): room for a burst of
+reconnects from capped addresses, so a scrape's SYN is not dropped (a dropped SYN costs a 1 s retry)."""
 MAX_CACHED_CREDENTIALS = 4
 """Accepted Authorization headers remembered (as keyed digests) so a scrape costs no scrypt run."""
-_SCRYPT_SLOTS = threading.BoundedSemaphore(2)
-"""A flood of wrong passwords burns at most two cores on scrypt."""
+MAX_PASSWORD_CHECKS = 1
+"""scrypt checks run at once: a flood of wrong passwords burns at most one core."""
+PASSWORD_CHECK_WAIT_S = 0.1
+"""Seconds a request waits for a password-check slot before it is answered 503."""
+METHODS = ("GET", "HEAD", "OPTIONS")
+_ALLOW = ", ".join(METHODS)
 
 
 # --------------------------------------------------------------------------- WSGI layers
@@ -78,72 +98,178 @@ def _plain(
     return [body]
 
 
+def _head(app: WsgiApp, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    """``app``'s answer to a GET, without the body: same status and headers, Content-Length of the body."""
+    answer: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def remember(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        answer.append((status, headers))
+        return lambda data: None
+
+    result = app({**environ, "REQUEST_METHOD": "GET"}, remember)
+    try:
+        length = sum(len(chunk) for chunk in result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    status, headers = answer[-1]
+    kept = [(name, value) for name, value in headers if name.lower() != "content-length"]
+    start_response(status, [*kept, ("Content-Length", str(length))])
+    return []
+
+
 def metrics_only(app: WsgiApp) -> WsgiApp:
-    """Serve ``app`` at /metrics only, to GET and HEAD; other paths are 404, other methods 405
-    (checked here rather than left to prometheus-client, whose older releases answer POST)."""
+    """Serve ``app`` at /metrics only: GET; HEAD (the GET's status and headers, no body);
+    OPTIONS (204 with ``Allow: GET, HEAD, OPTIONS``). Other paths are 404, other methods 405
+    (checked here rather than left to prometheus-client, which answers neither HEAD nor OPTIONS
+    this way, and whose older releases answer POST)."""
 
     def route(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != METRICS_PATH:
             return _plain(start_response, "404 Not Found", f"not found: the metrics are at {METRICS_PATH}\n")
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            return _plain(start_response, "405 Method Not Allowed", "only GET and HEAD\n", [("Allow", "GET, HEAD")])
+        method = environ.get("REQUEST_METHOD")
+        if method == "OPTIONS":
+            start_response("204 No Content", [("Allow", _ALLOW)])
+            return []
+        if method == "HEAD":
+            return _head(app, environ, start_response)
+        if method != "GET":
+            return _plain(start_response, "405 Method Not Allowed", f"only {_ALLOW}\n", [("Allow", _ALLOW)])
         return app(environ, start_response)
 
     return route
+
+
+class Verdict(enum.Enum):
+    """The outcome of checking one request's credentials."""
+
+    OK = "ok"
+    MISSING = "missing"  # no Authorization header: 401 with a challenge, not counted as a failure
+    WRONG = "wrong"  # 401, counted against the address
+    BACKED_OFF = "backed_off"  # 429: too many failures from this address, not checked
+    BUSY = "busy"  # 503: no password-check slot came free in time
 
 
 class BasicAuth:
     """Checks an ``Authorization: Basic`` header against a user name and a scrypt hash.
 
     The hash is parsed once here; a header that once verified is remembered as an
-    HMAC digest under a per-process random key, so routine scrapes cost no scrypt run.
+    HMAC digest under a per-process random key, so routine scrapes cost no scrypt run
+    (and pass even while their address is backed off). Checks that need scrypt are
+    bounded: ``check_slots`` at once, one at a time per address, each waiting at most
+    ``check_wait_s`` seconds for a slot, and no more than ``budget`` allows over time
+    (governor.auth.CheckBudget); an address past its free failures is refused without
+    a check (governor.auth.FailureBackoff).
     """
 
     realm = "gpu-governor"
 
-    def __init__(self, username: str, password_hash: str) -> None:
+    def __init__(
+        self,
+        username: str,
+        password_hash: str,
+        *,
+        check_slots: int = MAX_PASSWORD_CHECKS,
+        check_wait_s: float = PASSWORD_CHECK_WAIT_S,
+        backoff: FailureBackoff | None = None,
+        budget: CheckBudget | None = None,
+    ) -> None:
         self._username = username.encode("utf-8")
         self._hash: PasswordHash = parse_password_hash(password_hash)
         self._cache_key = os.urandom(32)
         self._accepted: tuple[bytes, ...] = ()
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(check_slots)
+        self._check_wait_s = check_wait_s
+        self._checking: set[str] = set()  # addresses with a scrypt check waiting or running
+        self.backoff = backoff if backoff is not None else FailureBackoff()
+        self._budget = budget if budget is not None else CheckBudget()
+        self.hash_checks = 0
+        """scrypt derivations run so far (for tests and curiosity)."""
 
-    def check(self, header: str | None) -> bool:
+    def check(self, header: str | None, address: str = "") -> bool:
         """True when ``header`` (the raw Authorization value, or None) carries the right credentials."""
+        return self.verdict(header, address) is Verdict.OK
+
+    def verdict(self, header: str | None, address: str = "") -> Verdict:
+        """Check ``header`` (the raw Authorization value, or None) sent from client ``address``."""
         if not header:
-            return False
+            return Verdict.MISSING
         digest = hmac.new(self._cache_key, header.encode("latin-1", "replace"), hashlib.sha256).digest()
         if any(hmac.compare_digest(digest, seen) for seen in self._accepted):
-            return True
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            decoded = base64.b64decode(token.strip().encode("ascii"), validate=True)
-        except (UnicodeEncodeError, binascii.Error):
-            return False
-        user, colon, password = decoded.partition(b":")
-        if not colon:
-            return False
-        with _SCRYPT_SLOTS:
-            # Always derive, so a wrong user name takes as long as a wrong password.
-            password_ok = self._hash.matches(password)
+            return Verdict.OK
+        if self.backoff.blocked_for(address, time.monotonic()) > 0:
+            return Verdict.BACKED_OFF
+        credentials = _basic_credentials(header)
+        if credentials is None:
+            self.backoff.failed(address, time.monotonic())
+            return Verdict.WRONG
+        user, password = credentials
+        password_ok = self._derive(password, address)
+        if password_ok is None:
+            return Verdict.BUSY
         if not (hmac.compare_digest(user, self._username) and password_ok):
-            return False
+            self.backoff.failed(address, time.monotonic())
+            return Verdict.WRONG
+        self.backoff.succeeded(address)
         with self._lock:
             self._accepted = (digest, *self._accepted)[:MAX_CACHED_CREDENTIALS]
-        return True
+        return Verdict.OK
+
+    def _derive(self, password: bytes, address: str) -> bool | None:
+        """Whether ``password`` matches the hash; None when the check budget is spent or no slot came free in time."""
+        with self._lock:
+            if address in self._checking:
+                return None  # one check at a time per address: a flood from one address queues nothing
+            if not self._budget.take(time.monotonic()):
+                return None
+            self._checking.add(address)
+        try:
+            if not self._slots.acquire(timeout=self._check_wait_s):
+                return None
+            try:
+                self.hash_checks += 1
+                # Always derive, so a wrong user name takes as long as a wrong password.
+                return self._hash.matches(password)
+            finally:
+                self._slots.release()
+        finally:
+            with self._lock:
+                self._checking.discard(address)
 
     def wrap(self, app: WsgiApp) -> WsgiApp:
-        """``app`` behind this check: 401 with a WWW-Authenticate challenge on failure."""
+        """``app`` behind this check: 401 with a WWW-Authenticate challenge on a missing or wrong
+        credential, 429 with Retry-After for a backed-off address, 503 with Retry-After when busy."""
 
         def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-            if self.check(environ.get("HTTP_AUTHORIZATION")):
+            address = str(environ.get("REMOTE_ADDR", ""))
+            verdict = self.verdict(environ.get("HTTP_AUTHORIZATION"), address)
+            if verdict is Verdict.OK:
                 return app(environ, start_response)
+            if verdict is Verdict.BACKED_OFF:
+                wait_s = math.ceil(self.backoff.blocked_for(address, time.monotonic())) or 1
+                retry = ("Retry-After", str(wait_s))
+                return _plain(start_response, "429 Too Many Requests", "too many failed logins\n", [retry])
+            if verdict is Verdict.BUSY:
+                return _plain(start_response, "503 Service Unavailable", "busy, try again\n", [("Retry-After", "1")])
             challenge = ("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"')
             return _plain(start_response, "401 Unauthorized", "unauthorized\n", [challenge])
 
         return guarded
+
+
+def _basic_credentials(header: str) -> tuple[bytes, bytes] | None:
+    """(user, password) from a ``Basic`` Authorization value, or None when it is not one."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip().encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        return None
+    user, colon, password = decoded.partition(b":")
+    return (user, password) if colon else None
 
 
 # --------------------------------------------------------------------------- connections
@@ -203,7 +329,7 @@ class _Handler(WSGIRequestHandler):
         except (OSError, ValueError):
             self.close_connection = True
             return  # timed out, reset, or a failed TLS handshake: nothing to answer
-        self.connection.settimeout(self._timeout_s)  # a fresh allowance to send the response
+        self.connection.settimeout(RESPONSE_TIMEOUT_S)  # a fresh allowance to send the response
         if too_long:
             self.requestline = self.request_version = self.command = ""
             self.send_error(414)
@@ -232,18 +358,45 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._per_address_cap = MAX_CONNECTIONS_PER_ADDRESS
+        self._open: dict[str, int] = {}  # client address -> connections accepted and not yet closed
+        self._open_lock = threading.Lock()
+        self.refused = 0
+        """Connections closed on accept because their address was at its cap."""
         self.closing = False
         super().__init__(*args, **kwargs)
 
+    def _admit(self, host: str) -> bool:
+        with self._open_lock:
+            held = self._open.get(host, 0)
+            if held >= self._per_address_cap:
+                self.refused += 1
+                return False
+            self._open[host] = held + 1
+            return True
+
+    def _leave(self, host: str) -> None:
+        with self._open_lock:
+            held = self._open.pop(host, 1) - 1
+            if held > 0:
+                self._open[host] = held
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        # On the accepting thread: a refusal costs one close and no thread.
+        host = str(client_address[0])
+        if not self._admit(host):
+            self.shutdown_request(request)
+            return
         while not self._slots.acquire(timeout=0.2):
             if self.closing:
+                self._leave(host)
                 self.shutdown_request(request)
                 return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
+            self._leave(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -251,6 +404,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+            self._leave(str(client_address[0]))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], (OSError, ValueError)):
@@ -355,6 +509,11 @@ class MetricsServer:
         host = f"[{self.address}]" if ":" in self.address else self.address
         scheme = "https" if self.tls is not None else "http"
         return f"{scheme}://{host}:{self.port}{METRICS_PATH}"
+
+    @property
+    def refused_connections(self) -> int:
+        """Connections closed on accept so far because their address held MAX_CONNECTIONS_PER_ADDRESS."""
+        return self._server.refused
 
     @property
     def remote(self) -> bool:
