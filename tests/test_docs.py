@@ -35,7 +35,8 @@ def config_key(field_name: str) -> str:
 
 def vram_keys() -> set[str]:
     """[vram] keys from VramPolicy's fields: its classes are [[class]] and its default class [vram.default]."""
-    fields = {f.name for f in dataclasses.fields(VramPolicy)} - {"classes", "default_class"}
+    fields = {f.name for f in dataclasses.fields(VramPolicy) if f.metadata.get("config", True)}
+    fields -= {"classes", "default_class"}
     return {config_key(f) for f in fields} | {"default"}
 
 
@@ -129,6 +130,7 @@ def readme_cli() -> dict[str, set[str]]:
     """From the README's "Command line" section: each `gpu-governor SUB ...` line's --options."""
     text = (REPO / "README.md").read_text()
     section = text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    section = section.split("```", 2)[1]  # the synopsis block; later examples show output
     lines: dict[str, set[str]] = {}
     for line in section.splitlines():
         m = re.match(r"gpu-governor (\S+)(.*)", line)

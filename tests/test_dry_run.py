@@ -31,7 +31,7 @@ GiB = 1024**3
 REPO = Path(__file__).resolve().parent.parent
 SLEEPER = "import time\nprint('ready', flush=True)\ntime.sleep(120)"
 
-CLASSES = """
+CLASSES = f"""
 [vram]
 reserve = "1GiB"
 cooldown_s = 1.0
@@ -45,7 +45,7 @@ action = "terminate"
 grace_s = 2.0
 kill_after_s = 2.0
 dry_run = false
-match = { cmdline = "dry-run-victim-marker" }
+match = {{ cmdline = "dry-run-victim-marker", user = "{os.getuid()}" }}
 """
 
 
