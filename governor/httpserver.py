@@ -12,7 +12,12 @@ runs as root (see docs/security.md):
 - at most ``MAX_CONNECTIONS_PER_ADDRESS`` connections per client address: more are
   closed on accept, before they take a thread, so slow connections from one address
   cannot hold the slots another address's scrape needs;
-- at most ``MAX_CONNECTIONS`` requests are handled at once; more wait in the backlog;
+- at most ``MAX_CONNECTIONS`` requests are handled at once; when all are taken, a new
+  connection whose request is already complete (plain HTTP; under TLS: whose handshake
+  has begun) takes the slot of the connection still waiting for its head on the address
+  holding the most connections, and any other new connection is closed at once, so
+  stalled connections spread over many addresses (any local user can use all of
+  127.0.0.0/8) cannot starve another address's scrape either;
 - optional TLS (prometheus-client's own context setup, optional client certificates)
   and basic auth against a salted scrypt hash: at most ``MAX_PASSWORD_CHECKS`` checks
   run at once and no more than governor.auth.CHECKS_PER_S on average, a request waits
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -32,6 +38,7 @@ import http.client
 import io
 import math
 import os
+import select
 import socket
 import ssl
 import sys
@@ -70,6 +77,8 @@ RESPONSE_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 64
 """Requests handled at once, all addresses together; further connections wait in the listen backlog."""
 MAX_CONNECTIONS_PER_ADDRESS = 8
+READY_WAIT_S = 0.005
+"""While every slot is taken, how long a new connection may take to send its first bytes (s)."""
 """Connections one client address may hold open; more are closed at once on accept."""
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues for accept (capped by net.core.somaxconn): room for a burst of
@@ -305,6 +314,25 @@ class _GuardedReader(io.RawIOBase):
         return count
 
 
+def _ready_to_serve(request: Any) -> bool:
+    """Whether a connection accepted while every slot is taken has its request ready: for plain
+    HTTP its whole request head is already in the socket buffer; under TLS (whose head cannot
+    be read ahead) its first handshake bytes are. Waits at most READY_WAIT_S for the first
+    bytes, which a real client sends right after connecting; a partial head is not waited for."""
+    try:
+        poller = select.poll()  # not select(): the descriptor may be above FD_SETSIZE
+        poller.register(request, select.POLLIN)
+        if not poller.poll(READY_WAIT_S * 1000):
+            return False
+        # The plain socket's recv (an SSLSocket refuses flags): a peek, nothing is consumed.
+        data = socket.socket.recv(request, MAX_REQUEST_HEAD_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (OSError, ValueError):
+        return False
+    if isinstance(request, ssl.SSLSocket):
+        return bool(data)
+    return b"\r\n\r\n" in data
+
+
 class _Handler(WSGIRequestHandler):
     """One request per connection, bounded in bytes and time, no access log, no body read."""
 
@@ -318,6 +346,7 @@ class _Handler(WSGIRequestHandler):
         self.connection.settimeout(self._timeout_s)
         deadline = time.monotonic() + self._timeout_s
         self.rfile = io.BufferedReader(_GuardedReader(self.connection, MAX_REQUEST_HEAD_BYTES, deadline))
+        self.server.waiting_for_head(self.request, str(self.client_address[0]))
 
     def handle(self) -> None:
         try:
@@ -328,7 +357,9 @@ class _Handler(WSGIRequestHandler):
             too_long, parsed = True, False
         except (OSError, ValueError):
             self.close_connection = True
-            return  # timed out, reset, or a failed TLS handshake: nothing to answer
+            return  # timed out, reset, evicted, or a failed TLS handshake: nothing to answer
+        finally:
+            self.server.head_done(self.request)
         self.connection.settimeout(RESPONSE_TIMEOUT_S)  # a fresh allowance to send the response
         if too_long:
             self.requestline = self.request_version = self.command = ""
@@ -361,6 +392,13 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         self._per_address_cap = MAX_CONNECTIONS_PER_ADDRESS
         self._open: dict[str, int] = {}  # client address -> connections accepted and not yet closed
         self._open_lock = threading.Lock()
+        # Connections still waiting for their request head: socket -> (address, since, monotonic s).
+        self._heads: dict[Any, tuple[str, float]] = {}
+        self._handed_over: set[Any] = set()  # evicted connections whose slot went to another
+        self.shed = 0
+        """Connections closed on accept while every slot was taken, their request not yet sent."""
+        self.evicted = 0
+        """Connections closed before their head arrived, to make room for another address."""
         self.refused = 0
         """Connections closed on accept because their address was at its cap."""
         self.closing = False
@@ -381,14 +419,56 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
             if held > 0:
                 self._open[host] = held
 
+    def waiting_for_head(self, request: Any, host: str) -> None:
+        """A handler thread started reading this connection's request head."""
+        with self._open_lock:
+            self._heads[request] = (host, time.monotonic())
+
+    def head_done(self, request: Any) -> None:
+        """The head arrived (or the connection ended): the connection is no longer evictable."""
+        with self._open_lock:
+            self._heads.pop(request, None)
+
+    def _evict_for(self, host: str) -> bool:
+        """Every slot is taken: close one connection still waiting for its head to make room
+        for ``host``, handing its slot over. The victim comes from the address holding the most connections (the
+        oldest of its waiting ones; ``host``'s own only if it holds the most). So stalled
+        connections spread over many addresses cannot keep a scrape from another address
+        waiting: each new arrival takes the slot of a stalled one, and a scrape, whose head
+        arrives at once, is never the one waiting long. True if one was closed."""
+        with self._open_lock:
+            if not self._heads:
+                return False
+            victim, _ = max(self._heads.items(), key=lambda item: (self._open.get(item[1][0], 0), -item[1][1]))
+            del self._heads[victim]
+            self._handed_over.add(victim)  # its slot now belongs to the newcomer
+            self.evicted += 1
+        with contextlib.suppress(OSError):
+            # The plain socket's shutdown (under TLS too): its handler's recv returns at once.
+            socket.socket.shutdown(victim, socket.SHUT_RDWR)
+        return True
+
     def process_request(self, request: Any, client_address: Any) -> None:
         # On the accepting thread: a refusal costs one close and no thread.
         host = str(client_address[0])
         if not self._admit(host):
             self.shutdown_request(request)
             return
-        while not self._slots.acquire(timeout=0.2):
-            if self.closing:
+        acquired = self._slots.acquire(blocking=False)
+        if not acquired:
+            # Every slot taken (an attack, or a burst): only a client ready to be served now
+            # gets the slot of an evicted stalled connection (handed over at once: its thread
+            # ends without releasing it); anyone else is closed at once, so the backlog, where
+            # a scrape may be queued behind thousands of reconnects, drains in microseconds each.
+            if not _ready_to_serve(request):
+                self.shed += 1
+                self._leave(host)
+                self.shutdown_request(request)
+                return
+            acquired = self._evict_for(host)
+        while not acquired:
+            acquired = self._slots.acquire(timeout=0.2) or self._evict_for(host)
+            if not acquired and self.closing:
                 self._leave(host)
                 self.shutdown_request(request)
                 return
@@ -403,7 +483,11 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            with self._open_lock:
+                handed_over = request in self._handed_over
+                self._handed_over.discard(request)
+            if not handed_over:
+                self._slots.release()
             self._leave(str(client_address[0]))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -514,6 +598,17 @@ class MetricsServer:
     def refused_connections(self) -> int:
         """Connections closed on accept so far because their address held MAX_CONNECTIONS_PER_ADDRESS."""
         return self._server.refused
+
+    @property
+    def evicted_connections(self) -> int:
+        """Connections closed so far while still waiting for their request head, because every
+        slot was taken when another connection arrived."""
+        return self._server.evicted
+
+    @property
+    def shed_connections(self) -> int:
+        """Connections closed on accept while every slot was taken, their request not yet complete."""
+        return self._server.shed
 
     @property
     def remote(self) -> bool:

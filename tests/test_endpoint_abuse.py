@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery staple"
 SCRAPER = "127.0.0.1"
 SLOW_SOURCE = "127.0.0.2"
+SPREAD_SOURCES = [f"127.0.1.{n}" for n in range(1, 101)]
 FLOOD_FIRST_HOST = 10
 """Flooding clients use 127.0.0.10, 127.0.0.11, ..."""
 PARTIAL_HEAD = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slow"
@@ -129,16 +130,16 @@ def tiny_registry() -> CollectorRegistry:
 # --------------------------------------------------------------------------- attackers (run in their own process)
 
 
-def hold_slow_connections(port: int, source: str, count: int, stop: threading.Event) -> dict[str, int]:
-    """Keep ``count`` connections from ``source`` open, each having sent part of a request head
-    and then stalling; reopen each one the server closes, until ``stop``."""
+def hold_slow_connections(port: int, sources: list[str], count: int, stop: threading.Event) -> dict[str, int]:
+    """Keep ``count`` connections from ``sources`` (in turn) open, each having sent part of a
+    request head and then stalling; reopen each one the server closes, until ``stop``."""
     opened = closed_by_server = connect_failures = 0
     held: list[socket.socket] = []
     try:
         while not stop.is_set():
             while len(held) < count and not stop.is_set():
                 try:
-                    sock = connect_from(source, port, timeout_s=1.0)
+                    sock = connect_from(sources[opened % len(sources)], port, timeout_s=1.0)
                 except OSError:
                     connect_failures += 1
                     break
@@ -196,7 +197,9 @@ def attacker_main(argv: list[str]) -> int:
 
     def attack() -> None:
         if kind == "slow":
-            result.update(hold_slow_connections(port, SLOW_SOURCE, 200, stop))
+            result.update(hold_slow_connections(port, [SLOW_SOURCE], 200, stop))
+        elif kind == "spread":  # 2 stalled connections from each of 100 addresses: under every per-address cap
+            result.update(hold_slow_connections(port, SPREAD_SOURCES, 200, stop))
         else:
             result.update(flood_wrong_passwords(port, 100, stop))
 
@@ -373,6 +376,23 @@ class TestConnectionCap:
             wait_for(lambda: request(server.port, source=SLOW_SOURCE).status == 200, 5, "a scrape from 127.0.0.2")
             time.sleep(0.3)  # the handlers notice the closed sockets and give the quota back
         assert server.refused_connections == 0
+
+    def test_stalled_connections_from_many_addresses_make_room_for_a_scrape(self, server: MetricsServer) -> None:
+        """200 stalled connections from 100 addresses fill every slot; 127.0.0.1 is still served at once."""
+        with contextlib.ExitStack() as stack:
+            for n in range(200):
+                sock = stack.enter_context(connect_from(SPREAD_SOURCES[n % len(SPREAD_SOURCES)], server.port))
+                sock.sendall(PARTIAL_HEAD)
+            time.sleep(0.5)  # every slot taken by a stalled connection, the rest in the backlog
+            seconds = []
+            for _ in range(10):
+                started = time.monotonic()
+                answer = request(server.port, source=SCRAPER)
+                seconds.append(time.monotonic() - started)
+                assert answer.status == 200 and b"abuse_test_up 1.0" in answer.body
+            assert max(seconds) <= 1.0, seconds
+            assert server.evicted_connections > 0  # room was made by closing stalled connections
+            assert server.refused_connections == 0  # no address was over its own cap
 
     def test_partial_head_is_cut_off_at_the_default_deadline(self) -> None:
         """With the defaults, a connection sending half a request head is closed after REQUEST_TIMEOUT_S (a few s)."""
@@ -595,6 +615,19 @@ class TestDaemonUnderAttack:
             seen = scrape_during(proc, port, None, scrapes=40)
         print(f"RELIABILITY slow_connections: attacker {counts}; {seen.summary()}")
         assert counts["opened"] >= 200 and counts["closed_by_server"] > 0  # the attack ran and was refused
+        assert seen.statuses == [200] * 40
+        assert percentile(seen.seconds, 0.99) <= 1.0
+        assert seen.lateness_p99_s <= 0.05
+        assert proc.poll() is None
+
+    def test_200_slow_connections_from_100_addresses(self, daemon: Callable[..., Any]) -> None:
+        """200 stalled connections spread over 100 addresses (2 each, under every per-address cap, more
+        than every thread), reopened as they are closed: 127.0.0.1 scrapes p99 <= 1 s."""
+        proc, port = daemon()
+        with attacker("spread", port) as counts:
+            seen = scrape_during(proc, port, None, scrapes=40)
+        print(f"RELIABILITY spread_slow_connections: attacker {counts}; {seen.summary()}")
+        assert counts["opened"] >= 200 and counts["closed_by_server"] > 0
         assert seen.statuses == [200] * 40
         assert percentile(seen.seconds, 0.99) <= 1.0
         assert seen.lateness_p99_s <= 0.05

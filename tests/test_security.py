@@ -608,17 +608,25 @@ class TestHttpSurface:
                     pass
             assert closed
 
-    def test_connection_cap_queues_extra_clients(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """With every slot held by silent clients, a scrape waits for a slot and is then served."""
+    def test_full_server_hands_a_silent_clients_slot_to_a_ready_scrape(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With every slot held by silent clients, a scrape takes one's slot and is served at once;
+        a silent newcomer is closed instead of queued."""
         monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 2)
-        server = MetricsServer("127.0.0.1", 0, tiny_registry(), request_timeout_s=0.5)
+        server = MetricsServer("127.0.0.1", 0, tiny_registry(), request_timeout_s=5.0)
         try:
             silent = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) for _ in range(2)]
             time.sleep(0.1)
             started = time.monotonic()
             assert fetch(server).status == 200
-            assert time.monotonic() - started > 0.2
-            for sock in silent:
+            assert time.monotonic() - started < 2.0  # not the 5 s head deadline of a silent client
+            assert server.evicted_connections == 1
+            filler = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)  # full again
+            time.sleep(0.1)
+            late = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)
+            late.settimeout(2.0)
+            assert late.recv(1) == b""  # closed at once: nothing sent while every slot was taken
+            assert server.shed_connections == 1
+            for sock in [*silent, filler, late]:
                 sock.close()
         finally:
             server.close()
