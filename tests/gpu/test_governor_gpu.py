@@ -96,10 +96,15 @@ class Stopper:
 
 
 class Governor:
-    def __init__(self, tmp_path: Path, toml: str) -> None:
+    """The governor as a real process. ``dry_run``: the global dry run (no power limit changed,
+    no process signalled); without it the caller's config must turn the power ladder off."""
+
+    def __init__(self, tmp_path: Path, toml: str, *, dry_run: bool = True) -> None:
         self.port = free_port()
         config = tmp_path / "governor.toml"
-        config.write_text(f'dry_run = true\nstate_dir = "{tmp_path / "state"}"\n' + toml)
+        (tmp_path / "state").mkdir(mode=0o755)
+        head = "dry_run = true\n" if dry_run else ""
+        config.write_text(f'{head}state_dir = "{tmp_path / "state"}"\n' + toml)
         os.chmod(config, 0o644)
         self.log_path = tmp_path / "governor.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
@@ -109,7 +114,7 @@ class Governor:
                 "-m",
                 "governor",
                 "run",
-                "--dry-run",
+                *(["--dry-run"] if dry_run else []),
                 "--config",
                 str(config),
                 "--listen",
@@ -154,9 +159,11 @@ def test_dry_run_decision_on_a_hot_real_gpu(tmp_path: Path, cleanup: list[object
     cleanup.append(Stopper(load))
     assert load.stdout is not None and load.stdout.readline().strip() == "ready"
     temp = int(pynvml_temp())
+    step_down = max(temp - 3, 31)  # thresholds below 30 C are refused as implausible
     governor = Governor(
         tmp_path,
-        f"[power]\nladder_w = [700.0, 600.0, 500.0]\nstep_down_at_c = {temp - 3}.0\nstep_up_at_c = {temp - 15}.0\n"
+        f"[power]\nladder_w = [700.0, 600.0, 500.0]\nstep_down_at_c = {step_down}.0\n"
+        f"step_up_at_c = {max(step_down - 12, 30)}.0\n"
         "debounce_samples = 2\nmin_change_interval_s = 5.0\n[vram]\nper_process_metrics = true\n",
     )
     cleanup.append(governor)
@@ -198,8 +205,11 @@ def test_vram_grower_is_terminated_and_the_other_left_alone(tmp_path: Path, clea
     cleanup.append(steady)
     grower = Worker("1", "1", "2", "6", "grower-marker")
     cleanup.append(grower)
+    # The global dry run would stop the SIGTERM too: instead the power ladder is off, so no GPU
+    # setting can change while the test's own workers are really signalled.
     governor = Governor(
         tmp_path,
+        "[power]\nenabled = false\n"
         "[vram]\ncooldown_s = 5.0\nper_process_metrics = true\n"
         '[[class]]\nname = "steady"\nbudget = "4GiB"\npriority = 100\naction = "terminate"\ngrace_s = 5.0\n'
         f'match = {{ cmdline = "steady-marker", user = {os.getuid()} }}\n'
