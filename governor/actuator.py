@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from governor.backends import Backend, BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
-from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Snapshot
+from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Rule, Snapshot
 from governor.processes import read_start_time
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
 from governor.state import OriginalLimits
@@ -231,12 +231,12 @@ class Actuator:
                 t_s=t_s,
                 gpu_index=-1 if info is None else info.index,
                 gpu_uuid=uuid,
-                rule=rule,
+                rule=Rule(rule),
                 action=Action.SET_POWER_LIMIT,
                 reason=f"restoring the original limit {original_w:g} W"
                 + ("" if original_w == saved_w else f" (saved {saved_w:g} W, clamped to the GPU's range)"),
-                from_value=None if reading is None else reading.power_limit_w,
-                to_value=original_w,
+                from_w=None if reading is None else reading.power_limit_w,
+                to_w=original_w,
             )
             if info is None:
                 results.append(ActionResult(decision, Outcome.SKIPPED, "GPU not present; entry kept"))

@@ -21,19 +21,31 @@ cgroup path that systemd, not the user, created; see :mod:`governor.processes`).
 
 from __future__ import annotations
 
+# ruff: noqa: PLC0414 - "import X as X" marks a re-export (names that moved to governor.policy/schema)
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import regex
 
-if TYPE_CHECKING:
-    from governor.config import _Collector
+# The policy types live in governor.policy; the names stay importable from here (re-exports).
+from governor.policy import ACTIONS as ACTIONS
+from governor.policy import BINARY_UNITS as BINARY_UNITS
+from governor.policy import DEFAULT_CLASS as DEFAULT_CLASS
+from governor.policy import DEFAULT_PROTECTED_NAMES as DEFAULT_PROTECTED_NAMES
+from governor.policy import MATCH_KEYS as MATCH_KEYS
+from governor.policy import MESSAGE_VALUE_CHARS as MESSAGE_VALUE_CHARS
+from governor.policy import SIGNAL_ACTIONS as SIGNAL_ACTIONS
+from governor.policy import UNTRUSTED_KEYS as UNTRUSTED_KEYS
+from governor.policy import ProcessAction as ProcessAction
+from governor.policy import ProcessClass as ProcessClass
+from governor.policy import ProcessMatch as ProcessMatch
+from governor.policy import VramPolicy as VramPolicy
+from governor.policy import clip as clip
+from governor.policy import format_size as format_size
+from governor.schema import Issues, Key, between, convert, one_of, shown, table_of, unknown
 
-BINARY_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-"""The units sizes are printed in (largest first when rendering)."""
 _UNITS = {
     "": (1, False),
     "b": (1, False),
@@ -59,35 +71,6 @@ MATCH_TIMEOUT_S = 0.05
 """Bound of one ``cmdline``/``cgroup`` regex match, in seconds of CPU time (the ``regex``
 module counts CPU time: on a loaded machine the wall time of a cut-off match is longer;
 the per-tick budget in :mod:`governor.processes` counts wall time)."""
-MESSAGE_VALUE_CHARS = 60
-"""Values quoted in config errors and warnings are cut to this many characters."""
-
-ACTIONS = ("observe", "terminate", "kill")
-MATCH_KEYS = ("name", "exe", "cmdline", "user", "unit", "slice", "cgroup")
-UNTRUSTED_KEYS = ("name", "cmdline")
-"""Match keys whose value the process itself chooses (comm name, command line)."""
-SIGNAL_ACTIONS = ("terminate", "kill")
-DEFAULT_PROTECTED_NAMES = (
-    "Xorg",
-    "Xwayland",
-    "X",
-    "gnome-shell",
-    "kwin_wayland",
-    "kwin_x11",
-    "mutter",
-    "sway",
-    "weston",
-    "Hyprland",
-    "gamescope",
-    "gdm-x-session",
-    "sddm",
-    "nvidia-persistenced",
-)
-"""Display servers, compositors and NVIDIA's own daemon: never signalled.
-
-Matched against the basename of the executable the kernel reports (/proc/PID/exe),
-never the comm name, and only for a root-owned system binary (see
-:func:`governor.processes.protection`)."""
 
 
 def parse_size_unit(value: Any) -> tuple[int, bool] | None:
@@ -136,143 +119,44 @@ def render_size(size_bytes: int) -> str:
     return f"{size_bytes}B"
 
 
-def format_size(size_bytes: int) -> str:
-    """A byte count for people (logs, reports): ``6GiB`` when exact, else two decimals (``7.30GiB``)."""
-    for unit, scale in reversed(BINARY_UNITS.items()):
-        if size_bytes >= scale:
-            if size_bytes % scale == 0:
-                return f"{size_bytes // scale}{unit}"
-            return f"{size_bytes / scale:.2f}{unit}"
-    return f"{size_bytes}B"
-
-
-def clip(text: str) -> str:
-    """``text`` cut to ``MESSAGE_VALUE_CHARS`` characters (with "...") for a message."""
-    return text if len(text) <= MESSAGE_VALUE_CHARS else text[: MESSAGE_VALUE_CHARS - 3] + "..."
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessMatch:
-    """Match rules of a class; every given key must match (AND)."""
-
-    name: str | None = None  # glob on the process name (comm): untrusted
-    exe: str | None = None  # glob on the executable path (/proc/PID/exe)
-    cmdline: regex.Pattern[str] | None = None  # regex searched in the command line: untrusted
-    user: str | None = None  # user name or numeric uid
-    unit: str | None = None  # glob on the systemd unit (from /proc/PID/cgroup)
-    slice: str | None = None  # glob on any systemd slice in the cgroup path
-    cgroup: regex.Pattern[str] | None = None  # regex searched in the cgroup path (containers)
-    user_units: bool = False  # unit/slice/cgroup also see a user manager's own units
-
-    def is_empty(self) -> bool:
-        """True when no match key is given (the class can never match)."""
-        return all(getattr(self, k) is None for k in MATCH_KEYS)
-
-    def untrusted_only(self) -> bool:
-        """True when every given key is one the process chooses itself (name, cmdline)."""
-        return not self.is_empty() and all(getattr(self, k) is None for k in MATCH_KEYS if k not in UNTRUSTED_KEYS)
-
-    def describe(self) -> str:
-        """The match rules as text (long values cut)."""
-        parts = []
-        for key in MATCH_KEYS:
-            value = getattr(self, key)
-            if value is not None:
-                parts.append(f"{key}={clip(value.pattern if isinstance(value, regex.Pattern) else repr(value))}")
-        if self.user_units:
-            parts.append("user_units")
-        return " and ".join(parts) or "nothing"
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessClass:
-    """A named class of processes with its budget and enforcement."""
-
-    name: str
-    match: ProcessMatch = field(default_factory=ProcessMatch)
-    budget_bytes: int | None = None  # None: no budget (observe only)
-    priority: int = 0
-    action: str = "observe"
-    grace_s: float = 30.0
-    kill_after_s: float = 10.0
-    dry_run: bool = False
-    protected: bool = False
-
-    @property
-    def enforced_action(self) -> str:
-        """The action really taken: ``observe`` when a signalling class matches only on untrusted keys."""
-        if self.action in SIGNAL_ACTIONS and self.match.untrusted_only():
-            return "observe"
-        return self.action
-
-
-DEFAULT_CLASS = ProcessClass(name="unclassified", priority=0, action="observe")
-
-
-@dataclass(frozen=True, slots=True)
-class VramPolicy:
-    """Per-GPU free reserve, memory pressure, cooldown, protection and the classes."""
-
-    enabled: bool = True
-    reserve_bytes: int = 0
-    pressure_used_ratio: float = 0.90
-    cooldown_s: float = 30.0
-    dry_run: bool = False
-    per_process_metrics: bool = False
-    protected_names: tuple[str, ...] = DEFAULT_PROTECTED_NAMES
-    classes: tuple[ProcessClass, ...] = ()
-    default_class: ProcessClass = DEFAULT_CLASS
-    # Advice found while parsing (decimal size units), for check-config; not a config key.
-    notes: tuple[str, ...] = field(default=(), metadata={"config": False})
-
-    def class_named(self, name: str) -> ProcessClass:
-        """The class called ``name`` (the default class when unknown)."""
-        for klass in self.classes:
-            if klass.name == name:
-                return klass
-        return self.default_class
-
-
 # --------------------------------------------------------------------------- parsing
 
 
-def _str(value: Any, path: str, out: _Collector, expected: str) -> str | None:
+def _str(value: Any, path: str, out: Issues, expected: str) -> str | None:
     if isinstance(value, str) and value:
         return value
-    out.add(path, expected, clip(repr(value)))
+    out.add(path, expected, shown(value))
     return None
 
 
-def _regex(value: Any, path: str, out: _Collector) -> regex.Pattern[str] | None:
+def _regex(value: Any, path: str, out: Issues) -> regex.Pattern[str] | None:
     text = _str(value, path, out, "a regular expression (a non-empty string)")
     if text is None:
         return None
     try:
         return regex.compile(text)
     except (regex.error, RecursionError, OverflowError, ValueError) as exc:
-        out.add(path, "a valid regular expression", f"{clip(repr(text))} ({clip(str(exc))})")
+        out.add(path, "a valid regular expression", f"{shown(text)} ({clip(str(exc))})")
         return None
 
 
-def _size(value: Any, path: str, out: _Collector, notes: list[str], example: str) -> int | None:
+def _size(value: Any, path: str, out: Issues, notes: list[str], example: str) -> int | None:
     parsed = parse_size_unit(value)
     if parsed is None:
-        out.add(path, f'a size such as "{example}", "512MiB", "6 gib" or a number of bytes', clip(repr(value)))
+        out.add(path, f'a size such as "{example}", "512MiB", "6 gib" or a number of bytes', shown(value))
         return None
     size, decimal = parsed
     if decimal:
         notes.append(
-            f"{path} = {clip(repr(value))} is {size} bytes ({format_size(size)}): a decimal unit "
+            f"{path} = {shown(value)} is {size} bytes ({format_size(size)}): a decimal unit "
             "(1 GB = 10^9 bytes) is not GiB (2^30 bytes); write GiB, MiB or G, M for binary units"
         )
     return size
 
 
-def _parse_match(table: Any, path: str, out: _Collector) -> ProcessMatch:
-    from governor.config import _table, _unknown
-
+def _parse_match(table: Any, path: str, out: Issues) -> ProcessMatch:
     values: dict[str, Any] = {}
-    checked = _table(table, path, out)
+    checked = table_of(table, path, out)
     if checked is None:
         return ProcessMatch()
     for key, value in checked.items():
@@ -290,25 +174,33 @@ def _parse_match(table: Any, path: str, out: _Collector) -> ProcessMatch:
             if isinstance(value, bool):
                 values[key] = value
             else:
-                out.add(key_path, "true or false", clip(repr(value)))
+                out.add(key_path, "true or false", shown(value))
         else:
-            _unknown(key_path, key, [*MATCH_KEYS, "user_units"], out)
+            unknown(key_path, key, [*MATCH_KEYS, "user_units"], out)
     return ProcessMatch(**values)
 
 
-def _parse_class(
-    table: Mapping[str, Any], path: str, out: _Collector, notes: list[str], *, default: bool
-) -> ProcessClass:
-    from governor.config import Key, _between, _convert, _one_of, _unknown
+CLASS_KEYS: dict[str, Key] = {
+    "priority": Key("int", "a priority (higher is more important)", between(-1000, 1000)),
+    "action": Key("str", "an action", one_of(*(a.value for a in ACTIONS))),
+    "grace_s": Key("float", "seconds", between(0.0, 86400.0)),
+    "kill_after_s": Key("float", "seconds", between(0.0, 86400.0)),
+    "dry_run": Key("bool", "true or false"),
+    "protected": Key("bool", "true or false"),
+}
+"""The scalar keys of a ``[[class]]`` (and ``[vram.default]``); name, budget and match are read apart."""
+VRAM_KEYS: dict[str, Key] = {
+    "enabled": Key("bool", "true or false"),
+    "pressure_used_ratio": Key("float", "a ratio", between(0.05, 1.0)),
+    "cooldown_s": Key("float", "seconds", between(0.0, 86400.0)),
+    "dry_run": Key("bool", "true or false"),
+    "per_process_metrics": Key("bool", "true or false"),
+}
+"""The scalar keys of ``[vram]``; reserve, protected_names and default are read apart."""
 
-    schema = {
-        "priority": Key("int", "a priority (higher is more important)", _between(-1000, 1000)),
-        "action": Key("str", "an action", _one_of(*ACTIONS)),
-        "grace_s": Key("float", "seconds", _between(0.0, 86400.0)),
-        "kill_after_s": Key("float", "seconds", _between(0.0, 86400.0)),
-        "dry_run": Key("bool", "true or false"),
-        "protected": Key("bool", "true or false"),
-    }
+
+def _parse_class(table: Mapping[str, Any], path: str, out: Issues, notes: list[str], *, default: bool) -> ProcessClass:
+    schema = CLASS_KEYS
     known = [*schema, "budget", "match"] if default else [*schema, "name", "budget", "match"]
     values: dict[str, Any] = {}
     for key, value in table.items():
@@ -320,11 +212,11 @@ def _parse_class(
         elif key == "match" and not default:
             values["match"] = _parse_match(value, key_path, out)
         elif key in schema:
-            converted = _convert(schema[key], value, key_path, out)
+            converted = convert(schema[key], value, key_path, out)
             if converted is not None:
-                values[key] = converted
+                values[key] = ProcessAction(converted) if key == "action" else converted
         else:
-            _unknown(key_path, key, known, out)
+            unknown(key_path, key, known, out)
     if default:
         values["name"] = DEFAULT_CLASS.name
     elif not values.get("name"):
@@ -334,26 +226,18 @@ def _parse_class(
     if "match" not in values and not default:
         out.add(f"{path}.match", "a match table (name, exe, cmdline, user, unit, slice or cgroup)", "nothing")
     klass = ProcessClass(**{k: v for k, v in values.items() if v is not None or k == "budget_bytes"})
-    if klass.action != "observe" and klass.budget_bytes is None:
+    if klass.action is not ProcessAction.OBSERVE and klass.budget_bytes is None:
         out.add(f"{path}.budget", f"a budget for action '{klass.action}'", "no budget")
     return klass
 
 
-def parse_vram(vram: Any, classes: Any, out: _Collector) -> VramPolicy:
+def parse_vram(vram: Any, classes: Any, out: Issues) -> VramPolicy:
     """Validate ``[vram]`` and ``[[class]]``; problems go to ``out``."""
-    from governor.config import Key, _between, _convert, _table, _unknown
-
     values: dict[str, Any] = {}
     notes: list[str] = []
     if vram is not None:
-        table = _table(vram, "vram", out)
-        schema = {
-            "enabled": Key("bool", "true or false"),
-            "pressure_used_ratio": Key("float", "a ratio", _between(0.05, 1.0)),
-            "cooldown_s": Key("float", "seconds", _between(0.0, 86400.0)),
-            "dry_run": Key("bool", "true or false"),
-            "per_process_metrics": Key("bool", "true or false"),
-        }
+        table = table_of(vram, "vram", out)
+        schema = VRAM_KEYS
         for key, value in (table or {}).items():
             path = f"vram.{key}"
             if key == "reserve":
@@ -364,32 +248,32 @@ def parse_vram(vram: Any, classes: Any, out: _Collector) -> VramPolicy:
                 if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
                     values["protected_names"] = tuple(value)
                 else:
-                    out.add(path, "a list of executable names (basenames)", clip(repr(value)))
+                    out.add(path, "a list of executable names (basenames)", shown(value))
             elif key == "default":
-                sub = _table(value, path, out)
+                sub = table_of(value, path, out)
                 if sub is not None:
                     values["default_class"] = _parse_class(sub, path, out, notes, default=True)
             elif key in schema:
-                converted = _convert(schema[key], value, path, out)
+                converted = convert(schema[key], value, path, out)
                 if converted is not None:
                     values[key] = converted
             else:
-                _unknown(path, key, [*schema, "reserve", "protected_names", "default"], out)
+                unknown(path, key, [*schema, "reserve", "protected_names", "default"], out)
     parsed: list[ProcessClass] = []
     if classes is not None:
         if not isinstance(classes, list):
-            out.add("class", "an array of tables ([[class]])", clip(repr(classes)))
+            out.add("class", "an array of tables ([[class]])", shown(classes))
         elif len(classes) > MAX_CLASSES:
             out.add("class", f"at most {MAX_CLASSES} [[class]] tables", f"{len(classes)} tables")
         else:
             seen: set[str] = set()
             for i, entry in enumerate(classes):
-                table = _table(entry, f"class[{i}]", out)
+                table = table_of(entry, f"class[{i}]", out)
                 if table is None:
                     continue
                 klass = _parse_class(table, f"class[{i}]", out, notes, default=False)
                 if klass.name in seen or klass.name == DEFAULT_CLASS.name:
-                    out.add(f"class[{i}].name", "a class name used once (not 'unclassified')", clip(repr(klass.name)))
+                    out.add(f"class[{i}].name", "a class name used once (not 'unclassified')", shown(klass.name))
                 seen.add(klass.name)
                 parsed.append(klass)
     return VramPolicy(classes=tuple(parsed), notes=tuple(notes), **values)

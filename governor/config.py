@@ -9,16 +9,15 @@ running configuration: :func:`load_config` either returns a whole
 
 from __future__ import annotations
 
-import difflib
+# ruff: noqa: PLC0414 - "import X as X" marks a re-export (names that moved to governor.policy/schema)
 import errno
 import fnmatch
 import ipaddress
-import math
 import os
 import ssl
 import stat
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,21 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 import itertools
 
-from governor.classes import VramPolicy, parse_vram
+from governor.classes import parse_vram
 from governor.model import GpuInfo
+
+# Policy types live in governor.policy and the schema engine in governor.schema; the names
+# stay importable from here (re-exports) for the code that found them here before.
+from governor.policy import GpuPolicy as GpuPolicy
+from governor.policy import PowerPolicy as PowerPolicy
+from governor.policy import Rung as Rung
+from governor.policy import ThermalPolicy as ThermalPolicy
+from governor.policy import VramPolicy as VramPolicy
+from governor.policy import percent_of as percent_of
+from governor.schema import ConfigIssue as ConfigIssue
+from governor.schema import Issues, between, convert, describe, finite_number, one_of, section, short, table_of, unknown
+from governor.schema import Key as Key
+from governor.schema import Validator as Validator
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpu-governor/governor.toml")
 DEFAULT_METRICS_PORT = 9847
@@ -52,23 +64,6 @@ DEEP_CAP_RATIO = 0.75
 """An absolute top rung under this fraction of a card's default limit is a deep cap (refused
 unless ``power.allow_deep_cap``)."""
 
-Rung = float | str
-"""One ladder rung: watts (float) or a percentage of the card's default limit ("90%")."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    """One problem found in a config file."""
-
-    file: str
-    key: str
-    expected: str
-    got: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}: {self.key}" if self.key else self.file
-        return f"{where}: expected {self.expected}, got {self.got}"
-
 
 class ConfigError(Exception):
     """A config file could not be used; ``issues`` lists every problem found."""
@@ -85,63 +80,6 @@ class ConfigError(Exception):
         if rest > 0:
             lines.append(f"{self.issues[0].file}: ... and {rest} more problem(s) not shown")
         return lines
-
-
-@dataclass(frozen=True, slots=True)
-class ThermalPolicy:
-    """Zone thresholds in degrees Celsius; a zone is entered at >= its threshold
-    and left only once the temperature is below threshold - hysteresis_c."""
-
-    warning_c: float = 70.0
-    hot_c: float = 80.0
-    throttle_c: float = 85.0
-    critical_c: float = 95.0
-    hysteresis_c: float = 3.0
-
-
-@dataclass(frozen=True, slots=True)
-class PowerPolicy:
-    """The power ladder: rungs highest first, and when to move on it.
-
-    A rung is watts (a float) or a percentage of the card's own default power limit
-    (a string such as ``"90%"``, the default as NVML reports it); one ladder is all
-    watts or all percentages. Rungs are resolved per GPU and clamped to its allowed
-    range (:func:`governor.rules.power.effective_ladder`): the built-in
-    ``("100%", "90%")`` gives an RTX 4070 (200 W default) 200 -> 180 W and an H100
-    (700 W) 700 -> 630 W. An absolute ladder whose top rung is under ``DEEP_CAP_RATIO``
-    of a card's default limit is refused for that card unless ``allow_deep_cap`` is
-    true (:func:`check_resolved`): a deep cap is never applied by accident.
-
-    One rung down after ``debounce_samples`` consecutive readings >=
-    ``step_down_at_c``; one rung up after the temperature stayed <= ``step_up_at_c``
-    for ``dwell_s`` seconds; at most one change per ``min_change_interval_s``
-    seconds, except that entering the critical zone drops straight to the floor.
-
-    Anti-flap backoff (lazy when releasing): a step down within ``flap_window_s`` seconds
-    of the last step up doubles the dwell before the next step up, up to ``dwell_max_s``
-    (never below ``dwell_s``); every ``backoff_decay_s`` seconds without a limit change
-    halves it again, back to ``dwell_s``. ``flap_window_s = 0`` turns the backoff off.
-    """
-
-    ladder_w: tuple[Rung, ...] = ("100%", "90%")
-    step_down_at_c: float = 75.0
-    step_up_at_c: float = 65.0
-    debounce_samples: int = 3
-    dwell_s: float = 60.0
-    min_change_interval_s: float = 30.0
-    enabled: bool = True
-    flap_window_s: float = 900.0
-    dwell_max_s: float = 1800.0
-    backoff_decay_s: float = 3600.0
-    allow_deep_cap: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class GpuPolicy:
-    """The thermal and power policy in force for one GPU."""
-
-    thermal: ThermalPolicy = field(default_factory=ThermalPolicy)
-    power: PowerPolicy = field(default_factory=PowerPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,44 +189,16 @@ class Config:
 
 # --------------------------------------------------------------------------- schema
 
-Validator = Callable[[Any], "str | None"]
-"""Returns None when a value is acceptable, else a description of what was expected."""
 
-
-@dataclass(frozen=True, slots=True)
-class Key:
-    """How one config key is checked and converted."""
-
-    kind: str  # "float" | "int" | "bool" | "str" | "ladder"
-    expected: str
-    check: Validator | None = None
-
-
-def _between(lo: float, hi: float) -> Validator:
-    def check(v: Any) -> str | None:
-        return None if lo <= v <= hi else f"a value between {lo:g} and {hi:g}"
-
-    return check
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "a value greater than 0"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "a value of 0 or more"
-
-
-def _one_of(*choices: str) -> Validator:
-    def check(v: Any) -> str | None:
-        return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
-
-    return check
-
-
-def percent_of(rung: str) -> float:
-    """The percentage of a relative rung (``"90%"`` -> 90.0); the rung was validated at load."""
-    return float(rung.rstrip("%"))
+def _rung(item: Any) -> Rung | None:
+    """A ladder item as watts (float) or a normalised percentage ("90%"), None when neither."""
+    if finite_number(item):
+        return float(item)
+    if isinstance(item, str) and 1 < len(item) <= 12 and item.endswith("%"):
+        number = item[:-1].strip()
+        if number and all(ch.isdigit() or ch == "." for ch in number) and number.count(".") <= 1 and number != ".":
+            return f"{float(number):g}%"
+    return None
 
 
 def _ladder(v: Any) -> str | None:
@@ -327,34 +237,38 @@ THERMAL_KEYS: dict[str, Key] = {
     "hot_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
     "throttle_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
     "critical_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
-    "hysteresis_c": Key("float", "degrees C (0 to 30)", _between(0.0, 30.0)),
+    "hysteresis_c": Key("float", "degrees C (0 to 30)", between(0.0, 30.0)),
 }
 POWER_KEYS: dict[str, Key] = {
     "enabled": Key("bool", "true or false"),
     "ladder_w": Key(
-        "ladder", 'a list of rungs: watts (200.0) or percent of the card\'s default limit ("90%")', _ladder
+        "array",
+        'a list of rungs: watts (200.0) or percent of the card\'s default limit ("90%")',
+        _ladder,
+        item=_rung,
+        item_expected='watts (a number) or a percentage such as "90%"',
     ),
     "allow_deep_cap": Key("bool", "true or false (true: an absolute ladder may cap far below a card's default)"),
     "step_down_at_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
     "step_up_at_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
-    "debounce_samples": Key("int", "a whole number of samples", _between(1, 3600)),
-    "dwell_s": Key("float", "seconds", _between(0.0, 86400.0)),
-    "min_change_interval_s": Key("float", "seconds", _between(0.0, 86400.0)),
-    "flap_window_s": Key("float", "seconds (0 turns the backoff off)", _between(0.0, 86400.0)),
-    "dwell_max_s": Key("float", "seconds", _between(0.0, 86400.0)),
-    "backoff_decay_s": Key("float", "seconds", _between(1.0, 86400.0)),
+    "debounce_samples": Key("int", "a whole number of samples", between(1, 3600)),
+    "dwell_s": Key("float", "seconds", between(0.0, 86400.0)),
+    "min_change_interval_s": Key("float", "seconds", between(0.0, 86400.0)),
+    "flap_window_s": Key("float", "seconds (0 turns the backoff off)", between(0.0, 86400.0)),
+    "dwell_max_s": Key("float", "seconds", between(0.0, 86400.0)),
+    "backoff_decay_s": Key("float", "seconds", between(1.0, 86400.0)),
 }
 SCHEMA: dict[str, Key | dict[str, Key]] = {
-    "poll_interval_s": Key("float", "seconds", _between(0.05, 3600.0)),
+    "poll_interval_s": Key("float", "seconds", between(0.05, 3600.0)),
     "dry_run": Key("bool", "true or false"),
-    "backend": Key("str", "a backend name", _one_of("nvml", "simulated")),
+    "backend": Key("str", "a backend name", one_of("nvml", "simulated")),
     "state_dir": Key("str", "a directory path"),
     "runtime_dir": Key("str", "a directory path (empty: write no process table)"),
     "wait_for_driver": Key("bool", "true or false"),
     "metrics": {
         "enabled": Key("bool", "true or false"),
         "listen_address": Key("str", "an IP address or host name"),
-        "port": Key("int", "a TCP port", _between(0, 65535)),
+        "port": Key("int", "a TCP port", between(0, 65535)),
         "allow_remote": Key("bool", "true or false"),
         "tls_cert_file": Key("str", "a PEM certificate file (empty: plain HTTP)"),
         "tls_key_file": Key("str", "a PEM private key file (empty: plain HTTP)"),
@@ -363,149 +277,29 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
         "basic_auth_password_hash": Key("str", "a hash from `gpu-governor hash-password` (empty: no basic auth)"),
     },
     "logging": {
-        "format": Key("str", "a log format", _one_of("auto", "console", "json", "journal")),
-        "level": Key("str", "a log level", _one_of("debug", "info", "warning", "error")),
+        "format": Key("str", "a log format", one_of("auto", "console", "json", "journal")),
+        "level": Key("str", "a log level", one_of("debug", "info", "warning", "error")),
     },
     "simulation": {
         "profile": Key("str", "a profile name or a path to a profile TOML"),
-        "gpu_count": Key("int", "a number of GPUs", _between(1, 64)),
+        "gpu_count": Key("int", "a number of GPUs", between(1, 64)),
         "scenario": Key("str", "a scenario name or a path to a scenario TOML"),
         "seed": Key("int", "an integer seed"),
-        "ambient_c": Key("float", "a temperature in C", _between(-20.0, 60.0)),
+        "ambient_c": Key("float", "a temperature in C", between(-20.0, 60.0)),
         "state_file": Key("str", "a file path (empty: keep state in memory)"),
-        "time_scale": Key("float", "a speed factor", _between(0.01, 10000.0)),
+        "time_scale": Key("float", "a speed factor", between(0.01, 10000.0)),
     },
     "thermal": THERMAL_KEYS,
     "power": POWER_KEYS,
 }
 GPU_SELECTORS: dict[str, Key] = {
-    "index": Key("int", "a GPU index", _between(0, 1023)),
+    "index": Key("int", "a GPU index", between(0, 1023)),
     "uuid": Key("str", "a GPU UUID such as 'GPU-...'"),
     "name": Key("str", "a model name glob such as '*RTX 4070*'"),
 }
 
 
-class _Collector:
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.issues: list[ConfigIssue] = []
-
-    def add(self, key: str, expected: str, got: str) -> None:
-        self.issues.append(ConfigIssue(self.file, key, expected, got))
-
-
-def _describe(value: Any) -> str:
-    """A value for a message: its repr cut to 60 characters and its type; never raises."""
-    kind = type(value).__name__
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
-        return f"an integer of about {int(value.bit_length() * 0.30103)} digits ({kind})"
-    if isinstance(value, (list, dict)) and len(value) > 20:
-        return f"a {kind} of {len(value)} items"
-    try:
-        text = repr(value)
-    except (RecursionError, ValueError):  # nested too deep, or too long to print
-        return f"a {kind} nested too deeply to show"
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({kind})"
-
-
-def _finite_number(value: Any) -> bool:
-    """True for an int or float (not a bool) that is finite as a float; huge ints are not."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _convert(key: Key, value: Any, path: str, out: _Collector) -> Any:
-    """Check one scalar; returns the converted value or None after recording an issue."""
-    if key.kind == "float":
-        ok = _finite_number(value)
-        converted: Any = float(value) if ok else None
-        expected = f"{key.expected} (a number)"
-    elif key.kind == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        converted = value if ok else None
-        expected = f"{key.expected} (an integer)"
-    elif key.kind == "bool":
-        ok = isinstance(value, bool)
-        converted = value if ok else None
-        expected = key.expected
-    elif key.kind == "str":
-        ok = isinstance(value, str)
-        converted = value if ok else None
-        expected = f"{key.expected} (a string)"
-    elif key.kind == "ladder":
-        ok = isinstance(value, list)
-        converted = None
-        if ok:
-            items: list[Rung] = []
-            for i, item in enumerate(value):
-                rung = _rung(item)
-                if rung is None:
-                    out.add(f"{path}[{i}]", 'watts (a number) or a percentage such as "90%"', _describe(item))
-                    ok = False
-                else:
-                    items.append(rung)
-            if not ok:
-                return None
-            converted = tuple(items)
-        expected = f"{key.expected} (an array)"
-    else:  # pragma: no cover - schema bug
-        raise AssertionError(key.kind)
-    if not ok:
-        out.add(path, expected, _describe(value))
-        return None
-    if key.check is not None:
-        problem = key.check(converted)
-        if problem is not None:
-            out.add(path, problem, _describe(value))
-            return None
-    return converted
-
-
-def _rung(item: Any) -> Rung | None:
-    """A ladder item as watts (float) or a normalised percentage ("90%"), None when neither."""
-    if _finite_number(item):
-        return float(item)
-    if isinstance(item, str) and 1 < len(item) <= 12 and item.endswith("%"):
-        number = item[:-1].strip()
-        if number and all(ch.isdigit() or ch == "." for ch in number) and number.count(".") <= 1 and number != ".":
-            return f"{float(number):g}%"
-    return None
-
-
-def _short(text: str, limit: int = 40) -> str:
-    """``text`` cut to ``limit`` characters for a message (a key name can be megabytes long)."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _unknown(path: str, name: str, known: Sequence[str], out: _Collector) -> None:
-    name = _short(name)
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    out.add(_short(path, 80), "one of the known keys: " + ", ".join(sorted(known)), f"unknown key '{name}'{hint}")
-
-
-def _section(table: Mapping[str, Any], schema: Mapping[str, Key], prefix: str, out: _Collector) -> dict[str, Any]:
-    """Convert the known keys of ``table``; record unknown ones and bad values."""
-    result: dict[str, Any] = {}
-    for name, value in table.items():
-        path = f"{prefix}{name}"
-        key = schema.get(name)
-        if key is None:
-            _unknown(path, name, list(schema), out)
-            continue
-        converted = _convert(key, value, path, out)
-        if converted is not None:
-            result[name] = converted
-    return result
-
-
-def _thermal_contradictions(t: ThermalPolicy, prefix: str, out: _Collector) -> None:
+def _thermal_contradictions(t: ThermalPolicy, prefix: str, out: Issues) -> None:
     order = [
         ("warning_c", t.warning_c),
         ("hot_c", t.hot_c),
@@ -521,7 +315,7 @@ def _thermal_contradictions(t: ThermalPolicy, prefix: str, out: _Collector) -> N
             )
 
 
-def _power_contradictions(p: PowerPolicy, prefix: str, out: _Collector) -> None:
+def _power_contradictions(p: PowerPolicy, prefix: str, out: Issues) -> None:
     if not p.step_up_at_c < p.step_down_at_c:
         out.add(
             f"{prefix}power.step_up_at_c",
@@ -538,7 +332,7 @@ def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]
     one raises step_up_at_c). That is only knowable once the GPUs are: the daemon checks it
     at start and before swapping in a reloaded config.
     """
-    out = _Collector(config.source)
+    out = Issues(config.source)
     for gpu in gpus:
         policy = config.policy_for(gpu)
         prefix = f"[[gpu]] overrides for GPU {gpu.index} ({gpu.name}) combined: "
@@ -611,7 +405,7 @@ def _no_passphrase() -> bytes:
     return b""  # an encrypted key then fails to load instead of prompting on a terminal
 
 
-def _tls_loads(m: MetricsConfig, prefix: str, out: _Collector) -> None:
+def _tls_loads(m: MetricsConfig, prefix: str, out: Issues) -> None:
     """Load the certificate, key and CA as the server will, so check-config reports what it would hit."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
@@ -620,16 +414,16 @@ def _tls_loads(m: MetricsConfig, prefix: str, out: _Collector) -> None:
         out.add(
             f"{prefix}metrics.tls_cert_file",
             "a PEM certificate and its matching unencrypted private key (metrics.tls_key_file)",
-            _describe(str(exc)),
+            describe(str(exc)),
         )
     if m.tls_client_ca_file:
         try:
             context.load_verify_locations(cafile=m.tls_client_ca_file)
         except (OSError, ValueError) as exc:
-            out.add(f"{prefix}metrics.tls_client_ca_file", "a PEM CA certificate file", _describe(str(exc)))
+            out.add(f"{prefix}metrics.tls_client_ca_file", "a PEM CA certificate file", describe(str(exc)))
 
 
-def _metrics_contradictions(m: MetricsConfig, prefix: str, out: _Collector) -> None:
+def _metrics_contradictions(m: MetricsConfig, prefix: str, out: Issues) -> None:
     """Pairs set together, a remote bind only when allowed, TLS files readable and loadable."""
     pairs = (
         ("tls_cert_file", m.tls_cert_file, "tls_key_file", m.tls_key_file),
@@ -645,13 +439,13 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: _Collector) -> N
         out.add(
             f"{prefix}metrics.basic_auth_username",
             "a user name without ':' or control characters",
-            _describe(m.basic_auth_username),
+            describe(m.basic_auth_username),
         )
     if m.tls_client_ca_file and not m.tls:
         out.add(
             f"{prefix}metrics.tls_client_ca_file",
             "metrics.tls_cert_file and metrics.tls_key_file too (client certificates need TLS)",
-            _describe(m.tls_client_ca_file),
+            describe(m.tls_client_ca_file),
         )
     if m.basic_auth_password_hash:
         from governor.auth import HASH_FORMAT, parse_password_hash
@@ -672,14 +466,14 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: _Collector) -> N
             f"{prefix}metrics.listen_address",
             "a loopback address (127.0.0.1, ::1, localhost), or metrics.allow_remote = true "
             "to serve other hosts (see docs/security.md)",
-            _describe(m.listen_address),
+            describe(m.listen_address),
         )
     readable = True
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
         path = getattr(m, name)
         problem = _readable_file(path) if path else None
         if problem is not None:
-            out.add(f"{prefix}metrics.{name}", "a readable file", f"{_describe(path)}: {problem}")
+            out.add(f"{prefix}metrics.{name}", "a readable file", f"{describe(path)}: {problem}")
             readable = False
     if readable and m.tls:
         _tls_loads(m, prefix, out)
@@ -687,22 +481,15 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: _Collector) -> N
 
 def check_metrics(metrics: MetricsConfig, source: str) -> None:
     """The [metrics] cross-checks alone, for values set outside a file (``run --listen``); raise ConfigError."""
-    out = _Collector(source)
+    out = Issues(source)
     _metrics_contradictions(metrics, "", out)
     if out.issues:
         raise ConfigError(out.issues)
 
 
-def _table(value: Any, path: str, out: _Collector) -> Mapping[str, Any] | None:
-    if isinstance(value, dict):
-        return value
-    out.add(path, "a table", _describe(value))
-    return None
-
-
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
-    out = _Collector(source)
+    out = Issues(source)
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
     raw_gpus: Any = None
@@ -715,15 +502,15 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             continue
         spec = SCHEMA.get(name)
         if spec is None:
-            _unknown(name, name, known_top, out)
+            unknown(name, name, known_top, out)
         elif isinstance(spec, Key):
-            converted = _convert(spec, value, name, out)
+            converted = convert(spec, value, name, out)
             if converted is not None:
                 top[name] = converted
         else:
-            table = _table(value, name, out)
+            table = table_of(value, name, out)
             if table is not None:
-                sections[name] = _section(table, spec, f"{name}.", out)
+                sections[name] = section(table, spec, f"{name}.", out)
 
     thermal = replace(ThermalPolicy(), **sections.get("thermal", {}))
     power = replace(PowerPolicy(), **sections.get("power", {}))
@@ -735,7 +522,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     overrides: list[GpuOverride] = []
     if raw_gpus is not None:
         if not isinstance(raw_gpus, list):
-            out.add("gpu", "an array of tables ([[gpu]])", _describe(raw_gpus))
+            out.add("gpu", "an array of tables ([[gpu]])", describe(raw_gpus))
         else:
             for i, entry in enumerate(raw_gpus):
                 override = _parse_override(entry, f"gpu[{i}]", thermal, power, out)
@@ -760,9 +547,9 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
 
 
 def _parse_override(
-    entry: Any, path: str, thermal: ThermalPolicy, power: PowerPolicy, out: _Collector
+    entry: Any, path: str, thermal: ThermalPolicy, power: PowerPolicy, out: Issues
 ) -> GpuOverride | None:
-    table = _table(entry, path, out)
+    table = table_of(entry, path, out)
     if table is None:
         return None
     selectors: dict[str, Any] = {}
@@ -771,16 +558,16 @@ def _parse_override(
     for name, value in table.items():
         key_path = f"{path}.{name}"
         if name in GPU_SELECTORS:
-            converted = _convert(GPU_SELECTORS[name], value, key_path, out)
+            converted = convert(GPU_SELECTORS[name], value, key_path, out)
             if converted is not None:
                 selectors[name] = converted
         elif name in parts:
-            sub = _table(value, key_path, out)
+            sub = table_of(value, key_path, out)
             if sub is not None:
                 schema = THERMAL_KEYS if name == "thermal" else POWER_KEYS
-                parts[name] = _section(sub, schema, f"{key_path}.", out)
+                parts[name] = section(sub, schema, f"{key_path}.", out)
         else:
-            _unknown(key_path, name, known, out)
+            unknown(key_path, name, known, out)
     if not selectors:
         out.add(path, "at least one of index, uuid or name to select GPUs", "no selector")
     # Contradictions inherited unchanged from the top level are reported there, once.
@@ -913,7 +700,7 @@ def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
             [ConfigIssue(source, "", "TOML nested at most a few hundred levels deep", "deeper nesting")]
         ) from None
     except Exception as exc:  # whatever a hostile file triggers is its error
-        detail = _short(f"{type(exc).__name__}: {exc}", 120)
+        detail = short(f"{type(exc).__name__}: {exc}", 120)
         raise ConfigError([ConfigIssue(source, "", "a config the governor can read", detail)]) from None
 
 
@@ -958,11 +745,11 @@ def render_config(config: Config) -> str:
             sections.append((f.name, value))
         elif value is not None:
             lines.append(f"{f.name} = {_toml_value(value)}")
-    for name, section in sections:
+    for name, table in sections:
         lines.append("")
         lines.append(f"[{name}]")
-        for f in fields(section):
-            value = getattr(section, f.name)
+        for f in fields(table):
+            value = getattr(table, f.name)
             if value is not None:
                 lines.append(f"{f.name} = {_toml_value(value)}")
     for override in config.gpus:

@@ -9,42 +9,15 @@ notion of "now" from the snapshot alone.
 
 from __future__ import annotations
 
+# ruff: noqa: PLC0414 - "import X as X" marks a re-export (names that moved to governor.policy/schema)
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-class ThermalZone(enum.Enum):
-    """Named temperature bands, ordered from coolest to hottest."""
-
-    OPTIMAL = "optimal"
-    WARNING = "warning"
-    HOT = "hot"
-    THROTTLE = "throttle"
-    CRITICAL = "critical"
-    UNKNOWN = "unknown"
-
-    @property
-    def severity(self) -> int:
-        """Rank of the zone: 0 for optimal up to 4 for critical; -1 for unknown."""
-        return _SEVERITY[self]
-
-
-_SEVERITY = {
-    ThermalZone.OPTIMAL: 0,
-    ThermalZone.WARNING: 1,
-    ThermalZone.HOT: 2,
-    ThermalZone.THROTTLE: 3,
-    ThermalZone.CRITICAL: 4,
-    ThermalZone.UNKNOWN: -1,
-}
-
-ZONES_BY_SEVERITY: tuple[ThermalZone, ...] = (
-    ThermalZone.OPTIMAL,
-    ThermalZone.WARNING,
-    ThermalZone.HOT,
-    ThermalZone.THROTTLE,
-    ThermalZone.CRITICAL,
-)
+# Defined in governor.policy; re-exported here, where every reader found them before.
+from governor.policy import ZONES_BY_SEVERITY as ZONES_BY_SEVERITY
+from governor.policy import Action as Action
+from governor.policy import Rule as Rule
+from governor.policy import ThermalZone as ThermalZone
 
 
 class GpuHealth(enum.Enum):
@@ -118,40 +91,53 @@ class Snapshot:
     gpus: tuple[GpuReading, ...]
 
 
-class Action(enum.Enum):
-    """What a decision asks the actuator to do."""
-
-    NONE = "none"  # informational (zone change, hold, report)
-    SET_POWER_LIMIT = "set_power_limit"
-    SIGNAL_TERM = "sigterm"
-    SIGNAL_KILL = "sigkill"
-
-
 @dataclass(frozen=True, slots=True)
 class Decision:
     """One thing a rule decided, with the reason a human can read back.
 
-    ``rule`` names the rule (``power_step_down``, ``thermal_zone`` ...), ``reading``
-    is the value it looked at, ``threshold`` the limit it compared against,
-    ``from_value`` and ``to_value`` what changes (watts for power limits, zone
-    names for zones). ``pid``/``process_start_time`` identify a process target.
+    ``rule`` names the rule, ``reading`` is the value it looked at (degrees C for the
+    thermal and power rules, bytes for VRAM), ``threshold`` the limit it compared
+    against (same unit). What changes is typed by kind, each in its own unit:
+    ``from_zone``/``to_zone`` for a zone change, ``from_w``/``to_w`` (watts) for a power
+    limit, and ``pid``/``process_start_time``/``process_class``/``process_name`` for a
+    process target (the action says what happens to it).
     """
 
     t_s: float
     gpu_index: int
     gpu_uuid: str
-    rule: str
+    rule: Rule
     action: Action
     reason: str
     reading: float | None = None
     threshold: float | None = None
-    from_value: float | str | None = None
-    to_value: float | str | None = None
+    from_w: float | None = None
+    to_w: float | None = None
+    from_zone: ThermalZone | None = None
+    to_zone: ThermalZone | None = None
     pid: int | None = None
     process_start_time: int | None = None
     process_class: str | None = None
+    process_name: str | None = None
     dry_run: bool = False  # a process decision under dry-run (per class or [vram] dry_run)
-    extra: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def from_value(self) -> float | str | None:
+        """The old untyped "before" (zone name, watts or process name), for readers not yet on the typed fields."""
+        if self.to_zone is not None:
+            return None if self.from_zone is None else self.from_zone.value
+        if self.pid is not None:
+            return self.process_name
+        return self.from_w
+
+    @property
+    def to_value(self) -> float | str | None:
+        """The old untyped "after" (zone name, watts or the action's name), for readers not yet on the typed fields."""
+        if self.to_zone is not None:
+            return self.to_zone.value
+        if self.pid is not None:
+            return self.action.value
+        return self.to_w
 
 
 class Outcome(enum.Enum):

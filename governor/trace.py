@@ -12,13 +12,13 @@ percent (0-100); ``clock_event_reasons`` the NVML bitmask.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from governor.model import GpuHealth, GpuInfo, GpuReading, ProcessReading, Snapshot
+from governor.schema import Issues, Key, convert
 
 
 class TraceError(Exception):
@@ -62,15 +62,33 @@ class Trace:
             yield Snapshot(t_s=t, wall_time_s=t, gpus=tuple(s.reading for s in row))
 
 
-def _num(record: dict[str, Any], key: str, where: str, *, required: bool = False) -> float | None:
+_NUMBER = Key("float", "a number", type_expected="a number")
+_TEXT = Key("str", "a string", type_expected="a string")
+
+
+def _field(record: dict[str, Any], key: str, where: str, spec: Key, *, required: bool) -> Any:
+    """``record[key]`` checked by the schema engine; None when absent (null); TraceError naming
+    file:line and the field at the first problem (a trace is read in one pass)."""
     value = record.get(key)
     if value is None:
         if required:
-            raise TraceError(f"{where}: field '{key}': expected a number, got nothing")
+            raise TraceError(f"{where}: field '{key}': expected {spec.wrong_type()}, got nothing")
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TraceError(f"{where}: field '{key}': expected a number, got {value!r}")
-    return float(value)
+    issues = Issues(where)
+    converted = convert(spec, value, f"field '{key}'", issues)
+    if issues.issues:
+        raise TraceError(str(issues.issues[0]))
+    return converted
+
+
+def _num(record: dict[str, Any], key: str, where: str, *, required: bool = False) -> float | None:
+    value: float | None = _field(record, key, where, _NUMBER, required=required)
+    return value
+
+
+def _text(record: dict[str, Any], key: str, where: str) -> str | None:
+    value: str | None = _field(record, key, where, _TEXT, required=False)
+    return value
 
 
 def _int(record: dict[str, Any], key: str, where: str, *, required: bool = False) -> int | None:
@@ -85,16 +103,16 @@ def _device(record: dict[str, Any], where: str) -> TraceDevice:
         index=gpu,
         uuid=str(record.get("uuid") or f"trace-gpu-{gpu}"),
         name=str(record.get("name") or "unknown GPU"),
-        pci_bus_id=record.get("pci_bus_id"),
+        pci_bus_id=_text(record, "pci_bus_id", where),
         power_limit_min_w=_num(record, "power_limit_min_w", where),
         power_limit_max_w=_num(record, "power_limit_max_w", where),
         power_limit_default_w=_num(record, "power_limit_default_w", where),
         temperature_slowdown_c=_num(record, "temperature_slowdown_c", where),
         temperature_shutdown_c=_num(record, "temperature_shutdown_c", where),
         memory_total_bytes=_int(record, "memory_total_bytes", where),
-        driver_version=record.get("driver"),
+        driver_version=_text(record, "driver", where),
     )
-    return TraceDevice(info=info, interval_s=_num(record, "interval_s", where), profile=record.get("profile"))
+    return TraceDevice(info=info, interval_s=_num(record, "interval_s", where), profile=_text(record, "profile", where))
 
 
 def _processes(record: dict[str, Any], where: str) -> tuple[ProcessReading, ...] | None:

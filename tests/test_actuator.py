@@ -8,12 +8,12 @@ import pytest
 
 from governor.actuator import Actuator
 from governor.backends import Backend, BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
-from governor.model import Action, Decision, GpuInfo, Outcome
+from governor.model import Action, Decision, GpuInfo, Outcome, Rule
 from governor.state import OriginalLimits
 from tests.helpers import CARD_200W, H100, RecordingBackend, reading, snapshot
 
 
-def set_to(watts: float, gpu: GpuInfo = CARD_200W, rule: str = "power_step_down") -> Decision:
+def set_to(watts: float, gpu: GpuInfo = CARD_200W, rule: Rule = Rule.POWER_STEP_DOWN) -> Decision:
     """A decision asking for ``watts`` on ``gpu``."""
     return Decision(
         t_s=1.0,
@@ -22,7 +22,7 @@ def set_to(watts: float, gpu: GpuInfo = CARD_200W, rule: str = "power_step_down"
         rule=rule,
         action=Action.SET_POWER_LIMIT,
         reason="test",
-        to_value=watts,
+        to_w=watts,
     )
 
 
@@ -71,7 +71,7 @@ class TestApply:
     def test_informational_decisions_skipped(self, tmp_path: Path) -> None:
         """A decision with Action.NONE is SKIPPED without a backend call."""
         act, backend = make(tmp_path)
-        info = Decision(1.0, 1, CARD_200W.uuid, "power_hold", Action.NONE, "hold", to_value=200.0)
+        info = Decision(1.0, 1, CARD_200W.uuid, Rule.POWER_HOLD, Action.NONE, "hold", to_w=200.0)
         (result,) = act.apply([info], snapshot(1.0, [reading(None, 200.0)]))
         assert result.outcome is Outcome.SKIPPED
         assert backend.calls == []
@@ -139,7 +139,7 @@ class TestDryRun:
         """A dry-run restore reports 'would set' and keeps the saved entry."""
         OriginalLimits(tmp_path).remember(CARD_200W.uuid, 200.0)
         act, backend = make(tmp_path, dry_run=True)
-        (result,) = act.restore(snapshot(1.0, [reading(60.0, 180.0)]), 9.0, "restore")
+        (result,) = act.restore(snapshot(1.0, [reading(60.0, 180.0)]), 9.0, "restore_on_stop")
         assert result.outcome is Outcome.DRY_RUN
         assert backend.calls == []
         assert act.originals.get(CARD_200W.uuid) == 200.0
@@ -241,7 +241,7 @@ class TestRestore:
         """A GPU already back at its original limit gets no call and its entry is dropped."""
         act, backend = make(tmp_path)
         act.originals.remember(CARD_200W.uuid, 200.0)
-        (result,) = act.restore(snapshot(5.0, [reading(60.0, 200.0)]), 5.0, "restore")
+        (result,) = act.restore(snapshot(5.0, [reading(60.0, 200.0)]), 5.0, "restore_on_stop")
         assert result.outcome is Outcome.UNCHANGED
         assert backend.calls == []
         assert act.originals.items() == []
@@ -250,7 +250,7 @@ class TestRestore:
         """An original for a GPU this host no longer has is skipped and kept for later."""
         OriginalLimits(tmp_path).remember("GPU-elsewhere", 250.0)
         act, backend = make(tmp_path)
-        (result,) = act.restore(None, 5.0, "restore_at_start")
+        (result,) = act.restore(None, 5.0, "restore_after_crash")
         assert result.outcome is Outcome.SKIPPED
         assert result.decision.gpu_index == -1
         assert backend.calls == []
@@ -261,7 +261,7 @@ class TestRestore:
         act, backend = make(tmp_path)
         act.originals.remember(CARD_200W.uuid, 200.0)
         backend.fail_with = SetLimitFailed("busy")
-        (result,) = act.restore(None, 5.0, "restore")
+        (result,) = act.restore(None, 5.0, "restore_on_stop")
         assert result.outcome is Outcome.FAILED
         assert act.originals.get(CARD_200W.uuid) == 200.0
 
@@ -269,7 +269,7 @@ class TestRestore:
         """Without a snapshot (restore at start) the original is written blind."""
         act, backend = make(tmp_path)
         act.originals.remember(H100.uuid, 700.0)
-        (result,) = act.restore(None, 0.0, "restore")
+        (result,) = act.restore(None, 0.0, "restore_on_stop")
         assert result.outcome is Outcome.APPLIED
         assert result.decision.from_value is None
         assert backend.calls == [(H100.uuid, 700.0)]

@@ -23,7 +23,7 @@ from governor.cli import _apply_run_flags, build_parser
 from governor.clock import VirtualClock
 from governor.config import Config, SimulationConfig, load_config
 from governor.daemon import Daemon, VirtualWaiter
-from governor.model import Action, Decision, Outcome, Snapshot
+from governor.model import Action, Decision, Outcome, Rule, Snapshot
 from governor.notify import Notifier
 from governor.state import OriginalLimits
 
@@ -124,7 +124,7 @@ class TestGlobalDryRun:
             t_s=0.0,
             gpu_index=0,
             gpu_uuid="GPU-x",
-            rule="vram_enforce",
+            rule=Rule.VRAM_ENFORCE,
             action=Action.SIGNAL_KILL,
             reason="test",
             pid=os.getpid(),

@@ -23,7 +23,7 @@ from governor.backends.simulated import SimulatedBackend
 from governor.clock import VirtualClock
 from governor.config import Config, ConfigError, SimulationConfig
 from governor.daemon import Daemon, check_state_dirs
-from governor.model import Action, Decision, GpuInfo, Outcome
+from governor.model import Action, Decision, GpuInfo, Outcome, Rule
 from governor.notify import Notifier
 from governor.safefile import MAX_STATE_BYTES, UnusableFile, read_bounded, read_json, write_atomic
 from governor.sim.profiles import load_profile
@@ -52,7 +52,7 @@ def need_root(what: str) -> None:
 
 def set_to(watts: float, gpu: GpuInfo = CARD_200W) -> Decision:
     """A decision asking for ``watts`` on ``gpu``."""
-    return Decision(1.0, gpu.index, gpu.uuid, "power_step_down", Action.SET_POWER_LIMIT, "test", to_value=watts)
+    return Decision(1.0, gpu.index, gpu.uuid, Rule.POWER_STEP_DOWN, Action.SET_POWER_LIMIT, "test", to_w=watts)
 
 
 def write_state(state_dir: Path, text: str) -> None:

@@ -24,7 +24,7 @@ import regex
 from structlog.testing import capture_logs
 
 from governor.backends.simulated import build_simulated_backend
-from governor.classes import MATCH_TIMEOUT_S, ProcessClass, ProcessMatch, VramPolicy, config_warnings
+from governor.classes import MATCH_TIMEOUT_S, ProcessAction, ProcessClass, ProcessMatch, VramPolicy, config_warnings
 from governor.clock import RealClock
 from governor.config import Config, MetricsConfig, SimulationConfig, parse_config
 from governor.daemon import Daemon, PipeWaiter
@@ -265,9 +265,14 @@ class TestUserUnits:
         """A user unit named llama-server.service matches `unit = "llama-server.service"` only with user_units."""
         fake_proc(tmp_path, 100, USER_UNIT)
         fake_proc(tmp_path, 200, SYSTEM_UNIT)
-        strict = ProcessClass("primary", ProcessMatch(unit="llama-server.service"), 8 * GiB, action="terminate")
+        strict = ProcessClass(
+            "primary", ProcessMatch(unit="llama-server.service"), 8 * GiB, action=ProcessAction.TERMINATE
+        )
         opted = ProcessClass(
-            "primary", ProcessMatch(unit="llama-server.service", user_units=True), 8 * GiB, action="terminate"
+            "primary",
+            ProcessMatch(unit="llama-server.service", user_units=True),
+            8 * GiB,
+            action=ProcessAction.TERMINATE,
         )
         inspector = ProcessInspector(proc=tmp_path)
         assert inspector.facts(100, None, VramPolicy(classes=(strict,))).klass == "unclassified"
@@ -281,9 +286,11 @@ class TestUserUnits:
         fake_proc(tmp_path, 100, USER_UNIT)  # the impersonator, 7 GiB
         fake_proc(tmp_path, 200, "/user.slice/user-1000.slice/session-2.scope", cmdline=b"batch-job\0")  # 2 GiB
         primary = ProcessClass(
-            "primary", ProcessMatch(unit="llama-server.service"), 8 * GiB, priority=100, action="terminate"
+            "primary", ProcessMatch(unit="llama-server.service"), 8 * GiB, priority=100, action=ProcessAction.TERMINATE
         )
-        batch = ProcessClass("batch", ProcessMatch(user=str(os.getuid())), GiB, priority=10, action="terminate")
+        batch = ProcessClass(
+            "batch", ProcessMatch(user=str(os.getuid())), GiB, priority=10, action=ProcessAction.TERMINATE
+        )
         policy = VramPolicy(reserve_bytes=2 * GiB, classes=(primary, batch))
         inspector = ProcessInspector(proc=tmp_path)
         facts = {pid: inspector.facts(pid, None, policy) for pid in (100, 200)}
@@ -307,7 +314,9 @@ class TestReusedPid:
     def test_a_process_started_after_the_listing_is_not_charged(self, children: list[subprocess.Popen[bytes]]) -> None:
         """A real process started after the GPU listing is marked newer, neither charged nor signalled that tick."""
         policy = VramPolicy(
-            classes=(ProcessClass("any", ProcessMatch(user=str(os.getuid())), GiB, action="kill", grace_s=0.0),)
+            classes=(
+                ProcessClass("any", ProcessMatch(user=str(os.getuid())), GiB, action=ProcessAction.KILL, grace_s=0.0),
+            )
         )
         inspector = ProcessInspector()
         inspector.mark_listing()
@@ -353,7 +362,10 @@ class TestBoundedMatching:
         assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
         assert len(Path(f"/proc/{child.pid}/cmdline").read_bytes()) > 4096
         klass = ProcessClass(
-            "gguf", ProcessMatch(cmdline=regex.compile(CATASTROPHIC), user=str(os.getuid())), GiB, action="terminate"
+            "gguf",
+            ProcessMatch(cmdline=regex.compile(CATASTROPHIC), user=str(os.getuid())),
+            GiB,
+            action=ProcessAction.TERMINATE,
         )
         policy = VramPolicy(classes=(klass,))
         inspector = ProcessInspector()
@@ -370,7 +382,7 @@ class TestBoundedMatching:
 
     def test_an_unresolved_process_is_not_signalled_that_tick(self) -> None:
         """A process whose match timed out sits in the default class but is never made a victim that tick."""
-        default = ProcessClass("unclassified", budget_bytes=GiB, action="kill", grace_s=0.0)
+        default = ProcessClass("unclassified", budget_bytes=GiB, action=ProcessAction.KILL, grace_s=0.0)
         policy = VramPolicy(default_class=default)
         draft = ProcessInspector().facts(os.getpid(), None, policy)
         reading = GpuReading(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from governor.classes import ACTIONS, ProcessClass, ProcessMatch, VramPolicy
+from governor.classes import ACTIONS, ProcessAction, ProcessClass, ProcessMatch, VramPolicy
 from governor.model import Action, Decision, GpuReading, ProcessReading
 from governor.processes import ProcessFacts
 from governor.rules.vram import VramState, evaluate_vram
@@ -76,7 +76,7 @@ def process_classes(draw: st.DrawFn, name: str) -> ProcessClass:
         match=ProcessMatch(name=name, user="root"),
         budget_bytes=draw(st.sampled_from(BUDGETS)),
         priority=draw(st.integers(-5, 5)),
-        action=draw(st.sampled_from([*ACTIONS, "terminate"])),
+        action=draw(st.sampled_from([*ACTIONS, ProcessAction.TERMINATE])),
         grace_s=draw(seconds),
         kill_after_s=draw(long_seconds),
         dry_run=draw(st.booleans()),
@@ -173,7 +173,7 @@ def cases(draw: st.DrawFn) -> Case:
 def protected_after_sigterm() -> Case:
     """SIGTERM at t = 1; a reload then protects the process (t = 10), which stays over budget past kill_after."""
     klass = ProcessClass(
-        "c0", ProcessMatch(name="c0", user="root"), GiB, action="terminate", grace_s=0.0, kill_after_s=30.0
+        "c0", ProcessMatch(name="c0", user="root"), GiB, action=ProcessAction.TERMINATE, grace_s=0.0, kill_after_s=30.0
     )
     policy = VramPolicy(cooldown_s=0.0, classes=(klass,))
     reading = GpuReading(index=0, uuid=UUIDS[0], processes=(ProcessReading(pid=PIDS[0], used_memory_bytes=2 * GiB),))

@@ -17,11 +17,11 @@ from structlog.testing import capture_logs
 
 from governor.actuator import Actuator, send_signal
 from governor.backends.simulated import SimulatedBackend, build_simulated_backend
-from governor.classes import ProcessClass, ProcessMatch, VramPolicy, config_warnings, parse_size
+from governor.classes import ProcessAction, ProcessClass, ProcessMatch, VramPolicy, config_warnings, parse_size
 from governor.clock import VirtualClock
 from governor.config import Config, SimulationConfig, parse_config
 from governor.daemon import Daemon, VirtualWaiter
-from governor.model import Action, Decision, GpuReading, Outcome, ProcessReading
+from governor.model import Action, Decision, GpuReading, Outcome, ProcessReading, Rule
 from governor.notify import Notifier
 from governor.processes import ProcessFacts, ProcessInspector, read_start_time
 from governor.rules.vram import VramState, evaluate_vram
@@ -60,10 +60,10 @@ def reading(*procs: tuple[int, int], used: int = 6 * GiB, total: int = 12 * GiB)
 
 
 PRIMARY = ProcessClass(
-    "primary", ProcessMatch(name="p1", user="u"), 6 * GiB, priority=100, action="terminate", grace_s=30
+    "primary", ProcessMatch(name="p1", user="u"), 6 * GiB, priority=100, action=ProcessAction.TERMINATE, grace_s=30
 )
 SECONDARY = ProcessClass(
-    "secondary", ProcessMatch(name="p2", user="u"), 3 * GiB, priority=50, action="terminate", grace_s=30
+    "secondary", ProcessMatch(name="p2", user="u"), 3 * GiB, priority=50, action=ProcessAction.TERMINATE, grace_s=30
 )
 POLICY = VramPolicy(reserve_bytes=2 * GiB, classes=(PRIMARY, SECONDARY), cooldown_s=20)
 
@@ -103,7 +103,9 @@ class TestVramRule:
         for t in range(0, 31):
             state, decisions = evaluate_vram(reading((2, 4 * GiB)), table, POLICY, state, t)
         assert decisions and decisions[-1].action is Action.SIGNAL_TERM
-        observe = VramPolicy(classes=(PRIMARY, ProcessClass("secondary", SECONDARY.match, 3 * GiB, action="observe")))
+        observe = VramPolicy(
+            classes=(PRIMARY, ProcessClass("secondary", SECONDARY.match, 3 * GiB, action=ProcessAction.OBSERVE))
+        )
         later: list[Decision] = []
         for t in range(31, 100):
             state, decisions = evaluate_vram(reading((2, 4 * GiB)), table, observe, state, t)
@@ -141,7 +143,7 @@ class TestVramRule:
 
     def test_observe_class_only_reports(self) -> None:
         """An observe class never yields a signal."""
-        observe = ProcessClass("obs", ProcessMatch(name="p2"), GiB, action="observe", grace_s=0)
+        observe = ProcessClass("obs", ProcessMatch(name="p2"), GiB, action=ProcessAction.OBSERVE, grace_s=0)
         policy = VramPolicy(classes=(observe,))
         decisions = run([(t, reading((2, 4 * GiB))) for t in range(0, 100)], {2: facts(2, "obs")}, policy)
         assert [d.rule for d in decisions] == ["vram_over_budget"]
@@ -360,7 +362,7 @@ class TestRealProcesses:
             t_s=0,
             gpu_index=0,
             gpu_uuid="GPU-0",
-            rule="vram_enforce",
+            rule=Rule.VRAM_ENFORCE,
             action=Action.SIGNAL_KILL,
             reason="test",
             pid=child.pid,

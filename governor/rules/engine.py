@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from governor.classes import VramPolicy
-from governor.config import GpuPolicy
-from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, Snapshot, ThermalZone
-from governor.processes import ProcessFacts
+from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, Snapshot
+from governor.policy import GpuPolicy, ThermalZone, VramPolicy
+from governor.processes import ProcessFacts  # moves to governor.model (issue 13, errors part)
 from governor.rules.power import LadderState, effective_ladder, step_power
 from governor.rules.thermal import evaluate_zone, thresholds
 from governor.rules.vram import VramState, evaluate_vram

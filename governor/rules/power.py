@@ -28,9 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from governor.config import PowerPolicy, Rung, percent_of
-from governor.durations import format_seconds
-from governor.model import Action, Decision, GpuInfo, GpuReading, ThermalZone
+from governor.model import Decision, GpuInfo, GpuReading
+from governor.policy import Action, PowerPolicy, Rule, Rung, ThermalZone, format_seconds, percent_of
 
 DRIFT_TOLERANCE_W = 1.0
 """Enforced and target limits closer than this (watts) are the same limit."""
@@ -145,7 +144,7 @@ def _after_step_down(policy: PowerPolicy, state: LadderState, t_s: float) -> tup
 def _decision(
     reading: GpuReading,
     t_s: float,
-    rule: str,
+    rule: Rule,
     reason: str,
     *,
     action: Action = Action.SET_POWER_LIMIT,
@@ -162,8 +161,8 @@ def _decision(
         reason=reason,
         reading=reading.temperature_c,
         threshold=threshold,
-        from_value=from_w,
-        to_value=to_w,
+        from_w=from_w,
+        to_w=to_w,
     )
 
 
@@ -223,7 +222,7 @@ def step_power(
         held = _decision(
             reading,
             t_s,
-            "power_hold",
+            Rule.POWER_HOLD,
             "temperature reading missing: holding the power limit",
             action=Action.NONE,
             from_w=from_w,
@@ -246,7 +245,7 @@ def step_power(
             backoff=level,
         )
         reason = f"entered critical zone at {temperature:g} C: straight to the lowest rung{note}"
-        return state, [_decision(reading, t_s, "power_critical", reason, from_w=from_w, to_w=ladder[lowest])]
+        return state, [_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=ladder[lowest])]
 
     if temperature >= policy.step_down_at_c:
         hot = state.hot_samples + 1
@@ -263,7 +262,7 @@ def step_power(
                     _decision(
                         reading,
                         t_s,
-                        "power_step_down",
+                        Rule.POWER_STEP_DOWN,
                         reason,
                         threshold=policy.step_down_at_c,
                         from_w=from_w,
@@ -298,7 +297,7 @@ def step_power(
                 _decision(
                     reading,
                     t_s,
-                    "power_step_up",
+                    Rule.POWER_STEP_UP,
                     reason,
                     threshold=policy.step_up_at_c,
                     from_w=from_w,
@@ -328,13 +327,13 @@ def _drift(
     state = replace(state, drift_seen=True)
     if enforced > target:
         reason = f"enforced limit {enforced:g} W drifted above target {target:g} W: re-applying once"
-        return state, [_decision(reading, t_s, "power_drift_reapply", reason, from_w=enforced, to_w=target)]
+        return state, [_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
     reason = f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
     return state, [
         _decision(
             reading,
             t_s,
-            "power_drift_external_lower",
+            Rule.POWER_DRIFT_EXTERNAL_LOWER,
             reason,
             action=Action.NONE,
             from_w=enforced,

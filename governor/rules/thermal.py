@@ -8,8 +8,8 @@ A missing temperature gives the ``unknown`` zone: nothing is inferred from it.
 
 from __future__ import annotations
 
-from governor.config import ThermalPolicy
-from governor.model import Action, Decision, GpuReading, ThermalZone
+from governor.model import Decision, GpuReading
+from governor.policy import Action, Rule, ThermalPolicy, ThermalZone
 
 
 def thresholds(policy: ThermalPolicy) -> tuple[tuple[ThermalZone, float], ...]:
@@ -71,12 +71,12 @@ def evaluate_zone(
         t_s=t_s,
         gpu_index=reading.index,
         gpu_uuid=reading.uuid,
-        rule="thermal_zone",
+        rule=Rule.THERMAL_ZONE,
         action=Action.NONE,
         reason=reason,
         reading=reading.temperature_c,
         threshold=threshold,
-        from_value=previous.value,
-        to_value=zone.value,
+        from_zone=previous,
+        to_zone=zone,
     )
     return zone, decision

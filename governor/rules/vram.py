@@ -21,7 +21,7 @@ For every process on every GPU with a class budget:
 * a process that started after the GPU listing (a reused PID) is neither charged nor
   signalled that tick, and one whose class match timed out is not signalled that tick.
 
-A budget is per process and per GPU (see :mod:`governor.classes`).
+A budget is per process and per GPU (see :mod:`governor.policy`).
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from governor.classes import ProcessClass, VramPolicy, format_size
-from governor.durations import format_seconds
-from governor.model import Action, Decision, GpuReading, ProcessReading
-from governor.processes import ProcessFacts
+from governor.model import Decision, GpuReading, ProcessReading
+from governor.policy import Action, ProcessAction, ProcessClass, Rule, VramPolicy, format_seconds, format_size
+from governor.processes import ProcessFacts  # moves to governor.model (issue 13, errors part)
 
 OffenderKey = tuple[str, int, int | None]
 """(GPU UUID, pid, start time): one process on one GPU."""
@@ -76,7 +75,7 @@ def _decision(
     reading: GpuReading,
     c: _Candidate,
     t_s: float,
-    rule: str,
+    rule: Rule,
     action: Action,
     reason: str,
     *,
@@ -91,8 +90,7 @@ def _decision(
         reason=reason,
         reading=float(c.used_bytes),
         threshold=None if c.klass.budget_bytes is None else float(c.klass.budget_bytes),
-        from_value=c.facts.name,
-        to_value=action.value,
+        process_name=c.facts.name,
         pid=c.process.pid,
         process_start_time=c.facts.start_time,
         process_class=c.klass.name,
@@ -142,7 +140,7 @@ def evaluate_vram(
                     reading,
                     candidate,
                     t_s,
-                    "vram_over_budget",
+                    Rule.VRAM_OVER_BUDGET,
                     Action.NONE,
                     f"{_describe(candidate)}{note}",
                     dry_run=False,
@@ -161,7 +159,11 @@ def evaluate_vram(
         if offender.term_sent_s is not None and offender.kill_sent_s is None:
             # Escalate only while the class still asks for it: a reload may have made it
             # protected or observe-only since the SIGTERM.
-            escalate = candidate.facts.protected is None and klass.enforced_action != "observe" and not klass.protected
+            escalate = (
+                candidate.facts.protected is None
+                and klass.enforced_action is not ProcessAction.OBSERVE
+                and not klass.protected
+            )
             if escalate and t_s - offender.term_sent_s >= klass.kill_after_s:
                 reason = (
                     f"{_describe(candidate)}: still running and over budget "
@@ -169,13 +171,13 @@ def evaluate_vram(
                     f"(kill_after {format_seconds(klass.kill_after_s)})"
                 )
                 decisions.append(
-                    _decision(reading, candidate, t_s, "vram_escalate", Action.SIGNAL_KILL, reason, dry_run=dry)
+                    _decision(reading, candidate, t_s, Rule.VRAM_ESCALATE, Action.SIGNAL_KILL, reason, dry_run=dry)
                 )
                 offender = replace(offender, kill_sent_s=t_s)
         elif (
             offender.term_sent_s is None
             and offender.kill_sent_s is None
-            and klass.enforced_action != "observe"
+            and klass.enforced_action is not ProcessAction.OBSERVE
             and candidate.facts.protected is None
             and candidate.facts.start_time is not None
             and not candidate.facts.unresolved
@@ -201,12 +203,12 @@ def evaluate_vram(
             if pressure and over_s < klass.grace_s
             else f"over budget for {format_seconds(over_s)} (grace {format_seconds(klass.grace_s)})"
         )
-        if klass.enforced_action == "kill":
+        if klass.enforced_action is ProcessAction.KILL:
             action, offender = Action.SIGNAL_KILL, replace(offender, kill_sent_s=t_s)
         else:
             action, offender = Action.SIGNAL_TERM, replace(offender, term_sent_s=t_s)
         decisions.append(
-            _decision(reading, candidate, t_s, "vram_enforce", action, f"{_describe(candidate)}: {why}", dry_run=dry)
+            _decision(reading, candidate, t_s, Rule.VRAM_ENFORCE, action, f"{_describe(candidate)}: {why}", dry_run=dry)
         )
         offenders[candidate.key] = offender
         last_victim_s[uuid] = t_s

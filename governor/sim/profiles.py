@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from governor.config import ConfigIssue
-from governor.sim._schema import Issues, SimDataError, Table, read_toml
+from governor.schema import ConfigIssue, Issues, Table
+from governor.sim._schema import SimDataError, issues_in, read_toml
 from governor.sim.thermal import ThermalParams
 
 
@@ -101,7 +101,7 @@ def _thermal(table: Table, issues: Issues) -> tuple[ThermalParams | None, float 
 
 def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
     """Validate a parsed profile document; SimDataError lists every problem."""
-    issues = Issues(source)
+    issues = issues_in(source)
     top = Table(dict(data), "", issues)
     name = top.string("name", "a profile name")
     gpu_name = top.string("gpu_name", "the GPU's marketing name as NVML reports it")

@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from governor.sim._schema import Issues, Table, read_toml
+from governor.schema import Table
+from governor.sim._schema import issues_in, read_toml
 from governor.sim.profiles import GpuProfile, resolve
 from governor.sim.workload import PERF_EXPONENTS, WORKLOAD_KINDS
 
@@ -241,7 +242,7 @@ def _rate(table: Table) -> float:
 
 def parse_scenario(data: dict[str, object], source: str) -> Scenario:
     """Validate a parsed scenario document; SimDataError lists every problem."""
-    issues = Issues(source)
+    issues = issues_in(source)
     top = Table(dict(data), "", issues)
     name = top.string("name", "a scenario name")
     description = top.string("description", "a sentence saying what the scenario shows", default="")

@@ -1,0 +1,342 @@
+"""Policies are data: the frozen policy types and the enums rules speak in. No I/O.
+
+The rules (:mod:`governor.rules`) import only this module and :mod:`governor.model`;
+reading and validating a file into these types is :mod:`governor.config`'s and
+:mod:`governor.classes`' job (through :mod:`governor.schema`).
+
+The enums are ``str`` subclasses whose ``str()`` and format are their value, so
+``decision.rule == "thermal_zone"`` holds, a dict keyed by the plain name finds them,
+and a log line or a metric label prints ``thermal_zone`` exactly as before.
+
+Units live in field names: ``_c`` degrees Celsius, ``_w`` watts, ``_s`` seconds,
+``_bytes`` bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import regex
+
+from governor.durations import format_seconds
+
+__all__ = [
+    "ACTIONS",
+    "BINARY_UNITS",
+    "DEFAULT_CLASS",
+    "DEFAULT_PROTECTED_NAMES",
+    "MATCH_KEYS",
+    "MESSAGE_VALUE_CHARS",
+    "SIGNAL_ACTIONS",
+    "UNTRUSTED_KEYS",
+    "ZONES_BY_SEVERITY",
+    "Action",
+    "GpuPolicy",
+    "PowerPolicy",
+    "ProcessAction",
+    "ProcessClass",
+    "ProcessMatch",
+    "Rule",
+    "Rung",
+    "ThermalPolicy",
+    "ThermalZone",
+    "VramPolicy",
+    "clip",
+    "format_seconds",
+    "format_size",
+    "percent_of",
+]
+
+
+class StrEnum(str, enum.Enum):
+    """An enum whose members are their value as text (``enum.StrEnum`` of Python 3.11, on 3.10 too)."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, format_spec: str) -> str:
+        return str.__format__(self, format_spec)
+
+
+# --------------------------------------------------------------------------- enums
+
+
+class Rule(StrEnum):
+    """Which rule (or actuator duty) made a decision; the value is the name logs and metrics show."""
+
+    THERMAL_ZONE = "thermal_zone"
+    POWER_HOLD = "power_hold"
+    POWER_CRITICAL = "power_critical"
+    POWER_STEP_DOWN = "power_step_down"
+    POWER_STEP_UP = "power_step_up"
+    POWER_DRIFT_REAPPLY = "power_drift_reapply"
+    POWER_DRIFT_EXTERNAL_LOWER = "power_drift_external_lower"
+    VRAM_OVER_BUDGET = "vram_over_budget"
+    VRAM_ENFORCE = "vram_enforce"
+    VRAM_ESCALATE = "vram_escalate"
+    RESTORE_ON_STOP = "restore_on_stop"
+    RESTORE_AFTER_CRASH = "restore_after_crash"
+
+
+class Action(StrEnum):
+    """What a decision asks the actuator to do."""
+
+    NONE = "none"  # informational (zone change, hold, report)
+    SET_POWER_LIMIT = "set_power_limit"
+    SIGNAL_TERM = "sigterm"
+    SIGNAL_KILL = "sigkill"
+
+
+class ThermalZone(StrEnum):
+    """Named temperature bands, ordered from coolest to hottest."""
+
+    OPTIMAL = "optimal"
+    WARNING = "warning"
+    HOT = "hot"
+    THROTTLE = "throttle"
+    CRITICAL = "critical"
+    UNKNOWN = "unknown"
+
+    @property
+    def severity(self) -> int:
+        """Rank of the zone: 0 for optimal up to 4 for critical; -1 for unknown."""
+        return _SEVERITY[self]
+
+
+_SEVERITY = {
+    ThermalZone.OPTIMAL: 0,
+    ThermalZone.WARNING: 1,
+    ThermalZone.HOT: 2,
+    ThermalZone.THROTTLE: 3,
+    ThermalZone.CRITICAL: 4,
+    ThermalZone.UNKNOWN: -1,
+}
+
+ZONES_BY_SEVERITY: tuple[ThermalZone, ...] = (
+    ThermalZone.OPTIMAL,
+    ThermalZone.WARNING,
+    ThermalZone.HOT,
+    ThermalZone.THROTTLE,
+    ThermalZone.CRITICAL,
+)
+
+
+class ProcessAction(StrEnum):
+    """What a process class does to a process over its budget."""
+
+    OBSERVE = "observe"  # report only
+    TERMINATE = "terminate"  # SIGTERM, then SIGKILL after kill_after_s
+    KILL = "kill"  # SIGKILL
+
+
+ACTIONS: tuple[ProcessAction, ...] = tuple(ProcessAction)
+SIGNAL_ACTIONS: tuple[ProcessAction, ...] = (ProcessAction.TERMINATE, ProcessAction.KILL)
+
+
+# --------------------------------------------------------------------------- thermal and power
+
+Rung = float | str
+"""One ladder rung: watts (float) or a percentage of the card's default limit ("90%")."""
+
+
+def percent_of(rung: str) -> float:
+    """The percentage of a relative rung (``"90%"`` -> 90.0); the rung was validated at load."""
+    return float(rung.rstrip("%"))
+
+
+@dataclass(frozen=True, slots=True)
+class ThermalPolicy:
+    """Zone thresholds in degrees Celsius; a zone is entered at >= its threshold
+    and left only once the temperature is below threshold - hysteresis_c."""
+
+    warning_c: float = 70.0
+    hot_c: float = 80.0
+    throttle_c: float = 85.0
+    critical_c: float = 95.0
+    hysteresis_c: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class PowerPolicy:
+    """The power ladder: rungs highest first, and when to move on it.
+
+    A rung is watts (a float) or a percentage of the card's own default power limit
+    (a string such as ``"90%"``, the default as NVML reports it); one ladder is all
+    watts or all percentages. Rungs are resolved per GPU and clamped to its allowed
+    range (:func:`governor.rules.power.effective_ladder`): the built-in
+    ``("100%", "90%")`` gives an RTX 4070 (200 W default) 200 -> 180 W and an H100
+    (700 W) 700 -> 630 W. An absolute ladder whose top rung is under
+    :data:`governor.config.DEEP_CAP_RATIO` of a card's default limit is refused for
+    that card unless ``allow_deep_cap`` is true (:func:`governor.config.check_resolved`):
+    a deep cap is never applied by accident.
+
+    One rung down after ``debounce_samples`` consecutive readings >=
+    ``step_down_at_c``; one rung up after the temperature stayed <= ``step_up_at_c``
+    for ``dwell_s`` seconds; at most one change per ``min_change_interval_s``
+    seconds, except that entering the critical zone drops straight to the floor.
+
+    Anti-flap backoff (lazy when releasing): a step down within ``flap_window_s`` seconds
+    of the last step up doubles the dwell before the next step up, up to ``dwell_max_s``
+    (never below ``dwell_s``); every ``backoff_decay_s`` seconds without a limit change
+    halves it again, back to ``dwell_s``. ``flap_window_s = 0`` turns the backoff off.
+    """
+
+    ladder_w: tuple[Rung, ...] = ("100%", "90%")
+    step_down_at_c: float = 75.0
+    step_up_at_c: float = 65.0
+    debounce_samples: int = 3
+    dwell_s: float = 60.0
+    min_change_interval_s: float = 30.0
+    enabled: bool = True
+    flap_window_s: float = 900.0
+    dwell_max_s: float = 1800.0
+    backoff_decay_s: float = 3600.0
+    allow_deep_cap: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPolicy:
+    """The thermal and power policy in force for one GPU."""
+
+    thermal: ThermalPolicy = field(default_factory=ThermalPolicy)
+    power: PowerPolicy = field(default_factory=PowerPolicy)
+
+
+# --------------------------------------------------------------------------- VRAM and classes
+
+BINARY_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+"""The units sizes are printed in (largest first when rendering)."""
+MESSAGE_VALUE_CHARS = 60
+"""Values quoted in config errors and warnings are cut to this many characters."""
+MATCH_KEYS = ("name", "exe", "cmdline", "user", "unit", "slice", "cgroup")
+UNTRUSTED_KEYS = ("name", "cmdline")
+"""Match keys whose value the process itself chooses (comm name, command line)."""
+DEFAULT_PROTECTED_NAMES = (
+    "Xorg",
+    "Xwayland",
+    "X",
+    "gnome-shell",
+    "kwin_wayland",
+    "kwin_x11",
+    "mutter",
+    "sway",
+    "weston",
+    "Hyprland",
+    "gamescope",
+    "gdm-x-session",
+    "sddm",
+    "nvidia-persistenced",
+)
+"""Display servers, compositors and NVIDIA's own daemon: never signalled.
+
+Matched against the basename of the executable the kernel reports (/proc/PID/exe),
+never the comm name, and only for a root-owned system binary (see
+:func:`governor.processes.protection`)."""
+
+
+def format_size(size_bytes: int) -> str:
+    """A byte count for people (logs, reports): ``6GiB`` when exact, else two decimals (``7.30GiB``)."""
+    for unit, scale in reversed(BINARY_UNITS.items()):
+        if size_bytes >= scale:
+            if size_bytes % scale == 0:
+                return f"{size_bytes // scale}{unit}"
+            return f"{size_bytes / scale:.2f}{unit}"
+    return f"{size_bytes}B"
+
+
+def clip(text: str) -> str:
+    """``text`` cut to ``MESSAGE_VALUE_CHARS`` characters (with "...") for a message."""
+    return text if len(text) <= MESSAGE_VALUE_CHARS else text[: MESSAGE_VALUE_CHARS - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessMatch:
+    """Match rules of a class; every given key must match (AND)."""
+
+    name: str | None = None  # glob on the process name (comm): untrusted
+    exe: str | None = None  # glob on the executable path (/proc/PID/exe)
+    cmdline: regex.Pattern[str] | None = None  # regex searched in the command line: untrusted
+    user: str | None = None  # user name or numeric uid
+    unit: str | None = None  # glob on the systemd unit (from /proc/PID/cgroup)
+    slice: str | None = None  # glob on any systemd slice in the cgroup path
+    cgroup: regex.Pattern[str] | None = None  # regex searched in the cgroup path (containers)
+    user_units: bool = False  # unit/slice/cgroup also see a user manager's own units
+
+    def is_empty(self) -> bool:
+        """True when no match key is given (the class can never match)."""
+        return all(getattr(self, k) is None for k in MATCH_KEYS)
+
+    def untrusted_only(self) -> bool:
+        """True when every given key is one the process chooses itself (name, cmdline)."""
+        return not self.is_empty() and all(getattr(self, k) is None for k in MATCH_KEYS if k not in UNTRUSTED_KEYS)
+
+    def describe(self) -> str:
+        """The match rules as text (long values cut)."""
+        parts = []
+        for key in MATCH_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                parts.append(f"{key}={clip(value.pattern if isinstance(value, regex.Pattern) else repr(value))}")
+        if self.user_units:
+            parts.append("user_units")
+        return " and ".join(parts) or "nothing"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessClass:
+    """A named class of processes with its budget (bytes per process per GPU) and enforcement.
+
+    ``grace_s`` is how long a process may stay over budget before ``action``;
+    ``kill_after_s`` how long after SIGTERM a process still over gets SIGKILL.
+    """
+
+    name: str
+    match: ProcessMatch = field(default_factory=ProcessMatch)
+    budget_bytes: int | None = None  # None: no budget (observe only)
+    priority: int = 0
+    action: ProcessAction = ProcessAction.OBSERVE
+    grace_s: float = 30.0
+    kill_after_s: float = 10.0
+    dry_run: bool = False
+    protected: bool = False
+
+    def __post_init__(self) -> None:
+        # A caller that passes the action's name ("terminate") still gets the enum.
+        if not isinstance(self.action, ProcessAction):
+            object.__setattr__(self, "action", ProcessAction(self.action))
+
+    @property
+    def enforced_action(self) -> ProcessAction:
+        """The action really taken: ``observe`` when a signalling class matches only on untrusted keys."""
+        if self.action in SIGNAL_ACTIONS and self.match.untrusted_only():
+            return ProcessAction.OBSERVE
+        return self.action
+
+
+DEFAULT_CLASS = ProcessClass(name="unclassified", priority=0, action=ProcessAction.OBSERVE)
+
+
+@dataclass(frozen=True, slots=True)
+class VramPolicy:
+    """Per-GPU free reserve (bytes), memory pressure (used ratio 0..1), cooldown (s),
+    protection and the classes."""
+
+    enabled: bool = True
+    reserve_bytes: int = 0
+    pressure_used_ratio: float = 0.90
+    cooldown_s: float = 30.0
+    dry_run: bool = False
+    per_process_metrics: bool = False
+    protected_names: tuple[str, ...] = DEFAULT_PROTECTED_NAMES
+    classes: tuple[ProcessClass, ...] = ()
+    default_class: ProcessClass = DEFAULT_CLASS
+    # Advice found while parsing (decimal size units), for check-config; not a config key.
+    notes: tuple[str, ...] = field(default=(), metadata={"config": False})
+
+    def class_named(self, name: str) -> ProcessClass:
+        """The class called ``name`` (the default class when unknown)."""
+        for klass in self.classes:
+            if klass.name == name:
+                return klass
+        return self.default_class
