@@ -93,9 +93,15 @@ def resolve_format(requested: str, stream: TextIO | None = None) -> str:
     return "json"
 
 
+_stream: TextIO | None = None
+"""The stream the last :func:`configure` chose (None: never configured)."""
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> str:
     """Configure structlog for the whole process; returns the concrete format chosen."""
+    global _stream
     stream = sys.stderr if stream is None else stream
+    _stream = stream
     concrete = resolve_format(log_format, stream)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -122,6 +128,17 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         cache_logger_on_first_use=False,
     )
     return concrete
+
+
+def reconfigure(log_format: str, level: str) -> str | None:
+    """Apply a reloaded config's log format and level to the stream :func:`configure` chose.
+
+    Returns the concrete format, or None (and changes nothing) when logging was never
+    configured here (a library or test that set structlog up itself keeps its setup).
+    """
+    if _stream is None:
+        return None
+    return configure(log_format, level, _stream)
 
 
 def _colour(stream: TextIO) -> bool:
