@@ -180,6 +180,14 @@ def open_originals(config: Config) -> OriginalLimits:
     return OriginalLimits(None if memory_only_originals(config) else config.state_dir)
 
 
+def as_config_error(exc: Exception, path: Path | None) -> ConfigError:
+    """``exc`` (raised while loading ``path``) as a ConfigError: itself, or one issue naming its type."""
+    if isinstance(exc, ConfigError):
+        return exc
+    why = f"{type(exc).__name__}: {exc}"[:160]
+    return ConfigError([ConfigIssue(str(path), "", "a config the governor can read", why)])
+
+
 def class_usage(
     processes: Iterable[ProcessReading], facts: Mapping[int, ProcessFacts], vram: VramPolicy, rows: bool
 ) -> tuple[tuple[ClassUsage, ...], int, tuple[ProcessRow, ...]]:

@@ -93,15 +93,14 @@ def resolve_format(requested: str, stream: TextIO | None = None) -> str:
     return "json"
 
 
-_stream: TextIO | None = None
-"""The stream the last :func:`configure` chose (None: never configured)."""
+_configured: dict[str, TextIO] = {}
+"""The stream the last :func:`configure` chose, under "stream" (empty: never configured)."""
 
 
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> str:
     """Configure structlog for the whole process; returns the concrete format chosen."""
-    global _stream
     stream = sys.stderr if stream is None else stream
-    _stream = stream
+    _configured["stream"] = stream
     concrete = resolve_format(log_format, stream)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -136,9 +135,8 @@ def reconfigure(log_format: str, level: str) -> str | None:
     Returns the concrete format, or None (and changes nothing) when logging was never
     configured here (a library or test that set structlog up itself keeps its setup).
     """
-    if _stream is None:
-        return None
-    return configure(log_format, level, _stream)
+    stream = _configured.get("stream")
+    return None if stream is None else configure(log_format, level, stream)
 
 
 def _colour(stream: TextIO) -> bool:

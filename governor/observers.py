@@ -421,6 +421,18 @@ class Telemetry:
         self._late_sum_s += late_s
         _histogram(self._late_buckets, late_s)
 
+    def reloaded(self, ok: bool, wall_s: float | None) -> None:
+        """Count a reload; a successful one (at ``wall_s``, wall clock) is the config's new load time."""
+        self.config_ok = ok
+        self.reloads["success" if ok else "failure"] += 1
+        if ok and wall_s is not None:
+            self.config_loaded_wall_s = wall_s
+
+    def failed(self) -> int:
+        """Count a tick that raised; returns the count so far."""
+        self.tick_failures += 1
+        return self.tick_failures
+
     def set_ready(self) -> None:
         """The service is up: publish again, now ready."""
         self.ready = True

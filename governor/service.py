@@ -1,10 +1,9 @@
 """The service: the schedule and the signals around a :class:`governor.core.Governor`.
 
-One thread does all the work. Signals only wake the loop (governor.waiting); ticks run on
-a drift-free schedule (start + k * interval): a tick that runs late does not shift the
-ones after it, and ticks missed entirely are skipped, not run in a burst. Each tick reads
-the GPUs, has the governor step, and hands its report to the observers (governor.observers).
-A reload builds a new governor from the new config; the rule states and originals carry over.
+One thread does all the work; signals only wake the loop (governor.waiting). Ticks run on a
+drift-free schedule (start + k * interval): a late tick does not shift the ones after it,
+missed ticks are skipped, not run in a burst. Each tick reads the GPUs, steps the governor
+and hands its report to the observers. A reload builds a new governor from the new config.
 """
 
 from __future__ import annotations
@@ -20,16 +19,15 @@ from typing import Any
 from governor import logsetup
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock
-from governor.config import Config, ConfigError, ConfigIssue, load_config
-from governor.core import TICK, Governor, Inspector, TickReport, open_originals
+from governor.config import Config, ConfigError, load_config
+from governor.core import TICK, Governor, Inspector, TickReport, as_config_error, open_originals
 from governor.model import Outcome, PublishedState, Snapshot
 from governor.notify import Notifier
 from governor.observers import DecisionLog, NotifyStatus, Observer, ProcessTable, Telemetry, status_line
 from governor.waiting import RELOAD, RELOAD_SETTLE_MAX_S, RELOAD_SETTLE_S, STOP, PipeWaiter, Waiter, settle
 
 RESTART_ONLY = ("backend", "state_dir", "metrics", "simulation")
-"""Config keys a reload cannot change: the open backend, where the originals live, the bound
-listener. Everything else (policies, classes, dry_run, runtime_dir, logging) applies."""
+"""Keys a reload cannot change (the open backend, the originals' home, the bound listener); all else applies."""
 
 
 class Service:
@@ -62,15 +60,13 @@ class Service:
         self.governor = Governor(config, backend, open_originals(config), inspector=inspector)
         self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
         self.decision_log = DecisionLog(self.log)
-        self.telemetry: Telemetry | None = None
+        self.telemetry = Telemetry(clock.wall(), self.instance_id)  # observes only when among the observers
         self._status = NotifyStatus(self.notifier)
         if observers is None:
-            self.telemetry = Telemetry(clock.wall(), self.instance_id)
             observers = (self.decision_log, ProcessTable(self.log, self.instance_id), self.telemetry, self._status)
         self.observers = tuple(observers)
         self.report: TickReport | None = None
-        self.reload_settle_s = RELOAD_SETTLE_S
-        self.reload_settle_max_s = RELOAD_SETTLE_MAX_S
+        self.reload_settle_s, self.reload_settle_max_s = RELOAD_SETTLE_S, RELOAD_SETTLE_MAX_S  # seconds
 
     @property
     def config(self) -> Config:
@@ -80,7 +76,7 @@ class Service:
     @property
     def published(self) -> PublishedState | None:
         """What the metrics render (None before the first tick, or without telemetry)."""
-        return None if self.telemetry is None else self.telemetry.published
+        return self.telemetry.published
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -90,11 +86,10 @@ class Service:
     def install_signal_handlers(self) -> None:
         """SIGHUP reloads, SIGTERM and SIGINT stop: the signals only wake the loop's waiter."""
         if isinstance(self.waiter, PipeWaiter):
-            self.waiter.install_signal_handlers()
-            return
-        signal.signal(signal.SIGHUP, lambda *_: self.waiter.put(RELOAD))
-        signal.signal(signal.SIGTERM, lambda *_: self.waiter.put(STOP))
-        signal.signal(signal.SIGINT, lambda *_: self.waiter.put(STOP))
+            return self.waiter.install_signal_handlers()
+        for signum, event in ((signal.SIGHUP, RELOAD), (signal.SIGTERM, STOP), (signal.SIGINT, STOP)):
+            signal.signal(signum, lambda *_, event=event: self.waiter.put(event))
+        return None
 
     def request_stop(self) -> None:
         """Ask the loop to stop (thread-safe)."""
@@ -131,8 +126,7 @@ class Service:
         if self._metrics_server_factory is not None:
             self.metrics_server = self._metrics_server_factory(lambda: self.published)
             self.decision_log.listening(self.metrics_server)
-        if self.telemetry is not None:
-            self.telemetry.set_ready()
+        self.telemetry.set_ready()
         self._status.live = True
         self.notifier.ready(self.status_line())
         self.log.info("governor_ready", status=self.status_line())
@@ -164,8 +158,7 @@ class Service:
                 now = self.clock.monotonic()
                 if now < deadline:
                     continue
-                if self.telemetry is not None:
-                    self.telemetry.late(now - deadline)
+                self.telemetry.late(now - deadline)
                 try:
                     self.tick()
                 except BackendFatal as exc:
@@ -173,23 +166,15 @@ class Service:
                     code = 5
                     break
                 except Exception as exc:  # a bug or an unforeseen hardware error must not stop governing
-                    failures = self._count_failure()
-                    self.log.exception("tick_failed", error=str(exc), failures=failures)
+                    self.log.exception("tick_failed", error=str(exc), failures=self.telemetry.failed())
                 k = max(k + 1, int((self.clock.monotonic() - origin) // interval) + 1)
         finally:
             self.stop()
         return code
 
-    def _count_failure(self) -> int:
-        if self.telemetry is None:
-            return 0
-        self.telemetry.tick_failures += 1
-        return self.telemetry.tick_failures
-
     def tick(self) -> None:
         """One cycle: read every GPU, step the governor, let every observer see the report."""
-        if self.telemetry is not None:
-            self.telemetry.tick_began()
+        self.telemetry.tick_began()
         snapshot = self.governor.read()
         self._observe(self.governor.step(snapshot, self.clock.wall()))
 
@@ -222,10 +207,7 @@ class Service:
         self.governor = governor
         if new.logging != old.logging:
             logsetup.reconfigure(new.logging.format, new.logging.level)
-        if self.telemetry is not None:
-            self.telemetry.config_ok = True
-            self.telemetry.config_loaded_wall_s = self.clock.wall()
-            self.telemetry.reloads["success"] += 1
+        self.telemetry.reloaded(ok=True, wall_s=self.clock.wall())
         self.log.info(
             "config_reloaded",
             config=new.source,
@@ -236,23 +218,8 @@ class Service:
         return True
 
     def _reload_failed(self, exc: Exception) -> None:
-        error = (
-            exc
-            if isinstance(exc, ConfigError)
-            else ConfigError(
-                [
-                    ConfigIssue(
-                        str(self.config_path),
-                        "",
-                        "a config the governor can read",
-                        f"{type(exc).__name__}: {exc}"[:160],
-                    )
-                ]
-            )
-        )
-        if self.telemetry is not None:
-            self.telemetry.config_ok = False
-            self.telemetry.reloads["failure"] += 1
+        error = as_config_error(exc, self.config_path)
+        self.telemetry.reloaded(ok=False, wall_s=None)
         self.log.error(
             "config_reload_failed",
             config=str(self.config_path),
@@ -274,9 +241,8 @@ class Service:
         self.log.info("governor_stopped")
 
     def _close(self) -> None:
-        close_waiter = getattr(self.waiter, "close", None)
-        if close_waiter is not None:
-            close_waiter()
+        if isinstance(self.waiter, PipeWaiter):
+            self.waiter.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
