@@ -444,3 +444,31 @@ class Governor:
 def read_error_indexes(snapshot: Snapshot) -> list[int]:
     """The indexes of GPUs whose reading in ``snapshot`` is not healthy."""
     return [r.index for r in snapshot.gpus if r.health is not GpuHealth.OK]
+
+
+class Observer(Protocol):
+    """Anything that reads the governor's reports."""
+
+    def observe(self, report: TickReport) -> None:
+        """Take in one report."""
+        ...
+
+
+def status_line(report: TickReport | None, waiting_reason: str | None = None) -> str:
+    """A one-line summary of the last report for systemd's STATUS= and humans."""
+    waiting = report.waiting_reason if report is not None else waiting_reason
+    if waiting:
+        return f"waiting for the NVIDIA driver ({waiting}); retrying"
+    if report is None or report.snapshot is None:
+        return "starting"
+    zones = {g.info.uuid: g.zone for g in report.gpus}
+    parts = []
+    for reading in report.snapshot.gpus:
+        if reading.health is GpuHealth.LOST:
+            parts.append(f"gpu{reading.index} lost")
+            continue
+        temp = "?" if reading.temperature_c is None else f"{reading.temperature_c:.0f}C"
+        limit = "?" if reading.power_limit_w is None else f"{reading.power_limit_w:.0f}W"
+        parts.append(f"gpu{reading.index} {temp} {zones.get(reading.uuid, ThermalZone.UNKNOWN).value} {limit}")
+    prefix = "dry-run; " if report.config.dry_run else ""
+    return f"{prefix}governing {len(report.snapshot.gpus)} GPU(s): " + ", ".join(parts)

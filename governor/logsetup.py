@@ -22,26 +22,12 @@ from typing import Any, TextIO
 
 import structlog
 
+from governor.escaping import escape
+
+__all__ = ["LEVELS", "SYSLOG_PRIORITY", "configure", "escape", "get_logger", "reconfigure", "resolve_format"]
+
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
-
-
-def escape(text: str) -> str:
-    """Printable form of untrusted text: control characters and lone surrogates as escapes."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch.isprintable():
-            out.append(ch)
-        elif code < 0x100:
-            out.append(f"\\x{code:02x}")
-        elif code < 0x10000:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    return "".join(out)
 
 
 def _escape_values(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

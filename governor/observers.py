@@ -16,11 +16,11 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from governor import __version__
-from governor.core import TICK, Governor, TickReport
-from governor.logsetup import escape
+from governor.core import TICK, Governor, TickReport, status_line
+from governor.escaping import escape
 from governor.model import (
     TICK_BUCKETS_S,
     Action,
@@ -56,32 +56,19 @@ PROCESS_ACTION_NAMES = {
 _WARNING_RULES = frozenset({"power_critical", "power_hold", "power_drift_external_lower"})
 
 
-class Observer(Protocol):
-    """Anything that reads the governor's reports."""
+def default_logger() -> Any:
+    """The structlog logger (imported here, not at the top: a what-if run passes a silent
+    logger of its own and never loads structlog)."""
+    from governor import logsetup
 
-    def observe(self, report: TickReport) -> None:
-        """Take in one report."""
-        ...
+    return logsetup.get_logger()
 
 
-def status_line(report: TickReport | None, waiting_reason: str | None = None) -> str:
-    """A one-line summary of the last report for systemd's STATUS= and humans."""
-    waiting = report.waiting_reason if report is not None else waiting_reason
-    if waiting:
-        return f"waiting for the NVIDIA driver ({waiting}); retrying"
-    if report is None or report.snapshot is None:
-        return "starting"
-    zones = {g.info.uuid: g.zone for g in report.gpus}
-    parts = []
-    for reading in report.snapshot.gpus:
-        if reading.health is GpuHealth.LOST:
-            parts.append(f"gpu{reading.index} lost")
-            continue
-        temp = "?" if reading.temperature_c is None else f"{reading.temperature_c:.0f}C"
-        limit = "?" if reading.power_limit_w is None else f"{reading.power_limit_w:.0f}W"
-        parts.append(f"gpu{reading.index} {temp} {zones.get(reading.uuid, ThermalZone.UNKNOWN).value} {limit}")
-    prefix = "dry-run; " if report.config.dry_run else ""
-    return f"{prefix}governing {len(report.snapshot.gpus)} GPU(s): " + ", ".join(parts)
+def apply_logging(log_format: str, level: str) -> None:
+    """Apply a reloaded config's log format and level (see governor.logsetup.reconfigure)."""
+    from governor import logsetup
+
+    logsetup.reconfigure(log_format, level)
 
 
 class NotifyStatus:

@@ -16,14 +16,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from governor import logsetup
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock
 from governor.config import Config, ConfigError, load_config
-from governor.core import TICK, Governor, Inspector, TickReport, as_config_error, open_originals
+from governor.core import TICK, Governor, Inspector, Observer, TickReport, as_config_error, open_originals, status_line
 from governor.model import Outcome, PublishedState, Snapshot
 from governor.notify import Notifier
-from governor.observers import DecisionLog, NotifyStatus, Observer, ProcessTable, Telemetry, status_line
+from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry, apply_logging, default_logger
 from governor.waiting import RELOAD, RELOAD_SETTLE_MAX_S, RELOAD_SETTLE_S, STOP, PipeWaiter, Waiter, settle
 
 RESTART_ONLY = ("backend", "state_dir", "metrics", "simulation")
@@ -56,7 +55,7 @@ class Service:
         self._metrics_server_factory = metrics_server_factory
         self._load = load
         self.metrics_server: Any = None
-        self.log = log if log is not None else logsetup.get_logger()
+        self.log = log if log is not None else default_logger()
         self.governor = Governor(config, backend, open_originals(config), inspector=inspector)
         self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
         self.decision_log = DecisionLog(self.log)
@@ -185,12 +184,9 @@ class Service:
         try:
             if self.config_path is None:
                 raise ConfigError([])
-            path = self.config_path
-
-            def on_timeout(waited_s: float) -> None:
-                self.log.warning("config_still_changing", config=str(path), waited_s=round(waited_s, 3))
-
-            if not settle(path, self.clock, self.waiter, self.reload_settle_s, self.reload_settle_max_s, on_timeout):
+            if not settle(
+                self.config_path, self.clock, self.waiter, self.reload_settle_s, self.reload_settle_max_s, self.log
+            ):
                 return False  # asked to stop while waiting: the stop comes next
             new = self._load(self.config_path)
             for key in RESTART_ONLY:
@@ -206,7 +202,7 @@ class Service:
             return False
         self.governor = governor
         if new.logging != old.logging:
-            logsetup.reconfigure(new.logging.format, new.logging.level)
+            apply_logging(new.logging.format, new.logging.level)
         self.telemetry.reloaded(ok=True, wall_s=self.clock.wall())
         self.log.info(
             "config_reloaded",

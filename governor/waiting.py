@@ -14,9 +14,8 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from governor.clock import Clock, VirtualClock
 
@@ -135,13 +134,13 @@ def settle(
     waiter: Waiter,
     settle_s: float = RELOAD_SETTLE_S,
     max_s: float = RELOAD_SETTLE_MAX_S,
-    on_timeout: Callable[[float], None] | None = None,
+    log: Any = None,
 ) -> bool:
     """Wait until ``path`` has stayed unchanged (inode, size, mtime) for ``settle_s`` seconds.
 
     A reload that reads a file while its writer is still writing it would apply a torn
     file; a file last changed longer ago than the settle time is read at once. Waits at
-    most ``max_s`` seconds (then calls ``on_timeout`` with the seconds waited) and reads
+    most ``max_s`` seconds (then logs ``config_still_changing`` on ``log``) and reads
     what is there (validation judges it). The wait is on the waiter, so SIGTERM cuts it
     short: False means a stop was queued (it is queued again for the loop).
     """
@@ -164,8 +163,8 @@ def settle(
         if now - quiet_since >= settle_s:
             return True
         if now - begin >= max_s:
-            if on_timeout is not None:
-                on_timeout(now - begin)
+            if log is not None:
+                log.warning("config_still_changing", config=str(path), waited_s=round(now - begin, 3))
             return True
         events = waiter.wait(now + min(0.1, settle_s))
         if STOP in events:

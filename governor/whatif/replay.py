@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from governor.classes import MATCH_KEYS, format_size
 from governor.config import Config
+from governor.core import class_usage
 from governor.model import Action, Decision, GpuHealth, ProcessReading, ThermalZone
 from governor.processes import ProcessFacts, classified
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
@@ -157,14 +158,15 @@ def replay_trace(trace: Trace, config: Config) -> ReplayResult:
             state = states.get(reading.uuid, GpuRuleState())
             zone_s[reading.index][state.zone] += dt
             s = series[reading.index]
-            used: dict[str, int] = {}
-            for p in reading.processes or ():
+            processes = reading.processes or ()
+            classes, _, _ = class_usage(processes, facts, config.vram, rows=False)
+            used = {c.name: c.used_bytes for c in classes}
+            for p in processes if vram is not None else ():
                 pf = facts.get(p.pid)
                 klass = pf.klass if pf is not None else config.vram.default_class.name
                 size = p.used_memory_bytes or 0
-                used[klass] = used.get(klass, 0) + size
                 budget = config.vram.class_named(klass).budget_bytes
-                if vram is not None and budget is not None and size > budget:
+                if budget is not None and size > budget:
                     key = (reading.index, p.pid, p.name)
                     entry = over.setdefault(key, [0.0, 0.0, snapshot.t_s])
                     entry[0] = max(entry[0], float(size))
