@@ -378,9 +378,9 @@ def _run_daemon(
     load: Callable[[Path], Config] = load_config,
 ) -> int:
     """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
-    from governor.service import Service
     from governor.httpserver import MetricsServer
     from governor.metrics import build_registry
+    from governor.service import Service
 
     backend = _open_backend(config, clock)
     metrics = config.metrics

@@ -35,14 +35,13 @@ from governor.config import Config
 from governor.core import TICK, TickReport
 from governor.model import GpuHealth, ThermalZone
 from governor.notify import Notifier
-from governor.processes import ProcessInspector
 from governor.rules.thermal import thresholds
 from governor.service import Service
 from governor.sim.gpu import SimStats
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import Scenario
 from governor.waiting import STOP
-from governor.whatif.common import format_duration, without_governor
+from governor.whatif.common import NOT_A_PID, NameInspector, format_duration, without_governor
 from governor.whatif.progress import Progress
 from governor.whatif.series import GpuSeries
 
@@ -289,7 +288,7 @@ def run_policy(
             clock,
             waiter=recorder,
             notifier=_SilentNotifier(),
-            inspector=ProcessInspector(),
+            inspector=NameInspector(NOT_A_PID),  # the simulator's PIDs are above any real one: no /proc
             observers=(recorder,),
             log=_Quiet(),
         )
