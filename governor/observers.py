@@ -11,6 +11,7 @@ reports.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 import time
@@ -356,9 +357,14 @@ class ProcessTable:
             self.log.debug("process_table_disabled", path=str(path), error=exc.strerror or str(exc))
 
 
-def _histogram(buckets: list[int], value_s: float) -> None:
-    for i in range(bisect.bisect_left(TICK_BUCKETS_S, value_s), len(TICK_BUCKETS_S)):
-        buckets[i] += 1
+def _histogram(counts: list[int], value_s: float) -> None:
+    """Count ``value_s`` in its own bucket (the last one past every bound); see :func:`_cumulative`."""
+    counts[bisect.bisect_left(TICK_BUCKETS_S, value_s)] += 1
+
+
+def _cumulative(counts: list[int]) -> tuple[int, ...]:
+    """Per-bucket counts as the cumulative counts per bound of TICK_BUCKETS_S (Prometheus' le)."""
+    return tuple(itertools.accumulate(counts))[: len(TICK_BUCKETS_S)]
 
 
 class Telemetry:
@@ -390,8 +396,8 @@ class Telemetry:
         self._tick_count = 0
         self._tick_sum_s = 0.0
         self._tick_last_s: float | None = None
-        self._tick_buckets = [0] * len(TICK_BUCKETS_S)
-        self._late_buckets = [0] * len(TICK_BUCKETS_S)
+        self._tick_buckets = [0] * (len(TICK_BUCKETS_S) + 1)  # per bucket, the last past every bound
+        self._late_buckets = [0] * (len(TICK_BUCKETS_S) + 1)
         self._late_sum_s = 0.0
         self._late_count = 0
         self._frozen_cache: dict[int, tuple[tuple[int, int], tuple[tuple[Any, int], ...]]] = {}
@@ -521,8 +527,8 @@ class Telemetry:
             read_errors=self._frozen(self._read_errors),
             tick_count=self._tick_count,
             tick_duration_s=self._tick_last_s,
-            tick_bucket_counts=tuple(self._tick_buckets),
-            lateness_bucket_counts=tuple(self._late_buckets),
+            tick_bucket_counts=_cumulative(self._tick_buckets),
+            lateness_bucket_counts=_cumulative(self._late_buckets),
             lateness_sum_s=self._late_sum_s,
             lateness_count=self._late_count,
             tick_failures=self.tick_failures,

@@ -134,7 +134,9 @@ class NameInspector:
         return found
 
     def forget_except(self, live: Iterable[int]) -> None:
-        """Drop the facts of PIDs not in ``live``."""
+        """Drop the facts of PIDs not in ``live`` (once the cache has grown past a few dozen)."""
+        if len(self._cache) < 64:
+            return
         keep = set(live)
         for key in [k for k in self._cache if k[0] not in keep]:
             del self._cache[key]
