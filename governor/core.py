@@ -304,8 +304,11 @@ class Governor:
         results = self.actuator.restore(snapshot, t_s, reason)
         return self._report(RESTORE, snapshot, wall_s, tuple(results), ())
 
-    def step(self, snapshot: Snapshot, wall_s: float) -> TickReport:
-        """One tick on ``snapshot`` (taken at ``wall_s``, wall clock): classify, decide, act, report."""
+    def step(self, snapshot: Snapshot, wall_s: float | None = None) -> TickReport:
+        """One tick on ``snapshot``: classify, decide, act, report. ``wall_s`` is the wall-clock
+        time of the step (Unix seconds; the snapshot's own when None)."""
+        if wall_s is None:
+            wall_s = snapshot.wall_time_s
         changes, restored = self._follow_gpus(snapshot)
         facts, inspect_errors = self._inspect(snapshot)
         self.facts = facts
