@@ -270,7 +270,11 @@ class Governor:
     def rebuilt(self, config: Config) -> Governor:
         """A new governor for ``config`` that carries this one's rule states, actuator (with the
         saved originals, hands-off and monitor-only GPUs) and inspector (emptied: the classes
-        may have changed) over."""
+        may have changed) over. Raises ConfigError, changing nothing, when ``config`` asks what
+        these GPUs cannot do."""
+        issues = check_resolved(config, self.gpus)
+        if issues:
+            raise ConfigError(issues)
         self.inspector.clear()
         new = Governor(
             config,

@@ -193,10 +193,7 @@ class Service:
                 if getattr(new, key) != getattr(old, key):
                     self.log.warning("config_change_needs_restart", key=key)
                     new = replace(new, **{key: getattr(old, key)})
-            governor = self.governor.rebuilt(new)
-            issues = governor.contradictions()
-            if issues:
-                raise ConfigError(issues)
+            governor = self.governor.rebuilt(new)  # refuses a config these GPUs cannot follow
         except Exception as exc:  # no file, however broken, may stop the governor
             self._reload_failed(exc)
             return False

@@ -197,6 +197,21 @@ class TestReload:
         service.stop()
         assert backend.limits_w["GPU-test-0"] == 200.0  # the carried original was restored
 
+    def test_refused_reload_changes_nothing(self, tmp_path: Path) -> None:
+        """A reload the GPUs cannot follow (a surprise deep cap) keeps the old governor and leaves its actuator live."""
+        clock = VirtualClock()
+        backend = build_simulated_backend(SimulationConfig(profile="h100-80gb", scenario="idle"), clock)
+        path = write(tmp_path / "governor.toml", "[power]\nstep_down_at_c = 75.0\n")
+        config = replace(load_config(path, enforce_trust=False), state_dir=str(tmp_path / "s"), runtime_dir="")
+        service = Service(config, backend, clock, config_path=path, waiter=VirtualWaiter(clock), load=private(tmp_path))
+        service.reload_settle_s = 0.0
+        service.start()
+        old = service.governor
+        write(path, "dry_run = true\n[power]\nladder_w = [200.0, 180.0]\n")
+        assert service.reload() is False
+        assert service.governor is old and not old.config.dry_run and not old.actuator.dry_run
+        service.stop()
+
     def test_log_level_applies_on_reload(self, tmp_path: Path) -> None:
         """A reloaded [logging] level is applied: debug events appear after the reload, not before."""
         stream = io.StringIO()
