@@ -1,6 +1,6 @@
 """Closed loop: the real daemon governing a simulated GPU on a virtual clock.
 
-Each policy (a config) runs the whole :class:`governor.daemon.Daemon` loop - read,
+Each policy (a config) runs the whole :class:`governor.service.Service` loop - read,
 rules, actuator, publish - against a :class:`governor.backends.simulated.SimulatedBackend`
 on a :class:`governor.clock.VirtualClock`: nothing sleeps, so a simulated day takes
 seconds. A recorder observes every report the governor's step returns (the decisions
