@@ -23,7 +23,10 @@ from governor.model import Action, Outcome, ThermalZone
 from governor.notify import Notifier
 from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry
 from governor.service import Service
+from governor.sim.profiles import load_profile
+from governor.sim.scenario import load_scenario
 from governor.waiting import VirtualWaiter
+from governor.whatif.simulate import SimSetup, run_policy
 from tests.scripted import ScriptedBackend
 
 GiB = 2**30
@@ -258,10 +261,6 @@ def test_report_is_frozen() -> None:
 
 def test_simulation_writes_no_process_table(tmp_path: Path) -> None:
     """A what-if run never writes the process table of the runtime_dir its config names (the real governor's)."""
-    from governor.sim.profiles import load_profile
-    from governor.sim.scenario import load_scenario
-    from governor.whatif.simulate import SimSetup, run_policy
-
     setup = SimSetup(load_profile("rtx4070"), load_scenario("sustained-inference"), 30.0)
     run = run_policy(setup, Config(runtime_dir=str(tmp_path / "run")), "defaults", (80.0,))
     assert run.gpus[0].work_s > 0
