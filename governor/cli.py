@@ -60,7 +60,7 @@ from governor.config import (
 from governor.model import GpuInfo
 
 if TYPE_CHECKING:
-    from governor.daemon import Waiter
+    from governor.waiting import Waiter
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -324,7 +324,7 @@ def _make_private_dir() -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT."""
-    from governor.daemon import PipeWaiter
+    from governor.waiting import PipeWaiter
 
     # Handlers first (main() blocked the signals until now): a SIGHUP or SIGTERM during
     # the rest of start-up lands in the waiter's pipe and the loop handles it once running.
@@ -378,9 +378,9 @@ def _run_daemon(
     load: Callable[[Path], Config] = load_config,
 ) -> int:
     """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
-    from governor.daemon import Daemon
     from governor.httpserver import MetricsServer
     from governor.metrics import build_registry
+    from governor.service import Service
 
     backend = _open_backend(config, clock)
     metrics = config.metrics
@@ -392,7 +392,7 @@ def _run_daemon(
             where = f"{metrics.listen_address}:{metrics.port}"
             raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None
 
-    daemon = Daemon(
+    daemon = Service(
         config,
         backend,
         clock,

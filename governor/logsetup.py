@@ -22,26 +22,12 @@ from typing import Any, TextIO
 
 import structlog
 
+from governor.escaping import escape
+
+__all__ = ["LEVELS", "SYSLOG_PRIORITY", "configure", "escape", "get_logger", "reconfigure", "resolve_format"]
+
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
-
-
-def escape(text: str) -> str:
-    """Printable form of untrusted text: control characters and lone surrogates as escapes."""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch.isprintable():
-            out.append(ch)
-        elif code < 0x100:
-            out.append(f"\\x{code:02x}")
-        elif code < 0x10000:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    return "".join(out)
 
 
 def _escape_values(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -93,9 +79,14 @@ def resolve_format(requested: str, stream: TextIO | None = None) -> str:
     return "json"
 
 
+_configured: dict[str, TextIO] = {}
+"""The stream the last :func:`configure` chose, under "stream" (empty: never configured)."""
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> str:
     """Configure structlog for the whole process; returns the concrete format chosen."""
     stream = sys.stderr if stream is None else stream
+    _configured["stream"] = stream
     concrete = resolve_format(log_format, stream)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -122,6 +113,16 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         cache_logger_on_first_use=False,
     )
     return concrete
+
+
+def reconfigure(log_format: str, level: str) -> str | None:
+    """Apply a reloaded config's log format and level to the stream :func:`configure` chose.
+
+    Returns the concrete format, or None (and changes nothing) when logging was never
+    configured here (a library or test that set structlog up itself keeps its setup).
+    """
+    stream = _configured.get("stream")
+    return None if stream is None else configure(log_format, level, stream)
 
 
 def _colour(stream: TextIO) -> bool:

@@ -45,11 +45,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import regex
-import structlog
 
 from governor.classes import MATCH_TIMEOUT_S, ProcessClass, VramPolicy, clip
-
-log = structlog.get_logger("governor.processes")
 
 CMDLINE_MAX_BYTES = 4096
 """Command lines are cut to this many bytes: enough to match on, bounded in memory and time."""
@@ -320,7 +317,9 @@ def _log_timeout_once(facts: ProcessFacts, exc: MatchTimedOut) -> None:
     if len(_TIMEOUTS_LOGGED) >= _TIMEOUTS_LOGGED_MAX:
         _TIMEOUTS_LOGGED.pop(next(iter(_TIMEOUTS_LOGGED)))
     _TIMEOUTS_LOGGED[key] = None
-    log.warning(
+    import structlog
+
+    structlog.get_logger("governor.processes").warning(
         "process_match_timed_out",
         pid=facts.pid,
         start_time=facts.start_time,

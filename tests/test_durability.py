@@ -621,6 +621,6 @@ class TestStateDirectories:
         clock = VirtualClock()
         backend = SimulatedBackend(load_profile("rtx4070"), load_scenario("hot"), clock)
         daemon = Daemon(config, backend, clock, waiter=StopAt(clock, 200), notifier=Notifier())
-        assert daemon.originals.path is None
+        assert daemon.governor.originals.path is None
         assert daemon.run() == 0
         assert os.listdir(state) == []

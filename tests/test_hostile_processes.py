@@ -250,7 +250,7 @@ class TestHostileReportedName:
         pid = SYNTHETIC_PID_BASE + 7
         h.backend.attach_process(0, pid, GiB, name="x\n\x1b[2J\udcff" * 2000)
         h.step(2)
-        assert h.daemon.facts[pid].start_time is None
+        assert h.daemon.governor.facts[pid].start_time is None
         published = h.daemon.published
         text = generate_latest(build_registry(lambda: published)).decode("utf-8")
         labels = [
@@ -295,7 +295,7 @@ class TestManyProcesses:
                 # Popen returns once the exec happened: /proc shows "sleep 30x" from here on.
                 h.attach(child, 32 * MiB if i % 100 == 0 else 8 * MiB)
             h.step(3)
-            facts = h.daemon.facts
+            facts = h.daemon.governor.facts
             assert len(facts) == 1000
             assert {f.klass for f in facts.values()} == {"even", "odd"}
             assert all(f.start_time is not None and f.protected is None for f in facts.values())
@@ -353,7 +353,7 @@ class TestVanishing:
         configure("json", stream=stream)
         h = Harness(tmp_path, classes_toml())
         inspector = VanishingInspector(h.clock)
-        h.daemon.inspector = inspector
+        h.daemon.governor.inspector = inspector
         child = spawn_hostile(children, Hostile("victim", b"victim"), tmp_path)
         h.daemon.start()
         h.attach(child, 4 * GiB)  # over budget from t = 1; SIGTERM due at t = 11 (grace 10 s)
@@ -387,7 +387,7 @@ class TestVanishing:
         child.kill()
         child.wait()
         h.step(20)
-        assert h.daemon.facts[pid].start_time is None
+        assert h.daemon.governor.facts[pid].start_time is None
         records = [json.loads(line) for line in stream.getvalue().splitlines()]
         assert not any(r["event"].startswith("process_s") or r["level"] in ("error", "critical") for r in records)
         assert h.daemon.published is not None and h.daemon.published.tick_count == 30

@@ -449,7 +449,7 @@ class TestBoundedMatching:
                 body = scrape(port, 5.0)
                 scrape_s.append(time.monotonic() - began)
                 time.sleep(0.1)
-            assert daemon.facts[hostile.pid].unresolved
+            assert daemon.governor.facts[hostile.pid].unresolved
         finally:
             daemon.request_stop()
             thread.join(20)

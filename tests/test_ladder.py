@@ -145,7 +145,7 @@ class TestDeepCap:
                 assert daemon.reload() is False
             (failed,) = [e for e in logs if e["event"] == "config_reload_failed"]
             assert "allow_deep_cap" in failed["errors"][0]
-            (plan,) = daemon.plans.values()
+            (plan,) = daemon.governor.plans.values()
             assert plan.ladder_w == (700.0, 630.0)
         finally:
             daemon.stop()
@@ -181,7 +181,7 @@ class TestDeepCap:
             daemon.stop()
         assert any(e["event"] == "config_contradiction" and "allow_deep_cap" in e["detail"] for e in logs)
         assert not any(e["event"] == "power_limit_stepped" for e in logs)
-        (plan,) = daemon.plans.values()
+        (plan,) = daemon.governor.plans.values()
         assert plan.policy.power.enabled is False
 
 

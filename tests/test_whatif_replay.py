@@ -10,7 +10,8 @@ from governor.config import Config, load_config
 from governor.model import Action, GpuInfo, GpuReading, ProcessReading, ThermalZone
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
 from governor.trace import device_record, read_trace, sample_record, write_records
-from governor.whatif.replay import _Classifier, render_replay, replay_trace
+from governor.whatif.common import NOT_A_PID, NameInspector
+from governor.whatif.replay import render_replay, replay_trace
 
 GIB = 1024**3
 CARD = GpuInfo(
@@ -99,15 +100,15 @@ class TestReplay:
         cfg = config(tmp_path)
         result = replay_trace(trace, cfg)
         plans = {CARD.uuid: GpuPlan.build(trace.devices[0].info, cfg.policy_for(trace.devices[0].info))}
-        classifier = _Classifier(cfg)
+        classifier = NameInspector(NOT_A_PID)
         states: dict[str, GpuRuleState] = {}
         direct = []
         for snapshot in trace.snapshots():
-            facts = {p.pid: classifier.facts(p) for r in snapshot.gpus for p in r.processes or ()}
+            facts = {p.pid: classifier.facts(p.pid, p.name, cfg.vram) for r in snapshot.gpus for p in r.processes or ()}
             states, decided = evaluate(snapshot, plans, states, dry_run=True, vram=cfg.vram, facts=facts)
             direct.extend(decided)
         assert list(result.decisions) == direct
-        assert classifier.facts(ProcessReading(100, 1, "leaky")).start_time is None
+        assert classifier.facts(100, "leaky", cfg.vram).start_time is None
 
     def test_summary(self, tmp_path: Path) -> None:
         """Time in each zone, two would-be limit changes, one violation of 61 s, two would-be sets."""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
 from governor import durations
+from governor.classes import VramPolicy
 from governor.config import Config, load_config
+from governor.processes import ProcessFacts, classified
 
 EXIT_USAGE = 2
 """Exit code for bad input named on the command line (a missing trace, a bad duration)."""
+
+NOT_A_PID = -1
+"""The governor's own PID as far as a what-if run is concerned: no recorded or simulated process is it."""
 
 MAX_DURATION_S = durations.MAX_DURATION_S
 """The longest simulation accepted: a year of simulated time."""
@@ -80,3 +86,61 @@ def without_governor(config: Config) -> Config:
         gpus=overrides,
         vram=replace(config.vram, enabled=False),
     )
+
+
+class NameInspector:
+    """Process facts from a process's reported name alone, cached per (pid, name) and policy.
+
+    For processes that have no ``/proc`` entry here: a recorded trace's (replay), or the
+    simulator's synthetic ones (PIDs above any the kernel hands out). Their start time is
+    unknown, so the VRAM rule reports them but never picks one to be signalled; classes
+    that match on anything but ``name`` cannot match. ``own_pid`` is the governor's own
+    PID as far as protection goes (replay passes one no process has).
+    """
+
+    def __init__(self, own_pid: int) -> None:
+        self.own_pid = own_pid
+        self._policy: VramPolicy | None = None
+        self._cache: dict[tuple[int, str | None], ProcessFacts] = {}
+
+    def mark_listing(self) -> None:
+        """Nothing to mark: no PID here can be reused under a listing."""
+
+    def facts(self, pid: int, reported_name: str | None, policy: VramPolicy) -> ProcessFacts:
+        """The facts and class of ``pid`` from ``reported_name`` under ``policy``."""
+        if policy is not self._policy:
+            self._cache.clear()
+            self._policy = policy
+        key = (pid, reported_name)
+        found = self._cache.get(key)
+        if found is None:
+            draft = ProcessFacts(
+                pid=pid,
+                start_time=None,
+                name=reported_name,
+                exe=None,
+                cmdline=None,
+                uid=None,
+                user=None,
+                cgroup=None,
+                unit=None,
+                slices=(),
+                kernel_thread=False,
+                klass=policy.default_class.name,
+                why="",
+                protected=None,
+            )
+            found = self._cache[key] = classified(draft, policy, self.own_pid)
+        return found
+
+    def forget_except(self, live: Iterable[int]) -> None:
+        """Drop the facts of PIDs not in ``live`` (once the cache has grown past a few dozen)."""
+        if len(self._cache) < 64:
+            return
+        keep = set(live)
+        for key in [k for k in self._cache if k[0] not in keep]:
+            del self._cache[key]
+
+    def clear(self) -> None:
+        """Forget every cached fact."""
+        self._cache.clear()

@@ -26,16 +26,14 @@ from dataclasses import dataclass
 
 from governor.classes import MATCH_KEYS, format_size
 from governor.config import Config
-from governor.model import Action, Decision, GpuHealth, ProcessReading, ThermalZone
-from governor.processes import ProcessFacts, classified
+from governor.core import class_usage
+from governor.model import Action, Decision, GpuHealth, ThermalZone
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
 from governor.rules.thermal import thresholds
 from governor.trace import Trace
+from governor.whatif.common import NOT_A_PID, NameInspector
 from governor.whatif.series import GpuSeries, describe_change
-
-NOT_A_PID = -1
-"""The governor's own PID as far as replay is concerned: no recorded process is the governor."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,38 +78,6 @@ class ReplayResult:
     notes: tuple[str, ...]
 
 
-class _Classifier:
-    """ProcessFacts for recorded processes, from their names alone (cached per pid and name)."""
-
-    def __init__(self, config: Config) -> None:
-        self.vram = config.vram
-        self._cache: dict[tuple[int, str | None], ProcessFacts] = {}
-
-    def facts(self, process: ProcessReading) -> ProcessFacts:
-        key = (process.pid, process.name)
-        found = self._cache.get(key)
-        if found is None:
-            draft = ProcessFacts(
-                pid=process.pid,
-                start_time=None,
-                name=process.name,
-                exe=None,
-                cmdline=None,
-                uid=None,
-                user=None,
-                cgroup=None,
-                unit=None,
-                slices=(),
-                kernel_thread=False,
-                klass=self.vram.default_class.name,
-                why="",
-                protected=None,
-            )
-            found = classified(draft, self.vram, NOT_A_PID)
-            self._cache[key] = found
-        return found
-
-
 def _notes(config: Config, trace: Trace) -> list[str]:
     notes = ["open loop: the recorded GPU did not follow these decisions"]
     for klass in config.vram.classes:
@@ -136,7 +102,7 @@ def replay_trace(trace: Trace, config: Config) -> ReplayResult:
         for i, info in sorted(by_index.items())
     }
     vram = config.vram if config.vram.enabled else None
-    classifier = _Classifier(config)
+    classifier = NameInspector(NOT_A_PID)
     states: dict[str, GpuRuleState] = {}
     decisions: list[Decision] = []
     zone_s: dict[int, dict[ThermalZone, float]] = {i: dict.fromkeys(ThermalZone, 0.0) for i in by_index}
@@ -147,7 +113,12 @@ def replay_trace(trace: Trace, config: Config) -> ReplayResult:
     typical_s = statistics.median(intervals) if intervals else _interval(trace)
     for k, snapshot in enumerate(snapshots):
         dt = intervals[k] if k < len(intervals) else typical_s
-        facts = {p.pid: classifier.facts(p) for reading in snapshot.gpus for p in reading.processes or () if p.pid > 0}
+        facts = {
+            p.pid: classifier.facts(p.pid, p.name, config.vram)
+            for reading in snapshot.gpus
+            for p in reading.processes or ()
+            if p.pid > 0
+        }
         states, decided = evaluate(
             snapshot, plans, states, dry_run=True, vram=vram, facts=facts if vram is not None else None
         )
@@ -157,14 +128,15 @@ def replay_trace(trace: Trace, config: Config) -> ReplayResult:
             state = states.get(reading.uuid, GpuRuleState())
             zone_s[reading.index][state.zone] += dt
             s = series[reading.index]
-            used: dict[str, int] = {}
-            for p in reading.processes or ():
+            processes = reading.processes or ()
+            classes, _, _ = class_usage(processes, facts, config.vram, rows=False)
+            used = {c.name: c.used_bytes for c in classes}
+            for p in processes if vram is not None else ():
                 pf = facts.get(p.pid)
                 klass = pf.klass if pf is not None else config.vram.default_class.name
                 size = p.used_memory_bytes or 0
-                used[klass] = used.get(klass, 0) + size
                 budget = config.vram.class_named(klass).budget_bytes
-                if vram is not None and budget is not None and size > budget:
+                if budget is not None and size > budget:
                     key = (reading.index, p.pid, p.name)
                     entry = over.setdefault(key, [0.0, 0.0, snapshot.t_s])
                     entry[0] = max(entry[0], float(size))

@@ -1,11 +1,12 @@
 """Closed loop: the real daemon governing a simulated GPU on a virtual clock.
 
-Each policy (a config) runs the whole :class:`governor.daemon.Daemon` loop - read,
+Each policy (a config) runs the whole :class:`governor.service.Service` loop - read,
 rules, actuator, publish - against a :class:`governor.backends.simulated.SimulatedBackend`
 on a :class:`governor.clock.VirtualClock`: nothing sleeps, so a simulated day takes
-seconds. A waiter in place of the daemon's queue records every tick before letting
-the clock jump to the next one, and the daemon's decision events are captured from
-its structured log (they are not printed).
+seconds. A recorder observes every report the governor's step returns (the decisions
+with their outcomes, each GPU's reading, target and per-class VRAM use) and, as the
+loop's waiter, lets the clock jump to the next tick. Nothing is logged: the service
+runs with a silent logger and no observer but the recorder.
 
 Every comparison also runs the same profile, scenario and seed with no governor
 (``power.enabled = false``, VRAM enforcement off): throughput is reported against it.
@@ -22,32 +23,27 @@ Measured per GPU, once per tick of the policy's ``poll_interval_s``:
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
-
-import structlog
 
 from governor.backends.simulated import SimulatedBackend
 from governor.clock import VirtualClock
 from governor.config import Config
-from governor.daemon import STOP, Daemon
+from governor.core import TICK, TickReport
 from governor.model import GpuHealth, ThermalZone
 from governor.notify import Notifier
-from governor.processes import ProcessInspector
-from governor.rules.engine import GpuRuleState
-from governor.rules.power import target_w
 from governor.rules.thermal import thresholds
+from governor.service import Service
 from governor.sim.gpu import SimStats
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import Scenario
-from governor.whatif.common import format_duration, without_governor
+from governor.waiting import STOP
+from governor.whatif.common import NOT_A_PID, NameInspector, format_duration, without_governor
 from governor.whatif.progress import Progress
-from governor.whatif.series import GpuSeries, Mark
+from governor.whatif.series import GpuSeries
 
 REPORTED_THRESHOLDS_C = (75.0, 80.0, 85.0)
 """Thresholds always reported, besides the configs' zone thresholds."""
@@ -119,36 +115,15 @@ class _SilentNotifier(Notifier):
         """Send nothing."""
 
 
-@contextlib.contextmanager
-def capture_events(sink: Callable[[Mapping[str, Any]], None]) -> Iterator[None]:
-    """Route every structlog event to ``sink`` (and nowhere else) for the duration; the
-    previous configuration is restored after. Loggers bound inside keep the capture."""
-    previous = structlog.get_config()
+class _Quiet:
+    """A logger that drops every event: a what-if run reports through its recorder, not a log."""
 
-    def processor(_logger: Any, _method: str, event: Any) -> Any:
-        sink(event)
-        raise structlog.DropEvent
-
-    structlog.configure(
-        processors=[processor],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield
-    finally:
-        structlog.configure(**previous)
+    def __getattr__(self, name: str) -> Any:
+        return _drop
 
 
-def _mark_text(event: Mapping[str, Any]) -> str:
-    """A decision event of the daemon's log as a few words (see governor.whatif.series.describe_change)."""
-    if event.get("pid") is not None:
-        what = event.get("signal") or "over budget"
-        return f"pid {event['pid']} ({event.get('process')}): {what}"
-    if event.get("rule") == "thermal_zone":
-        return f"{event.get('from_zone')} -> {event.get('to_zone')}"
-    before, after = event.get("from_w"), event.get("to_w")
-    return f"{'?' if before is None else f'{before:g}'} -> {'?' if after is None else f'{after:g}'} W"
+def _drop(*_args: Any, **_fields: Any) -> None:
+    """Drop one event."""
 
 
 def busiest_window(times_s: Sequence[float], window_s: float = HOUR_S) -> int:
@@ -163,7 +138,7 @@ def busiest_window(times_s: Sequence[float], window_s: float = HOUR_S) -> int:
 
 
 class _Recorder:
-    """The daemon's waiter: records the tick just run, then jumps the clock to the next."""
+    """The service's waiter and only observer: records each report, then jumps the clock to the next tick."""
 
     def __init__(
         self,
@@ -180,11 +155,10 @@ class _Recorder:
         self.thresholds_c = tuple(thresholds_c)
         self.series = series
         self.progress = progress
-        self.daemon: Daemon | None = None
         self.stopped = False
         self.final: list[SimStats] = []
+        self.counts: Counter[str] = Counter()
         self._events: list[str] = []
-        self._last_snapshot: object = None
         n = len(series)
         self.peak_c = [float("-inf")] * n
         self.above_s = [[0.0] * len(self.thresholds_c) for _ in range(n)]
@@ -197,8 +171,7 @@ class _Recorder:
         self._events.append(event)
 
     def wait(self, deadline_s: float) -> list[str]:
-        """Record the last tick; stop at the end of the run, else advance to ``deadline_s``."""
-        self._record()
+        """Stop at the end of the run, else advance to ``deadline_s``."""
         if self._events:
             events, self._events = self._events, []
             return events
@@ -214,16 +187,25 @@ class _Recorder:
             self.progress.update(deadline_s)
         return []
 
-    def _record(self) -> None:
-        daemon = self.daemon
-        assert daemon is not None
-        snapshot = daemon.snapshot
-        if snapshot is None or snapshot is self._last_snapshot:
+    def observe(self, report: TickReport) -> None:
+        """Count and mark the report's decisions (none after the run ended); record a tick."""
+        if self.stopped:
             return
-        self._last_snapshot = snapshot
-        t = snapshot.t_s
-        dt = max(0.0, min(daemon.config.poll_interval_s, self.stop_s - t))
-        for reading in snapshot.gpus:
+        n = len(self.series)
+        for result in report.results:
+            decision = result.decision
+            self.counts[decision.rule] += 1
+            if 0 <= decision.gpu_index < n:
+                self.series[decision.gpu_index].mark(decision)
+        if report.kind == TICK and report.snapshot is not None:
+            self._record(report, report.snapshot.t_s)
+
+    def _record(self, report: TickReport, t: float) -> None:
+        dt = max(0.0, min(report.config.poll_interval_s, self.stop_s - t))
+        for gpu in report.gpus:
+            reading = gpu.reading
+            if reading is None:
+                continue
             i = reading.index
             die = self.backend.die_temperature_c(i)
             self.peak_c[i] = max(self.peak_c[i], die)
@@ -240,15 +222,8 @@ class _Recorder:
                 if previous is not None and limit != previous:
                     self.changes[i].append(t)
                 self._limit[i] = limit
-            plan = daemon.plans.get(reading.uuid)
-            state = daemon.states.get(reading.uuid, GpuRuleState())
-            target = target_w(state.ladder, plan.ladder_w) if plan is not None else None
-            vram: dict[str, int] = {}
-            for process in reading.processes or ():
-                facts = daemon.facts.get(process.pid)
-                klass = facts.klass if facts is not None else daemon.config.vram.default_class.name
-                vram[klass] = vram.get(klass, 0) + (process.used_memory_bytes or 0)
-            self.series[i].add(t, None if lost else die, reading.power_w, limit, target, vram)
+            vram = {c.name: c.used_bytes for c in gpu.classes}
+            self.series[i].add(t, None if lost else die, reading.power_w, limit, gpu.target_w, vram)
 
 
 def _zone_thresholds(config: Config, backend: SimulatedBackend) -> list[tuple[tuple[ThermalZone, float], ...]]:
@@ -286,17 +261,6 @@ def run_policy(
         for i, zones in enumerate(_zone_thresholds(config, backend))
     ]
     recorder = _Recorder(clock, backend, setup.duration_s, thresholds_c, series, progress)
-    counts: Counter[str] = Counter()
-
-    def sink(event: Mapping[str, Any]) -> None:
-        rule = event.get("rule")
-        if rule is None or recorder.stopped:
-            return
-        counts[str(rule)] += 1
-        gpu = event.get("gpu")
-        if isinstance(gpu, int) and 0 <= gpu < len(series):
-            series[gpu].marks.append(Mark(clock.monotonic(), str(rule), _mark_text(event)))
-
     if progress is not None:
         progress.start(f"simulating {label}", setup.duration_s)
     with tempfile.TemporaryDirectory(prefix="gpu-governor-whatif-") as state_dir:
@@ -305,6 +269,7 @@ def run_policy(
             backend="simulated",
             dry_run=False,
             state_dir=state_dir,
+            runtime_dir="",  # never the real governor's process table
             metrics=replace(config.metrics, enabled=False),
             simulation=replace(
                 config.simulation,
@@ -317,17 +282,17 @@ def run_policy(
                 time_scale=1.0,
             ),
         )
-        with capture_events(sink):
-            daemon = Daemon(
-                run_config,
-                backend,
-                clock,
-                waiter=recorder,
-                notifier=_SilentNotifier(),
-                inspector=ProcessInspector(),
-            )
-            recorder.daemon = daemon
-            daemon.run()
+        service = Service(
+            run_config,
+            backend,
+            clock,
+            waiter=recorder,
+            notifier=_SilentNotifier(),
+            inspector=NameInspector(NOT_A_PID),  # the simulator's PIDs are above any real one: no /proc
+            observers=(recorder,),
+            log=_Quiet(),
+        )
+        service.run()
     if progress is not None:
         progress.finish()
     final = recorder.final or [backend.stats(i) for i in range(setup.gpu_count)]
@@ -349,7 +314,7 @@ def run_policy(
         duration_s=setup.duration_s,
         poll_interval_s=config.poll_interval_s,
         gpus=gpus,
-        decision_counts=tuple(sorted(counts.items())),
+        decision_counts=tuple(sorted(recorder.counts.items())),
         series=tuple(series),
     )
 

@@ -1,0 +1,481 @@
+"""The governor's core: one step from a snapshot to a report of what it decided and did.
+
+:meth:`Governor.step` reads nothing and logs nothing. It takes a snapshot the service
+read, classifies the processes it lists, runs the pure rules, has the actuator apply
+their decisions and returns a :class:`TickReport`: the decisions with their outcomes,
+each GPU's status and per-class VRAM use (computed here, once) and the process rows.
+Observers (governor.observers: the decision log, telemetry, the process table, the
+sd_notify status line; governor.whatif: the recorders) each read that report; none of
+them reaches into the governor.
+
+The governor owns the plans, the rule states, the actuator (and through it the saved
+original limits) and the process inspector. A reload builds a new governor from the new
+config with :meth:`Governor.rebuilt`, which carries the rule states, the actuator and
+its originals over: nothing a GPU was promised is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+from governor.actuator import Actuator
+from governor.backends import Backend
+from governor.classes import VramPolicy
+from governor.config import Config, ConfigError, ConfigIssue, check_resolved, deep_cap_problem
+from governor.model import (
+    ActionResult,
+    ClassUsage,
+    GpuHealth,
+    GpuInfo,
+    GpuReading,
+    Outcome,
+    ProcessReading,
+    ProcessRow,
+    Snapshot,
+    ThermalZone,
+)
+from governor.processes import ProcessFacts, ProcessInspector
+from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
+from governor.rules.power import target_w
+from governor.rules.vram import under_pressure
+from governor.safefile import check_private_dir
+from governor.state import OriginalLimits
+
+_NO_STATE = GpuRuleState()
+
+TICK = "tick"
+"""A report of one tick: a snapshot went through the rules."""
+RESTORE = "restore"
+"""A report of restored limits (after a crash at start, or on stop): no rules ran."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuTick:
+    """One GPU as a tick left it: its reading (None when the snapshot has none), zone and
+    ladder position, the limit the ladder wants (W), why it is monitor-only, per-class VRAM
+    use, how many of its processes no class matched, whether its memory is under pressure,
+    its process rows (when per-process metrics are on) and whether its original limit is
+    saved (False: left alone until it is; None: nothing to save yet)."""
+
+    info: GpuInfo
+    reading: GpuReading | None
+    zone: ThermalZone
+    zone_thresholds_c: tuple[tuple[ThermalZone, float], ...]
+    ladder_w: tuple[float, ...]
+    rung: int | None
+    target_w: float | None
+    monitor_only: str | None
+    classes: tuple[ClassUsage, ...]
+    unclassified_processes: int
+    memory_pressure: bool | None
+    processes: tuple[ProcessRow, ...]
+    original_limit_saved: bool | None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuChanges:
+    """GPUs that appeared or went away since the last tick, and the config contradictions
+    (one line each) the new set of GPUs revealed."""
+
+    appeared: tuple[GpuInfo, ...] = ()
+    gone: tuple[str, ...] = ()
+    contradictions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    """Everything one step decided and did; what every observer reads.
+
+    ``kind`` is :data:`TICK` or :data:`RESTORE` (then ``snapshot`` may be None and ``gpus``
+    is empty). ``wall_s`` is the wall-clock time of the step (s). ``results`` holds every
+    decision with its outcome, in order; ``facts`` the classified processes by PID.
+    ``hands_off`` and ``monitor_only`` map a GPU UUID to why it is left alone;
+    ``state_error`` is the last failure to save the originals and ``state_warnings`` the
+    saved entries rejected since the last report.
+    """
+
+    kind: str
+    config: Config
+    snapshot: Snapshot | None
+    wall_s: float
+    results: tuple[ActionResult, ...]
+    gpus: tuple[GpuTick, ...] = ()
+    facts: Mapping[int, ProcessFacts] = field(default_factory=dict)
+    changes: GpuChanges | None = None
+    inspect_errors: tuple[tuple[int, str], ...] = ()
+    hands_off: Mapping[str, str] = field(default_factory=dict)
+    monitor_only: Mapping[str, str] = field(default_factory=dict)
+    state_error: str | None = None
+    state_warnings: tuple[str, ...] = ()
+    state_write_errors: int = 0
+    backend: str = ""
+    waiting_reason: str | None = None
+
+
+class Inspector(Protocol):
+    """What the governor asks of a process inspector (governor.processes.ProcessInspector)."""
+
+    def mark_listing(self) -> None:
+        """Note that the process list is about to be read."""
+        ...
+
+    def facts(self, pid: int, reported_name: str | None, policy: VramPolicy) -> ProcessFacts:
+        """The facts and class of one process."""
+        ...
+
+    def forget_except(self, live: Iterable[int]) -> None:
+        """Drop what is cached about processes not in ``live``."""
+        ...
+
+    def clear(self) -> None:
+        """Drop everything cached (the classes changed)."""
+        ...
+
+
+def memory_only_originals(config: Config) -> bool:
+    """True for a simulated run whose hardware lives in memory (no ``[simulation] state_file``).
+
+    Its GPUs start from their defaults in every run, so their originals need not
+    survive one, and a simulation never writes into a real governor's state_dir.
+    """
+    return config.backend == "simulated" and not config.simulation.state_file
+
+
+def check_state_dirs(config: Config, euid: int | None = None) -> None:
+    """When running as root, refuse a state_dir or runtime_dir that others own or may write.
+
+    The governor writes files there as root and trusts what it reads back; a directory
+    a user can write lets that user plant links or forge the saved originals.
+    Raises ConfigError (exit 3 at start) with one line per directory naming the fix.
+    """
+    dirs = [("runtime_dir", config.runtime_dir)]
+    if not memory_only_originals(config):
+        dirs.insert(0, ("state_dir", config.state_dir))
+    issues = []
+    for key, directory in dirs:
+        if not directory:
+            continue
+        problem = check_private_dir(Path(directory), euid)
+        if problem is not None:
+            issues.append(
+                ConfigIssue(
+                    config.source,
+                    key,
+                    "a directory owned by root and writable only by root, since the governor writes its "
+                    f"state there as root (fix: chown root:root {directory} && chmod 755 {directory})",
+                    problem,
+                )
+            )
+    if issues:
+        raise ConfigError(issues)
+
+
+def open_originals(config: Config) -> OriginalLimits:
+    """The saved original limits of ``config``'s state_dir (in memory only for a simulation
+    whose hardware lives in memory), after refusing directories others may write."""
+    check_state_dirs(config)
+    return OriginalLimits(None if memory_only_originals(config) else config.state_dir)
+
+
+def as_config_error(exc: Exception, path: Path | None) -> ConfigError:
+    """``exc`` (raised while loading ``path``) as a ConfigError: itself, or one issue naming its type."""
+    if isinstance(exc, ConfigError):
+        return exc
+    why = f"{type(exc).__name__}: {exc}"[:160]
+    return ConfigError([ConfigIssue(str(path), "", "a config the governor can read", why)])
+
+
+def class_usage(
+    processes: Iterable[ProcessReading], facts: Mapping[int, ProcessFacts], vram: VramPolicy, rows: bool
+) -> tuple[tuple[ClassUsage, ...], int, tuple[ProcessRow, ...]]:
+    """Per-class VRAM use (bytes, process count, count over budget), the number of processes
+    no class matched, and (when ``rows``) one row per process: the one place they are summed."""
+    default = vram.default_class.name
+    usage: dict[str, list[int]] = {}
+    out: list[ProcessRow] = []
+    unclassified = 0
+    for process in processes:
+        found = facts.get(process.pid)
+        klass = found.klass if found is not None else default
+        budget = vram.class_named(klass).budget_bytes
+        used = process.used_memory_bytes
+        entry = usage.get(klass)
+        if entry is None:
+            entry = usage[klass] = [0, 0, 0]
+        entry[0] += used or 0
+        entry[1] += 1
+        if budget is not None and used is not None and used > budget:
+            entry[2] += 1
+        if klass == default:
+            unclassified += 1
+        if rows:
+            out.append(
+                ProcessRow(
+                    pid=process.pid,
+                    name=(found.name if found else process.name) or "",
+                    klass=klass,
+                    unit=(found.unit if found else None) or "",
+                    used_bytes=used,
+                    why=found.why if found else "",
+                )
+            )
+    classes = tuple(ClassUsage(name, u, n, o) for name, (u, n, o) in sorted(usage.items()))
+    return classes, unclassified, tuple(out)
+
+
+def build_plans(config: Config, gpus: Iterable[GpuInfo]) -> dict[str, GpuPlan]:
+    """Each GPU's plan. A GPU the ladder would deep-cap by surprise (one that appeared after
+    start, where nothing can be refused any more) gets no ladder: never a silent cut."""
+    plans = {}
+    for gpu in gpus:
+        policy = config.policy_for(gpu)
+        if deep_cap_problem(policy.power, gpu) is not None:
+            policy = replace(policy, power=replace(policy.power, enabled=False))
+        plans[gpu.uuid] = GpuPlan.build(gpu, policy)
+    return plans
+
+
+class Governor:
+    """Plans, rule states, the actuator and the process inspector; one :meth:`step` per tick."""
+
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        originals: OriginalLimits,
+        *,
+        inspector: Inspector | None = None,
+        actuator: Actuator | None = None,
+        states: Mapping[str, GpuRuleState] | None = None,
+        gpus: tuple[GpuInfo, ...] | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.originals = originals
+        self.gpus: tuple[GpuInfo, ...] = tuple(backend.gpus()) if gpus is None else gpus
+        if actuator is None:
+            actuator = Actuator(backend, originals, self.gpus, dry_run=config.dry_run)
+        actuator.dry_run = config.dry_run
+        self.actuator = actuator
+        self.inspector: Inspector = inspector if inspector is not None else ProcessInspector()
+        self.plans = build_plans(config, self.gpus)
+        self.states: dict[str, GpuRuleState] = dict(states or {})
+        self.facts: dict[int, ProcessFacts] = {}
+        self.live = False  # True once started: a GPU that appears later gets its crash leftovers restored
+        self._state_error: str | None = None
+
+    def rebuilt(self, config: Config) -> Governor:
+        """A new governor for ``config`` that carries this one's rule states, actuator (with the
+        saved originals, hands-off and monitor-only GPUs) and inspector (emptied: the classes
+        may have changed) over. Raises ConfigError, changing nothing, when ``config`` asks what
+        these GPUs cannot do."""
+        issues = check_resolved(config, self.gpus)
+        if issues:
+            raise ConfigError(issues)
+        self.inspector.clear()
+        new = Governor(
+            config,
+            self.backend,
+            self.originals,
+            inspector=self.inspector,
+            actuator=self.actuator,
+            states=self.states,
+            gpus=self.gpus,
+        )
+        new.live = self.live
+        return new
+
+    def contradictions(self) -> list[ConfigIssue]:
+        """What the config asks that these GPUs cannot do (empty when nothing)."""
+        return check_resolved(self.config, self.gpus)
+
+    @property
+    def waiting_reason(self) -> str | None:
+        """Why the backend has no GPUs yet (the driver is not loaded), or None."""
+        reason = getattr(self.backend, "waiting_reason", None)
+        return str(reason) if reason else None
+
+    def read(self) -> Snapshot:
+        """Read every GPU; processes started after this are not charged (a reused PID)."""
+        self.inspector.mark_listing()
+        return self.backend.read()
+
+    def restore(self, snapshot: Snapshot | None, t_s: float, reason: str, wall_s: float) -> TickReport:
+        """Put every changed limit back (``reason``: restore_after_crash or restore_on_stop)."""
+        results = self.actuator.restore(snapshot, t_s, reason)
+        return self._report(RESTORE, snapshot, wall_s, tuple(results), ())
+
+    def step(self, snapshot: Snapshot, wall_s: float | None = None) -> TickReport:
+        """One tick on ``snapshot``: classify, decide, act, report. ``wall_s`` is the wall-clock
+        time of the step (Unix seconds; the snapshot's own when None)."""
+        if wall_s is None:
+            wall_s = snapshot.wall_time_s
+        changes, restored = self._follow_gpus(snapshot)
+        facts, inspect_errors = self._inspect(snapshot)
+        self.facts = facts
+        config = self.config
+        vram = config.vram if config.vram.enabled else None
+        previous = self.states
+        self.states, decisions = evaluate(
+            snapshot, self.plans, previous, dry_run=config.dry_run, vram=vram, facts=facts
+        )
+        results = self.actuator.apply(decisions, snapshot)
+        self._undo_unsaved_changes(previous, results)
+        return self._report(
+            TICK, snapshot, wall_s, (*restored, *results), self._gpu_ticks(snapshot), changes, inspect_errors
+        )
+
+    def _report(
+        self,
+        kind: str,
+        snapshot: Snapshot | None,
+        wall_s: float,
+        results: tuple[ActionResult, ...],
+        gpus: tuple[GpuTick, ...],
+        changes: GpuChanges | None = None,
+        inspect_errors: tuple[tuple[int, str], ...] = (),
+    ) -> TickReport:
+        originals = self.originals
+        warnings = tuple(originals.drain_warnings())
+        return TickReport(
+            kind=kind,
+            config=self.config,
+            snapshot=snapshot,
+            wall_s=wall_s,
+            results=results,
+            gpus=gpus,
+            facts=self.facts,
+            changes=changes,
+            inspect_errors=inspect_errors,
+            hands_off=dict(self.actuator.hands_off) if self.actuator.hands_off else {},
+            monitor_only=dict(self.actuator.monitor_only) if self.actuator.monitor_only else {},
+            state_error=originals.last_error,
+            state_warnings=warnings,
+            state_write_errors=originals.write_errors,
+            backend=self.backend.name,
+            waiting_reason=self.waiting_reason,
+        )
+
+    def _gpu_ticks(self, snapshot: Snapshot) -> tuple[GpuTick, ...]:
+        readings = {r.uuid: r for r in snapshot.gpus}
+        vram = self.config.vram
+        rows = vram.per_process_metrics
+        ticks = []
+        for gpu in self.gpus:
+            uuid = gpu.uuid
+            plan = self.plans[uuid]
+            state = self.states.get(uuid, _NO_STATE)
+            reading = readings.get(uuid)
+            if reading is not None and reading.processes:
+                classes, unclassified, processes = class_usage(reading.processes, self.facts, vram, rows)
+            else:
+                classes, unclassified, processes = (), 0, ()
+            ticks.append(
+                GpuTick(
+                    info=gpu,
+                    reading=reading,
+                    zone=state.zone,
+                    zone_thresholds_c=plan.zone_thresholds_c,
+                    ladder_w=plan.ladder_w,
+                    rung=state.ladder.rung,
+                    target_w=target_w(state.ladder, plan.ladder_w),
+                    monitor_only=self.actuator.monitor_only.get(uuid),
+                    classes=classes,
+                    unclassified_processes=unclassified,
+                    memory_pressure=None if reading is None else under_pressure(reading, vram),
+                    processes=processes,
+                    original_limit_saved=self._original_limit_saved(uuid),
+                )
+            )
+        return tuple(ticks)
+
+    def _original_limit_saved(self, uuid: str) -> bool | None:
+        """False while a GPU is left alone because its original could not be saved, True once saved, else None."""
+        if uuid in self.actuator.hands_off:
+            return False
+        originals = self.originals
+        return True if originals.get(uuid) is not None and originals.is_durable(uuid) else None
+
+    def _follow_gpus(self, snapshot: Snapshot) -> tuple[GpuChanges | None, tuple[ActionResult, ...]]:
+        """Pick up GPUs that appeared (a driver that loaded late) or went away."""
+        gpus = tuple(self.backend.gpus())
+        if gpus == self.gpus:
+            return None, ()
+        old = {g.uuid for g in self.gpus}
+        new = {g.uuid for g in gpus}
+        self.gpus = gpus
+        changes = GpuChanges(
+            appeared=tuple(g for g in gpus if g.uuid not in old),
+            gone=tuple(sorted(old - new)),
+            contradictions=tuple(str(issue) for issue in self.contradictions()),
+        )
+        self.plans = build_plans(self.config, gpus)
+        self.actuator.set_gpus(gpus)
+        appeared = new - old
+        if appeared and self.live:
+            return changes, tuple(self.actuator.restore(snapshot, snapshot.t_s, "restore_after_crash", only=appeared))
+        return changes, ()
+
+    def _undo_unsaved_changes(self, previous: Mapping[str, GpuRuleState], results: list[ActionResult]) -> None:
+        """A limit change refused because the GPU's original is not saved did not happen: the ladder
+        goes back to where it was, so the rules decide the change again next tick (the retry)."""
+        hands_off = self.actuator.hands_off
+        if not hands_off:
+            return
+        for result in results:
+            uuid = result.decision.gpu_uuid
+            if result.outcome is Outcome.REFUSED and uuid in hands_off and uuid in self.states:
+                before = previous.get(uuid, GpuRuleState())
+                self.states[uuid] = replace(self.states[uuid], ladder=before.ladder)
+
+    def _inspect(self, snapshot: Snapshot) -> tuple[dict[int, ProcessFacts], tuple[tuple[int, str], ...]]:
+        """Facts for every process any GPU reports; one unreadable process never stops the tick."""
+        facts: dict[int, ProcessFacts] = {}
+        errors: list[tuple[int, str]] = []
+        vram = self.config.vram
+        for reading in snapshot.gpus:
+            for process in reading.processes or ():
+                if process.pid in facts:
+                    continue
+                try:
+                    facts[process.pid] = self.inspector.facts(process.pid, process.name, vram)
+                except Exception as exc:  # a hostile /proc entry must not stop the loop
+                    errors.append((process.pid, str(exc)))
+        self.inspector.forget_except(facts)
+        return facts, tuple(errors)
+
+
+def read_error_indexes(snapshot: Snapshot) -> list[int]:
+    """The indexes of GPUs whose reading in ``snapshot`` is not healthy."""
+    return [r.index for r in snapshot.gpus if r.health is not GpuHealth.OK]
+
+
+class Observer(Protocol):
+    """Anything that reads the governor's reports."""
+
+    def observe(self, report: TickReport) -> None:
+        """Take in one report."""
+        ...
+
+
+def status_line(report: TickReport | None, waiting_reason: str | None = None) -> str:
+    """A one-line summary of the last report for systemd's STATUS= and humans."""
+    waiting = report.waiting_reason if report is not None else waiting_reason
+    if waiting:
+        return f"waiting for the NVIDIA driver ({waiting}); retrying"
+    if report is None or report.snapshot is None:
+        return "starting"
+    zones = {g.info.uuid: g.zone for g in report.gpus}
+    parts = []
+    for reading in report.snapshot.gpus:
+        if reading.health is GpuHealth.LOST:
+            parts.append(f"gpu{reading.index} lost")
+            continue
+        temp = "?" if reading.temperature_c is None else f"{reading.temperature_c:.0f}C"
+        limit = "?" if reading.power_limit_w is None else f"{reading.power_limit_w:.0f}W"
+        parts.append(f"gpu{reading.index} {temp} {zones.get(reading.uuid, ThermalZone.UNKNOWN).value} {limit}")
+    prefix = "dry-run; " if report.config.dry_run else ""
+    return f"{prefix}governing {len(report.snapshot.gpus)} GPU(s): " + ", ".join(parts)

@@ -1,0 +1,549 @@
+"""Observers of the governor's reports: the decision log, telemetry, the process table, sd_notify.
+
+Each observer reads a :class:`governor.core.TickReport` and nothing else of the governor:
+the log tells people what happened (nothing parses it back), :class:`Telemetry` keeps the
+counters and builds the :class:`governor.model.PublishedState` the metrics render, the
+process table is what ``gpu-governor status`` and admins read, and the status line is
+what ``systemctl status`` shows. The what-if recorders (governor.whatif) observe the same
+reports.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from governor import __version__
+from governor.core import TICK, Governor, TickReport, status_line
+from governor.escaping import escape
+from governor.model import (
+    TICK_BUCKETS_S,
+    Action,
+    ActionResult,
+    Decision,
+    DecisionRecord,
+    GpuHealth,
+    GpuStatus,
+    Outcome,
+    PublishedState,
+    ThermalZone,
+)
+from governor.notify import Notifier
+from governor.safefile import write_atomic
+
+EVENT_NAMES = {
+    "thermal_zone": "thermal_zone_changed",
+    "power_step_down": "power_limit_stepped",
+    "power_step_up": "power_limit_stepped",
+    "power_critical": "power_limit_stepped",
+    "power_hold": "power_limit_held",
+    "power_drift_reapply": "power_limit_drift_reapplied",
+    "power_drift_external_lower": "power_limit_external_lower",
+    "restore_on_stop": "power_limit_restored",
+    "restore_after_crash": "power_limit_restored",
+}
+"""Log event names of GPU-level decisions (process decisions have their own, see DecisionLog)."""
+PROCESS_ACTION_NAMES = {
+    Action.NONE: "over_budget",
+    Action.SIGNAL_TERM: "sigterm",
+    Action.SIGNAL_KILL: "sigkill",
+}
+_WARNING_RULES = frozenset({"power_critical", "power_hold", "power_drift_external_lower"})
+
+
+def default_logger() -> Any:
+    """The structlog logger (imported here, not at the top: a what-if run passes a silent
+    logger of its own and never loads structlog)."""
+    from governor import logsetup
+
+    return logsetup.get_logger()
+
+
+def apply_logging(log_format: str, level: str) -> None:
+    """Apply a reloaded config's log format and level (see governor.logsetup.reconfigure)."""
+    from governor import logsetup
+
+    logsetup.reconfigure(log_format, level)
+
+
+class NotifyStatus:
+    """Pings systemd's watchdog and updates STATUS= after every tick (once ``live``)."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.live = False
+
+    def observe(self, report: TickReport) -> None:
+        """Ping the watchdog; send the status line when systemd listens."""
+        if not self.live or report.kind != TICK:
+            return
+        self.notifier.watchdog()
+        if self.notifier.enabled:
+            self.notifier.status(status_line(report))
+
+
+class DecisionLog:
+    """Logs what each report says happened: decisions, GPUs lost or back, memory pressure,
+    GPUs found or gone, and the state of the saved originals (one event per change)."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self._health: dict[str, GpuHealth] = {}
+        self._pressure: dict[str, bool] = {}
+        self._indexes: dict[str, int] = {}
+        self._hands_off: set[str] = set()
+        self._monitor_only: set[str] = set()
+        self._state_error: str | None = None
+
+    def starting(self, governor: Governor) -> None:
+        """The start-up events: the governor, each GPU with its ladder, unreadable state."""
+        log, config = self.log, governor.config
+        log.info(
+            "governor_starting",
+            version=__version__,
+            backend=governor.backend.name,
+            gpus=len(governor.gpus),
+            config=config.source,
+            dry_run=config.dry_run,
+        )
+        for gpu in governor.gpus:
+            log.info(
+                "gpu_found",
+                gpu=gpu.index,
+                uuid=gpu.uuid,
+                name=gpu.name,
+                power_limit_range_w=f"{gpu.power_limit_min_w}-{gpu.power_limit_max_w}",
+                ladder_w=list(governor.plans[gpu.uuid].ladder_w),
+            )
+        originals = governor.originals
+        if originals.load_warning:
+            log.warning(
+                "state_unreadable",
+                detail=originals.load_warning,
+                moved_to=None if originals.set_aside_to is None else str(originals.set_aside_to),
+                effect="a GPU without a usable saved original whose limit is below its default "
+                "gets its default limit back; delete the .corrupt file once inspected",
+            )
+        backend_warning = getattr(governor.backend, "state_warning", None)
+        if backend_warning:
+            log.warning("backend_state_unreadable", detail=str(backend_warning))
+        if governor.waiting_reason:
+            log.warning("waiting_for_driver", reason=governor.waiting_reason, effect="retrying; metrics are served")
+
+    def listening(self, server: Any) -> None:
+        """The metrics endpoint's address and security; a warning when it is exposed."""
+        summary = getattr(server, "security_summary", None)
+        self.log.info("metrics_listening", url=getattr(server, "url", None), security=summary() if summary else None)
+        warnings = getattr(server, "security_warnings", None)
+        if warnings is not None and warnings():
+            self.log.warning(
+                "metrics_exposed",
+                url=server.url,
+                tls=getattr(server, "tls", None) is not None,
+                basic_auth=bool(getattr(server, "basic_auth", None)),
+                warnings=list(warnings()),
+            )
+
+    def observe(self, report: TickReport) -> None:
+        """Log one report."""
+        log = self.log
+        changes = report.changes
+        if changes is not None:
+            for gpu in changes.appeared:
+                log.info("gpu_found", gpu=gpu.index, uuid=gpu.uuid, name=gpu.name)
+            for gone in changes.gone:
+                log.warning("gpu_gone", uuid=gone)
+            for issue in changes.contradictions:
+                log.error("config_contradiction", detail=issue, effect="a refused ladder is not applied")
+        for pid, error in report.inspect_errors:
+            log.warning("process_inspect_failed", pid=pid, error=error)
+        if report.kind == TICK:
+            for g in report.gpus:
+                self._indexes[g.info.uuid] = g.info.index
+            self._transitions(report)
+        for result in report.results:
+            self._decision(report, result)
+        self._state_store(report)
+
+    def _transitions(self, report: TickReport) -> None:
+        """One event when a GPU is lost (error) or back (warning), and when memory pressure begins or ends (warning)."""
+        assert report.snapshot is not None
+        vram = report.config.vram
+        pressures = {g.info.uuid: g.memory_pressure for g in report.gpus}
+        for r in report.snapshot.gpus:
+            health, was = r.health, self._health.get(r.uuid, GpuHealth.OK)
+            self._health[r.uuid] = health
+            if health is GpuHealth.LOST and was is not GpuHealth.LOST:
+                self.log.error("gpu_lost", gpu=r.index, uuid=r.uuid, reason="the GPU stopped answering")
+            elif health is not GpuHealth.LOST and was is GpuHealth.LOST:
+                self.log.warning("gpu_recovered", gpu=r.index, uuid=r.uuid, health=health.value)
+            if health is GpuHealth.LOST or r.memory_used_bytes is None or not vram.enabled:
+                continue  # no reading: pressure is neither begun nor ended
+            pressure = bool(pressures.get(r.uuid))
+            if pressure != self._pressure.get(r.uuid, False):
+                self._pressure[r.uuid] = pressure
+                fields = {"gpu": r.index, "uuid": r.uuid, "used_bytes": r.memory_used_bytes}
+                fields["total_bytes"] = r.memory_total_bytes
+                self.log.warning("memory_pressure_began" if pressure else "memory_pressure_ended", **fields)
+
+    def _state_store(self, report: TickReport) -> None:
+        error = report.state_error
+        if error and error != self._state_error:
+            self.log.error(
+                "state_write_failed",
+                detail=error,
+                effect="a GPU whose original limit is not saved is left unchanged until it is; retried each tick",
+            )
+        self._state_error = error
+        for warning in report.state_warnings:
+            self.log.warning("state_entry_rejected", detail=warning)
+        hands_off = set(report.hands_off)
+        for gpu_uuid in sorted(hands_off - self._hands_off):
+            self.log.error(
+                "original_limit_unsaved",
+                gpu=self._indexes.get(gpu_uuid),
+                uuid=gpu_uuid,
+                reason=report.hands_off[gpu_uuid],
+                effect="power limit left unchanged until the original is saved",
+            )
+        for gpu_uuid in sorted(self._hands_off - hands_off):
+            self.log.info("original_limit_saved", gpu=self._indexes.get(gpu_uuid), uuid=gpu_uuid)
+        self._hands_off = hands_off
+
+    def _decision(self, report: TickReport, result: ActionResult) -> None:
+        d = result.decision
+        if d.pid is not None:
+            self._process_decision(report, result)
+            return
+        fields: dict[str, Any] = {"gpu": d.gpu_index, "uuid": d.gpu_uuid, "rule": d.rule, "reason": d.reason}
+        if result.outcome is not Outcome.SKIPPED:
+            fields["outcome"] = result.outcome.value
+        if d.reading is not None:
+            fields["temperature_c"] = d.reading
+        if d.threshold is not None:
+            fields["threshold_c"] = d.threshold
+        if d.rule == "thermal_zone":
+            fields["from_zone"], fields["to_zone"] = d.from_value, d.to_value
+        else:
+            fields["from_w"], fields["to_w"] = d.from_value, d.to_value
+        if result.detail:
+            fields["detail"] = result.detail
+        event = EVENT_NAMES.get(d.rule, d.rule)
+        if result.outcome is Outcome.DRY_RUN:
+            self.log.info("power_limit_would_set", **fields)
+        elif result.outcome is Outcome.FAILED:
+            self.log.error("power_limit_set_failed", **fields)
+            if d.gpu_uuid in report.monitor_only and d.gpu_uuid not in self._monitor_only:
+                self._monitor_only.add(d.gpu_uuid)
+                self.log.error("gpu_monitor_only", gpu=d.gpu_index, uuid=d.gpu_uuid, reason=result.detail)
+        elif result.outcome is Outcome.REFUSED:
+            self.log.debug(event, **fields)
+        elif (
+            (d.rule == "thermal_zone" and ThermalZone(str(d.to_value)).severity >= ThermalZone.THROTTLE.severity)
+            or d.rule in _WARNING_RULES
+            or (d.rule == "thermal_zone" and d.to_value == ThermalZone.UNKNOWN.value)
+        ):
+            self.log.warning(event, **fields)
+        else:
+            self.log.info(event, **fields)
+
+    def _process_decision(self, report: TickReport, result: ActionResult) -> None:
+        d = result.decision
+        facts = report.facts.get(d.pid) if d.pid is not None else None
+        fields: dict[str, Any] = {
+            "gpu": d.gpu_index,
+            "uuid": d.gpu_uuid,
+            "rule": d.rule,
+            "pid": d.pid,
+            "process": d.from_value,
+            "class": d.process_class,
+            "used_bytes": None if d.reading is None else int(d.reading),
+            "budget_bytes": None if d.threshold is None else int(d.threshold),
+            "reason": d.reason,
+        }
+        if facts is not None:
+            fields["matched"] = facts.why
+            if facts.unit:
+                fields["unit"] = facts.unit
+            if facts.protected:
+                fields["protected"] = facts.protected
+        if d.action is Action.NONE:
+            self.log.warning("process_over_budget", **fields)
+            return
+        fields["signal"] = PROCESS_ACTION_NAMES[d.action].upper()
+        fields["outcome"] = result.outcome.value
+        if result.detail:
+            fields["detail"] = result.detail
+        if result.outcome is Outcome.DRY_RUN:
+            self.log.warning("process_would_signal", **fields)
+        elif result.outcome is Outcome.FAILED:
+            self.log.error("process_signal_failed", **fields)
+        elif result.outcome is Outcome.APPLIED:
+            self.log.warning("process_signalled", **fields)
+        else:
+            self.log.info("process_left_alone", **fields)
+
+
+class ProcessTable:
+    """Writes every GPU process with its class and why to runtime_dir/processes.json (0600).
+
+    Rewritten only when the table changed, and at least once per poll interval so readers
+    can tell it is live; a directory that cannot be written (not root, no
+    RuntimeDirectory) disables it with one debug event.
+    """
+
+    def __init__(self, log: Any, instance_id: str, pid: int | None = None) -> None:
+        self.log = log
+        self.instance_id = instance_id
+        self.pid = os.getpid() if pid is None else pid
+        self.disabled = False
+        self._key: list[tuple[Any, ...]] | None = None  # None: never written yet
+        self._written_s: float | None = None  # wall time of the last write
+
+    def observe(self, report: TickReport) -> None:
+        """Write the table of a tick's report when it changed or has grown old."""
+        config = report.config
+        snapshot = report.snapshot
+        if not config.runtime_dir or self.disabled or report.kind != TICK or snapshot is None:
+            return
+        facts = report.facts
+        entries = [(r.index, p, facts.get(p.pid)) for r in snapshot.gpus for p in r.processes or ()]
+        vram = config.vram
+        default = vram.default_class.name
+        key = [(gpu, p.pid, f.klass if f else default, (p.used_memory_bytes or 0) >> 20) for gpu, p, f in entries]
+        now_s = report.wall_s
+        written = self._written_s
+        fresh = written is not None and 0.0 <= now_s - written < config.poll_interval_s
+        if key == self._key and fresh:
+            return
+        self._key = key
+        rows = [
+            {
+                "gpu": gpu,
+                "pid": process.pid,
+                "name": escape((f.name if f else process.name) or "?"),
+                "class": f.klass if f else default,
+                "why": escape(f.why) if f else "",
+                "unit": escape(f.unit or "") if f else "",
+                "user": f.user if f else None,
+                "used_bytes": process.used_memory_bytes,
+                "budget_bytes": vram.class_named(f.klass if f else default).budget_bytes,
+                "protected": f.protected if f else None,
+            }
+            for gpu, process, f in entries
+        ]
+        path = Path(config.runtime_dir) / "processes.json"
+        body = json.dumps(
+            {
+                "daemon": {"pid": self.pid, "instance": self.instance_id},
+                "written_at_s": now_s,
+                "wall_time_s": snapshot.wall_time_s,
+                "processes": rows,
+            }
+        )
+        try:
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            # An exclusive temporary file (mkstemp, 0600), renamed: a planted symlink is never followed.
+            write_atomic(path, body.encode("utf-8"), durable=False)  # /run is tmpfs: nothing to fsync
+            self._written_s = now_s
+        except OSError as exc:
+            self.disabled = True
+            self.log.debug("process_table_disabled", path=str(path), error=exc.strerror or str(exc))
+
+
+def _histogram(counts: list[int], value_s: float) -> None:
+    """Count ``value_s`` in its own bucket (the last one past every bound); see :func:`_cumulative`."""
+    counts[bisect.bisect_left(TICK_BUCKETS_S, value_s)] += 1
+
+
+def _cumulative(counts: list[int]) -> tuple[int, ...]:
+    """Per-bucket counts as the cumulative counts per bound of TICK_BUCKETS_S (Prometheus' le)."""
+    return tuple(itertools.accumulate(counts))[: len(TICK_BUCKETS_S)]
+
+
+class Telemetry:
+    """Counts what the reports say and publishes the :class:`PublishedState` the metrics render.
+
+    The service tells it when a tick began (:meth:`tick_began`, so the tick's duration
+    covers the read, the step and the observers before it), how late it started, reloads
+    and failed ticks.
+    """
+
+    def __init__(self, started_wall_s: float, instance_id: str, pid: int | None = None) -> None:
+        self.started_wall_s = started_wall_s
+        self.instance_id = instance_id
+        self.pid = os.getpid() if pid is None else pid
+        self.published: PublishedState | None = None
+        self.ready = False
+        self.config_ok = True
+        self.config_loaded_wall_s = started_wall_s
+        self.reloads: Counter[str] = Counter()
+        self.tick_failures = 0
+        self._began: float | None = None
+        self._decision_counts: Counter[tuple[int, str, str]] = Counter()
+        self._action_counts: Counter[tuple[int, str, str]] = Counter()
+        self._process_actions: Counter[tuple[str, str, str]] = Counter()
+        self._read_errors: Counter[int] = Counter()
+        self._last_decision: dict[str, tuple[Decision, float]] = {}
+        self._last_power: dict[str, DecisionRecord] = {}  # by GPU UUID
+        self._last_vram: dict[str, DecisionRecord] = {}  # by GPU UUID
+        self._tick_count = 0
+        self._tick_sum_s = 0.0
+        self._tick_last_s: float | None = None
+        self._tick_buckets = [0] * (len(TICK_BUCKETS_S) + 1)  # per bucket, the last past every bound
+        self._late_buckets = [0] * (len(TICK_BUCKETS_S) + 1)
+        self._late_sum_s = 0.0
+        self._late_count = 0
+        self._frozen_cache: dict[int, tuple[tuple[int, int], tuple[tuple[Any, int], ...]]] = {}
+        self._last: TickReport | None = None
+
+    def tick_began(self) -> None:
+        """A timed tick begins now (its duration ends when this observer sees its report)."""
+        self._began = time.perf_counter()
+
+    def late(self, late_s: float) -> None:
+        """How late a tick started against its schedule (seconds), for the lateness histogram."""
+        late_s = max(0.0, late_s)
+        self._late_count += 1
+        self._late_sum_s += late_s
+        _histogram(self._late_buckets, late_s)
+
+    def reloaded(self, ok: bool, wall_s: float | None) -> None:
+        """Count a reload; a successful one (at ``wall_s``, wall clock) is the config's new load time."""
+        self.config_ok = ok
+        self.reloads["success" if ok else "failure"] += 1
+        if ok and wall_s is not None:
+            self.config_loaded_wall_s = wall_s
+
+    def failed(self) -> int:
+        """Count a tick that raised; returns the count so far."""
+        self.tick_failures += 1
+        return self.tick_failures
+
+    def set_ready(self) -> None:
+        """The service is up: publish again, now ready."""
+        self.ready = True
+        self.republish()
+
+    def republish(self) -> None:
+        """Publish the last tick's report again (after a reload or a change of readiness)."""
+        if self._last is not None:
+            self._publish(self._last)
+
+    def observe(self, report: TickReport) -> None:
+        """Count the report's decisions; publish a tick's report."""
+        self._count(report)
+        if report.kind != TICK or report.snapshot is None:
+            return
+        if self._began is not None:
+            duration_s = time.perf_counter() - self._began
+            self._began = None
+            self._tick_count += 1
+            self._tick_sum_s += duration_s
+            self._tick_last_s = duration_s
+            _histogram(self._tick_buckets, duration_s)
+        for reading in report.snapshot.gpus:
+            if reading.health is not GpuHealth.OK:
+                self._read_errors[reading.index] += 1
+        self._last = report
+        self._publish(report)
+
+    def _count(self, report: TickReport) -> None:
+        wall = report.wall_s
+        for result in report.results:
+            decision = result.decision
+            action = decision.action
+            self._decision_counts[(decision.gpu_index, decision.rule, action.value)] += 1
+            outcome = result.outcome.value if action is not Action.NONE else "reported"
+            if decision.pid is not None and decision.process_class is not None:
+                action_name = PROCESS_ACTION_NAMES.get(action, action.value)
+                self._process_actions[(decision.process_class, action_name, outcome)] += 1
+            if action is not Action.NONE:
+                self._action_counts[(decision.gpu_index, action.value, result.outcome.value)] += 1
+            self._last_decision[decision.gpu_uuid] = (decision, wall)
+            record = DecisionRecord(decision, wall, outcome)
+            if decision.pid is not None:
+                self._last_vram[decision.gpu_uuid] = record
+            elif action is Action.SET_POWER_LIMIT or decision.rule.startswith("power"):
+                self._last_power[decision.gpu_uuid] = record
+
+    def _frozen(self, counter: Counter[Any]) -> tuple[tuple[Any, int], ...]:
+        """An immutable, sorted copy of a counter, rebuilt only when the counter changed."""
+        key = id(counter)
+        total = counter.total()
+        cached = self._frozen_cache.get(key)
+        if cached is None or cached[0] != (len(counter), total):
+            cached = ((len(counter), total), tuple(sorted(counter.items())))
+            self._frozen_cache[key] = cached
+        return cached[1]
+
+    def _publish(self, report: TickReport) -> None:
+        snapshot = report.snapshot
+        config = report.config
+        statuses = []
+        for g in report.gpus:
+            uuid = g.info.uuid
+            last = self._last_decision.get(uuid)
+            statuses.append(
+                GpuStatus(
+                    info=g.info,
+                    zone=g.zone,
+                    zone_thresholds_c=g.zone_thresholds_c,
+                    ladder_w=g.ladder_w,
+                    rung=g.rung,
+                    target_w=g.target_w,
+                    monitor_only=g.monitor_only,
+                    last_decision=None if last is None else last[0],
+                    last_decision_wall_s=None if last is None else last[1],
+                    classes=g.classes,
+                    unclassified_processes=g.unclassified_processes,
+                    memory_pressure=g.memory_pressure,
+                    processes=g.processes,
+                    original_limit_saved=g.original_limit_saved,
+                    last_power=self._last_power.get(uuid),
+                    last_vram=self._last_vram.get(uuid),
+                )
+            )
+        vram = config.vram
+        self.published = PublishedState(
+            version=__version__,
+            backend=report.backend,
+            started_wall_s=self.started_wall_s,
+            config_source=config.source,
+            config_loaded_wall_s=self.config_loaded_wall_s,
+            config_reload_ok=self.config_ok,
+            config_reloads=tuple(sorted(self.reloads.items())),
+            dry_run=config.dry_run,
+            snapshot=snapshot,
+            gpus=tuple(statuses),
+            decision_counts=self._frozen(self._decision_counts),
+            action_counts=self._frozen(self._action_counts),
+            read_errors=self._frozen(self._read_errors),
+            tick_count=self._tick_count,
+            tick_duration_s=self._tick_last_s,
+            tick_bucket_counts=_cumulative(self._tick_buckets),
+            lateness_bucket_counts=_cumulative(self._late_buckets),
+            lateness_sum_s=self._late_sum_s,
+            lateness_count=self._late_count,
+            tick_failures=self.tick_failures,
+            tick_duration_sum_s=self._tick_sum_s,
+            last_poll_wall_s=None if snapshot is None else snapshot.wall_time_s,
+            state_write_errors=report.state_write_errors,
+            ready=self.ready and not report.waiting_reason,
+            poll_interval_s=config.poll_interval_s,
+            class_budgets=tuple(
+                (c.name, c.budget_bytes) for c in (*vram.classes, vram.default_class) if c.budget_bytes is not None
+            ),
+            reserve_bytes=vram.reserve_bytes,
+            process_action_counts=self._frozen(self._process_actions),
+            per_process_metrics=vram.per_process_metrics,
+            pid=self.pid,
+            instance_id=self.instance_id,
+            runtime_dir=config.runtime_dir,
+        )

@@ -1,0 +1,242 @@
+"""The service: the schedule and the signals around a :class:`governor.core.Governor`.
+
+One thread does all the work; signals only wake the loop (governor.waiting). Ticks run on a
+drift-free schedule (start + k * interval): a late tick does not shift the ones after it,
+missed ticks are skipped, not run in a burst. Each tick reads the GPUs, steps the governor
+and hands its report to the observers. A reload builds a new governor from the new config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from governor.backends import Backend, BackendFatal
+from governor.clock import Clock
+from governor.config import Config, ConfigError, load_config
+from governor.core import TICK, Governor, Inspector, Observer, TickReport, as_config_error, open_originals, status_line
+from governor.model import Outcome, PublishedState, Snapshot
+from governor.notify import Notifier
+from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry, apply_logging, default_logger
+from governor.waiting import RELOAD, RELOAD_SETTLE_MAX_S, RELOAD_SETTLE_S, STOP, PipeWaiter, Waiter, settle
+
+RESTART_ONLY = ("backend", "state_dir", "metrics", "simulation")
+"""Keys a reload cannot change (the open backend, the originals' home, the bound listener); all else applies."""
+
+
+class Service:
+    """Runs a governor: start, tick on schedule, reload, stop; observers see every report."""
+
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        clock: Clock,
+        *,
+        config_path: Path | None = None,
+        waiter: Waiter | None = None,
+        notifier: Notifier | None = None,
+        metrics_server_factory: Callable[[Callable[[], PublishedState | None]], Any] | None = None,
+        load: Callable[[Path], Config] = load_config,
+        inspector: Inspector | None = None,
+        observers: Sequence[Observer] | None = None,
+        log: Any = None,
+    ) -> None:
+        self.config_path = config_path
+        self.backend = backend
+        self.clock = clock
+        self.waiter: Waiter = waiter if waiter is not None else PipeWaiter(clock)
+        self.notifier = notifier if notifier is not None else Notifier()
+        self._metrics_server_factory = metrics_server_factory
+        self._load = load
+        self.metrics_server: Any = None
+        self.log = log if log is not None else default_logger()
+        self.governor = Governor(config, backend, open_originals(config), inspector=inspector)
+        self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
+        self.decision_log = DecisionLog(self.log)
+        self.telemetry = Telemetry(clock.wall(), self.instance_id)  # observes only when among the observers
+        self._status = NotifyStatus(self.notifier)
+        if observers is None:
+            observers = (self.decision_log, ProcessTable(self.log, self.instance_id), self.telemetry, self._status)
+        self.observers = tuple(observers)
+        self.report: TickReport | None = None
+        self.reload_settle_s, self.reload_settle_max_s = RELOAD_SETTLE_S, RELOAD_SETTLE_MAX_S  # seconds
+
+    @property
+    def config(self) -> Config:
+        """The config in force."""
+        return self.governor.config
+
+    @property
+    def published(self) -> PublishedState | None:
+        """What the metrics render (None before the first tick, or without telemetry)."""
+        return self.telemetry.published
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The last tick's snapshot."""
+        return None if self.report is None else self.report.snapshot
+
+    def install_signal_handlers(self) -> None:
+        """SIGHUP reloads, SIGTERM and SIGINT stop: the signals only wake the loop's waiter."""
+        if isinstance(self.waiter, PipeWaiter):
+            return self.waiter.install_signal_handlers()
+        for signum, event in ((signal.SIGHUP, RELOAD), (signal.SIGTERM, STOP), (signal.SIGINT, STOP)):
+            signal.signal(signum, lambda *_, event=event: self.waiter.put(event))
+        return None
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop (thread-safe)."""
+        self.waiter.put(STOP)
+
+    def request_reload(self) -> None:
+        """Ask the loop to reload its config (thread-safe)."""
+        self.waiter.put(RELOAD)
+
+    def status_line(self) -> str:
+        """A one-line summary for systemd's STATUS= and humans."""
+        return status_line(self.report, self.governor.waiting_reason)
+
+    def _observe(self, report: TickReport) -> None:
+        if report.kind == TICK:
+            self.report = report
+        for observer in self.observers:
+            observer.observe(report)
+
+    def start(self) -> None:
+        """Restore leftovers of a crash, take the first snapshot, bind metrics, send READY."""
+        governor = self.governor
+        issues = governor.contradictions()
+        if issues:
+            raise ConfigError(issues)
+        self.decision_log.starting(governor)
+        snapshot = governor.backend.read()
+        leftovers = governor.restore(snapshot, snapshot.t_s, "restore_after_crash", self.clock.wall())
+        self._observe(leftovers)
+        if any(r.outcome is Outcome.APPLIED for r in leftovers.results):
+            snapshot = governor.backend.read()
+        self._observe(governor.step(snapshot, self.clock.wall()))
+        governor.live = True
+        if self._metrics_server_factory is not None:
+            self.metrics_server = self._metrics_server_factory(lambda: self.published)
+            self.decision_log.listening(self.metrics_server)
+        self.telemetry.set_ready()
+        self._status.live = True
+        self.notifier.ready(self.status_line())
+        self.log.info("governor_ready", status=self.status_line())
+
+    def run(self) -> int:
+        """Start, loop until asked to stop, clean up; returns the process exit code."""
+        try:
+            self.start()
+        except BackendFatal as exc:
+            self.log.critical("backend_fatal", error=str(exc))
+            self._close()
+            return 5
+        except BaseException:
+            self._close()
+            raise
+        interval = self.config.poll_interval_s
+        origin, k, code = self.clock.monotonic(), 1, 0
+        try:
+            while True:
+                deadline = origin + k * interval
+                events = self.waiter.wait(deadline)
+                if STOP in events:
+                    break
+                if RELOAD in events:
+                    self.reload()  # a storm of SIGHUPs arrives here drained: one reload
+                    if self.config.poll_interval_s != interval:
+                        interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
+                    continue
+                now = self.clock.monotonic()
+                if now < deadline:
+                    continue
+                self.telemetry.late(now - deadline)
+                try:
+                    self.tick()
+                except BackendFatal as exc:
+                    self.log.critical("backend_fatal", error=str(exc))
+                    code = 5
+                    break
+                except Exception as exc:  # a bug or an unforeseen hardware error must not stop governing
+                    self.log.exception("tick_failed", error=str(exc), failures=self.telemetry.failed())
+                k = max(k + 1, int((self.clock.monotonic() - origin) // interval) + 1)
+        finally:
+            self.stop()
+        return code
+
+    def tick(self) -> None:
+        """One cycle: read every GPU, step the governor, let every observer see the report."""
+        self.telemetry.tick_began()
+        snapshot = self.governor.read()
+        self._observe(self.governor.step(snapshot, self.clock.wall()))
+
+    def reload(self) -> bool:
+        """Validate the config file first; swap in a governor built from it only if whole and valid."""
+        self.notifier.reloading()
+        old = self.config
+        try:
+            if self.config_path is None:
+                raise ConfigError([])
+            if not settle(
+                self.config_path, self.clock, self.waiter, self.reload_settle_s, self.reload_settle_max_s, self.log
+            ):
+                return False  # asked to stop while waiting: the stop comes next
+            new = self._load(self.config_path)
+            for key in RESTART_ONLY:
+                if getattr(new, key) != getattr(old, key):
+                    self.log.warning("config_change_needs_restart", key=key)
+                    new = replace(new, **{key: getattr(old, key)})
+            governor = self.governor.rebuilt(new)  # refuses a config these GPUs cannot follow
+        except Exception as exc:  # no file, however broken, may stop the governor
+            self._reload_failed(exc)
+            return False
+        self.governor = governor
+        if new.logging != old.logging:
+            apply_logging(new.logging.format, new.logging.level)
+        self.telemetry.reloaded(ok=True, wall_s=self.clock.wall())
+        self.log.info(
+            "config_reloaded",
+            config=new.source,
+            step_down_at_c=new.power.step_down_at_c,
+            step_up_at_c=new.power.step_up_at_c,
+        )
+        self.notifier.ready(self.status_line())
+        return True
+
+    def _reload_failed(self, exc: Exception) -> None:
+        error = as_config_error(exc, self.config_path)
+        self.telemetry.reloaded(ok=False, wall_s=None)
+        self.log.error(
+            "config_reload_failed",
+            config=str(self.config_path),
+            errors=error.summary() or ["no config file to reload"],
+            kept=self.config.source,
+        )
+        self.notifier.ready(self.status_line())
+
+    def stop(self) -> None:
+        """STOPPING=1, restore every original limit, release the hardware and the port."""
+        self.notifier.stopping()
+        self.log.info("governor_stopping")
+        snapshot = None
+        with contextlib.suppress(Exception):
+            snapshot = self.backend.read()
+        t_s = snapshot.t_s if snapshot is not None else self.clock.monotonic()
+        self._observe(self.governor.restore(snapshot, t_s, "restore_on_stop", self.clock.wall()))
+        self._close()
+        self.log.info("governor_stopped")
+
+    def _close(self) -> None:
+        if isinstance(self.waiter, PipeWaiter):
+            self.waiter.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        self.backend.close()
