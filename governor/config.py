@@ -31,6 +31,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 import itertools
 
 from governor.classes import VramPolicy, parse_vram
+from governor.errors import MAX_SHOWN_ISSUES as MAX_SHOWN_ISSUES  # noqa: PLC0414  (re-exported)
+from governor.errors import ConfigError as ConfigError  # noqa: PLC0414  (re-exported)
+from governor.errors import ConfigIssue as ConfigIssue  # noqa: PLC0414  (re-exported)
 from governor.model import GpuInfo
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpu-governor/governor.toml")
@@ -45,46 +48,12 @@ Chosen to collide with none of the ports a GPU host already runs: 9100
 MAX_CONFIG_BYTES = 1024 * 1024
 """A governor config is a few kilobytes; anything over 1 MiB is refused unread."""
 
-MAX_SHOWN_ISSUES = 20
-"""At most this many problems of one file are printed or logged; the rest are counted."""
-
 DEEP_CAP_RATIO = 0.75
 """An absolute top rung under this fraction of a card's default limit is a deep cap (refused
 unless ``power.allow_deep_cap``)."""
 
 Rung = float | str
 """One ladder rung: watts (float) or a percentage of the card's default limit ("90%")."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    """One problem found in a config file."""
-
-    file: str
-    key: str
-    expected: str
-    got: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}: {self.key}" if self.key else self.file
-        return f"{where}: expected {self.expected}, got {self.got}"
-
-
-class ConfigError(Exception):
-    """A config file could not be used; ``issues`` lists every problem found."""
-
-    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
-        self.issues = tuple(issues)
-        super().__init__("\n".join(self.summary()))
-
-    def summary(self, limit: int = MAX_SHOWN_ISSUES) -> list[str]:
-        """The first ``limit`` problems as lines, then one line counting the rest (a hostile
-        file with 50k unknown keys must not print megabytes)."""
-        lines = [str(i) for i in self.issues[:limit]]
-        rest = len(self.issues) - limit
-        if rest > 0:
-            lines.append(f"{self.issues[0].file}: ... and {rest} more problem(s) not shown")
-        return lines
 
 
 @dataclass(frozen=True, slots=True)

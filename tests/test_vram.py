@@ -430,6 +430,8 @@ class TestRealProcesses:
 
 class _NoBackend:
     name = "none"
+    waiting_reason: str | None = None
+    state_warning: str | None = None
 
     def gpus(self) -> tuple[()]:
         return ()

@@ -206,6 +206,8 @@ class NvmlBackend:
     """
 
     name = "nvml"
+    waiting_reason: str | None = None  # open means the driver answered
+    state_warning: str | None = None  # keeps no state of its own
 
     def __init__(
         self,

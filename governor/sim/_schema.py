@@ -13,11 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from governor.config import ConfigError, ConfigIssue, parse_toml, read_small_file
-
-
-class SimDataError(ConfigError):
-    """A profile or scenario could not be used; ``issues`` names file, key, expected, got."""
+from governor.config import ConfigIssue, parse_toml, read_small_file
+from governor.errors import SimDataError as SimDataError  # noqa: PLC0414  (re-exported)
 
 
 def describe(value: Any) -> str:

@@ -7,20 +7,13 @@ from pathlib import Path
 
 from governor import durations
 from governor.config import Config, load_config
+from governor.errors import WhatIfError as WhatIfError  # noqa: PLC0414  (re-exported)
 
 EXIT_USAGE = 2
 """Exit code for bad input named on the command line (a missing trace, a bad duration)."""
 
 MAX_DURATION_S = durations.MAX_DURATION_S
 """The longest simulation accepted: a year of simulated time."""
-
-
-class WhatIfError(Exception):
-    """A what-if command cannot go on; printed as one line, exits with ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def parse_duration(text: str) -> float:
