@@ -91,7 +91,7 @@ class _Classifier:
         key = (process.pid, process.name)
         found = self._cache.get(key)
         if found is None:
-            draft = ProcessFacts(
+            draft = ProcessFacts.of(
                 pid=process.pid,
                 start_time=None,
                 name=process.name,
