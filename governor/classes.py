@@ -222,9 +222,7 @@ class VramPolicy:
     protected_names: tuple[str, ...] = DEFAULT_PROTECTED_NAMES
     classes: tuple[ProcessClass, ...] = ()
     default_class: ProcessClass = DEFAULT_CLASS
-    notes: tuple[str, ...] = field(
-        default=(), metadata={"config": False}
-    )  # advice found while parsing (decimal size units), for check-config
+    notes: tuple[str, ...] = field(default=(), metadata={"config": False})  # advice found while parsing (decimal size units), for check-config
 
     def class_named(self, name: str) -> ProcessClass:
         """The class called ``name`` (the default class when unknown)."""
