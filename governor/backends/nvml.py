@@ -9,9 +9,12 @@ Cost: the per-tick reads (temperature, power, enforced limit, memory, utilisatio
 clock event reasons, SM clock, compute and graphics processes) cost about 20 us per GPU
 on an H100. The two expensive reads, the requested power limit (~170 us) and the energy
 counter (~3 ms), run on a slower cadence and are carried forward in between. There is
-one read path: a second, unchecked "fast path" saved about 1.5 us per GPU per tick
-(measured against fake NVML calls: about 2 % of the 66 us H200 tick), under the 10 %
-that would pay for two paths.
+one read path (:meth:`NvmlBackend._read_all`). A second, unchecked "fast path" used to
+skip its bookkeeping: in-process, with the NVML calls stubbed out, it was 0.4-0.6 us per
+GPU per tick faster than this path (under 1 % of the 66 us H200 tick, 1-2 % of the
+28.6 us NVML floor), far under the 10 % that would pay for two paths. Once every
+versioned call has chosen its version, the per-tick reads call the chosen functions
+directly.
 
 Helpers: :mod:`governor.backends._nvml_errors` (the one call wrapper and the table that
 classifies every NVML error as unsupported, denied, lost, fatal, no driver, missing
@@ -231,26 +234,19 @@ class NvmlBackend:
     # ----------------------------------------------------------------- reads
 
     def _get(self, st: _GpuState, field: str, read: Read, now: float) -> Any:
-        """One read of one GPU outside the per-tick loop: its value, or None (see _failed)."""
-        retry_at = st.unsupported.get(field)
-        if retry_at is not None and now < retry_at:
-            return None
-        try:
-            value = read(st.handle)
-        except (self._call.error, NvmlFailure) as exc:
-            self._failed(st, field, exc, now)
-            return None
-        if retry_at is not None:
-            self._supported_again(st, field)
-        return value
+        """One read of one GPU outside the per-tick set: its value, or None (see _read_all)."""
+        return self._read_all(st, ((field, read),), now)[0]
 
-    def _read_fields(self, st: _GpuState, now: float) -> list[Any]:
-        """The nine per-tick values of one GPU (PER_TICK_FIELDS order), each None when NVML
-        cannot give it. The one read path: a resting NotSupported field is skipped."""
+    def _read_all(self, st: _GpuState, reads: tuple[tuple[str, Read], ...], now: float) -> list[Any]:
+        """The value of each (field, read) of one GPU, None where NVML cannot give it.
+
+        The one read path: a resting NotSupported field is skipped; a failure means what
+        its kind says (:meth:`_failed`).
+        """
         handle, resting = st.handle, st.unsupported
         values: list[Any] = []
         append = values.append
-        for field, read in self._per_tick:
+        for field, read in reads:
             retry_at = resting.get(field) if resting else None
             if retry_at is not None and now < retry_at:
                 append(None)
@@ -299,8 +295,8 @@ class NvmlBackend:
 
     def _read_gpu(self, st: _GpuState, now: float) -> GpuReading:
         """The per-tick reads of one GPU (plus the slow reads when they are due)."""
-        temperature, power_mw, enforced_mw, memory, util, reasons, sm_clock, compute, graphics = self._read_fields(
-            st, now
+        temperature, power_mw, enforced_mw, memory, util, reasons, sm_clock, compute, graphics = self._read_all(
+            st, self._per_tick, now
         )
         if now >= st.limit_due_s:
             requested_mw = self._get(st, "power_limit_requested", self._reads.requested, now)
