@@ -16,6 +16,12 @@ lowered it. Restore clamps the original to the GPU's current range.
 
 A GPU whose limit cannot be set (no permission, not supported) becomes monitor-only:
 marked once, never retried every tick.
+
+Only :class:`~governor.errors.GpuError` (one GPU, one change) is caught and counted as a
+failed action. :class:`~governor.errors.BackendFatal` passes through every path, setting
+and restoring alike: governing must stop, not go on with a broken backend. A restore
+stops at the first fatal error; the originals not yet restored stay saved for the next
+start.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import signal
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from governor.backends import Backend, BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
+from governor.backends import Backend, GpuError, SetLimitRefused
 from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Rule, Snapshot
 from governor.processes import read_start_time
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
@@ -206,7 +212,7 @@ class Actuator:
         except SetLimitRefused as exc:
             self.monitor_only[uuid] = str(exc)
             return ActionResult(decision, Outcome.FAILED, f"set refused, GPU now monitor-only: {exc}")
-        except (SetLimitFailed, GpuLostError, BackendError) as exc:
+        except GpuError as exc:  # never BackendFatal: that one ends the daemon (see governor.errors)
             return ActionResult(decision, Outcome.FAILED, str(exc))
         return ActionResult(decision, Outcome.APPLIED, f"set {limit_w:g} W")
 

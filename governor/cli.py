@@ -57,21 +57,24 @@ from governor.config import (
     read_small_file,
     render_config,
 )
+from governor.errors import EXIT_BACKEND_FATAL as EXIT_BACKEND_FATAL  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_BAD_ANSWER as EXIT_BAD_ANSWER  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_BIND as EXIT_BIND  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_BROKEN_PIPE as EXIT_BROKEN_PIPE  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_CONFIG as EXIT_CONFIG  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_GPU_UNHEALTHY as EXIT_GPU_UNHEALTHY  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_NO_DRIVER as EXIT_NO_DRIVER  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_OK as EXIT_OK  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_UNREACHABLE as EXIT_UNREACHABLE  # noqa: PLC0414  (re-exported)
+from governor.errors import EXIT_USAGE as EXIT_USAGE  # noqa: PLC0414  (re-exported)
+from governor.errors import CliError as CliError  # noqa: PLC0414  (re-exported)
+from governor.errors import GovernorError as GovernorError  # noqa: PLC0414  (re-exported)
 from governor.model import GpuInfo
 
 if TYPE_CHECKING:
     from governor.waiting import Waiter
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_NO_DRIVER = 4
-EXIT_BACKEND_FATAL = 5
-EXIT_BIND = 6
-EXIT_UNREACHABLE = 7
-EXIT_GPU_UNHEALTHY = 8
-EXIT_BAD_ANSWER = 9
 STATUS_EPILOG = """\
 --url takes a URL (http://HOST:PORT/metrics, https://...) or a plain HOST:PORT (http is
 assumed; https when the config has tls_cert_file). --json prints one document per line
@@ -86,17 +89,7 @@ exit codes:
   9  an answer that is not usable gpu-governor metrics: HTTP 401/403 (credentials), 404 (not a
      gpu-governor endpoint), another HTTP error or other content
 """
-EXIT_INTERRUPTED = 130
-EXIT_BROKEN_PIPE = 141
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class CliError(Exception):
-    """An error with its exit code; printed as one line."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -742,19 +735,10 @@ def _main(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     try:
         code = _dispatch(args, out, err)
-    except ConfigError as exc:
-        for line in exc.summary():
-            err.write(f"gpu-governor: config error: {line}\n")
-        return EXIT_CONFIG
-    except CliError as exc:
-        err.write(f"gpu-governor: {exc}\n")
-        return exc.code
-    except BackendUnavailable as exc:
-        err.write(f"gpu-governor: {exc}\n")
-        return EXIT_NO_DRIVER
-    except BackendFatal as exc:
-        err.write(f"gpu-governor: {exc}\n")
-        return EXIT_BACKEND_FATAL
+    except GovernorError as exc:  # every deliberate error carries its exit code (governor.errors)
+        for line in exc.lines():
+            err.write(f"gpu-governor: {line}\n")
+        return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if code is not None:

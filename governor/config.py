@@ -30,6 +30,9 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 import itertools
 
 from governor.classes import parse_vram
+from governor.errors import MAX_SHOWN_ISSUES as MAX_SHOWN_ISSUES
+from governor.errors import ConfigError as ConfigError
+from governor.errors import ConfigIssue as ConfigIssue
 from governor.model import GpuInfo
 
 # Policy types live in governor.policy and the schema engine in governor.schema; the names
@@ -40,7 +43,6 @@ from governor.policy import Rung as Rung
 from governor.policy import ThermalPolicy as ThermalPolicy
 from governor.policy import VramPolicy as VramPolicy
 from governor.policy import percent_of as percent_of
-from governor.schema import ConfigIssue as ConfigIssue
 from governor.schema import Issues, between, convert, describe, finite_number, one_of, section, short, table_of, unknown
 from governor.schema import Key as Key
 from governor.schema import Validator as Validator
@@ -57,29 +59,9 @@ Chosen to collide with none of the ports a GPU host already runs: 9100
 MAX_CONFIG_BYTES = 1024 * 1024
 """A governor config is a few kilobytes; anything over 1 MiB is refused unread."""
 
-MAX_SHOWN_ISSUES = 20
-"""At most this many problems of one file are printed or logged; the rest are counted."""
-
 DEEP_CAP_RATIO = 0.75
 """An absolute top rung under this fraction of a card's default limit is a deep cap (refused
 unless ``power.allow_deep_cap``)."""
-
-
-class ConfigError(Exception):
-    """A config file could not be used; ``issues`` lists every problem found."""
-
-    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
-        self.issues = tuple(issues)
-        super().__init__("\n".join(self.summary()))
-
-    def summary(self, limit: int = MAX_SHOWN_ISSUES) -> list[str]:
-        """The first ``limit`` problems as lines, then one line counting the rest (a hostile
-        file with 50k unknown keys must not print megabytes)."""
-        lines = [str(i) for i in self.issues[:limit]]
-        rest = len(self.issues) - limit
-        if rest > 0:
-            lines.append(f"{self.issues[0].file}: ... and {rest} more problem(s) not shown")
-        return lines
 
 
 @dataclass(frozen=True, slots=True)

@@ -295,7 +295,7 @@ class Governor:
     @property
     def waiting_reason(self) -> str | None:
         """Why the backend has no GPUs yet (the driver is not loaded), or None."""
-        reason = getattr(self.backend, "waiting_reason", None)
+        reason = self.backend.waiting_reason
         return str(reason) if reason else None
 
     def read(self) -> Snapshot:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 # ruff: noqa: PLC0414 - "import X as X" marks a re-export (names that moved to governor.policy/schema)
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 # Defined in governor.policy; re-exported here, where every reader found them before.
 from governor.policy import ZONES_BY_SEVERITY as ZONES_BY_SEVERITY
@@ -271,3 +272,188 @@ class PublishedState:
     pid: int | None = None  # the daemon's process id
     instance_id: str = ""  # random per daemon start: tells two daemons with a reused pid apart
     runtime_dir: str = ""  # where the daemon writes processes.json ("" for none)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """Who a process is, as /proc says (:class:`governor.processes.ProcessInspector`).
+
+    ``start_time`` is in clock ticks since boot (None when the process is not visible);
+    together with ``pid`` it names one process for its whole life. ``system_exe``: the
+    exe is a root-owned, not group/world-writable file under a system directory;
+    ``newer_than_listing``: it started after the GPU process list was read (a reused PID).
+    """
+
+    pid: int
+    start_time: int | None
+    name: str | None
+    exe: str | None
+    cmdline: str | None
+    uid: int | None
+    user: str | None
+    cgroup: str | None
+    unit: str | None
+    slices: tuple[str, ...]
+    kernel_thread: bool
+    system_exe: bool = False
+    newer_than_listing: bool = False
+
+    @property
+    def exe_name(self) -> str | None:
+        """The basename of the executable the kernel reports (without " (deleted)")."""
+        if self.exe is None:
+            return None
+        return self.exe.removesuffix(" (deleted)").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """The process class a process was given and why; ``protected`` is the reason it must
+    never be signalled (None: it may be); ``unresolved``: a pattern match ran out of time,
+    so this is the default class for this tick only."""
+
+    klass: str
+    why: str
+    protected: str | None = None
+    unresolved: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessFacts:
+    """What /proc says about one process (``identity``) and the class it was given
+    (``classification``). The attributes of both read through (``facts.pid``,
+    ``facts.klass`` ...)."""
+
+    identity: ProcessIdentity
+    classification: Classification
+
+    @classmethod
+    def of(
+        cls,
+        pid: int,
+        start_time: int | None,
+        name: str | None,
+        exe: str | None,
+        cmdline: str | None,
+        uid: int | None,
+        user: str | None,
+        cgroup: str | None,
+        unit: str | None,
+        slices: tuple[str, ...],
+        kernel_thread: bool,
+        klass: str,
+        why: str,
+        protected: str | None,
+        system_exe: bool = False,
+        newer_than_listing: bool = False,
+        unresolved: bool = False,
+    ) -> ProcessFacts:
+        """Facts from flat fields (the order of the former flat ProcessFacts)."""
+        identity = ProcessIdentity(
+            pid, start_time, name, exe, cmdline, uid, user, cgroup, unit, slices, kernel_thread, system_exe,
+            newer_than_listing,
+        )  # fmt: skip
+        return cls(identity, Classification(klass, why, protected, unresolved))
+
+    def classified_as(self, **changes: Any) -> ProcessFacts:
+        """These facts with the classification's fields in ``changes`` replaced."""
+        return ProcessFacts(self.identity, replace(self.classification, **changes))
+
+    def seen_as(self, **changes: Any) -> ProcessFacts:
+        """These facts with the identity's fields in ``changes`` replaced."""
+        return ProcessFacts(replace(self.identity, **changes), self.classification)
+
+    # identity
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.identity.pid
+
+    @property
+    def start_time(self) -> int | None:
+        """Start time in clock ticks since boot; None when the process is not visible."""
+        return self.identity.start_time
+
+    @property
+    def name(self) -> str | None:
+        """The command name (/proc/PID/comm, else the name NVML reported)."""
+        return self.identity.name
+
+    @property
+    def exe(self) -> str | None:
+        """The executable's path as the kernel reports it."""
+        return self.identity.exe
+
+    @property
+    def exe_name(self) -> str | None:
+        """The basename of the executable (without " (deleted)")."""
+        return self.identity.exe_name
+
+    @property
+    def cmdline(self) -> str | None:
+        """The command line, arguments joined by spaces."""
+        return self.identity.cmdline
+
+    @property
+    def uid(self) -> int | None:
+        """The owner's user id."""
+        return self.identity.uid
+
+    @property
+    def user(self) -> str | None:
+        """The owner's user name."""
+        return self.identity.user
+
+    @property
+    def cgroup(self) -> str | None:
+        """The process's cgroup path."""
+        return self.identity.cgroup
+
+    @property
+    def unit(self) -> str | None:
+        """The systemd unit of its cgroup."""
+        return self.identity.unit
+
+    @property
+    def slices(self) -> tuple[str, ...]:
+        """The systemd slices of its cgroup."""
+        return self.identity.slices
+
+    @property
+    def kernel_thread(self) -> bool:
+        """True for a kernel thread."""
+        return self.identity.kernel_thread
+
+    @property
+    def system_exe(self) -> bool:
+        """The exe is a root-owned, not group/world-writable file under a system directory."""
+        return self.identity.system_exe
+
+    @property
+    def newer_than_listing(self) -> bool:
+        """Started after the GPU process list was read: a reused PID."""
+        return self.identity.newer_than_listing
+
+    # classification
+    @property
+    def klass(self) -> str:
+        """The process class's name."""
+        return self.classification.klass
+
+    @property
+    def why(self) -> str:
+        """Why it got that class."""
+        return self.classification.why
+
+    @property
+    def protected(self) -> str | None:
+        """Why it must never be signalled, or None."""
+        return self.classification.protected
+
+    @property
+    def unresolved(self) -> bool:
+        """A pattern match ran out of time: the default class for this tick only."""
+        return self.classification.unresolved

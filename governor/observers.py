@@ -130,7 +130,7 @@ class DecisionLog:
                 effect="a GPU without a usable saved original whose limit is below its default "
                 "gets its default limit back; delete the .corrupt file once inspected",
             )
-        backend_warning = getattr(governor.backend, "state_warning", None)
+        backend_warning = governor.backend.state_warning
         if backend_warning:
             log.warning("backend_state_unreadable", detail=str(backend_warning))
         if governor.waiting_reason:

@@ -41,12 +41,13 @@ import re
 import stat
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import regex
 
 from governor.classes import MATCH_TIMEOUT_S, ProcessClass, VramPolicy, clip
+from governor.model import Classification, ProcessIdentity
+from governor.model import ProcessFacts as ProcessFacts  # noqa: PLC0414  (re-exported: it moved to the model)
 
 CMDLINE_MAX_BYTES = 4096
 """Command lines are cut to this many bytes: enough to match on, bounded in memory and time."""
@@ -57,36 +58,6 @@ SYSTEM_EXE_PREFIXES = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/")
 REAL_ACCOUNT_UID_LIMIT = 60000
 """Owners at or above this uid (nobody, systemd DynamicUsers, user-namespace ids) get no built-in protection."""
 _USER_MANAGER = re.compile(r"user@[0-9]+\.service")
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessFacts:
-    """What /proc says about one process, and the class it was given (with why)."""
-
-    pid: int
-    start_time: int | None  # clock ticks since boot; None when the process is not visible
-    name: str | None
-    exe: str | None
-    cmdline: str | None
-    uid: int | None
-    user: str | None
-    cgroup: str | None
-    unit: str | None
-    slices: tuple[str, ...]
-    kernel_thread: bool
-    klass: str
-    why: str
-    protected: str | None  # reason it must never be signalled, or None
-    system_exe: bool = False  # exe is a root-owned, not group/world-writable file under a system directory
-    newer_than_listing: bool = False  # started after the GPU process list was read: a reused PID
-    unresolved: bool = False  # a pattern match ran out of time: default class for this tick only
-
-    @property
-    def exe_name(self) -> str | None:
-        """The basename of the executable the kernel reports (without " (deleted)")."""
-        if self.exe is None:
-            return None
-        return self.exe.removesuffix(" (deleted)").rsplit("/", 1)[-1]
 
 
 def read_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -215,7 +186,7 @@ def _search(deadline: _Deadline, key: str, pattern: regex.Pattern[str], text: st
     return found
 
 
-def _match(klass: ProcessClass, facts: ProcessFacts, deadline: _Deadline) -> str | None:
+def _match(klass: ProcessClass, facts: ProcessIdentity | ProcessFacts, deadline: _Deadline) -> str | None:
     """Why ``klass`` matches ``facts`` (every given key must), or None; raises MatchTimedOut."""
     m = klass.match
     if m.is_empty():
@@ -255,7 +226,9 @@ def _match(klass: ProcessClass, facts: ProcessFacts, deadline: _Deadline) -> str
     return " and ".join(reasons)
 
 
-def classify(facts: ProcessFacts, policy: VramPolicy, deadline: _Deadline | None = None) -> tuple[str, str]:
+def classify(
+    facts: ProcessIdentity | ProcessFacts, policy: VramPolicy, deadline: _Deadline | None = None
+) -> tuple[str, str]:
     """(class name, why): the first class in file order whose every match key matches.
 
     Raises MatchTimedOut when a pattern match ran out of time before a class was found.
@@ -291,26 +264,29 @@ def protection(facts: ProcessFacts, policy: VramPolicy, own_pid: int) -> str | N
 
 
 def classified(
-    facts: ProcessFacts, policy: VramPolicy, own_pid: int, deadline: _Deadline | None = None
+    who: ProcessIdentity | ProcessFacts, policy: VramPolicy, own_pid: int, deadline: _Deadline | None = None
 ) -> ProcessFacts:
-    """``facts`` with its class, why it matched, and whether it is protected, filled in.
+    """The facts of the process ``who``: its identity with its class, why it matched, and
+    whether it is protected (of a ProcessFacts, only the identity is used).
 
     A match that ran out of time gives the default class and ``unresolved`` (for this tick).
     """
+    identity = who.identity if isinstance(who, ProcessFacts) else who
     try:
-        klass, why = classify(facts, policy, deadline)
-        facts = replace(facts, klass=klass, why=why, unresolved=False)
+        klass, why = classify(identity, policy, deadline)
+        classification = Classification(klass, why)
     except MatchTimedOut as exc:
-        facts = replace(facts, klass=policy.default_class.name, why=f"unclassified this tick: {exc}", unresolved=True)
-        _log_timeout_once(facts, exc)
-    return replace(facts, protected=protection(facts, policy, own_pid))
+        classification = Classification(policy.default_class.name, f"unclassified this tick: {exc}", unresolved=True)
+        _log_timeout_once(identity, exc)
+    facts = ProcessFacts(identity, classification)
+    return facts.classified_as(protected=protection(facts, policy, own_pid))
 
 
 _TIMEOUTS_LOGGED: dict[tuple[int, int | None, str, str], None] = {}
 _TIMEOUTS_LOGGED_MAX = 4096
 
 
-def _log_timeout_once(facts: ProcessFacts, exc: MatchTimedOut) -> None:
+def _log_timeout_once(facts: ProcessIdentity, exc: MatchTimedOut) -> None:
     key = (facts.pid, facts.start_time, exc.key, exc.pattern)
     if key in _TIMEOUTS_LOGGED:
         return
@@ -370,7 +346,7 @@ class ProcessInspector:
         facts = self._read(pid, start, reported_name, policy)
         if start is not None and self._listed_at_ticks is not None and start > self._listed_at_ticks:
             # Started after the listing: whatever was listed under this pid was another process.
-            return replace(facts, newer_than_listing=True)
+            return facts.seen_as(newer_than_listing=True)
         if not facts.unresolved:
             self._cache[pid] = facts
         return facts
@@ -416,7 +392,7 @@ class ProcessInspector:
         if name is None:
             name = reported_name
         unit, slices = _cgroup_parts(system_cgroup(cgroup))
-        draft = ProcessFacts(
+        identity = ProcessIdentity(
             pid=pid,
             start_time=start,
             name=name,
@@ -428,12 +404,9 @@ class ProcessInspector:
             unit=unit,
             slices=slices,
             kernel_thread=kernel_thread,
-            klass=policy.default_class.name,
-            why="",
-            protected=None,
             system_exe=system_exe,
         )
-        return classified(draft, policy, self.own_pid, self._deadline)
+        return classified(identity, policy, self.own_pid, self._deadline)
 
 
 def _is_system_exe(path: str, info: os.stat_result) -> bool:

@@ -29,19 +29,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from governor.errors import UnusableFile as UnusableFile  # noqa: PLC0414  (re-exported)
+
 MAX_STATE_BYTES = 1024 * 1024
 """Size cap (bytes) of one state file: the real ones are a few hundred bytes."""
 
 CORRUPT_SUFFIX = ".corrupt"
-
-
-class UnusableFile(Exception):
-    """A state file that exists but cannot be used; the message names the file and why."""
-
-    def __init__(self, path: Path, why: str) -> None:
-        super().__init__(f"{path}: {why}")
-        self.path = path
-        self.why = why
 
 
 def _kind(mode: int) -> str:

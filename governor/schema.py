@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from governor.errors import ConfigIssue as ConfigIssue  # noqa: PLC0414  (re-exported: one definition, in errors)
 from governor.policy import clip
 
 __all__ = [
@@ -41,20 +42,6 @@ __all__ = [
     "table_of",
     "unknown",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    """One problem found in a file (config, profile, scenario or trace)."""
-
-    file: str
-    key: str
-    expected: str
-    got: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}: {self.key}" if self.key else self.file
-        return f"{where}: expected {self.expected}, got {self.got}"
 
 
 class Issues:

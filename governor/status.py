@@ -25,6 +25,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from governor.errors import StatusError as StatusError  # noqa: PLC0414  (re-exported)
+
 FETCH_TIMEOUT_S = 5.0
 MAX_BODY_BYTES = 16 * 1024 * 1024
 SCHEMA_VERSION = 1
@@ -33,16 +35,6 @@ STALE_AFTER_POLLS = 3
 """The process table is stale when written longer ago than this many poll intervals."""
 UNHEALTHY = ("lost", "degraded")
 """GPU health states that make ``status`` exit non-zero."""
-
-
-class StatusError(Exception):
-    """Why status has nothing to show; ``kind`` is ``usage`` (a bad ``--url``), ``unreachable``
-    (no answer: refused, timeout, name, TLS) or ``answer`` (an answer that is not usable
-    gpu-governor metrics: 401, 404, another HTTP error, other content)."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass

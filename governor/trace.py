@@ -17,12 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from governor.errors import TraceError as TraceError  # noqa: PLC0414  (re-exported)
 from governor.model import GpuHealth, GpuInfo, GpuReading, ProcessReading, Snapshot
 from governor.schema import Issues, Key, convert
-
-
-class TraceError(Exception):
-    """A trace file is malformed; the message names the file, line and field."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,8 @@ class RecordingBackend:
     fail_with: BackendError | None = None
     calls: list[tuple[str, float]] = field(default_factory=list)
     name: str = "recording"
+    waiting_reason: str | None = None
+    state_warning: str | None = None
 
     def gpus(self) -> tuple[GpuInfo, ...]:
         """The GPUs this double pretends to have."""

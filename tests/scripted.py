@@ -17,6 +17,8 @@ class ScriptedBackend:
     """One or more GPUs whose temperature is ``script(t_s, index)``; limits stick like hardware."""
 
     name = "scripted"
+    waiting_reason: str | None = None
+    state_warning: str | None = None
 
     def __init__(
         self,

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -392,9 +391,9 @@ class TestBoundedMatching:
             memory_total_bytes=12 * GiB,
             processes=(ProcessReading(pid=4242, used_memory_bytes=7 * GiB),),
         )
-        facts = replace(draft, pid=4242, protected=None)
+        facts = draft.seen_as(pid=4242).classified_as(protected=None)
         _, resolved = evaluate_vram(reading, {4242: facts}, policy, VramState(), 0.0)
-        _, unresolved = evaluate_vram(reading, {4242: replace(facts, unresolved=True)}, policy, VramState(), 0.0)
+        _, unresolved = evaluate_vram(reading, {4242: facts.classified_as(unresolved=True)}, policy, VramState(), 0.0)
         assert [d.action for d in resolved] == [Action.NONE, Action.SIGNAL_KILL]
         assert [d.action for d in unresolved] == [Action.NONE]
 

@@ -163,6 +163,8 @@ class _ReplayBackend:
     """A Backend that plays back the snapshots of a trace, one per read."""
 
     name = "replay"
+    waiting_reason: str | None = None
+    state_warning: str | None = None
 
     def __init__(self, infos: tuple[GpuInfo, ...], snapshots: list[Snapshot], clock: VirtualClock) -> None:
         self._infos = infos

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -93,7 +93,7 @@ def draw_facts(
         reason = f"class {klass} is protected"
     elif protected:
         reason = draw(st.sampled_from(["PID 1", "a kernel thread", "the governor itself", "protected name 'Xorg'"]))
-    return ProcessFacts(
+    return ProcessFacts.of(
         pid=pid,
         start_time=start,
         name=f"p{pid}",
@@ -179,9 +179,9 @@ def protected_after_sigterm() -> Case:
     reading = GpuReading(index=0, uuid=UUIDS[0], processes=(ProcessReading(pid=PIDS[0], used_memory_bytes=2 * GiB),))
     ticks = []
     for t_s in range(1, 41):
-        facts = ProcessFacts(PIDS[0], 1000, "p", None, None, 0, "root", None, None, (), False, "c0", "test", None)
+        facts = ProcessFacts.of(PIDS[0], 1000, "p", None, None, 0, "root", None, None, (), False, "c0", "test", None)
         if t_s >= 10:
-            facts = replace(facts, protected="protected name 'Xorg'")
+            facts = facts.classified_as(protected="protected name 'Xorg'")
         ticks.append(Tick(float(t_s), (reading,), {PIDS[0]: facts}))
     return Case(policy, tuple(ticks))
 

@@ -31,7 +31,7 @@ GiB = 2**30
 
 
 def facts(pid: int, klass: str, protected: str | None = None, start: int | None = 1000) -> ProcessFacts:
-    return ProcessFacts(
+    return ProcessFacts.of(
         pid=pid,
         start_time=start,
         name=f"p{pid}",
@@ -432,6 +432,8 @@ class TestRealProcesses:
 
 class _NoBackend:
     name = "none"
+    waiting_reason: str | None = None
+    state_warning: str | None = None
 
     def gpus(self) -> tuple[()]:
         return ()

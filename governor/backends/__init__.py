@@ -3,40 +3,39 @@
 A backend reads every GPU into a :class:`~governor.model.Snapshot` and sets power
 limits. It never decides anything. Only :mod:`governor.actuator` calls
 :meth:`Backend.set_power_limit`.
+
+The Protocol declares every member the governor uses, the optional ones included
+(``waiting_reason``, ``state_warning``), so callers use plain attribute access and
+never probe a backend with ``getattr``; a backend without the feature answers None.
+
+The errors live in :mod:`governor.errors` (one hierarchy) and are re-exported here.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from governor.errors import (
+    BackendError,
+    BackendFatal,
+    BackendUnavailable,
+    GpuError,
+    GpuLostError,
+    SetLimitFailed,
+    SetLimitRefused,
+)
 from governor.model import GpuInfo, Snapshot
 
-
-class BackendError(Exception):
-    """Base of every error a backend raises."""
-
-
-class BackendUnavailable(BackendError):
-    """The backend cannot start at all (no NVIDIA driver, no library)."""
-
-
-class BackendFatal(BackendError):
-    """The backend broke in a way only a restart can fix (driver upgraded under us)."""
-
-
-class GpuLostError(BackendError):
-    """The GPU stopped answering."""
-
-
-class SetLimitRefused(BackendError):
-    """Setting a power limit is not permitted or not supported on this GPU.
-
-    The governor marks the GPU monitor-only rather than retrying every tick.
-    """
-
-
-class SetLimitFailed(BackendError):
-    """Setting a power limit failed in a way that may pass on a later try."""
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendFatal",
+    "BackendUnavailable",
+    "GpuError",
+    "GpuLostError",
+    "SetLimitFailed",
+    "SetLimitRefused",
+]
 
 
 @runtime_checkable
@@ -45,16 +44,33 @@ class Backend(Protocol):
 
     name: str
 
+    @property
+    def waiting_reason(self) -> str | None:
+        """Why the backend has no GPUs yet (the driver is not loaded: it retries), or None."""
+        ...
+
+    @property
+    def state_warning(self) -> str | None:
+        """A problem with the backend's own saved state worth one warning at start, or None."""
+        ...
+
     def gpus(self) -> tuple[GpuInfo, ...]:
         """Static facts of every GPU, in index order (read once at open)."""
         ...
 
     def read(self) -> Snapshot:
-        """Read every GPU now. A failing GPU yields a reading with health set, not an exception."""
+        """Read every GPU now. A failing GPU yields a reading with health set, not an exception.
+
+        Raises BackendFatal when the whole backend broke (only a restart helps).
+        """
         ...
 
     def set_power_limit(self, uuid: str, limit_w: float) -> None:
-        """Set the GPU's power limit in watts. Raises SetLimitRefused, SetLimitFailed, GpuLostError."""
+        """Set the GPU's power limit in watts.
+
+        Raises a GpuError (SetLimitRefused, SetLimitFailed, GpuLostError) when this GPU or
+        this change failed, BackendFatal when the backend broke.
+        """
         ...
 
     def close(self) -> None:

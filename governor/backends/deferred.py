@@ -42,6 +42,11 @@ class DeferredBackend:
         self._try_open()
 
     @property
+    def state_warning(self) -> str | None:
+        """The real backend's state warning once open, else None."""
+        return self._inner.state_warning if self._inner is not None else None
+
+    @property
     def opened(self) -> bool:
         """True once the real backend is open."""
         return self._inner is not None

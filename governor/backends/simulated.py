@@ -57,6 +57,7 @@ class SimulatedBackend:
     """Simulated GPUs of one profile running one scenario; see the module docstring."""
 
     name = "simulated"
+    waiting_reason: str | None = None  # never waits: there is no driver to load
 
     def __init__(
         self,

@@ -10,12 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from governor.config import ConfigError, parse_toml, read_small_file
+from governor.config import parse_toml, read_small_file
+from governor.errors import SimDataError as SimDataError  # noqa: PLC0414  (re-exported)
 from governor.schema import Issues
-
-
-class SimDataError(ConfigError):
-    """A profile or scenario could not be used; ``issues`` names file, key, expected, got."""
 
 
 def issues_in(file: str) -> Issues:

@@ -9,6 +9,7 @@ from pathlib import Path
 from governor import durations
 from governor.classes import VramPolicy
 from governor.config import Config, load_config
+from governor.errors import WhatIfError as WhatIfError  # noqa: PLC0414  (re-exported)
 from governor.processes import ProcessFacts, classified
 
 EXIT_USAGE = 2
@@ -19,14 +20,6 @@ NOT_A_PID = -1
 
 MAX_DURATION_S = durations.MAX_DURATION_S
 """The longest simulation accepted: a year of simulated time."""
-
-
-class WhatIfError(Exception):
-    """A what-if command cannot go on; printed as one line, exits with ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def parse_duration(text: str) -> float:
@@ -114,7 +107,7 @@ class NameInspector:
         key = (pid, reported_name)
         found = self._cache.get(key)
         if found is None:
-            draft = ProcessFacts(
+            draft = ProcessFacts.of(
                 pid=pid,
                 start_time=None,
                 name=reported_name,
