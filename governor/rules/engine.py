@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, Snapshot
+from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, ProcessFacts, Snapshot
 from governor.policy import GpuPolicy, ThermalZone, VramPolicy
-from governor.processes import ProcessFacts  # moves to governor.model (issue 13, errors part)
 from governor.rules.power import LadderState, effective_ladder, step_power
 from governor.rules.thermal import evaluate_zone, thresholds
 from governor.rules.vram import VramState, evaluate_vram

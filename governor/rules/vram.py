@@ -29,9 +29,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from governor.model import Decision, GpuReading, ProcessReading
+from governor.model import Decision, GpuReading, ProcessFacts, ProcessReading
 from governor.policy import Action, ProcessAction, ProcessClass, Rule, VramPolicy, format_seconds, format_size
-from governor.processes import ProcessFacts  # moves to governor.model (issue 13, errors part)
 
 OffenderKey = tuple[str, int, int | None]
 """(GPU UUID, pid, start time): one process on one GPU."""
