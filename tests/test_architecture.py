@@ -204,6 +204,18 @@ class TestImportGraph:
         assert offenders == []
 
 
+class TestTests:
+    def test_no_test_module_imports_another(self) -> None:
+        """Test modules share helpers through tests/support.py, tests/builders.py and conftest.py,
+        never by importing another test module."""
+        offenders = []
+        for path in sorted((REPO / "tests").rglob("test_*.py")):
+            for name in imported_names("tests." + path.stem, path, top_level_only=False):
+                if any(part.startswith("test_") for part in name.split(".")[1:2]) and name.startswith("tests."):
+                    offenders.append(f"{path.relative_to(REPO)} imports {name}")
+        assert offenders == []
+
+
 class TestSizes:
     def test_no_class_over_300_lines(self) -> None:
         """No class in governor/ spans more than 300 lines (fails on a branch alone until the core and

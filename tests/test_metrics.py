@@ -6,31 +6,22 @@ import gzip
 import subprocess
 import threading
 import urllib.request
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import generate_latest
 
 from governor.clock import VirtualClock
-from governor.config import Config
-from governor.daemon import Daemon, VirtualWaiter
+from governor.daemon import Daemon
 from governor.httpserver import MetricsServer
 from governor.metrics import Exposition, build_registry
 from governor.model import GpuHealth, GpuReading, Snapshot
-from governor.notify import Notifier
+from tests.builders import scrape_after_ticks
 from tests.scripted import ScriptedBackend
 from tests.support import require_tool
 
-
-def scrape_after_ticks(tmp_path: Path, ticks: int, gpu_count: int = 2) -> tuple[Daemon, str]:
-    clock = VirtualClock()
-    backend = ScriptedBackend(clock, lambda t, i: 80.0 if i == 0 else 50.0, gpu_count=gpu_count)
-    daemon = Daemon(Config(state_dir=str(tmp_path)), backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier())
-    daemon.start()
-    for _ in range(ticks):
-        clock.advance(1.0)
-        daemon.tick()
-    return daemon, generate_latest(build_registry(lambda: daemon.published)).decode()
+MakeDaemon = Callable[..., tuple[Daemon, ScriptedBackend, VirtualClock]]
 
 
 class TestCollector:
@@ -92,15 +83,11 @@ class TestStatusTable:
         )
         assert "GPU 1 last power decision: -" in text
 
-    def test_a_later_zone_change_does_not_hide_the_power_step(self, tmp_path: Path) -> None:
+    def test_a_later_zone_change_does_not_hide_the_power_step(self, make_daemon: MakeDaemon) -> None:
         """A zone change after the step down is the newest decision, yet the last power decision stays the step."""
         from governor.status import parse_status
 
-        clock = VirtualClock()
-        backend = ScriptedBackend(clock, lambda t, i: 80.0 if t < 6 else 86.0, gpu_count=1)
-        daemon = Daemon(
-            Config(state_dir=str(tmp_path)), backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier()
-        )
+        daemon, _, clock = make_daemon(lambda t, i: 80.0 if t < 6 else 86.0)
         daemon.start()
         for _ in range(10):
             clock.advance(1.0)

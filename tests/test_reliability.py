@@ -24,9 +24,9 @@ from governor.config import Config, ConfigError, SimulationConfig, load_config
 from governor.daemon import Daemon, PipeWaiter, VirtualWaiter
 from governor.model import GpuHealth, Snapshot
 from governor.notify import Notifier
+from tests.builders import StopAt
 from tests.scripted import ScriptedBackend
-from tests.support import free_port, scrape, wait_for
-from tests.test_daemon import NotifyListener, StopAt
+from tests.support import NotifyListener, free_port, lateness, metric, p99_between, scrape, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, "-m", "governor", "run"]
@@ -389,33 +389,6 @@ class TestResources:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def metric(body: str, name: str) -> float:
-    for line in body.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in scrape")
-
-
-def lateness(body: str) -> dict[float, float]:
-    """Cumulative bucket counts of the tick lateness histogram: upper bound -> count."""
-    out = {}
-    for line in body.splitlines():
-        if line.startswith("gpu_governor_tick_lateness_seconds_bucket"):
-            bound = line.split('le="')[1].split('"')[0]
-            out[float("inf") if bound == "+Inf" else float(bound)] = float(line.split()[-1])
-    return out
-
-
-def p99_between(before: dict[float, float], after: dict[float, float]) -> float:
-    """Upper bound of the bucket holding the 99th percentile of the ticks between two scrapes."""
-    total = after[float("inf")] - before[float("inf")] if after is not before else after[float("inf")]
-    for bound in sorted(after):
-        count = after[bound] - (before[bound] if after is not before else 0.0)
-        if count >= 0.99 * total:
-            return bound
-    return float("inf")
 
 
 @pytest.fixture
