@@ -108,3 +108,35 @@ def p99_between(before: dict[float, float], after: dict[float, float]) -> float:
         if count >= 0.99 * total:
             return bound
     return float("inf")
+
+
+# ----------------------------------------------------------------------------- property tests
+
+
+class Branch:
+    """Counts the examples of a property test in which the branch its claim is about happened.
+
+    A property such as "a step up only happens when cool" checks nothing in an example
+    without a step up; :meth:`require` fails the test when too few examples exercised it.
+    Each example is also reported as a hypothesis event (shown by ``--hypothesis-show-statistics``).
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.examples = 0
+        self.hits = 0
+
+    def saw(self, happened: bool) -> None:
+        """Record one example: did the branch happen in it?"""
+        from hypothesis import event
+
+        self.examples += 1
+        self.hits += bool(happened)
+        event(f"{self.what}: {'yes' if happened else 'no'}")
+
+    def require(self, share: float) -> None:
+        """Fail unless the branch happened in at least ``share`` (0-1) of the examples."""
+        assert self.examples > 0, f"no examples ran for {self.what!r}"
+        assert self.hits >= share * self.examples, (
+            f"{self.what} happened in {self.hits} of {self.examples} examples, fewer than {share:.0%}"
+        )
