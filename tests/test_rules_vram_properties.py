@@ -260,8 +260,9 @@ def over_budget_but_untouchable(case: Case) -> bool:
             for process in reading.processes or ():
                 facts = tick.facts[process.pid]
                 budget = case.policy.class_named(facts.klass).budget_bytes
-                over = budget is not None and process.used_memory_bytes is not None
-                if over and process.used_memory_bytes > budget and (facts.protected or facts.start_time is None):
+                used = process.used_memory_bytes
+                untouchable = facts.protected is not None or facts.start_time is None
+                if budget is not None and used is not None and used > budget and untouchable:
                     return True
     return False
 
