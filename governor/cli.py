@@ -380,14 +380,14 @@ def _run_daemon(
     """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
     from governor.daemon import Daemon
     from governor.httpserver import MetricsServer
-    from governor.metrics import Exposition
+    from governor.metrics import build_registry
 
     backend = _open_backend(config, clock)
     metrics = config.metrics
 
     def serve(source: object) -> MetricsServer:
         try:
-            return MetricsServer.from_config(metrics, Exposition(source))  # type: ignore[arg-type]
+            return MetricsServer.from_config(metrics, build_registry(source))  # type: ignore[arg-type]
         except OSError as exc:
             where = f"{metrics.listen_address}:{metrics.port}"
             raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None

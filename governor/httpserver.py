@@ -50,7 +50,7 @@ from prometheus_client import exposition as _exposition
 
 from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_password_hash
 from governor.config import MetricsConfig, is_loopback
-from governor.metrics import Exposition
+from governor.metrics import Exposition, GovernorRegistry
 
 # prometheus-client >= 0.17 sets up TLS for its own server: reuse that where present.
 # Debian 12 ships 0.16, which has none: tls_context() then does the same steps itself.
@@ -503,9 +503,10 @@ def security_warnings(address: str, tls: TlsFiles | None, basic_auth: bool) -> t
 class MetricsServer:
     """A running /metrics endpoint; ``port`` is the bound port (useful with port 0).
 
-    Given an :class:`~governor.metrics.Exposition` it serves the bytes rendered once per
-    published state (the daemon's way); given a registry, prometheus-client's app renders
-    it on every scrape."""
+    Given an :class:`~governor.metrics.Exposition`, or the registry
+    :func:`~governor.metrics.build_registry` returns, it serves the bytes rendered once per
+    published state (the daemon's way); given another registry, prometheus-client's app
+    renders it on every scrape."""
 
     def __init__(
         self,
@@ -518,6 +519,10 @@ class MetricsServer:
         request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         server_class = _ThreadingServer6 if ":" in address else _ThreadingServer
+        if isinstance(registry, GovernorRegistry):
+            registry = Exposition(registry.source)
+        self.exposition = registry if isinstance(registry, Exposition) else None
+        """What is served rendered once per published state (None: a plain registry, rendered per scrape)."""
         served = cached_app(registry) if isinstance(registry, Exposition) else make_wsgi_app(registry)
         app: WsgiApp = metrics_only(served)
         if basic_auth is not None:

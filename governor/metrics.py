@@ -389,11 +389,21 @@ def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
     yield actions
 
 
-def build_registry(source: Callable[[], PublishedState | None]) -> CollectorRegistry:
+class GovernorRegistry(CollectorRegistry):
+    """The registry :func:`build_registry` returns: it remembers its ``source``, so a
+    :class:`~governor.httpserver.MetricsServer` given it serves an :class:`Exposition` of that
+    source (rendered once per state) rather than rendering the registry on every scrape."""
+
+    def __init__(self, source: Callable[[], PublishedState | None]) -> None:
+        super().__init__(auto_describe=False)
+        self.source = source
+
+
+def build_registry(source: Callable[[], PublishedState | None]) -> GovernorRegistry:
     """A registry holding the governor's collector and the process collector (RSS, CPU, fds)."""
     from prometheus_client import ProcessCollector
 
-    registry = CollectorRegistry(auto_describe=False)
+    registry = GovernorRegistry(source)
     registry.register(GovernorCollector(source))
     ProcessCollector(registry=registry)
     return registry

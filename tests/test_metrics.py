@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from governor.clock import VirtualClock
 from governor.daemon import Daemon
@@ -171,3 +171,21 @@ class TestExposition:
             assert headers["Content-Type"].startswith("text/plain") and exposition.renders == 2
         finally:
             server.close()
+
+    def test_the_daemons_registry_is_served_cached(self, tmp_path: Path) -> None:
+        """A MetricsServer given build_registry's registry (as `run` builds it) renders each state once,
+        while another registry is rendered per scrape."""
+        daemon, _ = scrape_after_ticks(tmp_path, 2)
+        server = MetricsServer("127.0.0.1", 0, build_registry(lambda: daemon.published))
+        plain = MetricsServer("127.0.0.1", 0, CollectorRegistry())
+        try:
+            bodies = []
+            for _ in range(3):
+                with urllib.request.urlopen(server.url, timeout=10) as response:
+                    bodies.append(response.read())
+            assert server.exposition is not None and server.exposition.renders == 1
+            assert bodies[0] == bodies[1] == bodies[2] and b"gpu_governor_ready 1.0" in bodies[0]
+            assert plain.exposition is None
+        finally:
+            server.close()
+            plain.close()
