@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from types import TracebackType
 from typing import IO, Any, TypeAlias, cast
+from urllib.parse import parse_qs
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -56,6 +57,7 @@ from prometheus_client import exposition as _exposition
 
 from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_password_hash
 from governor.config import MetricsConfig, is_loopback
+from governor.metrics import Exposition, GovernorRegistry
 
 # prometheus-client >= 0.17 sets up TLS for its own server: reuse that where present.
 # Debian 12 ships 0.16, which has none: tls_context() then does the same steps itself.
@@ -148,6 +150,37 @@ def metrics_only(app: WsgiApp) -> WsgiApp:
         return app(environ, start_response)
 
     return route
+
+
+def cached_app(exposition: Exposition) -> WsgiApp:
+    """A WSGI app answering GET with ``exposition``'s cached bytes, as prometheus-client's app
+    would answer it: the format the Accept header asks for (text or OpenMetrics), gzip when
+    Accept-Encoding allows it. A ``name[]`` filter (rare, never cached) is answered by
+    prometheus-client's own app over a registry of the current state."""
+    uncached = make_wsgi_app(exposition.registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        query = environ.get("QUERY_STRING", "")
+        if query and "name[]" in parse_qs(query):
+            return _uncached(exposition, uncached, environ, start_response)
+        compress = _exposition.gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or "")
+        encoder, content_type = _exposition.choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        body = exposition.render(encoder, content_type, compress=compress)
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if compress:
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+
+    return app
+
+
+def _uncached(
+    exposition: Exposition, app: WsgiApp, environ: dict[str, Any], start_response: StartResponse
+) -> Iterable[bytes]:
+    """prometheus-client's answer over the current state (the registry pins it while it renders)."""
+    with exposition.pinned():
+        return list(app(environ, start_response))
 
 
 class Verdict(enum.Enum):
@@ -371,10 +404,15 @@ class _Handler(WSGIRequestHandler):
         if app is None:  # pragma: no cover - MetricsServer always sets one
             return
         body_ignored = io.BytesIO()
-        wfile = cast("IO[bytes]", self.wfile)
-        handler = ServerHandler(body_ignored, wfile, self.get_stderr(), self.get_environ(), multithread=False)
+        # The response is gathered and sent in one write: wsgiref writes the status line,
+        # each header and the body separately, a system call (and a packet) each.
+        response = io.BytesIO()
+        handler = ServerHandler(body_ignored, response, self.get_stderr(), self.get_environ(), multithread=False)
         handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref's back-pointer for logging
-        handler.run(app)
+        try:
+            handler.run(app)
+        finally:
+            cast("IO[bytes]", self.wfile).write(response.getvalue())
 
     def log_message(self, format: str, *args: Any) -> None:
         return  # scrapes every few seconds would drown the journal
@@ -547,20 +585,30 @@ def security_warnings(address: str, tls: TlsFiles | None, basic_auth: bool) -> t
 
 
 class MetricsServer:
-    """A running /metrics endpoint; ``port`` is the bound port (useful with port 0)."""
+    """A running /metrics endpoint; ``port`` is the bound port (useful with port 0).
+
+    Given an :class:`~governor.metrics.Exposition`, or the registry
+    :func:`~governor.metrics.build_registry` returns, it serves the bytes rendered once per
+    published state (the daemon's way); given another registry, prometheus-client's app
+    renders it on every scrape."""
 
     def __init__(
         self,
         address: str,
         port: int,
-        registry: CollectorRegistry,
+        registry: CollectorRegistry | Exposition,
         *,
         tls: TlsFiles | None = None,
         basic_auth: BasicAuth | None = None,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         server_class = _ThreadingServer6 if ":" in address else _ThreadingServer
-        app: WsgiApp = metrics_only(make_wsgi_app(registry))
+        if isinstance(registry, GovernorRegistry):
+            registry = Exposition(registry.source)
+        self.exposition = registry if isinstance(registry, Exposition) else None
+        """What is served rendered once per published state (None: a plain registry, rendered per scrape)."""
+        served = cached_app(registry) if isinstance(registry, Exposition) else make_wsgi_app(registry)
+        app: WsgiApp = metrics_only(served)
         if basic_auth is not None:
             app = basic_auth.wrap(app)
         context = tls_context(tls) if tls is not None else None  # before binding: a bad file binds nothing
@@ -581,8 +629,9 @@ class MetricsServer:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, metrics: MetricsConfig, registry: CollectorRegistry) -> MetricsServer:
-        """Serve ``registry`` as [metrics] says: address, port, TLS files, basic auth."""
+    def from_config(cls, metrics: MetricsConfig, registry: CollectorRegistry | Exposition) -> MetricsServer:
+        """Serve ``registry`` as [metrics] says: address, port, TLS files, basic auth (an
+        :class:`~governor.metrics.Exposition` is served as bytes cached per published state)."""
         tls = TlsFiles(metrics.tls_cert_file, metrics.tls_key_file, metrics.tls_client_ca_file) if metrics.tls else None
         auth = BasicAuth(metrics.basic_auth_username, metrics.basic_auth_password_hash) if metrics.basic_auth else None
         return cls(metrics.listen_address, metrics.port, registry, tls=tls, basic_auth=auth)

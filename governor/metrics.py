@@ -5,10 +5,17 @@ The collector never calls the hardware: it renders the immutable
 so a scrape costs no NVML call and series of things that are gone (a lost GPU's
 readings, a process that exited) simply disappear. Readings that are missing are
 left out, never exported as 0.
+
+:class:`Exposition` renders that state once and serves the bytes: every scrape of
+the same published state (one per tick) gets the same cached text, so a scrape
+costs a dictionary look-up rather than building every metric family again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +28,7 @@ from prometheus_client.core import (
     Metric,
     StateSetMetricFamily,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from governor.logsetup import escape
@@ -381,11 +389,112 @@ def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
     yield actions
 
 
-def build_registry(source: Callable[[], PublishedState | None]) -> CollectorRegistry:
+class GovernorRegistry(CollectorRegistry):
+    """The registry :func:`build_registry` returns: it remembers its ``source``, so a
+    :class:`~governor.httpserver.MetricsServer` given it serves an :class:`Exposition` of that
+    source (rendered once per state) rather than rendering the registry on every scrape."""
+
+    def __init__(self, source: Callable[[], PublishedState | None]) -> None:
+        super().__init__(auto_describe=False)
+        self.source = source
+
+
+def build_registry(source: Callable[[], PublishedState | None]) -> GovernorRegistry:
     """A registry holding the governor's collector and the process collector (RSS, CPU, fds)."""
     from prometheus_client import ProcessCollector
 
-    registry = CollectorRegistry(auto_describe=False)
+    registry = GovernorRegistry(source)
     registry.register(GovernorCollector(source))
     ProcessCollector(registry=registry)
     return registry
+
+
+_TEXT_ENCODER, TEXT_CONTENT_TYPE = choose_encoder("")
+"""What a scrape without an Accept header gets: the Prometheus text format and its content type."""
+
+
+class _Pinned(Collector):
+    """The governor's collector over one state pinned by :class:`Exposition` while it renders."""
+
+    def __init__(self) -> None:
+        self.state: PublishedState | None = None
+        self._collector = GovernorCollector(lambda: self.state)
+
+    def collect(self) -> Iterator[Metric]:
+        """The pinned state's metric families."""
+        return self._collector.collect()
+
+
+class Exposition:
+    """The exposition of the latest published state, rendered once per state and served as bytes.
+
+    The cache is keyed by the identity of the state ``source`` returns (the daemon
+    publishes a new immutable object each tick): the first scrape after a new state
+    renders it, under a lock so concurrent scrapes render once, and every later scrape
+    of that state gets the same bytes. A rendering holds the process metrics (RSS, CPU
+    seconds, open fds) as they were at that moment, so they are at most one poll
+    interval old. Each format (text, OpenMetrics) and each encoding (plain, gzip) is
+    rendered at most once per state, when first asked for.
+
+    ``render`` may also be called eagerly (e.g. once per tick) to warm the cache.
+    """
+
+    def __init__(self, source: Callable[[], PublishedState | None]) -> None:
+        self.source = source
+        self._pinned = _Pinned()
+        self.registry = CollectorRegistry(auto_describe=False)
+        """The registry a rendering encodes: the pinned state's families and the process collector."""
+        self.registry.register(self._pinned)
+        from prometheus_client import ProcessCollector
+
+        ProcessCollector(registry=self.registry)
+        self._lock = threading.RLock()  # re-entered to compress the plain rendering
+        self._key: PublishedState | None = None
+        self._have_key = False
+        self._bytes: dict[tuple[str, bool], bytes] = {}
+        self.renders = 0
+        """Renderings so far (one per published state and format asked for): for tests and benchmarks."""
+
+    def render(
+        self,
+        encoder: Callable[[CollectorRegistry], bytes] = _TEXT_ENCODER,
+        content_type: str = TEXT_CONTENT_TYPE,
+        compress: bool = False,
+    ) -> bytes:
+        """The current state's exposition as bytes: ``encoder`` (default: the text format a
+        plain scrape gets; ``content_type`` names it in the cache) over the governor's and the
+        process collector's families, gzip-compressed when ``compress``; cached per state."""
+        state = self.source()
+        key = (content_type, compress)
+        with self._lock:
+            if not self._have_key or state is not self._key:
+                self._key, self._have_key = state, True
+                self._bytes = {}
+            cached = self._bytes.get(key)
+            if cached is not None:
+                return cached
+            if compress:
+                body = gzip.compress(self.render(encoder, content_type, compress=False))
+            else:
+                self._pinned.state = state
+                try:
+                    body = encoder(self.registry)
+                finally:
+                    self._pinned.state = None
+                self.renders += 1
+            self._bytes[key] = body
+            return body
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Pin the current state into :attr:`registry` for an uncached rendering (held under the lock)."""
+        with self._lock:
+            self._pinned.state = self.source()
+            try:
+                yield
+            finally:
+                self._pinned.state = None
+
+    def bytes(self) -> bytes:
+        """The current state's exposition in the Prometheus text format (cached per state)."""
+        return self.render()

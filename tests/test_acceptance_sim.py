@@ -15,7 +15,7 @@ from governor.config import Config, SimulationConfig
 from governor.daemon import Daemon
 from governor.metrics import build_registry
 from governor.notify import Notifier
-from tests.test_daemon import StopAt
+from tests.builders import StopAt
 
 CYCLE_S = 900.0  # the scenario: 600 s serving at the power cap, 300 s quiet
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -15,26 +14,13 @@ from structlog.testing import capture_logs
 
 from governor.clock import RealClock, VirtualClock
 from governor.config import Config, PowerPolicy, load_config
-from governor.daemon import STOP, Daemon, PipeWaiter, VirtualWaiter
+from governor.daemon import Daemon, PipeWaiter
 from governor.httpserver import MetricsServer
 from governor.metrics import build_registry
 from governor.notify import Notifier
+from tests.builders import StopAt
 from tests.scripted import ScriptedBackend
-
-
-class StopAt(VirtualWaiter):
-    """A virtual waiter that asks the loop to stop once virtual time reaches ``stop_s``."""
-
-    def __init__(self, clock: VirtualClock, stop_s: float) -> None:
-        super().__init__(clock)
-        self.clock = clock
-        self.stop_s = stop_s
-
-    def wait(self, deadline_s: float) -> list[str]:
-        """Stop instead of waiting past ``stop_s``."""
-        if deadline_s > self.stop_s:
-            return [STOP]
-        return super().wait(deadline_s)
+from tests.support import NotifyListener
 
 
 def hot_then_cool(hot_from: float, cool_from: float, hot_c: float = 80.0, cool_c: float = 60.0) -> Callable[..., float]:
@@ -141,24 +127,6 @@ class TestLoop:
         assert [e["event"] for e in logs].count("gpu_monitor_only") == 1
         assert [e["event"] for e in logs].count("power_limit_set_failed") == 1
         assert daemon.published is not None and daemon.published.gpus[0].monitor_only
-
-
-class NotifyListener:
-    """A real AF_UNIX datagram socket standing in for systemd's notify socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(10)
-        self.messages: list[str] = []
-
-    def until(self, predicate: Callable[[str], bool]) -> str:
-        """Receive datagrams until one satisfies ``predicate``; return it."""
-        while True:
-            message = self.sock.recv(4096).decode()
-            self.messages.append(message)
-            if predicate(message):
-                return message
 
 
 @pytest.fixture

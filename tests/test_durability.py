@@ -29,10 +29,10 @@ from governor.safefile import MAX_STATE_BYTES, UnusableFile, read_bounded, read_
 from governor.sim.profiles import load_profile
 from governor.sim.scenario import load_scenario
 from governor.state import STATE_FILE_NAME, OriginalLimits
+from tests.builders import StopAt
 from tests.helpers import CARD_200W, RecordingBackend, reading, snapshot
 from tests.scripted import ScriptedBackend
 from tests.support import free_port, scrape, wait_for
-from tests.test_daemon import StopAt
 
 REPO = Path(__file__).resolve().parents[1]
 SIM_UUID = "GPU-sim-rtx4070-0"

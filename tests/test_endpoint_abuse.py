@@ -34,8 +34,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from governor import auth, httpserver
 from governor.auth import CheckBudget, FailureBackoff
 from governor.httpserver import BasicAuth, MetricsServer
-from tests.support import free_port, wait_for
-from tests.test_reliability import lateness, p99_between
+from tests.support import free_port, lateness, p99_between, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery staple"

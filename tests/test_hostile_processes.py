@@ -37,7 +37,7 @@ from governor.logsetup import configure, escape
 from governor.metrics import build_registry
 from governor.processes import ProcessFacts, ProcessInspector, read_start_time
 from governor.status import read_process_table, render_processes
-from tests.test_vram import GiB, Harness, classes_toml, wait_exit
+from tests.builders import GiB, Harness, classes_toml, wait_exit
 
 MiB = 2**20
 CHILD = (

@@ -39,8 +39,8 @@ from governor.processes import (
     system_cgroup,
 )
 from governor.rules.vram import VramState, evaluate_vram
+from tests.builders import SLEEPER, GiB, Harness, spawn, wait_exit
 from tests.support import free_port, scrape, wait_for
-from tests.test_vram import SLEEPER, GiB, Harness, spawn, wait_exit
 
 RENAME_AND_WAIT = (
     "import ctypes, sys, time\n"

@@ -15,12 +15,9 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from governor.clock import VirtualClock
-from governor.config import Config, load_config
-from governor.daemon import Daemon, VirtualWaiter
+from governor.config import load_config
 from governor.metrics import build_registry
-from governor.notify import Notifier
-from tests.scripted import ScriptedBackend
+from tests.builders import scripted_daemon
 from tests.support import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,9 +111,7 @@ def check_exprs_with_promtool(exprs: list[str], tmp_path: Path) -> subprocess.Co
 
 def exported_metric_names(tmp_path: Path) -> set[str]:
     """Sample and family names a real scrape of a governed two-GPU host exposes."""
-    clock = VirtualClock()
-    backend = ScriptedBackend(clock, lambda t, i: 90.0 if i == 0 else 50.0, gpu_count=2)
-    daemon = Daemon(Config(state_dir=str(tmp_path)), backend, clock, waiter=VirtualWaiter(clock), notifier=Notifier())
+    daemon, _, clock = scripted_daemon(tmp_path, lambda t, i: 90.0 if i == 0 else 50.0, gpu_count=2)
     daemon.start()
     for _ in range(5):
         clock.advance(1.0)

@@ -21,12 +21,11 @@ from governor.backends.deferred import DeferredBackend
 from governor.backends.simulated import build_simulated_backend
 from governor.clock import RealClock, VirtualClock
 from governor.config import Config, ConfigError, SimulationConfig, load_config
-from governor.daemon import Daemon, PipeWaiter, VirtualWaiter
+from governor.daemon import Daemon, PipeWaiter
 from governor.model import GpuHealth, Snapshot
-from governor.notify import Notifier
+from tests.builders import StopAt, build_daemon
 from tests.scripted import ScriptedBackend
-from tests.support import free_port, scrape, wait_for
-from tests.test_daemon import NotifyListener, StopAt
+from tests.support import NotifyListener, free_port, lateness, metric, p99_between, scrape, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, "-m", "governor", "run"]
@@ -52,7 +51,7 @@ def sim_daemon(tmp_path: Path, scenario: str, gpus: int, stop_s: float, **config
     sim = SimulationConfig(profile="rtx4070", scenario=scenario, gpu_count=gpus)
     backend = build_simulated_backend(sim, clock)
     cfg = Config(state_dir=str(tmp_path / "state"), runtime_dir="", backend="simulated", simulation=sim, **config)
-    return Daemon(cfg, backend, clock, waiter=StopAt(clock, stop_s), notifier=Notifier()), backend
+    return build_daemon(cfg, backend, clock, waiter=StopAt(clock, stop_s)), backend
 
 
 class TestDriver:
@@ -69,7 +68,7 @@ class TestDriver:
             return inner
 
         backend = DeferredBackend(factory, clock, name="nvml")
-        daemon = Daemon(Config(state_dir=str(tmp_path)), backend, clock, waiter=StopAt(clock, 200), notifier=Notifier())
+        daemon = build_daemon(Config(state_dir=str(tmp_path)), backend, clock, waiter=StopAt(clock, 200))
         daemon.start()
         assert daemon.published is not None and not daemon.published.ready
         assert daemon.status_line().startswith("waiting for the NVIDIA driver (no NVIDIA driver found")
@@ -178,7 +177,7 @@ class TestGpuFaults:
 
         backend = Hanging(clock, lambda t, i: 50.0)
         config = Config(state_dir=str(tmp_path / "s"), runtime_dir="", poll_interval_s=0.05)
-        daemon = Daemon(config, backend, clock, waiter=PipeWaiter(clock))
+        daemon = build_daemon(config, backend, clock, waiter=PipeWaiter(clock))
         thread = threading.Thread(target=daemon.run)
         thread.start()
         try:
@@ -241,9 +240,7 @@ class TestConfigFaults:
         path.chmod(0o644)
         config = load_config(path)
         clock = VirtualClock()
-        daemon = Daemon(
-            config, ScriptedBackend(clock, lambda t, i: 50.0), clock, config_path=path, waiter=VirtualWaiter(clock)
-        )
+        daemon = build_daemon(config, ScriptedBackend(clock, lambda t, i: 50.0), clock, config_path=path)
         daemon.start()
         BAD_CONFIGS[case](path)
         with capture_logs() as logs:
@@ -266,11 +263,11 @@ class TestConfigFaults:
         )
         clock = VirtualClock()
         backend = ScriptedBackend(clock, lambda t, i: 50.0)
-        daemon = Daemon(load_config(path), backend, clock, config_path=path, waiter=VirtualWaiter(clock))
+        daemon = build_daemon(load_config(path), backend, clock, config_path=path)
         with pytest.raises(ConfigError, match=r"GPU 0 \(Test GPU\) combined: power.step_up_at_c"):
             daemon.start()
         path.write_text("[thermal]\nwarning_c = 65.0\n")
-        daemon = Daemon(load_config(path), backend, clock, config_path=path, waiter=VirtualWaiter(clock))
+        daemon = build_daemon(load_config(path), backend, clock, config_path=path)
         daemon.start()
         path.write_text(
             "[[gpu]]\nindex = 0\npower = { step_down_at_c = 60.0, step_up_at_c = 50.0 }\n"
@@ -285,13 +282,7 @@ class TestConfigFaults:
         bodies = [f"[thermal]\nwarning_c = {w}.0\nhot_c = {w + 10}.0\n" for w in (60, 70)]
         path.write_text(bodies[0])
         clock = VirtualClock()
-        daemon = Daemon(
-            load_config(path),
-            ScriptedBackend(clock, lambda t, i: 50.0),
-            clock,
-            config_path=path,
-            waiter=VirtualWaiter(clock),
-        )
+        daemon = build_daemon(load_config(path), ScriptedBackend(clock, lambda t, i: 50.0), clock, config_path=path)
         daemon.start()
         stop = threading.Event()
 
@@ -324,7 +315,7 @@ class TestResources:
         clock = VirtualClock()
         backend = ScriptedBackend(clock, lambda t, i: 80.0)
         config = Config(state_dir=str(blocker / "state"), runtime_dir="")
-        daemon = Daemon(config, backend, clock, waiter=StopAt(clock, 100), notifier=Notifier())
+        daemon = build_daemon(config, backend, clock, waiter=StopAt(clock, 100))
         with capture_logs() as logs:
             assert daemon.run() == 0
         assert backend.sets == []
@@ -389,33 +380,6 @@ class TestResources:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def metric(body: str, name: str) -> float:
-    for line in body.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in scrape")
-
-
-def lateness(body: str) -> dict[float, float]:
-    """Cumulative bucket counts of the tick lateness histogram: upper bound -> count."""
-    out = {}
-    for line in body.splitlines():
-        if line.startswith("gpu_governor_tick_lateness_seconds_bucket"):
-            bound = line.split('le="')[1].split('"')[0]
-            out[float("inf") if bound == "+Inf" else float(bound)] = float(line.split()[-1])
-    return out
-
-
-def p99_between(before: dict[float, float], after: dict[float, float]) -> float:
-    """Upper bound of the bucket holding the 99th percentile of the ticks between two scrapes."""
-    total = after[float("inf")] - before[float("inf")] if after is not before else after[float("inf")]
-    for bound in sorted(after):
-        count = after[bound] - (before[bound] if after is not before else 0.0)
-        if count >= 0.99 * total:
-            return bound
-    return float("inf")
 
 
 @pytest.fixture

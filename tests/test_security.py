@@ -28,7 +28,7 @@ from governor.config import Config, ConfigError, MetricsConfig, check_metrics, i
 from governor.httpserver import BasicAuth, MetricsServer, TlsFiles, security_warnings
 from governor.metrics import build_registry
 from governor.model import ProcessRow, PublishedState
-from tests.test_metrics import scrape_after_ticks
+from tests.builders import scrape_after_ticks
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 5.0

@@ -16,18 +16,13 @@ import regex
 from structlog.testing import capture_logs
 
 from governor.actuator import Actuator, send_signal
-from governor.backends.simulated import SimulatedBackend, build_simulated_backend
 from governor.classes import ProcessAction, ProcessClass, ProcessMatch, VramPolicy, config_warnings, parse_size
-from governor.clock import VirtualClock
-from governor.config import Config, SimulationConfig, parse_config
-from governor.daemon import Daemon, VirtualWaiter
+from governor.config import parse_config
 from governor.model import Action, Decision, GpuReading, Outcome, ProcessReading, Rule
-from governor.notify import Notifier
 from governor.processes import ProcessFacts, ProcessInspector, read_start_time
 from governor.rules.vram import VramState, evaluate_vram
 from governor.state import OriginalLimits
-
-GiB = 2**30
+from tests.builders import SLEEPER, GiB, Harness, classes_toml, spawn, wait_exit
 
 
 def facts(pid: int, klass: str, protected: str | None = None, start: int | None = 1000) -> ProcessFacts:
@@ -221,7 +216,6 @@ class TestInspector:
 IGNORE_TERM = (
     "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(120)"
 )
-SLEEPER = "import time\nprint('ready', flush=True)\ntime.sleep(120)"
 
 
 @pytest.fixture
@@ -232,75 +226,6 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
         if child.poll() is None:
             child.kill()
         child.wait()
-
-
-def spawn(children: list[subprocess.Popen[bytes]], code: str, tag: str) -> subprocess.Popen[bytes]:
-    """Start a child and wait until it has exec'd and set itself up (it prints ``ready``)."""
-    child = subprocess.Popen([sys.executable, "-c", code, tag], stdout=subprocess.PIPE)
-    children.append(child)
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == b"ready"
-    return child
-
-
-def wait_exit(child: subprocess.Popen[bytes], timeout_s: float = 10.0) -> int | None:
-    try:
-        return child.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None
-
-
-class Harness:
-    """A daemon on a simulated GPU, stepped one virtual second at a time, reporting real children."""
-
-    def __init__(self, tmp_path: Path, toml: dict[str, Any]) -> None:
-        self.clock = VirtualClock()
-        cfg = parse_config(toml, "test.toml")
-        sim = SimulationConfig(profile="rtx4070", scenario="idle")
-        self.backend: SimulatedBackend = build_simulated_backend(sim, self.clock)
-        config = Config(state_dir=str(tmp_path), runtime_dir=str(tmp_path), vram=cfg.vram, backend="simulated")
-        self.daemon = Daemon(config, self.backend, self.clock, waiter=VirtualWaiter(self.clock), notifier=Notifier())
-        self.attached: dict[int, subprocess.Popen[bytes]] = {}
-
-    def attach(self, child: subprocess.Popen[bytes], used_bytes: int) -> None:
-        self.backend.attach_process(0, child.pid, used_bytes)
-        self.attached[child.pid] = child
-
-    def step(self, seconds: int) -> None:
-        """Tick once per virtual second; an exited child stops being reported (as with NVML)."""
-        for _ in range(seconds):
-            self.clock.advance(1.0)
-            self.daemon.tick()
-            time.sleep(0.02)  # let real signals land
-            for pid, child in list(self.attached.items()):
-                if child.poll() is not None:
-                    self.backend.detach_process(pid)
-                    del self.attached[pid]
-
-
-def classes_toml(**vram: Any) -> dict[str, Any]:
-    return {
-        "vram": {"reserve": "2GiB", "cooldown_s": 5.0, **vram},
-        "class": [
-            {
-                "name": "primary",
-                "budget": "6GiB",
-                "priority": 100,
-                "action": "terminate",
-                "grace_s": 3600.0,
-                "match": {"cmdline": "primary-marker", "user": os.getuid()},
-            },
-            {
-                "name": "secondary",
-                "budget": "3GiB",
-                "priority": 50,
-                "action": "terminate",
-                "grace_s": 10.0,
-                "kill_after_s": 5.0,
-                "match": {"cmdline": "secondary-marker", "user": os.getuid()},
-            },
-        ],
-    }
 
 
 class TestRealProcesses:

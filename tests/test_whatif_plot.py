@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from governor.cli import main
-from tests.test_whatif_replay import write_trace
+from tests.builders import write_trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 needs_matplotlib = pytest.mark.skipif(

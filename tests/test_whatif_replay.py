@@ -7,22 +7,16 @@ from pathlib import Path
 
 from governor.cli import main
 from governor.config import Config, load_config
-from governor.model import Action, GpuInfo, GpuReading, ProcessReading, ThermalZone
+from governor.model import Action, ThermalZone
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
-from governor.trace import device_record, read_trace, sample_record, write_records
+from governor.trace import read_trace
 from governor.whatif.common import NOT_A_PID, NameInspector
 from governor.whatif.replay import render_replay, replay_trace
+from tests.builders import REPLAY_CARD, GiB, replay_temperature_at, write_trace
 
-GIB = 1024**3
-CARD = GpuInfo(
-    index=0,
-    uuid="GPU-replay-0",
-    name="Replay Card",
-    power_limit_min_w=100.0,
-    power_limit_max_w=220.0,
-    power_limit_default_w=200.0,
-    memory_total_bytes=12 * GIB,
-)
+GIB = GiB
+CARD = REPLAY_CARD
+temperature_at = replay_temperature_at
 CONFIG = """
 [[class]]
 name = "leaky"
@@ -36,36 +30,6 @@ name = "daemon"
 budget = "1GiB"
 match = { unit = "thing.service" }
 """
-
-
-def temperature_at(t: int) -> float:
-    """60 C, then 76 C at t = 5-7 (three hot samples), 80 C at t = 8, then 60 C to the end."""
-    if 5 <= t <= 7:
-        return 76.0
-    return 80.0 if t == 8 else 60.0
-
-
-def write_trace(path: Path) -> None:
-    """81 samples at 1 Hz of one 200 W card; 'leaky' grows from 1 GiB to 4 GiB at t = 20."""
-    records = [device_record(CARD, 1.0, "hand-made")]
-    for t in range(81):
-        processes = (
-            ProcessReading(pid=100, used_memory_bytes=(4 if t >= 20 else 1) * GIB, name="leaky"),
-            ProcessReading(pid=200, used_memory_bytes=2 * GIB, name="other"),
-        )
-        reading = GpuReading(
-            index=0,
-            uuid=CARD.uuid,
-            temperature_c=temperature_at(t),
-            power_w=150.0,
-            power_limit_w=200.0,
-            memory_used_bytes=7 * GIB,
-            memory_total_bytes=12 * GIB,
-            processes=processes,
-        )
-        records.append(sample_record(float(t), reading))
-    with open(path, "w", encoding="utf-8") as handle:
-        write_records(handle, records)
 
 
 def config(tmp_path: Path) -> Config:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +99,11 @@ class SimulatedBackend:
         self._start_s = clock.monotonic()
         self._lock = threading.RLock()
         self._closed = False
-        self._state_path = Path(state_file) if state_file else None
-        self.state_warning: str | None = None
         self._infos = tuple(self._info(i) for i in range(gpu_count))
         self._by_uuid = {info.uuid: i for i, info in enumerate(self._infos)}
-        self._state_extra: dict[str, float] = {}  # entries of GPUs this run does not have
-        limits = self._load_state()
+        self._state = HardwareStateFile(Path(state_file), profile, self._by_uuid) if state_file else None
+        limits = self._state.load() if self._state is not None else {}
+        self.state_warning: str | None = self._state.warning if self._state is not None else None
         timeline = PhaseTimeline(scenario)
         self._gpus = [
             SimulatedGpu(
@@ -236,7 +236,8 @@ class SimulatedBackend:
             new_w = limit_mw / 1000.0
             if new_w == gpu.limit_w:
                 return
-            self._save_state({uuid: new_w})
+            if self._state is not None:
+                self._state.save({**{self._infos[g.index].uuid: g.limit_w for g in self._gpus}, uuid: new_w})
             gpu.limit_w = new_w
 
     def external_set_power_limit(self, gpu_index: int, limit_w: float) -> None:
@@ -316,22 +317,36 @@ class SimulatedBackend:
             self._advance()
             return self._gpus[gpu_index].thermal.die_c
 
-    # ------------------------------------------------------------------ state file
 
-    def _load_state(self) -> dict[str, float]:
-        path = self._state_path
-        if path is None:
-            return {}
+class HardwareStateFile:
+    """The simulated cards' enforced power limits, kept in a JSON file (``[simulation]
+    state_file``) so that a kill -9 and a restart find them as a real card would.
+
+    Read bounded and typed (governor.safefile); a file unusable as a whole is set aside as
+    ``.corrupt``, a bad entry (not a number, out of the card's range) is dropped; either way
+    ``warning`` says what happened. Entries of GPUs this run does not have are kept.
+    """
+
+    def __init__(self, path: Path, profile: GpuProfile, uuids: Iterable[str]) -> None:
+        self.path = path
+        self.profile = profile
+        self.uuids = frozenset(uuids)
+        self.warning: str | None = None
+        self._extra: dict[str, float] = {}  # entries of GPUs this run does not have
+
+    def load(self) -> dict[str, float]:
+        """The saved limit in watts per GPU UUID of this run (valid entries only)."""
+        path = self.path
         try:
             data: Any = read_json(path)[0]
         except FileNotFoundError:
             return {}
         except UnusableFile as exc:
-            self._unusable(path, exc.why)
+            self._unusable(exc.why)
             return {}
         limits = data.get("power_limits_w") if isinstance(data, dict) else None
         if not isinstance(limits, dict) or data.get("format") != STATE_FORMAT:
-            self._unusable(path, f"expected an object with format {STATE_FORMAT!r} and power_limits_w")
+            self._unusable(f"expected an object with format {STATE_FORMAT!r} and power_limits_w")
             return {}
         p = self.profile
         out: dict[str, float] = {}
@@ -339,9 +354,9 @@ class SimulatedBackend:
         for uuid, value in limits.items():
             # Compared, not converted: a 300-digit integer would overflow float(); NaN and inf fail it.
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6
-            if uuid not in self._by_uuid:
+            if uuid not in self.uuids:
                 if ok:
-                    self._state_extra[str(uuid)] = float(value)
+                    self._extra[str(uuid)] = float(value)
                 continue
             if not ok or not p.power_limit_min_w <= value <= p.power_limit_max_w:
                 problems.append(
@@ -350,29 +365,23 @@ class SimulatedBackend:
                 continue
             out[uuid] = float(value)
         if problems:
-            self.state_warning = f"{path}: " + "; ".join(problems) + "; those GPUs start from the default power limit"
+            self.warning = f"{path}: " + "; ".join(problems) + "; those GPUs start from the default power limit"
         return out
 
-    def _save_state(self, change: dict[str, float]) -> None:
-        path = self._state_path
-        if path is None:
-            return
-        limits = dict(self._state_extra)
-        for gpu in self._gpus:
-            limits[self._infos[gpu.index].uuid] = gpu.limit_w
-        limits.update(change)
-        document = {"format": STATE_FORMAT, "version": 1, "power_limits_w": limits}
+    def save(self, limits_w: Mapping[str, float]) -> None:
+        """Write every GPU's limit in watts (atomically); SetLimitFailed when it cannot be saved."""
+        document = {"format": STATE_FORMAT, "version": 1, "power_limits_w": {**self._extra, **limits_w}}
         body = json.dumps(document, indent=2, sort_keys=True) + "\n"
         try:
-            write_atomic(path, body.encode("utf-8"), mode=0o644)
+            write_atomic(self.path, body.encode("utf-8"), mode=0o644)
         except OSError as exc:
-            raise SetLimitFailed(f"cannot save simulated hardware state to {path}: {exc}") from None
+            raise SetLimitFailed(f"cannot save simulated hardware state to {self.path}: {exc}") from None
 
-    def _unusable(self, path: Path, why: str) -> None:
+    def _unusable(self, why: str) -> None:
         """The whole state file cannot be used: rename it aside and say so."""
-        moved = set_aside(path)
+        moved = set_aside(self.path)
         where = f"kept as {moved}" if moved else "could not be set aside"
-        self.state_warning = f"{path}: {why}; starting from default power limits ({where})"
+        self.warning = f"{self.path}: {why}; starting from default power limits ({where})"
 
 
 def build_simulated_backend(sim: SimulationConfig, clock: Clock) -> SimulatedBackend:
