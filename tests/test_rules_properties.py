@@ -22,7 +22,9 @@ from tests.helpers import reading
 from tests.support import Branch
 
 CHANGES = {"power_step_down", "power_step_up", "power_critical"}
-SETTINGS = settings(max_examples=200, deadline=None)
+SETTINGS = settings(
+    max_examples=200, deadline=None, derandomize=True
+)  # the same examples each run: the share checks below cannot flake
 MIN_SHARE = 0.2
 """Each property's branch must happen in at least this share of the examples."""
 

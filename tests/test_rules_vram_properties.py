@@ -17,7 +17,9 @@ from governor.rules.vram import VramState, evaluate_vram
 from tests.support import Branch
 
 GiB = 2**30
-SETTINGS = settings(max_examples=200, deadline=None)
+SETTINGS = settings(
+    max_examples=200, deadline=None, derandomize=True
+)  # the same examples each run: the share checks below cannot flake
 MIN_SHARE = 0.2
 """Each property's branch must happen in at least this share of the examples."""
 UUIDS = ("GPU-a", "GPU-b")

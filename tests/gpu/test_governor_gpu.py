@@ -216,9 +216,14 @@ def test_vram_grower_is_terminated_and_the_other_left_alone(tmp_path: Path, clea
         '[[class]]\nname = "grower"\nbudget = "3GiB"\npriority = 10\naction = "terminate"\ngrace_s = 5.0\n'
         "kill_after_s = 10.0\n"
         f'match = {{ cmdline = "grower-marker", user = {os.getuid()} }}\n',
+        dry_run=False,
     )
     cleanup.append(governor)
-    code = grower.proc.wait(timeout=90)
+    try:
+        code = grower.proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        tail = governor.log_path.read_text().splitlines()[-40:]
+        pytest.fail("the grower was not stopped in 90 s; the governor's log ends:\n" + "\n".join(tail))
     events = governor.events()
     over = [e for e in events if e["event"] == "process_over_budget"]
     signalled = [e for e in events if e["event"] == "process_signalled"]
