@@ -90,6 +90,23 @@ def _governor_metrics(state: PublishedState) -> Iterator[Metric]:
     )
     yield daemon
 
+    if state.runtime_dir:
+        table_ok = _gauge(
+            "process_table_ok",
+            "1 while the daemon can write its process table (runtime_dir/processes.json), else 0.",
+            [],
+        )
+        table_ok.add_metric([], 0.0 if state.process_table_error else 1.0)
+        yield table_ok
+        if state.process_table_written_s is not None:
+            written = _gauge(
+                "process_table_written_timestamp_seconds",
+                "The time stamped into the last process table written (written_at_s): a file with another is stale.",
+                [],
+            )
+            written.add_metric([], state.process_table_written_s)
+            yield written
+
     config = InfoMetricFamily(f"{PREFIX}_config", "The configuration file in force.")
     config.add_metric([], {"source": state.config_source})
     yield config

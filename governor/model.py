@@ -272,6 +272,8 @@ class PublishedState:
     pid: int | None = None  # the daemon's process id
     instance_id: str = ""  # random per daemon start: tells two daemons with a reused pid apart
     runtime_dir: str = ""  # where the daemon writes processes.json ("" for none)
+    process_table_written_s: float | None = None  # wall time stamped into the last processes.json written
+    process_table_error: str | None = None  # why the daemon can no longer write processes.json
 
 
 # --------------------------------------------------------------------------- processes

@@ -293,9 +293,12 @@ class DecisionLog:
 class ProcessTable:
     """Writes every GPU process with its class and why to runtime_dir/processes.json (0600).
 
-    Rewritten only when the table changed, and at least once per poll interval so readers
-    can tell it is live; a directory that cannot be written (not root, no
-    RuntimeDirectory) disables it with one debug event.
+    Rewritten only when the table changed (a write per tick would cost a file per tick for
+    nothing). Readers tell a current file from a stale one by the metrics: ``written_s`` (the
+    time stamped into the last file written) and ``error`` are published by the telemetry
+    (``gpu_governor_process_table_written_timestamp_seconds``, ``..._ok``), so ``status``
+    shows a file only when it is the one the answering daemon wrote last. A directory that
+    cannot be written (not root, no RuntimeDirectory) disables it with one debug event.
     """
 
     def __init__(self, log: Any, instance_id: str, pid: int | None = None) -> None:
@@ -304,10 +307,11 @@ class ProcessTable:
         self.pid = os.getpid() if pid is None else pid
         self.disabled = False
         self._key: list[tuple[Any, ...]] | None = None  # None: never written yet
-        self._written_s: float | None = None  # wall time of the last write
+        self.written_s: float | None = None  # the wall time stamped into the last file written
+        self.error: str | None = None  # why the table can no longer be written
 
     def observe(self, report: TickReport) -> None:
-        """Write the table of a tick's report when it changed or has grown old."""
+        """Write the table of a tick's report when it changed."""
         config = report.config
         snapshot = report.snapshot
         if not config.runtime_dir or self.disabled or report.kind != TICK or snapshot is None:
@@ -318,9 +322,7 @@ class ProcessTable:
         default = vram.default_class.name
         key = [(gpu, p.pid, f.klass if f else default, (p.used_memory_bytes or 0) >> 20) for gpu, p, f in entries]
         now_s = report.wall_s
-        written = self._written_s
-        fresh = written is not None and 0.0 <= now_s - written < config.poll_interval_s
-        if key == self._key and fresh:
+        if key == self._key:
             return
         self._key = key
         rows = [
@@ -351,9 +353,10 @@ class ProcessTable:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             # An exclusive temporary file (mkstemp, 0600), renamed: a planted symlink is never followed.
             write_atomic(path, body.encode("utf-8"), durable=False)  # /run is tmpfs: nothing to fsync
-            self._written_s = now_s
+            self.written_s = now_s
         except OSError as exc:
             self.disabled = True
+            self.error = f"cannot write {path}: {exc.strerror or exc}"
             self.log.debug("process_table_disabled", path=str(path), error=exc.strerror or str(exc))
 
 
@@ -375,8 +378,11 @@ class Telemetry:
     and failed ticks.
     """
 
-    def __init__(self, started_wall_s: float, instance_id: str, pid: int | None = None) -> None:
+    def __init__(
+        self, started_wall_s: float, instance_id: str, pid: int | None = None, table: ProcessTable | None = None
+    ) -> None:
         self.started_wall_s = started_wall_s
+        self.table = table  # the process-table writer whose last write the metrics report
         self.instance_id = instance_id
         self.pid = os.getpid() if pid is None else pid
         self.published: PublishedState | None = None
@@ -546,4 +552,6 @@ class Telemetry:
             pid=self.pid,
             instance_id=self.instance_id,
             runtime_dir=config.runtime_dir,
+            process_table_written_s=None if self.table is None else self.table.written_s,
+            process_table_error=None if self.table is None else self.table.error,
         )

@@ -59,10 +59,11 @@ class Service:
         self.governor = Governor(config, backend, open_originals(config), inspector=inspector)
         self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
         self.decision_log = DecisionLog(self.log)
-        self.telemetry = Telemetry(clock.wall(), self.instance_id)  # observes only when among the observers
+        table = ProcessTable(self.log, self.instance_id)  # before the telemetry: it publishes the last write
+        self.telemetry = Telemetry(clock.wall(), self.instance_id, table=table)  # observes only among the observers
         self._status = NotifyStatus(self.notifier)
         if observers is None:
-            observers = (self.decision_log, ProcessTable(self.log, self.instance_id), self.telemetry, self._status)
+            observers = (self.decision_log, table, self.telemetry, self._status)
         self.observers = tuple(observers)
         self.report: TickReport | None = None
         self.reload_settle_s, self.reload_settle_max_s = RELOAD_SETTLE_S, RELOAD_SETTLE_MAX_S  # seconds

@@ -31,8 +31,6 @@ FETCH_TIMEOUT_S = 5.0
 MAX_BODY_BYTES = 16 * 1024 * 1024
 SCHEMA_VERSION = 1
 """Version of the ``--json`` document; raised only when a key is removed or changes meaning."""
-STALE_AFTER_POLLS = 3
-"""The process table is stale when written longer ago than this many poll intervals."""
 UNHEALTHY = ("lost", "degraded")
 """GPU health states that make ``status`` exit non-zero."""
 
@@ -106,6 +104,8 @@ class DaemonStatus:
     pid: int | None = None
     instance: str | None = None
     runtime_dir: str | None = None
+    table_written_s: float | None = None  # the written_at_s of the last process table the daemon wrote
+    table_ok: bool | None = None  # False: the daemon can no longer write its process table
     started_at_s: float | None = None
     last_poll_s: float | None = None
     poll_interval_s: float | None = None
@@ -148,6 +148,7 @@ _DAEMON_GAUGES = {
     "gpu_governor_start_timestamp_seconds": "started_at_s",
     "gpu_governor_last_poll_timestamp_seconds": "last_poll_s",
     "gpu_governor_poll_interval_seconds": "poll_interval_s",
+    "gpu_governor_process_table_written_timestamp_seconds": "table_written_s",
 }
 
 
@@ -193,6 +194,8 @@ def parse_status(text: str) -> DaemonStatus:
                 status.config_ok = sample.value == 1
             elif name == "gpu_governor_ready":
                 status.ready = sample.value == 1
+            elif name == "gpu_governor_process_table_ok":
+                status.table_ok = sample.value == 1
             elif name in _DAEMON_GAUGES:
                 setattr(status, _DAEMON_GAUGES[name], sample.value)
             elif "gpu" not in labels:
@@ -376,7 +379,8 @@ def read_process_table(path: str) -> list[dict[str, object]] | None:
 
 def load_process_table(status: DaemonStatus, now_s: float) -> ProcessTable:
     """The process table from the runtime directory the daemon reports, shown only when its
-    identity (pid, instance) is that daemon's and it is younger than STALE_AFTER_POLLS polls."""
+    identity (pid, instance) is that daemon's and it is the last one that daemon says it
+    wrote (``gpu_governor_process_table_written_timestamp_seconds``), while it still can."""
     if status.runtime_dir is None:
         return ProcessTable(None, "the daemon does not report its runtime directory (an older version?)")
     if not status.runtime_dir:
@@ -410,12 +414,18 @@ def load_process_table(status: DaemonStatus, now_s: float) -> ProcessTable:
             path,
             float(written),
         )
-    limit_s = STALE_AFTER_POLLS * (status.poll_interval_s or 1.0)
-    if now_s - written > limit_s:
+    if status.table_ok is False:
         return ProcessTable(
             None,
-            f"{path} is stale (written {_ago(now_s - written)}, more than {STALE_AFTER_POLLS} poll intervals): "
-            "the daemon cannot update it (see its log)",
+            f"{path} is stale (written {_ago(now_s - written)}): the daemon can no longer write it (see its log)",
+            path,
+            float(written),
+        )
+    if status.table_written_s is None or abs(status.table_written_s - written) > 0.001:
+        last = "none yet" if status.table_written_s is None else _ago(now_s - status.table_written_s)
+        return ProcessTable(
+            None,
+            f"{path} is stale (written {_ago(now_s - written)}; the daemon's last table: {last})",
             path,
             float(written),
         )
