@@ -40,7 +40,7 @@ from governor.service import Service
 from governor.sim.gpu import SimStats
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import Scenario
-from governor.waiting import STOP
+from governor.waiting import STOP, VirtualWaiter
 from governor.whatif.common import NOT_A_PID, NameInspector, format_duration, without_governor
 from governor.whatif.progress import Progress
 from governor.whatif.series import GpuSeries
@@ -137,8 +137,9 @@ def busiest_window(times_s: Sequence[float], window_s: float = HOUR_S) -> int:
     return best
 
 
-class _Recorder:
-    """The service's waiter and only observer: records each report, then jumps the clock to the next tick."""
+class _Recorder(VirtualWaiter):
+    """The service's waiter and only observer: records each report, then jumps the clock to the next
+    tick (a VirtualWaiter that stops the run at ``stop_s``)."""
 
     def __init__(
         self,
@@ -149,6 +150,7 @@ class _Recorder:
         series: list[GpuSeries],
         progress: Progress | None,
     ) -> None:
+        super().__init__(clock)
         self.clock = clock
         self.backend = backend
         self.stop_s = stop_s
@@ -158,7 +160,6 @@ class _Recorder:
         self.stopped = False
         self.final: list[SimStats] = []
         self.counts: Counter[str] = Counter()
-        self._events: list[str] = []
         n = len(series)
         self.peak_c = [float("-inf")] * n
         self.above_s = [[0.0] * len(self.thresholds_c) for _ in range(n)]
@@ -166,26 +167,19 @@ class _Recorder:
         self.lost_at_s: list[float | None] = [None] * n
         self._limit: list[float | None] = [None] * n
 
-    def put(self, event: str) -> None:
-        """Queue an event for the loop."""
-        self._events.append(event)
-
     def wait(self, deadline_s: float) -> list[str]:
-        """Stop at the end of the run, else advance to ``deadline_s``."""
-        if self._events:
-            events, self._events = self._events, []
+        """Stop at the end of the run, else advance to ``deadline_s`` (queued events first)."""
+        if self._events or deadline_s < self.stop_s:
+            events = super().wait(deadline_s)
+            if not events and self.progress is not None:
+                self.progress.update(deadline_s)
             return events
-        if deadline_s >= self.stop_s:
-            self.clock.advance_to(self.stop_s)
-            self.final = [self.backend.stats(i) for i in range(len(self.series))]
-            self.stopped = True
-            if self.progress is not None:
-                self.progress.update(self.stop_s)
-            return [STOP]
-        self.clock.advance_to(deadline_s)
+        self.clock.advance_to(self.stop_s)
+        self.final = [self.backend.stats(i) for i in range(len(self.series))]
+        self.stopped = True
         if self.progress is not None:
-            self.progress.update(deadline_s)
-        return []
+            self.progress.update(self.stop_s)
+        return [STOP]
 
     def observe(self, report: TickReport) -> None:
         """Count and mark the report's decisions (none after the run ended); record a tick."""
