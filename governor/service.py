@@ -230,8 +230,10 @@ class Service:
         with contextlib.suppress(Exception):
             snapshot = self.backend.read()
         t_s = snapshot.t_s if snapshot is not None else self.clock.monotonic()
-        self._observe(self.governor.restore(snapshot, t_s, "restore_on_stop", self.clock.wall()))
-        self._close()
+        try:  # a fatal error while restoring still closes the port and the backend (originals stay saved)
+            self._observe(self.governor.restore(snapshot, t_s, "restore_on_stop", self.clock.wall()))
+        finally:
+            self._close()
         self.log.info("governor_stopped")
 
     def _close(self) -> None:

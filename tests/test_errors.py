@@ -189,7 +189,8 @@ class TestDaemonStopsOnFatal:
         assert OriginalLimits(tmp_path).items() == []
 
     def test_fatal_restore_keeps_the_original_for_the_next_start(self, tmp_path: Path) -> None:
-        """The driver stays broken: the restore is tried, the error escapes (exit 5), the original stays saved."""
+        """The driver stays broken: the restore is tried, the error escapes (exit 5), the original stays
+        saved, and the backend is still closed."""
         clock = VirtualClock()
         backend = _FatalBackend(clock, fatal_below_w=170.0, stays_broken=True)
         daemon = _daemon(tmp_path, backend, clock)
@@ -198,6 +199,7 @@ class TestDaemonStopsOnFatal:
         assert info.value.exit_code == 5
         assert backend.attempts == [180.0, 160.0, 200.0]  # the restore was tried
         assert OriginalLimits(tmp_path).get(backend.infos[0].uuid) == 200.0
+        assert backend.closed
 
 
 def _getattr_on_backend(tree: ast.AST) -> list[int]:
