@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -140,3 +141,32 @@ class Branch:
         assert self.hits >= share * self.examples, (
             f"{self.what} happened in {self.hits} of {self.examples} examples, fewer than {share:.0%}"
         )
+
+
+def openssl_self_signed(openssl: str, cert: Path, key: Path, cn: str) -> None:
+    """A self-signed EC certificate ``cert`` and its ``key`` for 127.0.0.1 and localhost, made by openssl."""
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={cn}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )

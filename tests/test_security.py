@@ -29,6 +29,7 @@ from governor.httpserver import BasicAuth, MetricsServer, TlsFiles, security_war
 from governor.metrics import build_registry
 from governor.model import ProcessRow, PublishedState
 from tests.builders import scrape_after_ticks
+from tests.support import openssl_self_signed
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 5.0
@@ -56,34 +57,6 @@ class Pki:
     client_key: Path
 
 
-def _openssl_self_signed(openssl: str, cert: Path, key: Path, cn: str) -> None:
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={cn}",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """Certificates made with openssl (CI is Debian, where openssl is always there)."""
@@ -92,8 +65,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         pytest.skip("openssl not installed (and the cryptography package is not used here)")
     where = tmp_path_factory.mktemp("pki")
     made = Pki(where / "cert.pem", where / "key.pem", where / "client.pem", where / "client-key.pem")
-    _openssl_self_signed(openssl, made.cert, made.key, "gpu-governor test server")
-    _openssl_self_signed(openssl, made.client_cert, made.client_key, "prometheus test client")
+    openssl_self_signed(openssl, made.cert, made.key, "gpu-governor test server")
+    openssl_self_signed(openssl, made.client_cert, made.client_key, "prometheus test client")
     return made
 
 

@@ -19,7 +19,7 @@ import pytest
 from governor import auth
 from governor.cli import EXIT_BAD_ANSWER, EXIT_GPU_UNHEALTHY, EXIT_UNREACHABLE, EXIT_USAGE
 from governor.status import SCHEMA_VERSION
-from tests.support import free_port, scrape, wait_for
+from tests.support import free_port, openssl_self_signed, scrape, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 STATUS = [sys.executable, "-m", "governor", "status"]
@@ -323,31 +323,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         pytest.skip("openssl not installed")
     where = tmp_path_factory.mktemp("pki")
     cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=status test",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    openssl_self_signed(openssl, cert, key, "status test")
     return cert, key
 
 
