@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -115,6 +116,25 @@ def json_events(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
+@contextlib.contextmanager
+def reachable_by_others(*paths: Path) -> Iterator[None]:
+    """Let other users traverse (o+x) every directory down to ``paths`` while the body runs: a
+    checkout or venv under a private directory (``mktemp -d`` is 0700) would otherwise keep
+    uid 65534 from the code under test. Modes are put back afterwards."""
+    changed: list[tuple[Path, int]] = []
+    try:
+        for path in paths:
+            for directory in [path, *path.parents]:
+                mode = stat.S_IMODE(directory.stat().st_mode)
+                if not mode & stat.S_IXOTH and directory.stat().st_uid == os.geteuid():
+                    directory.chmod(mode | stat.S_IXOTH)
+                    changed.append((directory, mode))
+        yield
+    finally:
+        for directory, mode in reversed(changed):
+            directory.chmod(mode)
+
+
 def as_nobody() -> list[str]:
     """The command prefix that drops to uid/gid 65534 when we are root (CI), else nothing."""
     if os.geteuid() != 0:
@@ -180,6 +200,8 @@ class TestPrivateSimulation:
         env["XDG_RUNTIME_DIR"] = str(xdg)
         cmd = [*as_nobody(), sys.executable, "-m", "governor", "run", "--simulate", "--config", str(config)]
         cmd += ["--listen", f"127.0.0.1:{port}", "--log-format", "json"]
+        reach = contextlib.ExitStack()
+        reach.enter_context(reachable_by_others(REPO, Path(sys.prefix)))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
         try:
             wait_for(lambda: "gpu_governor_gpu_temperature_celsius" in scrape(port), 20.0, "metrics")
@@ -193,6 +215,7 @@ class TestPrivateSimulation:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            reach.close()
         events = json_events(out)
         assert proc.returncode == 0, out
         assert [e for e in events if e.get("level") in ("error", "critical")] == []
