@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,16 @@ def no_nvidia_driver(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(pynvml, "nvmlInit", missing)
     monkeypatch.setattr(pynvml, "nvmlInitWithFlags", lambda flags: missing(), raising=False)
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Child processes a test starts (append them): every one still running is killed and reaped after."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for child in started:
+            if child.poll() is None:
+                child.kill()
+            child.wait()

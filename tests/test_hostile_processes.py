@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,18 +78,6 @@ CASES = (
     Hostile("very-long", LONG_LINK[:15], link=LONG_LINK, args=(MARKER, b"A" * 100_000)),
     Hostile("invalid-utf8-cmdline", b"argv", args=(b"--tag=\xff\xc3(" + MARKER + b"\xfe\x1b]0;pwned\x07", b"\n")),
 )
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for child in started:
-            if child.poll() is None:
-                child.kill()
-            child.wait()
 
 
 @pytest.fixture(params=CASES, ids=[case.id for case in CASES])

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +53,6 @@ NOBODY = 65534
 SLEEP = shutil.which("sleep", path="/usr/bin:/bin")
 CATASTROPHIC = r"--model[= ](\S+/)*\S+\.gguf"
 """The administrator's pattern from issue 12: exponential on a/a/a/.../x without '.gguf'."""
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for child in started:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
 
 
 def comm(pid: int) -> str:
