@@ -452,6 +452,8 @@ def test_2_journal_field_queries_find_the_decision(box: Container) -> None:
         interval=0.5,
     )
     step = steps[0]
+    shown = box.sh(f"journalctl --no-pager -o verbose -n 1 -u {UNIT} RULE=power_step_down").stdout
+    print(f"[e2e] journalctl -u {UNIT} RULE=power_step_down -o verbose -n 1:\n{shown}")
     assert (step["EVENT"], step["SYSLOG_IDENTIFIER"], step["PRIORITY"]) == ("power_limit_stepped", "gpu-governor", "6")
     assert step["_SYSTEMD_UNIT"] == UNIT, "the native entry is the unit's (journald's own, trusted field)"
     assert step["GPU"] == "0" and step["ACTION"] == "set_power_limit"
