@@ -1,7 +1,9 @@
 #!/bin/sh
 # Install what the system tests (tests/system, pytest marker `system`) need on a
 # Debian 12 machine, as root: building the .deb, linting it, checking the unit,
-# debootstrapping a Debian 12 root and booting it with systemd-nspawn.
+# debootstrapping a Debian 12 root and booting it with systemd-nspawn; and what
+# the test extra's systemd-python (the journal library) needs to build from its
+# sdist: libsystemd-dev, pkg-config, gcc and the Python headers.
 # Idempotent: packages already installed are left alone, and apt-get update runs
 # only when a wanted package is missing. Network: Debian's archive only.
 set -eu
@@ -31,6 +33,10 @@ util-linux
 procps
 iproute2
 ca-certificates
+libsystemd-dev
+pkg-config
+gcc
+python3-dev
 "
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -221,7 +221,13 @@ class DecisionLog:
         if d.pid is not None:
             self._process_decision(report, result)
             return
-        fields: dict[str, Any] = {"gpu": d.gpu_index, "uuid": d.gpu_uuid, "rule": d.rule, "reason": d.reason}
+        fields: dict[str, Any] = {
+            "gpu": d.gpu_index,
+            "uuid": d.gpu_uuid,
+            "rule": d.rule,
+            "action": d.action.value,
+            "reason": d.reason,
+        }
         if result.outcome is not Outcome.SKIPPED:
             fields["outcome"] = result.outcome.value
         if d.reading is not None:
@@ -260,6 +266,7 @@ class DecisionLog:
             "gpu": d.gpu_index,
             "uuid": d.gpu_uuid,
             "rule": d.rule,
+            "action": d.action.value,
             "pid": d.pid,
             "process": d.from_value,
             "class": d.process_class,

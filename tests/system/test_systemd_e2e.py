@@ -86,6 +86,17 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
 # --------------------------------------------------------------------------- the container
 
 
+@dataclass(frozen=True)
+class Event:
+    """One journal entry of the daemon: its PID, PRIORITY, EVENT (empty for a line), MESSAGE and every field."""
+
+    pid: int
+    priority: int
+    event: str
+    message: str
+    fields: dict[str, Any]
+
+
 @dataclass
 class Container:
     """A booted Debian 12 root; commands run in it through nsenter into its PID 1."""
@@ -142,8 +153,8 @@ class Container:
         out = self.sh(f"journalctl --no-pager -o json -u {UNIT} " + " ".join(args)).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
-    def daemon_events(self, *args: str) -> list[tuple[int, int, str]]:
-        """(PID, PRIORITY, MESSAGE) of what the daemon itself logged."""
+    def daemon_events(self, *args: str) -> list[Event]:
+        """What the daemon itself logged: native entries (EVENT=, MESSAGE= a sentence, upper-case fields)."""
         events = []
         for entry in self.journal(*args):
             message = entry.get("MESSAGE")
@@ -151,7 +162,9 @@ class Container:
                 continue
             if not isinstance(message, str):  # journald stores non-UTF-8 as a list of bytes
                 continue
-            events.append((int(entry.get("_PID", 0)), int(entry.get("PRIORITY", 6)), message))
+            events.append(
+                Event(int(entry.get("_PID", 0)), int(entry.get("PRIORITY", 6)), entry.get("EVENT", ""), message, entry)
+            )
         return events
 
     def sim_limit_w(self) -> float:
@@ -400,15 +413,15 @@ def test_2_steps_limit_in_hot_scenario_and_logs_decision(box: Container) -> None
     original = metric(page, "gpu_governor_gpu_power_limit_default_watts", gpu="0")
     assert original is not None
 
-    def stepped() -> list[tuple[int, int, str]] | None:
-        events = [e for e in box.daemon_events() if e[2].startswith("power_limit_stepped")]
+    def stepped() -> list[Event] | None:
+        events = [e for e in box.daemon_events() if e.event == "power_limit_stepped"]
         return events or None
 
     events = wait_for("a power_limit_stepped event", stepped, 60, interval=0.5)
-    _, priority, message = events[0]
-    for field in ("gpu=", "rule=", "from_w=", "to_w=", "temperature_c=", "threshold_c="):
-        assert field in message, message
-    assert priority == 6, f"a planned step is info, got priority {priority}: {message}"
+    step = events[0]
+    for field in ("GPU", "GPU_UUID", "RULE", "FROM_W", "TO_W", "TEMPERATURE_C", "THRESHOLD_C"):
+        assert field in step.fields, step.fields
+    assert step.priority == 6, f"a planned step is info, got priority {step.priority}: {step.fields}"
 
     def enforced_limit_below_original() -> float | None:
         page = box.metrics()
@@ -424,10 +437,41 @@ def test_2_steps_limit_in_hot_scenario_and_logs_decision(box: Container) -> None
     # journalctl -p warning shows the daemon's warnings and errors only: the
     # syslog prefix reached journald, so info events are not among them.
     everything = box.daemon_events()
-    assert any(p == 6 for _, p, _ in everything), "no info-level entries: is the <N> prefix parsed?"
+    assert any(e.priority == 6 for e in everything), "no info-level entries: is PRIORITY= sent?"
     for entry in box.journal("-p", "warning"):
         assert int(entry["PRIORITY"]) <= 4, entry
-        assert not str(entry.get("MESSAGE", "")).startswith(("power_limit_stepped", "governor_ready")), entry
+        assert entry.get("EVENT") not in ("power_limit_stepped", "governor_ready"), entry
+
+
+def test_2_journal_field_queries_find_the_decision(box: Container) -> None:
+    """Native entries: `journalctl -u gpu-governor RULE=power_step_down` and GPU_UUID= return the step, a sentence."""
+    steps = wait_for(
+        "journalctl RULE=power_step_down to return the step down",
+        lambda: box.journal("RULE=power_step_down") or None,
+        30,
+        interval=0.5,
+    )
+    step = steps[0]
+    shown = box.sh(f"journalctl --no-pager -o verbose -n 1 -u {UNIT} RULE=power_step_down").stdout
+    print(f"[e2e] journalctl -u {UNIT} RULE=power_step_down -o verbose -n 1:\n{shown}")
+    assert (step["EVENT"], step["SYSLOG_IDENTIFIER"], step["PRIORITY"]) == ("power_limit_stepped", "gpu-governor", "6")
+    assert step["_SYSTEMD_UNIT"] == UNIT, "the native entry is the unit's (journald's own, trusted field)"
+    assert step["GPU"] == "0" and step["ACTION"] == "set_power_limit"
+    assert float(step["TO"]) < float(step["FROM"])
+    message = step["MESSAGE"]
+    assert re.fullmatch(
+        r"GPU 0 power limit \d+ W -> \d+ W: temperature \d+(\.\d+)? C >= \d+(\.\d+)? C for \d+ consecutive samples",
+        message,
+    ), message
+    uuid = step["GPU_UUID"]
+    assert uuid.startswith("GPU-"), uuid
+    by_uuid = box.journal(f"GPU_UUID={uuid}", "EVENT=power_limit_stepped")
+    assert step["__CURSOR"] in [e["__CURSOR"] for e in by_uuid]
+    assert box.journal("GPU_UUID=GPU-00000000-0000-0000-0000-000000000000") == []
+    # Every event the daemon logged went native: a sentence, never a bare <N> token line.
+    for event in box.daemon_events(f"_PID={step['_PID']}"):
+        assert event.event, f"not a native entry: {event.fields}"
+        assert " " in event.message and "=" not in event.message.split(" ", 1)[0], event.message
 
 
 def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Container) -> None:
@@ -447,7 +491,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
     box.sh(f"systemctl reload {UNIT}")
     errors = wait_for(
         "config_reload_failed in the journal",
-        lambda: [m for _, p, m in box.daemon_events("-p", "err") if m.startswith("config_reload_failed")] or None,
+        lambda: [e.message for e in box.daemon_events("-p", "err") if e.event == "config_reload_failed"] or None,
         15,
     )
     assert CONFIG in errors[0]
@@ -467,7 +511,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
     box.sh(f"systemctl reload {UNIT}")
     wait_for(
         "the trust refusal in the journal",
-        lambda: [m for _, _, m in box.daemon_events("-p", "err") if "writable by group or others" in m] or None,
+        lambda: [e for e in box.daemon_events("-p", "err") if "writable by group or others" in e.message] or None,
         15,
     )
     assert hot_threshold() == 80.0
@@ -476,7 +520,10 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
     box.sh(f"systemctl reload {UNIT}")
     assert wait_for("the new hot threshold", lambda: hot_threshold() == 78.0 or None, 15)
     assert reload_ok_metric() == 1.0
-    assert any(m.startswith("config_reloaded") and "74.0" in m for _, _, m in box.daemon_events())
+    assert any(
+        e.event == "config_reloaded" and e.fields.get("STEP_DOWN_AT_C") == "74.0" and "74 C" in e.message
+        for e in box.daemon_events()
+    )
     assert box.main_pid() == pid
     assert box.show("ActiveState")["ActiveState"] == "active"
 
@@ -497,12 +544,12 @@ def _limit_restored_or_governed(box: Container, new_pid: int, original: float) -
     assert all(v == original for v in originals), f"recorded original corrupted: {originals}"
 
     def settled() -> str | None:
-        mine = [m for pid, _, m in box.daemon_events() if pid == new_pid]
-        if any("restore_after_crash" in m for m in mine):
+        mine = [e for e in box.daemon_events() if e.pid == new_pid]
+        if any(e.fields.get("RULE") == "restore_after_crash" for e in mine):
             return "restored"
         if box.sim_limit_w() == original:
             return "at original"
-        if any(m.startswith("power_limit_stepped") for m in mine):
+        if any(e.event == "power_limit_stepped" for e in mine):
             return "governed again"
         return None
 
@@ -619,7 +666,7 @@ def test_5_stop_restores_original_limit_and_ends_inactive_success(box: Container
     assert props["Result"] == "success", props
     assert props["ExecMainStatus"] == "0", props
     assert box.sim_limit_w() == original
-    events = [m for _, _, m in box.daemon_events() if m.startswith("power_limit_restored")]
+    events = [e for e in box.daemon_events() if e.event == "power_limit_restored"]
     assert events, "no power_limit_restored event on stop"
 
 
