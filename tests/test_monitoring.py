@@ -28,6 +28,8 @@ RULES_TEMPLATE = PROMETHEUS_DIR / "gpu-governor-alerts.yml.in"
 ALERTS_GENERATOR = PROMETHEUS_DIR / "generate_alerts.py"
 RULE_TESTS = PROMETHEUS_DIR / "gpu-governor-alerts.test.yml"
 SCRAPE_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+DCGM_RULES = PROMETHEUS_DIR / "gpu-governor-dcgm-rules.yml"
+DCGM_RULE_TESTS = PROMETHEUS_DIR / "gpu-governor-dcgm-rules.test.yml"
 DASHBOARD = REPO / "packaging" / "grafana" / "gpu-governor.json"
 GENERATOR = REPO / "packaging" / "grafana" / "generate_dashboard.py"
 KUBERNETES_DIR = REPO / "packaging" / "kubernetes"
@@ -58,10 +60,20 @@ VARIABLE_VALUES = {
 """Values for the dashboard's variables, regex-safe where they land in =~ matchers."""
 
 
-def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def promtool(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [require_tool("promtool"), *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+        [require_tool("promtool"), *map(str, args)], capture_output=True, text=True, timeout=120, check=False, cwd=cwd
     )
+
+
+def recording_rules() -> dict[str, str]:
+    """Record name -> expression (one line) of the shipped dcgm-exporter join rules."""
+    rules = {}
+    for block in re.split(r"^\s+- record: ", DCGM_RULES.read_text(), flags=re.MULTILINE)[1:]:
+        name, rest = block.split("\n", 1)
+        expr = rest.split("expr:", 1)[1].removeprefix(" >-")
+        rules[name.strip()] = " ".join(line.strip() for line in expr.strip().splitlines())
+    return rules
 
 
 def load_dashboard() -> dict[str, Any]:
@@ -393,6 +405,68 @@ configuration and the targets page of Prometheus."
         text = SCRAPE_CONFIG.read_text()
         assert "job_name: gpu-governor" in text
         assert "file_sd_configs" in text
+
+
+class TestDcgmJoinRules:
+    def test_promtool_check_and_unit_tests_pass(self) -> None:
+        """`promtool check rules` accepts the join rules and `promtool test rules` passes on both exporters' series."""
+        check = promtool("check", "rules", DCGM_RULES)
+        assert check.returncode == 0 and "WARNING" not in (check.stdout + check.stderr).upper(), check.stdout
+        result = promtool("test", "rules", DCGM_RULE_TESTS.name, cwd=PROMETHEUS_DIR)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout
+
+    def test_every_rule_is_tested(self) -> None:
+        """Each recorded series is the expr of at least one promql_expr_test with expected samples."""
+        tests = DCGM_RULE_TESTS.read_text()
+        rules = recording_rules()
+        assert len(rules) >= 10
+        for name in rules:
+            assert re.search(rf"- expr: {re.escape(name)}\n\s+eval_time: \S+\n\s+exp_samples:\n\s+- labels:", tests), (
+                name
+            )
+
+    def test_synthetic_series_are_labelled_as_each_exporter_labels_them(self) -> None:
+        """dcgm-exporter series carry UUID, gpu, device, modelName, Hostname and a :9400 instance; the
+        governor's carry uuid and gpu on :9847; and the two number the same GPU differently."""
+        tests = DCGM_RULE_TESTS.read_text()
+        for line in re.findall(r"series: '(DCGM_FI_DEV_\w+\{.*\})'", tests):
+            for label in ("UUID=", "gpu=", "device=", "modelName=", "Hostname=", ':9400"'):
+                assert label in line, (label, line)
+            assert "uuid=" not in line
+        governor = re.findall(r"series: '(gpu_governor_\w+\{.*\})'", tests)
+        assert governor and all('uuid="' in s and 'gpu="' in s and ':9847"' in s for s in governor)
+        assert 'gpu="1",UUID="GPU-aaaa"' in tests and 'gpu="0",uuid="GPU-aaaa"' in tests
+
+    def test_joins_go_by_uuid_not_by_instance_and_gpu(self, tmp_path: Path) -> None:
+        """The same rules joined on (gpu) instead of (uuid) fail the unit tests: the test data tells them apart."""
+        broken = DCGM_RULES.read_text().replace(
+            'max by (uuid) (label_replace(DCGM_FI_DEV_GPU_TEMP{UUID!=""}, "uuid", "$1", "UUID", "(.+)"))',
+            'max by (uuid) (label_replace(DCGM_FI_DEV_GPU_TEMP{UUID!=""}, "uuid", "GPU-aaaa", "gpu", "0"))',
+        )
+        assert broken != DCGM_RULES.read_text()
+        (tmp_path / DCGM_RULES.name).write_text(broken)
+        shutil.copy(DCGM_RULE_TESTS, tmp_path / DCGM_RULE_TESTS.name)
+        result = promtool("test", "rules", DCGM_RULE_TESTS.name, cwd=tmp_path)
+        assert result.returncode != 0
+        assert "dcgm_minus_governor" in result.stdout + result.stderr
+
+    def test_rules_use_dcgm_default_counters_and_governor_metrics_only(self, tmp_path: Path) -> None:
+        """Every DCGM field used is in dcgm-exporter's default counters; every governor metric is in a scrape."""
+        default_counters = {
+            "DCGM_FI_DEV_SM_CLOCK",
+            "DCGM_FI_DEV_MEM_CLOCK",
+            "DCGM_FI_DEV_MEMORY_TEMP",
+            "DCGM_FI_DEV_GPU_TEMP",
+            "DCGM_FI_DEV_POWER_USAGE",
+            "DCGM_FI_DEV_XID_ERRORS",
+        }
+        exprs = " ".join(recording_rules().values())
+        assert set(re.findall(r"DCGM_FI_\w+", exprs)) <= default_counters
+        raw = [re.sub(r"\b\w*:[\w:]+", "", expr) for expr in recording_rules().values()]  # recorded names out
+        used = set().union(*map(metric_names_in, raw))
+        assert "gpu_governor_gpu_thermal_zone" in used
+        assert used <= exported_metric_names(tmp_path)
 
 
 class TestDashboard:
