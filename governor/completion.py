@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from governor.manpage import PROG, Command, Option, commands
+from governor.cliinfo import PROG, Command, Option, commands
 
 
 def _words(options: list[str]) -> str:

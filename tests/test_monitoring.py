@@ -93,6 +93,11 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in panels(dashboard) for t in p.get("targets", [])]
 
 
+def annotation_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(annotation name, PromQL expression) of every Prometheus annotation query."""
+    return [(a["name"], a["expr"]) for a in dashboard["annotations"]["list"] if a.get("expr")]
+
+
 def substitute(expr: str, values: dict[str, str] = VARIABLE_VALUES) -> str:
     """The expression with the dashboard's template variables replaced by concrete values."""
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values[m.group(1) or m.group(2)], expr)
@@ -514,7 +519,7 @@ class TestDashboard:
             assert variables[name]["type"] == "query"
             assert variables[name]["datasource"] == DATASOURCE
         assert variables["instance"]["multi"] and variables["instance"]["includeAll"]
-        for title, expr in dashboard_queries(dashboard):
+        for title, expr in dashboard_queries(dashboard) + annotation_queries(dashboard):
             for selector in re.findall(r"\b\w+\{[^}]*\}", expr):
                 assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (title, selector)
                 metric = selector.split("{", 1)[0]
@@ -565,9 +570,47 @@ class TestDashboard:
         assert "gpu_governor_gpu_read_errors_total" in exprs("NVML read errors per minute")
         assert "gpu_governor_last_poll_timestamp_seconds" in exprs("Age of last poll")
 
+    def test_decisions_are_annotations_on_the_time_series_panels(self) -> None:
+        """A dashboard-wide annotation (shown on every time-series panel) marks each decision at its own time,
+        titled by rule, from the last-decision timestamp and info series, on the ${datasource} variable."""
+        dashboard = load_dashboard()
+        (annotation,) = [a for a in dashboard["annotations"]["list"] if a["name"] == "Governor decisions"]
+        assert annotation["enable"] is True and annotation["datasource"] == DATASOURCE
+        assert "filter" not in annotation or annotation["filter"] is None  # no panel filter: every panel
+        assert annotation["useValueForTime"] is True
+        assert "gpu_governor_gpu_last_decision_timestamp_seconds{" in annotation["expr"]
+        assert "* 1000" in annotation["expr"]  # Grafana wants milliseconds
+        assert "group_left (rule, from, to) gpu_governor_gpu_last_decision_info{" in annotation["expr"]
+        assert annotation["titleFormat"] == "{{rule}}"
+        assert "{{from}}" in annotation["textFormat"] and "{{to}}" in annotation["textFormat"]
+        assert any(p["type"] == "timeseries" for p in panels(dashboard))
+
+    def test_has_panels_for_the_issue_14_telemetry(self) -> None:
+        """Clocks, clock-event seconds rate, XID, ECC and row remapping, memory temperature, fan and pstate."""
+        by_title = {p["title"]: p for p in panels(load_dashboard())}
+
+        def exprs(title: str) -> str:
+            return "\n".join(t["expr"] for t in by_title[title]["targets"])
+
+        clocks = exprs("SM and memory clocks")
+        assert "gpu_governor_gpu_sm_clock_hertz" in clocks and "gpu_governor_gpu_memory_clock_hertz" in clocks
+        assert "rate(gpu_governor_gpu_clock_event_seconds_total{" in exprs("Time slowed down, by reason")
+        assert "increase(gpu_governor_gpu_xid_errors_total{" in exprs("XID errors")
+        assert "sum by (instance, gpu, xid)" in exprs("XID errors")
+        assert "increase(gpu_governor_gpu_ecc_errors_total{" in exprs("ECC errors")
+        remap = exprs("Remapped memory rows")
+        for metric in ("remapped_rows", "row_remap_pending", "row_remap_failed"):
+            assert f"gpu_governor_gpu_{metric}" in remap
+        assert "gpu_governor_gpu_memory_temperature_celsius" in exprs("Memory temperature")
+        assert "gpu_governor_gpu_fan_speed_ratio" in exprs("Fan speed")
+        assert "gpu_governor_gpu_pstate" in exprs("Performance state")
+        assert by_title["Time slowed down, by reason"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
+        assert by_title["SM and memory clocks"]["fieldConfig"]["defaults"]["unit"] == "hertz"
+
     def test_every_expression_parses(self, tmp_path: Path) -> None:
         """Every dashboard query, variables substituted, parses as PromQL (promtool check rules)."""
-        queries = [substitute(expr) for _, expr in dashboard_queries(load_dashboard())]
+        dashboard = load_dashboard()
+        queries = [substitute(expr) for _, expr in dashboard_queries(dashboard) + annotation_queries(dashboard)]
         assert not any("$" in q for q in queries)
         result = check_exprs_with_promtool(queries, tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -585,7 +628,8 @@ class TestDashboard:
         temperature, fan, pstate: docs/monitoring.md) is declared by the telemetry branch; on
         the ops branch alone this test fails on those names, and passes once both are merged."""
         known = exported_metric_names(tmp_path) | declared_metric_names()
-        exprs = [expr for _, expr in dashboard_queries(load_dashboard())] + [e for _, e in alert_exprs()]
+        dashboard = load_dashboard()
+        exprs = [e for _, e in dashboard_queries(dashboard) + annotation_queries(dashboard) + alert_exprs()]
         used = set().union(*(metric_names_in(expr) for expr in exprs))
         assert "gpu_governor_gpu_temperature_celsius" in used
         assert "gpu_governor_tick_duration_seconds_bucket" in used
