@@ -29,6 +29,8 @@ pybuild-plugin-pyproject
 python3-pip
 lintian
 fakeroot
+man-db
+groff-base
 util-linux
 procps
 iproute2

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,12 @@ from tests.support import require_tool
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "packaging" / "prometheus"
 RULES = PROMETHEUS_DIR / "gpu-governor-alerts.yml"
+RULES_TEMPLATE = PROMETHEUS_DIR / "gpu-governor-alerts.yml.in"
+ALERTS_GENERATOR = PROMETHEUS_DIR / "generate_alerts.py"
 RULE_TESTS = PROMETHEUS_DIR / "gpu-governor-alerts.test.yml"
 SCRAPE_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+DCGM_RULES = PROMETHEUS_DIR / "gpu-governor-dcgm-rules.yml"
+DCGM_RULE_TESTS = PROMETHEUS_DIR / "gpu-governor-dcgm-rules.test.yml"
 DASHBOARD = REPO / "packaging" / "grafana" / "gpu-governor.json"
 GENERATOR = REPO / "packaging" / "grafana" / "generate_dashboard.py"
 KUBERNETES_DIR = REPO / "packaging" / "kubernetes"
@@ -55,10 +60,20 @@ VARIABLE_VALUES = {
 """Values for the dashboard's variables, regex-safe where they land in =~ matchers."""
 
 
-def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def promtool(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [require_tool("promtool"), *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+        [require_tool("promtool"), *map(str, args)], capture_output=True, text=True, timeout=120, check=False, cwd=cwd
     )
+
+
+def recording_rules() -> dict[str, str]:
+    """Record name -> expression (one line) of the shipped dcgm-exporter join rules."""
+    rules = {}
+    for block in re.split(r"^\s+- record: ", DCGM_RULES.read_text(), flags=re.MULTILINE)[1:]:
+        name, rest = block.split("\n", 1)
+        expr = rest.split("expr:", 1)[1].removeprefix(" >-")
+        rules[name.strip()] = " ".join(line.strip() for line in expr.strip().splitlines())
+    return rules
 
 
 def load_dashboard() -> dict[str, Any]:
@@ -76,6 +91,11 @@ def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     """(panel title, PromQL expression) of every target of every panel."""
     return [(p["title"], t["expr"]) for p in panels(dashboard) for t in p.get("targets", [])]
+
+
+def annotation_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(annotation name, PromQL expression) of every Prometheus annotation query."""
+    return [(a["name"], a["expr"]) for a in dashboard["annotations"]["list"] if a.get("expr")]
 
 
 def substitute(expr: str, values: dict[str, str] = VARIABLE_VALUES) -> str:
@@ -129,6 +149,23 @@ def exported_metric_names(tmp_path: Path) -> set[str]:
         elif line and not line.startswith("#"):
             names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     return names
+
+
+def declared_metric_names() -> set[str]:
+    """Metric names governor/metrics.py declares (a family with no sample yet is not in a scrape)."""
+    source = (REPO / "governor" / "metrics.py").read_text()
+    names = {f"gpu_governor_{n}" for n in re.findall(r'(?:_gauge\(\s*|f"\{PREFIX\}_)"?(\w+)"', source)}
+    counters = re.findall(r'CounterMetricFamily\(\s*f"\{PREFIX\}_(\w+)"', source)
+    return names | {f"gpu_governor_{n}_total" for n in counters}
+
+
+def load_module(path: Path) -> Any:
+    """Import a script of packaging/ as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -224,6 +261,147 @@ class TestAlertRules:
         ):
             assert needle in text, needle
 
+    def test_hardware_alerts_cover_issue_14(self) -> None:
+        """XID, uncorrectable ECC, row remapping and sustained thermal/power throttling each have an alert."""
+        alerts = alert_blocks()
+        expected = {
+            "GpuGovernorGpuXidErrors": "increase(gpu_governor_gpu_xid_errors_total[",
+            "GpuGovernorGpuEccUncorrectable": 'gpu_governor_gpu_ecc_errors_total{type="uncorrected"}',
+            "GpuGovernorGpuRowRemapFailed": "gpu_governor_gpu_row_remap_failed == 1",
+            "GpuGovernorGpuRowRemapPending": "gpu_governor_gpu_row_remap_pending == 1",
+            "GpuGovernorGpuThermalThrottling": 'rate(gpu_governor_gpu_clock_event_seconds_total{reason=~"sw_thermal',
+            "GpuGovernorGpuPowerThrottling": 'rate(gpu_governor_gpu_clock_event_seconds_total{reason="sw_power_cap"}',
+        }
+        for name, needle in expected.items():
+            assert needle in alerts[name], name
+        for name in ("GpuGovernorGpuThermalThrottling", "GpuGovernorGpuPowerThrottling"):
+            assert re.search(r"\n\s+for: \d+m\n", alerts[name]), f"{name} must be sustained (for:)"
+        assert (
+            "unless on (instance, job, gpu) gpu_governor_gpu_power_limit_target_watts"
+            in alerts["GpuGovernorGpuPowerThrottling"]
+        ), "a power cap the governor set itself must not fire the power alert"
+
+    def test_shipped_alerts_are_the_generator_default(self) -> None:
+        """gpu-governor-alerts.yml is generate_alerts.py's output for the default selector job="gpu-governor"."""
+        generator = load_module(ALERTS_GENERATOR)
+        assert generator.DEFAULT_JOB_SELECTOR == 'job="gpu-governor"'
+        assert generator.render() == RULES.read_text()
+        assert "@JOB_SELECTOR@" in RULES_TEMPLATE.read_text()
+        assert "@" not in RULES.read_text().replace("@example", "")
+
+    def test_generator_command_line_writes_the_selector(self, tmp_path: Path) -> None:
+        """`generate_alerts.py --job-selector ... -o FILE` writes rules selecting `up` by those matchers."""
+        out = tmp_path / "alerts.yml"
+        result = subprocess.run(
+            [sys.executable, str(ALERTS_GENERATOR), "--job-selector", 'job=~"gpu-.*", env="prod"', "-o", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        text = out.read_text()
+        assert 'up{job=~"gpu-.*", env="prod"} == 0' in text
+        assert 'absent(up{job=~"gpu-.*", env="prod"})' in text
+        assert 'job="gpu-governor"' not in text
+        assert promtool("check", "rules", out).returncode == 0
+
+    @pytest.mark.parametrize(
+        "selector",
+        [
+            "",
+            "gpu-governor",
+            'job="a"} or vector(1) #',
+            'job="a"\n  - alert: X',
+            "job='a'",
+            'job=="a"',
+            '{job="a"}',
+            'job="a",\n env="b"',
+        ],
+    )
+    def test_generator_refuses_what_is_not_label_matchers(self, selector: str) -> None:
+        """A selector that is not a list of label matchers (empty, bare word, PromQL or YAML injection) is refused."""
+        generator = load_module(ALERTS_GENERATOR)
+        with pytest.raises(ValueError, match="--job-selector: expected label matchers"):
+            generator.render(selector)
+        result = subprocess.run(
+            [sys.executable, str(ALERTS_GENERATOR), "--job-selector", selector],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2 and result.stdout == "" and "--job-selector" in result.stderr
+
+    def test_promtool_with_another_job_selector(self, tmp_path: Path) -> None:
+        """Rules generated for job="gpu-nodes",env="prod" fire for that job's targets and ignore job gpu-governor;
+        the default rules do not fire for them (the selector is really used)."""
+        generator = load_module(ALERTS_GENERATOR)
+        (tmp_path / "custom.yml").write_text(generator.render('job="gpu-nodes",env="prod"'))
+        shutil.copy(RULES, tmp_path / "default.yml")
+        labels = '{severity: critical, instance: "host-a:9847", job: gpu-nodes, env: prod}'
+        down = f"""
+  - name: down
+    interval: 1m
+    input_series:
+      - series: 'up{{instance="host-a:9847",job="gpu-nodes",env="prod"}}'
+        values: '0x10'
+      - series: 'up{{instance="host-b:9847",job="gpu-governor"}}'
+        values: '0x10'
+    alert_rule_test:
+      - eval_time: 1m
+        alertname: GpuGovernorDown
+        exp_alerts: []
+      - eval_time: 3m
+        alertname: GpuGovernorDown
+        exp_alerts:
+          - exp_labels: {labels}
+            exp_annotations:
+              summary: "gpu-governor on host-a:9847 cannot be scraped"
+              description: "Prometheus has failed to scrape host-a:9847 for 2 minutes, so nothing governs this host's \
+GPUs or nothing reports on them. On the host run `systemctl status gpu-governor` and `journalctl -u gpu-governor -p \
+warning`; check that the metrics address (metrics.listen_address, port 9847) is reachable from Prometheus."
+      - eval_time: 11m
+        alertname: GpuGovernorAbsent
+        exp_alerts: []
+  - name: absent
+    interval: 1m
+    input_series:
+      - series: 'up{{instance="host-b:9847",job="gpu-governor"}}'
+        values: '1x20'
+    alert_rule_test:
+      - eval_time: 11m
+        alertname: GpuGovernorAbsent
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: gpu-nodes, env: prod}}
+            exp_annotations:
+              summary: "No gpu-governor target is known to Prometheus"
+              description: "Prometheus has had no target matching up{{job=\\"gpu-nodes\\",env=\\"prod\\"}} for 10 \
+minutes: the scrape job, its file_sd targets file or the Kubernetes discovery lost every host. Check the scrape \
+configuration and the targets page of Prometheus."
+"""
+        for rules in ("custom.yml", "default.yml"):
+            (tmp_path / f"{rules}.test.yml").write_text(f"rule_files: [{rules}]\nevaluation_interval: 1m\ntests:{down}")
+        custom = subprocess.run(
+            [require_tool("promtool"), "test", "rules", "custom.yml.test.yml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert custom.returncode == 0, custom.stdout + custom.stderr
+        default = subprocess.run(
+            [require_tool("promtool"), "test", "rules", "default.yml.test.yml"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert default.returncode != 0
+        assert "GpuGovernorDown" in default.stdout + default.stderr
+
     def test_scrape_config_example_is_valid(self) -> None:
         """`promtool check config` accepts the example scrape config, including its rule file."""
         result = promtool("check", "config", SCRAPE_CONFIG)
@@ -232,6 +410,68 @@ class TestAlertRules:
         text = SCRAPE_CONFIG.read_text()
         assert "job_name: gpu-governor" in text
         assert "file_sd_configs" in text
+
+
+class TestDcgmJoinRules:
+    def test_promtool_check_and_unit_tests_pass(self) -> None:
+        """`promtool check rules` accepts the join rules and `promtool test rules` passes on both exporters' series."""
+        check = promtool("check", "rules", DCGM_RULES)
+        assert check.returncode == 0 and "WARNING" not in (check.stdout + check.stderr).upper(), check.stdout
+        result = promtool("test", "rules", DCGM_RULE_TESTS.name, cwd=PROMETHEUS_DIR)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "SUCCESS" in result.stdout
+
+    def test_every_rule_is_tested(self) -> None:
+        """Each recorded series is the expr of at least one promql_expr_test with expected samples."""
+        tests = DCGM_RULE_TESTS.read_text()
+        rules = recording_rules()
+        assert len(rules) >= 10
+        for name in rules:
+            assert re.search(rf"- expr: {re.escape(name)}\n\s+eval_time: \S+\n\s+exp_samples:\n\s+- labels:", tests), (
+                name
+            )
+
+    def test_synthetic_series_are_labelled_as_each_exporter_labels_them(self) -> None:
+        """dcgm-exporter series carry UUID, gpu, device, modelName, Hostname and a :9400 instance; the
+        governor's carry uuid and gpu on :9847; and the two number the same GPU differently."""
+        tests = DCGM_RULE_TESTS.read_text()
+        for line in re.findall(r"series: '(DCGM_FI_DEV_\w+\{.*\})'", tests):
+            for label in ("UUID=", "gpu=", "device=", "modelName=", "Hostname=", ':9400"'):
+                assert label in line, (label, line)
+            assert "uuid=" not in line
+        governor = re.findall(r"series: '(gpu_governor_\w+\{.*\})'", tests)
+        assert governor and all('uuid="' in s and 'gpu="' in s and ':9847"' in s for s in governor)
+        assert 'gpu="1",UUID="GPU-aaaa"' in tests and 'gpu="0",uuid="GPU-aaaa"' in tests
+
+    def test_joins_go_by_uuid_not_by_instance_and_gpu(self, tmp_path: Path) -> None:
+        """The same rules joined on (gpu) instead of (uuid) fail the unit tests: the test data tells them apart."""
+        broken = DCGM_RULES.read_text().replace(
+            'max by (uuid) (label_replace(DCGM_FI_DEV_GPU_TEMP{UUID!=""}, "uuid", "$1", "UUID", "(.+)"))',
+            'max by (uuid) (label_replace(DCGM_FI_DEV_GPU_TEMP{UUID!=""}, "uuid", "GPU-aaaa", "gpu", "0"))',
+        )
+        assert broken != DCGM_RULES.read_text()
+        (tmp_path / DCGM_RULES.name).write_text(broken)
+        shutil.copy(DCGM_RULE_TESTS, tmp_path / DCGM_RULE_TESTS.name)
+        result = promtool("test", "rules", DCGM_RULE_TESTS.name, cwd=tmp_path)
+        assert result.returncode != 0
+        assert "dcgm_minus_governor" in result.stdout + result.stderr
+
+    def test_rules_use_dcgm_default_counters_and_governor_metrics_only(self, tmp_path: Path) -> None:
+        """Every DCGM field used is in dcgm-exporter's default counters; every governor metric is in a scrape."""
+        default_counters = {
+            "DCGM_FI_DEV_SM_CLOCK",
+            "DCGM_FI_DEV_MEM_CLOCK",
+            "DCGM_FI_DEV_MEMORY_TEMP",
+            "DCGM_FI_DEV_GPU_TEMP",
+            "DCGM_FI_DEV_POWER_USAGE",
+            "DCGM_FI_DEV_XID_ERRORS",
+        }
+        exprs = " ".join(recording_rules().values())
+        assert set(re.findall(r"DCGM_FI_\w+", exprs)) <= default_counters
+        raw = [re.sub(r"\b\w*:[\w:]+", "", expr) for expr in recording_rules().values()]  # recorded names out
+        used = set().union(*map(metric_names_in, raw))
+        assert "gpu_governor_gpu_thermal_zone" in used
+        assert used <= exported_metric_names(tmp_path)
 
 
 class TestDashboard:
@@ -279,7 +519,7 @@ class TestDashboard:
             assert variables[name]["type"] == "query"
             assert variables[name]["datasource"] == DATASOURCE
         assert variables["instance"]["multi"] and variables["instance"]["includeAll"]
-        for title, expr in dashboard_queries(dashboard):
+        for title, expr in dashboard_queries(dashboard) + annotation_queries(dashboard):
             for selector in re.findall(r"\b\w+\{[^}]*\}", expr):
                 assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, (title, selector)
                 metric = selector.split("{", 1)[0]
@@ -330,9 +570,47 @@ class TestDashboard:
         assert "gpu_governor_gpu_read_errors_total" in exprs("NVML read errors per minute")
         assert "gpu_governor_last_poll_timestamp_seconds" in exprs("Age of last poll")
 
+    def test_decisions_are_annotations_on_the_time_series_panels(self) -> None:
+        """A dashboard-wide annotation (shown on every time-series panel) marks each decision at its own time,
+        titled by rule, from the last-decision timestamp and info series, on the ${datasource} variable."""
+        dashboard = load_dashboard()
+        (annotation,) = [a for a in dashboard["annotations"]["list"] if a["name"] == "Governor decisions"]
+        assert annotation["enable"] is True and annotation["datasource"] == DATASOURCE
+        assert "filter" not in annotation or annotation["filter"] is None  # no panel filter: every panel
+        assert annotation["useValueForTime"] is True
+        assert "gpu_governor_gpu_last_decision_timestamp_seconds{" in annotation["expr"]
+        assert "* 1000" in annotation["expr"]  # Grafana wants milliseconds
+        assert "group_left (rule, from, to) gpu_governor_gpu_last_decision_info{" in annotation["expr"]
+        assert annotation["titleFormat"] == "{{rule}}"
+        assert "{{from}}" in annotation["textFormat"] and "{{to}}" in annotation["textFormat"]
+        assert any(p["type"] == "timeseries" for p in panels(dashboard))
+
+    def test_has_panels_for_the_issue_14_telemetry(self) -> None:
+        """Clocks, clock-event seconds rate, XID, ECC and row remapping, memory temperature, fan and pstate."""
+        by_title = {p["title"]: p for p in panels(load_dashboard())}
+
+        def exprs(title: str) -> str:
+            return "\n".join(t["expr"] for t in by_title[title]["targets"])
+
+        clocks = exprs("SM and memory clocks")
+        assert "gpu_governor_gpu_sm_clock_hertz" in clocks and "gpu_governor_gpu_memory_clock_hertz" in clocks
+        assert "rate(gpu_governor_gpu_clock_event_seconds_total{" in exprs("Time slowed down, by reason")
+        assert "increase(gpu_governor_gpu_xid_errors_total{" in exprs("XID errors")
+        assert "sum by (instance, gpu, xid)" in exprs("XID errors")
+        assert "increase(gpu_governor_gpu_ecc_errors_total{" in exprs("ECC errors")
+        remap = exprs("Remapped memory rows")
+        for metric in ("remapped_rows", "row_remap_pending", "row_remap_failed"):
+            assert f"gpu_governor_gpu_{metric}" in remap
+        assert "gpu_governor_gpu_memory_temperature_celsius" in exprs("Memory temperature")
+        assert "gpu_governor_gpu_fan_speed_ratio" in exprs("Fan speed")
+        assert "gpu_governor_gpu_pstate" in exprs("Performance state")
+        assert by_title["Time slowed down, by reason"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
+        assert by_title["SM and memory clocks"]["fieldConfig"]["defaults"]["unit"] == "hertz"
+
     def test_every_expression_parses(self, tmp_path: Path) -> None:
         """Every dashboard query, variables substituted, parses as PromQL (promtool check rules)."""
-        queries = [substitute(expr) for _, expr in dashboard_queries(load_dashboard())]
+        dashboard = load_dashboard()
+        queries = [substitute(expr) for _, expr in dashboard_queries(dashboard) + annotation_queries(dashboard)]
         assert not any("$" in q for q in queries)
         result = check_exprs_with_promtool(queries, tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -344,9 +622,14 @@ class TestDashboard:
         assert result.returncode != 0
 
     def test_uses_only_metrics_the_governor_exports(self, tmp_path: Path) -> None:
-        """Every metric the dashboard and alerts select is in a real scrape."""
-        known = exported_metric_names(tmp_path)
-        exprs = [expr for _, expr in dashboard_queries(load_dashboard())] + [e for _, e in alert_exprs()]
+        """Every metric the dashboard and alerts select is in a real scrape or declared by governor/metrics.py.
+
+        Issue 14's telemetry (clocks, clock-event seconds, XID, ECC, row remapping, memory
+        temperature, fan, pstate: docs/monitoring.md) is declared by the telemetry branch; on
+        the ops branch alone this test fails on those names, and passes once both are merged."""
+        known = exported_metric_names(tmp_path) | declared_metric_names()
+        dashboard = load_dashboard()
+        exprs = [e for _, e in dashboard_queries(dashboard) + annotation_queries(dashboard) + alert_exprs()]
         used = set().union(*(metric_names_in(expr) for expr in exprs))
         assert "gpu_governor_gpu_temperature_celsius" in used
         assert "gpu_governor_tick_duration_seconds_bucket" in used

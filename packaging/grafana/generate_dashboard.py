@@ -45,6 +45,18 @@ ZONES: tuple[tuple[str, str], ...] = (
 )
 """Thermal zones by severity (the state timeline's value is the index) and their colours."""
 
+DECISIONS_ANNOTATION = (
+    f"gpu_governor_gpu_last_decision_timestamp_seconds{{{GPU}}} * 1000"
+    f" * on (instance, job, gpu) group_left (rule, from, to) gpu_governor_gpu_last_decision_info{{{GPU}}}"
+)
+"""Each governor decision as an annotation on every time-series panel, at the decision's own time.
+
+The last decision's Unix time (ms, Grafana's "series value as timestamp") and its rule and
+change (from the info series): Grafana marks each distinct value once, so a decision shows
+where it happened, not rounded to a query step, and the first one is not missed as an
+increase() of the decisions counter would miss it. Two decisions for one GPU between two
+scrapes show as the later one."""
+
 SLOWDOWN_REASONS = "sw_power_cap|hw_slowdown|sw_thermal_slowdown|hw_thermal_slowdown|hw_power_brake_slowdown"
 
 
@@ -438,6 +450,130 @@ def decisions_row(dash: db.Dashboard) -> db.Dashboard:
     return dash
 
 
+def hardware_row(dash: db.Dashboard) -> db.Dashboard:
+    """Issue 14's NVML telemetry. Each series is absent where the GPU does not support the
+    reading (fan speed on most data-center boards, memory temperature on GeForce, ECC on
+    boards without ECC), and the XID and ECC counters exist only once the hardware had an
+    event: an empty panel there means "nothing reported", never "0"."""
+    dash = dash.with_row(db.Row("Hardware telemetry"))
+    clocks = graph(
+        "SM and memory clocks",
+        "Current SM clock (solid) and memory clock (dashed) of each GPU "
+        "(gpu_governor_gpu_sm_clock_hertz, gpu_governor_gpu_memory_clock_hertz).",
+        "hertz",
+        [
+            (f"gpu_governor_gpu_sm_clock_hertz{{{GPU}}}", f"{GPU_LEGEND} SM"),
+            (f"gpu_governor_gpu_memory_clock_hertz{{{GPU}}}", f"{GPU_LEGEND} memory"),
+        ],
+    ).override_by_regexp("/ memory$/", [line_style("dash")])
+    events = graph(
+        "Time slowed down, by reason",
+        "Share of the time each clock-event reason held the clocks down (rate of "
+        "gpu_governor_gpu_clock_event_seconds_total): unlike the state timeline above, it also "
+        "counts slowdowns that came and went between two scrapes. sw_power_cap is the power "
+        "limit at work (often the governor's own); the thermal and hw_* reasons are the GPU "
+        "protecting itself.",
+        "percentunit",
+        [
+            (
+                "sum by (instance, gpu, reason) "
+                f'(rate(gpu_governor_gpu_clock_event_seconds_total{{{GPU},reason=~"{SLOWDOWN_REASONS}"}}'
+                "[$__rate_interval]))",
+                "{{instance}} GPU {{gpu}} {{reason}}",
+            )
+        ],
+    ).max(1)
+    xid = (
+        graph(
+            "XID errors",
+            "XID errors the driver reported for each GPU, by XID code (gpu_governor_gpu_xid_errors_total). "
+            "Empty while no GPU had one.",
+            "none",
+            [
+                (
+                    f"sum by (instance, gpu, xid) (increase(gpu_governor_gpu_xid_errors_total{{{GPU}}}"
+                    "[$__rate_interval]))",
+                    "{{instance}} GPU {{gpu}} XID {{xid}}",
+                )
+            ],
+            w=8,
+        )
+        .draw_style(cm.GraphDrawStyle.BARS)
+        .no_value("no XID reported")
+    )
+    ecc = (
+        graph(
+            "ECC errors",
+            "New ECC errors by type and scope (gpu_governor_gpu_ecc_errors_total; volatile: since the "
+            "driver loaded, aggregate: over the GPU's life). Uncorrected ones crash or corrupt the job. "
+            "Empty on GPUs without ECC.",
+            "none",
+            [
+                (
+                    f"sum by (instance, gpu, type, scope) (increase(gpu_governor_gpu_ecc_errors_total{{{GPU}}}"
+                    "[$__rate_interval]))",
+                    "{{instance}} GPU {{gpu}} {{type}} {{scope}}",
+                )
+            ],
+            w=8,
+        )
+        .draw_style(cm.GraphDrawStyle.BARS)
+        .no_value("no ECC counters")
+    )
+    remap = (
+        graph(
+            "Remapped memory rows",
+            "Rows remapped after correctable and uncorrectable errors (gpu_governor_gpu_remapped_rows), "
+            "and 1 while a remap waits for a GPU reset (pending) or has failed (failed: replace the GPU).",
+            "none",
+            [
+                (f"gpu_governor_gpu_remapped_rows{{{GPU}}}", f"{GPU_LEGEND} {{{{type}}}}"),
+                (f"gpu_governor_gpu_row_remap_pending{{{GPU}}}", f"{GPU_LEGEND} pending"),
+                (f"gpu_governor_gpu_row_remap_failed{{{GPU}}}", f"{GPU_LEGEND} failed"),
+            ],
+            w=8,
+        )
+        .decimals(0)
+        .no_value("no row remapper")
+    )
+    memory_temperature = graph(
+        "Memory temperature",
+        "HBM / GDDR temperature of each GPU (gpu_governor_gpu_memory_temperature_celsius), where NVML reports it.",
+        "celsius",
+        [(f"gpu_governor_gpu_memory_temperature_celsius{{{GPU}}}", GPU_LEGEND)],
+        w=8,
+    )
+    fans = (
+        graph(
+            "Fan speed",
+            "Speed of each fan as a share of its maximum (gpu_governor_gpu_fan_speed_ratio); data-center "
+            "GPUs cooled by the chassis have none.",
+            "percentunit",
+            [(f"gpu_governor_gpu_fan_speed_ratio{{{GPU}}}", f"{GPU_LEGEND} fan {{{{fan}}}}")],
+            w=8,
+        )
+        .min(0)
+        .max(1)
+    )
+    pstate = (
+        graph(
+            "Performance state",
+            "NVML performance state of each GPU (gpu_governor_gpu_pstate): 0 is P0, the fastest, up to "
+            "P15; an idle GPU drops to P8 or lower.",
+            "none",
+            [(f"gpu_governor_gpu_pstate{{{GPU}}}", GPU_LEGEND)],
+            w=8,
+        )
+        .line_interpolation(cm.LineInterpolation.STEP_AFTER)
+        .decimals(0)
+        .min(0)
+        .max(15)
+    )
+    for panel in (clocks, events, xid, ecc, remap, memory_temperature, fans, pstate):
+        dash = dash.with_panel(panel)
+    return dash
+
+
 def health_row(dash: db.Dashboard) -> db.Dashboard:
     dash = dash.with_row(db.Row("Governor health"))
     buckets = f"gpu_governor_tick_duration_seconds_bucket{{{HOST}}}"
@@ -558,9 +694,26 @@ def build() -> dict[str, Any]:
         .timezone("browser")
     )
     dash = variables(dash)
-    for row in (overview_row, thermal_row, power_row, vram_row, decisions_row, health_row):
+    dash = dash.annotation(
+        db.AnnotationQuery()
+        .name("Governor decisions")
+        .datasource(DATASOURCE)
+        .enable(True)
+        .icon_color("purple")
+        .expr(DECISIONS_ANNOTATION)
+    )
+    for row in (overview_row, thermal_row, power_row, vram_row, decisions_row, hardware_row, health_row):
         dash = row(dash)
     model: dict[str, Any] = json.loads(json.dumps(dash.build(), cls=JSONEncoder))
+    for annotation in model["annotations"]["list"]:
+        if annotation["name"] == "Governor decisions":
+            # Fields of Grafana's Prometheus annotation editor the SDK has no builder for.
+            annotation |= {
+                "useValueForTime": True,
+                "titleFormat": "{{rule}}",
+                "textFormat": "{{instance}} GPU {{gpu}}: {{from}} -> {{to}}",
+                "tagKeys": "rule,gpu",
+            }
     for panel_id, panel in enumerate(model["panels"], start=1):
         panel["id"] = panel_id  # stable ids, so links to a panel (viewPanel=N) survive regeneration
     return model

@@ -8,6 +8,13 @@ The rules are the shipped alert rules with every ``for`` shortened. Then every
 dashboard query and every alert expression runs through Prometheus's HTTP API, and
 the throttle-zone alert must reach firing.
 
+Every dashboard query must return data, with one documented exception:
+:data:`EMPTY_WITHOUT_HARDWARE_EVENTS`, the panels whose series exist only once real
+hardware reports an event (an XID, an ECC error, a remapped row); a simulated GPU has none.
+The rest of issue 14's telemetry (clocks, clock-event seconds, memory temperature, fan,
+pstate) must answer here, from the simulated backend: on the ops branch alone (before the
+telemetry branch is merged) those queries are empty and the dashboard test fails.
+
 Needs ``prometheus`` (Debian package prometheus); without it the tests skip, unless
 GG_REQUIRE_SYSTEM_TESTS=1 (CI), where they fail.
 """
@@ -68,6 +75,14 @@ match = {{ name = "trainer" }}
 """
 
 T = TypeVar("T")
+
+EMPTY_WITHOUT_HARDWARE_EVENTS: dict[str, str] = {
+    "XID errors": "gpu_governor_gpu_xid_errors_total has a series only after the driver reported an XID",
+    "ECC errors": "gpu_governor_gpu_ecc_errors_total exists only on GPUs with ECC memory (not a simulated RTX 4070)",
+    "Remapped memory rows": "the row remapper exists only on data-center GPUs (A100, H100, H200), not simulated",
+}
+"""Dashboard panels (by title) whose queries may return nothing here, and why. Only series
+that exist on real hardware events or boards belong here; everything else must answer."""
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, interval_s: float = 0.5) -> T:
@@ -249,20 +264,44 @@ class TestPrometheusEndToEnd:
         assert fleet["gpu-node-11.lab.example:9847"]["gpu_model"] == "h100"
 
     def test_every_dashboard_query_parses_and_returns_data(self, stack: Stack) -> None:
-        """Each dashboard query succeeds and returns data (VRAM panels included: the scenario is crowded)."""
+        """Each dashboard query succeeds and returns data (VRAM panels included: the scenario is crowded),
+        except the panels of EMPTY_WITHOUT_HARDWARE_EVENTS, which must still parse and run."""
         queries = [(title, expr.replace("$instance", stack.instance)) for title, expr in dashboard_queries()]
         assert not any("$" in expr for _, expr in queries)
+        titles = {title for title, _ in queries}
+        assert set(EMPTY_WITHOUT_HARDWARE_EVENTS) <= titles, "an exempt panel that no longer exists"
+        empty: list[tuple[str, str]] = []
 
         def all_answer() -> list[tuple[str, str]] | None:
-            empty = []
+            empty.clear()
             for title, expr in queries:
                 answer = stack.query(expr)
                 assert answer["status"] == "success", (title, expr, answer)
-                if not answer["data"]["result"]:
+                if not answer["data"]["result"] and title not in EMPTY_WITHOUT_HARDWARE_EVENTS:
                     empty.append((title, expr))
             return None if empty else []
 
-        wait_for("every dashboard query to return data", all_answer, timeout_s=60, interval_s=2)
+        try:
+            wait_for("every dashboard query to return data", all_answer, timeout_s=60, interval_s=2)
+        except pytest.fail.Exception:
+            pytest.fail(f"dashboard queries without data: {empty}")
+
+    def test_decision_annotations_return_the_decisions(self, stack: Stack) -> None:
+        """The dashboard's decision annotation query returns, per GPU, the last decision's time in ms and its rule."""
+        dashboard = json.loads(DASHBOARD.read_text())
+        (annotation,) = [a for a in dashboard["annotations"]["list"] if a["name"] == "Governor decisions"]
+        values = {"job": "gpu-governor", "gpu": "0|1", "instance": stack.instance}
+        expr = re.sub(r"\$(\w+)", lambda m: values[m.group(1)], annotation["expr"])
+
+        def answered() -> list[dict[str, Any]] | None:
+            result: list[dict[str, Any]] = stack.query(expr)["data"]["result"]
+            return result if {r["metric"]["gpu"] for r in result} == {"0", "1"} else None
+
+        result = wait_for("a decision annotation for each GPU", answered, timeout_s=60)
+        now_ms = time.time() * 1000
+        for series in result:
+            assert series["metric"]["rule"]  # the annotation's title
+            assert now_ms - 600_000 < float(series["value"][1]) <= now_ms + 5_000  # a time in ms, recent
 
     def test_every_alert_expression_parses(self, stack: Stack) -> None:
         """Prometheus loaded every shipped alert, and each alert's expression runs as an instant query."""
