@@ -18,6 +18,8 @@ NO_DRIVER       None for this tick               SetLimitFailed               Ba
 MISSING_CALL    the next older version of the    SetLimitFailed               BackendUnavailable
                 call is tried (governor.backends._nvml_probe)
 TRANSIENT       None for this tick               SetLimitFailed               BackendUnavailable
+TIMEOUT         None for this tick (an event     SetLimitFailed               BackendUnavailable
+                wait: nothing is pending)
 ==============  ===============================  ===========================  ==========================
 
 :class:`NvmlCaller` is the one call wrapper (like nvitop's ``nvmlQuery``): it runs an
@@ -49,13 +51,15 @@ class Kind(enum.Enum):
     FATAL = "fatal"  # the library no longer matches the driver: only a restart helps
     NO_DRIVER = "no_driver"  # no driver / no library
     MISSING_CALL = "missing_call"  # this version of the call is not in the driver or the bindings
-    TRANSIENT = "transient"  # anything else (timeout, no data ...): may pass on a later try
+    TRANSIENT = "transient"  # anything else (no data ...): may pass on a later try
+    TIMEOUT = "timeout"  # a wait ended with nothing to report (nvmlEventSetWait: no event pending)
 
 
 TABLE: Final[Mapping[str, tuple[int, Kind]]] = {
     # nvml.h symbol: (its code, used when the bindings lack the constant; its kind)
     "NVML_ERROR_NOT_SUPPORTED": (3, Kind.UNSUPPORTED),
     "NVML_ERROR_NO_PERMISSION": (4, Kind.DENIED),
+    "NVML_ERROR_TIMEOUT": (10, Kind.TIMEOUT),
     "NVML_ERROR_DRIVER_NOT_LOADED": (9, Kind.NO_DRIVER),
     "NVML_ERROR_LIBRARY_NOT_FOUND": (12, Kind.NO_DRIVER),
     "NVML_ERROR_FUNCTION_NOT_FOUND": (13, Kind.MISSING_CALL),
