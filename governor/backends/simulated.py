@@ -39,7 +39,7 @@ from typing import Any
 from governor.backends import BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.clock import Clock
 from governor.config import ConfigIssue, SimulationConfig
-from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
+from governor.model import CLOCK_EVENT_REASONS, GpuHealth, GpuInfo, GpuReading, GpuTelemetry, Snapshot
 from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
 from governor.sim._schema import SimDataError
 from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu
@@ -184,8 +184,15 @@ class SimulatedBackend:
 
     def _reading(self, gpu: SimulatedGpu, t_s: float) -> GpuReading:
         info = self._infos[gpu.index]
+        xids = tuple(sorted(gpu.xid_counts.items()))
         if gpu.fault == "lost":
-            return GpuReading(index=gpu.index, uuid=info.uuid, health=GpuHealth.LOST, error=gpu.fault_error)
+            return GpuReading(
+                index=gpu.index,
+                uuid=info.uuid,
+                health=GpuHealth.LOST,
+                error=gpu.fault_error,
+                telemetry=GpuTelemetry(xid_errors=xids),
+            )
         processes, used = gpu.processes_at(t_s)
         total = self.profile.memory_total_bytes
         degraded = gpu.fault == "temperature_unsupported"
@@ -199,11 +206,41 @@ class SimulatedBackend:
             memory_total_bytes=total,
             utilization_gpu_ratio=gpu.utilization_ratio,
             clock_event_reasons=gpu.reasons,
+            sm_clock_mhz=float(gpu.sm_clock_mhz),
             power_limit_requested_w=gpu.limit_w,
             energy_j=gpu.energy_j,
             processes=processes,
             health=GpuHealth.DEGRADED if degraded else GpuHealth.OK,
             error=gpu.fault_error if degraded else None,
+            telemetry=self._telemetry(gpu, xids),
+        )
+
+    def _telemetry(self, gpu: SimulatedGpu, xids: tuple[tuple[int, int], ...]) -> GpuTelemetry:
+        """What the simulated GPU reports beside power and temperature (see governor.sim.gpu)."""
+        tel = self.profile.telemetry
+        event_s = gpu.event_s
+        ecc = None
+        if tel.ecc:
+            unc = gpu.ecc_uncorrected
+            ecc = (
+                ("corrected", "volatile", 0),
+                ("corrected", "aggregate", 0),
+                ("uncorrected", "volatile", unc),
+                ("uncorrected", "aggregate", unc),
+            )
+        fan = round(gpu.fan_speed_ratio(), 2)
+        return GpuTelemetry(
+            memory_clock_mhz=float(gpu.memory_clock_mhz),
+            pstate=gpu.pstate,
+            memory_temperature_c=float(round(gpu.memory_temperature_c())) if tel.memory_temperature else None,
+            fan_speed_ratios=tuple((i, fan) for i in range(tel.fans)) or None,
+            clock_event_s=tuple((name, round(event_s.get(bit, 0.0), 6)) for bit, name in CLOCK_EVENT_REASONS),
+            xid_errors=xids,
+            ecc_errors=ecc,
+            remapped_rows_correctable=0 if tel.ecc else None,
+            remapped_rows_uncorrectable=0 if tel.ecc else None,
+            row_remap_pending=False if tel.ecc else None,
+            row_remap_failed=False if tel.ecc else None,
         )
 
     # ------------------------------------------------------------------ acting
