@@ -345,20 +345,19 @@ def _telemetry_metrics(state: PublishedState) -> Iterator[Metric]:
         labels = [str(r.index), r.uuid]
         if r.sm_clock_mhz is not None:
             sm.add_metric(labels, r.sm_clock_mhz * 1e6)
+        if r.memory_clock_mhz is not None:
+            mem.add_metric(labels, r.memory_clock_mhz * 1e6)
+        if r.pstate is not None:
+            pstate.add_metric(labels, float(r.pstate))
+        for reason, seconds in r.clock_event_s or ():
+            events.add_metric([*labels, reason], seconds)
         t: GpuTelemetry | None = r.telemetry
         if t is None:
             continue
-        for family, value in (
-            (mem, None if t.memory_clock_mhz is None else t.memory_clock_mhz * 1e6),
-            (pstate, t.pstate),
-            (mem_temp, t.memory_temperature_c),
-        ):
-            if value is not None:
-                family.add_metric(labels, float(value))
+        if t.memory_temperature_c is not None:
+            mem_temp.add_metric(labels, t.memory_temperature_c)
         for fan, ratio in t.fan_speed_ratios or ():
             fans.add_metric([*labels, str(fan)], ratio)
-        for reason, seconds in t.clock_event_s or ():
-            events.add_metric([*labels, reason], seconds)
         for xid, count in t.xid_errors or ():
             xids.add_metric([*labels, str(xid)], count)
         for kind, scope, count in t.ecc_errors or ():

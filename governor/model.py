@@ -71,25 +71,22 @@ CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
 
 @dataclass(frozen=True, slots=True)
 class GpuTelemetry:
-    """What a GPU reports about its own health and clocks; no rule reads it, the metrics show it.
+    """What a GPU reports about its health that changes slowly or rarely; no rule reads it,
+    the metrics show it. A backend builds a new one only when something in it changed, so
+    a tick usually shares the last one.
 
-    Missing is ``None`` (NVML said NotSupported, or the read failed), never 0. Clocks in
-    MHz; ``pstate`` 0 (P0, fastest) .. 15; temperatures in degrees C; fan speeds as ratios
-    0-1 per fan index. Counters are cumulative: ``clock_event_s`` seconds each clock event
-    reason (a name of :data:`CLOCK_EVENT_REASONS`) was active; ``xid_errors`` XID errors
-    by code since the backend opened (``None``: XID events cannot be watched on this GPU);
-    ``ecc_errors`` ECC error counts by (``corrected``/``uncorrected``,
-    ``volatile``/``aggregate``). Remapped rows: counts of rows remapped for correctable and
-    uncorrectable errors, a remapping pending (until the next GPU reset) and a remapping
-    that failed. The memory temperature, fans, ECC and remapped rows are slow reads,
-    refreshed on their own cadence and carried forward in between.
+    Missing is ``None`` (NVML said NotSupported, or the read failed), never 0. Memory
+    temperature in degrees C; fan speeds as ratios 0-1 (NVML's percent / 100) per fan
+    index; ``xid_errors`` XID errors by code since the backend opened (``None``: XID
+    events cannot be watched on this GPU); ``ecc_errors`` ECC error counts by
+    (``corrected``/``uncorrected``, ``volatile``/``aggregate``). Remapped rows: counts of
+    rows remapped for correctable and uncorrectable errors, a remapping pending (until
+    the next GPU reset) and a remapping that failed. All but the XID counts are slow
+    reads, refreshed on their own cadence and carried forward in between.
     """
 
-    memory_clock_mhz: float | None = None
-    pstate: int | None = None
     memory_temperature_c: float | None = None
     fan_speed_ratios: tuple[tuple[int, float], ...] | None = None
-    clock_event_s: tuple[tuple[str, float], ...] | None = None
     xid_errors: tuple[tuple[int, int], ...] | None = None
     ecc_errors: tuple[tuple[str, str, int], ...] | None = None
     remapped_rows_correctable: int | None = None
@@ -103,7 +100,10 @@ class GpuReading:
     """Live values of one GPU at one instant. Missing values are ``None``.
 
     ``error`` holds a short, human-readable reason when the whole read failed
-    (``health`` is then ``LOST`` or ``DEGRADED``).
+    (``health`` is then ``LOST`` or ``DEGRADED``). ``pstate`` is the performance state,
+    0 (P0, fastest) .. 15; ``clock_event_s`` the cumulative seconds each clock event
+    reason (a name of :data:`CLOCK_EVENT_REASONS`) was active; ``telemetry`` the slow and
+    rarely changing rest (:class:`GpuTelemetry`).
     """
 
     index: int
@@ -116,6 +116,9 @@ class GpuReading:
     utilization_gpu_ratio: float | None = None  # 0..1
     clock_event_reasons: int | None = None  # NVML bitmask
     sm_clock_mhz: float | None = None
+    memory_clock_mhz: float | None = None
+    pstate: int | None = None
+    clock_event_s: tuple[tuple[str, float], ...] | None = None
     power_limit_requested_w: float | None = None  # slow read: refreshed on a slower cadence
     energy_j: float | None = None  # total energy counter; slow read: slower cadence
     processes: tuple[ProcessReading, ...] | None = None

@@ -187,6 +187,11 @@ class FakeEventSet:
 class FakeNvml:
     """A stand-in for the pynvml module (see the module docstring)."""
 
+    def __new__(cls, *args: Any, missing: Iterable[str] = (), **kwargs: Any) -> FakeNvml:
+        # Only a fake with missing functions pays for a __getattribute__ on every attribute
+        # (it would otherwise add microseconds to each stub call and skew timings).
+        return object.__new__(_FakeNvmlLacking if missing and cls is FakeNvml else cls)
+
     def __init__(
         self,
         gpus: Iterable[FakeGpu],
@@ -221,11 +226,6 @@ class FakeNvml:
                         computeInstanceId=0xFFFFFFFF,
                     )
                 )
-
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("nvml") and name in object.__getattribute__(self, "missing"):
-            raise AttributeError(name)
-        return object.__getattribute__(self, name)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -472,6 +472,15 @@ class FakeNvml:
         if not gpu.limit_min_mw <= limit_mw <= gpu.limit_max_mw:
             raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
         gpu.requested_limit_mw = gpu.enforced_limit_mw = limit_mw
+
+
+class _FakeNvmlLacking(FakeNvml):
+    """A FakeNvml whose bindings lack the functions in ``missing`` (AttributeError)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("nvml") and name in object.__getattribute__(self, "missing"):
+            raise AttributeError(name)
+        return object.__getattribute__(self, name)
 
 
 # The module-level names pynvml exposes (constants, error classes) are attributes of the fake too.

@@ -103,7 +103,7 @@ class XidEvents:
         Raises BackendFatal on a driver/library mismatch; any other failure ends this
         poll (logged once per NVML code) and the next tick tries again.
         """
-        if self._set is None:
+        if not self._gpus:  # no set, or no GPU NVML agreed to watch
             return
         wait, event_set, call = self._wait, self._set, self._call
         for _ in range(MAX_EVENTS_PER_POLL):

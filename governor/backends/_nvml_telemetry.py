@@ -1,11 +1,12 @@
 """What the NVML backend remembers of one GPU's telemetry between ticks.
 
 Per tick the backend reads the memory clock, the performance state and the clock event
-reasons; :meth:`GpuTelemetryState.record` turns them, with the slow reads kept here,
-into a frozen :class:`~governor.model.GpuTelemetry`. The slow reads (NVML's violation
-counters, ECC counts, remapped rows, memory temperature, fans) are refreshed every
-``telemetry_refresh_s`` (:meth:`GpuTelemetryState.store_slow`) and carried forward in
-between, as the energy counter is.
+reasons (:meth:`GpuTelemetryState.clock_event_s` keeps the seconds). The slow reads
+(NVML's violation counters, ECC counts, remapped rows, memory temperature, fans) are
+refreshed every ``telemetry_refresh_s`` (:meth:`GpuTelemetryState.store_slow`) and
+carried forward in between, as the energy counter is; they and the XID counts make the
+frozen :class:`~governor.model.GpuTelemetry` of :meth:`GpuTelemetryState.record`, built
+again only when one of them changed (a frozen dataclass costs microseconds to build).
 
 Clock event seconds: for the reasons NVML keeps a counter for
 (:data:`~governor.backends._nvml_probe.VIOLATION_REASONS`) NVML's own value, since driver
@@ -33,16 +34,19 @@ class GpuTelemetryState:
     """One GPU's telemetry between ticks (see the module docstring)."""
 
     __slots__ = (
+        "_names",
+        "_record",
         "due_s",
         "ecc",
         "event_s",
         "fan_count",
         "fans",
         "mask",
+        "mask_read",
         "mask_t",
         "memory_temperature_c",
         "remap",
-        "violation_s",
+        "violated",
         "xid_errors",
         "xid_key",
         "xid_refused",
@@ -55,10 +59,14 @@ class GpuTelemetryState:
         self.memory_temperature_c: float | None = None
         self.ecc: tuple[tuple[str, str, int], ...] | None = None
         self.remap: tuple[int, int, int, int] | None = None
-        self.violation_s: dict[str, float] = {}  # NVML's own counters by reason, seconds
-        self.event_s: dict[str, float] | None = None  # integrated seconds by reason (None: mask never read)
+        # seconds by reason: NVML's counter for the reasons in ``violated``, else integrated
+        self.event_s: dict[str, float] = {}
+        self.violated: set[str] = set()
+        self.mask_read = False  # the mask was read once: every reason has its seconds from then on
         self.mask: int | None = None  # the reasons read last tick, at monotonic time mask_t
         self.mask_t = 0.0
+        self._names: dict[int, tuple[str, ...]] = {}  # mask -> the integrated reasons it sets
+        self._record: GpuTelemetry | None = None  # the last record, while nothing in it changed
         self.xid_errors: tuple[tuple[int, int], ...] | None = None  # by code; None: not watched
         self.xid_key: Any = None  # the event device key it is watched under
         self.xid_refused = False  # NVML refused to watch it: never asked again
@@ -79,6 +87,7 @@ class GpuTelemetryState:
         counts = dict(self.xid_errors or ())
         counts[xid] = counts.get(xid, 0) + 1
         self.xid_errors = tuple(sorted(counts.items()))
+        self._record = None
 
     def store_slow(self, values: list[Any], fan_percents: list[Any] | None, due_s: float) -> None:
         """Keep one refresh of the slow reads: ``values`` in the order of
@@ -86,7 +95,10 @@ class GpuTelemetryState:
         ``fan_percents`` per fan; the next refresh is due at ``due_s``."""
         for (reason, _), ns in zip(VIOLATION_REASONS, values, strict=False):
             if ns is not None:
-                self.violation_s[reason] = int(ns) / 1e9
+                self.event_s[reason] = int(ns) / 1e9
+                if reason not in self.violated:
+                    self.violated.add(reason)
+                    self._names.clear()
         ecc = tuple(
             (kind, scope, int(count))
             for (_, kind, scope, _, _), count in zip(ECC_COUNTERS, values[_N_VIOLATIONS:], strict=False)
@@ -99,35 +111,39 @@ class GpuTelemetryState:
         if self.fan_count:
             self.fans = None if fan_percents is None else tuple((i, int(p) / 100.0) for i, p in enumerate(fan_percents))
         self.due_s = due_s
+        self._record = None
 
     def clock_event_s(self, reasons: int | None, now: float) -> tuple[tuple[str, float], ...] | None:
         """Seconds each clock event reason was active so far, ``reasons`` being this tick's
         mask read at ``now`` (see the module docstring); None when nothing is known."""
         event_s = self.event_s
         if reasons is not None:
-            if event_s is None:
-                event_s = self.event_s = dict.fromkeys(_REASON_NAMES, 0.0)
+            if not self.mask_read:
+                self.mask_read = True
+                for name in _REASON_NAMES:
+                    event_s.setdefault(name, 0.0)
             elif self.mask:
+                names = self._names.get(self.mask)
+                if names is None:
+                    names = self._names[self.mask] = tuple(
+                        name for bit, name in CLOCK_EVENT_REASONS if self.mask & bit and name not in self.violated
+                    )
                 dt = now - self.mask_t
-                mask = self.mask
-                for bit, name in CLOCK_EVENT_REASONS:
-                    if mask & bit:
-                        event_s[name] += dt
+                for name in names:
+                    event_s[name] += dt
             self.mask_t = now
         self.mask = reasons
-        if not self.violation_s:
-            return None if event_s is None else tuple(event_s.items())
-        return tuple({**(event_s or {}), **self.violation_s}.items())
+        return tuple(event_s.items()) if event_s else None
 
-    def record(self, memory_clock_mhz: Any, pstate: Any, reasons: int | None, now: float) -> GpuTelemetry:
-        """This tick's telemetry: the per-tick reads given (None where missing) and the slow ones kept."""
+    def record(self) -> GpuTelemetry:
+        """The slow reads kept and the XID counts, as one frozen record (the last one while unchanged)."""
+        record = self._record
+        if record is not None:
+            return record
         remap = self.remap
-        return GpuTelemetry(
-            memory_clock_mhz=None if memory_clock_mhz is None else float(memory_clock_mhz),
-            pstate=None if pstate is None or pstate == PSTATE_UNKNOWN else int(pstate),
+        record = self._record = GpuTelemetry(
             memory_temperature_c=self.memory_temperature_c,
             fan_speed_ratios=self.fans,
-            clock_event_s=self.clock_event_s(reasons, now),
             xid_errors=self.xid_errors,
             ecc_errors=self.ecc,
             remapped_rows_correctable=None if remap is None else remap[0],
@@ -135,3 +151,4 @@ class GpuTelemetryState:
             row_remap_pending=None if remap is None else bool(remap[2]),
             row_remap_failed=None if remap is None else bool(remap[3]),
         )
+        return record

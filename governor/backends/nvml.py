@@ -61,7 +61,7 @@ from governor.backends._nvml_probe import (
     text,
 )
 from governor.backends._nvml_procs import ProcessLister
-from governor.backends._nvml_telemetry import GpuTelemetryState
+from governor.backends._nvml_telemetry import PSTATE_UNKNOWN, GpuTelemetryState
 from governor.clock import Clock
 from governor.errors import BackendFatal, BackendUnavailable, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
@@ -352,7 +352,10 @@ class NvmlBackend:
             processes=self._lister.processes(compute, graphics),
             health=GpuHealth.OK if temperature is not None else GpuHealth.DEGRADED,
             error=None if temperature is not None else "temperature not available",
-            telemetry=st.telemetry.record(mem_clock, pstate, None if reasons is None else int(reasons), now),
+            memory_clock_mhz=None if mem_clock is None else float(mem_clock),
+            pstate=None if pstate is None or pstate == PSTATE_UNKNOWN else int(pstate),
+            clock_event_s=st.telemetry.clock_event_s(None if reasons is None else int(reasons), now),
+            telemetry=st.telemetry.record(),
         )
 
     # ----------------------------------------------------------------- Backend

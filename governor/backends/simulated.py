@@ -39,7 +39,7 @@ from typing import Any
 from governor.backends import BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.clock import Clock
 from governor.config import ConfigIssue, SimulationConfig
-from governor.model import CLOCK_EVENT_REASONS, GpuHealth, GpuInfo, GpuReading, GpuTelemetry, Snapshot
+from governor.model import GpuHealth, GpuInfo, GpuReading, GpuTelemetry, Snapshot
 from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
 from governor.sim._schema import SimDataError
 from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu
@@ -119,6 +119,7 @@ class SimulatedBackend:
             for i in range(gpu_count)
         ]
         self._pids: dict[int, SimulatedGpu] = {}
+        self._telemetry_cache: dict[int, tuple[object, GpuTelemetry]] = {}  # by GPU index: (key, record)
         next_pid = SYNTHETIC_PID_BASE
         for spec in scenario.processes:
             for gpu in self._gpus:
@@ -184,7 +185,7 @@ class SimulatedBackend:
 
     def _reading(self, gpu: SimulatedGpu, t_s: float) -> GpuReading:
         info = self._infos[gpu.index]
-        xids = tuple(sorted(gpu.xid_counts.items()))
+        xids = gpu.xid_errors
         if gpu.fault == "lost":
             return GpuReading(
                 index=gpu.index,
@@ -207,6 +208,9 @@ class SimulatedBackend:
             utilization_gpu_ratio=gpu.utilization_ratio,
             clock_event_reasons=gpu.reasons,
             sm_clock_mhz=float(gpu.sm_clock_mhz),
+            memory_clock_mhz=float(gpu.memory_clock_mhz),
+            pstate=gpu.pstate,
+            clock_event_s=tuple(gpu.event_s.items()),
             power_limit_requested_w=gpu.limit_w,
             energy_j=gpu.energy_j,
             processes=processes,
@@ -216,9 +220,23 @@ class SimulatedBackend:
         )
 
     def _telemetry(self, gpu: SimulatedGpu, xids: tuple[tuple[int, int], ...]) -> GpuTelemetry:
+        """The slow telemetry (see governor.sim.gpu), built again only when it changed."""
+        tel = self.profile.telemetry
+        memory_c = float(round(gpu.memory_temperature_c())) if tel.memory_temperature else None
+        fan = round(gpu.fan_speed_ratio(), 2) if tel.fans else None
+        key = (memory_c, fan, xids, gpu.ecc_uncorrected)
+        cached = self._telemetry_cache.get(gpu.index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        record = self._build_telemetry(gpu, xids, memory_c, fan)
+        self._telemetry_cache[gpu.index] = (key, record)
+        return record
+
+    def _build_telemetry(
+        self, gpu: SimulatedGpu, xids: tuple[tuple[int, int], ...], memory_c: float | None, fan: float | None
+    ) -> GpuTelemetry:
         """What the simulated GPU reports beside power and temperature (see governor.sim.gpu)."""
         tel = self.profile.telemetry
-        event_s = gpu.event_s
         ecc = None
         if tel.ecc:
             unc = gpu.ecc_uncorrected
@@ -228,13 +246,9 @@ class SimulatedBackend:
                 ("uncorrected", "volatile", unc),
                 ("uncorrected", "aggregate", unc),
             )
-        fan = round(gpu.fan_speed_ratio(), 2)
         return GpuTelemetry(
-            memory_clock_mhz=float(gpu.memory_clock_mhz),
-            pstate=gpu.pstate,
-            memory_temperature_c=float(round(gpu.memory_temperature_c())) if tel.memory_temperature else None,
-            fan_speed_ratios=tuple((i, fan) for i in range(tel.fans)) or None,
-            clock_event_s=tuple((name, round(event_s.get(bit, 0.0), 6)) for bit, name in CLOCK_EVENT_REASONS),
+            memory_temperature_c=memory_c,
+            fan_speed_ratios=None if fan is None else tuple((i, fan) for i in range(tel.fans)),
             xid_errors=xids,
             ecc_errors=ecc,
             remapped_rows_correctable=0 if tel.ecc else None,

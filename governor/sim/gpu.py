@@ -36,7 +36,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from governor.model import ProcessReading
+from governor.model import CLOCK_EVENT_REASONS, ProcessReading
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import PhaseTimeline, Scenario, ScenarioEvent
 from governor.sim.thermal import ThermalState
@@ -46,6 +46,7 @@ REASON_IDLE = 0x1
 REASON_SW_POWER_CAP = 0x4
 REASON_SW_THERMAL_SLOWDOWN = 0x20
 XID_DOUBLE_BIT_ECC = 48
+REASON_NAMES = tuple(name for _, name in CLOCK_EVENT_REASONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +175,8 @@ class SimulatedGpu:
         self.sm_clock_mhz = tel.sm_clock_idle_mhz
         self.memory_clock_mhz = tel.memory_clock_idle_mhz
         self.pstate = tel.idle_pstate
-        self.event_s: dict[int, float] = {}  # seconds each clock event reason bit was active
-        self.xid_counts: dict[int, int] = {}  # XID errors by code, from scenario events
+        self.event_s = dict.fromkeys(REASON_NAMES, 0.0)  # seconds each clock event reason was active
+        self.xid_errors: tuple[tuple[int, int], ...] = ()  # XID errors by code, from scenario events
         self.ecc_uncorrected = 0
         self.fault: str | None = None
         self.fault_error: str | None = None
@@ -223,7 +224,9 @@ class SimulatedGpu:
         while self._next_event < len(events) and events[self._next_event].at_s <= t + 1e-9:
             event = events[self._next_event]
             if event.xid is not None:
-                self.xid_counts[event.xid] = self.xid_counts.get(event.xid, 0) + 1
+                counts = dict(self.xid_errors)
+                counts[event.xid] = counts.get(event.xid, 0) + 1
+                self.xid_errors = tuple(sorted(counts.items()))
                 if event.xid == XID_DOUBLE_BIT_ECC and self.profile.telemetry.ecc:
                     self.ecc_uncorrected += 1
             else:
@@ -296,11 +299,12 @@ class SimulatedGpu:
         if active and demand > limit:
             reasons |= REASON_SW_POWER_CAP
         event_s = self.event_s
-        for bit in (REASON_IDLE, REASON_SW_POWER_CAP):
-            if reasons & bit:
-                event_s[bit] = event_s.get(bit, 0.0) + done * h
+        if reasons & REASON_IDLE:
+            event_s["gpu_idle"] += done * h
+        if reasons & REASON_SW_POWER_CAP:
+            event_s["sw_power_cap"] += done * h
         if hot_steps:
-            event_s[REASON_SW_THERMAL_SLOWDOWN] = event_s.get(REASON_SW_THERMAL_SLOWDOWN, 0.0) + hot_steps * h
+            event_s["sw_thermal_slowdown"] += hot_steps * h
         if hot:
             reasons |= REASON_SW_THERMAL_SLOWDOWN
         self.reasons = reasons
