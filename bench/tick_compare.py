@@ -91,7 +91,7 @@ def pct(samples: list[float]) -> dict[str, float]:
 
 def child(tree: Path, kind: str, ticks: int, gpus: int) -> list[float]:
     """One child's tick samples (us per GPU)."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
     result = subprocess.run(
         [sys.executable, "-c", CHILD, str(tree), kind, str(ticks), str(gpus), str(REPO / "tests" / "fake_pynvml.py")],
         cwd=tree,
