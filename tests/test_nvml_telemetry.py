@@ -90,8 +90,9 @@ class TestValues:
 
 class TestSlowCadence:
     def test_slow_reads_once_per_refresh_fast_ones_every_tick(self) -> None:
-        """ECC, remapped rows, violation counters, memory temperature and fans are read once per
-        telemetry_refresh_s and carried forward; the memory clock and pstate every tick."""
+        """ECC, remapped rows, violation counters, memory temperature, fans, pstate and the memory
+        clock are read once per telemetry_refresh_s and carried forward; the reasons and the XID
+        events every tick."""
         fake_gpu = FakeGpu(uuid=UUID0, fans=[50], memory_temperature_c=40)
         backend, fake, clock = make(fake_gpu, telemetry_refresh_s=10.0)
         slow = (
@@ -101,7 +102,8 @@ class TestSlowCadence:
             "nvmlDeviceGetFieldValues",
             "nvmlDeviceGetFanSpeed_v2",
         )
-        before = {name: fake.calls[name] for name in (*slow, "nvmlDeviceGetPerformanceState")}
+        every_tick = ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlEventSetWait_v2")
+        before = {name: fake.calls[name] for name in (*slow, "nvmlDeviceGetPerformanceState", *every_tick)}
         readings = []
         for _ in range(10):  # t = 0 .. 9 s: one refresh
             readings.append(backend.read().gpus[0])
@@ -111,7 +113,9 @@ class TestSlowCadence:
         for name in slow[1:]:
             expected = 2 if name == "nvmlDeviceGetViolationStatus" else 1  # two perf policies
             assert fake.calls[name] - before[name] == expected, name
-        assert fake.calls["nvmlDeviceGetPerformanceState"] - before["nvmlDeviceGetPerformanceState"] == 10
+        assert fake.calls["nvmlDeviceGetPerformanceState"] - before["nvmlDeviceGetPerformanceState"] == 1
+        for name in every_tick:
+            assert fake.calls[name] - before[name] == 10, name
         assert {telemetry(r).memory_temperature_c for r in readings} == {40.0}  # carried forward
         assert telemetry(backend.read().gpus[0]).memory_temperature_c == 70.0  # t = 10 s: refreshed
 

@@ -90,13 +90,19 @@ class NvmlCaller:
     read from it where it has them.
     """
 
-    __slots__ = ("_kinds", "_mismatch", "error")
+    __slots__ = ("_kinds", "_mismatch", "error", "timeout_error")
 
     def __init__(self, nvml: Any) -> None:
         self.error: type[Exception] = nvml.NVMLError
         self._kinds: dict[int, Kind] = {}
         for symbol, (code, kind) in TABLE.items():
             self._kinds[int(getattr(nvml, symbol, code))] = kind
+        timeout = nvml.NVMLError(int(getattr(nvml, "NVML_ERROR_TIMEOUT", TABLE["NVML_ERROR_TIMEOUT"][0])))
+        self.timeout_error: tuple[type[Exception], ...] = (
+            (type(timeout),) if type(timeout) is not self.error and isinstance(timeout, self.error) else ()
+        )
+        """NVML's own class for a Timeout, to catch it without classifying (an event wait
+        answers it every tick); empty when the bindings have none (then :meth:`kind` says TIMEOUT)."""
         mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
         self._mismatch: type[BaseException] | None = (
             mismatch if isinstance(mismatch, type) and issubclass(mismatch, BaseException) else None

@@ -109,6 +109,8 @@ class XidEvents:
         for _ in range(MAX_EVENTS_PER_POLL):
             try:
                 data = wait(event_set, 0)
+            except call.timeout_error:  # nothing pending: the usual answer
+                break
             except call.error as exc:
                 if call.kind(exc) is Kind.TIMEOUT:  # nothing pending: the usual answer
                     break

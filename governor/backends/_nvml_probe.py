@@ -118,8 +118,9 @@ class Reads:
     ``per_tick`` are the (field, read) pairs of every tick, in the order of
     :data:`PER_TICK_FIELDS`; ``requested`` and ``energy`` run on slower cadences, and so
     do the ``slow`` telemetry reads (:data:`SLOW_FIELDS`: NVML's violation counters in
-    ns, ECC counts, remapped rows, memory temperature in C). ``fan_count`` is read once
-    per GPU; ``fan_speed(handle, fan)`` answers in percent.
+    ns, ECC counts, remapped rows, memory temperature in C, memory clock in MHz,
+    performance state). ``fan_count`` is read once per GPU; ``fan_speed(handle, fan)``
+    answers in percent.
     """
 
     per_tick: tuple[tuple[str, Read], ...]
@@ -158,8 +159,6 @@ PER_TICK_FIELDS: Final = (
     "utilization",
     "clock_event_reasons",
     "sm_clock",
-    "memory_clock",
-    "pstate",
     "compute_processes",
     "graphics_processes",
 )
@@ -169,6 +168,8 @@ SLOW_FIELDS: Final = (
     *(field for field, *_ in ECC_COUNTERS),
     "remapped_rows",
     "memory_temperature",
+    "memory_clock",
+    "pstate",
 )
 
 TELEMETRY_FIELDS: Final = frozenset({"memory_clock", "pstate", "fan_count", "fan_speed", *SLOW_FIELDS})
@@ -246,6 +247,8 @@ def build_reads(nvml: Any, caller: NvmlCaller) -> Reads:
         *(optional("nvmlDeviceGetTotalEccErrors", ecc(k, c)) for *_, k, c in ECC_COUNTERS),
         optional("nvmlDeviceGetRemappedRows"),
         optional("nvmlDeviceGetFieldValues", memory_temperature),
+        lambda h: get_clock(h, CLOCK_MEM),
+        optional("nvmlDeviceGetPerformanceState"),
     )
     fan_speed = getattr(nvml, "nvmlDeviceGetFanSpeed_v2", None)
     per_tick: tuple[Read, ...] = (
@@ -256,8 +259,6 @@ def build_reads(nvml: Any, caller: NvmlCaller) -> Reads:
         nvml.nvmlDeviceGetUtilizationRates,
         Versioned("clock_event_reasons", reasons, caller),
         lambda h: get_clock(h, CLOCK_SM),
-        lambda h: get_clock(h, CLOCK_MEM),
-        optional("nvmlDeviceGetPerformanceState"),
         processes("Compute"),
         processes("Graphics"),
     )

@@ -1,10 +1,12 @@
 """What the NVML backend remembers of one GPU's telemetry between ticks.
 
-Per tick the backend reads the memory clock, the performance state and the clock event
-reasons (:meth:`GpuTelemetryState.clock_event_s` keeps the seconds). The slow reads
-(NVML's violation counters, ECC counts, remapped rows, memory temperature, fans) are
-refreshed every ``telemetry_refresh_s`` (:meth:`GpuTelemetryState.store_slow`) and
-carried forward in between, as the energy counter is; they and the XID counts make the
+Per tick the backend reads the clock event reasons (:meth:`GpuTelemetryState.clock_event_s`
+keeps the seconds). The slow reads (NVML's violation counters, ECC counts, remapped rows,
+memory temperature, fans, and the memory clock and performance state, which only the
+metrics show: a scrape every 15 s or more sees one tick in ten or more anyway, and
+dcgm-exporter samples every 30 s) are refreshed every ``telemetry_refresh_s``
+(:meth:`GpuTelemetryState.store_slow`) and carried forward in between, as the energy
+counter is; all but the clock and pstate, and the XID counts, make the
 frozen :class:`~governor.model.GpuTelemetry` of :meth:`GpuTelemetryState.record`, built
 again only when one of them changed (a frozen dataclass costs microseconds to build).
 
@@ -44,7 +46,9 @@ class GpuTelemetryState:
         "mask",
         "mask_read",
         "mask_t",
+        "memory_clock_mhz",
         "memory_temperature_c",
+        "pstate",
         "remap",
         "violated",
         "xid_errors",
@@ -57,6 +61,8 @@ class GpuTelemetryState:
         self.fan_count: int | None = None
         self.fans: tuple[tuple[int, float], ...] | None = None
         self.memory_temperature_c: float | None = None
+        self.memory_clock_mhz: float | None = None
+        self.pstate: int | None = None
         self.ecc: tuple[tuple[str, str, int], ...] | None = None
         self.remap: tuple[int, int, int, int] | None = None
         # seconds by reason: NVML's counter for the reasons in ``violated``, else integrated
@@ -105,7 +111,9 @@ class GpuTelemetryState:
             if count is not None
         )
         self.ecc = ecc or None
-        remap, memory_c = values[_N_VIOLATIONS + _N_ECC :]
+        remap, memory_c, memory_clock, pstate = values[_N_VIOLATIONS + _N_ECC :]
+        self.memory_clock_mhz = None if memory_clock is None else float(memory_clock)
+        self.pstate = None if pstate is None or pstate == PSTATE_UNKNOWN else int(pstate)
         self.remap = None if remap is None else (int(remap[0]), int(remap[1]), int(remap[2]), int(remap[3]))
         self.memory_temperature_c = None if memory_c is None else float(memory_c)
         if self.fan_count:

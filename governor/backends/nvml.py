@@ -21,10 +21,10 @@ classifies every NVML error as unsupported, denied, lost, fatal, no driver, miss
 call or transient), :mod:`governor.backends._nvml_probe` (which version of each call
 this driver has) and :mod:`governor.backends._nvml_procs` (process listing).
 
-Telemetry (:mod:`governor.backends._nvml_telemetry`): each tick also reads the memory
-clock and the performance state (about 1 us each); NVML's violation counters (about
-1 ms each on an H200), the ECC counts, remapped rows, memory temperature and fan speeds
-are slow reads on their own cadence (``telemetry_refresh_s``). A telemetry read that
+Telemetry (:mod:`governor.backends._nvml_telemetry`): each tick adds the clock event
+seconds from the reasons it reads anyway; NVML's violation counters (about 1 ms each on
+an H200), the ECC counts, remapped rows, memory temperature, fan speeds, memory clock
+and performance state are slow reads on their own cadence (``telemetry_refresh_s``). A telemetry read that
 answers NotSupported is never asked again for that GPU. XID errors come from one NVML
 event set polled without waiting each tick (:mod:`governor.backends._nvml_events`).
 
@@ -61,7 +61,7 @@ from governor.backends._nvml_probe import (
     text,
 )
 from governor.backends._nvml_procs import ProcessLister
-from governor.backends._nvml_telemetry import PSTATE_UNKNOWN, GpuTelemetryState
+from governor.backends._nvml_telemetry import GpuTelemetryState
 from governor.clock import Clock
 from governor.errors import BackendFatal, BackendUnavailable, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
@@ -323,8 +323,8 @@ class NvmlBackend:
 
     def _read_gpu(self, st: _GpuState, now: float) -> GpuReading:
         """The per-tick reads of one GPU (plus the slow reads when they are due)."""
-        temperature, power_mw, enforced_mw, memory, util, reasons, sm_clock, mem_clock, pstate, compute, graphics = (
-            self._read_all(st, self._per_tick, now)
+        temperature, power_mw, enforced_mw, memory, util, reasons, sm_clock, compute, graphics = self._read_all(
+            st, self._per_tick, now
         )
         if now >= st.limit_due_s:
             requested_mw = self._get(st, "power_limit_requested", self._reads.requested, now)
@@ -352,8 +352,8 @@ class NvmlBackend:
             processes=self._lister.processes(compute, graphics),
             health=GpuHealth.OK if temperature is not None else GpuHealth.DEGRADED,
             error=None if temperature is not None else "temperature not available",
-            memory_clock_mhz=None if mem_clock is None else float(mem_clock),
-            pstate=None if pstate is None or pstate == PSTATE_UNKNOWN else int(pstate),
+            memory_clock_mhz=st.telemetry.memory_clock_mhz,
+            pstate=st.telemetry.pstate,
             clock_event_s=st.telemetry.clock_event_s(None if reasons is None else int(reasons), now),
             telemetry=st.telemetry.record(),
         )
