@@ -318,8 +318,7 @@ class NvmlBackend:
         except NvmlFailure as exc:
             self._mark_lost(st, str(exc), now)
             return False
-        _watch_xid(self, st, now)  # a new handle: watched too (a no-op when it is the same device key)
-        return st.handle is not None
+        return _watch_xid(self, st, now)  # a new handle: watched too (a no-op for the same device key)
 
     def _read_gpu(self, st: _GpuState, now: float) -> GpuReading:
         """The per-tick reads of one GPU (plus the slow reads when they are due)."""
@@ -334,8 +333,7 @@ class NvmlBackend:
             energy_mj = self._get(st, "energy", self._reads.energy, now)
             st.energy_j = None if energy_mj is None else energy_mj / 1000.0
             st.energy_due_s = now + self._energy_refresh_s
-        if now >= st.telemetry.due_s:
-            _read_slow_telemetry(self, st, now)
+        _read_slow_telemetry(self, st, now)
         return GpuReading(
             index=st.index,
             uuid=st.uuid,
@@ -437,8 +435,7 @@ class NvmlBackend:
         self._shutdown()
 
     def _shutdown(self) -> None:
-        """Free the XID event set, then nvmlShutdown; a failure (even a fatal one: there is
-        nothing left to do) is logged."""
+        """Free the XID event set, then nvmlShutdown; a failure (even a fatal one) is logged."""
         self._xid.close()
         try:
             self._nvml.nvmlShutdown()
@@ -452,19 +449,23 @@ class NvmlBackend:
         self.close()
 
 
-def _watch_xid(backend: NvmlBackend, st: _GpuState, now: float) -> None:
-    """Watch a GPU's handle for XID errors (governor.backends._nvml_events)."""
+def _watch_xid(backend: NvmlBackend, st: _GpuState, now: float) -> bool:
+    """Watch a GPU's handle for XID errors (governor.backends._nvml_events); False when it is (now) lost."""
     if st.handle is None:
-        return
+        return False
     try:
         backend._xid.watch(st.index, st.uuid, st.handle, st.telemetry)
     except NvmlFailure as exc:  # LOST: watched once it is reacquired
         backend._mark_lost(st, str(exc), now)
+        return False
+    return True
 
 
 def _read_slow_telemetry(backend: NvmlBackend, st: _GpuState, now: float) -> None:
-    """The slow telemetry reads of one GPU, kept on its state until the next refresh."""
+    """The slow telemetry reads of one GPU when they are due, kept on its state until the next refresh."""
     telemetry = st.telemetry
+    if now < telemetry.due_s:
+        return
     values = backend._read_all(st, backend._reads.slow, now)
     count = telemetry.fan_count
     fans = backend._get(st, "fan_speed", backend._reads.fan_speeds(count), now) if count else None

@@ -42,7 +42,7 @@ from governor.config import ConfigIssue, SimulationConfig
 from governor.model import GpuHealth, GpuInfo, GpuReading, GpuTelemetry, Snapshot
 from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
 from governor.sim._schema import SimDataError
-from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu
+from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu, slow_telemetry
 from governor.sim.profiles import GpuProfile, load_profile
 from governor.sim.scenario import FAULTS, PhaseTimeline, Scenario, load_scenario
 
@@ -119,7 +119,6 @@ class SimulatedBackend:
             for i in range(gpu_count)
         ]
         self._pids: dict[int, SimulatedGpu] = {}
-        self._telemetry_cache: dict[int, tuple[object, GpuTelemetry]] = {}  # by GPU index: (key, record)
         next_pid = SYNTHETIC_PID_BASE
         for spec in scenario.processes:
             for gpu in self._gpus:
@@ -185,14 +184,13 @@ class SimulatedBackend:
 
     def _reading(self, gpu: SimulatedGpu, t_s: float) -> GpuReading:
         info = self._infos[gpu.index]
-        xids = gpu.xid_errors
         if gpu.fault == "lost":
             return GpuReading(
                 index=gpu.index,
                 uuid=info.uuid,
                 health=GpuHealth.LOST,
                 error=gpu.fault_error,
-                telemetry=GpuTelemetry(xid_errors=xids),
+                telemetry=GpuTelemetry(xid_errors=gpu.xid_errors),
             )
         processes, used = gpu.processes_at(t_s)
         total = self.profile.memory_total_bytes
@@ -216,45 +214,7 @@ class SimulatedBackend:
             processes=processes,
             health=GpuHealth.DEGRADED if degraded else GpuHealth.OK,
             error=gpu.fault_error if degraded else None,
-            telemetry=self._telemetry(gpu, xids),
-        )
-
-    def _telemetry(self, gpu: SimulatedGpu, xids: tuple[tuple[int, int], ...]) -> GpuTelemetry:
-        """The slow telemetry (see governor.sim.gpu), built again only when it changed."""
-        tel = self.profile.telemetry
-        memory_c = float(round(gpu.memory_temperature_c())) if tel.memory_temperature else None
-        fan = round(gpu.fan_speed_ratio(), 2) if tel.fans else None
-        key = (memory_c, fan, xids, gpu.ecc_uncorrected)
-        cached = self._telemetry_cache.get(gpu.index)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        record = self._build_telemetry(gpu, xids, memory_c, fan)
-        self._telemetry_cache[gpu.index] = (key, record)
-        return record
-
-    def _build_telemetry(
-        self, gpu: SimulatedGpu, xids: tuple[tuple[int, int], ...], memory_c: float | None, fan: float | None
-    ) -> GpuTelemetry:
-        """What the simulated GPU reports beside power and temperature (see governor.sim.gpu)."""
-        tel = self.profile.telemetry
-        ecc = None
-        if tel.ecc:
-            unc = gpu.ecc_uncorrected
-            ecc = (
-                ("corrected", "volatile", 0),
-                ("corrected", "aggregate", 0),
-                ("uncorrected", "volatile", unc),
-                ("uncorrected", "aggregate", unc),
-            )
-        return GpuTelemetry(
-            memory_temperature_c=memory_c,
-            fan_speed_ratios=None if fan is None else tuple((i, fan) for i in range(tel.fans)),
-            xid_errors=xids,
-            ecc_errors=ecc,
-            remapped_rows_correctable=0 if tel.ecc else None,
-            remapped_rows_uncorrectable=0 if tel.ecc else None,
-            row_remap_pending=False if tel.ecc else None,
-            row_remap_failed=False if tel.ecc else None,
+            telemetry=slow_telemetry(gpu),
         )
 
     # ------------------------------------------------------------------ acting

@@ -36,7 +36,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from governor.model import CLOCK_EVENT_REASONS, ProcessReading
+from governor.model import CLOCK_EVENT_REASONS, GpuTelemetry, ProcessReading
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import PhaseTimeline, Scenario, ScenarioEvent
 from governor.sim.thermal import ThermalState
@@ -178,6 +178,7 @@ class SimulatedGpu:
         self.event_s = dict.fromkeys(REASON_NAMES, 0.0)  # seconds each clock event reason was active
         self.xid_errors: tuple[tuple[int, int], ...] = ()  # XID errors by code, from scenario events
         self.ecc_uncorrected = 0
+        self.telemetry_cache: tuple[object, GpuTelemetry] | None = None  # (what it was built from, record)
         self.fault: str | None = None
         self.fault_error: str | None = None
         self.processes: list[SimProcess] = []
@@ -392,3 +393,36 @@ class SimulatedGpu:
         self._proc_valid_until_s = valid_until
         self._proc_growing = growing
         return self._proc_cache, used
+
+
+def slow_telemetry(gpu: SimulatedGpu) -> GpuTelemetry:
+    """What the simulated GPU reports beside power, temperature and clocks (see the module
+    docstring), built again only when it changed (it is shared between ticks otherwise)."""
+    tel = gpu.profile.telemetry
+    memory_c = float(round(gpu.memory_temperature_c())) if tel.memory_temperature else None
+    fan = round(gpu.fan_speed_ratio(), 2) if tel.fans else None
+    key = (memory_c, fan, gpu.xid_errors, gpu.ecc_uncorrected)
+    cached = gpu.telemetry_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ecc = None
+    if tel.ecc:
+        unc = gpu.ecc_uncorrected
+        ecc = (
+            ("corrected", "volatile", 0),
+            ("corrected", "aggregate", 0),
+            ("uncorrected", "volatile", unc),
+            ("uncorrected", "aggregate", unc),
+        )
+    record = GpuTelemetry(
+        memory_temperature_c=memory_c,
+        fan_speed_ratios=None if fan is None else tuple((i, fan) for i in range(tel.fans)),
+        xid_errors=gpu.xid_errors,
+        ecc_errors=ecc,
+        remapped_rows_correctable=0 if tel.ecc else None,
+        remapped_rows_uncorrectable=0 if tel.ecc else None,
+        row_remap_pending=False if tel.ecc else None,
+        row_remap_failed=False if tel.ecc else None,
+    )
+    gpu.telemetry_cache = (key, record)
+    return record
