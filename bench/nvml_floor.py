@@ -70,14 +70,15 @@ def telemetry_reads(nvml: Any, handle: Any, event_set: Any) -> list[tuple[str, C
                 raise
             return None
 
+    def call(fn: Callable[..., object], *args: object) -> Callable[[], object]:
+        return lambda: fn(handle, *args)
+
     reads: list[tuple[str, Callable[[], object]]] = [("xid_event_wait", wait)]
     for name, policy in (("violation_power", nvml.NVML_PERF_POLICY_POWER), ("violation_sync_boost", 2)):
-        reads.append((name, lambda p=policy: nvml.nvmlDeviceGetViolationStatus(handle, p)))
-    for kind in (0, 1):
-        for scope in (0, 1):
-            reads.append(
-                (f"ecc_{kind}_{scope}", lambda k=kind, c=scope: nvml.nvmlDeviceGetTotalEccErrors(handle, k, c))
-            )
+        reads.append((name, call(nvml.nvmlDeviceGetViolationStatus, policy)))
+    for kind in (0, 1):  # corrected, uncorrected
+        for scope in (0, 1):  # volatile, aggregate
+            reads.append((f"ecc_{kind}_{scope}", call(nvml.nvmlDeviceGetTotalEccErrors, kind, scope)))
     reads += [
         ("remapped_rows", lambda: nvml.nvmlDeviceGetRemappedRows(handle)),
         ("memory_temperature_field", lambda: nvml.nvmlDeviceGetFieldValues(handle, [nvml.NVML_FI_DEV_MEMORY_TEMP])),
