@@ -345,15 +345,15 @@ def _telemetry_metrics(state: PublishedState) -> Iterator[Metric]:
         labels = [str(r.index), r.uuid]
         if r.sm_clock_mhz is not None:
             sm.add_metric(labels, r.sm_clock_mhz * 1e6)
-        if r.memory_clock_mhz is not None:
-            mem.add_metric(labels, r.memory_clock_mhz * 1e6)
-        if r.pstate is not None:
-            pstate.add_metric(labels, float(r.pstate))
         for reason, seconds in r.clock_event_s or ():
             events.add_metric([*labels, reason], seconds)
         t: GpuTelemetry | None = r.telemetry
         if t is None:
             continue
+        if t.memory_clock_mhz is not None:
+            mem.add_metric(labels, t.memory_clock_mhz * 1e6)
+        if t.pstate is not None:
+            pstate.add_metric(labels, float(t.pstate))
         if t.memory_temperature_c is not None:
             mem_temp.add_metric(labels, t.memory_temperature_c)
         for fan, ratio in t.fan_speed_ratios or ():

@@ -76,6 +76,7 @@ class GpuTelemetry:
     a tick usually shares the last one.
 
     Missing is ``None`` (NVML said NotSupported, or the read failed), never 0. Memory
+    clock in MHz; ``pstate`` the performance state, 0 (P0, fastest) .. 15; memory
     temperature in degrees C; fan speeds as ratios 0-1 (NVML's percent / 100) per fan
     index; ``xid_errors`` XID errors by code since the backend opened (``None``: XID
     events cannot be watched on this GPU); ``ecc_errors`` ECC error counts by
@@ -85,6 +86,8 @@ class GpuTelemetry:
     reads, refreshed on their own cadence and carried forward in between.
     """
 
+    memory_clock_mhz: float | None = None
+    pstate: int | None = None
     memory_temperature_c: float | None = None
     fan_speed_ratios: tuple[tuple[int, float], ...] | None = None
     xid_errors: tuple[tuple[int, int], ...] | None = None
@@ -100,8 +103,7 @@ class GpuReading:
     """Live values of one GPU at one instant. Missing values are ``None``.
 
     ``error`` holds a short, human-readable reason when the whole read failed
-    (``health`` is then ``LOST`` or ``DEGRADED``). ``pstate`` is the performance state,
-    0 (P0, fastest) .. 15; ``clock_event_s`` the cumulative seconds each clock event
+    (``health`` is then ``LOST`` or ``DEGRADED``). ``clock_event_s`` is the cumulative seconds each clock event
     reason (a name of :data:`CLOCK_EVENT_REASONS`) was active; ``telemetry`` the slow and
     rarely changing rest (:class:`GpuTelemetry`).
     """
@@ -116,8 +118,6 @@ class GpuReading:
     utilization_gpu_ratio: float | None = None  # 0..1
     clock_event_reasons: int | None = None  # NVML bitmask
     sm_clock_mhz: float | None = None
-    memory_clock_mhz: float | None = None
-    pstate: int | None = None
     clock_event_s: tuple[tuple[str, float], ...] | None = None
     power_limit_requested_w: float | None = None  # slow read: refreshed on a slower cadence
     energy_j: float | None = None  # total energy counter; slow read: slower cadence

@@ -69,7 +69,7 @@ class TestValues:
         reading = backend.read().gpus[0]
         t = telemetry(reading)
         assert reading.sm_clock_mhz == 1980.0
-        assert (reading.memory_clock_mhz, reading.pstate, t.memory_temperature_c) == (2619.0, 2, 41.0)
+        assert (t.memory_clock_mhz, t.pstate, t.memory_temperature_c) == (2619.0, 2, 41.0)
         assert t.fan_speed_ratios == ((0, 0.30), (1, 0.75))
         assert t.ecc_errors == (
             ("corrected", "volatile", 7),
@@ -85,7 +85,7 @@ class TestValues:
     def test_unknown_pstate_is_none(self) -> None:
         """NVML's "unknown" performance state (32) is None, not a state."""
         backend, _, _ = make(FakeGpu(uuid=UUID0, pstate=32))
-        assert backend.read().gpus[0].pstate is None
+        assert telemetry(backend.read().gpus[0]).pstate is None
 
 
 class TestSlowCadence:
@@ -179,7 +179,7 @@ class TestNotSupported:
         reading = backend.read().gpus[0]
         t = telemetry(reading)
         assert reading.health is GpuHealth.OK
-        assert reading.pstate is None and t.fan_speed_ratios is None and t.xid_errors is None
+        assert t.pstate is None and t.fan_speed_ratios is None and t.xid_errors is None
         assert t.remapped_rows_correctable is None
         assert events_s(reading)["sw_power_cap"] == 2.0
 

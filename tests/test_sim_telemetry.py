@@ -63,11 +63,11 @@ class TestClocksAndState:
         """Idle: the H100 stays in P0 with HBM at full clock; the RTX 4070 drops to P8 and 405 MHz memory."""
         _, h100 = run(H100, scenario(0.0), 10.0)
         _, rtx = run(RTX, scenario(0.0), 10.0)
-        assert (h100.pstate, h100.memory_clock_mhz) == (0, 2619.0)
-        assert (rtx.pstate, rtx.memory_clock_mhz) == (8, 405.0)
+        assert (telemetry(h100).pstate, telemetry(h100).memory_clock_mhz) == (0, 2619.0)
+        assert (telemetry(rtx).pstate, telemetry(rtx).memory_clock_mhz) == (8, 405.0)
         assert (h100.sm_clock_mhz, rtx.sm_clock_mhz) == (345.0, 210.0)
         _, busy = run(RTX, scenario(150.0), 10.0)
-        assert (busy.pstate, busy.memory_clock_mhz) == (0, 10501.0)
+        assert (telemetry(busy).pstate, telemetry(busy).memory_clock_mhz) == (0, 10501.0)
 
     def test_memory_temperature_follows_the_thermal_model(self) -> None:
         """The H100's memory temperature lies between ambient and the die and rises with load; RTX: absent."""

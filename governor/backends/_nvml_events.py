@@ -93,9 +93,7 @@ class XidEvents:
             )
             return
         self._gpus[key] = gpu  # an older key of the same GPU keeps counting into it too
-        gpu.xid_key = key
-        if gpu.xid_errors is None:
-            gpu.xid_errors = ()
+        gpu.watched(key)
 
     def poll(self) -> None:
         """Count the XID events pending now into their GPUs, without waiting.

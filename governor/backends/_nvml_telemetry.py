@@ -6,9 +6,9 @@ memory temperature, fans, and the memory clock and performance state, which only
 metrics show: a scrape every 15 s or more sees one tick in ten or more anyway, and
 dcgm-exporter samples every 30 s) are refreshed every ``telemetry_refresh_s``
 (:meth:`GpuTelemetryState.store_slow`) and carried forward in between, as the energy
-counter is; all but the clock and pstate, and the XID counts, make the
-frozen :class:`~governor.model.GpuTelemetry` of :meth:`GpuTelemetryState.record`, built
-again only when one of them changed (a frozen dataclass costs microseconds to build).
+counter is; they and the XID counts make the frozen :class:`~governor.model.GpuTelemetry`
+:attr:`GpuTelemetryState.record`, built again only when one of them changed (a frozen
+dataclass costs microseconds to build, a tick shares the last one).
 
 Clock event seconds: for the reasons NVML keeps a counter for
 (:data:`~governor.backends._nvml_probe.VIOLATION_REASONS`) NVML's own value, since driver
@@ -37,7 +37,6 @@ class GpuTelemetryState:
 
     __slots__ = (
         "_names",
-        "_record",
         "due_s",
         "ecc",
         "event_s",
@@ -49,6 +48,7 @@ class GpuTelemetryState:
         "memory_clock_mhz",
         "memory_temperature_c",
         "pstate",
+        "record",
         "remap",
         "violated",
         "xid_errors",
@@ -72,7 +72,8 @@ class GpuTelemetryState:
         self.mask: int | None = None  # the reasons read last tick, at monotonic time mask_t
         self.mask_t = 0.0
         self._names: dict[int, tuple[str, ...]] = {}  # mask -> the integrated reasons it sets
-        self._record: GpuTelemetry | None = None  # the last record, while nothing in it changed
+        self.record = GpuTelemetry()
+        """The slow reads kept and the XID counts as one frozen record, built again only when one changed."""
         self.xid_errors: tuple[tuple[int, int], ...] | None = None  # by code; None: not watched
         self.xid_key: Any = None  # the event device key it is watched under
         self.xid_refused = False  # NVML refused to watch it: never asked again
@@ -93,7 +94,7 @@ class GpuTelemetryState:
         counts = dict(self.xid_errors or ())
         counts[xid] = counts.get(xid, 0) + 1
         self.xid_errors = tuple(sorted(counts.items()))
-        self._record = None
+        self._rebuild()
 
     def store_slow(self, values: list[Any], fan_percents: list[Any] | None, due_s: float) -> None:
         """Keep one refresh of the slow reads: ``values`` in the order of
@@ -119,7 +120,7 @@ class GpuTelemetryState:
         if self.fan_count:
             self.fans = None if fan_percents is None else tuple((i, int(p) / 100.0) for i, p in enumerate(fan_percents))
         self.due_s = due_s
-        self._record = None
+        self._rebuild()
 
     def clock_event_s(self, reasons: int | None, now: float) -> tuple[tuple[str, float], ...] | None:
         """Seconds each clock event reason was active so far, ``reasons`` being this tick's
@@ -143,13 +144,19 @@ class GpuTelemetryState:
         self.mask = reasons
         return tuple(event_s.items()) if event_s else None
 
-    def record(self) -> GpuTelemetry:
-        """The slow reads kept and the XID counts, as one frozen record (the last one while unchanged)."""
-        record = self._record
-        if record is not None:
-            return record
+    def watched(self, key: Any) -> None:
+        """XID events of this GPU are watched, under device ``key``: from now on it counts them."""
+        self.xid_key = key
+        if self.xid_errors is None:
+            self.xid_errors = ()
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Build :attr:`record` again from what is kept (after a slow refresh or an XID)."""
         remap = self.remap
-        record = self._record = GpuTelemetry(
+        self.record = GpuTelemetry(
+            memory_clock_mhz=self.memory_clock_mhz,
+            pstate=self.pstate,
             memory_temperature_c=self.memory_temperature_c,
             fan_speed_ratios=self.fans,
             xid_errors=self.xid_errors,
@@ -159,4 +166,3 @@ class GpuTelemetryState:
             row_remap_pending=None if remap is None else bool(remap[2]),
             row_remap_failed=None if remap is None else bool(remap[3]),
         )
-        return record

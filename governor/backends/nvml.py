@@ -143,7 +143,7 @@ class _GpuState:
             memory_total_bytes=self.info.memory_total_bytes,
             health=GpuHealth.LOST,
             error=self.lost_error,
-            telemetry=self.telemetry.lost_record(),
+            telemetry=self.telemetry.lost_record(),  # its XID counts
         )
 
 
@@ -333,7 +333,9 @@ class NvmlBackend:
             energy_mj = self._get(st, "energy", self._reads.energy, now)
             st.energy_j = None if energy_mj is None else energy_mj / 1000.0
             st.energy_due_s = now + self._energy_refresh_s
-        _read_slow_telemetry(self, st, now)
+        telemetry = st.telemetry
+        if now >= telemetry.due_s:
+            _read_slow_telemetry(self, st, now)
         return GpuReading(
             index=st.index,
             uuid=st.uuid,
@@ -350,10 +352,8 @@ class NvmlBackend:
             processes=self._lister.processes(compute, graphics),
             health=GpuHealth.OK if temperature is not None else GpuHealth.DEGRADED,
             error=None if temperature is not None else "temperature not available",
-            memory_clock_mhz=st.telemetry.memory_clock_mhz,
-            pstate=st.telemetry.pstate,
-            clock_event_s=st.telemetry.clock_event_s(None if reasons is None else int(reasons), now),
-            telemetry=st.telemetry.record(),
+            clock_event_s=telemetry.clock_event_s(None if reasons is None else int(reasons), now),
+            telemetry=telemetry.record,
         )
 
     # ----------------------------------------------------------------- Backend
@@ -462,10 +462,8 @@ def _watch_xid(backend: NvmlBackend, st: _GpuState, now: float) -> bool:
 
 
 def _read_slow_telemetry(backend: NvmlBackend, st: _GpuState, now: float) -> None:
-    """The slow telemetry reads of one GPU when they are due, kept on its state until the next refresh."""
+    """The slow telemetry reads of one GPU, kept on its state until the next refresh."""
     telemetry = st.telemetry
-    if now < telemetry.due_s:
-        return
     values = backend._read_all(st, backend._reads.slow, now)
     count = telemetry.fan_count
     fans = backend._get(st, "fan_speed", backend._reads.fan_speeds(count), now) if count else None

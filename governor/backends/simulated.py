@@ -206,8 +206,6 @@ class SimulatedBackend:
             utilization_gpu_ratio=gpu.utilization_ratio,
             clock_event_reasons=gpu.reasons,
             sm_clock_mhz=float(gpu.sm_clock_mhz),
-            memory_clock_mhz=float(gpu.memory_clock_mhz),
-            pstate=gpu.pstate,
             clock_event_s=tuple(gpu.event_s.items()),
             power_limit_requested_w=gpu.limit_w,
             energy_j=gpu.energy_j,

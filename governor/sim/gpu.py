@@ -401,7 +401,7 @@ def slow_telemetry(gpu: SimulatedGpu) -> GpuTelemetry:
     tel = gpu.profile.telemetry
     memory_c = float(round(gpu.memory_temperature_c())) if tel.memory_temperature else None
     fan = round(gpu.fan_speed_ratio(), 2) if tel.fans else None
-    key = (memory_c, fan, gpu.xid_errors, gpu.ecc_uncorrected)
+    key = (memory_c, fan, gpu.xid_errors, gpu.ecc_uncorrected, gpu.memory_clock_mhz, gpu.pstate)
     cached = gpu.telemetry_cache
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -415,6 +415,8 @@ def slow_telemetry(gpu: SimulatedGpu) -> GpuTelemetry:
             ("uncorrected", "aggregate", unc),
         )
     record = GpuTelemetry(
+        memory_clock_mhz=float(gpu.memory_clock_mhz),
+        pstate=gpu.pstate,
         memory_temperature_c=memory_c,
         fan_speed_ratios=None if fan is None else tuple((i, fan) for i in range(tel.fans)),
         xid_errors=gpu.xid_errors,

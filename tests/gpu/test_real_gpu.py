@@ -268,7 +268,7 @@ def _telemetry_checks(
     """(name, the backend's value, whether it is plausible, the direct NVML call behind it) per reading."""
     t = reading.telemetry
     assert t is not None
-    sm, mem, pstate, events = reading.sm_clock_mhz, reading.memory_clock_mhz, reading.pstate, reading.clock_event_s
+    sm, mem, pstate, events = reading.sm_clock_mhz, t.memory_clock_mhz, t.pstate, reading.clock_event_s
     fans, ecc, memory_c = t.fan_speed_ratios, t.ecc_errors, t.memory_temperature_c
     rows, unc_rows = t.remapped_rows_correctable, t.remapped_rows_uncorrectable
     remap = None if rows is None else (rows, unc_rows, t.row_remap_pending, t.row_remap_failed)
