@@ -4,10 +4,15 @@
 prints JSON with, for this checkout and each ``--tree`` (another checkout, e.g. the old code):
 
 - ``tick``: p50/p99 microseconds per GPU of the NVML floor (exactly the NVML reads the
-  governor makes per tick, bench/nvml_floor.py's list, in a tight loop) and of the
+  governor makes per tick, bench/nvml_floor.py's list, and the XID event wait, in a
+  tight loop) and of the
   governor's whole tick (read + rules + act + publish, NVML backend, dry run), interleaved
   in one loop in a child process that imports that checkout; ``ratio_p50`` = tick / floor
   (goal <= 1.5 on ONE GPU: run it on a one-GPU machine, ``gpus`` says how many it saw);
+  ``tick_ratio_to_this`` = that checkout's tick p50 / this checkout's (issue 14: the
+  telemetry may make the tick at most 10 % slower than the checkout before it);
+  ``telemetry_us_p50``: each telemetry read alone (the slow ones run every 10 s; their
+  sum is what a slow tick adds), or the NVML error it answered;
 - ``scrape_ms``: p50/p99 of GET /metrics against that checkout's ``governor run --dry-run``;
   every daemon and nvitop-exporter (when it is installed) are scraped in turn, round-robin,
   so all see the same machine; ``ratio_p50_vs_nvitop_exporter`` (goal <= 0.25);
@@ -44,7 +49,7 @@ import json, sys, tempfile, time
 tree, bench, iterations = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path[:0] = [tree, bench]
 import pynvml
-from nvml_floor import raw_reads
+from nvml_floor import raw_reads, telemetry_reads, time_each
 from governor import logsetup
 logsetup.configure("json", "warning")
 from governor.backends.nvml import NvmlBackend
@@ -63,6 +68,11 @@ with tempfile.TemporaryDirectory() as state:
     daemon.start()
     handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(gpus)]
     reads = [fn for h in handles for _, fn in raw_reads(pynvml, h)]
+    event_set = pynvml.nvmlEventSetCreate()  # the floor waits on XID events once per tick, as the governor does
+    for h in handles:
+        pynvml.nvmlDeviceRegisterEvents(h, pynvml.nvmlEventTypeXidCriticalError, event_set)
+    wait = dict(telemetry_reads(pynvml, handles[0], event_set))["xid_event_wait"]
+    reads.append(wait)
     floor, tick = [], []
     for i in range(iterations + 100):
         t0 = time.perf_counter_ns()
@@ -75,7 +85,9 @@ with tempfile.TemporaryDirectory() as state:
             floor.append((t1 - t0) / gpus / 1000)
             tick.append((t2 - t1) / gpus / 1000)
     daemon.stop()
-print(json.dumps({"gpus": gpus, "floor_us": floor, "tick_us": tick}))
+    telemetry = time_each(telemetry_reads(pynvml, handles[0], event_set), 50)
+    pynvml.nvmlEventSetFree(event_set)
+print(json.dumps({"gpus": gpus, "floor_us": floor, "tick_us": tick, "telemetry_us_p50": telemetry}))
 """
 
 IMPORT_RSS_CHILD = r"""
@@ -125,6 +137,7 @@ def floor_and_tick(trees: list[Path], iterations: int, rounds: int) -> dict[str,
             )
             got = json.loads(result.stdout.strip().splitlines()[-1])
             samples[tree]["gpus"] = got["gpus"]
+            samples[tree]["telemetry_us_p50"] = got["telemetry_us_p50"]
             samples[tree]["floor_us"] += got["floor_us"]
             samples[tree]["tick_us"] += got["tick_us"]
     out = {}
@@ -136,7 +149,11 @@ def floor_and_tick(trees: list[Path], iterations: int, rounds: int) -> dict[str,
             "tick_us_per_gpu": tick,
             "ratio_p50": round(tick["p50"] / floor["p50"], 2),
             "ratio_p99": round(tick["p99"] / floor["p99"], 2),
+            "telemetry_us_p50": s["telemetry_us_p50"],
         }
+    this = out[str(trees[0])]["tick_us_per_gpu"]["p50"]
+    for entry in out.values():
+        entry["tick_ratio_to_this"] = round(entry["tick_us_per_gpu"]["p50"] / this, 3)
     return out
 
 

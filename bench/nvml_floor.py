@@ -4,8 +4,13 @@
 
 - ``raw_us``: per GPU, p50/p99 microseconds of exactly the NVML reads NvmlBackend makes
   each tick (temperature V, power, enforced limit, memory v2, utilisation, clock event
-  reasons, SM clock, compute and graphics processes v3), in a tight loop;
+  reasons, SM and memory clocks, performance state, compute and graphics processes v3),
+  in a tight loop;
 - ``per_read_us_p50``: the median of each of those reads alone (GPU 0);
+- ``telemetry_us_p50``: the median of each telemetry read that is not per GPU and tick
+  (GPU 0): the XID event wait with a zero timeout (once per tick for all GPUs), and the
+  slow reads (violation counters, ECC counts, remapped rows, memory temperature through
+  field values, fan count), or the NVML error it answered;
 - ``adapter_us_per_gpu``: p50/p99 of ``NvmlBackend.read()`` divided by the GPU count
   (the slow reads fall due once at the start, then every 10/30 s, so they barely show);
 - ``ratio_p50``: adapter p50 per GPU over the mean raw p50 per GPU.
@@ -47,9 +52,56 @@ def raw_reads(nvml: Any, handle: Any) -> list[tuple[str, Callable[[], object]]]:
         ("utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(handle)),
         ("clock_event_reasons", lambda: nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)),
         ("sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
+        ("memory_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
+        ("pstate", lambda: nvml.nvmlDeviceGetPerformanceState(handle)),
         ("compute_processes", lambda: nvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)),
         ("graphics_processes", lambda: nvml.nvmlDeviceGetGraphicsRunningProcesses_v3(handle)),
     ]
+
+
+def telemetry_reads(nvml: Any, handle: Any, event_set: Any) -> list[tuple[str, Callable[[], object]]]:
+    """The telemetry reads NvmlBackend makes on their own cadence, and the per-tick XID event wait."""
+
+    def wait() -> object:
+        try:
+            return nvml.nvmlEventSetWait_v2(event_set, 0)
+        except nvml.NVMLError as exc:  # Timeout: no event pending, the usual answer
+            if exc.value != nvml.NVML_ERROR_TIMEOUT:
+                raise
+            return None
+
+    def call(fn: Callable[..., object], *args: object) -> Callable[[], object]:
+        return lambda: fn(handle, *args)
+
+    reads: list[tuple[str, Callable[[], object]]] = [("xid_event_wait", wait)]
+    for name, policy in (("violation_power", nvml.NVML_PERF_POLICY_POWER), ("violation_sync_boost", 2)):
+        reads.append((name, call(nvml.nvmlDeviceGetViolationStatus, policy)))
+    for kind in (0, 1):  # corrected, uncorrected
+        for scope in (0, 1):  # volatile, aggregate
+            reads.append((f"ecc_{kind}_{scope}", call(nvml.nvmlDeviceGetTotalEccErrors, kind, scope)))
+    reads += [
+        ("remapped_rows", lambda: nvml.nvmlDeviceGetRemappedRows(handle)),
+        ("memory_temperature_field", lambda: nvml.nvmlDeviceGetFieldValues(handle, [nvml.NVML_FI_DEV_MEMORY_TEMP])),
+        ("fan_count", lambda: nvml.nvmlDeviceGetNumFans(handle)),
+    ]
+    return reads
+
+
+def time_each(reads: list[tuple[str, Callable[[], object]]], n: int) -> dict[str, float | str]:
+    """The median microseconds of each read alone, or the NVML error it answered."""
+    out: dict[str, float | str] = {}
+    for label, fn in reads:
+        samples = []
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter_ns()
+                fn()
+                samples.append(time.perf_counter_ns() - t0)
+        except Exception as exc:  # an NVML error is the answer for that read
+            out[label] = f"{type(exc).__name__}: {exc}"
+            continue
+        out[label] = percentiles(samples)["p50"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
                 fn()
                 one.append(perf() - t0)
             per_read[label] = percentiles(one)["p50"]
+
+        event_set = nvml.nvmlEventSetCreate()
+        for handle in handles:  # read-only: asks NVML to report XID errors to this process
+            try:
+                nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, event_set)
+            except nvml.NVMLError as exc:
+                print(f"XID events not available: {exc}", file=sys.stderr)
+        telemetry = time_each(telemetry_reads(nvml, handles[0], event_set), 50)
+        nvml.nvmlEventSetFree(event_set)
     finally:
         nvml.nvmlShutdown()
 
@@ -123,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 "health": health,
                 "raw_us": raw,
                 "per_read_us_p50": per_read,
+                "telemetry_us_p50": telemetry,
                 "adapter_us_per_gpu": adapter,
                 "ratio_p50": round(adapter["p50"] / raw_p50, 2) if raw_p50 else None,
                 "overhead_us_p50": round(adapter["p50"] - raw_p50, 2),

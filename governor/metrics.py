@@ -32,23 +32,20 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from governor.logsetup import escape
-from governor.model import TICK_BUCKETS_S, ZONES_BY_SEVERITY, DecisionRecord, GpuHealth, PublishedState
+from governor.model import (
+    CLOCK_EVENT_REASONS,
+    TICK_BUCKETS_S,
+    ZONES_BY_SEVERITY,
+    DecisionRecord,
+    GpuHealth,
+    GpuTelemetry,
+    PublishedState,
+)
 
 PREFIX = "gpu_governor"
 GPU_LABELS = ["gpu", "uuid"]
 
-CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
-    (0x1, "gpu_idle"),
-    (0x2, "applications_clocks_setting"),
-    (0x4, "sw_power_cap"),
-    (0x8, "hw_slowdown"),
-    (0x10, "sync_boost"),
-    (0x20, "sw_thermal_slowdown"),
-    (0x40, "hw_thermal_slowdown"),
-    (0x80, "hw_power_brake_slowdown"),
-    (0x100, "display_clock_setting"),
-)
-"""NVML clock event reason bits and the label values they are exported as."""
+__all__ = ["CLOCK_EVENT_REASONS", "Exposition", "GovernorCollector", "build_registry"]
 
 
 class GovernorCollector(Collector):
@@ -290,25 +287,91 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
     yield from families.values()
 
     decisions = CounterMetricFamily(
-        f"{PREFIX}_decisions", "Decisions taken, by GPU, rule and action.", labels=["gpu", "rule", "action"]
+        f"{PREFIX}_decisions", "Decisions taken, by GPU, rule and action.", labels=[*GPU_LABELS, "rule", "action"]
     )
-    for (gpu, rule, action), count in state.decision_counts:
-        decisions.add_metric([str(gpu), rule, action], count)
+    for (gpu, uuid, rule, action), count in state.decision_counts:
+        decisions.add_metric([str(gpu), uuid, rule, action], count)
     yield decisions
 
     actions = CounterMetricFamily(
         f"{PREFIX}_actions",
         "What the actuator did, by GPU, action and outcome.",
-        labels=["gpu", "action", "outcome"],
+        labels=[*GPU_LABELS, "action", "outcome"],
     )
-    for (gpu, action, outcome), count in state.action_counts:
-        actions.add_metric([str(gpu), action, outcome], count)
+    for (gpu, uuid, action, outcome), count in state.action_counts:
+        actions.add_metric([str(gpu), uuid, action, outcome], count)
     yield actions
 
-    errors = CounterMetricFamily(f"{PREFIX}_gpu_read_errors", "Failed or partial reads of a GPU.", labels=["gpu"])
-    for gpu, count in state.read_errors:
-        errors.add_metric([str(gpu)], count)
+    errors = CounterMetricFamily(f"{PREFIX}_gpu_read_errors", "Failed or partial reads of a GPU.", labels=GPU_LABELS)
+    for (gpu, uuid), count in state.read_errors:
+        errors.add_metric([str(gpu), uuid], count)
     yield errors
+
+    yield from _telemetry_metrics(state)
+
+
+def _telemetry_metrics(state: PublishedState) -> Iterator[Metric]:
+    """The GPUs' own health and clock telemetry (:class:`GpuTelemetry`); each value NVML cannot give is absent."""
+    sm = _gauge("gpu_sm_clock_hertz", "SM clock.")
+    mem = _gauge("gpu_memory_clock_hertz", "Memory clock.")
+    pstate = _gauge("gpu_pstate", "Performance state: 0 (P0, fastest) to 15.")
+    mem_temp = _gauge("gpu_memory_temperature_celsius", "Memory (HBM) temperature (slow read).")
+    fans = _gauge(
+        "gpu_fan_speed_ratio", "Fan speed the driver reports, 0-1, per fan (slow read).", [*GPU_LABELS, "fan"]
+    )
+    events = CounterMetricFamily(
+        f"{PREFIX}_gpu_clock_event_seconds",
+        "Seconds each clock event (throttle) reason was active: NVML's own counter where it keeps one "
+        "(sw_power_cap, sync_boost; since driver load), else integrated from the reasons read each tick.",
+        labels=[*GPU_LABELS, "reason"],
+    )
+    xids = CounterMetricFamily(
+        f"{PREFIX}_gpu_xid_errors",
+        "XID errors the driver reported, by code, since the governor started watching.",
+        labels=[*GPU_LABELS, "xid"],
+    )
+    ecc = CounterMetricFamily(
+        f"{PREFIX}_gpu_ecc_errors",
+        "ECC errors by type (corrected, uncorrected) and scope (volatile: since driver load; aggregate: lifetime).",
+        labels=[*GPU_LABELS, "type", "scope"],
+    )
+    remapped = _gauge(
+        "gpu_remapped_rows", "Memory rows remapped, by the kind of error that caused it.", [*GPU_LABELS, "type"]
+    )
+    pending = _gauge("gpu_row_remap_pending", "1 while a row remapping waits for the next GPU reset.")
+    failed = _gauge("gpu_row_remap_failed", "1 when a row remapping failed (the GPU needs service).")
+    readings = () if state.snapshot is None else state.snapshot.gpus
+    for r in readings:
+        labels = [str(r.index), r.uuid]
+        if r.sm_clock_mhz is not None:
+            sm.add_metric(labels, r.sm_clock_mhz * 1e6)
+        for reason, seconds in r.clock_event_s or ():
+            events.add_metric([*labels, reason], seconds)
+        t: GpuTelemetry | None = r.telemetry
+        if t is None:
+            continue
+        if t.memory_clock_mhz is not None:
+            mem.add_metric(labels, t.memory_clock_mhz * 1e6)
+        if t.pstate is not None:
+            pstate.add_metric(labels, float(t.pstate))
+        if t.memory_temperature_c is not None:
+            mem_temp.add_metric(labels, t.memory_temperature_c)
+        for fan, ratio in t.fan_speed_ratios or ():
+            fans.add_metric([*labels, str(fan)], ratio)
+        for xid, count in t.xid_errors or ():
+            xids.add_metric([*labels, str(xid)], count)
+        for kind, scope, count in t.ecc_errors or ():
+            ecc.add_metric([*labels, kind, scope], count)
+        for kind, rows in (
+            ("correctable", t.remapped_rows_correctable),
+            ("uncorrectable", t.remapped_rows_uncorrectable),
+        ):
+            if rows is not None:
+                remapped.add_metric([*labels, kind], float(rows))
+        for family, flag in ((pending, t.row_remap_pending), (failed, t.row_remap_failed)):
+            if flag is not None:
+                family.add_metric(labels, 1.0 if flag else 0.0)
+    yield from (sm, mem, pstate, mem_temp, fans, events, xids, ecc, remapped, pending, failed)
 
 
 LABEL_MAX_CHARS = 64

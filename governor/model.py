@@ -55,12 +55,57 @@ class ProcessReading:
     name: str | None = None
 
 
+CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+)
+"""NVML clock event (throttle) reason bits and the names they are exported as (``reason`` label)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuTelemetry:
+    """What a GPU reports about its health that changes slowly or rarely; no rule reads it,
+    the metrics show it. A backend builds a new one only when something in it changed, so
+    a tick usually shares the last one.
+
+    Missing is ``None`` (NVML said NotSupported, or the read failed), never 0. Memory
+    clock in MHz; ``pstate`` the performance state, 0 (P0, fastest) .. 15; memory
+    temperature in degrees C; fan speeds as ratios 0-1 (NVML's percent / 100) per fan
+    index; ``xid_errors`` XID errors by code since the backend opened (``None``: XID
+    events cannot be watched on this GPU); ``ecc_errors`` ECC error counts by
+    (``corrected``/``uncorrected``, ``volatile``/``aggregate``). Remapped rows: counts of
+    rows remapped for correctable and uncorrectable errors, a remapping pending (until
+    the next GPU reset) and a remapping that failed. All but the XID counts are slow
+    reads, refreshed on their own cadence and carried forward in between.
+    """
+
+    memory_clock_mhz: float | None = None
+    pstate: int | None = None
+    memory_temperature_c: float | None = None
+    fan_speed_ratios: tuple[tuple[int, float], ...] | None = None
+    xid_errors: tuple[tuple[int, int], ...] | None = None
+    ecc_errors: tuple[tuple[str, str, int], ...] | None = None
+    remapped_rows_correctable: int | None = None
+    remapped_rows_uncorrectable: int | None = None
+    row_remap_pending: bool | None = None
+    row_remap_failed: bool | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class GpuReading:
     """Live values of one GPU at one instant. Missing values are ``None``.
 
     ``error`` holds a short, human-readable reason when the whole read failed
-    (``health`` is then ``LOST`` or ``DEGRADED``).
+    (``health`` is then ``LOST`` or ``DEGRADED``). ``clock_event_s`` is the cumulative seconds each clock event
+    reason (a name of :data:`CLOCK_EVENT_REASONS`) was active; ``telemetry`` the slow and
+    rarely changing rest (:class:`GpuTelemetry`).
     """
 
     index: int
@@ -73,11 +118,13 @@ class GpuReading:
     utilization_gpu_ratio: float | None = None  # 0..1
     clock_event_reasons: int | None = None  # NVML bitmask
     sm_clock_mhz: float | None = None
+    clock_event_s: tuple[tuple[str, float], ...] | None = None
     power_limit_requested_w: float | None = None  # slow read: refreshed on a slower cadence
     energy_j: float | None = None  # total energy counter; slow read: slower cadence
     processes: tuple[ProcessReading, ...] | None = None
     health: GpuHealth = GpuHealth.OK
     error: str | None = None
+    telemetry: GpuTelemetry | None = None  # None: the backend gives none
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +284,8 @@ class PublishedState:
     """The immutable state the daemon publishes after each tick; metrics read only this.
 
     Counters are totals since the daemon started. ``decision_counts`` is keyed by
-    (gpu index, rule, action); ``action_counts`` by (gpu index, action, outcome).
+    (gpu index, gpu uuid, rule, action); ``action_counts`` by (gpu index, gpu uuid,
+    action, outcome); ``read_errors`` by (gpu index, gpu uuid).
     """
 
     version: str
@@ -250,9 +298,9 @@ class PublishedState:
     dry_run: bool
     snapshot: Snapshot | None
     gpus: tuple[GpuStatus, ...]
-    decision_counts: tuple[tuple[tuple[int, str, str], int], ...]
-    action_counts: tuple[tuple[tuple[int, str, str], int], ...]
-    read_errors: tuple[tuple[int, int], ...]  # (gpu index, count)
+    decision_counts: tuple[tuple[tuple[int, str, str, str], int], ...]
+    action_counts: tuple[tuple[tuple[int, str, str, str], int], ...]
+    read_errors: tuple[tuple[tuple[int, str], int], ...]  # ((gpu index, gpu uuid), count)
     tick_count: int
     tick_duration_s: float | None
     tick_bucket_counts: tuple[int, ...]  # cumulative, per TICK_BUCKETS_S then +Inf

@@ -100,6 +100,7 @@ class DecisionLog:
         self._hands_off: set[str] = set()
         self._monitor_only: set[str] = set()
         self._state_error: str | None = None
+        self._xids: dict[str, dict[int, int]] = {}  # XID counts by code already logged, per GPU UUID
 
     def starting(self, governor: Governor) -> None:
         """The start-up events: the governor, each GPU with its ladder, unreadable state."""
@@ -167,6 +168,7 @@ class DecisionLog:
             for g in report.gpus:
                 self._indexes[g.info.uuid] = g.info.index
             self._transitions(report)
+            self._xid_errors(report)
         for result in report.results:
             self._decision(report, result)
         self._state_store(report)
@@ -191,6 +193,29 @@ class DecisionLog:
                 fields = {"gpu": r.index, "uuid": r.uuid, "used_bytes": r.memory_used_bytes}
                 fields["total_bytes"] = r.memory_total_bytes
                 self.log.warning("memory_pressure_began" if pressure else "memory_pressure_ended", **fields)
+
+    def _xid_errors(self, report: TickReport) -> None:
+        """One ``gpu_xid_error`` warning per XID code whose count grew since the last tick
+        (``count``: how many arrived since; the backend counts them from its start)."""
+        assert report.snapshot is not None
+        for r in report.snapshot.gpus:
+            telemetry = r.telemetry
+            if telemetry is None or not telemetry.xid_errors:
+                continue
+            seen = self._xids.setdefault(r.uuid, {})
+            for xid, total in telemetry.xid_errors:
+                new = total - seen.get(xid, 0)
+                if new > 0:
+                    self.log.warning(
+                        "gpu_xid_error",
+                        gpu=r.index,
+                        uuid=r.uuid,
+                        xid=xid,
+                        count=new,
+                        total=total,
+                        effect="the driver reported a GPU error (XID); see NVIDIA's XID catalogue for this code",
+                    )
+                seen[xid] = total
 
     def _state_store(self, report: TickReport) -> None:
         error = report.state_error
@@ -399,10 +424,10 @@ class Telemetry:
         self.reloads: Counter[str] = Counter()
         self.tick_failures = 0
         self._began: float | None = None
-        self._decision_counts: Counter[tuple[int, str, str]] = Counter()
-        self._action_counts: Counter[tuple[int, str, str]] = Counter()
+        self._decision_counts: Counter[tuple[int, str, str, str]] = Counter()
+        self._action_counts: Counter[tuple[int, str, str, str]] = Counter()
         self._process_actions: Counter[tuple[str, str, str]] = Counter()
-        self._read_errors: Counter[int] = Counter()
+        self._read_errors: Counter[tuple[int, str]] = Counter()
         self._last_decision: dict[str, tuple[Decision, float]] = {}
         self._last_power: dict[str, DecisionRecord] = {}  # by GPU UUID
         self._last_vram: dict[str, DecisionRecord] = {}  # by GPU UUID
@@ -463,7 +488,7 @@ class Telemetry:
             _histogram(self._tick_buckets, duration_s)
         for reading in report.snapshot.gpus:
             if reading.health is not GpuHealth.OK:
-                self._read_errors[reading.index] += 1
+                self._read_errors[(reading.index, reading.uuid)] += 1
         self._last = report
         self._publish(report)
 
@@ -472,13 +497,13 @@ class Telemetry:
         for result in report.results:
             decision = result.decision
             action = decision.action
-            self._decision_counts[(decision.gpu_index, decision.rule, action.value)] += 1
+            self._decision_counts[(decision.gpu_index, decision.gpu_uuid, decision.rule, action.value)] += 1
             outcome = result.outcome.value if action is not Action.NONE else "reported"
             if decision.pid is not None and decision.process_class is not None:
                 action_name = PROCESS_ACTION_NAMES.get(action, action.value)
                 self._process_actions[(decision.process_class, action_name, outcome)] += 1
             if action is not Action.NONE:
-                self._action_counts[(decision.gpu_index, action.value, result.outcome.value)] += 1
+                self._action_counts[(decision.gpu_index, decision.gpu_uuid, action.value, result.outcome.value)] += 1
             self._last_decision[decision.gpu_uuid] = (decision, wall)
             record = DecisionRecord(decision, wall, outcome)
             if decision.pid is not None:

@@ -13,7 +13,14 @@ Knobs:
 - ``FakeNvml(absent_symbols=...)``: symbols the "driver" lacks (FUNCTION_NOT_FOUND).
 - ``FakeNvml(missing=...)``: Python functions this "nvidia-ml-py" lacks (AttributeError).
 - ``FakeNvml(init_error=code)``: nvmlInit fails; ``fake.fatal = code``: every later call fails.
-Values are NVML's units: milliwatts, millijoules, bytes, degrees C, MHz, percent.
+- ``fake.xid(gpu_index, code)``: an XID error event arrives (queued only for a GPU
+  registered on an event set, as NVML does); ``nvmlEventSetWait_v2`` returns the queued
+  events one by one, then raises Timeout.
+- Telemetry: ``FakeGpu.memory_temperature_c = None`` makes that field answer NotSupported
+  (in the field value's own ``nvmlReturn``, as NVML does); ``fans = None`` makes
+  nvmlDeviceGetNumFans answer NotSupported (a data-center GPU); ``violation_ns`` lists the
+  perf policies NVML keeps a counter for (any other answers NotSupported).
+Values are NVML's units: milliwatts, millijoules, bytes, degrees C, MHz, percent, ns.
 """
 
 from __future__ import annotations
@@ -55,7 +62,19 @@ NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
 NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
 NVML_TEMPERATURE_GPU = 0
 NVML_CLOCK_SM = 1
+NVML_CLOCK_MEM = 2
 nvmlMemory_v2 = 0x02000028
+NVML_PERF_POLICY_POWER = 0
+NVML_PERF_POLICY_THERMAL = 1
+NVML_PERF_POLICY_SYNC_BOOST = 2
+NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_VOLATILE_ECC = 0
+NVML_AGGREGATE_ECC = 1
+NVML_FI_DEV_MEMORY_TEMP = 82
+NVML_VALUE_TYPE_UNSIGNED_INT = 1
+NVML_PSTATE_UNKNOWN = 32
+nvmlEventTypeXidCriticalError = 0x8
 
 _STRINGS = {
     NVML_ERROR_NOT_SUPPORTED: "Not Supported",
@@ -135,6 +154,13 @@ class FakeGpu:
     utilization_pct: int = 0
     clock_event_reasons: int = 1
     sm_clock_mhz: int = 345
+    memory_clock_mhz: int = 2619
+    pstate: int = 0
+    memory_temperature_c: int | None = 36  # None: NotSupported
+    fans: list[int] | None = field(default_factory=list)  # percent per fan; None: NotSupported
+    violation_ns: dict[int, int] = field(default_factory=lambda: {NVML_PERF_POLICY_POWER: 0, 2: 0})
+    ecc: dict[tuple[int, int], int] = field(default_factory=dict)  # (error type, counter type) -> count
+    remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failure
     energy_mj: int = 1_000_000
     compute: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, used bytes)
     graphics: list[tuple[int, int | None]] = field(default_factory=list)
@@ -149,8 +175,22 @@ class FakeHandle:
     index: int
 
 
+class FakeEventSet:
+    """An NVML event set: which GPUs are registered, the events queued, whether it was freed."""
+
+    def __init__(self) -> None:
+        self.registered: set[int] = set()
+        self.queue: list[SimpleNamespace] = []
+        self.freed = False
+
+
 class FakeNvml:
     """A stand-in for the pynvml module (see the module docstring)."""
+
+    def __new__(cls, *args: Any, missing: Iterable[str] = (), **kwargs: Any) -> FakeNvml:
+        # Only a fake with missing functions pays for a __getattribute__ on every attribute
+        # (it would otherwise add microseconds to each stub call and skew timings).
+        return object.__new__(_FakeNvmlLacking if missing and cls is FakeNvml else cls)
 
     def __init__(
         self,
@@ -170,11 +210,22 @@ class FakeNvml:
         self.calls: Counter[str] = Counter()
         self.initialised = False
         self.shutdowns = 0
+        self.event_sets: list[FakeEventSet] = []
+        self.wait_error: int | None = None  # nvmlEventSetWait_v2 raises this (None: events or Timeout)
 
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("nvml") and name in object.__getattribute__(self, "missing"):
-            raise AttributeError(name)
-        return object.__getattribute__(self, name)
+    def xid(self, gpu_index: int, code: int) -> None:
+        """An XID error ``code`` on GPU ``gpu_index``: queued on every live set it is registered on."""
+        for event_set in self.event_sets:
+            if gpu_index in event_set.registered and not event_set.freed:
+                event_set.queue.append(
+                    SimpleNamespace(
+                        device=FakeHandle(gpu_index),
+                        eventType=nvmlEventTypeXidCriticalError,
+                        eventData=code,
+                        gpuInstanceId=0xFFFFFFFF,
+                        computeInstanceId=0xFFFFFFFF,
+                    )
+                )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -315,8 +366,86 @@ class FakeNvml:
         return self._gpu("nvmlDeviceGetCurrentClocksThrottleReasons", handle).clock_event_reasons
 
     def nvmlDeviceGetClockInfo(self, handle: FakeHandle, clock_type: int) -> int:
-        assert clock_type == NVML_CLOCK_SM
-        return self._gpu("nvmlDeviceGetClockInfo", handle).sm_clock_mhz
+        gpu = self._gpu("nvmlDeviceGetClockInfo", handle)
+        if clock_type == NVML_CLOCK_SM:
+            return gpu.sm_clock_mhz
+        assert clock_type == NVML_CLOCK_MEM
+        if "nvmlDeviceGetClockInfo(MEM)" in gpu.errors:
+            raise NVMLError(gpu.errors["nvmlDeviceGetClockInfo(MEM)"])
+        return gpu.memory_clock_mhz
+
+    def nvmlDeviceGetPerformanceState(self, handle: FakeHandle) -> int:
+        return self._gpu("nvmlDeviceGetPerformanceState", handle).pstate
+
+    def nvmlDeviceGetViolationStatus(self, handle: FakeHandle, policy: int) -> SimpleNamespace:
+        gpu = self._gpu("nvmlDeviceGetViolationStatus", handle)
+        if policy not in gpu.violation_ns:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return SimpleNamespace(referenceTime=0, violationTime=gpu.violation_ns[policy])
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: FakeHandle, error_type: int, counter_type: int) -> int:
+        gpu = self._gpu("nvmlDeviceGetTotalEccErrors", handle)
+        return gpu.ecc.get((error_type, counter_type), 0)
+
+    def nvmlDeviceGetRemappedRows(self, handle: FakeHandle) -> tuple[int, int, int, int]:
+        return self._gpu("nvmlDeviceGetRemappedRows", handle).remapped_rows
+
+    def nvmlDeviceGetFieldValues(self, handle: FakeHandle, field_ids: list[int]) -> list[SimpleNamespace]:
+        gpu = self._gpu("nvmlDeviceGetFieldValues", handle)
+        values = []
+        for field_id in field_ids:
+            temp = gpu.memory_temperature_c if field_id == NVML_FI_DEV_MEMORY_TEMP else None
+            values.append(
+                SimpleNamespace(
+                    fieldId=field_id,
+                    scopeId=0,
+                    timestamp=0,
+                    latencyUsec=0,
+                    valueType=NVML_VALUE_TYPE_UNSIGNED_INT,
+                    nvmlReturn=NVML_SUCCESS if temp is not None else NVML_ERROR_NOT_SUPPORTED,
+                    value=SimpleNamespace(uiVal=temp or 0),
+                )
+            )
+        return values
+
+    def nvmlDeviceGetNumFans(self, handle: FakeHandle) -> int:
+        gpu = self._gpu("nvmlDeviceGetNumFans", handle)
+        if gpu.fans is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return len(gpu.fans)
+
+    def nvmlDeviceGetFanSpeed_v2(self, handle: FakeHandle, fan: int) -> int:
+        gpu = self._gpu("nvmlDeviceGetFanSpeed_v2", handle)
+        if gpu.fans is None or not 0 <= fan < len(gpu.fans):
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED if gpu.fans is None else NVML_ERROR_INVALID_ARGUMENT)
+        return gpu.fans[fan]
+
+    # ------------------------------------------------------------------ events
+
+    def nvmlEventSetCreate(self) -> FakeEventSet:
+        self._enter("nvmlEventSetCreate")
+        event_set = FakeEventSet()
+        self.event_sets.append(event_set)
+        return event_set
+
+    def nvmlDeviceRegisterEvents(self, handle: FakeHandle, event_types: int, event_set: FakeEventSet) -> None:
+        self._gpu("nvmlDeviceRegisterEvents", handle)
+        assert event_types == nvmlEventTypeXidCriticalError and not event_set.freed
+        event_set.registered.add(handle.index)
+
+    def nvmlEventSetWait_v2(self, event_set: FakeEventSet, timeout_ms: int) -> SimpleNamespace:
+        self._enter("nvmlEventSetWait_v2")
+        assert timeout_ms == 0 and not event_set.freed
+        if self.wait_error is not None:
+            raise NVMLError(self.wait_error)
+        if not event_set.queue:
+            raise NVMLError(NVML_ERROR_TIMEOUT)
+        return event_set.queue.pop(0)
+
+    def nvmlEventSetFree(self, event_set: FakeEventSet) -> None:
+        self._enter("nvmlEventSetFree")
+        assert not event_set.freed, "event set freed twice"
+        event_set.freed = True
 
     def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: FakeHandle) -> list[SimpleNamespace]:
         return self._procs(self._gpu("nvmlDeviceGetComputeRunningProcesses_v3", handle).compute)
@@ -345,8 +474,17 @@ class FakeNvml:
         gpu.requested_limit_mw = gpu.enforced_limit_mw = limit_mw
 
 
+class _FakeNvmlLacking(FakeNvml):
+    """A FakeNvml whose bindings lack the functions in ``missing`` (AttributeError)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("nvml") and name in object.__getattribute__(self, "missing"):
+            raise AttributeError(name)
+        return object.__getattribute__(self, name)
+
+
 # The module-level names pynvml exposes (constants, error classes) are attributes of the fake too.
 for _name, _value in list(globals().items()):
-    if _name.startswith(("NVML_", "NVMLError", "nvmlMemory_")) or _name == "NVMLLibraryMismatchError":
+    if _name.startswith(("NVML_", "NVMLError", "nvmlMemory_", "nvmlEventType")) or _name == "NVMLLibraryMismatchError":
         setattr(FakeNvml, _name, _value)
 del _name, _value

@@ -51,9 +51,18 @@ class TestSustainedInference:
         """The decisions counter and the enforced limit reflect every step."""
         daemon, _ = run_cycles(tmp_path, 2)
         body = generate_latest(build_registry(lambda: daemon.published)).decode()
-        assert 'gpu_governor_decisions_total{action="set_power_limit",gpu="0",rule="power_step_down"} 2.0' in body
-        assert 'gpu_governor_decisions_total{action="set_power_limit",gpu="0",rule="power_step_up"} 2.0' in body
-        assert 'gpu_governor_actions_total{action="set_power_limit",gpu="0",outcome="applied"} 4.0' in body
+        assert (
+            'gpu_governor_decisions_total{action="set_power_limit",gpu="0",'
+            'rule="power_step_down",uuid="GPU-sim-rtx4070-0"} 2.0' in body
+        )
+        assert (
+            'gpu_governor_decisions_total{action="set_power_limit",gpu="0",'
+            'rule="power_step_up",uuid="GPU-sim-rtx4070-0"} 2.0' in body
+        )
+        assert (
+            'gpu_governor_actions_total{action="set_power_limit",gpu="0",'
+            'outcome="applied",uuid="GPU-sim-rtx4070-0"} 4.0' in body
+        )
 
     def test_dry_run_leaves_the_gpu_at_200_w(self, tmp_path: Path) -> None:
         """Under dry-run the simulated GPU stays at 200 W while every would-be step is logged."""

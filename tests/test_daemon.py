@@ -198,5 +198,8 @@ class TestMetricsEndpoint:
         assert (
             'gpu_governor_gpu_thermal_zone{gpu="0",gpu_governor_gpu_thermal_zone="hot",uuid="GPU-test-0"} 1.0' in body
         )
-        assert 'gpu_governor_decisions_total{action="set_power_limit",gpu="0",rule="power_step_down"} 1.0' in body
+        assert (
+            'gpu_governor_decisions_total{action="set_power_limit",gpu="0",'
+            'rule="power_step_down",uuid="GPU-test-0"} 1.0' in body
+        )
         assert "gpu_governor_tick_duration_seconds_count" in body

@@ -10,14 +10,21 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from governor.backends.simulated import SimulatedBackend
 from governor.clock import VirtualClock
+from governor.config import Config
 from governor.daemon import Daemon
 from governor.httpserver import MetricsServer
 from governor.metrics import Exposition, build_registry
 from governor.model import GpuHealth, GpuReading, Snapshot
-from tests.builders import scrape_after_ticks
+from governor.policy import VramPolicy
+from governor.sim import load_profile
+from governor.sim.scenario import parse_scenario
+from tests.builders import build_daemon, scrape_after_ticks
 from tests.scripted import ScriptedBackend
 from tests.support import require_tool
 
@@ -61,6 +68,21 @@ class TestPromtool:
         _, body = scrape_after_ticks(tmp_path, 10)
         result = subprocess.run(
             [promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout == "" and result.stderr == ""
+
+    @pytest.mark.parametrize("profile", ["h100-80gb", "rtx4070"])
+    def test_promtool_is_silent_on_the_telemetry(self, tmp_path: Path, profile: str) -> None:
+        """`promtool check metrics` on a full exposition with every telemetry family prints nothing."""
+        promtool = require_tool("promtool")
+        result = subprocess.run(
+            [promtool, "check", "metrics"],
+            input=full_exposition(tmp_path, profile),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert result.stdout == "" and result.stderr == ""
@@ -189,3 +211,101 @@ class TestExposition:
         finally:
             server.close()
             plain.close()
+
+
+def full_exposition(tmp_path: Path, profile: str) -> str:
+    """The scrape of a daemon on two simulated GPUs of ``profile`` after a minute of a hot,
+    power-capped load with one process each: decisions and actions on both, GPU 1 without
+    a temperature from t=20 s (read errors), an XID 48 on GPU 0, per-process metrics on."""
+
+    scenario = parse_scenario(
+        {
+            "name": "everything",
+            "ambient_c": 50.0 if profile == "h100-80gb" else 35.0,  # hot, not shut down
+            "initial_power_fraction": 1.0,
+            "repeat": False,
+            "phase": [{"name": "burn", "duration_s": 3600.0, "demand_fraction": 1.3}],
+            "process": [{"name": "trainer", "memory_gib": 2.0}],
+            "event": [{"at_s": 5.0, "gpu": 0, "xid": 48}, {"at_s": 20.0, "gpu": 1, "fault": "temperature_unsupported"}],
+        },
+        "<test>",
+    )
+    clock = VirtualClock()
+    backend = SimulatedBackend(load_profile(profile), scenario, clock, gpu_count=2)
+    config = Config(state_dir=str(tmp_path), runtime_dir="", vram=VramPolicy(per_process_metrics=True))
+    daemon = build_daemon(config, backend, clock)
+    daemon.start()
+    for _ in range(60):
+        clock.advance(1.0)
+        daemon.tick()
+    return generate_latest(build_registry(lambda: daemon.published)).decode()
+
+
+class TestLabels:
+    @pytest.mark.parametrize("profile", ["h100-80gb", "rtx4070"])
+    def test_every_per_gpu_family_carries_uuid(self, tmp_path: Path, profile: str) -> None:
+        """In a full exposition every sample of every family that has a ``gpu`` label also has the GPU's ``uuid``."""
+        body = full_exposition(tmp_path, profile)
+        per_gpu: set[str] = set()
+        missing = []
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if "gpu" not in sample.labels:
+                    continue
+                per_gpu.add(family.name)
+                if sample.labels.get("uuid") != f"GPU-sim-{profile}-{sample.labels['gpu']}":
+                    missing.append((sample.name, sample.labels))
+        assert missing == []
+        # the walk saw the families of the issue, each with samples (not an empty pass)
+        expected = {
+            "gpu_governor_decisions",
+            "gpu_governor_actions",
+            "gpu_governor_gpu_read_errors",
+            "gpu_governor_gpu_xid_errors",
+            "gpu_governor_gpu_clock_event_seconds",
+            "gpu_governor_gpu_sm_clock_hertz",
+            "gpu_governor_gpu_memory_clock_hertz",
+            "gpu_governor_gpu_pstate",
+            "gpu_governor_process_vram_used_bytes",
+            "gpu_governor_gpu_temperature_celsius",
+        }
+        if profile == "h100-80gb":
+            expected |= {"gpu_governor_gpu_ecc_errors", "gpu_governor_gpu_remapped_rows"}
+            expected |= {"gpu_governor_gpu_memory_temperature_celsius", "gpu_governor_gpu_row_remap_pending"}
+        else:
+            expected |= {"gpu_governor_gpu_fan_speed_ratio"}
+        assert expected <= per_gpu, expected - per_gpu
+
+
+class TestTelemetryMetrics:
+    def test_h100_exposition_in_base_units(self, tmp_path: Path) -> None:
+        """Clocks in Hz, XIDs by code, uncorrected ECC counted from the XID 48, no fan series without fans."""
+        body = full_exposition(tmp_path, "h100-80gb")
+        assert 'gpu_governor_gpu_xid_errors_total{gpu="0",uuid="GPU-sim-h100-80gb-0",xid="48"} 1.0' in body
+        assert 'gpu_governor_gpu_xid_errors_total{gpu="1"' not in body
+        assert (
+            'gpu_governor_gpu_ecc_errors_total{gpu="0",scope="volatile",type="uncorrected",'
+            'uuid="GPU-sim-h100-80gb-0"} 1.0' in body
+        )
+        assert 'gpu_governor_gpu_memory_clock_hertz{gpu="0",uuid="GPU-sim-h100-80gb-0"} 2.619e+09' in body
+        assert 'gpu_governor_gpu_pstate{gpu="0",uuid="GPU-sim-h100-80gb-0"} 0.0' in body
+        assert "gpu_governor_gpu_fan_speed_ratio{" not in body
+        sm = metric_value(body, 'gpu_governor_gpu_sm_clock_hertz{gpu="0",uuid="GPU-sim-h100-80gb-0"}')
+        assert 345e6 < sm < 1980e6, "capped at 700 W of a 910 W demand: below the boost clock"
+        capped = metric_value(
+            body, 'gpu_governor_gpu_clock_event_seconds_total{gpu="0",reason="sw_power_cap",uuid="GPU-sim-h100-80gb-0"}'
+        )
+        assert 55.0 <= capped <= 61.0, "power-capped the whole minute"
+
+    def test_rtx4070_has_no_ecc_or_memory_temperature_series(self, tmp_path: Path) -> None:
+        """On a GeForce profile ECC, remapped rows and memory temperature are absent (NotSupported), never 0."""
+        body = full_exposition(tmp_path, "rtx4070")
+        for name in ("ecc_errors_total", "remapped_rows", "row_remap_pending", "memory_temperature_celsius"):
+            assert f"gpu_governor_gpu_{name}{{" not in body, name
+        assert 'gpu_governor_gpu_fan_speed_ratio{fan="1",gpu="0",uuid="GPU-sim-rtx4070-0"}' in body
+
+
+def metric_value(body: str, series: str) -> float:
+    """The value of one exact series line of an exposition."""
+    (line,) = [line for line in body.splitlines() if line.startswith(series + " ")]
+    return float(line.split()[-1])

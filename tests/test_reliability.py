@@ -133,7 +133,7 @@ class TestGpuFaults:
         assert snap is not None
         assert snap.gpus[1].health is GpuHealth.LOST and snap.gpus[0].health is GpuHealth.OK
         assert snap.gpus[0].power_limit_w == 180.0
-        assert daemon.published is not None and dict(daemon.published.read_errors)[1] >= 270
+        assert daemon.published is not None and dict(daemon.published.read_errors)[(1, "GPU-sim-rtx4070-1")] >= 270
         zone = [e for e in logs if e["event"] == "thermal_zone_changed" and e["gpu"] == 1]
         assert zone[-1]["to_zone"] == "unknown"
 

@@ -291,7 +291,7 @@ class TestSoak:
             assert sink.events["process_over_budget"] == 1
         if scenario == "hot":
             assert actions[("trainer", "over_budget", "reported")] == 1
-            assert "power_step_down" in {rule for (_, rule, _), _ in published.decision_counts}
+            assert "power_step_down" in {rule for (_, _, rule, _), _ in published.decision_counts}
         if scenario == "gpu-lost":
             assert [health for _, health, _ in result.lost_gpu_checks] == [GpuHealth.LOST] * 24
             assert all(temperature is not None for *_, temperature in result.lost_gpu_checks)
@@ -328,8 +328,8 @@ class TestSoak:
         assert published is not None
         gpu0, _ = published.gpus
         assert gpu0.last_decision is not None and gpu0.last_decision.t_s > 120.0
-        counts = dict(published.decision_counts)
+        counts = {(gpu, *rest): n for (gpu, _, *rest), n in published.decision_counts}
         assert counts.get((0, "power_step_down", "set_power_limit"), 0) >= 1
         assert counts.get((1, "power_step_down", "set_power_limit"), 0) == 0
-        applied = dict(published.action_counts)
+        applied = {(gpu, *rest): n for (gpu, _, *rest), n in published.action_counts}
         assert applied.get((0, "set_power_limit", "applied"), 0) >= 1

@@ -18,6 +18,8 @@ NO_DRIVER       None for this tick               SetLimitFailed               Ba
 MISSING_CALL    the next older version of the    SetLimitFailed               BackendUnavailable
                 call is tried (governor.backends._nvml_probe)
 TRANSIENT       None for this tick               SetLimitFailed               BackendUnavailable
+TIMEOUT         None for this tick (an event     SetLimitFailed               BackendUnavailable
+                wait: nothing is pending)
 ==============  ===============================  ===========================  ==========================
 
 :class:`NvmlCaller` is the one call wrapper (like nvitop's ``nvmlQuery``): it runs an
@@ -49,13 +51,15 @@ class Kind(enum.Enum):
     FATAL = "fatal"  # the library no longer matches the driver: only a restart helps
     NO_DRIVER = "no_driver"  # no driver / no library
     MISSING_CALL = "missing_call"  # this version of the call is not in the driver or the bindings
-    TRANSIENT = "transient"  # anything else (timeout, no data ...): may pass on a later try
+    TRANSIENT = "transient"  # anything else (no data ...): may pass on a later try
+    TIMEOUT = "timeout"  # a wait ended with nothing to report (nvmlEventSetWait: no event pending)
 
 
 TABLE: Final[Mapping[str, tuple[int, Kind]]] = {
     # nvml.h symbol: (its code, used when the bindings lack the constant; its kind)
     "NVML_ERROR_NOT_SUPPORTED": (3, Kind.UNSUPPORTED),
     "NVML_ERROR_NO_PERMISSION": (4, Kind.DENIED),
+    "NVML_ERROR_TIMEOUT": (10, Kind.TIMEOUT),
     "NVML_ERROR_DRIVER_NOT_LOADED": (9, Kind.NO_DRIVER),
     "NVML_ERROR_LIBRARY_NOT_FOUND": (12, Kind.NO_DRIVER),
     "NVML_ERROR_FUNCTION_NOT_FOUND": (13, Kind.MISSING_CALL),
@@ -86,13 +90,19 @@ class NvmlCaller:
     read from it where it has them.
     """
 
-    __slots__ = ("_kinds", "_mismatch", "error")
+    __slots__ = ("_kinds", "_mismatch", "error", "timeout_error")
 
     def __init__(self, nvml: Any) -> None:
         self.error: type[Exception] = nvml.NVMLError
         self._kinds: dict[int, Kind] = {}
         for symbol, (code, kind) in TABLE.items():
             self._kinds[int(getattr(nvml, symbol, code))] = kind
+        timeout = nvml.NVMLError(int(getattr(nvml, "NVML_ERROR_TIMEOUT", TABLE["NVML_ERROR_TIMEOUT"][0])))
+        self.timeout_error: tuple[type[Exception], ...] = (
+            (type(timeout),) if type(timeout) is not self.error and isinstance(timeout, self.error) else ()
+        )
+        """NVML's own class for a Timeout, to catch it without classifying (an event wait
+        answers it every tick); empty when the bindings have none (then :meth:`kind` says TIMEOUT)."""
         mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
         self._mismatch: type[BaseException] | None = (
             mismatch if isinstance(mismatch, type) and issubclass(mismatch, BaseException) else None

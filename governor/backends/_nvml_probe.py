@@ -2,8 +2,10 @@
 
 Versioned NVML calls (temperature V, memory info v2, process info v3/v2/v1, clock
 event/throttle reasons) are offered newest first; the first that answers is kept for the
-life of the backend (:class:`Versioned`). :func:`build_reads` binds every per-tick read
-once, so a tick does no attribute lookups on the module.
+life of the backend (:class:`Versioned`). A call older nvidia-ml-py lacks (violation
+status, remapped rows, performance state, fan count/speed v2, field values) is a
+one-candidate :class:`Versioned`: without it the read answers UNSUPPORTED. :func:`build_reads`
+binds every read once, so a tick does no attribute lookups on the module.
 """
 
 from __future__ import annotations
@@ -26,6 +28,28 @@ TEMPERATURE_GPU: Final = 0
 THRESHOLD_SHUTDOWN: Final = 0
 THRESHOLD_SLOWDOWN: Final = 1
 CLOCK_SM: Final = 1
+CLOCK_MEM: Final = 2
+PERF_POLICY_POWER: Final = 0
+PERF_POLICY_SYNC_BOOST: Final = 2
+MEMORY_ERROR_CORRECTED: Final = 0
+MEMORY_ERROR_UNCORRECTED: Final = 1
+VOLATILE_ECC: Final = 0
+AGGREGATE_ECC: Final = 1
+FI_DEV_MEMORY_TEMP: Final = 82
+VALUE_FIELDS: Final = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+"""The member of nvmlValue_t each NVML_VALUE_TYPE_* (0..6) is read from."""
+
+VIOLATION_REASONS: Final = (("sw_power_cap", PERF_POLICY_POWER), ("sync_boost", PERF_POLICY_SYNC_BOOST))
+"""Clock event reasons NVML keeps a cumulative counter for (nvmlDeviceGetViolationStatus,
+nanoseconds): nvml.h defines NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP and _SYNC_BOOST
+as the POWER and SYNC_BOOST perf policies. The other reasons are integrated per tick."""
+
+ECC_COUNTERS: Final = tuple(
+    (f"ecc_{kind}_{scope}", kind, scope, kind_code, scope_code)
+    for kind, kind_code in (("corrected", MEMORY_ERROR_CORRECTED), ("uncorrected", MEMORY_ERROR_UNCORRECTED))
+    for scope, scope_code in (("volatile", VOLATILE_ECC), ("aggregate", AGGREGATE_ECC))
+)
+"""(field, type label, scope label, NVML error type, NVML counter type) of each ECC count."""
 
 
 def text(value: Any) -> str:
@@ -58,6 +82,11 @@ class Versioned:
         self._caller = caller
         self.chosen: Read | None = None
 
+    @property
+    def exhausted(self) -> bool:
+        """No version is left to try: every call answers UNSUPPORTED."""
+        return self.chosen is None and not self._candidates
+
     def __call__(self, handle: Any) -> Any:
         chosen = self.chosen
         if chosen is not None:
@@ -86,14 +115,26 @@ class Versioned:
 class Reads:
     """Every NVML read the backend makes, bound once.
 
-    ``per_tick`` are the nine (field, read) pairs of every tick, in the order of
-    :data:`PER_TICK_FIELDS`; ``requested`` and ``energy`` run on slower cadences.
+    ``per_tick`` are the (field, read) pairs of every tick, in the order of
+    :data:`PER_TICK_FIELDS`; ``requested`` and ``energy`` run on slower cadences, and so
+    do the ``slow`` telemetry reads (:data:`SLOW_FIELDS`: NVML's violation counters in
+    ns, ECC counts, remapped rows, memory temperature in C, memory clock in MHz,
+    performance state). ``fan_count`` is read once per GPU; ``fan_speed(handle, fan)``
+    answers in percent.
     """
 
     per_tick: tuple[tuple[str, Read], ...]
     memory: Read
     requested: Read
     energy: Read
+    slow: tuple[tuple[str, Read], ...] = ()
+    fan_count: Read = lambda h: 0
+    fan_speed: Callable[[Any, int], Any] = lambda h, fan: None
+
+    def fan_speeds(self, count: int) -> Read:
+        """A read of the speed of fans 0 .. ``count`` - 1 of one GPU (percent each)."""
+        speed, fans = self.fan_speed, range(count)
+        return lambda h: [speed(h, fan) for fan in fans]
 
     def settled(self) -> tuple[tuple[str, Read], ...] | None:
         """``per_tick`` with each versioned read replaced by the version it chose (one
@@ -102,7 +143,10 @@ class Reads:
         for field, read in self.per_tick:
             chosen = read.chosen if isinstance(read, Versioned) else read
             if chosen is None:
-                return None
+                if isinstance(read, Versioned) and read.exhausted:
+                    chosen = read  # no version at all: it answers UNSUPPORTED and rests
+                else:
+                    return None
             bound.append((field, chosen))
         return tuple(bound)
 
@@ -118,6 +162,25 @@ PER_TICK_FIELDS: Final = (
     "compute_processes",
     "graphics_processes",
 )
+
+SLOW_FIELDS: Final = (
+    *(f"violation_{reason}" for reason, _ in VIOLATION_REASONS),
+    *(field for field, *_ in ECC_COUNTERS),
+    "remapped_rows",
+    "memory_temperature",
+    "memory_clock",
+    "pstate",
+)
+
+TELEMETRY_FIELDS: Final = frozenset({"memory_clock", "pstate", "fan_count", "fan_speed", *SLOW_FIELDS})
+"""Reads that only feed the telemetry: one that answers NotSupported is never asked again for that GPU."""
+
+
+def field_number(value: Any) -> float:
+    """The number in an nvmlFieldValue_t; raises its NVML error when ``nvmlReturn`` is one."""
+    kind = int(value.valueType)
+    member = VALUE_FIELDS[kind] if 0 <= kind < len(VALUE_FIELDS) else "uiVal"
+    return float(getattr(value.value, member))
 
 
 def build_reads(nvml: Any, caller: NvmlCaller) -> Reads:
@@ -153,6 +216,41 @@ def build_reads(nvml: Any, caller: NvmlCaller) -> Reads:
 
     get_clock = nvml.nvmlDeviceGetClockInfo
     read_memory = Versioned("memory", memory, caller)
+
+    def optional(name: str, bind: Callable[[Callable[..., Any]], Read] | None = None) -> Versioned:
+        """A read through ``name``, which this nvidia-ml-py may lack (then it answers
+        UNSUPPORTED); ``bind`` turns the function into a read of one handle."""
+        fn = getattr(nvml, name, None)
+        if not callable(fn):
+            return Versioned(name, [], caller)
+        return Versioned(name, [(name, fn if bind is None else bind(fn))], caller)
+
+    def violation(policy: int) -> Callable[[Callable[..., Any]], Read]:
+        return lambda get: lambda h: get(h, policy).violationTime
+
+    def ecc(kind: int, scope: int) -> Callable[[Callable[..., Any]], Read]:
+        return lambda get: lambda h: get(h, kind, scope)
+
+    error = nvml.NVMLError
+
+    def memory_temperature(get: Callable[..., Any]) -> Read:
+        def read(h: Any) -> float:
+            value = get(h, [FI_DEV_MEMORY_TEMP])[0]
+            if int(value.nvmlReturn) != 0:
+                raise error(int(value.nvmlReturn))
+            return field_number(value)
+
+        return read
+
+    slow: tuple[Read, ...] = (
+        *(optional("nvmlDeviceGetViolationStatus", violation(policy)) for _, policy in VIOLATION_REASONS),
+        *(optional("nvmlDeviceGetTotalEccErrors", ecc(k, c)) for *_, k, c in ECC_COUNTERS),
+        optional("nvmlDeviceGetRemappedRows"),
+        optional("nvmlDeviceGetFieldValues", memory_temperature),
+        lambda h: get_clock(h, CLOCK_MEM),
+        optional("nvmlDeviceGetPerformanceState"),
+    )
+    fan_speed = getattr(nvml, "nvmlDeviceGetFanSpeed_v2", None)
     per_tick: tuple[Read, ...] = (
         Versioned("temperature", temperature, caller),
         nvml.nvmlDeviceGetPowerUsage,
@@ -169,4 +267,7 @@ def build_reads(nvml: Any, caller: NvmlCaller) -> Reads:
         memory=read_memory,
         requested=nvml.nvmlDeviceGetPowerManagementLimit,
         energy=nvml.nvmlDeviceGetTotalEnergyConsumption,
+        slow=tuple(zip(SLOW_FIELDS, slow, strict=True)),
+        fan_count=optional("nvmlDeviceGetNumFans") if callable(fan_speed) else optional("nvmlDeviceGetFanSpeed_v2"),
+        fan_speed=fan_speed if callable(fan_speed) else _absent,
     )

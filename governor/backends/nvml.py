@@ -21,6 +21,13 @@ classifies every NVML error as unsupported, denied, lost, fatal, no driver, miss
 call or transient), :mod:`governor.backends._nvml_probe` (which version of each call
 this driver has) and :mod:`governor.backends._nvml_procs` (process listing).
 
+Telemetry (:mod:`governor.backends._nvml_telemetry`): each tick adds the clock event
+seconds from the reasons it reads anyway; NVML's violation counters (about 1 ms each on
+an H200), the ECC counts, remapped rows, memory temperature, fan speeds, memory clock
+and performance state are slow reads on their own cadence (``telemetry_refresh_s``). A telemetry read that
+answers NotSupported is never asked again for that GPU. XID errors come from one NVML
+event set polled without waiting each tick (:mod:`governor.backends._nvml_events`).
+
 Robustness, by kind of error (the table in ``_nvml_errors``):
 
 - A field that answers NotSupported is ``None``, logged once per GPU and field
@@ -44,8 +51,17 @@ from typing import Any, Final
 import structlog
 
 from governor.backends._nvml_errors import VERSION_MISMATCH_MESSAGE, Kind, NvmlCaller, NvmlFailure
-from governor.backends._nvml_probe import THRESHOLD_SHUTDOWN, THRESHOLD_SLOWDOWN, Read, build_reads, text
+from governor.backends._nvml_events import XidEvents
+from governor.backends._nvml_probe import (
+    TELEMETRY_FIELDS,
+    THRESHOLD_SHUTDOWN,
+    THRESHOLD_SLOWDOWN,
+    Read,
+    build_reads,
+    text,
+)
 from governor.backends._nvml_procs import ProcessLister
+from governor.backends._nvml_telemetry import GpuTelemetryState
 from governor.clock import Clock
 from governor.errors import BackendFatal, BackendUnavailable, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
@@ -84,6 +100,7 @@ class _GpuState:
         "lost_error",
         "reported",
         "retry_at_s",
+        "telemetry",
         "unsupported",
         "uuid",
     )
@@ -104,6 +121,7 @@ class _GpuState:
         self.limit_due_s = -math.inf
         self.energy_j: float | None = None
         self.energy_due_s = -math.inf
+        self.telemetry = GpuTelemetryState()
 
     def mark_lost(self, reason: str, now: float, backoff_initial_s: float, backoff_max_s: float) -> None:
         """Remember that the GPU stopped answering and when to try it again (backoff doubling, seconds)."""
@@ -112,6 +130,7 @@ class _GpuState:
         self.handle = None
         self.limit_requested_w = self.energy_j = None
         self.limit_due_s = self.energy_due_s = -math.inf
+        self.telemetry.lost()
         if self.lost_error is None:
             log.warning("nvml_gpu_lost", gpu=self.index, uuid=self.uuid, reason=reason, retry_in_s=self.backoff_s)
         self.lost_error = f"GPU lost: {reason}"
@@ -124,6 +143,7 @@ class _GpuState:
             memory_total_bytes=self.info.memory_total_bytes,
             health=GpuHealth.LOST,
             error=self.lost_error,
+            telemetry=self.telemetry.lost_record(),  # its XID counts
         )
 
 
@@ -131,9 +151,9 @@ class NvmlBackend:
     """Reads NVIDIA GPUs through NVML and sets their power limits.
 
     ``nvml`` is the ``pynvml`` module (imported when omitted) or any object with the
-    same API, for tests. ``limit_refresh_s`` and ``energy_refresh_s`` are the cadences
-    (seconds) of the two expensive reads; ``unsupported_reprobe_s`` how long a
-    NotSupported field rests before it is asked again (``None``: never);
+    same API, for tests. ``limit_refresh_s``, ``energy_refresh_s`` and ``telemetry_refresh_s``
+    are the cadences (seconds) of the slow reads; ``unsupported_reprobe_s`` how long a
+    NotSupported field rests before it is asked again (``None``: never; telemetry: never);
     ``lost_backoff_initial_s``/``lost_backoff_max_s`` bound the exponential backoff
     between attempts to reacquire a lost GPU. ``proc_root`` is where process names are
     read (``<proc_root>/<pid>/comm``).
@@ -154,6 +174,7 @@ class NvmlBackend:
         limit_refresh_s: float = 30.0,
         energy_refresh_s: float = 60.0,
         unsupported_reprobe_s: float | None = 600.0,
+        telemetry_refresh_s: float = 10.0,
         lost_backoff_initial_s: float = 1.0,
         lost_backoff_max_s: float = 60.0,
         proc_root: Path | str = "/proc",
@@ -161,6 +182,7 @@ class NvmlBackend:
         _check_positive(
             limit_refresh_s=limit_refresh_s,
             energy_refresh_s=energy_refresh_s,
+            telemetry_refresh_s=telemetry_refresh_s,
             lost_backoff_initial_s=lost_backoff_initial_s,
             lost_backoff_max_s=lost_backoff_max_s,
             unsupported_reprobe_s=math.inf if unsupported_reprobe_s is None else unsupported_reprobe_s,
@@ -168,6 +190,7 @@ class NvmlBackend:
         self._clock = clock
         self._limit_refresh_s = limit_refresh_s
         self._energy_refresh_s = energy_refresh_s
+        self._telemetry_refresh_s = telemetry_refresh_s
         self._reprobe_s = math.inf if unsupported_reprobe_s is None else unsupported_reprobe_s
         self._backoff_initial_s = lost_backoff_initial_s
         self._backoff_max_s = lost_backoff_max_s
@@ -191,6 +214,7 @@ class NvmlBackend:
             if exc.kind is Kind.NO_DRIVER:
                 raise BackendUnavailable(f"{NO_DRIVER_MESSAGE} (NVML: {exc})") from None
             raise BackendUnavailable(f"NVML failed to initialise: {exc}") from None
+        self._xid = XidEvents(nvml, self._call)
         try:
             self._states = self._open_gpus()
         except BaseException:
@@ -223,9 +247,12 @@ class NvmlBackend:
             st = _GpuState(index, uuid, handle)
             try:
                 st.info = _static_info(self, st, driver, now)
+                fans = self._get(st, "fan_count", self._reads.fan_count, now)
+                st.telemetry.fan_count = None if fans is None else int(fans)
             except _Lost as exc:
                 self._mark_lost(st, str(exc), now)
-            st.unsupported.clear()  # static facts are never read again
+            _watch_xid(self, st, now)
+            st.unsupported = {f: t for f, t in st.unsupported.items() if f in TELEMETRY_FIELDS}  # static: never again
             states.append(st)
         if not states:
             raise BackendUnavailable("NVML could not open any GPU")
@@ -275,7 +302,7 @@ class NvmlBackend:
         first = (field, failure.code) not in st.reported
         st.reported.add((field, failure.code))
         if failure.kind is Kind.UNSUPPORTED:
-            st.unsupported[field] = now + self._reprobe_s
+            st.unsupported[field] = math.inf if field in TELEMETRY_FIELDS else now + self._reprobe_s
             if first:
                 log.info("nvml_field_not_supported", gpu=st.index, uuid=st.uuid, field=field)
         elif first:  # anything else is missing for this tick only
@@ -291,7 +318,7 @@ class NvmlBackend:
         except NvmlFailure as exc:
             self._mark_lost(st, str(exc), now)
             return False
-        return True
+        return _watch_xid(self, st, now)  # a new handle: watched too (a no-op for the same device key)
 
     def _read_gpu(self, st: _GpuState, now: float) -> GpuReading:
         """The per-tick reads of one GPU (plus the slow reads when they are due)."""
@@ -306,6 +333,9 @@ class NvmlBackend:
             energy_mj = self._get(st, "energy", self._reads.energy, now)
             st.energy_j = None if energy_mj is None else energy_mj / 1000.0
             st.energy_due_s = now + self._energy_refresh_s
+        telemetry = st.telemetry
+        if now >= telemetry.due_s:
+            _read_slow_telemetry(self, st, now)
         return GpuReading(
             index=st.index,
             uuid=st.uuid,
@@ -322,6 +352,8 @@ class NvmlBackend:
             processes=self._lister.processes(compute, graphics),
             health=GpuHealth.OK if temperature is not None else GpuHealth.DEGRADED,
             error=None if temperature is not None else "temperature not available",
+            clock_event_s=telemetry.clock_event_s(None if reasons is None else int(reasons), now),
+            telemetry=telemetry.record,
         )
 
     # ----------------------------------------------------------------- Backend
@@ -340,6 +372,7 @@ class NvmlBackend:
         now = self._clock.monotonic()
         wall = self._clock.wall()
         readings = []
+        self._xid.poll()  # counted into each GPU's telemetry, read below
         for st in self._states:
             if st.lost_error is not None and (now < st.retry_at_s or not self._reacquire(st, now)):
                 readings.append(st.lost_reading())
@@ -402,7 +435,8 @@ class NvmlBackend:
         self._shutdown()
 
     def _shutdown(self) -> None:
-        """nvmlShutdown; a failure (even a fatal one: there is nothing left to do) is logged."""
+        """Free the XID event set, then nvmlShutdown; a failure (even a fatal one) is logged."""
+        self._xid.close()
         try:
             self._nvml.nvmlShutdown()
         except self._call.error as exc:
@@ -413,6 +447,27 @@ class NvmlBackend:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _watch_xid(backend: NvmlBackend, st: _GpuState, now: float) -> bool:
+    """Watch a GPU's handle for XID errors (governor.backends._nvml_events); False when it is (now) lost."""
+    if st.handle is None:
+        return False
+    try:
+        backend._xid.watch(st.index, st.uuid, st.handle, st.telemetry)
+    except NvmlFailure as exc:  # LOST: watched once it is reacquired
+        backend._mark_lost(st, str(exc), now)
+        return False
+    return True
+
+
+def _read_slow_telemetry(backend: NvmlBackend, st: _GpuState, now: float) -> None:
+    """The slow telemetry reads of one GPU, kept on its state until the next refresh."""
+    telemetry = st.telemetry
+    values = backend._read_all(st, backend._reads.slow, now)
+    count = telemetry.fan_count
+    fans = backend._get(st, "fan_speed", backend._reads.fan_speeds(count), now) if count else None
+    telemetry.store_slow(values, fans, now + backend._telemetry_refresh_s)
 
 
 def _static_info(backend: NvmlBackend, st: _GpuState, driver: str | None, now: float) -> GpuInfo:

@@ -39,10 +39,10 @@ from typing import Any
 from governor.backends import BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.clock import Clock
 from governor.config import ConfigIssue, SimulationConfig
-from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
+from governor.model import GpuHealth, GpuInfo, GpuReading, GpuTelemetry, Snapshot
 from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
 from governor.sim._schema import SimDataError
-from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu
+from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu, slow_telemetry
 from governor.sim.profiles import GpuProfile, load_profile
 from governor.sim.scenario import FAULTS, PhaseTimeline, Scenario, load_scenario
 
@@ -185,7 +185,13 @@ class SimulatedBackend:
     def _reading(self, gpu: SimulatedGpu, t_s: float) -> GpuReading:
         info = self._infos[gpu.index]
         if gpu.fault == "lost":
-            return GpuReading(index=gpu.index, uuid=info.uuid, health=GpuHealth.LOST, error=gpu.fault_error)
+            return GpuReading(
+                index=gpu.index,
+                uuid=info.uuid,
+                health=GpuHealth.LOST,
+                error=gpu.fault_error,
+                telemetry=GpuTelemetry(xid_errors=gpu.xid_errors),
+            )
         processes, used = gpu.processes_at(t_s)
         total = self.profile.memory_total_bytes
         degraded = gpu.fault == "temperature_unsupported"
@@ -199,11 +205,14 @@ class SimulatedBackend:
             memory_total_bytes=total,
             utilization_gpu_ratio=gpu.utilization_ratio,
             clock_event_reasons=gpu.reasons,
+            sm_clock_mhz=float(gpu.sm_clock_mhz),
+            clock_event_s=tuple(gpu.event_s.items()),
             power_limit_requested_w=gpu.limit_w,
             energy_j=gpu.energy_j,
             processes=processes,
             health=GpuHealth.DEGRADED if degraded else GpuHealth.OK,
             error=gpu.fault_error if degraded else None,
+            telemetry=slow_telemetry(gpu),
         )
 
     # ------------------------------------------------------------------ acting

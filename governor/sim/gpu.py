@@ -17,7 +17,17 @@ and when the die is at or above the slowdown temperature the GPU throttles itsel
 
 Accumulators: ``energy_j`` (integral of power), ``work_s`` (integral of the throughput
 ratio: seconds of full-speed work, see governor.sim.workload), ``active_s`` (seconds
-with work to do).
+with work to do), ``event_s`` (seconds each clock event reason bit was active, step by
+step: the idle and power-cap bits for the whole run of a phase, the thermal bit for the
+steps spent at or above the slowdown temperature).
+
+Telemetry (the profile's :class:`~governor.sim.profiles.SimTelemetry`): busy, the SM
+clock falls below its maximum as the power available to the work falls below the
+demand, as ``f = f_idle + (f_max - f_idle) * ((P - P_idle) / (demand - P_idle)) ** (1/3)``
+(dynamic power grows about as the cube of the clock, voltage following frequency);
+idle it is the idle clock. The memory clock and performance state are the profile's
+busy (P0) or idle values. XID errors come from scenario events (``xid``); an XID 48
+(double-bit ECC error) also counts an uncorrected ECC error on a board with ECC.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from governor.model import ProcessReading
+from governor.model import CLOCK_EVENT_REASONS, GpuTelemetry, ProcessReading
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import PhaseTimeline, Scenario, ScenarioEvent
 from governor.sim.thermal import ThermalState
@@ -35,6 +45,8 @@ from governor.sim.workload import throughput_ratio
 REASON_IDLE = 0x1
 REASON_SW_POWER_CAP = 0x4
 REASON_SW_THERMAL_SLOWDOWN = 0x20
+XID_DOUBLE_BIT_ECC = 48
+REASON_NAMES = tuple(name for _, name in CLOCK_EVENT_REASONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +171,14 @@ class SimulatedGpu:
         self.power_w = profile.idle_power_w
         self.reasons = REASON_IDLE
         self.utilization_ratio = 0.0
+        tel = profile.telemetry
+        self.sm_clock_mhz = tel.sm_clock_idle_mhz
+        self.memory_clock_mhz = tel.memory_clock_idle_mhz
+        self.pstate = tel.idle_pstate
+        self.event_s = dict.fromkeys(REASON_NAMES, 0.0)  # seconds each clock event reason was active
+        self.xid_errors: tuple[tuple[int, int], ...] = ()  # XID errors by code, from scenario events
+        self.ecc_uncorrected = 0
+        self.telemetry_cache: tuple[object, GpuTelemetry] | None = None  # (what it was built from, record)
         self.fault: str | None = None
         self.fault_error: str | None = None
         self.processes: list[SimProcess] = []
@@ -203,7 +223,15 @@ class SimulatedGpu:
         t = self.step * self.step_s
         events = self._events
         while self._next_event < len(events) and events[self._next_event].at_s <= t + 1e-9:
-            self.set_fault(events[self._next_event].fault)
+            event = events[self._next_event]
+            if event.xid is not None:
+                counts = dict(self.xid_errors)
+                counts[event.xid] = counts.get(event.xid, 0) + 1
+                self.xid_errors = tuple(sorted(counts.items()))
+                if event.xid == XID_DOUBLE_BIT_ECC and self.profile.telemetry.ecc:
+                    self.ecc_uncorrected += 1
+            else:
+                self.set_fault(event.fault)
             self._next_event += 1
 
     def _run(self, phase: int, n: int) -> None:
@@ -219,6 +247,7 @@ class SimulatedGpu:
             self.power_w = 0.0
             self.utilization_ratio = 0.0
             self.reasons = 0
+            self._clocks(False, 0.0, 0.0)
             return
         demand = self._demand_w[phase]
         exponent = self._exponent[phase]
@@ -240,11 +269,13 @@ class SimulatedGpu:
         die, sink = th.die_c, th.sink_c
         energy, work = self.energy_j, self.work_s
         hot = False
+        hot_steps = 0
         power = base
         done = 0
         while done < n:
             done += 1
             hot = die >= slowdown
+            hot_steps += hot
             power = base_hot if hot else base
             if sigma > 0.0:
                 power = max(power + gauss(0.0, sigma), 0.0)
@@ -268,13 +299,48 @@ class SimulatedGpu:
         reasons = 0 if active else REASON_IDLE
         if active and demand > limit:
             reasons |= REASON_SW_POWER_CAP
+        event_s = self.event_s
+        if reasons & REASON_IDLE:
+            event_s["gpu_idle"] += done * h
+        if reasons & REASON_SW_POWER_CAP:
+            event_s["sw_power_cap"] += done * h
+        if hot_steps:
+            event_s["sw_thermal_slowdown"] += hot_steps * h
         if hot:
             reasons |= REASON_SW_THERMAL_SLOWDOWN
         self.reasons = reasons
+        self._clocks(active, base_hot if hot else base, demand)
         if die >= shutdown:
             self.set_fault("lost", f"thermal shutdown at {die:.1f} C (simulated)")
             if done < n:
                 self._run(phase, n - done)
+
+    def _clocks(self, active: bool, base_w: float, demand_w: float) -> None:
+        """The SM and memory clocks (MHz) and performance state while ``base_w`` of
+        ``demand_w`` watts is available (see the module docstring)."""
+        tel, idle_w = self.profile.telemetry, self.profile.idle_power_w
+        if not active:
+            self.sm_clock_mhz, self.memory_clock_mhz = tel.sm_clock_idle_mhz, tel.memory_clock_idle_mhz
+            self.pstate = tel.idle_pstate
+            return
+        share = 1.0 if base_w >= demand_w else max(0.0, base_w - idle_w) / max(demand_w - idle_w, 1e-9)
+        span = tel.sm_clock_max_mhz - tel.sm_clock_idle_mhz
+        self.sm_clock_mhz = round(tel.sm_clock_idle_mhz + span * share ** (1.0 / 3.0))
+        self.memory_clock_mhz = tel.memory_clock_mhz
+        self.pstate = 0
+
+    def memory_temperature_c(self) -> float:
+        """The memory (HBM) temperature in C: between the heatsink and the die, where the
+        stacks sit on the package (halfway: an assumption, not a fit)."""
+        th = self.thermal
+        return th.sink_c + 0.5 * (th.die_c - th.sink_c)
+
+    def fan_speed_ratio(self) -> float:
+        """Fan speed 0-1 from the die temperature: 30 % up to 40 C, rising linearly to
+        100 % at the slowdown temperature (a typical default fan curve)."""
+        p = self.profile
+        span = max(p.temperature_slowdown_c - 40.0, 1.0)
+        return min(1.0, max(0.3, 0.3 + 0.7 * (self.thermal.die_c - 40.0) / span))
 
     def stats(self) -> SimStats:
         """Totals since the start."""
@@ -327,3 +393,38 @@ class SimulatedGpu:
         self._proc_valid_until_s = valid_until
         self._proc_growing = growing
         return self._proc_cache, used
+
+
+def slow_telemetry(gpu: SimulatedGpu) -> GpuTelemetry:
+    """What the simulated GPU reports beside power, temperature and clocks (see the module
+    docstring), built again only when it changed (it is shared between ticks otherwise)."""
+    tel = gpu.profile.telemetry
+    memory_c = float(round(gpu.memory_temperature_c())) if tel.memory_temperature else None
+    fan = round(gpu.fan_speed_ratio(), 2) if tel.fans else None
+    key = (memory_c, fan, gpu.xid_errors, gpu.ecc_uncorrected, gpu.memory_clock_mhz, gpu.pstate)
+    cached = gpu.telemetry_cache
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ecc = None
+    if tel.ecc:
+        unc = gpu.ecc_uncorrected
+        ecc = (
+            ("corrected", "volatile", 0),
+            ("corrected", "aggregate", 0),
+            ("uncorrected", "volatile", unc),
+            ("uncorrected", "aggregate", unc),
+        )
+    record = GpuTelemetry(
+        memory_clock_mhz=float(gpu.memory_clock_mhz),
+        pstate=gpu.pstate,
+        memory_temperature_c=memory_c,
+        fan_speed_ratios=None if fan is None else tuple((i, fan) for i in range(tel.fans)),
+        xid_errors=gpu.xid_errors,
+        ecc_errors=ecc,
+        remapped_rows_correctable=0 if tel.ecc else None,
+        remapped_rows_uncorrectable=0 if tel.ecc else None,
+        row_remap_pending=False if tel.ecc else None,
+        row_remap_failed=False if tel.ecc else None,
+    )
+    gpu.telemetry_cache = (key, record)
+    return record

@@ -19,6 +19,25 @@ from governor.sim.thermal import ThermalParams
 
 
 @dataclass(frozen=True, slots=True)
+class SimTelemetry:
+    """What the simulated GPU reports beside power and temperature (a profile's optional
+    ``[telemetry]`` table): SM clock at full speed and at idle, memory clock busy and idle
+    (MHz), the performance state at idle (busy is P0), the number of fans (0: none, as on
+    a data-center board: fan speed NotSupported), and whether the board reports ECC
+    counts and remapped rows (``ecc``) and a memory temperature (``memory_temperature``).
+    """
+
+    sm_clock_max_mhz: float = 1800.0
+    sm_clock_idle_mhz: float = 300.0
+    memory_clock_mhz: float = 5000.0
+    memory_clock_idle_mhz: float = 5000.0
+    idle_pstate: int = 8
+    fans: int = 0
+    ecc: bool = False
+    memory_temperature: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class GpuProfile:
     """One GPU model as the simulator plays it.
 
@@ -41,6 +60,7 @@ class GpuProfile:
     thermal: ThermalParams
     ambient_c: float
     source: str = "<built-in>"
+    telemetry: SimTelemetry = SimTelemetry()
 
 
 def is_path(name_or_path: str) -> bool:
@@ -99,6 +119,37 @@ def _thermal(table: Table, issues: Issues) -> tuple[ThermalParams | None, float 
     return ThermalParams(r_die, c_die, r_sink, c_sink), ambient
 
 
+def _telemetry(table: Table) -> SimTelemetry:
+    """The ``[telemetry]`` table; a key left out keeps SimTelemetry's default."""
+    d = SimTelemetry()
+    mhz = "a clock in MHz"
+    sm_max = table.number("sm_clock_max_mhz", mhz, lo=1.0, hi=10000.0, default=d.sm_clock_max_mhz)
+    sm_idle = table.number("sm_clock_idle_mhz", mhz, lo=1.0, hi=10000.0, default=d.sm_clock_idle_mhz)
+    mem = table.number("memory_clock_mhz", mhz, lo=1.0, hi=50000.0, default=d.memory_clock_mhz)
+    mem_idle = table.number("memory_clock_idle_mhz", mhz, lo=1.0, hi=50000.0, default=mem)
+    pstate = table.integer("idle_pstate", "a performance state 0-15", required=False)
+    fans = table.integer("fans", "a number of fans, 0-8", required=False)
+    ecc = table.boolean("ecc", "whether ECC counts and remapped rows are reported", default=d.ecc)
+    memory_temp = table.boolean("memory_temperature", "whether a memory temperature is reported", default=False)
+    if pstate is not None and pstate > 15:
+        table.issues.add(table.key("idle_pstate"), "a performance state 0-15", str(pstate))
+    if fans is not None and fans > 8:
+        table.issues.add(table.key("fans"), "a number of fans, 0-8", str(fans))
+    if sm_max is not None and sm_idle is not None and sm_idle > sm_max:
+        table.issues.add(table.key("sm_clock_idle_mhz"), f"a clock at most sm_clock_max_mhz {sm_max:g}", f"{sm_idle:g}")
+    table.finish()
+    return SimTelemetry(
+        sm_clock_max_mhz=d.sm_clock_max_mhz if sm_max is None else sm_max,
+        sm_clock_idle_mhz=d.sm_clock_idle_mhz if sm_idle is None else sm_idle,
+        memory_clock_mhz=d.memory_clock_mhz if mem is None else mem,
+        memory_clock_idle_mhz=(d.memory_clock_mhz if mem is None else mem) if mem_idle is None else mem_idle,
+        idle_pstate=d.idle_pstate if pstate is None else pstate,
+        fans=d.fans if fans is None else fans,
+        ecc=ecc,
+        memory_temperature=memory_temp,
+    )
+
+
 def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
     """Validate a parsed profile document; SimDataError lists every problem."""
     issues = issues_in(source)
@@ -133,6 +184,8 @@ def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
     params, ambient = _thermal(thermal_table, issues) if thermal_table is not None else (None, None)
     if thermal_table is not None:
         thermal_table.finish()
+    telemetry_table = top.table("telemetry", required=False)
+    telemetry = _telemetry(telemetry_table) if telemetry_table is not None else SimTelemetry()
     top.finish()
     if total is not None and reserved is not None and reserved >= total:
         issues.add("memory_reserved_bytes", f"fewer bytes than memory_total_bytes {total}", str(reserved))
@@ -156,6 +209,7 @@ def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
         thermal=params,
         ambient_c=ambient,
         source=source,
+        telemetry=telemetry,
     )
 
 
@@ -174,6 +228,7 @@ def render_profile(profile: GpuProfile, comment: str = "") -> str:
     lines (for instance where the thermal constants came from) go at the top."""
     lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
     t = profile.thermal
+    tel = profile.telemetry
     lines += [
         f"name = {json.dumps(profile.name)}",
         f"gpu_name = {json.dumps(profile.gpu_name)}",
@@ -196,5 +251,15 @@ def render_profile(profile: GpuProfile, comment: str = "") -> str:
         f"r_sink_c_per_w = {_num(t.r_sink_c_per_w)}",
         f"c_sink_j_per_c = {_num(t.c_sink_j_per_c)}",
         f"ambient_c = {_num(profile.ambient_c)}",
+        "",
+        "[telemetry]",
+        f"sm_clock_max_mhz = {_num(tel.sm_clock_max_mhz)}",
+        f"sm_clock_idle_mhz = {_num(tel.sm_clock_idle_mhz)}",
+        f"memory_clock_mhz = {_num(tel.memory_clock_mhz)}",
+        f"memory_clock_idle_mhz = {_num(tel.memory_clock_idle_mhz)}",
+        f"idle_pstate = {tel.idle_pstate}",
+        f"fans = {tel.fans}",
+        f"ecc = {'true' if tel.ecc else 'false'}",
+        f"memory_temperature = {'true' if tel.memory_temperature else 'false'}",
     ]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@ name; any other by path), documented in docs/simulation.md. It has:
   the last phase holds forever (``repeat = false``);
 - processes with VRAM over time (start, end, size, growth rate for a leak); their
   times are absolute seconds of simulated time and never repeat;
-- events: faults injected into one GPU at a time (``lost``...), or cleared.
+- events: faults injected into one GPU at a time (``lost``...), or cleared; or an XID
+  error (``xid = 79``) reported by one GPU.
 
 Everything is deterministic: the only randomness, power noise, is seeded by the backend.
 """
@@ -98,11 +99,13 @@ class ScenarioProcess:
 
 @dataclass(frozen=True, slots=True)
 class ScenarioEvent:
-    """At ``at_s`` seconds, GPU ``gpu`` gets ``fault`` (one of FAULTS; None clears)."""
+    """At ``at_s`` seconds, GPU ``gpu`` gets ``fault`` (one of FAULTS; None clears), or,
+    when ``xid`` is set, reports one XID error of that code (its fault is unchanged)."""
 
     at_s: float
     gpu: int
     fault: str | None
+    xid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +295,18 @@ def parse_scenario(data: dict[str, object], source: str) -> Scenario:
     for ev in top.tables("event"):
         at = ev.number("at_s", "seconds of simulated time", lo=0.0)
         gpu = ev.integer("gpu", "a GPU index")
-        fault = ev.string("fault", "a fault", choices=(*FAULTS, "none"))
+        xid = ev.integer("xid", "an XID error code (1-999)", lo=1, required=False)
+        if xid is not None and xid > 999:
+            issues.add(ev.key("xid"), "an XID error code (1-999)", str(xid))
+            xid = None
+        if xid is not None and ev.has("fault"):
+            issues.add(ev.key("fault"), "one of fault or xid per event", "both")
+        if xid is not None:
+            ev.finish()
+            if at is not None and gpu is not None:
+                events.append(ScenarioEvent(at, gpu, None, xid))
+            continue
+        fault = ev.string("fault", "a fault (or xid = CODE: an XID error)", choices=(*FAULTS, "none"))
         ev.finish()
         if at is not None and gpu is not None and fault is not None:
             events.append(ScenarioEvent(at, gpu, None if fault == "none" else fault))

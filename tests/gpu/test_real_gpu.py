@@ -13,9 +13,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,3 +222,92 @@ def test_record_short_trace(backend: NvmlBackend, tmp_path: Path) -> None:
         ts = [s.t_s for s in samples]
         assert ts[0] < 0.25 and 1.4 < ts[-1] < 1.8
     report("trace", path=str(path), first_lines=path.read_text().splitlines()[: len(gpus) + 1])
+
+
+def _nvml_answer(call: Callable[[], object]) -> str:
+    """What NVML answers a direct, read-only call: "ok" or the name of its error."""
+    import pynvml
+
+    try:
+        call()
+    except pynvml.NVMLError as exc:
+        return type(exc).__name__.removeprefix("NVMLError_")
+    return "ok"
+
+
+def test_telemetry_present_and_plausible_or_not_supported(backend: NvmlBackend) -> None:
+    """Each telemetry reading is present with a plausible value, or absent because NVML answers
+    NotSupported (asked directly); prints one support-table line per reading (run with -s)."""
+    import pynvml
+
+    first = backend.read()
+    time.sleep(1.0)
+    second = backend.read()
+    for before, reading in zip(first.gpus, second.gpus, strict=True):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(reading.index)
+        for name, value, plausible, direct in _telemetry_checks(pynvml, handle, reading):
+            answer = _nvml_answer(direct)
+            present = value is not None and (value != () or name == "xid_errors")
+            line = f"| {reading.index} | {name} | {'present' if present else 'absent'} | {value!r} | NVML: {answer} |"
+            print(f"\n[gpu-support] {line}", flush=True)
+            if not present:
+                assert answer == "NotSupported", f"{name} absent, but NVML answers {answer}"
+            else:
+                assert plausible, f"{name} = {value!r} is not plausible"
+        # clock event seconds: every reason present and never going back
+        seconds_before, seconds = dict(before.clock_event_s or ()), dict(reading.clock_event_s or ())
+        print(f"\n[gpu-support] | {reading.index} | clock_event_s | {seconds} |", flush=True)
+        assert seconds, "the clock event reasons answer on every NVIDIA GPU the governor supports"
+        for reason, value_s in seconds.items():
+            assert value_s >= seconds_before.get(reason, 0.0) >= 0.0, reason
+
+
+def _telemetry_checks(
+    pynvml: Any, handle: Any, reading: GpuReading
+) -> list[tuple[str, object, bool, Callable[[], object]]]:
+    """(name, the backend's value, whether it is plausible, the direct NVML call behind it) per reading."""
+    t = reading.telemetry
+    assert t is not None
+    sm, mem, pstate, events = reading.sm_clock_mhz, t.memory_clock_mhz, t.pstate, reading.clock_event_s
+    fans, ecc, memory_c = t.fan_speed_ratios, t.ecc_errors, t.memory_temperature_c
+    rows, unc_rows = t.remapped_rows_correctable, t.remapped_rows_uncorrectable
+    remap = None if rows is None else (rows, unc_rows, t.row_remap_pending, t.row_remap_failed)
+    violation = pynvml.nvmlDeviceGetViolationStatus
+    return [
+        ("sm_clock_mhz", sm, sm is not None and 100 <= sm <= 4000,
+         lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
+        ("memory_clock_mhz", mem, mem is not None and 100 <= mem <= 30000,
+         lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM)),
+        ("pstate", pstate, pstate is not None and 0 <= pstate <= 15,
+         lambda: pynvml.nvmlDeviceGetPerformanceState(handle)),
+        ("memory_temperature_c", memory_c, memory_c is not None and 10 <= memory_c <= 110,
+         lambda: _field_or_raise(pynvml, handle, pynvml.NVML_FI_DEV_MEMORY_TEMP)),
+        ("fan_speed_ratios", fans, all(0 <= r <= 1.2 for _, r in fans or ()),
+         lambda: pynvml.nvmlDeviceGetFanSpeed_v2(handle, 0)),
+        ("ecc_errors", ecc, len(ecc or ()) == 4 and all(n >= 0 for *_, n in ecc or ()),
+         lambda: pynvml.nvmlDeviceGetTotalEccErrors(handle, 1, 1)),
+        ("remapped_rows", remap, rows is not None and unc_rows is not None and min(rows, unc_rows) >= 0,
+         lambda: pynvml.nvmlDeviceGetRemappedRows(handle)),
+        ("violation_sw_power_cap_s", dict(events or ()).get("sw_power_cap"), True,
+         lambda: violation(handle, pynvml.NVML_PERF_POLICY_POWER)),
+        ("violation_sync_boost_s", dict(events or ()).get("sync_boost"), True,
+         lambda: violation(handle, pynvml.NVML_PERF_POLICY_SYNC_BOOST)),
+        ("xid_errors", t.xid_errors, t.xid_errors is not None, lambda: _xid_register(pynvml, handle)),
+    ]  # fmt: skip
+
+
+def _field_or_raise(pynvml: Any, handle: Any, field: int) -> object:
+    """One field value; raises its NVML error (a field answers in its own nvmlReturn)."""
+    value = pynvml.nvmlDeviceGetFieldValues(handle, [field])[0]
+    if value.nvmlReturn != 0:
+        raise pynvml.NVMLError(value.nvmlReturn)
+    return value
+
+
+def _xid_register(pynvml: Any, handle: Any) -> None:
+    """Register for XID events on a set of our own and free it (read-only: it changes no GPU setting)."""
+    event_set = pynvml.nvmlEventSetCreate()
+    try:
+        pynvml.nvmlDeviceRegisterEvents(handle, pynvml.nvmlEventTypeXidCriticalError, event_set)
+    finally:
+        pynvml.nvmlEventSetFree(event_set)

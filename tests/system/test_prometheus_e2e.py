@@ -45,6 +45,10 @@ REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "packaging" / "prometheus"
 DASHBOARD = REPO / "packaging" / "grafana" / "gpu-governor.json"
 
+# The shipped hot scenario with one XID 13 on GPU 0 at t = 10 s (0.5 s of real time), so the
+# XID counter has a series.
+XID_EVENT = "\n[[event]]\nat_s = 10.0\ngpu = 0\nxid = 13\n"
+
 # The hot scenario settles at 87 C at 200 W and near 82 C at 180 W (its own notes), which
 # would leave the throttle zone; a 195 W floor keeps it there, at the bottom rung.
 GOVERNOR_CONFIG = """\
@@ -55,7 +59,7 @@ state_dir = "{state_dir}"
 [simulation]
 profile = "rtx4070"
 gpu_count = 2
-scenario = "hot"
+scenario = "{scenario}"
 time_scale = 20.0
 
 [power]
@@ -159,7 +163,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     governor_port, prometheus_port = free_port(), free_port()
     (tmp / "state").mkdir()
     config = tmp / "governor.toml"
-    config.write_text(GOVERNOR_CONFIG.format(state_dir=tmp / "state"))
+    scenario = tmp / "hot-xid.toml"
+    scenario.write_text((REPO / "governor" / "data" / "scenarios" / "hot.toml").read_text() + XID_EVENT)
+    config.write_text(GOVERNOR_CONFIG.format(state_dir=tmp / "state", scenario=scenario))
     file_sd = tmp / "file_sd"
     file_sd.mkdir()
     shutil.copy(PROMETHEUS_DIR / "file_sd" / "gpu-governor.yml", file_sd / "gpu-governor.yml")
@@ -339,3 +345,26 @@ class TestPrometheusEndToEnd:
         zone_expr = next(e for t, e in dashboard_queries() if t == "Thermal zone").replace("$instance", stack.instance)
         zones = {r["metric"]["gpu"]: r["value"][1] for r in stack.query(zone_expr)["data"]["result"]}
         assert zones == {"0": "3", "1": "3"}, "the dashboard's zone timeline shows throttle (index 3)"
+
+    def test_telemetry_reaches_prometheus_joinable_by_uuid(self, stack: Stack) -> None:
+        """The XID counter, the clock-event seconds and the decisions counter arrive with gpu and uuid labels."""
+
+        def xid() -> list[dict[str, Any]] | None:
+            answer = stack.query(f'gpu_governor_gpu_xid_errors_total{{instance="{stack.instance}"}}')
+            return answer["data"]["result"] or None
+
+        (series,) = wait_for("the XID counter", xid, timeout_s=30)
+        assert series["metric"]["gpu"] == "0" and series["metric"]["xid"] == "13"
+        assert series["metric"]["uuid"] == "GPU-sim-rtx4070-0" and series["value"][1] == "1"
+
+        def capped() -> set[str] | None:
+            expr = (
+                f'rate(gpu_governor_gpu_clock_event_seconds_total{{instance="{stack.instance}",'
+                'reason="sw_power_cap"}[10s]) > 0.5'
+            )
+            found = {r["metric"]["uuid"] for r in stack.query(expr)["data"]["result"]}
+            return found if len(found) == 2 else None
+
+        assert wait_for("power-capped seconds", capped, timeout_s=30) == {"GPU-sim-rtx4070-0", "GPU-sim-rtx4070-1"}
+        decisions = stack.query(f'gpu_governor_decisions_total{{instance="{stack.instance}"}}')["data"]["result"]
+        assert decisions and all(r["metric"]["uuid"].startswith("GPU-sim-rtx4070-") for r in decisions)
