@@ -418,7 +418,9 @@ class TestTls:
             server.close()
 
     @pytest.mark.parametrize("hash_kind", ["bcrypt", "scrypt"])
-    def test_from_config_serves_tls_and_auth(self, pki: Pki, password_hash: str, scrypt_hash: str, hash_kind: str) -> None:
+    def test_from_config_serves_tls_and_auth(
+        self, pki: Pki, password_hash: str, scrypt_hash: str, hash_kind: str
+    ) -> None:
         """MetricsServer.from_config turns the deprecated [metrics] keys into an https endpoint behind
         basic auth, with a bcrypt hash or an old scrypt one."""
         metrics = MetricsConfig(
