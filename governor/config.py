@@ -460,6 +460,8 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: Issues) -> None:
                 f"a hash from `gpu-governor hash-password` ({HASH_FORMAT})",
                 f"a value that is {exc}",
             )
+    if not m.enabled:
+        return  # nothing is bound and no file is read
     if m.web_config_file and m.deprecated_keys:
         out.add(
             f"{prefix}metrics.web_config_file",
@@ -467,8 +469,6 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: Issues) -> None:
             f"(move {', '.join(m.deprecated_keys)} into the web-config file: docs/security.md)",
             describe(m.web_config_file),
         )
-    if not m.enabled:
-        return  # nothing is bound and no file is read
     if m.web_config_file:
         from governor.webconfig import load_web_config
 
