@@ -417,6 +417,27 @@ class TestTls:
         finally:
             server.close()
 
+    def test_full_tls_server_hands_a_silent_clients_slot_to_a_handshake(
+        self, pki: Pki, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Under TLS too, with every slot held by silent clients, a client starting its handshake takes one's
+        slot (the silent one's TLS socket is shut down) and is served at once."""
+        monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 2)
+        tls = TlsFiles(str(pki.cert), str(pki.key))
+        server = MetricsServer("127.0.0.1", 0, tiny_registry(), tls=tls, request_timeout_s=5.0)
+        try:
+            silent = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) for _ in range(2)]
+            time.sleep(0.1)
+            started = time.monotonic()
+            assert fetch(server, context=client_context(pki)).status == 200
+            assert time.monotonic() - started < 2.0  # not the 5 s head deadline of a silent client
+            assert server.evicted_connections == 1
+            assert sum(closed_by_server_within(sock, 1.0) for sock in silent) == 1
+            for sock in silent:
+                sock.close()
+        finally:
+            server.close()
+
     @pytest.mark.parametrize("hash_kind", ["bcrypt", "scrypt"])
     def test_from_config_serves_tls_and_auth(
         self, pki: Pki, password_hash: str, scrypt_hash: str, hash_kind: str
