@@ -457,7 +457,7 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: Issues) -> None:
             # The value is never echoed: it may be a password pasted in by mistake.
             out.add(
                 f"{prefix}metrics.basic_auth_password_hash",
-                f"a hash from `gpu-governor hash-password` ({HASH_FORMAT})",
+                f"a bcrypt hash from `gpu-governor hash-password`, or an old one of the form {HASH_FORMAT}",
                 f"a value that is {exc}",
             )
     if not m.enabled:

@@ -777,7 +777,8 @@ class TestNoShell:
 
 class TestRunWiring:
     def test_run_serves_https_behind_basic_auth(self, pki: Pki, password_hash: str, tmp_path: Path) -> None:
-        """`gpu-governor run` with TLS and basic-auth keys serves https, 401 without credentials, 200 with them."""
+        """`gpu-governor run` with the deprecated TLS and basic-auth keys serves https, 401 without credentials,
+        200 with them, and warns at start that the keys are deprecated."""
         import json
         import os
         import signal
@@ -849,3 +850,5 @@ class TestRunWiring:
         events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         listening = next(e for e in events if e["event"] == "metrics_listening")
         assert listening["url"].startswith("https://") and "basic auth" in listening["security"]
+        deprecated = next(e for e in events if e["event"] == "config_deprecated")  # the [metrics] keys used here
+        assert deprecated["level"] == "warning" and "metrics.basic_auth_password_hash" in deprecated["keys"]

@@ -424,6 +424,16 @@ class TestConfigKeys:
             check_metrics(MetricsConfig(web_config_file=str(broken)), "--web.config.file")
         assert [(i.file, i.key) for i in caught.value.issues] == [(str(broken), "tls_server_config.cert_file")]
 
+    def test_status_takes_https_from_the_configs_web_config(self, tmp_path: Path, pairs: tuple[Pair, Pair]) -> None:
+        """`status --config` with a web_config_file that has TLS asks for https (here: nobody listens)."""
+        first, _ = pairs
+        web = write(tmp_path / "w.yml", f"tls_server_config:\n  cert_file: {first.cert}\n  key_file: {first.key}\n")
+        port = free_port()
+        config = write(tmp_path / "g.toml", f'[metrics]\nport = {port}\nweb_config_file = "{web}"\n')
+        err = io.StringIO()
+        assert main(["status", "--config", str(config)], out=io.StringIO(), err=err) == 7
+        assert f"https://127.0.0.1:{port}/metrics" in err.getvalue() and "connection refused" in err.getvalue()
+
     def test_check_config_validates_the_web_config(self, tmp_path: Path) -> None:
         """check-config of a config whose web-config is broken exits 3, naming the web-config and its key."""
         web = write(tmp_path / "w.yml", "basic_auth_users:\n  prometheus: hunter2\n")
