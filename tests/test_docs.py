@@ -119,7 +119,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
     """Every long spelling of each option (the exporter-style ones too), or the only spelling, without --help."""
-    out = set()
+    out: set[str] = set()
     for action in parser._actions:
         if action.option_strings and not isinstance(action, argparse._HelpAction):
             long = [o for o in action.option_strings if o.startswith("--")]
