@@ -328,7 +328,9 @@ def guarded_by_connection(app: WsgiApp) -> WsgiApp:
     """``app`` behind the basic auth the connection's handler found in force (none: served as is)."""
 
     def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        auth = environ.get(AUTH_ENVIRON_KEY)
+        if AUTH_ENVIRON_KEY not in environ:  # fail closed: only _Handler serves this app, and it always says
+            return _plain(start_response, "500 Internal Server Error", "no web config for this connection\n")
+        auth = environ[AUTH_ENVIRON_KEY]
         if isinstance(auth, BasicAuth):
             return auth.answer(app, environ, start_response)
         return app(environ, start_response)
