@@ -636,6 +636,9 @@ class TestHttpSurface:
             assert fetch(server).status == 200
             assert time.monotonic() - started < 2.0  # not the 5 s head deadline of a silent client
             assert server.evicted_connections == 1
+            # The scrape's slot is released just after the client sees the end of its answer: let
+            # that happen, or the filler may arrive while the server is still full and be shed.
+            time.sleep(0.3)
             filler = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)  # full again
             time.sleep(0.1)
             late = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)
