@@ -1,9 +1,10 @@
 #!/bin/sh
 # Install what the system tests (tests/system, pytest marker `system`) need on a
 # Debian 12 machine, as root: building the .deb, linting it, checking the unit,
-# debootstrapping a Debian 12 root and booting it with systemd-nspawn; and what
-# the test extra's systemd-python (the journal library) needs to build from its
-# sdist: libsystemd-dev, pkg-config, gcc and the Python headers.
+# debootstrapping a Debian 12 root and booting it with systemd-nspawn; htpasswd
+# (apache2-utils) and curl for the web-config acceptance tests; and what the test
+# extra's systemd-python (the journal library) needs to build from its sdist:
+# libsystemd-dev, pkg-config, gcc and the Python headers.
 # Idempotent: packages already installed are left alone, and apt-get update runs
 # only when a wanted package is missing. Network: Debian's archive only.
 set -eu
@@ -21,6 +22,10 @@ python3-regex
 python3-structlog
 python3-prometheus-client
 python3-sdnotify
+python3-bcrypt
+python3-yaml
+apache2-utils
+curl
 python3-setuptools
 python3-build
 python3-installer

@@ -1,7 +1,11 @@
 """Password hashes for the metrics endpoint's basic auth, and the back-off for wrong guesses.
 
-The config holds only a salted scrypt hash, ``scrypt$N$r$p$salt_b64$hash_b64``, made by
-``gpu-governor hash-password``; the password itself is never stored, logged or echoed.
+Only hashes are stored, never a password, and a password is never logged or echoed:
+
+- bcrypt (``$2y$``, ``$2b$``, ``$2a$``), the hash of the exporter-toolkit web-config file's
+  ``basic_auth_users``, made by ``gpu-governor hash-password`` or ``htpasswd -nBC 10 USER``;
+- salted scrypt, ``scrypt$N$r$p$salt_b64$hash_b64``, the format of the deprecated
+  ``[metrics] basic_auth_password_hash`` key (which takes a bcrypt hash too), still checked.
 """
 
 from __future__ import annotations
@@ -12,12 +16,25 @@ import getpass
 import hashlib
 import hmac
 import os
+import re
 import threading
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Protocol, TextIO
 
+import bcrypt
+
+BCRYPT_COST = 10
+"""Cost of new bcrypt hashes: about 0.075 s per check (as ``htpasswd -nBC 10``)."""
+BCRYPT_MIN_COST = 4
+BCRYPT_MAX_COST = 14
+"""A bcrypt hash costing more than this (about 1.2 s of CPU per check) is refused: each
+check of a guessed password would cost that much."""
+BCRYPT_MAX_PASSWORD_BYTES = 72
+"""bcrypt reads at most 72 bytes; a longer password never matches (not silently cut)."""
+BCRYPT_FORMAT = "a bcrypt hash such as $2y$10$... (htpasswd -nBC 10 USER, or gpu-governor hash-password)"
+_BCRYPT = re.compile(r"\$(2[aby])\$(\d\d)\$([./A-Za-z0-9]{53})")
 SCRYPT_N = 2**15
-"""CPU/memory cost of new hashes: 32 MiB and roughly 0.1 s per check."""
+"""CPU/memory cost of scrypt hashes made for tests and old configs: 32 MiB and roughly 0.1 s per check."""
 SCRYPT_R = 8
 SCRYPT_P = 1
 SALT_BYTES = 16
@@ -37,13 +54,56 @@ BACKOFF_FORGET_S = 900.0
 BACKOFF_MAX_ADDRESSES = 4096
 """Addresses remembered at most; beyond that the one whose last failure is oldest is forgotten."""
 CHECKS_PER_S = 2.0
-"""Password checks (scrypt runs) allowed per second on average, all addresses together."""
+"""Password checks (bcrypt or scrypt runs) allowed per second on average, all addresses together."""
 CHECK_BURST = 8
 """Password checks allowed in a burst, beyond the average rate."""
 
 
+class PasswordHash(Protocol):
+    """A parsed password hash of either format."""
+
+    def matches(self, password: str | bytes) -> bool:
+        """True when ``password`` (text, or its UTF-8 bytes) is the one hashed."""
+        ...  # pragma: no cover - a protocol
+
+
+def _secret(password: str | bytes) -> bytes:
+    return password.encode("utf-8", "surrogatepass") if isinstance(password, str) else password
+
+
 @dataclass(frozen=True, slots=True)
-class PasswordHash:
+class BcryptHash:
+    """A parsed bcrypt hash; ``encoded`` has the ``$2b$`` prefix (``$2y$`` is the same algorithm)."""
+
+    cost: int
+    encoded: bytes
+
+    def matches(self, password: str | bytes) -> bool:
+        """True when ``password`` hashes to this; False for one over 72 bytes (bcrypt would cut it)."""
+        secret = _secret(password)
+        if len(secret) > BCRYPT_MAX_PASSWORD_BYTES:
+            return False
+        try:
+            return bool(bcrypt.checkpw(secret, self.encoded))
+        except ValueError:  # a NUL byte, on some bcrypt versions
+            return False
+
+
+def parse_bcrypt_hash(text: str) -> BcryptHash:
+    """Parse a bcrypt hash; ValueError (never quoting ``text``) when it is not one or costs too much."""
+    match = _BCRYPT.fullmatch(text.strip())
+    if match is None:
+        if text.strip().startswith(("$2x$", "$2$")):
+            raise ValueError("a bcrypt variant ($2x$ or $2$) that is not supported: make a new hash")
+        raise ValueError("not a bcrypt hash ($2y$, $2b$ or $2a$, a two-digit cost, then 53 characters)")
+    cost = int(match.group(2))
+    if not BCRYPT_MIN_COST <= cost <= BCRYPT_MAX_COST:
+        raise ValueError(f"a bcrypt cost of {cost}, outside {BCRYPT_MIN_COST}-{BCRYPT_MAX_COST}")
+    return BcryptHash(cost, f"$2b${match.group(2)}${match.group(3)}".encode("ascii"))
+
+
+@dataclass(frozen=True, slots=True)
+class ScryptHash:
     """A parsed scrypt hash: its cost parameters, salt and derived key."""
 
     n: int
@@ -54,8 +114,7 @@ class PasswordHash:
 
     def matches(self, password: str | bytes) -> bool:
         """True when ``password`` (text, or its UTF-8 bytes) derives to this hash; constant-time comparison."""
-        secret = password.encode("utf-8", "surrogatepass") if isinstance(password, str) else password
-        derived = _scrypt(secret, self.salt, self.n, self.r, self.p, len(self.key))
+        derived = _scrypt(_secret(password), self.salt, self.n, self.r, self.p, len(self.key))
         return hmac.compare_digest(derived, self.key)
 
 
@@ -69,7 +128,16 @@ def _b64decode(text: str) -> bytes:
 
 
 def parse_password_hash(text: str) -> PasswordHash:
-    """Parse a hash line; ValueError (never quoting ``text``) when it is not one."""
+    """Parse a bcrypt or scrypt hash; ValueError (never quoting ``text``) when it is neither."""
+    if text.strip().startswith("$2"):
+        return parse_bcrypt_hash(text)
+    if not text.strip().startswith("scrypt$"):
+        raise ValueError(f"neither a bcrypt hash ($2y$...) nor of the form {HASH_FORMAT}")
+    return parse_scrypt_hash(text)
+
+
+def parse_scrypt_hash(text: str) -> ScryptHash:
+    """Parse a scrypt hash line; ValueError (never quoting ``text``) when it is not one."""
     parts = text.strip().split("$")
     if len(parts) != 6 or parts[0] != "scrypt":
         raise ValueError(f"not of the form {HASH_FORMAT}")
@@ -84,11 +152,21 @@ def parse_password_hash(text: str) -> PasswordHash:
         raise ValueError(f"scrypt parameters needing over {MAX_SCRYPT_MEMORY_BYTES // 2**20} MiB per check")
     if len(salt) < 8 or len(key) < 16:
         raise ValueError("a salt of at least 8 bytes and a hash of at least 16 bytes")
-    return PasswordHash(n, r, p, salt, key)
+    return ScryptHash(n, r, p, salt, key)
 
 
-def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
-    """A new salted hash line for ``password``."""
+def hash_password(password: str, *, cost: int = BCRYPT_COST) -> str:
+    """A new bcrypt hash (``$2b$``) of ``password``; ValueError when it is over 72 bytes or the cost is out of range."""
+    secret = _secret(password)
+    if len(secret) > BCRYPT_MAX_PASSWORD_BYTES:
+        raise ValueError(f"a password of {len(secret)} bytes (bcrypt reads at most {BCRYPT_MAX_PASSWORD_BYTES})")
+    if not BCRYPT_MIN_COST <= cost <= BCRYPT_MAX_COST:
+        raise ValueError(f"a cost between {BCRYPT_MIN_COST} and {BCRYPT_MAX_COST}")
+    return bytes(bcrypt.hashpw(secret, bcrypt.gensalt(cost))).decode("ascii")
+
+
+def hash_password_scrypt(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """A new salted scrypt hash line for ``password`` (the deprecated TOML key's format)."""
     salt = os.urandom(SALT_BYTES)
     key = _scrypt(password.encode("utf-8", "surrogatepass"), salt, n, r, p, HASH_BYTES)
     b64 = base64.b64encode
@@ -96,7 +174,7 @@ def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int
 
 
 def verify_password(password: str, encoded: str) -> bool:
-    """True when ``password`` matches the hash line ``encoded`` (False for a malformed line)."""
+    """True when ``password`` matches the bcrypt or scrypt hash ``encoded`` (False for a malformed one)."""
     try:
         parsed = parse_password_hash(encoded)
     except ValueError:
@@ -191,7 +269,7 @@ class FailureBackoff:
 class CheckBudget:
     """A token bucket for password checks: ``burst`` at once, refilled at ``per_s`` a second.
 
-    It bounds the CPU that guesses from any number of addresses can burn on scrypt
+    It bounds the CPU that guesses from any number of addresses can burn on bcrypt
     (``per_s`` times the cost of one check) where the per-address back-off cannot.
     Times are monotonic seconds passed in by the caller; thread-safe.
     """

@@ -77,7 +77,10 @@ if TYPE_CHECKING:
 
 STATUS_EPILOG = """\
 --url takes a URL (http://HOST:PORT/metrics, https://...) or a plain HOST:PORT (http is
-assumed; https when the config has tls_cert_file). --json prints one document per line
+assumed; https when the web-config file, from --web.config.file or the config's
+[metrics] web_config_file, has tls_server_config, and its cert_file is trusted unless
+--cacert says otherwise). --user NAME answers basic auth; the password comes from
+GPU_GOVERNOR_METRICS_PASSWORD or a prompt. --json prints one document per line
 (schema: docs/status-json.md). --watch repeats every SECONDS (default 2) until Ctrl-C.
 
 exit codes:
@@ -136,9 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with no NVIDIA driver yet, serve metrics and retry until it loads (instead of exiting 4)",
     )
-    run.add_argument("--listen", type=_listen, metavar="HOST:PORT", help="metrics address (default 127.0.0.1:9847)")
-    run.add_argument("--log-format", choices=["auto", "console", "json", "journal"], help="log format")
-    run.add_argument("--log-level", choices=LOG_LEVELS, help="lowest level logged (default: the config's, info)")
+    # Each exporter-style spelling (node_exporter's, Prometheus's) is the same option as ours.
+    run.add_argument(
+        "--listen",
+        "--web.listen-address",
+        type=_listen,
+        metavar="HOST:PORT",
+        help="metrics address (default 127.0.0.1:9847)",
+    )
+    run.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="exporter-toolkit web-config file: TLS and basic auth (default: [metrics] web_config_file)",
+    )
+    run.add_argument("--log-format", "--log.format", choices=["auto", "console", "json", "journal"], help="log format")
+    run.add_argument(
+        "--log-level", "--log.level", choices=LOG_LEVELS, help="lowest level logged (default: the config's, info)"
+    )
 
     check = sub.add_parser(
         "check-config",
@@ -179,7 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat every SECONDS (default 2) until Ctrl-C, like nvidia-smi -l",
     )
     status.add_argument("--config", type=Path, default=None, help="config to take the metrics address from")
-    status.add_argument("--cacert", help="CA or self-signed certificate to trust for https (default: tls_cert_file)")
+    status.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="FILE",
+        help="the daemon's web-config file: https, trusting its certificate (default: the config's)",
+    )
+    status.add_argument(
+        "--cacert", help="CA or self-signed certificate to trust for https (default: the web-config's cert_file)"
+    )
     status.add_argument(
         "--user", help="basic-auth user; the password comes from GPU_GOVERNOR_METRICS_PASSWORD or a prompt"
     )
@@ -216,11 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--gpus", type=int, metavar="N", help="simulated GPUs (default: what the scenario needs)")
     simulate.add_argument("--plot", type=Path, metavar="FILE.png", help="write a plot (needs matplotlib)")
 
-    sub.add_parser(
+    hashing = sub.add_parser(
         "hash-password",
-        help="read a password (stdin; prompted without echo on a terminal), print its hash for "
-        "[metrics] basic_auth_password_hash",
+        help="read a password (stdin; prompted without echo on a terminal), print its bcrypt hash for "
+        "the web-config file's basic_auth_users",
     )
+    hashing.add_argument("--cost", type=int, default=10, help="bcrypt cost, 4-14 (default 10, as htpasswd -nBC 10)")
     return parser
 
 
@@ -276,6 +303,8 @@ def _apply_run_flags(config: Config, args: argparse.Namespace) -> Config:
     if args.listen is not None:
         host, port = args.listen
         config = replace(config, metrics=replace(config.metrics, listen_address=host, port=port))
+    if args.web_config_file is not None:
+        config = replace(config, metrics=replace(config.metrics, web_config_file=args.web_config_file))
     if args.log_format is not None:
         config = replace(config, logging=replace(config.logging, format=args.log_format))
     if args.log_level is not None:
@@ -343,8 +372,18 @@ def _configure_and_run(args: argparse.Namespace, clock: Clock, waiter: Waiter) -
     logsetup.configure(args.log_format or "auto", args.log_level or "info")
     config = _apply_run_flags(_load_run_config(args.config), args)
     where = "--listen {}:{}".format(*args.listen) if args.listen is not None else config.source
+    if args.web_config_file is not None:
+        where = f"{where} with --web.config.file"
     check_metrics(config.metrics, where)  # --listen gets the same loopback/allow_remote check as the file
     logsetup.configure(config.logging.format, config.logging.level)
+    if config.metrics.deprecated_keys:
+        logsetup.get_logger().warning(
+            "config_deprecated",
+            source=config.source,
+            keys=list(config.metrics.deprecated_keys),
+            effect="still read in this release; move them into a web-config file ([metrics] web_config_file, "
+            "docs/security.md)",
+        )
     if config.backend != "simulated":
         return _run_daemon(args, config, clock, waiter)
     # A simulation never touches the system: what it would write under /var/lib and /run
@@ -380,7 +419,8 @@ def _run_daemon(
 
     def serve(source: object) -> MetricsServer:
         try:
-            return MetricsServer.from_config(metrics, build_registry(source))  # type: ignore[arg-type]
+            registry = build_registry(source)  # type: ignore[arg-type]
+            return MetricsServer.from_config(metrics, registry, source=config.source)
         except OSError as exc:
             where = f"{metrics.listen_address}:{metrics.port}"
             raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None
@@ -412,12 +452,31 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     out.write(render_ladders(config, gpus, where))
     for warning in config_warnings(config.vram):
         sys.stderr.write(f"gpu-governor: config warning: {config.source}: {warning}\n")
+    for warning in _metrics_warnings(config):
+        sys.stderr.write(f"gpu-governor: config warning: {warning}\n")
     if real:
         # Real GPUs: what `run` would refuse at start is an error here too.
         problems = check_resolved(config, gpus)
         if problems:
             raise ConfigError(problems)
     return EXIT_OK
+
+
+def _metrics_warnings(config: Config) -> list[str]:
+    """The deprecated [metrics] keys set, and the web-config file's keys that are ignored."""
+    metrics = config.metrics
+    warnings = []
+    if metrics.deprecated_keys:
+        warnings.append(
+            f"{config.source}: {', '.join(metrics.deprecated_keys)}: deprecated, still read in this release; "
+            "move them into a web-config file ([metrics] web_config_file, docs/security.md)"
+        )
+    if metrics.enabled and metrics.web_config_file:
+        from governor.webconfig import IGNORED_KEYS, read_web_config
+
+        web = read_web_config(metrics.web_config_file, trust_euid=os.geteuid())  # validated with the config
+        warnings.extend(f"{web.source}: {key}: ignored ({IGNORED_KEYS[key]})" for key in web.ignored)
+    return warnings
 
 
 def _ladder_gpus(profiles: list[str] | None) -> tuple[list[GpuInfo], str, bool]:
@@ -500,24 +559,37 @@ def _watts(value: float | None) -> str:
     return "?" if value is None else f"{value:g} W"
 
 
+def _endpoint_tls(config: Config, web_config_file: str | None) -> tuple[bool, str]:
+    """(whether the daemon serves https, the certificate to trust): from ``--web.config.file``,
+    else the config's ``web_config_file``, else its deprecated ``tls_cert_file``. Only the
+    web-config file itself is read (the key it names may be readable by root only)."""
+    path = web_config_file or config.metrics.web_config_file
+    if not path:
+        return bool(config.metrics.tls_cert_file), config.metrics.tls_cert_file
+    from governor.webconfig import read_web_config
+
+    tls = read_web_config(path, trust_euid=os.geteuid()).tls  # a ConfigError exits 3, naming the file
+    return tls is not None, tls.cert_file if tls is not None else ""
+
+
 def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     """Fetch the daemon's metrics and print a per-GPU table or a JSON document, once or
     every ``--watch`` seconds; EXIT_GPU_UNHEALTHY when a GPU is lost or degraded."""
     from governor import status as st
 
     config = _load_run_config(args.config) if args.config or DEFAULT_CONFIG_PATH.exists() else Config()
-    tls = config.metrics.tls_cert_file
+    https, cert = _endpoint_tls(config, args.web_config_file)
     codes = {"usage": EXIT_USAGE, "unreachable": EXIT_UNREACHABLE, "answer": EXIT_BAD_ANSWER}
     if args.url is not None:
         try:
-            url = st.normalize_url(args.url, tls=bool(tls))
+            url = st.normalize_url(args.url, tls=https)
         except st.StatusError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
     else:
         host = config.metrics.listen_address
         host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host  # noqa: S104
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        url = f"{'https' if tls else 'http'}://{host}:{config.metrics.port}/metrics"
+        url = f"{'https' if https else 'http'}://{host}:{config.metrics.port}/metrics"
     password = None
     if args.user is not None:
         password = os.environ.get("GPU_GOVERNOR_METRICS_PASSWORD")
@@ -526,7 +598,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
     def once(first: bool) -> int:
         try:
-            status = st.fetch_status(url, cafile=args.cacert or tls or None, username=args.user, password=password)
+            status = st.fetch_status(url, cafile=args.cacert or cert or None, username=args.user, password=password)
         except st.StatusError as exc:
             raise CliError(str(exc), codes[exc.kind]) from None
         now_s = time.time()
@@ -621,15 +693,18 @@ def cmd_record(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_hash_password(stdin: TextIO, out: TextIO) -> int:
-    """Print a salted scrypt hash of the password read from ``stdin``; the password is never echoed."""
-    from governor.auth import hash_password, read_password
+def cmd_hash_password(stdin: TextIO, out: TextIO, cost: int = 10) -> int:
+    """Print a bcrypt hash of the password read from ``stdin``; the password is never echoed."""
+    from governor.auth import BCRYPT_MAX_COST, BCRYPT_MIN_COST, hash_password, read_password
 
+    if not BCRYPT_MIN_COST <= cost <= BCRYPT_MAX_COST:
+        raise CliError(f"--cost: expected {BCRYPT_MIN_COST} to {BCRYPT_MAX_COST}, got {cost}", EXIT_USAGE)
     try:
         password = read_password(stdin)
+        hashed = hash_password(password, cost=cost)
     except ValueError as exc:
         raise CliError(f"hash-password: expected a password, got {exc}", EXIT_USAGE) from None
-    out.write(hash_password(password) + "\n")
+    out.write(hashed + "\n")
     return EXIT_OK
 
 
@@ -684,7 +759,7 @@ def _dispatch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int | None:
     if args.command == "record":
         return cmd_record(args, out)
     if args.command == "hash-password":
-        return cmd_hash_password(sys.stdin, out)
+        return cmd_hash_password(sys.stdin, out, args.cost)
     if args.command in ("calibrate", "replay", "simulate"):
         return _whatif(args, out, err)
     return None

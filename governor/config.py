@@ -92,16 +92,19 @@ class GpuOverride:
 class MetricsConfig:
     """Where the Prometheus endpoint listens and how it is protected (see docs/security.md).
 
-    A non-loopback ``listen_address`` needs ``allow_remote``. TLS is on when both
-    ``tls_cert_file`` and ``tls_key_file`` are set; ``tls_client_ca_file`` then
-    requires client certificates signed by that CA. Basic auth is on when both
-    ``basic_auth_username`` and ``basic_auth_password_hash`` are set. Empty is off.
+    A non-loopback ``listen_address`` needs ``allow_remote``. TLS and basic auth come from
+    ``web_config_file``, an exporter-toolkit web-config file (governor.webconfig). The keys
+    below it are deprecated (one release): TLS is on when both ``tls_cert_file`` and
+    ``tls_key_file`` are set; ``tls_client_ca_file`` then requires client certificates
+    signed by that CA. Basic auth is on when both ``basic_auth_username`` and
+    ``basic_auth_password_hash`` are set. Empty is off.
     """
 
     enabled: bool = True
     listen_address: str = "127.0.0.1"
     port: int = DEFAULT_METRICS_PORT
     allow_remote: bool = False
+    web_config_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
@@ -117,6 +120,21 @@ class MetricsConfig:
     def basic_auth(self) -> bool:
         """True when the endpoint asks for a user name and password."""
         return bool(self.basic_auth_username and self.basic_auth_password_hash)
+
+    @property
+    def deprecated_keys(self) -> tuple[str, ...]:
+        """The deprecated TLS and basic-auth keys that are set (web_config_file replaces them)."""
+        return tuple(f"metrics.{name}" for name in DEPRECATED_METRICS_KEYS if getattr(self, name))
+
+
+DEPRECATED_METRICS_KEYS = (
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "basic_auth_username",
+    "basic_auth_password_hash",
+)
+"""[metrics] keys replaced by web_config_file: still read for one release, with a warning."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +270,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
         "listen_address": Key("str", "an IP address or host name"),
         "port": Key("int", "a TCP port", between(0, 65535)),
         "allow_remote": Key("bool", "true or false"),
+        "web_config_file": Key("str", "an exporter-toolkit web-config file (empty: plain HTTP, no auth)"),
         "tls_cert_file": Key("str", "a PEM certificate file (empty: plain HTTP)"),
         "tls_key_file": Key("str", "a PEM private key file (empty: plain HTTP)"),
         "tls_client_ca_file": Key("str", "a PEM CA file for client certificates (empty: none asked)"),
@@ -438,11 +457,26 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: Issues) -> None:
             # The value is never echoed: it may be a password pasted in by mistake.
             out.add(
                 f"{prefix}metrics.basic_auth_password_hash",
-                f"a hash from `gpu-governor hash-password` ({HASH_FORMAT})",
+                f"a bcrypt hash from `gpu-governor hash-password`, or an old one of the form {HASH_FORMAT}",
                 f"a value that is {exc}",
             )
     if not m.enabled:
         return  # nothing is bound and no file is read
+    if m.web_config_file and m.deprecated_keys:
+        out.add(
+            f"{prefix}metrics.web_config_file",
+            "either web_config_file or the deprecated TLS and basic-auth keys, not both "
+            f"(move {', '.join(m.deprecated_keys)} into the web-config file: docs/security.md)",
+            describe(m.web_config_file),
+        )
+    if m.web_config_file:
+        from governor.webconfig import load_web_config
+
+        try:
+            load_web_config(m.web_config_file, trust_euid=os.geteuid())
+        except ConfigError as exc:
+            for issue in exc.issues:  # each names the web-config file and its key
+                out.issues.append(issue)
     if not m.allow_remote and not is_loopback(m.listen_address):
         out.add(
             f"{prefix}metrics.listen_address",

@@ -18,8 +18,13 @@ runs as root (see docs/security.md):
   holding the most connections, and any other new connection is closed at once, so
   stalled connections spread over many addresses (any local user can use all of
   127.0.0.0/8) cannot starve another address's scrape either;
-- optional TLS (prometheus-client's own context setup, optional client certificates)
-  and basic auth against a salted scrypt hash: at most ``MAX_PASSWORD_CHECKS`` checks
+- optional TLS and basic auth from an exporter-toolkit web-config file
+  (governor.webconfig), or from the deprecated ``[metrics]`` keys: the context is built
+  here with the standard library, and each new connection gets the one in force, picked
+  up again (at most once per ``RECHECK_S``) when the web-config file or a certificate,
+  key or CA file it names changes (:class:`LiveWebConfig`: no restart; a broken change
+  keeps the last good config and is logged once);
+- password checks (bcrypt; scrypt for the deprecated key): at most ``MAX_PASSWORD_CHECKS``
   run at once and no more than governor.auth.CHECKS_PER_S on average, a request waits
   at most ``PASSWORD_CHECK_WAIT_S`` for one (else 503), and an address with repeated
   failures is answered 429 without a check for a growing while; verified credentials
@@ -44,7 +49,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from types import TracebackType
@@ -57,11 +62,17 @@ from prometheus_client import exposition as _exposition
 
 from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_password_hash
 from governor.config import MetricsConfig, is_loopback
+from governor.errors import ConfigError, ConfigIssue
 from governor.metrics import Exposition, GovernorRegistry
-
-# prometheus-client >= 0.17 sets up TLS for its own server: reuse that where present.
-# Debian 12 ships 0.16, which has none: tls_context() then does the same steps itself.
-_get_ssl_ctx: Callable[..., ssl.SSLContext] | None = getattr(_exposition, "_get_ssl_ctx", None)
+from governor.webconfig import (
+    TlsServerConfig,
+    WebConfig,
+    build_tls_context,
+    file_states,
+    from_metrics_keys,
+    password_hashes,
+    read_web_config,
+)
 
 StartResponse: TypeAlias = Callable[..., Any]
 WsgiApp: TypeAlias = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -86,9 +97,11 @@ LISTEN_BACKLOG = 1024
 """Connections the kernel queues for accept (capped by net.core.somaxconn): room for a burst of
 reconnects from capped addresses, so a scrape's SYN is not dropped (a dropped SYN costs a 1 s retry)."""
 MAX_CACHED_CREDENTIALS = 4
-"""Accepted Authorization headers remembered (as keyed digests) so a scrape costs no scrypt run."""
+"""Accepted Authorization headers remembered (as keyed digests) so a scrape costs no bcrypt run."""
 MAX_PASSWORD_CHECKS = 1
-"""scrypt checks run at once: a flood of wrong passwords burns at most one core."""
+"""bcrypt (or scrypt) checks run at once: a flood of wrong passwords burns at most one core."""
+RECHECK_S = 1.0
+"""At most this often (seconds, on a new connection) the web-config file and the TLS files are stat()ed for changes."""
 PASSWORD_CHECK_WAIT_S = 0.1
 """Seconds a request waits for a password-check slot before it is answered 503."""
 METHODS = ("GET", "HEAD", "OPTIONS")
@@ -194,41 +207,47 @@ class Verdict(enum.Enum):
 
 
 class BasicAuth:
-    """Checks an ``Authorization: Basic`` header against a user name and a scrypt hash.
+    """Checks an ``Authorization: Basic`` header against user names and their password hashes.
 
-    The hash is parsed once here; a header that once verified is remembered as an
-    HMAC digest under a per-process random key, so routine scrapes cost no scrypt run
-    (and pass even while their address is backed off). Checks that need scrypt are
-    bounded: ``check_slots`` at once, one at a time per address, each waiting at most
+    ``users`` maps a user name to its hash (a parsed one, or the text: bcrypt, or scrypt from
+    the deprecated key). A header that once verified is remembered as an HMAC digest under a
+    per-process random key, so routine scrapes cost no bcrypt run (and pass even while their
+    address is backed off). A check always runs one hash, an unknown user's against another
+    user's hash, so timing does not tell which users exist. Checks are bounded:
+    ``check_slots`` at once, one at a time per address, each waiting at most
     ``check_wait_s`` seconds for a slot, and no more than ``budget`` allows over time
-    (governor.auth.CheckBudget); an address past its free failures is refused without
-    a check (governor.auth.FailureBackoff).
+    (governor.auth.CheckBudget); an address past its free failures is refused without a
+    check (governor.auth.FailureBackoff).
     """
 
     realm = "gpu-governor"
 
     def __init__(
         self,
-        username: str,
-        password_hash: str,
+        users: Mapping[str, PasswordHash | str],
         *,
         check_slots: int = MAX_PASSWORD_CHECKS,
         check_wait_s: float = PASSWORD_CHECK_WAIT_S,
         backoff: FailureBackoff | None = None,
         budget: CheckBudget | None = None,
     ) -> None:
-        self._username = username.encode("utf-8")
-        self._hash: PasswordHash = parse_password_hash(password_hash)
+        if not users:
+            raise ValueError("basic auth needs at least one user")
+        self._users: dict[bytes, PasswordHash] = {
+            name.encode("utf-8"): parse_password_hash(hashed) if isinstance(hashed, str) else hashed
+            for name, hashed in users.items()
+        }
+        self._decoy = next(iter(self._users.values()))  # an unknown user's password is checked against this
         self._cache_key = os.urandom(32)
         self._accepted: tuple[bytes, ...] = ()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(check_slots)
         self._check_wait_s = check_wait_s
-        self._checking: set[str] = set()  # addresses with a scrypt check waiting or running
+        self._checking: set[str] = set()  # addresses with a password check waiting or running
         self.backoff = backoff if backoff is not None else FailureBackoff()
         self._budget = budget if budget is not None else CheckBudget()
         self.hash_checks = 0
-        """scrypt derivations run so far (for tests and curiosity)."""
+        """Password hashes run so far (for tests and curiosity)."""
 
     def check(self, header: str | None, address: str = "") -> bool:
         """True when ``header`` (the raw Authorization value, or None) carries the right credentials."""
@@ -248,10 +267,11 @@ class BasicAuth:
             self.backoff.failed(address, time.monotonic())
             return Verdict.WRONG
         user, password = credentials
-        password_ok = self._derive(password, address)
+        hashed = self._users.get(user)
+        password_ok = self._derive(hashed if hashed is not None else self._decoy, password, address)
         if password_ok is None:
             return Verdict.BUSY
-        if not (hmac.compare_digest(user, self._username) and password_ok):
+        if hashed is None or not password_ok:
             self.backoff.failed(address, time.monotonic())
             return Verdict.WRONG
         self.backoff.succeeded(address)
@@ -259,7 +279,7 @@ class BasicAuth:
             self._accepted = (digest, *self._accepted)[:MAX_CACHED_CREDENTIALS]
         return Verdict.OK
 
-    def _derive(self, password: bytes, address: str) -> bool | None:
+    def _derive(self, hashed: PasswordHash, password: bytes, address: str) -> bool | None:
         """Whether ``password`` matches the hash; None when the check budget is spent or no slot came free in time."""
         with self._lock:
             if address in self._checking:
@@ -272,8 +292,7 @@ class BasicAuth:
                 return None
             try:
                 self.hash_checks += 1
-                # Always derive, so a wrong user name takes as long as a wrong password.
-                return self._hash.matches(password)
+                return hashed.matches(password)
             finally:
                 self._slots.release()
         finally:
@@ -281,24 +300,42 @@ class BasicAuth:
                 self._checking.discard(address)
 
     def wrap(self, app: WsgiApp) -> WsgiApp:
-        """``app`` behind this check: 401 with a WWW-Authenticate challenge on a missing or wrong
-        credential, 429 with Retry-After for a backed-off address, 503 with Retry-After when busy."""
+        """``app`` behind this check (see :meth:`answer`)."""
+        return lambda environ, start_response: self.answer(app, environ, start_response)
 
-        def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-            address = str(environ.get("REMOTE_ADDR", ""))
-            verdict = self.verdict(environ.get("HTTP_AUTHORIZATION"), address)
-            if verdict is Verdict.OK:
-                return app(environ, start_response)
-            if verdict is Verdict.BACKED_OFF:
-                wait_s = math.ceil(self.backoff.blocked_for(address, time.monotonic())) or 1
-                retry = ("Retry-After", str(wait_s))
-                return _plain(start_response, "429 Too Many Requests", "too many failed logins\n", [retry])
-            if verdict is Verdict.BUSY:
-                return _plain(start_response, "503 Service Unavailable", "busy, try again\n", [("Retry-After", "1")])
-            challenge = ("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"')
-            return _plain(start_response, "401 Unauthorized", "unauthorized\n", [challenge])
+    def answer(self, app: WsgiApp, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        """``app``'s answer when the request's credentials are right; else 401 with a WWW-Authenticate
+        challenge (missing or wrong), 429 with Retry-After (backed off) or 503 with Retry-After (busy)."""
+        address = str(environ.get("REMOTE_ADDR", ""))
+        verdict = self.verdict(environ.get("HTTP_AUTHORIZATION"), address)
+        if verdict is Verdict.OK:
+            return app(environ, start_response)
+        if verdict is Verdict.BACKED_OFF:
+            wait_s = math.ceil(self.backoff.blocked_for(address, time.monotonic())) or 1
+            retry = ("Retry-After", str(wait_s))
+            return _plain(start_response, "429 Too Many Requests", "too many failed logins\n", [retry])
+        if verdict is Verdict.BUSY:
+            return _plain(start_response, "503 Service Unavailable", "busy, try again\n", [("Retry-After", "1")])
+        challenge = ("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"')
+        return _plain(start_response, "401 Unauthorized", "unauthorized\n", [challenge])
 
-        return guarded
+
+AUTH_ENVIRON_KEY = "gpu_governor.basic_auth"
+"""The WSGI environ key under which a connection's handler passes the BasicAuth in force (or None)."""
+
+
+def guarded_by_connection(app: WsgiApp) -> WsgiApp:
+    """``app`` behind the basic auth the connection's handler found in force (none: served as is)."""
+
+    def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if AUTH_ENVIRON_KEY not in environ:  # fail closed: only _Handler serves this app, and it always says
+            return _plain(start_response, "500 Internal Server Error", "no web config for this connection\n")
+        auth = environ[AUTH_ENVIRON_KEY]
+        if isinstance(auth, BasicAuth):
+            return auth.answer(app, environ, start_response)
+        return app(environ, start_response)
+
+    return guarded
 
 
 def _basic_credentials(header: str) -> tuple[bytes, bytes] | None:
@@ -347,7 +384,7 @@ class _GuardedReader(io.RawIOBase):
         return count
 
 
-def _ready_to_serve(request: Any) -> bool:
+def _ready_to_serve(request: Any, tls: bool) -> bool:
     """Whether a connection accepted while every slot is taken has its request ready: for plain
     HTTP its whole request head is already in the socket buffer; under TLS (whose head cannot
     be read ahead) its first handshake bytes are. Waits at most READY_WAIT_S for the first
@@ -357,11 +394,11 @@ def _ready_to_serve(request: Any) -> bool:
         poller.register(request, select.POLLIN)
         if not poller.poll(READY_WAIT_S * 1000):
             return False
-        # The plain socket's recv (an SSLSocket refuses flags): a peek, nothing is consumed.
-        data = socket.socket.recv(request, MAX_REQUEST_HEAD_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        # A peek: nothing is consumed (TLS is set up on the request's own thread, later).
+        data = request.recv(MAX_REQUEST_HEAD_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (OSError, ValueError):
         return False
-    if isinstance(request, ssl.SSLSocket):
+    if tls:
         return bool(data)
     return b"\r\n\r\n" in data
 
@@ -373,13 +410,37 @@ class _Handler(WSGIRequestHandler):
     server: _ThreadingServer
 
     def setup(self) -> None:
+        # The web config in force for this connection: its TLS context wraps the socket here,
+        # on the request's own thread (the handshake happens in the first read, within the
+        # head deadline), and its basic auth checks the request.
+        self._accepted = self.request  # the server's bookkeeping knows the connection by this
+        served = self.server.live.current() if self.server.live is not None else None
+        self._auth = served.auth if served is not None else None
+        if served is not None and served.context is not None:
+            self.request = served.context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
         super().setup()
         self.rfile.close()  # replaced below; closing it drops its hold on the socket
         self._timeout_s = self.server.request_timeout_s
         self.connection.settimeout(self._timeout_s)
         deadline = time.monotonic() + self._timeout_s
         self.rfile = io.BufferedReader(_GuardedReader(self.connection, MAX_REQUEST_HEAD_BYTES, deadline))
-        self.server.waiting_for_head(self.request, str(self.client_address[0]))
+        self.server.waiting_for_head(self._accepted, self.connection, str(self.client_address[0]))
+
+    def get_environ(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environ()
+        environ[AUTH_ENVIRON_KEY] = self._auth
+        return environ
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self.request is not self._accepted:
+                # The TLS socket took the accepted one's descriptor: the server's shutdown_request
+                # (on the accepted, now detached, socket) cannot close it, so it is closed here.
+                with contextlib.suppress(OSError):
+                    self.request.shutdown(socket.SHUT_WR)
+                self.request.close()
 
     def handle(self) -> None:
         try:
@@ -392,7 +453,7 @@ class _Handler(WSGIRequestHandler):
             self.close_connection = True
             return  # timed out, reset, evicted, or a failed TLS handshake: nothing to answer
         finally:
-            self.server.head_done(self.request)
+            self.server.head_done(self._accepted)
         self.connection.settimeout(RESPONSE_TIMEOUT_S)  # a fresh allowance to send the response
         if too_long:
             self.requestline = self.request_version = self.command = ""
@@ -424,14 +485,19 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
     request_timeout_s = REQUEST_TIMEOUT_S
+    live: LiveWebConfig | None = None
+    """The web config (TLS, basic auth) each new connection takes; None: plain HTTP, no auth."""
+    tls = False
+    """Whether connections are TLS (fixed at start: turning it on or off needs a restart)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._per_address_cap = MAX_CONNECTIONS_PER_ADDRESS
         self._open: dict[str, int] = {}  # client address -> connections accepted and not yet closed
         self._open_lock = threading.Lock()
-        # Connections still waiting for their request head: socket -> (address, since, monotonic s).
-        self._heads: dict[Any, tuple[str, float]] = {}
+        # Connections still waiting for their request head: accepted socket -> (address, since
+        # (monotonic s), the socket to shut down to evict it: the TLS one under TLS).
+        self._heads: dict[Any, tuple[str, float, Any]] = {}
         self._handed_over: set[Any] = set()  # evicted connections whose slot went to another
         self.shed = 0
         """Connections closed on accept while every slot was taken, their request not yet sent."""
@@ -457,10 +523,10 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
             if held > 0:
                 self._open[host] = held
 
-    def waiting_for_head(self, request: Any, host: str) -> None:
-        """A handler thread started reading this connection's request head."""
+    def waiting_for_head(self, request: Any, live_socket: Any, host: str) -> None:
+        """A handler thread started reading the head of ``request`` (the accepted socket) on ``live_socket``."""
         with self._open_lock:
-            self._heads[request] = (host, time.monotonic())
+            self._heads[request] = (host, time.monotonic(), live_socket)
 
     def head_done(self, request: Any) -> None:
         """The head arrived (or the connection ended): the connection is no longer evictable."""
@@ -477,13 +543,15 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         with self._open_lock:
             if not self._heads:
                 return False
-            victim, _ = max(self._heads.items(), key=lambda item: (self._open.get(item[1][0], 0), -item[1][1]))
+            victim, (_, _, live_socket) = max(
+                self._heads.items(), key=lambda item: (self._open.get(item[1][0], 0), -item[1][1])
+            )
             del self._heads[victim]
             self._handed_over.add(victim)  # its slot now belongs to the newcomer
             self.evicted += 1
         with contextlib.suppress(OSError):
             # The plain socket's shutdown (under TLS too): its handler's recv returns at once.
-            socket.socket.shutdown(victim, socket.SHUT_RDWR)
+            socket.socket.shutdown(live_socket, socket.SHUT_RDWR)
         return True
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -498,7 +566,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
             # gets the slot of an evicted stalled connection (handed over at once: its thread
             # ends without releasing it); anyone else is closed at once, so the backlog, where
             # a scrape may be queued behind thousands of reconnects, drains in microseconds each.
-            if not _ready_to_serve(request):
+            if not _ready_to_serve(request, self.tls):
                 self.shed += 1
                 self._leave(host)
                 self.shutdown_request(request)
@@ -542,44 +610,160 @@ class _ThreadingServer6(_ThreadingServer):
 
 
 @dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """PEM files for HTTPS; with ``client_ca_file`` clients must present a certificate it signed."""
+class Served:
+    """What a new connection gets: the web config, its TLS context (None: plain HTTP) and its basic auth."""
 
-    cert_file: str
-    key_file: str
-    client_ca_file: str = ""
+    config: WebConfig
+    context: ssl.SSLContext | None
+    auth: BasicAuth | None
 
 
-def tls_context(tls: TlsFiles) -> ssl.SSLContext:
-    """A server context, TLS 1.2 at least: prometheus-client's own TLS setup where it has one
-    (0.17 and later), else the same steps with the standard library (Debian 12 ships 0.16)."""
-    if _get_ssl_ctx is not None:
-        context: ssl.SSLContext = _get_ssl_ctx(
-            tls.cert_file,
-            tls.key_file,
-            ssl.PROTOCOL_TLS_SERVER,
-            tls.client_ca_file or None,
-            None,
-            bool(tls.client_ca_file),
+def _default_log() -> Any:
+    from governor import logsetup
+
+    return logsetup.get_logger()
+
+
+class LiveWebConfig:
+    """The web config in force, picked up again when a file it comes from changes, without a restart.
+
+    On a new connection, at most once per ``check_interval_s``, the web-config file and the
+    certificate, key and CA files it names are stat()ed (device, inode, size, mtime, ctime:
+    a handful of system calls); when one changed, the config is read and a new TLS context
+    and basic auth are built. A change that fails (a broken file, a key not yet matching
+    its certificate, TLS turned on or off, which needs a restart) keeps the last good
+    config and is logged once, as ``web_config_reload_failed``; the next change is tried
+    again. The password-check back-off and budget carry over to the new basic auth.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], WebConfig],
+        *,
+        path: str = "",
+        trust_euid: int | None = None,
+        auth: BasicAuth | None = None,
+        log: Any = None,
+        check_interval_s: float = RECHECK_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._path = path
+        self._trust_euid = trust_euid
+        self._fixed_auth = auth
+        self._log = log if log is not None else _default_log()
+        self._interval_s = check_interval_s
+        self._clock = clock
+        self._backoff = FailureBackoff()
+        self._budget = CheckBudget()
+        self._lock = threading.Lock()
+        own = file_states((path,)) if path else ()
+        config = load()
+        self._served = self._build(config)  # raises at start: a bad file serves nothing
+        self._states = own + file_states(self._tls_files(config))
+        self._failed: tuple[tuple[Any, ...], ...] | None = None
+        self._next_check_s = clock() + check_interval_s
+        self._log_ignored(config)
+
+    @classmethod
+    def from_file(cls, path: str, *, trust_euid: int | None = None, log: Any = None) -> LiveWebConfig:
+        """The web config of the exporter-toolkit file at ``path``; ConfigError when it is unusable now."""
+        return cls(lambda: read_web_config(path, trust_euid=trust_euid), path=path, trust_euid=trust_euid, log=log)
+
+    @classmethod
+    def fixed(cls, config: WebConfig, *, auth: BasicAuth | None = None, log: Any = None) -> LiveWebConfig:
+        """``config`` itself (only its TLS files are watched); ``auth`` instead of one built from its users."""
+        return cls(lambda: config, auth=auth, log=log)
+
+    @staticmethod
+    def _tls_files(config: WebConfig) -> tuple[str, ...]:
+        return config.tls.files() if config.tls is not None else ()
+
+    def _build(self, config: WebConfig) -> Served:
+        context = build_tls_context(config, trust_euid=self._trust_euid) if config.tls is not None else None
+        auth = self._fixed_auth
+        if auth is None and config.users:
+            try:
+                hashes = password_hashes(config)
+            except ValueError as exc:  # validated on load: only a hash changed by hand in a fixed config
+                raise ConfigError([ConfigIssue(config.source, "basic_auth_users", "valid hashes", str(exc))]) from None
+            auth = BasicAuth(hashes, backoff=self._backoff, budget=self._budget)
+        return Served(config, context, auth)
+
+    def _log_ignored(self, config: WebConfig) -> None:
+        if config.ignored:
+            self._log.warning(
+                "web_config_keys_ignored",
+                source=config.source,
+                keys=list(config.ignored),
+                effect="gpu-governor does not implement them (docs/security.md)",
+            )
+
+    def current(self) -> Served:
+        """The config in force, checked for changes first when ``check_interval_s`` has passed
+        (by one connection at a time: the others meanwhile take the config in force)."""
+        now_s = self._clock()
+        if now_s < self._next_check_s or not self._lock.acquire(blocking=False):
+            return self._served
+        try:
+            self._next_check_s = now_s + self._interval_s
+            self._refresh()
+        finally:
+            self._lock.release()
+        return self._served
+
+    def _refresh(self) -> None:
+        served = self._served
+        own = file_states((self._path,)) if self._path else ()
+        states = own + file_states(self._tls_files(served.config))
+        if states in (self._states, self._failed):
+            return
+        try:
+            config = self._load()
+            if (config.tls is None) != (served.config.tls is None):
+                wanted = "on" if config.tls is not None else "off"
+                raise ConfigError(
+                    [
+                        ConfigIssue(
+                            config.source,
+                            "tls_server_config",
+                            f"TLS left as it was (turning it {wanted} "
+                            "needs a restart: the scheme of the endpoint changes)",
+                            f"TLS turned {wanted}",
+                        )
+                    ]
+                )
+            new_states = own + file_states(self._tls_files(config))  # before the files are read
+            new = self._build(config)
+        except Exception as exc:  # a broken change must never stop the serving
+            self._failed = states
+            error = "; ".join(exc.summary()) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            self._log.error(
+                "web_config_reload_failed",
+                source=self._path or served.config.source,
+                error=error,
+                effect="the last good web config stays in force until the files change again",
+            )
+            return
+        self._served, self._states, self._failed = new, new_states, None
+        self._log.info(
+            "web_config_reloaded",
+            source=config.source,
+            tls=config.tls is not None,
+            basic_auth_users=len(config.users),
         )
-    else:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        if tls.client_ca_file:
-            context.load_verify_locations(tls.client_ca_file)
-            context.verify_mode = ssl.CERT_REQUIRED
-        context.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+        if config.ignored != served.config.ignored:
+            self._log_ignored(config)
 
 
-def security_warnings(address: str, tls: TlsFiles | None, basic_auth: bool) -> tuple[str, ...]:
+def security_warnings(address: str, tls: TlsServerConfig | None, basic_auth: bool) -> tuple[str, ...]:
     """What is weak about an endpoint on ``address``: nothing on loopback; plain HTTP or no auth when remote."""
     if is_loopback(address):
         return ()
     warnings = []
     if tls is None:
         warnings.append("metrics are served to other hosts over plain HTTP (no TLS)")
-    if not basic_auth and not (tls is not None and tls.client_ca_file):
+    if not basic_auth and not (tls is not None and tls.requires_client_cert):
         warnings.append("metrics are served to other hosts without authentication")
     return tuple(warnings)
 
@@ -598,43 +782,73 @@ class MetricsServer:
         port: int,
         registry: CollectorRegistry | Exposition,
         *,
-        tls: TlsFiles | None = None,
+        tls: TlsServerConfig | None = None,
         basic_auth: BasicAuth | None = None,
+        web: LiveWebConfig | None = None,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
+        """Bind and serve. TLS and basic auth come from ``web`` (a web-config file, picked up
+        again when it changes), or, for a fixed setup, from ``tls`` and ``basic_auth``."""
         server_class = _ThreadingServer6 if ":" in address else _ThreadingServer
         if isinstance(registry, GovernorRegistry):
             registry = Exposition(registry.source)
         self.exposition = registry if isinstance(registry, Exposition) else None
         """What is served rendered once per published state (None: a plain registry, rendered per scrape)."""
         served = cached_app(registry) if isinstance(registry, Exposition) else make_wsgi_app(registry)
-        app: WsgiApp = metrics_only(served)
-        if basic_auth is not None:
-            app = basic_auth.wrap(app)
-        context = tls_context(tls) if tls is not None else None  # before binding: a bad file binds nothing
-        self._server = make_server(address, port, app, server_class=server_class, handler_class=_Handler)
+        if web is None and (tls is not None or basic_auth is not None):
+            web = LiveWebConfig.fixed(WebConfig("MetricsServer arguments", tls=tls), auth=basic_auth)
+        self.web = web  # built before binding: a bad file binds nothing
+        # Unlike prometheus-client's start_http_server, the TLS handshake is not done in
+        # accept() on the serving thread (where one silent client would stall every scrape)
+        # but on the request's own thread, within its deadline (see _Handler.setup).
+        self._server = make_server(
+            address,
+            port,
+            guarded_by_connection(metrics_only(served)),
+            server_class=server_class,
+            handler_class=_Handler,
+        )
         self._server.request_timeout_s = request_timeout_s
-        if context is not None:
-            # Unlike prometheus-client's start_http_server, the handshake is not done in
-            # accept() on the serving thread (where one silent client would stall every
-            # scrape) but on the request's own thread, within its deadline.
-            self._server.socket = context.wrap_socket(
-                self._server.socket, server_side=True, do_handshake_on_connect=False
-            )
+        self._server.live = web
+        self.tls: TlsServerConfig | None = web.current().config.tls if web is not None else None
+        """The TLS setup at start (None: plain HTTP); on or off stays so until a restart."""
+        self._server.tls = self.tls is not None
         self.address = address
         self.port: int = self._server.server_address[1]
-        self.tls = tls
-        self.basic_auth = basic_auth is not None
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_config(cls, metrics: MetricsConfig, registry: CollectorRegistry | Exposition) -> MetricsServer:
-        """Serve ``registry`` as [metrics] says: address, port, TLS files, basic auth (an
+    def from_config(
+        cls,
+        metrics: MetricsConfig,
+        registry: CollectorRegistry | Exposition,
+        *,
+        log: Any = None,
+        source: str = "config",
+    ) -> MetricsServer:
+        """Serve ``registry`` as [metrics] says: address, port, and TLS and basic auth from the
+        web-config file (``web_config_file``) or the deprecated keys (an
         :class:`~governor.metrics.Exposition` is served as bytes cached per published state)."""
-        tls = TlsFiles(metrics.tls_cert_file, metrics.tls_key_file, metrics.tls_client_ca_file) if metrics.tls else None
-        auth = BasicAuth(metrics.basic_auth_username, metrics.basic_auth_password_hash) if metrics.basic_auth else None
-        return cls(metrics.listen_address, metrics.port, registry, tls=tls, basic_auth=auth)
+        web = None
+        if metrics.web_config_file:
+            web = LiveWebConfig.from_file(metrics.web_config_file, trust_euid=os.geteuid(), log=log)
+        else:
+            legacy = from_metrics_keys(
+                source,
+                metrics.tls_cert_file,
+                metrics.tls_key_file,
+                metrics.tls_client_ca_file,
+                metrics.basic_auth_username,
+                metrics.basic_auth_password_hash,
+            )
+            web = LiveWebConfig.fixed(legacy, log=log) if legacy is not None else None
+        return cls(metrics.listen_address, metrics.port, registry, web=web)
+
+    @property
+    def basic_auth(self) -> bool:
+        """True when the config in force asks for a user name and password."""
+        return self.web is not None and self.web.current().auth is not None
 
     @property
     def url(self) -> str:
@@ -674,7 +888,7 @@ class MetricsServer:
         if self.tls is None:
             parts.append("plain http")
         else:
-            parts.append("tls with client certificates" if self.tls.client_ca_file else "tls")
+            parts.append("tls with client certificates" if self.tls.requires_client_cert else "tls")
         parts.append("basic auth" if self.basic_auth else "no basic auth")
         warnings = self.security_warnings()
         if warnings:

@@ -320,7 +320,7 @@ def _network_error(where: str, reason: object) -> str:
         detail = reason.verify_message or str(reason)
         return (
             f"TLS certificate of {where} not trusted ({detail}): pass --cacert FILE "
-            "(or set [metrics] tls_cert_file in --config)"
+            "(or --web.config.file FILE, whose tls_server_config.cert_file is then trusted)"
         )
     if isinstance(reason, ssl.SSLError):
         return f"TLS handshake with {where} failed ({reason.reason or reason}): is it plain http? try http://"

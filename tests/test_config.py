@@ -50,6 +50,7 @@ enabled = false
 listen_address = "0.0.0.0"
 port = 9999
 allow_remote = true
+web_config_file = "/etc/gpu-governor/web-config.yml"
 tls_cert_file = "/etc/gpu-governor/tls/cert.pem"
 tls_key_file = "/etc/gpu-governor/tls/key.pem"
 tls_client_ca_file = "/etc/gpu-governor/tls/ca.pem"
@@ -171,6 +172,7 @@ class TestKeys:
             "0.0.0.0",
             9999,
             True,
+            "/etc/gpu-governor/web-config.yml",
             "/etc/gpu-governor/tls/cert.pem",
             "/etc/gpu-governor/tls/key.pem",
             "/etc/gpu-governor/tls/ca.pem",

@@ -118,11 +118,12 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
-    """Long options (or the only spelling), without --help."""
-    out = set()
+    """Every long spelling of each option (the exporter-style ones too), or the only spelling, without --help."""
+    out: set[str] = set()
     for action in parser._actions:
         if action.option_strings and not isinstance(action, argparse._HelpAction):
-            out.add(max(action.option_strings, key=len))
+            long = [o for o in action.option_strings if o.startswith("--")]
+            out.update(long or action.option_strings)
     return out
 
 
@@ -136,7 +137,7 @@ def readme_cli() -> dict[str, set[str]]:
         m = re.match(r"gpu-governor (\S+)(.*)", line)
         if m:
             usage = m.group(2).split("  #")[0]
-            lines.setdefault(m.group(1), set()).update(re.findall(r"--[a-z][a-z-]*", usage))
+            lines.setdefault(m.group(1), set()).update(re.findall(r"--[a-z][a-z.-]*[a-z]", usage))
     return lines
 
 

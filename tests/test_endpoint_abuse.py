@@ -412,16 +412,16 @@ class TestConnectionCap:
 
 @pytest.fixture(scope="module")
 def cheap_hash() -> str:
-    """A hash of PASSWORD with a low scrypt cost (N = 1024), so counting checks stays fast."""
-    return auth.hash_password(PASSWORD, n=1024)
+    """A bcrypt hash of PASSWORD at the lowest cost (4), so counting checks stays fast."""
+    return auth.hash_password(PASSWORD, cost=4)
 
 
 class TestPasswordChecks:
     """Checks are bounded in number and waiting time; repeated failures back an address off unchecked."""
 
     def test_failures_back_an_address_off_without_a_hash_check(self, cheap_hash: str) -> None:
-        """After FREE_FAILURES wrong passwords an address gets 429 (Retry-After) with no scrypt run; others do not."""
-        guard = BasicAuth("prometheus", cheap_hash, backoff=FailureBackoff(first_s=30.0, max_s=60.0))
+        """After FREE_FAILURES wrong passwords an address gets 429 (Retry-After) with no bcrypt run; others do not."""
+        guard = BasicAuth({"prometheus": cheap_hash}, backoff=FailureBackoff(first_s=30.0, max_s=60.0))
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         try:
             for _ in range(auth.FREE_FAILURES):
@@ -430,14 +430,14 @@ class TestPasswordChecks:
             refused = request(served.port, source="127.0.0.3", headers=basic("wrong"))
             assert refused.status == 429 and 1 <= int(refused.headers["Retry-After"]) <= 30
             assert request(served.port, source="127.0.0.3", headers=basic(PASSWORD)).status == 429
-            assert guard.hash_checks == auth.FREE_FAILURES  # neither refused request ran scrypt
+            assert guard.hash_checks == auth.FREE_FAILURES  # neither refused request ran bcrypt
             assert request(served.port, source="127.0.0.4", headers=basic(PASSWORD)).status == 200
         finally:
             served.close()
 
     def test_verified_credentials_pass_even_from_a_backed_off_address(self, cheap_hash: str) -> None:
         """A header that verified once is answered from the cache, even where its address is backed off."""
-        guard = BasicAuth("prometheus", cheap_hash, backoff=FailureBackoff(first_s=30.0, max_s=60.0))
+        guard = BasicAuth({"prometheus": cheap_hash}, backoff=FailureBackoff(first_s=30.0, max_s=60.0))
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         try:
             assert request(served.port, source="127.0.0.5", headers=basic(PASSWORD)).status == 200
@@ -450,8 +450,8 @@ class TestPasswordChecks:
 
     def test_waiting_for_a_check_slot_is_bounded(self) -> None:
         """With the only check slot busy, a second login gets 503 (Retry-After) after the short wait, not queued."""
-        slow_hash = auth.hash_password(PASSWORD, n=2**17)  # about 0.5 s per check
-        guard = BasicAuth("prometheus", slow_hash, check_slots=1, check_wait_s=0.05)
+        slow_hash = auth.hash_password(PASSWORD, cost=13)  # about 0.6 s per check
+        guard = BasicAuth({"prometheus": slow_hash}, check_slots=1, check_wait_s=0.05)
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         first: list[Answer] = []
         try:
@@ -470,8 +470,8 @@ class TestPasswordChecks:
             served.close()
 
     def test_check_budget_bounds_checks_from_many_addresses(self, cheap_hash: str) -> None:
-        """Past the budget's burst, wrong guesses from fresh addresses get 503 without a scrypt run."""
-        guard = BasicAuth("prometheus", cheap_hash, budget=CheckBudget(per_s=0.01, burst=3))
+        """Past the budget's burst, wrong guesses from fresh addresses get 503 without a bcrypt run."""
+        guard = BasicAuth({"prometheus": cheap_hash}, budget=CheckBudget(per_s=0.01, burst=3))
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         try:
             statuses = [
@@ -484,8 +484,8 @@ class TestPasswordChecks:
 
     def test_one_check_at_a_time_per_address(self) -> None:
         """A second concurrent check from the same address is 503 at once, even with free slots; others proceed."""
-        slow_hash = auth.hash_password(PASSWORD, n=2**17)  # about 0.5 s per check
-        guard = BasicAuth("prometheus", slow_hash, check_slots=4, check_wait_s=5.0)
+        slow_hash = auth.hash_password(PASSWORD, cost=13)  # about 0.6 s per check
+        guard = BasicAuth({"prometheus": slow_hash}, check_slots=4, check_wait_s=5.0)
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         first: list[Answer] = []
         try:
@@ -591,7 +591,7 @@ class TestMethods:
 
     def test_head_and_options_need_credentials_when_auth_is_on(self, cheap_hash: str) -> None:
         """Behind basic auth, HEAD and OPTIONS without credentials are 401 like GET, and served with them."""
-        served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=BasicAuth("prometheus", cheap_hash))
+        served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=BasicAuth({"prometheus": cheap_hash}))
         try:
             for method in ("HEAD", "OPTIONS"):
                 assert request(served.port, method=method).status == 401
@@ -632,11 +632,12 @@ class TestDaemonUnderAttack:
         assert seen.lateness_p99_s <= 0.05
         assert proc.poll() is None
 
-    def test_wrong_password_flood_from_many_addresses(self, daemon: Callable[..., Any]) -> None:
+    def test_wrong_password_flood_from_many_addresses(self, daemon: Callable[..., Any], tmp_path: Path) -> None:
         """100 clients on 100 addresses guessing passwords: the verified scraper on 127.0.0.1 keeps p99 <= 1 s."""
-        password_hash = auth.hash_password(PASSWORD)  # the real cost: about 0.1 s of CPU per check
-        metrics = f'basic_auth_username = "prometheus"\nbasic_auth_password_hash = "{password_hash}"'
-        proc, port = daemon(metrics, basic(PASSWORD))
+        password_hash = auth.hash_password(PASSWORD)  # the real cost (10): about 0.075 s of CPU per check
+        web_config = tmp_path / "web-config.yml"
+        web_config.write_text(f"basic_auth_users:\n  prometheus: {password_hash}\n")
+        proc, port = daemon(f'web_config_file = "{web_config}"', basic(PASSWORD))
         with attacker("flood", port) as counts:
             seen = scrape_during(proc, port, basic(PASSWORD), scrapes=40)
         print(f"RELIABILITY password_flood: attacker {counts}; {seen.summary()}")

@@ -25,23 +25,31 @@ from prometheus_client.parser import text_string_to_metric_families
 from governor import auth, httpserver
 from governor.cli import main
 from governor.config import Config, ConfigError, MetricsConfig, check_metrics, is_loopback, load_config, parse_config
-from governor.httpserver import BasicAuth, MetricsServer, TlsFiles, security_warnings
+from governor.httpserver import BasicAuth, MetricsServer, security_warnings
 from governor.metrics import build_registry
 from governor.model import ProcessRow, PublishedState
+from governor.webconfig import TlsServerConfig
 from tests.builders import scrape_after_ticks
 from tests.support import openssl_self_signed
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 5.0
 
-# A cheap hash for tests (N = 1024): the cost parameters are part of the line, so checks use them.
+# Cheap hashes for tests (bcrypt cost 4, scrypt N = 1024): the cost is part of the hash, so checks use it.
 PASSWORD = "correct horse battery staple"
+TlsFiles = TlsServerConfig.from_files
 
 
 @pytest.fixture(scope="module")
 def password_hash() -> str:
-    """A hash of PASSWORD with a low scrypt cost, so the tests stay fast."""
-    return auth.hash_password(PASSWORD, n=1024)
+    """A bcrypt hash of PASSWORD with the lowest cost, so the tests stay fast."""
+    return auth.hash_password(PASSWORD, cost=4)
+
+
+@pytest.fixture(scope="module")
+def scrypt_hash() -> str:
+    """A hash of PASSWORD in the deprecated key's scrypt format, with a low cost."""
+    return auth.hash_password_scrypt(PASSWORD, n=1024)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -336,7 +344,7 @@ class TestSecurityKeys:
 
 
 class TestTls:
-    """HTTPS through prometheus-client's TLS context setup."""
+    """HTTPS with a context the governor builds itself (standard library only)."""
 
     def test_tls_fetch_with_trusting_context_works(self, pki: Pki) -> None:
         """A client trusting the certificate gets the metrics over https."""
@@ -348,20 +356,24 @@ class TestTls:
         finally:
             server.close()
 
-    def test_tls_without_prometheus_client_helper(self, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
-        """Without prometheus-client's TLS helper (Debian 12 ships 0.16), TLS and client certificates still work."""
-        import governor.httpserver as httpserver
-
-        monkeypatch.setattr(httpserver, "_get_ssl_ctx", None)
-        tls = TlsFiles(str(pki.cert), str(pki.key), str(pki.client_cert))
-        server = MetricsServer("127.0.0.1", 0, tiny_registry(), tls=tls)
-        try:
-            with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
-                fetch(server, context=client_context(pki))  # no client certificate
-            reply = fetch(server, context=client_context(pki, with_client_cert=True))
-            assert reply.status == 200
-        finally:
-            server.close()
+    def test_no_private_prometheus_client_name_is_used(self) -> None:
+        """No module of governor/ imports or reads a private (underscore) name of prometheus_client."""
+        found = []
+        for path in sorted((REPO / "governor").rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            aliases = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prometheus_client"):
+                    found += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+                    aliases |= {a.asname or a.name for a in node.names}
+                elif isinstance(node, ast.Import):
+                    aliases |= {a.asname or a.name for a in node.names if a.name.startswith("prometheus_client")}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                    found += [f"{path.name}: {node.value.id}.{node.attr}"] if node.attr.startswith("_") else []
+                if isinstance(node, ast.Constant) and node.value == "_get_ssl_ctx":
+                    found.append(f"{path.name}: '_get_ssl_ctx'")
+        assert found == []
 
     def test_plain_http_against_tls_port_fails(self, pki: Pki) -> None:
         """A plain-HTTP request to the TLS port gets no metrics."""
@@ -405,14 +417,39 @@ class TestTls:
         finally:
             server.close()
 
-    def test_from_config_serves_tls_and_auth(self, pki: Pki, password_hash: str) -> None:
-        """MetricsServer.from_config turns [metrics] keys into an https endpoint behind basic auth."""
+    def test_full_tls_server_hands_a_silent_clients_slot_to_a_handshake(
+        self, pki: Pki, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Under TLS too, with every slot held by silent clients, a client starting its handshake takes one's
+        slot (the silent one's TLS socket is shut down) and is served at once."""
+        monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 2)
+        tls = TlsFiles(str(pki.cert), str(pki.key))
+        server = MetricsServer("127.0.0.1", 0, tiny_registry(), tls=tls, request_timeout_s=5.0)
+        try:
+            silent = [socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) for _ in range(2)]
+            time.sleep(0.1)
+            started = time.monotonic()
+            assert fetch(server, context=client_context(pki)).status == 200
+            assert time.monotonic() - started < 2.0  # not the 5 s head deadline of a silent client
+            assert server.evicted_connections == 1
+            assert sum(closed_by_server_within(sock, 1.0) for sock in silent) == 1
+            for sock in silent:
+                sock.close()
+        finally:
+            server.close()
+
+    @pytest.mark.parametrize("hash_kind", ["bcrypt", "scrypt"])
+    def test_from_config_serves_tls_and_auth(
+        self, pki: Pki, password_hash: str, scrypt_hash: str, hash_kind: str
+    ) -> None:
+        """MetricsServer.from_config turns the deprecated [metrics] keys into an https endpoint behind
+        basic auth, with a bcrypt hash or an old scrypt one."""
         metrics = MetricsConfig(
             port=0,
             tls_cert_file=str(pki.cert),
             tls_key_file=str(pki.key),
             basic_auth_username="prometheus",
-            basic_auth_password_hash=password_hash,
+            basic_auth_password_hash=password_hash if hash_kind == "bcrypt" else scrypt_hash,
         )
         server = MetricsServer.from_config(metrics, tiny_registry())
         try:
@@ -433,7 +470,7 @@ class TestBasicAuth:
     @pytest.fixture
     def server(self, password_hash: str) -> Iterator[MetricsServer]:
         """A plain endpoint behind basic auth."""
-        server = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=BasicAuth("prometheus", password_hash))
+        server = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=BasicAuth({"prometheus": password_hash}))
         yield server
         server.close()
 
@@ -482,10 +519,10 @@ class TestHashPassword:
         return main(["hash-password"], out=out, err=err), out.getvalue(), err.getvalue()
 
     def test_output_verifies_and_is_salted(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """The printed line verifies the password, not another, and two hashes of one password differ."""
+        """The printed line is a bcrypt hash (cost 10) that verifies the password, not another; two differ (salted)."""
         code, first, _ = self.run_hash_password(monkeypatch, "s3cret\n")
         _, second, _ = self.run_hash_password(monkeypatch, "s3cret\n")
-        assert code == 0 and first.startswith("scrypt$") and first.count("\n") == 1
+        assert code == 0 and first.startswith("$2b$10$") and first.count("\n") == 1
         assert auth.verify_password("s3cret", first) and auth.verify_password("s3cret", second)
         assert not auth.verify_password("s3cret ", first)
         assert first != second
@@ -510,8 +547,14 @@ class TestHashPassword:
 
     def test_malformed_hashes_do_not_verify(self) -> None:
         """Truncated, non-base64 or absurdly expensive hash lines are rejected, not crashed on."""
-        good = auth.hash_password("x", n=1024)
+        good = auth.hash_password_scrypt("x", n=1024)
+        assert auth.verify_password("x", good)
         for bad in ("", good[:-10] + "$$", good.replace("scrypt", "md5"), "scrypt$1048576000$8$1$AAAA$AAAA"):
+            assert not auth.verify_password("x", bad)
+        bcrypt_good = auth.hash_password("x", cost=4)
+        assert auth.verify_password("x", bcrypt_good)
+        too_costly = bcrypt_good.replace("$04$", "$31$")
+        for bad in (bcrypt_good[:-5], bcrypt_good.replace("$2b$", "$2x$"), too_costly, bcrypt_good + "!"):
             assert not auth.verify_password("x", bad)
 
 
@@ -593,6 +636,9 @@ class TestHttpSurface:
             assert fetch(server).status == 200
             assert time.monotonic() - started < 2.0  # not the 5 s head deadline of a silent client
             assert server.evicted_connections == 1
+            # The scrape's slot is released just after the client sees the end of its answer: let
+            # that happen, or the filler may arrive while the server is still full and be shed.
+            time.sleep(0.3)
             filler = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)  # full again
             time.sleep(0.1)
             late = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)
@@ -734,7 +780,8 @@ class TestNoShell:
 
 class TestRunWiring:
     def test_run_serves_https_behind_basic_auth(self, pki: Pki, password_hash: str, tmp_path: Path) -> None:
-        """`gpu-governor run` with TLS and basic-auth keys serves https, 401 without credentials, 200 with them."""
+        """`gpu-governor run` with the deprecated TLS and basic-auth keys serves https, 401 without credentials,
+        200 with them, and warns at start that the keys are deprecated."""
         import json
         import os
         import signal
@@ -806,3 +853,5 @@ class TestRunWiring:
         events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         listening = next(e for e in events if e["event"] == "metrics_listening")
         assert listening["url"].startswith("https://") and "basic auth" in listening["security"]
+        deprecated = next(e for e in events if e["event"] == "config_deprecated")  # the [metrics] keys used here
+        assert deprecated["level"] == "warning" and "metrics.basic_auth_password_hash" in deprecated["keys"]

@@ -333,7 +333,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory, pki: tuple[Path, Path]) ->
     where = tmp_path_factory.mktemp("secured")
     cert, key = pki
     port = free_port()
-    password_hash = auth.hash_password(PASSWORD, n=1024)
+    password_hash = auth.hash_password_scrypt(PASSWORD, n=1024)  # the deprecated keys still take scrypt
     toml = (
         f'runtime_dir = ""\n[metrics]\nport = {port}\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
         f'basic_auth_username = "prometheus"\nbasic_auth_password_hash = "{password_hash}"\n'

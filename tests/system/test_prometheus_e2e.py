@@ -368,3 +368,121 @@ class TestPrometheusEndToEnd:
         assert wait_for("power-capped seconds", capped, timeout_s=30) == {"GPU-sim-rtx4070-0", "GPU-sim-rtx4070-1"}
         decisions = stack.query(f'gpu_governor_decisions_total{{instance="{stack.instance}"}}')["data"]["result"]
         assert decisions and all(r["metric"]["uuid"].startswith("GPU-sim-rtx4070-") for r in decisions)
+
+# --------------------------------------------------------------------------- TLS and basic auth from a web-config file
+
+TLS_PASSWORD = "scrape-me-over-tls"
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The governor serving https behind basic auth from one web-config file (an openssl certificate,
+    an `htpasswd -B` hash), scraped by a real Prometheus with the same certificate and password,
+    and by a second job with a wrong password."""
+    from tests.support import openssl_self_signed
+
+    prometheus = require_tool("prometheus")
+    openssl, htpasswd = require_tool("openssl"), require_tool("htpasswd")
+    tmp = tmp_path_factory.mktemp("prometheus-tls-e2e")
+    governor_port, prometheus_port = free_port(), free_port()
+    cert, key = tmp / "server.crt", tmp / "server.key"
+    openssl_self_signed(openssl, cert, key, "gpu-governor e2e")
+    line = subprocess.run(
+        [htpasswd, "-nbBC", "10", "prometheus", TLS_PASSWORD], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    web_config = tmp / "web-config.yml"
+    web_config.write_text(
+        f"tls_server_config:\n  cert_file: {cert.name}\n  key_file: {key.name}\n"
+        f"basic_auth_users:\n  prometheus: {line.partition(':')[2]}\n"
+    )
+    (tmp / "password").write_text(TLS_PASSWORD)
+    (tmp / "state").mkdir()
+    config = tmp / "governor.toml"
+    config.write_text(f'state_dir = "{tmp / "state"}"\nruntime_dir = ""\n[metrics]\nweb_config_file = "{web_config}"\n')
+    target = f"127.0.0.1:{governor_port}"
+    (tmp / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 2s\nscrape_configs:\n"
+        f"  - job_name: gpu-governor\n    scheme: https\n"
+        f"    basic_auth:\n      username: prometheus\n      password_file: {tmp / 'password'}\n"
+        f"    tls_config:\n      ca_file: {cert}\n"
+        f'    static_configs:\n      - targets: ["{target}"]\n'
+        f"  - job_name: wrong-password\n    scheme: https\n"
+        f"    basic_auth:\n      username: prometheus\n      password: wrong\n"
+        f"    tls_config:\n      ca_file: {cert}\n"
+        f'    static_configs:\n      - targets: ["{target}"]\n'
+    )
+    governor_log, prometheus_log = tmp / "governor.log", tmp / "prometheus.log"
+    flags = ["--web.listen-address", target, "--log.format", "json"]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with governor_log.open("wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "governor", "run", "--simulate", "--config", str(config), *flags],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                )
+            )
+        with prometheus_log.open("wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    [
+                        prometheus,
+                        f"--config.file={tmp / 'prometheus.yml'}",
+                        f"--storage.tsdb.path={tmp / 'tsdb'}",
+                        f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                        "--log.level=warn",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp,
+                )
+            )
+        result = Stack(f"http://127.0.0.1:{prometheus_port}", target, (governor_log, prometheus_log))
+
+        def ready() -> bool | None:
+            for name, process in zip(("governor", "prometheus"), processes):
+                if process.poll() is not None:
+                    pytest.fail(f"{name} exited with {process.returncode}\n{result.log_tail()}")
+            return True if http_get(f"{result.prometheus_url}/-/ready") else None
+
+        wait_for("Prometheus's readiness", ready, timeout_s=30)
+        yield result
+    finally:
+        for process in processes:
+            stop(process)
+
+
+class TestPrometheusOverTls:
+    def test_scrapes_over_tls_with_basic_auth_from_the_web_config(self, tls_stack: Stack) -> None:
+        """Prometheus (scheme https, tls_config ca_file, basic_auth) scrapes the governor, whose TLS and users
+        come from one web-config file; the job with a wrong password is down with a 401."""
+
+        seen: list[Any] = []
+
+        def targets() -> dict[str, dict[str, Any]] | None:
+            active = tls_stack.api("targets")["data"]["activeTargets"]
+            by_job = {t["labels"]["job"]: t for t in active}
+            seen[:] = [by_job]
+            good, bad = by_job.get("gpu-governor"), by_job.get("wrong-password")
+            if good is None or bad is None or good["health"] != "up" or bad["health"] != "down":
+                return None
+            return by_job
+
+        try:
+            by_job = wait_for("the https target up and the wrong password down", targets, timeout_s=90)
+        except pytest.fail.Exception:
+            pytest.fail(f"targets: {seen}\n{tls_stack.log_tail()}")
+        assert by_job["gpu-governor"]["scrapeUrl"] == f"https://{tls_stack.instance}/metrics"
+        # Refused: 401, or 429 once the wrong password has failed often enough to be backed off.
+        error = by_job["wrong-password"]["lastError"]
+        assert "401" in error or "429" in error, by_job["wrong-password"]
+        answer = wait_for(
+            "governor series in Prometheus",
+            lambda: tls_stack.query('gpu_governor_ready{job="gpu-governor"}')["data"]["result"] or None,
+            timeout_s=30,
+        )
+        assert answer[0]["value"][1] == "1"
+        temperatures = tls_stack.query('gpu_governor_gpu_temperature_celsius{job="gpu-governor"}')
+        assert temperatures["data"]["result"], temperatures
