@@ -14,7 +14,7 @@ from typing import Final
 
 PROG: Final = "gpu-governor"
 _PATH_TYPES: Final = (Path,)
-PATH_DESTS: Final = frozenset({"cacert"})
+PATH_DESTS: Final = frozenset({"cacert", "web_config_file"})
 """Options that take a file although the parser keeps them as text (completed as files)."""
 
 

@@ -352,7 +352,7 @@ class TestTemplates:
                 if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args):
                     continue
                 receiver = ast.unparse(node.func.value)
-                if node.func.attr in TestTemplates.LEVELS and re.search(r"(^|\.)log(ger)?$|get_logger\(", receiver):
+                if node.func.attr in TestTemplates.LEVELS and re.search(r"(^|\.)_?log(ger)?$|get_logger\(", receiver):
                     names = {k.arg for k in node.keywords if k.arg is not None}
                     spread = any(k.arg is None for k in node.keywords)
                     yield str(path.relative_to(REPO)), node.lineno, node.args[0], None if spread else names
