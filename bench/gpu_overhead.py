@@ -133,8 +133,10 @@ def floor_and_tick(trees: list[Path], iterations: int, rounds: int) -> dict[str,
                 env=tree_env(tree),
                 capture_output=True,
                 text=True,
-                check=True,
+                check=False,
             )
+            if result.returncode != 0:
+                sys.exit(f"tick child of {tree} failed (exit {result.returncode}):\n{result.stderr}")
             got = json.loads(result.stdout.strip().splitlines()[-1])
             samples[tree]["gpus"] = got["gpus"]
             samples[tree]["telemetry_us_p50"] = got["telemetry_us_p50"]
