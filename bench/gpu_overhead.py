@@ -84,9 +84,9 @@ with tempfile.TemporaryDirectory() as state:
         if i >= 100:
             floor.append((t1 - t0) / gpus / 1000)
             tick.append((t2 - t1) / gpus / 1000)
-    daemon.stop()
     telemetry = time_each(telemetry_reads(pynvml, handles[0], event_set), 50)
     pynvml.nvmlEventSetFree(event_set)
+    daemon.stop()  # last: it shuts NVML down
 print(json.dumps({"gpus": gpus, "floor_us": floor, "tick_us": tick, "telemetry_us_p50": telemetry}))
 """
 

@@ -283,7 +283,7 @@ def _telemetry_checks(
         ("memory_temperature_c", memory_c, memory_c is not None and 10 <= memory_c <= 110,
          lambda: _field_or_raise(pynvml, handle, pynvml.NVML_FI_DEV_MEMORY_TEMP)),
         ("fan_speed_ratios", fans, all(0 <= r <= 1.2 for _, r in fans or ()),
-         lambda: pynvml.nvmlDeviceGetFanSpeed_v2(handle, 0)),
+         lambda: _fan_or_raise(pynvml, handle)),
         ("ecc_errors", ecc, len(ecc or ()) == 4 and all(n >= 0 for *_, n in ecc or ()),
          lambda: pynvml.nvmlDeviceGetTotalEccErrors(handle, 1, 1)),
         ("remapped_rows", remap, rows is not None and unc_rows is not None and min(rows, unc_rows) >= 0,
@@ -294,6 +294,14 @@ def _telemetry_checks(
          lambda: violation(handle, pynvml.NVML_PERF_POLICY_SYNC_BOOST)),
         ("xid_errors", t.xid_errors, t.xid_errors is not None, lambda: _xid_register(pynvml, handle)),
     ]  # fmt: skip
+
+
+def _fan_or_raise(pynvml: Any, handle: Any) -> object:
+    """Fan 0's speed; a GPU that reports zero fans (an H200 does) answers NotSupported, as
+    asking fan 0 of it would only say InvalidArgument."""
+    if pynvml.nvmlDeviceGetNumFans(handle) == 0:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+    return pynvml.nvmlDeviceGetFanSpeed_v2(handle, 0)
 
 
 def _field_or_raise(pynvml: Any, handle: Any, field: int) -> object:
