@@ -756,6 +756,15 @@ def _render_class_body(klass: Any, lines: list[str]) -> None:
         lines.append(f"budget = {_toml_value(render_size(klass.budget_bytes))}")
     for name in ("priority", "action", "grace_s", "kill_after_s", "dry_run", "protected"):
         lines.append(f"{name} = {_toml_value(getattr(klass, name))}")
+    for name in (
+        "resume",
+        "resume_after_s",
+        "resume_after_max_s",
+        "flap_window_s",
+        "restart_loop_count",
+        "restart_loop_window_s",
+    ):
+        lines.append(f"{name} = {_toml_value(getattr(klass, name))}")
     match = {}
     for key in MATCH_KEYS:
         value = getattr(klass.match, key, None)
