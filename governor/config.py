@@ -138,6 +138,7 @@ class SimulationConfig:
     ambient_c: float | None = None
     state_file: str = ""
     time_scale: float = 1.0
+    processes_file: str = ""  # real processes (by pid or cgroup) the simulated GPUs report
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +271,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
         "ambient_c": Key("float", "a temperature in C", between(-20.0, 60.0)),
         "state_file": Key("str", "a file path (empty: keep state in memory)"),
         "time_scale": Key("float", "a speed factor", between(0.01, 10000.0)),
+        "processes_file": Key("str", "a JSON file of real processes the simulated GPUs report (empty: none)"),
     },
     "thermal": THERMAL_KEYS,
     "power": POWER_KEYS,
