@@ -67,7 +67,7 @@ def parse_entries(data: Any) -> tuple[list[RealProcess], list[str]]:
         if gpu is None or used is None:
             problems.append(f"processes[{i}]: expected gpu (0-63) and used_bytes (bytes)")
         elif (pid is None) == (not isinstance(cgroup, str) or not cgroup.startswith("/")):
-            problems.append(f"processes[{i}]: expected a pid or a cgroup path (\"/system.slice/x.service\"), not both")
+            problems.append(f'processes[{i}]: expected a pid or a cgroup path ("/system.slice/x.service"), not both')
         elif name is not None and not isinstance(name, str):
             problems.append(f"processes[{i}]: name: expected a string, got {short_repr(name)}")
         else:
@@ -138,6 +138,7 @@ class RealProcessesFile:
             for pid in sorted(pids):
                 if not (self.proc / str(pid)).exists():
                     continue
-                name = entry.name or _comm(pid, self.proc)
-                out.setdefault(entry.gpu, []).append(ProcessReading(pid, entry.used_bytes, name))
+                out.setdefault(entry.gpu, []).append(
+                    ProcessReading(pid, entry.used_bytes, entry.name or _comm(pid, self.proc))
+                )
         return out

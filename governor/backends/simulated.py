@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from governor.backends import BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
+from governor.backends._sim_processes import RealProcessesFile
 from governor.clock import Clock
 from governor.config import ConfigIssue, SimulationConfig
-from governor.backends._sim_processes import RealProcessesFile
 from governor.model import GpuHealth, GpuInfo, GpuReading, ProcessReading, Snapshot
 from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
 from governor.sim._schema import SimDataError
