@@ -19,6 +19,8 @@ python3-regex
 python3-structlog
 python3-prometheus-client
 python3-sdnotify
+python3-jeepney
+dbus-daemon
 python3-setuptools
 python3-build
 python3-installer
