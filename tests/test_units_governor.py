@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import structlog
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
 
@@ -164,7 +165,7 @@ class TestGamingReserve:
         assert unit_results(box.run(5)) == []
         box.backend.attach_process(0, GAME_PID, 3 * GiB // 2, "game")
         with capture_logs() as logs:
-            box.log.log = __import__("structlog").get_logger()
+            box.log.log = structlog.get_logger()
             reports = box.run(3)
         assert unit_results(reports) == [("stop_unit", "secondary-sd.service", Outcome.APPLIED)]
         assert box.units.calls == [("stop", "secondary-sd.service")]
@@ -208,7 +209,7 @@ class TestGamingReserve:
         box = Workstation(tmp_path, dry_run=True)
         box.backend.attach_process(0, GAME_PID, 3 * GiB // 2, "game")
         with capture_logs() as logs:
-            box.log.log = __import__("structlog").get_logger()
+            box.log.log = structlog.get_logger()
             reports = box.run(20)
         results = unit_results(reports)
         assert results and all(r == ("stop_unit", "secondary-sd.service", Outcome.DRY_RUN) for r in results)
@@ -223,7 +224,7 @@ class TestGamingReserve:
         box.units.unavailable = "cannot connect to the system bus: FileNotFoundError"
         box.backend.attach_process(0, GAME_PID, 3 * GiB // 2, "game")
         with capture_logs() as logs:
-            box.log.log = __import__("structlog").get_logger()
+            box.log.log = structlog.get_logger()
             reports = box.run(12)
             assert "gpu_governor_systemd_reachable 0.0" in box.metrics()
             box.units.unavailable = None
@@ -269,15 +270,15 @@ class TestKillRestartLoop:
         events: list[dict[str, Any]] = []
         pid = LOOPER_PID
         with capture_logs() as logs:
-            box.log.log = __import__("structlog").get_logger()
+            box.log.log = structlog.get_logger()
             for restart in range(5):
-                UNITS_OF[pid] = UNITS_OF[LOOPER_PID]
+                UNITS_OF.setdefault(pid, UNITS_OF[LOOPER_PID])  # a restarted looper: same unit, new pid
                 box.backend.attach_process(0, pid, 2 * GiB, "looper")
                 box.run(6)
                 if pid in box.signals:  # systemd restarts it at once with a new pid
                     box.backend.detach_process(pid)
                     pid += 100 * (restart + 1)
-            events = list(logs)
+            events = [dict(e) for e in logs]
         assert len(box.signals) == 3
         names = [e["event"] for e in events]
         assert names.count("kill_will_be_undone") == 1

@@ -9,8 +9,9 @@ simulated GPU to report them as NVML would, with the VRAM it says. It writes a J
     ]}
 
 An entry names one process by ``pid``, or every process of a cgroup by its path (as
-``/proc/PID/cgroup`` shows it, systemd's hierarchy): a unit that systemd restarts comes back
-with new PIDs and is still reported. Like NVML, only processes that exist are reported: a
+``/proc/PID/cgroup`` shows it, systemd's hierarchy; a path that ends with it also matches,
+for a container whose cgroups sit below the host's): a unit that systemd restarts comes
+back with new PIDs and is still reported. Like NVML, only processes that exist are reported: a
 process that exited is gone from the next reading. ``gpu`` defaults to 0; ``name`` to what
 ``/proc/PID/comm`` says.
 
@@ -128,9 +129,10 @@ class RealProcessesFile:
         if cgroups:
             for name in os.listdir(self.proc):
                 if name.isdigit():
-                    cgroup = _cgroup_of(int(name), self.proc)
-                    if cgroup in members:
-                        members[cgroup].append(int(name))
+                    cgroup = _cgroup_of(int(name), self.proc) or ""
+                    for wanted in cgroups:
+                        if cgroup == wanted or cgroup.endswith(wanted):
+                            members[wanted].append(int(name))
         for entry in self._entries:
             if entry.gpu >= gpu_count:
                 continue
