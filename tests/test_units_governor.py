@@ -204,6 +204,21 @@ class TestGamingReserve:
         assert unit_results(reports) == [("start_unit", "secondary-sd.service", Outcome.APPLIED)]
         assert box.units.units["secondary-sd.service"].active
 
+    def test_a_reload_keeps_the_stopped_units_and_a_clean_stop_reports_them(self, tmp_path: Path) -> None:
+        """Reloaded: still stopped and resumed later; stopping the governor logs units_left_stopped."""
+        box = Workstation(tmp_path)
+        box.backend.attach_process(0, GAME_PID, 3 * GiB // 2, "game")
+        box.run(3)
+        box.governor = box.governor.rebuilt(box.config)
+        assert box.governor.units.stopped == {"secondary-sd.service"}
+        with capture_logs() as logs:
+            box.log.log = structlog.get_logger()
+            box.log.observe(box.governor.restore(None, box.clock.monotonic(), "restore_on_stop", box.clock.wall()))
+        left = [e for e in logs if e["event"] == "units_left_stopped"]
+        assert len(left) == 1 and left[0]["units"] == ["secondary-sd.service"]
+        box.backend.detach_process(GAME_PID)
+        assert unit_results(box.run(25)) == [("start_unit", "secondary-sd.service", Outcome.APPLIED)]
+
     def test_dry_run_stops_nothing_and_says_would_stop_unit(self, tmp_path: Path) -> None:
         """Global dry run: no StopUnit; the result and the log say "would stop unit"."""
         box = Workstation(tmp_path, dry_run=True)
@@ -312,3 +327,55 @@ class TestProtection:
             (tmp_path / "self").mkdir(exist_ok=True)
             (tmp_path / "self" / "cgroup").write_text(text)
             assert own_system_unit(tmp_path) == expected
+
+
+class _Answers(MemoryUnits):
+    """MemoryUnits whose owner lookup and stop answer as told."""
+
+    def __init__(self, owner: Any, stop: Any) -> None:
+        super().__init__()
+        self.owner, self.stop = owner, stop
+
+    def unit_of_pid(self, pid: int) -> Any:
+        return self.owner
+
+    def stop_unit(self, unit: str) -> Any:
+        self.calls.append(("stop", unit))
+        return self.stop
+
+
+class TestActuatorUnits:
+    def decision(self, unit: str = "secondary-sd.service", pid: int | None = 7) -> Any:
+        from governor.model import Action, Decision, Rule
+
+        return Decision(0.0, 0, "GPU-0", Rule.VRAM_ENFORCE, Action.STOP_UNIT, "r", pid=pid, unit=unit)
+
+    def apply(self, units: MemoryUnits, decision: Any) -> Any:
+        from governor.model import Snapshot
+        from tests.helpers import RecordingBackend
+
+        actuator = Actuator(RecordingBackend(), OriginalLimits(None), (), units=units)
+        return actuator.apply([decision], Snapshot(0.0, 0.0, ()))[0]
+
+    def test_re_checks_the_owner_right_before_stopping(self) -> None:
+        """A process that moved to another unit is left alone; one that vanished is skipped; no stop is sent."""
+        from governor.units import UnitCall
+
+        moved = _Answers(UnitCall(True, value="other.service"), UnitCall(True, value="/job/1"))
+        result = self.apply(moved, self.decision())
+        assert result.outcome is Outcome.REFUSED and "other.service" in result.detail and moved.calls == []
+        gone = _Answers(UnitCall(False, error="org.freedesktop.systemd1.NoUnitForPID: PID 7"), UnitCall(True))
+        assert self.apply(gone, self.decision()).outcome is Outcome.SKIPPED and gone.calls == []
+
+    def test_a_timed_out_stop_counts_as_queued_and_denied_units_are_refused(self) -> None:
+        """No answer in time: counted as applied (resuming later is harmless); a deny-listed unit: never sent."""
+        from governor.units import UnitCall
+
+        slow = _Answers(
+            UnitCall(True, value="secondary-sd.service"), UnitCall(False, error="no answer", timed_out=True)
+        )
+        result = self.apply(slow, self.decision())
+        assert result.outcome is Outcome.APPLIED and "counted as queued" in result.detail
+        denied = _Answers(UnitCall(True, value="sshd.service"), UnitCall(True))
+        refused = self.apply(denied, self.decision("sshd.service"))
+        assert refused.outcome is Outcome.REFUSED and denied.calls == []
