@@ -219,6 +219,7 @@ def test_dry_run_stops_nothing_and_logs_would_stop_unit(box: Container) -> None:
     start_game(box)
     try:
         would = wait_for("unit_would_stop", lambda: events(box, "unit_would_stop", pid) or None, 30)
+        print(f"[units-e2e] {would[0]}")
         assert f"would stop unit {SECONDARY}" in would[0], would[0]
         time.sleep(3)
         assert active(box, SECONDARY) == "active"
@@ -239,6 +240,7 @@ def test_game_makes_the_governor_stop_the_secondary_through_dbus(box: Container)
     assert stopped and f"unit={SECONDARY}" in stopped[0] and "memory pressure" in stopped[0], stopped
     # systemd's own journal of the unit: a stop job (as `systemctl stop` makes), not a killed process.
     own = [str(e.get("MESSAGE", "")) for e in box.journal(unit=SECONDARY)]
+    print(f"[units-e2e] governor: {stopped[0]}\n[units-e2e] journalctl -u {SECONDARY}: {own}")
     assert any(m.startswith("Stopping") and SECONDARY in m for m in own), own
     assert not any("code=killed" in m for m in own), own
     assert box.show("Result", unit=SECONDARY)["Result"] == "success"
@@ -270,6 +272,7 @@ def test_successor_of_a_killed_governor_resumes_the_unit_when_the_game_exits(box
     wait_for("secondary-sd.service to be active again", lambda: active(box, SECONDARY) == "active" or None, 30)
     assert time.monotonic() - began >= RESUME_AFTER_S - 1.0
     started = events(box, "unit_started", pid)
+    print(f"[units-e2e] resumed {time.monotonic() - began:.1f} s after the game exited: {started[:1]}")
     assert started and f"unit={SECONDARY}" in started[0] and "clear for" in started[0], started
     assert status_json(box)["stopped_units"] == []
     assert box.show("MainPID", "NRestarts", unit=PRIMARY) == primary and active(box, PRIMARY) == "active"
@@ -280,6 +283,7 @@ def test_terminate_on_restart_always_unit_is_a_detected_loop(box: Container) -> 
     pid = box.main_pid()
     box.sh(f"systemctl start {LOOPER}")
     loop = wait_for("unit_restart_loop", lambda: events(box, "unit_restart_loop", pid) or None, 60)
+    print(f"[units-e2e] {loop[0]}")
     assert f"unit={LOOPER}" in loop[0]
     assert any(f"unit={LOOPER}" in m and "restart=always" in m for m in events(box, "kill_will_be_undone", pid))
     restarts = int(box.show("NRestarts", unit=LOOPER)["NRestarts"])
