@@ -45,6 +45,8 @@ CALL_TIMEOUT_S = 2.0
 """The longest a tick waits for systemd's answer to one call (s)."""
 RETRY_S = 5.0
 """After a failed connect, the next one is tried no sooner than this (s)."""
+LOOKUP_TIMEOUT_S = 10.0
+"""check-config's whole Restart= lookup gives up after this many seconds."""
 PROPERTIES_TTL_S = 30.0
 """Cached unit properties are refreshed after this many seconds."""
 RESTARTS_AFTER_KILL = {
@@ -408,20 +410,30 @@ def restart_policies(
     patterns: Iterable[str], address: str | None = None, timeout_s: float = CALL_TIMEOUT_S
 ) -> dict[str, list[UnitProperties]] | None:
     """For each unit glob, the loaded units that match it with their properties (Restart=);
-    None when systemd does not answer on the bus within ``timeout_s``."""
-    try:
-        conn = _connect_system_bus(address)
-    except Exception:
-        return None
-    bus = _Bus(conn, timeout_s)
-    out: dict[str, list[UnitProperties]] = {}
-    try:
-        for pattern in patterns:
-            listed = bus.manager("ListUnitsByPatterns", "asas", [], [pattern])[0]
-            names = sorted({str(entry[0]) for entry in listed if fnmatch.fnmatchcase(str(entry[0]), pattern)})
-            out[pattern] = [bus.properties(name) for name in names]
-    except Exception:
-        return None
-    finally:
-        bus.close()
-    return out
+    None when systemd does not answer on the bus (each call bounded by ``timeout_s``, the
+    whole lookup, connection included, by ``LOOKUP_TIMEOUT_S``)."""
+    found: list[dict[str, list[UnitProperties]] | None] = [None]
+    wanted = list(patterns)
+
+    def lookup() -> None:
+        try:
+            conn = _connect_system_bus(address)
+        except Exception:
+            return
+        bus = _Bus(conn, timeout_s)
+        out: dict[str, list[UnitProperties]] = {}
+        try:
+            for pattern in wanted:
+                listed = bus.manager("ListUnitsByPatterns", "asas", [], [pattern])[0]
+                names = sorted({str(e[0]) for e in listed if fnmatch.fnmatchcase(str(e[0]), pattern)})
+                out[pattern] = [bus.properties(name) for name in names]
+        except Exception:
+            return
+        finally:
+            bus.close()
+        found[0] = out
+
+    worker = threading.Thread(target=lookup, name="systemd-lookup", daemon=True)
+    worker.start()
+    worker.join(LOOKUP_TIMEOUT_S)  # a bus that accepts and never answers cannot hang check-config
+    return found[0]
