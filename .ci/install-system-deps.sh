@@ -26,6 +26,8 @@ python3-bcrypt
 python3-yaml
 apache2-utils
 curl
+python3-jeepney
+dbus-daemon
 python3-setuptools
 python3-build
 python3-installer

@@ -17,6 +17,13 @@ lowered it. Restore clamps the original to the GPU's current range.
 A GPU whose limit cannot be set (no permission, not supported) becomes monitor-only:
 marked once, never retried every tick.
 
+Units: ``stop_unit`` and ``start_unit`` decisions go to systemd through a
+:class:`governor.units.UnitManager` (StopUnit/StartUnit), never as signals to a unit's
+PIDs. Right before a stop, systemd is asked which unit the process belongs to now
+(GetUnitByPID): a process that moved or vanished is left alone. A unit on the deny list is
+refused here too. A call systemd did not answer in time is counted as done (the job may
+have been queued; starting a running unit again later is harmless).
+
 Only :class:`~governor.errors.GpuError` (one GPU, one change) is caught and counted as a
 failed action. :class:`~governor.errors.BackendFatal` passes through every path, setting
 and restoring alike: governing must stop, not go on with a broken backend. A restore
@@ -34,9 +41,11 @@ from pathlib import Path
 
 from governor.backends import Backend, GpuError, SetLimitRefused
 from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Rule, Snapshot
+from governor.policy import denied_unit
 from governor.processes import read_start_time
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
 from governor.state import OriginalLimits
+from governor.units import MemoryUnits, UnitManager
 
 SIGNALS = {Action.SIGNAL_TERM: signal.SIGTERM, Action.SIGNAL_KILL: signal.SIGKILL}
 
@@ -91,9 +100,11 @@ class Actuator:
         *,
         dry_run: bool = False,
         signaller: Callable[[int, int, int], str | None] = send_signal,
+        units: UnitManager | None = None,
     ) -> None:
         self._backend = backend
         self._signaller = signaller
+        self.units: UnitManager = MemoryUnits() if units is None else units
         self.originals = originals
         self.dry_run = dry_run
         self._gpus: dict[str, GpuInfo] = {g.uuid: g for g in gpus}
@@ -114,6 +125,8 @@ class Actuator:
                 results.append(self._set(decision, float(decision.to_value), readings.get(decision.gpu_uuid)))
             elif decision.action in SIGNALS:
                 results.append(self._signal(decision))
+            elif decision.action in (Action.STOP_UNIT, Action.START_UNIT):
+                results.append(self._unit(decision))
             else:
                 results.append(ActionResult(decision, Outcome.SKIPPED))
         return results
@@ -205,6 +218,33 @@ class Actuator:
         if why_not is not None:
             return ActionResult(decision, Outcome.SKIPPED, why_not)
         return ActionResult(decision, Outcome.APPLIED, f"sent {name}")
+
+    def _unit(self, decision: Decision) -> ActionResult:
+        unit = decision.unit
+        verb = "stop" if decision.action is Action.STOP_UNIT else "start"
+        if unit is None:
+            return ActionResult(decision, Outcome.REFUSED, "no unit named: nothing done")
+        entry = denied_unit(unit)
+        if entry is not None:
+            return ActionResult(decision, Outcome.REFUSED, f"unit {unit} is on the deny list ({entry}): never touched")
+        if decision.dry_run or self.dry_run:  # the global dry run covers units too
+            return ActionResult(decision, Outcome.DRY_RUN, f"would {verb} unit {unit}")
+        if decision.action is Action.STOP_UNIT and decision.pid is not None:
+            owner = self.units.unit_of_pid(decision.pid)
+            if owner.ok and owner.value != unit:
+                return ActionResult(
+                    decision,
+                    Outcome.REFUSED,
+                    f"process {decision.pid} belongs to {owner.value} now, not {unit}: left alone",
+                )
+            if not owner.ok and owner.error is not None and "NoUnitForPID" in owner.error:
+                return ActionResult(decision, Outcome.SKIPPED, "vanished")
+        call = self.units.stop_unit(unit) if verb == "stop" else self.units.start_unit(unit)
+        if call.ok:
+            return ActionResult(decision, Outcome.APPLIED, f"{verb} job queued for unit {unit} ({call.value})")
+        if call.timed_out:
+            return ActionResult(decision, Outcome.APPLIED, f"{call.error}; counted as queued")
+        return ActionResult(decision, Outcome.FAILED, call.error or f"{verb} of unit {unit} failed")
 
     def _write(self, decision: Decision, uuid: str, limit_w: float) -> ActionResult:
         try:

@@ -4,8 +4,10 @@ Each process on a GPU gets exactly one class: the first ``[[class]]`` in file or
 whose every given match key matches, else the default class (``[vram.default]``,
 named ``unclassified``). A class has a VRAM budget, a priority (higher is more
 important; under pressure the lowest priority is acted on first), an action
-(``observe``, ``terminate`` = SIGTERM then SIGKILL, ``kill`` = SIGKILL), a grace
-period and a kill-after time.
+(``observe``, ``terminate`` = SIGTERM then SIGKILL, ``kill`` = SIGKILL, ``stop-unit`` =
+stop the process's systemd unit through D-Bus, optionally resumed), a grace period and a
+kill-after time. A class that acts may not name a unit on the built-in deny list
+(:data:`governor.policy.DENIED_UNITS`), and ``stop-unit`` never names a user session's units.
 
 A budget is per process and per GPU: each GPU's memory is its own resource, so a
 tensor-parallel process using 4 GiB on each of two GPUs is within a 6 GiB budget.
@@ -34,6 +36,7 @@ from governor.policy import ACTIONS as ACTIONS
 from governor.policy import BINARY_UNITS as BINARY_UNITS
 from governor.policy import DEFAULT_CLASS as DEFAULT_CLASS
 from governor.policy import DEFAULT_PROTECTED_NAMES as DEFAULT_PROTECTED_NAMES
+from governor.policy import DENIED_UNITS, SESSION_UNITS, denied_by
 from governor.policy import MATCH_KEYS as MATCH_KEYS
 from governor.policy import MESSAGE_VALUE_CHARS as MESSAGE_VALUE_CHARS
 from governor.policy import SIGNAL_ACTIONS as SIGNAL_ACTIONS
@@ -187,6 +190,12 @@ CLASS_KEYS: dict[str, Key] = {
     "kill_after_s": Key("float", "seconds", between(0.0, 86400.0)),
     "dry_run": Key("bool", "true or false"),
     "protected": Key("bool", "true or false"),
+    "resume": Key("bool", "true or false (stop-unit: start the unit again once there is room)"),
+    "resume_after_s": Key("float", "seconds", between(0.0, 86400.0)),
+    "resume_after_max_s": Key("float", "seconds", between(0.0, 86400.0)),
+    "flap_window_s": Key("float", "seconds (0 turns the resume backoff off)", between(0.0, 86400.0)),
+    "restart_loop_count": Key("int", "a number of signals", between(1, 1000)),
+    "restart_loop_window_s": Key("float", "seconds", between(1.0, 86400.0)),
 }
 """The scalar keys of a ``[[class]]`` (and ``[vram.default]``); name, budget and match are read apart."""
 VRAM_KEYS: dict[str, Key] = {
@@ -228,7 +237,51 @@ def _parse_class(table: Mapping[str, Any], path: str, out: Issues, notes: list[s
     klass = ProcessClass(**{k: v for k, v in values.items() if v is not None or k == "budget_bytes"})
     if klass.action is not ProcessAction.OBSERVE and klass.budget_bytes is None:
         out.add(f"{path}.budget", f"a budget for action '{klass.action}'", "no budget")
+    _check_units(klass, path, out, default=default)
     return klass
+
+
+def _check_units(klass: ProcessClass, path: str, out: Issues, *, default: bool) -> None:
+    """A class that acts may not name a unit on the deny list; stop-unit never reaches user sessions."""
+    if klass.action is ProcessAction.OBSERVE or klass.protected:
+        return
+    match = klass.match
+    if match.unit is not None:
+        entry = denied_by(match.unit)
+        if entry is not None:
+            out.add(
+                f"{path}.match.unit",
+                f"a unit the governor may act on (action '{klass.action}'): none on the built-in deny list "
+                f"({', '.join(DENIED_UNITS[:6])}, ...)",
+                f"{shown(match.unit)}, which could name {entry!r}",
+            )
+    if klass.action is not ProcessAction.STOP_UNIT:
+        return
+    if default:
+        out.add(
+            f"{path}.action", "observe, terminate or kill (stop-unit needs a class that names its units)", "'stop-unit'"
+        )
+    if match.user_units:
+        out.add(
+            f"{path}.match.user_units",
+            "false for action 'stop-unit' (units of user sessions are never stopped)",
+            "true",
+        )
+    for key in ("unit", "slice"):
+        glob = getattr(match, key)
+        entry = None if glob is None else denied_by(glob, SESSION_UNITS)
+        if entry is not None:
+            out.add(
+                f"{path}.match.{key}",
+                "system units only for action 'stop-unit' (user sessions are observed, never stopped)",
+                f"{shown(glob)}, which could name {entry!r}",
+            )
+    if klass.resume_after_max_s < klass.resume_after_s:
+        out.add(
+            f"{path}.resume_after_max_s",
+            f"seconds at least resume_after_s ({klass.resume_after_s:g})",
+            f"{klass.resume_after_max_s:g}",
+        )
 
 
 def parse_vram(vram: Any, classes: Any, out: Issues) -> VramPolicy:
@@ -290,6 +343,11 @@ def config_warnings(policy: VramPolicy) -> list[str]:
         if klass.match.is_empty():
             warnings.append(f"class '{clip(klass.name)}' has no match rule and can never match")
             continue
+        if klass.resume and klass.action is not ProcessAction.STOP_UNIT:
+            warnings.append(
+                f"class '{clip(klass.name)}' sets resume = true but its action is '{klass.action}': "
+                "only a stop-unit class is resumed"
+            )
         if klass.enforced_action != klass.action:
             warnings.append(
                 f"class '{clip(klass.name)}' has action '{klass.action}' but matches only on keys a process "

@@ -73,6 +73,8 @@ from governor.errors import GovernorError as GovernorError  # noqa: PLC0414  (re
 from governor.model import GpuInfo
 
 if TYPE_CHECKING:
+    from governor.policy import VramPolicy
+    from governor.units import UnitProperties
     from governor.waiting import Waiter
 
 STATUS_EPILOG = """\
@@ -425,10 +427,15 @@ def _run_daemon(
             where = f"{metrics.listen_address}:{metrics.port}"
             raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None
 
+    from governor.processes import ProcessInspector, own_system_unit
+    from governor.units import SystemdUnits
+
     daemon = Service(
         config,
         backend,
         clock,
+        units=SystemdUnits(),  # connects on first use only: a config without units never opens the bus
+        inspector=ProcessInspector(own_unit=own_system_unit()),
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=serve if metrics.enabled else None,
         waiter=waiter,
@@ -450,7 +457,7 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     gpus, where, real = _ladder_gpus(args.profile)
     out.write(render_config(config))
     out.write(render_ladders(config, gpus, where))
-    for warning in config_warnings(config.vram):
+    for warning in [*config_warnings(config.vram), *restart_warnings(config.vram)]:
         sys.stderr.write(f"gpu-governor: config warning: {config.source}: {warning}\n")
     for warning in _metrics_warnings(config):
         sys.stderr.write(f"gpu-governor: config warning: {warning}\n")
@@ -476,6 +483,37 @@ def _metrics_warnings(config: Config) -> list[str]:
 
         web = read_web_config(metrics.web_config_file, trust_euid=os.geteuid())  # validated with the config
         warnings.extend(f"{web.source}: {key}: ignored ({IGNORED_KEYS[key]})" for key in web.ignored)
+    return warnings
+
+
+def restart_warnings(
+    vram: VramPolicy, lookup: Callable[[list[str]], dict[str, list[UnitProperties]] | None] | None = None
+) -> list[str]:
+    """For classes that signal and name units, the units systemd would start again after the
+    kill (their Restart=), asked on the system bus; nothing when systemd does not answer."""
+    from governor.policy import SIGNAL_ACTIONS
+    from governor.units import restart_policies, undone_by_restart
+    from governor.unitstate import SIGNALS_OF
+
+    classes = [
+        (c, c.match.unit)
+        for c in vram.classes
+        if c.enforced_action in SIGNAL_ACTIONS and c.match.unit and not c.protected
+    ]
+    if not classes:
+        return []
+    found = (lookup or restart_policies)(sorted({glob for _, glob in classes if glob}))
+    if found is None:
+        return []
+    warnings = []
+    for klass, glob in classes:
+        for props in found.get(glob or "", []):
+            if undone_by_restart(props.restart, SIGNALS_OF[klass.enforced_action]):
+                warnings.append(
+                    f"class '{klass.name}' ({klass.action}) matches unit {props.name}, which has "
+                    f"Restart={props.restart}: systemd starts it again after the kill (a kill-restart loop); "
+                    'use action = "stop-unit" for this class'
+                )
     return warnings
 
 

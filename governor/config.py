@@ -156,6 +156,7 @@ class SimulationConfig:
     ambient_c: float | None = None
     state_file: str = ""
     time_scale: float = 1.0
+    processes_file: str = ""  # real processes (by pid or cgroup) the simulated GPUs report
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +290,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
         "ambient_c": Key("float", "a temperature in C", between(-20.0, 60.0)),
         "state_file": Key("str", "a file path (empty: keep state in memory)"),
         "time_scale": Key("float", "a speed factor", between(0.01, 10000.0)),
+        "processes_file": Key("str", "a JSON file of real processes the simulated GPUs report (empty: none)"),
     },
     "thermal": THERMAL_KEYS,
     "power": POWER_KEYS,
@@ -789,6 +791,15 @@ def _render_class_body(klass: Any, lines: list[str]) -> None:
     if klass.budget_bytes is not None:
         lines.append(f"budget = {_toml_value(render_size(klass.budget_bytes))}")
     for name in ("priority", "action", "grace_s", "kill_after_s", "dry_run", "protected"):
+        lines.append(f"{name} = {_toml_value(getattr(klass, name))}")
+    for name in (
+        "resume",
+        "resume_after_s",
+        "resume_after_max_s",
+        "flap_window_s",
+        "restart_loop_count",
+        "restart_loop_window_s",
+    ):
         lines.append(f"{name} = {_toml_value(getattr(klass, name))}")
     match = {}
     for key in MATCH_KEYS:

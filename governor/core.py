@@ -35,7 +35,9 @@ from governor.model import (
     ProcessReading,
     ProcessRow,
     Snapshot,
+    StoppedUnitStatus,
     ThermalZone,
+    UnitWarning,
 )
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
@@ -43,6 +45,8 @@ from governor.rules.power import target_w
 from governor.rules.vram import under_pressure
 from governor.safefile import check_private_dir
 from governor.state import OriginalLimits
+from governor.units import UnitManager
+from governor.unitstate import StoppedUnitsStore, UnitKeeper
 
 _NO_STATE = GpuRuleState()
 
@@ -94,7 +98,10 @@ class TickReport:
     decision with its outcome, in order; ``facts`` the classified processes by PID.
     ``hands_off`` and ``monitor_only`` map a GPU UUID to why it is left alone;
     ``state_error`` is the last failure to save the originals and ``state_warnings`` the
-    saved entries rejected since the last report.
+    saved entries rejected since the last report. ``stopped_units`` are the units the governor
+    stopped and has not resumed, ``restart_loops`` the units in a kill-restart loop,
+    ``unit_warnings`` units found this tick whose Restart= undoes a kill, ``systemd_error``
+    why systemd cannot be reached (meaningful once ``systemd_asked``).
     """
 
     kind: str
@@ -113,6 +120,11 @@ class TickReport:
     state_write_errors: int = 0
     backend: str = ""
     waiting_reason: str | None = None
+    stopped_units: tuple[StoppedUnitStatus, ...] = ()
+    restart_loops: tuple[str, ...] = ()
+    unit_warnings: tuple[UnitWarning, ...] = ()
+    systemd_error: str | None = None
+    systemd_asked: bool = False
 
 
 class Inspector(Protocol):
@@ -171,6 +183,11 @@ def check_state_dirs(config: Config, euid: int | None = None) -> None:
             )
     if issues:
         raise ConfigError(issues)
+
+
+def open_stopped_units(config: Config) -> StoppedUnitsStore:
+    """The saved list of stopped units of ``config``'s state_dir (none kept for an in-memory simulation)."""
+    return StoppedUnitsStore(None if memory_only_originals(config) else config.state_dir)
 
 
 def open_originals(config: Config) -> OriginalLimits:
@@ -251,15 +268,18 @@ class Governor:
         actuator: Actuator | None = None,
         states: Mapping[str, GpuRuleState] | None = None,
         gpus: tuple[GpuInfo, ...] | None = None,
+        units: UnitManager | None = None,
+        keeper: UnitKeeper | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self.originals = originals
         self.gpus: tuple[GpuInfo, ...] = tuple(backend.gpus()) if gpus is None else gpus
         if actuator is None:
-            actuator = Actuator(backend, originals, self.gpus, dry_run=config.dry_run)
+            actuator = Actuator(backend, originals, self.gpus, dry_run=config.dry_run, units=units)
         actuator.dry_run = config.dry_run
         self.actuator = actuator
+        self.units = keeper if keeper is not None else UnitKeeper(open_stopped_units(config), actuator.units)
         self.inspector: Inspector = inspector if inspector is not None else ProcessInspector()
         self.plans = build_plans(config, self.gpus)
         self.states: dict[str, GpuRuleState] = dict(states or {})
@@ -284,6 +304,7 @@ class Governor:
             actuator=self.actuator,
             states=self.states,
             gpus=self.gpus,
+            keeper=self.units,
         )
         new.live = self.live
         return new
@@ -319,13 +340,21 @@ class Governor:
         config = self.config
         vram = config.vram if config.vram.enabled else None
         previous = self.states
+        units = self.units
         self.states, decisions = evaluate(
-            snapshot, self.plans, previous, dry_run=config.dry_run, vram=vram, facts=facts
+            snapshot, self.plans, previous, dry_run=config.dry_run, vram=vram, facts=facts, stopped_units=units.stopped
         )
+        decisions.extend(units.decide(snapshot, config.vram, facts))
         results = self.actuator.apply(decisions, snapshot)
         self._undo_unsaved_changes(previous, results)
-        return self._report(
-            TICK, snapshot, wall_s, (*restored, *results), self._gpu_ticks(snapshot), changes, inspect_errors
+        warnings = units.record(results, snapshot, wall_s, config.vram, facts)
+        loops = sorted({u for state in self.states.values() for u in state.vram.loops_s})
+        return replace(
+            self._report(
+                TICK, snapshot, wall_s, (*restored, *results), self._gpu_ticks(snapshot), changes, inspect_errors
+            ),
+            restart_loops=tuple(loops),
+            unit_warnings=warnings,
         )
 
     def _report(
@@ -340,6 +369,7 @@ class Governor:
     ) -> TickReport:
         originals = self.originals
         warnings = tuple(originals.drain_warnings())
+        store = self.units.store
         return TickReport(
             kind=kind,
             config=self.config,
@@ -352,11 +382,14 @@ class Governor:
             inspect_errors=inspect_errors,
             hands_off=dict(self.actuator.hands_off) if self.actuator.hands_off else {},
             monitor_only=dict(self.actuator.monitor_only) if self.actuator.monitor_only else {},
-            state_error=originals.last_error,
+            state_error=originals.last_error or store.last_error,
             state_warnings=warnings,
-            state_write_errors=originals.write_errors,
+            state_write_errors=originals.write_errors + store.write_errors,
             backend=self.backend.name,
             waiting_reason=self.waiting_reason,
+            stopped_units=self.units.statuses(snapshot, self.config.vram),
+            systemd_error=self.actuator.units.error,
+            systemd_asked=self.units.asked,
         )
 
     def _gpu_ticks(self, snapshot: Snapshot) -> tuple[GpuTick, ...]:

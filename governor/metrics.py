@@ -62,6 +62,7 @@ class GovernorCollector(Collector):
         yield from _governor_metrics(state)
         yield from _gpu_metrics(state)
         yield from _vram_metrics(state)
+        yield from _unit_metrics(state)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
@@ -467,6 +468,61 @@ def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
     for (klass, action, outcome), n in state.process_action_counts:
         actions.add_metric([klass, action, outcome], n)
     yield actions
+
+
+def _unit_metrics(state: PublishedState) -> Iterator[Metric]:
+    """Units the governor stopped (and when each resumes), unit actions, kill-restart loops, systemd."""
+    labels = ["unit", "class", "reason"]
+    stopped = _gauge(
+        "unit_stopped_timestamp_seconds",
+        "When the governor stopped a unit it has not started again (Unix time); reason: memory_pressure, over_budget.",
+        labels,
+    )
+    resume = _gauge(
+        "unit_resume_timestamp_seconds",
+        "When a stopped unit will be started again if the reserve stays clear (Unix time); absent while it is not.",
+        labels,
+    )
+    delay = _gauge(
+        "unit_resume_delay_seconds",
+        "How long the reserve must stay clear before a stopped unit is started again (backed off when it flaps); "
+        "absent when its class does not resume it.",
+        labels,
+    )
+    for unit in state.stopped_units:
+        values = [_label(unit.unit), unit.klass, unit.reason]
+        stopped.add_metric(values, unit.stopped_wall_s)
+        if unit.resume:
+            delay.add_metric(values, unit.resume_after_s)
+        if unit.resume_wall_s is not None:
+            resume.add_metric(values, unit.resume_wall_s)
+    yield from (stopped, resume, delay)
+
+    loops = _gauge(
+        "unit_restart_loop",
+        "1 for a unit in a kill-restart loop: killed, started again by systemd (Restart=), over budget again; "
+        "its processes are signalled no more.",
+        ["unit"],
+    )
+    for unit_name in state.restart_loops:
+        loops.add_metric([_label(unit_name)], 1.0)
+    yield loops
+
+    actions = CounterMetricFamily(
+        f"{PREFIX}_unit_actions",
+        "Units stopped and started through systemd, by class, action (stop_unit, start_unit) and outcome.",
+        labels=["class", "action", "outcome"],
+    )
+    for (klass, action, outcome), n in state.unit_action_counts:
+        actions.add_metric([klass, action, outcome], n)
+    yield actions
+
+    if state.systemd_reachable is not None:
+        reachable = _gauge(
+            "systemd_reachable", "1 when systemd answered on the system bus the last time it was asked, else 0.", []
+        )
+        reachable.add_metric([], 1.0 if state.systemd_reachable else 0.0)
+        yield reachable
 
 
 class GovernorRegistry(CollectorRegistry):

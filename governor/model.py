@@ -147,8 +147,9 @@ class Decision:
     thermal and power rules, bytes for VRAM), ``threshold`` the limit it compared
     against (same unit). What changes is typed by kind, each in its own unit:
     ``from_zone``/``to_zone`` for a zone change, ``from_w``/``to_w`` (watts) for a power
-    limit, and ``pid``/``process_start_time``/``process_class``/``process_name`` for a
-    process target (the action says what happens to it).
+    limit, ``pid``/``process_start_time``/``process_class``/``process_name`` for a
+    process target (the action says what happens to it) and ``unit`` for the systemd unit
+    a ``stop_unit``/``start_unit`` decision (or a kill-restart loop report) is about.
     """
 
     t_s: float
@@ -168,6 +169,7 @@ class Decision:
     process_class: str | None = None
     process_name: str | None = None
     dry_run: bool = False  # a process decision under dry-run (per class or [vram] dry_run)
+    unit: str | None = None  # the systemd unit a process decision is about (stop_unit, start_unit, loops)
 
     @property
     def from_value(self) -> float | str | None:
@@ -262,6 +264,31 @@ class GpuStatus:
     last_vram: DecisionRecord | None = None  # the last decision about a process's VRAM
 
 
+@dataclass(frozen=True, slots=True)
+class StoppedUnitStatus:
+    """A unit the governor stopped, as published: its class, why it was stopped
+    (``memory_pressure`` or ``over_budget``), when (Unix time, s), the resume delay in force (s),
+    whether its class resumes it, and when it will be started if the condition stays clear
+    (Unix time, s; None while the condition holds or when it is not resumed)."""
+
+    unit: str
+    klass: str
+    reason: str
+    stopped_wall_s: float
+    resume_after_s: float
+    resume: bool
+    resume_wall_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnitWarning:
+    """A unit whose processes a class signals but whose ``Restart=`` undoes the kill."""
+
+    unit: str
+    klass: str
+    restart: str
+
+
 TICK_BUCKETS_S: tuple[float, ...] = (
     0.0001,
     0.00025,
@@ -322,6 +349,10 @@ class PublishedState:
     runtime_dir: str = ""  # where the daemon writes processes.json ("" for none)
     process_table_written_s: float | None = None  # wall time stamped into the last processes.json written
     process_table_error: str | None = None  # why the daemon can no longer write processes.json
+    stopped_units: tuple[StoppedUnitStatus, ...] = ()  # units the governor stopped and has not resumed
+    restart_loops: tuple[str, ...] = ()  # units in a kill-restart loop (signalled no more)
+    unit_action_counts: tuple[tuple[tuple[str, str, str], int], ...] = ()  # (class, action, outcome)
+    systemd_reachable: bool | None = None  # None: systemd was never asked
 
 
 # --------------------------------------------------------------------------- processes

@@ -55,6 +55,13 @@ PROCESS_ACTION_NAMES = {
     Action.SIGNAL_KILL: "sigkill",
 }
 _WARNING_RULES = frozenset({"power_critical", "power_hold", "power_drift_external_lower"})
+UNIT_ACTIONS = (Action.STOP_UNIT, Action.START_UNIT)
+UNIT_RULES = ("unit_resume", "unit_restart_loop")
+
+
+def is_unit_decision(d: Decision) -> bool:
+    """True for a decision about a systemd unit (stop, start, forgotten, kill-restart loop)."""
+    return d.action in UNIT_ACTIONS or d.rule in UNIT_RULES
 
 
 def default_logger() -> Any:
@@ -101,6 +108,8 @@ class DecisionLog:
         self._monitor_only: set[str] = set()
         self._state_error: str | None = None
         self._xids: dict[str, dict[int, int]] = {}  # XID counts by code already logged, per GPU UUID
+        self._systemd_error: str | None = None
+        self._ticked = False
 
     def starting(self, governor: Governor) -> None:
         """The start-up events: the governor, each GPU with its ladder, unreadable state."""
@@ -130,6 +139,19 @@ class DecisionLog:
                 moved_to=None if originals.set_aside_to is None else str(originals.set_aside_to),
                 effect="a GPU without a usable saved original whose limit is below its default "
                 "gets its default limit back; delete the .corrupt file once inspected",
+            )
+        store = governor.units.store
+        if store.load_warning:
+            log.warning("stopped_units_unreadable", detail=store.load_warning)
+        for unit in governor.units.statuses(None, config.vram):
+            log.info(
+                "unit_stopped_earlier",
+                unit=unit.unit,
+                **{"class": unit.klass},
+                stopped_at_s=unit.stopped_wall_s,
+                effect="started again once there is room"
+                if unit.resume
+                else "left stopped (its class does not resume)",
             )
         backend_warning = governor.backend.state_warning
         if backend_warning:
@@ -172,6 +194,34 @@ class DecisionLog:
         for result in report.results:
             self._decision(report, result)
         self._state_store(report)
+        self._units(report)
+
+    def _units(self, report: TickReport) -> None:
+        """Restart= warnings, systemd reachable or not (one event per change), units left stopped on stop."""
+        for w in report.unit_warnings:
+            self.log.warning(
+                "kill_will_be_undone",
+                unit=w.unit,
+                **{"class": w.klass},
+                restart=w.restart,
+                effect=f"systemd starts {w.unit} again after the kill (Restart={w.restart}): a kill-restart loop; "
+                'use action = "stop-unit" for this class',
+            )
+        error = report.systemd_error if report.systemd_asked else None
+        if error != self._systemd_error:
+            if error is not None:
+                self.log.warning("systemd_unreachable", error=error, effect="units are neither stopped nor started")
+            else:
+                self.log.info("systemd_reachable")
+            self._systemd_error = error
+        if report.kind == TICK:
+            self._ticked = True
+        elif self._ticked and report.stopped_units:
+            self.log.warning(
+                "units_left_stopped",
+                units=[u.unit for u in report.stopped_units],
+                effect="the next start of the governor resumes them when there is room (or: systemctl start UNIT)",
+            )
 
     def _transitions(self, report: TickReport) -> None:
         """One event when a GPU is lost (error) or back (warning), and when memory pressure begins or ends (warning)."""
@@ -243,6 +293,9 @@ class DecisionLog:
 
     def _decision(self, report: TickReport, result: ActionResult) -> None:
         d = result.decision
+        if is_unit_decision(d):
+            self._unit_decision(result)
+            return
         if d.pid is not None:
             self._process_decision(report, result)
             return
@@ -283,6 +336,33 @@ class DecisionLog:
             self.log.warning(event, **fields)
         else:
             self.log.info(event, **fields)
+
+    def _unit_decision(self, result: ActionResult) -> None:
+        d = result.decision
+        fields: dict[str, Any] = {"unit": d.unit, "class": d.process_class, "rule": d.rule, "reason": d.reason}
+        if d.gpu_index >= 0:
+            fields["gpu"] = d.gpu_index
+        if d.pid is not None:
+            fields["pid"] = d.pid
+            fields["process"] = d.process_name
+        if d.rule == "unit_restart_loop":
+            self.log.error("unit_restart_loop", **fields, effect="its processes are signalled no more")
+            return
+        if d.action is Action.NONE:
+            self.log.info("unit_forgotten", **fields)
+            return
+        verb = "stop" if d.action is Action.STOP_UNIT else "start"
+        fields["outcome"] = result.outcome.value
+        if result.detail:
+            fields["detail"] = result.detail
+        if result.outcome is Outcome.DRY_RUN:
+            self.log.warning(f"unit_would_{verb}", **fields)
+        elif result.outcome is Outcome.FAILED:
+            self.log.error(f"unit_{verb}_failed", **fields)
+        elif result.outcome is Outcome.APPLIED:
+            self.log.warning("unit_stopped" if verb == "stop" else "unit_started", **fields)
+        else:
+            self.log.info("unit_left_alone", **fields)
 
     def _process_decision(self, report: TickReport, result: ActionResult) -> None:
         d = result.decision
@@ -427,6 +507,7 @@ class Telemetry:
         self._decision_counts: Counter[tuple[int, str, str, str]] = Counter()
         self._action_counts: Counter[tuple[int, str, str, str]] = Counter()
         self._process_actions: Counter[tuple[str, str, str]] = Counter()
+        self._unit_actions: Counter[tuple[str, str, str]] = Counter()
         self._read_errors: Counter[tuple[int, str]] = Counter()
         self._last_decision: dict[str, tuple[Decision, float]] = {}
         self._last_power: dict[str, DecisionRecord] = {}  # by GPU UUID
@@ -499,14 +580,16 @@ class Telemetry:
             action = decision.action
             self._decision_counts[(decision.gpu_index, decision.gpu_uuid, decision.rule, action.value)] += 1
             outcome = result.outcome.value if action is not Action.NONE else "reported"
-            if decision.pid is not None and decision.process_class is not None:
+            if action in UNIT_ACTIONS:
+                self._unit_actions[(decision.process_class or "", action.value, outcome)] += 1
+            elif decision.pid is not None and decision.process_class is not None and not is_unit_decision(decision):
                 action_name = PROCESS_ACTION_NAMES.get(action, action.value)
                 self._process_actions[(decision.process_class, action_name, outcome)] += 1
             if action is not Action.NONE:
                 self._action_counts[(decision.gpu_index, decision.gpu_uuid, action.value, result.outcome.value)] += 1
             self._last_decision[decision.gpu_uuid] = (decision, wall)
             record = DecisionRecord(decision, wall, outcome)
-            if decision.pid is not None:
+            if decision.pid is not None or action is Action.START_UNIT:
                 self._last_vram[decision.gpu_uuid] = record
             elif action is Action.SET_POWER_LIMIT or decision.rule.startswith("power"):
                 self._last_power[decision.gpu_uuid] = record
@@ -586,4 +669,8 @@ class Telemetry:
             runtime_dir=config.runtime_dir,
             process_table_written_s=None if self.table is None else self.table.written_s,
             process_table_error=None if self.table is None else self.table.error,
+            stopped_units=report.stopped_units,
+            restart_loops=report.restart_loops,
+            unit_action_counts=self._frozen(self._unit_actions),
+            systemd_reachable=None if not report.systemd_asked else report.systemd_error is None,
         )

@@ -15,6 +15,7 @@ Units live in field names: ``_c`` degrees Celsius, ``_w`` watts, ``_s`` seconds,
 from __future__ import annotations
 
 import enum
+import fnmatch
 from dataclasses import dataclass, field
 
 import regex
@@ -22,12 +23,15 @@ import regex
 from governor.durations import format_seconds
 
 __all__ = [
+    "ACTING_ACTIONS",
     "ACTIONS",
     "BINARY_UNITS",
     "DEFAULT_CLASS",
     "DEFAULT_PROTECTED_NAMES",
+    "DENIED_UNITS",
     "MATCH_KEYS",
     "MESSAGE_VALUE_CHARS",
+    "SESSION_UNITS",
     "SIGNAL_ACTIONS",
     "UNTRUSTED_KEYS",
     "ZONES_BY_SEVERITY",
@@ -43,9 +47,11 @@ __all__ = [
     "ThermalZone",
     "VramPolicy",
     "clip",
+    "denied_unit",
     "format_seconds",
     "format_size",
     "percent_of",
+    "session_unit",
 ]
 
 
@@ -75,6 +81,8 @@ class Rule(StrEnum):
     VRAM_OVER_BUDGET = "vram_over_budget"
     VRAM_ENFORCE = "vram_enforce"
     VRAM_ESCALATE = "vram_escalate"
+    UNIT_RESUME = "unit_resume"
+    UNIT_RESTART_LOOP = "unit_restart_loop"
     RESTORE_ON_STOP = "restore_on_stop"
     RESTORE_AFTER_CRASH = "restore_after_crash"
 
@@ -86,6 +94,8 @@ class Action(StrEnum):
     SET_POWER_LIMIT = "set_power_limit"
     SIGNAL_TERM = "sigterm"
     SIGNAL_KILL = "sigkill"
+    STOP_UNIT = "stop_unit"
+    START_UNIT = "start_unit"
 
 
 class ThermalZone(StrEnum):
@@ -128,10 +138,13 @@ class ProcessAction(StrEnum):
     OBSERVE = "observe"  # report only
     TERMINATE = "terminate"  # SIGTERM, then SIGKILL after kill_after_s
     KILL = "kill"  # SIGKILL
+    STOP_UNIT = "stop-unit"  # systemd StopUnit on the process's system unit (D-Bus); resumed when asked
 
 
 ACTIONS: tuple[ProcessAction, ...] = tuple(ProcessAction)
 SIGNAL_ACTIONS: tuple[ProcessAction, ...] = (ProcessAction.TERMINATE, ProcessAction.KILL)
+ACTING_ACTIONS: tuple[ProcessAction, ...] = (*SIGNAL_ACTIONS, ProcessAction.STOP_UNIT)
+"""Actions that change something (a signal or a stopped unit): they need a trusted match key."""
 
 
 # --------------------------------------------------------------------------- thermal and power
@@ -289,6 +302,14 @@ class ProcessClass:
 
     ``grace_s`` is how long a process may stay over budget before ``action``;
     ``kill_after_s`` how long after SIGTERM a process still over gets SIGKILL.
+
+    ``stop-unit`` stops the process's systemd system unit (under memory pressure even when
+    within budget: the unit makes room). With ``resume`` it is started again once the
+    condition stayed clear for ``resume_after_s`` and its budget fits above the reserve; a
+    unit stopped again within ``flap_window_s`` of its resume waits twice as long next time,
+    up to ``resume_after_max_s``. For signalling classes, a unit whose processes were
+    signalled ``restart_loop_count`` times within ``restart_loop_window_s`` and that is over
+    budget again is in a kill-restart loop: reported, and signalled no more.
     """
 
     name: str
@@ -300,6 +321,12 @@ class ProcessClass:
     kill_after_s: float = 10.0
     dry_run: bool = False
     protected: bool = False
+    resume: bool = False  # stop-unit: start the unit again once the condition stayed clear
+    resume_after_s: float = 60.0  # stop-unit: seconds clear before the unit is started again
+    resume_after_max_s: float = 3600.0  # stop-unit: the longest the backed-off resume delay grows
+    flap_window_s: float = 900.0  # stop-unit: stopped again this soon after a resume doubles the delay
+    restart_loop_count: int = 3  # signals: a unit signalled this many times ...
+    restart_loop_window_s: float = 600.0  # ... within this many seconds and over budget again is a loop
 
     def __post_init__(self) -> None:
         # A caller that passes the action's name ("terminate") still gets the enum.
@@ -308,8 +335,9 @@ class ProcessClass:
 
     @property
     def enforced_action(self) -> ProcessAction:
-        """The action really taken: ``observe`` when a signalling class matches only on untrusted keys."""
-        if self.action in SIGNAL_ACTIONS and self.match.untrusted_only():
+        """The action really taken: ``observe`` when a signalling (or unit-stopping) class matches
+        only on untrusted keys."""
+        if self.action in ACTING_ACTIONS and self.match.untrusted_only():
             return ProcessAction.OBSERVE
         return self.action
 
@@ -340,3 +368,76 @@ class VramPolicy:
             if klass.name == name:
                 return klass
         return self.default_class
+
+
+# --------------------------------------------------------------------------- systemd units
+
+DENIED_UNITS: tuple[str, ...] = (
+    "gpu-governor.service",
+    "init.scope",
+    "-.slice",
+    "*.slice",
+    "systemd-*",
+    "dbus*",
+    "polkit.service",
+    "ssh.service",
+    "sshd.service",
+    "ssh@*.service",
+    "sshd@*.service",
+    "getty@*.service",
+    "serial-getty@*.service",
+    "console-getty.service",
+    "container-getty@*.service",
+    "autovt@*.service",
+    "display-manager.service",
+    "gdm.service",
+    "gdm3.service",
+    "sddm.service",
+    "lightdm.service",
+    "lxdm.service",
+    "xdm.service",
+    "greetd.service",
+    "nodm.service",
+    "user@*.service",
+    "user-runtime-dir@*.service",
+    "nvidia-persistenced.service",
+)
+"""Units the governor never touches (globs): itself, PID 1, slices, systemd's own units, D-Bus,
+polkit, sshd, gettys, display managers, user managers, NVIDIA's daemon. A process in one of
+them is never signalled and its unit never stopped; a class whose ``unit`` match could name
+one of them and that acts (terminate, kill, stop-unit) is a config error."""
+SESSION_UNITS: tuple[str, ...] = ("session-*.scope", "user@*.service", "user-*.slice", "user.slice")
+"""What user sessions are made of: their processes are observed and reported, their units never
+stopped (a ``stop-unit`` class whose ``unit`` or ``slice`` names one is a config error)."""
+
+
+def _sample(pattern: str) -> str:
+    """A name the glob ``pattern`` matches (its wildcards filled in)."""
+    return pattern.replace("*", "x").replace("?", "x")
+
+
+def denied_by(glob: str, denied: tuple[str, ...] = DENIED_UNITS) -> str | None:
+    """The entry of ``denied`` that the match glob ``glob`` could name, or None.
+
+    Both ways: the glob matches an example of the entry (``*.service`` matches
+    ``sshd.service``), or the glob's text falls under the entry (``systemd-foo*``).
+    """
+    for entry in denied:
+        if fnmatch.fnmatchcase(_sample(entry), glob) or fnmatch.fnmatchcase(glob, entry):
+            return entry
+    return None
+
+
+def denied_unit(unit: str | None) -> str | None:
+    """The deny-list entry ``unit`` falls under, or None (also for no unit)."""
+    if unit is None:
+        return None
+    for entry in DENIED_UNITS:
+        if fnmatch.fnmatchcase(unit, entry):
+            return entry
+    return None
+
+
+def session_unit(slices: tuple[str, ...]) -> bool:
+    """True for a process of a user session (its cgroup is under ``user.slice``)."""
+    return "user.slice" in slices

@@ -48,6 +48,7 @@ import regex
 from governor.classes import MATCH_TIMEOUT_S, ProcessClass, VramPolicy, clip
 from governor.model import Classification, ProcessIdentity
 from governor.model import ProcessFacts as ProcessFacts  # noqa: PLC0414  (re-exported: it moved to the model)
+from governor.policy import denied_unit, session_unit
 
 CMDLINE_MAX_BYTES = 4096
 """Command lines are cut to this many bytes: enough to match on, bounded in memory and time."""
@@ -241,14 +242,22 @@ def classify(
     return policy.default_class.name, "no class matched"
 
 
-def protection(facts: ProcessFacts, policy: VramPolicy, own_pid: int) -> str | None:
-    """Why this process must never be signalled, or None (never from its name or command line)."""
+def protection(facts: ProcessFacts, policy: VramPolicy, own_pid: int, own_unit: str | None = None) -> str | None:
+    """Why this process must never be signalled (nor its unit stopped), or None (never from its
+    name or command line). Processes of a system unit on the deny list, or of the governor's own
+    unit, are protected; a user session's units are judged by the actions themselves."""
     if facts.pid == own_pid:
         return "the governor itself"
     if facts.pid <= 1:
         return "PID 1"
     if facts.kernel_thread:
         return "a kernel thread"
+    if facts.unit is not None and not session_unit(facts.slices):
+        if own_unit is not None and facts.unit == own_unit:
+            return f"the governor's own unit {own_unit}"
+        entry = denied_unit(facts.unit)
+        if entry is not None:
+            return f"unit {facts.unit} is on the built-in deny list ({entry})"
     exe_name = facts.exe_name
     if (
         exe_name is not None
@@ -264,7 +273,11 @@ def protection(facts: ProcessFacts, policy: VramPolicy, own_pid: int) -> str | N
 
 
 def classified(
-    who: ProcessIdentity | ProcessFacts, policy: VramPolicy, own_pid: int, deadline: _Deadline | None = None
+    who: ProcessIdentity | ProcessFacts,
+    policy: VramPolicy,
+    own_pid: int,
+    deadline: _Deadline | None = None,
+    own_unit: str | None = None,
 ) -> ProcessFacts:
     """The facts of the process ``who``: its identity with its class, why it matched, and
     whether it is protected (of a ProcessFacts, only the identity is used).
@@ -279,7 +292,7 @@ def classified(
         classification = Classification(policy.default_class.name, f"unclassified this tick: {exc}", unresolved=True)
         _log_timeout_once(identity, exc)
     facts = ProcessFacts(identity, classification)
-    return facts.classified_as(protected=protection(facts, policy, own_pid))
+    return facts.classified_as(protected=protection(facts, policy, own_pid, own_unit))
 
 
 _TIMEOUTS_LOGGED: dict[tuple[int, int | None, str, str], None] = {}
@@ -321,9 +334,10 @@ class ProcessInspector:
     earn); :meth:`mark_listing` marks it exactly, right before a listing.
     """
 
-    def __init__(self, proc: Path = Path("/proc"), own_pid: int | None = None) -> None:
+    def __init__(self, proc: Path = Path("/proc"), own_pid: int | None = None, own_unit: str | None = None) -> None:
         self.proc = proc
         self.own_pid = os.getpid() if own_pid is None else own_pid
+        self.own_unit = own_unit  # the governor's own systemd unit (its processes are never touched)
         self._cache: dict[int, ProcessFacts] = {}
         self._policy: VramPolicy | None = None
         self._deadline = _Deadline(TICK_MATCH_BUDGET_S)
@@ -406,7 +420,7 @@ class ProcessInspector:
             kernel_thread=kernel_thread,
             system_exe=system_exe,
         )
-        return classified(identity, policy, self.own_pid, self._deadline)
+        return classified(identity, policy, self.own_pid, self._deadline, self.own_unit)
 
 
 def _is_system_exe(path: str, info: os.stat_result) -> bool:
@@ -417,3 +431,14 @@ def _is_system_exe(path: str, info: os.stat_result) -> bool:
         and info.st_uid == 0
         and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     )
+
+
+def own_system_unit(proc: Path = Path("/proc")) -> str | None:
+    """The system unit this process runs in (``gpu-governor.service``), or None (a user
+    session, a container without systemd)."""
+    text = _read_text(proc / "self" / "cgroup", 8192)
+    if not text or not text.strip():
+        return None
+    cgroup = text.splitlines()[-1].split(":", 2)[-1]
+    unit, slices = _cgroup_parts(system_cgroup(cgroup))
+    return None if session_unit(slices) else unit

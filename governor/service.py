@@ -23,6 +23,7 @@ from governor.core import TICK, Governor, Inspector, Observer, TickReport, as_co
 from governor.model import Outcome, PublishedState, Snapshot
 from governor.notify import Notifier
 from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry, apply_logging, default_logger
+from governor.units import UnitManager
 from governor.waiting import RELOAD, RELOAD_SETTLE_MAX_S, RELOAD_SETTLE_S, STOP, PipeWaiter, Waiter, settle
 
 RESTART_ONLY = ("backend", "state_dir", "metrics", "simulation")
@@ -46,6 +47,7 @@ class Service:
         inspector: Inspector | None = None,
         observers: Sequence[Observer] | None = None,
         log: Any = None,
+        units: UnitManager | None = None,
     ) -> None:
         self.config_path = config_path
         self.backend = backend
@@ -56,7 +58,7 @@ class Service:
         self._load = load
         self.metrics_server: Any = None
         self.log = log if log is not None else default_logger()
-        self.governor = Governor(config, backend, open_originals(config), inspector=inspector)
+        self.governor = Governor(config, backend, open_originals(config), inspector=inspector, units=units)
         self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
         self.decision_log = DecisionLog(self.log)
         table = ProcessTable(self.log, self.instance_id)  # before the telemetry: it publishes the last write

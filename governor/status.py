@@ -63,6 +63,19 @@ class VramDecision:
 
 
 @dataclass
+class StoppedUnitRow:
+    """A unit the governor stopped: class, why, when (Unix time), its resume delay (s; None when
+    its class does not resume it) and when it resumes if the reserve stays clear (Unix time)."""
+
+    unit: str
+    klass: str
+    reason: str
+    stopped_at_s: float | None = None
+    resume_after_s: float | None = None
+    resume_at_s: float | None = None
+
+
+@dataclass
 class GpuRow:
     """What status shows for one GPU; every missing value is None (never 0)."""
 
@@ -111,6 +124,9 @@ class DaemonStatus:
     poll_interval_s: float | None = None
     ready: bool | None = None
     gpus: dict[str, GpuRow] = field(default_factory=dict)
+    stopped_units: dict[str, StoppedUnitRow] = field(default_factory=dict)
+    restart_loops: list[str] = field(default_factory=list)
+    systemd_reachable: bool | None = None  # None: the daemon never asked systemd
 
     def rows(self) -> list[GpuRow]:
         """The GPUs in index order."""
@@ -149,6 +165,12 @@ _DAEMON_GAUGES = {
     "gpu_governor_last_poll_timestamp_seconds": "last_poll_s",
     "gpu_governor_poll_interval_seconds": "poll_interval_s",
     "gpu_governor_process_table_written_timestamp_seconds": "table_written_s",
+}
+
+_UNIT_GAUGES = {
+    "gpu_governor_unit_stopped_timestamp_seconds": "stopped_at_s",
+    "gpu_governor_unit_resume_delay_seconds": "resume_after_s",
+    "gpu_governor_unit_resume_timestamp_seconds": "resume_at_s",
 }
 
 
@@ -198,6 +220,16 @@ def parse_status(text: str) -> DaemonStatus:
                 status.table_ok = sample.value == 1
             elif name in _DAEMON_GAUGES:
                 setattr(status, _DAEMON_GAUGES[name], sample.value)
+            elif name in _UNIT_GAUGES and "unit" in labels:
+                key = labels["unit"]
+                unit = status.stopped_units.setdefault(
+                    key, StoppedUnitRow(key, labels.get("class", ""), labels.get("reason", ""))
+                )
+                setattr(unit, _UNIT_GAUGES[name], sample.value)
+            elif name == "gpu_governor_unit_restart_loop" and sample.value == 1:
+                status.restart_loops.append(labels.get("unit", ""))
+            elif name == "gpu_governor_systemd_reachable":
+                status.systemd_reachable = sample.value == 1
             elif "gpu" not in labels:
                 continue
             elif name == "gpu_governor_gpu_info":
@@ -497,7 +529,34 @@ def describe_vram(d: VramDecision, now_s: float) -> str:
     action = "report" if d.action == "none" else d.action
     when = "" if d.at_s is None else f" {_ago(now_s - d.at_s)}"
     outcome = "" if d.outcome in ("applied", "reported", "") else f" [{d.outcome}]"
+    if d.action in ("stop_unit", "start_unit"):
+        return f"{action} (class {d.klass}){when}{outcome}: {d.reason or d.rule}"
     return f"{action} pid {d.pid} (class {d.klass}, {sizes}){when}{outcome}: {d.reason or d.rule}"
+
+
+def _in(seconds: float) -> str:
+    """``in 45 s``, ``in 3 min``."""
+    return "now" if seconds <= 0.5 else "in " + _ago(seconds)[: -len(" ago")]
+
+
+def describe_units(status: DaemonStatus, now_s: float) -> list[str]:
+    """The units the governor stopped and when each resumes, kill-restart loops, an unreachable systemd."""
+    lines = []
+    for unit in sorted(status.stopped_units.values(), key=lambda u: u.unit):
+        when = "" if unit.stopped_at_s is None else f" {_ago(now_s - unit.stopped_at_s)}"
+        if unit.resume_after_s is None:
+            resume = "not resumed (its class has resume = false): systemctl start it"
+        elif unit.resume_at_s is not None:
+            resume = f"resumes {_in(unit.resume_at_s - now_s)} if the reserve stays clear"
+        else:
+            resume = f"resumes once the reserve and its budget have been free for {unit.resume_after_s:.0f} s"
+        why = unit.reason.replace("_", " ")
+        lines.append(f"unit {unit.unit} (class {unit.klass}) stopped{when} ({why}); {resume}")
+    for name in sorted(status.restart_loops):
+        lines.append(f"unit {name}: kill-restart loop (Restart= undoes the kill): no longer signalled")
+    if status.systemd_reachable is False:
+        lines.append("systemd does not answer on the system bus: units are neither stopped nor started")
+    return lines
 
 
 def render_status(status: DaemonStatus, now_s: float | None = None) -> str:
@@ -536,7 +595,8 @@ def render_status(status: DaemonStatus, now_s: float | None = None) -> str:
         vram = "-" if r.last_vram is None else describe_vram(r.last_vram, now_s)
         decisions.append(f"GPU {r.gpu} last power decision: {power}")
         decisions.append(f"GPU {r.gpu} last VRAM decision:  {vram}")
-    return "\n".join([*lines, *_aligned(rows), "", *decisions]) + "\n"
+    units = describe_units(status, now_s)
+    return "\n".join([*lines, *_aligned(rows), "", *decisions, *(["", *units] if units else [])]) + "\n"
 
 
 def render_problems(status: DaemonStatus) -> list[str]:
@@ -635,6 +695,9 @@ def status_json(status: DaemonStatus, table: ProcessTable, url: str, now_s: floa
         "data_age_s": None if status.last_poll_s is None else round(max(0.0, now_s - status.last_poll_s), 3),
         "healthy": not status.unhealthy(),
         "gpus": gpus,
+        "stopped_units": [_unit_json(u, now_s) for u in sorted(status.stopped_units.values(), key=lambda u: u.unit)],
+        "restart_loops": sorted(status.restart_loops),
+        "systemd_reachable": status.systemd_reachable,
         "processes": None if table.rows is None else [_process_json(row) for row in table.rows],
         "processes_note": table.note,
         "processes_written_at_s": table.written_at_s,
@@ -644,3 +707,16 @@ def status_json(status: DaemonStatus, table: ProcessTable, url: str, now_s: floa
 def _process_json(row: dict[str, object]) -> dict[str, object]:
     keys = ("gpu", "pid", "name", "class", "used_bytes", "budget_bytes", "why", "unit", "user", "protected")
     return {key: row.get(key) for key in keys}
+
+
+def _unit_json(unit: StoppedUnitRow, now_s: float) -> dict[str, object]:
+    return {
+        "unit": unit.unit,
+        "class": unit.klass,
+        "reason": unit.reason,
+        "stopped_at_s": unit.stopped_at_s,
+        "resume": unit.resume_after_s is not None,
+        "resume_after_s": unit.resume_after_s,
+        "resume_at_s": unit.resume_at_s,
+        "resume_in_s": None if unit.resume_at_s is None else round(max(0.0, unit.resume_at_s - now_s), 3),
+    }

@@ -69,6 +69,7 @@ seed = 42
 ambient_c = 30.0
 state_file = "/tmp/sim.json"
 time_scale = 10.0
+processes_file = "/tmp/sim-processes.json"
 
 [thermal]
 warning_c = 60.0
@@ -180,7 +181,9 @@ class TestKeys:
             "scrypt$32768$8$1$nf8cNElAnspmXOQf0twKaQ==$4ReUqs7/VdrlgVndwOx5/CP1q/gijwoyXI0vy350Jw8=",
         )
         assert c.logging == LoggingConfig("journal", "debug")
-        assert c.simulation == SimulationConfig("h100-80gb", 4, "hot", 42, 30.0, "/tmp/sim.json", 10.0)
+        assert c.simulation == SimulationConfig(
+            "h100-80gb", 4, "hot", 42, 30.0, "/tmp/sim.json", 10.0, "/tmp/sim-processes.json"
+        )
         assert c.thermal == ThermalPolicy(60.0, 70.0, 80.0, 90.0, 2.0)
         assert c.power == PowerPolicy(
             (300.0, 250.0, 200.0), 78.0, 60.0, 5, 120.0, 10.0, False, 600.0, 960.0, 1800.0, True

@@ -96,7 +96,10 @@ class TestReferenceConfig:
             missing = keys - documented(document, path)
             assert not missing, f"{path} lacks {sorted(missing)}"
 
-    @pytest.mark.parametrize("example", ["config/examples/rtx4070.toml", "config/examples/h100-server.toml"])
+    @pytest.mark.parametrize(
+        "example",
+        ["config/examples/rtx4070.toml", "config/examples/h100-server.toml", "config/examples/workstation-gaming.toml"],
+    )
     def test_shipped_examples_pass_check_config_without_warnings(self, example: str) -> None:
         """check-config accepts each shipped example and warns about nothing (no overlapping classes)."""
         result = subprocess.run(

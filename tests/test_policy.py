@@ -128,6 +128,8 @@ class TestStrEnums:
             "vram_escalate",
             "restore_on_stop",
             "restore_after_crash",
+            "unit_resume",
+            "unit_restart_loop",
         }
 
     @pytest.fixture

@@ -21,6 +21,10 @@ range) also means default limits for the GPUs it cannot vouch for, and
 ``state_warning`` says why, for the daemon to log; a file unusable as a whole is
 renamed to ``<name>.corrupt``. The next change rewrites the file whole.
 
+Real processes: given ``processes_file`` (``[simulation] processes_file``), the GPUs also
+report real processes (by PID or by cgroup, such as a systemd unit's) with the VRAM the file
+says, while they exist (:mod:`governor.backends._sim_processes`).
+
 Test and what-if hooks: :meth:`~SimulatedBackend.attach_process`,
 :meth:`~SimulatedBackend.set_process_memory`, :meth:`~SimulatedBackend.detach_process`,
 :meth:`~SimulatedBackend.inject_fault`, :meth:`~SimulatedBackend.external_set_power_limit`,
@@ -32,14 +36,15 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from governor.backends import BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
+from governor.backends._sim_processes import RealProcessesFile
 from governor.clock import Clock
 from governor.config import ConfigIssue, SimulationConfig
-from governor.model import GpuHealth, GpuInfo, GpuReading, GpuTelemetry, Snapshot
+from governor.model import GpuHealth, GpuInfo, GpuReading, GpuTelemetry, ProcessReading, Snapshot
 from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
 from governor.sim._schema import SimDataError
 from governor.sim.gpu import SimProcess, SimStats, SimulatedGpu, slow_telemetry
@@ -72,6 +77,7 @@ class SimulatedBackend:
         state_file: str | Path | None = None,
         time_scale: float = 1.0,
         substep_s: float = DEFAULT_SUBSTEP_S,
+        processes_file: str | Path | None = None,
     ) -> None:
         if gpu_count < 1:
             raise ValueError(f"gpu_count: expected 1 or more, got {gpu_count}")
@@ -102,6 +108,7 @@ class SimulatedBackend:
         self._infos = tuple(self._info(i) for i in range(gpu_count))
         self._by_uuid = {info.uuid: i for i, info in enumerate(self._infos)}
         self._state = HardwareStateFile(Path(state_file), profile, self._by_uuid) if state_file else None
+        self._real = RealProcessesFile(Path(processes_file)) if processes_file else None
         limits = self._state.load() if self._state is not None else {}
         self.state_warning: str | None = self._state.warning if self._state is not None else None
         timeline = PhaseTimeline(scenario)
@@ -180,9 +187,11 @@ class SimulatedBackend:
             if self._closed:
                 raise BackendError("simulated backend is closed")
             t = self._advance()
-            return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=tuple(self._reading(g, t) for g in self._gpus))
+            real = self._real.processes(len(self._gpus)) if self._real is not None else {}
+            gpus = tuple(self._reading(g, t, real.get(g.index, ())) for g in self._gpus)
+            return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=gpus)
 
-    def _reading(self, gpu: SimulatedGpu, t_s: float) -> GpuReading:
+    def _reading(self, gpu: SimulatedGpu, t_s: float, real: Sequence[ProcessReading] = ()) -> GpuReading:
         info = self._infos[gpu.index]
         if gpu.fault == "lost":
             return GpuReading(
@@ -193,6 +202,9 @@ class SimulatedBackend:
                 telemetry=GpuTelemetry(xid_errors=gpu.xid_errors),
             )
         processes, used = gpu.processes_at(t_s)
+        if real:  # real processes of [simulation] processes_file
+            processes = (*processes, *real)
+            used += sum(p.used_memory_bytes or 0 for p in real)
         total = self.profile.memory_total_bytes
         degraded = gpu.fault == "temperature_unsupported"
         return GpuReading(
@@ -406,4 +418,5 @@ def build_simulated_backend(sim: SimulationConfig, clock: Clock) -> SimulatedBac
         ambient_c=sim.ambient_c,
         state_file=sim.state_file or None,
         time_scale=sim.time_scale,
+        processes_file=sim.processes_file or None,
     )

@@ -55,6 +55,7 @@ def evaluate_gpu(
     dry_run: bool = False,
     vram: VramPolicy | None = None,
     facts: Mapping[int, ProcessFacts] | None = None,
+    stopped_units: frozenset[str] = frozenset(),
 ) -> tuple[GpuRuleState, list[Decision]]:
     """Run the thermal rule, the power ladder and the VRAM budgets for one GPU reading.
 
@@ -85,7 +86,7 @@ def evaluate_gpu(
             # One dry run: the global one covers process signals too; a class's own
             # dry_run = false cannot turn them back on.
             vram = replace(vram, dry_run=True)
-        vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s)
+        vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s, stopped_units)
         decisions.extend(vram_decisions)
     return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state), decisions
 
@@ -98,11 +99,13 @@ def evaluate(
     dry_run: bool = False,
     vram: VramPolicy | None = None,
     facts: Mapping[int, ProcessFacts] | None = None,
+    stopped_units: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, GpuRuleState], list[Decision]]:
     """Run every rule on every GPU of ``snapshot`` (keyed by UUID); GPUs without a plan are skipped.
 
     ``facts`` (pid -> ProcessFacts) comes from :class:`governor.processes.ProcessInspector`;
-    without it the VRAM rule does not run.
+    without it the VRAM rule does not run. ``stopped_units``: units the governor stopped and
+    has not resumed (never stopped again).
     """
     new_states = dict(states)
     decisions: list[Decision] = []
@@ -112,7 +115,7 @@ def evaluate(
             continue
         state = states.get(reading.uuid, GpuRuleState())
         new_states[reading.uuid], gpu_decisions = evaluate_gpu(
-            reading, plan, state, snapshot.t_s, dry_run=dry_run, vram=vram, facts=facts
+            reading, plan, state, snapshot.t_s, dry_run=dry_run, vram=vram, facts=facts, stopped_units=stopped_units
         )
         decisions.extend(gpu_decisions)
     return new_states, decisions

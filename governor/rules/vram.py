@@ -19,7 +19,18 @@ For every process on every GPU with a class budget:
 * a class whose action signals but which matches only on keys a process chooses itself
   (name, cmdline) acts as ``observe`` (:attr:`ProcessClass.enforced_action`);
 * a process that started after the GPU listing (a reused PID) is neither charged nor
-  signalled that tick, and one whose class match timed out is not signalled that tick.
+  signalled that tick, and one whose class match timed out is not signalled that tick;
+* ``stop-unit`` classes: the process's systemd *system* unit is stopped (a ``stop_unit``
+  decision, carried out through D-Bus by the actuator), never its PIDs signalled. Under
+  memory pressure a stop-unit process is a candidate even within its budget: the unit
+  makes room, lowest priority first, one per cooldown. A unit the governor already stopped
+  (``stopped_units``) or stopped on this GPU within the cooldown is not stopped again.
+  Processes of user sessions (under ``user.slice``) and processes without a unit are
+  reported, never stopped; resuming is :mod:`governor.rules.units`' job;
+* kill-restart loops (signalling classes): a system unit whose processes were signalled
+  ``restart_loop_count`` times within ``restart_loop_window_s`` and that is over budget again
+  is reported once (``unit_restart_loop``) and its processes are signalled no more, until
+  none of them has been over budget for that window.
 
 A budget is per process and per GPU (see :mod:`governor.policy`).
 """
@@ -30,7 +41,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from governor.model import Decision, GpuReading, ProcessFacts, ProcessReading
-from governor.policy import Action, ProcessAction, ProcessClass, Rule, VramPolicy, format_seconds, format_size
+from governor.policy import (
+    SIGNAL_ACTIONS,
+    Action,
+    ProcessAction,
+    ProcessClass,
+    Rule,
+    VramPolicy,
+    format_seconds,
+    format_size,
+    session_unit,
+)
 
 OffenderKey = tuple[str, int, int | None]
 """(GPU UUID, pid, start time): one process on one GPU."""
@@ -51,6 +72,9 @@ class VramState:
 
     offenders: Mapping[OffenderKey, Offender] = field(default_factory=dict)
     last_victim_s: Mapping[str, float] = field(default_factory=dict)  # per GPU UUID
+    unit_signals_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # unit -> first signals, in window
+    loops_s: Mapping[str, float] = field(default_factory=dict)  # unit in a kill-restart loop -> last seen over budget
+    unit_stops_s: Mapping[str, float] = field(default_factory=dict)  # unit -> last stop decided on this GPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +103,7 @@ def _decision(
     reason: str,
     *,
     dry_run: bool,
+    unit: str | None = None,
 ) -> Decision:
     return Decision(
         t_s=t_s,
@@ -94,15 +119,40 @@ def _decision(
         process_start_time=c.facts.start_time,
         process_class=c.klass.name,
         dry_run=dry_run,
+        unit=unit,
     )
 
 
 def _describe(c: _Candidate) -> str:
     budget = c.klass.budget_bytes or 0
+    sign = ">" if c.used_bytes > budget else "<="
     return (
         f"process {c.process.pid} ({c.facts.name or '?'}) uses {format_size(c.used_bytes)} "
-        f"> budget {format_size(budget)} of class {c.klass.name}"
+        f"{sign} budget {format_size(budget)} of class {c.klass.name}"
     )
+
+
+def system_unit(facts: ProcessFacts) -> str | None:
+    """The process's systemd system unit, or None (no unit, or a unit of a user session)."""
+    if facts.unit is None or session_unit(facts.slices):
+        return None
+    return facts.unit
+
+
+def _why_not_stoppable(facts: ProcessFacts) -> str | None:
+    """Why a stop-unit class cannot stop this process's unit (None: it can)."""
+    if facts.unit is None:
+        return "it has no systemd unit to stop"
+    if session_unit(facts.slices):
+        return f"its unit {facts.unit} belongs to a user session: observed, never stopped"
+    return None
+
+
+def _free_text(reading: GpuReading) -> str:
+    used, total = reading.memory_used_bytes, reading.memory_total_bytes
+    if used is None or not total:
+        return "memory pressure on the GPU"
+    return f"memory pressure on the GPU ({format_size(max(0, total - used))} free)"
 
 
 def evaluate_vram(
@@ -111,29 +161,48 @@ def evaluate_vram(
     policy: VramPolicy,
     state: VramState,
     t_s: float,
+    stopped_units: frozenset[str] = frozenset(),
 ) -> tuple[VramState, list[Decision]]:
-    """One GPU's budgets for one tick; ``facts`` maps pid -> ProcessFacts (with class)."""
+    """One GPU's budgets for one tick; ``facts`` maps pid -> ProcessFacts (with class);
+    ``stopped_units`` are the units the governor stopped and has not resumed yet."""
     if not policy.enabled or reading.processes is None:
         return state, []
     uuid = reading.uuid
     decisions: list[Decision] = []
     offenders = {k: v for k, v in state.offenders.items() if k[0] != uuid}
+    pressure = under_pressure(reading, policy)
+    loops = {u: s for u, s in state.loops_s.items()}
+    signals = {u: s for u, s in state.unit_signals_s.items()}
+    unit_stops = {u: s for u, s in state.unit_stops_s.items() if t_s - s < policy.cooldown_s}
     current: list[tuple[_Candidate, Offender]] = []
+    yielders: list[_Candidate] = []  # stop-unit processes within budget: candidates under pressure
     for process in reading.processes:
         used = process.used_memory_bytes
         pf = facts.get(process.pid)
         if used is None or pf is None or pf.newer_than_listing:
             continue
         klass = policy.class_named(pf.klass)
-        if klass.budget_bytes is None or used <= klass.budget_bytes:
+        if klass.budget_bytes is None:
             continue
         candidate = _Candidate((uuid, process.pid, pf.start_time), process, used, pf, klass)
+        if used <= klass.budget_bytes:
+            if pressure and klass.enforced_action is ProcessAction.STOP_UNIT:
+                yielders.append(candidate)
+            continue
+        unit = system_unit(pf)
+        looping = unit is not None and klass.enforced_action in SIGNAL_ACTIONS and unit in loops
+        if looping and unit is not None:
+            loops[unit] = t_s
         known = state.offenders.get(candidate.key)
         if known is None:
             known = Offender(over_since_s=t_s)
             note = f"; protected ({pf.protected}): never signalled" if pf.protected else ""
             if klass.enforced_action != klass.action:
                 note += f"; class {klass.name} matches only on name/cmdline: observed, never signalled"
+            elif klass.enforced_action is ProcessAction.STOP_UNIT and _why_not_stoppable(pf):
+                note += f"; not stopped: {_why_not_stoppable(pf)}"
+            elif looping:
+                note += f"; unit {unit} is in a kill-restart loop: not signalled"
             decisions.append(
                 _decision(
                     reading,
@@ -143,11 +212,18 @@ def evaluate_vram(
                     Action.NONE,
                     f"{_describe(candidate)}{note}",
                     dry_run=False,
+                    unit=pf.unit,
                 )
             )
+            loop = _restart_loop(candidate, unit, signals, loops, t_s) if not looping and not pf.protected else None
+            if loop is not None:
+                decisions.append(
+                    _decision(
+                        reading, candidate, t_s, Rule.UNIT_RESTART_LOOP, Action.NONE, loop, dry_run=False, unit=unit
+                    )
+                )
         current.append((candidate, known))
 
-    pressure = under_pressure(reading, policy)
     last_victim = state.last_victim_s.get(uuid)
     cooling = last_victim is not None and t_s - last_victim < policy.cooldown_s
     new_victims: list[tuple[_Candidate, Offender]] = []
@@ -159,9 +235,7 @@ def evaluate_vram(
             # Escalate only while the class still asks for it: a reload may have made it
             # protected or observe-only since the SIGTERM.
             escalate = (
-                candidate.facts.protected is None
-                and klass.enforced_action is not ProcessAction.OBSERVE
-                and not klass.protected
+                candidate.facts.protected is None and klass.enforced_action in SIGNAL_ACTIONS and not klass.protected
             )
             if escalate and t_s - offender.term_sent_s >= klass.kill_after_s:
                 reason = (
@@ -176,14 +250,14 @@ def evaluate_vram(
         elif (
             offender.term_sent_s is None
             and offender.kill_sent_s is None
-            and klass.enforced_action is not ProcessAction.OBSERVE
-            and candidate.facts.protected is None
-            and candidate.facts.start_time is not None
-            and not candidate.facts.unresolved
+            and _may_act(candidate, stopped_units, unit_stops, loops)
             and (pressure or t_s - offender.over_since_s >= klass.grace_s)
         ):
             new_victims.append((candidate, offender))
         offenders[candidate.key] = offender
+    for candidate in yielders:
+        if _may_act(candidate, stopped_units, unit_stops, loops):
+            new_victims.append((candidate, Offender(over_since_s=t_s)))
 
     last_victim_s = dict(state.last_victim_s)
     if new_victims and not cooling:
@@ -198,17 +272,109 @@ def evaluate_vram(
         dry = policy.dry_run or klass.dry_run
         over_s = t_s - offender.over_since_s
         why = (
-            f"memory pressure on the GPU (lowest priority {klass.priority} first)"
+            f"{_free_text(reading)}, lowest priority {klass.priority} first"
             if pressure and over_s < klass.grace_s
             else f"over budget for {format_seconds(over_s)} (grace {format_seconds(klass.grace_s)})"
         )
-        if klass.enforced_action is ProcessAction.KILL:
-            action, offender = Action.SIGNAL_KILL, replace(offender, kill_sent_s=t_s)
+        unit = system_unit(candidate.facts)
+        if klass.enforced_action is ProcessAction.STOP_UNIT and unit is not None:
+            decisions.append(
+                _decision(
+                    reading,
+                    candidate,
+                    t_s,
+                    Rule.VRAM_ENFORCE,
+                    Action.STOP_UNIT,
+                    f"{_describe(candidate)}: {why}: stop unit {unit}",
+                    dry_run=dry,
+                    unit=unit,
+                )
+            )
+            unit_stops[unit] = t_s
         else:
-            action, offender = Action.SIGNAL_TERM, replace(offender, term_sent_s=t_s)
-        decisions.append(
-            _decision(reading, candidate, t_s, Rule.VRAM_ENFORCE, action, f"{_describe(candidate)}: {why}", dry_run=dry)
-        )
-        offenders[candidate.key] = offender
+            if klass.enforced_action is ProcessAction.KILL:
+                action, offender = Action.SIGNAL_KILL, replace(offender, kill_sent_s=t_s)
+            else:
+                action, offender = Action.SIGNAL_TERM, replace(offender, term_sent_s=t_s)
+            decisions.append(
+                _decision(
+                    reading,
+                    candidate,
+                    t_s,
+                    Rule.VRAM_ENFORCE,
+                    action,
+                    f"{_describe(candidate)}: {why}",
+                    dry_run=dry,
+                    unit=unit,
+                )
+            )
+            offenders[candidate.key] = offender
+            if unit is not None:
+                window = klass.restart_loop_window_s
+                signals[unit] = (*(s for s in signals.get(unit, ()) if t_s - s <= window), t_s)
         last_victim_s[uuid] = t_s
-    return VramState(offenders=offenders, last_victim_s=last_victim_s), decisions
+    return (
+        VramState(
+            offenders=offenders,
+            last_victim_s=last_victim_s,
+            unit_signals_s=_pruned_signals(signals, policy, t_s),
+            loops_s=_pruned_loops(loops, policy, t_s),
+            unit_stops_s=unit_stops,
+        ),
+        decisions,
+    )
+
+
+def _may_act(
+    c: _Candidate, stopped_units: frozenset[str], unit_stops: Mapping[str, float], loops: Mapping[str, float]
+) -> bool:
+    """True when the class's action may be taken on this candidate now."""
+    facts = c.facts
+    action = c.klass.enforced_action
+    if action is ProcessAction.OBSERVE or facts.protected is not None:
+        return False
+    if facts.start_time is None or facts.unresolved:
+        return False
+    unit = system_unit(facts)
+    if action is ProcessAction.STOP_UNIT:
+        return unit is not None and unit not in stopped_units and unit not in unit_stops
+    return unit is None or unit not in loops
+
+
+def _restart_loop(
+    c: _Candidate, unit: str | None, signals: Mapping[str, tuple[float, ...]], loops: dict[str, float], t_s: float
+) -> str | None:
+    """A new process over budget in ``unit``: the report when that makes a kill-restart loop, else None.
+    Marks the unit in ``loops``."""
+    klass = c.klass
+    if unit is None or klass.enforced_action not in SIGNAL_ACTIONS:
+        return None
+    window = klass.restart_loop_window_s
+    recent = [s for s in signals.get(unit, ()) if t_s - s <= window]
+    if len(recent) < klass.restart_loop_count:
+        return None
+    loops[unit] = t_s
+    return (
+        f"unit {unit} came back over budget after {len(recent)} signals within {format_seconds(window)} "
+        f"(process {c.process.pid} ({c.facts.name or '?'}) uses {format_size(c.used_bytes)}, class {klass.name}): "
+        "systemd restarts what is killed (Restart=), a kill-restart loop; its processes are signalled no more "
+        '(use action = "stop-unit" for this class)'
+    )
+
+
+def _loop_window_s(policy: VramPolicy) -> float:
+    """The longest loop window of any class (s): how long loop bookkeeping is kept."""
+    return max(c.restart_loop_window_s for c in (*policy.classes, policy.default_class))
+
+
+def _pruned_signals(
+    signals: Mapping[str, tuple[float, ...]], policy: VramPolicy, t_s: float
+) -> dict[str, tuple[float, ...]]:
+    window = _loop_window_s(policy)
+    kept = {u: tuple(s for s in times if t_s - s <= window) for u, times in signals.items()}
+    return {u: times for u, times in kept.items() if times}
+
+
+def _pruned_loops(loops: Mapping[str, float], policy: VramPolicy, t_s: float) -> dict[str, float]:
+    window = _loop_window_s(policy)
+    return {u: last for u, last in loops.items() if t_s - last <= window}

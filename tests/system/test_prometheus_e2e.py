@@ -369,6 +369,7 @@ class TestPrometheusEndToEnd:
         decisions = stack.query(f'gpu_governor_decisions_total{{instance="{stack.instance}"}}')["data"]["result"]
         assert decisions and all(r["metric"]["uuid"].startswith("GPU-sim-rtx4070-") for r in decisions)
 
+
 # --------------------------------------------------------------------------- TLS and basic auth from a web-config file
 
 TLS_PASSWORD = "scrape-me-over-tls"

@@ -714,11 +714,11 @@ def test_purge_removes_state(box: Container) -> None:
     assert box.sh(f"systemctl is-active {UNIT}", check=False).stdout.strip() in ("inactive", "unknown")
 
 
-def test_unit_security_exposure_at_most_3() -> None:
-    """systemd-analyze security --offline=yes scores the shipped unit at most 3.0."""
+def test_unit_security_exposure_at_most_2_5() -> None:
+    """systemd-analyze security --offline=yes scores the shipped unit at most 2.5 (it talks to systemd on D-Bus too)."""
     if shutil.which("systemd-analyze", path=HOST_PATH) is None:
         unavailable("systemd-analyze is not installed")
     result = host(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT_FILE)], check=False)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match is not None, result.stdout + result.stderr
-    assert float(match.group(1)) <= 3.0, result.stdout
+    assert float(match.group(1)) <= 2.5, result.stdout

@@ -1,0 +1,264 @@
+"""Units the governor stopped: the state it keeps about them, between ticks and on disk.
+
+:class:`UnitKeeper` holds the resume rule's state (:mod:`governor.rules.units`), asks it
+each tick which units to start again, records what the actuator did with the stops and
+starts, checks the ``Restart=`` of units whose processes are signalled (a kill systemd will
+undo), and saves the list of stopped units so that a restarted governor resumes them.
+
+``stopped-units.json`` in the state directory, written through
+:func:`governor.safefile.write_atomic` whenever the list changes::
+
+    {"version": 1,
+     "units": {"comfyui.service": {"class": "secondary", "reason": "memory_pressure",
+                                   "gpus": ["GPU-..."], "stopped_at_s": 1700000000.0,
+                                   "resume_after_s": 60.0}}}
+
+Read bounded and typed (:func:`governor.safefile.read_json`). Every entry is checked: a
+unit name systemd could have (a ``.service`` or ``.scope`` of at most 255 safe
+characters, not on the deny list), a class name, a known reason, GPU UUIDs, a finite
+Unix time and a delay of 0-86400 s. A bad entry is dropped; a file with any problem is
+kept aside as ``stopped-units.json.corrupt`` and ``load_warning`` says why. A unit loaded
+here starts its clear time afresh (monotonic times do not survive a restart).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from governor.model import (
+    Action,
+    ActionResult,
+    Decision,
+    Outcome,
+    ProcessFacts,
+    Snapshot,
+    StoppedUnitStatus,
+    UnitWarning,
+)
+from governor.policy import ProcessAction, VramPolicy, denied_unit
+from governor.rules.units import (
+    OVER_BUDGET,
+    PRESSURE,
+    StoppedUnit,
+    UnitsState,
+    evaluate_units,
+    record_start,
+    record_stop,
+    resumable,
+    resume_at_s,
+)
+from governor.rules.vram import under_pressure
+from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
+from governor.units import UnitManager, undone_by_restart
+
+FILE_NAME = "stopped-units.json"
+VERSION = 1
+MAX_UNITS = 256
+UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,247}\.(service|scope)")
+_UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def _number(value: Any, low: float, high: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and not low <= value <= high:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) and low <= number <= high else None
+
+
+def parse_entry(unit: Any, raw: Any) -> StoppedUnit | str:
+    """One entry of the file, or what is wrong with it."""
+    if not isinstance(unit, str) or not UNIT_NAME.fullmatch(unit) or denied_unit(unit) is not None:
+        return f"{short_repr(unit)}: expected the name of a system unit the governor may stop"
+    if not isinstance(raw, dict):
+        return f"{unit}: expected an object, got {short_repr(raw)}"
+    klass, reason, gpus = raw.get("class"), raw.get("reason"), raw.get("gpus")
+    stopped = _number(raw.get("stopped_at_s"), 0.0, 1e11)
+    delay = _number(raw.get("resume_after_s"), 0.0, 86400.0)
+    if not isinstance(klass, str) or not 0 < len(klass) <= 256:
+        return f"{unit}: class: expected a class name, got {short_repr(klass)}"
+    if reason not in (PRESSURE, OVER_BUDGET):
+        return f"{unit}: reason: expected {PRESSURE!r} or {OVER_BUDGET!r}, got {short_repr(reason)}"
+    if (
+        not isinstance(gpus, list)
+        or not 0 < len(gpus) <= 64
+        or not all(isinstance(g, str) and _UUID.fullmatch(g) for g in gpus)
+    ):
+        return f"{unit}: gpus: expected a list of GPU UUIDs, got {short_repr(gpus)}"
+    if stopped is None or delay is None:
+        return f"{unit}: expected stopped_at_s (Unix time) and resume_after_s (0-86400 s)"
+    return StoppedUnit(unit, klass, str(reason), tuple(gpus), stopped, delay)
+
+
+class StoppedUnitsStore:
+    """The stopped units on disk (``state_dir`` None: nothing is kept, a simulation's choice)."""
+
+    def __init__(self, state_dir: Path | str | None) -> None:
+        self.path = None if state_dir is None else Path(state_dir) / FILE_NAME
+        self.load_warning: str | None = None
+        self.last_error: str | None = None
+        self.write_errors = 0
+        self._written: str | None = None
+        self._on_disk = False  # a file exists (or was written): an empty list must be written too
+
+    def load(self) -> dict[str, StoppedUnit]:
+        """The units saved by an earlier run (valid entries only)."""
+        if self.path is None:
+            return {}
+        try:
+            data, raw = read_json(self.path)
+        except FileNotFoundError:
+            return {}
+        except UnusableFile as exc:
+            self._bad(f"{exc}", None)
+            return {}
+        self._on_disk = True
+        units = data.get("units") if isinstance(data, dict) else None
+        if not isinstance(units, dict) or data.get("version") != VERSION or len(units) > MAX_UNITS:
+            self._bad(f"{self.path}: expected version {VERSION} with an object 'units' of at most {MAX_UNITS}", raw)
+            return {}
+        out: dict[str, StoppedUnit] = {}
+        problems = []
+        for unit, entry in units.items():
+            parsed = parse_entry(unit, entry)
+            if isinstance(parsed, str):
+                problems.append(parsed)
+            else:
+                out[parsed.unit] = parsed
+        if problems:
+            self._bad(f"{self.path}: " + "; ".join(problems[:5]) + "; the valid entries are kept", raw)
+        return out
+
+    def _bad(self, why: str, raw: bytes | None) -> None:
+        assert self.path is not None
+        moved = set_aside(self.path, raw)
+        self.load_warning = f"{why} ({f'kept as {moved}' if moved else 'could not be set aside'})"
+
+    def save(self, stopped: Mapping[str, StoppedUnit]) -> None:
+        """Write the list when it changed; a failure sets ``last_error`` (retried with the next change)."""
+        if self.path is None or (not stopped and not self._on_disk):
+            return  # nothing stopped, nothing on disk: a governor that never stops a unit writes no file
+        document = {
+            "version": VERSION,
+            "units": {
+                u: {
+                    "class": s.klass,
+                    "reason": s.reason,
+                    "gpus": list(s.gpus),
+                    "stopped_at_s": s.stopped_wall_s,
+                    "resume_after_s": s.delay_s,
+                }
+                for u, s in sorted(stopped.items())
+            },
+        }
+        body = json.dumps(document, indent=2, sort_keys=True) + "\n"
+        if body == self._written:
+            return
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(self.path, body.encode("utf-8"))
+        except OSError as exc:
+            self.write_errors += 1
+            self.last_error = f"{self.path}: cannot save the stopped units: {exc.strerror or exc}"
+            return
+        self.last_error = None
+        self._written = body
+        self._on_disk = True
+
+
+SIGNALS_OF = {ProcessAction.TERMINATE: ("SIGTERM", "SIGKILL"), ProcessAction.KILL: ("SIGKILL",)}
+"""The signals a class's action may send (terminate escalates to SIGKILL)."""
+
+
+class UnitKeeper:
+    """The stopped units (saved in ``store``) and the ``Restart=`` checks, on ``manager``."""
+
+    def __init__(self, store: StoppedUnitsStore, manager: UnitManager) -> None:
+        self.store = store
+        self.manager = manager
+        self.state = UnitsState(stopped=store.load())
+        self.asked = bool(self.state.stopped)  # systemd was (or will be) asked something
+        self._checked: dict[str, str | None] = {}  # unit -> Restart= once known
+        self._to_check: dict[str, str] = {}  # unit -> class, Restart= not known yet
+
+    @property
+    def stopped(self) -> frozenset[str]:
+        """The units stopped and not resumed."""
+        return frozenset(self.state.stopped)
+
+    def decide(self, snapshot: Snapshot, policy: VramPolicy, facts: Mapping[int, ProcessFacts]) -> list[Decision]:
+        """The resume rule's decisions for this tick (its state moves on)."""
+        self.state, decisions = evaluate_units(snapshot, self.state, policy, facts)
+        return decisions
+
+    def record(
+        self,
+        results: list[ActionResult],
+        snapshot: Snapshot,
+        wall_s: float,
+        policy: VramPolicy,
+        facts: Mapping[int, ProcessFacts],
+    ) -> tuple[UnitWarning, ...]:
+        """Take in what the actuator did; save the list when it changed; return new Restart= warnings."""
+        readings = {r.uuid: r for r in snapshot.gpus}
+        for result in results:
+            d = result.decision
+            if d.unit is None:
+                continue
+            if d.action is Action.STOP_UNIT:
+                self.asked = True
+                if result.outcome is Outcome.APPLIED:
+                    reading = readings.get(d.gpu_uuid)
+                    pressure = reading is not None and under_pressure(reading, policy)
+                    klass = policy.class_named(d.process_class or "")
+                    pids = tuple(f.pid for f in facts.values() if f.unit == d.unit)
+                    self.state = record_stop(self.state, d, klass, snapshot.t_s, wall_s, pressure, pids)
+            elif d.action is Action.START_UNIT:
+                self.asked = True
+                self.state = record_start(self.state, d.unit, snapshot.t_s, result.outcome is Outcome.APPLIED)
+            elif d.action in (Action.SIGNAL_TERM, Action.SIGNAL_KILL) and d.unit not in self._checked:
+                self._to_check[d.unit] = d.process_class or ""
+        self.store.save(self.state.stopped)
+        return self._restart_warnings(policy)
+
+    def _restart_warnings(self, policy: VramPolicy) -> tuple[UnitWarning, ...]:
+        """Units whose Restart= is now known and undoes the kill of their class's action."""
+        warnings = []
+        for unit, klass_name in list(self._to_check.items()):
+            self.asked = True
+            props = self.manager.properties(unit)
+            if props is None:
+                continue  # asked in the background; looked at again next tick
+            del self._to_check[unit]
+            self._checked[unit] = props.restart
+            signals = SIGNALS_OF.get(policy.class_named(klass_name).enforced_action, ())
+            if undone_by_restart(props.restart, signals):
+                warnings.append(UnitWarning(unit, klass_name, props.restart or "?"))
+        return tuple(warnings)
+
+    def statuses(self, snapshot: Snapshot | None, policy: VramPolicy) -> tuple[StoppedUnitStatus, ...]:
+        """Every stopped unit as published, with when it resumes (Unix time) if the condition stays clear."""
+        out = []
+        for unit, entry in sorted(self.state.stopped.items()):
+            klass = policy.class_named(entry.klass)
+            at = None if snapshot is None else resume_at_s(entry, klass, snapshot.t_s)
+            out.append(
+                StoppedUnitStatus(
+                    unit=unit,
+                    klass=entry.klass,
+                    reason=entry.reason,
+                    stopped_wall_s=entry.stopped_wall_s,
+                    resume_after_s=entry.delay_s,
+                    resume=resumable(klass, entry),
+                    resume_wall_s=None
+                    if at is None or snapshot is None
+                    else snapshot.wall_time_s + (at - snapshot.t_s),
+                )
+            )
+        return tuple(out)

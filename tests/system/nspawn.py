@@ -1,0 +1,252 @@
+"""The machinery of the system tests under a real systemd: a Debian 12 root, booted with
+systemd-nspawn, driven through nsenter (see tests/system/test_systemd_e2e.py for how it works).
+
+Shared by tests/system/test_units_e2e.py; a copy of test_systemd_e2e.py's helpers (that
+module keeps its own, so the two can change apart), with ``Container.show`` taking the unit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = "gpu-governor.service"
+UNIT_FILE = REPO / "systemd" / UNIT
+CONFIG = "/etc/gpu-governor/governor.toml"
+STATE_DIR = "/var/lib/gpu-governor"
+SIM_STATE = f"{STATE_DIR}/simulated-gpus.json"
+ORIGINALS = f"{STATE_DIR}/original-limits.json"
+METRICS_URL = "http://127.0.0.1:9847/metrics"
+SUITE = "bookworm"
+HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+REQUIRED = os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1"
+T = TypeVar("T")
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail when CI requires the system tests to run."""
+    if REQUIRED:
+        pytest.fail(f"GG_REQUIRE_SYSTEM_TESTS=1 but {reason}")
+    pytest.skip(reason)
+
+
+def host(cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a host command with Debian's tools first on PATH; output captured as text."""
+    env = {**os.environ, "PATH": HOST_PATH + ":" + os.environ.get("PATH", "")}
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.25) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- the container
+
+
+@dataclass
+class Container:
+    """A booted Debian 12 root; commands run in it through nsenter into its PID 1."""
+
+    root: Path
+    nspawn: subprocess.Popen[bytes]
+    leader: int
+    deb: Path
+
+    def sh(
+        self, script: str, timeout: float = 60, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a shell script inside the container, with a clean environment."""
+        cmd = [
+            "nsenter", "-t", str(self.leader), "-a",
+            "env", "-i", f"PATH={HOST_PATH}", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0",
+            "sh", "-c", script,
+        ]  # fmt: skip
+        return host(cmd, timeout=timeout, check=check, input=stdin)
+
+    def show(self, *props: str, unit: str = UNIT) -> dict[str, str]:
+        """``systemctl show`` properties of ``unit`` (the governor's by default)."""
+        out = self.sh(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def main_pid(self) -> int:
+        return int(self.show("MainPID")["MainPID"])
+
+    def write(self, path: str, text: str, mode: int = 0o644) -> None:
+        """Write a root-owned file inside the container (through nsenter: /run and /tmp are its own tmpfs)."""
+        self.sh(
+            f"mkdir -p $(dirname {path}) && cat > {path} && chown root:root {path} && chmod {mode:o} {path}",
+            stdin=text,
+        )
+
+    def read(self, path: str) -> str:
+        return self.sh(f"cat {path}").stdout
+
+    def exists(self, path: str) -> bool:
+        return self.sh(f"test -e {path}", check=False).returncode == 0
+
+    def metrics(self) -> str | None:
+        """The metrics page, fetched inside the container on loopback; None when it does not answer."""
+        script = (
+            "import urllib.request, sys\n"
+            f"page = urllib.request.urlopen({json.dumps(METRICS_URL)}, timeout=5).read()\n"
+            "sys.stdout.write(page.decode())\n"
+        )
+        result = self.sh("python3 -", check=False, stdin=script)
+        return result.stdout if result.returncode == 0 else None
+
+    def journal(self, *args: str, unit: str = UNIT) -> list[dict[str, Any]]:
+        """Journal entries of ``unit`` as JSON objects (``-o json``)."""
+        out = self.sh(f"journalctl --no-pager -o json -u {unit} " + " ".join(args)).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def daemon_events(self, *args: str) -> list[tuple[int, int, str]]:
+        """(PID, PRIORITY, MESSAGE) of what the daemon itself logged."""
+        events = []
+        for entry in self.journal(*args):
+            message = entry.get("MESSAGE")
+            if entry.get("_COMM") == "systemd" or entry.get("SYSLOG_IDENTIFIER") == "systemd":
+                continue
+            if not isinstance(message, str):  # journald stores non-UTF-8 as a list of bytes
+                continue
+            events.append((int(entry.get("_PID", 0)), int(entry.get("PRIORITY", 6)), message))
+        return events
+
+    def sim_limit_w(self) -> float:
+        """The simulated GPU 0's current ("hardware") power limit, from the backend's state file."""
+        limits = json.loads(self.read(SIM_STATE))["power_limits_w"]
+        return float(next(iter(limits.values())))
+
+    def originals(self) -> list[float]:
+        """The original limits the daemon recorded in its state directory (empty when none)."""
+        if not self.exists(ORIGINALS):
+            return []
+        return [float(v) for v in json.loads(self.read(ORIGINALS))["original_power_limits_w"].values()]
+
+
+def metric(page: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a Prometheus text page, None when absent."""
+    for line in page.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)", line.strip())
+        if match is None or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(match.group(3))
+    return None
+
+
+def build_deb(out: Path) -> Path:
+    prebuilt = os.environ.get("GG_DEB")
+    if prebuilt:
+        return Path(prebuilt).resolve()
+    result = host([str(REPO / "packaging" / "build-deb.sh"), str(out)], timeout=300)
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def deb_depends(deb: Path) -> list[str]:
+    """Package names of the .deb's Depends (first alternative, no versions or arch qualifiers)."""
+    field = host(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
+    names = []
+    for clause in field.split(","):
+        name = clause.split("|")[0].strip().split(" ")[0].split(":")[0]
+        if name:
+            names.append(name)
+    return names
+
+
+def debootstrap(root: Path, packages: list[str]) -> None:
+    """Debian 12 minbase, main only, plus systemd and the .deb's dependencies."""
+    mirror = os.environ.get("GG_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+    include = ["systemd", "systemd-sysv", "dbus", "python3", *packages]
+    host(
+        ["debootstrap", "--variant=minbase", "--components=main",
+         f"--include={','.join(sorted(set(include)))}", SUITE, str(root), mirror],
+        timeout=400,
+    )  # fmt: skip
+
+
+def boot(root: Path, deb: Path, log: Path) -> Container:
+    """Boot the root with systemd as PID 1 and wait until it is up."""
+    with open(log, "wb") as out:
+        nspawn = subprocess.Popen(
+            ["systemd-nspawn", "-q", "-D", str(root), "--boot", "--register=no", "--keep-unit",
+             "--private-network", "--console=pipe", f"--machine=gg-e2e-{os.getpid()}"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PATH": HOST_PATH},
+        )  # fmt: skip
+
+    def leader() -> int | None:
+        if nspawn.poll() is not None:
+            raise AssertionError(f"systemd-nspawn exited {nspawn.returncode}: {log.read_text()[-3000:]}")
+        children = host(["pgrep", "-P", str(nspawn.pid)], check=False).stdout.split()
+        return int(children[0]) if children else None
+
+    pid = wait_for("the container's PID 1", leader, 30)
+    box = Container(root=root, nspawn=nspawn, leader=pid, deb=deb)
+
+    def up() -> str | None:
+        state = box.sh("systemctl is-system-running", check=False).stdout.strip()
+        return state if state in ("running", "degraded") else None
+
+    state = wait_for("the container's systemd to finish booting", up, 90, interval=0.5)
+    if state == "degraded":
+        failed = box.sh("systemctl --failed --no-legend", check=False).stdout
+        print(f"container booted degraded; failed units:\n{failed}")
+    return box
+
+
+def power_off(box: Container) -> None:
+    """Power the container off; kill the nspawn process we started if it does not exit."""
+    if box.nspawn.poll() is None:
+        box.sh("systemctl --no-block poweroff", check=False, timeout=30)
+        try:
+            box.nspawn.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            box.nspawn.send_signal(signal.SIGKILL)
+            box.nspawn.wait(timeout=30)
+
+
+def remove_root(root: Path) -> None:
+    """Unmount anything left under the root, then delete it."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(str(root))), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def check_prerequisites() -> None:
+    """Skip (or fail under GG_REQUIRE_SYSTEM_TESTS=1) without root and the tools."""
+    if os.geteuid() != 0:
+        unavailable("system tests need root (debootstrap, systemd-nspawn, nsenter)")
+    tools = ["systemd-nspawn", "debootstrap", "nsenter", "dpkg-buildpackage", "dpkg-deb", "pgrep"]
+    if not os.environ.get("GG_DEB"):
+        tools += ["dh", "pybuild"]
+    missing = [t for t in tools if shutil.which(t, path=HOST_PATH) is None]
+    if missing:
+        unavailable(f"missing tools: {', '.join(missing)} (run .ci/install-system-deps.sh)")

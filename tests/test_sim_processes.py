@@ -1,0 +1,100 @@
+"""[simulation] processes_file: real processes (by pid or cgroup) on a simulated GPU, as NVML would list them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from governor.backends._sim_processes import RealProcessesFile, parse_entries
+from governor.backends.simulated import SimulatedBackend, build_simulated_backend
+from governor.clock import VirtualClock
+from governor.config import SimulationConfig
+
+GIB = 2**30
+
+
+def fake_proc(root: Path, pids: dict[int, str]) -> Path:
+    """A /proc with the given pids, each in the given cgroup (cgroup v2 and a v1 line first)."""
+    for pid, cgroup in pids.items():
+        (root / str(pid)).mkdir(parents=True)
+        (root / str(pid) / "cgroup").write_text(f"12:cpu:/\n0::{cgroup}\n")
+        (root / str(pid) / "comm").write_text(f"proc{pid}\n")
+    return root
+
+
+def write(path: Path, entries: list[dict[str, object]]) -> Path:
+    path.write_text(json.dumps({"processes": entries}))
+    return path
+
+
+class TestRealProcessesFile:
+    def test_cgroup_and_pid_entries_report_what_exists(self, tmp_path: Path) -> None:
+        """A cgroup entry lists every process in it (a container's suffix too); a pid entry only while it exists."""
+        proc = fake_proc(
+            tmp_path / "proc",
+            {
+                10: "/system.slice/a.service",
+                11: "/machine.slice/x/system.slice/a.service",
+                12: "/system.slice/b.service",
+            },
+        )
+        path = write(
+            tmp_path / "p.json",
+            [
+                {"cgroup": "/system.slice/a.service", "used_bytes": GIB},
+                {"pid": 12, "used_bytes": 2 * GIB, "name": "bee"},
+                {"pid": 99, "used_bytes": GIB},
+                {"gpu": 1, "pid": 12, "used_bytes": GIB},
+            ],
+        )
+        found = RealProcessesFile(path, proc).processes(gpu_count=1)
+        assert [(p.pid, p.used_memory_bytes, p.name) for p in found[0]] == [
+            (10, GIB, "proc10"),
+            (11, GIB, "proc11"),
+            (12, 2 * GIB, "bee"),
+        ]
+        assert 1 not in found  # only one GPU
+
+    def test_changes_are_read_again_and_exits_drop_out(self, tmp_path: Path) -> None:
+        """A rewritten file is read again; a process whose /proc entry is gone is no longer listed."""
+        proc = fake_proc(tmp_path / "proc", {10: "/system.slice/a.service"})
+        path = write(tmp_path / "p.json", [{"pid": 10, "used_bytes": GIB}])
+        real = RealProcessesFile(path, proc)
+        assert [p.pid for p in real.processes(1)[0]] == [10]
+        write(path, [{"pid": 10, "used_bytes": 3 * GIB}])
+        os.utime(path, ns=(1, 1))  # a new mtime even within the same clock tick
+        assert [p.used_memory_bytes for p in real.processes(1)[0]] == [3 * GIB]
+        (proc / "10" / "cgroup").unlink()
+        (proc / "10" / "comm").unlink()
+        (proc / "10").rmdir()
+        assert real.processes(1) == {}
+
+    def test_bad_entries_are_dropped_with_a_warning(self, tmp_path: Path) -> None:
+        """Malformed entries are skipped and named; an unusable file reports no process."""
+        entries, problems = parse_entries(
+            {
+                "processes": [
+                    {"pid": 1, "cgroup": "/x", "used_bytes": 1},
+                    {"used_bytes": -1, "pid": 3},
+                    "x",
+                    {"pid": 5, "used_bytes": 7},
+                ]
+            }
+        )
+        assert [e.pid for e in entries] == [5] and len(problems) == 3
+        (tmp_path / "bad.json").write_text("{nope")
+        real = RealProcessesFile(tmp_path / "bad.json", tmp_path)
+        assert real.processes(1) == {} and real.warning is not None
+
+
+def test_simulated_gpu_charges_the_real_processes(tmp_path: Path) -> None:
+    """The simulated GPU lists the file's live processes and counts their VRAM as used."""
+    path = write(tmp_path / "p.json", [{"pid": os.getpid(), "used_bytes": 2 * GIB, "name": "me"}])
+    clock = VirtualClock()
+    plain = build_simulated_backend(SimulationConfig(scenario="idle"), clock)
+    backend = build_simulated_backend(SimulationConfig(scenario="idle", processes_file=str(path)), clock)
+    assert isinstance(backend, SimulatedBackend)
+    before, after = plain.read().gpus[0], backend.read().gpus[0]
+    assert after.processes is not None and [(p.pid, p.name) for p in after.processes] == [(os.getpid(), "me")]
+    assert before.memory_used_bytes is not None and after.memory_used_bytes == before.memory_used_bytes + 2 * GIB
