@@ -190,7 +190,7 @@ class DecisionLog:
             for g in report.gpus:
                 self._indexes[g.info.uuid] = g.info.index
             self._transitions(report)
-            self._xid_errors(report)
+            log_xid_errors(self.log, self._xids, report)
         for result in report.results:
             self._decision(report, result)
         self._state_store(report)
@@ -243,29 +243,6 @@ class DecisionLog:
                 fields = {"gpu": r.index, "uuid": r.uuid, "used_bytes": r.memory_used_bytes}
                 fields["total_bytes"] = r.memory_total_bytes
                 self.log.warning("memory_pressure_began" if pressure else "memory_pressure_ended", **fields)
-
-    def _xid_errors(self, report: TickReport) -> None:
-        """One ``gpu_xid_error`` warning per XID code whose count grew since the last tick
-        (``count``: how many arrived since; the backend counts them from its start)."""
-        assert report.snapshot is not None
-        for r in report.snapshot.gpus:
-            telemetry = r.telemetry
-            if telemetry is None or not telemetry.xid_errors:
-                continue
-            seen = self._xids.setdefault(r.uuid, {})
-            for xid, total in telemetry.xid_errors:
-                new = total - seen.get(xid, 0)
-                if new > 0:
-                    self.log.warning(
-                        "gpu_xid_error",
-                        gpu=r.index,
-                        uuid=r.uuid,
-                        xid=xid,
-                        count=new,
-                        total=total,
-                        effect="the driver reported a GPU error (XID); see NVIDIA's XID catalogue for this code",
-                    )
-                seen[xid] = total
 
     def _state_store(self, report: TickReport) -> None:
         error = report.state_error
@@ -351,16 +328,16 @@ class DecisionLog:
         if d.action is Action.NONE:
             self.log.info("unit_forgotten", **fields)
             return
-        verb = "stop" if d.action is Action.STOP_UNIT else "start"
+        stop = d.action is Action.STOP_UNIT
         fields["outcome"] = result.outcome.value
         if result.detail:
             fields["detail"] = result.detail
         if result.outcome is Outcome.DRY_RUN:
-            self.log.warning(f"unit_would_{verb}", **fields)
+            self.log.warning("unit_would_stop" if stop else "unit_would_start", **fields)
         elif result.outcome is Outcome.FAILED:
-            self.log.error(f"unit_{verb}_failed", **fields)
+            self.log.error("unit_stop_failed" if stop else "unit_start_failed", **fields)
         elif result.outcome is Outcome.APPLIED:
-            self.log.warning("unit_stopped" if verb == "stop" else "unit_started", **fields)
+            self.log.warning("unit_stopped" if stop else "unit_started", **fields)
         else:
             self.log.info("unit_left_alone", **fields)
 
@@ -400,6 +377,31 @@ class DecisionLog:
             self.log.warning("process_signalled", **fields)
         else:
             self.log.info("process_left_alone", **fields)
+
+
+def log_xid_errors(log: Any, seen_by_gpu: dict[str, dict[int, int]], report: TickReport) -> None:
+    """One ``gpu_xid_error`` warning per XID code whose count grew since the last tick
+    (``count``: how many arrived since; the backend counts them from its start);
+    ``seen_by_gpu`` holds the counts already logged, per GPU UUID, and is updated."""
+    assert report.snapshot is not None
+    for r in report.snapshot.gpus:
+        telemetry = r.telemetry
+        if telemetry is None or not telemetry.xid_errors:
+            continue
+        seen = seen_by_gpu.setdefault(r.uuid, {})
+        for xid, total in telemetry.xid_errors:
+            new = total - seen.get(xid, 0)
+            if new > 0:
+                log.warning(
+                    "gpu_xid_error",
+                    gpu=r.index,
+                    uuid=r.uuid,
+                    xid=xid,
+                    count=new,
+                    total=total,
+                    effect="the driver reported a GPU error (XID); see NVIDIA's XID catalogue for this code",
+                )
+            seen[xid] = total
 
 
 class ProcessTable:
