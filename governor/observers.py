@@ -14,6 +14,7 @@ import bisect
 import itertools
 import json
 import os
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -499,7 +500,9 @@ class Telemetry:
         self.table = table  # the process-table writer whose last write the metrics report
         self.instance_id = instance_id
         self.pid = os.getpid() if pid is None else pid
-        self.published: PublishedState | None = None
+        self._published: PublishedState | None = None
+        self._stale = False  # the last tick's report is not yet built into _published
+        self._lock = threading.Lock()  # the service thread counts, a scrape thread builds
         self.ready = False
         self.config_ok = True
         self.config_loaded_wall_s = started_wall_s
@@ -531,21 +534,24 @@ class Telemetry:
     def late(self, late_s: float) -> None:
         """How late a tick started against its schedule (seconds), for the lateness histogram."""
         late_s = max(0.0, late_s)
-        self._late_count += 1
-        self._late_sum_s += late_s
-        _histogram(self._late_buckets, late_s)
+        with self._lock:
+            self._late_count += 1
+            self._late_sum_s += late_s
+            _histogram(self._late_buckets, late_s)
 
     def reloaded(self, ok: bool, wall_s: float | None) -> None:
         """Count a reload; a successful one (at ``wall_s``, wall clock) is the config's new load time."""
-        self.config_ok = ok
-        self.reloads["success" if ok else "failure"] += 1
-        if ok and wall_s is not None:
-            self.config_loaded_wall_s = wall_s
+        with self._lock:
+            self.config_ok = ok
+            self.reloads["success" if ok else "failure"] += 1
+            if ok and wall_s is not None:
+                self.config_loaded_wall_s = wall_s
 
     def failed(self) -> int:
         """Count a tick that raised; returns the count so far."""
-        self.tick_failures += 1
-        return self.tick_failures
+        with self._lock:
+            self.tick_failures += 1
+            return self.tick_failures
 
     def set_ready(self) -> None:
         """The service is up: publish again, now ready."""
@@ -554,11 +560,26 @@ class Telemetry:
 
     def republish(self) -> None:
         """Publish the last tick's report again (after a reload or a change of readiness)."""
-        if self._last is not None:
-            self._publish(self._last)
+        with self._lock:
+            self._stale = self._last is not None
+
+    @property
+    def published(self) -> PublishedState | None:
+        """The state the metrics render: built from the last tick's report and the counts when
+        first asked for after a tick (a scrape every 15 s builds it once, not 15 ticks), then
+        the same object until the next tick, so the exposition's cache holds."""
+        with self._lock:
+            if self._stale and self._last is not None:
+                self._stale = False
+                self._publish(self._last)
+            return self._published
 
     def observe(self, report: TickReport) -> None:
         """Count the report's decisions; publish a tick's report."""
+        with self._lock:
+            self._observe(report)
+
+    def _observe(self, report: TickReport) -> None:
         self._count(report)
         if report.kind != TICK or report.snapshot is None:
             return
@@ -573,7 +594,7 @@ class Telemetry:
             if reading.health is not GpuHealth.OK:
                 self._read_errors[(reading.index, reading.uuid)] += 1
         self._last = report
-        self._publish(report)
+        self._stale = True
 
     def _count(self, report: TickReport) -> None:
         wall = report.wall_s
@@ -634,7 +655,7 @@ class Telemetry:
                 )
             )
         vram = config.vram
-        self.published = PublishedState(
+        self._published = PublishedState(
             version=__version__,
             backend=report.backend,
             started_wall_s=self.started_wall_s,
