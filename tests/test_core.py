@@ -6,10 +6,12 @@ import io
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import structlog
 from structlog.testing import capture_logs
 
@@ -127,6 +129,68 @@ class TestObservers:
         assert sum(n for _, n in published.decision_counts) == len(report.results)
         telemetry.set_ready()
         assert telemetry.published is not None and telemetry.published.ready
+
+    def test_telemetry_builds_the_state_once_per_tick_when_asked(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Ticks only count; the published state is built when asked, once per tick, with the latest counts."""
+        builds: list[TickReport] = []
+        build = Telemetry._publish
+
+        def counted(self: Telemetry, report: TickReport) -> None:
+            builds.append(report)
+            build(self, report)
+
+        monkeypatch.setattr(Telemetry, "_publish", counted)
+        governor, clock = sim_governor(tmp_path)
+        telemetry = Telemetry(0.0, "abc", pid=42)
+        assert telemetry.published is None
+        reports = []
+        for t in range(1, 6):
+            clock.advance_to(float(t))
+            reports.append(governor.step(governor.read(), clock.wall()))
+            telemetry.observe(reports[-1])
+        assert builds == []  # five ticks, nobody asked: nothing built
+        first = telemetry.published
+        assert first is not None and first is telemetry.published  # asked twice, built once
+        assert builds == [reports[-1]]
+        assert first.snapshot is reports[-1].snapshot
+        assert sum(n for _, n in first.decision_counts) == sum(len(r.results) for r in reports)
+        clock.advance_to(6.0)
+        telemetry.observe(governor.step(governor.read(), clock.wall()))
+        assert telemetry.published is not first
+
+    def test_telemetry_builds_safely_while_ticks_count(self, tmp_path: Path) -> None:
+        """A scrape thread building the state while the service thread counts ticks never fails."""
+        governor, clock = sim_governor(tmp_path)
+        telemetry = Telemetry(0.0, "abc", pid=42)
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def scrape() -> None:
+            while not done.is_set():
+                try:
+                    state = telemetry.published
+                    if state is not None:
+                        dict(state.decision_counts)
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+
+        reader = threading.Thread(target=scrape)
+        reader.start()
+        try:
+            for t in range(1, 400):
+                clock.advance_to(float(t))
+                telemetry.observe(governor.step(governor.read(), clock.wall()))
+                telemetry.late(0.001)
+                telemetry.reloaded(True, float(t))
+        finally:
+            done.set()
+            reader.join(timeout=30)
+        assert errors == []
+        state = telemetry.published
+        assert state is not None and state.config_reloads == (("success", 399),)
 
     def test_process_table_writes_a_report(self, tmp_path: Path) -> None:
         """The process table writes the report's processes with their class and the daemon's identity."""
