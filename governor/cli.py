@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0, help="power noise seed (default 0)")
     simulate.add_argument("--gpus", type=int, metavar="N", help="simulated GPUs (default: what the scenario needs)")
     simulate.add_argument("--plot", type=Path, metavar="FILE.png", help="write a plot (needs matplotlib)")
+    simulate.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of the table (docs/whatif.md)"
+    )
 
     sub.add_parser(
         "hash-password",
