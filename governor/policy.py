@@ -181,7 +181,8 @@ class PowerPolicy:
     seconds, except that entering the critical zone drops straight to the floor.
 
     Anti-flap backoff (lazy when releasing): a step down within ``flap_window_s`` seconds
-    of the last step up doubles the dwell before the next step up, up to ``dwell_max_s``
+    of the last step up doubles the dwell before the next step up, and doubles it again
+    until it is longer than that release lasted (step up to step down), up to ``dwell_max_s``
     (never below ``dwell_s``); every ``backoff_decay_s`` seconds without a limit change
     halves it again, back to ``dwell_s``. ``flap_window_s = 0`` turns the backoff off.
 
@@ -210,7 +211,7 @@ class PowerPolicy:
     mode: str = "ladder"
     target_c: float = 75.0
     floor_w: Rung | None = None
-    deadband_c: float = 2.0
+    deadband_c: float = 3.0
     horizon_s: float = 120.0
     max_changes_per_hour: int = 4
     # The node budget (NodePolicy): this GPU's share weight.

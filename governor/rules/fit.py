@@ -16,10 +16,12 @@ power's noise average out). Sampled once per block, the model is linear in its u
 
 so each block adds one row to least-squares normal equations (a 4 x 4 matrix and a vector),
 which are exponentially forgotten with time constant :data:`WINDOW_S` (a sliding window of
-about 15 minutes that follows a changing room) and regularised toward a prior worth
-:data:`PRIOR_ROWS` rows (a card under a constant load says where it settles at that power,
-not how much cooler it would run at another: the prior's slope fills in until the power
-moves). Solving the 4 x 4 system once a block is the "refit": microseconds.
+about 15 minutes), plus a fast room correction: the newest rows' mean residual over
+:data:`BIAS_S` (a room that warms by 3 C shows within half a minute) and regularised toward a prior worth
+:data:`PRIOR_ROWS` rows on the dynamics and the slope but not on the room (a card under a
+constant load says where it settles at that power, not how much cooler it would run at
+another: the prior's slope fills in until the power moves, and the room comes from the
+data). Solving the 4 x 4 system once a block is the "refit": microseconds.
 
 The prior: ``R_die + R_sink`` such that the card's default limit heats it
 :data:`PRIOR_RISE_C` above the room, a quarter of it in the die, tau :data:`PRIOR_TAU_S`,
@@ -45,7 +47,13 @@ BLOCK_S = 5.0
 WINDOW_S = 900.0
 """Time constant (seconds) of the exponential forgetting of old rows: the fit's sliding window."""
 PRIOR_ROWS = 12.0
-"""The prior weighs as much as this many rows (one minute of blocks) of typical size."""
+"""The prior of the dynamics and the slope (a, b1, b0) weighs as much as this many rows (one
+minute of blocks) of typical size. The room (c) has no prior: it comes from the data alone."""
+BIAS_S = 30.0
+"""Time constant (s) of the fast room correction: the mean of the newest rows' residuals, so
+a room that warms shows in the model within half a minute, not a window."""
+MIN_ROWS = 6
+"""Rows (30 s of blocks) before the fit is trusted for predictions."""
 PRIOR_RISE_C = 55.0
 """Prior: the card's default limit heats the die this far above the room when settled."""
 PRIOR_TAU_S = 60.0
@@ -178,11 +186,17 @@ class FitState:
     error_c: float | None = None
     error_ms_c2: float | None = None
     power_scale_w: float = 100.0
+    bias_c: float = 0.0
 
     @property
     def params(self) -> ModelParams | None:
         """The model in force: the latest valid fit, else the prior (None before any reading)."""
         return self.fitted if self.fitted is not None else self.prior
+
+    @property
+    def ready(self) -> bool:
+        """True once the fit has :data:`MIN_ROWS` rows and a valid solution: predictions may be acted on."""
+        return self.fitted is not None and self.rows >= MIN_ROWS
 
     @property
     def error_rms_c(self) -> float | None:
@@ -241,7 +255,15 @@ def _close_block(fit: FitState, block: tuple[float, float], h_s: float) -> FitSt
     x = (previous[0], power, previous[1], 1.0)
     xtx = tuple(keep * s + x[i] * x[j] for s, (i, j) in zip(fit.xtx, _PAIRS))
     xty = tuple(keep * s + x[i] * temp for i, s in enumerate(fit.xty))
-    fitted = _refit(xtx, xty, fit, h_s) or fit.fitted
+    theta = _refit(xtx, xty, fit, h_s)
+    bias = fit.bias_c
+    fitted = fit.fitted
+    if theta is not None:
+        residual = temp - sum(t * xi for t, xi in zip(theta, x))
+        keep_bias = math.exp(-h_s / BIAS_S)
+        bias = keep_bias * bias + (1.0 - keep_bias) * residual
+        a, b1, b0, c = theta
+        fitted = _params((a, b1, b0, c + bias), h_s) or fit.fitted
     error_c, error_ms = fit.error_c, fit.error_ms_c2
     history = fit.history
     if len(history) >= ERROR_BLOCKS:
@@ -262,6 +284,7 @@ def _close_block(fit: FitState, block: tuple[float, float], h_s: float) -> FitSt
         history=history,
         error_c=error_c,
         error_ms_c2=error_ms,
+        bias_c=bias,
     )
 
 
@@ -275,20 +298,20 @@ def _run(start: tuple[float, float, ModelParams], powers: list[float], h_s: floa
     return temp
 
 
-def _refit(xtx: tuple[float, ...], xty: tuple[float, ...], fit: FitState, h_s: float) -> ModelParams | None:
-    """Solve the regularised normal equations; the physical parameters, or None when invalid."""
+def _refit(xtx: tuple[float, ...], xty: tuple[float, ...], fit: FitState, h_s: float) -> list[float] | None:
+    """Solve the regularised normal equations for the row coefficients (a, b1, b0, c); None if singular."""
     prior = fit.prior
     assert prior is not None
     theta0 = _theta(prior, h_s)
     scale_t = 50.0
-    scales = (scale_t, fit.power_scale_w, fit.power_scale_w, 1.0)
+    scales = (scale_t, fit.power_scale_w, fit.power_scale_w)
     m = [[0.0] * 4 for _ in range(4)]
     for s, (i, j) in zip(xtx, _PAIRS):
         m[i][j] = m[j][i] = s
+    m[3][3] += 1e-6  # numerical safety only
     v = list(xty)
-    for k in range(4):
+    for k in range(3):  # a, b1, b0; the room (c) is left to the data
         ridge = PRIOR_ROWS * scales[k] * scales[k]
         m[k][k] += ridge
         v[k] += ridge * theta0[k]
-    theta = _solve(m, v)
-    return None if theta is None else _params(theta, h_s)
+    return _solve(m, v)

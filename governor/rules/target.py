@@ -6,16 +6,22 @@ A model-based controller on the thermal model fitted online to the GPU's own rea
 * The reading joins the fit (temperature and power both present).
 * A missing temperature or power holds the limit (one ``power_hold`` decision).
 * Entering the critical zone sets the floor at once, whatever else holds.
-* **Lower** when the die is above ``target_c`` or the model predicts it above ``target_c``
+* **Lower** when the die reads ``target_c`` or more (NVML's whole degrees: a reading equal
+  to the target may be half a degree over it) or the model predicts it above ``target_c``
   within ``horizon_s`` seconds at the limit in force (at the power the GPU draws now when
   the limit is not what holds it back): to the highest whole-watt limit at which the model
   settles ``deadband_c / 2`` below the target (less by the measured excess when the die is
   already over it). Until the first lowering the GPU is hands-off: its limit is not touched.
 * **Raise** only while the limit binds (the GPU draws what the limit allows, or NVML
-  reports the software power cap) and the model says the limit in force settles more than
-  ``deadband_c`` below the target, for ``dwell_s`` seconds in a row: to the same settling
-  limit, at most the card's default limit. Lazy when releasing, like the ladder.
-* At most one change per ``min_change_interval_s`` (except the critical jump), and a
+  reports the software power cap) and both the model (where the limit in force settles)
+  and the reading are more than ``deadband_c`` below the target, for ``dwell_s`` seconds
+  in a row: to the same settling
+  limit, by at most :data:`RAISE_STEP_RATIO` of the default limit per raise, and never
+  above the default limit. Lazy when releasing, like the ladder.
+* Until the fit has 30 s of data (:data:`governor.rules.fit.MIN_ROWS`), only a reading
+  above the target lowers the limit, and nothing raises it.
+* At most one change per ``min_change_interval_s`` (except the critical jump, and a
+  lowering while the die reads the target or more and is hotter than at the last change), and a
   raise only while it and a lowering after it still fit in ``max_changes_per_hour`` changes
   in the last hour (the rate limit; a needed lowering is never held back by it).
 * Drift: a higher enforced limit (a driver reload, another tool) gets our limit re-applied
@@ -43,6 +49,9 @@ POWER_SMOOTHING_S = 5.0
 """Time constant (s) of the smoothing of the power reading the predictions start from."""
 SW_POWER_CAP = 0x4
 """NVML clock event reason: the software power cap holds the clocks back."""
+RAISE_STEP_RATIO = 0.10
+"""One raise moves the limit up by at most this share of the card's default limit: a model
+fitted at one power level knows its slope least, so it is trusted a step at a time."""
 
 
 def binding_margin_w(limit_w: float) -> float:
@@ -54,7 +63,7 @@ def binding_margin_w(limit_w: float) -> float:
 class TargetState:
     """One GPU's controller, carried from tick to tick: the limit it set (None: hands-off),
     the online fit, when it last changed the limit and every change of the last hour
-    (seconds), the start of the current run of headroom at a binding limit, the smoothed
+    (seconds) and the die then (C), the start of the current run of headroom at a binding limit, the smoothed
     power (W) and when it was read, and whether it holds for a missing reading or has seen
     the current drift."""
 
@@ -67,6 +76,7 @@ class TargetState:
     power_t_s: float | None = None
     holding: bool = False
     drift_seen: bool = False
+    changed_at_c: float = math.inf
 
     @property
     def governed(self) -> bool:
@@ -135,8 +145,8 @@ def _decision(
     )
 
 
-def _changed(state: TargetState, limit_w: float, t_s: float) -> TargetState:
-    """``state`` after setting ``limit_w`` at ``t_s``."""
+def _changed(state: TargetState, limit_w: float, t_s: float, temperature_c: float) -> TargetState:
+    """``state`` after setting ``limit_w`` at ``t_s`` with the die at ``temperature_c``."""
     recent = tuple(c for c in state.changes_s if t_s - c < HOUR_S)
     return replace(
         state,
@@ -145,6 +155,7 @@ def _changed(state: TargetState, limit_w: float, t_s: float) -> TargetState:
         changes_s=(*recent, t_s),
         headroom_since_s=None,
         drift_seen=False,
+        changed_at_c=temperature_c,
     )
 
 
@@ -219,7 +230,7 @@ def step_target(
     entering_critical = zone is ThermalZone.CRITICAL and previous_zone is not ThermalZone.CRITICAL
     if entering_critical and current != floor and not _would_raise(floor, reading):
         reason = f"entered critical zone at {temperature:g} C: straight to the floor {floor:g} W"
-        return _changed(state, floor, t_s), [
+        return _changed(state, floor, t_s, temperature), [
             _decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=floor)
         ]
 
@@ -230,36 +241,48 @@ def step_target(
     smooth = state.power_w if state.power_w is not None else power
     binding = smooth >= in_force - binding_margin_w(in_force) or bool((reading.clock_event_reasons or 0) & SW_POWER_CAP)
     future_w = in_force if binding else min(smooth, in_force)
-    predicted = model.predict_c(temperature, smooth, future_w, policy.horizon_s)
+    ready = state.fit.ready
+    # Until the fit has data, only the reading itself can ask for a lowering.
+    predicted = model.predict_c(temperature, smooth, future_w, policy.horizon_s) if ready else temperature
     target = policy.target_c
     settle_c = target - policy.deadband_c / 2.0
     interval_ok = state.last_change_s is None or t_s - state.last_change_s >= policy.min_change_interval_s
 
-    if temperature > target or predicted > target:
+    # NVML reads whole degrees: a reading equal to the target may be half a degree above it.
+    at_target = temperature >= target
+    if at_target or predicted > target:
         state = replace(state, headroom_since_s=None)
+        # Aggressive when hot: a die at the target and hotter than at the last change does
+        # not wait out the minimum interval.
+        interval_ok = interval_ok or (at_target and temperature > state.changed_at_c)
         wanted = settling_limit_w(model, settle_c, ceiling, floor)
-        if temperature > target:
-            # The die is over the target already: the model is behind; take off the excess too.
+        if not ready:
+            wanted = min(wanted, in_force)
+        if at_target:
+            # The die is at the target already: the model is behind; take off the excess too.
             correction = (temperature - settle_c) / model.r_total_c_per_w
             wanted = max(floor, min(wanted, float(math.floor(min(smooth, in_force) - correction))))
         if interval_ok and wanted < in_force - DRIFT_TOLERANCE_W / 2 and not _would_raise(wanted, reading):
-            if temperature > target:
-                why = f"temperature {temperature:g} C > target {target:g} C"
+            if at_target:
+                why = f"temperature {temperature:g} C >= target {target:g} C"
             else:
                 why = (
                     f"predicted {predicted:.1f} C at {future_w:g} W in {format_seconds(policy.horizon_s)} "
                     f"> target {target:g} C"
                 )
             reason = f"{why}: {wanted:g} W ({describe_model(state.fit)})"
-            return _changed(state, wanted, t_s), [
+            return _changed(state, wanted, t_s, temperature), [
                 _decision(reading, t_s, Rule.POWER_TARGET_DOWN, reason, threshold=target, from_w=from_w, to_w=wanted)
             ]
-    elif current is not None and current < ceiling and binding:
+    elif current is not None and current < ceiling and binding and ready:
         settles_c = model.steady_c(current)
-        if settles_c < target - policy.deadband_c:
+        # Settled: the die is where the model says the power it draws now settles, so the
+        # model is right here and now (not in the first minutes of a burst from cool).
+        settled = abs(temperature - model.steady_c(smooth)) <= policy.deadband_c / 2.0
+        if settled and settles_c < target - policy.deadband_c and temperature <= target - policy.deadband_c:
             since = state.headroom_since_s if state.headroom_since_s is not None else t_s
             state = replace(state, headroom_since_s=since)
-            wanted = settling_limit_w(model, settle_c, ceiling, floor)
+            wanted = settling_limit_w(model, settle_c, min(ceiling, current + RAISE_STEP_RATIO * ceiling), floor)
             rate_ok = changes_in_last_hour(state, t_s) + 2 <= policy.max_changes_per_hour
             if t_s - since >= policy.dwell_s and interval_ok and rate_ok and wanted > current + DRIFT_TOLERANCE_W / 2:
                 reason = (
@@ -267,7 +290,7 @@ def step_target(
                     f"below target {target:g} C for {format_seconds(t_s - since)}: {wanted:g} W "
                     f"({describe_model(state.fit)})"
                 )
-                return _changed(state, wanted, t_s), [
+                return _changed(state, wanted, t_s, temperature), [
                     _decision(reading, t_s, Rule.POWER_TARGET_UP, reason, threshold=target, from_w=current, to_w=wanted)
                 ]
         else:

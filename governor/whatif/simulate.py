@@ -91,7 +91,7 @@ class RunOutcome:
     gpus: tuple[GpuOutcome, ...]
     decision_counts: tuple[tuple[str, int], ...]
     series: tuple[GpuSeries, ...]
-    limit_sum_max_w: float | None = None  # the highest sum of the GPUs' enforced limits at any tick
+    limit_sum_max_w: float | None = None  # highest sum of all GPUs' limits after any write or tick (W)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +145,7 @@ class _Recorder(VirtualWaiter):
     def __init__(
         self,
         clock: VirtualClock,
-        backend: SimulatedBackend,
+        backend: _WatchedBackend,
         stop_s: float,
         thresholds_c: Sequence[float],
         series: list[GpuSeries],
@@ -179,6 +179,7 @@ class _Recorder(VirtualWaiter):
         self.clock.advance_to(self.stop_s)
         self.final = [self.backend.stats(i) for i in range(len(self.series))]
         self.stopped = True
+        self.backend.watching = False
         if self.progress is not None:
             self.progress.update(self.stop_s)
         return [STOP]
@@ -198,11 +199,9 @@ class _Recorder(VirtualWaiter):
 
     def _record(self, report: TickReport, t: float) -> None:
         dt = max(0.0, min(report.config.poll_interval_s, self.stop_s - t))
-        limits = [g.reading.power_limit_w for g in report.gpus if g.reading is not None]
-        if limits and all(w is not None for w in limits):
-            total = sum(w for w in limits if w is not None)
-            if self.limit_sum_max_w is None or total > self.limit_sum_max_w:
-                self.limit_sum_max_w = total
+        total = sum(self.backend.limit_w(i) for i in range(len(self.series)))  # after this tick's writes
+        if self.limit_sum_max_w is None or total > self.limit_sum_max_w:
+            self.limit_sum_max_w = total
         for gpu in report.gpus:
             reading = gpu.reading
             if reading is None:
@@ -231,8 +230,28 @@ def _zone_thresholds(config: Config, backend: SimulatedBackend) -> list[tuple[tu
     return [thresholds(config.policy_for(info).thermal) for info in backend.gpus()]
 
 
-def _backend(setup: SimSetup, clock: VirtualClock) -> SimulatedBackend:
-    return SimulatedBackend(
+class _WatchedBackend(SimulatedBackend):
+    """The simulated backend, noting the highest sum of all GPUs' limits right after a write
+    that raised one (a lowering cannot push the sum up; a start over budget is the cards'
+    own) until the run ends (the restore on stop puts the originals back)."""
+
+    limit_sum_max_w: float | None = None
+    watching = True
+
+    def set_power_limit(self, uuid: str, limit_w: float) -> None:
+        """Set one limit, then note the sum of every GPU's limit when it was a raise."""
+        index = next(i for i, g in enumerate(self.gpus()) if g.uuid == uuid)
+        before = self.limit_w(index)
+        super().set_power_limit(uuid, limit_w)
+        if not self.watching or self.limit_w(index) <= before:
+            return
+        total = sum(self.limit_w(i) for i in range(len(self.gpus())))
+        if self.limit_sum_max_w is None or total > self.limit_sum_max_w:
+            self.limit_sum_max_w = total
+
+
+def _backend(setup: SimSetup, clock: VirtualClock) -> _WatchedBackend:
+    return _WatchedBackend(
         setup.profile,
         setup.scenario,
         clock,
@@ -317,8 +336,14 @@ def run_policy(
         gpus=gpus,
         decision_counts=tuple(sorted(recorder.counts.items())),
         series=tuple(series),
-        limit_sum_max_w=recorder.limit_sum_max_w,
+        limit_sum_max_w=_highest(recorder.limit_sum_max_w, backend.limit_sum_max_w),
     )
+
+
+def _highest(*values: float | None) -> float | None:
+    """The highest of ``values`` that are not None (None when all are)."""
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
 
 
 def report_thresholds(setup: SimSetup, configs: Sequence[Config]) -> tuple[float, ...]:
