@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from governor.config import Config, load_config  # noqa: E402
-from governor.policy import NodePolicy  # noqa: E402
 from governor.sim.profiles import load_profile  # noqa: E402
 from governor.sim.scenario import load_scenario  # noqa: E402
 from governor.whatif.simulate import HOUR_S, SimSetup, compare, policy_document  # noqa: E402
@@ -110,7 +109,8 @@ def table(results: list[tuple[Case, list[dict[str, object]]]]) -> str:
             limit_sum = p["limit_sum_max_w"]
             ratio = p["throughput_ratio"]
             lines.append(
-                f"| {case.label} | {case.ceiling_c:g} C | {p['name']} | {p['peak_c']:.2f} | {above(p, case.ceiling_c):.0f} "
+                f"| {case.label} | {case.ceiling_c:g} C | {p['name']} | {p['peak_c']:.2f} "
+                f"| {above(p, case.ceiling_c):.0f} "
                 f"| {p['changes_per_hour']:.2f} | {p['busiest_hour_changes']} "
                 f"| {100.0 * float(ratio):.1f} % | {p['energy_kwh']:.3f} "  # type: ignore[arg-type]
                 f"| {'' if limit_sum is None or case.gpus == 1 else f'{limit_sum:g}'} |"
@@ -129,7 +129,7 @@ def goals(results: list[tuple[Case, list[dict[str, object]]]]) -> list[tuple[str
         suffix = " + budget" if case.budget_w is not None else ""
         target = _by_name(policies, "target mode" + suffix)
         ladder = _by_name(policies, "default ladder" + suffix)
-        t_above, l_above = above(target, case.ceiling_c), above(ladder, case.ceiling_c)
+        t_above = above(target, case.ceiling_c)
         t_thr, l_thr = float(target["throughput_ratio"]), float(ladder["throughput_ratio"])  # type: ignore[arg-type]
         name = case.label
         out.append((f"{name}: target mode 0 s above {case.ceiling_c:g} C", t_above == 0.0, f"{t_above:.0f} s"))
@@ -174,10 +174,10 @@ def goals(results: list[tuple[Case, list[dict[str, object]]]]) -> list[tuple[str
 
 def plot(results: list[tuple[Case, list[dict[str, object]]]], path: Path) -> None:
     """Throughput against seconds above the ceiling, one panel per scenario."""
-    import matplotlib  # noqa: PLC0415 - a bench-only dependency
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     markers = {"no governor": "o", "naive": "s", "default": "^", "target mode,": "P", "target": "D"}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))

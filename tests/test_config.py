@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from governor.config import (
-    NodePolicy,
     MAX_CONFIG_BYTES,
     SCHEMA,
     Config,
@@ -20,6 +19,7 @@ from governor.config import (
     GpuOverride,
     LoggingConfig,
     MetricsConfig,
+    NodePolicy,
     PowerPolicy,
     SimulationConfig,
     ThermalPolicy,
