@@ -27,7 +27,8 @@ The prior: ``R_die + R_sink`` such that the card's default limit heats it
 :data:`PRIOR_RISE_C` above the room, a quarter of it in the die, tau :data:`PRIOR_TAU_S`,
 and the room where the first reading says it is under that slope.
 
-The fit is judged out of sample: at every block, the model as it stood
+The fit is judged out of sample: at every block, the fitted model (once :data:`MIN_ROWS`
+rows are in) as it stood
 :data:`ERROR_HORIZON_S` seconds (12 blocks) earlier is run from that block's measured
 temperature through the power that then really came, and its prediction minus the measured
 block temperature is the 60-seconds-ahead prediction error (exported as a metric; its
@@ -271,9 +272,8 @@ def _close_block(fit: FitState, block: tuple[float, float], h_s: float) -> FitSt
         error_c = predicted - temp
         error_ms = error_c * error_c if error_ms is None else keep * error_ms + (1.0 - keep) * error_c * error_c
         history = history[1:]
-    model = fitted if fitted is not None else fit.prior
-    assert model is not None
-    history = (*history, (temp, power, model))
+    # Only a fitted model's predictions are scored: the prior is a guess, not the model.
+    history = (*history, (temp, power, fitted)) if fitted is not None and fit.rows + 1 >= MIN_ROWS else ()
     return replace(
         fit,
         last_block=block,
