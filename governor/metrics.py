@@ -327,7 +327,9 @@ def _model_metrics(state: PublishedState) -> Iterator[Metric]:
         "gpu_model_thermal_resistance_celsius_per_watt", "Target mode: the model's die-to-room rise per watt."
     )
     ambient = _gauge("gpu_model_ambient_celsius", "Target mode: the room (inlet) temperature the model infers.")
-    fitted = _gauge("gpu_model_fitted", "Target mode: 1 once the model is fitted to this GPU's readings, 0 on its prior.")
+    fitted = _gauge(
+        "gpu_model_fitted", "Target mode: 1 once the model is fitted to this GPU's readings, 0 on its prior."
+    )
     for status in state.gpus:
         model = status.model
         if model is None:

@@ -4,8 +4,8 @@ After the per-GPU rules (ladder or target mode) have decided, :func:`apply_budge
 each GPU at its share of ``[node] power_budget_w`` and rewrites the tick's power-limit
 decisions so that the sum of the limits the governor sets never exceeds the budget:
 
-* **Shares.** Every GPU first gets its card's minimum limit; the rest of the budget goes
-  by ``power.budget_weight`` to the GPUs that want more (water-filling), each up to its
+* **Shares.** The budget is split in proportion to ``power.budget_weight`` (weighted
+  max-min fairness), each share at least the card's minimum limit and at most its
   *demand*: the limit its own rule allows when its power reached its limit since the last
   rebalance (it is held back), else its peak power then plus 10 % (at least 10 W) of
   headroom. What nobody wants is handed out by weight up to each GPU's own limit.
@@ -78,27 +78,38 @@ class _Gpu:
     movable: bool
 
 
+def _fill(budget_w: float, lows_w: list[float], highs_w: list[float], weights: list[float]) -> list[float]:
+    """``clamp(level * weight, low, high)`` for each GPU, at the level whose total is ``budget_w`` (or
+    every ``high`` when even they fit): weighted max-min fairness, found by bisection."""
+
+    def at(level: float) -> list[float]:
+        return [min(hi, max(lo, level * w)) for lo, hi, w in zip(lows_w, highs_w, weights)]
+
+    if sum(highs_w) <= budget_w:
+        return list(highs_w)
+    if sum(lows_w) >= budget_w:
+        return list(lows_w)
+    low, high = 0.0, max(h / max(w, 1e-9) for h, w in zip(highs_w, weights))
+    for _ in range(60):
+        mid = (low + high) / 2.0
+        if sum(at(mid)) > budget_w:
+            high = mid
+        else:
+            low = mid
+    return at(low)
+
+
 def water_fill(
     budget_w: float, floors_w: list[float], demands_w: list[float], ceilings_w: list[float], weights: list[float]
 ) -> list[float]:
-    """Shares (W) of ``budget_w``: each its floor, then the rest by weight up to its demand,
-    then what is left by weight up to its ceiling. Never more than the budget in total
-    unless the floors alone exceed it (then the floors)."""
-    shares = list(floors_w)
-    left = budget_w - sum(shares)
-    for caps in (demands_w, ceilings_w):
-        for _ in range(len(shares) + 1):
-            wanting = [i for i, s in enumerate(shares) if caps[i] - s > 1e-9 and weights[i] > 0]
-            if left <= 1e-9 or not wanting:
-                break
-            total_weight = sum(weights[i] for i in wanting)
-            given = 0.0
-            for i in wanting:
-                grant = min(left * weights[i] / total_weight, caps[i] - shares[i])
-                shares[i] += grant
-                given += grant
-            left -= given
-    return shares
+    """Shares (W) of ``budget_w`` in proportion to ``weights`` (weighted max-min fairness): each at least its
+    floor and at most its demand; what the demands leave goes by weight up to each ceiling. Never more
+    than the budget in total unless the floors alone exceed it (then the floors)."""
+    demands = [max(f, min(d, c)) for f, d, c in zip(floors_w, demands_w, ceilings_w)]
+    first = _fill(budget_w, floors_w, demands, weights)
+    if sum(first) < budget_w - 1e-9:
+        return _fill(budget_w, first, [max(a, c) for a, c in zip(first, ceilings_w)], weights)
+    return first
 
 
 def _demand(gpu: _Gpu, peak_w: float | None, held_back: bool, share: str) -> float:
