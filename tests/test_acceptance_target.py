@@ -114,7 +114,8 @@ class TestModelMetrics:
             backend = build_simulated_backend(sim, clock)
             daemon = Daemon(config, backend, clock, waiter=StopAt(clock, 900.0), notifier=Notifier())
             assert daemon.run() == 0
-            body = generate_latest(build_registry(lambda d=daemon: d.published)).decode()
+            published = daemon.published
+            body = generate_latest(build_registry(lambda: published)).decode()
             for family in (
                 "gpu_governor_gpu_model_prediction_error_celsius{",
                 "gpu_governor_gpu_model_prediction_rmse_celsius{",
