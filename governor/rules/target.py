@@ -282,7 +282,8 @@ def step_target(
         if settled and settles_c < target - policy.deadband_c and temperature <= target - policy.deadband_c:
             since = state.headroom_since_s if state.headroom_since_s is not None else t_s
             state = replace(state, headroom_since_s=since)
-            wanted = settling_limit_w(model, settle_c, min(ceiling, current + RAISE_STEP_RATIO * ceiling), floor)
+            step_cap = min(ceiling, float(math.floor(current + RAISE_STEP_RATIO * ceiling)))
+            wanted = settling_limit_w(model, settle_c, step_cap, floor)
             rate_ok = changes_in_last_hour(state, t_s) + 2 <= policy.max_changes_per_hour
             if t_s - since >= policy.dwell_s and interval_ok and rate_ok and wanted > current + DRIFT_TOLERANCE_W / 2:
                 reason = (
