@@ -488,6 +488,12 @@ def render_ladders(config: Config, gpus: Sequence[GpuInfo], where: str) -> str:
         ladder = effective_ladder(policy.power.ladder_w, gpu)
         if not policy.power.enabled:
             shown = "power ladder off (power.enabled = false)"
+        elif policy.power.target_mode:
+            from governor.rules.target import target_bounds
+
+            bounds = target_bounds(policy.power, gpu)
+            span = f"{bounds[1]:g}-{bounds[0]:g} W" if bounds else "none: the card reports no limits to start from"
+            shown = f"target mode: at or below {policy.power.target_c:g} C, limit {span}"
         elif not ladder:
             shown = "none: the card reports no default or maximum limit to resolve percentages against"
         else:

@@ -397,8 +397,8 @@ def deep_cap_problem(power: PowerPolicy, gpu: GpuInfo) -> tuple[str, str] | None
     from governor.rules.power import effective_ladder
 
     default_w = gpu.power_limit_default_w
-    if not power.enabled or power.allow_deep_cap or default_w is None or default_w <= 0:
-        return None
+    if not power.enabled or power.allow_deep_cap or power.target_mode or default_w is None or default_w <= 0:
+        return None  # target mode uses no ladder: its limit never goes above the default
     if any(isinstance(rung, str) for rung in power.ladder_w):
         return None  # relative rungs follow the card
     ladder = effective_ladder(power.ladder_w, gpu)

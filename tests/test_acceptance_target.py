@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import replace
@@ -40,6 +41,21 @@ class TestExamples:
         assert budget.node.power_budget_w == 300.0 and budget.power.target_mode
         assert check_resolved(target, backend.gpus()[:1]) == []
         assert check_resolved(budget, backend.gpus()) == []
+
+    def test_check_config_shows_target_mode_and_no_deep_cap(self) -> None:
+        """check-config names target mode and its limit range per card; an absolute ladder left in a
+        target-mode file is no deep cap on an H100 (target mode never sets more than the default)."""
+        out, err = io.StringIO(), io.StringIO()
+        assert main(["check-config", str(TARGET_EXAMPLE), "--profile", "all"], out=out, err=err) == 0
+        text = out.getvalue()
+        assert (
+            "rtx4070 (NVIDIA GeForce RTX 4070, default 200 W, range 100 W-220 W): target mode: at or below 75 C" in text
+        )
+        assert "h100-80gb" in text and "limit 200-700 W" in text
+        backend = build_simulated_backend(SimulationConfig(profile="h100-80gb"), VirtualClock())
+        config = example(TARGET_EXAMPLE)
+        config = replace(config, power=replace(config.power, ladder_w=(200.0, 180.0)))
+        assert check_resolved(config, backend.gpus()) == []
 
     def test_budget_below_the_minimums_is_refused(self) -> None:
         """A 150 W budget for two cards whose minimum limits add up to 200 W is a contradiction, named."""
@@ -114,8 +130,7 @@ class TestModelMetrics:
             backend = build_simulated_backend(sim, clock)
             daemon = Daemon(config, backend, clock, waiter=StopAt(clock, 900.0), notifier=Notifier())
             assert daemon.run() == 0
-            published = daemon.published
-            body = generate_latest(build_registry(lambda: published)).decode()
+            body = generate_latest(build_registry(functools.partial(getattr, daemon, "published"))).decode()
             for family in (
                 "gpu_governor_gpu_model_prediction_error_celsius{",
                 "gpu_governor_gpu_model_prediction_rmse_celsius{",
