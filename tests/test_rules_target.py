@@ -233,19 +233,20 @@ class TestFit:
 
     def test_prior_before_data(self) -> None:
         """The first reading gives a prior (55 C over the room at the default limit) and no fit yet."""
-        fit = observe(FitState(), 0.0, 40.0, 50.0, 200.0)
-        assert fit.fitted is None and not fit.ready and fit.params == prior_params(200.0, 40.0, 50.0)
+        fit, block = observe(FitState(), None, 0.0, 40.0, 50.0, 200.0)
+        assert block.n == 1 and fit.fitted is None and not fit.ready and fit.params == prior_params(200.0, 40.0, 50.0)
         assert fit.params is not None and math.isclose(fit.params.steady_c(200.0) - fit.params.ambient_c, 55.0)
 
     def test_a_gap_starts_afresh(self) -> None:
         """A gap longer than three blocks adds no row spanning it (its rows count stays)."""
-        fit = FitState()
+        fit, block = FitState(), None
         for t in range(0, 60):
-            fit = observe(fit, float(t), 50.0 + t / 10, 150.0, 200.0)
+            fit, block = observe(fit, block, float(t), 50.0 + t / 10, 150.0, 200.0)
         rows = fit.rows
-        fit = observe(fit, 600.0, 40.0, 20.0, 200.0)
-        fit = observe(fit, 601.0, 40.0, 20.0, 200.0)
-        assert fit.rows == rows and fit.last_block is None and fit.history == ()
+        assert rows > 0 and fit.last_block is not None
+        fit, block = observe(fit, block, 600.0, 40.0, 20.0, 200.0)
+        fit, block = observe(fit, block, 601.0, 40.0, 20.0, 200.0)
+        assert fit.rows == rows and fit.last_block is None and fit.history == () and block.start_s == 600.0
 
     def test_model_prediction_closed_form(self) -> None:
         """predict_c at time 0 jumps the die by R_die x the power step, and tends to the settled value."""

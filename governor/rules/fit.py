@@ -162,21 +162,28 @@ _PAIRS = tuple((i, j) for i in range(4) for j in range(i, 4))
 
 
 @dataclass(frozen=True, slots=True)
-class FitState:
-    """The online fit of one GPU, carried in its rule state.
+class Block:
+    """The block being filled: first and last reading's times (s), sums of temperature (C) and
+    power (W), and the count. Kept apart from :class:`FitState` so a tick builds only this."""
 
-    The block being filled (start time, sums, count); the last complete block's means
+    start_s: float
+    end_s: float
+    temp_sum: float
+    power_sum: float
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class FitState:
+    """The online fit of one GPU, carried in its rule state (it changes once a block).
+
+    The last complete block's means
     (C, W); the forgotten normal equations (upper triangle of X'X, X'y, total weight, row
     count); the prior and the latest valid fit (None until one is); the last
     :data:`ERROR_BLOCKS` blocks with the fit as it stood then; and the latest 60-s-ahead
     prediction error (C, predicted minus measured) with its forgotten mean square.
     """
 
-    block_start_s: float | None = None
-    block_end_s: float | None = None
-    block_temp_sum: float = 0.0
-    block_power_sum: float = 0.0
-    block_n: int = 0
     last_block: tuple[float, float] | None = None
     xtx: tuple[float, ...] = (0.0,) * 10
     xty: tuple[float, ...] = (0.0,) * 4
@@ -205,45 +212,26 @@ class FitState:
         return None if self.error_ms_c2 is None else math.sqrt(self.error_ms_c2)
 
 
-def observe(fit: FitState, t_s: float, temperature_c: float, power_w: float, default_w: float) -> FitState:
-    """``fit`` after one reading at ``t_s`` (die ``temperature_c``, board ``power_w``) of a card
-    whose default limit is ``default_w`` (W): adds it to the current block, and when the block
-    is complete, its row to the fit, then refits and scores the prediction of 60 s ago."""
+def observe(
+    fit: FitState, block: Block | None, t_s: float, temperature_c: float, power_w: float, default_w: float
+) -> tuple[FitState, Block]:
+    """``fit`` and the current ``block`` after one reading at ``t_s`` (die ``temperature_c``, board
+    ``power_w``) of a card whose default limit is ``default_w`` (W): the reading joins the block,
+    and when the block is complete its row joins the fit, which is solved again and scores the
+    prediction it made 60 s ago."""
     if fit.prior is None:
         fit = replace(
             fit, prior=prior_params(default_w, temperature_c, power_w), power_scale_w=max(default_w / 2.0, 1.0)
         )
-    start = fit.block_start_s
-    if start is None or fit.block_end_s is None or t_s - fit.block_end_s > MAX_GAP_S or t_s < fit.block_end_s:
+    if block is None or t_s - block.end_s > MAX_GAP_S or t_s < block.end_s:
         # First reading, or a gap (missing readings, a suspended host): no row spans it.
-        return replace(
-            fit,
-            block_start_s=t_s,
-            block_end_s=t_s,
-            block_temp_sum=temperature_c,
-            block_power_sum=power_w,
-            block_n=1,
-            last_block=None if start is not None else fit.last_block,
-            history=() if start is not None else fit.history,
-        )
-    if t_s - start < BLOCK_S:
-        return replace(
-            fit,
-            block_end_s=t_s,
-            block_temp_sum=fit.block_temp_sum + temperature_c,
-            block_power_sum=fit.block_power_sum + power_w,
-            block_n=fit.block_n + 1,
-        )
-    block = (fit.block_temp_sum / fit.block_n, fit.block_power_sum / fit.block_n)
-    fit = _close_block(fit, block, t_s - start)
-    return replace(
-        fit,
-        block_start_s=t_s,
-        block_end_s=t_s,
-        block_temp_sum=temperature_c,
-        block_power_sum=power_w,
-        block_n=1,
-    )
+        if block is not None and (fit.last_block is not None or fit.history):
+            fit = replace(fit, last_block=None, history=())
+        return fit, Block(t_s, t_s, temperature_c, power_w, 1)
+    if t_s - block.start_s < BLOCK_S:
+        return fit, Block(block.start_s, t_s, block.temp_sum + temperature_c, block.power_sum + power_w, block.n + 1)
+    means = (block.temp_sum / block.n, block.power_sum / block.n)
+    return _close_block(fit, means, t_s - block.start_s), Block(t_s, t_s, temperature_c, power_w, 1)
 
 
 def _close_block(fit: FitState, block: tuple[float, float], h_s: float) -> FitState:

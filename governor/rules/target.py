@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 
 from governor.model import Decision, GpuInfo, GpuReading
 from governor.policy import Action, PowerPolicy, Rule, ThermalZone, format_seconds
-from governor.rules.fit import FitState, ModelParams, observe
+from governor.rules.fit import Block, FitState, ModelParams, observe
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, rung_w
 
 HOUR_S = 3600.0
@@ -69,6 +69,7 @@ class TargetState:
 
     limit_w: float | None = None
     fit: FitState = field(default_factory=FitState)
+    block: Block | None = None
     last_change_s: float | None = None
     changes_s: tuple[float, ...] = ()
     headroom_since_s: float | None = None
@@ -173,12 +174,13 @@ def settling_limit_w(model: ModelParams, settle_c: float, ceiling_w: float, floo
     return min(ceiling_w, max(floor_w, float(math.floor(watts))))
 
 
-def _smoothed(state: TargetState, power_w: float, t_s: float) -> TargetState:
+def _smoothed(state: TargetState, power_w: float, t_s: float) -> float:
+    """The smoothed power (W) after a reading of ``power_w`` at ``t_s``."""
     previous, at = state.power_w, state.power_t_s
     if previous is None or at is None or t_s <= at or t_s - at > 3 * POWER_SMOOTHING_S:
-        return replace(state, power_w=power_w, power_t_s=t_s)
+        return power_w
     keep = math.exp(-(t_s - at) / POWER_SMOOTHING_S)
-    return replace(state, power_w=keep * previous + (1.0 - keep) * power_w, power_t_s=t_s)
+    return keep * previous + (1.0 - keep) * power_w
 
 
 def step_target(
@@ -203,14 +205,16 @@ def step_target(
     ceiling, floor = bounds
     temperature, power = reading.temperature_c, reading.power_w
     if temperature is not None and power is not None:
-        state = replace(state, fit=observe(state.fit, t_s, temperature, power, ceiling))
-        state = _smoothed(state, power, t_s)
+        fit, block = observe(state.fit, state.block, t_s, temperature, power, ceiling)
+        smooth_w = _smoothed(state, power, t_s)
+        state = replace(state, fit=fit, block=block, power_w=smooth_w, power_t_s=t_s)
     enforced = reading.power_limit_w
     current = state.limit_w
     from_w = current if current is not None else enforced
 
     if temperature is None or power is None:
-        state = replace(state, headroom_since_s=None)
+        if state.headroom_since_s is not None:
+            state = replace(state, headroom_since_s=None)
         if state.holding:
             return state, []
         missing = "temperature" if temperature is None else "power"
@@ -251,7 +255,8 @@ def step_target(
     # NVML reads whole degrees: a reading equal to the target may be half a degree above it.
     at_target = temperature >= target
     if at_target or predicted > target:
-        state = replace(state, headroom_since_s=None)
+        if state.headroom_since_s is not None:
+            state = replace(state, headroom_since_s=None)
         # Aggressive when hot: a die at the target and hotter than at the last change does
         # not wait out the minimum interval.
         interval_ok = interval_ok or (at_target and temperature > state.changed_at_c)
@@ -281,7 +286,8 @@ def step_target(
         settled = abs(temperature - model.steady_c(smooth)) <= policy.deadband_c / 2.0
         if settled and settles_c < target - policy.deadband_c and temperature <= target - policy.deadband_c:
             since = state.headroom_since_s if state.headroom_since_s is not None else t_s
-            state = replace(state, headroom_since_s=since)
+            if state.headroom_since_s is None:
+                state = replace(state, headroom_since_s=since)
             step_cap = min(ceiling, float(math.floor(current + RAISE_STEP_RATIO * ceiling)))
             wanted = settling_limit_w(model, settle_c, step_cap, floor)
             rate_ok = changes_in_last_hour(state, t_s) + 2 <= policy.max_changes_per_hour
@@ -294,7 +300,7 @@ def step_target(
                 return _changed(state, wanted, t_s, temperature), [
                     _decision(reading, t_s, Rule.POWER_TARGET_UP, reason, threshold=target, from_w=current, to_w=wanted)
                 ]
-        else:
+        elif state.headroom_since_s is not None:
             state = replace(state, headroom_since_s=None)
     elif state.headroom_since_s is not None:
         state = replace(state, headroom_since_s=None)
