@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0, help="power noise seed (default 0)")
     simulate.add_argument("--gpus", type=int, metavar="N", help="simulated GPUs (default: what the scenario needs)")
     simulate.add_argument("--plot", type=Path, metavar="FILE.png", help="write a plot (needs matplotlib)")
+    simulate.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of the table (docs/whatif.md)"
+    )
 
     hashing = sub.add_parser(
         "hash-password",
@@ -582,6 +585,12 @@ def render_ladders(config: Config, gpus: Sequence[GpuInfo], where: str) -> str:
         ladder = effective_ladder(policy.power.ladder_w, gpu)
         if not policy.power.enabled:
             shown = "power ladder off (power.enabled = false)"
+        elif policy.power.target_mode:
+            from governor.rules.target import target_bounds
+
+            bounds = target_bounds(policy.power, gpu)
+            span = f"{bounds[1]:g}-{bounds[0]:g} W" if bounds else "none: the card reports no limits to start from"
+            shown = f"target mode: at or below {policy.power.target_c:g} C, limit {span}"
         elif not ladder:
             shown = "none: the card reports no default or maximum limit to resolve percentages against"
         else:

@@ -38,6 +38,7 @@ from governor.model import GpuInfo
 # Policy types live in governor.policy and the schema engine in governor.schema; the names
 # stay importable from here (re-exports) for the code that found them here before.
 from governor.policy import GpuPolicy as GpuPolicy
+from governor.policy import NodePolicy as NodePolicy
 from governor.policy import PowerPolicy as PowerPolicy
 from governor.policy import Rung as Rung
 from governor.policy import ThermalPolicy as ThermalPolicy
@@ -177,6 +178,7 @@ class Config:
     power: PowerPolicy = field(default_factory=PowerPolicy)
     gpus: tuple[GpuOverride, ...] = ()
     vram: VramPolicy = field(default_factory=VramPolicy)
+    node: NodePolicy = field(default_factory=NodePolicy)
 
     def policy_for(self, gpu: GpuInfo) -> GpuPolicy:
         """The thermal and power policy for ``gpu``: defaults, then every matching override."""
@@ -216,6 +218,16 @@ def _ladder(v: Any) -> str | None:
     if any(b >= a for a, b in itertools.pairwise(values)):
         return "a strictly descending list of rungs (highest rung first)"
     return None
+
+
+def _floor(v: Any) -> str | None:
+    """A target-mode floor: watts above 0, or a percentage of the default limit (10% to 100%)."""
+    rung = _rung(v)
+    if rung is None or not isinstance(v, (str, int, float)):
+        return 'watts (a number) or a percentage such as "60%"'
+    if isinstance(rung, str):
+        return None if 10.0 <= percent_of(rung) <= 100.0 else "a percentage between 10% and 100% of the default limit"
+    return None if rung > 0 else "watts greater than 0"
 
 
 # Plausible ranges: a value outside them is a typo or a torn file (``warning_c = 7`` cut from
@@ -258,6 +270,24 @@ POWER_KEYS: dict[str, Key] = {
     "flap_window_s": Key("float", "seconds (0 turns the backoff off)", between(0.0, 86400.0)),
     "dwell_max_s": Key("float", "seconds", between(0.0, 86400.0)),
     "backoff_decay_s": Key("float", "seconds", between(1.0, 86400.0)),
+    "mode": Key("str", "a power mode", one_of("ladder", "target")),
+    "target_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
+    "floor_w": Key(
+        "any",
+        'watts (120.0) or a percentage of the card\'s default limit ("60%")',
+        _floor,
+        type_expected='watts (a number) or a percentage such as "60%"',
+    ),
+    "deadband_c": Key("float", "degrees C (0.5 to 20)", between(0.5, 20.0)),
+    "horizon_s": Key("float", "seconds (5 to 3600)", between(5.0, 3600.0)),
+    "max_changes_per_hour": Key("int", "a whole number of changes (2 to 3600)", between(2, 3600)),
+    "budget_weight": Key("float", "a share weight (0.01 to 100)", between(0.01, 100.0)),
+}
+NODE_KEYS: dict[str, Key] = {
+    "power_budget_w": Key("float", "watts (1 to 1000000)", between(1.0, 1e6)),
+    "rebalance_interval_s": Key("float", "seconds (1 to 86400)", between(1.0, 86400.0)),
+    "share": Key("str", "how the budget is shared", one_of("demand", "weight")),
+    "min_share_change_w": Key("float", "watts (0 to 1000)", between(0.0, 1000.0)),
 }
 SCHEMA: dict[str, Key | dict[str, Key]] = {
     "poll_interval_s": Key("float", "seconds", between(0.05, 3600.0)),
@@ -294,6 +324,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
     },
     "thermal": THERMAL_KEYS,
     "power": POWER_KEYS,
+    "node": NODE_KEYS,
 }
 GPU_SELECTORS: dict[str, Key] = {
     "index": Key("int", "a GPU index", between(0, 1023)),
@@ -341,10 +372,40 @@ def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]
         prefix = f"[[gpu]] overrides for GPU {gpu.index} ({gpu.name}) combined: "
         _thermal_contradictions(policy.thermal, prefix, out)
         _power_contradictions(policy.power, prefix, out)
+        _target_contradictions(policy, prefix, out)
         problem = deep_cap_problem(policy.power, gpu)
         if problem is not None:
             out.add(f"power.ladder_w for GPU {gpu.index} ({gpu.name}, {gpu.uuid})", *problem)
+    _budget_contradictions(config, gpus, out)
     return out.issues
+
+
+def _target_contradictions(policy: GpuPolicy, prefix: str, out: Issues) -> None:
+    """Target mode needs its target below the critical zone (which sends the limit to the floor)."""
+    power, thermal = policy.power, policy.thermal
+    if power.target_mode and not power.target_c < thermal.critical_c:
+        out.add(
+            f"{prefix}power.target_c",
+            f"a temperature below thermal.critical_c ({thermal.critical_c:g} C)",
+            f"{power.target_c:g}",
+        )
+
+
+def _budget_contradictions(config: Config, gpus: Sequence[GpuInfo], out: Issues) -> None:
+    """A node budget below what the cards' minimum limits add up to can never hold."""
+    budget = config.node.power_budget_w
+    if budget is None or not gpus:
+        return
+    floors = [g.power_limit_min_w for g in gpus if config.policy_for(g).power.enabled]
+    if any(f is None for f in floors):
+        return
+    total = sum(f for f in floors if f is not None)
+    if total > budget:
+        out.add(
+            "node.power_budget_w",
+            f"at least {total:g} W, the sum of the minimum power limits of these {len(floors)} GPU(s)",
+            f"{budget:g}",
+        )
 
 
 def deep_cap_problem(power: PowerPolicy, gpu: GpuInfo) -> tuple[str, str] | None:
@@ -357,8 +418,8 @@ def deep_cap_problem(power: PowerPolicy, gpu: GpuInfo) -> tuple[str, str] | None
     from governor.rules.power import effective_ladder
 
     default_w = gpu.power_limit_default_w
-    if not power.enabled or power.allow_deep_cap or default_w is None or default_w <= 0:
-        return None
+    if not power.enabled or power.allow_deep_cap or power.target_mode or default_w is None or default_w <= 0:
+        return None  # target mode uses no ladder: its limit never goes above the default
     if any(isinstance(rung, str) for rung in power.ladder_w):
         return None  # relative rungs follow the card
     ladder = effective_ladder(power.ladder_w, gpu)
@@ -534,6 +595,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     power = replace(PowerPolicy(), **sections.get("power", {}))
     _thermal_contradictions(thermal, "", out)
     _power_contradictions(power, "", out)
+    _target_contradictions(GpuPolicy(thermal, power), "", out)
+    node = replace(NodePolicy(), **sections.get("node", {}))
     metrics = replace(MetricsConfig(), **sections.get("metrics", {}))
     _metrics_contradictions(metrics, "", out)
 
@@ -560,6 +623,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         thermal=thermal,
         power=power,
         gpus=tuple(overrides),
+        node=node,
         **top,
     )
 

@@ -36,12 +36,13 @@ from governor.model import (
     ProcessRow,
     Snapshot,
     StoppedUnitStatus,
+    ThermalModelStatus,
     ThermalZone,
     UnitWarning,
 )
 from governor.processes import ProcessFacts, ProcessInspector
-from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
-from governor.rules.power import target_w
+from governor.rules.budget import BudgetState, apply_budget
+from governor.rules.engine import GpuPlan, GpuRuleState, evaluate, wanted_w
 from governor.rules.vram import under_pressure
 from governor.safefile import check_private_dir
 from governor.state import OriginalLimits
@@ -77,6 +78,7 @@ class GpuTick:
     memory_pressure: bool | None
     processes: tuple[ProcessRow, ...]
     original_limit_saved: bool | None
+    model: ThermalModelStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +285,7 @@ class Governor:
         self.inspector: Inspector = inspector if inspector is not None else ProcessInspector()
         self.plans = build_plans(config, self.gpus)
         self.states: dict[str, GpuRuleState] = dict(states or {})
+        self.budget = BudgetState()  # the node budget's shares (governor.rules.budget)
         self.facts: dict[int, ProcessFacts] = {}
         self.live = False  # True once started: a GPU that appears later gets its crash leftovers restored
         self._state_error: str | None = None
@@ -307,6 +310,7 @@ class Governor:
             keeper=self.units,
         )
         new.live = self.live
+        new.budget = self.budget
         return new
 
     def contradictions(self) -> list[ConfigIssue]:
@@ -345,6 +349,18 @@ class Governor:
             snapshot, self.plans, previous, dry_run=config.dry_run, vram=vram, facts=facts, stopped_units=units.stopped
         )
         decisions.extend(units.decide(snapshot, config.vram, facts))
+        if config.node.power_budget_w is not None:
+            actuator = self.actuator
+            self.budget, decisions = apply_budget(
+                snapshot,
+                self.plans,
+                self.states,
+                decisions,
+                config.node,
+                self.budget,
+                unmovable={*actuator.monitor_only, *actuator.hands_off},
+                dry_run=config.dry_run,
+            )
         results = self.actuator.apply(decisions, snapshot)
         self._undo_unsaved_changes(previous, results)
         warnings = units.record(results, snapshot, wall_s, config.vram, facts)
@@ -414,16 +430,25 @@ class Governor:
                     zone_thresholds_c=plan.zone_thresholds_c,
                     ladder_w=plan.ladder_w,
                     rung=state.ladder.rung,
-                    target_w=target_w(state.ladder, plan.ladder_w),
+                    target_w=self._target_w(uuid, state, plan),
                     monitor_only=self.actuator.monitor_only.get(uuid),
                     classes=classes,
                     unclassified_processes=unclassified,
                     memory_pressure=None if reading is None else under_pressure(reading, vram),
                     processes=processes,
                     original_limit_saved=self._original_limit_saved(uuid),
+                    model=_model_status(state) if plan.policy.power.target_mode else None,
                 )
             )
         return tuple(ticks)
+
+    def _target_w(self, uuid: str, state: GpuRuleState, plan: GpuPlan) -> float | None:
+        """The limit (W) the governor wants in force: its rule's, held to the node budget's share."""
+        wanted = wanted_w(state, plan)
+        if self.config.node.power_budget_w is None:
+            return wanted
+        share = self.budget.set_for(uuid)
+        return wanted if share is None else share
 
     def _original_limit_saved(self, uuid: str) -> bool | None:
         """False while a GPU is left alone because its original could not be saved, True once saved, else None."""
@@ -462,7 +487,14 @@ class Governor:
             uuid = result.decision.gpu_uuid
             if result.outcome is Outcome.REFUSED and uuid in hands_off and uuid in self.states:
                 before = previous.get(uuid, GpuRuleState())
-                self.states[uuid] = replace(self.states[uuid], ladder=before.ladder)
+                now = self.states[uuid]
+                target = replace(
+                    now.target,
+                    limit_w=before.target.limit_w,
+                    last_change_s=before.target.last_change_s,
+                    changes_s=before.target.changes_s,
+                )
+                self.states[uuid] = replace(now, ladder=before.ladder, target=target)
 
     def _inspect(self, snapshot: Snapshot) -> tuple[dict[int, ProcessFacts], tuple[tuple[int, str], ...]]:
         """Facts for every process any GPU reports; one unreadable process never stops the tick."""
@@ -479,6 +511,22 @@ class Governor:
                     errors.append((process.pid, str(exc)))
         self.inspector.forget_except(facts)
         return facts, tuple(errors)
+
+
+def _model_status(state: GpuRuleState) -> ThermalModelStatus | None:
+    """The target-mode model of a GPU for metrics and status: None before its first reading."""
+    fit = state.target.fit
+    model = fit.params
+    if model is None:
+        return None
+    return ThermalModelStatus(
+        fitted=fit.fitted is not None,
+        r_total_c_per_w=model.r_total_c_per_w,
+        ambient_c=model.ambient_c,
+        tau_s=model.tau_s,
+        prediction_error_c=fit.error_c,
+        prediction_rmse_c=fit.error_rms_c,
+    )
 
 
 def read_error_indexes(snapshot: Snapshot) -> list[int]:

@@ -63,6 +63,7 @@ class GovernorCollector(Collector):
         yield from _gpu_metrics(state)
         yield from _vram_metrics(state)
         yield from _unit_metrics(state)
+        yield from _model_metrics(state)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
@@ -373,6 +374,39 @@ def _telemetry_metrics(state: PublishedState) -> Iterator[Metric]:
             if flag is not None:
                 family.add_metric(labels, 1.0 if flag else 0.0)
     yield from (sm, mem, pstate, mem_temp, fans, events, xids, ecc, remapped, pending, failed)
+
+
+def _model_metrics(state: PublishedState) -> Iterator[Metric]:
+    """Target mode's online thermal model per GPU (absent in ladder mode and before a reading)."""
+    error = _gauge(
+        "gpu_model_prediction_error_celsius",
+        "Target mode: the online thermal model's 60-seconds-ahead prediction error (predicted minus measured, "
+        "the latest block of 5 s).",
+    )
+    rmse = _gauge(
+        "gpu_model_prediction_rmse_celsius",
+        "Target mode: root mean square of the recent 60-seconds-ahead prediction errors (about 15 minutes).",
+    )
+    resistance = _gauge(
+        "gpu_model_thermal_resistance_celsius_per_watt", "Target mode: the model's die-to-room rise per watt."
+    )
+    ambient = _gauge("gpu_model_ambient_celsius", "Target mode: the room (inlet) temperature the model infers.")
+    fitted = _gauge(
+        "gpu_model_fitted", "Target mode: 1 once the model is fitted to this GPU's readings, 0 on its prior."
+    )
+    for status in state.gpus:
+        model = status.model
+        if model is None:
+            continue
+        labels = [str(status.info.index), status.info.uuid]
+        if model.prediction_error_c is not None:
+            error.add_metric(labels, model.prediction_error_c)
+        if model.prediction_rmse_c is not None:
+            rmse.add_metric(labels, model.prediction_rmse_c)
+        resistance.add_metric(labels, model.r_total_c_per_w)
+        ambient.add_metric(labels, model.ambient_c)
+        fitted.add_metric(labels, 1.0 if model.fitted else 0.0)
+    yield from (error, rmse, resistance, ambient, fitted)
 
 
 LABEL_MAX_CHARS = 64

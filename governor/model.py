@@ -243,6 +243,21 @@ class DecisionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ThermalModelStatus:
+    """Target mode's online thermal model of one GPU (governor.rules.fit): whether it is fitted
+    yet (else the prior), die-to-room resistance (C/W), room (C), heatsink time constant (s),
+    and the 60-seconds-ahead prediction error (C, predicted minus measured; the latest and
+    the recent root mean square), None until there is one."""
+
+    fitted: bool
+    r_total_c_per_w: float
+    ambient_c: float
+    tau_s: float
+    prediction_error_c: float | None
+    prediction_rmse_c: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuStatus:
     """What the governor knows and wants for one GPU after a tick (for metrics and ``status``)."""
 
@@ -262,6 +277,7 @@ class GpuStatus:
     original_limit_saved: bool | None = None  # False: left alone, its original could not be saved
     last_power: DecisionRecord | None = None  # the last power-limit decision (never a zone change)
     last_vram: DecisionRecord | None = None  # the last decision about a process's VRAM
+    model: ThermalModelStatus | None = None  # target mode's online thermal model
 
 
 @dataclass(frozen=True, slots=True)

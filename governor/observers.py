@@ -43,6 +43,9 @@ EVENT_NAMES = {
     "power_step_down": "power_limit_stepped",
     "power_step_up": "power_limit_stepped",
     "power_critical": "power_limit_stepped",
+    "power_target_down": "power_limit_targeted",
+    "power_target_up": "power_limit_targeted",
+    "node_budget": "power_limit_budgeted",
     "power_hold": "power_limit_held",
     "power_drift_reapply": "power_limit_drift_reapplied",
     "power_drift_external_lower": "power_limit_external_lower",
@@ -652,6 +655,7 @@ class Telemetry:
                     original_limit_saved=g.original_limit_saved,
                     last_power=self._last_power.get(uuid),
                     last_vram=self._last_vram.get(uuid),
+                    model=g.model,
                 )
             )
         vram = config.vram

@@ -37,6 +37,7 @@ __all__ = [
     "ZONES_BY_SEVERITY",
     "Action",
     "GpuPolicy",
+    "NodePolicy",
     "PowerPolicy",
     "ProcessAction",
     "ProcessClass",
@@ -76,6 +77,9 @@ class Rule(StrEnum):
     POWER_CRITICAL = "power_critical"
     POWER_STEP_DOWN = "power_step_down"
     POWER_STEP_UP = "power_step_up"
+    POWER_TARGET_DOWN = "power_target_down"
+    POWER_TARGET_UP = "power_target_up"
+    NODE_BUDGET = "node_budget"
     POWER_DRIFT_REAPPLY = "power_drift_reapply"
     POWER_DRIFT_EXTERNAL_LOWER = "power_drift_external_lower"
     VRAM_OVER_BUDGET = "vram_over_budget"
@@ -190,9 +194,19 @@ class PowerPolicy:
     seconds, except that entering the critical zone drops straight to the floor.
 
     Anti-flap backoff (lazy when releasing): a step down within ``flap_window_s`` seconds
-    of the last step up doubles the dwell before the next step up, up to ``dwell_max_s``
+    of the last step up doubles the dwell before the next step up, and doubles it again
+    until it is longer than that release lasted (step up to step down), up to ``dwell_max_s``
     (never below ``dwell_s``); every ``backoff_decay_s`` seconds without a limit change
     halves it again, back to ``dwell_s``. ``flap_window_s = 0`` turns the backoff off.
+
+    Target mode (``mode = "target"``, :mod:`governor.rules.target`) replaces the ladder with
+    a continuous limit between ``floor_w`` (watts or a percentage of the default limit;
+    None: the card's minimum) and the card's default limit, chosen from a thermal model
+    fitted online so the die settles ``deadband_c / 2`` below ``target_c``; it lowers when
+    the model predicts ``target_c`` within ``horizon_s`` seconds, raises only after
+    ``dwell_s`` seconds of a binding limit the model says is more than ``deadband_c`` too
+    low, and makes at most ``max_changes_per_hour`` changes in any hour except to lower
+    (never held back) and the critical jump. ``min_change_interval_s`` applies to both modes.
     """
 
     ladder_w: tuple[Rung, ...] = ("100%", "90%")
@@ -206,6 +220,37 @@ class PowerPolicy:
     dwell_max_s: float = 1800.0
     backoff_decay_s: float = 3600.0
     allow_deep_cap: bool = False
+    # Target mode (governor.rules.target): keep the die at or below target_c with a continuous limit.
+    mode: str = "ladder"
+    target_c: float = 75.0
+    floor_w: Rung | None = None
+    deadband_c: float = 3.0
+    horizon_s: float = 120.0
+    max_changes_per_hour: int = 4
+    # The node budget (NodePolicy): this GPU's share weight.
+    budget_weight: float = 1.0
+
+    @property
+    def target_mode(self) -> bool:
+        """True when this GPU holds a temperature (``mode = "target"``) rather than climbing a ladder."""
+        return self.mode == "target"
+
+
+@dataclass(frozen=True, slots=True)
+class NodePolicy:
+    """A power budget shared by every GPU of the node (a PSU or a circuit), in watts.
+
+    ``power_budget_w`` None: no budget. The sum of the limits the governor sets never
+    exceeds it; shares go by demand and each GPU's ``power.budget_weight`` (``share =
+    "demand"``) or by weight alone (``share = "weight"``: a static split), and move at most
+    once per ``rebalance_interval_s`` seconds (a lowering that the budget needs at once,
+    such as at start, is never held back). See :mod:`governor.rules.budget`.
+    """
+
+    power_budget_w: float | None = None
+    rebalance_interval_s: float = 60.0
+    share: str = "demand"
+    min_share_change_w: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,7 +122,7 @@ _NOUNS = {"float": "a number", "int": "an integer", "str": "a string", "array": 
 class Key:
     """How one key is checked and converted.
 
-    ``kind`` is ``float``, ``int``, ``bool``, ``str`` or ``array`` (a list whose items
+    ``kind`` is ``float``, ``int``, ``bool``, ``str``, ``any`` (left to ``check``) or ``array`` (a list whose items
     ``item`` converts, None for an item it refuses as ``item_expected``). ``expected``
     says what the key holds; a value of the wrong type is reported as ``type_expected``
     (default: ``expected`` and the kind, "seconds (a number)"); ``check`` judges the
@@ -192,6 +192,8 @@ def _typed(kind: str, value: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if kind == "array":
         return isinstance(value, list), value
+    if kind == "any":  # the key's check decides (a number or a string, such as a floor "60%")
+        return True, value
     raise AssertionError(kind)  # pragma: no cover - schema bug
 
 

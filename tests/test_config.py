@@ -19,6 +19,7 @@ from governor.config import (
     GpuOverride,
     LoggingConfig,
     MetricsConfig,
+    NodePolicy,
     PowerPolicy,
     SimulationConfig,
     ThermalPolicy,
@@ -90,6 +91,19 @@ min_change_interval_s = 10.0
 flap_window_s = 600.0
 dwell_max_s = 960.0
 backoff_decay_s = 1800.0
+mode = "target"
+target_c = 72.0
+floor_w = "60%"
+deadband_c = 2.5
+horizon_s = 90.0
+max_changes_per_hour = 6
+budget_weight = 2.0
+
+[node]
+power_budget_w = 900.0
+rebalance_interval_s = 30.0
+share = "weight"
+min_share_change_w = 8.0
 
 [[gpu]]
 index = 0
@@ -186,8 +200,10 @@ class TestKeys:
         )
         assert c.thermal == ThermalPolicy(60.0, 70.0, 80.0, 90.0, 2.0)
         assert c.power == PowerPolicy(
-            (300.0, 250.0, 200.0), 78.0, 60.0, 5, 120.0, 10.0, False, 600.0, 960.0, 1800.0, True
-        )
+            (300.0, 250.0, 200.0), 78.0, 60.0, 5, 120.0, 10.0, False, 600.0, 960.0, 1800.0, True,
+            "target", 72.0, "60%", 2.5, 90.0, 6, 2.0,
+        )  # fmt: skip
+        assert c.node == NodePolicy(900.0, 30.0, "weight", 8.0)
         assert c.gpus == (
             GpuOverride(
                 0,

@@ -63,27 +63,44 @@ class TestBackoff:
         assert "(dwell 60 s)" in card.changes[1].reason
 
     def test_quick_step_down_doubles_the_next_dwell(self) -> None:
-        """A step down 242 s after a step up is a flap: the next step up needs 120 s of cool, then 240 s."""
+        """A step down 42 s after a step up is a flap: the next step up needs 120 s of cool (doubled once, longer
+        than the 42 s the release lasted); a second flap 182 s after that step up doubles it again, to 240 s."""
         card = Card()
-        card.cycle()
+        card.cycle(hot_s=600, cool_s=100)  # up at 660, hot again at 700: down at 702
         card.cycle()
         card.cycle()
         down_2 = card.changes[2]
-        assert down_2.rule == "power_step_down" and "next step up after 120 s of cool" in down_2.reason
-        assert card.ups() == [660.0, 900 + 600 + 120.0, 1800 + 600 + 240.0]
+        assert down_2.rule == "power_step_down" and "42 s after the last step up" in down_2.reason
+        assert "next step up after 120 s of cool" in down_2.reason
+        assert card.ups() == [660.0, 700 + 600 + 120.0, 1600 + 600 + 240.0]
         assert "dwell 120 s: 60 s backed off after flapping" in card.changes[3].reason
+
+    def test_backoff_outlasts_the_release(self) -> None:
+        """A step down 242 s after a step up doubles the dwell until it is longer than those 242 s (480 s), so
+        the seed's 300 s quiet phase (280 s of cool) no longer releases: three changes in the first hour."""
+        card = Card()
+        for _ in range(4):
+            card.cycle()
+        down_2 = card.changes[2]
+        assert "242 s after the last step up: next step up after 480 s of cool" in down_2.reason
+        assert [(d.rule, d.t_s) for d in card.changes] == [
+            ("power_step_down", 2.0),
+            ("power_step_up", 660.0),
+            ("power_step_down", 902.0),
+        ]
+        assert card.enforced_w == 180.0
 
     def test_settles_on_the_lower_rung(self) -> None:
         """Once the backed-off dwell (480 s) exceeds the cool phase the card stays at 180 W, until an hour's calm
-        halves the dwell to 240 s and one step up is tried again."""
+        halves the dwell to 240 s and one step up is tried again (and undone by the next load)."""
         card = Card()
-        for _ in range(6):
+        for _ in range(5):
             card.cycle()
-        assert len(card.changes) == 7  # down/up x3, then one last down at 2702 s
+        assert len(card.changes) == 3  # down, up, down at 902 s; then calm
         assert card.enforced_w == 180.0
-        card.cycle()
-        card.cycle()
-        assert card.changes[-1].rule == "power_step_up" and card.changes[-1].t_s == 6900 + 240.0
+        card.cycle()  # 4500-5400: more than an hour after the last change at 902 s
+        ups = [d for d in card.changes if d.rule == "power_step_up"]
+        assert ups[-1].t_s == 5100 + 240.0 and "dwell 240 s" in ups[-1].reason
 
     def test_dwell_capped_at_dwell_max(self) -> None:
         """However often it flaps, the dwell never exceeds dwell_max_s."""

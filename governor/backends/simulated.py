@@ -332,6 +332,11 @@ class SimulatedBackend:
             self._advance()
             return self._gpus[gpu_index].stats()
 
+    def limit_w(self, gpu_index: int) -> float:
+        """The power limit in force on one GPU, watts (what NVML would enforce)."""
+        with self._lock:
+            return self._gpus[gpu_index].limit_w
+
     def die_temperature_c(self, gpu_index: int) -> float:
         """The die temperature in C to full precision (readings round it to whole degrees, as NVML)."""
         with self._lock:

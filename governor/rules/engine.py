@@ -1,4 +1,4 @@
-"""All rules for one tick: thermal zones, then the power ladder, for every GPU.
+"""All rules for one tick: thermal zones, then the power ladder (or target mode), for every GPU.
 
 Pure: ``evaluate(snapshot, policies, states)`` returns new states and decisions and
 changes nothing. A lost GPU keeps its state untouched and gets no decision but the
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 
 from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, ProcessFacts, Snapshot
 from governor.policy import GpuPolicy, ThermalZone, VramPolicy
-from governor.rules.power import LadderState, effective_ladder, step_power
+from governor.rules.power import LadderState, effective_ladder, step_power, target_w
+from governor.rules.target import TargetState, step_target, target_bounds
 from governor.rules.thermal import evaluate_zone, thresholds
 from governor.rules.vram import VramState, evaluate_vram
 
@@ -24,11 +25,14 @@ class GpuRuleState:
     zone: ThermalZone = ThermalZone.UNKNOWN
     ladder: LadderState = field(default_factory=LadderState)
     vram: VramState = field(default_factory=VramState)
+    target: TargetState = field(default_factory=TargetState)
 
 
 @dataclass(frozen=True, slots=True)
 class GpuPlan:
-    """A GPU's policy resolved against its facts: what the rules need, computed once per config."""
+    """A GPU's policy resolved against its facts: what the rules need, computed once per config.
+
+    ``ladder_w`` holds the resolved ladder; in target mode, (ceiling, floor) in watts."""
 
     info: GpuInfo
     policy: GpuPolicy
@@ -37,11 +41,12 @@ class GpuPlan:
 
     @classmethod
     def build(cls, info: GpuInfo, policy: GpuPolicy) -> GpuPlan:
-        """Resolve the ladder against the GPU's allowed power range."""
+        """Resolve the ladder (or target mode's bounds) against the GPU's allowed power range."""
+        power = policy.power
         return cls(
             info=info,
             policy=policy,
-            ladder_w=effective_ladder(policy.power.ladder_w, info),
+            ladder_w=target_bounds(power, info) if power.target_mode else effective_ladder(power.ladder_w, info),
             zone_thresholds_c=thresholds(policy.thermal),
         )
 
@@ -68,17 +73,23 @@ def evaluate_gpu(
     if zone_decision is not None:
         decisions.append(zone_decision)
     if reading.health is GpuHealth.LOST:
-        return GpuRuleState(zone=zone, ladder=state.ladder, vram=state.vram), decisions
-    ladder, power_decisions = step_power(
-        reading,
-        state.zone,
-        zone,
-        plan.policy.power,
-        plan.ladder_w,
-        state.ladder,
-        t_s,
-        check_drift=not dry_run,
-    )
+        return GpuRuleState(zone=zone, ladder=state.ladder, vram=state.vram, target=state.target), decisions
+    ladder, target = state.ladder, state.target
+    if plan.policy.power.target_mode:
+        target, power_decisions = step_target(
+            reading, state.zone, zone, plan.policy.power, plan.ladder_w, target, t_s, check_drift=not dry_run
+        )
+    else:
+        ladder, power_decisions = step_power(
+            reading,
+            state.zone,
+            zone,
+            plan.policy.power,
+            plan.ladder_w,
+            state.ladder,
+            t_s,
+            check_drift=not dry_run,
+        )
     decisions.extend(power_decisions)
     vram_state = state.vram
     if vram is not None and facts is not None:
@@ -88,7 +99,14 @@ def evaluate_gpu(
             vram = replace(vram, dry_run=True)
         vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s, stopped_units)
         decisions.extend(vram_decisions)
-    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state), decisions
+    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state, target=target), decisions
+
+
+def wanted_w(state: GpuRuleState, plan: GpuPlan) -> float | None:
+    """The limit (W) the GPU's power rule wants in force, or None while hands-off."""
+    if plan.policy.power.target_mode:
+        return state.target.limit_w
+    return target_w(state.ladder, plan.ladder_w)
 
 
 def evaluate(

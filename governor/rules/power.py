@@ -13,8 +13,10 @@
 * A missing temperature holds the current limit: never a step up on no data.
 * Anti-flap backoff (lazy when releasing, as thermald): a step down (or critical
   jump) within ``flap_window_s`` of the last step up doubles the dwell before the
-  next step up, up to ``dwell_max_s``; every ``backoff_decay_s`` without a limit
-  change halves it again. A load that cycles faster than the card cools settles on
+  next step up - and keeps doubling it until it is longer than the release lasted (the
+  time from that step up to this step down), so the next release outlasts the pause
+  that fooled the last one - up to ``dwell_max_s``; every ``backoff_decay_s`` without a
+  limit change halves it again. A load that cycles faster than the card cools settles on
   the lower rung instead of stepping down and up every cycle.
 * Drift: when the enforced limit differs from the governor's target, the target is
   re-applied once per drift if the enforced limit is higher; an out-of-band limit
@@ -133,7 +135,12 @@ def _after_step_down(policy: PowerPolicy, state: LadderState, t_s: float) -> tup
     since_up = None if state.last_up_s is None else t_s - state.last_up_s
     if policy.flap_window_s <= 0.0 or since_up is None or since_up > policy.flap_window_s:
         return level, ""
-    level = min(level + 1, _max_backoff(policy))
+    # The release lasted since_up before the load came back: the next one waits longer than
+    # that (and at least twice as long as the last dwell), or it would flap on the same pause.
+    level += 1
+    while policy.dwell_s * (1 << level) < since_up and level < 30:
+        level += 1
+    level = min(level, _max_backoff(policy))
     dwell = effective_dwell_s(policy, replace(state, backoff=level, last_change_s=t_s), t_s)
     return (
         level,

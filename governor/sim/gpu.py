@@ -168,7 +168,7 @@ class SimulatedGpu:
         self.energy_j = 0.0
         self.work_s = 0.0
         self.active_s = 0.0
-        self.power_w = profile.idle_power_w
+        self.power_w = initial_w  # what it drew before the start, as its first reading says
         self.reasons = REASON_IDLE
         self.utilization_ratio = 0.0
         tel = profile.telemetry

@@ -8,6 +8,7 @@ code) or :class:`governor.config.ConfigError` (a config, profile or scenario).
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from typing import TextIO
 
@@ -19,7 +20,7 @@ from governor.whatif.common import WhatIfError, load_policy_config, parse_durati
 from governor.whatif.plot import plot_series, require_matplotlib
 from governor.whatif.progress import Progress
 from governor.whatif.replay import render_replay, replay_titles, replay_trace
-from governor.whatif.simulate import SimSetup, compare, render_comparison
+from governor.whatif.simulate import SimSetup, compare, comparison_document, render_comparison
 
 
 def _trace(path: object, option: str = "") -> Trace:
@@ -82,7 +83,10 @@ def cmd_simulate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         comparison = compare(setup, configs, labels, Progress(err))
     except ValueError as exc:  # a scenario naming more GPUs than --gpus (a SimDataError is a ConfigError)
         raise WhatIfError(str(exc)) from None
-    out.write(render_comparison(comparison))
+    if getattr(args, "json", False):
+        out.write(json.dumps(comparison_document(comparison), indent=2, allow_nan=False) + "\n")
+    else:
+        out.write(render_comparison(comparison))
     if args.plot is not None:
         primary = comparison.runs[0]
         series = [*primary.series, *(r.series[0] for r in comparison.runs[1:]), comparison.baseline.series[0]]

@@ -91,6 +91,7 @@ class RunOutcome:
     gpus: tuple[GpuOutcome, ...]
     decision_counts: tuple[tuple[str, int], ...]
     series: tuple[GpuSeries, ...]
+    limit_sum_max_w: float | None = None  # highest sum of all GPUs' limits after any write or tick (W)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +145,7 @@ class _Recorder(VirtualWaiter):
     def __init__(
         self,
         clock: VirtualClock,
-        backend: SimulatedBackend,
+        backend: _WatchedBackend,
         stop_s: float,
         thresholds_c: Sequence[float],
         series: list[GpuSeries],
@@ -166,6 +167,7 @@ class _Recorder(VirtualWaiter):
         self.changes: list[list[float]] = [[] for _ in range(n)]
         self.lost_at_s: list[float | None] = [None] * n
         self._limit: list[float | None] = [None] * n
+        self.limit_sum_max_w: float | None = None
 
     def wait(self, deadline_s: float) -> list[str]:
         """Stop at the end of the run, else advance to ``deadline_s`` (queued events first)."""
@@ -177,6 +179,7 @@ class _Recorder(VirtualWaiter):
         self.clock.advance_to(self.stop_s)
         self.final = [self.backend.stats(i) for i in range(len(self.series))]
         self.stopped = True
+        self.backend.watching = False
         if self.progress is not None:
             self.progress.update(self.stop_s)
         return [STOP]
@@ -196,6 +199,9 @@ class _Recorder(VirtualWaiter):
 
     def _record(self, report: TickReport, t: float) -> None:
         dt = max(0.0, min(report.config.poll_interval_s, self.stop_s - t))
+        total = sum(self.backend.limit_w(i) for i in range(len(self.series)))  # after this tick's writes
+        if self.limit_sum_max_w is None or total > self.limit_sum_max_w:
+            self.limit_sum_max_w = total
         for gpu in report.gpus:
             reading = gpu.reading
             if reading is None:
@@ -224,8 +230,28 @@ def _zone_thresholds(config: Config, backend: SimulatedBackend) -> list[tuple[tu
     return [thresholds(config.policy_for(info).thermal) for info in backend.gpus()]
 
 
-def _backend(setup: SimSetup, clock: VirtualClock) -> SimulatedBackend:
-    return SimulatedBackend(
+class _WatchedBackend(SimulatedBackend):
+    """The simulated backend, noting the highest sum of all GPUs' limits right after a write
+    that raised one (a lowering cannot push the sum up; a start over budget is the cards'
+    own) until the run ends (the restore on stop puts the originals back)."""
+
+    limit_sum_max_w: float | None = None
+    watching = True
+
+    def set_power_limit(self, uuid: str, limit_w: float) -> None:
+        """Set one limit, then note the sum of every GPU's limit when it was a raise."""
+        index = next(i for i, g in enumerate(self.gpus()) if g.uuid == uuid)
+        before = self.limit_w(index)
+        super().set_power_limit(uuid, limit_w)
+        if not self.watching or self.limit_w(index) <= before:
+            return
+        total = sum(self.limit_w(i) for i in range(len(self.gpus())))
+        if self.limit_sum_max_w is None or total > self.limit_sum_max_w:
+            self.limit_sum_max_w = total
+
+
+def _backend(setup: SimSetup, clock: VirtualClock) -> _WatchedBackend:
+    return _WatchedBackend(
         setup.profile,
         setup.scenario,
         clock,
@@ -310,7 +336,14 @@ def run_policy(
         gpus=gpus,
         decision_counts=tuple(sorted(recorder.counts.items())),
         series=tuple(series),
+        limit_sum_max_w=_highest(recorder.limit_sum_max_w, backend.limit_sum_max_w),
     )
+
+
+def _highest(*values: float | None) -> float | None:
+    """The highest of ``values`` that are not None (None when all are)."""
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
 
 
 def report_thresholds(setup: SimSetup, configs: Sequence[Config]) -> tuple[float, ...]:
@@ -385,3 +418,58 @@ def render_comparison(c: Comparison) -> str:
             if g.lost_at_s is not None:
                 lines.append(f"{run.label}: gpu{g.gpu_index} lost at t={g.lost_at_s:g} s")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(work_s: float, base_s: float) -> float | None:
+    return None if base_s <= 0 else round(work_s / base_s, 6)
+
+
+def _gpu_document(g: GpuOutcome, base: GpuOutcome, hours: float) -> dict[str, Any]:
+    return {
+        "gpu": g.gpu_index,
+        "peak_c": round(g.peak_c, 3),
+        "seconds_above_c": {f"{c:g}": round(s, 3) for c, s in g.seconds_above},
+        "changes_per_hour": round(g.limit_changes / hours, 4),
+        "limit_changes": g.limit_changes,
+        "busiest_hour_changes": g.busiest_hour_changes,
+        "throughput_ratio": _ratio(g.work_s, base.work_s),
+        "energy_kwh": round(g.energy_j / 3.6e6, 6),
+        "lost_at_s": g.lost_at_s,
+    }
+
+
+def policy_document(run: RunOutcome, baseline: RunOutcome) -> dict[str, Any]:
+    """One policy of a comparison as plain data (docs/whatif.md): over all GPUs, the highest
+    peak, seconds above each threshold and changes (per GPU: the worst GPU), the total work
+    against the baseline's and the total energy; and each GPU on its own."""
+    hours = run.duration_s / HOUR_S
+    thresholds = [c for c, _ in run.gpus[0].seconds_above] if run.gpus else []
+    return {
+        "name": run.label,
+        "peak_c": round(max(g.peak_c for g in run.gpus), 3),
+        "seconds_above_c": {f"{c:g}": round(max(dict(g.seconds_above)[c] for g in run.gpus), 3) for c in thresholds},
+        "changes_per_hour": round(max(g.limit_changes for g in run.gpus) / hours, 4),
+        "busiest_hour_changes": max(g.busiest_hour_changes for g in run.gpus),
+        "throughput_ratio": _ratio(sum(g.work_s for g in run.gpus), sum(g.work_s for g in baseline.gpus)),
+        "energy_kwh": round(sum(g.energy_j for g in run.gpus) / 3.6e6, 6),
+        "limit_sum_max_w": run.limit_sum_max_w,
+        "decisions": dict(run.decision_counts),
+        "gpus": [_gpu_document(g, b, hours) for g, b in zip(run.gpus, baseline.gpus)],
+    }
+
+
+def comparison_document(c: Comparison) -> dict[str, Any]:
+    """The comparison as one JSON-ready document: the setup, then a ``policies`` list whose
+    first entry is the no-governor baseline (see docs/whatif.md for every field)."""
+    s = c.setup
+    return {
+        "profile": s.profile.name,
+        "gpu_name": s.profile.gpu_name,
+        "scenario": s.scenario.name,
+        "duration_s": s.duration_s,
+        "seed": s.seed,
+        "gpu_count": s.gpu_count,
+        "ambient_c": s.ambient_c,
+        "thresholds_c": list(c.thresholds_c),
+        "policies": [policy_document(run, c.baseline) for run in (c.baseline, *c.runs)],
+    }
