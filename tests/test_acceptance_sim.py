@@ -60,9 +60,14 @@ class TestSustainedInference:
             'gpu_governor_decisions_total{action="set_power_limit",gpu="0",'
             'rule="power_step_up",uuid="GPU-sim-rtx4070-0"} 1.0' in body
         )
+        # The run ends with the daemon stopped: its restore is a decision and an applied action too.
+        assert (
+            'gpu_governor_decisions_total{action="set_power_limit",gpu="0",'
+            'rule="restore_on_stop",uuid="GPU-sim-rtx4070-0"} 1.0' in body
+        )
         assert (
             'gpu_governor_actions_total{action="set_power_limit",gpu="0",'
-            'outcome="applied",uuid="GPU-sim-rtx4070-0"} 3.0' in body
+            'outcome="applied",uuid="GPU-sim-rtx4070-0"} 4.0' in body
         )
 
     def test_dry_run_leaves_the_gpu_at_200_w(self, tmp_path: Path) -> None:
