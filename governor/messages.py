@@ -55,6 +55,8 @@ MESSAGES: dict[str, str] = {
     # --- GPU decisions (observers.EVENT_NAMES) --------------------------------------------
     "thermal_zone_changed": _GPU + " thermal zone {from_zone} -> {to_zone}: {reason}",
     "power_limit_stepped": _GPU + " power limit {from_w} W -> {to_w} W: {reason}",
+    "power_limit_targeted": _GPU + " power limit {from_w} W -> {to_w} W (target mode): {reason}",
+    "power_limit_budgeted": _GPU + " power limit {from_w} W -> {to_w} W (node power budget): {reason}",
     "power_limit_held": _GPU + " power limit held at {from_w} W: {reason}",
     "power_limit_drift_reapplied": _GPU + " power limit re-applied {from_w} W -> {to_w} W: {reason}",
     "power_limit_external_lower": _GPU + " power limit lowered outside the governor: {reason}",
