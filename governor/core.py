@@ -28,6 +28,7 @@ from governor.config import Config, ConfigError, ConfigIssue, check_resolved, de
 from governor.model import (
     ActionResult,
     ClassUsage,
+    FanStatus,
     GpuHealth,
     GpuInfo,
     GpuReading,
@@ -37,6 +38,7 @@ from governor.model import (
     Snapshot,
     ThermalZone,
 )
+from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
@@ -73,6 +75,7 @@ class GpuTick:
     memory_pressure: bool | None
     processes: tuple[ProcessRow, ...]
     original_limit_saved: bool | None
+    fan: FanStatus = field(default_factory=FanStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +323,13 @@ class Governor:
         vram = config.vram if config.vram.enabled else None
         previous = self.states
         self.states, decisions = evaluate(
-            snapshot, self.plans, previous, dry_run=config.dry_run, vram=vram, facts=facts
+            snapshot,
+            self.plans,
+            previous,
+            dry_run=config.dry_run,
+            vram=vram,
+            facts=facts,
+            fans_blocked=self.actuator.fans.monitor_only,
         )
         results = self.actuator.apply(decisions, snapshot)
         self._undo_unsaved_changes(previous, results)
@@ -339,6 +348,7 @@ class Governor:
         inspect_errors: tuple[tuple[int, str], ...] = (),
     ) -> TickReport:
         originals = self.originals
+        fans = self.actuator.fans.store
         warnings = tuple(originals.drain_warnings())
         return TickReport(
             kind=kind,
@@ -352,9 +362,9 @@ class Governor:
             inspect_errors=inspect_errors,
             hands_off=dict(self.actuator.hands_off) if self.actuator.hands_off else {},
             monitor_only=dict(self.actuator.monitor_only) if self.actuator.monitor_only else {},
-            state_error=originals.last_error,
+            state_error=originals.last_error or fans.last_error,
             state_warnings=warnings,
-            state_write_errors=originals.write_errors,
+            state_write_errors=originals.write_errors + fans.write_errors,
             backend=self.backend.name,
             waiting_reason=self.waiting_reason,
         )
@@ -388,9 +398,19 @@ class Governor:
                     memory_pressure=None if reading is None else under_pressure(reading, vram),
                     processes=processes,
                     original_limit_saved=self._original_limit_saved(uuid),
+                    fan=self._fan_status(plan, state),
                 )
             )
         return tuple(ticks)
+
+    def _fan_status(self, plan: GpuPlan, state: GpuRuleState) -> FanStatus:
+        """The fan mode, the speeds the governor set, and why it cannot drive the fans (None when it can)."""
+        mode = plan.policy.fan.mode
+        uuid = plan.info.uuid
+        why = self.actuator.fans.monitor_only.get(uuid) or state.fan.handed_back
+        if why is None and mode is not FanMode.AUTO:
+            why = plan.fan.no_fans
+        return FanStatus(mode=mode.value, targets_percent=() if why else state.fan.targets, monitor_only=why)
 
     def _original_limit_saved(self, uuid: str) -> bool | None:
         """False while a GPU is left alone because its original could not be saved, True once saved, else None."""
@@ -420,15 +440,20 @@ class Governor:
         return changes, ()
 
     def _undo_unsaved_changes(self, previous: Mapping[str, GpuRuleState], results: list[ActionResult]) -> None:
-        """A limit change refused because the GPU's original is not saved did not happen: the ladder
-        goes back to where it was, so the rules decide the change again next tick (the retry)."""
-        hands_off = self.actuator.hands_off
-        if not hands_off:
+        """A limit or fan change refused because the GPU's original (its fan takeover) is not saved did
+        not happen: the ladder (the fan state) goes back to where it was, so the rules decide the
+        change again next tick (the retry)."""
+        hands_off, fans_off = self.actuator.hands_off, self.actuator.fans.hands_off
+        if not hands_off and not fans_off:
             return
         for result in results:
             uuid = result.decision.gpu_uuid
-            if result.outcome is Outcome.REFUSED and uuid in hands_off and uuid in self.states:
-                before = previous.get(uuid, GpuRuleState())
+            if result.outcome is not Outcome.REFUSED or uuid not in self.states:
+                continue
+            before = previous.get(uuid, GpuRuleState())
+            if result.decision.fan is not None and uuid in fans_off:
+                self.states[uuid] = replace(self.states[uuid], fan=before.fan)
+            elif result.decision.fan is None and uuid in hands_off:
                 self.states[uuid] = replace(self.states[uuid], ladder=before.ladder)
 
     def _inspect(self, snapshot: Snapshot) -> tuple[dict[int, ProcessFacts], tuple[tuple[int, str], ...]]:

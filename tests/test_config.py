@@ -17,6 +17,8 @@ from governor.config import (
     ConfigError,
     ConfigIssue,
     GpuOverride,
+    FanMode,
+    FanPolicy,
     LoggingConfig,
     MetricsConfig,
     PowerPolicy,
@@ -88,6 +90,20 @@ min_change_interval_s = 10.0
 flap_window_s = 600.0
 dwell_max_s = 960.0
 backoff_decay_s = 1800.0
+
+[fan]
+mode = "curve"
+max_percent = 80.0
+fans = [0, 1]
+curve = [[40.0, 30.0], [75.0, 80.0]]
+hysteresis_c = 4.0
+raise_at_c = 72.0
+lower_at_c = 60.0
+step_percent = 5.0
+step_interval_s = 2.0
+settle_s = 90.0
+follow_tolerance_percent = 15.0
+follow_timeout_s = 45.0
 
 [[gpu]]
 index = 0
@@ -182,6 +198,9 @@ class TestKeys:
         assert c.thermal == ThermalPolicy(60.0, 70.0, 80.0, 90.0, 2.0)
         assert c.power == PowerPolicy(
             (300.0, 250.0, 200.0), 78.0, 60.0, 5, 120.0, 10.0, False, 600.0, 960.0, 1800.0, True
+        )
+        assert c.fan == FanPolicy(
+            FanMode.CURVE, 80.0, (0, 1), ((40.0, 30.0), (75.0, 80.0)), 4.0, 72.0, 60.0, 5.0, 2.0, 90.0, 15.0, 45.0
         )
         assert c.gpus == (
             GpuOverride(

@@ -126,6 +126,10 @@ class TestStrEnums:
             "vram_over_budget",
             "vram_enforce",
             "vram_escalate",
+            "fan_curve",
+            "fan_assist",
+            "fan_release",
+            "fan_not_following",
             "restore_on_stop",
             "restore_after_crash",
         }
