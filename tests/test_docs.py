@@ -97,7 +97,8 @@ class TestReferenceConfig:
             assert not missing, f"{path} lacks {sorted(missing)}"
 
     @pytest.mark.parametrize(
-        "example", ["config/examples/rtx4070.toml", "config/examples/rtx4070-fan.toml", "config/examples/h100-server.toml"]
+        "example",
+        ["config/examples/rtx4070.toml", "config/examples/rtx4070-fan.toml", "config/examples/h100-server.toml"],
     )
     def test_shipped_examples_pass_check_config_without_warnings(self, example: str) -> None:
         """check-config accepts each shipped example and warns about nothing (no overlapping classes)."""
