@@ -606,6 +606,7 @@ class Telemetry:
                     original_limit_saved=g.original_limit_saved,
                     last_power=self._last_power.get(uuid),
                     last_vram=self._last_vram.get(uuid),
+                    fan=g.fan,
                 )
             )
         vram = config.vram
