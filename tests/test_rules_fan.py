@@ -242,4 +242,3 @@ class TestPowerGate:
             state, decisions = evaluate_gpu(fan_reading(78.0), plan, state, float(t), fans_blocked=True)
             rules += [d.rule for d in decisions]
         assert Rule.POWER_STEP_DOWN in rules and not any(str(r).startswith("fan") for r in rules)
-
