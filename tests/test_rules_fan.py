@@ -78,9 +78,10 @@ class TestCurve:
 
 
 class TestAssist:
-    def run(self, temps: list[tuple[float, float]], state: FanState = FanState()) -> list[tuple[float, FanState, bool]]:
-        """(t, state, headroom) after each (t, temperature); the fans measured at their target."""
+    def run(self, temps: list[tuple[float, float]]) -> list[tuple[float, FanState, bool]]:
+        """(t, state, headroom) after each (t, temperature), from the card's control; the fans measured at their target."""
         plan = FanPlan.build(CARD, ASSIST)
+        state = FanState()
         out = []
         for t, temp in temps:
             measured = tuple(dict(state.targets).get(f, 45.0) for f in (0, 1))
@@ -221,7 +222,8 @@ class TestPowerGate:
 
         def run(fan: FanPolicy) -> list[tuple[float, Rule]]:
             plan = GpuPlan.build(CARD, GpuPolicy(power=self.POWER, fan=fan))
-            state, seen = GpuRuleState(), []
+            state = GpuRuleState()
+            seen: list[tuple[float, Rule]] = []
             for t in range(0, 120):
                 measured = tuple(dict(state.fan.targets).get(f, 45.0) for f in (0, 1))
                 state, decisions = evaluate_gpu(fan_reading(78.0, measured), plan, state, float(t))
