@@ -79,7 +79,7 @@ class TestCurve:
 
 class TestAssist:
     def run(self, temps: list[tuple[float, float]]) -> list[tuple[float, FanState, bool]]:
-        """(t, state, headroom) after each (t, temperature), from the card's control; the fans measured at their target."""
+        """(t, state, headroom) after each (t, temperature), from the card's control; fans read at target."""
         plan = FanPlan.build(CARD, ASSIST)
         state = FanState()
         out = []
