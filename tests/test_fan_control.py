@@ -264,3 +264,38 @@ class TestDurability:
         report = governor.restore(governor.read(), 0.0, "restore_after_crash", 0.0)
         assert [(r.decision.fan, r.outcome) for r in report.results] == [(0, Outcome.APPLIED), (1, Outcome.APPLIED)]
         assert nvml.gpus[0].fan_policies == {} and (state / (FAN_STATE_FILE_NAME + ".corrupt")).exists()
+
+
+class TestMetrics:
+    def test_mode_target_and_monitor_only_series(self, tmp_path: Path) -> None:
+        """On a hot simulated RTX 4070 in assist mode: the mode state set, a target per fan at the 75 % ceiling
+        beside the measured speed; on an H100 profile the fans are monitor-only (1) and have no target."""
+        from prometheus_client import generate_latest
+
+        from governor.backends.simulated import SimulatedBackend
+        from governor.metrics import build_registry
+        from governor.sim.profiles import load_profile
+        from governor.sim.scenario import load_scenario
+        from tests.builders import build_daemon
+
+        def body(profile: str) -> str:
+            clock = VirtualClock()
+            backend = SimulatedBackend(load_profile(profile), load_scenario("hot"), clock)
+            config = Config(state_dir=str(tmp_path / profile), runtime_dir="", fan=ASSIST)
+            daemon = build_daemon(config, backend, clock)
+            daemon.start()
+            for _ in range(60):
+                clock.advance(1.0)
+                daemon.tick()
+            return generate_latest(build_registry(lambda: daemon.published)).decode()
+
+        rtx = body("rtx4070")
+        labels = 'gpu="0",uuid="GPU-sim-rtx4070-0"'
+        mode = 'gpu_governor_gpu_fan_mode{gpu="0",gpu_governor_gpu_fan_mode="assist",uuid="GPU-sim-rtx4070-0"} 1.0'
+        assert mode in rtx
+        assert f'gpu_governor_gpu_fan_target_ratio{{fan="1",{labels}}} 0.75' in rtx
+        assert f'gpu_governor_gpu_fan_speed_ratio{{fan="1",{labels}}} 0.75' in rtx
+        assert f"gpu_governor_gpu_fan_monitor_only{{{labels}}} 0.0" in rtx
+        h100 = body("h100-80gb")
+        assert 'gpu_governor_gpu_fan_monitor_only{gpu="0",uuid="GPU-sim-h100-80gb-0"} 1.0' in h100
+        assert "gpu_governor_gpu_fan_target_ratio{" not in h100
