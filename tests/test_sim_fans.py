@@ -149,3 +149,17 @@ class TestAcceptance:
             f"ACCEPTANCE fan assist: peak {assist.peak_c:.2f} C, work {assist.work_s:.0f} s vs power only "
             f"{power.peak_c:.2f} C, {power.seconds_above:.0f} s > 75 C, work {power.work_s:.0f} s"
         )
+
+
+class TestWhatIf:
+    def test_simulate_runs_fan_assist_and_its_baseline_leaves_the_fans_alone(self) -> None:
+        """`simulate` with the fan example: fan decisions marked on the timeline ("fan 0 ... -> auto" included);
+        the no-governor baseline makes none."""
+        from governor.whatif.simulate import SimSetup, compare
+
+        setup = SimSetup(load_profile("rtx4070"), load_scenario("sustained-inference"), 1800.0)
+        c = compare(setup, [load_config(EXAMPLE, enforce_trust=False)], ["fan assist"])
+        (run,) = c.runs
+        marks = [m for m in run.series[0].marks if str(m.rule).startswith("fan")]
+        assert any(m.text.startswith("fan 0 ") and m.text.endswith("-> auto") for m in marks)
+        assert not any(rule.startswith("fan") for rule, _ in c.baseline.decision_counts)
