@@ -299,3 +299,29 @@ class TestMetrics:
         h100 = body("h100-80gb")
         assert 'gpu_governor_gpu_fan_monitor_only{gpu="0",uuid="GPU-sim-h100-80gb-0"} 1.0' in h100
         assert "gpu_governor_gpu_fan_target_ratio{" not in h100
+
+
+class TestConfigAndCurve:
+    def test_per_gpu_override_and_its_contradiction(self) -> None:
+        """A [[gpu]] fan table changes that GPU's policy only; lower_at_c at or above raise_at_c is named."""
+        from governor.config import ConfigError, parse_config
+        from governor.model import GpuInfo
+
+        config = parse_config(
+            {"fan": {"mode": "assist"}, "gpu": [{"index": 1, "fan": {"mode": "curve", "max_percent": 60}}]}, "t.toml"
+        )
+        zero, one = GpuInfo(index=0, uuid="GPU-a", name="x"), GpuInfo(index=1, uuid="GPU-b", name="x")
+        assert config.policy_for(zero).fan.mode is FanMode.ASSIST and config.policy_for(zero).fan.max_percent == 75.0
+        assert config.policy_for(one).fan.mode is FanMode.CURVE and config.policy_for(one).fan.max_percent == 60.0
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"gpu": [{"index": 0, "fan": {"lower_at_c": 75.0}}]}, "t.toml")
+        assert [str(i) for i in caught.value.issues] == [
+            "t.toml: gpu[0].fan.lower_at_c: expected a temperature below fan.raise_at_c (70 C), got 75"
+        ]
+
+    def test_curve_drives_only_the_fans_named(self, tmp_path: Path) -> None:
+        """fans = [1]: the curve sets fan 1 only; fan 0 stays with the card."""
+        curve = FanPolicy(mode=FanMode.CURVE, fans=(1,), curve=((50.0, 30.0), (80.0, 70.0)))
+        governor, nvml, clock = governor_for(tmp_path, consumer_card(temperature_c=65), fan=curve)
+        tick(governor, clock, 0.0)
+        assert nvml.gpus[0].fan_writes == [("speed", 1, 50)] and nvml.gpus[0].fan_policies == {1: 1}
