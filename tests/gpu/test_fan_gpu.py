@@ -80,7 +80,7 @@ def test_assist_in_dry_run_reports_fans_once_and_changes_nothing(tmp_path: Path)
     config = tmp_path / "governor.toml"
     config.write_text(
         f'dry_run = true\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = ""\n'
-        '[fan]\nmode = "assist"\nmax_percent = 75.0\nraise_at_c = 30.0\nlower_at_c = 29.0\n'
+        '[fan]\nmode = "assist"\nmax_percent = 75.0\nraise_at_c = 31.0\nlower_at_c = 30.0\n'
     )
     os.chmod(config, 0o644)
     log_path = tmp_path / "governor.log"
@@ -104,14 +104,14 @@ def test_assist_in_dry_run_reports_fans_once_and_changes_nothing(tmp_path: Path)
     assert code == 0
     fan_lines = [x for x in body.splitlines() if "gpu_fan_" in x and not x.startswith("#")]
     report("fan_metrics", lines=fan_lines)
-    errors = [e for e in events if e.get("log_level") in ("error", "critical")]
+    errors = [e for e in events if e.get("level") in ("error", "critical")]
     assert errors == [], errors
     for gpu in before:
         index = gpu["gpu"]
         mine = [e for e in events if e.get("gpu") == index and "fan" in str(e["event"])]
         report("fan_events", gpu=index, events=mine)
         if not gpu["fans"]:
-            assert [(e["event"], e["log_level"]) for e in mine] == [("gpu_fans_monitor_only", "info")]
+            assert [(e["event"], e["level"]) for e in mine] == [("gpu_fans_monitor_only", "info")]
             assert f'gpu_governor_gpu_fan_monitor_only{{gpu="{index}"' in body
             assert f'gpu_governor_gpu_fan_target_ratio{{fan="0",gpu="{index}"' not in body
         else:
