@@ -23,6 +23,9 @@ PIDs. Right before a stop, systemd is asked which unit the process belongs to no
 (GetUnitByPID): a process that moved or vanished is left alone. A unit on the deny list is
 refused here too. A call systemd did not answer in time is counted as done (the job may
 have been queued; starting a running unit again later is harmless).
+Fan decisions go to its fan half, :class:`governor.fanactuator.FanActuator` (``fans``),
+whose takeovers are saved beside the originals (``fan-control.json``) and undone by
+:meth:`Actuator.restore` together with the limits.
 
 Only :class:`~governor.errors.GpuError` (one GPU, one change) is caught and counted as a
 failed action. :class:`~governor.errors.BackendFatal` passes through every path, setting
@@ -40,6 +43,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from governor.backends import Backend, GpuError, SetLimitRefused
+from governor.fanactuator import FanActuator
+from governor.fanstate import FanControl
 from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Rule, Snapshot
 from governor.policy import denied_unit
 from governor.processes import read_start_time
@@ -48,6 +53,7 @@ from governor.state import OriginalLimits
 from governor.units import MemoryUnits, UnitManager
 
 SIGNALS = {Action.SIGNAL_TERM: signal.SIGTERM, Action.SIGNAL_KILL: signal.SIGKILL}
+FAN_ACTIONS = frozenset({Action.SET_FAN_SPEED, Action.SET_FAN_AUTO})
 
 
 def send_signal(pid: int, start_time: int, signum: int, proc: Path = Path("/proc")) -> str | None:
@@ -111,10 +117,13 @@ class Actuator:
         self.monitor_only: dict[str, str] = {}
         self.hands_off: dict[str, str] = {}  # GPU UUID -> why its original could not be saved
         self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
+        state_dir = None if originals.path is None else originals.path.parent
+        self.fans = FanActuator(backend, FanControl(state_dir), self._gpus.values())
 
     def set_gpus(self, gpus: Iterable[GpuInfo]) -> None:
         """The GPUs present now (they can appear late, when the driver loads after start)."""
         self._gpus = {g.uuid: g for g in gpus}
+        self.fans.set_gpus(self._gpus.values())
 
     def apply(self, decisions: Iterable[Decision], snapshot: Snapshot) -> list[ActionResult]:
         """Carry out every decision; informational ones come back SKIPPED."""
@@ -127,6 +136,8 @@ class Actuator:
                 results.append(self._signal(decision))
             elif decision.action in (Action.STOP_UNIT, Action.START_UNIT):
                 results.append(self._unit(decision))
+            elif decision.action in FAN_ACTIONS:
+                results.append(self.fans.apply(decision, self.dry_run))
             else:
                 results.append(ActionResult(decision, Outcome.SKIPPED))
         return results
@@ -259,7 +270,8 @@ class Actuator:
     def restore(
         self, snapshot: Snapshot | None, t_s: float, rule: str, only: set[str] | None = None
     ) -> list[ActionResult]:
-        """Put every saved original limit back (clean stop, or leftovers of a crash at start).
+        """Put every saved original limit back and every fan the governor took back under the
+        card's control (clean stop, or leftovers of a crash at start).
 
         ``only`` limits it to those GPU UUIDs (GPUs that just appeared).
         """
@@ -301,6 +313,7 @@ class Actuator:
             if result.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
                 self.originals.forget(uuid)
             results.append(result)
+        results.extend(self.fans.restore(snapshot, t_s, rule, only, self.dry_run))
         return results
 
     def _recover_suspects(self, readings: Mapping[str, GpuReading], only: set[str] | None) -> None:

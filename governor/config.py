@@ -37,6 +37,8 @@ from governor.model import GpuInfo
 
 # Policy types live in governor.policy and the schema engine in governor.schema; the names
 # stay importable from here (re-exports) for the code that found them here before.
+from governor.policy import FanMode as FanMode
+from governor.policy import FanPolicy as FanPolicy
 from governor.policy import GpuPolicy as GpuPolicy
 from governor.policy import NodePolicy as NodePolicy
 from governor.policy import PowerPolicy as PowerPolicy
@@ -79,6 +81,7 @@ class GpuOverride:
     name: str | None
     thermal: Mapping[str, Any]
     power: Mapping[str, Any]
+    fan: Mapping[str, Any] = field(default_factory=dict)
 
     def matches(self, gpu: GpuInfo) -> bool:
         """True when this override selects ``gpu``."""
@@ -179,15 +182,17 @@ class Config:
     gpus: tuple[GpuOverride, ...] = ()
     vram: VramPolicy = field(default_factory=VramPolicy)
     node: NodePolicy = field(default_factory=NodePolicy)
+    fan: FanPolicy = field(default_factory=FanPolicy)
 
     def policy_for(self, gpu: GpuInfo) -> GpuPolicy:
-        """The thermal and power policy for ``gpu``: defaults, then every matching override."""
-        thermal, power = self.thermal, self.power
+        """The thermal, power and fan policy for ``gpu``: defaults, then every matching override."""
+        thermal, power, fan = self.thermal, self.power, self.fan
         for override in self.gpus:
             if override.matches(gpu):
                 thermal = replace(thermal, **override.thermal)
                 power = replace(power, **override.power)
-        return GpuPolicy(thermal=thermal, power=power)
+                fan = replace(fan, **override.fan)
+        return GpuPolicy(thermal=thermal, power=power, fan=fan)
 
 
 # --------------------------------------------------------------------------- schema
@@ -289,6 +294,54 @@ NODE_KEYS: dict[str, Key] = {
     "share": Key("str", "how the budget is shared", one_of("demand", "weight")),
     "min_share_change_w": Key("float", "watts (0 to 1000)", between(0.0, 1000.0)),
 }
+
+
+def _curve_point(item: Any) -> tuple[float, float] | None:
+    """A fan curve point ``[temperature C, percent]`` as a pair of floats, None when it is not one."""
+    if isinstance(item, list) and len(item) == 2 and all(finite_number(x) for x in item):
+        temperature, percent = float(item[0]), float(item[1])
+        if 0.0 <= temperature <= THRESHOLD_RANGE_C[1] and 0.0 <= percent <= 100.0:
+            return temperature, percent
+    return None
+
+
+def _curve(v: Any) -> str | None:
+    if not v or len(v) > 16:
+        return "1 to 16 points [temperature C, percent]"
+    if any(b[0] <= a[0] for a, b in itertools.pairwise(v)):
+        return "points in rising temperature order"
+    if any(b[1] < a[1] for a, b in itertools.pairwise(v)):
+        return "speeds that never fall as the temperature rises"
+    return None
+
+
+def _fan_index(item: Any) -> int | None:
+    return item if isinstance(item, int) and not isinstance(item, bool) and 0 <= item < 32 else None
+
+
+_PERCENT = "percent of the fan's maximum speed (0 to 100)"
+FAN_KEYS: dict[str, Key] = {
+    "mode": Key("str", "a fan mode", one_of(*(m.value for m in FanMode))),
+    "max_percent": Key("float", _PERCENT + ": the noise ceiling", between(0.0, 100.0)),
+    "fans": Key(
+        "array", "a list of fan indexes (empty: every fan)", None, item=_fan_index, item_expected="a fan index 0-31"
+    ),
+    "curve": Key(
+        "array",
+        "a list of [temperature C, percent] points",
+        _curve,
+        item=_curve_point,
+        item_expected=f"a point [temperature C (0 to {THRESHOLD_RANGE_C[1]:g}), percent (0 to 100)]",
+    ),
+    "hysteresis_c": Key("float", "degrees C (0 to 30)", between(0.0, 30.0)),
+    "raise_at_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
+    "lower_at_c": Key("float", _THRESHOLD_TEXT, _THRESHOLD),
+    "step_percent": Key("float", "percent per step (1 to 100)", between(1.0, 100.0)),
+    "step_interval_s": Key("float", "seconds", between(0.0, 3600.0)),
+    "settle_s": Key("float", "seconds", between(0.0, 3600.0)),
+    "follow_tolerance_percent": Key("float", "percent (1 to 100)", between(1.0, 100.0)),
+    "follow_timeout_s": Key("float", "seconds (10 to 3600: fan speeds are read every 10 s)", between(10.0, 3600.0)),
+}
 SCHEMA: dict[str, Key | dict[str, Key]] = {
     "poll_interval_s": Key("float", "seconds", between(0.05, 3600.0)),
     "dry_run": Key("bool", "true or false"),
@@ -325,6 +378,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
     "thermal": THERMAL_KEYS,
     "power": POWER_KEYS,
     "node": NODE_KEYS,
+    "fan": FAN_KEYS,
 }
 GPU_SELECTORS: dict[str, Key] = {
     "index": Key("int", "a GPU index", between(0, 1023)),
@@ -358,6 +412,15 @@ def _power_contradictions(p: PowerPolicy, prefix: str, out: Issues) -> None:
         )
 
 
+def _fan_contradictions(f: FanPolicy, prefix: str, out: Issues) -> None:
+    if not f.lower_at_c < f.raise_at_c:
+        out.add(
+            f"{prefix}fan.lower_at_c",
+            f"a temperature below fan.raise_at_c ({f.raise_at_c:g} C)",
+            f"{f.lower_at_c:g}",
+        )
+
+
 def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]:
     """Contradictions in the policy each GPU actually gets once every matching [[gpu]] applies.
 
@@ -373,6 +436,7 @@ def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]
         _thermal_contradictions(policy.thermal, prefix, out)
         _power_contradictions(policy.power, prefix, out)
         _target_contradictions(policy, prefix, out)
+        _fan_contradictions(policy.fan, prefix, out)
         problem = deep_cap_problem(policy.power, gpu)
         if problem is not None:
             out.add(f"power.ladder_w for GPU {gpu.index} ({gpu.name}, {gpu.uuid})", *problem)
@@ -593,9 +657,11 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
 
     thermal = replace(ThermalPolicy(), **sections.get("thermal", {}))
     power = replace(PowerPolicy(), **sections.get("power", {}))
+    fan = replace(FanPolicy(), **sections.get("fan", {}))
     _thermal_contradictions(thermal, "", out)
     _power_contradictions(power, "", out)
     _target_contradictions(GpuPolicy(thermal, power), "", out)
+    _fan_contradictions(fan, "", out)
     node = replace(NodePolicy(), **sections.get("node", {}))
     metrics = replace(MetricsConfig(), **sections.get("metrics", {}))
     _metrics_contradictions(metrics, "", out)
@@ -606,7 +672,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             out.add("gpu", "an array of tables ([[gpu]])", describe(raw_gpus))
         else:
             for i, entry in enumerate(raw_gpus):
-                override = _parse_override(entry, f"gpu[{i}]", thermal, power, out)
+                override = _parse_override(entry, f"gpu[{i}]", thermal, power, out, fan)
                 if override is not None:
                     overrides.append(override)
 
@@ -622,6 +688,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         simulation=replace(SimulationConfig(), **sections.get("simulation", {})),
         thermal=thermal,
         power=power,
+        fan=fan,
         gpus=tuple(overrides),
         node=node,
         **top,
@@ -629,14 +696,14 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
 
 
 def _parse_override(
-    entry: Any, path: str, thermal: ThermalPolicy, power: PowerPolicy, out: Issues
+    entry: Any, path: str, thermal: ThermalPolicy, power: PowerPolicy, out: Issues, fan: FanPolicy | None = None
 ) -> GpuOverride | None:
     table = table_of(entry, path, out)
     if table is None:
         return None
     selectors: dict[str, Any] = {}
-    parts: dict[str, dict[str, Any]] = {"thermal": {}, "power": {}}
-    known = [*GPU_SELECTORS, "thermal", "power"]
+    parts: dict[str, dict[str, Any]] = {"thermal": {}, "power": {}, "fan": {}}
+    known = [*GPU_SELECTORS, "thermal", "power", "fan"]
     for name, value in table.items():
         key_path = f"{path}.{name}"
         if name in GPU_SELECTORS:
@@ -646,7 +713,7 @@ def _parse_override(
         elif name in parts:
             sub = table_of(value, key_path, out)
             if sub is not None:
-                schema = THERMAL_KEYS if name == "thermal" else POWER_KEYS
+                schema = {"thermal": THERMAL_KEYS, "power": POWER_KEYS, "fan": FAN_KEYS}[name]
                 parts[name] = section(sub, schema, f"{key_path}.", out)
         else:
             unknown(key_path, name, known, out)
@@ -657,12 +724,15 @@ def _parse_override(
         _thermal_contradictions(replace(thermal, **parts["thermal"]), f"{path}.", out)
     if parts["power"].keys() & {"step_up_at_c", "step_down_at_c"}:
         _power_contradictions(replace(power, **parts["power"]), f"{path}.", out)
+    if parts["fan"].keys() & {"raise_at_c", "lower_at_c"}:
+        _fan_contradictions(replace(fan or FanPolicy(), **parts["fan"]), f"{path}.", out)
     return GpuOverride(
         index=selectors.get("index"),
         uuid=selectors.get("uuid"),
         name=selectors.get("name"),
         thermal=parts["thermal"],
         power=parts["power"],
+        fan=parts["fan"],
     )
 
 
@@ -841,7 +911,7 @@ def render_config(config: Config) -> str:
             value = getattr(override, selector)
             if value is not None:
                 lines.append(f"{selector} = {_toml_value(value)}")
-        for part in ("thermal", "power"):
+        for part in ("thermal", "power", "fan"):
             values = getattr(override, part)
             if values:
                 lines.append(f"{part} = {_toml_value(dict(values))}")

@@ -28,6 +28,7 @@ from governor.config import Config, ConfigError, ConfigIssue, check_resolved, de
 from governor.model import (
     ActionResult,
     ClassUsage,
+    FanStatus,
     GpuHealth,
     GpuInfo,
     GpuReading,
@@ -40,6 +41,7 @@ from governor.model import (
     ThermalZone,
     UnitWarning,
 )
+from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.budget import BudgetState, apply_budget
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate, wanted_w
@@ -79,6 +81,7 @@ class GpuTick:
     processes: tuple[ProcessRow, ...]
     original_limit_saved: bool | None
     model: ThermalModelStatus | None = None
+    fan: FanStatus = field(default_factory=FanStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +349,14 @@ class Governor:
         previous = self.states
         units = self.units
         self.states, decisions = evaluate(
-            snapshot, self.plans, previous, dry_run=config.dry_run, vram=vram, facts=facts, stopped_units=units.stopped
+            snapshot,
+            self.plans,
+            previous,
+            dry_run=config.dry_run,
+            vram=vram,
+            facts=facts,
+            stopped_units=units.stopped,
+            fans_blocked=self.actuator.fans.monitor_only,
         )
         decisions.extend(units.decide(snapshot, config.vram, facts))
         if config.node.power_budget_w is not None:
@@ -384,6 +394,7 @@ class Governor:
         inspect_errors: tuple[tuple[int, str], ...] = (),
     ) -> TickReport:
         originals = self.originals
+        fans = self.actuator.fans.store
         warnings = tuple(originals.drain_warnings())
         store = self.units.store
         return TickReport(
@@ -398,9 +409,9 @@ class Governor:
             inspect_errors=inspect_errors,
             hands_off=dict(self.actuator.hands_off) if self.actuator.hands_off else {},
             monitor_only=dict(self.actuator.monitor_only) if self.actuator.monitor_only else {},
-            state_error=originals.last_error or store.last_error,
+            state_error=originals.last_error or store.last_error or fans.last_error,
             state_warnings=warnings,
-            state_write_errors=originals.write_errors + store.write_errors,
+            state_write_errors=originals.write_errors + store.write_errors + fans.write_errors,
             backend=self.backend.name,
             waiting_reason=self.waiting_reason,
             stopped_units=self.units.statuses(snapshot, self.config.vram),
@@ -438,6 +449,7 @@ class Governor:
                     processes=processes,
                     original_limit_saved=self._original_limit_saved(uuid),
                     model=_model_status(state) if plan.policy.power.target_mode else None,
+                    fan=self._fan_status(plan, state),
                 )
             )
         return tuple(ticks)
@@ -449,6 +461,15 @@ class Governor:
             return wanted
         share = self.budget.set_for(uuid)
         return wanted if share is None else share
+
+    def _fan_status(self, plan: GpuPlan, state: GpuRuleState) -> FanStatus:
+        """The fan mode, the speeds the governor set, and why it cannot drive the fans (None when it can)."""
+        mode = plan.policy.fan.mode
+        uuid = plan.info.uuid
+        why = self.actuator.fans.monitor_only.get(uuid) or state.fan.handed_back
+        if why is None and mode is not FanMode.AUTO:
+            why = plan.fan.no_fans
+        return FanStatus(mode=mode.value, targets_percent=() if why else state.fan.targets, monitor_only=why)
 
     def _original_limit_saved(self, uuid: str) -> bool | None:
         """False while a GPU is left alone because its original could not be saved, True once saved, else None."""
@@ -478,16 +499,21 @@ class Governor:
         return changes, ()
 
     def _undo_unsaved_changes(self, previous: Mapping[str, GpuRuleState], results: list[ActionResult]) -> None:
-        """A limit change refused because the GPU's original is not saved did not happen: the ladder
-        goes back to where it was, so the rules decide the change again next tick (the retry)."""
-        hands_off = self.actuator.hands_off
-        if not hands_off:
+        """A limit or fan change refused because the GPU's original (its fan takeover) is not saved did
+        not happen: the ladder (the fan state) goes back to where it was, so the rules decide the
+        change again next tick (the retry)."""
+        hands_off, fans_off = self.actuator.hands_off, self.actuator.fans.hands_off
+        if not hands_off and not fans_off:
             return
         for result in results:
             uuid = result.decision.gpu_uuid
-            if result.outcome is Outcome.REFUSED and uuid in hands_off and uuid in self.states:
-                before = previous.get(uuid, GpuRuleState())
-                now = self.states[uuid]
+            if result.outcome is not Outcome.REFUSED or uuid not in self.states:
+                continue
+            before = previous.get(uuid, GpuRuleState())
+            now = self.states[uuid]
+            if result.decision.fan is not None and uuid in fans_off:
+                self.states[uuid] = replace(now, fan=before.fan)
+            elif result.decision.fan is None and uuid in hands_off:
                 target = replace(
                     now.target,
                     limit_w=before.target.limit_w,

@@ -64,6 +64,15 @@ MESSAGES: dict[str, str] = {
     "power_limit_would_set": _GPU + " power limit would be set {from_w} W -> {to_w} W (dry run): {reason}",
     "power_limit_set_failed": _GPU + " power limit {from_w} W -> {to_w} W failed: {detail} (wanted because {reason})",
     "gpu_monitor_only": _GPU + " is monitor-only from now on: {reason}",
+    "fan_speed_set": _GPU + " fan {fan} {from_percent} % -> {to}: {reason}",
+    "fan_released": _GPU + " fan {fan} back to the card's automatic control: {reason}",
+    "fan_not_following": _GPU + " fan {fan} does not follow its target: {reason}",
+    "fan_control_restored": _GPU + " fan {fan} back to the card's automatic control: {reason}",
+    "fan_would_set": _GPU + " would set fan {fan} to {to} (dry run): {reason}",
+    "fan_set_failed": _GPU + " fan {fan} -> {to} failed: {detail} (wanted because {reason})",
+    "fan_left_alone": _GPU + " fan {fan} left alone ({outcome}): {detail}",
+    "gpu_fans_monitor_only": _GPU + " fans are monitor-only (fan mode {mode}): {reason}",
+    "gpu_fans_controllable": _GPU + " fans can be driven again (fan mode {mode})",
     # --- GPU state changes ----------------------------------------------------------------
     "gpu_lost": _GPU + " lost: {reason}",
     "gpu_recovered": _GPU + " answers again (health {health})",
@@ -77,6 +86,7 @@ MESSAGES: dict[str, str] = {
     "original_limit_unsaved": _GPU + " original power limit cannot be saved: {reason}; {effect}",
     "original_limit_saved": _GPU + " original power limit saved: the governor may change its limit",
     "backend_state_unreadable": "The simulated GPUs' state file could not be read: {detail}",
+    "fan_state_unreadable": "The saved fan takeovers could not be read: {detail}",
     # --- processes ------------------------------------------------------------------------
     "process_over_budget": _PROCESS + " over its VRAM budget: {used_bytes:size} > {budget_bytes:size}",
     "process_would_signal": _PROCESS + " would get {signal} (dry run): {reason}",

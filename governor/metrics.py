@@ -61,6 +61,7 @@ class GovernorCollector(Collector):
             return
         yield from _governor_metrics(state)
         yield from _gpu_metrics(state)
+        yield from _fan_metrics(state)
         yield from _vram_metrics(state)
         yield from _unit_metrics(state)
         yield from _model_metrics(state)
@@ -310,6 +311,34 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
     yield errors
 
     yield from _telemetry_metrics(state)
+
+
+FAN_MODES = ("auto", "curve", "assist")
+
+
+def _fan_metrics(state: PublishedState) -> Iterator[Metric]:
+    """The fan mode per GPU, the speed the governor set per fan (absent while the card's own
+    control runs it) and whether the fans are monitor-only; the measured speed is telemetry."""
+    mode = StateSetMetricFamily(f"{PREFIX}_gpu_fan_mode", "Fan mode configured for each GPU.", labels=GPU_LABELS)
+    target = _gauge(
+        "gpu_fan_target_ratio",
+        "Fan speed the governor set, 0-1, per fan (absent while the card's automatic control runs it).",
+        [*GPU_LABELS, "fan"],
+    )
+    monitor = _gauge(
+        "gpu_fan_monitor_only",
+        "1 when the governor cannot drive this GPU's fans (none NVML can set, a refused set, a fan that did "
+        "not follow); 0 when it can. Absent in fan mode auto on a GPU without fans.",
+    )
+    for status in state.gpus:
+        fan = status.fan
+        labels = [str(status.info.index), status.info.uuid]
+        mode.add_metric(labels, {m: fan.mode == m for m in FAN_MODES})
+        for index, percent in fan.targets_percent:
+            target.add_metric([*labels, str(index)], percent / 100.0)
+        if fan.monitor_only is not None or status.info.fan_count:
+            monitor.add_metric(labels, 1.0 if fan.monitor_only else 0.0)
+    yield from (mode, target, monitor)
 
 
 def _telemetry_metrics(state: PublishedState) -> Iterator[Metric]:

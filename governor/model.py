@@ -44,6 +44,9 @@ class GpuInfo:
     temperature_shutdown_c: float | None = None
     memory_total_bytes: int | None = None
     driver_version: str | None = None
+    fan_count: int | None = None  # None: the GPU cannot say (NotSupported: a data-center board)
+    fan_speed_min_percent: float | None = None  # the lowest speed a fan may be set to (percent of its maximum)
+    fan_speed_max_percent: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +150,11 @@ class Decision:
     thermal and power rules, bytes for VRAM), ``threshold`` the limit it compared
     against (same unit). What changes is typed by kind, each in its own unit:
     ``from_zone``/``to_zone`` for a zone change, ``from_w``/``to_w`` (watts) for a power
-    limit, ``pid``/``process_start_time``/``process_class``/``process_name`` for a
-    process target (the action says what happens to it) and ``unit`` for the systemd unit
-    a ``stop_unit``/``start_unit`` decision (or a kill-restart loop report) is about.
+    limit, ``fan`` with ``from_percent``/``to_percent`` (percent of the fan's maximum speed;
+    ``to_percent`` None: back to the card's automatic control) for a fan,
+    ``pid``/``process_start_time``/``process_class``/``process_name`` for a process target
+    (the action says what happens to it) and ``unit`` for the systemd unit a
+    ``stop_unit``/``start_unit`` decision (or a kill-restart loop report) is about.
     """
 
     t_s: float
@@ -170,23 +175,32 @@ class Decision:
     process_name: str | None = None
     dry_run: bool = False  # a process decision under dry-run (per class or [vram] dry_run)
     unit: str | None = None  # the systemd unit a process decision is about (stop_unit, start_unit, loops)
+    fan: int | None = None
+    from_percent: float | None = None
+    to_percent: float | None = None
 
     @property
     def from_value(self) -> float | str | None:
-        """The old untyped "before" (zone name, watts or process name), for readers not yet on the typed fields."""
+        """The old untyped "before" (zone name, watts, percent or process name), for readers not yet
+        on the typed fields."""
         if self.to_zone is not None:
             return None if self.from_zone is None else self.from_zone.value
         if self.pid is not None:
             return self.process_name
+        if self.fan is not None:
+            return self.from_percent
         return self.from_w
 
     @property
     def to_value(self) -> float | str | None:
-        """The old untyped "after" (zone name, watts or the action's name), for readers not yet on the typed fields."""
+        """The old untyped "after" (zone name, watts, percent or "auto", or the action's name), for readers not yet
+        on the typed fields."""
         if self.to_zone is not None:
             return self.to_zone.value
         if self.pid is not None:
             return self.action.value
+        if self.fan is not None:
+            return "auto" if self.to_percent is None else self.to_percent
         return self.to_w
 
 
@@ -258,6 +272,18 @@ class ThermalModelStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class FanStatus:
+    """One GPU's fans as the governor drives them: the configured ``mode`` (auto, curve,
+    assist), the speed it set per fan index (percent; empty while the card's own control
+    runs them) and why it cannot drive them (``monitor_only``: no fans NVML can set, a refused
+    set, a fan that did not follow; None when it can)."""
+
+    mode: str = "auto"
+    targets_percent: tuple[tuple[int, float], ...] = ()
+    monitor_only: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuStatus:
     """What the governor knows and wants for one GPU after a tick (for metrics and ``status``)."""
 
@@ -278,6 +304,7 @@ class GpuStatus:
     last_power: DecisionRecord | None = None  # the last power-limit decision (never a zone change)
     last_vram: DecisionRecord | None = None  # the last decision about a process's VRAM
     model: ThermalModelStatus | None = None  # target mode's online thermal model
+    fan: FanStatus = FanStatus()
 
 
 @dataclass(frozen=True, slots=True)

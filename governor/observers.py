@@ -51,8 +51,13 @@ EVENT_NAMES = {
     "power_drift_external_lower": "power_limit_external_lower",
     "restore_on_stop": "power_limit_restored",
     "restore_after_crash": "power_limit_restored",
+    "fan_curve": "fan_speed_set",
+    "fan_assist": "fan_speed_set",
+    "fan_release": "fan_released",
+    "fan_not_following": "fan_not_following",
 }
-"""Log event names of GPU-level decisions (process decisions have their own, see DecisionLog)."""
+"""Log event names of GPU-level decisions (process decisions have their own, see DecisionLog; a fan
+hand-back on restore is ``fan_control_restored``)."""
 PROCESS_ACTION_NAMES = {
     Action.NONE: "over_budget",
     Action.SIGNAL_TERM: "sigterm",
@@ -110,6 +115,7 @@ class DecisionLog:
         self._indexes: dict[str, int] = {}
         self._hands_off: set[str] = set()
         self._monitor_only: set[str] = set()
+        self._fans_monitor_only: dict[str, str] = {}  # GPU UUID -> why its fans are left alone (logged once)
         self._state_error: str | None = None
         self._xids: dict[str, dict[int, int]] = {}  # XID counts by code already logged, per GPU UUID
         self._systemd_error: str | None = None
@@ -135,6 +141,9 @@ class DecisionLog:
                 power_limit_range_w=f"{gpu.power_limit_min_w}-{gpu.power_limit_max_w}",
                 ladder_w=list(governor.plans[gpu.uuid].ladder_w),
             )
+        fans = governor.actuator.fans.store
+        if fans.load_warning:
+            log.warning("fan_state_unreadable", detail=fans.load_warning)
         originals = governor.originals
         if originals.load_warning:
             log.warning(
@@ -194,6 +203,7 @@ class DecisionLog:
             for g in report.gpus:
                 self._indexes[g.info.uuid] = g.info.index
             self._transitions(report)
+            self._fan_transitions(report)
             log_xid_errors(self.log, self._xids, report)
         for result in report.results:
             self._decision(report, result)
@@ -248,6 +258,21 @@ class DecisionLog:
                 fields["total_bytes"] = r.memory_total_bytes
                 self.log.warning("memory_pressure_began" if pressure else "memory_pressure_ended", **fields)
 
+    def _fan_transitions(self, report: TickReport) -> None:
+        """One event when a GPU's fans turn monitor-only (a data-center board answers NotSupported:
+        info, never an error; a refusal or a fan that does not follow: warning), one when that ends."""
+        for g in report.gpus:
+            uuid, why = g.info.uuid, g.fan.monitor_only
+            if why == self._fans_monitor_only.get(uuid):
+                continue
+            if why is None:
+                self._fans_monitor_only.pop(uuid, None)
+                self.log.info("gpu_fans_controllable", gpu=g.info.index, uuid=uuid, mode=g.fan.mode)
+                continue
+            self._fans_monitor_only[uuid] = why
+            level = self.log.info if g.info.fan_count is None or g.info.fan_count == 0 else self.log.warning
+            level("gpu_fans_monitor_only", gpu=g.info.index, uuid=uuid, mode=g.fan.mode, reason=why)
+
     def _state_store(self, report: TickReport) -> None:
         error = report.state_error
         if error and error != self._state_error:
@@ -279,6 +304,9 @@ class DecisionLog:
             return
         if d.pid is not None:
             self._process_decision(report, result)
+            return
+        if d.fan is not None:
+            self._fan_decision(result)
             return
         fields: dict[str, Any] = {
             "gpu": d.gpu_index,
@@ -344,6 +372,38 @@ class DecisionLog:
             self.log.warning("unit_stopped" if stop else "unit_started", **fields)
         else:
             self.log.info("unit_left_alone", **fields)
+
+    def _fan_decision(self, result: ActionResult) -> None:
+        """One fan decision: set, would set (dry run), handed back, restored, failed."""
+        d = result.decision
+        fields: dict[str, Any] = {
+            "gpu": d.gpu_index,
+            "uuid": d.gpu_uuid,
+            "rule": d.rule,
+            "action": d.action.value,
+            "fan": d.fan,
+            "from_percent": d.from_percent,
+            "to": "automatic control" if d.to_percent is None else f"{d.to_percent:g} %",
+            "reason": d.reason,
+            "outcome": result.outcome.value,
+        }
+        if d.reading is not None:
+            fields["temperature_c"] = d.reading
+        if result.detail:
+            fields["detail"] = result.detail
+        outcome = result.outcome
+        if outcome is Outcome.DRY_RUN:
+            self.log.info("fan_would_set", **fields)
+        elif outcome is Outcome.FAILED:
+            self.log.error("fan_set_failed", **fields)
+        elif outcome is not Outcome.APPLIED:
+            self.log.debug("fan_left_alone", **fields)
+        elif d.rule in ("restore_on_stop", "restore_after_crash"):
+            self.log.info("fan_control_restored", **fields)
+        elif d.rule == "fan_not_following":
+            self.log.warning("fan_not_following", **fields)
+        else:
+            self.log.info(EVENT_NAMES.get(d.rule, "fan_speed_set"), **fields)
 
     def _process_decision(self, report: TickReport, result: ActionResult) -> None:
         d = result.decision
@@ -656,6 +716,7 @@ class Telemetry:
                     last_power=self._last_power.get(uuid),
                     last_vram=self._last_vram.get(uuid),
                     model=g.model,
+                    fan=g.fan,
                 )
             )
         vram = config.vram

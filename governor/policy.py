@@ -36,6 +36,8 @@ __all__ = [
     "UNTRUSTED_KEYS",
     "ZONES_BY_SEVERITY",
     "Action",
+    "FanMode",
+    "FanPolicy",
     "GpuPolicy",
     "NodePolicy",
     "PowerPolicy",
@@ -87,6 +89,10 @@ class Rule(StrEnum):
     VRAM_ESCALATE = "vram_escalate"
     UNIT_RESUME = "unit_resume"
     UNIT_RESTART_LOOP = "unit_restart_loop"
+    FAN_CURVE = "fan_curve"
+    FAN_ASSIST = "fan_assist"
+    FAN_RELEASE = "fan_release"
+    FAN_NOT_FOLLOWING = "fan_not_following"
     RESTORE_ON_STOP = "restore_on_stop"
     RESTORE_AFTER_CRASH = "restore_after_crash"
 
@@ -100,6 +106,8 @@ class Action(StrEnum):
     SIGNAL_KILL = "sigkill"
     STOP_UNIT = "stop_unit"
     START_UNIT = "start_unit"
+    SET_FAN_SPEED = "set_fan_speed"
+    SET_FAN_AUTO = "set_fan_auto"  # hand a fan back to the card's automatic control
 
 
 class ThermalZone(StrEnum):
@@ -253,12 +261,60 @@ class NodePolicy:
     min_share_change_w: float = 5.0
 
 
+class FanMode(StrEnum):
+    """Who drives a GPU's fans."""
+
+    AUTO = "auto"  # the card's own control, never touched
+    CURVE = "curve"  # the governor, from a temperature -> percent curve
+    ASSIST = "assist"  # the card until the power rule would step down; then the governor raises the fans first
+
+
+@dataclass(frozen=True, slots=True)
+class FanPolicy:
+    """Fan control (``[fan]``); percentages are of the fan's maximum speed (NVML's unit).
+
+    ``mode`` auto leaves the fans to the card. ``curve`` sets every fan in ``fans`` (empty:
+    all) to the speed the ``curve`` points give for the temperature (linear between
+    points, flat beyond the ends); it lowers a fan only once the temperature is
+    ``hysteresis_c`` below the point that would give the lower speed. ``assist`` is the
+    power rule's partner: at or above ``raise_at_c`` the governor takes the fans over and
+    raises them by ``step_percent`` every ``step_interval_s`` toward ``max_percent``; the
+    power ladder's step down waits while the fans can still rise, and for ``settle_s``
+    after they reached the ceiling (the heatsink needs that long to cool); at or below
+    ``lower_at_c`` the fans come down step by step and go back to the card's automatic
+    control once they reach the speed they were taken over at.
+
+    ``max_percent`` is the noise ceiling in every mode; every target is also clamped to the
+    card's own range. A fan whose measured speed stays more than
+    ``follow_tolerance_percent`` away from its target for ``follow_timeout_s`` is handed
+    back to the card and the GPU's fans are left alone from then on.
+    """
+
+    mode: FanMode = FanMode.AUTO
+    max_percent: float = 75.0
+    fans: tuple[int, ...] = ()
+    curve: tuple[tuple[float, float], ...] = ((50.0, 30.0), (70.0, 50.0), (80.0, 75.0))
+    hysteresis_c: float = 3.0
+    raise_at_c: float = 70.0
+    lower_at_c: float = 62.0
+    step_percent: float = 10.0
+    step_interval_s: float = 5.0
+    settle_s: float = 60.0
+    follow_tolerance_percent: float = 10.0
+    follow_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, FanMode):  # a caller that passes "assist" still gets the enum
+            object.__setattr__(self, "mode", FanMode(self.mode))
+
+
 @dataclass(frozen=True, slots=True)
 class GpuPolicy:
-    """The thermal and power policy in force for one GPU."""
+    """The thermal, power and fan policy in force for one GPU."""
 
     thermal: ThermalPolicy = field(default_factory=ThermalPolicy)
     power: PowerPolicy = field(default_factory=PowerPolicy)
+    fan: FanPolicy = field(default_factory=FanPolicy)
 
 
 # --------------------------------------------------------------------------- VRAM and classes

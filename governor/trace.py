@@ -108,6 +108,9 @@ def _device(record: dict[str, Any], where: str) -> TraceDevice:
         temperature_shutdown_c=_num(record, "temperature_shutdown_c", where),
         memory_total_bytes=_int(record, "memory_total_bytes", where),
         driver_version=_text(record, "driver", where),
+        fan_count=_int(record, "fan_count", where),
+        fan_speed_min_percent=_num(record, "fan_speed_min_percent", where),
+        fan_speed_max_percent=_num(record, "fan_speed_max_percent", where),
     )
     return TraceDevice(info=info, interval_s=_num(record, "interval_s", where), profile=_text(record, "profile", where))
 
@@ -228,6 +231,9 @@ def device_record(info: GpuInfo, interval_s: float, profile: str | None = None) 
         "memory_total_bytes": info.memory_total_bytes,
         "temperature_slowdown_c": info.temperature_slowdown_c,
         "temperature_shutdown_c": info.temperature_shutdown_c,
+        "fan_count": info.fan_count,
+        "fan_speed_min_percent": info.fan_speed_min_percent,
+        "fan_speed_max_percent": info.fan_speed_max_percent,
         "profile": profile,
         "interval_s": interval_s,
     }

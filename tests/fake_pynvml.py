@@ -20,6 +20,14 @@ Knobs:
   (in the field value's own ``nvmlReturn``, as NVML does); ``fans = None`` makes
   nvmlDeviceGetNumFans answer NotSupported (a data-center GPU); ``violation_ns`` lists the
   perf policies NVML keeps a counter for (any other answers NotSupported).
+- Fan control: ``nvmlDeviceSetFanSpeed_v2`` switches a fan to manual (policy 1) and, with
+  ``FakeGpu.fans_follow`` (default), makes it report the set speed; without, the fan keeps
+  reporting its old speed (a blocked fan, or a driver that accepts and ignores the write).
+  ``nvmlDeviceSetDefaultFanSpeed_v2`` and ``nvmlDeviceSetFanControlPolicy(..., 0)`` hand it
+  back (its speed returns to the card's own, ``auto_fans``). Every write is listed in
+  ``FakeGpu.fan_writes``. ``fan_range = None``: nvmlDeviceGetMinMaxFanSpeed answers
+  NotSupported. Refusals through ``errors`` (NO_PERMISSION, NOT_SUPPORTED) or
+  ``absent_symbols`` (an old driver: FUNCTION_NOT_FOUND).
 Values are NVML's units: milliwatts, millijoules, bytes, degrees C, MHz, percent, ns.
 """
 
@@ -74,6 +82,8 @@ NVML_AGGREGATE_ECC = 1
 NVML_FI_DEV_MEMORY_TEMP = 82
 NVML_VALUE_TYPE_UNSIGNED_INT = 1
 NVML_PSTATE_UNKNOWN = 32
+NVML_FAN_POLICY_TEMPERATURE_CONTINOUS_SW = 0
+NVML_FAN_POLICY_MANUAL = 1
 nvmlEventTypeXidCriticalError = 0x8
 
 _STRINGS = {
@@ -158,6 +168,11 @@ class FakeGpu:
     pstate: int = 0
     memory_temperature_c: int | None = 36  # None: NotSupported
     fans: list[int] | None = field(default_factory=list)  # percent per fan; None: NotSupported
+    fan_range: tuple[int, int] | None = (30, 100)  # nvmlDeviceGetMinMaxFanSpeed; None: NotSupported
+    fans_follow: bool = True  # False: a set speed is accepted but never reported
+    fan_policies: dict[int, int] = field(default_factory=dict)  # fan -> policy (absent: automatic)
+    fan_writes: list[tuple[str, int, int | None]] = field(default_factory=list)  # (call, fan, percent)
+    auto_fans: list[int] | None = None  # the speeds under automatic control (the initial ``fans``)
     violation_ns: dict[int, int] = field(default_factory=lambda: {NVML_PERF_POLICY_POWER: 0, 2: 0})
     ecc: dict[tuple[int, int], int] = field(default_factory=dict)  # (error type, counter type) -> count
     remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failure
@@ -413,6 +428,55 @@ class FakeNvml:
         if gpu.fans is None:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return len(gpu.fans)
+
+    def _fan_gpu(self, symbol: str, handle: FakeHandle, fan: int) -> FakeGpu:
+        gpu = self._gpu(symbol, handle)
+        if gpu.fans is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        if not 0 <= fan < len(gpu.fans):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if gpu.auto_fans is None:
+            gpu.auto_fans = list(gpu.fans)
+        return gpu
+
+    def nvmlDeviceGetMinMaxFanSpeed(self, handle: FakeHandle) -> list[int]:
+        gpu = self._gpu("nvmlDeviceGetMinMaxFanSpeed", handle)
+        if gpu.fan_range is None or gpu.fans is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return list(gpu.fan_range)
+
+    def nvmlDeviceGetFanControlPolicy_v2(self, handle: FakeHandle, fan: int) -> int:
+        return self._fan_gpu("nvmlDeviceGetFanControlPolicy_v2", handle, fan).fan_policies.get(fan, 0)
+
+    def nvmlDeviceSetFanSpeed_v2(self, handle: FakeHandle, fan: int, speed: int) -> None:
+        gpu = self._fan_gpu("nvmlDeviceSetFanSpeed_v2", handle, fan)
+        assert gpu.fans is not None
+        low, high = gpu.fan_range or (0, 100)
+        if not low <= speed <= high:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        gpu.fan_writes.append(("speed", fan, speed))
+        gpu.fan_policies[fan] = NVML_FAN_POLICY_MANUAL
+        if gpu.fans_follow:
+            gpu.fans[fan] = speed
+
+    def nvmlDeviceSetDefaultFanSpeed_v2(self, handle: FakeHandle, fan: int) -> None:
+        gpu = self._fan_gpu("nvmlDeviceSetDefaultFanSpeed_v2", handle, fan)
+        gpu.fan_writes.append(("default", fan, None))
+        self._auto(gpu, fan)
+
+    def nvmlDeviceSetFanControlPolicy(self, handle: FakeHandle, fan: int, policy: int) -> None:
+        gpu = self._fan_gpu("nvmlDeviceSetFanControlPolicy", handle, fan)
+        gpu.fan_writes.append(("policy", fan, policy))
+        if policy == NVML_FAN_POLICY_TEMPERATURE_CONTINOUS_SW:
+            self._auto(gpu, fan)
+        else:
+            gpu.fan_policies[fan] = policy
+
+    @staticmethod
+    def _auto(gpu: FakeGpu, fan: int) -> None:
+        gpu.fan_policies.pop(fan, None)
+        assert gpu.fans is not None and gpu.auto_fans is not None
+        gpu.fans[fan] = gpu.auto_fans[fan]
 
     def nvmlDeviceGetFanSpeed_v2(self, handle: FakeHandle, fan: int) -> int:
         gpu = self._gpu("nvmlDeviceGetFanSpeed_v2", handle)

@@ -57,6 +57,7 @@ class RecordingBackend:
     infos: tuple[GpuInfo, ...] = (CARD_200W,)
     fail_with: BackendError | None = None
     calls: list[tuple[str, float]] = field(default_factory=list)
+    fan_calls: list[tuple[str, int, int | None]] = field(default_factory=list)
     name: str = "recording"
     waiting_reason: str | None = None
     state_warning: str | None = None
@@ -72,6 +73,18 @@ class RecordingBackend:
     def set_power_limit(self, uuid: str, limit_w: float) -> None:
         """Record the call, then raise ``fail_with`` if set."""
         self.calls.append((uuid, limit_w))
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def set_fan_speed(self, uuid: str, fan: int, percent: int) -> None:
+        """Record the call as (uuid, fan, percent), then raise ``fail_with`` if set."""
+        self.fan_calls.append((uuid, fan, percent))
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def set_fan_auto(self, uuid: str, fan: int) -> None:
+        """Record the call as (uuid, fan, None), then raise ``fail_with`` if set."""
+        self.fan_calls.append((uuid, fan, None))
         if self.fail_with is not None:
             raise self.fail_with
 

@@ -83,6 +83,14 @@ class ScriptedBackend:
         self.sets.append((uuid, limit_w))
         self.limits_w[uuid] = limit_w
 
+    def set_fan_speed(self, uuid: str, fan: int, percent: int) -> None:
+        """The scripted GPUs report no fans: NotSupported."""
+        raise SetLimitRefused(f"{uuid}: fan {fan}: Not Supported")
+
+    def set_fan_auto(self, uuid: str, fan: int) -> None:
+        """The scripted GPUs report no fans: NotSupported."""
+        raise SetLimitRefused(f"{uuid}: fan {fan}: Not Supported")
+
     def close(self) -> None:
         """Mark closed."""
         self.closed = True

@@ -16,6 +16,8 @@ from governor.config import (
     Config,
     ConfigError,
     ConfigIssue,
+    FanMode,
+    FanPolicy,
     GpuOverride,
     LoggingConfig,
     MetricsConfig,
@@ -104,6 +106,20 @@ power_budget_w = 900.0
 rebalance_interval_s = 30.0
 share = "weight"
 min_share_change_w = 8.0
+
+[fan]
+mode = "curve"
+max_percent = 80.0
+fans = [0, 1]
+curve = [[40.0, 30.0], [75.0, 80.0]]
+hysteresis_c = 4.0
+raise_at_c = 72.0
+lower_at_c = 60.0
+step_percent = 5.0
+step_interval_s = 2.0
+settle_s = 90.0
+follow_tolerance_percent = 15.0
+follow_timeout_s = 45.0
 
 [[gpu]]
 index = 0
@@ -204,6 +220,9 @@ class TestKeys:
             "target", 72.0, "60%", 2.5, 90.0, 6, 2.0,
         )  # fmt: skip
         assert c.node == NodePolicy(900.0, 30.0, "weight", 8.0)
+        assert c.fan == FanPolicy(
+            FanMode.CURVE, 80.0, (0, 1), ((40.0, 30.0), (75.0, 80.0)), 4.0, 72.0, 60.0, 5.0, 2.0, 90.0, 15.0, 45.0
+        )
         assert c.gpus == (
             GpuOverride(
                 0,

@@ -81,8 +81,8 @@ class TestReferenceConfig:
                 assert not missing, f"[{section}] lacks {sorted(missing)}"
 
     def test_gpu_overrides(self, document: dict[str, Any]) -> None:
-        """The [[gpu]] example shows every selector and both override tables."""
-        missing = {*GPU_SELECTORS, "thermal", "power"} - documented(document, "gpu[0]")
+        """The [[gpu]] example shows every selector and every override table."""
+        missing = {*GPU_SELECTORS, "thermal", "power", "fan"} - documented(document, "gpu[0]")
         assert not missing, f"[[gpu]] lacks {sorted(missing)}"
 
     def test_vram_default_and_classes(self, document: dict[str, Any]) -> None:
@@ -98,7 +98,12 @@ class TestReferenceConfig:
 
     @pytest.mark.parametrize(
         "example",
-        ["config/examples/rtx4070.toml", "config/examples/h100-server.toml", "config/examples/workstation-gaming.toml"],
+        [
+            "config/examples/rtx4070.toml",
+            "config/examples/rtx4070-fan.toml",
+            "config/examples/h100-server.toml",
+            "config/examples/workstation-gaming.toml",
+        ],
     )
     def test_shipped_examples_pass_check_config_without_warnings(self, example: str) -> None:
         """check-config accepts each shipped example and warns about nothing (no overlapping classes)."""

@@ -181,6 +181,12 @@ class _ReplayBackend:
     def set_power_limit(self, uuid: str, limit_w: float) -> None:
         raise NotImplementedError
 
+    def set_fan_speed(self, uuid: str, fan: int, percent: int) -> None:
+        raise NotImplementedError
+
+    def set_fan_auto(self, uuid: str, fan: int) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 

@@ -358,5 +358,11 @@ class _NoBackend:
     def set_power_limit(self, uuid: str, limit_w: float) -> None:
         raise AssertionError("not used")
 
+    def set_fan_speed(self, uuid: str, fan: int, percent: int) -> None:
+        raise AssertionError("not used")
+
+    def set_fan_auto(self, uuid: str, fan: int) -> None:
+        raise AssertionError("not used")
+
     def close(self) -> None:
         return None

@@ -1,8 +1,8 @@
 """Hardware backends behind one small Protocol.
 
-A backend reads every GPU into a :class:`~governor.model.Snapshot` and sets power
-limits. It never decides anything. Only :mod:`governor.actuator` calls
-:meth:`Backend.set_power_limit`.
+A backend reads every GPU into a :class:`~governor.model.Snapshot`, sets power
+limits and fan speeds. It never decides anything. Only :mod:`governor.actuator` (and its
+fan half, :mod:`governor.fanactuator`) calls the setters.
 
 The Protocol declares every member the governor uses, the optional ones included
 (``waiting_reason``, ``state_warning``), so callers use plain attribute access and
@@ -71,6 +71,18 @@ class Backend(Protocol):
         Raises a GpuError (SetLimitRefused, SetLimitFailed, GpuLostError) when this GPU or
         this change failed, BackendFatal when the backend broke.
         """
+        ...
+
+    def set_fan_speed(self, uuid: str, fan: int, percent: int) -> None:
+        """Set fan ``fan`` of the GPU to ``percent`` of its maximum speed (manual control).
+
+        Raises SetLimitRefused when the GPU's fans cannot be set (no permission, not
+        supported: no fans), SetLimitFailed or GpuLostError when this change failed.
+        """
+        ...
+
+    def set_fan_auto(self, uuid: str, fan: int) -> None:
+        """Hand fan ``fan`` of the GPU back to the card's automatic control; errors as set_fan_speed."""
         ...
 
     def close(self) -> None:

@@ -83,6 +83,18 @@ class DeferredBackend:
             raise GpuLostError(f"no backend yet: {self.waiting_reason}")
         self._inner.set_power_limit(uuid, limit_w)
 
+    def set_fan_speed(self, uuid: str, fan: int, percent: int) -> None:
+        """Delegate; there is no GPU to set while waiting."""
+        if self._inner is None:
+            raise GpuLostError(f"no backend yet: {self.waiting_reason}")
+        self._inner.set_fan_speed(uuid, fan, percent)
+
+    def set_fan_auto(self, uuid: str, fan: int) -> None:
+        """Delegate; there is no GPU to set while waiting."""
+        if self._inner is None:
+            raise GpuLostError(f"no backend yet: {self.waiting_reason}")
+        self._inner.set_fan_auto(uuid, fan)
+
     def close(self) -> None:
         """Close the real backend if it was opened."""
         if self._inner is not None:

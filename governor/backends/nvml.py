@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -52,6 +53,7 @@ import structlog
 
 from governor.backends._nvml_errors import VERSION_MISMATCH_MESSAGE, Kind, NvmlCaller, NvmlFailure
 from governor.backends._nvml_events import XidEvents
+from governor.backends._nvml_fans import fan_range_percent, set_fan_auto, set_fan_speed
 from governor.backends._nvml_probe import (
     TELEMETRY_FIELDS,
     THRESHOLD_SHUTDOWN,
@@ -247,9 +249,8 @@ class NvmlBackend:
             st = _GpuState(index, uuid, handle)
             try:
                 st.info = _static_info(self, st, driver, now)
-                fans = self._get(st, "fan_count", self._reads.fan_count, now)
-                st.telemetry.fan_count = None if fans is None else int(fans)
-            except _Lost as exc:
+                _static_fans(self, st, now)
+            except (_Lost, NvmlFailure) as exc:
                 self._mark_lost(st, str(exc), now)
             _watch_xid(self, st, now)
             st.unsupported = {f: t for f, t in st.unsupported.items() if f in TELEMETRY_FIELDS}  # static: never again
@@ -311,15 +312,6 @@ class NvmlBackend:
     def _mark_lost(self, st: _GpuState, reason: str, now: float) -> None:
         st.mark_lost(reason, now, self._backoff_initial_s, self._backoff_max_s)
 
-    def _reacquire(self, st: _GpuState, now: float) -> bool:
-        """Try to get a fresh handle for a lost GPU; on failure back off further."""
-        try:
-            st.handle = self._call(self._nvml.nvmlDeviceGetHandleByUUID, st.uuid)
-        except NvmlFailure as exc:
-            self._mark_lost(st, str(exc), now)
-            return False
-        return _watch_xid(self, st, now)  # a new handle: watched too (a no-op for the same device key)
-
     def _read_gpu(self, st: _GpuState, now: float) -> GpuReading:
         """The per-tick reads of one GPU (plus the slow reads when they are due)."""
         temperature, power_mw, enforced_mw, memory, util, reasons, sm_clock, compute, graphics = self._read_all(
@@ -374,7 +366,7 @@ class NvmlBackend:
         readings = []
         self._xid.poll()  # counted into each GPU's telemetry, read below
         for st in self._states:
-            if st.lost_error is not None and (now < st.retry_at_s or not self._reacquire(st, now)):
+            if st.lost_error is not None and (now < st.retry_at_s or not _reacquire(self, st, now)):
                 readings.append(st.lost_reading())
                 continue
             try:
@@ -400,13 +392,7 @@ class NvmlBackend:
         By the kind of NVML error: UNSUPPORTED / DENIED raise SetLimitRefused, LOST
         GpuLostError, FATAL BackendFatal, anything else SetLimitFailed.
         """
-        if self._closed:
-            raise BackendFatal("NVML backend is closed")
-        st = self._by_uuid.get(uuid)
-        if st is None:
-            raise SetLimitFailed(f"no GPU with UUID {uuid}")
-        if st.lost_error is not None or st.handle is None:
-            raise GpuLostError(f"GPU {st.index} ({uuid}): {st.lost_error or 'GPU lost'}")
+        st = _answering(self, uuid)
         if not math.isfinite(limit_w):
             raise SetLimitFailed(f"GPU {st.index}: power limit must be a finite number of watts, got {limit_w!r}")
         limit_mw = round(limit_w * 1000.0)
@@ -426,6 +412,16 @@ class NvmlBackend:
                 raise GpuLostError(f"{where} failed: {exc}") from None
             raise SetLimitFailed(f"{where} failed: {exc}") from None
         st.limit_due_s = -math.inf  # read the requested limit back on the next tick
+
+    def set_fan_speed(self, uuid: str, fan: int, percent: int) -> None:
+        """Set fan ``fan`` to ``percent`` of its maximum, manual control (governor.backends._nvml_fans)."""
+        st = _answering(self, uuid)
+        set_fan_speed(self._call, self._nvml, st.handle, f"GPU {st.index} ({uuid})", fan, percent)
+
+    def set_fan_auto(self, uuid: str, fan: int) -> None:
+        """Hand fan ``fan`` back to the card's automatic control (governor.backends._nvml_fans)."""
+        st = _answering(self, uuid)
+        set_fan_auto(self._call, self._nvml, st.handle, f"GPU {st.index} ({uuid})", fan)
 
     def close(self) -> None:
         """nvmlShutdown. Idempotent."""
@@ -447,6 +443,37 @@ class NvmlBackend:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _answering(backend: NvmlBackend, uuid: str) -> _GpuState:
+    """The state of a GPU that answers, for a write; BackendFatal after close, SetLimitFailed
+    for an unknown UUID, GpuLostError for a lost GPU."""
+    if backend._closed:
+        raise BackendFatal("NVML backend is closed")
+    st = backend._by_uuid.get(uuid)
+    if st is None:
+        raise SetLimitFailed(f"no GPU with UUID {uuid}")
+    if st.lost_error is not None or st.handle is None:
+        raise GpuLostError(f"GPU {st.index} ({uuid}): {st.lost_error or 'GPU lost'}")
+    return st
+
+
+def _reacquire(backend: NvmlBackend, st: _GpuState, now: float) -> bool:
+    """Try to get a fresh handle for a lost GPU; on failure back off further."""
+    try:
+        st.handle = backend._call(backend._nvml.nvmlDeviceGetHandleByUUID, st.uuid)
+    except NvmlFailure as exc:
+        backend._mark_lost(st, str(exc), now)
+        return False
+    return _watch_xid(backend, st, now)  # a new handle: watched too (a no-op for the same device key)
+
+
+def _static_fans(backend: NvmlBackend, st: _GpuState, now: float) -> None:
+    """The fan count (kept for the telemetry too) and the speed range a fan may be set to, into the GPU's facts."""
+    fans = backend._get(st, "fan_count", backend._reads.fan_count, now)
+    st.telemetry.fan_count = None if fans is None else int(fans)
+    low, high = fan_range_percent(backend._call, backend._nvml, st.handle) if fans else (None, None)
+    st.info = replace(st.info, fan_count=st.telemetry.fan_count, fan_speed_min_percent=low, fan_speed_max_percent=high)
 
 
 def _watch_xid(backend: NvmlBackend, st: _GpuState, now: float) -> bool:

@@ -8,17 +8,22 @@ without sleeping. :meth:`SimulatedBackend.read` advances the physics to that tim
 
 Like NVML, :meth:`SimulatedBackend.set_power_limit` clamps nothing: a limit outside the
 profile's range raises SetLimitFailed (NVML's INVALID_ARGUMENT). Limits are taken in
-whole milliwatts, as NVML does.
+whole milliwatts, as NVML does. Fans (:meth:`~SimulatedBackend.set_fan_speed`,
+:meth:`~SimulatedBackend.set_fan_auto`) can be set only on a profile with a ``[fan]``
+table (otherwise NotSupported: SetLimitRefused), to a whole percent within its range;
+all fans of a simulated GPU share one speed.
 
 Hardware state: given ``state_file``, the power limits (by GPU UUID) live in that JSON
 file, rewritten atomically on every change (:func:`governor.safefile.write_atomic`: an
 exclusive temporary file, never a predictable name a symlink could be planted at) and
 read at start (:func:`governor.safefile.read_json`: at most 1 MiB, a regular file, no
 symlink, FIFO or device), so a restarted daemon meets the limits its predecessor left,
-as on a real GPU. A missing file means default limits. A file that cannot be used
-(a symlink, FIFO or device, too large, not JSON, nested too deeply, a limit out of
-range) also means default limits for the GPUs it cannot vouch for, and
-``state_warning`` says why, for the daemon to log; a file unusable as a whole is
+as on a real GPU. The same file keeps the fans set by hand (``manual_fans_percent``, by
+GPU UUID; a GPU not listed is under the card's automatic control), so a kill -9 leaves
+them as a real card would: in manual control until someone hands them back. A missing
+file means default limits. A file that cannot be used (a symlink, FIFO or device, too
+large, not JSON, nested too deeply, a limit out of range) also means default limits for
+the GPUs it cannot vouch for, and ``state_warning`` says why, for the daemon to log; a file unusable as a whole is
 renamed to ``<name>.corrupt``. The next change rewrites the file whole.
 
 Real processes: given ``processes_file`` (``[simulation] processes_file``), the GPUs also
@@ -110,6 +115,7 @@ class SimulatedBackend:
         self._state = HardwareStateFile(Path(state_file), profile, self._by_uuid) if state_file else None
         self._real = RealProcessesFile(Path(processes_file)) if processes_file else None
         limits = self._state.load() if self._state is not None else {}
+        fans = self._state.fans if self._state is not None else {}
         self.state_warning: str | None = self._state.warning if self._state is not None else None
         timeline = PhaseTimeline(scenario)
         self._gpus = [
@@ -125,6 +131,9 @@ class SimulatedBackend:
             )
             for i in range(gpu_count)
         ]
+        for gpu in self._gpus:
+            if profile.fan is not None and self._infos[gpu.index].uuid in fans:
+                gpu.set_fan(fans[self._infos[gpu.index].uuid])
         self._pids: dict[int, SimulatedGpu] = {}
         next_pid = SYNTHETIC_PID_BASE
         for spec in scenario.processes:
@@ -160,6 +169,9 @@ class SimulatedBackend:
             temperature_shutdown_c=p.temperature_shutdown_c,
             memory_total_bytes=p.memory_total_bytes,
             driver_version="simulated",
+            fan_count=p.telemetry.fans or None,  # no fans: NotSupported, as on a data-center board
+            fan_speed_min_percent=None if p.fan is None else p.fan.min_percent,
+            fan_speed_max_percent=None if p.fan is None else p.fan.max_percent,
         )
 
     def gpus(self) -> tuple[GpuInfo, ...]:
@@ -258,8 +270,29 @@ class SimulatedBackend:
             if new_w == gpu.limit_w:
                 return
             if self._state is not None:
-                self._state.save({**{self._infos[g.index].uuid: g.limit_w for g in self._gpus}, uuid: new_w})
+                limits, fans = _hardware(self)
+                self._state.save({**limits, uuid: new_w}, fans)
             gpu.limit_w = new_w
+
+    def set_fan_speed(self, uuid: str, fan: int, percent: int) -> None:
+        """Set the GPU's fans to ``percent`` (manual control), checked as NVML would (see _fan_gpu)."""
+        with self._lock:
+            gpu = _fan_gpu(self, uuid, fan, percent)
+            if gpu.fans is not None and gpu.fans.set_percent != float(percent):
+                if self._state is not None:
+                    limits, fans = _hardware(self)
+                    self._state.save(limits, {**fans, uuid: float(percent)})
+                gpu.set_fan(float(percent))
+
+    def set_fan_auto(self, uuid: str, fan: int) -> None:
+        """Hand the GPU's fans back to the card's automatic control."""
+        with self._lock:
+            gpu = _fan_gpu(self, uuid, fan, None)
+            if gpu.fans is not None and gpu.fans.manual:
+                if self._state is not None:
+                    limits, fans = _hardware(self)
+                    self._state.save(limits, {u: p for u, p in fans.items() if u != uuid})
+                gpu.set_fan(None)
 
     def external_set_power_limit(self, gpu_index: int, limit_w: float) -> None:
         """Another agent (a BMC, nvidia-smi) sets the enforced limit: no checks, not saved."""
@@ -359,6 +392,7 @@ class HardwareStateFile:
         self.uuids = frozenset(uuids)
         self.warning: str | None = None
         self._extra: dict[str, float] = {}  # entries of GPUs this run does not have
+        self.fans: dict[str, float] = {}  # the fans set by hand, percent by GPU UUID (read by load)
 
     def load(self) -> dict[str, float]:
         """The saved limit in watts per GPU UUID of this run (valid entries only)."""
@@ -390,13 +424,23 @@ class HardwareStateFile:
                 )
                 continue
             out[uuid] = float(value)
+        fans = data.get("manual_fans_percent", {})
+        if isinstance(fans, dict):
+            self.fans = {
+                u: float(v)
+                for u, v in fans.items()
+                if u in self.uuids and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 100
+            }
         if problems:
             self.warning = f"{path}: " + "; ".join(problems) + "; those GPUs start from the default power limit"
         return out
 
-    def save(self, limits_w: Mapping[str, float]) -> None:
-        """Write every GPU's limit in watts (atomically); SetLimitFailed when it cannot be saved."""
-        document = {"format": STATE_FORMAT, "version": 1, "power_limits_w": {**self._extra, **limits_w}}
+    def save(self, limits_w: Mapping[str, float], fans_percent: Mapping[str, float] | None = None) -> None:
+        """Write every GPU's limit in watts and the fans set by hand (percent), atomically;
+        SetLimitFailed when it cannot be saved."""
+        document: dict[str, Any] = {"format": STATE_FORMAT, "version": 1, "power_limits_w": {**self._extra, **limits_w}}
+        if fans_percent:
+            document["manual_fans_percent"] = dict(fans_percent)
         body = json.dumps(document, indent=2, sort_keys=True) + "\n"
         try:
             write_atomic(self.path, body.encode("utf-8"), mode=0o644)
@@ -408,6 +452,38 @@ class HardwareStateFile:
         moved = set_aside(self.path)
         where = f"kept as {moved}" if moved else "could not be set aside"
         self.warning = f"{self.path}: {why}; starting from default power limits ({where})"
+
+
+def _hardware(backend: SimulatedBackend) -> tuple[dict[str, float], dict[str, float]]:
+    """What the state file keeps: every GPU's power limit (W) and the fans set by hand (percent), by UUID."""
+    uuid = {g.index: backend._infos[g.index].uuid for g in backend._gpus}
+    limits = {uuid[g.index]: g.limit_w for g in backend._gpus}
+    fans = {uuid[g.index]: g.fans.set_percent for g in backend._gpus if g.fans is not None and g.fans.manual}
+    return limits, {u: p for u, p in fans.items() if p is not None}
+
+
+def _fan_gpu(backend: SimulatedBackend, uuid: str, fan: int, percent: int | None) -> SimulatedGpu:
+    """The GPU whose fan ``fan`` is to be set (to ``percent``; None: back to auto), after NVML's
+    checks: unknown GPU, no [fan] model or the ``fan_control_refused`` fault raise SetLimitRefused,
+    a lost GPU GpuLostError, no such fan or a speed outside the model's range SetLimitFailed."""
+    index = backend._by_uuid.get(uuid)
+    if index is None:
+        raise SetLimitRefused(f"no simulated GPU has UUID {uuid}")
+    gpu = backend._gpus[index]
+    backend._advance()  # the old speed governs the time already past
+    model = backend.profile.fan
+    if gpu.fault == "lost":
+        raise GpuLostError(f"GPU {index} ({uuid}) is lost")
+    if model is None:
+        raise SetLimitRefused(f"GPU {index}: setting fan {fan}: Not Supported (the profile has no [fan] model)")
+    if gpu.fault == "fan_control_refused":
+        raise SetLimitRefused(f"GPU {index}: setting fan {fan}: Insufficient Permissions (simulated fault)")
+    if not 0 <= fan < backend.profile.telemetry.fans:
+        raise SetLimitFailed(f"GPU {index}: invalid argument: no fan {fan}")
+    if percent is not None and not model.min_percent <= percent <= model.max_percent:
+        span = f"{model.min_percent:g}-{model.max_percent:g} %"
+        raise SetLimitFailed(f"GPU {index}: invalid argument: fan speed {percent!r} % outside {span}")
+    return gpu
 
 
 def build_simulated_backend(sim: SimulationConfig, clock: Clock) -> SimulatedBackend:

@@ -1,4 +1,9 @@
-"""All rules for one tick: thermal zones, then the power ladder (or target mode), for every GPU.
+"""All rules for one tick: thermal zones, the fans, then the power ladder (or target mode), for every GPU.
+
+The fan rule runs before the power rule: in ``assist`` mode its headroom (the fans can
+still cool the card) holds the ladder's step down (:func:`governor.rules.power.step_power`'s
+``cooling_headroom``). Target mode is not held: its controller sets the limit the
+temperature needs, with whatever cooling the fans give at the time.
 
 Pure: ``evaluate(snapshot, policies, states)`` returns new states and decisions and
 changes nothing. A lost GPU keeps its state untouched and gets no decision but the
@@ -7,11 +12,12 @@ zone change to ``unknown``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, ProcessFacts, Snapshot
 from governor.policy import GpuPolicy, ThermalZone, VramPolicy
+from governor.rules.fan import FanPlan, FanState, step_fan
 from governor.rules.power import LadderState, effective_ladder, step_power, target_w
 from governor.rules.target import TargetState, step_target, target_bounds
 from governor.rules.thermal import evaluate_zone, thresholds
@@ -26,6 +32,7 @@ class GpuRuleState:
     ladder: LadderState = field(default_factory=LadderState)
     vram: VramState = field(default_factory=VramState)
     target: TargetState = field(default_factory=TargetState)
+    fan: FanState = field(default_factory=FanState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,16 +45,18 @@ class GpuPlan:
     policy: GpuPolicy
     ladder_w: tuple[float, ...]
     zone_thresholds_c: tuple[tuple[ThermalZone, float], ...]
+    fan: FanPlan = field(default_factory=FanPlan)
 
     @classmethod
     def build(cls, info: GpuInfo, policy: GpuPolicy) -> GpuPlan:
-        """Resolve the ladder (or target mode's bounds) against the GPU's allowed power range."""
+        """Resolve the ladder (or target mode's bounds) against the GPU's allowed power range, and its fans."""
         power = policy.power
         return cls(
             info=info,
             policy=policy,
             ladder_w=target_bounds(power, info) if power.target_mode else effective_ladder(power.ladder_w, info),
             zone_thresholds_c=thresholds(policy.thermal),
+            fan=FanPlan.build(info, policy.fan),
         )
 
 
@@ -61,19 +70,26 @@ def evaluate_gpu(
     vram: VramPolicy | None = None,
     facts: Mapping[int, ProcessFacts] | None = None,
     stopped_units: frozenset[str] = frozenset(),
+    fans_blocked: bool = False,
 ) -> tuple[GpuRuleState, list[Decision]]:
-    """Run the thermal rule, the power ladder and the VRAM budgets for one GPU reading.
+    """Run the thermal rule, the fans, the power ladder and the VRAM budgets for one GPU reading.
 
-    ``dry_run`` is the global dry run: drift checks are off (the target was never applied)
-    and every process decision is marked dry whatever ``[vram]`` or its class says; the
-    actuator, under the same flag, takes no action of any kind.
+    ``dry_run`` is the global dry run: drift and fan-follow checks are off (the target was
+    never applied) and every process decision is marked dry whatever ``[vram]`` or its class
+    says; the actuator, under the same flag, takes no action of any kind. ``fans_blocked``:
+    the actuator cannot drive this GPU's fans.
     """
     decisions: list[Decision] = []
     zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s)
     if zone_decision is not None:
         decisions.append(zone_decision)
     if reading.health is GpuHealth.LOST:
-        return GpuRuleState(zone=zone, ladder=state.ladder, vram=state.vram, target=state.target), decisions
+        return (
+            GpuRuleState(zone=zone, ladder=state.ladder, vram=state.vram, target=state.target, fan=state.fan),
+            decisions,
+        )
+    fans = step_fan(reading, plan.fan, plan.policy.fan, state.fan, t_s, blocked=fans_blocked, check_follow=not dry_run)
+    decisions.extend(fans.decisions)
     ladder, target = state.ladder, state.target
     if plan.policy.power.target_mode:
         target, power_decisions = step_target(
@@ -89,6 +105,7 @@ def evaluate_gpu(
             state.ladder,
             t_s,
             check_drift=not dry_run,
+            cooling_headroom=fans.headroom,
         )
     decisions.extend(power_decisions)
     vram_state = state.vram
@@ -99,7 +116,7 @@ def evaluate_gpu(
             vram = replace(vram, dry_run=True)
         vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s, stopped_units)
         decisions.extend(vram_decisions)
-    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state, target=target), decisions
+    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state, target=target, fan=fans.state), decisions
 
 
 def wanted_w(state: GpuRuleState, plan: GpuPlan) -> float | None:
@@ -118,12 +135,14 @@ def evaluate(
     vram: VramPolicy | None = None,
     facts: Mapping[int, ProcessFacts] | None = None,
     stopped_units: frozenset[str] = frozenset(),
+    fans_blocked: Collection[str] = (),
 ) -> tuple[dict[str, GpuRuleState], list[Decision]]:
     """Run every rule on every GPU of ``snapshot`` (keyed by UUID); GPUs without a plan are skipped.
 
     ``facts`` (pid -> ProcessFacts) comes from :class:`governor.processes.ProcessInspector`;
     without it the VRAM rule does not run. ``stopped_units``: units the governor stopped and
-    has not resumed (never stopped again).
+    has not resumed (never stopped again). ``fans_blocked``: UUIDs of GPUs whose fans the
+    actuator cannot drive.
     """
     new_states = dict(states)
     decisions: list[Decision] = []
@@ -133,7 +152,15 @@ def evaluate(
             continue
         state = states.get(reading.uuid, GpuRuleState())
         new_states[reading.uuid], gpu_decisions = evaluate_gpu(
-            reading, plan, state, snapshot.t_s, dry_run=dry_run, vram=vram, facts=facts, stopped_units=stopped_units
+            reading,
+            plan,
+            state,
+            snapshot.t_s,
+            dry_run=dry_run,
+            vram=vram,
+            facts=facts,
+            stopped_units=stopped_units,
+            fans_blocked=reading.uuid in fans_blocked,
         )
         decisions.extend(gpu_decisions)
     return new_states, decisions

@@ -207,13 +207,16 @@ def step_power(
     t_s: float,
     *,
     check_drift: bool = True,
+    cooling_headroom: bool = False,
 ) -> tuple[LadderState, list[Decision]]:
     """Advance one GPU's ladder by one reading; returns the new state and its decisions.
 
     ``zone`` is this tick's thermal zone and ``previous_zone`` the last tick's (from
     :mod:`governor.rules.thermal`); entering ``critical`` overrides debounce and the
     minimum interval. ``check_drift`` is off in
-    dry-run, where the target was never applied.
+    dry-run, where the target was never applied. ``cooling_headroom`` (fan assist,
+    :mod:`governor.rules.fan`): the fans can still cool the card, so a step down waits and
+    the run of hot readings starts over (entering critical still drops to the floor).
     """
     entering_critical = zone is ThermalZone.CRITICAL and previous_zone is not ThermalZone.CRITICAL
     if not policy.enabled or not ladder:
@@ -254,7 +257,9 @@ def step_power(
         reason = f"entered critical zone at {temperature:g} C: straight to the lowest rung{note}"
         return state, [_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=ladder[lowest])]
 
-    if temperature >= policy.step_down_at_c:
+    if cooling_headroom and temperature >= policy.step_down_at_c:
+        state = _with(state, hot_samples=0, cool_since_s=None)  # cooling before capping
+    elif temperature >= policy.step_down_at_c:
         hot = state.hot_samples + 1
         state = replace(state, hot_samples=hot, cool_since_s=None)
         if hot >= policy.debounce_samples and interval_ok:

@@ -37,6 +37,7 @@ import random
 from dataclasses import dataclass
 
 from governor.model import CLOCK_EVENT_REASONS, GpuTelemetry, ProcessReading
+from governor.sim.fans import FanDrive
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import PhaseTimeline, Scenario, ScenarioEvent
 from governor.sim.thermal import ThermalState
@@ -181,6 +182,8 @@ class SimulatedGpu:
         self.telemetry_cache: tuple[object, GpuTelemetry] | None = None  # (what it was built from, record)
         self.fault: str | None = None
         self.fault_error: str | None = None
+        fan = profile.fan
+        self.fans = None if fan is None else FanDrive(fan, profile.thermal, substep_s, self.thermal.die_c)
         self.processes: list[SimProcess] = []
         self._proc_cache: tuple[ProcessReading, ...] = ()
         self._proc_used_bytes = 0
@@ -234,7 +237,25 @@ class SimulatedGpu:
                 self.set_fault(event.fault)
             self._next_event += 1
 
+    def set_fan(self, percent: float | None) -> None:
+        """Run the fans at ``percent`` of their maximum from now on (None: the card's own control)."""
+        if self.fans is not None:
+            self.fans.set(percent, self.thermal)
+
     def _run(self, phase: int, n: int) -> None:
+        """``n`` steps of ``phase``; with the fans set by hand, one step at a time (their speed,
+        and with it the heatsink resistance, moves toward the set speed: governor.sim.fans)."""
+        fans = self.fans
+        if fans is None or not fans.manual:
+            self._run_steps(phase, n)
+            if fans is not None:
+                fans.follow_auto(self.thermal.die_c, self.fault == "fan_stuck")
+            return
+        for _ in range(n):
+            fans.step(self.thermal, self.fault == "fan_stuck")
+            self._run_steps(phase, 1)
+
+    def _run_steps(self, phase: int, n: int) -> None:
         """``n`` steps of ``phase`` with everything but the die temperature constant."""
         p = self.profile
         h = self.step_s
@@ -255,7 +276,7 @@ class SimulatedGpu:
         idle = p.idle_power_w
         active = demand > 0.0
         base = max(idle, min(demand, limit)) if active else idle
-        hold = max(idle, (p.temperature_slowdown_c - ambient) / p.thermal.r_total_c_per_w)
+        hold = max(idle, (p.temperature_slowdown_c - ambient) / self.thermal.r_total_c_per_w)
         base_hot = min(base, hold)
         thr = throughput_ratio(base, demand, exponent)
         thr_hot = throughput_ratio(base_hot, demand, exponent)
@@ -313,7 +334,7 @@ class SimulatedGpu:
         if die >= shutdown:
             self.set_fault("lost", f"thermal shutdown at {die:.1f} C (simulated)")
             if done < n:
-                self._run(phase, n - done)
+                self._run_steps(phase, n - done)
 
     def _clocks(self, active: bool, base_w: float, demand_w: float) -> None:
         """The SM and memory clocks (MHz) and performance state while ``base_w`` of
@@ -336,9 +357,12 @@ class SimulatedGpu:
         return th.sink_c + 0.5 * (th.die_c - th.sink_c)
 
     def fan_speed_ratio(self) -> float:
-        """Fan speed 0-1 from the die temperature: 30 % up to 40 C, rising linearly to
-        100 % at the slowdown temperature (a typical default fan curve)."""
+        """Fan speed 0-1: with a fan model (the profile's ``[fan]``), the fans' present speed;
+        without, from the die temperature: 30 % up to 40 C, rising linearly to 100 % at the
+        slowdown temperature (a typical default fan curve)."""
         p = self.profile
+        if self.fans is not None:
+            return self.fans.percent / 100.0
         span = max(p.temperature_slowdown_c - 40.0, 1.0)
         return min(1.0, max(0.3, 0.3 + 0.7 * (self.thermal.die_c - 40.0) / span))
 

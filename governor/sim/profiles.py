@@ -8,12 +8,14 @@ calibration can produce a profile that loads back unchanged.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-from governor.schema import ConfigIssue, Issues, Table
+from governor.schema import ConfigIssue, Issues, Key, Table, finite_number
 from governor.sim._schema import SimDataError, issues_in, read_toml
 from governor.sim.thermal import ThermalParams
 
@@ -35,6 +37,49 @@ class SimTelemetry:
     fans: int = 0
     ecc: bool = False
     memory_temperature: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SimFan:
+    """The fan model of a profile's optional ``[fan]`` table (docs/simulation.md, "Fans").
+
+    Percentages are of the fan's maximum speed. Under the card's automatic control the
+    heatsink keeps the profile's calibrated ``r_sink_c_per_w`` and the fans report
+    ``auto_curve`` (points [die temperature C, percent], linear between, flat beyond).
+    A speed set by hand (clamped to ``min_percent``-``max_percent``) changes the heatsink
+    resistance to ``r_sink * (reference_percent / speed) ** airflow_exponent``:
+    ``reference_percent`` is the speed the card's own control runs at in the conditions
+    the thermal constants describe. A set speed is reached with the time constant
+    ``response_s`` (seconds).
+    """
+
+    min_percent: float = 30.0
+    max_percent: float = 100.0
+    reference_percent: float = 50.0
+    airflow_exponent: float = 0.8
+    response_s: float = 3.0
+    auto_curve: tuple[tuple[float, float], ...] = (
+        (40.0, 30.0),
+        (60.0, 45.0),
+        (70.0, 50.0),
+        (87.0, 55.0),
+        (90.0, 100.0),
+    )
+
+    def auto_percent(self, die_c: float) -> float:
+        """The speed the card's own control runs the fans at, at ``die_c``."""
+        curve = self.auto_curve
+        if die_c <= curve[0][0]:
+            return curve[0][1]
+        for (lo_c, lo_p), (hi_c, hi_p) in itertools.pairwise(curve):
+            if die_c <= hi_c:
+                return lo_p + (hi_p - lo_p) * (die_c - lo_c) / (hi_c - lo_c)
+        return curve[-1][1]
+
+    def r_sink_c_per_w(self, r_sink_c_per_w: float, speed_percent: float) -> float:
+        """The heatsink resistance (C/W) at a hand-set ``speed_percent`` (see the class docstring)."""
+        speed = max(speed_percent, 1.0)
+        return float(r_sink_c_per_w * (self.reference_percent / speed) ** self.airflow_exponent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +106,7 @@ class GpuProfile:
     ambient_c: float
     source: str = "<built-in>"
     telemetry: SimTelemetry = SimTelemetry()
+    fan: SimFan | None = None  # None: fans NVML cannot set (or none)
 
 
 def is_path(name_or_path: str) -> bool:
@@ -150,6 +196,43 @@ def _telemetry(table: Table) -> SimTelemetry:
     )
 
 
+def _fan(table: Table) -> SimFan | None:
+    """The ``[fan]`` table; a key left out keeps SimFan's default."""
+    d = SimFan()
+    pct = "a percentage of the fan's maximum speed, 0-100"
+    low = table.number("min_percent", pct, lo=0.0, hi=100.0, default=d.min_percent)
+    high = table.number("max_percent", pct, lo=0.0, hi=100.0, default=d.max_percent)
+    ref = table.number("reference_percent", pct, lo=1.0, hi=100.0, default=d.reference_percent)
+    exponent = table.number("airflow_exponent", "an exponent, 0-2", lo=0.0, hi=2.0, default=d.airflow_exponent)
+    response = table.number("response_s", "a time constant in seconds", lo=0.0, hi=60.0, default=d.response_s)
+    raw = table.get("auto_curve", _AUTO_CURVE, required=False)
+    table.finish()
+    if low is not None and high is not None and low > high:
+        table.issues.add(table.key("min_percent"), f"a speed at most max_percent {high:g}", f"{low:g}")
+        return None
+    if None in (low, high, ref, exponent, response):
+        return None
+    assert low is not None and high is not None and ref is not None and exponent is not None and response is not None
+    curve = d.auto_curve if raw is None else tuple(raw)
+    return SimFan(low, high, ref, exponent, response, curve)
+
+
+def _point(item: Any) -> tuple[float, float] | None:
+    ok = isinstance(item, list) and len(item) == 2 and all(finite_number(x) for x in item)
+    return (float(item[0]), float(item[1])) if ok and 0.0 <= item[1] <= 100.0 else None
+
+
+def _rising(v: Any) -> str | None:
+    if not v or any(b[0] <= a[0] or b[1] < a[1] for a, b in itertools.pairwise(v)):
+        return "points in rising temperature order whose speeds never fall"
+    return None
+
+
+_AUTO_CURVE = Key(
+    "array", "[die temperature C, percent] points", _rising, item=_point, item_expected="[temperature C, percent 0-100]"
+)
+
+
 def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
     """Validate a parsed profile document; SimDataError lists every problem."""
     issues = issues_in(source)
@@ -186,7 +269,11 @@ def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
         thermal_table.finish()
     telemetry_table = top.table("telemetry", required=False)
     telemetry = _telemetry(telemetry_table) if telemetry_table is not None else SimTelemetry()
+    fan_table = top.table("fan", required=False)
+    fan = _fan(fan_table) if fan_table is not None else None
     top.finish()
+    if fan is not None and telemetry.fans == 0:
+        issues.add("fan", "no [fan] table on a board without fans (telemetry.fans = 0)", "a [fan] table")
     if total is not None and reserved is not None and reserved >= total:
         issues.add("memory_reserved_bytes", f"fewer bytes than memory_total_bytes {total}", str(reserved))
     if idle is not None and lo_w is not None and idle >= lo_w:
@@ -210,6 +297,7 @@ def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
         ambient_c=ambient,
         source=source,
         telemetry=telemetry,
+        fan=fan,
     )
 
 
@@ -262,4 +350,17 @@ def render_profile(profile: GpuProfile, comment: str = "") -> str:
         f"ecc = {'true' if tel.ecc else 'false'}",
         f"memory_temperature = {'true' if tel.memory_temperature else 'false'}",
     ]
+    fan = profile.fan
+    if fan is not None:
+        curve = ", ".join(f"[{_num(c)}, {_num(p)}]" for c, p in fan.auto_curve)
+        lines += [
+            "",
+            "[fan]",
+            f"min_percent = {_num(fan.min_percent)}",
+            f"max_percent = {_num(fan.max_percent)}",
+            f"reference_percent = {_num(fan.reference_percent)}",
+            f"airflow_exponent = {_num(fan.airflow_exponent)}",
+            f"response_s = {_num(fan.response_s)}",
+            f"auto_curve = [{curve}]",
+        ]
     return "\n".join(lines) + "\n"

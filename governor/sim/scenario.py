@@ -28,8 +28,10 @@ from governor.sim.profiles import GpuProfile, resolve
 from governor.sim.workload import PERF_EXPONENTS, WORKLOAD_KINDS
 
 GIB = 1024**3
-FAULTS: tuple[str, ...] = ("lost", "temperature_unsupported", "set_limit_refused")
-"""Faults the simulator can inject; ``None`` (``"none"`` in a scenario file) clears one."""
+FAULTS: tuple[str, ...] = ("lost", "temperature_unsupported", "set_limit_refused", "fan_control_refused", "fan_stuck")
+"""Faults the simulator can inject; ``None`` (``"none"`` in a scenario file) clears one.
+``fan_control_refused``: setting a fan answers no permission; ``fan_stuck``: the fans keep
+their present speed whatever is set."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from governor import durations
 from governor.classes import VramPolicy
 from governor.config import Config, load_config
 from governor.errors import WhatIfError as WhatIfError  # noqa: PLC0414  (re-exported)
+from governor.policy import FanMode
 from governor.processes import ProcessFacts, classified
 
 EXIT_USAGE = 2
@@ -70,12 +71,16 @@ def unique_labels(configs: list[Config]) -> list[str]:
 
 
 def without_governor(config: Config) -> Config:
-    """``config`` with the power ladder and VRAM enforcement off everywhere: the no-governor baseline."""
-    overrides = tuple(replace(o, power={**o.power, "enabled": False}) for o in config.gpus)
+    """``config`` with the power ladder, fan control and VRAM enforcement off everywhere: the
+    no-governor baseline."""
+    overrides = tuple(
+        replace(o, power={**o.power, "enabled": False}, fan={**o.fan, "mode": "auto"}) for o in config.gpus
+    )
     return replace(
         config,
         source="no governor",
         power=replace(config.power, enabled=False),
+        fan=replace(config.fan, mode=FanMode.AUTO),
         gpus=overrides,
         vram=replace(config.vram, enabled=False),
     )

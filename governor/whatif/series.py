@@ -76,13 +76,18 @@ class GpuSeries:
 
 
 def describe_change(d: Decision) -> str:
-    """What a decision changes, in a few words: ``200 -> 180 W``, ``optimal -> warning``, ``pid 7 SIGTERM``."""
+    """What a decision changes, in a few words: ``200 -> 180 W``, ``optimal -> warning``, ``pid 7 SIGTERM``,
+    ``fan 0 55 % -> auto``."""
     if d.pid is not None:
         name = f" ({d.from_value})" if d.from_value else ""
         what = "over budget" if d.rule == "vram_over_budget" else str(d.to_value)
         return f"pid {d.pid}{name}: {what}"
     if d.rule == "thermal_zone":
         return f"{d.from_value} -> {d.to_value}"
+    if d.fan is not None:
+        before = "?" if d.from_percent is None else f"{d.from_percent:g} %"
+        after = "auto" if d.to_percent is None else f"{d.to_percent:g} %"
+        return f"fan {d.fan} {before} -> {after}"
     if isinstance(d.from_value, float) or isinstance(d.to_value, float):
         before = "?" if d.from_value is None else f"{d.from_value:g}"
         after = "?" if d.to_value is None else f"{d.to_value:g}"
