@@ -11,8 +11,7 @@ the throttle-zone alert must reach firing.
 Every dashboard query must return data, with one documented exception:
 :data:`EMPTY_WITHOUT_HARDWARE_EVENTS`, the panels whose series exist only once real
 hardware reports an event (an XID, an ECC error, a remapped row); a simulated GPU has none.
-The rest of issue 14's telemetry (clocks, clock-event seconds, memory temperature, fan,
-pstate) must answer here, from the simulated backend: on the ops branch alone (before the
+The rest of issue 14's telemetry (clocks, clock-event seconds, fan, pstate) must answer here, from the simulated backend: on the ops branch alone (before the
 telemetry branch is merged) those queries are empty and the dashboard test fails.
 
 Needs ``prometheus`` (Debian package prometheus); without it the tests skip, unless
@@ -84,6 +83,8 @@ EMPTY_WITHOUT_HARDWARE_EVENTS: dict[str, str] = {
     "XID errors": "gpu_governor_gpu_xid_errors_total has a series only after the driver reported an XID",
     "ECC errors": "gpu_governor_gpu_ecc_errors_total exists only on GPUs with ECC memory (not a simulated RTX 4070)",
     "Remapped memory rows": "the row remapper exists only on data-center GPUs (A100, H100, H200), not simulated",
+    "Memory temperature": "NVML reports a memory (HBM) temperature only on data-center GPUs, not on the "
+    "simulated RTX 4070s here (GeForce answers NotSupported)",
 }
 """Dashboard panels (by title) whose queries may return nothing here, and why. Only series
 that exist on real hardware events or boards belong here; everything else must answer."""

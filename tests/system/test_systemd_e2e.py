@@ -31,56 +31,35 @@ import subprocess
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.system.nspawn import (
+    CONFIG,
+    HOST_PATH,
+    METRICS_URL,
+    ORIGINALS,
+    SIM_STATE,
+    STATE_DIR,
+    UNIT,
+    UNIT_FILE,
+    build_deb,
+    deb_depends,
+    debootstrap,
+    host,
+    metric,
+    remove_root,
+    unavailable,
+    wait_for,
+)
+
 pytestmark = pytest.mark.system
 
-REPO = Path(__file__).resolve().parents[2]
-UNIT = "gpu-governor.service"
-UNIT_FILE = REPO / "systemd" / UNIT
-CONFIG = "/etc/gpu-governor/governor.toml"
-STATE_DIR = "/var/lib/gpu-governor"
-SIM_STATE = f"{STATE_DIR}/simulated-gpus.json"
-ORIGINALS = f"{STATE_DIR}/original-limits.json"
-METRICS_URL = "http://127.0.0.1:9847/metrics"
-SUITE = "bookworm"
-HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-REQUIRED = os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1"
 T = TypeVar("T")
-
-
-def unavailable(reason: str) -> None:
-    """Skip, or fail when CI requires the system tests to run."""
-    if REQUIRED:
-        pytest.fail(f"GG_REQUIRE_SYSTEM_TESTS=1 but {reason}")
-    pytest.skip(reason)
-
-
-def host(cmd: list[str], timeout: float = 120, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-    """Run a host command with Debian's tools first on PATH; output captured as text."""
-    env = {**os.environ, "PATH": HOST_PATH + ":" + os.environ.get("PATH", "")}
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env, **kw)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-    return result
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.25) -> T:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = probe()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- the container
@@ -179,50 +158,6 @@ class Container:
         return [float(v) for v in json.loads(self.read(ORIGINALS))["original_power_limits_w"].values()]
 
 
-def metric(page: str, name: str, **labels: str) -> float | None:
-    """The value of one sample of a Prometheus text page, None when absent."""
-    for line in page.splitlines():
-        if line.startswith("#"):
-            continue
-        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)", line.strip())
-        if match is None or match.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(match.group(3))
-    return None
-
-
-def build_deb(out: Path) -> Path:
-    prebuilt = os.environ.get("GG_DEB")
-    if prebuilt:
-        return Path(prebuilt).resolve()
-    result = host([str(REPO / "packaging" / "build-deb.sh"), str(out)], timeout=300)
-    return Path(result.stdout.strip().splitlines()[-1])
-
-
-def deb_depends(deb: Path) -> list[str]:
-    """Package names of the .deb's Depends (first alternative, no versions or arch qualifiers)."""
-    field = host(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
-    names = []
-    for clause in field.split(","):
-        name = clause.split("|")[0].strip().split(" ")[0].split(":")[0]
-        if name:
-            names.append(name)
-    return names
-
-
-def debootstrap(root: Path, packages: list[str]) -> None:
-    """Debian 12 minbase, main only, plus systemd and the .deb's dependencies."""
-    mirror = os.environ.get("GG_DEBIAN_MIRROR", "http://deb.debian.org/debian")
-    include = ["systemd", "systemd-sysv", "dbus", "python3", *packages]
-    host(
-        ["debootstrap", "--variant=minbase", "--components=main",
-         f"--include={','.join(sorted(set(include)))}", SUITE, str(root), mirror],
-        timeout=400,
-    )  # fmt: skip
-
-
 def boot(root: Path, deb: Path, log: Path) -> Container:
     """Boot the root with systemd as PID 1 and wait until it is up."""
     with open(log, "wb") as out:
@@ -253,6 +188,9 @@ def boot(root: Path, deb: Path, log: Path) -> Container:
     return box
 
 
+# --------------------------------------------------------------------------- fixtures
+
+
 def power_off(box: Container) -> None:
     """Power the container off; kill the nspawn process we started if it does not exit."""
     if box.nspawn.poll() is None:
@@ -262,17 +200,6 @@ def power_off(box: Container) -> None:
         except subprocess.TimeoutExpired:
             box.nspawn.send_signal(signal.SIGKILL)
             box.nspawn.wait(timeout=30)
-
-
-def remove_root(root: Path) -> None:
-    """Unmount anything left under the root, then delete it."""
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    for mount in sorted((m for m in mounts if m.startswith(str(root))), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mount], check=False)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- fixtures
 
 
 def check_prerequisites() -> None:
