@@ -300,13 +300,13 @@ class DecisionLog:
     def _decision(self, report: TickReport, result: ActionResult) -> None:
         d = result.decision
         if is_unit_decision(d):
-            self._unit_decision(result)
+            log_unit_decision(self.log, result)
             return
         if d.pid is not None:
             self._process_decision(report, result)
             return
         if d.fan is not None:
-            self._fan_decision(result)
+            log_fan_decision(self.log, result)
             return
         fields: dict[str, Any] = {
             "gpu": d.gpu_index,
@@ -346,65 +346,6 @@ class DecisionLog:
         else:
             self.log.info(event, **fields)
 
-    def _unit_decision(self, result: ActionResult) -> None:
-        d = result.decision
-        fields: dict[str, Any] = {"unit": d.unit, "class": d.process_class, "rule": d.rule, "reason": d.reason}
-        if d.gpu_index >= 0:
-            fields["gpu"] = d.gpu_index
-        if d.pid is not None:
-            fields["pid"] = d.pid
-            fields["process"] = d.process_name
-        if d.rule == "unit_restart_loop":
-            self.log.error("unit_restart_loop", **fields, effect="its processes are signalled no more")
-            return
-        if d.action is Action.NONE:
-            self.log.info("unit_forgotten", **fields)
-            return
-        stop = d.action is Action.STOP_UNIT
-        fields["outcome"] = result.outcome.value
-        if result.detail:
-            fields["detail"] = result.detail
-        if result.outcome is Outcome.DRY_RUN:
-            self.log.warning("unit_would_stop" if stop else "unit_would_start", **fields)
-        elif result.outcome is Outcome.FAILED:
-            self.log.error("unit_stop_failed" if stop else "unit_start_failed", **fields)
-        elif result.outcome is Outcome.APPLIED:
-            self.log.warning("unit_stopped" if stop else "unit_started", **fields)
-        else:
-            self.log.info("unit_left_alone", **fields)
-
-    def _fan_decision(self, result: ActionResult) -> None:
-        """One fan decision: set, would set (dry run), handed back, restored, failed."""
-        d = result.decision
-        fields: dict[str, Any] = {
-            "gpu": d.gpu_index,
-            "uuid": d.gpu_uuid,
-            "rule": d.rule,
-            "action": d.action.value,
-            "fan": d.fan,
-            "from_percent": d.from_percent,
-            "to": "automatic control" if d.to_percent is None else f"{d.to_percent:g} %",
-            "reason": d.reason,
-            "outcome": result.outcome.value,
-        }
-        if d.reading is not None:
-            fields["temperature_c"] = d.reading
-        if result.detail:
-            fields["detail"] = result.detail
-        outcome = result.outcome
-        if outcome is Outcome.DRY_RUN:
-            self.log.info("fan_would_set", **fields)
-        elif outcome is Outcome.FAILED:
-            self.log.error("fan_set_failed", **fields)
-        elif outcome is not Outcome.APPLIED:
-            self.log.debug("fan_left_alone", **fields)
-        elif d.rule in ("restore_on_stop", "restore_after_crash"):
-            self.log.info("fan_control_restored", **fields)
-        elif d.rule == "fan_not_following":
-            self.log.warning("fan_not_following", **fields)
-        else:
-            self.log.info(EVENT_NAMES.get(d.rule, "fan_speed_set"), **fields)
-
     def _process_decision(self, report: TickReport, result: ActionResult) -> None:
         d = result.decision
         facts = report.facts.get(d.pid) if d.pid is not None else None
@@ -441,6 +382,68 @@ class DecisionLog:
             self.log.warning("process_signalled", **fields)
         else:
             self.log.info("process_left_alone", **fields)
+
+
+def log_unit_decision(log: Any, result: ActionResult) -> None:
+    """One unit decision: stopped, started, would stop or start (dry run), failed, forgotten, a loop."""
+    d = result.decision
+    fields: dict[str, Any] = {"unit": d.unit, "class": d.process_class, "rule": d.rule, "reason": d.reason}
+    if d.gpu_index >= 0:
+        fields["gpu"] = d.gpu_index
+    if d.pid is not None:
+        fields["pid"] = d.pid
+        fields["process"] = d.process_name
+    if d.rule == "unit_restart_loop":
+        log.error("unit_restart_loop", **fields, effect="its processes are signalled no more")
+        return
+    if d.action is Action.NONE:
+        log.info("unit_forgotten", **fields)
+        return
+    stop = d.action is Action.STOP_UNIT
+    fields["outcome"] = result.outcome.value
+    if result.detail:
+        fields["detail"] = result.detail
+    if result.outcome is Outcome.DRY_RUN:
+        log.warning("unit_would_stop" if stop else "unit_would_start", **fields)
+    elif result.outcome is Outcome.FAILED:
+        log.error("unit_stop_failed" if stop else "unit_start_failed", **fields)
+    elif result.outcome is Outcome.APPLIED:
+        log.warning("unit_stopped" if stop else "unit_started", **fields)
+    else:
+        log.info("unit_left_alone", **fields)
+
+
+def log_fan_decision(log: Any, result: ActionResult) -> None:
+    """One fan decision: set, would set (dry run), handed back, restored, failed."""
+    d = result.decision
+    fields: dict[str, Any] = {
+        "gpu": d.gpu_index,
+        "uuid": d.gpu_uuid,
+        "rule": d.rule,
+        "action": d.action.value,
+        "fan": d.fan,
+        "from_percent": d.from_percent,
+        "to": "automatic control" if d.to_percent is None else f"{d.to_percent:g} %",
+        "reason": d.reason,
+        "outcome": result.outcome.value,
+    }
+    if d.reading is not None:
+        fields["temperature_c"] = d.reading
+    if result.detail:
+        fields["detail"] = result.detail
+    outcome = result.outcome
+    if outcome is Outcome.DRY_RUN:
+        log.info("fan_would_set", **fields)
+    elif outcome is Outcome.FAILED:
+        log.error("fan_set_failed", **fields)
+    elif outcome is not Outcome.APPLIED:
+        log.debug("fan_left_alone", **fields)
+    elif d.rule in ("restore_on_stop", "restore_after_crash"):
+        log.info("fan_control_restored", **fields)
+    elif d.rule == "fan_not_following":
+        log.warning("fan_not_following", **fields)
+    else:
+        log.info(EVENT_NAMES.get(d.rule, "fan_speed_set"), **fields)
 
 
 def log_xid_errors(log: Any, seen_by_gpu: dict[str, dict[int, int]], report: TickReport) -> None:

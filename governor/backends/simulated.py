@@ -64,6 +64,26 @@ STATE_FORMAT = "gpu-governor-simulated-hardware"
 DEFAULT_SUBSTEP_S = 0.5
 
 
+def _gpu_info(p: GpuProfile, index: int) -> GpuInfo:
+    """The static facts of simulated GPU ``index`` of profile ``p`` (its UUID is made from both)."""
+    return GpuInfo(
+        index=index,
+        uuid=f"GPU-sim-{p.name}-{index}",
+        name=p.gpu_name,
+        pci_bus_id=f"00000000:{0x10 + index:02X}:00.0",
+        power_limit_min_w=p.power_limit_min_w,
+        power_limit_max_w=p.power_limit_max_w,
+        power_limit_default_w=p.power_limit_default_w,
+        temperature_slowdown_c=p.temperature_slowdown_c,
+        temperature_shutdown_c=p.temperature_shutdown_c,
+        memory_total_bytes=p.memory_total_bytes,
+        driver_version="simulated",
+        fan_count=p.telemetry.fans or None,  # no fans: NotSupported, as on a data-center board
+        fan_speed_min_percent=None if p.fan is None else p.fan.min_percent,
+        fan_speed_max_percent=None if p.fan is None else p.fan.max_percent,
+    )
+
+
 class SimulatedBackend:
     """Simulated GPUs of one profile running one scenario; see the module docstring."""
 
@@ -110,7 +130,7 @@ class SimulatedBackend:
         self._start_s = clock.monotonic()
         self._lock = threading.RLock()
         self._closed = False
-        self._infos = tuple(self._info(i) for i in range(gpu_count))
+        self._infos = tuple(_gpu_info(self.profile, i) for i in range(gpu_count))
         self._by_uuid = {info.uuid: i for i, info in enumerate(self._infos)}
         self._state = HardwareStateFile(Path(state_file), profile, self._by_uuid) if state_file else None
         self._real = RealProcessesFile(Path(processes_file)) if processes_file else None
@@ -154,25 +174,6 @@ class SimulatedBackend:
                 next_pid += 1
 
     # ------------------------------------------------------------------ facts
-
-    def _info(self, index: int) -> GpuInfo:
-        p = self.profile
-        return GpuInfo(
-            index=index,
-            uuid=f"GPU-sim-{p.name}-{index}",
-            name=p.gpu_name,
-            pci_bus_id=f"00000000:{0x10 + index:02X}:00.0",
-            power_limit_min_w=p.power_limit_min_w,
-            power_limit_max_w=p.power_limit_max_w,
-            power_limit_default_w=p.power_limit_default_w,
-            temperature_slowdown_c=p.temperature_slowdown_c,
-            temperature_shutdown_c=p.temperature_shutdown_c,
-            memory_total_bytes=p.memory_total_bytes,
-            driver_version="simulated",
-            fan_count=p.telemetry.fans or None,  # no fans: NotSupported, as on a data-center board
-            fan_speed_min_percent=None if p.fan is None else p.fan.min_percent,
-            fan_speed_max_percent=None if p.fan is None else p.fan.max_percent,
-        )
 
     def gpus(self) -> tuple[GpuInfo, ...]:
         """Static facts of every simulated GPU, in index order."""
