@@ -110,7 +110,8 @@ def main() -> int:
     )
     os.chmod(config, 0o644)
     log = args.out / "governor.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # This checkout first, then the caller's path (where a machine keeps wheels it was carried).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     governor = subprocess.Popen(
         [sys.executable, "-m", "governor", "run", "--config", str(config), "--dry-run", "--log-format", "json"],
         stdout=log.open("wb"),
@@ -133,6 +134,8 @@ def main() -> int:
                 worker = load(phase_end - (time.monotonic() - start) + 5.0, load_log)
             while time.monotonic() - start < phase_end:
                 time.sleep(5.0)
+                if governor.poll() is not None:
+                    sys.exit(f"the governor exited {governor.returncode}; its log: {log}\n{log.read_text()[-3000:]}")
                 try:
                     values = scrape()
                 except OSError as exc:
@@ -169,7 +172,7 @@ def main() -> int:
         "prediction_error_mean_abs_c": sum(abs(e) for e in errors) / len(errors) if errors else None,
         "prediction_error_rms_c": math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else None,
         "prediction_error_max_abs_c": max((abs(e) for e in errors), default=None),
-        "last_model": {k: samples[-1][k] for k in ("r", "room", "rmse", "fitted")} if samples else None,
+        "last_model": {k: samples[-1].get(k) for k in ("r", "room", "rmse", "fitted")} if samples else None,
         "would_set": decisions,
         "limits_unchanged": [r.split(",")[2] for r in before.splitlines()]
         == [r.split(",")[2] for r in after.splitlines()],
