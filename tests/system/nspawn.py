@@ -192,7 +192,8 @@ def debootstrap(root: Path, packages: list[str]) -> None:
     )  # fmt: skip
     install = "apt-get update -qq && apt-get install -y -qq --no-install-recommends " + " ".join(sorted(set(packages)))
     host(
-        ["systemd-nspawn", "-q", "-D", str(root), "--pipe", "--setenv=DEBIAN_FRONTEND=noninteractive",
+        ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit", "--pipe",
+         "--setenv=DEBIAN_FRONTEND=noninteractive",
          "sh", "-c", install],
         timeout=400,
     )  # fmt: skip
