@@ -148,7 +148,7 @@ def _after_step_down(policy: PowerPolicy, state: LadderState, t_s: float) -> tup
     )
 
 
-def _decision(
+def power_decision(
     reading: GpuReading,
     t_s: float,
     rule: Rule,
@@ -159,6 +159,8 @@ def _decision(
     from_w: float | None = None,
     to_w: float | None = None,
 ) -> Decision:
+    """A power-limit decision about ``reading``'s GPU at ``t_s`` (limits in watts), its reading
+    the GPU's temperature (C); shared by the ladder and target mode."""
     return Decision(
         t_s=t_s,
         gpu_index=reading.index,
@@ -229,7 +231,7 @@ def step_power(
     if temperature is None:
         if state.holding:
             return _with(state, hot_samples=0, cool_since_s=None), []
-        held = _decision(
+        held = power_decision(
             reading,
             t_s,
             Rule.POWER_HOLD,
@@ -255,7 +257,7 @@ def step_power(
             backoff=level,
         )
         reason = f"entered critical zone at {temperature:g} C: straight to the lowest rung{note}"
-        return state, [_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=ladder[lowest])]
+        return state, [power_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=ladder[lowest])]
 
     if cooling_headroom and temperature >= policy.step_down_at_c:
         state = _with(state, hot_samples=0, cool_since_s=None)  # cooling before capping
@@ -271,7 +273,7 @@ def step_power(
                     f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C for {hot} consecutive samples{note}"
                 )
                 return state, [
-                    _decision(
+                    power_decision(
                         reading,
                         t_s,
                         Rule.POWER_STEP_DOWN,
@@ -306,7 +308,7 @@ def step_power(
                 f"now {temperature:g} C"
             )
             return state, [
-                _decision(
+                power_decision(
                     reading,
                     t_s,
                     Rule.POWER_STEP_UP,
@@ -339,10 +341,10 @@ def _drift(
     state = replace(state, drift_seen=True)
     if enforced > target:
         reason = f"enforced limit {enforced:g} W drifted above target {target:g} W: re-applying once"
-        return state, [_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
+        return state, [power_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
     reason = f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
     return state, [
-        _decision(
+        power_decision(
             reading,
             t_s,
             Rule.POWER_DRIFT_EXTERNAL_LOWER,

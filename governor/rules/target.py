@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from governor.model import Decision, GpuInfo, GpuReading
 from governor.policy import Action, PowerPolicy, Rule, ThermalZone, format_seconds
 from governor.rules.fit import Block, FitState, ModelParams, observe
-from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, rung_w
+from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, power_decision, rung_w
 
 HOUR_S = 3600.0
 POWER_SMOOTHING_S = 5.0
@@ -121,31 +121,6 @@ def describe_model(fit: FitState) -> str:
     return text
 
 
-def _decision(
-    reading: GpuReading,
-    t_s: float,
-    rule: Rule,
-    reason: str,
-    *,
-    action: Action = Action.SET_POWER_LIMIT,
-    threshold: float | None = None,
-    from_w: float | None = None,
-    to_w: float | None = None,
-) -> Decision:
-    return Decision(
-        t_s=t_s,
-        gpu_index=reading.index,
-        gpu_uuid=reading.uuid,
-        rule=rule,
-        action=action,
-        reason=reason,
-        reading=reading.temperature_c,
-        threshold=threshold,
-        from_w=from_w,
-        to_w=to_w,
-    )
-
-
 def _changed(state: TargetState, limit_w: float, t_s: float, temperature_c: float) -> TargetState:
     """``state`` after setting ``limit_w`` at ``t_s`` with the die at ``temperature_c``."""
     recent = tuple(c for c in state.changes_s if t_s - c < HOUR_S)
@@ -218,7 +193,7 @@ def step_target(
         if state.holding:
             return state, []
         missing = "temperature" if temperature is None else "power"
-        held = _decision(
+        held = power_decision(
             reading,
             t_s,
             Rule.POWER_HOLD,
@@ -235,7 +210,7 @@ def step_target(
     if entering_critical and current != floor and not _would_raise(floor, reading):
         reason = f"entered critical zone at {temperature:g} C: straight to the floor {floor:g} W"
         return _changed(state, floor, t_s, temperature), [
-            _decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=floor)
+            power_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=floor)
         ]
 
     model = state.fit.params
@@ -277,7 +252,9 @@ def step_target(
                 )
             reason = f"{why}: {wanted:g} W ({describe_model(state.fit)})"
             return _changed(state, wanted, t_s, temperature), [
-                _decision(reading, t_s, Rule.POWER_TARGET_DOWN, reason, threshold=target, from_w=from_w, to_w=wanted)
+                power_decision(
+                    reading, t_s, Rule.POWER_TARGET_DOWN, reason, threshold=target, from_w=from_w, to_w=wanted
+                )
             ]
     elif current is not None and current < ceiling and binding and ready:
         settles_c = model.steady_c(current)
@@ -298,7 +275,9 @@ def step_target(
                     f"({describe_model(state.fit)})"
                 )
                 return _changed(state, wanted, t_s, temperature), [
-                    _decision(reading, t_s, Rule.POWER_TARGET_UP, reason, threshold=target, from_w=current, to_w=wanted)
+                    power_decision(
+                        reading, t_s, Rule.POWER_TARGET_UP, reason, threshold=target, from_w=current, to_w=wanted
+                    )
                 ]
         elif state.headroom_since_s is not None:
             state = replace(state, headroom_since_s=None)
@@ -328,10 +307,10 @@ def _drift(reading: GpuReading, state: TargetState, t_s: float) -> tuple[TargetS
     state = replace(state, drift_seen=True)
     if enforced > target:
         reason = f"enforced limit {enforced:g} W drifted above target {target:g} W: re-applying once"
-        return state, [_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
+        return state, [power_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
     reason = f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
     return state, [
-        _decision(
+        power_decision(
             reading, t_s, Rule.POWER_DRIFT_EXTERNAL_LOWER, reason, action=Action.NONE, from_w=enforced, to_w=target
         )
     ]
