@@ -67,6 +67,17 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
 # --------------------------------------------------------------------------- the container
 
 
+@dataclass(frozen=True)
+class Event:
+    """One journal entry of the daemon: its PID, PRIORITY, EVENT (empty for a line), MESSAGE and every field."""
+
+    pid: int
+    priority: int
+    event: str
+    message: str
+    fields: dict[str, Any]
+
+
 @dataclass
 class Container:
     """A booted Debian 12 root; commands run in it through nsenter into its PID 1."""
@@ -123,8 +134,8 @@ class Container:
         out = self.sh(f"journalctl --no-pager -o json -u {unit} " + " ".join(args)).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
-    def daemon_events(self, *args: str) -> list[tuple[int, int, str]]:
-        """(PID, PRIORITY, MESSAGE) of what the daemon itself logged."""
+    def daemon_events(self, *args: str) -> list[Event]:
+        """What the daemon itself logged: native entries (EVENT=, MESSAGE= a sentence, upper-case fields)."""
         events = []
         for entry in self.journal(*args):
             message = entry.get("MESSAGE")
@@ -132,7 +143,9 @@ class Container:
                 continue
             if not isinstance(message, str):  # journald stores non-UTF-8 as a list of bytes
                 continue
-            events.append((int(entry.get("_PID", 0)), int(entry.get("PRIORITY", 6)), message))
+            events.append(
+                Event(int(entry.get("_PID", 0)), int(entry.get("PRIORITY", 6)), entry.get("EVENT", ""), message, entry)
+            )
         return events
 
     def sim_limit_w(self) -> float:

@@ -22,36 +22,34 @@ post-mortem; its path is printed).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 
 from tests.system.nspawn import (
     CONFIG,
     HOST_PATH,
-    METRICS_URL,
-    ORIGINALS,
     SIM_STATE,
     STATE_DIR,
     UNIT,
     UNIT_FILE,
+    Container,
+    Event,
+    boot,
     build_deb,
     deb_depends,
     debootstrap,
     host,
     metric,
+    power_off,
     remove_root,
     unavailable,
     wait_for,
@@ -65,141 +63,7 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------- the container
 
 
-@dataclass(frozen=True)
-class Event:
-    """One journal entry of the daemon: its PID, PRIORITY, EVENT (empty for a line), MESSAGE and every field."""
-
-    pid: int
-    priority: int
-    event: str
-    message: str
-    fields: dict[str, Any]
-
-
-@dataclass
-class Container:
-    """A booted Debian 12 root; commands run in it through nsenter into its PID 1."""
-
-    root: Path
-    nspawn: subprocess.Popen[bytes]
-    leader: int
-    deb: Path
-
-    def sh(
-        self, script: str, timeout: float = 60, check: bool = True, stdin: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a shell script inside the container, with a clean environment."""
-        cmd = [
-            "nsenter", "-t", str(self.leader), "-a",
-            "env", "-i", f"PATH={HOST_PATH}", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0",
-            "sh", "-c", script,
-        ]  # fmt: skip
-        return host(cmd, timeout=timeout, check=check, input=stdin)
-
-    def show(self, *props: str) -> dict[str, str]:
-        """``systemctl show`` properties of the unit."""
-        out = self.sh(f"systemctl show {UNIT} " + " ".join(f"-p {p}" for p in props)).stdout
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def main_pid(self) -> int:
-        return int(self.show("MainPID")["MainPID"])
-
-    def write(self, path: str, text: str, mode: int = 0o644) -> None:
-        """Write a root-owned file inside the container (through nsenter: /run and /tmp are its own tmpfs)."""
-        self.sh(
-            f"mkdir -p $(dirname {path}) && cat > {path} && chown root:root {path} && chmod {mode:o} {path}",
-            stdin=text,
-        )
-
-    def read(self, path: str) -> str:
-        return self.sh(f"cat {path}").stdout
-
-    def exists(self, path: str) -> bool:
-        return self.sh(f"test -e {path}", check=False).returncode == 0
-
-    def metrics(self) -> str | None:
-        """The metrics page, fetched inside the container on loopback; None when it does not answer."""
-        script = (
-            "import urllib.request, sys\n"
-            f"page = urllib.request.urlopen({json.dumps(METRICS_URL)}, timeout=5).read()\n"
-            "sys.stdout.write(page.decode())\n"
-        )
-        result = self.sh("python3 -", check=False, stdin=script)
-        return result.stdout if result.returncode == 0 else None
-
-    def journal(self, *args: str) -> list[dict[str, Any]]:
-        """Journal entries of the unit as JSON objects (``-o json``)."""
-        out = self.sh(f"journalctl --no-pager -o json -u {UNIT} " + " ".join(args)).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-    def daemon_events(self, *args: str) -> list[Event]:
-        """What the daemon itself logged: native entries (EVENT=, MESSAGE= a sentence, upper-case fields)."""
-        events = []
-        for entry in self.journal(*args):
-            message = entry.get("MESSAGE")
-            if entry.get("_COMM") == "systemd" or entry.get("SYSLOG_IDENTIFIER") == "systemd":
-                continue
-            if not isinstance(message, str):  # journald stores non-UTF-8 as a list of bytes
-                continue
-            events.append(
-                Event(int(entry.get("_PID", 0)), int(entry.get("PRIORITY", 6)), entry.get("EVENT", ""), message, entry)
-            )
-        return events
-
-    def sim_limit_w(self) -> float:
-        """The simulated GPU 0's current ("hardware") power limit, from the backend's state file."""
-        limits = json.loads(self.read(SIM_STATE))["power_limits_w"]
-        return float(next(iter(limits.values())))
-
-    def originals(self) -> list[float]:
-        """The original limits the daemon recorded in its state directory (empty when none)."""
-        if not self.exists(ORIGINALS):
-            return []
-        return [float(v) for v in json.loads(self.read(ORIGINALS))["original_power_limits_w"].values()]
-
-
-def boot(root: Path, deb: Path, log: Path) -> Container:
-    """Boot the root with systemd as PID 1 and wait until it is up."""
-    with open(log, "wb") as out:
-        nspawn = subprocess.Popen(
-            ["systemd-nspawn", "-q", "-D", str(root), "--boot", "--register=no", "--keep-unit",
-             "--private-network", "--console=pipe", f"--machine=gg-e2e-{os.getpid()}"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PATH": HOST_PATH},
-        )  # fmt: skip
-
-    def leader() -> int | None:
-        if nspawn.poll() is not None:
-            raise AssertionError(f"systemd-nspawn exited {nspawn.returncode}: {log.read_text()[-3000:]}")
-        children = host(["pgrep", "-P", str(nspawn.pid)], check=False).stdout.split()
-        return int(children[0]) if children else None
-
-    pid = wait_for("the container's PID 1", leader, 30)
-    box = Container(root=root, nspawn=nspawn, leader=pid, deb=deb)
-
-    def up() -> str | None:
-        state = box.sh("systemctl is-system-running", check=False).stdout.strip()
-        return state if state in ("running", "degraded") else None
-
-    state = wait_for("the container's systemd to finish booting", up, 90, interval=0.5)
-    if state == "degraded":
-        failed = box.sh("systemctl --failed --no-legend", check=False).stdout
-        print(f"container booted degraded; failed units:\n{failed}")
-    return box
-
-
 # --------------------------------------------------------------------------- fixtures
-
-
-def power_off(box: Container) -> None:
-    """Power the container off; kill the nspawn process we started if it does not exit."""
-    if box.nspawn.poll() is None:
-        box.sh("systemctl --no-block poweroff", check=False, timeout=30)
-        try:
-            box.nspawn.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            box.nspawn.send_signal(signal.SIGKILL)
-            box.nspawn.wait(timeout=30)
 
 
 def check_prerequisites() -> None:

@@ -174,9 +174,20 @@ def active(box: Container, unit: str) -> str:
     return box.sh(f"systemctl is-active {unit}", check=False).stdout.strip()
 
 
-def events(box: Container, prefix: str, pid: int | None = None) -> list[str]:
-    """The governor's log lines that start with ``prefix`` (of one daemon process when ``pid``)."""
-    return [m for p, _, m in box.daemon_events() if m.startswith(prefix) and (pid is None or p == pid)]
+def events(box: Container, name: str, pid: int | None = None) -> list[str]:
+    """The governor's ``name`` events (of one daemon process when ``pid``), each as one text: a
+    native entry's sentence and its fields as ``key=value`` (``unit=...``, ``restart=always``),
+    or a ``<N>`` line as written."""
+    found = []
+    for e in box.daemon_events():
+        if pid is not None and e.pid != pid:
+            continue
+        if e.event == name:
+            fields = (f"{k.lower()}={v}" for k, v in e.fields.items() if k.isupper() and not k.startswith("_"))
+            found.append(" ".join([e.message, *fields]))
+        elif not e.event and e.message.startswith(name + " "):
+            found.append(e.message)
+    return found
 
 
 def restart_governor(box: Container, dry_run: bool) -> int:
