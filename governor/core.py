@@ -277,6 +277,12 @@ class Governor:
         keeper: UnitKeeper | None = None,
     ) -> None:
         self.config = config
+        # The rules' VRAM policy: off, as configured, or (global dry run) with its dry run on,
+        # made once per governor (one per config) rather than on every tick.
+        vram = config.vram if config.vram.enabled else None
+        if vram is not None and config.dry_run and not vram.dry_run:
+            vram = replace(vram, dry_run=True)
+        self._rules_vram = vram
         self.backend = backend
         self.originals = originals
         self.gpus: tuple[GpuInfo, ...] = tuple(backend.gpus()) if gpus is None else gpus
@@ -345,7 +351,7 @@ class Governor:
         facts, inspect_errors = self._inspect(snapshot)
         self.facts = facts
         config = self.config
-        vram = config.vram if config.vram.enabled else None
+        vram = self._rules_vram
         previous = self.states
         units = self.units
         self.states, decisions = evaluate(
@@ -375,10 +381,14 @@ class Governor:
         self._undo_unsaved_changes(previous, results)
         warnings = units.record(results, snapshot, wall_s, config.vram, facts)
         loops = sorted({u for state in self.states.values() for u in state.vram.loops_s})
-        return replace(
-            self._report(
-                TICK, snapshot, wall_s, (*restored, *results), self._gpu_ticks(snapshot), changes, inspect_errors
-            ),
+        return self._report(
+            TICK,
+            snapshot,
+            wall_s,
+            (*restored, *results),
+            self._gpu_ticks(snapshot),
+            changes,
+            inspect_errors,
             restart_loops=tuple(loops),
             unit_warnings=warnings,
         )
@@ -392,6 +402,8 @@ class Governor:
         gpus: tuple[GpuTick, ...],
         changes: GpuChanges | None = None,
         inspect_errors: tuple[tuple[int, str], ...] = (),
+        restart_loops: tuple[str, ...] = (),
+        unit_warnings: tuple[UnitWarning, ...] = (),
     ) -> TickReport:
         originals = self.originals
         fans = self.actuator.fans.store
@@ -417,6 +429,8 @@ class Governor:
             stopped_units=self.units.statuses(snapshot, self.config.vram),
             systemd_error=self.actuator.units.error,
             systemd_asked=self.units.asked,
+            restart_loops=restart_loops,
+            unit_warnings=unit_warnings,
         )
 
     def _gpu_ticks(self, snapshot: Snapshot) -> tuple[GpuTick, ...]:

@@ -169,6 +169,8 @@ def evaluate_units(
     snapshot: Snapshot, state: UnitsState, policy: VramPolicy, facts: Mapping[int, ProcessFacts]
 ) -> tuple[UnitsState, list[Decision]]:
     """Decide which stopped units to start again this tick (see the module docstring)."""
+    if not state.stopped:
+        return state, []  # nothing stopped: nothing to resume (the common tick, kept cheap)
     t_s = snapshot.t_s
     indexes = {r.uuid: r.index for r in snapshot.gpus}
     stopped = dict(state.stopped)
