@@ -108,7 +108,7 @@ MESSAGES: dict[str, str] = {
     "stopped_units_unreadable": "The list of units the governor stopped could not be read: {detail}",
     "unit_stopped_earlier": "Unit {unit} (class {class}) was stopped by the governor earlier: {effect}",
     "kill_will_be_undone": "Class {class} signals unit {unit}, which has Restart={restart}: {effect}",
-    "unit_restart_loop": "Unit {unit} (class {class}) is in a kill-restart loop: {reason}; {effect}",
+    "unit_restart_loop": "Unit {unit} (class {class}) is in a kill-restart loop: {reason}",
     "unit_forgotten": "Unit {unit} (class {class}) is no longer tracked: {reason}",
     "unit_would_stop": "Dry run: would stop unit {unit} (class {class}): {reason}",
     "unit_would_start": "Dry run: would start unit {unit} (class {class}) again: {reason}",
