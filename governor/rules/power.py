@@ -330,27 +330,28 @@ def _drift(
     reading: GpuReading, state: LadderState, ladder: tuple[float, ...], t_s: float
 ) -> tuple[LadderState, list[Decision]]:
     """Re-apply our target once per drift; report (never fight) a lower out-of-band limit."""
-    target = target_w(state, ladder)
+    seen, decisions = drift(reading, target_w(state, ladder), state.drift_seen, t_s)
+    return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
+
+
+def drift(reading: GpuReading, target: float | None, seen: bool, t_s: float) -> tuple[bool, list[Decision]]:
+    """The drift check shared by the ladder and target mode: when the enforced limit has moved
+    off ``target`` (W) by more than DRIFT_TOLERANCE_W, re-apply a higher one once, and report a
+    lower one (set outside the governor: never fought). ``seen``: a drift was already handled;
+    returns the new ``seen`` and the decisions."""
     enforced = reading.power_limit_w
     if target is None or enforced is None:
-        return state, []
+        return seen, []
     if abs(enforced - target) <= DRIFT_TOLERANCE_W:
-        return (replace(state, drift_seen=False) if state.drift_seen else state), []
-    if state.drift_seen:
-        return state, []
-    state = replace(state, drift_seen=True)
+        return False, []
+    if seen:
+        return True, []
     if enforced > target:
         reason = f"enforced limit {enforced:g} W drifted above target {target:g} W: re-applying once"
-        return state, [power_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
+        return True, [power_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
     reason = f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
-    return state, [
+    return True, [
         power_decision(
-            reading,
-            t_s,
-            Rule.POWER_DRIFT_EXTERNAL_LOWER,
-            reason,
-            action=Action.NONE,
-            from_w=enforced,
-            to_w=target,
+            reading, t_s, Rule.POWER_DRIFT_EXTERNAL_LOWER, reason, action=Action.NONE, from_w=enforced, to_w=target
         )
     ]

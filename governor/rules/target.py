@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from governor.model import Decision, GpuInfo, GpuReading
 from governor.policy import Action, PowerPolicy, Rule, ThermalZone, format_seconds
 from governor.rules.fit import Block, FitState, ModelParams, observe
-from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, power_decision, rung_w
+from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, drift, power_decision, rung_w
 
 HOUR_S = 3600.0
 POWER_SMOOTHING_S = 5.0
@@ -297,20 +297,5 @@ def _would_raise(watts: float, reading: GpuReading) -> bool:
 
 def _drift(reading: GpuReading, state: TargetState, t_s: float) -> tuple[TargetState, list[Decision]]:
     """Re-apply our limit once per drift; report (never fight) a lower out-of-band limit."""
-    target, enforced = state.limit_w, reading.power_limit_w
-    if target is None or enforced is None:
-        return state, []
-    if abs(enforced - target) <= DRIFT_TOLERANCE_W:
-        return (replace(state, drift_seen=False) if state.drift_seen else state), []
-    if state.drift_seen:
-        return state, []
-    state = replace(state, drift_seen=True)
-    if enforced > target:
-        reason = f"enforced limit {enforced:g} W drifted above target {target:g} W: re-applying once"
-        return state, [power_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
-    reason = f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
-    return state, [
-        power_decision(
-            reading, t_s, Rule.POWER_DRIFT_EXTERNAL_LOWER, reason, action=Action.NONE, from_w=enforced, to_w=target
-        )
-    ]
+    seen, decisions = drift(reading, state.limit_w, state.drift_seen, t_s)
+    return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
