@@ -453,11 +453,14 @@ def load_process_table(status: DaemonStatus, now_s: float) -> ProcessTable:
             path,
             float(written),
         )
-    if status.table_written_s is None or abs(status.table_written_s - written) > 0.001:
-        last = "none yet" if status.table_written_s is None else _ago(now_s - status.table_written_s)
+    # Older than the last table the daemon reports writing: left over. Newer (or the metrics
+    # knew of none yet) is the same daemon's table written after the scrape (a tick came
+    # between the two reads), not a stale one.
+    if status.table_written_s is not None and written < status.table_written_s - 0.001:
         return ProcessTable(
             None,
-            f"{path} is stale (written {_ago(now_s - written)}; the daemon's last table: {last})",
+            f"{path} is stale (written {_ago(now_s - written)}; "
+            f"the daemon's last table: {_ago(now_s - status.table_written_s)})",
             path,
             float(written),
         )

@@ -18,7 +18,7 @@ import pytest
 
 from governor import auth
 from governor.cli import EXIT_BAD_ANSWER, EXIT_GPU_UNHEALTHY, EXIT_UNREACHABLE, EXIT_USAGE
-from governor.status import SCHEMA_VERSION
+from governor.status import SCHEMA_VERSION, DaemonStatus, load_process_table
 from tests.support import free_port, openssl_self_signed, scrape, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -511,3 +511,33 @@ class TestNotRoot:
         doc = json.loads(chunks[0])
         assert doc["processes"] is None
         assert "readable only by the daemon's user (mode 0600)" in doc["processes_note"]
+
+
+class TestTableAge:
+    """Which process table `status` shows, by its stamp against the daemon's last write (no daemon run)."""
+
+    @staticmethod
+    def table(
+        tmp_path: Path, written_s: float, table_written_s: float | None
+    ) -> tuple[list[dict[str, object]] | None, str | None]:
+        run = tmp_path / "run"
+        run.mkdir(exist_ok=True)
+        doc = {"daemon": {"pid": 42, "instance": "i"}, "written_at_s": written_s, "processes": [{"pid": 7}]}
+        (run / "processes.json").write_text(json.dumps(doc))
+        status = DaemonStatus(pid=42, instance="i", runtime_dir=str(run), table_written_s=table_written_s)
+        loaded = load_process_table(status, written_s + 5.0)
+        return loaded.rows, loaded.note
+
+    def test_the_last_table_the_daemon_wrote_is_shown(self, tmp_path: Path) -> None:
+        """The file's stamp equal to the daemon's last write: its rows are shown."""
+        assert self.table(tmp_path, 100.0, 100.0) == ([{"pid": 7}], None)
+
+    def test_a_table_written_after_the_scrape_is_shown(self, tmp_path: Path) -> None:
+        """A tick between the scrape and the read rewrote the table (newer, or none known yet): shown."""
+        assert self.table(tmp_path, 101.0, 100.0)[0] == [{"pid": 7}]
+        assert self.table(tmp_path, 101.0, None)[0] == [{"pid": 7}]
+
+    def test_a_table_older_than_the_daemons_last_write_is_stale(self, tmp_path: Path) -> None:
+        """A file older than the last table the daemon reports writing is left over: not shown."""
+        rows, note = self.table(tmp_path, 99.0, 100.0)
+        assert rows is None and note is not None and "is stale" in note
