@@ -18,13 +18,12 @@ any fan in manual control, so every fan of every GPU is handed back at start.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from governor.safefile import CORRUPT_SUFFIX, UnusableFile, read_json, set_aside, short_repr, write_atomic
+from governor.safefile import CORRUPT_SUFFIX, UnusableFile, read_json, set_aside, short_repr, state_json, write_state
 
 FAN_STATE_FILE_NAME = "fan-control.json"
 VERSION = 1
@@ -100,10 +99,9 @@ class FanControl:
     def _save(self) -> None:
         if self.path is None:
             return
-        body = json.dumps({"version": VERSION, KEY: self._entries}, indent=2, sort_keys=True) + "\n"
+        body = state_json({"version": VERSION, KEY: self._entries})
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(self.path, body.encode("utf-8"))
+            write_state(self.path, body)
         except OSError as exc:
             self.write_errors += 1
             self.last_error = f"{self.path}: cannot save the fan takeovers: {exc.strerror or exc}"

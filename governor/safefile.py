@@ -163,6 +163,18 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
         fsync_dir(directory)
 
 
+def state_json(document: object) -> str:
+    """A state file's text: ``document`` as indented, key-sorted JSON with a final newline."""
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def write_state(path: Path, body: str) -> None:
+    """Durably replace the state file ``path`` with ``body``, creating its directory (0700)
+    when missing; raises OSError as :func:`write_atomic` does."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_atomic(path, body.encode("utf-8"))
+
+
 def set_aside(path: Path, raw: bytes | None = None) -> Path | None:
     """Keep a bad state file as ``<name>.corrupt`` for a person to inspect; its new path, or None.
 

@@ -28,7 +28,6 @@ changed that GPU once, so its present limit may be the governor's own (see
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from governor.safefile import CORRUPT_SUFFIX, UnusableFile, read_json, set_aside, short_repr, write_atomic
+from governor.safefile import CORRUPT_SUFFIX, UnusableFile, read_json, set_aside, short_repr, state_json, write_state
 
 STATE_FILE_NAME = "original-limits.json"
 VERSION = 2
@@ -233,10 +232,9 @@ class OriginalLimits:
             ORIGINAL_KEY: {u: e.original_w for u, e in self._entries.items() if e.original_w is not None},
             LAST_SET_KEY: {u: e.last_set_w for u, e in self._entries.items() if e.last_set_w is not None},
         }
-        body = json.dumps(document, indent=2, sort_keys=True) + "\n"
+        body = state_json(document)
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(self.path, body.encode("utf-8"))
+            write_state(self.path, body)
         except OSError as exc:
             self.write_errors += 1
             self.last_error = f"{self.path}: cannot save original limits: {exc.strerror or exc}"

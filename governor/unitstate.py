@@ -23,7 +23,6 @@ here starts its clear time afresh (monotonic times do not survive a restart).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -53,7 +52,7 @@ from governor.rules.units import (
     resume_at_s,
 )
 from governor.rules.vram import under_pressure
-from governor.safefile import UnusableFile, read_json, set_aside, short_repr, write_atomic
+from governor.safefile import UnusableFile, read_json, set_aside, short_repr, state_json, write_state
 from governor.units import UnitManager, undone_by_restart
 
 FILE_NAME = "stopped-units.json"
@@ -157,12 +156,11 @@ class StoppedUnitsStore:
                 for u, s in sorted(stopped.items())
             },
         }
-        body = json.dumps(document, indent=2, sort_keys=True) + "\n"
+        body = state_json(document)
         if body == self._written:
             return
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(self.path, body.encode("utf-8"))
+            write_state(self.path, body)
         except OSError as exc:
             self.write_errors += 1
             self.last_error = f"{self.path}: cannot save the stopped units: {exc.strerror or exc}"
