@@ -46,6 +46,7 @@ from governor.policy import Rung as Rung
 from governor.policy import ThermalPolicy as ThermalPolicy
 from governor.policy import VramPolicy as VramPolicy
 from governor.policy import percent_of as percent_of
+from governor.safefile import root_trust_problems
 from governor.schema import Issues, between, convert, describe, finite_number, one_of, section, short, table_of, unknown
 from governor.schema import Key as Key
 from governor.schema import Validator as Validator
@@ -790,11 +791,7 @@ def _check_trust_info(source: str, info: os.stat_result, euid: int) -> None:
     """check_trust on the status of an open file (its owner and mode)."""
     if euid != 0:
         return
-    problems = []
-    if info.st_uid != 0:
-        problems.append(f"owned by uid {info.st_uid}")
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problems.append(f"writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
+    problems = root_trust_problems(info)
     if problems:
         raise ConfigError(
             [

@@ -207,11 +207,17 @@ def check_private_dir(path: Path, euid: int | None = None) -> str | None:
         return None  # nothing there (yet): writing to it fails later and is reported then
     except OSError as exc:
         return f"{path}: cannot be checked ({exc.strerror or exc})"
+    problems = [] if stat.S_ISDIR(info.st_mode) else ["not a directory"]
+    problems += root_trust_problems(info)
+    return f"{path} " + " and ".join(problems) if problems else None
+
+
+def root_trust_problems(info: os.stat_result) -> list[str]:
+    """Why a file or directory (its ``stat``) is not trusted by a daemon running as root: not
+    owned by root, or writable by group or others; empty when it is trusted."""
     problems = []
-    if not stat.S_ISDIR(info.st_mode):
-        problems.append("not a directory")
     if info.st_uid != 0:
         problems.append(f"owned by uid {info.st_uid}")
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         problems.append(f"writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
-    return f"{path} " + " and ".join(problems) if problems else None
+    return problems

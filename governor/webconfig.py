@@ -43,6 +43,7 @@ import yaml
 
 from governor.auth import parse_bcrypt_hash, parse_password_hash
 from governor.errors import ConfigError, ConfigIssue
+from governor.safefile import root_trust_problems
 from governor.schema import Issues, describe, short, unknown
 
 MAX_PEM_BYTES = 1024 * 1024
@@ -391,11 +392,7 @@ def _opened(
         if info.st_size > max_bytes:
             raise issue(f"a file of at most {max_bytes} bytes", f"{info.st_size} bytes (refused unread)")
         if trust_euid == 0:
-            problems = []
-            if info.st_uid != 0:
-                problems.append(f"owned by uid {info.st_uid}")
-            if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                problems.append(f"writable by group or others (mode {stat.S_IMODE(info.st_mode):o})")
+            problems = root_trust_problems(info)
             if problems:
                 raise issue(
                     "a file owned by root and writable only by root (chown root:root, chmod go-w)",

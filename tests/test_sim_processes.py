@@ -98,3 +98,16 @@ def test_simulated_gpu_charges_the_real_processes(tmp_path: Path) -> None:
     before, after = plain.read().gpus[0], backend.read().gpus[0]
     assert after.processes is not None and [(p.pid, p.name) for p in after.processes] == [(os.getpid(), "me")]
     assert before.memory_used_bytes is not None and after.memory_used_bytes == before.memory_used_bytes + 2 * GIB
+
+
+def test_root_ignores_a_processes_file_others_can_write(tmp_path: Path) -> None:
+    """As root, a processes file writable by others (or not root's) names no process: it could aim signals."""
+    path = write(tmp_path / "p.json", [{"pid": os.getpid(), "used_bytes": 2 * GIB}])
+    path.chmod(0o666)
+    real = RealProcessesFile(path, euid=0)
+    assert real.processes(1) == {}
+    assert real.warning is not None and "writable by group or others" in real.warning
+    path.chmod(0o644)
+    trusted_owner = os.stat(path).st_uid == 0
+    assert bool(RealProcessesFile(path, euid=0).processes(1)) is trusted_owner
+    assert RealProcessesFile(path, euid=1000).processes(1) != {}  # not root: no owner rule

@@ -17,7 +17,9 @@ process that exited is gone from the next reading. ``gpu`` defaults to 0; ``name
 
 The file is read bounded (:func:`governor.safefile.read_json`) again whenever it changes
 (inode, size, modification time); a file that cannot be used reports no process and sets
-``warning``. At most ``MAX_ENTRIES`` entries.
+``warning``. At most ``MAX_ENTRIES`` entries. The file names processes the governor may
+signal or whose units it may stop, so a daemon running as root uses it only while it is
+owned by root and writable by no one else (as its config), else reports no process.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from governor.model import ProcessReading
-from governor.safefile import UnusableFile, read_json, short_repr
+from governor.safefile import UnusableFile, read_json, root_trust_problems, short_repr
 
 MAX_ENTRIES = 256
 
@@ -95,9 +97,10 @@ def _comm(pid: int, proc: Path) -> str | None:
 class RealProcessesFile:
     """The processes file of a simulated backend; see the module docstring."""
 
-    def __init__(self, path: Path, proc: Path = Path("/proc")) -> None:
+    def __init__(self, path: Path, proc: Path = Path("/proc"), euid: int | None = None) -> None:
         self.path = path
         self.proc = proc
+        self.euid = os.geteuid() if euid is None else euid
         self.warning: str | None = None
         self._key: tuple[int, int, int] | None = None
         self._entries: list[RealProcess] = []
@@ -112,6 +115,11 @@ class RealProcessesFile:
         if key == self._key:
             return
         self._key = key
+        untrusted = root_trust_problems(info) if self.euid == 0 else []
+        if untrusted:
+            self._entries = []
+            self.warning = f"{self.path}: " + " and ".join(untrusted) + ": ignored (chown root:root, chmod go-w)"
+            return
         try:
             data, _raw = read_json(self.path)
         except (FileNotFoundError, UnusableFile) as exc:
