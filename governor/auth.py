@@ -21,8 +21,6 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol, TextIO
 
-import bcrypt
-
 BCRYPT_COST = 10
 """Cost of new bcrypt hashes: about 0.075 s per check (as ``htpasswd -nBC 10``)."""
 BCRYPT_MIN_COST = 4
@@ -84,6 +82,8 @@ class BcryptHash:
         if len(secret) > BCRYPT_MAX_PASSWORD_BYTES:
             return False
         try:
+            import bcrypt  # here: only a configured password loads it
+
             return bool(bcrypt.checkpw(secret, self.encoded))
         except ValueError:  # a NUL byte, on some bcrypt versions
             return False
@@ -162,6 +162,8 @@ def hash_password(password: str, *, cost: int = BCRYPT_COST) -> str:
         raise ValueError(f"a password of {len(secret)} bytes (bcrypt reads at most {BCRYPT_MAX_PASSWORD_BYTES})")
     if not BCRYPT_MIN_COST <= cost <= BCRYPT_MAX_COST:
         raise ValueError(f"a cost between {BCRYPT_MIN_COST} and {BCRYPT_MAX_COST}")
+    import bcrypt
+
     return bytes(bcrypt.hashpw(secret, bcrypt.gensalt(cost))).decode("ascii")
 
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import regex
+if TYPE_CHECKING:
+    import regex
 
 # The policy types live in governor.policy; the names stay importable from here (re-exports).
 from governor.policy import ACTIONS as ACTIONS
@@ -136,6 +137,8 @@ def _regex(value: Any, path: str, out: Issues) -> regex.Pattern[str] | None:
     text = _str(value, path, out, "a regular expression (a non-empty string)")
     if text is None:
         return None
+    import regex  # here, not at the top: a config without patterns never loads it (about 2 MiB)
+
     try:
         return regex.compile(text)
     except (regex.error, RecursionError, OverflowError, ValueError) as exc:

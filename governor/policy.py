@@ -17,10 +17,12 @@ from __future__ import annotations
 import enum
 import fnmatch
 from dataclasses import dataclass, field
-
-import regex
+from typing import TYPE_CHECKING
 
 from governor.durations import format_seconds
+
+if TYPE_CHECKING:  # the regex module loads only when a config has a cmdline or cgroup pattern
+    import regex
 
 __all__ = [
     "ACTING_ACTIONS",
@@ -391,7 +393,7 @@ class ProcessMatch:
         for key in MATCH_KEYS:
             value = getattr(self, key)
             if value is not None:
-                parts.append(f"{key}={clip(value.pattern if isinstance(value, regex.Pattern) else repr(value))}")
+                parts.append(f"{key}={clip(repr(value) if isinstance(value, str) else value.pattern)}")
         if self.user_units:
             parts.append("user_units")
         return " and ".join(parts) or "nothing"

@@ -42,12 +42,14 @@ import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-import regex
+from typing import TYPE_CHECKING
 
 from governor.classes import MATCH_TIMEOUT_S, ProcessClass, VramPolicy, clip
 from governor.model import Classification, ProcessIdentity
 from governor.model import ProcessFacts as ProcessFacts  # noqa: PLC0414  (re-exported: it moved to the model)
+
+if TYPE_CHECKING:  # patterns come compiled from governor.classes, which imports regex when it needs it
+    import regex
 from governor.policy import denied_unit, session_unit
 
 CMDLINE_MAX_BYTES = 4096

@@ -258,24 +258,33 @@ sys.exit(main(["run", "--dry-run", "--wait-for-driver", "--listen", "127.0.0.1:0
 """
 
 NEVER_ON_THE_DAEMON_PATH = ("governor.whatif", "governor.sim", "matplotlib", "hypothesis", "numpy")
+ONLY_WHEN_CONFIGURED = ("regex", "yaml", "bcrypt", "jeepney")
+"""Loaded by a daemon only when its config uses them: cmdline/cgroup patterns, a web-config file
+(PyYAML, bcrypt hashes), a stop-unit class (D-Bus). The default config needs none (issue 13's RSS)."""
+
+
+def daemon_modules(tmp_path: Path, config_text: str) -> list[str]:
+    """The modules a dry-run NVML daemon with ``config_text`` has loaded once its first ticks ran."""
+    config = tmp_path / "g.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = ""\n' + config_text)
+    config.chmod(0o644)
+    out = tmp_path / "modules.json"
+    subprocess.run(
+        [sys.executable, "-c", DAEMON_IMPORTS, str(config), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    loaded: list[str] = json.loads(out.read_text())
+    return loaded
 
 
 class TestDaemonImports:
     def test_nvml_daemon_loads_no_whatif_sim_or_plot(self, tmp_path: Path) -> None:
         """`run` with the NVML backend (dry run; with or without a driver here) loads nothing of governor.whatif,
         governor.sim, matplotlib, hypothesis or numpy, and does load the service, core, metrics and NVML modules."""
-        config = tmp_path / "g.toml"
-        config.write_text(f'state_dir = "{tmp_path / "state"}"\nruntime_dir = ""\n')
-        config.chmod(0o644)
-        out = tmp_path / "modules.json"
-        subprocess.run(
-            [sys.executable, "-c", DAEMON_IMPORTS, str(config), str(out)],
-            cwd=REPO,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        loaded: list[str] = json.loads(out.read_text())
+        loaded = daemon_modules(tmp_path, "")
         assert {
             "governor.service",
             "governor.core",
@@ -285,6 +294,19 @@ class TestDaemonImports:
         } <= set(loaded)
         unwanted = [m for m in loaded if any(m == p or m.startswith(p + ".") for p in NEVER_ON_THE_DAEMON_PATH)]
         assert unwanted == []
+
+    def test_default_daemon_loads_no_library_its_config_does_not_use(self, tmp_path: Path) -> None:
+        """With the default config the daemon loads neither regex, PyYAML, bcrypt nor jeepney."""
+        loaded = set(daemon_modules(tmp_path, ""))
+        assert "governor.service" in loaded
+        assert [m for m in ONLY_WHEN_CONFIGURED if m in loaded] == []
+
+    def test_a_cmdline_pattern_loads_regex(self, tmp_path: Path) -> None:
+        """The check above can fail: a class with a cmdline pattern makes the daemon load regex."""
+        loaded = set(
+            daemon_modules(tmp_path, '[[class]]\nname = "w"\nbudget = "1 GiB"\n[class.match]\ncmdline = "worker"\n')
+        )
+        assert "regex" in loaded
 
     def test_the_simulated_backend_loads_the_simulator(self) -> None:
         """The check above can fail: importing the simulated backend does load governor.sim."""
