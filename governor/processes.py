@@ -321,9 +321,12 @@ def _log_timeout_once(facts: ProcessIdentity, exc: MatchTimedOut) -> None:
     )
 
 
+_CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
 def boot_time_ticks() -> int:
     """Now on the boot clock, in the clock ticks /proc/PID/stat uses for start times."""
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _CLOCK_TICKS_PER_S)
 
 
 class ProcessInspector:

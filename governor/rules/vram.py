@@ -167,6 +167,8 @@ def evaluate_vram(
     ``stopped_units`` are the units the governor stopped and has not resumed yet."""
     if not policy.enabled or reading.processes is None:
         return state, []
+    if not reading.processes and not (state.offenders or state.loops_s or state.unit_signals_s or state.unit_stops_s):
+        return state, []  # nothing listed and nothing remembered: the tick below would rebuild this very state
     uuid = reading.uuid
     decisions: list[Decision] = []
     offenders = {k: v for k, v in state.offenders.items() if k[0] != uuid}
