@@ -86,6 +86,7 @@ MESSAGES: dict[str, str] = {
     "original_limit_unsaved": _GPU + " original power limit cannot be saved: {reason}; {effect}",
     "original_limit_saved": _GPU + " original power limit saved: the governor may change its limit",
     "backend_state_unreadable": "The simulated GPUs' state file could not be read: {detail}",
+    "backend_input_ignored": "The backend ignored part of its input: {detail}",
     "fan_state_unreadable": "The saved fan takeovers could not be read: {detail}",
     # --- processes ------------------------------------------------------------------------
     "process_over_budget": _PROCESS + " over its VRAM budget: {used_bytes:size} > {budget_bytes:size}",

@@ -134,12 +134,15 @@ class GpuReading:
 class Snapshot:
     """Every GPU's reading taken in one tick, at monotonic time ``t_s``.
 
-    ``wall_time_s`` is the matching Unix time, for humans and metrics only.
+    ``wall_time_s`` is the matching Unix time, for humans and metrics only. ``notes``:
+    problems the backend found with its own inputs this tick (an ignored file), each given
+    once, when it appears, for the decision log.
     """
 
     t_s: float
     wall_time_s: float
     gpus: tuple[GpuReading, ...]
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,6 +199,8 @@ class DecisionLog:
                 log.error("config_contradiction", detail=issue, effect="a refused ladder is not applied")
         for pid, error in report.inspect_errors:
             log.warning("process_inspect_failed", pid=pid, error=error)
+        for note in report.snapshot.notes if report.snapshot is not None else ():
+            log.warning("backend_input_ignored", detail=note)
         if report.kind == TICK:
             for g in report.gpus:
                 self._indexes[g.info.uuid] = g.info.index

@@ -6,10 +6,15 @@ import json
 import os
 from pathlib import Path
 
+import structlog
+from structlog.testing import capture_logs
+
 from governor.backends._sim_processes import RealProcessesFile, parse_entries
 from governor.backends.simulated import SimulatedBackend, build_simulated_backend
 from governor.clock import VirtualClock
-from governor.config import SimulationConfig
+from governor.config import Config, SimulationConfig
+from governor.core import Governor, open_originals
+from governor.observers import DecisionLog
 
 GIB = 2**30
 
@@ -111,3 +116,26 @@ def test_root_ignores_a_processes_file_others_can_write(tmp_path: Path) -> None:
     trusted_owner = os.stat(path).st_uid == 0
     assert bool(RealProcessesFile(path, euid=0).processes(1)) is trusted_owner
     assert RealProcessesFile(path, euid=1000).processes(1) != {}  # not root: no owner rule
+
+
+def test_an_ignored_processes_file_reaches_the_decision_log_once(tmp_path: Path) -> None:
+    """A processes file the backend cannot use is logged as backend_input_ignored once, not every tick."""
+    path = tmp_path / "p.json"
+    path.write_text("{nope")
+    path.chmod(0o644)
+    clock = VirtualClock()
+    backend = build_simulated_backend(SimulationConfig(scenario="idle", processes_file=str(path)), clock)
+    first, second = backend.read(), backend.read()
+    assert len(first.notes) == 1 and str(path) in first.notes[0] and second.notes == ()
+    config = Config(state_dir=str(tmp_path / "state"), runtime_dir="")
+    governor = Governor(config, backend, open_originals(config))
+    with capture_logs() as logs:
+        log = DecisionLog(structlog.get_logger())
+        log.observe(governor.step(first, clock.wall()))
+        log.observe(governor.step(second, clock.wall()))
+    events = [e for e in logs if e["event"] == "backend_input_ignored"]
+    assert [e["detail"] for e in events] == list(first.notes)
+    write(path, [{"pid": os.getpid(), "used_bytes": GIB}])  # mended: the next problem is news again
+    assert backend.read().notes == ()
+    path.write_text("[]")
+    assert len(backend.read().notes) == 1

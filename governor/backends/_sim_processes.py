@@ -102,6 +102,7 @@ class RealProcessesFile:
         self.proc = proc
         self.euid = os.geteuid() if euid is None else euid
         self.warning: str | None = None
+        self._told: str | None = None  # the warning last handed out by new_warnings
         self._key: tuple[int, int, int] | None = None
         self._entries: list[RealProcess] = []
 
@@ -127,6 +128,13 @@ class RealProcessesFile:
             return
         self._entries, problems = parse_entries(data)
         self.warning = f"{self.path}: " + "; ".join(problems[:5]) if problems else None
+
+    def new_warnings(self) -> tuple[str, ...]:
+        """The warning about the file if it is new since the last call (each one once), else ()."""
+        if self.warning == self._told:
+            return ()
+        self._told = self.warning
+        return () if self.warning is None else (self.warning,)
 
     def processes(self, gpu_count: int) -> dict[int, list[ProcessReading]]:
         """The processes that exist now, by GPU index (entries for other GPUs are ignored)."""

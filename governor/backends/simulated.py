@@ -202,7 +202,8 @@ class SimulatedBackend:
             t = self._advance()
             real = self._real.processes(len(self._gpus)) if self._real is not None else {}
             gpus = tuple(self._reading(g, t, real.get(g.index, ())) for g in self._gpus)
-            return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=gpus)
+            notes = self._real.new_warnings() if self._real is not None else ()
+            return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=gpus, notes=notes)
 
     def _reading(self, gpu: SimulatedGpu, t_s: float, real: Sequence[ProcessReading] = ()) -> GpuReading:
         info = self._infos[gpu.index]
