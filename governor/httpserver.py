@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import queue
 import select
 import socket
 import ssl
@@ -49,7 +50,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from socketserver import BaseRequestHandler, TCPServer, ThreadingMixIn
+from socketserver import BaseRequestHandler, TCPServer
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -93,6 +94,8 @@ READY_WAIT_S = 0.005
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues for accept (capped by net.core.somaxconn): room for a burst of
 reconnects from capped addresses, so a scrape's SYN is not dropped (a dropped SYN costs a 1 s retry)."""
+WORKER_IDLE_S = 60.0
+"""Seconds a connection thread waits idle for the next connection before it ends."""
 RECHECK_S = 1.0
 """At most this often (seconds, on a new connection) the web-config file and the TLS files are stat()ed for changes."""
 METHODS = ("GET", "HEAD", "OPTIONS")
@@ -261,9 +264,63 @@ class _Connection(BaseRequestHandler):
             self._socket.close()
 
 
-class _ThreadingServer(ThreadingMixIn, TCPServer):
+class _Workers:
+    """Daemon threads that run one connection each at a time: started when none is idle, and
+    kept for the next connections (handing a connection over costs much less than starting a
+    thread); one idle for ``idle_s`` seconds ends. The server's slots bound the connections in
+    flight, and so the threads."""
+
+    def __init__(self, run: Callable[[Any, Any], None], *, daemon: bool, idle_s: float = WORKER_IDLE_S) -> None:
+        self._run = run
+        self._daemon = daemon
+        self._idle_s = idle_s
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[tuple[Any, Any] | None]] = []  # idle threads' mailboxes, latest last
+        self._closed = False
+        self.started = 0
+        """Threads started so far (for tests and curiosity)."""
+
+    def submit(self, request: Any, client_address: Any) -> None:
+        """Run ``request`` on an idle thread, or on a new one when none is idle."""
+        with self._lock:
+            mailbox = self._idle.pop() if self._idle else None
+        if mailbox is not None:
+            mailbox.put((request, client_address))
+            return
+        self.started += 1
+        worker = threading.Thread(
+            target=self._work, args=((request, client_address),), name="metrics-http-conn", daemon=self._daemon
+        )
+        worker.start()
+
+    def _work(self, job: tuple[Any, Any] | None) -> None:
+        mailbox: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        while job is not None:
+            self._run(*job)
+            with self._lock:
+                if self._closed:
+                    return
+                self._idle.append(mailbox)
+            try:
+                job = mailbox.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if mailbox in self._idle:
+                        self._idle.remove(mailbox)
+                        return
+                job = mailbox.get()  # taken by a submit meanwhile: its connection is on the way
+
+    def close(self) -> None:
+        """End the idle threads; busy ones end after their connection."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for mailbox in idle:
+            mailbox.put(None)
+
+
+class _ThreadingServer(TCPServer):
     daemon_threads = True
-    block_on_close = False
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
     request_timeout_s = REQUEST_TIMEOUT_S
@@ -290,6 +347,7 @@ class _ThreadingServer(ThreadingMixIn, TCPServer):
         self.refused = 0
         """Connections closed on accept because their address was at its cap."""
         self.closing = False
+        self._workers = _Workers(self.process_request_thread, daemon=self.daemon_threads)
         super().__init__(*args, **kwargs)
 
     def _admit(self, host: str) -> bool:
@@ -363,15 +421,21 @@ class _ThreadingServer(ThreadingMixIn, TCPServer):
                 self.shutdown_request(request)
                 return
         try:
-            super().process_request(request, client_address)
+            self._workers.submit(request, client_address)
         except BaseException:
             self._slots.release()
             self._leave(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection (on a worker thread), then give its slot and its address's count back."""
         try:
-            super().process_request_thread(request, client_address)
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
         finally:
             with self._open_lock:
                 handed_over = request in self._handed_over
@@ -379,6 +443,10 @@ class _ThreadingServer(ThreadingMixIn, TCPServer):
             if not handed_over:
                 self._slots.release()
             self._leave(str(client_address[0]))
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._workers.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], (OSError, ValueError)):

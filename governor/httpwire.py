@@ -31,8 +31,8 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from email.utils import formatdate
+from typing import NamedTuple
 
 MAX_REQUEST_LINE_BYTES = 4096
 """A scrape's request line is well under 100 bytes; longer ones (with their line end) get 414."""
@@ -56,13 +56,16 @@ REASONS = {
     505: "HTTP Version Not Supported",
 }
 
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.[0-9]")
-_VERSION_LIKE = re.compile(rb"(?:" + _TOKEN + rb") (?:[\x21-\x7e]+) HTTP/[0-9]+\.[0-9]+")
-_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)")
-_KEPT = {b"authorization": "authorization", b"accept": "accept", b"accept-encoding": "accept-encoding"}
-_SINGLE = {b"authorization", b"host"}
-_OWS = b" \t"
+_TCHAR = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
+_VALUE = rb"[\t\x20-\x7e\x80-\xff]*+"  # field-vchar, SP, HTAB: no CR, LF, NUL, other controls, DEL
+_REQUEST_LINE = re.compile(_TCHAR + rb"++ [\x21-\x7e]++ HTTP/([0-9])\.[0-9]")
+_VERSION_LIKE = re.compile(_TCHAR + rb"++ [\x21-\x7e]++ HTTP/[0-9]++\.[0-9]++")
+_HEADER_LINE = re.compile(_TCHAR + rb"++:" + _VALUE)
+_HEAD = re.compile(
+    rb"(" + _TCHAR + rb"++) ([\x21-\x7e]++) HTTP/1\.([0-9])\r?\n"
+    rb"((?:" + _TCHAR + rb"++:" + _VALUE + rb"\r?\n)*+)\r?\n"
+)
+"""A whole well-formed head, matched at once (:func:`parse_head`'s fast path)."""
 
 
 class HeadError(Exception):
@@ -74,8 +77,7 @@ class HeadError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One parsed request head: what the endpoint looks at, and nothing else.
 
     ``path`` and ``query`` split the request target at its first ``?`` (neither is
@@ -121,13 +123,12 @@ def read_head(
     dropped unread). Raises HeadError 414 or 431 past the caps, 400 when the client ends
     its side mid-head, ConnectionError when it closes before sending anything; a reset or
     a failed TLS handshake raises OSError."""
+    chunk = _receive(sock, deadline_s, clock, MAX_REQUEST_HEAD_BYTES)
+    end = _head_end(chunk, 0)
+    if end >= 0 and chunk.find(b"\n") < MAX_REQUEST_LINE_BYTES:  # all at once: the usual case
+        return chunk[:end]
     buffer = bytearray()
     while True:
-        remaining_s = deadline_s - clock()
-        if remaining_s <= 0:
-            raise TimeoutError("request head not received in time")
-        sock.settimeout(remaining_s)
-        chunk = sock.recv(MAX_REQUEST_HEAD_BYTES - len(buffer))
         if not chunk:
             if not buffer:
                 raise ConnectionError("closed before a request was sent")
@@ -136,8 +137,7 @@ def read_head(
         buffer += chunk
         end = _head_end(buffer, searched)
         if end >= 0:
-            line_end = buffer.find(b"\n")
-            if line_end + 1 > MAX_REQUEST_LINE_BYTES:
+            if buffer.find(b"\n") + 1 > MAX_REQUEST_LINE_BYTES:
                 raise HeadError(414, f"request line over {MAX_REQUEST_LINE_BYTES} bytes")
             return bytes(buffer[:end])
         too_long = _too_long(buffer)
@@ -145,6 +145,16 @@ def read_head(
             raise too_long
         if len(buffer) >= MAX_REQUEST_HEAD_BYTES:
             raise HeadError(431, f"request head over {MAX_REQUEST_HEAD_BYTES} bytes")
+        chunk = _receive(sock, deadline_s, clock, MAX_REQUEST_HEAD_BYTES - len(buffer))
+
+
+def _receive(sock: socket.socket | ssl.SSLSocket, deadline_s: float, clock: Callable[[], float], limit: int) -> bytes:
+    """At most ``limit`` bytes from ``sock``, waiting no later than ``deadline_s`` (TimeoutError); b"" at its end."""
+    remaining_s = deadline_s - clock()
+    if remaining_s <= 0:
+        raise TimeoutError("request head not received in time")
+    sock.settimeout(remaining_s)
+    return sock.recv(limit)
 
 
 def _lines(head: bytes) -> list[bytes]:
@@ -156,48 +166,60 @@ def _lines(head: bytes) -> list[bytes]:
 
 def parse_head(head: bytes) -> Request:
     """The request a head read by :func:`read_head` asks for; HeadError (400, 431, 505) when it is malformed."""
-    lines = _lines(head)
-    if not lines:
-        raise HeadError(400, "no request line")
-    line = lines[0]
-    match = _REQUEST_LINE.fullmatch(line)
+    match = _HEAD.fullmatch(head)
     if match is None:
-        if _VERSION_LIKE.fullmatch(line) is not None:
-            raise HeadError(505, "only HTTP/1.0 and HTTP/1.1 are served")
-        raise HeadError(400, "malformed request line (METHOD SP TARGET SP HTTP/1.x)")
-    method, target, major = match.groups()
-    if major != b"1":
-        raise HeadError(505, "only HTTP/1.0 and HTTP/1.1 are served")
-    minor = int(line[-1:])
-    if len(lines) - 1 > MAX_HEADERS:
+        raise _what_is_wrong(head)
+    method, target, minor, block = match.groups()
+    if block.count(b"\n") > MAX_HEADERS:
         raise HeadError(431, f"over {MAX_HEADERS} header lines")
-    kept: dict[str, str] = {}
-    seen_single: set[bytes] = set()
-    for header in lines[1:]:
-        found = _HEADER_LINE.fullmatch(header)
-        if found is None:
-            if header[:1] in (b" ", b"\t"):
-                raise HeadError(400, "obsolete line folding in the request head")
-            raise HeadError(400, "malformed header line (NAME: VALUE, visible characters only)")
-        name = found.group(1).lower()
-        if name in _SINGLE:
-            if name in seen_single:
-                raise HeadError(400, f"more than one {name.decode().title()} header")
-            seen_single.add(name)
-        key = _KEPT.get(name)
-        if key is not None:
-            value = found.group(2).strip(_OWS).decode("latin-1")
-            kept[key] = f"{kept[key]}, {value}" if key in kept else value
+    lowered = b"\n" + block.lower()  # each field name now follows a LF
+    for single in (b"\nhost:", b"\nauthorization:"):
+        if lowered.count(single) > 1:
+            raise HeadError(400, f"more than one {single[1:-1].decode().title()} header")
     path, _, query = target.decode("ascii").partition("?")
     return Request(
         method.decode("ascii"),
         path,
         query,
-        minor,
-        kept.get("authorization"),
-        kept.get("accept"),
-        kept.get("accept-encoding"),
+        int(minor),
+        _field(block, lowered, b"\nauthorization:"),
+        _field(block, lowered, b"\naccept:"),
+        _field(block, lowered, b"\naccept-encoding:"),
     )
+
+
+def _field(block: bytes, lowered: bytes, name: bytes) -> str | None:
+    """The value of header ``name`` (b"\\nNAME:", lower case) in a checked ``block`` of header lines,
+    as latin-1 text without the blanks around it, repeated lines joined with commas; None if absent."""
+    start = lowered.find(name)
+    if start < 0:
+        return None
+    values = []
+    while start >= 0:
+        value_start = start + len(name) - 1  # ``lowered`` has one byte more in front
+        values.append(block[value_start : block.index(b"\n", value_start)].strip(b" \t\r").decode("latin-1"))
+        start = lowered.find(name, start + 1)
+    return values[0] if len(values) == 1 else ", ".join(values)
+
+
+def _what_is_wrong(head: bytes) -> HeadError:
+    """Why :func:`parse_head` refuses ``head``: its first wrong line, named."""
+    lines = _lines(head)
+    match = _REQUEST_LINE.fullmatch(lines[0]) if lines else None
+    if match is None:
+        if lines and _VERSION_LIKE.fullmatch(lines[0]) is not None:
+            return HeadError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        return HeadError(400, "malformed request line (METHOD SP TARGET SP HTTP/1.x)")
+    if match.group(1) != b"1":
+        return HeadError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+    if len(lines) - 1 > MAX_HEADERS:
+        return HeadError(431, f"over {MAX_HEADERS} header lines")
+    for header in lines[1:]:
+        if header[:1] in (b" ", b"\t"):
+            return HeadError(400, "obsolete line folding in the request head")
+        if _HEADER_LINE.fullmatch(header) is None:
+            return HeadError(400, "malformed header line (NAME: VALUE, visible characters only)")
+    return HeadError(400, "malformed request head")  # a bare CR before a LF, say
 
 
 _date: list[tuple[int, bytes]] = [(0, b"")]
