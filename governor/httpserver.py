@@ -9,7 +9,7 @@ process that runs as root (see docs/security.md):
 - only ``/metrics`` is served (GET, HEAD, OPTIONS), every other path is 404, request
   bodies are never read; malformed heads (a bad request line, folded or colon-less
   header lines, control characters, non-ASCII outside field values, a repeated
-  ``Authorization`` or ``Host``) are 400;
+  ``Authorization``, ``Accept``, ``Accept-Encoding`` or ``Host``) are 400;
 - the request line and the whole request head are capped in bytes (414, 431), and the
   head must arrive within ``request_timeout_s`` (the TLS handshake included), so a slow
   client holds one thread for a bounded time and never the accepting thread;

@@ -16,10 +16,9 @@ Only what one GET of /metrics needs, and nothing that grows with the client's in
   non-ASCII bytes outside field values are refused (field values may hold obs-text,
   bytes 0x80-0xFF, RFC 9110 section 5.5: an ``Authorization`` header carrying them is
   simply wrong credentials);
-- at most ``MAX_HEADERS`` header lines; a repeated ``Authorization`` or ``Host`` is
-  refused; repeated ``Accept`` and ``Accept-Encoding`` lines are joined with commas, as
-  a list-valued field is (RFC 9110 section 5.3); every other header is checked and
-  dropped.
+- at most ``MAX_HEADERS`` header lines; a repeated ``Authorization``, ``Accept``,
+  ``Accept-Encoding`` or ``Host`` is refused (no scraper sends one twice, and which copy
+  counts would be a guess); every other header is checked and dropped.
 
 A refused head raises :class:`HeadError` with the status to answer (400, 414, 431, 505).
 """
@@ -69,6 +68,8 @@ _HEAD = re.compile(
 each repeated part ends at a byte it cannot hold (a token at the space or colon, a value at
 CR or LF), and a value is matched atomically (a lookahead captures it, a backreference
 consumes it: Python 3.10 has no possessive quantifiers), so it is never given back byte by byte."""
+_SINGLE = (b"\nhost:", b"\nauthorization:", b"\naccept:", b"\naccept-encoding:")
+"""Headers refused when repeated: the ones the endpoint reads (which one would count?) and Host."""
 
 
 class HeadError(Exception):
@@ -174,7 +175,7 @@ def parse_head(head: bytes) -> Request:
         raise _what_is_wrong(head)
     method, target, minor, block = match.group(1, 2, 3, 4)
     lowered = b"\n" + block.lower()  # each field name now follows a LF
-    for single in (b"\nhost:", b"\nauthorization:"):
+    for single in _SINGLE:
         if lowered.count(single) > 1:
             raise HeadError(400, f"more than one {single[1:-1].decode().title()} header")
     path, _, query = target.decode("ascii").partition("?")
@@ -190,17 +191,13 @@ def parse_head(head: bytes) -> Request:
 
 
 def _field(block: bytes, lowered: bytes, name: bytes) -> str | None:
-    """The value of header ``name`` (b"\\nNAME:", lower case) in a checked ``block`` of header lines,
-    as latin-1 text without the blanks around it, repeated lines joined with commas; None if absent."""
+    """The value of header ``name`` (b"\\nNAME:", lower case) in a checked ``block`` of header lines
+    where it appears at most once, as latin-1 text without the blanks around it; None if absent."""
     start = lowered.find(name)
     if start < 0:
         return None
-    values = []
-    while start >= 0:
-        value_start = start + len(name) - 1  # ``lowered`` has one byte more in front
-        values.append(block[value_start : block.index(b"\n", value_start)].strip(b" \t\r").decode("latin-1"))
-        start = lowered.find(name, start + 1)
-    return values[0] if len(values) == 1 else ", ".join(values)
+    value_start = start + len(name) - 1  # ``lowered`` has one byte more in front
+    return block[value_start : block.index(b"\n", value_start)].strip(b" \t\r").decode("latin-1")
 
 
 def _what_is_wrong(head: bytes) -> HeadError:
