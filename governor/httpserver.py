@@ -297,6 +297,7 @@ class _Workers:
         mailbox: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         while job is not None:
             self._run(*job)
+            job = None  # the closed connection is not kept alive while idle
             with self._lock:
                 if self._closed:
                     return
@@ -625,8 +626,8 @@ class MetricsServer:
 
     Given an :class:`~governor.metrics.Exposition`, or the registry
     :func:`~governor.metrics.build_registry` returns, it serves the bytes rendered once per
-    published state (the daemon's way); given another registry, prometheus-client's app
-    renders it on every scrape."""
+    published state (the daemon's way); given another registry, it is rendered on every
+    scrape (as prometheus-client's app would)."""
 
     def __init__(
         self,
