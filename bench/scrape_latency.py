@@ -7,13 +7,17 @@ GPU (``[vram] per_process_metrics = true``) as a new object every ``--tick-s`` s
 the daemon does each tick, and serves it the way that checkout's ``run`` does (the cached
 :class:`governor.metrics.Exposition` where it exists, else a registry rendered per scrape).
 The parent scrapes the children in turn and prints JSON: p50/p99 per checkout (ms), the
-body size, and each checkout's p50 over the first one's.
+body size, and each checkout's p50 over the first one's, for two clients: urllib (whose own
+header parsing adds a few hundred microseconds of Python to every sample of every checkout
+alike) and a raw socket (one connect, one send, reads to the end: a client as cheap as a Go
+scraper), whose ratio shows the server's own difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -86,6 +90,19 @@ def get(url: str) -> bytes:
         return body
 
 
+def raw_get(url: str) -> bytes:
+    """The whole answer (status line, headers and body) to one plain GET of ``url`` over a fresh
+    connection, read to the end: one connect, one send, the reads."""
+    host, _, rest = url.removeprefix("http://").partition("/")
+    name, _, port = host.rpartition(":")
+    with socket.create_connection((name, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET /{rest} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", action="append", default=[], help="another checkout to measure (repeatable)")
@@ -108,20 +125,26 @@ def main() -> int:
             assert child.stdout is not None
             children.append((tree, child, f"http://127.0.0.1:{int(child.stdout.readline())}/metrics"))
         samples: dict[str, list[float]] = {tree: [] for tree in trees}
+        raw: dict[str, list[float]] = {tree: [] for tree in trees}
         sizes: dict[str, int] = {}
         for _, _, url in children:
             get(url)  # warm up
+            raw_get(url)
         for _ in range(args.scrapes):
             for tree, _, url in children:
                 t0 = time.perf_counter()
                 sizes[tree] = len(get(url))
                 samples[tree].append((time.perf_counter() - t0) * 1000)
+                t1 = time.perf_counter()
+                raw_get(url)
+                raw[tree].append((time.perf_counter() - t1) * 1000)
     finally:
         for _, child, _ in children:
             if child.stdin is not None:
                 child.stdin.close()
             child.wait(10)
     first = statistics.median(samples[trees[0]])
+    first_raw = statistics.median(raw[trees[0]])
     result: dict[str, Any] = {
         "gpus": args.gpus,
         "processes_per_gpu": args.processes,
@@ -130,6 +153,10 @@ def main() -> int:
                 **pct(samples[tree]),
                 "bytes": sizes[tree],
                 "p50_over_this": round(statistics.median(samples[tree]) / first, 2),
+                "raw": {
+                    **pct(raw[tree]),
+                    "p50_over_this": round(statistics.median(raw[tree]) / first_raw, 2),
+                },
             }
             for tree in trees
         },

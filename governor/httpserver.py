@@ -1,14 +1,18 @@
-"""The metrics HTTP endpoint: prometheus-client's WSGI app on a threaded, bounded server.
+"""The metrics HTTP endpoint: the exposition's bytes on a threaded, bounded server.
 
 Serving happens on its own daemon threads and only reads the published state, so a
-slow or busy scraper never delays a tick. The endpoint is hardened for a process that
-runs as root (see docs/security.md):
+slow or busy scraper never delays a tick. Requests are read and parsed by
+governor.httpwire (no WSGI, no http.server: one ``recv`` loop, a strict parser of the
+request line and headers, one write per response). The endpoint is hardened for a
+process that runs as root (see docs/security.md):
 
 - only ``/metrics`` is served (GET, HEAD, OPTIONS), every other path is 404, request
-  bodies are never read;
-- the request line and the whole request head are capped in bytes, and the head must
-  arrive within ``request_timeout_s`` (the TLS handshake included), so a slow client
-  holds one thread for a bounded time and never the accepting thread;
+  bodies are never read; malformed heads (a bad request line, folded or colon-less
+  header lines, control characters, non-ASCII outside field values, a repeated
+  ``Authorization``, ``Accept``, ``Accept-Encoding`` or ``Host``) are 400;
+- the request line and the whole request head are capped in bytes (414, 431), and the
+  head must arrive within ``request_timeout_s`` (the TLS handshake included), so a slow
+  client holds one thread for a bounded time and never the accepting thread;
 - at most ``MAX_CONNECTIONS_PER_ADDRESS`` connections per client address: more are
   closed on accept, before they take a thread, so slow connections from one address
   cannot hold the slots another address's scrape needs;
@@ -24,45 +28,47 @@ runs as root (see docs/security.md):
   up again (at most once per ``RECHECK_S``) when the web-config file or a certificate,
   key or CA file it names changes (:class:`LiveWebConfig`: no restart; a broken change
   keeps the last good config and is logged once);
-- password checks (bcrypt; scrypt for the deprecated key): at most ``MAX_PASSWORD_CHECKS``
-  run at once and no more than governor.auth.CHECKS_PER_S on average, a request waits
-  at most ``PASSWORD_CHECK_WAIT_S`` for one (else 503), and an address with repeated
-  failures is answered 429 without a check for a growing while; verified credentials
-  are cached, so a configured scraper needs no check at all.
+- password checks (governor.basicauth; bcrypt, scrypt for the deprecated key): at most
+  ``MAX_PASSWORD_CHECKS`` run at once and no more than governor.auth.CHECKS_PER_S on
+  average, a request waits at most ``PASSWORD_CHECK_WAIT_S`` for one (else 503), and an
+  address with repeated failures is answered 429 without a check for a growing while;
+  verified credentials are cached, so a configured scraper needs no check at all.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import enum
-import hashlib
-import hmac
-import http.client
-import io
-import math
+import gzip
 import os
+import queue
 import select
 import socket
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from socketserver import ThreadingMixIn
-from types import TracebackType
-from typing import IO, Any, TypeAlias, cast
+from socketserver import BaseRequestHandler, TCPServer
+from typing import Any
 from urllib.parse import parse_qs
-from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client import exposition as _exposition
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as prometheus_exposition
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
+from prometheus_client.registry import Collector
 
-from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_password_hash
+from governor.auth import CheckBudget, FailureBackoff
+from governor.basicauth import MAX_PASSWORD_CHECKS as MAX_PASSWORD_CHECKS  # noqa: PLC0414  (re-exported)
+from governor.basicauth import PASSWORD_CHECK_WAIT_S as PASSWORD_CHECK_WAIT_S  # noqa: PLC0414
+from governor.basicauth import BasicAuth as BasicAuth  # noqa: PLC0414
+from governor.basicauth import Verdict as Verdict  # noqa: PLC0414
 from governor.config import MetricsConfig, is_loopback
 from governor.errors import ConfigError, ConfigIssue
+from governor.httpwire import MAX_REQUEST_HEAD_BYTES as MAX_REQUEST_HEAD_BYTES  # noqa: PLC0414
+from governor.httpwire import MAX_REQUEST_LINE_BYTES as MAX_REQUEST_LINE_BYTES  # noqa: PLC0414
+from governor.httpwire import HeadError, Request, parse_head, plain, read_head, response
 from governor.metrics import Exposition, GovernorRegistry
 from governor.webconfig import (
     TlsServerConfig,
@@ -74,314 +80,119 @@ from governor.webconfig import (
     read_web_config,
 )
 
-StartResponse: TypeAlias = Callable[..., Any]
-WsgiApp: TypeAlias = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-_ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType]
-
 METRICS_PATH = "/metrics"
-MAX_REQUEST_LINE_BYTES = 4096
-"""A scrape's request line is well under 100 bytes; longer ones get 414."""
-MAX_REQUEST_HEAD_BYTES = 16384
-"""Request line and headers together; more gets 431 (wsgiref alone allows 100 headers of 64 KiB)."""
 REQUEST_TIMEOUT_S = 3.0
 """Seconds a client has to send its whole request head (TLS handshake included), from when a thread takes it."""
 RESPONSE_TIMEOUT_S = 10.0
-"""Seconds a client has to take the response (per send)."""
+"""Seconds a client has to take the response."""
 MAX_CONNECTIONS = 64
 """Requests handled at once, all addresses together; further connections wait in the listen backlog."""
 MAX_CONNECTIONS_PER_ADDRESS = 8
+"""Connections one client address may hold open; more are closed at once on accept."""
 READY_WAIT_S = 0.005
 """While every slot is taken, how long a new connection may take to send its first bytes (s)."""
-"""Connections one client address may hold open; more are closed at once on accept."""
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues for accept (capped by net.core.somaxconn): room for a burst of
 reconnects from capped addresses, so a scrape's SYN is not dropped (a dropped SYN costs a 1 s retry)."""
-MAX_CACHED_CREDENTIALS = 4
-"""Accepted Authorization headers remembered (as keyed digests) so a scrape costs no bcrypt run."""
-MAX_PASSWORD_CHECKS = 1
-"""bcrypt (or scrypt) checks run at once: a flood of wrong passwords burns at most one core."""
+WORKER_IDLE_S = 60.0
+"""Seconds a connection thread waits idle for the next connection before it ends."""
 RECHECK_S = 1.0
 """At most this often (seconds, on a new connection) the web-config file and the TLS files are stat()ed for changes."""
-PASSWORD_CHECK_WAIT_S = 0.1
-"""Seconds a request waits for a password-check slot before it is answered 503."""
 METHODS = ("GET", "HEAD", "OPTIONS")
 _ALLOW = ", ".join(METHODS)
+MAX_NEGOTIATED = 64
+"""Accept headers whose negotiated format is remembered (each at most 512 characters)."""
 
 
-# --------------------------------------------------------------------------- WSGI layers
+# --------------------------------------------------------------------------- answers
 
-
-def _plain(
-    start_response: StartResponse, status: str, text: str, headers: Iterable[tuple[str, str]] = ()
-) -> list[bytes]:
-    body = text.encode("utf-8")
-    start_response(
-        status,
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers],
+Encoder = Callable[[Collector], bytes]
+_TEXT = prometheus_exposition.choose_encoder("")
+_ESCAPINGS = (
+    openmetrics_exposition.ALLOWUTF8,
+    openmetrics_exposition.UNDERSCORES,
+    openmetrics_exposition.DOTS,
+    openmetrics_exposition.VALUES,
+)
+CACHED_CONTENT_TYPES = frozenset(
+    prometheus_exposition.choose_encoder(accept)[1]
+    for accept in (
+        "",
+        "application/openmetrics-text",
+        *(
+            f"{kind};version=1.0.0;escaping={escaping}"
+            for kind in ("application/openmetrics-text", "text/plain")
+            for escaping in _ESCAPINGS
+        ),
     )
-    return [body]
+)
+"""The formats an :class:`~governor.metrics.Exposition` caches: the text format and OpenMetrics
+1.0.0 in each escaping. Another version named in an Accept header is rendered for its request
+alone, so made-up versions cannot fill the cache."""
 
 
-def _head(app: WsgiApp, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-    """``app``'s answer to a GET, without the body: same status and headers, Content-Length of the body."""
-    answer: list[tuple[str, list[tuple[str, str]]]] = []
+class Endpoint:
+    """The endpoint's answer to a parsed request, as the whole response: /metrics only, GET,
+    HEAD (the GET's status and headers, no body) and OPTIONS (204 with ``Allow``); other paths
+    404, other methods 405 with ``Allow``; behind ``auth`` when one is given.
 
-    def remember(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
-        answer.append((status, headers))
-        return lambda data: None
+    A GET gets what prometheus-client's app would answer: the format the Accept header asks
+    for (the text format, or OpenMetrics), gzip when Accept-Encoding allows it, and a
+    ``name[]`` query filter. From an :class:`~governor.metrics.Exposition` the bytes rendered
+    once per published state are served (a ``name[]`` filter, rare, renders the current
+    state for its request alone); from another registry, a rendering per request."""
 
-    result = app({**environ, "REQUEST_METHOD": "GET"}, remember)
-    try:
-        length = sum(len(chunk) for chunk in result)
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-    status, headers = answer[-1]
-    kept = [(name, value) for name, value in headers if name.lower() != "content-length"]
-    start_response(status, [*kept, ("Content-Length", str(length))])
-    return []
+    def __init__(self, served: Exposition | CollectorRegistry) -> None:
+        self._exposition = served if isinstance(served, Exposition) else None
+        self._registry = served.registry if isinstance(served, Exposition) else served
+        self._negotiated: dict[str, tuple[Encoder, str]] = {}
 
-
-def metrics_only(app: WsgiApp) -> WsgiApp:
-    """Serve ``app`` at /metrics only: GET; HEAD (the GET's status and headers, no body);
-    OPTIONS (204 with ``Allow: GET, HEAD, OPTIONS``). Other paths are 404, other methods 405
-    (checked here rather than left to prometheus-client, which answers neither HEAD nor OPTIONS
-    this way, and whose older releases answer POST)."""
-
-    def route(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != METRICS_PATH:
-            return _plain(start_response, "404 Not Found", f"not found: the metrics are at {METRICS_PATH}\n")
-        method = environ.get("REQUEST_METHOD")
+    def answer(self, request: Request, auth: BasicAuth | None = None, address: str = "") -> bytes:
+        """The response to ``request`` from client ``address`` (credentials first, then path and method)."""
+        if auth is not None:
+            refused = auth.refusal(request.authorization, address)
+            if refused is not None:
+                return refused
+        if request.path != METRICS_PATH:
+            return plain(404, f"not found: the metrics are at {METRICS_PATH}\n")
+        method = request.method
         if method == "OPTIONS":
-            start_response("204 No Content", [("Allow", _ALLOW)])
-            return []
+            return response(204, [("Allow", _ALLOW)])
+        if method not in {"GET", "HEAD"}:
+            return plain(405, f"only {_ALLOW}\n", [("Allow", _ALLOW)])
+        compress = prometheus_exposition.gzip_accepted(request.accept_encoding or "")
+        encoder, content_type = self._negotiate(request.accept or "")
+        body = self._body(request.query, encoder, content_type, compress)
+        headers = [("Content-Type", content_type), *([("Content-Encoding", "gzip")] if compress else [])]
         if method == "HEAD":
-            return _head(app, environ, start_response)
-        if method != "GET":
-            return _plain(start_response, "405 Method Not Allowed", f"only {_ALLOW}\n", [("Allow", _ALLOW)])
-        return app(environ, start_response)
+            return response(200, headers, length=len(body))
+        return response(200, headers, body)
 
-    return route
-
-
-def cached_app(exposition: Exposition) -> WsgiApp:
-    """A WSGI app answering GET with ``exposition``'s cached bytes, as prometheus-client's app
-    would answer it: the format the Accept header asks for (text or OpenMetrics), gzip when
-    Accept-Encoding allows it. A ``name[]`` filter (rare, never cached) is answered by
-    prometheus-client's own app over a registry of the current state."""
-    uncached = make_wsgi_app(exposition.registry)
-
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        query = environ.get("QUERY_STRING", "")
-        if query and "name[]" in parse_qs(query):
-            return _uncached(exposition, uncached, environ, start_response)
-        compress = _exposition.gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or "")
-        encoder, content_type = _exposition.choose_encoder(environ.get("HTTP_ACCEPT") or "")
-        body = exposition.render(encoder, content_type, compress=compress)
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        if compress:
-            headers.append(("Content-Encoding", "gzip"))
-        start_response("200 OK", headers)
-        return [body]
-
-    return app
-
-
-def _uncached(
-    exposition: Exposition, app: WsgiApp, environ: dict[str, Any], start_response: StartResponse
-) -> Iterable[bytes]:
-    """prometheus-client's answer over the current state (the registry pins it while it renders)."""
-    with exposition.pinned():
-        return list(app(environ, start_response))
-
-
-class Verdict(enum.Enum):
-    """The outcome of checking one request's credentials."""
-
-    OK = "ok"
-    MISSING = "missing"  # no Authorization header: 401 with a challenge, not counted as a failure
-    WRONG = "wrong"  # 401, counted against the address
-    BACKED_OFF = "backed_off"  # 429: too many failures from this address, not checked
-    BUSY = "busy"  # 503: no password-check slot came free in time
-
-
-class BasicAuth:
-    """Checks an ``Authorization: Basic`` header against user names and their password hashes.
-
-    ``users`` maps a user name to its hash (a parsed one, or the text: bcrypt, or scrypt from
-    the deprecated key). A header that once verified is remembered as an HMAC digest under a
-    per-process random key, so routine scrapes cost no bcrypt run (and pass even while their
-    address is backed off). A check always runs one hash, an unknown user's against another
-    user's hash, so timing does not tell which users exist. Checks are bounded:
-    ``check_slots`` at once, one at a time per address, each waiting at most
-    ``check_wait_s`` seconds for a slot, and no more than ``budget`` allows over time
-    (governor.auth.CheckBudget); an address past its free failures is refused without a
-    check (governor.auth.FailureBackoff).
-    """
-
-    realm = "gpu-governor"
-
-    def __init__(
-        self,
-        users: Mapping[str, PasswordHash | str],
-        *,
-        check_slots: int = MAX_PASSWORD_CHECKS,
-        check_wait_s: float = PASSWORD_CHECK_WAIT_S,
-        backoff: FailureBackoff | None = None,
-        budget: CheckBudget | None = None,
-    ) -> None:
-        if not users:
-            raise ValueError("basic auth needs at least one user")
-        self._users: dict[bytes, PasswordHash] = {
-            name.encode("utf-8"): parse_password_hash(hashed) if isinstance(hashed, str) else hashed
-            for name, hashed in users.items()
-        }
-        self._decoy = next(iter(self._users.values()))  # an unknown user's password is checked against this
-        self._cache_key = os.urandom(32)
-        self._accepted: tuple[bytes, ...] = ()
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(check_slots)
-        self._check_wait_s = check_wait_s
-        self._checking: set[str] = set()  # addresses with a password check waiting or running
-        self.backoff = backoff if backoff is not None else FailureBackoff()
-        self._budget = budget if budget is not None else CheckBudget()
-        self.hash_checks = 0
-        """Password hashes run so far (for tests and curiosity)."""
-
-    def check(self, header: str | None, address: str = "") -> bool:
-        """True when ``header`` (the raw Authorization value, or None) carries the right credentials."""
-        return self.verdict(header, address) is Verdict.OK
-
-    def verdict(self, header: str | None, address: str = "") -> Verdict:
-        """Check ``header`` (the raw Authorization value, or None) sent from client ``address``."""
-        if not header:
-            return Verdict.MISSING
-        digest = hmac.new(self._cache_key, header.encode("latin-1", "replace"), hashlib.sha256).digest()
-        if any(hmac.compare_digest(digest, seen) for seen in self._accepted):
-            return Verdict.OK
-        if self.backoff.blocked_for(address, time.monotonic()) > 0:
-            return Verdict.BACKED_OFF
-        credentials = _basic_credentials(header)
-        if credentials is None:
-            self.backoff.failed(address, time.monotonic())
-            return Verdict.WRONG
-        user, password = credentials
-        hashed = self._users.get(user)
-        password_ok = self._derive(hashed if hashed is not None else self._decoy, password, address)
-        if password_ok is None:
-            return Verdict.BUSY
-        if hashed is None or not password_ok:
-            self.backoff.failed(address, time.monotonic())
-            return Verdict.WRONG
-        self.backoff.succeeded(address)
-        with self._lock:
-            self._accepted = (digest, *self._accepted)[:MAX_CACHED_CREDENTIALS]
-        return Verdict.OK
-
-    def _derive(self, hashed: PasswordHash, password: bytes, address: str) -> bool | None:
-        """Whether ``password`` matches the hash; None when the check budget is spent or no slot came free in time."""
-        with self._lock:
-            if address in self._checking:
-                return None  # one check at a time per address: a flood from one address queues nothing
-            if not self._budget.take(time.monotonic()):
-                return None
-            self._checking.add(address)
-        try:
-            if not self._slots.acquire(timeout=self._check_wait_s):
-                return None
+    def _negotiate(self, accept: str) -> tuple[Encoder, str]:
+        """prometheus-client's choice of format for ``accept``; the text format when it cannot
+        choose (a version it cannot compare); remembered for a few short headers."""
+        chosen = self._negotiated.get(accept)
+        if chosen is None:
             try:
-                self.hash_checks += 1
-                return hashed.matches(password)
-            finally:
-                self._slots.release()
-        finally:
-            with self._lock:
-                self._checking.discard(address)
+                chosen = prometheus_exposition.choose_encoder(accept)
+            except Exception:  # e.g. "version=1.x": its version comparison raises TypeError
+                chosen = _TEXT
+            if len(self._negotiated) < MAX_NEGOTIATED and len(accept) <= 512:
+                self._negotiated[accept] = chosen
+        return chosen
 
-    def wrap(self, app: WsgiApp) -> WsgiApp:
-        """``app`` behind this check (see :meth:`answer`)."""
-        return lambda environ, start_response: self.answer(app, environ, start_response)
-
-    def answer(self, app: WsgiApp, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        """``app``'s answer when the request's credentials are right; else 401 with a WWW-Authenticate
-        challenge (missing or wrong), 429 with Retry-After (backed off) or 503 with Retry-After (busy)."""
-        address = str(environ.get("REMOTE_ADDR", ""))
-        verdict = self.verdict(environ.get("HTTP_AUTHORIZATION"), address)
-        if verdict is Verdict.OK:
-            return app(environ, start_response)
-        if verdict is Verdict.BACKED_OFF:
-            wait_s = math.ceil(self.backoff.blocked_for(address, time.monotonic())) or 1
-            retry = ("Retry-After", str(wait_s))
-            return _plain(start_response, "429 Too Many Requests", "too many failed logins\n", [retry])
-        if verdict is Verdict.BUSY:
-            return _plain(start_response, "503 Service Unavailable", "busy, try again\n", [("Retry-After", "1")])
-        challenge = ("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"')
-        return _plain(start_response, "401 Unauthorized", "unauthorized\n", [challenge])
-
-
-AUTH_ENVIRON_KEY = "gpu_governor.basic_auth"
-"""The WSGI environ key under which a connection's handler passes the BasicAuth in force (or None)."""
-
-
-def guarded_by_connection(app: WsgiApp) -> WsgiApp:
-    """``app`` behind the basic auth the connection's handler found in force (none: served as is)."""
-
-    def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if AUTH_ENVIRON_KEY not in environ:  # fail closed: only _Handler serves this app, and it always says
-            return _plain(start_response, "500 Internal Server Error", "no web config for this connection\n")
-        auth = environ[AUTH_ENVIRON_KEY]
-        if isinstance(auth, BasicAuth):
-            return auth.answer(app, environ, start_response)
-        return app(environ, start_response)
-
-    return guarded
-
-
-def _basic_credentials(header: str) -> tuple[bytes, bytes] | None:
-    """(user, password) from a ``Basic`` Authorization value, or None when it is not one."""
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(token.strip().encode("ascii"), validate=True)
-    except (UnicodeEncodeError, binascii.Error):
-        return None
-    user, colon, password = decoded.partition(b":")
-    return (user, password) if colon else None
+    def _body(self, query: str, encoder: Encoder, content_type: str, compress: bool) -> bytes:
+        names = parse_qs(query).get("name[]") if query else None
+        exposition = self._exposition
+        if exposition is not None and names is None and content_type in CACHED_CONTENT_TYPES:
+            return exposition.render(encoder, content_type, compress=compress)
+        with exposition.pinned() if exposition is not None else contextlib.nullcontext():
+            registry = self._registry.restricted_registry(names) if names is not None else self._registry
+            body = encoder(registry)
+        return gzip.compress(body) if compress else body
 
 
 # --------------------------------------------------------------------------- connections
-
-
-class _GuardedReader(io.RawIOBase):
-    """The request's socket as a raw stream that stops after ``budget`` bytes or at ``deadline``.
-
-    Past the budget a read raises http.client.LineTooLong (the handler answers 414/431);
-    past the deadline TimeoutError. Each recv waits at most until the deadline, so a
-    client dripping one byte at a time is cut off too.
-    """
-
-    def __init__(self, sock: socket.socket, budget: int, deadline: float) -> None:
-        super().__init__()
-        self._sock = sock
-        self._left = budget
-        self._deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._left <= 0:
-            raise http.client.LineTooLong(f"request head over {MAX_REQUEST_HEAD_BYTES} bytes")
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("request head not received in time")
-        self._sock.settimeout(remaining)
-        view = memoryview(buffer)[: self._left]
-        count = self._sock.recv_into(view)
-        self._left -= count
-        return count
 
 
 def _ready_to_serve(request: Any, tls: bool) -> bool:
@@ -403,10 +214,10 @@ def _ready_to_serve(request: Any, tls: bool) -> bool:
     return b"\r\n\r\n" in data
 
 
-class _Handler(WSGIRequestHandler):
-    """One request per connection, bounded in bytes and time, no access log, no body read."""
+class _Connection(BaseRequestHandler):
+    """One request per connection: its head read within the byte caps and the deadline, one
+    answer in one write, then the connection is closed; no access log, no body read."""
 
-    timeout = REQUEST_TIMEOUT_S
     server: _ThreadingServer
 
     def setup(self) -> None:
@@ -416,72 +227,101 @@ class _Handler(WSGIRequestHandler):
         self._accepted = self.request  # the server's bookkeeping knows the connection by this
         served = self.server.live.current() if self.server.live is not None else None
         self._auth = served.auth if served is not None else None
+        self._host = str(self.client_address[0])
+        self._socket: socket.socket = self.request
         if served is not None and served.context is not None:
-            self.request = served.context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
-        super().setup()
-        self.rfile.close()  # replaced below; closing it drops its hold on the socket
-        self._timeout_s = self.server.request_timeout_s
-        self.connection.settimeout(self._timeout_s)
-        deadline = time.monotonic() + self._timeout_s
-        self.rfile = io.BufferedReader(_GuardedReader(self.connection, MAX_REQUEST_HEAD_BYTES, deadline))
-        self.server.waiting_for_head(self._accepted, self.connection, str(self.client_address[0]))
-
-    def get_environ(self) -> dict[str, Any]:
-        environ: dict[str, Any] = super().get_environ()
-        environ[AUTH_ENVIRON_KEY] = self._auth
-        return environ
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            if self.request is not self._accepted:
-                # The TLS socket took the accepted one's descriptor: the server's shutdown_request
-                # (on the accepted, now detached, socket) cannot close it, so it is closed here.
-                with contextlib.suppress(OSError):
-                    self.request.shutdown(socket.SHUT_WR)
-                self.request.close()
+            self._socket = served.context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
+        self._deadline_s = time.monotonic() + self.server.request_timeout_s
+        self.server.waiting_for_head(self._accepted, self._socket, self._host)
 
     def handle(self) -> None:
         try:
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
-            too_long = len(self.raw_requestline) > MAX_REQUEST_LINE_BYTES
-            parsed = not too_long and self.parse_request()
-        except http.client.LineTooLong:
-            too_long, parsed = True, False
+            try:
+                request: Request | HeadError = parse_head(read_head(self._socket, self._deadline_s))
+            except HeadError as refused:
+                request = refused
         except (OSError, ValueError):
-            self.close_connection = True
             return  # timed out, reset, evicted, or a failed TLS handshake: nothing to answer
         finally:
             self.server.head_done(self._accepted)
-        self.connection.settimeout(RESPONSE_TIMEOUT_S)  # a fresh allowance to send the response
-        if too_long:
-            self.requestline = self.request_version = self.command = ""
-            self.send_error(414)
+        self._socket.settimeout(RESPONSE_TIMEOUT_S)  # a fresh allowance to send the response
+        if isinstance(request, HeadError):
+            answer = plain(request.status, request.reason + "\n")
+        else:
+            try:
+                answer = self.server.endpoint.answer(request, self._auth, self._host)
+            except Exception:  # a failing collector: answered 500 and reported, as wsgiref did
+                traceback.print_exc(file=sys.stderr)
+                answer = plain(500, "internal error: the metrics could not be rendered\n")
+        self._socket.sendall(answer)
+
+    def finish(self) -> None:
+        if self._socket is not self._accepted:
+            # The TLS socket took the accepted one's descriptor: the server's shutdown_request
+            # (on the accepted, now detached, socket) cannot close it, so it is closed here.
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_WR)
+            self._socket.close()
+
+
+class _Workers:
+    """Daemon threads that run one connection each at a time: started when none is idle, and
+    kept for the next connections (handing a connection over costs much less than starting a
+    thread); one idle for ``idle_s`` seconds ends. The server's slots bound the connections in
+    flight, and so the threads."""
+
+    def __init__(self, run: Callable[[Any, Any], None], *, daemon: bool, idle_s: float = WORKER_IDLE_S) -> None:
+        self._run = run
+        self._daemon = daemon
+        self._idle_s = idle_s
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[tuple[Any, Any] | None]] = []  # idle threads' mailboxes, latest last
+        self._closed = False
+        self.started = 0
+        """Threads started so far (for tests and curiosity)."""
+
+    def submit(self, request: Any, client_address: Any) -> None:
+        """Run ``request`` on an idle thread, or on a new one when none is idle."""
+        with self._lock:
+            mailbox = self._idle.pop() if self._idle else None
+        if mailbox is not None:
+            mailbox.put((request, client_address))
             return
-        if not parsed:
-            return  # parse_request has sent the error (400, 431, ...)
-        app = self.server.get_app()
-        if app is None:  # pragma: no cover - MetricsServer always sets one
-            return
-        body_ignored = io.BytesIO()
-        # The response is gathered and sent in one write: wsgiref writes the status line,
-        # each header and the body separately, a system call (and a packet) each.
-        response = io.BytesIO()
-        handler = ServerHandler(body_ignored, response, self.get_stderr(), self.get_environ(), multithread=False)
-        handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref's back-pointer for logging
-        try:
-            handler.run(app)
-        finally:
-            cast("IO[bytes]", self.wfile).write(response.getvalue())
+        self.started += 1
+        worker = threading.Thread(
+            target=self._work, args=((request, client_address),), name="metrics-http-conn", daemon=self._daemon
+        )
+        worker.start()
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return  # scrapes every few seconds would drown the journal
+    def _work(self, job: tuple[Any, Any] | None) -> None:
+        mailbox: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        while job is not None:
+            self._run(*job)
+            job = None  # the closed connection is not kept alive while idle
+            with self._lock:
+                if self._closed:
+                    return
+                self._idle.append(mailbox)
+            try:
+                job = mailbox.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if mailbox in self._idle:
+                        self._idle.remove(mailbox)
+                        return
+                job = mailbox.get()  # taken by a submit meanwhile: its connection is on the way
+
+    def close(self) -> None:
+        """End the idle threads; busy ones end after their connection."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for mailbox in idle:
+            mailbox.put(None)
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
+class _ThreadingServer(TCPServer):
     daemon_threads = True
-    block_on_close = False
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
     request_timeout_s = REQUEST_TIMEOUT_S
@@ -489,6 +329,8 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     """The web config (TLS, basic auth) each new connection takes; None: plain HTTP, no auth."""
     tls = False
     """Whether connections are TLS (fixed at start: turning it on or off needs a restart)."""
+    endpoint: Endpoint
+    """What a parsed request is answered (set by MetricsServer before serving starts)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -506,6 +348,7 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         self.refused = 0
         """Connections closed on accept because their address was at its cap."""
         self.closing = False
+        self._workers = _Workers(self.process_request_thread, daemon=self.daemon_threads)
         super().__init__(*args, **kwargs)
 
     def _admit(self, host: str) -> bool:
@@ -579,15 +422,21 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
                 self.shutdown_request(request)
                 return
         try:
-            super().process_request(request, client_address)
+            self._workers.submit(request, client_address)
         except BaseException:
             self._slots.release()
             self._leave(host)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection (on a worker thread), then give its slot and its address's count back."""
         try:
-            super().process_request_thread(request, client_address)
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
         finally:
             with self._open_lock:
                 handed_over = request in self._handed_over
@@ -595,6 +444,10 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
             if not handed_over:
                 self._slots.release()
             self._leave(str(client_address[0]))
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._workers.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         if isinstance(sys.exc_info()[1], (OSError, ValueError)):
@@ -773,8 +626,8 @@ class MetricsServer:
 
     Given an :class:`~governor.metrics.Exposition`, or the registry
     :func:`~governor.metrics.build_registry` returns, it serves the bytes rendered once per
-    published state (the daemon's way); given another registry, prometheus-client's app
-    renders it on every scrape."""
+    published state (the daemon's way); given another registry, it is rendered on every
+    scrape (as prometheus-client's app would)."""
 
     def __init__(
         self,
@@ -794,20 +647,14 @@ class MetricsServer:
             registry = Exposition(registry.source)
         self.exposition = registry if isinstance(registry, Exposition) else None
         """What is served rendered once per published state (None: a plain registry, rendered per scrape)."""
-        served = cached_app(registry) if isinstance(registry, Exposition) else make_wsgi_app(registry)
         if web is None and (tls is not None or basic_auth is not None):
             web = LiveWebConfig.fixed(WebConfig("MetricsServer arguments", tls=tls), auth=basic_auth)
         self.web = web  # built before binding: a bad file binds nothing
         # Unlike prometheus-client's start_http_server, the TLS handshake is not done in
         # accept() on the serving thread (where one silent client would stall every scrape)
-        # but on the request's own thread, within its deadline (see _Handler.setup).
-        self._server = make_server(
-            address,
-            port,
-            guarded_by_connection(metrics_only(served)),
-            server_class=server_class,
-            handler_class=_Handler,
-        )
+        # but on the request's own thread, within its deadline (see _Connection.setup).
+        self._server = server_class((address, port), _Connection)
+        self._server.endpoint = Endpoint(registry)
         self._server.request_timeout_s = request_timeout_s
         self._server.live = web
         self.tls: TlsServerConfig | None = web.current().config.tls if web is not None else None

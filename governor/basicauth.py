@@ -1,0 +1,164 @@
+"""Basic auth for the metrics endpoint: an ``Authorization: Basic`` header checked against
+bcrypt (or, from the deprecated key, scrypt) hashes, within bounds.
+
+Password checks: at most ``MAX_PASSWORD_CHECKS`` run at once and no more than
+governor.auth.CHECKS_PER_S on average, a request waits at most ``PASSWORD_CHECK_WAIT_S``
+for one (else 503), and an address with repeated failures is answered 429 without a check
+for a growing while; verified credentials are cached, so a configured scraper needs no
+check at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import hmac
+import math
+import os
+import threading
+import time
+from collections.abc import Mapping
+
+from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_password_hash
+from governor.httpwire import plain
+
+MAX_CACHED_CREDENTIALS = 4
+"""Accepted Authorization headers remembered (as keyed digests) so a scrape costs no bcrypt run."""
+MAX_PASSWORD_CHECKS = 1
+"""bcrypt (or scrypt) checks run at once: a flood of wrong passwords burns at most one core."""
+PASSWORD_CHECK_WAIT_S = 0.1
+"""Seconds a request waits for a password-check slot before it is answered 503."""
+
+
+class Verdict(enum.Enum):
+    """The outcome of checking one request's credentials."""
+
+    OK = "ok"
+    MISSING = "missing"  # no Authorization header: 401 with a challenge, not counted as a failure
+    WRONG = "wrong"  # 401, counted against the address
+    BACKED_OFF = "backed_off"  # 429: too many failures from this address, not checked
+    BUSY = "busy"  # 503: no password-check slot came free in time
+
+
+class BasicAuth:
+    """Checks an ``Authorization: Basic`` header against user names and their password hashes.
+
+    ``users`` maps a user name to its hash (a parsed one, or the text: bcrypt, or scrypt from
+    the deprecated key). A header that once verified is remembered as an HMAC digest under a
+    per-process random key, so routine scrapes cost no bcrypt run (and pass even while their
+    address is backed off). A check always runs one hash, an unknown user's against another
+    user's hash, so timing does not tell which users exist. Checks are bounded:
+    ``check_slots`` at once, one at a time per address, each waiting at most
+    ``check_wait_s`` seconds for a slot, and no more than ``budget`` allows over time
+    (governor.auth.CheckBudget); an address past its free failures is refused without a
+    check (governor.auth.FailureBackoff).
+    """
+
+    realm = "gpu-governor"
+
+    def __init__(
+        self,
+        users: Mapping[str, PasswordHash | str],
+        *,
+        check_slots: int = MAX_PASSWORD_CHECKS,
+        check_wait_s: float = PASSWORD_CHECK_WAIT_S,
+        backoff: FailureBackoff | None = None,
+        budget: CheckBudget | None = None,
+    ) -> None:
+        if not users:
+            raise ValueError("basic auth needs at least one user")
+        self._users: dict[bytes, PasswordHash] = {
+            name.encode("utf-8"): parse_password_hash(hashed) if isinstance(hashed, str) else hashed
+            for name, hashed in users.items()
+        }
+        self._decoy = next(iter(self._users.values()))  # an unknown user's password is checked against this
+        self._cache_key = os.urandom(32)
+        self._accepted: tuple[bytes, ...] = ()
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(check_slots)
+        self._check_wait_s = check_wait_s
+        self._checking: set[str] = set()  # addresses with a password check waiting or running
+        self.backoff = backoff if backoff is not None else FailureBackoff()
+        self._budget = budget if budget is not None else CheckBudget()
+        self.hash_checks = 0
+        """Password hashes run so far (for tests and curiosity)."""
+
+    def check(self, header: str | None, address: str = "") -> bool:
+        """True when ``header`` (the raw Authorization value, or None) carries the right credentials."""
+        return self.verdict(header, address) is Verdict.OK
+
+    def verdict(self, header: str | None, address: str = "") -> Verdict:
+        """Check ``header`` (the raw Authorization value, or None) sent from client ``address``."""
+        if not header:
+            return Verdict.MISSING
+        digest = hmac.new(self._cache_key, header.encode("latin-1", "replace"), hashlib.sha256).digest()
+        if any(hmac.compare_digest(digest, seen) for seen in self._accepted):
+            return Verdict.OK
+        if self.backoff.blocked_for(address, time.monotonic()) > 0:
+            return Verdict.BACKED_OFF
+        credentials = _basic_credentials(header)
+        if credentials is None:
+            self.backoff.failed(address, time.monotonic())
+            return Verdict.WRONG
+        user, password = credentials
+        hashed = self._users.get(user)
+        password_ok = self._derive(hashed if hashed is not None else self._decoy, password, address)
+        if password_ok is None:
+            return Verdict.BUSY
+        if hashed is None or not password_ok:
+            self.backoff.failed(address, time.monotonic())
+            return Verdict.WRONG
+        self.backoff.succeeded(address)
+        with self._lock:
+            self._accepted = (digest, *self._accepted)[:MAX_CACHED_CREDENTIALS]
+        return Verdict.OK
+
+    def _derive(self, hashed: PasswordHash, password: bytes, address: str) -> bool | None:
+        """Whether ``password`` matches the hash; None when the check budget is spent or no slot came free in time."""
+        with self._lock:
+            if address in self._checking:
+                return None  # one check at a time per address: a flood from one address queues nothing
+            if not self._budget.take(time.monotonic()):
+                return None
+            self._checking.add(address)
+        try:
+            if not self._slots.acquire(timeout=self._check_wait_s):
+                return None
+            try:
+                self.hash_checks += 1
+                return hashed.matches(password)
+            finally:
+                self._slots.release()
+        finally:
+            with self._lock:
+                self._checking.discard(address)
+
+    def refusal(self, header: str | None, address: str = "") -> bytes | None:
+        """None when ``header`` (the raw Authorization value, or None) from client ``address`` carries
+        the right credentials; else the whole response refusing the request: 401 with a
+        WWW-Authenticate challenge (missing or wrong), 429 with Retry-After (backed off) or 503
+        with Retry-After (busy)."""
+        verdict = self.verdict(header, address)
+        if verdict is Verdict.OK:
+            return None
+        if verdict is Verdict.BACKED_OFF:
+            wait_s = math.ceil(self.backoff.blocked_for(address, time.monotonic())) or 1
+            return plain(429, "too many failed logins\n", [("Retry-After", str(wait_s))])
+        if verdict is Verdict.BUSY:
+            return plain(503, "busy, try again\n", [("Retry-After", "1")])
+        return plain(401, "unauthorized\n", [("WWW-Authenticate", f'Basic realm="{self.realm}", charset="UTF-8"')])
+
+
+def _basic_credentials(header: str) -> tuple[bytes, bytes] | None:
+    """(user, password) from a ``Basic`` Authorization value, or None when it is not one."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip().encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        return None
+    user, colon, password = decoded.partition(b":")
+    return (user, password) if colon else None
