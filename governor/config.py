@@ -47,7 +47,19 @@ from governor.policy import ThermalPolicy as ThermalPolicy
 from governor.policy import VramPolicy as VramPolicy
 from governor.policy import percent_of as percent_of
 from governor.safefile import root_trust_problems
-from governor.schema import Issues, between, convert, describe, finite_number, one_of, section, short, table_of, unknown
+from governor.schema import (
+    Issues,
+    between,
+    config_text,
+    convert,
+    describe,
+    finite_number,
+    one_of,
+    section,
+    short,
+    table_of,
+    unknown,
+)
 from governor.schema import Key as Key
 from governor.schema import Validator as Validator
 
@@ -808,12 +820,7 @@ def _check_trust_info(source: str, info: os.stat_result, euid: int) -> None:
 
 def parse_toml(data: bytes, source: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
     """Decode and parse TOML bytes read from ``source``; ``error`` names the file on any failure."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise error([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
-    if "\x00" in text:
-        raise error([ConfigIssue(source, "", "TOML text", "binary data (NUL bytes)")])
+    text = config_text(data, source, "TOML", error)
     try:
         document: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from governor.errors import ConfigError
 from governor.errors import ConfigIssue as ConfigIssue  # noqa: PLC0414  (re-exported: one definition, in errors)
 from governor.policy import clip
 
@@ -356,3 +357,15 @@ class Table:
         for name in self.data:
             if name not in self._seen:
                 unknown(self.key(name), name, known, self.issues)
+
+
+def config_text(data: bytes, source: str, kind: str, error: type[ConfigError] = ConfigError) -> str:
+    """``data`` as text for a ``kind`` parser (e.g. "TOML"); ``error`` naming ``source`` when it
+    is not UTF-8 or holds NUL bytes (binary data, which no config format admits)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
+    if "\x00" in text:
+        raise error([ConfigIssue(source, "", f"{kind} text", "binary data (NUL bytes)")])
+    return text

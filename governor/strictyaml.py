@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from governor.errors import ConfigError, ConfigIssue
-from governor.schema import short
+from governor.schema import config_text, short
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -38,12 +38,7 @@ class _StrictLoader(yaml.SafeLoader):
 
 def parse_yaml(data: bytes, source: str) -> Any:
     """The YAML document in ``data`` (UTF-8); ConfigError naming ``source`` when it is not one."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
-    if "\x00" in text:
-        raise ConfigError([ConfigIssue(source, "", "YAML text", "binary data (NUL bytes)")])
+    text = config_text(data, source, "YAML")
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
