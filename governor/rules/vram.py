@@ -319,8 +319,8 @@ def evaluate_vram(
         VramState(
             offenders=offenders,
             last_victim_s=last_victim_s,
-            unit_signals_s=_pruned_signals(signals, policy, t_s),
-            loops_s=_pruned_loops(loops, policy, t_s),
+            unit_signals_s=_pruned_signals(signals, policy, t_s) if signals else signals,
+            loops_s=_pruned_loops(loops, policy, t_s) if loops else loops,
             unit_stops_s=unit_stops,
         ),
         decisions,
