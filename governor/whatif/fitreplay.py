@@ -169,7 +169,9 @@ def report(results: Sequence[tuple[GpuSamples, Replay]]) -> str:
             lines.append(f"  room once ready: {min(result.rooms_c):.1f} to {max(result.rooms_c):.1f} C")
         model = result.final.params
         if model is not None:
-            source = "fitted" if result.final.fitted is not None else "prior"
+            source = (
+                "prior" if result.final.fitted is None else "fitted" if result.final.ready else "fitted, not yet ready,"
+            )
             lines.append(
                 f"  {source} model at the end: {model.r_total_c_per_w:.4f} C/W (die {model.r_die_c_per_w:.4f}), "
                 f"tau {model.tau_s:.1f} s, room {model.ambient_c:.1f} C"
