@@ -1,19 +1,24 @@
 """Target mode on a real NVIDIA GPU, in dry run, under a load it starts itself: the model's
 60-s prediction error and the limits it would set. Read-only: it never changes a GPU setting.
 
-``python3 bench/gpu_target_dry_run.py [--minutes 4] [--target-c C] [--out DIR]`` (repo root, on
+``python3 bench/gpu_target_dry_run.py [--minutes 5] [--target-c C] [--out DIR]`` (repo root, on
 the GPU machine, with torch for ``tests/gpu/gpu_load.py``):
 
 1. records ``nvidia-smi``'s limits and temperature;
 2. starts ``gpu-governor run --dry-run`` (``dry_run = true`` in its config too) in target mode on
-   every GPU, metrics on 127.0.0.1:19848, JSON logs;
-3. runs a PyTorch matmul load in bursts (load, pause, load: the power steps the fit learns
-   from) on GPU 0;
+   every GPU, metrics on 127.0.0.1:19848, JSON logs, and ``gpu-governor record`` (1 s, every
+   GPU: the raw readings, ``trace.jsonl``; it only reads NVML);
+3. runs a PyTorch matmul load in bursts on GPU 0 that step the power both ways: idle 30 s,
+   then load, idle, load, idle (30 %, 20 %, 30 %, 20 % of the rest);
 4. scrapes ``/metrics`` every 5 s: temperature, power, the model's 60-s prediction error,
    its root mean square, rise per watt and room;
-5. stops the governor, and prints the prediction-error statistics and every would-set
-   decision (``power_limit_would_set`` events with their reasons); checks that the limits
-   ``nvidia-smi`` shows are unchanged.
+5. stops the governor and the recorder, and prints the prediction-error statistics and every
+   would-set decision (``power_limit_would_set`` events with their reasons); checks that the
+   limits ``nvidia-smi`` shows are unchanged.
+
+``summary.json`` holds the statistics, the decisions, ``raw`` (every GPU's per-second ``t``,
+``temperature_c`` and ``power_w``, for ``bench/fit_replay.py`` to replay through the fit
+offline) and ``replay`` (that replay, run here on this checkout's fit).
 
 In dry run the limit is never applied, so the die does not cool when the controller "lowers"
 it; each decision is what the controller would have set had the previous ones taken effect.
@@ -37,6 +42,13 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from governor.errors import TraceError  # noqa: E402
+from governor.trace import read_trace  # noqa: E402
+from governor.whatif.fitreplay import raw_record, replay_all, report, samples_from_trace  # noqa: E402
+from governor.whatif.fitreplay import summary as replay_summary  # noqa: E402
+
 PORT = 19848
 QUERY = "index,name,power.limit,power.default_limit,power.min_limit,power.max_limit,temperature.gpu"
 SERIES = {
@@ -90,7 +102,7 @@ def load(seconds: float, log: Path) -> subprocess.Popen[bytes]:
 def main() -> int:
     """Run the dry run; print and write what it saw. Exit 1 if a GPU limit changed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=4.0, help="how long the governor runs (default 4)")
+    parser.add_argument("--minutes", type=float, default=5.0, help="how long the governor runs (default 5)")
     parser.add_argument("--target-c", type=float, help="target temperature (default: idle + 12 C)")
     parser.add_argument("--out", type=Path, default=Path("gg-target-out"), help="where to write the results")
     args = parser.parse_args()
@@ -120,8 +132,17 @@ def main() -> int:
         cwd=ROOT,
     )
     total_s = args.minutes * 60.0
-    # Bursts: idle 30 s, load 40 % of the run, pause 15 %, load to the end: steps for the fit.
-    plan = [(30.0, None), (0.40 * total_s, "load"), (0.15 * total_s, None), (total_s, "load")]
+    trace = args.out / "trace.jsonl"
+    recorder = subprocess.Popen(
+        [sys.executable, "-m", "governor", "record", "--output", str(trace), "--interval", "1"],
+        stdout=(args.out / "record.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+    )
+    # Steps both ways for the fit: idle 30 s, then load, idle, load, idle.
+    rest = max(0.0, total_s - 30.0)
+    plan = [(30.0, None), (0.3 * rest, "load"), (0.2 * rest, None), (0.3 * rest, "load"), (total_s, None)]
     samples: list[dict[str, object]] = []
     start = time.monotonic()
     load_log = args.out / "load.log"
@@ -153,6 +174,8 @@ def main() -> int:
             worker.kill()
         governor.send_signal(signal.SIGTERM)
         governor.wait(timeout=60)
+        recorder.send_signal(signal.SIGINT)  # the recorder stops cleanly on Ctrl-C
+        recorder.wait(timeout=60)
     after = smi()
     print("nvidia-smi after:\n" + after)
     errors = [s["error"].get("0") for s in samples if isinstance(s.get("error"), dict)]  # type: ignore[union-attr]
@@ -165,7 +188,7 @@ def main() -> int:
             continue
         if event.get("event") in ("power_limit_would_set", "power_limit_targeted", "power_limit_held"):
             decisions.append({k: event.get(k) for k in ("timestamp", "gpu", "rule", "from_w", "to_w", "reason")})
-    summary = {
+    summary: dict[str, object] = {
         "target_c": target_c,
         "samples": len(samples),
         "prediction_error_samples": len(errors),
@@ -177,9 +200,19 @@ def main() -> int:
         "limits_unchanged": [r.split(",")[2] for r in before.splitlines()]
         == [r.split(",")[2] for r in after.splitlines()],
     }
+    try:
+        recorded = read_trace(trace)
+    except TraceError as exc:
+        summary["raw_error"] = str(exc)
+        print(f"the raw readings could not be read: {exc}", file=sys.stderr)
+    else:
+        results = replay_all(samples_from_trace(recorded))
+        summary["replay"] = replay_summary(results)
+        summary["raw"] = raw_record(recorded)
+        print("offline replay of the raw readings through this checkout's fit:\n" + report(results))
     (args.out / "samples.json").write_text(json.dumps(samples, indent=1))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "raw"}, indent=1))
     return 0 if summary["limits_unchanged"] else 1
 
 
