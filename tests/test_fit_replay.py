@@ -18,6 +18,8 @@ from governor.trace import read_trace
 from governor.whatif.fitreplay import raw_record, read_samples, replay_all, report, samples_from_trace, summary
 
 H100_TRACE = Path(__file__).parent / "data" / "h100-load.jsonl"
+H200_TRACE = Path(__file__).parent / "data" / "h200-steps.jsonl"
+"""A real H200 at 1 Hz under three load steps (bench/gpu_record_steps.sh): 36 C idle, 60 C at 690 W within ~5 s."""
 H100 = load_profile("h100-80gb").thermal
 """The h100-80gb profile's constants, fitted by ``calibrate`` on the same trace: die tau 0.3 s, heatsink 17.7 s."""
 FAST = ThermalParams(r_die_c_per_w=0.02, c_die_j_per_c=50.0, r_sink_c_per_w=0.018, c_sink_j_per_c=400.0)
@@ -63,6 +65,22 @@ class TestRealH100:
         assert abs(model.r_total_c_per_w - 0.0528) <= 0.1 * 0.0528
         assert 10.0 <= model.tau_s <= 30.0
         assert abs(model.ambient_c - 34.1) <= 2.0
+
+
+class TestRealH200:
+    def test_h200_trace_is_followed_after_the_first_load(self) -> None:
+        """On the real H200 steps the 60-s error is within 1.5 C once a load has been seen, and the room stays put."""
+        trace = read_trace(H200_TRACE)
+        result = replay(((s.t_s, s.reading.temperature_c, s.reading.power_w) for s in trace.samples[0]), 700.0)
+        assert len(result.errors_c) >= 50
+        # Only the first two scores are from models made before the first load had settled (the prior's guess).
+        assert all(abs(e) <= 1.5 for e in result.errors_c[2:])
+        assert result.mean_abs_c is not None and result.mean_abs_c <= 2.0
+        assert result.rooms_c and max(result.rooms_c) - min(result.rooms_c) <= 4.0
+        model = result.final.fitted
+        assert model is not None
+        # The trace itself: (60 - 36) C over (691 - 79) W = 0.039 C/W between idle and load.
+        assert abs(model.r_total_c_per_w - 0.039) <= 0.1 * 0.039
 
 
 class TestFastCards:
