@@ -367,6 +367,19 @@ class TestActuatorUnits:
         gone = _Answers(UnitCall(False, error="org.freedesktop.systemd1.NoUnitForPID: PID 7"), UnitCall(True))
         assert self.apply(gone, self.decision()).outcome is Outcome.SKIPPED and gone.calls == []
 
+    def test_no_stop_without_systemd_naming_the_unit(self) -> None:
+        """An owner lookup that fails (PID gone before systemd pinned it, timeout, bus error) sends no stop."""
+        from governor.units import UnitCall
+
+        for owner, outcome in (
+            (UnitCall(False, error="org.freedesktop.DBus.Error.UnixProcessIdUnknown: Failed to pin PID 7"), "skipped"),
+            (UnitCall(False, error="GetUnitByPID 7: no answer from systemd within 2 s", timed_out=True), "failed"),
+            (UnitCall(False, error="system bus: ValueError: not enough values to unpack"), "failed"),
+        ):
+            units = _Answers(owner, UnitCall(True, value="/job/1"))
+            result = self.apply(units, self.decision())
+            assert (result.outcome.value, units.calls) == (outcome, []), result.detail
+
     def test_a_timed_out_stop_counts_as_queued_and_denied_units_are_refused(self) -> None:
         """No answer in time: counted as applied (resuming later is harmless); a deny-listed unit: never sent."""
         from governor.units import UnitCall
