@@ -50,6 +50,8 @@ LOOKUP_TIMEOUT_S = 10.0
 """check-config's whole Restart= lookup gives up after this many seconds."""
 PROPERTIES_TTL_S = 30.0
 """Cached unit properties are refreshed after this many seconds."""
+MAX_CACHED_UNITS = 1024
+"""Units whose properties are cached; the unit first cached is dropped first."""
 RESTARTS_AFTER_KILL = {
     # Restart= value -> the signals after which systemd starts the service again.
     # SIGTERM (like SIGHUP, SIGINT, SIGPIPE) is a clean exit for systemd; SIGKILL is not.
@@ -403,6 +405,8 @@ class SystemdUnits:
 
             def job(bus: _Bus) -> None:
                 self._cache[unit] = (self._clock(), bus.properties(unit))
+                while len(self._cache) > MAX_CACHED_UNITS:
+                    del self._cache[next(iter(self._cache))]
 
             self._submit(job).add_done_callback(lambda _f: self._pending.discard(unit))
         return None if cached is None else cached[1]

@@ -58,6 +58,8 @@ from governor.units import UnitManager, undone_by_restart
 FILE_NAME = "stopped-units.json"
 VERSION = 1
 MAX_UNITS = 256
+MAX_KNOWN_UNITS = 1024
+"""Units whose Restart= is remembered (checked, or waiting for systemd's answer); the oldest go first."""
 UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,247}\.(service|scope)")
 _UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -170,6 +172,12 @@ class StoppedUnitsStore:
         self._on_disk = True
 
 
+def _keep_newest(known: dict[str, Any]) -> None:
+    """Drop the oldest entries of ``known`` beyond MAX_KNOWN_UNITS (a unit dropped is checked again)."""
+    while len(known) > MAX_KNOWN_UNITS:
+        del known[next(iter(known))]
+
+
 SIGNALS_OF = {ProcessAction.TERMINATE: ("SIGTERM", "SIGKILL"), ProcessAction.KILL: ("SIGKILL",)}
 """The signals a class's action may send (terminate escalates to SIGKILL)."""
 
@@ -222,6 +230,7 @@ class UnitKeeper:
                 self.state = record_start(self.state, d.unit, snapshot.t_s, result.outcome is Outcome.APPLIED)
             elif d.action in (Action.SIGNAL_TERM, Action.SIGNAL_KILL) and d.unit not in self._checked:
                 self._to_check[d.unit] = d.process_class or ""
+                _keep_newest(self._to_check)
         self.store.save(self.state.stopped)
         return self._restart_warnings(policy)
 
@@ -235,6 +244,7 @@ class UnitKeeper:
                 continue  # asked in the background; looked at again next tick
             del self._to_check[unit]
             self._checked[unit] = props.restart
+            _keep_newest(self._checked)
             signals = SIGNALS_OF.get(policy.class_named(klass_name).enforced_action, ())
             if undone_by_restart(props.restart, signals):
                 warnings.append(UnitWarning(unit, klass_name, props.restart or "?"))

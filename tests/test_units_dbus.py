@@ -295,3 +295,19 @@ class TestFailures:
             assert units.start_unit("game.scope").ok and units.error is None
         finally:
             units.close()
+
+
+def test_the_properties_cache_stays_bounded(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Properties of more units than the cache holds evict the oldest; the newest stay answered."""
+    import governor.units
+
+    monkeypatch.setattr(governor.units, "MAX_CACHED_UNITS", 4)
+    for i in range(10):
+        bus.state.units[f"many-{i}.service"] = FakeUnit()
+    units = SystemdUnits(bus.address)
+    try:
+        for i in range(10):
+            wait_for_properties(units, f"many-{i}.service")
+        assert len(units._cache) <= 4 and units.properties("many-9.service") is not None
+    finally:
+        units.close()

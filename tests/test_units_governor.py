@@ -392,3 +392,26 @@ class TestActuatorUnits:
         denied = _Answers(UnitCall(True, value="sshd.service"), UnitCall(True))
         refused = self.apply(denied, self.decision("sshd.service"))
         assert refused.outcome is Outcome.REFUSED and denied.calls == []
+
+
+class TestBookkeeping:
+    def test_restart_checks_of_a_flood_of_units_stay_bounded(self) -> None:
+        """Signals in 5000 distinct units (half unknown to systemd) leave bounded Restart= bookkeeping."""
+        from governor.model import Action, ActionResult, Decision, Rule, Snapshot
+        from governor.unitstate import MAX_KNOWN_UNITS, StoppedUnitsStore, UnitKeeper
+
+        manager = MemoryUnits({f"job-{i}.service": MemoryUnit() for i in range(0, 5000, 2)})
+        keeper = UnitKeeper(StoppedUnitsStore(None), manager)
+        snapshot = Snapshot(0.0, 0.0, ())
+        for batch in range(50):
+            results = [
+                ActionResult(
+                    Decision(
+                        0.0, 0, "GPU-0", Rule.VRAM_ENFORCE, Action.SIGNAL_TERM, "r", pid=i + 2, unit=f"job-{i}.service"
+                    ),
+                    Outcome.APPLIED,
+                )
+                for i in range(batch * 100, batch * 100 + 100)
+            ]
+            keeper.record(results, snapshot, 0.0, VramPolicy(), {})
+        assert len(keeper._checked) <= MAX_KNOWN_UNITS and len(keeper._to_check) <= MAX_KNOWN_UNITS
