@@ -394,6 +394,25 @@ class TestActuatorUnits:
         assert refused.outcome is Outcome.REFUSED and denied.calls == []
 
 
+class TestUnsavedStops:
+    def test_no_stop_while_the_stopped_units_cannot_be_saved(self, tmp_path: Path) -> None:
+        """state_dir unwritable (read-only, full): no unit is stopped (it would never be resumed after a
+        restart); once the list can be saved the stop goes ahead and survives a restart."""
+        (tmp_path / "state").write_text("a file where the directory should be")
+        box = Workstation(tmp_path)
+        box.backend.attach_process(0, GAME_PID, 3 * GiB // 2, "game")
+        refused = unit_results(box.run(3))
+        assert refused and {(u, o) for _, u, o in refused} == {("secondary-sd.service", Outcome.REFUSED)}
+        assert box.units.calls == [] and box.units.units["secondary-sd.service"].active
+        assert box.report is not None and box.report.stopped_units == ()
+        (tmp_path / "state").unlink()
+        box.run(10)
+        assert box.units.calls == [("stop", "secondary-sd.service")]
+        box.restart_governor()
+        box.backend.detach_process(GAME_PID)
+        assert unit_results(box.run(30)) == [("start_unit", "secondary-sd.service", Outcome.APPLIED)]
+
+
 class TestBookkeeping:
     def test_restart_checks_of_a_flood_of_units_stay_bounded(self) -> None:
         """Signals in 5000 distinct units (half unknown to systemd) leave bounded Restart= bookkeeping."""
