@@ -20,9 +20,12 @@ marked once, never retried every tick.
 Units: ``stop_unit`` and ``start_unit`` decisions go to systemd through a
 :class:`governor.units.UnitManager` (StopUnit/StartUnit), never as signals to a unit's
 PIDs. Right before a stop, systemd is asked which unit the process belongs to now
-(GetUnitByPID): a process that moved or vanished is left alone. A unit on the deny list is
-refused here too. A call systemd did not answer in time is counted as done (the job may
-have been queued; starting a running unit again later is harmless).
+(GetUnitByPID): a process that moved or vanished is left alone, and so is one whose unit
+systemd did not name (no answer, an error): no stop on the word of /proc alone. A unit on
+the deny list is refused here too, and a stop whose unit ``before_stop`` could not save
+first (the stopped-units list, :class:`governor.unitstate.UnitKeeper`) is not sent. A
+call systemd did not answer in time is counted as done (the job may have been queued;
+starting a running unit again later is harmless).
 Fan decisions go to its fan half, :class:`governor.fanactuator.FanActuator` (``fans``),
 whose takeovers are saved beside the originals (``fan-control.json``) and undone by
 :meth:`Actuator.restore` together with the limits.
@@ -54,6 +57,8 @@ from governor.units import MemoryUnits, UnitManager
 
 SIGNALS = {Action.SIGNAL_TERM: signal.SIGTERM, Action.SIGNAL_KILL: signal.SIGKILL}
 FAN_ACTIONS = frozenset({Action.SET_FAN_SPEED, Action.SET_FAN_AUTO})
+GONE_ERRORS = ("NoUnitForPID", "UnixProcessIdUnknown")
+"""systemd's answers to GetUnitByPID for a process that exited (no unit, or a PID it could not pin)."""
 
 
 def send_signal(pid: int, start_time: int, signum: int, proc: Path = Path("/proc")) -> str | None:
@@ -117,6 +122,7 @@ class Actuator:
         self.monitor_only: dict[str, str] = {}
         self.hands_off: dict[str, str] = {}  # GPU UUID -> why its original could not be saved
         self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
+        self.before_stop: Callable[[Decision], str | None] | None = None  # saves the stop first; why not
         state_dir = None if originals.path is None else originals.path.parent
         self.fans = FanActuator(backend, FanControl(state_dir), self._gpus.values())
 
@@ -242,14 +248,22 @@ class Actuator:
             return ActionResult(decision, Outcome.DRY_RUN, f"would {verb} unit {unit}")
         if decision.action is Action.STOP_UNIT and decision.pid is not None:
             owner = self.units.unit_of_pid(decision.pid)
-            if owner.ok and owner.value != unit:
+            if not owner.ok:  # no stop unless systemd itself names the unit: the cgroup text is the process's
+                if any(gone in (owner.error or "") for gone in GONE_ERRORS):
+                    return ActionResult(decision, Outcome.SKIPPED, "vanished")
+                return ActionResult(
+                    decision,
+                    Outcome.FAILED,
+                    f"the unit of process {decision.pid} could not be confirmed ({owner.error}): {unit} not stopped",
+                )
+            if owner.value != unit:
                 return ActionResult(
                     decision,
                     Outcome.REFUSED,
                     f"process {decision.pid} belongs to {owner.value} now, not {unit}: left alone",
                 )
-            if not owner.ok and owner.error is not None and "NoUnitForPID" in owner.error:
-                return ActionResult(decision, Outcome.SKIPPED, "vanished")
+        if verb == "stop" and self.before_stop is not None and (unsaved := self.before_stop(decision)) is not None:
+            return ActionResult(decision, Outcome.REFUSED, f"not stopped: {unsaved} (it could not be resumed)")
         call = self.units.stop_unit(unit) if verb == "stop" else self.units.start_unit(unit)
         if call.ok:
             return ActionResult(decision, Outcome.APPLIED, f"{verb} job queued for unit {unit} ({call.value})")

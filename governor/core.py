@@ -291,6 +291,7 @@ class Governor:
         actuator.dry_run = config.dry_run
         self.actuator = actuator
         self.units = keeper if keeper is not None else UnitKeeper(open_stopped_units(config), actuator.units)
+        actuator.before_stop = self.units.save_ahead  # no stop that a restart could not resume
         self.inspector: Inspector = inspector if inspector is not None else ProcessInspector()
         self.plans = build_plans(config, self.gpus)
         self.states: dict[str, GpuRuleState] = dict(states or {})

@@ -11,10 +11,11 @@ command line): it is kept as given here and escaped where it is logged or export
 Trust. A process's comm name and command line never grant protection, and never alone
 put it in a class that signals (:attr:`governor.classes.ProcessClass.enforced_action`).
 Trusted facts are the owner uid, the executable the kernel reports (/proc/PID/exe) and
-the cgroup path *up to* a user manager (``user@UID.service``): systemd (root) creates
-that part; below it the user creates whatever units and slices they like (``systemd-run
---user --unit=llama-server``), so ``unit``, ``slice`` and ``cgroup`` see only the part
-above unless a class sets ``user_units = true``. Built-in protection (display servers,
+the cgroup path *up to* the first unit (a user manager ``user@UID.service``, or any unit
+with ``Delegate=yes``): systemd (root) creates that part; below it the delegatee creates
+whatever units and slices they like (``systemd-run --user --unit=llama-server``, a
+container's own systemd, a CI runner), so ``unit``, ``slice`` and ``cgroup`` see only the
+part above unless a class sets ``user_units = true``. Built-in protection (display servers,
 compositors) needs the executable's basename to be listed *and* the executable to be a
 root-owned, not group- or world-writable file under a system directory *and* the owner
 to be a real account (uid below 60000: not nobody, not a systemd DynamicUser, not a
@@ -37,7 +38,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import pwd
-import re
 import stat
 import time
 from collections.abc import Iterable
@@ -60,7 +60,8 @@ SYSTEM_EXE_PREFIXES = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/opt/")
 """Directories only root writes to: an executable there can be a built-in protected one."""
 REAL_ACCOUNT_UID_LIMIT = 60000
 """Owners at or above this uid (nobody, systemd DynamicUsers, user-namespace ids) get no built-in protection."""
-_USER_MANAGER = re.compile(r"user@[0-9]+\.service")
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
+"""Units that have a cgroup of their own (slices aside)."""
 
 
 def read_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -114,16 +115,18 @@ def _read_text(path: Path, limit: int = CMDLINE_MAX_BYTES) -> str | None:
 
 
 def system_cgroup(cgroup: str | None) -> str | None:
-    """The part of a cgroup path systemd itself created: cut after ``user@UID.service``.
+    """The part of a cgroup path systemd itself created: cut after the first unit.
 
-    Below a user manager the user creates units and slices of any name; above it (and
-    anywhere outside user.slice) only root does.
+    systemd creates slices and, in them, one cgroup per unit; anything below a unit's
+    cgroup was created by whoever the unit delegates it to (``Delegate=yes``): a user
+    manager (``user@UID.service``), a container, a service running as any user. Its
+    names are free, so ``.../ci.service/x/sshd.service`` is a process of ci.service.
     """
     if cgroup is None:
         return None
     parts = cgroup.split("/")
     for i, part in enumerate(parts):
-        if _USER_MANAGER.fullmatch(part):
+        if part.endswith(UNIT_SUFFIXES):
             return "/".join(parts[: i + 1])
     return cgroup
 
@@ -136,7 +139,7 @@ def _cgroup_parts(cgroup: str | None) -> tuple[str | None, tuple[str, ...]]:
     slices = tuple(p for p in parts if p.endswith(".slice"))
     unit = None
     for part in reversed(parts):
-        if part.endswith((".service", ".scope", ".socket", ".mount")):
+        if part.endswith(UNIT_SUFFIXES):
             unit = part
             break
     return unit, slices

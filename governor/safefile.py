@@ -26,6 +26,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,14 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_bounded(path: Path, max_bytes: int = MAX_STATE_BYTES) -> bytes:
+def read_bounded(
+    path: Path, max_bytes: int = MAX_STATE_BYTES, trust: Callable[[os.stat_result], list[str]] | None = None
+) -> bytes:
     """The whole content of a regular file of at most ``max_bytes`` bytes.
 
     Raises FileNotFoundError when nothing is there (also when a parent is not a
-    directory), UnusableFile for a symlink, FIFO, device, directory, a larger file or a
-    read error.
+    directory), UnusableFile for a symlink, FIFO, device, directory, a larger file, a
+    read error, or a file the ``trust`` check (of the opened file's stat) has problems with.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -70,6 +73,9 @@ def read_bounded(path: Path, max_bytes: int = MAX_STATE_BYTES) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UnusableFile(path, f"{_kind(info.st_mode)}, not a regular file (refused)")
+        untrusted = [] if trust is None else trust(info)
+        if untrusted:
+            raise UnusableFile(path, " and ".join(untrusted) + " (refused unread)")
         if info.st_size > max_bytes:
             raise UnusableFile(path, f"{info.st_size} bytes, more than the {max_bytes} allowed (refused unread)")
         chunks = []
@@ -104,12 +110,14 @@ def parse_json(path: Path, data: bytes) -> Any:
         raise UnusableFile(path, f"not JSON the governor can use: {_short(str(exc))}") from None
 
 
-def read_json(path: Path, max_bytes: int = MAX_STATE_BYTES) -> tuple[Any, bytes]:
-    """The parsed JSON of a bounded regular file, and its raw bytes.
+def read_json(
+    path: Path, max_bytes: int = MAX_STATE_BYTES, trust: Callable[[os.stat_result], list[str]] | None = None
+) -> tuple[Any, bytes]:
+    """The parsed JSON of a bounded regular file (see :func:`read_bounded`), and its raw bytes.
 
     Raises FileNotFoundError when nothing is there, UnusableFile for anything else wrong.
     """
-    data = read_bounded(path, max_bytes)
+    data = read_bounded(path, max_bytes, trust)
     return parse_json(path, data), data
 
 

@@ -13,6 +13,7 @@ import base64
 import http.client
 import json
 import math
+import os
 import re
 import socket
 import ssl
@@ -21,14 +22,19 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from governor.errors import StatusError as StatusError  # noqa: PLC0414  (re-exported)
+from governor.escaping import escape
+from governor.safefile import UnusableFile, read_json, root_trust_problems
 
 FETCH_TIMEOUT_S = 5.0
 MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_TABLE_BYTES = 16 * 1024 * 1024
+"""The largest processes.json status reads (bytes): thousands of rows fit."""
 SCHEMA_VERSION = 1
 """Version of the ``--json`` document; raised only when a key is removed or changes meaning."""
 UNHEALTHY = ("lost", "degraded")
@@ -409,30 +415,48 @@ def read_process_table(path: str) -> list[dict[str, object]] | None:
     return rows if isinstance(rows, list) else None
 
 
+def _table_trust(info: os.stat_result) -> list[str]:
+    """Why a process table (its ``stat``) is not shown: owned by neither root nor the caller,
+    or writable by group or others."""
+    problems = [p for p in root_trust_problems(info) if not p.startswith("owned by")]
+    if info.st_uid not in (0, os.geteuid()):
+        problems.insert(0, f"owned by uid {info.st_uid} (neither root nor you)")
+    return problems
+
+
 def load_process_table(status: DaemonStatus, now_s: float) -> ProcessTable:
     """The process table from the runtime directory the daemon reports, shown only when its
     identity (pid, instance) is that daemon's and it is the last one that daemon says it
-    wrote (``gpu_governor_process_table_written_timestamp_seconds``), while it still can."""
+    wrote (``gpu_governor_process_table_written_timestamp_seconds``), while it still can.
+    The note (why it is not shown) is printable: it may quote the file and the endpoint."""
+    table = _load_process_table(status, now_s)
+    if table.note is not None:
+        table.note = escape(table.note)
+    return table
+
+
+def _load_process_table(status: DaemonStatus, now_s: float) -> ProcessTable:
     if status.runtime_dir is None:
         return ProcessTable(None, "the daemon does not report its runtime directory (an older version?)")
     if not status.runtime_dir:
         return ProcessTable(None, "the daemon keeps no process table (runtime_dir is empty in its config)")
     path = f"{status.runtime_dir.rstrip('/')}/processes.json"
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except PermissionError:
-        return ProcessTable(
-            None, f"{path} is readable only by the daemon's user (mode 0600): run status as root to see it", path
-        )
+        # Bounded, never through a link, never blocking on a FIFO, and only a file that root or
+        # the caller owns and no one else may write: the directory comes from the endpoint.
+        data, _raw = read_json(Path(path), MAX_TABLE_BYTES, _table_trust)
     except FileNotFoundError:
         return ProcessTable(
             None,
             f"{path} does not exist on this machine: the daemon is remote, or cannot write there (see its log)",
             path,
         )
-    except (OSError, ValueError) as exc:
-        return ProcessTable(None, f"{path} cannot be read: {exc}", path)
+    except UnusableFile as exc:
+        if not os.access(path, os.R_OK, follow_symlinks=False):
+            return ProcessTable(
+                None, f"{path} is readable only by the daemon's user (mode 0600): run status as root to see it", path
+            )
+        return ProcessTable(None, f"{path} cannot be used: {exc.why}", path)
     daemon = data.get("daemon") if isinstance(data, dict) else None
     rows = data.get("processes") if isinstance(data, dict) else None
     written = data.get("written_at_s") if isinstance(data, dict) else None
@@ -504,17 +528,16 @@ def render_processes(rows: list[dict[str, object]]) -> str:
         why = str(row.get("why") or "")
         if row.get("protected"):
             why += f" [protected: {row['protected']}]"
-        table.append(
-            (
-                str(row.get("gpu")),
-                str(row.get("pid")),
-                str(row.get("name")),
-                str(row.get("class")),
-                _gib(float(used)) if isinstance(used, (int, float)) else "-",
-                _gib(float(budget)) if isinstance(budget, (int, float)) else "none",
-                why,
-            )
+        cells = (
+            str(row.get("gpu")),
+            str(row.get("pid")),
+            str(row.get("name")),
+            str(row.get("class")),
+            _gib(float(used)) if isinstance(used, (int, float)) else "-",
+            _gib(float(budget)) if isinstance(budget, (int, float)) else "none",
+            why,
         )
+        table.append(tuple(escape(cell) for cell in cells))  # the file is the daemon's, its text is not
     return "\n".join(_aligned(table)) + "\n"
 
 
@@ -599,12 +622,13 @@ def render_status(status: DaemonStatus, now_s: float | None = None) -> str:
         decisions.append(f"GPU {r.gpu} last power decision: {power}")
         decisions.append(f"GPU {r.gpu} last VRAM decision:  {vram}")
     units = describe_units(status, now_s)
-    return "\n".join([*lines, *_aligned(rows), "", *decisions, *(["", *units] if units else [])]) + "\n"
+    text = [*lines, *_aligned(rows), "", *decisions, *(["", *units] if units else [])]
+    return "\n".join(escape(line) for line in text) + "\n"  # labels are whatever the endpoint sent
 
 
 def render_problems(status: DaemonStatus) -> list[str]:
     """One line per lost or degraded GPU (empty when all are ok)."""
-    return [f"GPU {r.gpu} ({r.uuid}) is {r.health}" for r in status.unhealthy()]
+    return [escape(f"GPU {r.gpu} ({r.uuid}) is {r.health}") for r in status.unhealthy()]
 
 
 # ---------------------------------------------------------------------------- JSON

@@ -7,7 +7,8 @@ The core speaks to a :class:`UnitManager`; two implement it:
   the first call. Every call runs on one worker thread and the caller waits at most
   ``timeout_s``: a bus that hangs never stalls a tick for longer. A connection that
   drops (dbus restarted, EOF, a timeout) is closed and opened again on the next call,
-  not sooner than ``retry_s`` after a failed connect. A missing bus is no error of the
+  not sooner than ``retry_s`` after a failed connect or a call that timed out (calls in
+  between fail at once, unsent). A missing bus is no error of the
   loop: the call fails with the reason, and :attr:`SystemdUnits.error` says it until a
   call succeeds again (the daemon logs the change once). Properties are read without
   blocking at all: :meth:`SystemdUnits.properties` answers from a cache and refreshes it
@@ -49,6 +50,8 @@ LOOKUP_TIMEOUT_S = 10.0
 """check-config's whole Restart= lookup gives up after this many seconds."""
 PROPERTIES_TTL_S = 30.0
 """Cached unit properties are refreshed after this many seconds."""
+MAX_CACHED_UNITS = 1024
+"""Units whose properties are cached; the unit first cached is dropped first."""
 RESTARTS_AFTER_KILL = {
     # Restart= value -> the signals after which systemd starts the service again.
     # SIGTERM (like SIGHUP, SIGINT, SIGPIPE) is a clean exit for systemd; SIGKILL is not.
@@ -336,8 +339,12 @@ class SystemdUnits:
         return self._bus
 
     def _drop(self, exc: Exception) -> None:
-        """A transport failure: forget the connection (the next call reconnects)."""
+        """A transport failure: forget the connection (the next call reconnects). After a call
+        that got no answer in time, as after a failed connect, nothing is sent for ``retry_s``:
+        a hung systemd costs a tick one timeout, not one per call."""
         self._error = str(exc) if isinstance(exc, _Unreachable) else f"system bus: {type(exc).__name__}: {exc}"
+        if isinstance(exc, TimeoutError):
+            self._next_connect_s = self._clock() + self.retry_s
         if self._bus is not None:
             self._bus.close()
             self._bus = None
@@ -398,6 +405,8 @@ class SystemdUnits:
 
             def job(bus: _Bus) -> None:
                 self._cache[unit] = (self._clock(), bus.properties(unit))
+                while len(self._cache) > MAX_CACHED_UNITS:
+                    del self._cache[next(iter(self._cache))]
 
             self._submit(job).add_done_callback(lambda _f: self._pending.discard(unit))
         return None if cached is None else cached[1]

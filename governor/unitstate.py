@@ -58,6 +58,8 @@ from governor.units import UnitManager, undone_by_restart
 FILE_NAME = "stopped-units.json"
 VERSION = 1
 MAX_UNITS = 256
+MAX_KNOWN_UNITS = 1024
+"""Units whose Restart= is remembered (checked, or waiting for systemd's answer); the oldest go first."""
 UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,247}\.(service|scope)")
 _UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -170,6 +172,12 @@ class StoppedUnitsStore:
         self._on_disk = True
 
 
+def _keep_newest(known: dict[str, Any]) -> None:
+    """Drop the oldest entries of ``known`` beyond MAX_KNOWN_UNITS (a unit dropped is checked again)."""
+    while len(known) > MAX_KNOWN_UNITS:
+        del known[next(iter(known))]
+
+
 SIGNALS_OF = {ProcessAction.TERMINATE: ("SIGTERM", "SIGKILL"), ProcessAction.KILL: ("SIGKILL",)}
 """The signals a class's action may send (terminate escalates to SIGKILL)."""
 
@@ -184,6 +192,7 @@ class UnitKeeper:
         self.asked = bool(self.state.stopped)  # systemd was (or will be) asked something
         self._checked: dict[str, str | None] = {}  # unit -> Restart= once known
         self._to_check: dict[str, str] = {}  # unit -> class, Restart= not known yet
+        self._tick: tuple[Snapshot, VramPolicy, Mapping[int, ProcessFacts]] | None = None  # the last decide()
 
     @property
     def stopped(self) -> frozenset[str]:
@@ -192,8 +201,21 @@ class UnitKeeper:
 
     def decide(self, snapshot: Snapshot, policy: VramPolicy, facts: Mapping[int, ProcessFacts]) -> list[Decision]:
         """The resume rule's decisions for this tick (its state moves on)."""
+        self._tick = (snapshot, policy, facts)
         self.state, decisions = evaluate_units(snapshot, self.state, policy, facts)
         return decisions
+
+    def save_ahead(self, decision: Decision) -> str | None:
+        """Save the list with the unit of a stop about to be sent (this tick's :meth:`decide`);
+        None when it is on disk, else why not: a unit stopped but not saved would never be
+        resumed after a restart, so the actuator stops nothing then (retried next decision)."""
+        if self._tick is None or decision.unit is None:
+            return None
+        snapshot, policy, facts = self._tick
+        applied = ActionResult(decision, Outcome.APPLIED)
+        ahead = self._stopped_by([applied], snapshot, snapshot.wall_time_s, policy, facts)
+        self.store.save(ahead.stopped)
+        return self.store.last_error
 
     def record(
         self,
@@ -204,26 +226,42 @@ class UnitKeeper:
         facts: Mapping[int, ProcessFacts],
     ) -> tuple[UnitWarning, ...]:
         """Take in what the actuator did; save the list when it changed; return new Restart= warnings."""
-        readings = {r.uuid: r for r in snapshot.gpus}
+        self.state = self._stopped_by(results, snapshot, wall_s, policy, facts)
         for result in results:
             d = result.decision
             if d.unit is None:
                 continue
             if d.action is Action.STOP_UNIT:
                 self.asked = True
-                if result.outcome is Outcome.APPLIED:
-                    reading = readings.get(d.gpu_uuid)
-                    pressure = reading is not None and under_pressure(reading, policy)
-                    klass = policy.class_named(d.process_class or "")
-                    pids = tuple(f.pid for f in facts.values() if f.unit == d.unit)
-                    self.state = record_stop(self.state, d, klass, snapshot.t_s, wall_s, pressure, pids)
             elif d.action is Action.START_UNIT:
                 self.asked = True
                 self.state = record_start(self.state, d.unit, snapshot.t_s, result.outcome is Outcome.APPLIED)
             elif d.action in (Action.SIGNAL_TERM, Action.SIGNAL_KILL) and d.unit not in self._checked:
                 self._to_check[d.unit] = d.process_class or ""
+                _keep_newest(self._to_check)
         self.store.save(self.state.stopped)
         return self._restart_warnings(policy)
+
+    def _stopped_by(
+        self,
+        results: list[ActionResult],
+        snapshot: Snapshot,
+        wall_s: float,
+        policy: VramPolicy,
+        facts: Mapping[int, ProcessFacts],
+    ) -> UnitsState:
+        """The state with the units of the applied stops among ``results`` added."""
+        state = self.state
+        readings = {r.uuid: r for r in snapshot.gpus}
+        for result in results:
+            d = result.decision
+            if d.unit is not None and d.action is Action.STOP_UNIT and result.outcome is Outcome.APPLIED:
+                reading = readings.get(d.gpu_uuid)
+                pressure = reading is not None and under_pressure(reading, policy)
+                klass = policy.class_named(d.process_class or "")
+                pids = tuple(f.pid for f in facts.values() if f.unit == d.unit)
+                state = record_stop(state, d, klass, snapshot.t_s, wall_s, pressure, pids)
+        return state
 
     def _restart_warnings(self, policy: VramPolicy) -> tuple[UnitWarning, ...]:
         """Units whose Restart= is now known and undoes the kill of their class's action."""
@@ -235,6 +273,7 @@ class UnitKeeper:
                 continue  # asked in the background; looked at again next tick
             del self._to_check[unit]
             self._checked[unit] = props.restart
+            _keep_newest(self._checked)
             signals = SIGNALS_OF.get(policy.class_named(klass_name).enforced_action, ())
             if undone_by_restart(props.restart, signals):
                 warnings.append(UnitWarning(unit, klass_name, props.restart or "?"))

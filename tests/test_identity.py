@@ -298,6 +298,45 @@ class TestUserUnits:
         assert [(d.pid, d.action) for d in enforced] == [(100, Action.SIGNAL_TERM)]
 
 
+DELEGATED = "/system.slice/ci-runner.service/payload"
+"""A system service with Delegate=yes running as an unprivileged user: it names what lies below freely."""
+
+
+class TestDelegatedSubtree:
+    def test_a_delegated_subtree_cannot_borrow_a_protected_unit(self, tmp_path: Path) -> None:
+        """A process in a cgroup it named sshd.service below its own Delegate=yes unit is not protected as sshd."""
+        fake_proc(tmp_path, 100, f"{DELEGATED}/sshd.service")
+        ci = ProcessClass("ci", ProcessMatch(unit="ci-runner.service"), GiB, action=ProcessAction.TERMINATE)
+        facts = ProcessInspector(proc=tmp_path).facts(100, None, VramPolicy(classes=(ci,)))
+        assert facts.unit == "ci-runner.service"
+        assert facts.klass == "ci" and facts.protected is None
+
+    def test_a_delegated_subtree_cannot_pose_as_a_stop_unit_service(self, tmp_path: Path) -> None:
+        """Posing as ollama.service below its own unit, a process gets ollama's class and stop decision neither."""
+        fake_proc(tmp_path, 100, f"{DELEGATED}/ollama.service")
+        ollama = ProcessClass(
+            "ollama", ProcessMatch(unit="ollama.service"), 8 * GiB, action=ProcessAction.STOP_UNIT, grace_s=0.0
+        )
+        policy = VramPolicy(reserve_bytes=2 * GiB, classes=(ollama,))
+        facts = {100: ProcessInspector(proc=tmp_path).facts(100, None, policy)}
+        assert facts[100].klass == "unclassified"
+        reading = GpuReading(
+            index=0,
+            uuid="GPU-0",
+            memory_used_bytes=11 * GiB,
+            memory_total_bytes=12 * GiB,
+            processes=(ProcessReading(pid=100, used_memory_bytes=9 * GiB),),
+        )
+        _, decisions = evaluate_vram(reading, facts, policy, VramState(), 0.0)
+        assert not [d for d in decisions if d.action is Action.STOP_UNIT]
+
+    def test_user_units_still_see_the_delegated_names(self, tmp_path: Path) -> None:
+        """A class with user_units = true still matches the unit named below a delegated one (the admin's choice)."""
+        fake_proc(tmp_path, 100, f"{DELEGATED}/llama-server.service")
+        opted = ProcessClass("llm", ProcessMatch(unit="llama-server.service", user_units=True), GiB)
+        assert ProcessInspector(proc=tmp_path).facts(100, None, VramPolicy(classes=(opted,))).klass == "llm"
+
+
 class TestReusedPid:
     def test_a_process_started_after_the_listing_is_not_charged(self, children: list[subprocess.Popen[bytes]]) -> None:
         """A real process started after the GPU listing is marked newer, neither charged nor signalled that tick."""

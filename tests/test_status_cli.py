@@ -541,3 +541,99 @@ class TestTableAge:
         """A file older than the last table the daemon reports writing is left over: not shown."""
         rows, note = self.table(tmp_path, 99.0, 100.0)
         assert rows is None and note is not None and "is stale" in note
+
+
+class TestHostileTable:
+    """A processes.json someone else planted where the answering endpoint says the runtime directory is."""
+
+    @staticmethod
+    def load(run: Path) -> tuple[list[dict[str, object]] | None, str | None]:
+        status = DaemonStatus(pid=42, instance="i", runtime_dir=str(run))
+        found: list[tuple[list[dict[str, object]] | None, str | None]] = []
+        reader = threading.Thread(target=lambda: found.append(_loaded(status)), daemon=True)
+        reader.start()
+        reader.join(30)
+        assert found, "status hung reading the process table"
+        return found[0]
+
+    @staticmethod
+    def table(run: Path, rows: list[dict[str, object]] | None = None, pid: object = 42) -> Path:
+        run.mkdir(exist_ok=True)
+        doc = {"daemon": {"pid": pid, "instance": "i"}, "written_at_s": 100.0, "processes": rows or [{"pid": 7}]}
+        path = run / "processes.json"
+        path.write_text(json.dumps(doc))
+        path.chmod(0o600)
+        return path
+
+    def test_a_fifo_is_refused_without_hanging(self, tmp_path: Path) -> None:
+        """A FIFO in place of the table is refused at once (status never waits for a writer)."""
+        (tmp_path / "run").mkdir()
+        os.mkfifo(tmp_path / "run" / "processes.json", 0o600)
+        rows, note = self.load(tmp_path / "run")
+        assert rows is None and note is not None and "FIFO" in note
+
+    def test_a_symlink_and_a_huge_file_are_refused(self, tmp_path: Path) -> None:
+        """A link to a valid table elsewhere is not followed; a file over the size cap is not read."""
+        real = self.table(tmp_path / "elsewhere")
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "processes.json").symlink_to(real)
+        rows, note = self.load(tmp_path / "run")
+        assert rows is None and note is not None and "symbolic link" in note
+        big = tmp_path / "big"
+        big.mkdir()
+        with open(big / "processes.json", "wb") as handle:
+            handle.truncate(64 * 1024 * 1024)
+        (big / "processes.json").chmod(0o600)
+        rows, note = self.load(big)
+        assert rows is None and note is not None and "bytes" in note
+
+    def test_a_table_others_can_write_or_own_is_refused(self, tmp_path: Path) -> None:
+        """A table writable by group or others, or owned by someone neither root nor the caller, is not shown."""
+        path = self.table(tmp_path / "run")
+        path.chmod(0o666)
+        rows, note = self.load(tmp_path / "run")
+        assert rows is None and note is not None and "writable by group or others" in note
+        if os.geteuid() != 0:
+            return  # chown needs root
+        path.chmod(0o600)
+        os.chown(path, 1000, 1000)
+        rows, note = self.load(tmp_path / "run")
+        assert rows is None and note is not None and "owned by uid 1000" in note
+
+    def test_text_from_the_table_reaches_the_terminal_escaped(self, tmp_path: Path) -> None:
+        """Control characters in a table's cells or identity are printed as escapes, never raw."""
+        from governor.status import render_processes
+
+        self.table(tmp_path / "run", [{"gpu": 0, "pid": 7, "name": "\x1b]0;owned\x07", "class": "x\x1b[2J"}])
+        rows, _ = self.load(tmp_path / "run")
+        assert rows is not None
+        text = render_processes(rows)
+        assert "\x1b" not in text and "\x07" not in text and "\\x1b]0;owned\\x07" in text
+        self.table(tmp_path / "other", pid="\x1b[2J")
+        rows, note = self.load(tmp_path / "other")
+        assert rows is None and note is not None and "\x1b" not in note and "another daemon" in note
+
+
+def test_labels_of_a_forged_endpoint_reach_the_terminal_escaped() -> None:
+    """Control characters in the labels an endpoint sends are printed as escapes, never raw."""
+    from governor.status import parse_status, render_problems, render_status
+
+    text = (
+        (
+            'gpu_governor_build_info{version="1\u001b]0;x\u0007",backend="sim",dry_run="false"} 1\n'
+            'gpu_governor_gpu_info{gpu="0",uuid="GPU-\u001b[2J",name="\u001b[31mH200"} 1\n'
+            'gpu_governor_gpu_health{gpu="0",uuid="GPU-\u001b[2J",gpu_governor_gpu_health="lost"} 1\n'
+            'gpu_governor_unit_stopped_timestamp_seconds{unit="a\u001b[1A.service",class="c",reason="r"} 1\n'
+        )
+        .encode()
+        .decode("unicode_escape")
+    )
+    status = parse_status(text)
+    shown = render_status(status, 10.0) + "".join(render_problems(status))
+    assert status.gpus and status.stopped_units and "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b[31mH200" in shown
+
+
+def _loaded(status: DaemonStatus) -> tuple[list[dict[str, object]] | None, str | None]:
+    table = load_process_table(status, 105.0)
+    return table.rows, table.note

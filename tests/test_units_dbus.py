@@ -46,6 +46,7 @@ class FakeSystemd:
     units: dict[str, FakeUnit] = field(default_factory=dict)
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     hang: bool = False
+    received: int = 0  # method calls that reached it, answered or not
 
 
 def _path(unit: str) -> str:
@@ -107,7 +108,10 @@ def _serve(address: str, state: FakeSystemd, ready: threading.Event, stop: threa
                 continue
             except (OSError, EOFError, ConnectionError):
                 return
-            if msg.header.message_type is not MessageType.method_call or state.hang:
+            if msg.header.message_type is not MessageType.method_call:
+                continue
+            state.received += 1
+            if state.hang:
                 continue
             conn.send(_answer(state, msg))
     finally:
@@ -274,3 +278,36 @@ class TestFailures:
             assert not call.ok and call.timed_out
         finally:
             units.close()
+
+    def test_a_hung_systemd_costs_one_timeout_then_calls_fail_at_once(self, bus: Bus) -> None:
+        """After a timeout nothing is sent for retry_s (a tick waits once, not once per call); then it is retried."""
+        bus.state.hang = True
+        now = [0.0]
+        units = SystemdUnits(bus.address, timeout_s=0.5, retry_s=30.0, clock=lambda: now[0])
+        try:
+            assert units.stop_unit("secondary-sd.service").timed_out
+            sent = bus.state.received
+            later = [units.unit_of_pid(4242), units.stop_unit("game.scope"), units.start_unit("game.scope")]
+            assert [(c.ok, c.timed_out) for c in later] == [(False, False)] * 3
+            assert bus.state.received == sent and units.error is not None
+            bus.state.hang = False
+            now[0] = 31.0
+            assert units.start_unit("game.scope").ok and units.error is None
+        finally:
+            units.close()
+
+
+def test_the_properties_cache_stays_bounded(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Properties of more units than the cache holds evict the oldest; the newest stay answered."""
+    import governor.units
+
+    monkeypatch.setattr(governor.units, "MAX_CACHED_UNITS", 4)
+    for i in range(10):
+        bus.state.units[f"many-{i}.service"] = FakeUnit()
+    units = SystemdUnits(bus.address)
+    try:
+        for i in range(10):
+            wait_for_properties(units, f"many-{i}.service")
+        assert len(units._cache) <= 4 and units.properties("many-9.service") is not None
+    finally:
+        units.close()

@@ -367,6 +367,19 @@ class TestActuatorUnits:
         gone = _Answers(UnitCall(False, error="org.freedesktop.systemd1.NoUnitForPID: PID 7"), UnitCall(True))
         assert self.apply(gone, self.decision()).outcome is Outcome.SKIPPED and gone.calls == []
 
+    def test_no_stop_without_systemd_naming_the_unit(self) -> None:
+        """An owner lookup that fails (PID gone before systemd pinned it, timeout, bus error) sends no stop."""
+        from governor.units import UnitCall
+
+        for owner, outcome in (
+            (UnitCall(False, error="org.freedesktop.DBus.Error.UnixProcessIdUnknown: Failed to pin PID 7"), "skipped"),
+            (UnitCall(False, error="GetUnitByPID 7: no answer from systemd within 2 s", timed_out=True), "failed"),
+            (UnitCall(False, error="system bus: ValueError: not enough values to unpack"), "failed"),
+        ):
+            units = _Answers(owner, UnitCall(True, value="/job/1"))
+            result = self.apply(units, self.decision())
+            assert (result.outcome.value, units.calls) == (outcome, []), result.detail
+
     def test_a_timed_out_stop_counts_as_queued_and_denied_units_are_refused(self) -> None:
         """No answer in time: counted as applied (resuming later is harmless); a deny-listed unit: never sent."""
         from governor.units import UnitCall
@@ -379,3 +392,45 @@ class TestActuatorUnits:
         denied = _Answers(UnitCall(True, value="sshd.service"), UnitCall(True))
         refused = self.apply(denied, self.decision("sshd.service"))
         assert refused.outcome is Outcome.REFUSED and denied.calls == []
+
+
+class TestUnsavedStops:
+    def test_no_stop_while_the_stopped_units_cannot_be_saved(self, tmp_path: Path) -> None:
+        """state_dir unwritable (read-only, full): no unit is stopped (it would never be resumed after a
+        restart); once the list can be saved the stop goes ahead and survives a restart."""
+        (tmp_path / "state").write_text("a file where the directory should be")
+        box = Workstation(tmp_path)
+        box.backend.attach_process(0, GAME_PID, 3 * GiB // 2, "game")
+        refused = unit_results(box.run(3))
+        assert refused and {(u, o) for _, u, o in refused} == {("secondary-sd.service", Outcome.REFUSED)}
+        assert box.units.calls == [] and box.units.units["secondary-sd.service"].active
+        assert box.report is not None and box.report.stopped_units == ()
+        (tmp_path / "state").unlink()
+        box.run(10)
+        assert box.units.calls == [("stop", "secondary-sd.service")]
+        box.restart_governor()
+        box.backend.detach_process(GAME_PID)
+        assert unit_results(box.run(30)) == [("start_unit", "secondary-sd.service", Outcome.APPLIED)]
+
+
+class TestBookkeeping:
+    def test_restart_checks_of_a_flood_of_units_stay_bounded(self) -> None:
+        """Signals in 5000 distinct units (half unknown to systemd) leave bounded Restart= bookkeeping."""
+        from governor.model import Action, ActionResult, Decision, Rule, Snapshot
+        from governor.unitstate import MAX_KNOWN_UNITS, StoppedUnitsStore, UnitKeeper
+
+        manager = MemoryUnits({f"job-{i}.service": MemoryUnit() for i in range(0, 5000, 2)})
+        keeper = UnitKeeper(StoppedUnitsStore(None), manager)
+        snapshot = Snapshot(0.0, 0.0, ())
+        for batch in range(50):
+            results = [
+                ActionResult(
+                    Decision(
+                        0.0, 0, "GPU-0", Rule.VRAM_ENFORCE, Action.SIGNAL_TERM, "r", pid=i + 2, unit=f"job-{i}.service"
+                    ),
+                    Outcome.APPLIED,
+                )
+                for i in range(batch * 100, batch * 100 + 100)
+            ]
+            keeper.record(results, snapshot, 0.0, VramPolicy(), {})
+        assert len(keeper._checked) <= MAX_KNOWN_UNITS and len(keeper._to_check) <= MAX_KNOWN_UNITS
