@@ -204,8 +204,8 @@ def set_aside(path: Path, raw: bytes | None = None) -> Path | None:
 
 
 def check_private_dir(path: Path, euid: int | None = None) -> str | None:
-    """When running as root: None if ``path`` is missing or a root-owned directory no one else may write,
-    else what is wrong with it (a sentence naming the directory)."""
+    """When running as root: None if ``path`` is missing or a root-owned directory no one else may write
+    below parents no one else may write either, else what is wrong with it (a sentence naming the directory)."""
     euid = os.geteuid() if euid is None else euid
     if euid != 0:
         return None
@@ -217,7 +217,37 @@ def check_private_dir(path: Path, euid: int | None = None) -> str | None:
         return f"{path}: cannot be checked ({exc.strerror or exc})"
     problems = [] if stat.S_ISDIR(info.st_mode) else ["not a directory"]
     problems += root_trust_problems(info)
-    return f"{path} " + " and ".join(problems) if problems else None
+    if problems:
+        return f"{path} " + " and ".join(problems)
+    return _untrusted_ancestor(path)
+
+
+def _untrusted_ancestor(path: Path) -> str | None:
+    """What is wrong with the first directory above ``path`` (as written and as resolved) that
+    another user could use to swap ``path`` for a directory of theirs: not owned by root, or
+    writable by group or others without the sticky bit (/tmp's bit: no one else may rename a
+    root-owned entry in it); None when every one is trusted."""
+    absolute = Path(os.path.abspath(path))
+    seen: set[Path] = set()
+    for start in (absolute, absolute.resolve()):
+        for parent in start.parents:
+            if parent in seen:
+                continue
+            seen.add(parent)
+            try:
+                info = os.stat(parent)
+            except OSError as exc:
+                return f"{path}: its parent {parent} cannot be checked ({exc.strerror or exc})"
+            problems = root_trust_problems(info)
+            if info.st_uid == 0 and info.st_mode & stat.S_ISVTX:
+                problems = []  # sticky and root's (/tmp): entries are renamed only by their owners
+            if problems:
+                return (
+                    f"{path}: its parent {parent} is "
+                    + " and ".join(problems)
+                    + ", so its owner could swap the directory"
+                )
+    return None
 
 
 def root_trust_problems(info: os.stat_result) -> list[str]:

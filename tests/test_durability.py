@@ -610,6 +610,40 @@ class TestStateDirectories:
         assert "mode 777" in str(caught.value)
         check_state_dirs(config, euid=1000)  # not root: nothing to refuse
 
+    @pytest.mark.skipif(
+        os.geteuid() != 0, reason="the directories must be root's for the parent rule to be what is judged"
+    )
+    def test_a_parent_others_may_write_is_refused(self, tmp_path: Path) -> None:
+        """As root, a state dir below a parent others may write (no sticky bit) is refused, naming the parent."""
+        shared = tmp_path / "shared"
+        state = shared / "state"
+        state.mkdir(parents=True)
+        state.chmod(0o755)
+        shared.chmod(0o777)
+        config = Config(state_dir=str(state), runtime_dir="")
+        with pytest.raises(ConfigError) as caught:
+            check_state_dirs(config, euid=0)
+        assert f"its parent {shared} is writable by group or others" in str(caught.value)
+        shared.chmod(0o1777)  # sticky, like /tmp: only root may rename root's state dir in it
+        check_state_dirs(config, euid=0)
+        shared.chmod(0o755)
+        check_state_dirs(config, euid=0)
+
+    @pytest.mark.skipif(
+        os.geteuid() != 0, reason="the directories must be root's for the parent rule to be what is judged"
+    )
+    def test_a_link_into_a_directory_others_may_write_is_refused(self, tmp_path: Path) -> None:
+        """As root, a state dir reached through a symlink is judged where it is: a writable parent there is refused."""
+        elsewhere = tmp_path / "elsewhere"
+        target = elsewhere / "state"
+        target.mkdir(parents=True)
+        elsewhere.chmod(0o775)
+        link = tmp_path / "state"
+        link.symlink_to(target)
+        with pytest.raises(ConfigError) as caught:
+            check_state_dirs(Config(state_dir=str(link), runtime_dir=""), euid=0)
+        assert f"its parent {elsewhere} is writable by group or others" in str(caught.value)
+
     def test_simulation_in_memory_neither_uses_nor_checks_state_dir(self, tmp_path: Path) -> None:
         """A simulation without a hardware-state file keeps originals in memory: state_dir unchecked, unwritten."""
         state = tmp_path / "state"
