@@ -56,7 +56,6 @@ from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as prometheus_exposition
-from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector
 
 from governor.auth import CheckBudget, FailureBackoff
@@ -108,12 +107,11 @@ MAX_NEGOTIATED = 64
 
 Encoder = Callable[[Collector], bytes]
 _TEXT = prometheus_exposition.choose_encoder("")
-_ESCAPINGS = (
-    openmetrics_exposition.ALLOWUTF8,
-    openmetrics_exposition.UNDERSCORES,
-    openmetrics_exposition.DOTS,
-    openmetrics_exposition.VALUES,
-)
+_ESCAPINGS = ("allow-utf-8", "underscores", "dots", "values")
+"""OpenMetrics' name escapings, as Accept headers name them. Spelled out, not taken from
+prometheus_client.openmetrics.exposition: Debian 12's python3-prometheus-client (0.16), which
+the .deb runs on, has no such constants and negotiates no escaping (its choices collapse to
+the plain content types here)."""
 CACHED_CONTENT_TYPES = frozenset(
     prometheus_exposition.choose_encoder(accept)[1]
     for accept in (
