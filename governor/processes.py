@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING
 from governor.classes import MATCH_TIMEOUT_S, ProcessClass, VramPolicy, clip
 from governor.model import Classification, ProcessIdentity
 from governor.model import ProcessFacts as ProcessFacts  # noqa: PLC0414  (re-exported: it moved to the model)
+from governor.policy import denied_unit, session_unit
 
 if TYPE_CHECKING:  # patterns come compiled from governor.classes, which imports regex when it needs it
     import regex
-from governor.policy import denied_unit, session_unit
 
 CMDLINE_MAX_BYTES = 4096
 """Command lines are cut to this many bytes: enough to match on, bounded in memory and time."""
