@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from governor import durations
 from governor.classes import VramPolicy
+from governor.clock import VirtualClock
 from governor.config import Config, load_config
+from governor.core import Observer
 from governor.errors import WhatIfError as WhatIfError  # noqa: PLC0414  (re-exported)
+from governor.notify import Notifier
 from governor.policy import FanMode
 from governor.processes import ProcessFacts, classified
+from governor.service import Service
+from governor.waiting import VirtualWaiter
 
 EXIT_USAGE = 2
 """Exit code for bad input named on the command line (a missing trace, a bad duration)."""
@@ -142,3 +149,68 @@ class NameInspector:
     def clear(self) -> None:
         """Forget every cached fact."""
         self._cache.clear()
+
+
+class _SilentNotifier(Notifier):
+    """A notifier that never talks to systemd: a what-if run is not the service."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = False
+        self.watchdog_interval_s = None
+
+    def _send(self, message: str) -> None:
+        """Send nothing."""
+
+
+def _drop(*_args: Any, **_fields: Any) -> None:
+    return None
+
+
+class _Quiet:
+    """A logger that drops every event: a what-if run reports through its recorder, not a log."""
+
+    def __getattr__(self, name: str) -> Any:
+        return _drop
+
+
+def run_service(
+    config: Config,
+    backend: Any,
+    clock: VirtualClock,
+    waiter: VirtualWaiter,
+    observer: Observer,
+    prefix: str,
+    **simulation: Any,
+) -> None:
+    """Run ``config``'s policy through the real service on the simulated ``backend`` until
+    ``waiter`` stops it, ``observer`` its only observer.
+
+    The config's backend, ``dry_run``, ``state_dir`` (a temporary directory named
+    ``prefix``...), runtime directory (none: never the real governor's process table) and
+    metrics (off) are replaced, and ``[simulation]`` takes ``simulation``'s keys and no
+    state file: the run acts on the simulated GPUs only and serves nothing. Its processes
+    are classified by name (the simulator's PIDs are above any real one: no /proc), no
+    log is written and systemd is never told.
+    """
+    with tempfile.TemporaryDirectory(prefix=prefix) as state_dir:
+        run_config = replace(
+            config,
+            backend="simulated",
+            dry_run=False,
+            state_dir=state_dir,
+            runtime_dir="",
+            metrics=replace(config.metrics, enabled=False),
+            simulation=replace(config.simulation, state_file="", **simulation),
+        )
+        service = Service(
+            run_config,
+            backend,
+            clock,
+            waiter=waiter,
+            notifier=_SilentNotifier(),
+            inspector=NameInspector(NOT_A_PID),
+            observers=(observer,),
+            log=_Quiet(),
+        )
+        service.run()

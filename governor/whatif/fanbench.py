@@ -10,21 +10,17 @@ both use it.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 from governor.backends.simulated import SimulatedBackend
 from governor.clock import VirtualClock
 from governor.config import Config
 from governor.core import TICK, TickReport
-from governor.notify import Notifier
-from governor.service import Service
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import Scenario
 from governor.waiting import STOP, VirtualWaiter
-from governor.whatif.common import NOT_A_PID, NameInspector
+from governor.whatif.common import run_service
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,25 +41,6 @@ class FanOutcome:
     limit_changes: int
     lowest_limit_w: float | None
     decisions: tuple[tuple[str, int], ...]
-
-
-class _Silent(Notifier):
-    """Talks to no systemd."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enabled = False
-        self.watchdog_interval_s = None
-
-    def _send(self, message: str) -> None:
-        """Send nothing."""
-
-
-class _Quiet:
-    """A logger that drops every event."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **fields: None
 
 
 class _Recorder(VirtualWaiter):
@@ -126,27 +103,16 @@ def run_fan_policy(
     clock = VirtualClock(start_s=0.0)
     backend = SimulatedBackend(profile, scenario, clock, seed=seed)
     recorder = _Recorder(clock, backend, duration_s, threshold_c)
-    with tempfile.TemporaryDirectory(prefix="gpu-governor-fanbench-") as state_dir:
-        run_config = replace(
-            config,
-            backend="simulated",
-            dry_run=False,
-            state_dir=state_dir,
-            runtime_dir="",
-            metrics=replace(config.metrics, enabled=False),
-            simulation=replace(config.simulation, profile=profile.name, scenario=scenario.name, state_file=""),
-        )
-        service = Service(
-            run_config,
-            backend,
-            clock,
-            waiter=recorder,
-            notifier=_Silent(),
-            inspector=NameInspector(NOT_A_PID),
-            observers=(recorder,),
-            log=_Quiet(),
-        )
-        service.run()
+    run_service(
+        config,
+        backend,
+        clock,
+        recorder,
+        recorder,
+        "gpu-governor-fanbench-",
+        profile=profile.name,
+        scenario=scenario.name,
+    )
     work_s = recorder.work_s if recorder.work_s is not None else backend.stats(0).work_s
     return FanOutcome(
         label=label,

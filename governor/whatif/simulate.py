@@ -23,10 +23,9 @@ Measured per GPU, once per tick of the policy's ``poll_interval_s``:
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from governor.backends.simulated import SimulatedBackend
@@ -34,14 +33,12 @@ from governor.clock import VirtualClock
 from governor.config import Config
 from governor.core import TICK, TickReport
 from governor.model import GpuHealth, ThermalZone
-from governor.notify import Notifier
 from governor.rules.thermal import thresholds
-from governor.service import Service
 from governor.sim.gpu import SimStats
 from governor.sim.profiles import GpuProfile
 from governor.sim.scenario import Scenario
 from governor.waiting import STOP, VirtualWaiter
-from governor.whatif.common import NOT_A_PID, NameInspector, format_duration, without_governor
+from governor.whatif.common import format_duration, run_service, without_governor
 from governor.whatif.progress import Progress
 from governor.whatif.series import GpuSeries
 
@@ -102,29 +99,6 @@ class Comparison:
     thresholds_c: tuple[float, ...]
     baseline: RunOutcome
     runs: tuple[RunOutcome, ...]
-
-
-class _SilentNotifier(Notifier):
-    """A notifier that never talks to systemd: a what-if run is not the service."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.enabled = False
-        self.watchdog_interval_s = None
-
-    def _send(self, message: str) -> None:
-        """Send nothing."""
-
-
-class _Quiet:
-    """A logger that drops every event: a what-if run reports through its recorder, not a log."""
-
-    def __getattr__(self, name: str) -> Any:
-        return _drop
-
-
-def _drop(*_args: Any, **_fields: Any) -> None:
-    """Drop one event."""
 
 
 def busiest_window(times_s: Sequence[float], window_s: float = HOUR_S) -> int:
@@ -283,36 +257,20 @@ def run_policy(
     recorder = _Recorder(clock, backend, setup.duration_s, thresholds_c, series, progress)
     if progress is not None:
         progress.start(f"simulating {label}", setup.duration_s)
-    with tempfile.TemporaryDirectory(prefix="gpu-governor-whatif-") as state_dir:
-        run_config = replace(
-            config,
-            backend="simulated",
-            dry_run=False,
-            state_dir=state_dir,
-            runtime_dir="",  # never the real governor's process table
-            metrics=replace(config.metrics, enabled=False),
-            simulation=replace(
-                config.simulation,
-                profile=setup.profile.name,
-                scenario=setup.scenario.name,
-                gpu_count=setup.gpu_count,
-                seed=setup.seed,
-                ambient_c=setup.ambient_c,
-                state_file="",
-                time_scale=1.0,
-            ),
-        )
-        service = Service(
-            run_config,
-            backend,
-            clock,
-            waiter=recorder,
-            notifier=_SilentNotifier(),
-            inspector=NameInspector(NOT_A_PID),  # the simulator's PIDs are above any real one: no /proc
-            observers=(recorder,),
-            log=_Quiet(),
-        )
-        service.run()
+    run_service(
+        config,
+        backend,
+        clock,
+        recorder,
+        recorder,
+        "gpu-governor-whatif-",
+        profile=setup.profile.name,
+        scenario=setup.scenario.name,
+        gpu_count=setup.gpu_count,
+        seed=setup.seed,
+        ambient_c=setup.ambient_c,
+        time_scale=1.0,
+    )
     if progress is not None:
         progress.finish()
     final = recorder.final or [backend.stats(i) for i in range(setup.gpu_count)]
