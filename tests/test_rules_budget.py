@@ -100,6 +100,24 @@ class TestWaterFill:
 
 
 class TestBudget:
+    def test_a_ladder_step_a_fraction_of_a_watt_over_the_share_is_held_to_it(self) -> None:
+        """A rung 0.4 W above a GPU's share (90 % of 126 W = 113.4 W against 113 W) is written as the share:
+        the sum never passes the budget, not even by less than the drift tolerance (found by hypothesis)."""
+        cards = [card(0, 50.0, 113.0, 113.0), card(1, 50.0, 126.0, 126.0)]
+        node = Node(
+            cards,
+            NodePolicy(power_budget_w=226.0, rebalance_interval_s=1.0, min_share_change_w=0.0),
+            PowerPolicy(ladder_w=("100%", "90%", "80%")),
+            enforced={"GPU-0": 113.0, "GPU-1": 113.0},
+        )
+        raised = []
+        for t in range(1, 71):
+            writes = node.tick(float(t), [0.0, 0.0], [40.0, 78.0] if t <= 3 else [40.0, 40.0])
+            raised += [d for d, before, after in writes if after > before]
+            assert node.total() <= 226.0
+        assert [(d.rule, d.to_w) for d in raised] == [(Rule.POWER_STEP_UP, 113.0)]
+        assert "its share allows 113 W" in raised[0].reason
+
     def test_start_over_budget_lowers_at_once(self) -> None:
         """Two 200 W cards on a 300 W budget are lowered to 150 W each at the first tick, before any heat."""
         node = Node([card(0), card(1)], NodePolicy(power_budget_w=300.0))

@@ -280,7 +280,7 @@ def _rewrite(
             continue  # the budget set that lower limit, not someone else
         if d.action is Action.SET_POWER_LIMIT and d.to_w is not None:
             decided.add(g.uuid)
-            if d.to_w > final + DRIFT_TOLERANCE_W / 2:
+            if d.to_w > final:  # strictly: even a fraction of a watt over the share would pass the budget
                 d = replace(d, to_w=final, reason=f"{d.reason}; node budget {budget:g} W: its share allows {final:g} W")
             if final < g.committed_w - DRIFT_TOLERANCE_W / 2:
                 lowers.append(d)
