@@ -54,6 +54,7 @@ from governor.schema import (
     convert,
     describe,
     finite_number,
+    kernel_path,
     one_of,
     section,
     short,
@@ -359,18 +360,18 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
     "poll_interval_s": Key("float", "seconds", between(0.05, 3600.0)),
     "dry_run": Key("bool", "true or false"),
     "backend": Key("str", "a backend name", one_of("nvml", "simulated")),
-    "state_dir": Key("str", "a directory path"),
-    "runtime_dir": Key("str", "a directory path (empty: write no process table)"),
+    "state_dir": Key("str", "a directory path", kernel_path),
+    "runtime_dir": Key("str", "a directory path (empty: write no process table)", kernel_path),
     "wait_for_driver": Key("bool", "true or false"),
     "metrics": {
         "enabled": Key("bool", "true or false"),
         "listen_address": Key("str", "an IP address or host name"),
         "port": Key("int", "a TCP port", between(0, 65535)),
         "allow_remote": Key("bool", "true or false"),
-        "web_config_file": Key("str", "an exporter-toolkit web-config file (empty: plain HTTP, no auth)"),
-        "tls_cert_file": Key("str", "a PEM certificate file (empty: plain HTTP)"),
-        "tls_key_file": Key("str", "a PEM private key file (empty: plain HTTP)"),
-        "tls_client_ca_file": Key("str", "a PEM CA file for client certificates (empty: none asked)"),
+        "web_config_file": Key("str", "an exporter-toolkit web-config file (empty: plain HTTP, no auth)", kernel_path),
+        "tls_cert_file": Key("str", "a PEM certificate file (empty: plain HTTP)", kernel_path),
+        "tls_key_file": Key("str", "a PEM private key file (empty: plain HTTP)", kernel_path),
+        "tls_client_ca_file": Key("str", "a PEM CA file for client certificates (empty: none asked)", kernel_path),
         "basic_auth_username": Key("str", "a user name (empty: no basic auth)"),
         "basic_auth_password_hash": Key("str", "a hash from `gpu-governor hash-password` (empty: no basic auth)"),
     },
@@ -379,14 +380,16 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
         "level": Key("str", "a log level", one_of("debug", "info", "warning", "error")),
     },
     "simulation": {
-        "profile": Key("str", "a profile name or a path to a profile TOML"),
+        "profile": Key("str", "a profile name or a path to a profile TOML", kernel_path),
         "gpu_count": Key("int", "a number of GPUs", between(1, 64)),
-        "scenario": Key("str", "a scenario name or a path to a scenario TOML"),
+        "scenario": Key("str", "a scenario name or a path to a scenario TOML", kernel_path),
         "seed": Key("int", "an integer seed"),
         "ambient_c": Key("float", "a temperature in C", between(-20.0, 60.0)),
-        "state_file": Key("str", "a file path (empty: keep state in memory)"),
+        "state_file": Key("str", "a file path (empty: keep state in memory)", kernel_path),
         "time_scale": Key("float", "a speed factor", between(0.01, 10000.0)),
-        "processes_file": Key("str", "a JSON file of real processes the simulated GPUs report (empty: none)"),
+        "processes_file": Key(
+            "str", "a JSON file of real processes the simulated GPUs report (empty: none)", kernel_path
+        ),
     },
     "thermal": THERMAL_KEYS,
     "power": POWER_KEYS,
@@ -923,7 +926,9 @@ def render_config(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _render_class_body(klass: Any, lines: list[str]) -> None:
+def _render_class_body(klass: Any, lines: list[str], *, default: bool = False) -> None:
+    """A class's keys as TOML lines; a named class always gets its match table (an empty one
+    too: it parses back as written, a class that never matches, where leaving it out would not)."""
     from governor.classes import MATCH_KEYS, render_size
 
     if klass.budget_bytes is not None:
@@ -944,9 +949,9 @@ def _render_class_body(klass: Any, lines: list[str]) -> None:
         value = getattr(klass.match, key, None)
         if value is not None:
             match[key] = value if isinstance(value, str) else value.pattern
-    if match and klass.match.user_units:
+    if klass.match.user_units:
         match["user_units"] = True
-    if match:
+    if not default:
         lines.append(f"match = {_toml_value(match)}")
 
 
@@ -959,7 +964,7 @@ def _render_vram(vram: VramPolicy) -> list[str]:
     for name in ("pressure_used_ratio", "cooldown_s", "dry_run", "per_process_metrics", "protected_names"):
         lines.append(f"{name} = {_toml_value(getattr(vram, name))}")
     lines += ["", "[vram.default]"]
-    _render_class_body(vram.default_class, lines)
+    _render_class_body(vram.default_class, lines, default=True)
     for klass in vram.classes:
         lines += ["", "[[class]]", f"name = {_toml_value(klass.name)}"]
         _render_class_body(klass, lines)

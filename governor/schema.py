@@ -167,6 +167,18 @@ def span(expected: str, lo: float = -math.inf, hi: float = math.inf, *, above: b
     return check
 
 
+PATH_MAX_BYTES = 4095
+"""The longest path the kernel takes (PATH_MAX less its NUL)."""
+
+
+def kernel_path(v: Any) -> str | None:
+    """A path the kernel can take: no NUL character, at most :data:`PATH_MAX_BYTES` bytes
+    (an empty string passes: "not set" where the key allows it)."""
+    if "\x00" in v or len(v.encode("utf-8", "surrogatepass")) > PATH_MAX_BYTES:
+        return f"a path without NUL characters, at most {PATH_MAX_BYTES} bytes"
+    return None
+
+
 def one_of(*choices: str) -> Validator:
     """One of ``choices`` ("one of 'auto', 'json'")."""
 
