@@ -48,7 +48,7 @@ from pathlib import Path
 from governor.backends import Backend, GpuError, SetLimitRefused
 from governor.fanactuator import FanActuator
 from governor.fanstate import FanControl
-from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Rule, Snapshot
+from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Rule, Snapshot, plausible_w
 from governor.policy import denied_unit
 from governor.processes import read_start_time
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
@@ -100,6 +100,10 @@ def send_signal(pid: int, start_time: int, signum: int, proc: Path = Path("/proc
     return None
 
 
+NO_RANGE = "the card reports no power-limit range (NVML gives none, or none a GPU can have)"
+"""Why a GPU whose limit cannot be clamped to its range is monitor-only."""
+
+
 class Actuator:
     """Applies power-limit decisions through a backend."""
 
@@ -125,11 +129,22 @@ class Actuator:
         self.before_stop: Callable[[Decision], str | None] | None = None  # saves the stop first; why not
         state_dir = None if originals.path is None else originals.path.parent
         self.fans = FanActuator(backend, FanControl(state_dir), self._gpus.values())
+        self._note_ranges()
 
     def set_gpus(self, gpus: Iterable[GpuInfo]) -> None:
-        """The GPUs present now (they can appear late, when the driver loads after start)."""
+        """The GPUs present now (they can appear late, when the driver loads after start). A GPU
+        whose power-limit range is unknown is monitor-only (:meth:`_note_ranges`)."""
         self._gpus = {g.uuid: g for g in gpus}
+        self._note_ranges()
         self.fans.set_gpus(self._gpus.values())
+
+    def _note_ranges(self) -> None:
+        """Mark the GPUs without a power-limit range monitor-only (and unmark those that have one now)."""
+        for uuid, info in self._gpus.items():
+            if info.power_limit_min_w is None or info.power_limit_max_w is None:
+                self.monitor_only.setdefault(uuid, NO_RANGE)
+            elif self.monitor_only.get(uuid) == NO_RANGE:
+                del self.monitor_only[uuid]
 
     def apply(self, decisions: Iterable[Decision], snapshot: Snapshot) -> list[ActionResult]:
         """Carry out every decision; informational ones come back SKIPPED."""
@@ -272,6 +287,8 @@ class Actuator:
         return ActionResult(decision, Outcome.FAILED, call.error or f"{verb} of unit {unit} failed")
 
     def _write(self, decision: Decision, uuid: str, limit_w: float) -> ActionResult:
+        if not plausible_w(limit_w):  # the one place a limit is written: nothing absurd gets through
+            return ActionResult(decision, Outcome.REFUSED, f"{limit_w!r} W is not a power limit any GPU has: not set")
         try:
             self._backend.set_power_limit(uuid, limit_w)
         except SetLimitRefused as exc:

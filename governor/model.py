@@ -49,6 +49,38 @@ class GpuInfo:
     fan_speed_max_percent: float | None = None
 
 
+MAX_PLAUSIBLE_W = 10_000.0
+"""No single GPU draws or may be limited to this many watts (the largest today are about 1.2 kW):
+a power value at or above it (NVML's unsigned 0xFFFFFFFF mW is 4.3 MW) is a broken answer."""
+
+
+def plausible_w(watts: float | None) -> bool:
+    """True for a power value (W) a GPU can have: finite, above 0, below :data:`MAX_PLAUSIBLE_W`."""
+    return watts is not None and 0.0 < watts < MAX_PLAUSIBLE_W
+
+
+def checked_power_range(
+    min_w: float | None, max_w: float | None, default_w: float | None
+) -> tuple[float | None, float | None, float | None, str | None]:
+    """A card's power-limit range and default (W) as the governor may use them, and what was wrong.
+
+    A range that is not two plausible values with min <= max is unknown (both None: the card's
+    limit is never changed); a default that is not plausible or lies outside the range is unknown
+    too. The fourth value names what was dropped (None when nothing was)."""
+    problems = []
+    if (min_w is not None or max_w is not None) and not (
+        plausible_w(min_w) and plausible_w(max_w) and min_w <= max_w  # type: ignore[operator]
+    ):
+        problems.append(f"power limit range {min_w}-{max_w} W")
+        min_w = max_w = None
+    if default_w is not None and not (
+        plausible_w(default_w) and (min_w is None or min_w <= default_w) and (max_w is None or default_w <= max_w)
+    ):
+        problems.append(f"default power limit {default_w} W")
+        default_w = None
+    return min_w, max_w, default_w, ("; ".join(problems) if problems else None)
+
+
 @dataclass(frozen=True, slots=True)
 class ProcessReading:
     """One process using a GPU, as the backend saw it in this tick."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from governor.errors import TraceError as TraceError  # noqa: PLC0414  (re-exported)
-from governor.model import GpuHealth, GpuInfo, GpuReading, ProcessReading, Snapshot
+from governor.model import GpuHealth, GpuInfo, GpuReading, ProcessReading, Snapshot, checked_power_range
 from governor.schema import Issues, Key, convert
 
 
@@ -96,14 +96,20 @@ def _int(record: dict[str, Any], key: str, where: str, *, required: bool = False
 def _device(record: dict[str, Any], where: str) -> TraceDevice:
     gpu = _int(record, "gpu", where, required=True)
     assert gpu is not None
+    # the range as the NVML adapter would have kept it (an impossible one is unknown)
+    min_w, max_w, default_w, _ = checked_power_range(
+        _num(record, "power_limit_min_w", where),
+        _num(record, "power_limit_max_w", where),
+        _num(record, "power_limit_default_w", where),
+    )
     info = GpuInfo(
         index=gpu,
         uuid=str(record.get("uuid") or f"trace-gpu-{gpu}"),
         name=str(record.get("name") or "unknown GPU"),
         pci_bus_id=_text(record, "pci_bus_id", where),
-        power_limit_min_w=_num(record, "power_limit_min_w", where),
-        power_limit_max_w=_num(record, "power_limit_max_w", where),
-        power_limit_default_w=_num(record, "power_limit_default_w", where),
+        power_limit_min_w=min_w,
+        power_limit_max_w=max_w,
+        power_limit_default_w=default_w,
         temperature_slowdown_c=_num(record, "temperature_slowdown_c", where),
         temperature_shutdown_c=_num(record, "temperature_shutdown_c", where),
         memory_total_bytes=_int(record, "memory_total_bytes", where),

@@ -66,7 +66,7 @@ from governor.backends._nvml_procs import ProcessLister
 from governor.backends._nvml_telemetry import GpuTelemetryState
 from governor.clock import Clock
 from governor.errors import BackendFatal, BackendUnavailable, GpuLostError, SetLimitFailed, SetLimitRefused
-from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
+from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot, checked_power_range, plausible_w
 
 __all__ = ["NO_DRIVER_MESSAGE", "VERSION_MISMATCH_MESSAGE", "NvmlBackend"]
 
@@ -332,8 +332,8 @@ class NvmlBackend:
             index=st.index,
             uuid=st.uuid,
             temperature_c=None if temperature is None else float(temperature),
-            power_w=None if power_mw is None else power_mw / 1000.0,
-            power_limit_w=None if enforced_mw is None else enforced_mw / 1000.0,
+            power_w=_watts(power_mw, zero_ok=True),
+            power_limit_w=_watts(enforced_mw),
             memory_used_bytes=None if memory is None else int(memory.used),
             memory_total_bytes=None if memory is None else int(memory.total),
             utilization_gpu_ratio=None if util is None else util.gpu / 100.0,
@@ -497,6 +497,15 @@ def _read_slow_telemetry(backend: NvmlBackend, st: _GpuState, now: float) -> Non
     telemetry.store_slow(values, fans, now + backend._telemetry_refresh_s)
 
 
+def _watts(milliwatts: float | None, *, zero_ok: bool = False) -> float | None:
+    """NVML's milliwatts as watts; None for an answer no GPU can give (at or over
+    :data:`~governor.model.MAX_PLAUSIBLE_W`, or 0 W where ``zero_ok`` is off: a limit)."""
+    if milliwatts is None:
+        return None
+    watts = milliwatts / 1000.0
+    return watts if plausible_w(watts) or (zero_ok and watts == 0.0) else None
+
+
 def _static_info(backend: NvmlBackend, st: _GpuState, driver: str | None, now: float) -> GpuInfo:
     """Static facts of one GPU; each one NVML cannot give is None."""
     nvml, get = backend._nvml, backend._get
@@ -511,6 +520,11 @@ def _static_info(backend: NvmlBackend, st: _GpuState, driver: str | None, now: f
     min_w = max_w = None
     if constraints is not None:
         min_w, max_w = constraints[0] / 1000.0, constraints[1] / 1000.0
+    min_w, max_w, default_w, implausible = checked_power_range(
+        min_w, max_w, None if default_mw is None else default_mw / 1000.0
+    )
+    if implausible is not None:  # a broken answer: the limit is left alone rather than set from it
+        log.warning("nvml_value_implausible", gpu=st.index, uuid=st.uuid, dropped=implausible)
     return GpuInfo(
         index=st.index,
         uuid=st.uuid,
@@ -518,7 +532,7 @@ def _static_info(backend: NvmlBackend, st: _GpuState, driver: str | None, now: f
         pci_bus_id=None if pci is None else text(pci.busId),
         power_limit_min_w=min_w,
         power_limit_max_w=max_w,
-        power_limit_default_w=None if default_mw is None else default_mw / 1000.0,
+        power_limit_default_w=default_w,
         temperature_slowdown_c=None if slowdown is None else float(slowdown),
         temperature_shutdown_c=None if shutdown is None else float(shutdown),
         memory_total_bytes=None if memory is None else int(memory.total),

@@ -85,6 +85,8 @@ def _fill(budget_w: float, lows_w: list[float], highs_w: list[float], weights: l
     def at(level: float) -> list[float]:
         return [min(hi, max(lo, level * w)) for lo, hi, w in zip(lows_w, highs_w, weights)]
 
+    if not highs_w or not math.isfinite(budget_w):  # no GPU to share among, or nothing to share
+        return list(lows_w)
     if sum(highs_w) <= budget_w:
         return list(highs_w)
     if sum(lows_w) >= budget_w:

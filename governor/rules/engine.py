@@ -12,6 +12,7 @@ zone change to ``unknown``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -60,6 +61,24 @@ class GpuPlan:
         )
 
 
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def finite_reading(reading: GpuReading) -> GpuReading:
+    """``reading`` with a NaN or infinite temperature, power or limit as None: a value no backend
+    should give reads as missing (the rules hold), never as a number to compute with."""
+    temperature, power, limit = reading.temperature_c, reading.power_w, reading.power_limit_w
+    if _finite(temperature) and _finite(power) and _finite(limit):
+        return reading
+    return replace(
+        reading,
+        temperature_c=temperature if _finite(temperature) else None,
+        power_w=power if _finite(power) else None,
+        power_limit_w=limit if _finite(limit) else None,
+    )
+
+
 def evaluate_gpu(
     reading: GpuReading,
     plan: GpuPlan,
@@ -79,6 +98,7 @@ def evaluate_gpu(
     says; the actuator, under the same flag, takes no action of any kind. ``fans_blocked``:
     the actuator cannot drive this GPU's fans.
     """
+    reading = finite_reading(reading)
     decisions: list[Decision] = []
     zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s)
     if zone_decision is not None:
