@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,10 @@ FILE_NAME = "stopped-units.json"
 VERSION = 1
 MAX_UNITS = 256
 MAX_KNOWN_UNITS = 1024
-"""Units whose Restart= is remembered (checked, or waiting for systemd's answer); the oldest go first."""
+"""Units whose Restart= is remembered (checked, or waiting for systemd's answer), and units whose
+last resume is remembered for the backoff; the oldest go first."""
+FLAP_WINDOW_MAX_S = 86400.0
+"""The longest ``flap_window_s`` a class may have (s): a resume older than this doubles no delay."""
 UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,247}\.(service|scope)")
 
 
@@ -149,6 +153,16 @@ class StoppedUnitsStore(StateFile):
             self._on_disk = True
 
 
+def _recent_resumes(state: UnitsState, t_s: float) -> UnitsState:
+    """``state`` with only the resumes that can still double a delay: younger than
+    FLAP_WINDOW_MAX_S at ``t_s`` (snapshot time, s), and the newest MAX_KNOWN_UNITS of those."""
+    resumed = state.resumed
+    if len(resumed) <= MAX_KNOWN_UNITS and all(t_s - r.at_s < FLAP_WINDOW_MAX_S for r in resumed.values()):
+        return state
+    recent = sorted((r.at_s, u) for u, r in resumed.items() if t_s - r.at_s < FLAP_WINDOW_MAX_S)
+    return replace(state, resumed={u: resumed[u] for _, u in recent[-MAX_KNOWN_UNITS:]})
+
+
 def _keep_newest(known: dict[str, Any]) -> None:
     """Drop the oldest entries of ``known`` beyond MAX_KNOWN_UNITS (a unit dropped is checked again)."""
     while len(known) > MAX_KNOWN_UNITS:
@@ -212,7 +226,9 @@ class UnitKeeper:
                 self.asked = True
             elif d.action is Action.START_UNIT:
                 self.asked = True
-                self.state = record_start(self.state, d.unit, snapshot.t_s, result.outcome is Outcome.APPLIED)
+                self.state = _recent_resumes(
+                    record_start(self.state, d.unit, snapshot.t_s, result.outcome is Outcome.APPLIED), snapshot.t_s
+                )
             elif d.action in (Action.SIGNAL_TERM, Action.SIGNAL_KILL) and d.unit not in self._checked:
                 self._to_check[d.unit] = d.process_class or ""
                 _keep_newest(self._to_check)
