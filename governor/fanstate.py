@@ -11,7 +11,9 @@ fan of a GPU is set, read bounded and checked at start)::
 
 The actuator sets a fan only once its GPU is on disk (:meth:`FanControl.remember` returned
 True); at start and on stop every listed GPU gets every fan handed back to automatic
-control, and the entry is dropped once that worked. A file with any problem is kept as
+control, and the entry is dropped once that worked; fans an entry lists beyond those the
+GPU has (its fan count, once known) are dropped with a warning (:meth:`FanControl.cap`),
+never tried again. A file with any problem is kept as
 ``fan-control.json.corrupt`` and the store turns *suspect*: the governor may have left
 any fan in manual control, so every fan of every GPU is handed back at start.
 """
@@ -66,6 +68,23 @@ class FanControl(StateFile):
         elif not self.is_durable(uuid):
             self._save()
         return self.is_durable(uuid)
+
+    def cap(self, uuid: str, fan_count: int) -> None:
+        """The GPU has only ``fan_count`` fans: an entry for more is cut to that (dropped at 0),
+        with a warning, so that fans that do not exist are not tried at every start."""
+        saved = self._entries.get(uuid)
+        if saved is None or saved <= fan_count:
+            return
+        missing = f"fan {fan_count}" if saved == fan_count + 1 else f"fans {fan_count}-{saved - 1}"
+        self.warnings.append(
+            f"{self.path or FAN_STATE_FILE_NAME}: {uuid}: {KEY}: {saved} fans saved, but the GPU has {fan_count}: "
+            f"{missing} cannot be handed back and {'is' if saved == fan_count + 1 else 'are'} dropped"
+        )
+        if fan_count > 0:
+            self._entries[uuid] = fan_count
+        else:
+            del self._entries[uuid]
+        self._save()
 
     def forget(self, uuid: str) -> None:
         """Drop a GPU whose fans are all back under the card's control."""
