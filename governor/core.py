@@ -408,7 +408,7 @@ class Governor:
     ) -> TickReport:
         originals = self.originals
         fans = self.actuator.fans.store
-        warnings = tuple(originals.drain_warnings())
+        warnings = (*originals.drain_warnings(), *fans.drain_warnings())
         store = self.units.store
         return TickReport(
             kind=kind,

@@ -120,7 +120,8 @@ class FanActuator:
         """Hand every fan of every saved GPU back to the card (clean stop, or leftovers of a crash).
 
         After a bad state file (``store.suspect``) every GPU with fans is handed back.
-        ``only`` limits it to those GPU UUIDs (GPUs that just appeared).
+        ``only`` limits it to those GPU UUIDs (GPUs that just appeared). Only the fans a GPU
+        has are handed back: an entry for more is cut to them (``store.cap``, with a warning).
         """
         del snapshot  # the hand-back does not depend on the present speeds
         todo = dict(self.store.items())
@@ -129,10 +130,13 @@ class FanActuator:
                 if gpu.fan_count:
                     todo.setdefault(uuid, gpu.fan_count)
         results = []
-        for uuid, count in sorted(todo.items()):
+        for uuid, saved in sorted(todo.items()):
             if only is not None and uuid not in only:
                 continue
             info = self._gpus.get(uuid)
+            count = saved if info is None or info.fan_count is None else min(saved, info.fan_count)
+            if count < saved and not dry_run:  # fans the card does not have: their hand-back fails at every start
+                self.store.cap(uuid, count)
             ok = True
             for fan in range(count):
                 decision = Decision(
@@ -149,7 +153,7 @@ class FanActuator:
                 results.append(result)
                 if info is None:
                     break
-            if ok:
+            if ok and not dry_run:
                 self.store.forget(uuid)
         if not dry_run and only is None:
             self.store.suspect = False  # every GPU present was handed back

@@ -1,10 +1,10 @@
 """The persisted original power limits: what the governor found before it changed anything.
 
-A JSON file under the state directory, written through
-:func:`governor.safefile.write_atomic` (exclusive temporary file, fsync, rename, fsync
-of the directory) each time an entry changes, so a crash at any moment leaves either
-the old or the new file. Per GPU (by UUID) it records the original limit and the limit
-the governor last set (version 2)::
+A JSON file under the state directory, ``original-limits.json``, saved and read as every
+state file is (:class:`governor.statefile.StateFile`): replaced atomically and durably
+each time an entry changes, so a crash at any moment leaves either the old or the new
+file. Per GPU (by UUID) it records the original limit and the limit the governor last
+set (version 2)::
 
     {"version": 2,
      "original_power_limits_w": {"GPU-...": 200.0},
@@ -16,12 +16,11 @@ The actuator changes a GPU only once its original is on disk (:meth:`OriginalLim
 a save that fails leaves it in memory and sets ``last_error``, and the actuator retries
 the save on the next change it wants.
 
-Reading is bounded and typed (:func:`governor.safefile.read_json`). Every value is
-checked: a real number of watts (not a bool, not a string), finite, above 0; keys must
-look like GPU UUIDs. A file with any problem is kept as ``original-limits.json.corrupt``
-(``set_aside``) and ``load_warning`` says why; the valid entries are kept and written
-back at once. An entry whose original is unusable stays as a *marker*: the governor
-changed that GPU once, so its present limit may be the governor's own (see
+Every value read is checked: a real number of watts (not a bool, not a string), finite,
+above 0; keys must look like GPU UUIDs. A file with any problem is kept as
+``original-limits.json.corrupt`` and ``load_warning`` says why; the valid entries are
+kept and written back at once. An entry whose original is unusable stays as a *marker*:
+the governor changed that GPU once, so its present limit may be the governor's own (see
 :meth:`OriginalLimits.suspect`); on disk a marker is a GPU listed in
 ``last_set_power_limits_w`` only.
 """
@@ -29,13 +28,12 @@ changed that GPU once, so its present limit may be the governor's own (see
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from governor.safefile import CORRUPT_SUFFIX, UnusableFile, read_json, set_aside, short_repr, state_json, write_state
+from governor.safefile import short_repr
+from governor.statefile import GPU_UUID, StateFile
 
 STATE_FILE_NAME = "original-limits.json"
 VERSION = 2
@@ -43,8 +41,6 @@ MAX_PLAUSIBLE_W = 100_000.0
 """No GPU's limit is above this many watts: a larger saved value is corrupt."""
 ORIGINAL_KEY = "original_power_limits_w"
 LAST_SET_KEY = "last_set_power_limits_w"
-_UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-MAX_REPORTED_PROBLEMS = 5
 
 
 @dataclass
@@ -65,88 +61,51 @@ def _watts(value: object) -> float | None:
     return watts if math.isfinite(watts) and 0 < watts <= MAX_PLAUSIBLE_W else None
 
 
-class OriginalLimits:
+def _parse(data: Any) -> tuple[dict[str, Entry], list[str]]:
+    """The entries of a version 1 or 2 document and every problem found in it."""
+    if not isinstance(data, dict):
+        return {}, [f"expected a JSON object, got {type(data).__name__}"]
+    version = data.get("version", 1)
+    originals = data.get(ORIGINAL_KEY)
+    last_set = data.get(LAST_SET_KEY, {}) if version == VERSION else {}
+    if version not in (1, VERSION) or not isinstance(originals, dict) or not isinstance(last_set, dict):
+        return {}, [
+            f"expected version 1 or 2 with objects {ORIGINAL_KEY} (and {LAST_SET_KEY}), got "
+            f"version {short_repr(version)} with {ORIGINAL_KEY} {short_repr(originals)}"
+        ]
+    entries: dict[str, Entry] = {}
+    problems: list[str] = []
+    for key, table in ((ORIGINAL_KEY, originals), (LAST_SET_KEY, last_set)):
+        for uuid, value in table.items():
+            if not GPU_UUID.fullmatch(uuid):
+                problems.append(f"{key}: {short_repr(uuid)}: expected a GPU UUID as the key; entry dropped")
+                continue
+            entry = entries.setdefault(uuid, Entry())
+            watts = _watts(value)
+            if watts is None:
+                problems.append(f"{key}: {uuid}: expected a number of watts, got {short_repr(value)}")
+            elif key == ORIGINAL_KEY:
+                entry.original_w = watts
+            else:
+                entry.last_set_w = watts
+    return entries, problems
+
+
+class OriginalLimits(StateFile):
     """GPU UUID -> original power limit (and last limit set) in watts, in memory and on disk."""
 
     def __init__(self, state_dir: Path | str | None) -> None:
-        self.path = None if state_dir is None else Path(state_dir) / STATE_FILE_NAME
+        super().__init__(state_dir, STATE_FILE_NAME, "the original limits")
         self._entries: dict[str, Entry] = {}
         self._saved: dict[str, Entry] = {}  # what the file holds since the last successful save
-        self.last_error: str | None = None
-        self.write_errors = 0
-        self.load_warning: str | None = None
-        self.set_aside_to: Path | None = None
         self._raw: bytes | None = None  # the bytes loaded, for a copy if an entry is rejected later
-        self._corrupt_seen = False
-        self.warnings: list[str] = []  # rejected entries since the last drain, for the daemon to log
-        if self.path is not None:
-            self._corrupt_seen = os.path.lexists(self.path.with_name(STATE_FILE_NAME + CORRUPT_SUFFIX))
-            self._load()
-
-    @property
-    def corrupt_path(self) -> Path | None:
-        """Where a bad state file is kept (``original-limits.json.corrupt``)."""
-        return None if self.path is None else self.path.with_name(STATE_FILE_NAME + CORRUPT_SUFFIX)
-
-    # ------------------------------------------------------------------ loading
-
-    def _load(self) -> None:
-        assert self.path is not None
-        try:
-            data, raw = read_json(self.path)
-        except FileNotFoundError:
-            return
-        except UnusableFile as exc:
-            self._bad_file(f"{exc}; saved original limits ignored", raw=None)
-            return
-        self._raw = raw
-        entries, problems = self._parse(data)
-        self._entries = entries
-        if problems:
-            shown = "; ".join(problems[:MAX_REPORTED_PROBLEMS])
-            more = len(problems) - MAX_REPORTED_PROBLEMS
-            if more > 0:
-                shown += f"; and {more} more"
-            self._bad_file(f"{self.path}: {shown}; the valid entries are kept", raw=raw)
-            self._save()  # the good entries and the markers, durable before anything changes
-        else:
-            self._saved = {u: Entry(e.original_w, e.last_set_w) for u, e in entries.items()}
-
-    def _bad_file(self, warning: str, raw: bytes | None) -> None:
-        assert self.path is not None
-        self.set_aside_to = set_aside(self.path, raw)
-        self._corrupt_seen = True
-        where = f"kept as {self.set_aside_to}" if self.set_aside_to else "could not be set aside"
-        self.load_warning = f"{warning} ({where})"
-
-    def _parse(self, data: Any) -> tuple[dict[str, Entry], list[str]]:
-        """The entries of a version 1 or 2 document and every problem found in it."""
-        if not isinstance(data, dict):
-            return {}, [f"expected a JSON object, got {type(data).__name__}"]
-        version = data.get("version", 1)
-        originals = data.get(ORIGINAL_KEY)
-        last_set = data.get(LAST_SET_KEY, {}) if version == VERSION else {}
-        if version not in (1, VERSION) or not isinstance(originals, dict) or not isinstance(last_set, dict):
-            return {}, [
-                f"expected version 1 or 2 with objects {ORIGINAL_KEY} (and {LAST_SET_KEY}), got "
-                f"version {short_repr(version)} with {ORIGINAL_KEY} {short_repr(originals)}"
-            ]
-        entries: dict[str, Entry] = {}
-        problems: list[str] = []
-        for key, table in ((ORIGINAL_KEY, originals), (LAST_SET_KEY, last_set)):
-            for uuid, value in table.items():
-                if not _UUID.fullmatch(uuid):
-                    problems.append(f"{key}: {short_repr(uuid)}: expected a GPU UUID as the key; entry dropped")
-                    continue
-                entry = entries.setdefault(uuid, Entry())
-                watts = _watts(value)
-                if watts is None:
-                    problems.append(f"{key}: {uuid}: expected a number of watts, got {short_repr(value)}")
-                elif key == ORIGINAL_KEY:
-                    entry.original_w = watts
-                else:
-                    entry.last_set_w = watts
-        return entries, problems
+        loaded = self._load(_parse)
+        if loaded is not None:
+            self._entries, self._raw = loaded.entries, loaded.raw
+            if loaded.rejected:
+                self._save()  # the good entries and the markers, durable before anything changes
+            else:
+                self._saved = _copy(self._entries)
 
     # ------------------------------------------------------------------ queries
 
@@ -182,11 +141,6 @@ class OriginalLimits:
             return False
         return entry is not None or self._corrupt_seen
 
-    def drain_warnings(self) -> list[str]:
-        """Warnings about entries rejected since the last call (for the daemon to log)."""
-        out, self.warnings = self.warnings, []
-        return out
-
     # ------------------------------------------------------------------ changes
 
     def remember(self, uuid: str, limit_w: float, last_set_w: float | None = None) -> bool:
@@ -212,9 +166,7 @@ class OriginalLimits:
             return
         message = f"{self.path}: {uuid}: {ORIGINAL_KEY}: {why}"
         if self.path is not None and self.set_aside_to is None and self._raw is not None:
-            self.set_aside_to = set_aside(self.path, self._raw)
-            self._corrupt_seen = True
-            message += f" (file kept as {self.set_aside_to})" if self.set_aside_to else ""
+            message += f" (file {self._keep_aside(self._raw)})"
         self.warnings.append(message)
         entry.original_w = None
         self._save()
@@ -225,19 +177,14 @@ class OriginalLimits:
             self._save()
 
     def _save(self) -> None:
-        if self.path is None:
-            return
         document = {
             "version": VERSION,
             ORIGINAL_KEY: {u: e.original_w for u, e in self._entries.items() if e.original_w is not None},
             LAST_SET_KEY: {u: e.last_set_w for u, e in self._entries.items() if e.last_set_w is not None},
         }
-        body = state_json(document)
-        try:
-            write_state(self.path, body)
-        except OSError as exc:
-            self.write_errors += 1
-            self.last_error = f"{self.path}: cannot save original limits: {exc.strerror or exc}"
-            return
-        self.last_error = None
-        self._saved = {u: Entry(e.original_w, e.last_set_w) for u, e in self._entries.items()}
+        if self._write(document):
+            self._saved = _copy(self._entries)
+
+
+def _copy(entries: dict[str, Entry]) -> dict[str, Entry]:
+    return {u: Entry(e.original_w, e.last_set_w) for u, e in entries.items()}

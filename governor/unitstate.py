@@ -5,20 +5,20 @@ each tick which units to start again, records what the actuator did with the sto
 starts, checks the ``Restart=`` of units whose processes are signalled (a kill systemd will
 undo), and saves the list of stopped units so that a restarted governor resumes them.
 
-``stopped-units.json`` in the state directory, written through
-:func:`governor.safefile.write_atomic` whenever the list changes::
+``stopped-units.json`` in the state directory, saved whenever the list changes and read at
+start as every state file is (:class:`governor.statefile.StateFile`)::
 
     {"version": 1,
      "units": {"comfyui.service": {"class": "secondary", "reason": "memory_pressure",
                                    "gpus": ["GPU-..."], "stopped_at_s": 1700000000.0,
                                    "resume_after_s": 60.0}}}
 
-Read bounded and typed (:func:`governor.safefile.read_json`). Every entry is checked: a
-unit name systemd could have (a ``.service`` or ``.scope`` of at most 255 safe
-characters, not on the deny list), a class name, a known reason, GPU UUIDs, a finite
-Unix time and a delay of 0-86400 s. A bad entry is dropped; a file with any problem is
-kept aside as ``stopped-units.json.corrupt`` and ``load_warning`` says why. A unit loaded
-here starts its clear time afresh (monotonic times do not survive a restart).
+Every entry read is checked: a unit name systemd could have (a ``.service`` or ``.scope``
+of at most 255 safe characters, not on the deny list), a class name, a known reason, GPU
+UUIDs, a finite Unix time and a delay of 0-86400 s. A bad entry is dropped; a file with
+any problem is kept aside as ``stopped-units.json.corrupt`` and ``load_warning`` says
+why. A unit loaded here starts its clear time afresh (monotonic times do not survive a
+restart).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +53,19 @@ from governor.rules.units import (
     resume_at_s,
 )
 from governor.rules.vram import under_pressure
-from governor.safefile import UnusableFile, read_json, set_aside, short_repr, state_json, write_state
+from governor.safefile import short_repr
+from governor.statefile import GPU_UUID, StateFile
 from governor.units import UnitManager, undone_by_restart
 
 FILE_NAME = "stopped-units.json"
 VERSION = 1
 MAX_UNITS = 256
 MAX_KNOWN_UNITS = 1024
-"""Units whose Restart= is remembered (checked, or waiting for systemd's answer); the oldest go first."""
+"""Units whose Restart= is remembered (checked, or waiting for systemd's answer), and units whose
+last resume is remembered for the backoff; the oldest go first."""
+FLAP_WINDOW_MAX_S = 86400.0
+"""The longest ``flap_window_s`` a class may have (s): a resume older than this doubles no delay."""
 UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,247}\.(service|scope)")
-_UUID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def _number(value: Any, low: float, high: float) -> float | None:
@@ -89,7 +93,7 @@ def parse_entry(unit: Any, raw: Any) -> StoppedUnit | str:
     if (
         not isinstance(gpus, list)
         or not 0 < len(gpus) <= 64
-        or not all(isinstance(g, str) and _UUID.fullmatch(g) for g in gpus)
+        or not all(isinstance(g, str) and GPU_UUID.fullmatch(g) for g in gpus)
     ):
         return f"{unit}: gpus: expected a list of GPU UUIDs, got {short_repr(gpus)}"
     if stopped is None or delay is None:
@@ -97,53 +101,40 @@ def parse_entry(unit: Any, raw: Any) -> StoppedUnit | str:
     return StoppedUnit(unit, klass, str(reason), tuple(gpus), stopped, delay)
 
 
-class StoppedUnitsStore:
+def _parse(data: Any) -> tuple[dict[str, StoppedUnit], list[str]]:
+    """The valid entries of a version 1 document and every problem found in it."""
+    units = data.get("units") if isinstance(data, dict) else None
+    if not isinstance(units, dict) or data.get("version") != VERSION or len(units) > MAX_UNITS:
+        return {}, [f"expected version {VERSION} with an object 'units' of at most {MAX_UNITS}"]
+    out: dict[str, StoppedUnit] = {}
+    problems = []
+    for unit, entry in units.items():
+        parsed = parse_entry(unit, entry)
+        if isinstance(parsed, str):
+            problems.append(parsed)
+        else:
+            out[parsed.unit] = parsed
+    return out, problems
+
+
+class StoppedUnitsStore(StateFile):
     """The stopped units on disk (``state_dir`` None: nothing is kept, a simulation's choice)."""
 
     def __init__(self, state_dir: Path | str | None) -> None:
-        self.path = None if state_dir is None else Path(state_dir) / FILE_NAME
-        self.load_warning: str | None = None
-        self.last_error: str | None = None
-        self.write_errors = 0
-        self._written: str | None = None
+        super().__init__(state_dir, FILE_NAME, "the stopped units")
         self._on_disk = False  # a file exists (or was written): an empty list must be written too
 
     def load(self) -> dict[str, StoppedUnit]:
         """The units saved by an earlier run (valid entries only)."""
-        if self.path is None:
-            return {}
-        try:
-            data, raw = read_json(self.path)
-        except FileNotFoundError:
-            return {}
-        except UnusableFile as exc:
-            self._bad(f"{exc}", None)
+        loaded = self._load(_parse)
+        if loaded is None:
             return {}
         self._on_disk = True
-        units = data.get("units") if isinstance(data, dict) else None
-        if not isinstance(units, dict) or data.get("version") != VERSION or len(units) > MAX_UNITS:
-            self._bad(f"{self.path}: expected version {VERSION} with an object 'units' of at most {MAX_UNITS}", raw)
-            return {}
-        out: dict[str, StoppedUnit] = {}
-        problems = []
-        for unit, entry in units.items():
-            parsed = parse_entry(unit, entry)
-            if isinstance(parsed, str):
-                problems.append(parsed)
-            else:
-                out[parsed.unit] = parsed
-        if problems:
-            self._bad(f"{self.path}: " + "; ".join(problems[:5]) + "; the valid entries are kept", raw)
-        return out
-
-    def _bad(self, why: str, raw: bytes | None) -> None:
-        assert self.path is not None
-        moved = set_aside(self.path, raw)
-        self.load_warning = f"{why} ({f'kept as {moved}' if moved else 'could not be set aside'})"
+        return loaded.entries
 
     def save(self, stopped: Mapping[str, StoppedUnit]) -> None:
         """Write the list when it changed; a failure sets ``last_error`` (retried with the next change)."""
-        if self.path is None or (not stopped and not self._on_disk):
+        if not stopped and not self._on_disk:
             return  # nothing stopped, nothing on disk: a governor that never stops a unit writes no file
         document = {
             "version": VERSION,
@@ -158,18 +149,18 @@ class StoppedUnitsStore:
                 for u, s in sorted(stopped.items())
             },
         }
-        body = state_json(document)
-        if body == self._written:
-            return
-        try:
-            write_state(self.path, body)
-        except OSError as exc:
-            self.write_errors += 1
-            self.last_error = f"{self.path}: cannot save the stopped units: {exc.strerror or exc}"
-            return
-        self.last_error = None
-        self._written = body
-        self._on_disk = True
+        if self._write(document, unless_written=True):
+            self._on_disk = True
+
+
+def _recent_resumes(state: UnitsState, t_s: float) -> UnitsState:
+    """``state`` with only the resumes that can still double a delay: younger than
+    FLAP_WINDOW_MAX_S at ``t_s`` (snapshot time, s), and the newest MAX_KNOWN_UNITS of those."""
+    resumed = state.resumed
+    if len(resumed) <= MAX_KNOWN_UNITS and all(t_s - r.at_s < FLAP_WINDOW_MAX_S for r in resumed.values()):
+        return state
+    recent = sorted((r.at_s, u) for u, r in resumed.items() if t_s - r.at_s < FLAP_WINDOW_MAX_S)
+    return replace(state, resumed={u: resumed[u] for _, u in recent[-MAX_KNOWN_UNITS:]})
 
 
 def _keep_newest(known: dict[str, Any]) -> None:
@@ -235,7 +226,9 @@ class UnitKeeper:
                 self.asked = True
             elif d.action is Action.START_UNIT:
                 self.asked = True
-                self.state = record_start(self.state, d.unit, snapshot.t_s, result.outcome is Outcome.APPLIED)
+                self.state = _recent_resumes(
+                    record_start(self.state, d.unit, snapshot.t_s, result.outcome is Outcome.APPLIED), snapshot.t_s
+                )
             elif d.action in (Action.SIGNAL_TERM, Action.SIGNAL_KILL) and d.unit not in self._checked:
                 self._to_check[d.unit] = d.process_class or ""
                 _keep_newest(self._to_check)

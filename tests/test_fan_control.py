@@ -21,7 +21,13 @@ from governor.model import Action, Outcome
 from governor.observers import DecisionLog
 from governor.policy import Rule
 from governor.state import OriginalLimits
-from tests.fake_pynvml import NVML_ERROR_NO_PERMISSION, NVML_ERROR_NOT_SUPPORTED, FakeGpu, FakeNvml
+from tests.fake_pynvml import (
+    NVML_ERROR_NO_PERMISSION,
+    NVML_ERROR_NOT_SUPPORTED,
+    NVML_ERROR_TIMEOUT,
+    FakeGpu,
+    FakeNvml,
+)
 
 UUID0 = "GPU-00000000-0000-0000-0000-000000000000"
 ASSIST = FanPolicy(mode=FanMode.ASSIST, max_percent=75.0)
@@ -214,6 +220,25 @@ def replace_fan(step: float) -> FanPolicy:
     return FanPolicy(mode=FanMode.ASSIST, max_percent=75.0, step_interval_s=step, follow_tolerance_percent=5.0)
 
 
+def saved_takeover(tmp_path: Path, fans: int) -> Path:
+    """The fan-control.json an earlier run left: ``fans`` fans of UUID0 taken over; its path."""
+    path = tmp_path / "state" / FAN_STATE_FILE_NAME
+    path.parent.mkdir()
+    path.write_text(json.dumps({"version": 1, "manual_fans": {UUID0: fans}}))
+    return path
+
+
+def restored_at_start(tmp_path: Path, gpu: FakeGpu, *, dry_run: bool = False) -> tuple[TickReport, FakeNvml]:
+    """A governor started on ``gpu`` (fans left to the card) and its restore_after_crash report."""
+    governor, nvml, _ = governor_for(tmp_path, gpu, fan=FanPolicy(), dry_run=dry_run)
+    return governor.restore(governor.read(), 0.0, "restore_after_crash", 0.0), nvml
+
+
+def hand_backs(report: TickReport) -> list[tuple[int | None, Outcome]]:
+    """(fan, outcome) of every result of a restore report."""
+    return [(r.decision.fan, r.outcome) for r in report.results]
+
+
 class TestDurability:
     def test_no_fan_is_set_before_the_takeover_is_on_disk(self, tmp_path: Path) -> None:
         """A state directory that cannot be written: the set is refused and nothing is written to the card;
@@ -251,6 +276,43 @@ class TestDurability:
         assert [r.outcome for r in report.results] == [Outcome.APPLIED, Outcome.APPLIED]
         assert nvml.gpus[0].fan_policies == {} and nvml.gpus[0].fans == [45, 45]
         assert json.loads((state / FAN_STATE_FILE_NAME).read_text())["manual_fans"] == {}
+
+    def test_fans_the_card_does_not_have_are_dropped_once(self, tmp_path: Path) -> None:
+        """A saved takeover of 4 fans on a 2-fan card: both fans go back, fans 2-3 are never tried, one
+        warning names them, and the entry is gone, so the next start tries and says nothing."""
+        path = saved_takeover(tmp_path, fans=4)
+        gpu = consumer_card(temperature_c=40, fan_policies={0: 1, 1: 1}, fans=[80, 80], auto_fans=[45, 45])
+        report, nvml = restored_at_start(tmp_path, gpu)
+        assert hand_backs(report) == [(0, Outcome.APPLIED), (1, Outcome.APPLIED)]
+        assert nvml.gpus[0].fan_writes == [("default", 0, None), ("default", 1, None)]
+        with capture_logs() as logs:
+            DecisionLog(structlog.get_logger()).observe(report)
+        (event,) = [e for e in logs if e["event"] == "state_entry_rejected"]
+        assert event["log_level"] == "warning"
+        assert all(part in event["detail"] for part in (FAN_STATE_FILE_NAME, UUID0, "fans 2-3", "has 2"))
+        assert json.loads(path.read_text())["manual_fans"] == {}
+        second, nvml = restored_at_start(tmp_path, consumer_card(temperature_c=40))
+        assert (second.results, second.state_warnings, nvml.gpus[0].fan_writes) == ((), (), [])
+
+    def test_a_failed_hand_back_keeps_only_the_fans_the_card_has(self, tmp_path: Path) -> None:
+        """The same 4-fan entry while the card's hand-back times out: the entry is cut to the 2 real fans,
+        and the next start hands back exactly those."""
+        path = saved_takeover(tmp_path, fans=4)
+        failing = consumer_card(temperature_c=40, errors={"nvmlDeviceSetDefaultFanSpeed_v2": NVML_ERROR_TIMEOUT})
+        report, _ = restored_at_start(tmp_path, failing)
+        assert hand_backs(report) == [(0, Outcome.FAILED), (1, Outcome.FAILED)]
+        assert json.loads(path.read_text())["manual_fans"] == {UUID0: 2}
+        second, nvml = restored_at_start(tmp_path, consumer_card(temperature_c=40))
+        assert hand_backs(second) == [(0, Outcome.APPLIED), (1, Outcome.APPLIED)] and second.state_warnings == ()
+        assert nvml.gpus[0].fan_writes == [("default", 0, None), ("default", 1, None)]
+
+    def test_dry_run_hands_back_only_real_fans_and_keeps_the_entry(self, tmp_path: Path) -> None:
+        """Dry run: "would hand back" for the 2 real fans only; the file is left as it was."""
+        path = saved_takeover(tmp_path, fans=4)
+        text = path.read_text()
+        report, nvml = restored_at_start(tmp_path, consumer_card(temperature_c=40), dry_run=True)
+        assert hand_backs(report) == [(0, Outcome.DRY_RUN), (1, Outcome.DRY_RUN)]
+        assert path.read_text() == text and nvml.gpus[0].fan_writes == []
 
     @pytest.mark.parametrize("text", ["{", '{"version": 1, "manual_fans": {"GPU-x": "two"}}', "[]"])
     def test_a_corrupt_file_hands_back_every_fan(self, tmp_path: Path, text: str) -> None:

@@ -93,6 +93,34 @@ class TestRealProcessesFile:
         assert real.processes(1) == {} and real.warning is not None
 
 
+class TestCgroupRule:
+    def test_a_process_belongs_to_the_first_unit_of_its_cgroup(self, tmp_path: Path) -> None:
+        """As the governor decides units: a process below a Delegate=yes unit named after a.service is not
+        a.service's, one in a child cgroup of a.service is, and a container's prefix without a unit still matches."""
+        proc = fake_proc(
+            tmp_path / "proc",
+            {
+                10: "/system.slice/a.service",
+                11: "/user.slice/user-1000.slice/user@1000.service/system.slice/a.service",
+                12: "/system.slice/a.service/worker",
+                13: "/machine.slice/x/system.slice/a.service",
+                14: "/system.slice/ci.service/system.slice/a.service",
+                15: "/system.slice/b.service",
+            },
+        )
+        path = write(tmp_path / "p.json", [{"cgroup": "/system.slice/a.service", "used_bytes": GIB}])
+        found = RealProcessesFile(path, proc).processes(gpu_count=1)
+        assert [p.pid for p in found[0]] == [10, 12, 13]
+
+    def test_an_entry_below_a_unit_is_refused(self) -> None:
+        """A cgroup entry that goes on below its first unit could never match: refused, naming the unit's path."""
+        entries, problems = parse_entries(
+            {"processes": [{"cgroup": "/system.slice/ci.service/system.slice/a.service", "used_bytes": 1}]}
+        )
+        assert entries == [] and len(problems) == 1
+        assert "processes[0]: cgroup" in problems[0] and "(/system.slice/ci.service)" in problems[0]
+
+
 def test_simulated_gpu_charges_the_real_processes(tmp_path: Path) -> None:
     """The simulated GPU lists the file's live processes and counts their VRAM as used."""
     path = write(tmp_path / "p.json", [{"pid": os.getpid(), "used_bytes": 2 * GIB, "name": "me"}])

@@ -42,6 +42,14 @@ class TestStopUnitKeys:
         )
         assert (klass.restart_loop_count, klass.restart_loop_window_s) == (3, 600.0)
 
+    def test_flap_window_is_bounded_by_what_the_resume_bookkeeping_keeps(self) -> None:
+        """flap_window_s up to FLAP_WINDOW_MAX_S parses, one second more is refused: older resumes can be forgotten."""
+        from governor.unitstate import FLAP_WINDOW_MAX_S
+
+        config = parse_config(config_with(resume=True, flap_window_s=FLAP_WINDOW_MAX_S), "t.toml")
+        assert config.vram.classes[0].flap_window_s == FLAP_WINDOW_MAX_S
+        assert any("flap_window_s" in i for i in issues(config_with(resume=True, flap_window_s=FLAP_WINDOW_MAX_S + 1)))
+
     def test_render_round_trips(self) -> None:
         """check-config's output loads back to the same classes, unit keys included."""
         config = parse_config(config_with(resume=True, resume_after_s=5.0, flap_window_s=0.0), "t.toml")

@@ -434,3 +434,46 @@ class TestBookkeeping:
             ]
             keeper.record(results, snapshot, 0.0, VramPolicy(), {})
         assert len(keeper._checked) <= MAX_KNOWN_UNITS and len(keeper._to_check) <= MAX_KNOWN_UNITS
+
+    def test_resumes_of_a_flood_of_units_stay_bounded(self) -> None:
+        """3000 distinct units stopped and resumed: at most MAX_KNOWN_UNITS resumes are remembered, the newest."""
+        from governor.model import Snapshot
+        from governor.unitstate import MAX_KNOWN_UNITS, StoppedUnitsStore, UnitKeeper
+
+        keeper = UnitKeeper(StoppedUnitsStore(None), MemoryUnits())
+        for i in range(3000):
+            t_s = float(i)
+            keeper.record(self.stop_and_start(f"job-{i}.service", t_s), Snapshot(t_s, t_s, ()), t_s, VramPolicy(), {})
+        assert keeper.stopped == frozenset()
+        assert len(keeper.state.resumed) == MAX_KNOWN_UNITS
+        assert set(keeper.state.resumed) == {f"job-{i}.service" for i in range(3000 - MAX_KNOWN_UNITS, 3000)}
+
+    def test_a_resume_no_flap_window_can_reach_is_forgotten(self) -> None:
+        """A resume older than the longest flap window a class may have is dropped at the next resume;
+        one within it stays as it was."""
+        from governor.model import Snapshot
+        from governor.unitstate import FLAP_WINDOW_MAX_S, StoppedUnitsStore, UnitKeeper
+
+        keeper = UnitKeeper(StoppedUnitsStore(None), MemoryUnits())
+        policy = VramPolicy()
+        for unit, t_s in (
+            ("old.service", 0.0),
+            ("recent.service", FLAP_WINDOW_MAX_S),
+            ("now.service", 2 * FLAP_WINDOW_MAX_S - 1),
+        ):
+            keeper.record(self.stop_and_start(unit, t_s), Snapshot(t_s, t_s, ()), t_s, policy, {})
+        assert sorted(keeper.state.resumed) == ["now.service", "recent.service"]
+
+    @staticmethod
+    def stop_and_start(unit: str, t_s: float) -> list[Any]:
+        """An applied stop of ``unit`` then an applied start of it, at ``t_s``."""
+        from governor.model import Action, ActionResult, Decision, Rule
+
+        return [
+            ActionResult(
+                Decision(t_s, 0, "GPU-0", Rule.VRAM_ENFORCE, Action.STOP_UNIT, "r", unit=unit), Outcome.APPLIED
+            ),
+            ActionResult(
+                Decision(t_s, 0, "GPU-0", Rule.UNIT_RESUME, Action.START_UNIT, "r", unit=unit), Outcome.APPLIED
+            ),
+        ]

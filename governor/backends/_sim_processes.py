@@ -8,12 +8,16 @@ simulated GPU to report them as NVML would, with the VRAM it says. It writes a J
         {"gpu": 0, "pid": 4242, "used_bytes": 1610612736, "name": "game"}
     ]}
 
-An entry names one process by ``pid``, or every process of a cgroup by its path (as
-``/proc/PID/cgroup`` shows it, systemd's hierarchy; a path that ends with it also matches,
-for a container whose cgroups sit below the host's): a unit that systemd restarts comes
-back with new PIDs and is still reported. Like NVML, only processes that exist are reported: a
-process that exited is gone from the next reading. ``gpu`` defaults to 0; ``name`` to what
-``/proc/PID/comm`` says.
+An entry names one process by ``pid``, or every process of a unit by its cgroup path (as
+``/proc/PID/cgroup`` shows it, systemd's hierarchy): a unit that systemd restarts comes
+back with new PIDs and is still reported. A process belongs to the first unit of its
+cgroup path, by the governor's own rule (:func:`governor.processes.system_cgroup`): one
+below a ``Delegate=yes`` unit (a user manager, a CI runner) is that unit's, whatever it
+names its own cgroups, so ``.../user@1000.service/system.slice/comfyui.service`` is not
+``comfyui.service``. The path up to that unit must be the entry's or end with it (a
+container whose cgroups sit below the host's); an entry's path must end at its unit.
+Like NVML, only processes that exist are reported: a process that exited is gone from the
+next reading. ``gpu`` defaults to 0; ``name`` to what ``/proc/PID/comm`` says.
 
 The file is read bounded (:func:`governor.safefile.read_json`) again whenever it changes
 (inode, size, modification time); a file that cannot be used reports no process and sets
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from governor.model import ProcessReading
+from governor.processes import system_cgroup
 from governor.safefile import UnusableFile, read_json, root_trust_problems, short_repr
 
 MAX_ENTRIES = 256
@@ -71,6 +76,11 @@ def parse_entries(data: Any) -> tuple[list[RealProcess], list[str]]:
             problems.append(f"processes[{i}]: expected gpu (0-63) and used_bytes (bytes)")
         elif (pid is None) == (not isinstance(cgroup, str) or not cgroup.startswith("/")):
             problems.append(f'processes[{i}]: expected a pid or a cgroup path ("/system.slice/x.service"), not both')
+        elif pid is None and system_cgroup(cgroup) != cgroup:
+            problems.append(
+                f"processes[{i}]: cgroup: expected a path that ends at its first unit ({system_cgroup(cgroup)}), "
+                f"got {short_repr(cgroup)}: a process below a unit is that unit's"
+            )
         elif name is not None and not isinstance(name, str):
             problems.append(f"processes[{i}]: name: expected a string, got {short_repr(name)}")
         else:
@@ -145,7 +155,7 @@ class RealProcessesFile:
         if cgroups:
             for name in os.listdir(self.proc):
                 if name.isdigit():
-                    cgroup = _cgroup_of(int(name), self.proc) or ""
+                    cgroup = system_cgroup(_cgroup_of(int(name), self.proc)) or ""
                     for wanted in cgroups:
                         if cgroup == wanted or cgroup.endswith(wanted):
                             members[wanted].append(int(name))
