@@ -27,18 +27,16 @@ the governor changed that GPU once, so its present limit may be the governor's o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from governor.model import MAX_PLAUSIBLE_W, plausible_w
 from governor.safefile import short_repr
 from governor.statefile import GPU_UUID, StateFile
 
 STATE_FILE_NAME = "original-limits.json"
 VERSION = 2
-MAX_PLAUSIBLE_W = 100_000.0
-"""No GPU's limit is above this many watts: a larger saved value is corrupt."""
 ORIGINAL_KEY = "original_power_limits_w"
 LAST_SET_KEY = "last_set_power_limits_w"
 
@@ -52,13 +50,13 @@ class Entry:
 
 
 def _watts(value: object) -> float | None:
-    """``value`` as watts if it is a plausible limit (a real number, finite, 0 < w <= 100 kW), else None."""
+    """``value`` as watts if it is a limit a GPU can have (:func:`governor.model.plausible_w`), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if isinstance(value, int) and not 0 < value <= MAX_PLAUSIBLE_W:  # compared as int: no OverflowError
+    if isinstance(value, int) and not 0 < value < MAX_PLAUSIBLE_W:  # compared as int: no OverflowError
         return None
     watts = float(value)
-    return watts if math.isfinite(watts) and 0 < watts <= MAX_PLAUSIBLE_W else None
+    return watts if plausible_w(watts) else None
 
 
 def _parse(data: Any) -> tuple[dict[str, Entry], list[str]]:
