@@ -1,0 +1,195 @@
+"""Attacks on the metrics endpoint's own HTTP handling (governor/httpwire.py, governor/httpserver.py,
+governor/basicauth.py) and on its web-config file (governor/webconfig.py, governor/strictyaml.py),
+each against a real server on 127.0.0.1 in this process, or a real file.
+
+Floods come from a separate attacker process below the server's priority (as in
+tests/test_endpoint_abuse.py), binding addresses of 127.0.0.0/8 (Linux routes all of it to lo).
+Run this file as ``python -m tests.test_endpoint_attacks silent PORT SECONDS`` to get one.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from governor import httpserver
+from governor.httpserver import MetricsServer
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 15.0
+"""Any one exchange in these tests gives up after this long."""
+
+
+def tiny_registry() -> CollectorRegistry:
+    """A registry with one known series."""
+    registry = CollectorRegistry()
+    Gauge("attack_test_up", "Always 1.", registry=registry).set(1)
+    return registry
+
+
+def exchange(port: int, data: bytes, timeout_s: float = TIMEOUT_S) -> bytes:
+    """Send raw bytes to 127.0.0.1:``port`` and read until the server closes (bounded)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def timed_scrape(port: int) -> tuple[bytes, float]:
+    """A scrape's status line and the seconds from connect to the end of the answer."""
+    started = time.monotonic()
+    try:
+        answer = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    except OSError as exc:
+        return repr(exc).encode(), time.monotonic() - started
+    return answer.split(b"\r\n", 1)[0], time.monotonic() - started
+
+
+# --------------------------------------------------------------------------- attackers (their own process)
+
+
+def silent_flood(port: int, seconds: float) -> int:
+    """Open connections that never send a byte, from ever new addresses of 127.2.0.0/16 (never
+    over a per-address cap), as fast as one process can, for ``seconds``; each is dropped after
+    3000 newer ones. Returns how many were opened."""
+    held: collections.deque[socket.socket] = collections.deque()
+    opened = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        source = f"127.2.{(opened // 200) % 250}.{opened % 200 + 1}"
+        opened += 1
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            sock.bind((source, 0))
+            sock.connect_ex(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        held.append(sock)
+        if len(held) > 3000:
+            held.popleft().close()
+    for sock in held:
+        sock.close()
+    return opened
+
+
+def attacker_main(argv: list[str]) -> int:
+    """``silent PORT SECONDS``: run that attack at a lower priority, print "started", then its count."""
+    kind, port, seconds = argv[0], int(argv[1]), float(argv[2])
+    os.nice(10)  # below the server: on a 2-core machine a peer at full priority measures CPU starvation
+    print("started", flush=True)
+    if kind == "silent":
+        print(silent_flood(port, seconds), flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def attacker(kind: str, port: int, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    """An attacker process under way for the body of the with (it stops by itself after ``seconds``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_endpoint_attacks", kind, str(port), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- floods
+
+
+class TestSilentFlood:
+    """Connections that never send anything, from many addresses, cannot keep a scrape waiting."""
+
+    def test_scrapes_are_answered_quickly_during_a_silent_connection_flood(self) -> None:
+        """While one process opens silent connections from ever new addresses as fast as it can,
+        scrapes from 127.0.0.1 are each answered 200 within a second (no SYN dropped for a full backlog)."""
+        server = MetricsServer("127.0.0.1", 0, tiny_registry())
+        try:
+            with attacker("silent", server.port, 20.0):
+                time.sleep(1.5)  # every slot taken by a silent connection, the backlog filling
+                results = []
+                for _ in range(6):
+                    results.append(timed_scrape(server.port))
+                    time.sleep(0.3)
+            assert all(status == b"HTTP/1.0 200 OK" for status, _ in results), results
+            assert max(seconds for _, seconds in results) < 1.0, results
+            assert server.shed_connections > 0  # the flood was met with every slot taken
+        finally:
+            server.close()
+
+
+class HugeSeries(Collector):
+    """One series whose label value is 8 MiB: an answer far larger than the socket buffers."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the one huge series."""
+        family = GaugeMetricFamily("attack_huge", "A huge label.", labels=["pad"])
+        family.add_metric(["x" * (8 << 20)], 1.0)
+        yield family
+
+
+def non_reader(port: int) -> socket.socket:
+    """A connection that sends a whole scrape request and never reads the answer (tiny receive window)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT_S)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return sock
+
+
+class TestSlotsBusyAnswering:
+    """When every slot is busy sending to clients that do not read, the server still accepts and sheds."""
+
+    def test_accepting_goes_on_while_every_slot_is_busy_answering(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With both slots held by clients that never read a huge answer, a waiting scrape does not stop
+        the accepting thread: a silent newcomer is still closed at once, and the scrape is served once a
+        non-reader's answer times out."""
+        monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 2)
+        monkeypatch.setattr(httpserver, "RESPONSE_TIMEOUT_S", 3.0)
+        registry = CollectorRegistry()
+        registry.register(HugeSeries())
+        server = MetricsServer("127.0.0.1", 0, registry, request_timeout_s=5.0)
+        try:
+            with contextlib.ExitStack() as stack:
+                for _ in range(2):
+                    stack.enter_context(non_reader(server.port))
+                time.sleep(1.0)  # both answers rendered and stuck in full socket buffers
+                scrape = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S))
+                scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                time.sleep(0.2)  # the scrape is taken from the backlog and waits for a slot
+                silent = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S))
+                silent.settimeout(2.0)
+                assert silent.recv(1) == b""  # accepted and closed: the accepting thread was not stuck
+                received = 0
+                while chunk := scrape.recv(1 << 20):
+                    received += len(chunk)
+                assert received > 8 << 20  # the whole answer, once a non-reader's slot came free
+        finally:
+            server.close()
+
+
+if __name__ == "__main__":
+    sys.exit(attacker_main(sys.argv[1:]))
