@@ -25,7 +25,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from governor import httpserver
+from governor.errors import ConfigError
 from governor.httpserver import MetricsServer
+from governor.webconfig import read_web_config
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 15.0
@@ -189,6 +191,55 @@ class TestSlotsBusyAnswering:
                 assert received > 8 << 20  # the whole answer, once a non-reader's slot came free
         finally:
             server.close()
+
+
+# --------------------------------------------------------------------------- the web-config file
+
+HASH = "$2y$04$" + "a" * 53
+"""A well-formed bcrypt hash (never checked here)."""
+
+
+def refusal(tmp_path: Path, data: bytes) -> str:
+    """The ConfigError text read_web_config gives for a file holding ``data`` (fails if it is accepted)."""
+    path = tmp_path / "web-config.yml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as caught:
+        read_web_config(path)
+    text = str(caught.value)
+    assert str(path) in text
+    return text
+
+
+class TestHostileYaml:
+    """A web-config file built to be ambiguous or slow to parse is refused with a clear error."""
+
+    def test_a_merge_key_cannot_hide_a_duplicate_user(self, tmp_path: Path) -> None:
+        """``<<: {alice: ...}`` beside ``alice: ...`` (a duplicate the merge would drop silently) is refused."""
+        other = "$2y$04$" + "b" * 53
+        text = refusal(tmp_path, f"basic_auth_users:\n  alice: '{HASH}'\n  <<: {{alice: '{other}'}}\n".encode())
+        assert "merge keys (<<) are not allowed" in text
+
+    def test_many_values_are_refused_before_they_are_all_parsed(self, tmp_path: Path) -> None:
+        """A flow list of 80000 items (160 KB, under the byte cap; pure-Python PyYAML needs seconds
+        for it) is refused naming the cap on values."""
+        text = refusal(tmp_path, b"basic_auth_users: [" + b"1," * 80_000 + b"]\n")
+        assert "at most 4096 values" in text
+
+    def test_nesting_beyond_a_few_levels_is_refused(self, tmp_path: Path) -> None:
+        """Forty levels of nested lists (far below Python's recursion limit) are refused as nested too deep."""
+        text = refusal(tmp_path, b"basic_auth_users: " + b"[" * 40 + b"]" * 40 + b"\n")
+        assert "nested at most 32 levels deep" in text
+
+    def test_a_file_over_the_byte_cap_is_refused_unread(self, tmp_path: Path) -> None:
+        """A 300 KiB file (a web-config is a few hundred bytes) is refused by its size, naming the cap."""
+        text = refusal(tmp_path, b"# padding\n" * 30_000 + b"basic_auth_users: {}\n")
+        assert "a file of at most 262144 bytes" in text
+
+    def test_many_users_within_the_caps_are_read(self, tmp_path: Path) -> None:
+        """2000 users (4001 values, about 140 KB) are still a valid file."""
+        path = tmp_path / "web-config.yml"
+        path.write_text("basic_auth_users:\n" + "".join(f"  u{i}: '{HASH}'\n" for i in range(2000)))
+        assert len(read_web_config(path).users) == 2000
 
 
 if __name__ == "__main__":
