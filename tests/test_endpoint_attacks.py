@@ -9,6 +9,7 @@ Run this file as ``python -m tests.test_endpoint_attacks silent PORT SECONDS`` t
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import os
@@ -25,6 +26,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from governor import httpserver
+from governor.auth import CheckBudget
+from governor.basicauth import BasicAuth, Verdict
 from governor.errors import ConfigError
 from governor.httpserver import MetricsServer
 from governor.webconfig import read_web_config
@@ -191,6 +194,50 @@ class TestSlotsBusyAnswering:
                 assert received > 8 << 20  # the whole answer, once a non-reader's slot came free
         finally:
             server.close()
+
+
+# --------------------------------------------------------------------------- basic auth
+
+
+class Recorded:
+    """A password hash that matches nothing and records that it was checked."""
+
+    def __init__(self, name: str, checked: list[str]) -> None:
+        self.name = name
+        self.checked = checked
+
+    def matches(self, password: str | bytes) -> bool:
+        """Record the check; never match."""
+        self.checked.append(self.name)
+        return False
+
+
+def basic_header(user: bytes, password: bytes) -> str:
+    """An Authorization value for raw user and password bytes."""
+    return "Basic " + base64.b64encode(user + b":" + password).decode()
+
+
+class TestUserEnumeration:
+    """The time a wrong login takes does not tell whether its user name exists."""
+
+    def test_an_unknown_users_check_runs_a_hash_picked_by_its_name(self) -> None:
+        """An unknown user is checked against one of the configured hashes chosen by the name (the same
+        each time), not always the first: with hashes of different costs, the first's cost marked a name
+        as unknown."""
+        checked: list[str] = []
+        auth = BasicAuth(
+            {"cheap": Recorded("cheap", checked), "costly": Recorded("costly", checked)},
+            budget=CheckBudget(per_s=1e6, burst=10**6),
+        )
+        for n in range(40):
+            assert auth.verdict(basic_header(b"nobody-%d" % n, b"guess"), f"10.0.0.{n}") is Verdict.WRONG
+        assert set(checked) == {"cheap", "costly"}
+        again: list[str] = []
+        for attempt in range(3):
+            checked.clear()
+            auth.verdict(basic_header(b"nobody-7", b"guess-%d" % attempt), f"10.0.1.{attempt}")
+            again += checked
+        assert len(again) == 3 and len(set(again)) == 1
 
 
 # --------------------------------------------------------------------------- the web-config file
