@@ -14,6 +14,7 @@ import collections
 import contextlib
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ from governor.basicauth import BasicAuth, Verdict
 from governor.errors import ConfigError
 from governor.httpserver import MetricsServer
 from governor.webconfig import read_web_config
+from tests.support import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 15.0
@@ -194,6 +196,34 @@ class TestSlotsBusyAnswering:
                 assert received > 8 << 20  # the whole answer, once a non-reader's slot came free
         finally:
             server.close()
+
+
+class TestResetMidWrite:
+    """Clients that reset the connection while their answer is being written cost nothing lasting."""
+
+    def test_resets_mid_answer_leave_no_thread_slot_or_count_behind(self) -> None:
+        """Twenty clients reset (RST) after reading a little of a huge answer: afterwards every slot is
+        free, no address is counted, the server still answers, and closing it ends all its threads."""
+        registry = CollectorRegistry()
+        registry.register(HugeSeries())
+        server = MetricsServer("127.0.0.1", 0, registry)
+        inner = server._server
+        try:
+            for _ in range(20):
+                sock = non_reader(server.port)
+                assert sock.recv(4096).startswith(b"HTTP/1.0 200 OK")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # an RST while the server is still writing: EPIPE or ECONNRESET there
+            assert b"HTTP/1.0 404 " in exchange(server.port, b"GET / HTTP/1.0\r\n\r\n")
+            free = [inner._slots.acquire(blocking=False) for _ in range(httpserver.MAX_CONNECTIONS)]
+            assert all(free)  # every slot came back
+            for _ in free:
+                inner._slots.release()
+            assert inner._open == {} and inner._handed_over == set()
+            assert inner._workers.started <= 21
+        finally:
+            server.close()
+        wait_for(lambda: not server._thread.is_alive() and not inner._gate._thread.is_alive(), 5.0, "threads to end")
 
 
 # --------------------------------------------------------------------------- basic auth
