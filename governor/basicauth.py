@@ -48,8 +48,8 @@ class BasicAuth:
     ``users`` maps a user name to its hash (a parsed one, or the text: bcrypt, or scrypt from
     the deprecated key). A header that once verified is remembered as an HMAC digest under a
     per-process random key, so routine scrapes cost no bcrypt run (and pass even while their
-    address is backed off). A check always runs one hash, an unknown user's against another
-    user's hash, so timing does not tell which users exist. Checks are bounded:
+    address is backed off). A check always runs one hash, an unknown user's against a
+    configured user's hash picked by the name, so timing does not tell which users exist. Checks are bounded:
     ``check_slots`` at once, one at a time per address, each waiting at most
     ``check_wait_s`` seconds for a slot, and no more than ``budget`` allows over time
     (governor.auth.CheckBudget); an address past its free failures is refused without a
@@ -73,7 +73,7 @@ class BasicAuth:
             name.encode("utf-8"): parse_password_hash(hashed) if isinstance(hashed, str) else hashed
             for name, hashed in users.items()
         }
-        self._decoy = next(iter(self._users.values()))  # an unknown user's password is checked against this
+        self._hashes = tuple(self._users.values())  # an unknown user's password is checked against one
         self._cache_key = os.urandom(32)
         self._accepted: tuple[bytes, ...] = ()
         self._lock = threading.Lock()
@@ -104,7 +104,7 @@ class BasicAuth:
             return Verdict.WRONG
         user, password = credentials
         hashed = self._users.get(user)
-        password_ok = self._derive(hashed if hashed is not None else self._decoy, password, address)
+        password_ok = self._derive(hashed if hashed is not None else self._decoy(user), password, address)
         if password_ok is None:
             return Verdict.BUSY
         if hashed is None or not password_ok:
@@ -114,6 +114,14 @@ class BasicAuth:
         with self._lock:
             self._accepted = (digest, *self._accepted)[:MAX_CACHED_CREDENTIALS]
         return Verdict.OK
+
+    def _decoy(self, user: bytes) -> PasswordHash:
+        """The configured hash an unknown ``user``'s password is checked against: one picked by
+        the name under the per-process key, so a name takes the same time on every try, and
+        unknown names take the times of the configured hashes (which may differ in cost) in the
+        same proportions as the configured names do: the time does not tell whether a name exists."""
+        pick = hmac.new(self._cache_key, b"decoy:" + user, hashlib.sha256).digest()
+        return self._hashes[int.from_bytes(pick[:8], "big") % len(self._hashes)]
 
     def _derive(self, hashed: PasswordHash, password: bytes, address: str) -> bool | None:
         """Whether ``password`` matches the hash; None when the check budget is spent or no slot came free in time."""

@@ -17,11 +17,15 @@ process that runs as root (see docs/security.md):
   closed on accept, before they take a thread, so slow connections from one address
   cannot hold the slots another address's scrape needs;
 - at most ``MAX_CONNECTIONS`` requests are handled at once; when all are taken, a new
-  connection whose request is already complete (plain HTTP; under TLS: whose handshake
-  has begun) takes the slot of the connection still waiting for its head on the address
-  holding the most connections, and any other new connection is closed at once, so
-  stalled connections spread over many addresses (any local user can use all of
-  127.0.0.0/8) cannot starve another address's scrape either;
+  connection whose request is complete (plain HTTP; under TLS: whose handshake has begun)
+  takes the slot of the connection still waiting for its head on the address holding the
+  most connections, so stalled connections spread over many addresses (any local user can
+  use all of 127.0.0.0/8) cannot starve another address's scrape either. The accepting
+  thread never waits: a new connection whose request is not there yet is parked on a gate
+  thread for ``READY_WAIT_S`` (at most ``MAX_PARKED`` at once, then closed), and one whose
+  request is ready while every slot is busy answering waits there for a slot, so a flood
+  of silent connections or clients that never read their answer cannot leave a scrape in
+  a full listen backlog;
 - optional TLS and basic auth from an exporter-toolkit web-config file
   (governor.webconfig), or from the deprecated ``[metrics]`` keys: the context is built
   here with the standard library, and each new connection gets the one in force, picked
@@ -88,8 +92,14 @@ MAX_CONNECTIONS = 64
 """Requests handled at once, all addresses together; further connections wait in the listen backlog."""
 MAX_CONNECTIONS_PER_ADDRESS = 8
 """Connections one client address may hold open; more are closed at once on accept."""
-READY_WAIT_S = 0.005
-"""While every slot is taken, how long a new connection may take to send its first bytes (s)."""
+READY_WAIT_S = 0.1
+"""While every slot is taken, how long a new connection may take to send its request (s); it
+waits parked (:class:`_Gate`), never holding up the accepting thread."""
+ACCEPT_BATCH = 64
+"""Connections accepted one after another before the accepting thread looks at its stop flag again."""
+MAX_PARKED = 256
+"""Connections accepted while every slot is taken that may wait at once for their request or
+for a slot; beyond that the one parked longest is closed."""
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues for accept (capped by net.core.somaxconn): room for a burst of
 reconnects from capped addresses, so a scrape's SYN is not dropped (a dropped SYN costs a 1 s retry)."""
@@ -193,23 +203,21 @@ class Endpoint:
 # --------------------------------------------------------------------------- connections
 
 
-def _ready_to_serve(request: Any, tls: bool) -> bool:
-    """Whether a connection accepted while every slot is taken has its request ready: for plain
-    HTTP its whole request head is already in the socket buffer; under TLS (whose head cannot
-    be read ahead) its first handshake bytes are. Waits at most READY_WAIT_S for the first
-    bytes, which a real client sends right after connecting; a partial head is not waited for."""
+def _peek_ready(request: Any, tls: bool) -> bool | None:
+    """Whether a connection accepted while every slot is taken has its request ready, without
+    waiting: for plain HTTP its whole request head is in the socket buffer; under TLS (whose
+    head cannot be read ahead) its first handshake bytes are. None while nothing has come yet;
+    False for a partial head, an end or an error (not waited for: such a client is closed)."""
     try:
-        poller = select.poll()  # not select(): the descriptor may be above FD_SETSIZE
-        poller.register(request, select.POLLIN)
-        if not poller.poll(READY_WAIT_S * 1000):
-            return False
         # A peek: nothing is consumed (TLS is set up on the request's own thread, later).
         data = request.recv(MAX_REQUEST_HEAD_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
     except (OSError, ValueError):
         return False
     if tls:
         return bool(data)
-    return b"\r\n\r\n" in data
+    return b"\n\r\n" in data or b"\n\n" in data
 
 
 class _Connection(BaseRequestHandler):
@@ -318,6 +326,166 @@ class _Workers:
             mailbox.put(None)
 
 
+@dataclass(slots=True)
+class _Parked:
+    """A connection accepted while every slot was taken, waiting until ``deadline_s`` (monotonic)."""
+
+    request: Any
+    client_address: Any
+    deadline_s: float
+
+
+class _Gate:
+    """Where connections accepted while every slot is taken wait, on one thread of its own, so
+    the accepting thread spends microseconds on each and never waits: a flood of connections
+    that send nothing (from as many addresses as it likes: all of 127.0.0.0/8 is local) cannot
+    leave a scrape queued in the listen backlog, or dropped from a full one.
+
+    A parked connection whose request arrives (plain HTTP: its whole head; TLS: its first
+    handshake bytes) within READY_WAIT_S takes a free slot, or the slot of a connection still
+    waiting for its head (:meth:`_ThreadingServer._evict_for`); while every slot is busy
+    answering, it waits for one until its head deadline, the first ready first. One that sends
+    nothing in time, a partial head, or nothing at all is closed (counted as shed); at most
+    MAX_PARKED wait at once, the one parked longest closed first (one still silent before one
+    ready)."""
+
+    def __init__(self, server: _ThreadingServer) -> None:
+        self._server = server
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._lock = threading.Lock()
+        # By descriptor, in the order parked (so in deadline order): not yet sent their request
+        # (watched by the epoll), and request ready, waiting for a slot.
+        self._silent: dict[int, _Parked] = {}
+        self._ready: dict[int, _Parked] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="metrics-http-gate", daemon=True)
+        self._thread.start()
+
+    @property
+    def has_waiting(self) -> bool:
+        """Whether a parked connection with its request ready waits for a slot (it goes first)."""
+        return bool(self._ready)
+
+    def park(self, request: Any, client_address: Any) -> None:
+        """Keep ``request`` (accepted, admitted, no slot) until its request is ready or its time is up."""
+        fd = request.fileno()
+        entry = _Parked(request, client_address, time.monotonic() + READY_WAIT_S)
+        dropped = None
+        with self._lock:
+            if self._closed:
+                dropped = entry
+            else:
+                if len(self._silent) + len(self._ready) >= MAX_PARKED:
+                    dropped = self._unpark(next(iter(self._silent or self._ready)))
+                idle = not self._silent and not self._ready
+                self._silent[fd] = entry
+                self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+        if dropped is not None:
+            self._shed(dropped)
+        elif idle:
+            self.wake()  # it slept without a deadline to keep
+
+    def wake(self) -> None:
+        """Have the gate look again (a slot came free, a first connection was parked)."""
+        with contextlib.suppress(OSError):  # a full pipe: it is awake anyway
+            os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        """Close every parked connection and end the gate's thread."""
+        with self._lock:
+            self._closed = True
+            parked = [self._unpark(fd) for fd in [*self._silent, *self._ready]]
+        for entry in parked:
+            self._shed(entry)
+        self.wake()
+        self._thread.join(timeout=5)
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _unpark(self, fd: int) -> _Parked:
+        """Take ``fd``'s entry out (under the lock), its descriptor no longer watched."""
+        entry = self._ready.pop(fd, None)
+        if entry is None:
+            entry = self._silent.pop(fd)
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+        return entry
+
+    def _shed(self, entry: _Parked) -> None:
+        server = self._server
+        with server._open_lock:
+            server.shed += 1
+        server._leave(str(entry.client_address[0]))
+        server.shutdown_request(entry.request)
+
+    def _timeout_s(self) -> float | None:
+        """How long the epoll may wait (under the lock): until the first deadline, or while a ready
+        connection waits for a slot, briefly (a connection may start waiting for its head)."""
+        firsts = [next(iter(parked.values())).deadline_s for parked in (self._silent, self._ready) if parked]
+        if not firsts:
+            return None
+        wait_s = max(0.0, min(firsts) - time.monotonic())
+        return min(wait_s, 0.05) if self._ready else wait_s
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                timeout_s = self._timeout_s()
+            try:
+                events = self._epoll.poll(-1 if timeout_s is None else timeout_s)
+            except (OSError, ValueError):
+                return  # closed meanwhile
+            with self._lock:
+                if self._closed:
+                    return
+                dropped, admitted = self._sort(events)
+            for entry in dropped:
+                self._shed(entry)
+            for entry in admitted:
+                self._server._submit(entry.request, entry.client_address)
+
+    def _sort(self, events: list[tuple[int, int]]) -> tuple[list[_Parked], list[_Parked]]:
+        """Under the lock: (connections to close, connections given a slot) after ``events``."""
+        dropped: list[_Parked] = []
+        for fd, _ in events:
+            if fd == self._wake_r:
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 4096)
+                continue
+            entry = self._silent.get(fd)
+            if entry is None:
+                continue
+            ready = _peek_ready(entry.request, self._server.tls)
+            if ready is None:
+                continue  # woken for nothing
+            del self._silent[fd]
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+            if not ready:
+                dropped.append(entry)
+                continue
+            entry.deadline_s = time.monotonic() + self._server.request_timeout_s
+            self._ready[fd] = entry
+        now_s = time.monotonic()
+        for parked in (self._silent, self._ready):
+            while parked and next(iter(parked.values())).deadline_s <= now_s:
+                dropped.append(self._unpark(next(iter(parked))))
+        admitted: list[_Parked] = []
+        while self._ready:
+            fd, entry = next(iter(self._ready.items()))
+            if not (
+                self._server._slots.acquire(blocking=False) or self._server._evict_for(str(entry.client_address[0]))
+            ):
+                break  # every slot busy answering: the first ready waits first
+            admitted.append(self._unpark(fd))
+        return dropped, admitted
+
+
 class _ThreadingServer(TCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -345,8 +513,8 @@ class _ThreadingServer(TCPServer):
         """Connections closed before their head arrived, to make room for another address."""
         self.refused = 0
         """Connections closed on accept because their address was at its cap."""
-        self.closing = False
         self._workers = _Workers(self.process_request_thread, daemon=self.daemon_threads)
+        self._gate = _Gate(self)  # before binding: a failed bind calls server_close, which ends it
         super().__init__(*args, **kwargs)
 
     def _admit(self, host: str) -> bool:
@@ -395,35 +563,50 @@ class _ThreadingServer(TCPServer):
             socket.socket.shutdown(live_socket, socket.SHUT_RDWR)
         return True
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.socket.setblocking(False)  # accept() until the backlog is empty, never waiting
+
+    def _handle_request_noblock(self) -> None:
+        # Up to ACCEPT_BATCH connections per wake-up of serve_forever's selector: a flood's
+        # connections are taken from the backlog at a few system calls each.
+        for _ in range(ACCEPT_BATCH):
+            try:
+                request, client_address = self.get_request()
+            except OSError:  # nothing left (EAGAIN), or a connection gone before accept
+                return
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        # On the accepting thread: a refusal costs one close and no thread.
+        # On the accepting thread, which never waits: a refusal costs one close and no thread.
         host = str(client_address[0])
         if not self._admit(host):
             self.shutdown_request(request)
             return
-        acquired = self._slots.acquire(blocking=False)
-        if not acquired:
-            # Every slot taken (an attack, or a burst): only a client ready to be served now
-            # gets the slot of an evicted stalled connection (handed over at once: its thread
-            # ends without releasing it); anyone else is closed at once, so the backlog, where
-            # a scrape may be queued behind thousands of reconnects, drains in microseconds each.
-            if not _ready_to_serve(request, self.tls):
-                self.shed += 1
-                self._leave(host)
-                self.shutdown_request(request)
-                return
-            acquired = self._evict_for(host)
-        while not acquired:
-            acquired = self._slots.acquire(timeout=0.2) or self._evict_for(host)
-            if not acquired and self.closing:
-                self._leave(host)
-                self.shutdown_request(request)
-                return
+        if not self._gate.has_waiting and self._slots.acquire(blocking=False):
+            self._submit(request, client_address)
+            return
+        # Every slot taken (an attack, or a burst): a client whose request is already here
+        # (a scrape that waited in the backlog) takes the slot of an evicted stalled connection
+        # at once (handed over: its thread ends without releasing it); any other waits parked
+        # on the gate's thread, so the backlog drains in microseconds per connection.
+        if not self._gate.has_waiting and _peek_ready(request, self.tls) and self._evict_for(host):
+            self._submit(request, client_address)
+            return
+        self._gate.park(request, client_address)
+
+    def _submit(self, request: Any, client_address: Any) -> None:
+        """Run ``request``, which holds a slot, on a connection thread."""
         try:
             self._workers.submit(request, client_address)
         except BaseException:
             self._slots.release()
-            self._leave(host)
+            self._leave(str(client_address[0]))
+            self.shutdown_request(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -441,10 +624,13 @@ class _ThreadingServer(TCPServer):
                 self._handed_over.discard(request)
             if not handed_over:
                 self._slots.release()
+                if self._gate.has_waiting:
+                    self._gate.wake()
             self._leave(str(client_address[0]))
 
     def server_close(self) -> None:
         super().server_close()
+        self._gate.close()
         self._workers.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -742,7 +928,6 @@ class MetricsServer:
 
     def close(self) -> None:
         """Stop serving and release the port."""
-        self._server.closing = True
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

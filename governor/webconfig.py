@@ -13,7 +13,7 @@ read with ``--web.config.file`` (its docs/web-configuration.md)::
     basic_auth_users:
       prometheus: $2y$10$...                          # bcrypt, as `htpasswd -nBC 10 USER` prints
 
-The file is YAML, read bounded (1 MiB) with the config's trust checks (running as root: owned
+The file is YAML, read bounded (256 KiB) with the config's trust checks (running as root: owned
 by root, writable by no one else), parsed by PyYAML's safe loader with two refusals more:
 aliases (``*name``: nothing here needs them, and they make small files expand) and duplicate
 keys (the toolkit's strict parser refuses those too). The schema is strict: an unknown key, a
@@ -46,8 +46,9 @@ from governor.schema import Issues, describe, short, unknown
 
 MAX_PEM_BYTES = 1024 * 1024
 """A certificate chain or key is a few kilobytes; a larger file is refused unread."""
-MAX_WEB_CONFIG_BYTES = 1024 * 1024
-"""A web-config file is a few hundred bytes; a larger one is refused unread."""
+MAX_WEB_CONFIG_BYTES = 256 * 1024
+"""A web-config file is a few hundred bytes (2000 users, about 140 KB); a larger one is refused unread
+(PyYAML parses in pure Python: a megabyte of YAML costs it seconds)."""
 
 TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "TLS10": ssl.TLSVersion.TLSv1,

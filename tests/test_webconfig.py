@@ -28,6 +28,7 @@ from governor.config import ConfigError, MetricsConfig, check_metrics, parse_con
 from governor.httpserver import LiveWebConfig, MetricsServer
 from governor.webconfig import (
     IGNORED_KEYS,
+    MAX_WEB_CONFIG_BYTES,
     TLS_VERSIONS,
     build_tls_context,
     load_web_config,
@@ -322,10 +323,10 @@ class TestFiles:
     """The web-config file and the files it names are read as untrusted input."""
 
     def test_large_file_is_refused_unread(self, tmp_path: Path) -> None:
-        """A web-config over 1 MiB is refused before it is parsed."""
+        """A web-config over MAX_WEB_CONFIG_BYTES is refused before it is parsed."""
         path = tmp_path / "big.yml"
-        path.write_bytes(b"#" * (1024 * 1024 + 1))
-        with pytest.raises(ConfigError, match="at most 1048576 bytes"):
+        path.write_bytes(b"#" * (MAX_WEB_CONFIG_BYTES + 1))
+        with pytest.raises(ConfigError, match=f"at most {MAX_WEB_CONFIG_BYTES} bytes"):
             read_web_config(path)
 
     def test_fifo_is_refused_without_blocking(self, tmp_path: Path) -> None:

@@ -1,0 +1,323 @@
+"""Attacks on the metrics endpoint's own HTTP handling (governor/httpwire.py, governor/httpserver.py,
+governor/basicauth.py) and on its web-config file (governor/webconfig.py, governor/strictyaml.py),
+each against a real server on 127.0.0.1 in this process, or a real file.
+
+Floods come from a separate attacker process below the server's priority (as in
+tests/test_endpoint_abuse.py), binding addresses of 127.0.0.0/8 (Linux routes all of it to lo).
+Run this file as ``python -m tests.test_endpoint_attacks silent PORT SECONDS`` to get one.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from governor import httpserver
+from governor.auth import CheckBudget
+from governor.basicauth import BasicAuth, Verdict
+from governor.errors import ConfigError
+from governor.httpserver import MetricsServer
+from governor.webconfig import read_web_config
+from tests.support import wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 15.0
+"""Any one exchange in these tests gives up after this long."""
+
+
+def tiny_registry() -> CollectorRegistry:
+    """A registry with one known series."""
+    registry = CollectorRegistry()
+    Gauge("attack_test_up", "Always 1.", registry=registry).set(1)
+    return registry
+
+
+def exchange(port: int, data: bytes, timeout_s: float = TIMEOUT_S) -> bytes:
+    """Send raw bytes to 127.0.0.1:``port`` and read until the server closes (bounded)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def timed_scrape(port: int) -> tuple[bytes, float]:
+    """A scrape's status line and the seconds from connect to the end of the answer."""
+    started = time.monotonic()
+    try:
+        answer = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    except OSError as exc:
+        return repr(exc).encode(), time.monotonic() - started
+    return answer.split(b"\r\n", 1)[0], time.monotonic() - started
+
+
+# --------------------------------------------------------------------------- attackers (their own process)
+
+
+def silent_flood(port: int, seconds: float) -> int:
+    """Open connections that never send a byte, from ever new addresses of 127.2.0.0/16 (never
+    over a per-address cap), as fast as one process can, for ``seconds``; each is dropped after
+    3000 newer ones. Returns how many were opened."""
+    held: collections.deque[socket.socket] = collections.deque()
+    opened = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        source = f"127.2.{(opened // 200) % 250}.{opened % 200 + 1}"
+        opened += 1
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            sock.bind((source, 0))
+            sock.connect_ex(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        held.append(sock)
+        if len(held) > 3000:
+            held.popleft().close()
+    for sock in held:
+        sock.close()
+    return opened
+
+
+def attacker_main(argv: list[str]) -> int:
+    """``silent PORT SECONDS``: run that attack at a lower priority, print "started", then its count."""
+    kind, port, seconds = argv[0], int(argv[1]), float(argv[2])
+    os.nice(10)  # below the server: on a 2-core machine a peer at full priority measures CPU starvation
+    print("started", flush=True)
+    if kind == "silent":
+        print(silent_flood(port, seconds), flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def attacker(kind: str, port: int, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    """An attacker process under way for the body of the with (it stops by itself after ``seconds``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.test_endpoint_attacks", kind, str(port), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- floods
+
+
+class TestSilentFlood:
+    """Connections that never send anything, from many addresses, cannot keep a scrape waiting."""
+
+    def test_scrapes_are_answered_quickly_during_a_silent_connection_flood(self) -> None:
+        """While one process opens silent connections from ever new addresses as fast as it can,
+        scrapes from 127.0.0.1 are each answered 200 within a second (no SYN dropped for a full backlog)."""
+        server = MetricsServer("127.0.0.1", 0, tiny_registry())
+        try:
+            with attacker("silent", server.port, 20.0):
+                time.sleep(1.5)  # every slot taken by a silent connection, the backlog filling
+                results = []
+                for _ in range(6):
+                    results.append(timed_scrape(server.port))
+                    time.sleep(0.3)
+            assert all(status == b"HTTP/1.0 200 OK" for status, _ in results), results
+            assert max(seconds for _, seconds in results) < 1.0, results
+            assert server.shed_connections > 0  # the flood was met with every slot taken
+        finally:
+            server.close()
+
+
+class HugeSeries(Collector):
+    """One series whose label value is 8 MiB: an answer far larger than the socket buffers."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the one huge series."""
+        family = GaugeMetricFamily("attack_huge", "A huge label.", labels=["pad"])
+        family.add_metric(["x" * (8 << 20)], 1.0)
+        yield family
+
+
+def non_reader(port: int) -> socket.socket:
+    """A connection that sends a whole scrape request and never reads the answer (tiny receive window)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT_S)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return sock
+
+
+class TestSlotsBusyAnswering:
+    """When every slot is busy sending to clients that do not read, the server still accepts and sheds."""
+
+    def test_accepting_goes_on_while_every_slot_is_busy_answering(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With both slots held by clients that never read a huge answer, a waiting scrape does not stop
+        the accepting thread: a silent newcomer is still closed at once, and the scrape is served once a
+        non-reader's answer times out."""
+        monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 2)
+        monkeypatch.setattr(httpserver, "RESPONSE_TIMEOUT_S", 3.0)
+        registry = CollectorRegistry()
+        registry.register(HugeSeries())
+        server = MetricsServer("127.0.0.1", 0, registry, request_timeout_s=5.0)
+        try:
+            with contextlib.ExitStack() as stack:
+                for _ in range(2):
+                    stack.enter_context(non_reader(server.port))
+                time.sleep(1.0)  # both answers rendered and stuck in full socket buffers
+                scrape = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S))
+                scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                time.sleep(0.2)  # the scrape is taken from the backlog and waits for a slot
+                silent = stack.enter_context(socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S))
+                silent.settimeout(2.0)
+                assert silent.recv(1) == b""  # accepted and closed: the accepting thread was not stuck
+                received = 0
+                while chunk := scrape.recv(1 << 20):
+                    received += len(chunk)
+                assert received > 8 << 20  # the whole answer, once a non-reader's slot came free
+        finally:
+            server.close()
+
+
+class TestResetMidWrite:
+    """Clients that reset the connection while their answer is being written cost nothing lasting."""
+
+    def test_resets_mid_answer_leave_no_thread_slot_or_count_behind(self) -> None:
+        """Twenty clients reset (RST) after reading a little of a huge answer: afterwards every slot is
+        free, no address is counted, the server still answers, and closing it ends all its threads."""
+        registry = CollectorRegistry()
+        registry.register(HugeSeries())
+        server = MetricsServer("127.0.0.1", 0, registry)
+        inner = server._server
+        try:
+            for _ in range(20):
+                sock = non_reader(server.port)
+                assert sock.recv(4096).startswith(b"HTTP/1.0 200 OK")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # an RST while the server is still writing: EPIPE or ECONNRESET there
+            assert b"HTTP/1.0 404 " in exchange(server.port, b"GET / HTTP/1.0\r\n\r\n")
+            free = [inner._slots.acquire(blocking=False) for _ in range(httpserver.MAX_CONNECTIONS)]
+            assert all(free)  # every slot came back
+            for _ in free:
+                inner._slots.release()
+            assert inner._open == {} and inner._handed_over == set()
+            assert inner._workers.started <= 21
+        finally:
+            server.close()
+        wait_for(lambda: not server._thread.is_alive() and not inner._gate._thread.is_alive(), 5.0, "threads to end")
+
+
+# --------------------------------------------------------------------------- basic auth
+
+
+class Recorded:
+    """A password hash that matches nothing and records that it was checked."""
+
+    def __init__(self, name: str, checked: list[str]) -> None:
+        self.name = name
+        self.checked = checked
+
+    def matches(self, password: str | bytes) -> bool:
+        """Record the check; never match."""
+        self.checked.append(self.name)
+        return False
+
+
+def basic_header(user: bytes, password: bytes) -> str:
+    """An Authorization value for raw user and password bytes."""
+    return "Basic " + base64.b64encode(user + b":" + password).decode()
+
+
+class TestUserEnumeration:
+    """The time a wrong login takes does not tell whether its user name exists."""
+
+    def test_an_unknown_users_check_runs_a_hash_picked_by_its_name(self) -> None:
+        """An unknown user is checked against one of the configured hashes chosen by the name (the same
+        each time), not always the first: with hashes of different costs, the first's cost marked a name
+        as unknown."""
+        checked: list[str] = []
+        auth = BasicAuth(
+            {"cheap": Recorded("cheap", checked), "costly": Recorded("costly", checked)},
+            budget=CheckBudget(per_s=1e6, burst=10**6),
+        )
+        for n in range(40):
+            assert auth.verdict(basic_header(b"nobody-%d" % n, b"guess"), f"10.0.0.{n}") is Verdict.WRONG
+        assert set(checked) == {"cheap", "costly"}
+        again: list[str] = []
+        for attempt in range(3):
+            checked.clear()
+            auth.verdict(basic_header(b"nobody-7", b"guess-%d" % attempt), f"10.0.1.{attempt}")
+            again += checked
+        assert len(again) == 3 and len(set(again)) == 1
+
+
+# --------------------------------------------------------------------------- the web-config file
+
+HASH = "$2y$04$" + "a" * 53
+"""A well-formed bcrypt hash (never checked here)."""
+
+
+def refusal(tmp_path: Path, data: bytes) -> str:
+    """The ConfigError text read_web_config gives for a file holding ``data`` (fails if it is accepted)."""
+    path = tmp_path / "web-config.yml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as caught:
+        read_web_config(path)
+    text = str(caught.value)
+    assert str(path) in text
+    return text
+
+
+class TestHostileYaml:
+    """A web-config file built to be ambiguous or slow to parse is refused with a clear error."""
+
+    def test_a_merge_key_cannot_hide_a_duplicate_user(self, tmp_path: Path) -> None:
+        """``<<: {alice: ...}`` beside ``alice: ...`` (a duplicate the merge would drop silently) is refused."""
+        other = "$2y$04$" + "b" * 53
+        text = refusal(tmp_path, f"basic_auth_users:\n  alice: '{HASH}'\n  <<: {{alice: '{other}'}}\n".encode())
+        assert "merge keys (<<) are not allowed" in text
+
+    def test_many_values_are_refused_before_they_are_all_parsed(self, tmp_path: Path) -> None:
+        """A flow list of 80000 items (160 KB, under the byte cap; pure-Python PyYAML needs seconds
+        for it) is refused naming the cap on values."""
+        text = refusal(tmp_path, b"basic_auth_users: [" + b"1," * 80_000 + b"]\n")
+        assert "at most 4096 values" in text
+
+    def test_nesting_beyond_a_few_levels_is_refused(self, tmp_path: Path) -> None:
+        """Forty levels of nested lists (far below Python's recursion limit) are refused as nested too deep."""
+        text = refusal(tmp_path, b"basic_auth_users: " + b"[" * 40 + b"]" * 40 + b"\n")
+        assert "nested at most 32 levels deep" in text
+
+    def test_a_file_over_the_byte_cap_is_refused_unread(self, tmp_path: Path) -> None:
+        """A 300 KiB file (a web-config is a few hundred bytes) is refused by its size, naming the cap."""
+        text = refusal(tmp_path, b"# padding\n" * 30_000 + b"basic_auth_users: {}\n")
+        assert "a file of at most 262144 bytes" in text
+
+    def test_many_users_within_the_caps_are_read(self, tmp_path: Path) -> None:
+        """2000 users (4001 values, about 140 KB) are still a valid file."""
+        path = tmp_path / "web-config.yml"
+        path.write_text("basic_auth_users:\n" + "".join(f"  u{i}: '{HASH}'\n" for i in range(2000)))
+        assert len(read_web_config(path).users) == 2000
+
+
+if __name__ == "__main__":
+    sys.exit(attacker_main(sys.argv[1:]))
