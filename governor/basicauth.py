@@ -19,7 +19,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_password_hash
 from governor.httpwire import plain
@@ -89,31 +89,39 @@ class BasicAuth:
         """True when ``header`` (the raw Authorization value, or None) carries the right credentials."""
         return self.verdict(header, address) is Verdict.OK
 
-    def verdict(self, header: str | None, address: str = "") -> Verdict:
-        """Check ``header`` (the raw Authorization value, or None) sent from client ``address``."""
+    def verdict(self, header: str | None, address: str = "", who: Callable[[], str] | None = None) -> Verdict:
+        """Check ``header`` (the raw Authorization value, or None) sent from client ``address``;
+        ``who`` (when given) names the client for the back-off instead of its address, asked
+        only when a password has to be checked (:func:`governor.peeruid.client_key`)."""
+        return self._verdict(header, address, who)[0]
+
+    def _verdict(self, header: str | None, address: str, who: Callable[[], str] | None) -> tuple[Verdict, str]:
+        """The verdict and the key the client's failures count against."""
         if not header:
-            return Verdict.MISSING
+            return Verdict.MISSING, address
         digest = hmac.new(self._cache_key, header.encode("latin-1", "replace"), hashlib.sha256).digest()
         if any(hmac.compare_digest(digest, seen) for seen in self._accepted):
-            return Verdict.OK
+            return Verdict.OK, address
+        if who is not None:
+            address = who()
         if self.backoff.blocked_for(address, time.monotonic()) > 0:
-            return Verdict.BACKED_OFF
+            return Verdict.BACKED_OFF, address
         credentials = _basic_credentials(header)
         if credentials is None:
             self.backoff.failed(address, time.monotonic())
-            return Verdict.WRONG
+            return Verdict.WRONG, address
         user, password = credentials
         hashed = self._users.get(user)
         password_ok = self._derive(hashed if hashed is not None else self._decoy(user), password, address)
         if password_ok is None:
-            return Verdict.BUSY
+            return Verdict.BUSY, address
         if hashed is None or not password_ok:
             self.backoff.failed(address, time.monotonic())
-            return Verdict.WRONG
+            return Verdict.WRONG, address
         self.backoff.succeeded(address)
         with self._lock:
             self._accepted = (digest, *self._accepted)[:MAX_CACHED_CREDENTIALS]
-        return Verdict.OK
+        return Verdict.OK, address
 
     def _decoy(self, user: bytes) -> PasswordHash:
         """The configured hash an unknown ``user``'s password is checked against: one picked by
@@ -143,12 +151,12 @@ class BasicAuth:
             with self._lock:
                 self._checking.discard(address)
 
-    def refusal(self, header: str | None, address: str = "") -> bytes | None:
+    def refusal(self, header: str | None, address: str = "", who: Callable[[], str] | None = None) -> bytes | None:
         """None when ``header`` (the raw Authorization value, or None) from client ``address`` carries
         the right credentials; else the whole response refusing the request: 401 with a
         WWW-Authenticate challenge (missing or wrong), 429 with Retry-After (backed off) or 503
-        with Retry-After (busy)."""
-        verdict = self.verdict(header, address)
+        with Retry-After (busy). ``who``: as for :meth:`verdict`."""
+        verdict, address = self._verdict(header, address, who)
         if verdict is Verdict.OK:
             return None
         if verdict is Verdict.BACKED_OFF:

@@ -73,6 +73,7 @@ from governor.httpwire import MAX_REQUEST_HEAD_BYTES as MAX_REQUEST_HEAD_BYTES  
 from governor.httpwire import MAX_REQUEST_LINE_BYTES as MAX_REQUEST_LINE_BYTES  # noqa: PLC0414
 from governor.httpwire import HeadError, Request, parse_head, plain, read_head, response
 from governor.metrics import Exposition, GovernorRegistry
+from governor.peeruid import client_key
 from governor.webconfig import (
     TlsServerConfig,
     WebConfig,
@@ -155,10 +156,13 @@ class Endpoint:
         self._registry = served.registry if isinstance(served, Exposition) else served
         self._negotiated: dict[str, tuple[Encoder, str]] = {}
 
-    def answer(self, request: Request, auth: BasicAuth | None = None, address: str = "") -> bytes:
-        """The response to ``request`` from client ``address`` (credentials first, then path and method)."""
+    def answer(
+        self, request: Request, auth: BasicAuth | None = None, address: str = "", who: Callable[[], str] | None = None
+    ) -> bytes:
+        """The response to ``request`` from client ``address`` (credentials first, then path and method);
+        ``who`` names the client for the failed-login back-off (:meth:`BasicAuth.verdict`)."""
         if auth is not None:
-            refused = auth.refusal(request.authorization, address)
+            refused = auth.refusal(request.authorization, address, who)
             if refused is not None:
                 return refused
         if request.path != METRICS_PATH:
@@ -255,11 +259,16 @@ class _Connection(BaseRequestHandler):
             answer = plain(request.status, request.reason + "\n")
         else:
             try:
-                answer = self.server.endpoint.answer(request, self._auth, self._host)
+                answer = self.server.endpoint.answer(request, self._auth, self._host, self._client_key)
             except Exception:  # a failing collector: answered 500 and reported, as wsgiref did
                 traceback.print_exc(file=sys.stderr)
                 answer = plain(500, "internal error: the metrics could not be rendered\n")
         self._socket.sendall(answer)
+
+    def _client_key(self) -> str:
+        """The failed-login back-off's key for this client: the uid owning a loopback client's
+        socket (every local user shares 127.0.0.0/8 with a local Prometheus), else the address."""
+        return client_key(self._accepted, (self._host, int(self.client_address[1])))
 
     def finish(self) -> None:
         if self._socket is not self._accepted:

@@ -419,8 +419,11 @@ def cheap_hash() -> str:
 class TestPasswordChecks:
     """Checks are bounded in number and waiting time; repeated failures back an address off unchecked."""
 
-    def test_failures_back_an_address_off_without_a_hash_check(self, cheap_hash: str) -> None:
+    def test_failures_back_an_address_off_without_a_hash_check(
+        self, cheap_hash: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """After FREE_FAILURES wrong passwords an address gets 429 (Retry-After) with no bcrypt run; others do not."""
+        monkeypatch.setattr(httpserver, "client_key", by_address)  # each 127.0.0.x source plays a remote client
         guard = BasicAuth({"prometheus": cheap_hash}, backoff=FailureBackoff(first_s=30.0, max_s=60.0))
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         try:
@@ -482,8 +485,9 @@ class TestPasswordChecks:
         finally:
             served.close()
 
-    def test_one_check_at_a_time_per_address(self) -> None:
+    def test_one_check_at_a_time_per_address(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A second concurrent check from the same address is 503 at once, even with free slots; others proceed."""
+        monkeypatch.setattr(httpserver, "client_key", by_address)  # each 127.0.0.x source plays a remote client
         slow_hash = auth.hash_password(PASSWORD, cost=13)  # about 0.6 s per check
         guard = BasicAuth({"prometheus": slow_hash}, check_slots=4, check_wait_s=5.0)
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
@@ -502,6 +506,11 @@ class TestPasswordChecks:
             assert guard.hash_checks == 2
         finally:
             served.close()
+
+
+def by_address(_sock: object, peer: tuple[str, int]) -> str:
+    """The back-off key of a remote client (its address), for tests whose clients differ only by 127.0.0.x."""
+    return peer[0]
 
 
 class TestFailureBackoff:

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from governor import httpserver
+from governor import auth, httpserver
 from governor.auth import CheckBudget
 from governor.basicauth import BasicAuth, Verdict
 from governor.errors import ConfigError
@@ -215,11 +215,16 @@ class TestResetMidWrite:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()  # an RST while the server is still writing: EPIPE or ECONNRESET there
             assert b"HTTP/1.0 404 " in exchange(server.port, b"GET / HTTP/1.0\r\n\r\n")
-            free = [inner._slots.acquire(blocking=False) for _ in range(httpserver.MAX_CONNECTIONS)]
-            assert all(free)  # every slot came back
-            for _ in free:
-                inner._slots.release()
-            assert inner._open == {} and inner._handed_over == set()
+
+            def all_free() -> bool:
+                taken = [inner._slots.acquire(blocking=False) for _ in range(httpserver.MAX_CONNECTIONS)]
+                for got in taken:
+                    if got:
+                        inner._slots.release()
+                return all(taken) and inner._open == {} and inner._handed_over == set()
+
+            # the last connection's slot comes back just after its answer is out: waited for, not raced
+            wait_for(all_free, 5.0, "every slot to come back and no address to be counted")
             assert inner._workers.started <= 21
         finally:
             server.close()
@@ -321,3 +326,87 @@ class TestHostileYaml:
 
 if __name__ == "__main__":
     sys.exit(attacker_main(sys.argv[1:]))
+
+
+# ----------------------------------------------------------------------------- the back-off's key
+
+NOBODY = 65534
+PASSWORD = b"correct horse battery staple"
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+
+
+def wrong_logins_as(uid: int, port: int, tries: int) -> list[int]:
+    """The statuses ``tries`` wrong logins get, sent from a forked child that runs as ``uid``."""
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic_header(b"prometheus", b"guess").encode()
+    "127.0.0.1".encode("idna")  # imported here: the child, as another user, may not read the Python install
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: another local user, sockets only
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            statuses = []
+            for _ in range(tries):
+                with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
+                    sock.sendall(request + b"\r\n\r\n")
+                    statuses.append(sock.recv(64).split()[1])
+            os.write(write_end, b" ".join(statuses))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return [int(code) for code in out.split()]
+
+
+class TestBackoffKey:
+    def test_the_kernel_names_the_owner_of_a_loopback_client(self) -> None:
+        """A loopback client's failures count against the uid owning its socket, from sock_diag or /proc/net/tcp*."""
+        from governor.peeruid import client_key, owner_uid
+
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family) as server:
+                server.bind((host, 0))
+                server.listen()
+                with socket.create_connection(server.getsockname()[:2]) as client:
+                    accepted, peer = server.accept()
+                    with accepted:
+                        for netlink in (True, False):  # sock_diag, and the /proc table where netlink is barred
+                            assert owner_uid(peer[:2], accepted.getsockname()[:2], netlink=netlink) == os.geteuid()
+                        assert client_key(accepted, peer[:2]) == f"loopback uid {os.geteuid()}"
+                        assert client.fileno() >= 0
+
+    def test_a_remote_or_unlisted_client_keeps_its_address(self, tmp_path: Path) -> None:
+        """A client that is not loopback, or whose socket is not in the table, is keyed by its address."""
+        from governor.peeruid import owner_uid
+
+        assert owner_uid(("192.0.2.7", 40000), ("192.0.2.1", 9847)) is None
+        (tmp_path / "tcp").write_text(
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+        )
+        assert owner_uid(("127.0.0.1", 40000), ("127.0.0.1", 9847), proc_net=tmp_path, netlink=False) is None
+        assert owner_uid(("127.0.0.1", 40000), ("127.0.0.1", 9847)) is None  # sock_diag: no such socket
+
+    @ROOT_ONLY
+    def test_another_local_user_cannot_lock_the_scraper_out(self) -> None:
+        """Wrong logins from another local user (same 127.0.0.1) back off that user only: the scraper's first
+        login on a fresh daemon (nothing cached) still gets its metrics."""
+        hashed = auth.hash_password(PASSWORD.decode(), cost=4)  # the lowest bcrypt cost: the test stays fast
+        server = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=BasicAuth({"prometheus": hashed}))
+        try:
+            statuses = wrong_logins_as(NOBODY, server.port, 12)
+            assert statuses[0] == 401 and 429 in statuses  # the attacker is backed off
+            login = basic_header(b"prometheus", PASSWORD)
+            reply = exchange(
+                server.port, f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: {login}\r\n\r\n".encode()
+            )
+            assert reply.split()[1] == b"200", reply[:200]
+            assert wrong_logins_as(NOBODY, server.port, 1) == [429]  # and stays backed off
+        finally:
+            server.close()
