@@ -46,7 +46,7 @@ from governor.policy import Rung as Rung
 from governor.policy import ThermalPolicy as ThermalPolicy
 from governor.policy import VramPolicy as VramPolicy
 from governor.policy import percent_of as percent_of
-from governor.safefile import root_trust_problems
+from governor.safefile import root_trust_problems, untrusted_ancestor
 from governor.schema import (
     Issues,
     between,
@@ -803,9 +803,13 @@ def check_trust(path: Path, euid: int | None = None) -> None:
 
 
 def _check_trust_info(source: str, info: os.stat_result, euid: int) -> None:
-    """check_trust on the status of an open file (its owner and mode)."""
+    """check_trust on the status of an open file (its owner and mode) and the directories above it
+    (one another user may change could get a link to any root-owned file put in the file's place)."""
     if euid != 0:
         return
+    swappable = untrusted_ancestor(Path(source))
+    if swappable is not None:
+        raise ConfigError([ConfigIssue(source, "", "a file below directories only root may change", swappable)])
     problems = root_trust_problems(info)
     if problems:
         raise ConfigError(

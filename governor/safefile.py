@@ -219,10 +219,10 @@ def check_private_dir(path: Path, euid: int | None = None) -> str | None:
     problems += root_trust_problems(info)
     if problems:
         return f"{path} " + " and ".join(problems)
-    return _untrusted_ancestor(path)
+    return untrusted_ancestor(path)
 
 
-def _untrusted_ancestor(path: Path) -> str | None:
+def untrusted_ancestor(path: Path) -> str | None:
     """What is wrong with the first directory above ``path`` (as written and as resolved) that
     another user could use to swap ``path`` for a directory of theirs: not owned by root, or
     writable by group or others without the sticky bit (/tmp's bit: no one else may rename a
@@ -245,7 +245,7 @@ def _untrusted_ancestor(path: Path) -> str | None:
                 return (
                     f"{path}: its parent {parent} is "
                     + " and ".join(problems)
-                    + ", so its owner could swap the directory"
+                    + ", so its owner could put something else in its place"
                 )
     return None
 

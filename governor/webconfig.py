@@ -41,7 +41,7 @@ from typing import Any
 
 from governor.auth import parse_bcrypt_hash, parse_password_hash
 from governor.errors import ConfigError, ConfigIssue
-from governor.safefile import root_trust_problems
+from governor.safefile import root_trust_problems, untrusted_ancestor
 from governor.schema import Issues, describe, short, unknown
 
 MAX_PEM_BYTES = 1024 * 1024
@@ -364,6 +364,9 @@ def _opened(
                     "a file owned by root and writable only by root (chown root:root, chmod go-w)",
                     " and ".join(problems),
                 )
+            swappable = untrusted_ancestor(Path(path))
+            if swappable is not None:  # its owner could put a link to any root-owned file in its place
+                raise issue("a file below directories only root may change", swappable)
         by_fd = f"/proc/self/fd/{fd}"
         yield (by_fd if os.path.exists(by_fd) else path), fd
     finally:

@@ -287,3 +287,42 @@ class TestEarlySignals:
         gov.log.close()
         assert code == 0
         assert "governor_stopped" in (tmp_path / "daemon.log").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the trust rules apply to a governor running as root")
+class TestSwappableParents:
+    """Files the root daemon reads must sit below directories only root may change."""
+
+    @pytest.fixture
+    def open_dir(self, tmp_path: Path) -> Path:
+        """A directory anyone may write (no sticky bit), holding a root-owned config and web-config."""
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        (shared / "governor.toml").write_text("poll_interval_s = 2.0\n")
+        (shared / "web-config.yml").write_text("tls_server_config: {}\n")
+        return shared
+
+    def test_a_config_below_a_world_writable_directory_is_refused(self, open_dir: Path) -> None:
+        """Its writer could swap the config for a link to any root-owned file: a config error naming that directory."""
+        from governor.config import ConfigError, load_config
+
+        with pytest.raises(ConfigError) as refused:
+            load_config(open_dir / "governor.toml")
+        assert f"its parent {open_dir} is writable by group or others" in str(refused.value)
+
+    def test_a_web_config_below_a_world_writable_directory_is_refused(self, open_dir: Path) -> None:
+        """The same rule for the web-config file (and so for the TLS files it names)."""
+        from governor.config import ConfigError
+        from governor.webconfig import read_web_config
+
+        with pytest.raises(ConfigError) as refused:
+            read_web_config(open_dir / "web-config.yml", trust_euid=0)
+        assert f"its parent {open_dir} is writable by group or others" in str(refused.value)
+
+    def test_a_sticky_directory_is_fine(self, open_dir: Path) -> None:
+        """A sticky directory (like /tmp) lets no one else rename a root-owned entry: the files are used."""
+        from governor.config import load_config
+
+        open_dir.chmod(0o1777)
+        assert load_config(open_dir / "governor.toml").poll_interval_s == 2.0
