@@ -330,7 +330,8 @@ class Actuator:
             if info is None:
                 results.append(ActionResult(decision, Outcome.SKIPPED, "GPU not present; entry kept"))
                 continue
-            if uuid in self.monitor_only:
+            if uuid in self.monitor_only and self.monitor_only[uuid] != NO_RANGE:
+                # (a card that stopped reporting its range still gets back the limit it had itself)
                 self.originals.forget(uuid)
                 results.append(ActionResult(decision, Outcome.REFUSED, f"monitor-only: {self.monitor_only[uuid]}"))
                 continue

@@ -219,3 +219,18 @@ def test_a_gpu_that_reports_a_range_later_is_governed_again(tmp_path: Path) -> N
     assert governor.actuator.monitor_only == {"GPU-0": NO_RANGE}
     governor.actuator.set_gpus([GpuInfo(0, "GPU-0", "x", power_limit_min_w=100.0, power_limit_max_w=220.0)])
     assert governor.actuator.monitor_only == {}
+
+
+def test_a_card_that_lost_its_range_still_gets_its_original_back(tmp_path: Path) -> None:
+    """A saved original (a crash left 180 W in force) is restored even when the card now reports no range:
+    the value is the card's own, and forgetting it would leave the governor's cut in force for good."""
+    config = Config(state_dir=str(tmp_path / "state"), runtime_dir="")
+    originals = open_originals(config)
+    originals.remember("GPU-0", 200.0, last_set_w=180.0)
+    reading = GpuReading(index=0, uuid="GPU-0", temperature_c=50.0, power_limit_w=180.0)
+    backend = HostileBackend((GpuInfo(0, "GPU-0", "x"),), [(reading,)])
+    governor = Governor(config, backend, open_originals(config))
+    report = governor.restore(governor.read(), 1.0, "restore_after_crash", 1.7e9)
+    assert backend.sets == [("GPU-0", 200.0)]
+    assert [r.outcome for r in report.results if r.decision.gpu_uuid == "GPU-0"] == [Outcome.APPLIED]
+    assert governor.originals.get("GPU-0") is None
