@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -32,6 +33,8 @@ from governor.escaping import escape
 from governor.safefile import UnusableFile, read_json, root_trust_problems
 
 FETCH_TIMEOUT_S = 5.0
+FETCH_TOTAL_S = 20.0
+"""The most seconds a whole answer may take to arrive, however it trickles."""
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_TABLE_BYTES = 16 * 1024 * 1024
 """The largest processes.json status reads (bytes): thousands of rows fit."""
@@ -311,7 +314,30 @@ def fetch_text(url: str, *, cafile: str | None = None, username: str | None = No
     """GET ``url``; StatusError naming the actual cause when there is no usable answer.
 
     ``cafile`` trusts a self-signed TLS certificate, ``username``/``password`` answer basic auth.
+    The whole exchange takes at most FETCH_TOTAL_S: the socket timeout bounds each read only,
+    and whoever holds the port (any local user, while the daemon is down) could send a byte
+    every few seconds for ever. The fetch runs on a thread of its own, left behind if late.
     """
+    outcome: list[str | BaseException] = []
+
+    def fetch() -> None:
+        try:
+            outcome.append(_fetch_text(url, cafile, username, password))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=fetch, name="status-fetch", daemon=True)
+    worker.start()
+    worker.join(FETCH_TOTAL_S)
+    if not outcome:
+        raise StatusError(f"the governor at {url} did not finish its answer within {FETCH_TOTAL_S:g} s", "answer")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _fetch_text(url: str, cafile: str | None, username: str | None, password: str | None) -> str:
+    """The fetch itself (see :func:`fetch_text`)."""
     request = urllib.request.Request(url)  # noqa: S310 - URL checked by normalize_url
     if username is not None:
         token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()

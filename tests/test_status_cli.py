@@ -314,6 +314,34 @@ class TestErrors:
         assert result.returncode == EXIT_UNREACHABLE and "did not answer within 5 s" in result.stderr
         assert "is it running" not in result.stderr
 
+    def test_a_trickling_answer_is_given_up_on(self) -> None:
+        """Whoever holds the port (the daemon is down) sends a byte every second for ever: status gives up
+        after FETCH_TOTAL_S in all (exit 8, named), though no single read ever times out."""
+        stop = threading.Event()
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(4)
+            port = listener.getsockname()[1]
+
+            def trickle() -> None:
+                connection, _ = listener.accept()
+                with connection:
+                    for byte in b"HTTP/1.0 200 OK\r\n" + b"X-Pad: " + b"a" * 10_000:
+                        if stop.wait(1.0):
+                            return
+                        connection.sendall(bytes([byte]))
+
+            server = threading.Thread(target=trickle, daemon=True)
+            server.start()
+            started = time.monotonic()
+            result = status("--url", f"127.0.0.1:{port}", timeout=60)
+            took_s = time.monotonic() - started
+            stop.set()
+            server.join(5)
+        assert result.returncode == EXIT_BAD_ANSWER, result.stderr
+        assert "did not finish its answer within 20 s" in result.stderr
+        assert took_s < 50  # 20 s and the start of a Python, never the minutes the trickle would take
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
