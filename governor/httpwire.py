@@ -147,6 +147,10 @@ def read_head(
         too_long = _too_long(buffer)
         if too_long is not None:
             raise too_long
+        first = buffer.find(b"\n")
+        if first >= 0 and _VERSION_LIKE.fullmatch(bytes(buffer[:first]).removesuffix(b"\r")) is None:
+            # HTTP/0.9's "GET /metrics" (or junk): no blank line will ever come, so answer now
+            raise HeadError(400, "malformed request line (METHOD SP TARGET SP HTTP/1.x)")
         if len(buffer) >= MAX_REQUEST_HEAD_BYTES:
             raise HeadError(431, f"request head over {MAX_REQUEST_HEAD_BYTES} bytes")
         chunk = _receive(sock, deadline_s, clock, MAX_REQUEST_HEAD_BYTES - len(buffer))

@@ -321,6 +321,18 @@ class TestOverTheWire:
         assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n")
         assert b"Content-Type: text/plain; charset=utf-8\r\n" in answer
 
+    def test_an_http09_request_is_answered_without_waiting_for_a_blank_line(self) -> None:
+        """``GET /metrics`` and one line end (HTTP/0.9: no blank line ever follows) gets its 400 at once, not
+        when the head deadline ends (set to 60 s here: an answer after it would be the old behaviour)."""
+        served = MetricsServer("127.0.0.1", 0, tiny_registry(), request_timeout_s=60.0)
+        try:
+            with socket.create_connection(("127.0.0.1", served.port), timeout=30.0) as sock:
+                sock.sendall(b"GET /metrics\r\n")
+                answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.0 400 Bad Request\r\n")
+        finally:
+            served.close()
+
     def test_http2_request_line_gets_505(self, server: MetricsServer) -> None:
         """An HTTP/2.0 request line is answered 505 with a status line."""
         assert exchange(server.port, b"GET /metrics HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.0 505 ")
