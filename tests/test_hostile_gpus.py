@@ -148,7 +148,15 @@ def cases(draw: st.DrawFn) -> Case:
     """Any shipped config on one to three GPUs with any range NVML could report, read 40 times."""
     infos = []
     for i in range(draw(st.integers(1, 3))):
-        low, high, default, _ = checked_power_range(draw(NVML_WATTS), draw(NVML_WATTS), draw(NVML_WATTS))
+        low: float | None
+        high: float | None
+        default: float | None
+        if draw(st.booleans()):  # half the cards: a range as real cards report it
+            low, high, default = draw(
+                st.sampled_from([(100.0, 220.0, 200.0), (200.0, 700.0, 700.0), (150.0, 150.0, 150.0)])
+            )
+        else:  # the others: any three values NVML's milliwatts can say, through the adapter's check
+            low, high, default, _ = checked_power_range(draw(NVML_WATTS), draw(NVML_WATTS), draw(NVML_WATTS))
         infos.append(GpuInfo(i, f"GPU-{i}", draw(st.sampled_from(["NVIDIA GeForce RTX 4070", "NVIDIA H100", ""])),
                              power_limit_min_w=low, power_limit_max_w=high, power_limit_default_w=default,
                              fan_count=draw(st.sampled_from([None, 0, 1, 2]))))  # fmt: skip
