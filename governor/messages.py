@@ -128,6 +128,7 @@ MESSAGES: dict[str, str] = {
     "nvml_field_not_supported": _GPU + " does not support {field}: left out",
     "nvml_field_supported_again": _GPU + " supports {field} again",
     "nvml_field_failed": _GPU + " reading {field} failed: {reason}",
+    "nvml_value_implausible": _GPU + " reported what no GPU can have ({dropped}): not used",
     "nvml_version_fallback": "NVML {read}: {skipped} is missing in this driver, using an older call ({reason})",
     "nvml_shutdown_failed": "NVML shutdown failed ({kind}): {reason}",
     # --- the log itself -------------------------------------------------------------------
