@@ -44,14 +44,12 @@ from governor.model import (
 from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.budget import BudgetState, apply_budget
-from governor.rules.engine import GpuPlan, GpuRuleState, evaluate, wanted_w
+from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate, wanted_w
 from governor.rules.vram import under_pressure
 from governor.safefile import check_private_dir
 from governor.state import OriginalLimits
 from governor.units import UnitManager
 from governor.unitstate import StoppedUnitsStore, UnitKeeper
-
-_NO_STATE = GpuRuleState()
 
 TICK = "tick"
 """A report of one tick: a snapshot went through the rules."""
@@ -442,7 +440,7 @@ class Governor:
         for gpu in self.gpus:
             uuid = gpu.uuid
             plan = self.plans[uuid]
-            state = self.states.get(uuid, _NO_STATE)
+            state = self.states.get(uuid, NEW_STATE)
             reading = readings.get(uuid)
             if reading is not None and reading.processes:
                 classes, unclassified, processes = class_usage(reading.processes, self.facts, vram, rows)
@@ -524,7 +522,7 @@ class Governor:
             uuid = result.decision.gpu_uuid
             if result.outcome is not Outcome.REFUSED or uuid not in self.states:
                 continue
-            before = previous.get(uuid, GpuRuleState())
+            before = previous.get(uuid, NEW_STATE)
             now = self.states[uuid]
             if result.decision.fan is not None and uuid in fans_off:
                 self.states[uuid] = replace(now, fan=before.fan)
