@@ -56,6 +56,10 @@ TICK = "tick"
 RESTORE = "restore"
 """A report of restored limits (after a crash at start, or on stop): no rules ran."""
 
+_FANS_UNSET = {mode: FanStatus(mode=mode.value) for mode in FanMode}
+"""Per fan mode, the status of fans the governor may drive but has set no speed on (the card's
+own control runs them): every tick of a GPU in ``auto`` mode, built once."""
+
 
 @dataclass(frozen=True, slots=True)
 class GpuTick:
@@ -482,7 +486,10 @@ class Governor:
         why = self.actuator.fans.monitor_only.get(uuid) or state.fan.handed_back
         if why is None and mode is not FanMode.AUTO:
             why = plan.fan.no_fans
-        return FanStatus(mode=mode.value, targets_percent=() if why else state.fan.targets, monitor_only=why)
+        targets = () if why else state.fan.targets
+        if why is None and not targets:
+            return _FANS_UNSET[mode]
+        return FanStatus(mode=mode.value, targets_percent=targets, monitor_only=why)
 
     def _original_limit_saved(self, uuid: str) -> bool | None:
         """False while a GPU is left alone because its original could not be saved, True once saved, else None."""

@@ -286,6 +286,8 @@ class DecisionLog:
         self._state_error = error
         for warning in report.state_warnings:
             self.log.warning("state_entry_rejected", detail=warning)
+        if not report.hands_off and not self._hands_off:
+            return  # no GPU left alone, now or before: nothing began or ended
         hands_off = set(report.hands_off)
         for gpu_uuid in sorted(hands_off - self._hands_off):
             self.log.error(
