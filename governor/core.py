@@ -44,19 +44,21 @@ from governor.model import (
 from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.budget import BudgetState, apply_budget
-from governor.rules.engine import GpuPlan, GpuRuleState, evaluate, wanted_w
+from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate, wanted_w
 from governor.rules.vram import under_pressure
 from governor.safefile import check_private_dir
 from governor.state import OriginalLimits
 from governor.units import UnitManager
 from governor.unitstate import StoppedUnitsStore, UnitKeeper
 
-_NO_STATE = GpuRuleState()
-
 TICK = "tick"
 """A report of one tick: a snapshot went through the rules."""
 RESTORE = "restore"
 """A report of restored limits (after a crash at start, or on stop): no rules ran."""
+
+_FANS_UNSET = {mode: FanStatus(mode=mode.value) for mode in FanMode}
+"""Per fan mode, the status of fans the governor may drive but has set no speed on (the card's
+own control runs them): every tick of a GPU in ``auto`` mode, built once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,7 +444,7 @@ class Governor:
         for gpu in self.gpus:
             uuid = gpu.uuid
             plan = self.plans[uuid]
-            state = self.states.get(uuid, _NO_STATE)
+            state = self.states.get(uuid, NEW_STATE)
             reading = readings.get(uuid)
             if reading is not None and reading.processes:
                 classes, unclassified, processes = class_usage(reading.processes, self.facts, vram, rows)
@@ -484,7 +486,10 @@ class Governor:
         why = self.actuator.fans.monitor_only.get(uuid) or state.fan.handed_back
         if why is None and mode is not FanMode.AUTO:
             why = plan.fan.no_fans
-        return FanStatus(mode=mode.value, targets_percent=() if why else state.fan.targets, monitor_only=why)
+        targets = () if why else state.fan.targets
+        if why is None and not targets:
+            return _FANS_UNSET[mode]
+        return FanStatus(mode=mode.value, targets_percent=targets, monitor_only=why)
 
     def _original_limit_saved(self, uuid: str) -> bool | None:
         """False while a GPU is left alone because its original could not be saved, True once saved, else None."""
@@ -524,7 +529,7 @@ class Governor:
             uuid = result.decision.gpu_uuid
             if result.outcome is not Outcome.REFUSED or uuid not in self.states:
                 continue
-            before = previous.get(uuid, GpuRuleState())
+            before = previous.get(uuid, NEW_STATE)
             now = self.states[uuid]
             if result.decision.fan is not None and uuid in fans_off:
                 self.states[uuid] = replace(now, fan=before.fan)

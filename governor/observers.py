@@ -247,10 +247,11 @@ class DecisionLog:
         for r in report.snapshot.gpus:
             health, was = r.health, self._health.get(r.uuid, GpuHealth.OK)
             self._health[r.uuid] = health
-            if health is GpuHealth.LOST and was is not GpuHealth.LOST:
-                self.log.error("gpu_lost", gpu=r.index, uuid=r.uuid, reason="the GPU stopped answering")
-            elif health is not GpuHealth.LOST and was is GpuHealth.LOST:
-                self.log.warning("gpu_recovered", gpu=r.index, uuid=r.uuid, health=health.value)
+            if health is not was:
+                if health is GpuHealth.LOST:
+                    self.log.error("gpu_lost", gpu=r.index, uuid=r.uuid, reason="the GPU stopped answering")
+                elif was is GpuHealth.LOST:
+                    self.log.warning("gpu_recovered", gpu=r.index, uuid=r.uuid, health=health.value)
             if health is GpuHealth.LOST or r.memory_used_bytes is None or not vram.enabled:
                 continue  # no reading: pressure is neither begun nor ended
             pressure = bool(pressures.get(r.uuid))
@@ -286,6 +287,8 @@ class DecisionLog:
         self._state_error = error
         for warning in report.state_warnings:
             self.log.warning("state_entry_rejected", detail=warning)
+        if not report.hands_off and not self._hands_off:
+            return  # no GPU left alone, now or before: nothing began or ended
         hands_off = set(report.hands_off)
         for gpu_uuid in sorted(hands_off - self._hands_off):
             self.log.error(

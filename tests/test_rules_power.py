@@ -9,7 +9,7 @@ import pytest
 
 from governor.config import GpuPolicy, PowerPolicy, ThermalPolicy
 from governor.model import Action, Decision, GpuHealth, GpuInfo, ThermalZone
-from governor.rules.engine import GpuPlan, GpuRuleState, evaluate, evaluate_gpu
+from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate, evaluate_gpu
 from governor.rules.power import LadderState, clamp_w, effective_ladder, step_power, target_w
 from governor.rules.thermal import next_zone
 from tests.helpers import CARD_200W, H100, reading, snapshot
@@ -502,3 +502,14 @@ class TestEngine:
         assert rules(decisions) == ["thermal_zone", "power_critical"]
         assert new.zone is Z.CRITICAL
         assert target_w(new.ladder, p.ladder_w) == 200.0
+
+    def test_steady_tick_keeps_the_state_itself(self) -> None:
+        """A tick on which no rule changes anything returns the rule state itself; one that changes it, a new one."""
+        p = plan()
+        state, _ = evaluate_gpu(reading(50.0), p, NEW_STATE, 1.0)  # first reading: zone unknown -> optimal
+        assert state is not NEW_STATE and state.zone is Z.OPTIMAL
+        steady, decisions = evaluate_gpu(reading(50.0), p, state, 2.0)
+        assert decisions == [] and steady is state
+        hot, _ = evaluate_gpu(reading(80.0), p, state, 3.0)
+        assert hot is not state and hot.ladder.hot_samples == 1
+        assert GpuRuleState() == NEW_STATE  # the shared first state is never changed in place

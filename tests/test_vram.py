@@ -83,6 +83,15 @@ class TestVramRule:
             ("vram_enforce", Action.SIGNAL_TERM, 30),
         ]
 
+    def test_state_kept_while_every_process_is_within_budget(self) -> None:
+        """With every listed process within its budget and nothing remembered, the rule returns its state itself."""
+        table = {1: facts(1, "primary"), 2: facts(2, "secondary")}
+        state = VramState()
+        kept, decisions = evaluate_vram(reading((1, 1 * GiB), (2, 1 * GiB)), table, POLICY, state, 5.0)
+        assert decisions == [] and kept is state
+        over, decisions = evaluate_vram(reading((2, 4 * GiB)), table, POLICY, state, 6.0)
+        assert [d.rule for d in decisions] == ["vram_over_budget"] and over is not state
+
     def test_sigkill_follows_when_still_over_after_kill_after(self) -> None:
         """A process still there and over budget kill_after seconds after SIGTERM gets SIGKILL."""
         table = {2: facts(2, "secondary")}

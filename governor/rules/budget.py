@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 from governor.model import Decision, GpuHealth, GpuReading, Snapshot
 from governor.policy import Action, NodePolicy, Rule, format_seconds
-from governor.rules.engine import GpuPlan, GpuRuleState, wanted_w
+from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, wanted_w
 from governor.rules.power import DRIFT_TOLERANCE_W
 
 HEADROOM_RATIO = 0.10
@@ -172,7 +172,7 @@ def apply_budget(
             committed = set_w.get(uuid, enforced if enforced is not None else max_w)
         else:
             committed = max(enforced if enforced is not None else max_w, set_w.get(uuid, 0.0))
-        rule_w = wanted_w(states.get(uuid, GpuRuleState()), plan) if plan.policy.power.enabled else None
+        rule_w = wanted_w(states.get(uuid, NEW_STATE), plan) if plan.policy.power.enabled else None
         own = own_w.get(uuid, max_w)
         wanted = min(own, rule_w) if rule_w is not None else own
         movable = (

@@ -36,6 +36,11 @@ class GpuRuleState:
     fan: FanState = field(default_factory=FanState)
 
 
+NEW_STATE = GpuRuleState()
+"""The rule state of a GPU the rules have not seen yet: one shared instance (it is frozen, and
+building one costs more than all the rules of a steady tick)."""
+
+
 @dataclass(frozen=True, slots=True)
 class GpuPlan:
     """A GPU's policy resolved against its facts: what the rules need, computed once per config.
@@ -136,7 +141,11 @@ def evaluate_gpu(
             vram = replace(vram, dry_run=True)
         vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s, stopped_units)
         decisions.extend(vram_decisions)
-    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state, target=target, fan=fans.state), decisions
+    fan = fans.state
+    steady = zone is state.zone and ladder is state.ladder and target is state.target
+    if steady and vram_state is state.vram and fan is state.fan:
+        return state, decisions  # every rule kept its state: so does the GPU (no copy of it)
+    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state, target=target, fan=fan), decisions
 
 
 def wanted_w(state: GpuRuleState, plan: GpuPlan) -> float | None:
@@ -170,7 +179,7 @@ def evaluate(
         plan = plans.get(reading.uuid)
         if plan is None:
             continue
-        state = states.get(reading.uuid, GpuRuleState())
+        state = states.get(reading.uuid, NEW_STATE)
         new_states[reading.uuid], gpu_decisions = evaluate_gpu(
             reading,
             plan,

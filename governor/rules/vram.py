@@ -167,7 +167,8 @@ def evaluate_vram(
     ``stopped_units`` are the units the governor stopped and has not resumed yet."""
     if not policy.enabled or reading.processes is None:
         return state, []
-    if not reading.processes and not (state.offenders or state.loops_s or state.unit_signals_s or state.unit_stops_s):
+    remembered = state.offenders or state.loops_s or state.unit_signals_s or state.unit_stops_s
+    if not reading.processes and not remembered:
         return state, []  # nothing listed and nothing remembered: the tick below would rebuild this very state
     uuid = reading.uuid
     decisions: list[Decision] = []
@@ -225,6 +226,8 @@ def evaluate_vram(
                     )
                 )
         current.append((candidate, known))
+    if not current and not yielders and not remembered:
+        return state, []  # no process over its budget, none to make room, nothing remembered: this very state
 
     last_victim = state.last_victim_s.get(uuid)
     cooling = last_victim is not None and t_s - last_victim < policy.cooldown_s

@@ -28,7 +28,7 @@ from governor.classes import MATCH_KEYS, format_size
 from governor.config import Config
 from governor.core import class_usage
 from governor.model import Action, Decision, GpuHealth, ThermalZone
-from governor.rules.engine import GpuPlan, GpuRuleState, evaluate
+from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
 from governor.rules.thermal import thresholds
 from governor.trace import Trace
@@ -125,7 +125,7 @@ def replay_trace(trace: Trace, config: Config) -> ReplayResult:
         decisions.extend(decided)
         for reading in snapshot.gpus:
             plan = plans[reading.uuid]
-            state = states.get(reading.uuid, GpuRuleState())
+            state = states.get(reading.uuid, NEW_STATE)
             zone_s[reading.index][state.zone] += dt
             s = series[reading.index]
             processes = reading.processes or ()
