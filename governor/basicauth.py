@@ -25,6 +25,10 @@ from governor.auth import CheckBudget, FailureBackoff, PasswordHash, parse_passw
 from governor.httpwire import plain
 
 MAX_CACHED_CREDENTIALS = 4
+MAX_CACHED_REJECTIONS = 64
+"""Refused Authorization headers remembered (keyed digests): sent again, one is refused at once,
+with no bcrypt run and no failure counted, so a scraper with a stale password (a second job, an
+old config) keeps failing alone instead of backing off the client it shares an address or user with."""
 """Accepted Authorization headers remembered (as keyed digests) so a scrape costs no bcrypt run."""
 MAX_PASSWORD_CHECKS = 1
 """bcrypt (or scrypt) checks run at once: a flood of wrong passwords burns at most one core."""
@@ -48,7 +52,9 @@ class BasicAuth:
     ``users`` maps a user name to its hash (a parsed one, or the text: bcrypt, or scrypt from
     the deprecated key). A header that once verified is remembered as an HMAC digest under a
     per-process random key, so routine scrapes cost no bcrypt run (and pass even while their
-    address is backed off). A check always runs one hash, an unknown user's against a
+    address is backed off); one that was refused is remembered too, and refused again at once
+    without counting as another failure (a stale password is one guess, not a flood). A check
+    always runs one hash, an unknown user's against a
     configured user's hash picked by the name, so timing does not tell which users exist. Checks are bounded:
     ``check_slots`` at once, one at a time per address, each waiting at most
     ``check_wait_s`` seconds for a slot, and no more than ``budget`` allows over time
@@ -76,6 +82,7 @@ class BasicAuth:
         self._hashes = tuple(self._users.values())  # an unknown user's password is checked against one
         self._cache_key = os.urandom(32)
         self._accepted: tuple[bytes, ...] = ()
+        self._rejected: dict[bytes, None] = {}  # refused headers' digests, oldest first
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(check_slots)
         self._check_wait_s = check_wait_s
@@ -102,13 +109,15 @@ class BasicAuth:
         digest = hmac.new(self._cache_key, header.encode("latin-1", "replace"), hashlib.sha256).digest()
         if any(hmac.compare_digest(digest, seen) for seen in self._accepted):
             return Verdict.OK, address
+        if digest in self._rejected:  # the same wrong credentials again: a guess only once
+            return Verdict.WRONG, address
         if who is not None:
             address = who()
         if self.backoff.blocked_for(address, time.monotonic()) > 0:
             return Verdict.BACKED_OFF, address
         credentials = _basic_credentials(header)
         if credentials is None:
-            self.backoff.failed(address, time.monotonic())
+            self._refused(digest, address)
             return Verdict.WRONG, address
         user, password = credentials
         hashed = self._users.get(user)
@@ -116,12 +125,20 @@ class BasicAuth:
         if password_ok is None:
             return Verdict.BUSY, address
         if hashed is None or not password_ok:
-            self.backoff.failed(address, time.monotonic())
+            self._refused(digest, address)
             return Verdict.WRONG, address
         self.backoff.succeeded(address)
         with self._lock:
             self._accepted = (digest, *self._accepted)[:MAX_CACHED_CREDENTIALS]
         return Verdict.OK, address
+
+    def _refused(self, digest: bytes, address: str) -> None:
+        """Count a failed login against ``address`` and remember the header that failed."""
+        self.backoff.failed(address, time.monotonic())
+        with self._lock:
+            self._rejected[digest] = None
+            while len(self._rejected) > MAX_CACHED_REJECTIONS:
+                del self._rejected[next(iter(self._rejected))]
 
     def _decoy(self, user: bytes) -> PasswordHash:
         """The configured hash an unknown ``user``'s password is checked against: one picked by

@@ -427,10 +427,10 @@ class TestPasswordChecks:
         guard = BasicAuth({"prometheus": cheap_hash}, backoff=FailureBackoff(first_s=30.0, max_s=60.0))
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         try:
-            for _ in range(auth.FREE_FAILURES):
-                assert request(served.port, source="127.0.0.3", headers=basic("wrong")).status == 401
+            for guess in range(auth.FREE_FAILURES):  # a guesser: a new password each time
+                assert request(served.port, source="127.0.0.3", headers=basic(f"guess{guess}")).status == 401
             assert guard.hash_checks == auth.FREE_FAILURES
-            refused = request(served.port, source="127.0.0.3", headers=basic("wrong"))
+            refused = request(served.port, source="127.0.0.3", headers=basic("another guess"))
             assert refused.status == 429 and 1 <= int(refused.headers["Retry-After"]) <= 30
             assert request(served.port, source="127.0.0.3", headers=basic(PASSWORD)).status == 429
             assert guard.hash_checks == auth.FREE_FAILURES  # neither refused request ran bcrypt
@@ -444,9 +444,9 @@ class TestPasswordChecks:
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         try:
             assert request(served.port, source="127.0.0.5", headers=basic(PASSWORD)).status == 200
-            for _ in range(auth.FREE_FAILURES):
-                assert request(served.port, source="127.0.0.5", headers=basic("wrong")).status == 401
-            assert request(served.port, source="127.0.0.5", headers=basic("wrong")).status == 429
+            for guess in range(auth.FREE_FAILURES):
+                assert request(served.port, source="127.0.0.5", headers=basic(f"guess{guess}")).status == 401
+            assert request(served.port, source="127.0.0.5", headers=basic("another guess")).status == 429
             assert request(served.port, source="127.0.0.5", headers=basic(PASSWORD)).status == 200
         finally:
             served.close()
@@ -472,13 +472,26 @@ class TestPasswordChecks:
         finally:
             served.close()
 
+    def test_the_same_wrong_password_again_is_one_failure(self, cheap_hash: str) -> None:
+        """A scraper with a stale password sends the same header on every scrape: refused each time, but
+        checked and counted once, so it never backs off the client it shares an address or user with."""
+        guard = BasicAuth({"prometheus": cheap_hash})
+        served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
+        try:
+            statuses = [request(served.port, headers=basic("stale")).status for _ in range(4 * auth.FREE_FAILURES)]
+            assert statuses == [401] * (4 * auth.FREE_FAILURES)
+            assert guard.hash_checks == 1
+            assert request(served.port, headers=basic(PASSWORD)).status == 200  # not backed off
+        finally:
+            served.close()
+
     def test_check_budget_bounds_checks_from_many_addresses(self, cheap_hash: str) -> None:
         """Past the budget's burst, wrong guesses from fresh addresses get 503 without a bcrypt run."""
         guard = BasicAuth({"prometheus": cheap_hash}, budget=CheckBudget(per_s=0.01, burst=3))
         served = MetricsServer("127.0.0.1", 0, tiny_registry(), basic_auth=guard)
         try:
             statuses = [
-                request(served.port, source=f"127.0.0.{20 + i}", headers=basic("wrong")).status for i in range(6)
+                request(served.port, source=f"127.0.0.{20 + i}", headers=basic(f"guess{i}")).status for i in range(6)
             ]
             assert statuses == [401, 401, 401, 503, 503, 503]
             assert guard.hash_checks == 3
