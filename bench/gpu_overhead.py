@@ -42,6 +42,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from trees import run_child, tree_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 TICK_CHILD = r"""
@@ -116,28 +118,13 @@ def pct(samples: list[float]) -> dict[str, float]:
     }
 
 
-def tree_env(tree: Path) -> dict[str, str]:
-    """The environment a child of ``tree`` runs in: that checkout first on the import path."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
-
-
 def floor_and_tick(trees: list[Path], iterations: int, rounds: int) -> dict[str, Any]:
     """Per checkout: the NVML floor and the full tick per GPU, ``rounds`` alternating children."""
     samples: dict[Path, dict[str, Any]] = {tree: {"floor_us": [], "tick_us": []} for tree in trees}
     per_round = max(1, iterations // rounds)
     for _ in range(rounds):
         for tree in trees:
-            result = subprocess.run(
-                [sys.executable, "-c", TICK_CHILD, str(tree), str(REPO / "bench"), str(per_round)],
-                cwd=tree,
-                env=tree_env(tree),
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if result.returncode != 0:
-                sys.exit(f"tick child of {tree} failed (exit {result.returncode}):\n{result.stderr}")
-            got = json.loads(result.stdout.strip().splitlines()[-1])
+            got = run_child(tree, TICK_CHILD, tree, REPO / "bench", per_round, what="tick child")
             samples[tree]["gpus"] = got["gpus"]
             samples[tree]["telemetry_us_p50"] = got["telemetry_us_p50"]
             samples[tree]["floor_us"] += got["floor_us"]

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from trees import run_child
 
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = 500  # ticks per chunk whose median is a candidate for best_p50
@@ -95,19 +94,8 @@ def pct(samples: list[float]) -> dict[str, float]:
 
 def child(tree: Path, kind: str, ticks: int, gpus: int) -> list[float]:
     """One child's tick samples (us per GPU)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tree), kind, str(ticks), str(gpus), str(REPO / "tests" / "fake_pynvml.py")],
-        cwd=tree,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"{tree} ({kind}) failed:\n{result.stderr}")
-    samples: list[float] = json.loads(result.stdout.strip().splitlines()[-1])
-    return samples
+    fake = REPO / "tests" / "fake_pynvml.py"
+    return [float(s) for s in run_child(tree, CHILD, tree, kind, ticks, gpus, fake, what=f"the {kind} child")]
 
 
 def main() -> int:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from trees import run_child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,19 +92,7 @@ print(json.dumps((tick_s - floor_s) / n * 1e6))
 
 def child(tree: Path, kind: str, amount: float) -> float:
     """One child's figure: governor Python us per tick, or simulated ticks per CPU second."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(":")}
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tree), kind, str(amount), str(REPO)],
-        cwd=tree,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"{tree} ({kind}) failed:\n{result.stderr}")
-    value: float = json.loads(result.stdout.strip().splitlines()[-1])
-    return value
+    return float(run_child(tree, CHILD, tree, kind, amount, REPO, what=f"the {kind} child"))
 
 
 def main() -> int:
