@@ -31,6 +31,7 @@ ORIGINALS = f"{STATE_DIR}/original-limits.json"
 METRICS_URL = "http://127.0.0.1:9847/metrics"
 SUITE = "bookworm"
 HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+BOOT_TIMEOUT_S = 180.0  # generous: a busy 2-core machine; a failure reports what the boot was doing
 REQUIRED = os.environ.get("GG_REQUIRE_SYSTEM_TESTS") == "1"
 T = TypeVar("T")
 
@@ -212,6 +213,24 @@ def debootstrap(root: Path, packages: list[str]) -> None:
     )  # fmt: skip
 
 
+def is_namespace_init(pid: int) -> bool:
+    """Whether ``pid`` is PID 1 of a PID namespace below ours (the container's init).
+
+    systemd-nspawn first forks an "outer child" in our namespace, which clones the container's
+    init and exits. A probe in that window used to pick the outer child as the leader, and every
+    later nsenter into it failed: stop 21's CI saw "systemd to finish booting" time out with
+    nothing read."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            ids = line.split()[1:]
+            return len(ids) >= 2 and ids[-1] == "1"
+    return False
+
+
 def boot(root: Path, deb: Path, log: Path) -> Container:
     """Boot the root with systemd as PID 1 and wait until it is up."""
     with open(log, "wb") as out:
@@ -226,20 +245,36 @@ def boot(root: Path, deb: Path, log: Path) -> Container:
         if nspawn.poll() is not None:
             raise AssertionError(f"systemd-nspawn exited {nspawn.returncode}: {log.read_text()[-3000:]}")
         children = host(["pgrep", "-P", str(nspawn.pid)], check=False).stdout.split()
-        return int(children[0]) if children else None
+        return next((int(pid) for pid in children if is_namespace_init(int(pid))), None)
 
     pid = wait_for("the container's PID 1", leader, 30)
     box = Container(root=root, nspawn=nspawn, leader=pid, deb=deb)
 
+    seen: list[str] = []
+
     def up() -> str | None:
-        state = box.sh("systemctl is-system-running", check=False).stdout.strip()
+        state = box.sh("systemctl is-system-running", check=False, timeout=30).stdout.strip()
+        seen.append(state)
         return state if state in ("running", "degraded") else None
 
-    state = wait_for("the container's systemd to finish booting", up, 90, interval=0.5)
+    try:
+        state = wait_for("the container's systemd to finish booting", up, BOOT_TIMEOUT_S, interval=0.5)
+    except AssertionError as timed_out:
+        raise AssertionError(f"{timed_out}\n{boot_report(box, seen, log)}") from None
     if state == "degraded":
         failed = box.sh("systemctl --failed --no-legend", check=False).stdout
         print(f"container booted degraded; failed units:\n{failed}")
     return box
+
+
+def boot_report(box: Container, seen: list[str], log: Path) -> str:
+    """What a boot that did not finish was doing: the states it went through, its pending jobs,
+    its failed units and the end of its console."""
+    states = " -> ".join(state for i, state in enumerate(seen) if i == 0 or seen[i - 1] != state)
+    jobs = box.sh("systemctl list-jobs --no-legend", check=False, timeout=30).stdout
+    failed = box.sh("systemctl --failed --no-legend", check=False, timeout=30).stdout
+    console = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    return f"states: {states}\npending jobs:\n{jobs}\nfailed units:\n{failed}\nconsole:\n{console}"
 
 
 def power_off(box: Container) -> None:
