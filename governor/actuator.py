@@ -131,20 +131,25 @@ class Actuator:
         self.fans = FanActuator(backend, FanControl(state_dir), self._gpus.values())
         self._note_ranges()
 
-    def set_gpus(self, gpus: Iterable[GpuInfo]) -> None:
-        """The GPUs present now (they can appear late, when the driver loads after start). A GPU
-        whose power-limit range is unknown is monitor-only (:meth:`_note_ranges`)."""
+    def set_gpus(self, gpus: Iterable[GpuInfo]) -> frozenset[str]:
+        """The GPUs present now (they can appear late, when the driver loads after start, and a card
+        can report its range late). A GPU whose power-limit range is unknown is monitor-only
+        (:meth:`_note_ranges`); returns the UUIDs governed again because they have one now."""
         self._gpus = {g.uuid: g for g in gpus}
-        self._note_ranges()
+        regained = self._note_ranges()
         self.fans.set_gpus(self._gpus.values())
+        return regained
 
-    def _note_ranges(self) -> None:
-        """Mark the GPUs without a power-limit range monitor-only (and unmark those that have one now)."""
+    def _note_ranges(self) -> frozenset[str]:
+        """Mark the GPUs without a power-limit range monitor-only; unmark (and return) those that have one now."""
+        regained = set()
         for uuid, info in self._gpus.items():
             if info.power_limit_min_w is None or info.power_limit_max_w is None:
                 self.monitor_only.setdefault(uuid, NO_RANGE)
             elif self.monitor_only.get(uuid) == NO_RANGE:
                 del self.monitor_only[uuid]
+                regained.add(uuid)
+        return frozenset(regained)
 
     def apply(self, decisions: Iterable[Decision], snapshot: Snapshot) -> list[ActionResult]:
         """Carry out every decision; informational ones come back SKIPPED."""

@@ -44,7 +44,7 @@ from governor.model import (
 from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.budget import BudgetState, apply_budget
-from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate, wanted_w
+from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate, rearm_drift, wanted_w
 from governor.rules.vram import under_pressure
 from governor.safefile import check_private_dir
 from governor.state import OriginalLimits
@@ -512,7 +512,8 @@ class Governor:
             contradictions=tuple(str(issue) for issue in self.contradictions()),
         )
         self.plans = build_plans(self.config, gpus)
-        self.actuator.set_gpus(gpus)
+        for uuid in self.actuator.set_gpus(gpus) & self.states.keys():
+            self.states[uuid] = rearm_drift(self.states[uuid])  # its wanted limit, refused so far, is applied
         appeared = new - old
         if appeared and self.live:
             return changes, tuple(self.actuator.restore(snapshot, snapshot.t_s, "restore_after_crash", only=appeared))

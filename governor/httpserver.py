@@ -71,7 +71,7 @@ from governor.config import MetricsConfig, is_loopback
 from governor.errors import ConfigError, ConfigIssue
 from governor.httpwire import MAX_REQUEST_HEAD_BYTES as MAX_REQUEST_HEAD_BYTES  # noqa: PLC0414
 from governor.httpwire import MAX_REQUEST_LINE_BYTES as MAX_REQUEST_LINE_BYTES  # noqa: PLC0414
-from governor.httpwire import HeadError, Request, parse_head, plain, read_head, response
+from governor.httpwire import HeadError, Request, gzip_accepted, parse_head, plain, read_head, response
 from governor.metrics import Exposition, GovernorRegistry
 from governor.peeruid import client_key
 from governor.webconfig import (
@@ -146,7 +146,7 @@ class Endpoint:
     404, other methods 405 with ``Allow``; behind ``auth`` when one is given.
 
     A GET gets what prometheus-client's app would answer: the format the Accept header asks
-    for (the text format, or OpenMetrics), gzip when Accept-Encoding allows it, and a
+    for (the text format, or OpenMetrics), gzip when Accept-Encoding asks for it (with a weight above 0), and a
     ``name[]`` query filter. From an :class:`~governor.metrics.Exposition` the bytes rendered
     once per published state are served (a ``name[]`` filter, rare, renders the current
     state for its request alone); from another registry, a rendering per request."""
@@ -172,7 +172,7 @@ class Endpoint:
             return response(204, [("Allow", _ALLOW)])
         if method not in {"GET", "HEAD"}:
             return plain(405, f"only {_ALLOW}\n", [("Allow", _ALLOW)])
-        compress = prometheus_exposition.gzip_accepted(request.accept_encoding or "")
+        compress = gzip_accepted(request.accept_encoding or "")
         encoder, content_type = self._negotiate(request.accept or "")
         body = self._body(request.query, encoder, content_type, compress)
         headers = [("Content-Type", content_type), *([("Content-Encoding", "gzip")] if compress else [])]

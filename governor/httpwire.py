@@ -227,6 +227,28 @@ def _what_is_wrong(head: bytes) -> HeadError:
 _date: list[tuple[int, bytes]] = [(0, b"")]
 
 
+_QVALUE = re.compile(r"(?:0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")
+
+
+def gzip_accepted(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` value asks for gzip: a ``gzip`` (or ``x-gzip``) coding whose
+    weight is above 0 (RFC 9110 section 12.5.3; no ``q`` is 1). ``gzip;q=0`` says gzip is not
+    acceptable, which prometheus-client's check ignores; a malformed weight leaves gzip out
+    (identity is always acceptable). ``*`` is not taken as gzip, as prometheus-client does not."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip"):
+            continue
+        weight = "1"
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                weight = value.strip()
+        if _QVALUE.fullmatch(weight) and float(weight) > 0:
+            return True
+    return False
+
+
 def http_date(now_s: float | None = None) -> bytes:
     """The ``Date`` value for ``now_s`` (Unix seconds; default: now), formatted once per second."""
     second = int(time.time() if now_s is None else now_s)

@@ -101,6 +101,7 @@ MESSAGES: dict[str, str] = {
     "nvml_gpu_lost": _GPU + " stopped answering NVML ({reason}); retrying in {retry_in_s} s",
     "nvml_gpu_recovered": _GPU + " answers NVML again",
     "nvml_gpu_skipped": _GPU + " skipped: {reason}",
+    "nvml_gpu_facts_read": _GPU + " ({name}) read again: power-limit range {power_limit_min_w}-{power_limit_max_w} W",
     "config_deprecated": "Config {source} uses deprecated keys {keys}: {effect}",
     "web_config_reloaded": "Web config {source} reloaded: TLS {tls}, {basic_auth_users} basic auth user(s)",
     "web_config_reload_failed": "Web config {source} could not be reloaded: {error}; {effect}",

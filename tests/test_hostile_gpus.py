@@ -89,6 +89,28 @@ class TestNvmlAdapter:
         assert reading.power_w == 0.0 and reading.power_limit_w == 200.0
 
 
+def test_a_gpu_without_a_range_at_start_is_governed_once_the_card_gives_one(tmp_path: Path) -> None:
+    """A hot GPU whose range read timed out at start is monitor-only (never written), and is governed once
+    the adapter has read the range again (the core follows the backend's GPUs)."""
+    card = FakeGpu(uuid=UUID0, temperature_c=92, errors={"nvmlDeviceGetPowerManagementLimitConstraints": 10})
+    clock = VirtualClock()
+    fake = FakeNvml([card])
+    backend = NvmlBackend(clock, nvml=fake)
+    doc = dict(CONFIGS[0], state_dir=str(tmp_path / "state"), runtime_dir="", dry_run=False)
+    config = parse_config(doc, "shipped")
+    governor = Governor(config, backend, open_originals(config))
+    del card.errors["nvmlDeviceGetPowerManagementLimitConstraints"]  # the card answers from now on
+    outcomes = []
+    for _ in range(40):
+        clock.advance(1.0)
+        report = governor.step(governor.read())
+        outcomes += [(clock.monotonic(), r.outcome, r.detail) for r in report.results if r.decision.gpu_uuid == UUID0]
+    assert any(o is Outcome.REFUSED and d == f"monitor-only: {NO_RANGE}" for t, o, d in outcomes if t < 30)
+    assert not any(o is Outcome.APPLIED for t, o, _ in outcomes if t < 30)
+    assert card.enforced_limit_mw < 700_000, outcomes  # written once the range was known
+    assert UUID0 not in governor.actuator.monitor_only
+
+
 # ----------------------------------------------------------------------------- the whole step
 
 

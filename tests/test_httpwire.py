@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from governor import httpwire
 from governor.httpserver import CACHED_CONTENT_TYPES, MetricsServer, _Workers
-from governor.httpwire import HeadError, parse_head, read_head, response
+from governor.httpwire import HeadError, gzip_accepted, parse_head, read_head, response
 from governor.metrics import Exposition
 from tests.support import wait_for
 
@@ -439,3 +439,12 @@ class TestWorkers:
         assert workers.started == 1 and len(set(ran)) == 1
         workers.close()
         wait_for(lambda: not ran[0].is_alive(), TIMEOUT_S, "close to end the idle thread")
+
+
+class TestGzipAccepted:
+    def test_gzip_is_taken_only_with_a_weight_above_zero(self) -> None:
+        """``gzip`` with no weight or q > 0 asks for gzip; ``gzip;q=0``, other codings, ``*`` and bad weights do not."""
+        yes = ["gzip", "GZIP", "deflate, gzip", "gzip;q=0.5", "gzip; q=1.0", "br;q=1, x-gzip;q=0.001", "gzip;level=1"]
+        no = ["", "identity", "deflate, br", "*", "gzip;q=0", "gzip;q=0.000", "gzip;q=1.5", "gzip;q=abc", "gzip;q=-1"]
+        assert [v for v in yes if not gzip_accepted(v)] == []
+        assert [v for v in no if gzip_accepted(v)] == []

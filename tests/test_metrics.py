@@ -183,6 +183,8 @@ class TestExposition:
             assert headers["Content-Type"].startswith("text/plain") and b"gpu_governor_ready 1.0" in plain
             headers, zipped = get({"Accept-Encoding": "gzip"})
             assert headers["Content-Encoding"] == "gzip" and gzip.decompress(zipped) == plain
+            headers, refused = get({"Accept-Encoding": "gzip;q=0, identity"})  # gzip not acceptable
+            assert "Content-Encoding" not in headers and refused == plain
             headers, open_metrics = get({"Accept": "application/openmetrics-text; version=1.0.0"})
             assert headers["Content-Type"].startswith("application/openmetrics-text")
             assert open_metrics.endswith(b"# EOF\n")

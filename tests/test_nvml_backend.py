@@ -382,6 +382,86 @@ class TestLostGpu:
         assert fake.calls["nvmlDeviceSetPowerManagementLimit"] == 0
 
 
+class TestStaticFactsReadAgain:
+    """Static facts that lack the power-limit range are read again, so the GPU is governed once it has one."""
+
+    CONSTRAINTS = "nvmlDeviceGetPowerManagementLimitConstraints"
+
+    def test_a_range_read_that_failed_at_start_is_read_again(self) -> None:
+        """A transient failure (TIMEOUT) of the range read at start leaves no range; 30 s later it is read again."""
+        card = FakeGpu(uuid=UUID0, errors={self.CONSTRAINTS: NVML_ERROR_TIMEOUT})
+        backend, fake, clock = make(card)
+        assert backend.gpus()[0].power_limit_min_w is None
+        del card.errors[self.CONSTRAINTS]
+        with capture_logs() as logs:
+            for _ in range(29):
+                clock.advance(1.0)
+                backend.read()
+            assert fake.calls[self.CONSTRAINTS] == 1  # asked at start only, so far
+            assert backend.gpus()[0].power_limit_max_w is None
+            clock.advance(1.0)
+            backend.read()
+            clock.advance(1.0)
+            backend.read()
+        (info,) = backend.gpus()
+        assert (info.power_limit_min_w, info.power_limit_max_w, info.power_limit_default_w) == (200.0, 700.0, 700.0)
+        assert fake.calls[self.CONSTRAINTS] == 2  # complete now: never asked again
+        assert [(e["event"], e["power_limit_max_w"]) for e in logs if e["event"] == "nvml_gpu_facts_read"] == [
+            ("nvml_gpu_facts_read", 700.0)
+        ]
+
+    def test_a_range_that_keeps_failing_is_asked_every_30_s_and_logged_once(self) -> None:
+        """While the range read keeps failing it is asked once per 30 s, with one warning in all."""
+        card = FakeGpu(uuid=UUID0, errors={self.CONSTRAINTS: NVML_ERROR_TIMEOUT})
+        with capture_logs() as logs:
+            backend, fake, clock = make(card)
+            for _ in range(95):
+                clock.advance(1.0)
+                backend.read()
+        assert fake.calls[self.CONSTRAINTS] == 4  # at 0, 30, 60 and 90 s
+        assert [e["event"] for e in logs].count("nvml_field_failed") == 1
+        assert backend.gpus()[0].power_limit_min_w is None
+
+    def test_a_not_supported_range_rests_like_any_not_supported_field(self) -> None:
+        """A card without power management (NotSupported) is asked again only after unsupported_reprobe_s."""
+        card = FakeGpu(uuid=UUID0, errors={self.CONSTRAINTS: NVML_ERROR_NOT_SUPPORTED})
+        backend, fake, clock = make(card, unsupported_reprobe_s=120.0)
+        for _ in range(119):
+            clock.advance(1.0)
+            backend.read()
+        assert fake.calls[self.CONSTRAINTS] == 1
+        del card.errors[self.CONSTRAINTS]
+        clock.advance(1.0)
+        backend.read()
+        assert fake.calls[self.CONSTRAINTS] == 2
+        assert backend.gpus()[0].power_limit_max_w == 700.0
+
+    def test_a_gpu_lost_at_start_gets_its_facts_once_it_answers(self) -> None:
+        """A GPU lost while its facts were read at start (UNKNOWN) gets its name and range when it is back."""
+        card = FakeGpu(uuid=UUID0, errors={"nvmlDeviceGetName": NVML_ERROR_UNKNOWN})
+        backend, _, clock = make(card)
+        assert backend.gpus()[0].name == "unknown GPU"
+        assert backend.read().gpus[0].health is GpuHealth.LOST
+        del card.errors["nvmlDeviceGetName"]
+        clock.advance(1.0)
+        snap = backend.read()  # reacquired, then its facts
+        assert snap.gpus[0].health is GpuHealth.OK
+        (info,) = backend.gpus()
+        assert (info.name, info.power_limit_min_w, info.power_limit_max_w) == ("NVIDIA H100 80GB HBM3", 200.0, 700.0)
+        assert info.memory_total_bytes == card.memory_total
+
+    def test_complete_facts_are_never_read_again(self) -> None:
+        """A GPU whose facts hold its range costs no static read per tick (the same GpuInfo object is kept)."""
+        backend, fake, clock = make(FakeGpu(uuid=UUID0))
+        before = backend.gpus()
+        for _ in range(100):
+            clock.advance(1.0)
+            backend.read()
+        assert backend.gpus() is before
+        assert fake.calls[self.CONSTRAINTS] == 1
+        assert fake.calls["nvmlDeviceGetName"] == 1
+
+
 class TestVersionFallbacks:
     def test_temperature_v_missing_in_module(self) -> None:
         """Without nvmlDeviceGetTemperatureV in nvidia-ml-py, the old nvmlDeviceGetTemperature is used."""

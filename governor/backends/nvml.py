@@ -95,8 +95,10 @@ class _GpuState:
         "energy_due_s",
         "energy_j",
         "handle",
+        "implausible",
         "index",
         "info",
+        "info_due_s",
         "limit_due_s",
         "limit_requested_w",
         "lost_error",
@@ -112,6 +114,9 @@ class _GpuState:
         self.uuid = uuid
         self.handle: Any = handle
         self.info = GpuInfo(index=index, uuid=uuid, name="unknown GPU")
+        # monotonic time at which the static facts are read again (while they lack the power range)
+        self.info_due_s = math.inf
+        self.implausible: str | None = None  # what the last static read dropped, logged once
         # field -> monotonic time at which a NotSupported field is asked again
         self.unsupported: dict[str, float] = {}
         # (field, NVML error code) pairs already logged
@@ -217,6 +222,7 @@ class NvmlBackend:
                 raise BackendUnavailable(f"{NO_DRIVER_MESSAGE} (NVML: {exc})") from None
             raise BackendUnavailable(f"NVML failed to initialise: {exc}") from None
         self._xid = XidEvents(nvml, self._call)
+        self._driver: str | None = None
         try:
             self._states = self._open_gpus()
         except BaseException:
@@ -232,7 +238,7 @@ class NvmlBackend:
         nvml, call = self._nvml, self._call
         try:
             count = int(call(nvml.nvmlDeviceGetCount))
-            driver: str | None = text(call(nvml.nvmlSystemGetDriverVersion))
+            self._driver = text(call(nvml.nvmlSystemGetDriverVersion))
         except NvmlFailure as exc:
             raise BackendUnavailable(f"NVML cannot list GPUs: {exc}") from None
         if count == 0:
@@ -248,12 +254,11 @@ class NvmlBackend:
                 continue
             st = _GpuState(index, uuid, handle)
             try:
-                st.info = _static_info(self, st, driver, now)
-                _static_fans(self, st, now)
+                _read_static(self, st, now)
             except (_Lost, NvmlFailure) as exc:
                 self._mark_lost(st, str(exc), now)
+                st.info_due_s = now  # read once it answers again
             _watch_xid(self, st, now)
-            st.unsupported = {f: t for f, t in st.unsupported.items() if f in TELEMETRY_FIELDS}  # static: never again
             states.append(st)
         if not states:
             raise BackendUnavailable("NVML could not open any GPU")
@@ -371,6 +376,8 @@ class NvmlBackend:
                 continue
             try:
                 reading = self._read_gpu(st, now)
+                if now >= st.info_due_s:
+                    _reread_static(self, st, now)
             except _Lost as exc:
                 self._mark_lost(st, str(exc), now)
                 readings.append(st.lost_reading())
@@ -468,6 +475,46 @@ def _reacquire(backend: NvmlBackend, st: _GpuState, now: float) -> bool:
     return _watch_xid(backend, st, now)  # a new handle: watched too (a no-op for the same device key)
 
 
+def _reread_static(backend: NvmlBackend, st: _GpuState, now: float) -> None:
+    """Read a GPU's static facts again: they lack its power-limit range, because a read failed
+    at start (a transient error, or the GPU was lost then) or the card gave none. The core
+    follows :meth:`NvmlBackend.gpus`, so a GPU monitor-only for want of a range is governed once it has one."""
+    before = st.info
+    try:
+        _read_static(backend, st, now)
+    except NvmlFailure as exc:  # LOST raises _Lost (the caller's); anything else: next time
+        st.info_due_s = now + backend._limit_refresh_s
+        backend._failed(st, "static_facts", exc, now)
+    if st.info != before:
+        backend._infos = tuple(s.info for s in backend._states)
+        info = st.info
+        log.info(
+            "nvml_gpu_facts_read",
+            gpu=st.index,
+            uuid=st.uuid,
+            name=info.name,
+            power_limit_min_w=info.power_limit_min_w,
+            power_limit_max_w=info.power_limit_max_w,
+        )
+
+
+def _read_static(backend: NvmlBackend, st: _GpuState, now: float) -> None:
+    """Read the static facts of one GPU into its state, and when to read them again: never once
+    they hold the power-limit range; while they do not, in ``limit_refresh_s`` (or when a
+    NotSupported range may be asked again). Raises _Lost / NvmlFailure as the reads do."""
+    st.info = _static_info(backend, st, backend._driver, now)
+    _static_fans(backend, st, now)
+    resting = st.unsupported.get("power_limit_constraints")
+    if st.info.power_limit_min_w is not None and st.info.power_limit_max_w is not None:
+        st.info_due_s = math.inf
+    else:
+        st.info_due_s = resting if resting is not None else now + backend._limit_refresh_s
+    # the other static fields are never asked again on their own (and per-tick reads find no rest to check)
+    st.unsupported = {f: t for f, t in st.unsupported.items() if f in TELEMETRY_FIELDS}
+    if resting is not None and st.info_due_s == resting:
+        st.unsupported["power_limit_constraints"] = resting
+
+
 def _static_fans(backend: NvmlBackend, st: _GpuState, now: float) -> None:
     """The fan count (kept for the telemetry too) and the speed range a fan may be set to, into the GPU's facts."""
     fans = backend._get(st, "fan_count", backend._reads.fan_count, now)
@@ -523,8 +570,9 @@ def _static_info(backend: NvmlBackend, st: _GpuState, driver: str | None, now: f
     min_w, max_w, default_w, implausible = checked_power_range(
         min_w, max_w, None if default_mw is None else default_mw / 1000.0
     )
-    if implausible is not None:  # a broken answer: the limit is left alone rather than set from it
+    if implausible is not None and implausible != st.implausible:  # a broken answer: the limit is left alone
         log.warning("nvml_value_implausible", gpu=st.index, uuid=st.uuid, dropped=implausible)
+    st.implausible = implausible
     return GpuInfo(
         index=st.index,
         uuid=st.uuid,

@@ -148,6 +148,15 @@ def evaluate_gpu(
     return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state, target=target, fan=fan), decisions
 
 
+def rearm_drift(state: GpuRuleState) -> GpuRuleState:
+    """The state with the power rule's drift check armed again: the next tick re-applies the limit
+    the rule wants if the enforced one is above it (once), as for a fresh drift. For a GPU whose
+    writes were refused while it was monitor-only and that is governed again."""
+    return replace(
+        state, ladder=replace(state.ladder, drift_seen=False), target=replace(state.target, drift_seen=False)
+    )
+
+
 def wanted_w(state: GpuRuleState, plan: GpuPlan) -> float | None:
     """The limit (W) the GPU's power rule wants in force, or None while hands-off."""
     if plan.policy.power.target_mode:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +319,28 @@ def _xid_register(pynvml: Any, handle: Any) -> None:
         pynvml.nvmlDeviceRegisterEvents(handle, pynvml.nvmlEventTypeXidCriticalError, event_set)
     finally:
         pynvml.nvmlEventSetFree(event_set)
+
+
+def test_static_facts_read_again_on_a_real_gpu() -> None:
+    """On real NVML, a GPU whose facts lack the range (as after a failed read at start) gets them read
+    again at its next read: the same facts as at start, a new GpuInfo, and nothing written."""
+    pytest.importorskip("pynvml")
+    try:
+        fresh = NvmlBackend(RealClock())
+    except BackendUnavailable as exc:
+        pytest.skip(f"no NVIDIA GPU: {exc}")
+    try:
+        first = fresh.gpus()[0]
+        assert first.power_limit_min_w is not None and first.power_limit_max_w is not None
+        st = fresh._states[0]
+        st.info = replace(first, power_limit_min_w=None, power_limit_max_w=None)  # as a failed range read leaves it
+        fresh._infos = (st.info, *fresh._infos[1:])
+        st.info_due_s = 0.0
+        fresh.read()
+        again = fresh.gpus()[0]
+        report("facts read again", before=(first.power_limit_min_w, first.power_limit_max_w),
+               after=(again.power_limit_min_w, again.power_limit_max_w))  # fmt: skip
+        assert again == first and again is not first
+        assert st.info_due_s == float("inf")  # complete: not read again
+    finally:
+        fresh.close()
