@@ -128,6 +128,8 @@ class SimulatedBackend:
         self._clock = clock
         self._time_scale = time_scale
         self._start_s = clock.monotonic()
+        self._advanced_at = math.nan  # the clock's reading the physics was last advanced to, and its simulated time
+        self._advanced_t = 0.0
         self._lock = threading.RLock()
         self._closed = False
         self._infos = tuple(_gpu_info(self.profile, i) for i in range(gpu_count))
@@ -186,11 +188,17 @@ class SimulatedBackend:
     # ------------------------------------------------------------------ reading
 
     def _advance(self) -> float:
-        t = self.sim_time_s()
+        """Run every GPU's physics up to the clock's present simulated time, and return that
+        time in seconds (at once when the clock has not moved since the last call)."""
+        now = self._clock.monotonic()
+        if now == self._advanced_at:
+            return self._advanced_t
+        t = max(0.0, (now - self._start_s) * self._time_scale)
         for gpu in self._gpus:
             target = math.floor(t / gpu.step_s + 1e-9)
             if target > gpu.step:
                 gpu.advance_to(target)
+        self._advanced_at, self._advanced_t = now, t
         return t
 
     def read(self) -> Snapshot:
@@ -200,9 +208,12 @@ class SimulatedBackend:
             if self._closed:
                 raise BackendError("simulated backend is closed")
             t = self._advance()
-            real = self._real.processes(len(self._gpus)) if self._real is not None else {}
-            gpus = tuple(self._reading(g, t, real.get(g.index, ())) for g in self._gpus)
-            notes = self._real.new_warnings() if self._real is not None else ()
+            if self._real is None:
+                gpus = tuple([self._reading(g, t) for g in self._gpus])
+                return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=gpus)
+            real = self._real.processes(len(self._gpus))
+            gpus = tuple([self._reading(g, t, real.get(g.index, ())) for g in self._gpus])
+            notes = self._real.new_warnings()
             return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=gpus, notes=notes)
 
     def _reading(self, gpu: SimulatedGpu, t_s: float, real: Sequence[ProcessReading] = ()) -> GpuReading:

@@ -47,6 +47,7 @@ REASON_IDLE = 0x1
 REASON_SW_POWER_CAP = 0x4
 REASON_SW_THERMAL_SLOWDOWN = 0x20
 XID_DOUBLE_BIT_ECC = 48
+_Clocks = tuple[float, float, int]  # SM clock (MHz), memory clock (MHz), performance state
 REASON_NAMES = tuple(name for _, name in CLOCK_EVENT_REASONS)
 
 
@@ -63,6 +64,25 @@ class SimStats:
     work_s: float
     elapsed_s: float
     active_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """What a run of steps of one phase keeps constant (SimulatedGpu._segment_for): the
+    ambient (C), demand and base powers (W, ``_hot``: at or above the slowdown temperature),
+    throughput ratios, utilization, clock event reasons and (SM MHz, memory MHz, pstate)."""
+
+    ambient_c: float
+    demand_w: float
+    active: bool
+    base_w: float
+    base_hot_w: float
+    throughput: float
+    throughput_hot: float
+    utilization_ratio: float
+    reasons: int
+    clocks: _Clocks
+    clocks_hot: _Clocks
 
 
 class SimProcess:
@@ -160,6 +180,11 @@ class SimulatedGpu:
         self._rng = random.Random(seed * 1_000_003 + index)  # noqa: S311 - simulation noise, not secrets
         self._events: list[ScenarioEvent] = [e for e in scenario.events if e.gpu == index]
         self._next_event = 0
+        self._next_event_at_s = math.inf  # when the next event is due (s), and its step
+        self._next_event_step = _steps_until(math.inf, substep_s)
+        self._span: tuple[float, float, int, int] = (math.inf, -math.inf, 0, 0)  # see _phase_span
+        self._segment_key: tuple[int, float, float] | None = None  # see _segment
+        self._segment: _Segment | None = None
         self.limit_w = limit_w
         initial_w = profile.idle_power_w
         if scenario.initial_power_fraction is not None:
@@ -189,6 +214,7 @@ class SimulatedGpu:
         self._proc_used_bytes = 0
         self._proc_valid_until_s = -math.inf
         self._proc_growing = False
+        self._event_due()
 
     # ------------------------------------------------------------------ physics
 
@@ -212,15 +238,36 @@ class SimulatedGpu:
         """Run the physics up to the start of step ``target_step``; scenario events due by
         then are in force afterwards."""
         h = self.step_s
-        events = self._events
-        self._apply_events()
-        while self.step < target_step:
-            phase, phase_end_s = self._timeline.phase_at(self.step * h)
-            end = min(target_step, _steps_until(phase_end_s, h))
-            if self._next_event < len(events):
-                end = min(end, _steps_until(events[self._next_event].at_s, h))
-            self._run(phase, max(end, self.step + 1) - self.step)
+        if self._next_event_at_s <= self.step * h + 1e-9:
             self._apply_events()
+        while self.step < target_step:
+            phase, phase_end = self._phase_span()
+            end = min(target_step, phase_end, self._next_event_step)
+            if self.fans is None:
+                self._run_steps(phase, max(end, self.step + 1) - self.step)
+            else:
+                self._run(phase, max(end, self.step + 1) - self.step)
+            if self._next_event_at_s <= self.step * h + 1e-9:
+                self._apply_events()
+
+    def _phase_span(self) -> tuple[int, int]:
+        """(the phase running at the present step, the first step of the next phase): the
+        timeline's answer, kept while it vouches for it (PhaseTimeline.span_at)."""
+        t = self.step * self.step_s
+        since_s, until_s, phase, end = self._span
+        if since_s <= t <= until_s:
+            return phase, end
+        phase, end_s, until_s = self._timeline.span_at(t)
+        end = _steps_until(end_s, self.step_s)
+        self._span = (t, until_s, phase, end)
+        return phase, end
+
+    def _event_due(self) -> None:
+        """Note when the next scenario event is due (never: inf)."""
+        events = self._events
+        at_s = events[self._next_event].at_s if self._next_event < len(events) else math.inf
+        self._next_event_at_s = at_s
+        self._next_event_step = _steps_until(at_s, self.step_s)
 
     def _apply_events(self) -> None:
         t = self.step * self.step_s
@@ -236,6 +283,7 @@ class SimulatedGpu:
             else:
                 self.set_fault(event.fault)
             self._next_event += 1
+        self._event_due()
 
     def set_fan(self, percent: float | None) -> None:
         """Run the fans at ``percent`` of their maximum from now on (None: the card's own control)."""
@@ -255,21 +303,14 @@ class SimulatedGpu:
             fans.step(self.thermal, self.fault == "fan_stuck")
             self._run_steps(phase, 1)
 
-    def _run_steps(self, phase: int, n: int) -> None:
-        """``n`` steps of ``phase`` with everything but the die temperature constant."""
+    def _segment_for(self, phase: int) -> _Segment:
+        """What stays constant while ``phase`` runs under the present limit and heatsink:
+        kept until one of the three changes."""
+        key = (phase, self.limit_w, self.thermal.r_total_c_per_w)
+        if key == self._segment_key and self._segment is not None:
+            return self._segment
         p = self.profile
-        h = self.step_s
         ambient = self._ambient_c[phase]
-        th = self.thermal
-        if self.fault == "lost":
-            for _ in range(n):
-                th.step(0.0, ambient)
-            self.step += n
-            self.power_w = 0.0
-            self.utilization_ratio = 0.0
-            self.reasons = 0
-            self._clocks(False, 0.0, 0.0)
-            return
         demand = self._demand_w[phase]
         exponent = self._exponent[phase]
         limit = self.limit_w
@@ -278,8 +319,44 @@ class SimulatedGpu:
         base = max(idle, min(demand, limit)) if active else idle
         hold = max(idle, (p.temperature_slowdown_c - ambient) / self.thermal.r_total_c_per_w)
         base_hot = min(base, hold)
-        thr = throughput_ratio(base, demand, exponent)
-        thr_hot = throughput_ratio(base_hot, demand, exponent)
+        reasons = 0 if active else REASON_IDLE
+        if active and demand > limit:
+            reasons |= REASON_SW_POWER_CAP
+        segment = _Segment(
+            ambient_c=ambient,
+            demand_w=demand,
+            active=active,
+            base_w=base,
+            base_hot_w=base_hot,
+            throughput=throughput_ratio(base, demand, exponent),
+            throughput_hot=throughput_ratio(base_hot, demand, exponent),
+            utilization_ratio=self._utilization[phase] if active else 0.0,
+            reasons=reasons,
+            clocks=self._clocks(active, base, demand),
+            clocks_hot=self._clocks(active, base_hot, demand),
+        )
+        self._segment_key, self._segment = key, segment
+        return segment
+
+    def _run_steps(self, phase: int, n: int) -> None:
+        """``n`` steps of ``phase`` with everything but the die temperature constant."""
+        p = self.profile
+        h = self.step_s
+        th = self.thermal
+        if self.fault == "lost":
+            ambient = self._ambient_c[phase]
+            for _ in range(n):
+                th.step(0.0, ambient)
+            self.step += n
+            self.power_w = 0.0
+            self.utilization_ratio = 0.0
+            self.reasons = 0
+            self.sm_clock_mhz, self.memory_clock_mhz, self.pstate = self._clocks(False, 0.0, 0.0)
+            return
+        seg = self._segment_for(phase)
+        ambient = seg.ambient_c
+        base, base_hot = seg.base_w, seg.base_hot_w
+        thr, thr_hot = seg.throughput, seg.throughput_hot
         slowdown = p.temperature_slowdown_c
         shutdown = p.temperature_shutdown_c
         sigma = self._noise_w
@@ -312,14 +389,13 @@ class SimulatedGpu:
                 break
         th.die_c, th.sink_c = die, sink
         self.energy_j, self.work_s = energy, work
+        active = seg.active
         if active:
             self.active_s += done * h
         self.step += done
         self.power_w = power
-        self.utilization_ratio = self._utilization[phase] if active else 0.0
-        reasons = 0 if active else REASON_IDLE
-        if active and demand > limit:
-            reasons |= REASON_SW_POWER_CAP
+        self.utilization_ratio = seg.utilization_ratio
+        reasons = seg.reasons
         event_s = self.event_s
         if reasons & REASON_IDLE:
             event_s["gpu_idle"] += done * h
@@ -329,26 +405,24 @@ class SimulatedGpu:
             event_s["sw_thermal_slowdown"] += hot_steps * h
         if hot:
             reasons |= REASON_SW_THERMAL_SLOWDOWN
+            self.sm_clock_mhz, self.memory_clock_mhz, self.pstate = seg.clocks_hot
+        else:
+            self.sm_clock_mhz, self.memory_clock_mhz, self.pstate = seg.clocks
         self.reasons = reasons
-        self._clocks(active, base_hot if hot else base, demand)
         if die >= shutdown:
             self.set_fault("lost", f"thermal shutdown at {die:.1f} C (simulated)")
             if done < n:
                 self._run_steps(phase, n - done)
 
-    def _clocks(self, active: bool, base_w: float, demand_w: float) -> None:
-        """The SM and memory clocks (MHz) and performance state while ``base_w`` of
-        ``demand_w`` watts is available (see the module docstring)."""
+    def _clocks(self, active: bool, base_w: float, demand_w: float) -> _Clocks:
+        """(SM clock, memory clock (MHz), performance state) while ``base_w`` of ``demand_w``
+        watts is available (see the module docstring)."""
         tel, idle_w = self.profile.telemetry, self.profile.idle_power_w
         if not active:
-            self.sm_clock_mhz, self.memory_clock_mhz = tel.sm_clock_idle_mhz, tel.memory_clock_idle_mhz
-            self.pstate = tel.idle_pstate
-            return
+            return tel.sm_clock_idle_mhz, tel.memory_clock_idle_mhz, tel.idle_pstate
         share = 1.0 if base_w >= demand_w else max(0.0, base_w - idle_w) / max(demand_w - idle_w, 1e-9)
         span = tel.sm_clock_max_mhz - tel.sm_clock_idle_mhz
-        self.sm_clock_mhz = round(tel.sm_clock_idle_mhz + span * share ** (1.0 / 3.0))
-        self.memory_clock_mhz = tel.memory_clock_mhz
-        self.pstate = 0
+        return round(tel.sm_clock_idle_mhz + span * share ** (1.0 / 3.0)), tel.memory_clock_mhz, 0
 
     def memory_temperature_c(self) -> float:
         """The memory (HBM) temperature in C: between the heatsink and the die, where the

@@ -147,6 +147,10 @@ class Scenario:
         return max(indexes, default=-1)
 
 
+SPAN_MARGIN_S = 1e-6
+"""How far before a phase's end (seconds) :meth:`PhaseTimeline.span_at` vouches for its answer."""
+
+
 class PhaseTimeline:
     """Which phase runs at a given simulated time, and when the next one starts."""
 
@@ -162,19 +166,27 @@ class PhaseTimeline:
 
     def phase_at(self, t_s: float) -> tuple[int, float]:
         """(index of the phase running at ``t_s``, simulated time its run ends; inf: never)."""
+        index, end_s, _ = self.span_at(t_s)
+        return index, end_s
+
+    def span_at(self, t_s: float) -> tuple[int, float, float]:
+        """:meth:`phase_at` and, third, a time up to which any later ``t_s`` gets the same answer
+        (seconds; it stays clear of the phase's end by a margin far above float rounding, and is
+        ``t_s`` itself where it cannot vouch for one), so a caller may keep the answer until then."""
         if t_s < 0:
             t_s = 0.0
         if not self._repeat and t_s >= self._cycle_s:
-            return self._last, math.inf
+            return self._last, math.inf, math.inf
         cycles = math.floor(t_s / self._cycle_s) if self._repeat else 0
         base = cycles * self._cycle_s
         offset = t_s - base
         index = bisect.bisect_right(self._ends, offset)
         if index > self._last:  # float rounding at the very end of a cycle
-            return 0, base + self._cycle_s + self._ends[0]
+            return 0, base + self._cycle_s + self._ends[0], t_s
         if not self._repeat and index == self._last:
-            return index, math.inf
-        return index, base + self._ends[index]
+            return index, math.inf, math.inf
+        end_s = base + self._ends[index]
+        return index, end_s, end_s - SPAN_MARGIN_S
 
 
 def _load(table: Table, parent: Load | None) -> Load | None:
