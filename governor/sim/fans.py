@@ -11,6 +11,7 @@ percent of speed.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from governor.sim.profiles import SimFan
@@ -22,7 +23,7 @@ _Matrix = tuple[float, float, float, float, float, float]  # e11, e12, e21, e22,
 class FanDrive:
     """The fans of one simulated GPU with a fan model; not thread-safe on its own."""
 
-    __slots__ = ("_follow", "_matrices", "model", "params", "percent", "set_percent", "step_s")
+    __slots__ = ("_curve", "_follow", "_matrices", "model", "params", "percent", "set_percent", "step_s")
 
     def __init__(self, model: SimFan, params: ThermalParams, step_s: float, die_c: float) -> None:
         self.model = model
@@ -31,6 +32,15 @@ class FanDrive:
         self.set_percent: float | None = None  # None: the card's own control
         self.percent = model.auto_percent(die_c)  # the speed the fans run at now
         self._matrices: dict[float, _Matrix] = {}
+        curve = model.auto_curve
+        self._curve = (
+            curve[0][0],
+            curve[0][1],
+            tuple(
+                (lo_c, lo_p, hi_c, hi_p - lo_p, hi_c - lo_c) for (lo_c, lo_p), (hi_c, hi_p) in itertools.pairwise(curve)
+            ),
+            curve[-1][1],
+        )
         self._follow = 1.0 - math.exp(-step_s / model.response_s) if model.response_s > 0 else 1.0
 
     @property
@@ -56,9 +66,19 @@ class FanDrive:
         self._install(round(self.percent * 2.0) / 2.0, thermal)
 
     def follow_auto(self, die_c: float, stuck: bool) -> None:
-        """Under the card's control the fans run at its curve's speed (unless ``stuck``)."""
-        if not stuck:
-            self.percent = self.model.auto_percent(die_c)
+        """Under the card's control the fans run at its curve's speed (unless ``stuck``): the
+        model's ``auto_percent``, with the curve's segments worked out once."""
+        if stuck:
+            return
+        first_c, first_p, segments, last_p = self._curve
+        if die_c <= first_c:
+            self.percent = first_p
+            return
+        for lo_c, lo_p, hi_c, rise_p, span_c in segments:
+            if die_c <= hi_c:
+                self.percent = lo_p + rise_p * (die_c - lo_c) / span_c
+                return
+        self.percent = last_p
 
     def _install(self, key: float, thermal: ThermalState) -> None:
         """The step matrix for speed ``key`` (percent; below 0: calibrated) into ``thermal``."""

@@ -498,7 +498,10 @@ def slow_telemetry(gpu: SimulatedGpu) -> GpuTelemetry:
     docstring), built again only when it changed (it is shared between ticks otherwise)."""
     tel = gpu.profile.telemetry
     memory_c = float(round(gpu.memory_temperature_c())) if tel.memory_temperature else None
-    fan = round(gpu.fan_speed_ratio(), 2) if tel.fans else None
+    fan = None
+    if tel.fans:
+        fans = gpu.fans  # gpu.fan_speed_ratio(), inlined: this runs every tick
+        fan = round(fans.percent / 100.0 if fans is not None else gpu.fan_speed_ratio(), 2)
     key = (memory_c, fan, gpu.xid_errors, gpu.ecc_uncorrected, gpu.memory_clock_mhz, gpu.pstate)
     cached = gpu.telemetry_cache
     if cached is not None and cached[0] == key:

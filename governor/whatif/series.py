@@ -61,12 +61,21 @@ class GpuSeries:
         self.power_w.append(NAN if power_w is None else power_w)
         self.limit_w.append(NAN if limit_w is None else limit_w)
         self.target_w.append(NAN if target_w is None else target_w)
-        for name, used in (vram_bytes or {}).items():
-            column = self.vram_bytes.get(name)
-            if column is None:
-                column = self.vram_bytes[name] = array("d", bytes(8 * n))
-            column.append(float(used))
-        for column in self.vram_bytes.values():
+        columns = self.vram_bytes
+        if not vram_bytes:
+            for column in columns.values():
+                column.append(0.0)
+            return
+        if vram_bytes.keys() == columns.keys():  # the same classes as before: one value each
+            for name, used in vram_bytes.items():
+                columns[name].append(float(used))
+            return
+        for name, used in vram_bytes.items():
+            found = columns.get(name)
+            if found is None:
+                found = columns[name] = array("d", bytes(8 * n))
+            found.append(float(used))
+        for column in columns.values():
             if len(column) == n:
                 column.append(0.0)
 

@@ -173,18 +173,20 @@ class _Recorder(VirtualWaiter):
 
     def _record(self, report: TickReport, t: float) -> None:
         dt = max(0.0, min(report.config.poll_interval_s, self.stop_s - t))
-        total = sum(self.backend.limit_w(i) for i in range(len(self.series)))  # after this tick's writes
+        backend = self.backend
+        total = backend.limit_sum_w()  # after this tick's writes
         if self.limit_sum_max_w is None or total > self.limit_sum_max_w:
             self.limit_sum_max_w = total
+        thresholds_c = self.thresholds_c
         for gpu in report.gpus:
             reading = gpu.reading
             if reading is None:
                 continue
             i = reading.index
-            die = self.backend.die_temperature_c(i)
+            die = backend.die_temperature_c(i)
             self.peak_c[i] = max(self.peak_c[i], die)
             above = self.above_s[i]
-            for k, threshold in enumerate(self.thresholds_c):
+            for k, threshold in enumerate(thresholds_c):
                 if die > threshold:
                     above[k] += dt
             lost = reading.health is GpuHealth.LOST
@@ -211,6 +213,11 @@ class _WatchedBackend(SimulatedBackend):
 
     limit_sum_max_w: float | None = None
     watching = True
+
+    def limit_sum_w(self) -> float:
+        """The sum of every GPU's enforced power limit, watts (in index order, as the limits add up)."""
+        with self._lock:
+            return sum([g.limit_w for g in self._gpus])
 
     def set_power_limit(self, uuid: str, limit_w: float) -> None:
         """Set one limit, then note the sum of every GPU's limit when it was a raise."""
