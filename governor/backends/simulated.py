@@ -230,21 +230,23 @@ class SimulatedBackend:
         if real:  # real processes of [simulation] processes_file
             processes = (*processes, *real)
             used += sum(p.used_memory_bytes or 0 for p in real)
-        total = self.profile.memory_total_bytes
+        profile = self.profile
+        total = profile.memory_total_bytes
         degraded = gpu.fault == "temperature_unsupported"
+        limit_w = gpu.limit_w
         return GpuReading(
             index=gpu.index,
             uuid=info.uuid,
             temperature_c=None if degraded else float(round(gpu.thermal.die_c)),
             power_w=round(gpu.power_w, 3),
-            power_limit_w=gpu.limit_w,
-            memory_used_bytes=min(total, self.profile.memory_reserved_bytes + used),
+            power_limit_w=limit_w,
+            memory_used_bytes=min(total, profile.memory_reserved_bytes + used),
             memory_total_bytes=total,
             utilization_gpu_ratio=gpu.utilization_ratio,
             clock_event_reasons=gpu.reasons,
             sm_clock_mhz=float(gpu.sm_clock_mhz),
             clock_event_s=tuple(gpu.event_s.items()),
-            power_limit_requested_w=gpu.limit_w,
+            power_limit_requested_w=limit_w,
             energy_j=gpu.energy_j,
             processes=processes,
             health=GpuHealth.DEGRADED if degraded else GpuHealth.OK,

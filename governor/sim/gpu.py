@@ -243,8 +243,12 @@ class SimulatedGpu:
         while self.step < target_step:
             phase, phase_end = self._phase_span()
             end = min(target_step, phase_end, self._next_event_step)
-            if self.fans is None:
+            fans = self.fans
+            if fans is None:
                 self._run_steps(phase, max(end, self.step + 1) - self.step)
+            elif fans.set_percent is None:  # the card's own control (_run, inlined)
+                self._run_steps(phase, max(end, self.step + 1) - self.step)
+                fans.follow_auto(self.thermal.die_c, self.fault == "fan_stuck")
             else:
                 self._run(phase, max(end, self.step + 1) - self.step)
             if self._next_event_at_s <= self.step * h + 1e-9:
