@@ -188,8 +188,7 @@ class SimulatedBackend:
     # ------------------------------------------------------------------ reading
 
     def _advance(self) -> float:
-        """Run every GPU's physics up to the clock's present simulated time, and return that
-        time in seconds (at once when the clock has not moved since the last call)."""
+        """Run the physics up to the clock's simulated time (s), returned; at once if the clock has not moved."""
         now = self._clock.monotonic()
         if now == self._advanced_at:
             return self._advanced_t
@@ -208,12 +207,9 @@ class SimulatedBackend:
             if self._closed:
                 raise BackendError("simulated backend is closed")
             t = self._advance()
-            if self._real is None:
-                gpus = tuple([self._reading(g, t) for g in self._gpus])
-                return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=gpus)
-            real = self._real.processes(len(self._gpus))
+            real = self._real.processes(len(self._gpus)) if self._real is not None else {}
             gpus = tuple([self._reading(g, t, real.get(g.index, ())) for g in self._gpus])
-            notes = self._real.new_warnings()
+            notes = self._real.new_warnings() if self._real is not None else ()
             return Snapshot(t_s=t, wall_time_s=self._clock.wall(), gpus=gpus, notes=notes)
 
     def _reading(self, gpu: SimulatedGpu, t_s: float, real: Sequence[ProcessReading] = ()) -> GpuReading:
@@ -230,23 +226,21 @@ class SimulatedBackend:
         if real:  # real processes of [simulation] processes_file
             processes = (*processes, *real)
             used += sum(p.used_memory_bytes or 0 for p in real)
-        profile = self.profile
-        total = profile.memory_total_bytes
+        total = self.profile.memory_total_bytes
         degraded = gpu.fault == "temperature_unsupported"
-        limit_w = gpu.limit_w
         return GpuReading(
             index=gpu.index,
             uuid=info.uuid,
             temperature_c=None if degraded else float(round(gpu.thermal.die_c)),
             power_w=round(gpu.power_w, 3),
-            power_limit_w=limit_w,
-            memory_used_bytes=min(total, profile.memory_reserved_bytes + used),
+            power_limit_w=gpu.limit_w,
+            memory_used_bytes=min(total, self.profile.memory_reserved_bytes + used),
             memory_total_bytes=total,
             utilization_gpu_ratio=gpu.utilization_ratio,
             clock_event_reasons=gpu.reasons,
             sm_clock_mhz=float(gpu.sm_clock_mhz),
             clock_event_s=tuple(gpu.event_s.items()),
-            power_limit_requested_w=limit_w,
+            power_limit_requested_w=gpu.limit_w,
             energy_j=gpu.energy_j,
             processes=processes,
             health=GpuHealth.DEGRADED if degraded else GpuHealth.OK,

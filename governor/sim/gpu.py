@@ -241,7 +241,7 @@ class SimulatedGpu:
         if self._next_event_at_s <= self.step * h + 1e-9:
             self._apply_events()
         while self.step < target_step:
-            phase, phase_end = self._phase_span()
+            phase, phase_end = _phase_span(self)
             end = min(target_step, phase_end, self._next_event_step)
             fans = self.fans
             if fans is None:
@@ -253,18 +253,6 @@ class SimulatedGpu:
                 self._run(phase, max(end, self.step + 1) - self.step)
             if self._next_event_at_s <= self.step * h + 1e-9:
                 self._apply_events()
-
-    def _phase_span(self) -> tuple[int, int]:
-        """(the phase running at the present step, the first step of the next phase): the
-        timeline's answer, kept while it vouches for it (PhaseTimeline.span_at)."""
-        t = self.step * self.step_s
-        since_s, until_s, phase, end = self._span
-        if since_s <= t <= until_s:
-            return phase, end
-        phase, end_s, until_s = self._timeline.span_at(t)
-        end = _steps_until(end_s, self.step_s)
-        self._span = (t, until_s, phase, end)
-        return phase, end
 
     def _event_due(self) -> None:
         """Note when the next scenario event is due (never: inf)."""
@@ -307,41 +295,6 @@ class SimulatedGpu:
             fans.step(self.thermal, self.fault == "fan_stuck")
             self._run_steps(phase, 1)
 
-    def _segment_for(self, phase: int) -> _Segment:
-        """What stays constant while ``phase`` runs under the present limit and heatsink:
-        kept until one of the three changes."""
-        key = (phase, self.limit_w, self.thermal.r_total_c_per_w)
-        if key == self._segment_key and self._segment is not None:
-            return self._segment
-        p = self.profile
-        ambient = self._ambient_c[phase]
-        demand = self._demand_w[phase]
-        exponent = self._exponent[phase]
-        limit = self.limit_w
-        idle = p.idle_power_w
-        active = demand > 0.0
-        base = max(idle, min(demand, limit)) if active else idle
-        hold = max(idle, (p.temperature_slowdown_c - ambient) / self.thermal.r_total_c_per_w)
-        base_hot = min(base, hold)
-        reasons = 0 if active else REASON_IDLE
-        if active and demand > limit:
-            reasons |= REASON_SW_POWER_CAP
-        segment = _Segment(
-            ambient_c=ambient,
-            demand_w=demand,
-            active=active,
-            base_w=base,
-            base_hot_w=base_hot,
-            throughput=throughput_ratio(base, demand, exponent),
-            throughput_hot=throughput_ratio(base_hot, demand, exponent),
-            utilization_ratio=self._utilization[phase] if active else 0.0,
-            reasons=reasons,
-            clocks=self._clocks(active, base, demand),
-            clocks_hot=self._clocks(active, base_hot, demand),
-        )
-        self._segment_key, self._segment = key, segment
-        return segment
-
     def _run_steps(self, phase: int, n: int) -> None:
         """``n`` steps of ``phase`` with everything but the die temperature constant."""
         p = self.profile
@@ -355,9 +308,9 @@ class SimulatedGpu:
             self.power_w = 0.0
             self.utilization_ratio = 0.0
             self.reasons = 0
-            self.sm_clock_mhz, self.memory_clock_mhz, self.pstate = self._clocks(False, 0.0, 0.0)
+            self.sm_clock_mhz, self.memory_clock_mhz, self.pstate = _clocks(p, False, 0.0, 0.0)
             return
-        seg = self._segment_for(phase)
+        seg = _segment_for(self, phase)
         ambient = seg.ambient_c
         base, base_hot = seg.base_w, seg.base_hot_w
         thr, thr_hot = seg.throughput, seg.throughput_hot
@@ -417,16 +370,6 @@ class SimulatedGpu:
             self.set_fault("lost", f"thermal shutdown at {die:.1f} C (simulated)")
             if done < n:
                 self._run_steps(phase, n - done)
-
-    def _clocks(self, active: bool, base_w: float, demand_w: float) -> _Clocks:
-        """(SM clock, memory clock (MHz), performance state) while ``base_w`` of ``demand_w``
-        watts is available (see the module docstring)."""
-        tel, idle_w = self.profile.telemetry, self.profile.idle_power_w
-        if not active:
-            return tel.sm_clock_idle_mhz, tel.memory_clock_idle_mhz, tel.idle_pstate
-        share = 1.0 if base_w >= demand_w else max(0.0, base_w - idle_w) / max(demand_w - idle_w, 1e-9)
-        span = tel.sm_clock_max_mhz - tel.sm_clock_idle_mhz
-        return round(tel.sm_clock_idle_mhz + span * share ** (1.0 / 3.0)), tel.memory_clock_mhz, 0
 
     def memory_temperature_c(self) -> float:
         """The memory (HBM) temperature in C: between the heatsink and the die, where the
@@ -495,6 +438,66 @@ class SimulatedGpu:
         self._proc_valid_until_s = valid_until
         self._proc_growing = growing
         return self._proc_cache, used
+
+
+def _phase_span(gpu: SimulatedGpu) -> tuple[int, int]:
+    """(the phase running at ``gpu``'s present step, the first step of the next phase): the
+    timeline's answer, kept while it vouches for it (PhaseTimeline.span_at)."""
+    t = gpu.step * gpu.step_s
+    since_s, until_s, phase, end = gpu._span
+    if since_s <= t <= until_s:
+        return phase, end
+    phase, end_s, until_s = gpu._timeline.span_at(t)
+    end = _steps_until(end_s, gpu.step_s)
+    gpu._span = (t, until_s, phase, end)
+    return phase, end
+
+
+def _segment_for(gpu: SimulatedGpu, phase: int) -> _Segment:
+    """What stays constant while ``phase`` runs under the present limit and heatsink:
+    kept on ``gpu`` until one of the three changes."""
+    key = (phase, gpu.limit_w, gpu.thermal.r_total_c_per_w)
+    if key == gpu._segment_key and gpu._segment is not None:
+        return gpu._segment
+    p = gpu.profile
+    ambient = gpu._ambient_c[phase]
+    demand = gpu._demand_w[phase]
+    exponent = gpu._exponent[phase]
+    limit = gpu.limit_w
+    idle = p.idle_power_w
+    active = demand > 0.0
+    base = max(idle, min(demand, limit)) if active else idle
+    hold = max(idle, (p.temperature_slowdown_c - ambient) / gpu.thermal.r_total_c_per_w)
+    base_hot = min(base, hold)
+    reasons = 0 if active else REASON_IDLE
+    if active and demand > limit:
+        reasons |= REASON_SW_POWER_CAP
+    segment = _Segment(
+        ambient_c=ambient,
+        demand_w=demand,
+        active=active,
+        base_w=base,
+        base_hot_w=base_hot,
+        throughput=throughput_ratio(base, demand, exponent),
+        throughput_hot=throughput_ratio(base_hot, demand, exponent),
+        utilization_ratio=gpu._utilization[phase] if active else 0.0,
+        reasons=reasons,
+        clocks=_clocks(p, active, base, demand),
+        clocks_hot=_clocks(p, active, base_hot, demand),
+    )
+    gpu._segment_key, gpu._segment = key, segment
+    return segment
+
+
+def _clocks(profile: GpuProfile, active: bool, base_w: float, demand_w: float) -> _Clocks:
+    """(SM clock, memory clock (MHz), performance state) of a GPU of ``profile`` while ``base_w`` of ``demand_w``
+    watts is available (see the module docstring)."""
+    tel, idle_w = profile.telemetry, profile.idle_power_w
+    if not active:
+        return tel.sm_clock_idle_mhz, tel.memory_clock_idle_mhz, tel.idle_pstate
+    share = 1.0 if base_w >= demand_w else max(0.0, base_w - idle_w) / max(demand_w - idle_w, 1e-9)
+    span = tel.sm_clock_max_mhz - tel.sm_clock_idle_mhz
+    return round(tel.sm_clock_idle_mhz + span * share ** (1.0 / 3.0)), tel.memory_clock_mhz, 0
 
 
 def slow_telemetry(gpu: SimulatedGpu) -> GpuTelemetry:
