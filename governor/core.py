@@ -40,6 +40,7 @@ from governor.model import (
     ThermalModelStatus,
     ThermalZone,
     UnitWarning,
+    fast_init,
 )
 from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
@@ -61,6 +62,7 @@ _FANS_UNSET = {mode: FanStatus(mode=mode.value) for mode in FanMode}
 own control runs them): every tick of a GPU in ``auto`` mode, built once."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GpuTick:
     """One GPU as a tick left it: its reading (None when the snapshot has none), zone and
@@ -96,6 +98,7 @@ class GpuChanges:
     contradictions: tuple[str, ...] = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TickReport:
     """Everything one step decided and did; what every observer reads.
