@@ -283,7 +283,7 @@ class NvmlBackend:
             if resting:  # usually empty: the common read below skips every resting check
                 retry_at = resting.get(field)
                 if retry_at is not None:
-                    append(self._read_resting(st, handle, field, read, retry_at, now))
+                    append(_read_resting(self, st, handle, field, read, retry_at, now))
                     continue
             try:
                 append(read(handle))
@@ -291,19 +291,6 @@ class NvmlBackend:
                 self._failed(st, field, exc, now)
                 append(None)
         return values
-
-    def _read_resting(self, st: _GpuState, handle: Any, field: str, read: Read, retry_at: float, now: float) -> Any:
-        """One read of a field resting after NotSupported until ``retry_at``: None before then, else
-        asked again (its value once it answers, and it no longer rests; None when it fails again)."""
-        if now < retry_at:
-            return None
-        try:
-            value = read(handle)
-        except (self._call.error, NvmlFailure) as exc:
-            self._failed(st, field, exc, now)
-            return None
-        self._supported_again(st, field)
-        return value
 
     def _supported_again(self, st: _GpuState, field: str) -> None:
         del st.unsupported[field]
@@ -543,6 +530,22 @@ def _watch_xid(backend: NvmlBackend, st: _GpuState, now: float) -> bool:
         backend._mark_lost(st, str(exc), now)
         return False
     return True
+
+
+def _read_resting(
+    backend: NvmlBackend, st: _GpuState, handle: Any, field: str, read: Read, retry_at: float, now: float
+) -> Any:
+    """One read (see NvmlBackend._read_all) of a field resting after NotSupported until ``retry_at``: None
+    before then, else asked again (its value once it answers, and it no longer rests; None when it fails again)."""
+    if now < retry_at:
+        return None
+    try:
+        value = read(handle)
+    except (backend._call.error, NvmlFailure) as exc:
+        backend._failed(st, field, exc, now)
+        return None
+    backend._supported_again(st, field)
+    return value
 
 
 def _read_slow_telemetry(backend: NvmlBackend, st: _GpuState, now: float) -> None:
