@@ -65,7 +65,7 @@ def fast_init(cls: type[_T]) -> type[_T]:
     body.append("    self.__class__ = _cls")
     exec(f"def __init__({', '.join(args)}) -> None:\n" + "\n".join(body), scope)  # noqa: S102 - built from field names
     init = scope["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__qualname__, init.__module__ = f"{cls.__qualname__}.__init__", cls.__module__
     setattr(cls, "__init__", init)  # noqa: B010 - mypy refuses assigning a method
     return cls
 
