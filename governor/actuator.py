@@ -153,10 +153,12 @@ class Actuator:
 
     def apply(self, decisions: Iterable[Decision], snapshot: Snapshot) -> list[ActionResult]:
         """Carry out every decision; informational ones come back SKIPPED."""
-        readings = {r.uuid: r for r in snapshot.gpus}
+        readings: dict[str, GpuReading] | None = None  # built at the first limit to set (most ticks set none)
         results = []
         for decision in decisions:
             if decision.action is Action.SET_POWER_LIMIT and isinstance(decision.to_value, (int, float)):
+                if readings is None:
+                    readings = {r.uuid: r for r in snapshot.gpus}
                 results.append(self._set(decision, float(decision.to_value), readings.get(decision.gpu_uuid)))
             elif decision.action in SIGNALS:
                 results.append(self._signal(decision))

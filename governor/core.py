@@ -40,6 +40,7 @@ from governor.model import (
     ThermalModelStatus,
     ThermalZone,
     UnitWarning,
+    fast_init,
 )
 from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
@@ -61,6 +62,7 @@ _FANS_UNSET = {mode: FanStatus(mode=mode.value) for mode in FanMode}
 own control runs them): every tick of a GPU in ``auto`` mode, built once."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GpuTick:
     """One GPU as a tick left it: its reading (None when the snapshot has none), zone and
@@ -96,6 +98,7 @@ class GpuChanges:
     contradictions: tuple[str, ...] = ()
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TickReport:
     """Everything one step decided and did; what every observer reads.
@@ -440,14 +443,16 @@ class Governor:
         readings = {r.uuid: r for r in snapshot.gpus}
         vram = self.config.vram
         rows = vram.per_process_metrics
+        plans, states, facts = self.plans, self.states, self.facts
+        monitor_only = self.actuator.monitor_only
         ticks = []
         for gpu in self.gpus:
             uuid = gpu.uuid
-            plan = self.plans[uuid]
-            state = self.states.get(uuid, NEW_STATE)
+            plan = plans[uuid]
+            state = states.get(uuid, NEW_STATE)
             reading = readings.get(uuid)
             if reading is not None and reading.processes:
-                classes, unclassified, processes = class_usage(reading.processes, self.facts, vram, rows)
+                classes, unclassified, processes = class_usage(reading.processes, facts, vram, rows)
             else:
                 classes, unclassified, processes = (), 0, ()
             ticks.append(
@@ -459,7 +464,7 @@ class Governor:
                     ladder_w=plan.ladder_w,
                     rung=state.ladder.rung,
                     target_w=self._target_w(uuid, state, plan),
-                    monitor_only=self.actuator.monitor_only.get(uuid),
+                    monitor_only=monitor_only.get(uuid),
                     classes=classes,
                     unclassified_processes=unclassified,
                     memory_pressure=None if reading is None else under_pressure(reading, vram),

@@ -11,14 +11,63 @@ from __future__ import annotations
 
 # ruff: noqa: PLC0414 - "import X as X" marks a re-export (names that moved to governor.policy/schema)
 import enum
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import MISSING, dataclass, fields, replace
+from typing import Any, TypeVar
 
 # Defined in governor.policy; re-exported here, where every reader found them before.
 from governor.policy import ZONES_BY_SEVERITY as ZONES_BY_SEVERITY
 from governor.policy import Action as Action
 from governor.policy import Rule as Rule
 from governor.policy import ThermalZone as ThermalZone
+
+_T = TypeVar("_T")
+_FACTORY = object()
+"""The default of a field with a default factory in a :func:`fast_init` constructor (called when left)."""
+
+
+def fast_init(cls: type[_T]) -> type[_T]:
+    """A frozen slots dataclass ``cls`` with a faster constructor; apply it above ``@dataclass``.
+
+    The dataclass's own ``__init__`` sets each field through ``object.__setattr__`` (its
+    ``__setattr__`` refuses), about 0.25 us a field on CPython 3.11: 4-5 us for the readings and
+    reports built every tick. This one turns the half-built instance into a plain twin class
+    with the same slots (no ``__setattr__`` of its own), stores the fields as ordinary
+    attributes and turns it back, in under half the time. Nothing else changes: the
+    parameters, defaults and default factories are the dataclass's, the instance's type is
+    ``cls`` (frozen: assignment raises FrozenInstanceError), and ``fields``, ``replace``,
+    equality, hashing, ``repr``, copy and pickle are the dataclass's own.
+
+    Raises TypeError for a class it does not fit (not a frozen slots dataclass, or with an
+    ``__post_init__``, a field left out of ``__init__`` or a keyword-only field).
+    """
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen or "__slots__" not in cls.__dict__ or hasattr(cls, "__post_init__"):
+        raise TypeError(f"fast_init: {cls.__name__} is not a frozen slots dataclass without __post_init__")
+    names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    if cls.__dict__["__slots__"] != names:
+        raise TypeError(f"fast_init: the slots of {cls.__name__} are not its fields")
+    twin = type(f"_{cls.__name__}Fields", (), {"__slots__": names, "__module__": cls.__module__})
+    scope: dict[str, Any] = {"_cls": cls, "_twin": twin, "_set": object.__setattr__, "_FACTORY": _FACTORY}
+    args, body = ["self"], ["    _set(self, '__class__', _twin)"]
+    for f in fields(cls):  # type: ignore[arg-type]
+        if not f.init or f.kw_only is True:
+            raise TypeError(f"fast_init: {cls.__name__}.{f.name} is not a plain __init__ parameter")
+        if f.default is not MISSING:
+            scope[f"_default_{f.name}"] = f.default
+            args.append(f"{f.name}=_default_{f.name}")
+        elif f.default_factory is not MISSING:
+            scope[f"_factory_{f.name}"] = f.default_factory
+            args.append(f"{f.name}=_FACTORY")
+            body.append(f"    if {f.name} is _FACTORY: {f.name} = _factory_{f.name}()")
+        else:
+            args.append(f.name)
+        body.append(f"    self.{f.name} = {f.name}")
+    body.append("    self.__class__ = _cls")
+    exec(f"def __init__({', '.join(args)}) -> None:\n" + "\n".join(body), scope)  # noqa: S102 - built from field names
+    init = scope["__init__"]
+    init.__qualname__, init.__module__ = f"{cls.__qualname__}.__init__", cls.__module__
+    setattr(cls, "__init__", init)  # noqa: B010 - mypy refuses assigning a method
+    return cls
 
 
 class GpuHealth(enum.Enum):
@@ -133,6 +182,7 @@ class GpuTelemetry:
     row_remap_failed: bool | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class GpuReading:
     """Live values of one GPU at one instant. Missing values are ``None``.
@@ -162,6 +212,7 @@ class GpuReading:
     telemetry: GpuTelemetry | None = None  # None: the backend gives none
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Every GPU's reading taken in one tick, at monotonic time ``t_s``.

@@ -354,7 +354,7 @@ class ProcessInspector:
     def mark_listing(self, now_ticks: int | None = None) -> None:
         """Note that the GPU process list is read now (boot-clock ticks); starts a tick's match budget."""
         self._listed_at_ticks = boot_time_ticks() if now_ticks is None else now_ticks
-        self._deadline = _Deadline(TICK_MATCH_BUDGET_S)
+        self._deadline.left_s = TICK_MATCH_BUDGET_S  # the same deadline, full again (none is built per tick)
 
     def facts(self, pid: int, reported_name: str | None, policy: VramPolicy) -> ProcessFacts:
         """Facts for ``pid`` (cached while its start time and the policy are unchanged)."""
@@ -375,9 +375,10 @@ class ProcessInspector:
 
     def forget_except(self, live: Iterable[int]) -> None:
         """Drop cached facts of PIDs no GPU reports any more; the next listing comes after now."""
-        keep = set(live)
-        for pid in [p for p in self._cache if p not in keep]:
-            del self._cache[pid]
+        if self._cache:
+            keep = set(live)
+            for pid in [p for p in self._cache if p not in keep]:
+                del self._cache[pid]
         self.mark_listing()
 
     def clear(self) -> None:

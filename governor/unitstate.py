@@ -171,6 +171,7 @@ def _keep_newest(known: dict[str, Any]) -> None:
 
 SIGNALS_OF = {ProcessAction.TERMINATE: ("SIGTERM", "SIGKILL"), ProcessAction.KILL: ("SIGKILL",)}
 """The signals a class's action may send (terminate escalates to SIGKILL)."""
+_NONE_STOPPED: frozenset[str] = frozenset()
 
 
 class UnitKeeper:
@@ -188,7 +189,8 @@ class UnitKeeper:
     @property
     def stopped(self) -> frozenset[str]:
         """The units stopped and not resumed."""
-        return frozenset(self.state.stopped)
+        stopped = self.state.stopped
+        return frozenset(stopped) if stopped else _NONE_STOPPED
 
     def decide(self, snapshot: Snapshot, policy: VramPolicy, facts: Mapping[int, ProcessFacts]) -> list[Decision]:
         """The resume rule's decisions for this tick (its state moves on)."""
@@ -245,6 +247,8 @@ class UnitKeeper:
     ) -> UnitsState:
         """The state with the units of the applied stops among ``results`` added."""
         state = self.state
+        if not results:
+            return state
         readings = {r.uuid: r for r in snapshot.gpus}
         for result in results:
             d = result.decision
@@ -258,6 +262,8 @@ class UnitKeeper:
 
     def _restart_warnings(self, policy: VramPolicy) -> tuple[UnitWarning, ...]:
         """Units whose Restart= is now known and undoes the kill of their class's action."""
+        if not self._to_check:
+            return ()
         warnings = []
         for unit, klass_name in list(self._to_check.items()):
             self.asked = True
@@ -274,6 +280,8 @@ class UnitKeeper:
 
     def statuses(self, snapshot: Snapshot | None, policy: VramPolicy) -> tuple[StoppedUnitStatus, ...]:
         """Every stopped unit as published, with when it resumes (Unix time) if the condition stays clear."""
+        if not self.state.stopped:
+            return ()
         out = []
         for unit, entry in sorted(self.state.stopped.items()):
             klass = policy.class_named(entry.klass)

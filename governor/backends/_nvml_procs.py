@@ -30,6 +30,8 @@ class ProcessLister:
         bytes (None when neither list is available; None memory when NVML cannot say)."""
         if compute is None and graphics is None:
             return None
+        if not compute and not graphics:
+            return ()  # the usual answer of an idle GPU: no list to build
         entries = list(compute or ()) + list(graphics or ())
         if not entries:
             return ()

@@ -280,19 +280,16 @@ class NvmlBackend:
         values: list[Any] = []
         append = values.append
         for field, read in reads:
-            retry_at = resting.get(field) if resting else None
-            if retry_at is not None and now < retry_at:
-                append(None)
-                continue
+            if resting:  # usually empty: the common read below skips every resting check
+                retry_at = resting.get(field)
+                if retry_at is not None:
+                    append(_read_resting(self, st, handle, field, read, retry_at, now))
+                    continue
             try:
-                value = read(handle)
+                append(read(handle))
             except (self._call.error, NvmlFailure) as exc:
                 self._failed(st, field, exc, now)
                 append(None)
-                continue
-            if retry_at is not None:
-                self._supported_again(st, field)
-            append(value)
         return values
 
     def _supported_again(self, st: _GpuState, field: str) -> None:
@@ -533,6 +530,22 @@ def _watch_xid(backend: NvmlBackend, st: _GpuState, now: float) -> bool:
         backend._mark_lost(st, str(exc), now)
         return False
     return True
+
+
+def _read_resting(
+    backend: NvmlBackend, st: _GpuState, handle: Any, field: str, read: Read, retry_at: float, now: float
+) -> Any:
+    """One read (see NvmlBackend._read_all) of a field resting after NotSupported until ``retry_at``: None
+    before then, else asked again (its value once it answers, and it no longer rests; None when it fails again)."""
+    if now < retry_at:
+        return None
+    try:
+        value = read(handle)
+    except (backend._call.error, NvmlFailure) as exc:
+        backend._failed(st, field, exc, now)
+        return None
+    backend._supported_again(st, field)
+    return value
 
 
 def _read_slow_telemetry(backend: NvmlBackend, st: _GpuState, now: float) -> None:

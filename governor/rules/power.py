@@ -191,12 +191,12 @@ def _first_rung_below(ladder: tuple[float, ...], limit_w: float | None) -> int |
     return None
 
 
-def _with(state: LadderState, **changes: object) -> LadderState:
-    """``replace`` that returns ``state`` itself when nothing changes (the common, steady tick)."""
-    for key, value in changes.items():
-        if getattr(state, key) != value:
-            return replace(state, **changes)  # type: ignore[arg-type]
-    return state
+def _cooled(state: LadderState, cool_since_s: float | None = None) -> LadderState:
+    """``state`` with no hot run and its cool run starting at ``cool_since_s``: ``state`` itself
+    when it already is so (the common, steady tick), a copy otherwise."""
+    if state.hot_samples == 0 and state.cool_since_s == cool_since_s:
+        return state
+    return replace(state, hot_samples=0, cool_since_s=cool_since_s)
 
 
 def step_power(
@@ -230,7 +230,7 @@ def step_power(
 
     if temperature is None:
         if state.holding:
-            return _with(state, hot_samples=0, cool_since_s=None), []
+            return _cooled(state), []
         held = power_decision(
             reading,
             t_s,
@@ -241,7 +241,8 @@ def step_power(
             to_w=from_w,
         )
         return replace(state, hot_samples=0, cool_since_s=None, holding=True), [held]
-    state = _with(state, holding=False)
+    if state.holding:
+        state = replace(state, holding=False)
 
     interval_ok = state.last_change_s is None or t_s - state.last_change_s >= policy.min_change_interval_s
 
@@ -260,7 +261,7 @@ def step_power(
         return state, [power_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=ladder[lowest])]
 
     if cooling_headroom and temperature >= policy.step_down_at_c:
-        state = _with(state, hot_samples=0, cool_since_s=None)  # cooling before capping
+        state = _cooled(state)  # cooling before capping
     elif temperature >= policy.step_down_at_c:
         hot = state.hot_samples + 1
         state = replace(state, hot_samples=hot, cool_since_s=None)
@@ -285,7 +286,7 @@ def step_power(
                 ]
     elif temperature <= policy.step_up_at_c:
         cool_since = state.cool_since_s if state.cool_since_s is not None else t_s
-        state = _with(state, hot_samples=0, cool_since_s=cool_since)
+        state = _cooled(state, cool_since)
         cooled_s = t_s - cool_since
         dwell_s = effective_dwell_s(policy, state, t_s)
         if state.rung is not None and state.rung > 0 and cooled_s >= dwell_s and interval_ok:
@@ -319,7 +320,7 @@ def step_power(
                 )
             ]
     else:
-        state = _with(state, hot_samples=0, cool_since_s=None)
+        state = _cooled(state)
 
     if check_drift:
         return _drift(reading, state, ladder, t_s)

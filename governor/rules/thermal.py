@@ -24,10 +24,16 @@ def thresholds(policy: ThermalPolicy) -> tuple[tuple[ThermalZone, float], ...]:
 
 def raw_zone(temperature_c: float, policy: ThermalPolicy) -> ThermalZone:
     """The zone a temperature falls in, ignoring hysteresis."""
+    # thresholds(policy), unrolled: this runs once or twice per GPU per tick
     zone = ThermalZone.OPTIMAL
-    for candidate, lower_c in thresholds(policy):
-        if temperature_c >= lower_c:
-            zone = candidate
+    if temperature_c >= policy.warning_c:
+        zone = ThermalZone.WARNING
+    if temperature_c >= policy.hot_c:
+        zone = ThermalZone.HOT
+    if temperature_c >= policy.throttle_c:
+        zone = ThermalZone.THROTTLE
+    if temperature_c >= policy.critical_c:
+        zone = ThermalZone.CRITICAL
     return zone
 
 
@@ -41,7 +47,7 @@ def next_zone(temperature_c: float | None, policy: ThermalPolicy, previous: Ther
     if temperature_c is None:
         return ThermalZone.UNKNOWN
     rising = raw_zone(temperature_c, policy)
-    if previous is ThermalZone.UNKNOWN or rising.severity >= previous.severity:
+    if rising is previous or previous is ThermalZone.UNKNOWN or rising.severity >= previous.severity:
         return rising
     falling = raw_zone(temperature_c + policy.hysteresis_c, policy)
     return falling if falling.severity < previous.severity else previous
