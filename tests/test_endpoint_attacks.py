@@ -396,6 +396,31 @@ class TestBackoffKey:
         assert owner_uid(("127.0.0.1", 40000), ("127.0.0.1", 9847), proc_net=tmp_path, netlink=False) is None
         assert owner_uid(("127.0.0.1", 40000), ("127.0.0.1", 9847)) is None  # sock_diag: no such socket
 
+    def test_a_long_table_is_scanned_in_pieces_up_to_its_bound(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The owner is found past the first piece, across a piece boundary, with its line end in the
+        next piece; a socket beyond the scan bound reads as not found (keyed by address)."""
+        from governor import peeruid
+
+        header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid\n"
+        filler = "".join(
+            f"{i:4d}: 0100007F:{i:04X} 0100007F:2673 06 00000000:00000000 03:00001000 00000000     0\n"
+            for i in range(1, 400)
+        )
+        ours = "9999: 0100007F:9C40 0100007F:2673 01 00000000:00000000 00:00000000 00000000  1234\n"
+        (tmp_path / "tcp").write_text(header + filler + ours)
+
+        def owner() -> int | None:
+            return peeruid.owner_uid(("127.0.0.1", 40000), ("127.0.0.1", 9843), proc_net=tmp_path, netlink=False)
+
+        for chunk in (64, 97, 1000, 1 << 20):  # boundaries fall inside the needle and inside its line
+            monkeypatch.setattr(peeruid, "CHUNK_BYTES", chunk)
+            assert owner() == 1234, chunk
+        monkeypatch.setattr(peeruid, "CHUNK_BYTES", 1000)
+        monkeypatch.setattr(peeruid, "MAX_TABLE_BYTES", len(header + filler) // 2)
+        assert owner() is None
+
     @ROOT_ONLY
     def test_another_local_user_cannot_lock_the_scraper_out(self) -> None:
         """Wrong logins from another local user (same 127.0.0.1) back off that user only: the scraper's first
