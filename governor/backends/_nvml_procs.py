@@ -33,8 +33,6 @@ class ProcessLister:
         if not compute and not graphics:
             return ()  # the usual answer of an idle GPU: no list to build
         entries = list(compute or ()) + list(graphics or ())
-        if not entries:
-            return ()
         used_by_pid: dict[int, int | None] = {}
         for entry in entries:
             pid = int(entry.pid)

@@ -74,12 +74,7 @@ def finite_reading(reading: GpuReading) -> GpuReading:
     """``reading`` with a NaN or infinite temperature, power or limit as None: a value no backend
     should give reads as missing (the rules hold), never as a number to compute with."""
     temperature, power, limit = reading.temperature_c, reading.power_w, reading.power_limit_w
-    isfinite = math.isfinite  # _finite, inlined: this runs for every reading
-    if (
-        (temperature is None or isfinite(temperature))
-        and (power is None or isfinite(power))
-        and (limit is None or isfinite(limit))
-    ):
+    if _finite(temperature) and _finite(power) and _finite(limit):
         return reading
     return replace(
         reading,

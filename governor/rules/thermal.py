@@ -24,16 +24,10 @@ def thresholds(policy: ThermalPolicy) -> tuple[tuple[ThermalZone, float], ...]:
 
 def raw_zone(temperature_c: float, policy: ThermalPolicy) -> ThermalZone:
     """The zone a temperature falls in, ignoring hysteresis."""
-    # thresholds(policy), unrolled: this runs once or twice per GPU per tick
     zone = ThermalZone.OPTIMAL
-    if temperature_c >= policy.warning_c:
-        zone = ThermalZone.WARNING
-    if temperature_c >= policy.hot_c:
-        zone = ThermalZone.HOT
-    if temperature_c >= policy.throttle_c:
-        zone = ThermalZone.THROTTLE
-    if temperature_c >= policy.critical_c:
-        zone = ThermalZone.CRITICAL
+    for candidate, lower_c in thresholds(policy):
+        if temperature_c >= lower_c:
+            zone = candidate
     return zone
 
 
