@@ -501,15 +501,19 @@ def _read_static(backend: NvmlBackend, st: _GpuState, now: float) -> None:
     NotSupported range may be asked again). Raises _Lost / NvmlFailure as the reads do."""
     st.info = _static_info(backend, st, backend._driver, now)
     _static_fans(backend, st, now)
+    complete = st.info.power_limit_min_w is not None and st.info.power_limit_max_w is not None
     resting = st.unsupported.get("power_limit_constraints")
-    if st.info.power_limit_min_w is not None and st.info.power_limit_max_w is not None:
+    if complete:
         st.info_due_s = math.inf
     else:
         st.info_due_s = resting if resting is not None else now + backend._limit_refresh_s
-    # the other static fields are never asked again on their own (and per-tick reads find no rest to check)
-    st.unsupported = {f: t for f, t in st.unsupported.items() if f in TELEMETRY_FIELDS}
-    if resting is not None and st.info_due_s == resting:
-        st.unsupported["power_limit_constraints"] = resting
+    # Only the telemetry and a NotSupported range still to be asked again keep their rest: the other
+    # static fields are never asked on their own (and per-tick reads then find no rest to check).
+    st.unsupported = {
+        f: t
+        for f, t in st.unsupported.items()
+        if f in TELEMETRY_FIELDS or (f == "power_limit_constraints" and not complete)
+    }
 
 
 def _static_fans(backend: NvmlBackend, st: _GpuState, now: float) -> None:
