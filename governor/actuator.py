@@ -14,6 +14,9 @@ enforced limit equals the limit the governor last set on it or is below the card
 default: then the card's default limit is taken, since the governor itself may have
 lowered it. Restore clamps the original to the GPU's current range.
 
+No limit is set above the GPU's saved original (clamped to its range when saved): a step back up
+ends at the limit the card had before the governor came, whatever the rules' ladder says.
+
 A GPU whose limit cannot be set (no permission, not supported) becomes monitor-only:
 marked once, never retried every tick.
 
@@ -174,7 +177,11 @@ class Actuator:
         uuid = decision.gpu_uuid
         if uuid in self.monitor_only:
             return ActionResult(decision, Outcome.REFUSED, f"monitor-only: {self.monitor_only[uuid]}")
-        limit_w = clamp_w(limit_w, self._gpus.get(uuid))
+        info = self._gpus.get(uuid)
+        limit_w = clamp_w(limit_w, info)
+        original_w = self._saved_original(uuid)
+        if original_w is not None and limit_w > original_w:
+            limit_w = clamp_w(original_w, info)  # back up as far as the card's own limit, never past it
         enforced = None if reading is None else reading.power_limit_w
         if self.dry_run:
             # Compare with what would be in force had the earlier would-be changes happened.
@@ -235,6 +242,7 @@ class Actuator:
                 self.hands_off[uuid] = "the enforced limit cannot be read"
                 return "original limit unknown (the enforced limit cannot be read): not changed"
             original_w, _ = self.original_from(uuid, enforced_w)
+            original_w = clamp_w(original_w, self._gpus.get(uuid))  # what a restore can write back
         if self.originals.remember(uuid, original_w, last_set_w=limit_w):
             self.hands_off.pop(uuid, None)
             return None

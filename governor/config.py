@@ -490,14 +490,15 @@ def _budget_contradictions(config: Config, gpus: Sequence[GpuInfo], out: Issues)
 
 def deep_cap_problem(power: PowerPolicy, gpu: GpuInfo) -> tuple[str, str] | None:
     """(expected, got) when an absolute ladder's top rung lies under ``DEEP_CAP_RATIO`` of the
-    card's default limit and ``allow_deep_cap`` is off; None when the ladder fits the card.
+    card's default limit (its maximum when NVML gives no default) and ``allow_deep_cap`` is off;
+    None when the ladder fits the card.
 
     The installed ladder of one card family must never silently cap another (an H100 held
     at 200 W by a ladder written for a 200 W card).
     """
     from governor.rules.power import effective_ladder
 
-    default_w = gpu.power_limit_default_w
+    default_w = gpu.power_limit_default_w if gpu.power_limit_default_w is not None else gpu.power_limit_max_w
     if not power.enabled or power.allow_deep_cap or power.target_mode or default_w is None or default_w <= 0:
         return None  # target mode uses no ladder: its limit never goes above the default
     if any(isinstance(rung, str) for rung in power.ladder_w):

@@ -108,6 +108,16 @@ def plausible_w(watts: float | None) -> bool:
     return watts is not None and 0.0 < watts < MAX_PLAUSIBLE_W
 
 
+MAX_PLAUSIBLE_C = 150.0
+"""No GPU reads this hot and still answers (cards shut down at about 95-105 C): a temperature at or above
+it (255 or 65535 C, a sensor's all-ones error value) is a broken answer, and so is one at or below 0 C."""
+
+
+def plausible_c(temperature_c: float | None) -> bool:
+    """True for a GPU temperature (C) a working sensor can read: above 0, below :data:`MAX_PLAUSIBLE_C`."""
+    return temperature_c is not None and 0.0 < temperature_c < MAX_PLAUSIBLE_C
+
+
 def checked_power_range(
     min_w: float | None, max_w: float | None, default_w: float | None
 ) -> tuple[float | None, float | None, float | None, str | None]:

@@ -25,19 +25,23 @@ class ProcessLister:
         self._proc_root = proc_root
         self._names: dict[int, str | None] = {}
 
-    def processes(self, compute: Any, graphics: Any) -> tuple[ProcessReading, ...] | None:
+    def processes(
+        self, compute: Any, graphics: Any, total_bytes: int | None = None
+    ) -> tuple[ProcessReading, ...] | None:
         """Compute and graphics processes, one entry per pid with its largest memory use in
-        bytes (None when neither list is available; None memory when NVML cannot say)."""
+        bytes (None when neither list is available; None memory when NVML cannot say, or
+        says more than the GPU's ``total_bytes``)."""
         if compute is None and graphics is None:
             return None
         if not compute and not graphics:
             return ()  # the usual answer of an idle GPU: no list to build
         entries = list(compute or ()) + list(graphics or ())
+        above = NOT_AVAILABLE_BYTES if total_bytes is None else min(total_bytes + 1, NOT_AVAILABLE_BYTES)
         used_by_pid: dict[int, int | None] = {}
         for entry in entries:
             pid = int(entry.pid)
             used = entry.usedGpuMemory
-            used = None if used is None or used >= NOT_AVAILABLE_BYTES else int(used)
+            used = None if used is None or used >= above else int(used)
             if pid in used_by_pid:
                 known = used_by_pid[pid]
                 if known is None or (used is not None and used > known):

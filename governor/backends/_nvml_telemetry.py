@@ -24,7 +24,7 @@ import math
 from typing import Any, Final
 
 from governor.backends._nvml_probe import ECC_COUNTERS, VIOLATION_REASONS
-from governor.model import CLOCK_EVENT_REASONS, GpuTelemetry
+from governor.model import CLOCK_EVENT_REASONS, GpuTelemetry, plausible_c
 
 PSTATE_UNKNOWN: Final = 32  # NVML_PSTATE_UNKNOWN
 _REASON_NAMES: Final = tuple(name for _, name in CLOCK_EVENT_REASONS)
@@ -116,7 +116,7 @@ class GpuTelemetryState:
         self.memory_clock_mhz = None if memory_clock is None else float(memory_clock)
         self.pstate = None if pstate is None or pstate == PSTATE_UNKNOWN else int(pstate)
         self.remap = None if remap is None else (int(remap[0]), int(remap[1]), int(remap[2]), int(remap[3]))
-        self.memory_temperature_c = None if memory_c is None else float(memory_c)
+        self.memory_temperature_c = float(memory_c) if memory_c is not None and plausible_c(float(memory_c)) else None
         if self.fan_count:
             self.fans = None if fan_percents is None else tuple((i, int(p) / 100.0) for i, p in enumerate(fan_percents))
         self.due_s = due_s

@@ -66,13 +66,16 @@ from governor.backends._nvml_procs import ProcessLister
 from governor.backends._nvml_telemetry import GpuTelemetryState
 from governor.clock import Clock
 from governor.errors import BackendFatal, BackendUnavailable, GpuLostError, SetLimitFailed, SetLimitRefused
-from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot, checked_power_range, plausible_w
+from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot, checked_power_range, plausible_c, plausible_w
 
 __all__ = ["NO_DRIVER_MESSAGE", "VERSION_MISMATCH_MESSAGE", "NvmlBackend"]
 
 log = structlog.get_logger("governor.nvml")
 
 NO_DRIVER_MESSAGE: Final = "no NVIDIA driver found; try --simulate"
+DRAW_MAX_RATIO: Final = 2.0
+"""A power draw above this multiple of the card's maximum limit is a broken answer (real excursions
+over the limit stay well under it)."""
 
 
 class _Lost(Exception):
@@ -243,7 +246,7 @@ class NvmlBackend:
             raise BackendUnavailable(f"NVML cannot list GPUs: {exc}") from None
         if count == 0:
             raise BackendUnavailable("NVML found no NVIDIA GPU; try --simulate")
-        states = []
+        states: list[_GpuState] = []
         now = self._clock.monotonic()
         for index in range(count):
             try:
@@ -251,6 +254,9 @@ class NvmlBackend:
                 uuid = text(call(nvml.nvmlDeviceGetUUID, handle))
             except NvmlFailure as exc:
                 log.warning("nvml_gpu_skipped", gpu=index, reason=str(exc))
+                continue
+            if any(other.uuid == uuid for other in states):  # all is keyed by UUID: it would get the other's writes
+                log.warning("nvml_gpu_skipped", gpu=index, reason=f"UUID {uuid} repeats an earlier GPU's")
                 continue
             st = _GpuState(index, uuid, handle)
             try:
@@ -330,22 +336,24 @@ class NvmlBackend:
         telemetry = st.telemetry
         if now >= telemetry.due_s:
             _read_slow_telemetry(self, st, now)
+        temperature_c, error = _celsius(st, temperature)
+        used_bytes, total_bytes = _memory_bytes(st, memory)
         return GpuReading(
             index=st.index,
             uuid=st.uuid,
-            temperature_c=None if temperature is None else float(temperature),
-            power_w=_watts(power_mw, zero_ok=True),
+            temperature_c=temperature_c,
+            power_w=_draw_w(st, power_mw),
             power_limit_w=_watts(enforced_mw),
-            memory_used_bytes=None if memory is None else int(memory.used),
-            memory_total_bytes=None if memory is None else int(memory.total),
-            utilization_gpu_ratio=None if util is None else util.gpu / 100.0,
+            memory_used_bytes=used_bytes,
+            memory_total_bytes=total_bytes,
+            utilization_gpu_ratio=None if util is None or not 0 <= util.gpu <= 100 else util.gpu / 100.0,
             clock_event_reasons=None if reasons is None else int(reasons),
             sm_clock_mhz=None if sm_clock is None else float(sm_clock),
             power_limit_requested_w=st.limit_requested_w,
             energy_j=st.energy_j,
-            processes=self._lister.processes(compute, graphics),
-            health=GpuHealth.OK if temperature is not None else GpuHealth.DEGRADED,
-            error=None if temperature is not None else "temperature not available",
+            processes=self._lister.processes(compute, graphics, total_bytes or st.info.memory_total_bytes),
+            health=GpuHealth.OK if temperature_c is not None else GpuHealth.DEGRADED,
+            error=error,
             clock_event_s=telemetry.clock_event_s(None if reasons is None else int(reasons), now),
             telemetry=telemetry.record,
         )
@@ -559,6 +567,48 @@ def _read_slow_telemetry(backend: NvmlBackend, st: _GpuState, now: float) -> Non
     count = telemetry.fan_count
     fans = backend._get(st, "fan_speed", backend._reads.fan_speeds(count), now) if count else None
     telemetry.store_slow(values, fans, now + backend._telemetry_refresh_s)
+
+
+def _implausible(st: _GpuState, field: str, what: str) -> None:
+    """Log once per GPU and field that a reading was dropped as no working GPU can give it."""
+    key = (f"{field}_implausible", None)
+    if key not in st.reported:
+        st.reported.add(key)
+        log.warning("nvml_value_implausible", gpu=st.index, uuid=st.uuid, dropped=what)
+
+
+def _celsius(st: _GpuState, raw: Any) -> tuple[float | None, str | None]:
+    """NVML's GPU temperature as degrees C, and why the GPU is degraded: None with a reason when
+    NVML gave none or one no working sensor reads (0, 255, 65535 C: :func:`~governor.model.plausible_c`)."""
+    if raw is None:
+        return None, "temperature not available"
+    temperature_c = float(raw)
+    if plausible_c(temperature_c):
+        return temperature_c, None
+    why = f"temperature reading implausible: {raw} C"
+    _implausible(st, "temperature", why)
+    return None, why
+
+
+def _draw_w(st: _GpuState, milliwatts: float | None) -> float | None:
+    """NVML's power draw as watts (:func:`_watts`, 0 W kept); None above :data:`DRAW_MAX_RATIO` times
+    the card's maximum limit."""
+    watts, max_w = _watts(milliwatts, zero_ok=True), st.info.power_limit_max_w
+    if watts is None or max_w is None or watts <= DRAW_MAX_RATIO * max_w:
+        return watts
+    _implausible(st, "power", f"power draw {watts:g} W of a card limited to {max_w:g} W")
+    return None
+
+
+def _memory_bytes(st: _GpuState, memory: Any) -> tuple[int | None, int | None]:
+    """(used, total) VRAM bytes of NVML's memory info; a total of 0 is None, and so is more used than the total."""
+    if memory is None:
+        return None, None
+    total = int(memory.total) or None
+    if total is not None and 0 <= memory.used <= total:
+        return int(memory.used), total
+    _implausible(st, "memory", f"memory used {memory.used} of {memory.total} bytes")
+    return None, total
 
 
 def _watts(milliwatts: float | None, *, zero_ok: bool = False) -> float | None:

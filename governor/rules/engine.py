@@ -16,7 +16,7 @@ import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
-from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, ProcessFacts, Snapshot
+from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, ProcessFacts, Snapshot, plausible_c
 from governor.policy import GpuPolicy, ThermalZone, VramPolicy
 from governor.rules.fan import FanPlan, FanState, step_fan
 from governor.rules.power import LadderState, effective_ladder, step_power, target_w
@@ -71,14 +71,16 @@ def _finite(value: float | None) -> bool:
 
 
 def finite_reading(reading: GpuReading) -> GpuReading:
-    """``reading`` with a NaN or infinite temperature, power or limit as None: a value no backend
+    """``reading`` with a NaN or infinite temperature, power or limit, or a temperature no sensor
+    can read (:func:`~governor.model.plausible_c`: 0 C, 255 C ...), as None: a value no backend
     should give reads as missing (the rules hold), never as a number to compute with."""
     temperature, power, limit = reading.temperature_c, reading.power_w, reading.power_limit_w
-    if _finite(temperature) and _finite(power) and _finite(limit):
+    temperature_ok = temperature is None or plausible_c(temperature)
+    if temperature_ok and _finite(power) and _finite(limit):
         return reading
     return replace(
         reading,
-        temperature_c=temperature if _finite(temperature) else None,
+        temperature_c=temperature if temperature_ok else None,
         power_w=power if _finite(power) else None,
         power_limit_w=limit if _finite(limit) else None,
     )

@@ -87,9 +87,10 @@ class _Candidate:
 
 
 def under_pressure(reading: GpuReading, policy: VramPolicy) -> bool:
-    """True when free VRAM is below the reserve or the used ratio is above the threshold."""
+    """True when free VRAM is below the reserve or the used ratio is above the threshold (never on a
+    reading with more used than the card has: a broken answer)."""
     used, total = reading.memory_used_bytes, reading.memory_total_bytes
-    if used is None or not total:
+    if used is None or not total or used > total:
         return False
     return total - used < policy.reserve_bytes or used / total > policy.pressure_used_ratio
 
