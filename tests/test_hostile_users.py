@@ -15,10 +15,12 @@ Real processes throughout. Each test is an attack that worked on an earlier vers
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -168,3 +170,36 @@ class TestSpoofedExecutable:
         finally:
             child.kill()
             child.wait()
+
+
+class TestClosedClientIsNobodysRoot:
+    def test_a_client_that_closed_its_socket_is_not_taken_for_root(self) -> None:
+        """Once the client closed its end (a kernel time-wait socket, which names no owner) the lookup
+        names no uid, not uid 0: a wrong password sent before a close must not back off root's scraper."""
+        from governor.peeruid import client_key, owner_uid
+
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family) as server:
+                server.bind((host, 0))
+                server.listen()
+                client = socket.create_connection(server.getsockname()[:2])
+                accepted, peer = server.accept()
+                with accepted:
+                    client.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                    client.close()
+                    assert accepted.recv(64).startswith(b"GET")
+                    # the kernel acks the client's FIN (at once, or after its delayed-ack timer): time-wait
+                    wait_for(functools.partial(_time_wait, peer[1]), 5.0, "the client socket in time-wait")
+                    for netlink in (True, False):
+                        assert owner_uid(peer[:2], accepted.getsockname()[:2], netlink=netlink) is None
+                    assert client_key(accepted, peer[:2]) == peer[0]
+
+
+def _time_wait(port: int) -> bool:
+    """Whether the loopback TCP socket with local ``port`` is a kernel time-wait socket (timer 3 in /proc/net/tcp*)."""
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return fields[5].startswith("03:")
+    return False
