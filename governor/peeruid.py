@@ -9,7 +9,9 @@ back-off is keyed on that uid instead (:func:`client_key`).
 The kernel is asked through sock_diag (netlink), an exact lookup of that one socket (about
 70 us, whatever the number of sockets); where netlink is not allowed, through one bounded
 scan of ``/proc/net/tcp`` (``tcp6``), in pieces up to a bound. Either runs only when a password
-has to be checked.
+has to be checked. A client that closed its end before the check (its socket is then a kernel
+time-wait socket, which keeps no owner and reads as uid 0) names no one: it is keyed by its
+address, never taken for root.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ NO_COOKIE = 0xFFFFFFFF
 DIAG_UID_OFFSET = 16 + 4 + 48 + 12
 """Where inet_diag_msg's uid lies in the answer: after nlmsghdr (16), family/state/timer/retrans (4),
 the socket id (48) and expires/rqueue/wqueue (12)."""
+DIAG_TIMER_OFFSET = 16 + 2
+"""Where inet_diag_msg's idiag_timer lies: after nlmsghdr (16), family and state."""
+TIME_WAIT_TIMER = 3
+"""The timer a time-wait socket reports (idiag_timer; ``03:`` in /proc/net/tcp): the client closed its end, and
+such a socket keeps no owner (the kernel names uid 0 for it), so it names no one."""
 NETLINK_TIMEOUT_S = 0.5
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -67,6 +74,8 @@ def _by_netlink(client: Address, client_port: int, server: Address, server_port:
         answer = link.recv(4096)
     if len(answer) < DIAG_UID_OFFSET + 4 or struct.unpack_from("=H", answer, 4)[0] != SOCK_DIAG_BY_FAMILY:
         return None  # NLMSG_ERROR: no such socket (it closed, or is not the client's)
+    if answer[DIAG_TIMER_OFFSET] == TIME_WAIT_TIMER:
+        return None  # the client closed its end: no owner (not root, whose uid 0 the kernel puts there)
     uid: int = struct.unpack_from("=I", answer, DIAG_UID_OFFSET)[0]
     return uid
 
@@ -87,6 +96,8 @@ def _by_proc(client: Address, client_port: int, server: Address, server_port: in
     except OSError:
         return None
     fields = line.split() if line is not None else []
+    if len(fields) > 4 and fields[4].startswith(b"%02X:" % TIME_WAIT_TIMER):
+        return None  # a time-wait socket: the client closed its end, and the uid column says 0
     try:  # local, remote, st, tx:rx, tr:when, retrnsmt, uid
         return int(fields[6])
     except (IndexError, ValueError):

@@ -19,7 +19,11 @@ part above unless a class sets ``user_units = true``. Built-in protection (displ
 compositors) needs the executable's basename to be listed *and* the executable to be a
 root-owned, not group- or world-writable file under a system directory *and* the owner
 to be a real account (uid below 60000: not nobody, not a systemd DynamicUser, not a
-user-namespace id). A process can only get such an exe by exec'ing that very binary.
+user-namespace id) *and* the governor to find that very file at that path: the path is the
+one the process's own mount namespace shows, and in a user namespace of their own any user
+may mount a system binary at ``/usr/local/bin/Xorg``. A process can only get such an exe by
+exec'ing that very binary. A kernel thread is one the kernel flags as such (PF_KTHREAD), not a
+process without exe or command line (a user process whose main thread exited shows neither).
 
 Bounded matching. ``cmdline`` and ``cgroup`` regexes (the ``regex`` module) run on at
 most ``CMDLINE_MAX_BYTES`` of text with a timeout of ``MATCH_TIMEOUT_S`` per match and a
@@ -30,7 +34,8 @@ per (pid, start time, pattern).
 PID reuse. :meth:`ProcessInspector.mark_listing` records the boot-clock time just before
 the GPU process list is read; a process whose start time is later than that is a new
 process holding a listed PID and is marked ``newer_than_listing``: the VRAM rule
-neither charges nor signals it that tick.
+neither charges nor signals it that tick. Start times count in clock ticks (10 ms), so a
+process that started in the listing's own tick is marked too (which came first is unknown).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ REAL_ACCOUNT_UID_LIMIT = 60000
 """Owners at or above this uid (nobody, systemd DynamicUsers, user-namespace ids) get no built-in protection."""
 UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
 """Units that have a cgroup of their own (slices aside)."""
+PF_KTHREAD = 0x00200000
+"""The kernel's per-task flag of a kernel thread (include/linux/sched.h), in /proc/PID/stat's flags."""
 
 
 def read_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -96,13 +103,19 @@ def _start_time_from_stat(raw: bytes) -> int | None:
         return None
 
 
-def _ppid_from_stat(raw: bytes) -> int | None:
+def _kernel_thread_from_stat(raw: bytes) -> bool:
+    """True when the kernel's own flag (PF_KTHREAD, field 9) says the process is a kernel thread.
+
+    Not guessed from an empty command line, a missing exe and PID 1 or 2 as parent: a user
+    process whose main thread exited (its other threads running on) shows exactly that."""
     end = raw.rfind(b")")
+    if end < 0:
+        return False
     fields = raw[end + 2 :].split()
     try:
-        return int(fields[1])
+        return bool(int(fields[6]) & PF_KTHREAD)  # field 9 overall
     except (IndexError, ValueError):
-        return None
+        return False
 
 
 def _read_text(path: Path, limit: int = CMDLINE_MAX_BYTES) -> str | None:
@@ -366,8 +379,9 @@ class ProcessInspector:
         if cached is not None and cached.start_time == start and (start is not None or cached.name == reported_name):
             return cached
         facts = self._read(pid, start, reported_name, policy)
-        if start is not None and self._listed_at_ticks is not None and start > self._listed_at_ticks:
-            # Started after the listing: whatever was listed under this pid was another process.
+        if start is not None and self._listed_at_ticks is not None and start >= self._listed_at_ticks:
+            # Started after the listing, or in its clock tick (10 ms: which came first is not known):
+            # whatever was listed under this pid may have been another process.
             return facts.seen_as(newer_than_listing=True)
         if not facts.unresolved:
             self._cache[pid] = facts
@@ -408,10 +422,9 @@ class ProcessInspector:
             if cgroup_text is not None:
                 cgroup = cgroup_text.splitlines()[-1].split(":", 2)[-1] if cgroup_text.strip() else None
             try:
-                ppid = _ppid_from_stat((base / "stat").read_bytes())
+                kernel_thread = _kernel_thread_from_stat((base / "stat").read_bytes())
             except OSError:
-                ppid = None
-            kernel_thread = ppid == 2 or pid == 2 or (not cmdline and exe is None and ppid is not None and ppid <= 2)
+                kernel_thread = False
         if name is None:
             name = reported_name
         unit, slices = _cgroup_parts(system_cgroup(cgroup))
@@ -433,13 +446,24 @@ class ProcessInspector:
 
 
 def _is_system_exe(path: str, info: os.stat_result) -> bool:
-    """True for a root-owned regular file, not group/world-writable, under a system directory."""
-    return (
+    """True for a root-owned regular file, not group/world-writable, under a system directory,
+    that is the very file found at ``path`` here.
+
+    ``path`` is the exe as the process's own mount namespace names it: in a user namespace any
+    user may mount a system binary (root-owned) at ``/usr/local/bin/Xorg`` for themselves, so the
+    path counts only when the governor finds that same file (device and inode) at it."""
+    if not (
         path.startswith(SYSTEM_EXE_PREFIXES)
         and stat.S_ISREG(info.st_mode)
         and info.st_uid == 0
         and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    )
+    ):
+        return False
+    try:
+        here = os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (info.st_dev, info.st_ino)
 
 
 def own_system_unit(proc: Path = Path("/proc")) -> str | None:
