@@ -3,14 +3,14 @@
 ``python3 bench/nvml_floor.py [--iterations N] [--label TEXT]`` prints one JSON object:
 
 - ``raw_us``: per GPU, p50/p99 microseconds of exactly the NVML reads NvmlBackend makes
-  each tick (temperature V, power, enforced limit, memory v2, utilisation, clock event
-  reasons, SM and memory clocks, performance state, compute and graphics processes v3),
-  in a tight loop;
+  each tick (``governor.backends._nvml_probe.PER_TICK_FIELDS``: temperature V, power,
+  enforced limit, memory v2, utilisation, clock event reasons, SM clock, compute and
+  graphics processes v3), in a tight loop;
 - ``per_read_us_p50``: the median of each of those reads alone (GPU 0);
 - ``telemetry_us_p50``: the median of each telemetry read that is not per GPU and tick
   (GPU 0): the XID event wait with a zero timeout (once per tick for all GPUs), and the
   slow reads (violation counters, ECC counts, remapped rows, memory temperature through
-  field values, fan count), or the NVML error it answered;
+  field values, memory clock, performance state, fan count), or the NVML error it answered;
 - ``adapter_us_per_gpu``: p50/p99 of ``NvmlBackend.read()`` divided by the GPU count
   (the slow reads fall due once at the start, then every 10/30 s, so they barely show);
 - ``ratio_p50``: adapter p50 per GPU over the mean raw p50 per GPU.
@@ -43,17 +43,16 @@ def percentiles(samples_ns: list[int]) -> dict[str, float]:
 
 
 def raw_reads(nvml: Any, handle: Any) -> list[tuple[str, Callable[[], object]]]:
-    """The per-tick reads NvmlBackend makes, bound to one handle."""
+    """The per-tick reads NvmlBackend makes, bound to one handle, named as in
+    ``PER_TICK_FIELDS`` (tests/test_bench_floor.py holds the two lists together)."""
     return [
         ("temperature", lambda: nvml.nvmlDeviceGetTemperatureV(handle, nvml.NVML_TEMPERATURE_GPU)),
         ("power", lambda: nvml.nvmlDeviceGetPowerUsage(handle)),
-        ("enforced_limit", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle)),
-        ("memory_v2", lambda: nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)),
+        ("power_limit_enforced", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle)),
+        ("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)),
         ("utilization", lambda: nvml.nvmlDeviceGetUtilizationRates(handle)),
         ("clock_event_reasons", lambda: nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)),
         ("sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM)),
-        ("memory_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
-        ("pstate", lambda: nvml.nvmlDeviceGetPerformanceState(handle)),
         ("compute_processes", lambda: nvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)),
         ("graphics_processes", lambda: nvml.nvmlDeviceGetGraphicsRunningProcesses_v3(handle)),
     ]
@@ -82,6 +81,8 @@ def telemetry_reads(nvml: Any, handle: Any, event_set: Any) -> list[tuple[str, C
     reads += [
         ("remapped_rows", lambda: nvml.nvmlDeviceGetRemappedRows(handle)),
         ("memory_temperature_field", lambda: nvml.nvmlDeviceGetFieldValues(handle, [nvml.NVML_FI_DEV_MEMORY_TEMP])),
+        ("memory_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
+        ("pstate", lambda: nvml.nvmlDeviceGetPerformanceState(handle)),
         ("fan_count", lambda: nvml.nvmlDeviceGetNumFans(handle)),
     ]
     return reads
