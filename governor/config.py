@@ -832,6 +832,11 @@ def parse_toml(data: bytes, source: str, error: type[ConfigError] = ConfigError)
         document: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise error([ConfigIssue(source, "", "valid TOML", str(exc))]) from None
+    except RecursionError:
+        nesting = "TOML nested at most a few hundred levels deep"
+        raise error([ConfigIssue(source, "", nesting, "deeper nesting")]) from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise error([ConfigIssue(source, "", "TOML the governor can read", short(str(exc), 120))]) from None
     return document
 
 
