@@ -5,14 +5,19 @@ that breaks the daemon later."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
+import threading
 from pathlib import Path
 
 import pytest
 
 from governor.cli import main
-from governor.errors import SimDataError
+from governor.errors import SimDataError, TraceError
 from governor.sim.profiles import load_profile
 from governor.sim.scenario import load_scenario
+from governor.trace import read_trace
 
 DATA = Path(__file__).resolve().parent.parent / "governor" / "data"
 H100_PROFILE = (DATA / "profiles" / "h100-80gb.toml").read_text()
@@ -63,3 +68,87 @@ class TestTomlTheParserChokesOn:
         code = main(["check-config", str(config), "--profile", str(profile)], out=out, err=err)
         assert code == 3
         assert str(profile) in err.getvalue()
+
+
+# --------------------------------------------------------------------------- traces
+
+
+class TestTraceFiles:
+    def test_a_fifo_is_refused_without_blocking(self, tmp_path: Path) -> None:
+        """A trace path that is a FIFO with no writer is refused at once (open() blocked forever)."""
+        fifo = tmp_path / "trace.jsonl"
+        os.mkfifo(fifo)
+        outcome: list[BaseException | None] = []
+
+        def read() -> None:
+            try:
+                read_trace(fifo)
+            except BaseException as exc:  # handed to the test thread
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=10.0)
+        if reader.is_alive():
+            with open(fifo, "w"):  # a writer lets the blocked open() return, so the thread ends
+                pass
+            reader.join(timeout=10.0)
+            pytest.fail("read_trace blocked on a FIFO")
+        assert isinstance(outcome[0], TraceError)
+        assert str(fifo) in str(outcome[0]) and "regular file" in str(outcome[0])
+
+    def test_a_device_is_refused_unread(self) -> None:
+        """/dev/zero (an endless line of NULs) is refused as not a regular file, not read until memory runs out."""
+        with pytest.raises(TraceError, match=r"/dev/zero: .*regular file"):
+            read_trace("/dev/zero")
+
+    def test_a_directory_is_refused(self, tmp_path: Path) -> None:
+        """A directory is a TraceError naming it."""
+        with pytest.raises(TraceError, match=re.escape(str(tmp_path))):
+            read_trace(tmp_path)
+
+    def test_an_endless_line_is_refused(self, tmp_path: Path) -> None:
+        """A line longer than any record (here 3 MiB of one string) is refused naming file:line."""
+        path = write(tmp_path, "t.jsonl", DEVICE + '{"record": "sample", "x": "' + "a" * (3 << 20) + '"}\n')
+        with pytest.raises(TraceError, match=re.escape(f"{path}:2") + ".*longer"):
+            read_trace(path)
+
+    @pytest.mark.parametrize(
+        "value",
+        ["[" * 100_000 + "]" * 100_000, "1" * 5000],
+        ids=["deep-nesting", "5000-digit-int"],
+    )
+    def test_json_the_decoder_chokes_on(self, tmp_path: Path, value: str) -> None:
+        """A line nested past the recursion limit or holding a 5000-digit integer is a TraceError
+        naming file:line (RecursionError and ValueError escaped as tracebacks)."""
+        path = write(tmp_path, "t.jsonl", DEVICE + '{"record": "sample", "gpu": 0, "t": 0, "x": ' + value + "}\n")
+        with pytest.raises(TraceError, match=re.escape(f"{path}:2")):
+            read_trace(path)
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("gpu", 0.5), ("memory_used_bytes", 1.5), ("clock_event_reasons", 2.25), ("gpu", -1), ("gpu", 1e300)],
+    )
+    def test_an_integer_field_needs_a_whole_number(self, tmp_path: Path, field: str, value: float) -> None:
+        """An int field holding a fraction (gpu 0.5 was read as GPU 0) or a GPU index outside
+        0-1023 is refused naming the field."""
+        record = {"record": "sample", "gpu": 0, "t": 0.0, field: value}
+        path = write(tmp_path, "t.jsonl", DEVICE + json.dumps(record) + "\n")
+        with pytest.raises(TraceError, match=f"field '{field}'"):
+            read_trace(path)
+
+    def test_whole_floats_still_count_as_integers(self, tmp_path: Path) -> None:
+        """39.0 and 39 mean the same (docs/trace-format.md): a whole float in an int field is read."""
+        record = {"record": "sample", "gpu": 0.0, "t": 0.0, "memory_used_bytes": 1024.0}
+        path = write(tmp_path, "t.jsonl", DEVICE + json.dumps(record) + "\n")
+        sample = read_trace(path).samples[0][0]
+        assert sample.reading.memory_used_bytes == 1024
+
+    def test_a_huge_bad_value_is_shown_cut(self, tmp_path: Path) -> None:
+        """A bad 'record' value of 500 kB is shown cut short in the error, not echoed whole."""
+        path = write(tmp_path, "t.jsonl", json.dumps({"record": "x" * 500_000}) + "\n")
+        with pytest.raises(TraceError, match="field 'record'") as caught:
+            read_trace(path)
+        assert len(str(caught.value)) < 400
