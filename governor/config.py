@@ -262,6 +262,14 @@ def _THRESHOLD(v: Any) -> str | None:
     return f"a temperature between {lo:g} and {hi:g} C (outside that range it is a typo or a torn file)"
 
 
+def _listen_address(v: Any) -> str | None:
+    """An address a socket can bind: at most 253 characters (a DNS name's limit), no NUL,
+    control character or space (a NUL made the bind raise TypeError at start)."""
+    if len(v) <= 253 and all(ch.isprintable() and not ch.isspace() for ch in v):
+        return None
+    return "an IP address or host name (at most 253 characters, no spaces or control characters)"
+
+
 _THRESHOLD_TEXT = f"a temperature in C ({THRESHOLD_RANGE_C[0]:g} to {THRESHOLD_RANGE_C[1]:g})"
 
 THERMAL_KEYS: dict[str, Key] = {
@@ -365,7 +373,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
     "wait_for_driver": Key("bool", "true or false"),
     "metrics": {
         "enabled": Key("bool", "true or false"),
-        "listen_address": Key("str", "an IP address or host name"),
+        "listen_address": Key("str", "an IP address or host name", _listen_address),
         "port": Key("int", "a TCP port", between(0, 65535)),
         "allow_remote": Key("bool", "true or false"),
         "web_config_file": Key("str", "an exporter-toolkit web-config file (empty: plain HTTP, no auth)", kernel_path),

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from governor.classes import parse_vram
 from governor.cli import main
+from governor.config import ConfigError, parse_config
 from governor.errors import SimDataError, TraceError
+from governor.schema import Issues
 from governor.sim.profiles import load_profile
 from governor.sim.scenario import load_scenario
 from governor.trace import read_trace
+from governor.webconfig import parse_web_config
 
 DATA = Path(__file__).resolve().parent.parent / "governor" / "data"
 H100_PROFILE = (DATA / "profiles" / "h100-80gb.toml").read_text()
@@ -152,3 +156,67 @@ class TestTraceFiles:
         with pytest.raises(TraceError, match="field 'record'") as caught:
             read_trace(path)
         assert len(str(caught.value)) < 400
+
+
+# --------------------------------------------------------------------------- web-config
+
+
+class TestWebConfigValues:
+    @pytest.mark.parametrize("key", ["client_auth_type", "min_version", "max_version"])
+    @pytest.mark.parametrize("value", [[1, 2], {"a": 1}, {1, 2}], ids=["list", "mapping", "set"])
+    def test_a_collection_where_a_name_belongs_names_the_key(self, tmp_path: Path, key: str, value: object) -> None:
+        """A list or mapping as client_auth_type/min_version/max_version is an issue at that key
+        (it was a TypeError 'unhashable type' reported against the whole file)."""
+        document = {"tls_server_config": {"cert_file": "c.pem", "key_file": "k.pem", key: value}}
+        with pytest.raises(ConfigError) as caught:
+            parse_web_config(document, "web.yml", tmp_path)
+        keys = [issue.key for issue in caught.value.issues]
+        assert keys == [f"tls_server_config.{key}"]
+
+
+# --------------------------------------------------------------------------- config values
+
+
+def vram_issue_keys(vram: object = None, classes: object = None) -> list[str]:
+    """The keys of the problems parse_vram finds in ``[vram]`` and ``[[class]]``."""
+    out = Issues("g.toml")
+    parse_vram(vram, classes, out)
+    return [issue.key for issue in out.issues]
+
+
+class TestVramSizes:
+    @pytest.mark.parametrize(
+        "size",
+        [10**400, 2**64, "9999999999999999999999999999999999999999999999999999999TiB"],
+        ids=["10**400", "2**64", "a-huge-string"],
+    )
+    def test_an_impossible_reserve_is_refused(self, size: object) -> None:
+        """A reserve no GPU can have (10**400 bytes made every scrape answer 500: 'int too large
+        to convert to float') is refused naming vram.reserve."""
+        assert vram_issue_keys({"reserve": size}) == ["vram.reserve"]
+
+    def test_an_impossible_budget_is_refused(self) -> None:
+        """The same for a class budget."""
+        classes = [{"name": "c", "budget": 10**400, "action": "kill", "match": {"user": "1000"}}]
+        assert vram_issue_keys(None, classes) == ["class[0].budget"]
+
+    def test_the_largest_plausible_size_is_taken(self) -> None:
+        """1 PiB (far above any GPU) is still a valid budget and reserve."""
+        classes = [{"name": "c", "budget": "1024TiB", "match": {"user": "1000"}}]
+        assert vram_issue_keys({"reserve": "1024TiB"}, classes) == []
+
+
+class TestListenAddress:
+    @pytest.mark.parametrize("address", ["\x00", "127.0.0.1\x00", "a b", "h\n", "x" * 254])
+    def test_an_address_no_socket_takes_is_refused(self, address: str) -> None:
+        """A listen_address with a NUL (a TypeError traceback at start), a control character,
+        a space or more than 253 characters is a config issue naming metrics.listen_address."""
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"metrics": {"listen_address": address, "allow_remote": True}}, "g.toml")
+        assert [issue.key for issue in caught.value.issues] == ["metrics.listen_address"]
+
+    @pytest.mark.parametrize("address", ["127.0.0.1", "::1", "localhost", "gpu-node-7.example.org", "0.0.0.0"])
+    def test_addresses_and_host_names_are_taken(self, address: str) -> None:
+        """IP addresses and host names still load."""
+        config = parse_config({"metrics": {"listen_address": address, "allow_remote": True}}, "g.toml")
+        assert config.metrics.listen_address == address
