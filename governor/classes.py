@@ -48,7 +48,7 @@ from governor.policy import ProcessMatch as ProcessMatch
 from governor.policy import VramPolicy as VramPolicy
 from governor.policy import clip as clip
 from governor.policy import format_size as format_size
-from governor.schema import Issues, Key, between, convert, one_of, shown, table_of, unknown
+from governor.schema import MAX_BYTES, Issues, Key, between, convert, one_of, shown, table_of, unknown
 
 _UNITS = {
     "": (1, False),
@@ -69,9 +69,8 @@ _UNITS = {
 """Lower-cased unit -> (bytes, decimal?). A bare letter ("6g") is binary, like ``free -g``."""
 SIZE_TEXT_MAX_CHARS = 64
 """Longer size strings are refused before they are looked at (no size needs more)."""
-MAX_SIZE_BYTES = 2**53
-"""The largest budget or reserve (8 PiB, far above any GPU's memory): every size stays exact
-as a float, the type the metrics carry it in (10**400 bytes made every scrape fail)."""
+MAX_SIZE_BYTES = MAX_BYTES
+"""The largest budget or reserve (8 PiB: 10**400 bytes made every scrape fail)."""
 _MAX_SIZE_TEXT = "8192TiB"
 MAX_CLASSES = 256
 """At most this many ``[[class]]`` tables: bounds the overlap check and every tick's matching."""

@@ -19,7 +19,7 @@ from governor.config import ConfigError, parse_config
 from governor.errors import SimDataError, TraceError
 from governor.schema import Issues
 from governor.sim.profiles import load_profile
-from governor.sim.scenario import load_scenario
+from governor.sim.scenario import PhaseTimeline, load_scenario
 from governor.trace import read_trace
 from governor.webconfig import parse_web_config
 
@@ -220,3 +220,79 @@ class TestListenAddress:
         """IP addresses and host names still load."""
         config = parse_config({"metrics": {"listen_address": address, "allow_remote": True}}, "g.toml")
         assert config.metrics.listen_address == address
+
+
+# --------------------------------------------------------------------------- profiles and scenarios
+
+
+def profile_with(tmp_path: Path, old: str, new: str) -> Path:
+    """The shipped H100 profile with the line ``old`` replaced by ``new``."""
+    assert old in H100_PROFILE
+    return write(tmp_path, "p.toml", H100_PROFILE.replace(old, new))
+
+
+class TestProfileValues:
+    @pytest.mark.parametrize(
+        ("old", "new", "key"),
+        [
+            ("r_die_c_per_w = 0.026487", "r_die_c_per_w = 1e308", "thermal.r_die_c_per_w"),
+            ("r_sink_c_per_w = 0.026288", "r_sink_c_per_w = 5e-324", "thermal.r_sink_c_per_w"),
+            ("c_die_j_per_c = 12.1593", "c_die_j_per_c = 5e-324", "thermal.c_die_j_per_c"),
+            ("c_sink_j_per_c = 673.21", "tau_sink_s = 1e308", "thermal.tau_sink_s"),
+            ("max_w = 700.0\ndefault_w = 700.0", "max_w = 1e308\ndefault_w = 1e308", "power_limit.max_w"),
+            ("memory_total_bytes = 85520809984", "memory_total_bytes = 1" + "0" * 400, "memory_total_bytes"),
+        ],
+        ids=["r-huge", "r-tiny", "c-tiny", "tau-huge", "limit-huge", "memory-huge"],
+    )
+    def test_a_constant_no_gpu_has_is_refused(self, tmp_path: Path, old: str, new: str, key: str) -> None:
+        """Thermal constants, powers and memory outside any GPU's range are refused naming the key
+        (they loaded, then the simulator died of OverflowError, ZeroDivisionError or ValueError)."""
+        with pytest.raises(SimDataError) as caught:
+            load_profile(str(profile_with(tmp_path, old, new)))
+        assert key in {issue.key for issue in caught.value.issues}
+
+
+class TestScenarioValues:
+    def test_a_vanishing_phase_is_refused(self, tmp_path: Path) -> None:
+        """A phase of 5e-324 s (OverflowError in the phase timeline at the first tick) is refused
+        naming phase[0].duration_s."""
+        path = write(tmp_path, "s.toml", scenario_text("duration_s = 5e-324\ndemand_fraction = 0.5\n"))
+        with pytest.raises(SimDataError) as caught:
+            load_scenario(str(path))
+        assert [issue.key for issue in caught.value.issues] == ["phase[0].duration_s"]
+
+    def test_a_one_millisecond_phase_runs(self, tmp_path: Path) -> None:
+        """The shortest phase taken (1 ms) still gives the timeline a finite answer late in a run."""
+        path = write(tmp_path, "s.toml", scenario_text("duration_s = 0.001\ndemand_fraction = 0.5\n"))
+        timeline = PhaseTimeline(load_scenario(str(path)))
+        index, end_s = timeline.phase_at(1e9)
+        assert index == 0 and 1e9 <= end_s <= 1e9 + 0.002
+
+    @pytest.mark.parametrize(
+        ("rest", "key"),
+        [
+            ('[[event]]\nat_s = 1.0\ngpu = 100000000000000000000\nfault = "lost"\n', "event[0].gpu"),
+            ('[[process]]\nname = "p"\ngpu = 64\nmemory_gib = 1.0\n', "process[0].gpu"),
+            ('[[process]]\nname = "p"\nmemory_bytes = 1' + "0" * 400 + "\n", "process[0].memory_bytes"),
+            (
+                '[[process]]\nname = "p"\nmemory_gib = 1.0\ngrowth_bytes_per_s = 1e308\n',
+                "process[0].growth_bytes_per_s",
+            ),
+        ],
+        ids=["event-gpu-1e20", "process-gpu-64", "memory-10**400", "growth-1e308"],
+    )
+    def test_an_impossible_gpu_or_size_is_refused(self, tmp_path: Path, rest: str, key: str) -> None:
+        """A GPU index past the 64 GPUs a simulation has (simulate sized itself to 10**20 GPUs and
+        hung), or a size no GPU holds (OverflowError turning it into a float) is refused naming the key."""
+        path = write(tmp_path, "s.toml", scenario_text(rest=rest))
+        with pytest.raises(SimDataError) as caught:
+            load_scenario(str(path))
+        assert [issue.key for issue in caught.value.issues] == [key]
+
+    def test_a_phase_gpu_override_past_64_is_refused(self, tmp_path: Path) -> None:
+        """The same for a phase's per-GPU override."""
+        phase = "duration_s = 60.0\ndemand_fraction = 0.5\n[[phase.gpu]]\nindex = 64\ndemand_fraction = 0.1\n"
+        path = write(tmp_path, "s.toml", scenario_text(phase))
+        with pytest.raises(SimDataError) as caught:
+            load_scenario(str(path))
+        assert [issue.key for issue in caught.value.issues] == ["phase[0].gpu[0].index"]
