@@ -862,7 +862,7 @@ def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
     path = Path(path)
     source = str(path)
     data = read_small_file(path, trust_euid=os.geteuid() if enforce_trust else None)
-    if not data.strip():
+    if not data.removeprefix(b"\xef\xbb\xbf").strip():
         # A truncated file (a failed write, a full disk) must not silently reset every setting.
         raise ConfigError(
             [ConfigIssue(source, "", "a TOML document (a file of only comments means all defaults)", "an empty file")]

@@ -382,9 +382,10 @@ class Table:
 
 def config_text(data: bytes, source: str, kind: str, error: type[ConfigError] = ConfigError) -> str:
     """``data`` as text for a ``kind`` parser (e.g. "TOML"); ``error`` naming ``source`` when it
-    is not UTF-8 or holds NUL bytes (binary data, which no config format admits)."""
+    is not UTF-8 or holds NUL bytes (binary data, which no config format admits). A leading
+    UTF-8 byte-order mark (some editors write one) is dropped."""
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise error([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
     if "\x00" in text:

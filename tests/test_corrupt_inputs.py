@@ -15,7 +15,7 @@ import pytest
 
 from governor.classes import parse_vram
 from governor.cli import main
-from governor.config import ConfigError, parse_config
+from governor.config import ConfigError, load_config, parse_config
 from governor.errors import SimDataError, TraceError
 from governor.schema import Issues
 from governor.sim.profiles import load_profile
@@ -296,3 +296,26 @@ class TestScenarioValues:
         with pytest.raises(SimDataError) as caught:
             load_scenario(str(path))
         assert [issue.key for issue in caught.value.issues] == ["phase[0].gpu[0].index"]
+
+
+class TestByteOrderMark:
+    def test_a_config_saved_with_a_bom_loads(self, tmp_path: Path) -> None:
+        """A config an editor saved with a UTF-8 byte-order mark loads as written (it was refused
+        as 'Invalid statement (at line 1, column 1)', naming nothing a person could see)."""
+        path = tmp_path / "g.toml"
+        path.write_bytes(b"\xef\xbb\xbfpoll_interval_s = 2.5\n")
+        assert load_config(path, enforce_trust=False).poll_interval_s == 2.5
+
+    def test_a_bom_inside_is_still_refused(self, tmp_path: Path) -> None:
+        """Only a leading mark is dropped: one inside the text is still a TOML error naming the file."""
+        path = tmp_path / "g.toml"
+        path.write_bytes(b"poll_interval_s = 2.5\n\xef\xbb\xbfdry_run = true\n")
+        with pytest.raises(ConfigError, match=re.escape(str(path))):
+            load_config(path, enforce_trust=False)
+
+    def test_a_file_of_only_a_bom_is_empty(self, tmp_path: Path) -> None:
+        """A file holding nothing but the mark is an empty file (refused), not all defaults."""
+        path = tmp_path / "g.toml"
+        path.write_bytes(b"\xef\xbb\xbf\n")
+        with pytest.raises(ConfigError, match="an empty file"):
+            load_config(path, enforce_trust=False)
