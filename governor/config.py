@@ -627,7 +627,11 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: Issues) -> None:
             load_web_config(m.web_config_file, trust_euid=os.geteuid())
         except ConfigError as exc:
             for issue in exc.issues:  # each names the web-config file and its key
-                out.issues.append(issue)
+                if not issue.key and issue.file == m.web_config_file:  # the file itself: the key that named it
+                    got = f"{short(m.web_config_file, 120)}: {issue.got}"
+                    out.add(f"{prefix}metrics.web_config_file", issue.expected, got)
+                else:
+                    out.issues.append(issue)
     if not m.allow_remote and not is_loopback(m.listen_address):
         out.add(
             f"{prefix}metrics.listen_address",

@@ -319,3 +319,23 @@ class TestByteOrderMark:
         path.write_bytes(b"\xef\xbb\xbf\n")
         with pytest.raises(ConfigError, match="an empty file"):
             load_config(path, enforce_trust=False)
+
+
+class TestWebConfigFileKey:
+    @pytest.mark.parametrize("kind", ["missing", "directory", "fifo", "empty"])
+    def test_a_web_config_file_that_cannot_be_used_names_the_config_key(self, tmp_path: Path, kind: str) -> None:
+        """A web_config_file that is missing, a directory, a FIFO or empty is reported at
+        metrics.web_config_file of the config that names it (the issue named only the web-config
+        path, with no key, so nothing said which setting pointed there)."""
+        web = tmp_path / "web.yml"
+        if kind == "directory":
+            web.mkdir()
+        elif kind == "fifo":
+            os.mkfifo(web)
+        elif kind == "empty":
+            web.write_text("")
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"metrics": {"web_config_file": str(web)}}, "g.toml")
+        [issue] = caught.value.issues
+        assert (issue.file, issue.key) == ("g.toml", "metrics.web_config_file")
+        assert str(web) in issue.got
