@@ -48,7 +48,7 @@ from governor.policy import ProcessMatch as ProcessMatch
 from governor.policy import VramPolicy as VramPolicy
 from governor.policy import clip as clip
 from governor.policy import format_size as format_size
-from governor.schema import Issues, Key, between, convert, one_of, shown, table_of, unknown
+from governor.schema import MAX_BYTES, Issues, Key, between, convert, one_of, shown, table_of, unknown
 
 _UNITS = {
     "": (1, False),
@@ -69,6 +69,9 @@ _UNITS = {
 """Lower-cased unit -> (bytes, decimal?). A bare letter ("6g") is binary, like ``free -g``."""
 SIZE_TEXT_MAX_CHARS = 64
 """Longer size strings are refused before they are looked at (no size needs more)."""
+MAX_SIZE_BYTES = MAX_BYTES
+"""The largest budget or reserve (8 PiB: 10**400 bytes made every scrape fail)."""
+_MAX_SIZE_TEXT = "8192TiB"
 MAX_CLASSES = 256
 """At most this many ``[[class]]`` tables: bounds the overlap check and every tick's matching."""
 MATCH_TIMEOUT_S = 0.05
@@ -148,8 +151,12 @@ def _regex(value: Any, path: str, out: Issues) -> regex.Pattern[str] | None:
 
 def _size(value: Any, path: str, out: Issues, notes: list[str], example: str) -> int | None:
     parsed = parse_size_unit(value)
-    if parsed is None:
-        out.add(path, f'a size such as "{example}", "512MiB", "6 gib" or a number of bytes', shown(value))
+    if parsed is None or parsed[0] > MAX_SIZE_BYTES:
+        out.add(
+            path,
+            f'a size such as "{example}", "512MiB", "6 gib" or a number of bytes (at most {_MAX_SIZE_TEXT})',
+            shown(value),
+        )
         return None
     size, decimal = parsed
     if decimal:
@@ -238,7 +245,7 @@ def _parse_class(table: Mapping[str, Any], path: str, out: Issues, notes: list[s
     if "match" not in values and not default:
         out.add(f"{path}.match", "a match table (name, exe, cmdline, user, unit, slice or cgroup)", "nothing")
     klass = ProcessClass(**{k: v for k, v in values.items() if v is not None or k == "budget_bytes"})
-    if klass.action is not ProcessAction.OBSERVE and klass.budget_bytes is None:
+    if klass.action is not ProcessAction.OBSERVE and "budget" not in table:  # a bad one is reported already
         out.add(f"{path}.budget", f"a budget for action '{klass.action}'", "no budget")
     _check_units(klass, path, out, default=default)
     return klass

@@ -262,6 +262,14 @@ def _THRESHOLD(v: Any) -> str | None:
     return f"a temperature between {lo:g} and {hi:g} C (outside that range it is a typo or a torn file)"
 
 
+def _listen_address(v: Any) -> str | None:
+    """An address a socket can bind: at most 253 characters (a DNS name's limit), no NUL,
+    control character or space (a NUL made the bind raise TypeError at start)."""
+    if len(v) <= 253 and all(ch.isprintable() and not ch.isspace() for ch in v):
+        return None
+    return "an IP address or host name (at most 253 characters, no spaces or control characters)"
+
+
 _THRESHOLD_TEXT = f"a temperature in C ({THRESHOLD_RANGE_C[0]:g} to {THRESHOLD_RANGE_C[1]:g})"
 
 THERMAL_KEYS: dict[str, Key] = {
@@ -365,7 +373,7 @@ SCHEMA: dict[str, Key | dict[str, Key]] = {
     "wait_for_driver": Key("bool", "true or false"),
     "metrics": {
         "enabled": Key("bool", "true or false"),
-        "listen_address": Key("str", "an IP address or host name"),
+        "listen_address": Key("str", "an IP address or host name", _listen_address),
         "port": Key("int", "a TCP port", between(0, 65535)),
         "allow_remote": Key("bool", "true or false"),
         "web_config_file": Key("str", "an exporter-toolkit web-config file (empty: plain HTTP, no auth)", kernel_path),
@@ -620,7 +628,11 @@ def _metrics_contradictions(m: MetricsConfig, prefix: str, out: Issues) -> None:
             load_web_config(m.web_config_file, trust_euid=os.geteuid())
         except ConfigError as exc:
             for issue in exc.issues:  # each names the web-config file and its key
-                out.issues.append(issue)
+                if not issue.key and issue.file == m.web_config_file:  # the file itself: the key that named it
+                    got = f"{short(m.web_config_file, 120)}: {issue.got}"
+                    out.add(f"{prefix}metrics.web_config_file", issue.expected, got)
+                else:
+                    out.issues.append(issue)
     if not m.allow_remote and not is_loopback(m.listen_address):
         out.add(
             f"{prefix}metrics.listen_address",
@@ -833,6 +845,11 @@ def parse_toml(data: bytes, source: str, error: type[ConfigError] = ConfigError)
         document: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise error([ConfigIssue(source, "", "valid TOML", str(exc))]) from None
+    except RecursionError:
+        nesting = "TOML nested at most a few hundred levels deep"
+        raise error([ConfigIssue(source, "", nesting, "deeper nesting")]) from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise error([ConfigIssue(source, "", "TOML the governor can read", short(str(exc), 120))]) from None
     return document
 
 
@@ -850,7 +867,7 @@ def load_config(path: Path | str, *, enforce_trust: bool = True) -> Config:
     path = Path(path)
     source = str(path)
     data = read_small_file(path, trust_euid=os.geteuid() if enforce_trust else None)
-    if not data.strip():
+    if not data.removeprefix(b"\xef\xbb\xbf").strip():
         # A truncated file (a failed write, a full disk) must not silently reset every setting.
         raise ConfigError(
             [ConfigIssue(source, "", "a TOML document (a file of only comments means all defaults)", "an empty file")]

@@ -26,6 +26,7 @@ from governor.errors import ConfigIssue as ConfigIssue  # noqa: PLC0414  (re-exp
 from governor.policy import clip
 
 __all__ = [
+    "MAX_BYTES",
     "ConfigIssue",
     "Issues",
     "Key",
@@ -166,6 +167,10 @@ def span(expected: str, lo: float = -math.inf, hi: float = math.inf, *, above: b
 
     return check
 
+
+MAX_BYTES = 2**53
+"""The largest byte count any file may give (8 PiB, far above any GPU's memory): every size
+stays exact as a float, the type metrics carry it in."""
 
 PATH_MAX_BYTES = 4095
 """The longest path the kernel takes (PATH_MAX less its NUL)."""
@@ -315,10 +320,14 @@ class Table:
         )
         return value
 
-    def integer(self, name: str, expected: str, *, lo: int = 0, required: bool = True) -> int | None:
-        """A whole number >= ``lo``; None after an issue or when absent and not required."""
-        wanted = f"{expected} (an integer >= {lo})"
-        key = Key("int", expected, lambda v: None if v >= lo else wanted, type_expected=wanted)
+    def integer(
+        self, name: str, expected: str, *, lo: int = 0, hi: int | None = None, required: bool = True
+    ) -> int | None:
+        """A whole number >= ``lo`` (and <= ``hi``); None after an issue or when absent and not required."""
+        wanted = f"{expected} (an integer >= {lo})" if hi is None else f"{expected} (an integer {lo} to {hi})"
+        key = Key(
+            "int", expected, lambda v: None if lo <= v and (hi is None or v <= hi) else wanted, type_expected=wanted
+        )
         if name not in self.data and required:
             self._seen.add(name)
             self.issues.add(self.key(name), f"{expected} (an integer)", "nothing")
@@ -373,9 +382,10 @@ class Table:
 
 def config_text(data: bytes, source: str, kind: str, error: type[ConfigError] = ConfigError) -> str:
     """``data`` as text for a ``kind`` parser (e.g. "TOML"); ``error`` naming ``source`` when it
-    is not UTF-8 or holds NUL bytes (binary data, which no config format admits)."""
+    is not UTF-8 or holds NUL bytes (binary data, which no config format admits). A leading
+    UTF-8 byte-order mark (some editors write one) is dropped."""
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise error([ConfigIssue(source, "", "UTF-8 text", f"undecodable byte at offset {exc.start}")]) from None
     if "\x00" in text:

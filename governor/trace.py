@@ -11,7 +11,12 @@ percent (0-100); ``clock_event_reasons`` the NVML bitmask.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import math
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +24,7 @@ from typing import IO, Any
 
 from governor.errors import TraceError as TraceError  # noqa: PLC0414  (re-exported)
 from governor.model import GpuHealth, GpuInfo, GpuReading, ProcessReading, Snapshot, checked_power_range
-from governor.schema import Issues, Key, convert
+from governor.schema import Issues, Key, convert, describe, short
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +93,26 @@ def _text(record: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def _int(record: dict[str, Any], key: str, where: str, *, required: bool = False) -> int | None:
+def _int(record: dict[str, Any], key: str, where: str, *, required: bool = False, hi: float = math.inf) -> int | None:
+    """A whole number, 0 to ``hi`` (written ``39`` or ``39.0``); a fraction is refused, never truncated."""
     value = _num(record, key, where, required=required)
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    if not value.is_integer() or not 0 <= value <= hi:
+        bound = "" if hi == math.inf else f" at most {hi:g}"
+        raise TraceError(f"{where}: field '{key}': expected a whole number of 0 or more{bound}, got {value!r}")
+    return int(value)
+
+
+def _gpu(record: dict[str, Any], where: str) -> int:
+    """The record's GPU index (required), 0 to MAX_GPU_INDEX."""
+    gpu = _int(record, "gpu", where, required=True, hi=MAX_GPU_INDEX)
+    assert gpu is not None
+    return gpu
 
 
 def _device(record: dict[str, Any], where: str) -> TraceDevice:
-    gpu = _int(record, "gpu", where, required=True)
-    assert gpu is not None
+    gpu = _gpu(record, where)
     # the range as the NVML adapter would have kept it (an impossible one is unknown)
     min_w, max_w, default_w, _ = checked_power_range(
         _num(record, "power_limit_min_w", where),
@@ -126,11 +143,11 @@ def _processes(record: dict[str, Any], where: str) -> tuple[ProcessReading, ...]
     if raw is None:
         return None
     if not isinstance(raw, list):
-        raise TraceError(f"{where}: field 'processes': expected a list, got {raw!r}")
+        raise TraceError(f"{where}: field 'processes': expected a list, got {describe(raw)}")
     result = []
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):
-            raise TraceError(f"{where}: field 'processes[{i}]': expected an object, got {entry!r}")
+            raise TraceError(f"{where}: field 'processes[{i}]': expected an object, got {describe(entry)}")
         pid = _int(entry, "pid", f"{where}: processes[{i}]", required=True)
         assert pid is not None
         name = entry.get("name")
@@ -152,7 +169,8 @@ def _sample(record: dict[str, Any], where: str, device: TraceDevice) -> TraceSam
     try:
         health = GpuHealth(health_text)
     except ValueError:
-        raise TraceError(f"{where}: field 'health': expected ok, degraded or lost, got {health_text!r}") from None
+        got = describe(health_text)
+        raise TraceError(f"{where}: field 'health': expected ok, degraded or lost, got {got}") from None
     reading = GpuReading(
         index=device.info.index,
         uuid=device.info.uuid,
@@ -178,45 +196,97 @@ def _sample(record: dict[str, Any], where: str, device: TraceDevice) -> TraceSam
     )
 
 
+MAX_TRACE_BYTES = 1 << 30
+"""A trace larger than this (bytes) is refused unread: a day of 8 GPUs at 1 s is about 250 MB."""
+MAX_LINE_BYTES = 1 << 20
+"""The longest line read (bytes): a record is a few hundred bytes, a thousand processes fit."""
+MAX_GPU_INDEX = 1023
+"""The highest GPU index a record may name (the config's ``[[gpu]] index`` bound)."""
+
+
+@contextlib.contextmanager
+def _open_trace(path: Path) -> Iterator[IO[bytes]]:
+    """The trace file opened for reading; TraceError when it is not a regular file of at most
+    MAX_TRACE_BYTES. O_NONBLOCK: a FIFO with no writer is refused, not waited on forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TraceError(f"{path}: expected a regular file, got a directory, device, FIFO or socket")
+        if info.st_size > MAX_TRACE_BYTES:
+            raise TraceError(f"{path}: expected a trace of at most {MAX_TRACE_BYTES} bytes, got {info.st_size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as handle:
+        yield handle
+
+
+def _lines(handle: IO[bytes], path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, each at most MAX_LINE_BYTES and UTF-8; TraceError naming
+    the file and line otherwise (also once more than MAX_TRACE_BYTES were read: the file grew)."""
+    total = 0
+    for number in itertools.count(1):
+        try:
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+        except OSError as exc:
+            raise TraceError(f"{path}:{number}: cannot read: {exc.strerror or exc}") from None
+        if not raw:
+            return
+        total += len(raw)
+        if len(raw) > MAX_LINE_BYTES or total > MAX_TRACE_BYTES:
+            what = f"a line of at most {MAX_LINE_BYTES}" if len(raw) > MAX_LINE_BYTES else f"at most {MAX_TRACE_BYTES}"
+            raise TraceError(f"{path}:{number}: expected {what} bytes, got longer")
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TraceError(f"{path}:{number}: not UTF-8 text") from None
+
+
+def _record(line: str, where: str) -> Any:
+    """One line parsed as JSON; TraceError naming ``where`` for anything the decoder refuses."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{where}: not JSON: {exc.msg}") from None
+    except RecursionError:
+        raise TraceError(f"{where}: not JSON the governor can read: nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise TraceError(f"{where}: not JSON the governor can read: {short(str(exc), 120)}") from None
+
+
 def read_trace(path: Path | str) -> Trace:
     """Read and check a trace file; raise TraceError naming the line of the first problem."""
     path = Path(path)
     devices: dict[int, TraceDevice] = {}
     samples: dict[int, list[TraceSample]] = {}
-    try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise TraceError(f"{path}: cannot open: {exc.strerror or exc}") from None
-    with handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                where = f"{path}:{number}"
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TraceError(f"{where}: not JSON: {exc.msg}") from None
-                if not isinstance(record, dict):
-                    raise TraceError(f"{where}: expected a JSON object")
-                kind = record.get("record")
-                if kind == "device":
-                    device = _device(record, where)
-                    devices[device.info.index] = device
-                    samples.setdefault(device.info.index, [])
-                elif kind == "sample":
-                    gpu = _int(record, "gpu", where, required=True)
-                    if gpu not in devices:
-                        raise TraceError(f"{where}: sample for GPU {gpu} before its device record")
-                    sample = _sample(record, where, devices[gpu])
-                    previous = samples[gpu]
-                    if previous and sample.t_s < previous[-1].t_s:
-                        raise TraceError(f"{where}: field 't': samples must be in time order")
-                    previous.append(sample)
-                else:
-                    raise TraceError(f"{where}: field 'record': expected 'device' or 'sample', got {kind!r}")
-        except UnicodeDecodeError:
-            raise TraceError(f"{path}: not UTF-8 text") from None
+    with _open_trace(path) as handle:
+        for number, line in _lines(handle, path):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            record = _record(line, where)
+            if not isinstance(record, dict):
+                raise TraceError(f"{where}: expected a JSON object")
+            kind = record.get("record")
+            if kind == "device":
+                device = _device(record, where)
+                devices[device.info.index] = device
+                samples.setdefault(device.info.index, [])
+            elif kind == "sample":
+                gpu = _gpu(record, where)
+                if gpu not in devices:
+                    raise TraceError(f"{where}: sample for GPU {gpu} before its device record")
+                sample = _sample(record, where, devices[gpu])
+                previous = samples[gpu]
+                if previous and sample.t_s < previous[-1].t_s:
+                    raise TraceError(f"{where}: field 't': samples must be in time order")
+                previous.append(sample)
+            else:
+                raise TraceError(f"{where}: field 'record': expected 'device' or 'sample', got {describe(kind)}")
     if not devices:
         raise TraceError(f"{path}: no device record")
     return Trace(source=str(path), devices=devices, samples={k: tuple(v) for k, v in samples.items()})

@@ -184,12 +184,12 @@ def _tls(value: Any, base_dir: Path, out: Issues, ignored: list[str]) -> TlsServ
                     f"({item} takes a client certificate without verifying it: not supported)",
                     describe(item),
                 )
-            elif item not in CLIENT_AUTH_TYPES:
+            elif not isinstance(item, str) or item not in CLIENT_AUTH_TYPES:
                 out.add(key, "one of " + ", ".join(CLIENT_AUTH_TYPES), describe(item))
             else:
                 found[name] = item
         elif name in ("min_version", "max_version"):
-            if item not in TLS_VERSIONS:
+            if not isinstance(item, str) or item not in TLS_VERSIONS:
                 out.add(key, "one of " + ", ".join(TLS_VERSIONS), describe(item))
             else:
                 found[name] = item

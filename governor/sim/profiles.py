@@ -15,7 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from governor.schema import ConfigIssue, Issues, Key, Table, finite_number
+from governor.model import MAX_PLAUSIBLE_W
+from governor.schema import MAX_BYTES, ConfigIssue, Issues, Key, Table, finite_number
 from governor.sim._schema import SimDataError, issues_in, read_toml
 from governor.sim.thermal import ThermalParams
 
@@ -139,9 +140,17 @@ def resolve(name_or_path: str, kind: str, key: str) -> Path:
     return Path(str(entry))
 
 
+# Plausible thermal constants: far wider than any GPU's (an H100's resistances are about 0.03 C/W,
+# its capacities 10-700 J/C), narrow enough that the simulator's arithmetic stays finite.
+R_RANGE_C_PER_W = (1e-5, 10.0)
+C_RANGE_J_PER_C = (1e-3, 1e7)
+TAU_RANGE_S = (1e-3, 1e6)
+
+
 def _thermal(table: Table, issues: Issues) -> tuple[ThermalParams | None, float | None]:
-    r_die = table.number("r_die_c_per_w", "a thermal resistance in C/W", lo=0.0, above=True)
-    r_sink = table.number("r_sink_c_per_w", "a thermal resistance in C/W", lo=0.0, above=True)
+    r_lo, r_hi = R_RANGE_C_PER_W
+    r_die = table.number("r_die_c_per_w", "a thermal resistance in C/W", lo=r_lo, hi=r_hi)
+    r_sink = table.number("r_sink_c_per_w", "a thermal resistance in C/W", lo=r_lo, hi=r_hi)
     capacities: dict[str, float | None] = {}
     for node, r in (("die", r_die), ("sink", r_sink)):
         c_key, tau_key = f"c_{node}_j_per_c", f"tau_{node}_s"
@@ -154,9 +163,11 @@ def _thermal(table: Table, issues: Issues) -> tuple[ThermalParams | None, float 
             )
             capacities[node] = None
         elif has_c:
-            capacities[node] = table.number(c_key, "a heat capacity in J/C", lo=0.0, above=True)
+            capacities[node] = table.number(
+                c_key, "a heat capacity in J/C", lo=C_RANGE_J_PER_C[0], hi=C_RANGE_J_PER_C[1]
+            )
         else:
-            tau = table.number(tau_key, "a time constant in seconds", lo=0.0, above=True)
+            tau = table.number(tau_key, "a time constant in seconds", lo=TAU_RANGE_S[0], hi=TAU_RANGE_S[1])
             capacities[node] = None if tau is None or r is None else tau / r
     ambient = table.number("ambient_c", "a room temperature in C", lo=-20.0, hi=60.0)
     c_die, c_sink = capacities["die"], capacities["sink"]
@@ -239,15 +250,15 @@ def parse_profile(data: dict[str, object], source: str) -> GpuProfile:
     top = Table(dict(data), "", issues)
     name = top.string("name", "a profile name")
     gpu_name = top.string("gpu_name", "the GPU's marketing name as NVML reports it")
-    total = top.integer("memory_total_bytes", "bytes of VRAM", lo=1)
-    reserved = top.integer("memory_reserved_bytes", "bytes the driver holds with no process", lo=0)
-    idle = top.number("idle_power_w", "watts drawn with no work", lo=0.0)
+    total = top.integer("memory_total_bytes", "bytes of VRAM", lo=1, hi=MAX_BYTES)
+    reserved = top.integer("memory_reserved_bytes", "bytes the driver holds with no process", lo=0, hi=MAX_BYTES)
+    idle = top.number("idle_power_w", "watts drawn with no work", lo=0.0, hi=MAX_PLAUSIBLE_W)
     limits = top.table("power_limit")
     lo_w = hi_w = default_w = None
     if limits is not None:
-        lo_w = limits.number("min_w", "watts", lo=0.0, above=True)
-        hi_w = limits.number("max_w", "watts", lo=0.0, above=True)
-        default_w = limits.number("default_w", "watts", lo=0.0, above=True)
+        lo_w = limits.number("min_w", "watts", lo=0.0, hi=MAX_PLAUSIBLE_W, above=True)
+        hi_w = limits.number("max_w", "watts", lo=0.0, hi=MAX_PLAUSIBLE_W, above=True)
+        default_w = limits.number("default_w", "watts", lo=0.0, hi=MAX_PLAUSIBLE_W, above=True)
         limits.finish()
         if lo_w is not None and hi_w is not None and default_w is not None and not lo_w <= default_w <= hi_w:
             issues.add(

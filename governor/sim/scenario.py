@@ -22,12 +22,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from governor.schema import Table
+from governor.schema import MAX_BYTES, Table
 from governor.sim._schema import issues_in, read_toml
 from governor.sim.profiles import GpuProfile, resolve
 from governor.sim.workload import PERF_EXPONENTS, WORKLOAD_KINDS
 
 GIB = 1024**3
+MAX_GPU_INDEX = 63
+"""The highest GPU index a scenario may name: a simulation has at most 64 GPUs."""
+MIN_PHASE_S = 0.001
+"""The shortest phase (seconds): a vanishing one overflows the phase timeline's arithmetic."""
+MAX_GROWTH_GIB_PER_S = 1e3
+"""The fastest leak a process may have (GiB per second)."""
 FAULTS: tuple[str, ...] = ("lost", "temperature_unsupported", "set_limit_refused", "fan_control_refused", "fan_stuck")
 """Faults the simulator can inject; ``None`` (``"none"`` in a scenario file) clears one.
 ``fan_control_refused``: setting a fan answers no permission; ``fan_stuck``: the fans keep
@@ -236,7 +242,7 @@ def _bytes(table: Table, name: str, *, required: bool) -> int | None:
         table.issues.add(table.key(b_key), f"one of {b_key} or {gib_key}", "both")
         return None
     if has_b:
-        return table.integer(b_key, "bytes", lo=0)
+        return table.integer(b_key, "bytes", lo=0, hi=MAX_BYTES)
     if has_gib:
         gib = table.number(gib_key, "GiB", lo=0.0, hi=1e6)
         return None if gib is None else int(gib * GIB)
@@ -251,9 +257,9 @@ def _rate(table: Table) -> float:
         table.issues.add(table.key("growth_bytes_per_s"), "one of growth_bytes_per_s or growth_gib_per_s", "both")
         return 0.0
     if has_b:
-        return table.number("growth_bytes_per_s", "bytes per second", lo=0.0) or 0.0
+        return table.number("growth_bytes_per_s", "bytes per second", lo=0.0, hi=MAX_GROWTH_GIB_PER_S * GIB) or 0.0
     if has_gib:
-        return (table.number("growth_gib_per_s", "GiB per second", lo=0.0, hi=1e3) or 0.0) * GIB
+        return (table.number("growth_gib_per_s", "GiB per second", lo=0.0, hi=MAX_GROWTH_GIB_PER_S) or 0.0) * GIB
     return 0.0
 
 
@@ -275,12 +281,12 @@ def parse_scenario(data: dict[str, object], source: str) -> Scenario:
         issues.add("phase", "at least one [[phase]] table", "none")
     for pt in phase_tables:
         p_name = pt.string("name", "a phase name", default=f"phase-{len(phases)}")
-        duration = pt.number("duration_s", "seconds", lo=0.0, hi=1e9, above=True)
+        duration = pt.number("duration_s", "seconds", lo=MIN_PHASE_S, hi=1e9)
         p_ambient = pt.number("ambient_c", "a room temperature in C", lo=-20.0, hi=60.0, required=False)
         load = _load(pt, None)
         gpu_loads: list[tuple[int, Load]] = []
         for gt in pt.tables("gpu"):
-            index = gt.integer("index", "a GPU index")
+            index = gt.integer("index", "a GPU index", hi=MAX_GPU_INDEX)
             override = _load(gt, load) if load is not None else None
             gt.finish()
             if index is not None and override is not None:
@@ -293,7 +299,7 @@ def parse_scenario(data: dict[str, object], source: str) -> Scenario:
     processes: list[ScenarioProcess] = []
     for pr in top.tables("process"):
         pr_name = pr.string("name", "a process name")
-        gpu = pr.integer("gpu", "a GPU index (leave out for every GPU)", required=False)
+        gpu = pr.integer("gpu", "a GPU index (leave out for every GPU)", hi=MAX_GPU_INDEX, required=False)
         start = pr.number("start_s", "seconds of simulated time", lo=0.0, default=0.0)
         end = pr.number("end_s", "seconds of simulated time", lo=0.0, required=False)
         memory = _bytes(pr, "memory", required=True)
@@ -308,7 +314,7 @@ def parse_scenario(data: dict[str, object], source: str) -> Scenario:
     events: list[ScenarioEvent] = []
     for ev in top.tables("event"):
         at = ev.number("at_s", "seconds of simulated time", lo=0.0)
-        gpu = ev.integer("gpu", "a GPU index")
+        gpu = ev.integer("gpu", "a GPU index", hi=MAX_GPU_INDEX)
         xid = ev.integer("xid", "an XID error code (1-999)", lo=1, required=False)
         if xid is not None and xid > 999:
             issues.add(ev.key("xid"), "an XID error code (1-999)", str(xid))
