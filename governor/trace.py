@@ -225,6 +225,23 @@ def _open_trace(path: Path) -> Iterator[IO[bytes]]:
         yield handle
 
 
+def read_text(path: Path | str) -> str:
+    """The whole of ``path`` as UTF-8 text, read as a trace is (a regular file of at most
+    MAX_TRACE_BYTES, a FIFO or device refused unread); TraceError naming the file otherwise."""
+    path = Path(path)
+    with _open_trace(path) as handle:
+        try:
+            raw = handle.read(MAX_TRACE_BYTES + 1)
+        except OSError as exc:
+            raise TraceError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TRACE_BYTES:
+        raise TraceError(f"{path}: expected at most {MAX_TRACE_BYTES} bytes, got longer")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TraceError(f"{path}: not UTF-8 text") from None
+
+
 def _lines(handle: IO[bytes], path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line, each at most MAX_LINE_BYTES and UTF-8; TraceError naming
     the file and line otherwise (also once more than MAX_TRACE_BYTES were read: the file grew)."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -208,6 +210,44 @@ class TestFitReplayFiles:
         """A file that is neither a summary nor a trace is refused with its name."""
         path = tmp_path / "junk.jsonl"
         path.write_bytes(b"\xff\xfe not text")
+        with pytest.raises(WhatIfError, match=str(path)):
+            read_samples(path)
+
+    def test_a_fifo_is_refused_without_blocking(self, tmp_path: Path) -> None:
+        """fit-replay's input that is a FIFO with no writer is refused at once (it used to block forever)."""
+        fifo = tmp_path / "summary.json"
+        os.mkfifo(fifo)
+        outcome: list[BaseException | None] = []
+
+        def read() -> None:
+            try:
+                read_samples(fifo)
+            except BaseException as exc:  # handed to the test thread
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=10.0)
+        if reader.is_alive():
+            with open(fifo, "w"):  # a writer lets the blocked open() return, so the thread ends
+                pass
+            reader.join(timeout=10.0)
+            pytest.fail("read_samples blocked on a FIFO")
+        assert isinstance(outcome[0], WhatIfError)
+        assert str(fifo) in str(outcome[0]) and "regular file" in str(outcome[0])
+
+    def test_a_device_is_refused_unread(self) -> None:
+        """/dev/zero is refused as not a regular file, not read until memory runs out."""
+        with pytest.raises(WhatIfError, match=r"/dev/zero: .*regular file"):
+            read_samples("/dev/zero")
+
+    @pytest.mark.parametrize("text", ["[" * 100_000, '{"raw": ' + "9" * 5000 + "}"], ids=["deep", "long-integer"])
+    def test_json_python_cannot_read_is_a_clear_error(self, tmp_path: Path, text: str) -> None:
+        """A document nested too deep or with a 5000-digit integer is a WhatIfError naming the file, not a traceback."""
+        path = tmp_path / "summary.json"
+        path.write_text(text)
         with pytest.raises(WhatIfError, match=str(path)):
             read_samples(path)
 

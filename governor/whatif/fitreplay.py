@@ -20,7 +20,7 @@ from typing import Any
 
 from governor.errors import TraceError, WhatIfError
 from governor.rules.fit import Replay, replay
-from governor.trace import Trace, read_trace
+from governor.trace import Trace, read_text, read_trace
 
 Sample = tuple[float, float | None, float | None]
 """One reading: time (s), die temperature (C) or None, board power (W) or None."""
@@ -125,14 +125,12 @@ def read_samples(path: Path | str, default_w: float | None = None) -> list[GpuSa
     trace (JSON Lines). Raises WhatIfError or TraceError naming the file and the key."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise WhatIfError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise WhatIfError(f"{path}: not UTF-8 text") from None
+        text = read_text(path)  # bounded: a FIFO, a device or a huge file is refused unread
+    except TraceError as exc:
+        raise WhatIfError(str(exc)) from None
     try:
         document = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, or more digits or nesting than Python reads
         document = None  # not one JSON document: a trace (JSON Lines) or garbage, read_trace says which
     if isinstance(document, dict) and document.get("record") is None:
         if "raw" not in document:
