@@ -412,10 +412,10 @@ class Governor:
         restart_loops: tuple[str, ...] = (),
         unit_warnings: tuple[UnitWarning, ...] = (),
     ) -> TickReport:
-        originals = self.originals
-        fans = self.actuator.fans.store
-        warnings = (*originals.drain_warnings(), *fans.drain_warnings())
-        store = self.units.store
+        originals, fans, store = self.originals, self.actuator.fans.store, self.units.store
+        for kept in (originals, fans, store):
+            kept.keep()  # a saved file deleted or replaced under the governor is written again
+        warnings = (*originals.drain_warnings(), *fans.drain_warnings(), *store.drain_warnings())
         return TickReport(
             kind=kind,
             config=self.config,

@@ -1,4 +1,4 @@
-"""The daemon's lifecycle under faults: no GPU is left at a limit the governor lowered, whatever ends or changes its run."""
+"""The lifecycle under faults: no GPU is left at a limit the governor lowered, however its run changes or ends."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -27,7 +28,9 @@ def _no_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def hot_daemon(tmp_path: Path, temperature_c: list[float], **options: object) -> tuple[Daemon, ScriptedBackend, VirtualClock]:
+def hot_daemon(
+    tmp_path: Path, temperature_c: list[float], **options: Any
+) -> tuple[Daemon, ScriptedBackend, VirtualClock]:
     """A daemon on one scripted 200 W GPU at ``temperature_c[0]`` °C (changeable), its state under tmp_path."""
     clock = VirtualClock()
     backend = ScriptedBackend(clock, lambda t, i: temperature_c[0])
@@ -48,9 +51,8 @@ class TestDryRunReload:
         path = tmp_path / "governor.toml"
         path.write_text("dry_run = true\n")
         os.utime(path, (0, 0))  # settled long ago: read at once
-        daemon, backend, clock = hot_daemon(
-            tmp_path, [95.0], config_path=path, load=lambda p: replace(Config(state_dir=str(tmp_path / "state")), dry_run=True)
-        )
+        dry = Config(state_dir=str(tmp_path / "state"), dry_run=True)
+        daemon, backend, clock = hot_daemon(tmp_path, [95.0], config_path=path, load=lambda p: dry)
         daemon.start()
         tick(daemon, clock, 3)
         assert backend.limits_w[UUID] == 180.0
@@ -102,7 +104,7 @@ class TestFailedStart:
 
 class TestStateFileRemoved:
     def test_state_dir_removed_at_runtime_is_written_again(self, tmp_path: Path) -> None:
-        """The state directory deleted while a GPU is lowered is written again on the next tick, so a crash then loses no original."""
+        """A state directory deleted while a GPU is lowered is written again next tick: a crash loses no original."""
         temperature = [95.0]
         daemon, backend, clock = hot_daemon(tmp_path, temperature)
         daemon.start()
