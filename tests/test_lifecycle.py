@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,10 @@ from governor.daemon import Daemon
 from governor.errors import EXIT_BIND, CliError
 from tests.builders import build_daemon
 from tests.scripted import ScriptedBackend
+from tests.support import NotifyListener
 
 UUID = "GPU-test-0"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -133,3 +139,28 @@ class TestStateFileRemoved:
         os.replace(forged, path)
         tick(daemon, clock, 1)
         assert json.loads(path.read_text())["original_power_limits_w"] == {UUID: 200.0}
+
+
+class TestSignals:
+    def test_sigterm_twice_is_one_clean_stop(self, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
+        """A second SIGTERM right after the first (kill twice) still ends the run with exit 0 and STOPPING=1."""
+        socket_path = tmp_path / "notify.sock"
+        listener = NotifyListener(socket_path)
+        config = tmp_path / "governor.toml"
+        config.write_text(
+            f'poll_interval_s = 0.1\nstate_dir = "{tmp_path}/state"\nruntime_dir = "{tmp_path}/run"\n'
+            "[metrics]\nenabled = false\n"
+        )
+        env = {**os.environ, "NOTIFY_SOCKET": str(socket_path), "PYTHONPATH": str(REPO)}
+        command = [sys.executable, "-m", "governor", "run", "--simulate", "--config", str(config)]
+        daemon = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        children.append(daemon)
+        try:
+            listener.until(lambda m: "READY=1" in m)
+            daemon.send_signal(signal.SIGTERM)
+            time.sleep(0.01)
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=60) == 0
+            listener.until(lambda m: "STOPPING=1" in m)
+        finally:
+            listener.sock.close()
