@@ -365,7 +365,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         waiter.close()  # closed already when the daemon ran; here for a start that failed
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, earlysignals.after_run(handler))
 
 
 def _configure_and_run(args: argparse.Namespace, clock: Clock, waiter: Waiter) -> int:

@@ -24,6 +24,7 @@ from typing import Protocol
 from governor.actuator import Actuator
 from governor.backends import Backend
 from governor.classes import VramPolicy
+from governor.clock import Clock
 from governor.config import Config, ConfigError, ConfigIssue, check_resolved, deep_cap_problem
 from governor.model import (
     ActionResult,
@@ -411,10 +412,10 @@ class Governor:
         restart_loops: tuple[str, ...] = (),
         unit_warnings: tuple[UnitWarning, ...] = (),
     ) -> TickReport:
-        originals = self.originals
-        fans = self.actuator.fans.store
-        warnings = (*originals.drain_warnings(), *fans.drain_warnings())
-        store = self.units.store
+        originals, fans, store = self.originals, self.actuator.fans.store, self.units.store
+        for kept in (originals, fans, store):
+            kept.keep()  # a saved file deleted or replaced under the governor is written again
+        warnings = (*originals.drain_warnings(), *fans.drain_warnings(), *store.drain_warnings())
         return TickReport(
             kind=kind,
             config=self.config,
@@ -579,6 +580,24 @@ def _model_status(state: GpuRuleState) -> ThermalModelStatus | None:
         prediction_error_c=fit.error_c,
         prediction_rmse_c=fit.error_rms_c,
     )
+
+
+def restore_now(governor: Governor, reason: str, clock: Clock, *, force: bool = False) -> TickReport:
+    """Put back every limit and fan ``governor`` changed (``reason``: restore_on_stop), on a fresh snapshot
+    when one can be read, else without readings (every saved original is written, dated by ``clock``).
+    ``force`` writes even in a dry run: a reload that turns the dry run on leaves nothing the enforcing
+    run set in force (a dry-run stop only says what it would restore)."""
+    try:
+        snapshot: Snapshot | None = governor.read()
+    except Exception:  # a fatal backend fails the writes below, which raise it
+        snapshot = None
+    actuator = governor.actuator
+    dry_run, actuator.dry_run = actuator.dry_run, actuator.dry_run and not force
+    try:
+        t_s = clock.monotonic() if snapshot is None else snapshot.t_s
+        return governor.restore(snapshot, t_s, reason, clock.wall())
+    finally:
+        actuator.dry_run = dry_run
 
 
 def read_error_indexes(snapshot: Snapshot) -> list[int]:

@@ -8,7 +8,6 @@ and hands its report to the observers. A reload builds a new governor from the n
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import uuid
 from collections.abc import Callable, Sequence
@@ -19,7 +18,17 @@ from typing import Any
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock
 from governor.config import Config, ConfigError, load_config
-from governor.core import TICK, Governor, Inspector, Observer, TickReport, as_config_error, open_originals, status_line
+from governor.core import (
+    TICK,
+    Governor,
+    Inspector,
+    Observer,
+    TickReport,
+    as_config_error,
+    open_originals,
+    restore_now,
+    status_line,
+)
 from governor.model import Outcome, PublishedState, Snapshot
 from governor.notify import Notifier
 from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry, apply_logging, default_logger
@@ -114,8 +123,7 @@ class Service:
     def start(self) -> None:
         """Restore leftovers of a crash, take the first snapshot, bind metrics, send READY."""
         governor = self.governor
-        issues = governor.contradictions()
-        if issues:
+        if issues := governor.contradictions():
             raise ConfigError(issues)
         self.decision_log.starting(governor)
         snapshot = governor.backend.read()
@@ -134,45 +142,40 @@ class Service:
         self.log.info("governor_ready", status=self.status_line())
 
     def run(self) -> int:
-        """Start, loop until asked to stop, clean up; returns the process exit code."""
+        """Start, loop until asked to stop, then stop (after a failed start too: limits go back); the exit code."""
         try:
             self.start()
+            self._loop()
         except BackendFatal as exc:
             self.log.critical("backend_fatal", error=str(exc))
-            self._close()
-            return 5
-        except BaseException:
-            self._close()
-            raise
-        interval = self.config.poll_interval_s
-        origin, k, code = self.clock.monotonic(), 1, 0
-        try:
-            while True:
-                deadline = origin + k * interval
-                events = self.waiter.wait(deadline)
-                if STOP in events:
-                    break
-                if RELOAD in events:
-                    self.reload()  # a storm of SIGHUPs arrives here drained: one reload
-                    if self.config.poll_interval_s != interval:
-                        interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
-                    continue
-                now = self.clock.monotonic()
-                if now < deadline:
-                    continue
-                self.telemetry.late(now - deadline)
-                try:
-                    self.tick()
-                except BackendFatal as exc:
-                    self.log.critical("backend_fatal", error=str(exc))
-                    code = 5
-                    break
-                except Exception as exc:  # a bug or an unforeseen hardware error must not stop governing
-                    self.log.exception("tick_failed", error=str(exc), failures=self.telemetry.failed())
-                k = max(k + 1, int((self.clock.monotonic() - origin) // interval) + 1)
+            return 5  # after the stop below
         finally:
             self.stop()
-        return code
+        return 0
+
+    def _loop(self) -> None:
+        interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
+        while True:
+            deadline = origin + k * interval
+            events = self.waiter.wait(deadline)
+            if STOP in events:
+                return
+            if RELOAD in events:
+                self.reload()  # a storm of SIGHUPs arrives here drained: one reload
+                if self.config.poll_interval_s != interval:
+                    interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
+                continue
+            now = self.clock.monotonic()
+            if now < deadline:
+                continue
+            self.telemetry.late(now - deadline)
+            try:
+                self.tick()
+            except BackendFatal:
+                raise
+            except Exception as exc:  # a bug or an unforeseen hardware error must not stop governing
+                self.log.exception("tick_failed", error=str(exc), failures=self.telemetry.failed())
+            k = max(k + 1, int((self.clock.monotonic() - origin) // interval) + 1)
 
     def tick(self) -> None:
         """One cycle: read every GPU, step the governor, let every observer see the report."""
@@ -201,6 +204,8 @@ class Service:
             self._reload_failed(exc)
             return False
         self.governor = governor
+        if new.dry_run and not old.dry_run:  # what the enforcing run set goes back: a dry run changes nothing
+            self._observe(restore_now(governor, "restore_on_stop", self.clock, force=True))
         if new.logging != old.logging:
             apply_logging(new.logging.format, new.logging.level)
         self.telemetry.reloaded(ok=True, wall_s=self.clock.wall())
@@ -228,12 +233,8 @@ class Service:
         """STOPPING=1, restore every original limit, release the hardware and the port."""
         self.notifier.stopping()
         self.log.info("governor_stopping")
-        snapshot = None
-        with contextlib.suppress(Exception):
-            snapshot = self.backend.read()
-        t_s = snapshot.t_s if snapshot is not None else self.clock.monotonic()
         try:  # a fatal error while restoring still closes the port and the backend (originals stay saved)
-            self._observe(self.governor.restore(snapshot, t_s, "restore_on_stop", self.clock.wall()))
+            self._observe(restore_now(self.governor, "restore_on_stop", self.clock))
         finally:
             self._close()
         self.log.info("governor_stopped")

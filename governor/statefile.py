@@ -16,7 +16,10 @@ governor stopped (:mod:`governor.unitstate`). It owns what they share:
   :func:`governor.safefile.write_state`. A failure is counted in ``write_errors`` and
   described in ``last_error`` (the file and why); the next successful save clears it;
 * ``warnings``: entries given up after the start, for the daemon to log once each
-  (:meth:`StateFile.drain_warnings`).
+  (:meth:`StateFile.drain_warnings`);
+* the check on every tick (:meth:`StateFile.keep`): a saved file deleted, replaced or
+  changed under the governor (the state directory removed, a forged file) is written
+  again from what the governor saved, so a crash after it loses nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class StateFile:
         self.set_aside_to: Path | None = None  # where a bad file was kept
         self.warnings: list[str] = []  # entries given up since the last drain, for the daemon to log
         self._written: str | None = None  # the text last saved
+        self._identity: tuple[int, int, int, int] | None = None  # the saved file's device, inode, size, mtime (ns)
         corrupt = self.corrupt_path
         self._corrupt_seen = corrupt is not None and os.path.lexists(corrupt)  # a bad file was kept, now or before
 
@@ -76,6 +80,16 @@ class StateFile:
         """Warnings about entries given up since the last call (for the daemon to log)."""
         out, self.warnings = self.warnings, []
         return out
+
+    def keep(self) -> None:
+        """Write the last saved document again when its file is gone or is not the one written (another
+        device, inode, size or mtime): one warning, then retried every call while it fails (each failure
+        counted as a failed save)."""
+        if self.path is None or self._written is None or _identity(self.path) == self._identity:
+            return
+        if self.last_error is None:
+            self.warnings.append(f"{self.path}: deleted or replaced under the governor; {self.content} saved again")
+        self._write(self._written, encoded=True)
 
     def _load(self, parse: Callable[[Any], tuple[EntriesT, list[str]]]) -> Loaded[EntriesT] | None:
         """The file's valid entries as ``parse`` finds them (it returns them and every problem),
@@ -106,17 +120,17 @@ class StateFile:
         self._corrupt_seen = True
         return "could not be set aside" if self.set_aside_to is None else f"kept as {self.set_aside_to}"
 
-    def _write(self, document: object, *, unless_written: bool = False) -> bool:
+    def _write(self, document: object, *, unless_written: bool = False, encoded: bool = False) -> bool:
         """Save ``document`` atomically and durably; True once it is on disk.
 
         False without a state directory, or when the save failed: then ``last_error`` says
         why and ``write_errors`` counts it (the store tries again with its next save). With
         ``unless_written``, a document the last successful save already wrote is not
-        written again.
+        written again; ``encoded``: ``document`` is the JSON text already.
         """
         if self.path is None:
             return False
-        body = state_json(document)
+        body = str(document) if encoded else state_json(document)
         if unless_written and body == self._written:
             self.last_error = None  # the file holds it already (a failed save in between left it as it was)
             return True
@@ -127,5 +141,14 @@ class StateFile:
             self.last_error = f"{self.path}: cannot save {self.content}: {exc.strerror or exc}"
             return False
         self.last_error = None
-        self._written = body
+        self._written, self._identity = body, _identity(self.path)
         return True
+
+
+def _identity(path: Path) -> tuple[int, int, int, int] | None:
+    """The file at ``path`` as (device, inode, size, mtime in ns), or None when there is none."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
