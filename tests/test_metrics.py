@@ -60,6 +60,23 @@ class TestCollector:
         assert 'gpu_governor_gpu_health{gpu="0",gpu_governor_gpu_health="degraded",uuid="GPU-test-0"} 1.0' in body
         assert 'gpu_governor_gpu_power_watts{gpu="1"' not in body
 
+    def test_unread_process_list_gives_no_process_count(self, tmp_path: Path) -> None:
+        """A GPU whose process list was not read (lost, or NVML could not list it) has no unclassified-process
+        count; one whose list was read empty has a count of 0."""
+        daemon, _ = scrape_after_ticks(tmp_path, 1)
+        assert daemon.published is not None and daemon.published.snapshot is not None
+        snap = daemon.published.snapshot
+        listed_empty = replace(snap.gpus[0], processes=())
+        lost = GpuReading(index=1, uuid="GPU-test-1", health=GpuHealth.LOST, error="GPU is lost")
+        state = replace(daemon.published, snapshot=Snapshot(snap.t_s, snap.wall_time_s, (listed_empty, lost)))
+        body = generate_latest(build_registry(lambda: state)).decode()
+        assert 'gpu_governor_unclassified_processes{gpu="0",uuid="GPU-test-0"} 0.0' in body
+        assert 'gpu_governor_unclassified_processes{gpu="1"' not in body
+        unlisted = replace(snap.gpus[0], processes=None)
+        state = replace(daemon.published, snapshot=Snapshot(snap.t_s, snap.wall_time_s, (unlisted, lost)))
+        body = generate_latest(build_registry(lambda: state)).decode()
+        assert "gpu_governor_unclassified_processes{" not in body
+
 
 class TestPromtool:
     def test_promtool_check_metrics_prints_nothing(self, tmp_path: Path) -> None:
