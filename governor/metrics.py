@@ -483,7 +483,11 @@ def _vram_decision_labels(record: DecisionRecord) -> dict[str, str]:
 
 
 def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
-    used = _gauge("class_vram_used_bytes", "VRAM used by the processes of a class on a GPU.", [*GPU_LABELS, "class"])
+    used = _gauge(
+        "class_vram_used_bytes",
+        "VRAM used by the processes of a class on a GPU (absent while NVML does not report one's use).",
+        [*GPU_LABELS, "class"],
+    )
     count = _gauge("class_processes", "Processes of a class on a GPU.", [*GPU_LABELS, "class"])
     over = _gauge(
         "class_over_budget_processes",
@@ -504,7 +508,8 @@ def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
     for status in state.gpus:
         labels = [str(status.info.index), status.info.uuid]
         for usage in status.classes:
-            used.add_metric([*labels, usage.name], float(usage.used_bytes))
+            if not usage.unreported:  # a process whose use NVML did not report is not summed as 0
+                used.add_metric([*labels, usage.name], float(usage.used_bytes))
             count.add_metric([*labels, usage.name], float(usage.processes))
             over.add_metric([*labels, usage.name], float(usage.over_budget))
         if status.info.uuid in listed:  # a GPU lost, or whose processes NVML could not list, counts none: absent

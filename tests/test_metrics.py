@@ -17,10 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from governor.backends.simulated import SimulatedBackend
 from governor.clock import VirtualClock
 from governor.config import Config
+from governor.core import class_usage
 from governor.daemon import Daemon
 from governor.httpserver import MetricsServer
 from governor.metrics import Exposition, build_registry
-from governor.model import GpuHealth, GpuReading, Snapshot
+from governor.model import GpuHealth, GpuReading, ProcessReading, Snapshot
 from governor.policy import VramPolicy
 from governor.sim import load_profile
 from governor.sim.scenario import parse_scenario
@@ -76,6 +77,26 @@ class TestCollector:
         state = replace(daemon.published, snapshot=Snapshot(snap.t_s, snap.wall_time_s, (unlisted, lost)))
         body = generate_latest(build_registry(lambda: state)).decode()
         assert "gpu_governor_unclassified_processes{" not in body
+
+    def test_unreported_process_vram_gives_no_class_sum(self, tmp_path: Path) -> None:
+        """A class with a process whose VRAM NVML did not report has no VRAM sum (not one counting it as 0);
+        its process count stays, and a class whose processes all reported has its sum."""
+        daemon, _ = scrape_after_ticks(tmp_path, 1)
+        assert daemon.published is not None
+        published = daemon.published
+
+        def scrape(*used: int | None) -> str:
+            processes = tuple(ProcessReading(100 + i, size) for i, size in enumerate(used))
+            classes, unclassified, _ = class_usage(processes, {}, VramPolicy(), False)
+            gpu = replace(published.gpus[0], classes=classes, unclassified_processes=unclassified)
+            state = replace(published, gpus=(gpu, *published.gpus[1:]))
+            return generate_latest(build_registry(lambda: state)).decode()
+
+        series = '{class="unclassified",gpu="0",uuid="GPU-test-0"}'
+        body = scrape(2**30, None)
+        assert f"gpu_governor_class_vram_used_bytes{series}" not in body
+        assert f"gpu_governor_class_processes{series} 2.0" in body
+        assert f"gpu_governor_class_vram_used_bytes{series} 3.221225472e+09" in scrape(2**30, 2**31)
 
 
 class TestPromtool:
