@@ -22,9 +22,8 @@ from governor.metrics import build_registry
 from governor.model import CLOCK_EVENT_REASONS, ZONES_BY_SEVERITY, GpuHealth, Outcome
 from governor.observers import PROCESS_ACTION_NAMES
 from governor.policy import Action
-from tests.builders import scripted_daemon
+from tests.builders import full_exposition, scripted_daemon
 from tests.support import require_tool
-from tests.test_metrics import full_exposition
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "packaging" / "prometheus"
