@@ -219,8 +219,9 @@ def as_config_error(exc: Exception, path: Path | None) -> ConfigError:
 def class_usage(
     processes: Iterable[ProcessReading], facts: Mapping[int, ProcessFacts], vram: VramPolicy, rows: bool
 ) -> tuple[tuple[ClassUsage, ...], int, tuple[ProcessRow, ...]]:
-    """Per-class VRAM use (bytes, process count, count over budget), the number of processes
-    no class matched, and (when ``rows``) one row per process: the one place they are summed."""
+    """Per-class VRAM use (bytes, process count, count over budget, count whose use NVML did not
+    report), the number of processes no class matched, and (when ``rows``) one row per process:
+    the one place they are summed."""
     default = vram.default_class.name
     usage: dict[str, list[int]] = {}
     out: list[ProcessRow] = []
@@ -232,11 +233,13 @@ def class_usage(
         used = process.used_memory_bytes
         entry = usage.get(klass)
         if entry is None:
-            entry = usage[klass] = [0, 0, 0]
+            entry = usage[klass] = [0, 0, 0, 0]
         entry[0] += used or 0
         entry[1] += 1
         if budget is not None and used is not None and used > budget:
             entry[2] += 1
+        if used is None:
+            entry[3] += 1
         if klass == default:
             unclassified += 1
         if rows:
@@ -250,7 +253,7 @@ def class_usage(
                     why=found.why if found else "",
                 )
             )
-    classes = tuple(ClassUsage(name, u, n, o) for name, (u, n, o) in sorted(usage.items()))
+    classes = tuple(ClassUsage(name, u, n, o, x) for name, (u, n, o, x) in sorted(usage.items()))
     return classes, unclassified, tuple(out)
 
 

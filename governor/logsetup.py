@@ -105,12 +105,14 @@ def _journal_value(value: Any) -> str:
     """A value for a ``key=value`` journal line: bare when unambiguous, else double-quoted.
 
     Strings were already made printable by ``_escape_values``, so no value can break
-    the line; backslashes are left as they are rather than doubled.
+    the line. A bare value is read as it stands (up to the next space); in a quoted one
+    backslashes are doubled as well as quotes escaped (as logfmt readers expect), so a
+    name ending in ``\\`` or holding ``\\"`` cannot close its quote early and add a field.
     """
     text = value if isinstance(value, str) else repr(value) if not isinstance(value, (int, float)) else str(value)
     if text and all(c not in text for c in ' "=') and text.isprintable():
         return text
-    return '"' + escape(text).replace('"', '\\"') + '"'
+    return '"' + escape(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _journal_line(priority: int, name: str, fields: Mapping[str, Any]) -> str:

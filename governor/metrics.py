@@ -483,14 +483,20 @@ def _vram_decision_labels(record: DecisionRecord) -> dict[str, str]:
 
 
 def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
-    used = _gauge("class_vram_used_bytes", "VRAM used by the processes of a class on a GPU.", [*GPU_LABELS, "class"])
+    used = _gauge(
+        "class_vram_used_bytes",
+        "VRAM used by the processes of a class on a GPU (absent while NVML does not report one's use).",
+        [*GPU_LABELS, "class"],
+    )
     count = _gauge("class_processes", "Processes of a class on a GPU.", [*GPU_LABELS, "class"])
     over = _gauge(
         "class_over_budget_processes",
         "Processes of a class over their budget on a GPU.",
         [*GPU_LABELS, "class"],
     )
-    unclassified = _gauge("unclassified_processes", "Processes on a GPU that matched no class.")
+    unclassified = _gauge(
+        "unclassified_processes", "Processes on a GPU that matched no class (absent while its processes are unread)."
+    )
     reserve = _gauge("gpu_vram_reserve_bytes", "Free VRAM the governor keeps in reserve on a GPU.")
     pressure = _gauge("gpu_memory_pressure", "1 when free VRAM is below the reserve or use above the threshold.")
     per_process = _gauge(
@@ -498,13 +504,16 @@ def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
         "VRAM of one process (only when [vram] per_process_metrics = true).",
         [*GPU_LABELS, "pid", "name", "class", "unit"],
     )
+    listed = set() if state.snapshot is None else {r.uuid for r in state.snapshot.gpus if r.processes is not None}
     for status in state.gpus:
         labels = [str(status.info.index), status.info.uuid]
         for usage in status.classes:
-            used.add_metric([*labels, usage.name], float(usage.used_bytes))
+            if not usage.unreported:  # a process whose use NVML did not report is not summed as 0
+                used.add_metric([*labels, usage.name], float(usage.used_bytes))
             count.add_metric([*labels, usage.name], float(usage.processes))
             over.add_metric([*labels, usage.name], float(usage.over_budget))
-        unclassified.add_metric(labels, float(status.unclassified_processes))
+        if status.info.uuid in listed:  # a GPU lost, or whose processes NVML could not list, counts none: absent
+            unclassified.add_metric(labels, float(status.unclassified_processes))
         reserve.add_metric(labels, float(state.reserve_bytes))
         if status.memory_pressure is not None:
             pressure.add_metric(labels, 1.0 if status.memory_pressure else 0.0)

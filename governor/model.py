@@ -322,12 +322,15 @@ class ActionResult:
 
 @dataclass(frozen=True, slots=True)
 class ClassUsage:
-    """VRAM use of one process class on one GPU in the last tick."""
+    """VRAM use of one process class on one GPU in the last tick: ``used_bytes`` sums what NVML
+    reported; ``unreported`` counts the processes whose use it did not report (then the sum is
+    only a lower bound, and the metrics leave it out)."""
 
     name: str
     used_bytes: int
     processes: int
     over_budget: int
+    unreported: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,10 @@ from governor.daemon import STOP, Daemon, VirtualWaiter, Waiter
 from governor.metrics import build_registry
 from governor.model import GpuInfo, GpuReading, ProcessReading
 from governor.notify import Notifier
+from governor.policy import VramPolicy
 from governor.processes import ProcessFacts
+from governor.sim import load_profile
+from governor.sim.scenario import parse_scenario
 from governor.trace import device_record, sample_record, write_records
 from tests.scripted import ScriptedBackend
 
@@ -97,6 +100,34 @@ def scrape_after_ticks(tmp_path: Path, ticks: int, gpu_count: int = 2) -> tuple[
         clock.advance(1.0)
         daemon.tick()
     return daemon, generate_latest(build_registry(lambda: daemon.published)).decode()
+
+
+def full_exposition(tmp_path: Path, profile: str) -> str:
+    """The scrape of a daemon on two simulated GPUs of ``profile`` after a minute of a hot,
+    power-capped load with one process each: decisions and actions on both, GPU 1 without
+    a temperature from t=20 s (read errors), an XID 48 on GPU 0, per-process metrics on."""
+
+    scenario = parse_scenario(
+        {
+            "name": "everything",
+            "ambient_c": 50.0 if profile == "h100-80gb" else 35.0,  # hot, not shut down
+            "initial_power_fraction": 1.0,
+            "repeat": False,
+            "phase": [{"name": "burn", "duration_s": 3600.0, "demand_fraction": 1.3}],
+            "process": [{"name": "trainer", "memory_gib": 2.0}],
+            "event": [{"at_s": 5.0, "gpu": 0, "xid": 48}, {"at_s": 20.0, "gpu": 1, "fault": "temperature_unsupported"}],
+        },
+        "<test>",
+    )
+    clock = VirtualClock()
+    backend = SimulatedBackend(load_profile(profile), scenario, clock, gpu_count=2)
+    config = Config(state_dir=str(tmp_path), runtime_dir="", vram=VramPolicy(per_process_metrics=True))
+    daemon = build_daemon(config, backend, clock)
+    daemon.start()
+    for _ in range(60):
+        clock.advance(1.0)
+        daemon.tick()
+    return generate_latest(build_registry(lambda: daemon.published)).decode()
 
 
 # ----------------------------------------------------------------------------- process facts

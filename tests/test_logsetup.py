@@ -47,6 +47,24 @@ def lines(buffer: io.StringIO) -> list[str]:
     return buffer.getvalue().splitlines()
 
 
+LOGFMT_FIELD = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^ "]*))(?: |$)')
+"""One key=value of a logfmt line: a bare value up to the next space, or a quoted one with backslash escapes."""
+
+
+def logfmt_fields(text: str) -> dict[str, str]:
+    """The fields of ``key=value ...`` read as logfmt parsers (Loki, Vector, go-logfmt) read them."""
+    fields: dict[str, str] = {}
+    at = 0
+    while at < len(text):
+        match = LOGFMT_FIELD.match(text, at)
+        assert match is not None, f"not logfmt from {text[at:]!r}"
+        key, quoted, bare = match.groups()
+        assert key not in fields, f"field {key} given twice in {text!r}"
+        fields[key] = bare if quoted is None else re.sub(r"\\(.)", r"\1", quoted)
+        at = match.end()
+    return fields
+
+
 class TestEscape:
     """escape(): untrusted text made printable."""
 
@@ -128,6 +146,29 @@ class TestJournal:
         buffer, log = logged("journal")
         log.info("line one\nline two")
         assert len(lines(buffer)) == 1
+
+    @pytest.mark.parametrize(
+        "name",
+        [
+            'p\\" rule=forged outcome=fake x=\\',  # p\" rule=forged ... x=\ : closes the quote early
+            "trailing backslash \\",  # a quoted value ending in \ swallows the next field
+            'a "quoted" = name\\\\" z',
+        ],
+    )
+    def test_a_value_cannot_forge_a_field(self, name: str) -> None:
+        """Read the logfmt way (a quoted value unescapes backslash escapes), a line gives back exactly the
+        fields logged: a process name with quotes and backslashes cannot end its value early and add a field."""
+        buffer, log = logged("journal")
+        log.warning("process_over_budget", pid=42, process=name, rule="vram_budget")
+        (line,) = lines(buffer)
+        assert logfmt_fields(line.split(" ", 1)[1]) == {
+            "msg": f"GPU 0: process 42 ({name}, class ?) over its VRAM budget: ? > ?",
+            "gpu": "0",
+            "pid": "42",
+            "process": name,
+            "rule": "vram_budget",
+            "level": "warning",
+        }
 
     def test_every_event_one_line(self) -> None:
         """Several events give exactly that many lines, each with a prefix."""

@@ -14,17 +14,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from governor.backends.simulated import SimulatedBackend
 from governor.clock import VirtualClock
-from governor.config import Config
+from governor.core import class_usage
 from governor.daemon import Daemon
 from governor.httpserver import MetricsServer
 from governor.metrics import Exposition, build_registry
-from governor.model import GpuHealth, GpuReading, Snapshot
+from governor.model import GpuHealth, GpuReading, ProcessReading, Snapshot
 from governor.policy import VramPolicy
-from governor.sim import load_profile
-from governor.sim.scenario import parse_scenario
-from tests.builders import build_daemon, scrape_after_ticks
+from tests.builders import full_exposition, scrape_after_ticks
 from tests.scripted import ScriptedBackend
 from tests.support import require_tool
 
@@ -59,6 +56,43 @@ class TestCollector:
         assert 'gpu_governor_gpu_health{gpu="1",gpu_governor_gpu_health="lost",uuid="GPU-test-1"} 1.0' in body
         assert 'gpu_governor_gpu_health{gpu="0",gpu_governor_gpu_health="degraded",uuid="GPU-test-0"} 1.0' in body
         assert 'gpu_governor_gpu_power_watts{gpu="1"' not in body
+
+    def test_unread_process_list_gives_no_process_count(self, tmp_path: Path) -> None:
+        """A GPU whose process list was not read (lost, or NVML could not list it) has no unclassified-process
+        count; one whose list was read empty has a count of 0."""
+        daemon, _ = scrape_after_ticks(tmp_path, 1)
+        assert daemon.published is not None and daemon.published.snapshot is not None
+        snap = daemon.published.snapshot
+        listed_empty = replace(snap.gpus[0], processes=())
+        lost = GpuReading(index=1, uuid="GPU-test-1", health=GpuHealth.LOST, error="GPU is lost")
+        state = replace(daemon.published, snapshot=Snapshot(snap.t_s, snap.wall_time_s, (listed_empty, lost)))
+        body = generate_latest(build_registry(lambda: state)).decode()
+        assert 'gpu_governor_unclassified_processes{gpu="0",uuid="GPU-test-0"} 0.0' in body
+        assert 'gpu_governor_unclassified_processes{gpu="1"' not in body
+        unlisted = replace(snap.gpus[0], processes=None)
+        state = replace(daemon.published, snapshot=Snapshot(snap.t_s, snap.wall_time_s, (unlisted, lost)))
+        body = generate_latest(build_registry(lambda: state)).decode()
+        assert "gpu_governor_unclassified_processes{" not in body
+
+    def test_unreported_process_vram_gives_no_class_sum(self, tmp_path: Path) -> None:
+        """A class with a process whose VRAM NVML did not report has no VRAM sum (not one counting it as 0);
+        its process count stays, and a class whose processes all reported has its sum."""
+        daemon, _ = scrape_after_ticks(tmp_path, 1)
+        assert daemon.published is not None
+        published = daemon.published
+
+        def scrape(*used: int | None) -> str:
+            processes = tuple(ProcessReading(100 + i, size) for i, size in enumerate(used))
+            classes, unclassified, _ = class_usage(processes, {}, VramPolicy(), False)
+            gpu = replace(published.gpus[0], classes=classes, unclassified_processes=unclassified)
+            state = replace(published, gpus=(gpu, *published.gpus[1:]))
+            return generate_latest(build_registry(lambda: state)).decode()
+
+        series = '{class="unclassified",gpu="0",uuid="GPU-test-0"}'
+        body = scrape(2**30, None)
+        assert f"gpu_governor_class_vram_used_bytes{series}" not in body
+        assert f"gpu_governor_class_processes{series} 2.0" in body
+        assert f"gpu_governor_class_vram_used_bytes{series} 3.221225472e+09" in scrape(2**30, 2**31)
 
 
 class TestPromtool:
@@ -213,34 +247,6 @@ class TestExposition:
         finally:
             server.close()
             plain.close()
-
-
-def full_exposition(tmp_path: Path, profile: str) -> str:
-    """The scrape of a daemon on two simulated GPUs of ``profile`` after a minute of a hot,
-    power-capped load with one process each: decisions and actions on both, GPU 1 without
-    a temperature from t=20 s (read errors), an XID 48 on GPU 0, per-process metrics on."""
-
-    scenario = parse_scenario(
-        {
-            "name": "everything",
-            "ambient_c": 50.0 if profile == "h100-80gb" else 35.0,  # hot, not shut down
-            "initial_power_fraction": 1.0,
-            "repeat": False,
-            "phase": [{"name": "burn", "duration_s": 3600.0, "demand_fraction": 1.3}],
-            "process": [{"name": "trainer", "memory_gib": 2.0}],
-            "event": [{"at_s": 5.0, "gpu": 0, "xid": 48}, {"at_s": 20.0, "gpu": 1, "fault": "temperature_unsupported"}],
-        },
-        "<test>",
-    )
-    clock = VirtualClock()
-    backend = SimulatedBackend(load_profile(profile), scenario, clock, gpu_count=2)
-    config = Config(state_dir=str(tmp_path), runtime_dir="", vram=VramPolicy(per_process_metrics=True))
-    daemon = build_daemon(config, backend, clock)
-    daemon.start()
-    for _ in range(60):
-        clock.advance(1.0)
-        daemon.tick()
-    return generate_latest(build_registry(lambda: daemon.published)).decode()
 
 
 class TestLabels:

@@ -15,10 +15,14 @@ from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from governor.config import load_config
 from governor.metrics import build_registry
-from tests.builders import scripted_daemon
+from governor.model import CLOCK_EVENT_REASONS, ZONES_BY_SEVERITY, GpuHealth, Outcome
+from governor.observers import PROCESS_ACTION_NAMES
+from governor.policy import Action
+from tests.builders import full_exposition, scripted_daemon
 from tests.support import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -643,6 +647,95 @@ class TestDashboard:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         assert module.build() == load_dashboard()
+
+
+SELECTOR = re.compile(r"\b((?:gpu_governor|process)_\w+)\s*\{([^}]*)\}")
+"""A metric selected with label matchers: its name and the matchers."""
+MATCHER = re.compile(r'(\w+)\s*(?:=~|!~|!=|=)\s*"([^"]*)"')
+GROUPING = re.compile(r"\b(?:by|on|without|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+TARGET_LABELS = frozenset({"job", "instance", "le"})
+"""Labels Prometheus adds (job, instance) or a histogram's buckets carry (le)."""
+KNOWN_VALUES = {
+    "reason": {name for _, name in CLOCK_EVENT_REASONS},
+    "outcome": {o.value for o in Outcome} | {"reported"},
+    "action": {a.value for a in Action} | set(PROCESS_ACTION_NAMES.values()),
+    "gpu_governor_gpu_thermal_zone": {z.value for z in ZONES_BY_SEVERITY},
+    "gpu_governor_gpu_health": {h.value for h in GpuHealth},
+    "zone": {z.value for z in ZONES_BY_SEVERITY},
+}
+"""Every value the daemon can give these labels (a matcher on another value never matches)."""
+
+
+def scraped_labels(bodies: list[str]) -> dict[str, set[str]]:
+    """Sample name -> the label names its samples carry, over ``bodies`` (text expositions)."""
+    labels: dict[str, set[str]] = {}
+    for body in bodies:
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+def label_problems(exprs: list[str], labels: dict[str, set[str]]) -> list[str]:
+    """What in ``exprs`` selects a label the metric does not carry, a value the daemon never gives
+    that label, or groups by a label none of the expression's metrics carry."""
+    problems = []
+    for expr in exprs:
+        for name, matchers in SELECTOR.findall(expr):
+            for label, value in MATCHER.findall(matchers):
+                if label in TARGET_LABELS:
+                    continue
+                if name in labels and label not in labels[name]:
+                    problems.append(f"{name} has no label {label}: {expr}")
+                alternatives = set(value.split("|")) if re.fullmatch(r"[\w|]+", value) else set()
+                if label in KNOWN_VALUES and alternatives - KNOWN_VALUES[label]:
+                    problems.append(f"{label} is never {sorted(alternatives - KNOWN_VALUES[label])}: {expr}")
+        names = metric_names_in(expr)
+        if not names <= labels.keys():  # a metric the scrape lacks: its labels are unknown here
+            continue
+        carried = set().union(*(labels[name] for name in names))
+        for group in GROUPING.findall(expr):
+            for label in filter(None, (part.strip() for part in group.split(","))):
+                if label not in TARGET_LABELS and label not in carried:
+                    problems.append(f"no metric carries {label}: {expr}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """The labels of every sample in full expositions of an H100 and an RTX 4070 host (fans)."""
+    return scraped_labels(
+        [full_exposition(tmp_path_factory.mktemp(profile), profile) for profile in ("h100-80gb", "rtx4070")]
+    )
+
+
+class TestLabelsUsed:
+    def test_dashboard_and_alerts_use_labels_the_metrics_carry(self, labels: dict[str, set[str]]) -> None:
+        """Every label the dashboard and the alerts match on or group by is one the metric carries in a
+        real scrape, and every value they match is one the daemon gives (else the query never matches)."""
+        dashboard = load_dashboard()
+        exprs = [e for _, e in dashboard_queries(dashboard) + annotation_queries(dashboard) + alert_exprs()]
+        checked = [name for expr in exprs for name, _ in SELECTOR.findall(expr) if name in labels]
+        assert len(checked) > 50
+        assert label_problems(exprs, labels) == []
+
+    def test_the_label_check_catches_a_wrong_label_and_value(self, labels: dict[str, set[str]]) -> None:
+        """A selector on a label the metric lacks, a value never given, and a grouping by a label none
+        carries are each reported."""
+        problems = label_problems(
+            [
+                'gpu_governor_gpu_temperature_celsius{gpu_index="0"}',
+                'gpu_governor_actions_total{outcome="error"}',
+                "sum by (gpu_name) (gpu_governor_gpu_power_watts)",
+                'sum by (gpu, uuid) (gpu_governor_gpu_thermal_zone{gpu_governor_gpu_thermal_zone="hot"})',
+            ],
+            labels,
+        )
+        assert [problem.split(":")[0] for problem in problems] == [
+            "gpu_governor_gpu_temperature_celsius has no label gpu_index",
+            "outcome is never ['error']",
+            "no metric carries gpu_name",
+        ]
 
 
 def configmap_governor_toml() -> str:
