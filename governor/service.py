@@ -1,9 +1,8 @@
 """The service: the schedule and the signals around a :class:`governor.core.Governor`.
 
-One thread does all the work; signals only wake the loop (governor.waiting). Ticks run on a
-drift-free schedule (start + k * interval): a late tick does not shift the ones after it,
-missed ticks are skipped, not run in a burst. Each tick reads the GPUs, steps the governor
-and hands its report to the observers. A reload builds a new governor from the new config.
+One thread does all the work; signals only wake the loop (governor.waiting). Ticks run on a drift-free schedule
+(start + k * interval): a late tick does not shift the ones after it, missed ticks are skipped, not run in a burst.
+Each tick reads the GPUs, steps the governor and hands its report to the observers. A reload builds a new governor.
 """
 
 from __future__ import annotations
@@ -77,6 +76,7 @@ class Service:
             observers = (self.decision_log, table, self.telemetry, self._status)
         self.observers = tuple(observers)
         self.report: TickReport | None = None
+        self._touched = False  # the start got as far as the crash restore: a stop must put limits back
         self.reload_settle_s, self.reload_settle_max_s = RELOAD_SETTLE_S, RELOAD_SETTLE_MAX_S  # seconds
 
     @property
@@ -126,6 +126,7 @@ class Service:
         if issues := governor.contradictions():
             raise ConfigError(issues)
         self.decision_log.starting(governor)
+        self._touched = True
         snapshot = governor.backend.read()
         leftovers = governor.restore(snapshot, snapshot.t_s, "restore_after_crash", self.clock.wall())
         self._observe(leftovers)
@@ -149,8 +150,8 @@ class Service:
         except BackendFatal as exc:
             self.log.critical("backend_fatal", error=str(exc))
             return 5  # after the stop below
-        finally:
-            self.stop()
+        finally:  # a start refused before it touched anything (a contradiction) only closes: one error line
+            (self.stop if self._touched else self._close)()
         return 0
 
     def _loop(self) -> None:
