@@ -209,6 +209,13 @@ class Actuator:
             self.originals.forget(uuid)  # refused: nothing was changed, so nothing to restore
         return result
 
+    def caps_w(self) -> dict[str, float]:
+        """UUID -> the highest limit (W) :meth:`apply` writes on that GPU: its saved original, clamped
+        to its range. The power rules' drift check compares with it, so the governor's own cap at
+        the original reads as no limit set outside the governor."""
+        gpus = self._gpus
+        return {uuid: clamp_w(watts, gpus.get(uuid)) for uuid, watts in self.originals.items()}
+
     def _saved_original(self, uuid: str) -> float | None:
         """The saved original of a GPU in watts, or None; one outside the GPU's range is rejected."""
         original_w = self.originals.get(uuid)
