@@ -15,7 +15,9 @@ default: then the card's default limit is taken, since the governor itself may h
 lowered it. Restore clamps the original to the GPU's current range.
 
 No limit is set above the GPU's saved original (clamped to its range when saved): a step back up
-ends at the limit the card had before the governor came, whatever the rules' ladder says.
+ends at the limit the card had before the governor came, whatever the rules' ladder says. A dry
+run saves no original but caps its "would set" at the one a live run would have saved at its
+first change (:meth:`Actuator.original_from` of the enforced limit then).
 
 A GPU whose limit cannot be set (no permission, not supported) becomes monitor-only:
 marked once, never retried every tick.
@@ -129,6 +131,7 @@ class Actuator:
         self.monitor_only: dict[str, str] = {}
         self.hands_off: dict[str, str] = {}  # GPU UUID -> why its original could not be saved
         self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
+        self._would_be_original_w: dict[str, float] = {}  # dry-run: the original a live run would have saved
         self.before_stop: Callable[[Decision], str | None] | None = None  # saves the stop first; why not
         state_dir = None if originals.path is None else originals.path.parent
         self.fans = FanActuator(backend, FanControl(state_dir), self._gpus.values())
@@ -179,10 +182,14 @@ class Actuator:
             return ActionResult(decision, Outcome.REFUSED, f"monitor-only: {self.monitor_only[uuid]}")
         info = self._gpus.get(uuid)
         limit_w = clamp_w(limit_w, info)
+        enforced = None if reading is None else reading.power_limit_w
         original_w = self._saved_original(uuid)
+        if original_w is None and self.dry_run:  # the original a live run would have saved at its first change
+            original_w = self._would_be_original_w.get(uuid)
+            if original_w is None and enforced is not None:
+                original_w = clamp_w(self.original_from(uuid, enforced)[0], info)
         if original_w is not None and limit_w > original_w:
             limit_w = clamp_w(original_w, info)  # back up as far as the card's own limit, never past it
-        enforced = None if reading is None else reading.power_limit_w
         if self.dry_run:
             # Compare with what would be in force had the earlier would-be changes happened.
             enforced = self._would_be_w.get(uuid, enforced)
@@ -190,6 +197,8 @@ class Actuator:
             return ActionResult(decision, Outcome.UNCHANGED, f"{limit_w:g} W already in force")
         if self.dry_run:
             self._would_be_w[uuid] = limit_w
+            if original_w is not None:
+                self._would_be_original_w.setdefault(uuid, original_w)
             return ActionResult(decision, Outcome.DRY_RUN, f"would set {limit_w:g} W")
         first_change = not self.originals.is_durable(uuid)  # no change of ours to undo yet
         why_not = self._save_original(uuid, enforced, limit_w)
@@ -199,6 +208,13 @@ class Actuator:
         if first_change and uuid in self.monitor_only:
             self.originals.forget(uuid)  # refused: nothing was changed, so nothing to restore
         return result
+
+    def caps_w(self) -> dict[str, float]:
+        """UUID -> the highest limit (W) :meth:`apply` writes on that GPU: its saved original, clamped
+        to its range. The power rules' drift check compares with it, so the governor's own cap at
+        the original reads as no limit set outside the governor."""
+        gpus = self._gpus
+        return {uuid: clamp_w(watts, gpus.get(uuid)) for uuid, watts in self.originals.items()}
 
     def _saved_original(self, uuid: str) -> float | None:
         """The saved original of a GPU in watts, or None; one outside the GPU's range is rejected."""

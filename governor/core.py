@@ -373,6 +373,7 @@ class Governor:
             facts=facts,
             stopped_units=units.stopped,
             fans_blocked=self.actuator.fans.monitor_only,
+            caps_w=self.actuator.caps_w(),
         )
         decisions.extend(units.decide(snapshot, config.vram, facts))
         if config.node.power_budget_w is not None:

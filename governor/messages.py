@@ -100,7 +100,9 @@ MESSAGES: dict[str, str] = {
     # --- NVML -----------------------------------------------------------------------------
     "nvml_gpu_lost": _GPU + " stopped answering NVML ({reason}); retrying in {retry_in_s} s",
     "nvml_gpu_recovered": _GPU + " answers NVML again",
-    "nvml_gpu_skipped": _GPU + " skipped: {reason}",
+    "nvml_gpu_skipped": _GPU + " skipped: {reason}; tried again at the next count of the GPUs",
+    "nvml_gpu_found": _GPU + " ({name}) found: governed from now on",
+    "nvml_gpu_count_failed": "Counting the GPUs through NVML failed: {reason}; tried again in {retry_in_s} s",
     "nvml_gpu_facts_read": _GPU + " ({name}) read again: power-limit range {power_limit_min_w}-{power_limit_max_w} W",
     "config_deprecated": "Config {source} uses deprecated keys {keys}: {effect}",
     "web_config_reloaded": "Web config {source} reloaded: TLS {tls}, {basic_auth_users} basic auth user(s)",

@@ -97,13 +97,16 @@ def _record(
     count = 0
     try:
         start_s = clock.monotonic()
-        write_records(out, (device_record(info, interval_s, profile) for info in backend.gpus()))
+        described: set[int] = set()  # GPU indexes with a device record
+        _describe(backend, out, described, interval_s, profile)
         tick = 0
         origin_s: float | None = None
         while stop_event is None or not stop_event.is_set():
             snapshot = backend.read()
             if origin_s is None:
                 origin_s = snapshot.t_s
+            if any(r.index not in described for r in snapshot.gpus):  # a GPU found since (hot-plug)
+                _describe(backend, out, described, interval_s, profile)
             t_s = max(0.0, snapshot.t_s - origin_s)
             write_records(out, [sample_record(t_s, r, r.sm_clock_mhz) for r in snapshot.gpus])
             count += len(snapshot.gpus)
@@ -119,6 +122,13 @@ def _record(
     except KeyboardInterrupt:
         pass
     return count
+
+
+def _describe(backend: Backend, out: IO[str], described: set[int], interval_s: float, profile: str | None) -> None:
+    """Write the device record of each GPU of the backend not described yet (each before its samples)."""
+    new = [info for info in backend.gpus() if info.index not in described]
+    write_records(out, (device_record(info, interval_s, profile) for info in new))
+    described.update(info.index for info in new)
 
 
 def run_record(

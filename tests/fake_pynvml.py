@@ -8,7 +8,9 @@ of the C symbol it would reach (``nvmlDeviceGetMemoryInfo_v2``,
 how often.
 
 Knobs:
-- ``FakeGpu.errors``: C symbol -> NVML error code raised by that call on that GPU.
+- ``FakeGpu.errors``: C symbol -> NVML error code raised by that call on that GPU
+  (``nvmlDeviceGetHandleByIndex_v2`` too: getting the GPU's handle fails).
+- GPUs appearing later: append to ``fake.gpus`` (nvmlDeviceGetCount answers its length).
 - ``FakeGpu.lost``: every call on the GPU (and reacquiring its handle) raises GPU_IS_LOST.
 - ``FakeNvml(absent_symbols=...)``: symbols the "driver" lacks (FUNCTION_NOT_FOUND).
 - ``FakeNvml(missing=...)``: Python functions this "nvidia-ml-py" lacks (AttributeError).
@@ -299,6 +301,8 @@ class FakeNvml:
         gpu = self.gpus[index]
         if gpu.lost:
             raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+        if "nvmlDeviceGetHandleByIndex_v2" in gpu.errors:  # a GPU still initialising, a timeout
+            raise NVMLError(gpu.errors["nvmlDeviceGetHandleByIndex_v2"])
         return FakeHandle(index)
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> FakeHandle:

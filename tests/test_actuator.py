@@ -135,6 +135,38 @@ class TestDryRun:
         assert act.originals.items() == []
         assert OriginalLimits(tmp_path).items() == []
 
+    def test_a_step_up_stops_at_the_original_the_live_path_would_save(self, tmp_path: Path) -> None:
+        """A card an admin set to 165 W: after a would-be step down, a step up to 180 W says "would set
+        165 W" (the enforced limit at the first change, the original a live run saves), not 180 W, and
+        one to 200 W then finds 165 W already in force; nothing is saved or written."""
+        act, backend = make(tmp_path, dry_run=True)
+        results = [
+            act.apply([set_to(watts)], snapshot(t_s, [reading(80.0, 165.0)]))[0]
+            for t_s, watts in ((1.0, 150.0), (2.0, 180.0), (3.0, 200.0))
+        ]
+        assert [(r.outcome, r.detail) for r in results] == [
+            (Outcome.DRY_RUN, "would set 150 W"),
+            (Outcome.DRY_RUN, "would set 165 W"),
+            (Outcome.UNCHANGED, "165 W already in force"),
+        ]
+        assert backend.calls == []
+        assert act.originals.items() == []
+
+    def test_the_dry_run_cap_is_the_live_runs(self, tmp_path: Path) -> None:
+        """The same steps live and in dry run write (would write) the same limits: the cap is the same."""
+        steps = ((1.0, 150.0), (2.0, 180.0), (3.0, 120.0), (4.0, 210.0))
+        live, card = make(tmp_path / "live")
+        dry, _ = make(tmp_path / "dry", dry_run=True)
+        would = []
+        for t_s, watts in steps:
+            enforced = card.calls[-1][1] if card.calls else 165.0  # what the live card enforces now
+            live.apply([set_to(watts)], snapshot(t_s, [reading(80.0, enforced)]))
+            (result,) = dry.apply([set_to(watts)], snapshot(t_s, [reading(80.0, 165.0)]))  # never changed
+            if result.outcome is Outcome.DRY_RUN:
+                would.append(result.detail)
+        assert [w for _, w in card.calls] == [150.0, 165.0, 120.0, 165.0]
+        assert would == ["would set 150 W", "would set 165 W", "would set 120 W", "would set 165 W"]
+
     def test_restore_in_dry_run(self, tmp_path: Path) -> None:
         """A dry-run restore reports 'would set' and keeps the saved entry."""
         OriginalLimits(tmp_path).remember(CARD_200W.uuid, 200.0)

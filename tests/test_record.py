@@ -207,3 +207,19 @@ def test_real_trace_round_trip(tmp_path: Path) -> None:
         assert new.reading == old.reading
         assert new.utilization_gpu_pct == old.utilization_gpu_pct
     assert all(s.reading.health is GpuHealth.OK for s in again.samples[0])
+
+
+def test_a_gpu_found_while_recording_gets_its_device_record(tmp_path: Path) -> None:
+    """A GPU the adapter opens only at a later count of the GPUs (hot-plug) gets its device record before
+    its first sample, so the trace stays readable and holds both GPUs."""
+    clock = VirtualClock()
+    fake = FakeNvml([FakeGpu(uuid=UUID0)])
+    backend = NvmlBackend(clock, nvml=fake, proc_root="/nonexistent")
+    fake.gpus.append(FakeGpu(uuid=UUID1, temperature_c=66))
+    path = tmp_path / "trace.jsonl"
+    record(backend, path, 1.0, 40.0, clock, sleep=clock.advance)
+    trace = read_trace(path)
+    assert [trace.devices[i].info.uuid for i in sorted(trace.devices)] == [UUID0, UUID1]
+    assert len(trace.samples[0]) == 40
+    assert 0 < len(trace.samples[1]) < 40  # from the count that found it on
+    assert {s.reading.temperature_c for s in trace.samples[1]} == {66.0}

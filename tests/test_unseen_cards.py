@@ -19,7 +19,7 @@ from governor.clock import VirtualClock
 from governor.config import parse_config, parse_toml
 from governor.core import Governor, open_originals
 from governor.model import ActionResult, GpuHealth, GpuReading, Outcome, Snapshot
-from governor.policy import ThermalZone, VramPolicy
+from governor.policy import Rule, ThermalZone, VramPolicy
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate_gpu
 from governor.rules.vram import under_pressure
 from tests.fake_pynvml import NVML_ERROR_NOT_SUPPORTED, FakeGpu, FakeNvml
@@ -226,6 +226,25 @@ class TestLimitsOnOtherCards:
         gpu.temperature_c = 50
         ticks(governor, clock, 300)
         assert gpu.enforced_limit_mw == 165_000
+
+    def test_the_cap_at_the_original_is_no_out_of_band_limit(self, tmp_path: Path) -> None:
+        """After a step back up capped at the card's own 165 W (the ladder's top is 170 W) the drift check
+        reports no limit "set outside the governor"; a real out-of-band 120 W limit is still reported,
+        once, and left alone."""
+        gpu = fake_card(CARDS[1], enforced_limit_mw=165_000, requested_limit_mw=165_000)
+        governor, _, clock = governed(tmp_path, gpu)
+        gpu.temperature_c = 80
+        results = ticks(governor, clock, 10)
+        gpu.temperature_c = 50
+        results += ticks(governor, clock, 300)
+        assert gpu.enforced_limit_mw == 165_000  # capped, as the test above proves
+        external = Rule.POWER_DRIFT_EXTERNAL_LOWER
+        assert [r.decision.reason for r in results if r.decision.rule is external] == []
+        gpu.enforced_limit_mw = gpu.requested_limit_mw = 120_000  # another tool lowers it
+        results = ticks(governor, clock, 60)
+        reports = [r for r in results if r.decision.rule is external]
+        assert [(r.decision.from_w, r.decision.to_w) for r in reports] == [(120.0, 165.0)]
+        assert gpu.enforced_limit_mw == 120_000  # never fought
 
     def test_an_absolute_ladder_cannot_deep_cap_a_card_without_a_default(self, tmp_path: Path) -> None:
         """A 4090 whose default limit NVML will not give is measured by its maximum: the 4070 example's 200 W

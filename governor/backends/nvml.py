@@ -37,6 +37,11 @@ Robustness, by kind of error (the table in ``_nvml_errors``):
 - A GPU that stops answering (GPU_IS_LOST, GPU not found, reset required, unknown
   error) yields a reading with ``health=LOST``; the others are read as usual; its handle
   is reacquired by UUID with exponential backoff.
+- A GPU that cannot be opened at start (its handle or UUID read fails: a timeout, a GPU still
+  initialising) is skipped (``nvml_gpu_skipped``, once per index). Every ``limit_refresh_s``
+  the adapter counts the GPUs again and opens each index not open yet, as at start: a GPU
+  skipped earlier, or one that appeared since (hot-plug, a GPU back after a reset);
+  ``nvml_gpu_found``. An open GPU is never opened again (a lost one is reacquired by UUID).
 - A library/driver version mismatch at any call raises :class:`BackendFatal`.
 - Anything else is missing for this tick only (logged once per GPU, field and code).
 """
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Container
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
@@ -162,7 +168,8 @@ class NvmlBackend:
 
     ``nvml`` is the ``pynvml`` module (imported when omitted) or any object with the
     same API, for tests. ``limit_refresh_s``, ``energy_refresh_s`` and ``telemetry_refresh_s``
-    are the cadences (seconds) of the slow reads; ``unsupported_reprobe_s`` how long a
+    are the cadences (seconds) of the slow reads (the GPUs are counted again, to open those not
+    open yet, at ``limit_refresh_s``); ``unsupported_reprobe_s`` how long a
     NotSupported field rests before it is asked again (``None``: never; telemetry: never);
     ``lost_backoff_initial_s``/``lost_backoff_max_s`` bound the exponential backoff
     between attempts to reacquire a lost GPU. ``proc_root`` is where process names are
@@ -226,6 +233,7 @@ class NvmlBackend:
             raise BackendUnavailable(f"NVML failed to initialise: {exc}") from None
         self._xid = XidEvents(nvml, self._call)
         self._driver: str | None = None
+        self._recount = _Recount(clock.monotonic() + limit_refresh_s)
         try:
             self._states = self._open_gpus()
         except BaseException:
@@ -249,23 +257,9 @@ class NvmlBackend:
         states: list[_GpuState] = []
         now = self._clock.monotonic()
         for index in range(count):
-            try:
-                handle = call(nvml.nvmlDeviceGetHandleByIndex, index)
-                uuid = text(call(nvml.nvmlDeviceGetUUID, handle))
-            except NvmlFailure as exc:
-                log.warning("nvml_gpu_skipped", gpu=index, reason=str(exc))
-                continue
-            if any(other.uuid == uuid for other in states):  # all is keyed by UUID: it would get the other's writes
-                log.warning("nvml_gpu_skipped", gpu=index, reason=f"UUID {uuid} repeats an earlier GPU's")
-                continue
-            st = _GpuState(index, uuid, handle)
-            try:
-                _read_static(self, st, now)
-            except (_Lost, NvmlFailure) as exc:
-                self._mark_lost(st, str(exc), now)
-                st.info_due_s = now  # read once it answers again
-            _watch_xid(self, st, now)
-            states.append(st)
+            st = _open_index(self, index, {s.uuid for s in states}, now)
+            if st is not None:
+                states.append(st)
         if not states:
             raise BackendUnavailable("NVML could not open any GPU")
         return states
@@ -373,6 +367,8 @@ class NvmlBackend:
             raise BackendFatal("NVML backend is closed")
         now = self._clock.monotonic()
         wall = self._clock.wall()
+        if now >= self._recount.due_s:
+            _recount(self, now)
         readings = []
         self._xid.poll()  # counted into each GPU's telemetry, read below
         for st in self._states:
@@ -455,6 +451,77 @@ class NvmlBackend:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _Recount:
+    """When the GPUs are counted again, and what was warned about (once): the indexes not opened,
+    the NVML codes of a failed count."""
+
+    __slots__ = ("count_failed", "due_s", "skipped")
+
+    def __init__(self, due_s: float) -> None:
+        self.due_s = due_s  # monotonic seconds
+        self.skipped: set[int] = set()
+        self.count_failed: set[int | None] = set()
+
+
+def _open_index(backend: NvmlBackend, index: int, open_uuids: Container[str], now: float) -> _GpuState | None:
+    """Open GPU ``index`` (its handle, its UUID, its static facts, its XID watch); None when it cannot
+    be opened now, warned once per index (``nvml_gpu_skipped``). A UUID in ``open_uuids`` is refused:
+    all is keyed by UUID, so the repeat would get the other's writes. A GPU lost while its static
+    facts are read is opened lost (reacquired by UUID, its facts read once it answers)."""
+    call, nvml = backend._call, backend._nvml
+    skipped = backend._recount.skipped
+    try:
+        handle = call(nvml.nvmlDeviceGetHandleByIndex, index)
+        uuid = text(call(nvml.nvmlDeviceGetUUID, handle))
+    except NvmlFailure as exc:
+        reason = str(exc)
+    else:
+        reason = f"UUID {uuid} repeats an open GPU's" if uuid in open_uuids else ""
+    if reason:
+        if index not in skipped:
+            skipped.add(index)
+            log.warning("nvml_gpu_skipped", gpu=index, reason=reason)
+        return None
+    skipped.discard(index)
+    st = _GpuState(index, uuid, handle)
+    try:
+        _read_static(backend, st, now)
+    except (_Lost, NvmlFailure) as exc:
+        backend._mark_lost(st, str(exc), now)
+        st.info_due_s = now  # read once it answers again
+    _watch_xid(backend, st, now)
+    return st
+
+
+def _recount(backend: NvmlBackend, now: float) -> None:
+    """Count the GPUs again (every ``limit_refresh_s``) and open each index not open yet: one skipped
+    at start or at an earlier count, or one that appeared since. A GPU already open is never opened
+    again; a failed count is warned once per NVML code and tried at the next cadence. The core
+    follows :meth:`NvmlBackend.gpus`, so a GPU found here is governed from its next tick."""
+    recount = backend._recount
+    recount.due_s = now + backend._limit_refresh_s
+    try:
+        count = int(backend._call(backend._nvml.nvmlDeviceGetCount))
+    except NvmlFailure as exc:
+        if exc.code not in recount.count_failed:
+            recount.count_failed.add(exc.code)
+            log.warning("nvml_gpu_count_failed", reason=str(exc), retry_in_s=backend._limit_refresh_s)
+        return
+    open_indexes = {st.index for st in backend._states}
+    found = []
+    for index in range(count):
+        if index in open_indexes:
+            continue
+        st = _open_index(backend, index, backend._by_uuid, now)
+        if st is not None:
+            backend._by_uuid[st.uuid] = st
+            found.append(st)
+            log.info("nvml_gpu_found", gpu=index, uuid=st.uuid, name=st.info.name)
+    if found:
+        backend._states = sorted((*backend._states, *found), key=lambda s: s.index)
+        backend._infos = tuple(s.info for s in backend._states)
 
 
 def _answering(backend: NvmlBackend, uuid: str) -> _GpuState:

@@ -97,13 +97,15 @@ def evaluate_gpu(
     facts: Mapping[int, ProcessFacts] | None = None,
     stopped_units: frozenset[str] = frozenset(),
     fans_blocked: bool = False,
+    cap_w: float | None = None,
 ) -> tuple[GpuRuleState, list[Decision]]:
     """Run the thermal rule, the fans, the power ladder and the VRAM budgets for one GPU reading.
 
     ``dry_run`` is the global dry run: drift and fan-follow checks are off (the target was
     never applied) and every process decision is marked dry whatever ``[vram]`` or its class
     says; the actuator, under the same flag, takes no action of any kind. ``fans_blocked``:
-    the actuator cannot drive this GPU's fans.
+    the actuator cannot drive this GPU's fans. ``cap_w``: the highest limit (W) the actuator
+    writes on this GPU (its saved original), for the power rule's drift check.
     """
     reading = finite_reading(reading)
     decisions: list[Decision] = []
@@ -120,7 +122,15 @@ def evaluate_gpu(
     ladder, target = state.ladder, state.target
     if plan.policy.power.target_mode:
         target, power_decisions = step_target(
-            reading, state.zone, zone, plan.policy.power, plan.ladder_w, target, t_s, check_drift=not dry_run
+            reading,
+            state.zone,
+            zone,
+            plan.policy.power,
+            plan.ladder_w,
+            target,
+            t_s,
+            check_drift=not dry_run,
+            cap_w=cap_w,
         )
     else:
         ladder, power_decisions = step_power(
@@ -133,6 +143,7 @@ def evaluate_gpu(
             t_s,
             check_drift=not dry_run,
             cooling_headroom=fans.headroom,
+            cap_w=cap_w,
         )
     decisions.extend(power_decisions)
     vram_state = state.vram
@@ -176,13 +187,15 @@ def evaluate(
     facts: Mapping[int, ProcessFacts] | None = None,
     stopped_units: frozenset[str] = frozenset(),
     fans_blocked: Collection[str] = (),
+    caps_w: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, GpuRuleState], list[Decision]]:
     """Run every rule on every GPU of ``snapshot`` (keyed by UUID); GPUs without a plan are skipped.
 
     ``facts`` (pid -> ProcessFacts) comes from :class:`governor.processes.ProcessInspector`;
     without it the VRAM rule does not run. ``stopped_units``: units the governor stopped and
     has not resumed (never stopped again). ``fans_blocked``: UUIDs of GPUs whose fans the
-    actuator cannot drive.
+    actuator cannot drive. ``caps_w``: UUID -> the highest limit (W) the actuator writes on that
+    GPU (:meth:`governor.actuator.Actuator.caps_w`), for the power rules' drift check.
     """
     new_states = dict(states)
     decisions: list[Decision] = []
@@ -201,6 +214,7 @@ def evaluate(
             facts=facts,
             stopped_units=stopped_units,
             fans_blocked=reading.uuid in fans_blocked,
+            cap_w=None if not caps_w else caps_w.get(reading.uuid),
         )
         decisions.extend(gpu_decisions)
     return new_states, decisions

@@ -210,6 +210,7 @@ def step_power(
     *,
     check_drift: bool = True,
     cooling_headroom: bool = False,
+    cap_w: float | None = None,
 ) -> tuple[LadderState, list[Decision]]:
     """Advance one GPU's ladder by one reading; returns the new state and its decisions.
 
@@ -219,6 +220,8 @@ def step_power(
     dry-run, where the target was never applied. ``cooling_headroom`` (fan assist,
     :mod:`governor.rules.fan`): the fans can still cool the card, so a step down waits and
     the run of hot readings starts over (entering critical still drops to the floor).
+    ``cap_w``: the highest limit (W) the actuator writes on this GPU (its saved original), for the
+    drift check (:func:`drift`).
     """
     entering_critical = zone is ThermalZone.CRITICAL and previous_zone is not ThermalZone.CRITICAL
     if not policy.enabled or not ladder:
@@ -323,26 +326,33 @@ def step_power(
         state = _cooled(state)
 
     if check_drift:
-        return _drift(reading, state, ladder, t_s)
+        return _drift(reading, state, ladder, t_s, cap_w)
     return state, []
 
 
 def _drift(
-    reading: GpuReading, state: LadderState, ladder: tuple[float, ...], t_s: float
+    reading: GpuReading, state: LadderState, ladder: tuple[float, ...], t_s: float, cap_w: float | None
 ) -> tuple[LadderState, list[Decision]]:
     """Re-apply our target once per drift; report (never fight) a lower out-of-band limit."""
-    seen, decisions = drift(reading, target_w(state, ladder), state.drift_seen, t_s)
+    seen, decisions = drift(reading, target_w(state, ladder), state.drift_seen, t_s, cap_w)
     return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
 
 
-def drift(reading: GpuReading, target: float | None, seen: bool, t_s: float) -> tuple[bool, list[Decision]]:
+def drift(
+    reading: GpuReading, target: float | None, seen: bool, t_s: float, cap_w: float | None = None
+) -> tuple[bool, list[Decision]]:
     """The drift check shared by the ladder and target mode: when the enforced limit has moved
     off ``target`` (W) by more than DRIFT_TOLERANCE_W, re-apply a higher one once, and report a
     lower one (set outside the governor: never fought). ``seen``: a drift was already handled;
-    returns the new ``seen`` and the decisions."""
+    returns the new ``seen`` and the decisions. ``cap_w``: the highest limit (W) the actuator
+    writes on this GPU (its saved original); a target above it is compared as ``cap_w``, since
+    that is what the governor itself put in force (a step up capped at the card's own limit is
+    no out-of-band limit)."""
     enforced = reading.power_limit_w
     if target is None or enforced is None:
         return seen, []
+    if cap_w is not None and target > cap_w:
+        target = cap_w
     if abs(enforced - target) <= DRIFT_TOLERANCE_W:
         return False, []
     if seen:

@@ -168,12 +168,14 @@ def step_target(
     t_s: float,
     *,
     check_drift: bool = True,
+    cap_w: float | None = None,
 ) -> tuple[TargetState, list[Decision]]:
     """Advance one GPU's controller by one reading; returns the new state and its decisions.
 
     ``bounds`` is (ceiling, floor) from :func:`target_bounds` (empty: left alone); ``zone``
     and ``previous_zone`` are this tick's and the last tick's thermal zones. ``check_drift``
-    is off in dry run, where the limit was never applied.
+    is off in dry run, where the limit was never applied; ``cap_w`` is the highest limit (W)
+    the actuator writes on this GPU, for the drift check (:func:`~governor.rules.power.drift`).
     """
     if not policy.enabled or not bounds:
         return state, []
@@ -285,7 +287,7 @@ def step_target(
         state = replace(state, headroom_since_s=None)
 
     if check_drift:
-        return _drift(reading, state, t_s)
+        return _drift(reading, state, t_s, cap_w)
     return state, []
 
 
@@ -295,7 +297,9 @@ def _would_raise(watts: float, reading: GpuReading) -> bool:
     return enforced is not None and watts > enforced + DRIFT_TOLERANCE_W
 
 
-def _drift(reading: GpuReading, state: TargetState, t_s: float) -> tuple[TargetState, list[Decision]]:
+def _drift(
+    reading: GpuReading, state: TargetState, t_s: float, cap_w: float | None
+) -> tuple[TargetState, list[Decision]]:
     """Re-apply our limit once per drift; report (never fight) a lower out-of-band limit."""
-    seen, decisions = drift(reading, state.limit_w, state.drift_seen, t_s)
+    seen, decisions = drift(reading, state.limit_w, state.drift_seen, t_s, cap_w)
     return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
