@@ -26,9 +26,10 @@ from governor.backends import Backend
 from governor.backends.simulated import SimulatedBackend, build_simulated_backend
 from governor.clock import Clock, VirtualClock
 from governor.config import Config, SimulationConfig, parse_config
+from governor.core import Governor
 from governor.daemon import STOP, Daemon, VirtualWaiter, Waiter
 from governor.metrics import build_registry
-from governor.model import GpuInfo, GpuReading, ProcessReading
+from governor.model import ActionResult, GpuInfo, GpuReading, ProcessReading
 from governor.notify import Notifier
 from governor.policy import VramPolicy
 from governor.processes import ProcessFacts
@@ -122,9 +123,14 @@ def full_exposition(tmp_path: Path, profile: str) -> str:
     clock = VirtualClock()
     backend = SimulatedBackend(load_profile(profile), scenario, clock, gpu_count=2)
     config = Config(state_dir=str(tmp_path), runtime_dir="", vram=VramPolicy(per_process_metrics=True))
+    return exposition_after(config, backend, clock, 60)
+
+
+def exposition_after(config: Config, backend: Backend, clock: VirtualClock, seconds: int) -> str:
+    """The scrape (text format) of a daemon on ``backend`` after ``seconds`` one-second ticks."""
     daemon = build_daemon(config, backend, clock)
     daemon.start()
-    for _ in range(60):
+    for _ in range(seconds):
         clock.advance(1.0)
         daemon.tick()
     return generate_latest(build_registry(lambda: daemon.published)).decode()
@@ -289,3 +295,12 @@ def write_trace(path: Path) -> None:
         records.append(sample_record(float(t), reading))
     with open(path, "w", encoding="utf-8") as handle:
         write_records(handle, records)
+
+
+def step_ticks(governor: Governor, clock: VirtualClock, count: int) -> list[ActionResult]:
+    """``count`` governor steps one second apart on fresh readings; every action result."""
+    results: list[ActionResult] = []
+    for _ in range(count):
+        clock.advance(1.0)
+        results += governor.step(governor.read()).results
+    return results

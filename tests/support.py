@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -109,6 +110,32 @@ def p99_between(before: dict[float, float], after: dict[float, float]) -> float:
         if count >= 0.99 * total:
             return bound
     return float("inf")
+
+
+def raised_on_a_fifo(read: Callable[[Path], object], fifo: Path) -> BaseException | None:
+    """What ``read(fifo)`` raised (None when it returned), ``fifo`` being made here a FIFO with no
+    writer; fails the test when the read blocked (open() of a FIFO waits for a writer), after
+    opening it for writing so the blocked thread ends."""
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            read(fifo)
+        except BaseException as exc:  # handed to the test thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    reader = threading.Thread(target=run, daemon=True)
+    reader.start()
+    reader.join(timeout=10.0)
+    if reader.is_alive():
+        with open(fifo, "w"):  # a writer lets the blocked open() return, so the thread ends
+            pass
+        reader.join(timeout=10.0)
+        pytest.fail(f"{getattr(read, '__name__', read)} blocked on a FIFO")
+    return outcome[0]
 
 
 # ----------------------------------------------------------------------------- property tests

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from governor.sim.profiles import load_profile
 from governor.sim.scenario import PhaseTimeline, load_scenario
 from governor.trace import read_trace
 from governor.webconfig import parse_web_config
+from tests.support import raised_on_a_fifo
 
 DATA = Path(__file__).resolve().parent.parent / "governor" / "data"
 H100_PROFILE = (DATA / "profiles" / "h100-80gb.toml").read_text()
@@ -81,27 +81,9 @@ class TestTraceFiles:
     def test_a_fifo_is_refused_without_blocking(self, tmp_path: Path) -> None:
         """A trace path that is a FIFO with no writer is refused at once (open() blocked forever)."""
         fifo = tmp_path / "trace.jsonl"
-        os.mkfifo(fifo)
-        outcome: list[BaseException | None] = []
-
-        def read() -> None:
-            try:
-                read_trace(fifo)
-            except BaseException as exc:  # handed to the test thread
-                outcome.append(exc)
-            else:
-                outcome.append(None)
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout=10.0)
-        if reader.is_alive():
-            with open(fifo, "w"):  # a writer lets the blocked open() return, so the thread ends
-                pass
-            reader.join(timeout=10.0)
-            pytest.fail("read_trace blocked on a FIFO")
-        assert isinstance(outcome[0], TraceError)
-        assert str(fifo) in str(outcome[0]) and "regular file" in str(outcome[0])
+        raised = raised_on_a_fifo(read_trace, fifo)
+        assert isinstance(raised, TraceError)
+        assert str(fifo) in str(raised) and "regular file" in str(raised)
 
     def test_a_device_is_refused_unread(self) -> None:
         """/dev/zero (an endless line of NULs) is refused as not a regular file, not read until memory runs out."""

@@ -332,24 +332,17 @@ class TestMetrics:
     def test_mode_target_and_monitor_only_series(self, tmp_path: Path) -> None:
         """On a hot simulated RTX 4070 in assist mode: the mode state set, a target per fan at the 75 % ceiling
         beside the measured speed; on an H100 profile the fans are monitor-only (1) and have no target."""
-        from prometheus_client import generate_latest
 
         from governor.backends.simulated import SimulatedBackend
-        from governor.metrics import build_registry
         from governor.sim.profiles import load_profile
         from governor.sim.scenario import load_scenario
-        from tests.builders import build_daemon
+        from tests.builders import exposition_after
 
         def body(profile: str) -> str:
             clock = VirtualClock()
             backend = SimulatedBackend(load_profile(profile), load_scenario("hot"), clock)
             config = Config(state_dir=str(tmp_path / profile), runtime_dir="", fan=ASSIST)
-            daemon = build_daemon(config, backend, clock)
-            daemon.start()
-            for _ in range(60):
-                clock.advance(1.0)
-                daemon.tick()
-            return generate_latest(build_registry(lambda: daemon.published)).decode()
+            return exposition_after(config, backend, clock, 60)
 
         rtx = body("rtx4070")
         labels = 'gpu="0",uuid="GPU-sim-rtx4070-0"'

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from governor.sim.profiles import load_profile
 from governor.sim.thermal import ThermalParams, ThermalState
 from governor.trace import read_trace
 from governor.whatif.fitreplay import raw_record, read_samples, replay_all, report, samples_from_trace, summary
+from tests.support import raised_on_a_fifo
 
 H100_TRACE = Path(__file__).parent / "data" / "h100-load.jsonl"
 H200_TRACE = Path(__file__).parent / "data" / "h200-steps.jsonl"
@@ -216,27 +215,9 @@ class TestFitReplayFiles:
     def test_a_fifo_is_refused_without_blocking(self, tmp_path: Path) -> None:
         """fit-replay's input that is a FIFO with no writer is refused at once (it used to block forever)."""
         fifo = tmp_path / "summary.json"
-        os.mkfifo(fifo)
-        outcome: list[BaseException | None] = []
-
-        def read() -> None:
-            try:
-                read_samples(fifo)
-            except BaseException as exc:  # handed to the test thread
-                outcome.append(exc)
-            else:
-                outcome.append(None)
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout=10.0)
-        if reader.is_alive():
-            with open(fifo, "w"):  # a writer lets the blocked open() return, so the thread ends
-                pass
-            reader.join(timeout=10.0)
-            pytest.fail("read_samples blocked on a FIFO")
-        assert isinstance(outcome[0], WhatIfError)
-        assert str(fifo) in str(outcome[0]) and "regular file" in str(outcome[0])
+        raised = raised_on_a_fifo(read_samples, fifo)
+        assert isinstance(raised, WhatIfError)
+        assert str(fifo) in str(raised) and "regular file" in str(raised)
 
     def test_a_device_is_refused_unread(self) -> None:
         """/dev/zero is refused as not a regular file, not read until memory runs out."""

@@ -21,7 +21,8 @@ from governor.backends.nvml import NvmlBackend
 from governor.clock import VirtualClock
 from governor.config import parse_config, parse_toml
 from governor.core import Governor, open_originals
-from governor.model import ActionResult, GpuHealth, Outcome
+from governor.model import GpuHealth, Outcome
+from tests.builders import step_ticks
 from tests.fake_pynvml import (
     NVML_ERROR_GPU_IS_LOST,
     NVML_ERROR_TIMEOUT,
@@ -202,26 +203,17 @@ def governed(tmp_path: Path, *gpus: FakeGpu) -> tuple[Governor, FakeNvml, Virtua
     return governor, fake, clock
 
 
-def ticks(governor: Governor, clock: VirtualClock, count: int) -> list[ActionResult]:
-    """``count`` ticks one second apart; every action result."""
-    results: list[ActionResult] = []
-    for _ in range(count):
-        clock.advance(1.0)
-        results += governor.step(governor.read()).results
-    return results
-
-
 class TestGoverned:
     def test_a_hot_gpu_skipped_at_start_is_governed_after_the_recount(self, tmp_path: Path) -> None:
         """A hot GPU whose UUID read timed out at start gets no plan and no write until the re-count; then
         the core follows the adapter's GPUs, builds its plan, and its heat leads to a lower limit."""
         hot = FakeGpu(uuid=UUID1, temperature_c=92, errors={UUID_READ: NVML_ERROR_TIMEOUT})
         governor, _, clock = governed(tmp_path, FakeGpu(uuid=UUID0), hot)
-        before = ticks(governor, clock, 10)
+        before = step_ticks(governor, clock, 10)
         assert UUID1 not in governor.plans
         assert not any(r.decision.gpu_uuid == UUID1 for r in before)
         del hot.errors[UUID_READ]
-        results = ticks(governor, clock, 30)
+        results = step_ticks(governor, clock, 30)
         assert UUID1 in governor.plans
         applied = [r for r in results if r.decision.gpu_uuid == UUID1 and r.outcome is Outcome.APPLIED]
         assert applied, results
@@ -241,10 +233,10 @@ class TestGoverned:
             errors={UUID_READ: NVML_ERROR_UNKNOWN},
         )
         governor, _, clock = governed(tmp_path, FakeGpu(uuid=UUID0), cool)
-        ticks(governor, clock, 10)
+        step_ticks(governor, clock, 10)
         assert cool.requested_limit_mw == 600_000  # not known yet: left as it is
         del cool.errors[UUID_READ]
-        results = ticks(governor, clock, 25)
+        results = step_ticks(governor, clock, 25)
         restored = [r for r in results if r.decision.gpu_uuid == UUID1 and r.outcome is Outcome.APPLIED]
         assert [r.decision.to_w for r in restored] == [700.0]
         assert cool.requested_limit_mw == 700_000

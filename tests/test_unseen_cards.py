@@ -18,10 +18,11 @@ from governor.backends.nvml import NvmlBackend
 from governor.clock import VirtualClock
 from governor.config import parse_config, parse_toml
 from governor.core import Governor, open_originals
-from governor.model import ActionResult, GpuHealth, GpuReading, Outcome, Snapshot
+from governor.model import GpuHealth, GpuReading, Outcome, Snapshot
 from governor.policy import Rule, ThermalZone, VramPolicy
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate_gpu
 from governor.rules.vram import under_pressure
+from tests.builders import step_ticks
 from tests.fake_pynvml import NVML_ERROR_NOT_SUPPORTED, FakeGpu, FakeNvml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,15 +80,6 @@ def governed(
     return Governor(parsed, backend, open_originals(parsed)), fake, clock
 
 
-def ticks(governor: Governor, clock: VirtualClock, count: int) -> list[ActionResult]:
-    """``count`` ticks one second apart; every action result."""
-    results: list[ActionResult] = []
-    for _ in range(count):
-        clock.advance(1.0)
-        results += governor.step(governor.read()).results
-    return results
-
-
 # ----------------------------------------------------------------------------- temperature sensors
 
 
@@ -109,11 +101,11 @@ class TestBrokenTemperatureSensor:
         """A GPU at 40 C that reads 65535 C for one tick keeps its limit: the glitch is no critical zone."""
         card = fake_card(CARDS[2])
         governor, _, clock = governed(tmp_path, card)
-        ticks(governor, clock, 3)
+        step_ticks(governor, clock, 3)
         card.temperature_c = 65535
-        results = ticks(governor, clock, 1)
+        results = step_ticks(governor, clock, 1)
         card.temperature_c = 40
-        results += ticks(governor, clock, 3)
+        results += step_ticks(governor, clock, 3)
         assert card.enforced_limit_mw == CARDS[2].default_mw
         assert not [r for r in results if r.outcome is Outcome.APPLIED]
         assert governor.states[UUID0].zone is ThermalZone.OPTIMAL
@@ -209,7 +201,7 @@ class TestLimitsOnOtherCards:
         fake.nvmlDeviceSetPowerManagementLimit = recorded  # type: ignore[method-assign]
         for temperature_c, seconds in ((80, 120), (97, 5), (50, 900), (85, 200), (40, 2000)):
             gpu.temperature_c = temperature_c
-            ticks(governor, clock, seconds)
+            step_ticks(governor, clock, seconds)
         governor.restore(governor.read(), clock.monotonic(), "restore_on_stop", 0.0)
         assert all(card.min_mw <= w <= card.max_mw for w in writes), writes
         assert all(w <= start_mw for w in writes), (start_mw, writes)
@@ -221,10 +213,10 @@ class TestLimitsOnOtherCards:
         gpu = fake_card(CARDS[1], enforced_limit_mw=165_000, requested_limit_mw=165_000)
         governor, _, clock = governed(tmp_path, gpu)
         gpu.temperature_c = 80
-        ticks(governor, clock, 10)
+        step_ticks(governor, clock, 10)
         assert gpu.enforced_limit_mw == 153_000
         gpu.temperature_c = 50
-        ticks(governor, clock, 300)
+        step_ticks(governor, clock, 300)
         assert gpu.enforced_limit_mw == 165_000
 
     def test_the_cap_at_the_original_is_no_out_of_band_limit(self, tmp_path: Path) -> None:
@@ -234,14 +226,14 @@ class TestLimitsOnOtherCards:
         gpu = fake_card(CARDS[1], enforced_limit_mw=165_000, requested_limit_mw=165_000)
         governor, _, clock = governed(tmp_path, gpu)
         gpu.temperature_c = 80
-        results = ticks(governor, clock, 10)
+        results = step_ticks(governor, clock, 10)
         gpu.temperature_c = 50
-        results += ticks(governor, clock, 300)
+        results += step_ticks(governor, clock, 300)
         assert gpu.enforced_limit_mw == 165_000  # capped, as the test above proves
         external = Rule.POWER_DRIFT_EXTERNAL_LOWER
         assert [r.decision.reason for r in results if r.decision.rule is external] == []
         gpu.enforced_limit_mw = gpu.requested_limit_mw = 120_000  # another tool lowers it
-        results = ticks(governor, clock, 60)
+        results = step_ticks(governor, clock, 60)
         reports = [r for r in results if r.decision.rule is external]
         assert [(r.decision.from_w, r.decision.to_w) for r in reports] == [(120.0, 165.0)]
         assert gpu.enforced_limit_mw == 120_000  # never fought
@@ -252,7 +244,7 @@ class TestLimitsOnOtherCards:
         gpu = fake_card(CARDS[2], temperature_c=85, errors={"nvmlDeviceGetPowerManagementDefaultLimit": 3})
         governor, _, clock = governed(tmp_path, gpu, config=ROOT / "config" / "examples" / "rtx4070.toml")
         assert governor.contradictions(), "a 200 W ladder on a 600 W card must be refused at start"
-        ticks(governor, clock, 60)
+        step_ticks(governor, clock, 60)
         assert gpu.enforced_limit_mw == 450_000
 
     def test_an_enforced_limit_above_the_range_is_saved_clamped(self, tmp_path: Path) -> None:
@@ -283,7 +275,7 @@ def test_one_card_refusing_every_read_leaves_seven_governed(tmp_path: Path) -> N
     governor, fake, clock = governed(tmp_path, *gpus)
     symbols = [n for n in dir(fake) if n.startswith("nvmlDevice") and n != "nvmlDeviceGetHandleByIndex"]
     gpus[3].errors = {f"{s}{v}": NVML_ERROR_NOT_SUPPORTED for s in symbols for v in ("", "_v2", "_v3")}
-    ticks(governor, clock, 60)
+    step_ticks(governor, clock, 60)
     snapshot: Snapshot = governor.read()
     sick = snapshot.gpus[3]
     assert sick.temperature_c is None and sick.power_w is None and sick.memory_used_bytes is None
