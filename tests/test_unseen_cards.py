@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from governor.backends.nvml import NvmlBackend
 from governor.clock import VirtualClock
-from governor.config import parse_config, parse_toml
+from governor.config import DEEP_CAP_RATIO, parse_config, parse_toml
 from governor.core import Governor, open_originals
 from governor.model import GpuHealth, GpuReading, Outcome, Snapshot
 from governor.policy import Rule, ThermalZone, VramPolicy
@@ -192,7 +192,7 @@ class TestLimitsOnOtherCards:
         governor, fake, clock = governed(tmp_path, gpu, config=ROOT / "config" / config)
         issues = governor.contradictions()
         if issues:  # a 200 W card's example ladder on a card it would cap deeply: refused at start, nothing written
-            assert config == "examples/rtx4070.toml" and card.default_mw > 200_000 / 0.75, issues
+            assert config == "examples/rtx4070.toml" and card.default_mw > 200_000 / DEEP_CAP_RATIO, issues
             assert all("allow_deep_cap" in str(issue) for issue in issues), issues
             return
         setter = fake.nvmlDeviceSetPowerManagementLimit
