@@ -16,10 +16,10 @@ its originals over: nothing a GPU was promised is lost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from governor.actuator import Actuator
 from governor.backends import Backend
@@ -615,6 +615,18 @@ class Observer(Protocol):
     def observe(self, report: TickReport) -> None:
         """Take in one report."""
         ...
+
+
+def observe_all(observers: Sequence[Observer], report: TickReport, log: Any, failed: Callable[[], int]) -> None:
+    """Hand ``report`` to every observer in turn. One that raises is logged (``observer_failed``)
+    and counted by ``failed`` (the tick-failure counter), and the ones after it still see the
+    report: a bug in the decision log on one odd process name must not leave the metrics
+    stale or starve systemd's watchdog, which the last observer pings."""
+    for observer in observers:
+        try:
+            observer.observe(report)
+        except Exception as exc:
+            log.exception("observer_failed", observer=type(observer).__name__, error=str(exc), failures=failed())
 
 
 def status_line(report: TickReport | None, waiting_reason: str | None = None) -> str:

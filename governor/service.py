@@ -24,6 +24,7 @@ from governor.core import (
     Observer,
     TickReport,
     as_config_error,
+    observe_all,
     open_originals,
     restore_now,
     status_line,
@@ -117,8 +118,7 @@ class Service:
     def _observe(self, report: TickReport) -> None:
         if report.kind == TICK:
             self.report = report
-        for observer in self.observers:
-            observer.observe(report)
+        observe_all(self.observers, report, self.log, self.telemetry.failed)
 
     def start(self) -> None:
         """Restore leftovers of a crash, take the first snapshot, bind metrics, send READY."""
