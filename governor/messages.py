@@ -43,6 +43,7 @@ MESSAGES: dict[str, str] = {
     "waiting_for_driver": "Waiting for the NVIDIA driver: {reason}",
     "backend_fatal": "The GPU backend failed, gpu-governor exits: {error}",
     "tick_failed": "A governing tick failed ({failures} in a row): {error}",
+    "observer_failed": "The {observer} observer failed on a report ({failures} failures so far): {error}",
     "metrics_listening": "Metrics served at {url} ({security})",
     "metrics_exposed": "The metrics endpoint {url} is exposed beyond loopback: {warnings}",
     # --- configuration --------------------------------------------------------------------
