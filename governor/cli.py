@@ -415,20 +415,11 @@ def _run_daemon(
     load: Callable[[Path], Config] = load_config,
 ) -> int:
     """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
-    from governor.httpserver import MetricsServer
-    from governor.metrics import build_registry
+    from governor.listener import metrics_factory
     from governor.service import Service
 
     backend = _open_backend(config, clock)
     metrics = config.metrics
-
-    def serve(source: object) -> MetricsServer:
-        try:
-            registry = build_registry(source)  # type: ignore[arg-type]
-            return MetricsServer.from_config(metrics, registry, source=config.source)
-        except OSError as exc:
-            where = f"{metrics.listen_address}:{metrics.port}"
-            raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None
 
     from governor.processes import ProcessInspector, own_system_unit
     from governor.units import SystemdUnits
@@ -440,7 +431,7 @@ def _run_daemon(
         units=SystemdUnits(),  # connects on first use only: a config without units never opens the bus
         inspector=ProcessInspector(own_unit=own_system_unit()),
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
-        metrics_server_factory=serve if metrics.enabled else None,
+        metrics_server_factory=metrics_factory(metrics, config.source) if metrics.enabled else None,
         waiter=waiter,
         # The command line wins over the file on every reload too: a SIGHUP must never
         # turn a `--dry-run` daemon live (nor undo --simulate, --listen, --log-format).

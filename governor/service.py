@@ -29,6 +29,7 @@ from governor.core import (
     restore_now,
     status_line,
 )
+from governor.listener import MetricsListener
 from governor.model import Outcome, PublishedState, Snapshot
 from governor.notify import Notifier
 from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry, apply_logging, default_logger
@@ -63,9 +64,7 @@ class Service:
         self.clock = clock
         self.waiter: Waiter = waiter if waiter is not None else PipeWaiter(clock)
         self.notifier = notifier if notifier is not None else Notifier()
-        self._metrics_server_factory = metrics_server_factory
         self._load = load
-        self.metrics_server: Any = None
         self.log = log if log is not None else default_logger()
         self.governor = Governor(config, backend, open_originals(config), inspector=inspector, units=units)
         self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
@@ -73,8 +72,10 @@ class Service:
         table = ProcessTable(self.log, self.instance_id)  # before the telemetry: it publishes the last write
         self.telemetry = Telemetry(clock.wall(), self.instance_id, table=table)  # observes only among the observers
         self._status = NotifyStatus(self.notifier)
+        published, listening = (lambda: self.published), self.decision_log.listening
+        self.listener = MetricsListener(metrics_server_factory, published, self.log, clock, listening)
         if observers is None:
-            observers = (self.decision_log, table, self.telemetry, self._status)
+            observers = (self.decision_log, table, self.telemetry, self.listener, self._status)
         self.observers = tuple(observers)
         self.report: TickReport | None = None
         self._touched = False  # the start got as far as the crash restore: a stop must put limits back
@@ -134,9 +135,7 @@ class Service:
             snapshot = governor.backend.read()
         self._observe(governor.step(snapshot, self.clock.wall()))
         governor.live = True
-        if self._metrics_server_factory is not None:
-            self.metrics_server = self._metrics_server_factory(lambda: self.published)
-            self.decision_log.listening(self.metrics_server)
+        self.listener.bind()  # an address in use or not up yet: governing goes on, bound again later
         self.telemetry.set_ready()
         self._status.live = True
         self.notifier.ready(self.status_line())
@@ -243,7 +242,5 @@ class Service:
     def _close(self) -> None:
         if isinstance(self.waiter, PipeWaiter):
             self.waiter.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            self.metrics_server = None
+        self.listener.close()
         self.backend.close()
