@@ -430,7 +430,7 @@ def _run_daemon(
             where = f"{metrics.listen_address}:{metrics.port}"
             raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None
 
-    from governor.processes import ProcessInspector, own_system_unit
+    from governor.processes import ProcessInspector, foreign_pid_namespace, own_system_unit
     from governor.units import SystemdUnits
 
     daemon = Service(
@@ -438,7 +438,11 @@ def _run_daemon(
         backend,
         clock,
         units=SystemdUnits(),  # connects on first use only: a config without units never opens the bus
-        inspector=ProcessInspector(own_unit=own_system_unit()),
+        # NVML lists host PIDs: in a PID namespace of its own the governor signals none of them.
+        inspector=ProcessInspector(
+            own_unit=own_system_unit(),
+            foreign_pids=None if config.backend == "simulated" else foreign_pid_namespace(),
+        ),
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=serve if metrics.enabled else None,
         waiter=waiter,
