@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from governor.classes import ProcessAction, ProcessClass, ProcessMatch, VramPolicy
@@ -307,3 +308,38 @@ class TestTwoGpus:
         assert [r.decision.action for r in results if r.outcome is Outcome.APPLIED] == [Action.SIGNAL_TERM]
         assert child.poll() is None
         assert terms_seen(child) == 1
+
+
+# ----------------------------------------------------------------------------- dry run, then live
+
+
+class TestDryRunThenLive:
+    def test_a_would_be_sigterm_is_not_taken_for_a_real_one(self) -> None:
+        """After a reload from dry run to live, the first real signal is a SIGTERM, SIGKILL only kill_after later."""
+        facts = table(2)
+        state = VramState()
+        dry = VramPolicy(reserve_bytes=2 * GiB, classes=(SECONDARY,), cooldown_s=20, dry_run=True)
+        for t in range(0, 36):
+            state, decisions = evaluate_vram(reading((2, 4 * GiB)), facts, dry, state, t)
+            assert all(d.dry_run for d in decisions if d.action is not Action.NONE)
+        live: list[Decision] = []
+        for t in range(36, 120):
+            state, decisions = evaluate_vram(reading((2, 4 * GiB)), facts, POLICY, state, t)
+            live.extend(d for d in decisions if d.action is not Action.NONE)
+        assert [d.action for d in live] == [Action.SIGNAL_TERM, Action.SIGNAL_KILL]
+        assert not any(d.dry_run for d in live)
+        assert live[1].t_s - live[0].t_s >= SECONDARY.kill_after_s
+
+    def test_a_would_be_sigkill_is_not_taken_for_a_real_one(self) -> None:
+        """A kill-class process only 'would be' SIGKILLed in dry run is really SIGKILLed once the run is live."""
+        killer = ProcessClass("secondary", ProcessMatch(user="u"), 3 * GiB, action=ProcessAction.KILL, grace_s=30)
+        facts = table(2)
+        state = VramState()
+        dry = VramPolicy(classes=(killer,), cooldown_s=20, dry_run=True)
+        for t in range(0, 36):
+            state, _ = evaluate_vram(reading((2, 4 * GiB)), facts, dry, state, t)
+        live: list[Decision] = []
+        for t in range(36, 120):
+            state, decisions = evaluate_vram(reading((2, 4 * GiB)), facts, replace(dry, dry_run=False), state, t)
+            live.extend(d for d in decisions if d.action is not Action.NONE)
+        assert [(d.action, d.dry_run) for d in live] == [(Action.SIGNAL_KILL, False)]

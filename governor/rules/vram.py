@@ -40,6 +40,9 @@ For every process on every GPU with a class budget:
   (``signalled``, built by :func:`signalled_processes`): no second SIGTERM, and its SIGKILL
   comes ``kill_after_s`` after the first SIGTERM, once. Such a signal also starts this
   GPU's cooldown (the process frees its memory here too);
+* dry run: signals a dry run only "would send" are recorded as such (:attr:`Offender.dry_run`);
+  once the run is live (a reload), they count as never sent: the first real signal is a
+  SIGTERM (a ``kill`` class: a SIGKILL), and a SIGKILL follows ``kill_after_s`` after it;
 * ties under pressure (same priority, same overrun) go to the newest process (latest start
   time, then highest pid), whatever the order of the listing;
 * kill-restart loops (signalling classes): a system unit whose processes were signalled
@@ -81,7 +84,8 @@ class Offender:
     """A process over its budget on one GPU, and how far its escalation went.
 
     ``last_over_s``: the last tick it was seen over budget (None: ``over_since_s``);
-    ``forget_after_s``: how long after that it is remembered while not over budget (s).
+    ``forget_after_s``: how long after that it is remembered while not over budget (s);
+    ``dry_run``: the signals recorded were only "would send" (a dry run).
     """
 
     over_since_s: float
@@ -89,6 +93,7 @@ class Offender:
     kill_sent_s: float | None = None
     last_over_s: float | None = None
     forget_after_s: float = 0.0
+    dry_run: bool = False
 
     def remembered_at(self, t_s: float) -> bool:
         """True while a process not over budget at ``t_s`` keeps this escalation."""
@@ -116,13 +121,23 @@ def _earliest(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
 
+def _signalled(offender: Offender) -> bool:
+    return offender.term_sent_s is not None or offender.kill_sent_s is not None
+
+
 def _adopted(offender: Offender, other: Offender) -> Offender:
     """``offender`` with the signals ``other`` (the same process, another GPU) records, earliest first."""
     term = _earliest(offender.term_sent_s, other.term_sent_s)
     kill = _earliest(offender.kill_sent_s, other.kill_sent_s)
     if term == offender.term_sent_s and kill == offender.kill_sent_s:
         return offender
-    return replace(offender, term_sent_s=term, kill_sent_s=kill)
+    dry = other.dry_run and (offender.dry_run or not _signalled(offender))
+    return replace(offender, term_sent_s=term, kill_sent_s=kill, dry_run=dry)
+
+
+def _sent(offender: Offender, dry: bool, **sent_s: float) -> Offender:
+    """``offender`` with a signal recorded (``term_sent_s`` or ``kill_sent_s``); ``dry``: only "would send"."""
+    return replace(offender, dry_run=dry and (offender.dry_run or not _signalled(offender)), **sent_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,16 +311,19 @@ def evaluate_vram(
     new_victims: list[tuple[_Candidate, Offender]] = []
     for candidate, known in current:
         klass = candidate.klass
+        dry = policy.dry_run or klass.dry_run
         offender = replace(known, last_over_s=t_s, forget_after_s=max(klass.grace_s, klass.kill_after_s))
+        if known.dry_run and not dry and _signalled(known):
+            # Live now (a reload ended the dry run): a would-be signal was never sent.
+            offender = replace(offender, term_sent_s=None, kill_sent_s=None, dry_run=False)
         start = candidate.facts.start_time
         other = None if not signalled or start is None else signalled.get((candidate.process.pid, start))
-        if other is not None:
+        if other is not None and not (other.dry_run and not dry):  # would-be signals count in a dry run only
             adopted = _adopted(offender, other)
             if adopted is not offender:  # signalled for another GPU: that signal counts here, and cools this GPU
-                sent_s = max(s for s in (other.term_sent_s, other.kill_sent_s) if s is not None)
+                sent_s = max(x for x in (other.term_sent_s, other.kill_sent_s) if x is not None)
                 last_victim = sent_s if last_victim is None else max(last_victim, sent_s)
             offender = adopted
-        dry = policy.dry_run or klass.dry_run
         if offender.term_sent_s is not None and offender.kill_sent_s is None:
             # Escalate only while the class still asks for it: a reload may have made it
             # protected or observe-only since the SIGTERM.
@@ -321,7 +339,7 @@ def evaluate_vram(
                 decisions.append(
                     _decision(reading, candidate, t_s, Rule.VRAM_ESCALATE, Action.SIGNAL_KILL, reason, dry_run=dry)
                 )
-                offender = replace(offender, kill_sent_s=t_s)
+                offender = _sent(offender, dry, kill_sent_s=t_s)
         elif (
             offender.term_sent_s is None
             and offender.kill_sent_s is None
@@ -374,9 +392,9 @@ def evaluate_vram(
             unit_stops[unit] = t_s
         else:
             if klass.enforced_action is ProcessAction.KILL:
-                action, offender = Action.SIGNAL_KILL, replace(offender, kill_sent_s=t_s)
+                action, offender = Action.SIGNAL_KILL, _sent(offender, dry, kill_sent_s=t_s)
             else:
-                action, offender = Action.SIGNAL_TERM, replace(offender, term_sent_s=t_s)
+                action, offender = Action.SIGNAL_TERM, _sent(offender, dry, term_sent_s=t_s)
             decisions.append(
                 _decision(
                     reading,
