@@ -9,7 +9,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+from governor.backends._nvml_procs import ProcessLister
 from governor.classes import ProcessAction, ProcessClass, ProcessMatch, VramPolicy
 from governor.clock import VirtualClock
 from governor.config import Config, parse_config
@@ -343,3 +345,23 @@ class TestDryRunThenLive:
             state, decisions = evaluate_vram(reading((2, 4 * GiB)), facts, replace(dry, dry_run=False), state, t)
             live.extend(d for d in decisions if d.action is not Action.NONE)
         assert [(d.action, d.dry_run) for d in live] == [(Action.SIGNAL_KILL, False)]
+
+
+# ----------------------------------------------------------------------------- the NVML process listing
+
+
+class TestNvmlListing:
+    def test_a_failed_compute_listing_is_unknown_not_empty(self, tmp_path: Path) -> None:
+        """Compute processes unreadable this tick: the listing is unknown (None), not an idle GPU's empty one."""
+        assert ProcessLister(tmp_path).processes(None, []) is None
+
+    def test_a_failed_compute_listing_hides_no_process_behind_graphics_ones(self, tmp_path: Path) -> None:
+        """With the compute list unreadable, the graphics processes alone are not taken for the whole listing."""
+        graphics = [SimpleNamespace(pid=300, usedGpuMemory=1 << 20)]
+        assert ProcessLister(tmp_path).processes(None, graphics) is None
+
+    def test_an_unsupported_graphics_listing_keeps_the_compute_one(self, tmp_path: Path) -> None:
+        """Graphics processes unreadable (data-centre cards): the compute processes are the listing."""
+        compute = [SimpleNamespace(pid=100, usedGpuMemory=2 << 30)]
+        listed = ProcessLister(tmp_path).processes(compute, None)
+        assert listed == (ProcessReading(pid=100, used_memory_bytes=2 << 30, name=None),)
