@@ -421,7 +421,7 @@ def _run_daemon(
     backend = _open_backend(config, clock)
     metrics = config.metrics
 
-    from governor.processes import ProcessInspector, own_system_unit
+    from governor.processes import ProcessInspector, foreign_pid_namespace, own_system_unit
     from governor.units import SystemdUnits
 
     daemon = Service(
@@ -429,7 +429,11 @@ def _run_daemon(
         backend,
         clock,
         units=SystemdUnits(),  # connects on first use only: a config without units never opens the bus
-        inspector=ProcessInspector(own_unit=own_system_unit()),
+        # NVML lists host PIDs: in a PID namespace of its own the governor signals none of them.
+        inspector=ProcessInspector(
+            own_unit=own_system_unit(),
+            foreign_pids=None if config.backend == "simulated" else foreign_pid_namespace(),
+        ),
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=metrics_factory(metrics, config.source) if metrics.enabled else None,
         waiter=waiter,

@@ -22,7 +22,7 @@ from governor.rules.fan import FanPlan, FanState, step_fan
 from governor.rules.power import LadderState, effective_ladder, step_power, target_w
 from governor.rules.target import TargetState, step_target, target_bounds
 from governor.rules.thermal import evaluate_zone, thresholds
-from governor.rules.vram import VramState, evaluate_vram
+from governor.rules.vram import Offender, ProcessKey, VramState, evaluate_vram, signalled_processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,7 @@ def evaluate_gpu(
     stopped_units: frozenset[str] = frozenset(),
     fans_blocked: bool = False,
     cap_w: float | None = None,
+    signalled: Mapping[ProcessKey, Offender] | None = None,
 ) -> tuple[GpuRuleState, list[Decision]]:
     """Run the thermal rule, the fans, the power ladder and the VRAM budgets for one GPU reading.
 
@@ -105,7 +106,8 @@ def evaluate_gpu(
     never applied) and every process decision is marked dry whatever ``[vram]`` or its class
     says; the actuator, under the same flag, takes no action of any kind. ``fans_blocked``:
     the actuator cannot drive this GPU's fans. ``cap_w``: the highest limit (W) the actuator
-    writes on this GPU (its saved original), for the power rule's drift check.
+    writes on this GPU (its saved original), for the power rule's drift check. ``signalled``: the
+    processes any GPU's VRAM rule already signalled (:func:`governor.rules.vram.signalled_processes`).
     """
     reading = finite_reading(reading)
     decisions: list[Decision] = []
@@ -152,7 +154,7 @@ def evaluate_gpu(
             # One dry run: the global one covers process signals too; a class's own
             # dry_run = false cannot turn them back on.
             vram = replace(vram, dry_run=True)
-        vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s, stopped_units)
+        vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s, stopped_units, signalled)
         decisions.extend(vram_decisions)
     fan = fans.state
     steady = zone is state.zone and ladder is state.ladder and target is state.target
@@ -196,9 +198,13 @@ def evaluate(
     has not resumed (never stopped again). ``fans_blocked``: UUIDs of GPUs whose fans the
     actuator cannot drive. ``caps_w``: UUID -> the highest limit (W) the actuator writes on that
     GPU (:meth:`governor.actuator.Actuator.caps_w`), for the power rules' drift check.
+
+    A process on several GPUs is signalled once: each GPU's VRAM rule sees the signals the
+    others sent it, in earlier ticks or earlier in this one.
     """
     new_states = dict(states)
     decisions: list[Decision] = []
+    signalled = signalled_processes(s.vram for s in states.values()) if vram is not None and facts is not None else None
     for reading in snapshot.gpus:
         plan = plans.get(reading.uuid)
         if plan is None:
@@ -215,6 +221,9 @@ def evaluate(
             stopped_units=stopped_units,
             fans_blocked=reading.uuid in fans_blocked,
             cap_w=None if not caps_w else caps_w.get(reading.uuid),
+            signalled=signalled,
         )
         decisions.extend(gpu_decisions)
+        if signalled is not None and new_states[reading.uuid].vram is not state.vram:
+            signalled = signalled_processes((new_states[reading.uuid].vram,), signalled)
     return new_states, decisions
