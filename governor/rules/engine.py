@@ -31,6 +31,9 @@ class GpuRuleState:
 
     zone: ThermalZone = ThermalZone.UNKNOWN
     ladder: LadderState = field(default_factory=LadderState)
+    # The zone before the temperature went missing (while ``zone`` is unknown): the hysteresis goes on
+    # from it when the reading comes back.
+    last_known_zone: ThermalZone = ThermalZone.UNKNOWN
     vram: VramState = field(default_factory=VramState)
     target: TargetState = field(default_factory=TargetState)
     fan: FanState = field(default_factory=FanState)
@@ -111,14 +114,15 @@ def evaluate_gpu(
     """
     reading = finite_reading(reading)
     decisions: list[Decision] = []
-    zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s)
+    zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s, last_known=state.last_known_zone)
+    if zone is not ThermalZone.UNKNOWN:
+        last_known = ThermalZone.UNKNOWN  # kept only through a gap
+    else:
+        last_known = state.last_known_zone if state.zone is ThermalZone.UNKNOWN else state.zone
     if zone_decision is not None:
         decisions.append(zone_decision)
     if reading.health is GpuHealth.LOST:
-        return (
-            GpuRuleState(zone=zone, ladder=state.ladder, vram=state.vram, target=state.target, fan=state.fan),
-            decisions,
-        )
+        return replace(state, zone=zone, last_known_zone=last_known), decisions
     fans = step_fan(reading, plan.fan, plan.policy.fan, state.fan, t_s, blocked=fans_blocked, check_follow=not dry_run)
     decisions.extend(fans.decisions)
     ladder, target = state.ladder, state.target
@@ -158,9 +162,12 @@ def evaluate_gpu(
         decisions.extend(vram_decisions)
     fan = fans.state
     steady = zone is state.zone and ladder is state.ladder and target is state.target
-    if steady and vram_state is state.vram and fan is state.fan:
+    if steady and vram_state is state.vram and fan is state.fan and last_known is state.last_known_zone:
         return state, decisions  # every rule kept its state: so does the GPU (no copy of it)
-    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state, target=target, fan=fan), decisions
+    return (
+        GpuRuleState(zone=zone, ladder=ladder, last_known_zone=last_known, vram=vram_state, target=target, fan=fan),
+        decisions,
+    )
 
 
 def rearm_drift(state: GpuRuleState) -> GpuRuleState:
