@@ -126,7 +126,8 @@ def plot_series(
             continue
         xs_m = [m.t_s / unit for m in marks]
         ys_m = [_value_at(primary, m.t_s) for m in marks]
-        ax_t.scatter(xs_m, ys_m, marker=marker, color=colour, s=36, zorder=5, label=f"{text} ({len(marks)})")
+        count = primary.mark_counts.get(rule, len(marks))  # every decision, also those a long run thinned out
+        ax_t.scatter(xs_m, ys_m, marker=marker, color=colour, s=36, zorder=5, label=f"{text} ({count})")
     ax_t.set_ylim(low, high)
     ax_t.set_ylabel("temperature (C)")
     ax_t.legend(loc="upper left", fontsize=7, ncol=3)
