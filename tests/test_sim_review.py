@@ -127,6 +127,14 @@ class TestCalibrationRefusesWhatCannotBeFitted:
         with pytest.raises(ValueError, match="load"):
             fit_thermal(samples)
 
+    def test_a_load_from_the_first_sample_on_is_refused(self) -> None:
+        """A trace that only heats under one load (one idle sample, then the cap) is refused: it
+        pins T_amb + P * R down but not the room and R apart (a fit gave a 5 C room)."""
+        samples = [s for s in synthetic(1.0) if 39.0 <= s.t_s < 280.0]
+        assert samples[0].power_w == 72.0 and samples[1].power_w == 690.0
+        with pytest.raises(ValueError, match="load"):
+            fit_thermal(samples)
+
     def test_idle_only_trace_is_one_line_from_the_cli(self, tmp_path: Path) -> None:
         """`calibrate` on an all-idle trace exits 2 with one line naming the trace, no profile written."""
         trace = tmp_path / "idle.jsonl"
