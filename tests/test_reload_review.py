@@ -8,6 +8,8 @@ import io
 import os
 import signal
 import subprocess
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,15 @@ from structlog.testing import capture_logs
 from governor import logsetup
 from governor.backends.simulated import build_simulated_backend
 from governor.clock import VirtualClock
-from governor.config import Config, GpuOverride, LoggingConfig, MetricsConfig, SimulationConfig, parse_config
+from governor.config import (
+    Config,
+    GpuOverride,
+    LoggingConfig,
+    MetricsConfig,
+    SimulationConfig,
+    load_config,
+    parse_config,
+)
 from governor.daemon import RELOAD, STOP, Daemon, VirtualWaiter
 from governor.policy import NodePolicy, PowerPolicy
 from tests.builders import SLEEPER, GiB, build_daemon, classes_toml, spawn, wait_exit
@@ -353,4 +363,40 @@ class TestNodeBudgetRemovedOnReload:
         assert daemon.reload()
         ticks(daemon, clock, 5)
         assert set(backend.limits_w.values()) == {200.0}
+        daemon.stop()
+
+
+class TestConfigReplacedBySomethingElse:
+    def test_a_fifo_in_the_configs_place_is_never_opened(self, tmp_path: Path) -> None:
+        """A symlink to a FIFO is refused from its status alone: never opened, so a waiting writer stays blocked."""
+        path = tmp_path / "governor.toml"
+        path.write_text("[thermal]\nwarning_c = 65.0\n")
+        config = load_config(path)
+        clock = VirtualClock()
+        daemon = build_daemon(config, ScriptedBackend(clock, lambda t, i: 50.0), clock, config_path=path)
+        daemon.reload_settle_s = 0.0
+        daemon.start()
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        path.unlink()
+        path.symlink_to(fifo)
+        opened = threading.Event()
+
+        def writer() -> None:  # open() of a FIFO for writing returns only once someone opens it for reading
+            with open(fifo, "wb"):
+                opened.set()
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        time.sleep(0.3)  # the writer is blocked in open() by now
+        try:
+            with capture_logs() as logs:
+                assert daemon.reload() is False
+            assert not opened.wait(0.5)
+            (failed,) = [e for e in logs if e["event"] == "config_reload_failed"]
+            assert any(str(path) in err and "regular file" in err for err in failed["errors"])
+            assert daemon.config.thermal.warning_c == 65.0
+        finally:
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # a still-blocked writer's open() returns
+            thread.join(10)
         daemon.stop()
