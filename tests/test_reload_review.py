@@ -144,6 +144,16 @@ class TestLadderChangedOnReload:
         assert backend.limits_w[UUID] == 200.0
         daemon.stop()
 
+    def test_switch_to_target_mode_holds_the_limit_within_the_new_bounds(self, tmp_path: Path) -> None:
+        """140 W from the ladder under target mode with a 150 W floor is set to 150 W, the controller's limit."""
+        config = base(tmp_path, power=DEEP)
+        loaded = [replace(config, power=replace(DEEP, mode="target", target_c=85.0, floor_w=150.0))]
+        daemon, backend, _ = stepped_down(tmp_path, config, loaded)
+        assert daemon.reload()
+        assert backend.limits_w[UUID] == 150.0
+        assert daemon.governor.states[UUID].target.limit_w == 150.0
+        daemon.stop()
+
     def test_unchanged_ladder_is_left_alone(self, tmp_path: Path) -> None:
         """A reload that changes no ladder writes no limit: the rung and its limit stay."""
         config = base(tmp_path, power=DEEP)
