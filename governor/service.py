@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,8 @@ from governor.core import (
     as_config_error,
     observe_all,
     open_originals,
+    pinned_changes,
+    reclamp_now,
     restore_now,
     status_line,
 )
@@ -35,9 +36,6 @@ from governor.notify import Notifier
 from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry, apply_logging, default_logger
 from governor.units import UnitManager
 from governor.waiting import RELOAD, RELOAD_SETTLE_MAX_S, RELOAD_SETTLE_S, STOP, PipeWaiter, Waiter, settle
-
-RESTART_ONLY = ("backend", "state_dir", "metrics", "simulation")
-"""Keys a reload cannot change (the open backend, the originals' home, the bound listener); all else applies."""
 
 
 class Service:
@@ -160,11 +158,12 @@ class Service:
             events = self.waiter.wait(deadline)
             if STOP in events:
                 return
-            if RELOAD in events:
-                self.reload()  # a storm of SIGHUPs arrives here drained: one reload
-                if self.config.poll_interval_s != interval:
-                    interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
-                continue
+            if RELOAD in events:  # a storm of SIGHUPs arrives here drained: one reload, then the tick if due
+                self.reload()
+                if self.config.poll_interval_s != interval:  # the next tick no later than the old schedule's
+                    interval, k = self.config.poll_interval_s, 1
+                    origin = min(deadline, self.clock.monotonic() + interval) - interval
+                    deadline = origin + interval
             now = self.clock.monotonic()
             if now < deadline:
                 continue
@@ -194,20 +193,21 @@ class Service:
                 self.config_path, self.clock, self.waiter, self.reload_settle_s, self.reload_settle_max_s, self.log
             ):
                 return False  # asked to stop while waiting: the stop comes next
-            new = self._load(self.config_path)
-            for key in RESTART_ONLY:
-                if getattr(new, key) != getattr(old, key):
-                    self.log.warning("config_change_needs_restart", key=key)
-                    new = replace(new, **{key: getattr(old, key)})
+            new, pinned = pinned_changes(old, self._load(self.config_path))
             governor = self.governor.rebuilt(new)  # refuses a config these GPUs cannot follow
         except Exception as exc:  # no file, however broken, may stop the governor
             self._reload_failed(exc)
             return False
         self.governor = governor
-        if new.dry_run and not old.dry_run:  # what the enforcing run set goes back: a dry run changes nothing
-            self._observe(restore_now(governor, "restore_on_stop", self.clock, force=True))
         if new.logging != old.logging:
             apply_logging(new.logging.format, new.logging.level)
+        for key, running, requested in pinned:
+            self.log.warning("config_change_needs_restart", config=str(self.config_path), key=key, running=running,
+                             requested=requested)  # fmt: skip
+        if new.dry_run and not old.dry_run:  # what the enforcing run set goes back: a dry run changes nothing
+            self._observe(restore_now(governor, "restore_on_stop", self.clock, force=True))
+        if (moved := reclamp_now(governor, self.clock)) is not None:  # GPUs onto a changed ladder, at once
+            self._observe(moved)
         self.telemetry.reloaded(ok=True, wall_s=self.clock.wall())
         self.log.info(
             "config_reloaded",
