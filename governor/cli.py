@@ -421,19 +421,21 @@ def _run_daemon(
     backend = _open_backend(config, clock)
     metrics = config.metrics
 
+    from governor.logsetup import get_logger
     from governor.processes import ProcessInspector, foreign_pid_namespace, own_system_unit
     from governor.units import SystemdUnits
+
+    foreign = None if config.backend == "simulated" else foreign_pid_namespace()
+    if foreign is not None:  # VRAM enforcement then signals only processes that hold an NVIDIA device here
+        get_logger().warning("pid_namespace_foreign", reason=foreign)
 
     daemon = Service(
         config,
         backend,
         clock,
         units=SystemdUnits(),  # connects on first use only: a config without units never opens the bus
-        # NVML lists host PIDs: in a PID namespace of its own the governor signals none of them.
-        inspector=ProcessInspector(
-            own_unit=own_system_unit(),
-            foreign_pids=None if config.backend == "simulated" else foreign_pid_namespace(),
-        ),
+        # NVML may list host PIDs: in a PID namespace of its own the governor checks each one first.
+        inspector=ProcessInspector(own_unit=own_system_unit(), foreign_pids=foreign),
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
         metrics_server_factory=metrics_factory(metrics, config.source) if metrics.enabled else None,
         waiter=waiter,

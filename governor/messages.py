@@ -42,6 +42,7 @@ MESSAGES: dict[str, str] = {
     "gpu_gone": "GPU {uuid} is gone",
     "waiting_for_driver": "Waiting for the NVIDIA driver: {reason}",
     "backend_fatal": "The GPU backend failed, gpu-governor exits: {error}",
+    "pid_namespace_foreign": "Listed GPU processes are signalled only if they hold an NVIDIA device here: {reason}",
     "tick_failed": "A governing tick failed ({failures} in a row): {error}",
     "observer_failed": "The {observer} observer failed on a report ({failures} failures so far): {error}",
     "metrics_listen_failed": "Metrics not served, governing goes on: {error} (tried again every {retry_s} s)",

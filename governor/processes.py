@@ -43,8 +43,11 @@ PID namespace) finds under such a PID whatever process of *its* namespace holds 
 another process, charged and signalled for memory it does not use. The daemon asks
 :func:`foreign_pid_namespace` once at start (for every backend but the simulated one, whose
 PIDs are this namespace's own) and hands the answer to :class:`ProcessInspector`
-(``foreign_pids``): then every listed process is protected (reported, never signalled, its
-unit never stopped), with that reason.
+(``foreign_pids``). Newer drivers translate the PIDs into the caller's namespace instead
+(open-gpu-kernel-modules' ``_gpuConvertPid``; seen with R560), so there a listed PID is
+trusted only when the process found under it here holds an NVIDIA device open (a
+``/dev/nvidia*`` among its first GPU_FD_SCAN_MAX descriptors: every CUDA process does); any
+other is protected (reported, never signalled, its unit never stopped), with that reason.
 """
 
 from __future__ import annotations
@@ -147,6 +150,30 @@ def _kernel_thread_from_stat(raw: bytes) -> bool:
         return bool(int(fields[6]) & PF_KTHREAD)  # field 9 overall
     except (IndexError, ValueError):
         return False
+
+
+GPU_DEVICE_PREFIX = "/dev/nvidia"
+"""What a descriptor of a process using an NVIDIA GPU points at (nvidiactl, nvidia0, nvidia-uvm, ...)."""
+GPU_FD_SCAN_MAX = 1 << 16
+"""The most descriptors of one process looked at for an NVIDIA device (once per process)."""
+
+
+def holds_gpu_device(base: Path, prefix: str = GPU_DEVICE_PREFIX) -> bool:
+    """Whether the process at ``base`` (``/proc/PID``) has a file under ``prefix`` open, among
+    its first GPU_FD_SCAN_MAX descriptors; False when they cannot be listed."""
+    try:
+        with os.scandir(base / "fd") as entries:
+            for count, entry in enumerate(entries):
+                if count >= GPU_FD_SCAN_MAX:
+                    return False
+                try:
+                    if os.readlink(entry.path).startswith(prefix):
+                        return True
+                except OSError:
+                    continue
+    except OSError:
+        return False
+    return False
 
 
 def _read_text(path: Path, limit: int = CMDLINE_MAX_BYTES) -> str | None:
@@ -385,8 +412,9 @@ class ProcessInspector:
     spot reused PIDs (a new process gets one tick of grace, never a charge it did not
     earn); :meth:`mark_listing` marks it exactly, right before a listing.
 
-    ``foreign_pids``: why the listed PIDs do not name processes in ``proc``
-    (:func:`foreign_pid_namespace`); when set, every process is protected with that reason.
+    ``foreign_pids``: why the listed PIDs may not name processes in ``proc``
+    (:func:`foreign_pid_namespace`); when set, a process is protected with that reason unless
+    it holds an NVIDIA device open (``gpu_device_prefix``; see the module docstring).
     """
 
     def __init__(
@@ -400,6 +428,7 @@ class ProcessInspector:
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self.own_unit = own_unit  # the governor's own systemd unit (its processes are never touched)
         self.foreign_pids = foreign_pids  # why listed PIDs name no process here (foreign_pid_namespace), or None
+        self.gpu_device_prefix = GPU_DEVICE_PREFIX  # a process trusted in a foreign namespace holds one open
         self._cache: dict[int, ProcessFacts] = {}
         self._policy: VramPolicy | None = None
         self._deadline = _Deadline(TICK_MATCH_BUDGET_S)
@@ -484,8 +513,10 @@ class ProcessInspector:
             system_exe=system_exe,
         )
         facts = classified(identity, policy, self.own_pid, self._deadline, self.own_unit)
-        if self.foreign_pids is not None and facts.protected is None:
-            return facts.classified_as(protected=self.foreign_pids)
+        foreign = self.foreign_pids is not None and facts.protected is None
+        if foreign and (start is None or not holds_gpu_device(base, self.gpu_device_prefix)):
+            why = f"{self.foreign_pids}; the process under this PID here holds no {self.gpu_device_prefix}* device"
+            return facts.classified_as(protected=why)
         return facts
 
 

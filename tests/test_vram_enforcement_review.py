@@ -205,6 +205,27 @@ class TestPidNamespace:
             decisions.extend(more)
         assert decisions and all(d.action is Action.NONE for d in decisions)
 
+    def test_a_listed_pid_holding_a_gpu_device_is_trusted_in_a_container(
+        self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
+    ) -> None:
+        """In a foreign PID namespace a newer driver lists the container's own PIDs: the process found under
+        one that holds an NVIDIA device open (here a stand-in device file) is enforced, the one that holds
+        none stays protected."""
+        device = tmp_path / "dev-nvidia0"
+        device.write_text("")
+        holder = spawn(
+            children, f"import time\nf = open({str(device)!r})\nprint('ready', flush=True)\ntime.sleep(120)", "gpu-user"
+        )
+        idle = spawn(children, "import time\nprint('ready', flush=True)\ntime.sleep(120)", "ns-marker")
+        proc = proc_view(tmp_path, "pid:[4026532999]", (holder.pid, idle.pid))
+        klass = ProcessClass("victim", ProcessMatch(user=str(os.getuid())), 1 * GiB)
+        inspector = ProcessInspector(proc=proc, foreign_pids=foreign_pid_namespace(proc))
+        inspector.gpu_device_prefix = str(tmp_path / "dev-nvidia")
+        policy = VramPolicy(classes=(klass,))
+        assert inspector.facts(holder.pid, None, policy).protected is None
+        why = inspector.facts(idle.pid, None, policy).protected
+        assert why is not None and "holds no" in why and "PID namespace" in why
+
     def test_own_namespace_pids_stay_enforced(self, tmp_path: Path, children: list[subprocess.Popen[bytes]]) -> None:
         """In the host's PID namespace the inspector protects nothing for the namespace's sake."""
         child = spawn(children, "import time\nprint('ready', flush=True)\ntime.sleep(120)", "ns-marker")
