@@ -15,11 +15,8 @@ made under:
 * the node power budget: a reload that removes ``[node] power_budget_w`` lifts the shares it
   set; each GPU goes to what its own rule wants, or (hands-off) to the limit it had before
   the budget first moved it, instead of staying at its last share until the stop.
-* VRAM escalation: a SIGTERM (or SIGKILL) decided while its process's class was in dry run
-  was never sent. When the reload makes that class enforcing, the marks are dropped (and
-  the GPU's victim cooldown with them): the process is signalled from the start, SIGTERM
-  first, instead of being "escalated" to a SIGKILL it was never warned by, or left alone
-  for ever as already killed.
+VRAM escalation needs nothing here: a signal a dry run only logged is marked so in the VRAM
+rule's own state (``Offender.dry_run``), and counts as never sent once the class enforces.
 """
 
 from __future__ import annotations
@@ -27,12 +24,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from governor.model import Decision, GpuReading, ProcessFacts
-from governor.policy import Rule, VramPolicy
+from governor.model import Decision, GpuReading
+from governor.policy import Rule
 from governor.rules.engine import GpuPlan, GpuRuleState, wanted_w
 from governor.rules.power import DRIFT_TOLERANCE_W, LadderState, power_decision
 from governor.rules.target import TargetState
-from governor.rules.vram import Offender, VramState
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,52 +105,16 @@ def lift_budget(state: GpuRuleState, plan: GpuPlan, share_w: float, own_w: float
     return Reclamp(limit, rule, f"config reloaded: no node power budget any more: its {share_w:g} W share lifted")
 
 
-def _dry(policy: VramPolicy, klass: str) -> bool:
-    """Whether a process of class ``klass`` is only reported under ``policy``."""
-    return policy.dry_run or policy.class_named(klass).dry_run
-
-
-def carry_vram(
-    state: VramState,
-    facts: Mapping[int, ProcessFacts],
-    old: VramPolicy | None,
-    new: VramPolicy | None,
-    default_class: str,
-) -> VramState:
-    """``state`` without the SIGTERM/SIGKILL marks that were only dry-run decisions under ``old`` and
-    would be real under ``new``; ``facts`` (pid -> facts, the last tick's) give each process's class.
-    With the VRAM rule off on either side nothing changes (no decision was made under an off rule)."""
-    if old is None or new is None:
-        return state
-    offenders = dict(state.offenders)
-    victims = dict(state.last_victim_s)
-    for key, offender in state.offenders.items():
-        if offender.term_sent_s is None and offender.kill_sent_s is None:
-            continue
-        found = facts.get(key[1])
-        klass = found.klass if found is not None else default_class
-        if _dry(old, klass) and not _dry(new, klass):
-            offenders[key] = Offender(over_since_s=offender.over_since_s)
-            victims.pop(key[0], None)
-    if offenders == state.offenders:
-        return state
-    return replace(state, offenders=offenders, last_victim_s=victims)
-
-
 def carry_over(
     states: Mapping[str, GpuRuleState],
     old_plans: Mapping[str, GpuPlan],
     new_plans: Mapping[str, GpuPlan],
     originals_w: Mapping[str, float],
-    vram: tuple[VramPolicy | None, VramPolicy | None, Mapping[int, ProcessFacts], str],
     lifted: tuple[Mapping[str, float], Mapping[str, float]] = ({}, {}),
 ) -> tuple[dict[str, GpuRuleState], dict[str, Reclamp]]:
     """Every GPU's rule state carried from the old plans onto the new ones, and the limits to set now
-    (by GPU UUID). ``originals_w``: the saved original limits (W); ``vram``: the old and the new
-    effective VRAM policies (None: off), the last tick's process facts and the default class's name;
-    ``lifted``: when the reload removed the node budget, the shares it had set and the limits the GPUs
-    had before it (W, by UUID)."""
-    old_vram, new_vram, facts, default_class = vram
+    (by GPU UUID). ``originals_w``: the saved original limits (W); ``lifted``: when the reload removed
+    the node budget, the shares it had set and the limits the GPUs had before it (W, by UUID)."""
     shares_w, own_w = lifted
     carried: dict[str, GpuRuleState] = {}
     reclamps: dict[str, Reclamp] = {}
@@ -168,6 +128,5 @@ def carry_over(
             lift = None if share_w is None else lift_budget(state, new, share_w, own_w.get(uuid, originals_w.get(uuid)))
             if lift is not None:
                 reclamps[uuid] = lift
-        vram_state = carry_vram(state.vram, facts, old_vram, new_vram, default_class)
-        carried[uuid] = state if vram_state is state.vram else replace(state, vram=vram_state)
+        carried[uuid] = state
     return carried, reclamps

@@ -374,12 +374,11 @@ class Governor:
             keeper=self.units,
         )
         new.live, new.budget = self.live, self.budget
-        vram = (self._rules_vram, new._rules_vram, self.facts, config.vram.default_class.name)
         lifted: tuple[dict[str, float], dict[str, float]] = ({}, {})
         if config.node.power_budget_w is None and self.config.node.power_budget_w is not None:
             new.budget, lifted = BudgetState(), (dict(self.budget.set_w), dict(self.budget.own_w))
         caps_w = self.actuator.caps_w()
-        new.states, new.reclamps = carry_over(self.states, self.plans, new.plans, caps_w, vram, lifted)
+        new.states, new.reclamps = carry_over(self.states, self.plans, new.plans, caps_w, lifted)
         return new
 
     def apply_reclamps(self, snapshot: Snapshot, wall_s: float) -> TickReport:
