@@ -139,6 +139,17 @@ def exposition_after(config: Config, backend: Backend, clock: VirtualClock, seco
 # ----------------------------------------------------------------------------- process facts
 
 
+def listing(*procs: tuple[int, int | None], used: int = 6 * GiB, total: int = 12 * GiB) -> GpuReading:
+    """GPU-0 with ``used`` of ``total`` bytes in use, listing ``procs`` as (pid, used bytes; None: unreported)."""
+    return GpuReading(
+        index=0,
+        uuid="GPU-0",
+        memory_used_bytes=used,
+        memory_total_bytes=total,
+        processes=tuple(ProcessReading(pid=p, used_memory_bytes=u) for p, u in procs),
+    )
+
+
 def process_facts(
     pid: int,
     klass: str = "default",

@@ -17,11 +17,11 @@ from structlog.testing import capture_logs
 from governor.actuator import Actuator, send_signal
 from governor.classes import ProcessAction, ProcessClass, ProcessMatch, VramPolicy, config_warnings, parse_size
 from governor.config import parse_config
-from governor.model import Action, Decision, GpuReading, Outcome, ProcessReading, Rule
+from governor.model import Action, Decision, GpuReading, Outcome, Rule
 from governor.processes import ProcessFacts, ProcessInspector, read_start_time
 from governor.rules.vram import VramState, evaluate_vram
 from governor.state import OriginalLimits
-from tests.builders import SLEEPER, GiB, Harness, classes_toml, spawn, wait_exit
+from tests.builders import SLEEPER, GiB, Harness, classes_toml, listing, spawn, wait_exit
 
 
 def facts(pid: int, klass: str, protected: str | None = None, start: int | None = 1000) -> ProcessFacts:
@@ -43,14 +43,9 @@ def facts(pid: int, klass: str, protected: str | None = None, start: int | None 
     )
 
 
-def reading(*procs: tuple[int, int], used: int = 6 * GiB, total: int = 12 * GiB) -> GpuReading:
-    return GpuReading(
-        index=0,
-        uuid="GPU-0",
-        memory_used_bytes=used,
-        memory_total_bytes=total,
-        processes=tuple(ProcessReading(pid=p, used_memory_bytes=u) for p, u in procs),
-    )
+def reading(*procs: tuple[int, int | None], used: int = 6 * GiB, total: int = 12 * GiB) -> GpuReading:
+    """GPU-0 listing ``procs`` as (pid, used bytes), ``used`` of ``total`` bytes in use."""
+    return listing(*procs, used=used, total=total)
 
 
 PRIMARY = ProcessClass(

@@ -19,7 +19,7 @@ from governor.core import Governor, open_originals
 from governor.model import Action, ActionResult, Decision, GpuReading, Outcome, ProcessReading, Snapshot
 from governor.processes import HOST_PID_NAMESPACE, ProcessFacts, ProcessInspector, foreign_pid_namespace
 from governor.rules.vram import REMEMBERED_OFFENDERS_MAX, VramState, evaluate_vram
-from tests.builders import GiB, classes_toml, process_facts, spawn
+from tests.builders import GiB, classes_toml, listing, process_facts, spawn
 from tests.scripted import ScriptedBackend
 
 # ----------------------------------------------------------------------------- the pure rule
@@ -37,14 +37,8 @@ POLICY = VramPolicy(reserve_bytes=2 * GiB, classes=(SECONDARY,), cooldown_s=20)
 
 
 def reading(*procs: tuple[int, int | None], used: int = 6 * GiB, total: int = 80 * GiB) -> GpuReading:
-    """GPU-0 listing ``procs`` as (pid, used bytes)."""
-    return GpuReading(
-        index=0,
-        uuid="GPU-0",
-        memory_used_bytes=used,
-        memory_total_bytes=total,
-        processes=tuple(ProcessReading(pid=p, used_memory_bytes=u) for p, u in procs),
-    )
+    """GPU-0 listing ``procs`` as (pid, used bytes), ``used`` of ``total`` bytes in use."""
+    return listing(*procs, used=used, total=total)
 
 
 def table(*pids: int, start: int = 1000) -> dict[int, ProcessFacts]:
