@@ -156,9 +156,19 @@ class Service:
 
     def _loop(self) -> None:
         interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
+        # A poll interval longer than half systemd's WatchdogSec= (up to 3600 s is valid) must not
+        # look like a hang: between ticks the loop wakes to ping, and a stuck tick still pings nothing.
+        ping_every_s = self.notifier.watchdog_interval_s
+        ping_every_s = None if ping_every_s is None else ping_every_s / 2
         while True:
             deadline = origin + k * interval
-            events = self.waiter.wait(deadline)
+            if ping_every_s is not None and deadline - self.clock.monotonic() > ping_every_s:
+                events = self.waiter.wait(self.clock.monotonic() + ping_every_s)
+                if not events:
+                    self.notifier.watchdog()
+                    continue
+            else:
+                events = self.waiter.wait(deadline)
             if STOP in events:
                 return
             if RELOAD in events:
