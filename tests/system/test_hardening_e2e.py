@@ -230,7 +230,19 @@ def allowed_char_majors(proc_devices: str) -> set[int]:
 
 
 BEFORE_DRIVER = "Character devices:\n  1 mem\n  4 tty\n  5 /dev/tty\n 10 misc\n136 pts\n\nBlock devices:\n  7 loop\n"
-WITH_DRIVER = BEFORE_DRIVER.replace(" 10 misc\n", " 10 misc\n195 nvidia-frontend\n234 nvidia-caps\n508 nvidia-uvm\n")
+# /proc/devices on an H200 host (driver 580.159.04) once the driver is loaded.
+NVIDIA_GROUPS = {
+    "nvidia": 195,
+    "nvidiactl": 195,
+    "nvidia-uvm": 238,
+    "nvidia-nvswitch": 239,
+    "nvidia-nvlink": 240,
+    "nvidia-caps": 241,
+    "nvidia-caps-imex-channels": 242,
+}
+WITH_DRIVER = BEFORE_DRIVER.replace(
+    " 10 misc\n", " 10 misc\n" + "".join(f"{major} {name}\n" for name, major in NVIDIA_GROUPS.items())
+)
 
 
 def test_device_allow_reaches_nvidiactl_when_the_driver_loads_after_the_unit() -> None:
@@ -240,5 +252,5 @@ def test_device_allow_reaches_nvidiactl_when_the_driver_loads_after_the_unit() -
 
 
 def test_device_allow_covers_every_nvidia_group_loaded_before_the_unit() -> None:
-    """With the driver loaded first, nvidia-frontend, nvidia-caps (MIG) and nvidia-uvm are all allowed, nothing else."""
-    assert allowed_char_majors(WITH_DRIVER) == {195, 234, 508}
+    """With the driver loaded first, every NVIDIA group (uvm, caps for MIG, nvswitch...) is allowed, nothing else."""
+    assert allowed_char_majors(WITH_DRIVER) == set(NVIDIA_GROUPS.values())
