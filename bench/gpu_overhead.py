@@ -19,7 +19,9 @@ prints JSON with, for this checkout and each ``--tree`` (another checkout, e.g. 
 - ``rss_mib``: the running daemon's RSS after the scrapes and the soak, its CPU time over
   ``--soak-s`` seconds at 1 Hz (all daemons soak at once), and the RSS of a Python that
   only imports that checkout's daemon path; ``rss_over_baseline_mib`` = daemon RSS minus
-  the RSS of a Python that only initialises NVML and reads each GPU once (goal <= 8).
+  the RSS of a Python that only initialises NVML and reads each GPU once (goal <= 8);
+  ``chosen_dependencies_over_baseline``: the same Python importing only structlog and
+  prometheus_client, minus that baseline (what any daemon built on them starts from).
 
 Rounds alternate between the checkouts (``--rounds``), so a drift of the machine (clocks,
 temperature) affects them alike. It never changes a GPU setting: every governor runs with
@@ -107,6 +109,10 @@ for i in range(pynvml.nvmlDeviceGetCount()):
     pynvml.nvmlDeviceGetTemperature(h, 0); pynvml.nvmlDeviceGetComputeRunningProcesses(h)
 print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])
 """
+
+DEPENDENCY_FLOOR = "import structlog, prometheus_client\n" + BASELINE_NVML
+"""The baseline plus only the two chosen dependencies the daemon path imports (structlog for its
+log, prometheus_client for its metrics): the least RSS any daemon built on them can have."""
 
 
 def pct(samples: list[float]) -> dict[str, float]:
@@ -315,9 +321,14 @@ def main() -> int:
     ticks = floor_and_tick(trees, args.iterations, args.rounds)
     served = scrapes_and_soak(trees, args.scrapes, args.soak_s)
     baseline = rss_of(BASELINE_NVML)
+    dependency_floor = rss_of(DEPENDENCY_FLOOR)
     exporter_p50 = served.get("nvitop_exporter", {}).get("scrape_ms", {}).get("p50")
     result: dict[str, Any] = {
-        "baseline_rss_mib": {"python_plus_nvml_init": baseline},
+        "baseline_rss_mib": {
+            "python_plus_nvml_init": baseline,
+            "plus_structlog_and_prometheus_client_imported": dependency_floor,
+            "chosen_dependencies_over_baseline": round(dependency_floor - baseline, 1),
+        },
         "nvitop_exporter": served.get("nvitop_exporter"),
         "trees": {},
     }

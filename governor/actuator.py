@@ -132,6 +132,7 @@ class Actuator:
         self.hands_off: dict[str, str] = {}  # GPU UUID -> why its original could not be saved
         self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
         self._would_be_original_w: dict[str, float] = {}  # dry-run: the original a live run would have saved
+        self._in_range_w: dict[str, float] = {}  # originals found in their GPU's range once: never rejected later
         self.before_stop: Callable[[Decision], str | None] | None = None  # saves the stop first; why not
         state_dir = None if originals.path is None else originals.path.parent
         self.fans = FanActuator(backend, FanControl(state_dir), self._gpus.values())
@@ -217,10 +218,14 @@ class Actuator:
         return {uuid: clamp_w(watts, gpus.get(uuid)) for uuid, watts in self.originals.items()}
 
     def _saved_original(self, uuid: str) -> float | None:
-        """The saved original of a GPU in watts, or None; one outside the GPU's range is rejected."""
+        """The saved original of a GPU in watts, or None; one outside the GPU's range is rejected.
+
+        Only the first time it is used: an original that was in the range then (one this run saved, or
+        one checked earlier) stays valid when the card's range narrows later (a range changed at runtime
+        is no corrupt file); it is clamped wherever it is written."""
         original_w = self.originals.get(uuid)
         info = self._gpus.get(uuid)
-        if original_w is None or info is None:
+        if original_w is None or info is None or self._in_range_w.get(uuid) == original_w:
             return original_w
         low, high = info.power_limit_min_w, info.power_limit_max_w
         slack = DRIFT_TOLERANCE_W / 2
@@ -228,6 +233,7 @@ class Actuator:
             span = f"{'?' if low is None else f'{low:g}'}-{'?' if high is None else f'{high:g}'} W"
             self.originals.reject(uuid, f"{original_w:g} W is outside the GPU's range {span}; not used")
             return None
+        self._in_range_w[uuid] = original_w
         return original_w
 
     def original_from(self, uuid: str, enforced_w: float) -> tuple[float, str]:
@@ -261,6 +267,9 @@ class Actuator:
             original_w = clamp_w(original_w, self._gpus.get(uuid))  # what a restore can write back
         if self.originals.remember(uuid, original_w, last_set_w=limit_w):
             self.hands_off.pop(uuid, None)
+            saved = self.originals.get(uuid)
+            if saved is not None and saved == original_w:
+                self._in_range_w[uuid] = saved  # clamped to the range it had now
             return None
         why = self.originals.last_error or "not saved"
         self.hands_off[uuid] = why

@@ -415,22 +415,13 @@ def _run_daemon(
     load: Callable[[Path], Config] = load_config,
 ) -> int:
     """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
-    from governor.httpserver import MetricsServer
-    from governor.metrics import build_registry
+    from governor.listener import metrics_factory
     from governor.service import Service
 
     backend = _open_backend(config, clock)
     metrics = config.metrics
 
-    def serve(source: object) -> MetricsServer:
-        try:
-            registry = build_registry(source)  # type: ignore[arg-type]
-            return MetricsServer.from_config(metrics, registry, source=config.source)
-        except OSError as exc:
-            where = f"{metrics.listen_address}:{metrics.port}"
-            raise CliError(f"cannot listen for metrics on {where}: {exc.strerror or exc}", EXIT_BIND) from None
-
-    from governor.processes import ProcessInspector, own_system_unit
+    from governor.processes import ProcessInspector, foreign_pid_namespace, own_system_unit
     from governor.units import SystemdUnits
 
     daemon = Service(
@@ -438,9 +429,13 @@ def _run_daemon(
         backend,
         clock,
         units=SystemdUnits(),  # connects on first use only: a config without units never opens the bus
-        inspector=ProcessInspector(own_unit=own_system_unit()),
+        # NVML lists host PIDs: in a PID namespace of its own the governor signals none of them.
+        inspector=ProcessInspector(
+            own_unit=own_system_unit(),
+            foreign_pids=None if config.backend == "simulated" else foreign_pid_namespace(),
+        ),
         config_path=args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None),
-        metrics_server_factory=serve if metrics.enabled else None,
+        metrics_server_factory=metrics_factory(metrics, config.source) if metrics.enabled else None,
         waiter=waiter,
         # The command line wins over the file on every reload too: a SIGHUP must never
         # turn a `--dry-run` daemon live (nor undo --simulate, --listen, --log-format).

@@ -776,8 +776,16 @@ def read_small_file(
     ``trust_euid`` (the effective uid, for the config) applies :func:`check_trust`'s rules.
     """
     source = str(path)
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
     try:
+        # Judged by its status before it is opened: opening a FIFO wakes its writer, opening a device
+        # can act on it (a tape rewinds, a watchdog arms, a terminal becomes the controlling one).
+        # The descriptor is checked again below: what is read is what is checked.
+        mode = (os.lstat(path) if nofollow else os.stat(path)).st_mode  # a link (nofollow) fails the open
+        if stat.S_ISDIR(mode):
+            raise error([ConfigIssue(source, "", "a regular file", "a directory")])
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise error([ConfigIssue(source, "", "a regular file", "a device, pipe or directory")])
         # O_NONBLOCK: opening a FIFO with no writer would otherwise block forever.
         fd = os.open(path, flags)
         with open(fd, "rb") as handle:

@@ -16,13 +16,14 @@ its originals over: nothing a GPU was promised is lost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from governor.actuator import Actuator
 from governor.backends import Backend
+from governor.carryover import Reclamp, carry_over
 from governor.classes import VramPolicy
 from governor.clock import Clock
 from governor.config import Config, ConfigError, ConfigIssue, check_resolved, deep_cap_problem
@@ -208,6 +209,30 @@ def open_originals(config: Config) -> OriginalLimits:
     return OriginalLimits(None if memory_only_originals(config) else config.state_dir)
 
 
+RESTART_ONLY = ("backend", "wait_for_driver", "state_dir", "runtime_dir", "metrics", "simulation")
+"""Config keys a reload cannot change: the open backend (and whether it waited for the driver), the
+directories checked and pinned at start (the originals' home, the process table's; systemd's
+StateDirectory= and RuntimeDirectory=), the bound listener and the simulation it opened."""
+
+
+def pinned_changes(old: Config, new: Config) -> tuple[Config, list[tuple[str, object, object]]]:
+    """``new`` with every restart-only key (RESTART_ONLY) as in ``old``, and what it asked to change
+    there: (dotted key, running value, requested value); a password hash is shown as "(hidden)"."""
+    changes: list[tuple[str, object, object]] = []
+    for key in RESTART_ONLY:
+        running, requested = getattr(old, key), getattr(new, key)
+        if running == requested:
+            continue
+        if is_dataclass(running):
+            names = [f.name for f in fields(running) if getattr(running, f.name) != getattr(requested, f.name)]
+            pairs = [(f"{key}.{n}", getattr(running, n), getattr(requested, n)) for n in names]
+        else:
+            pairs = [(key, running, requested)]
+        changes += [(k, "(hidden)", "(hidden)") if "password" in k else (k, a, b) for k, a, b in pairs]
+        new = replace(new, **{key: running})
+    return new, changes
+
+
 def as_config_error(exc: Exception, path: Path | None) -> ConfigError:
     """``exc`` (raised while loading ``path``) as a ConfigError: itself, or one issue naming its type."""
     if isinstance(exc, ConfigError):
@@ -255,6 +280,25 @@ def class_usage(
             )
     classes = tuple(ClassUsage(name, u, n, o, x) for name, (u, n, o, x) in sorted(usage.items()))
     return classes, unclassified, tuple(out)
+
+
+def inspect_processes(
+    snapshot: Snapshot, inspector: Inspector, vram: VramPolicy
+) -> tuple[dict[int, ProcessFacts], tuple[tuple[int, str], ...]]:
+    """Facts for every process any GPU reports (pid -> facts) and the errors (pid, why); one
+    unreadable process never stops the tick."""
+    facts: dict[int, ProcessFacts] = {}
+    errors: list[tuple[int, str]] = []
+    for reading in snapshot.gpus:
+        for process in reading.processes or ():
+            if process.pid in facts:
+                continue
+            try:
+                facts[process.pid] = inspector.facts(process.pid, process.name, vram)
+            except Exception as exc:  # a hostile /proc entry must not stop the loop
+                errors.append((process.pid, str(exc)))
+    inspector.forget_except(facts)
+    return facts, tuple(errors)
 
 
 def build_plans(config: Config, gpus: Iterable[GpuInfo]) -> dict[str, GpuPlan]:
@@ -307,6 +351,7 @@ class Governor:
         self.budget = BudgetState()  # the node budget's shares (governor.rules.budget)
         self.facts: dict[int, ProcessFacts] = {}
         self.live = False  # True once started: a GPU that appears later gets its crash leftovers restored
+        self.reclamps: dict[str, Reclamp] = {}  # GPU UUID -> the limit a reload moves it to (apply_reclamps)
         self._state_error: str | None = None
 
     def rebuilt(self, config: Config) -> Governor:
@@ -328,9 +373,22 @@ class Governor:
             gpus=self.gpus,
             keeper=self.units,
         )
-        new.live = self.live
-        new.budget = self.budget
+        new.live, new.budget = self.live, self.budget
+        vram = (self._rules_vram, new._rules_vram, self.facts, config.vram.default_class.name)
+        lifted: tuple[dict[str, float], dict[str, float]] = ({}, {})
+        if config.node.power_budget_w is None and self.config.node.power_budget_w is not None:
+            new.budget, lifted = BudgetState(), (dict(self.budget.set_w), dict(self.budget.own_w))
+        caps_w = self.actuator.caps_w()
+        new.states, new.reclamps = carry_over(self.states, self.plans, new.plans, caps_w, vram, lifted)
         return new
+
+    def apply_reclamps(self, snapshot: Snapshot, wall_s: float) -> TickReport:
+        """Set the limits a reload moved GPUs to (:attr:`reclamps`, governor.carryover), on ``snapshot``;
+        a GPU without a reading now is left to the rules' drift check."""
+        readings = {r.uuid: r for r in snapshot.gpus if r.health is not GpuHealth.LOST}
+        moves = [c.decision(readings[uuid], snapshot.t_s) for uuid, c in self.reclamps.items() if uuid in readings]
+        self.reclamps = {}
+        return self._report(RESTORE, snapshot, wall_s, tuple(self.actuator.apply(moves, snapshot)), ())
 
     def contradictions(self) -> list[ConfigIssue]:
         """What the config asks that these GPUs cannot do (empty when nothing)."""
@@ -358,7 +416,7 @@ class Governor:
         if wall_s is None:
             wall_s = snapshot.wall_time_s
         changes, restored = self._follow_gpus(snapshot)
-        facts, inspect_errors = self._inspect(snapshot)
+        facts, inspect_errors = inspect_processes(snapshot, self.inspector, self.config.vram)
         self.facts = facts
         config = self.config
         vram = self._rules_vram
@@ -449,7 +507,7 @@ class Governor:
         vram = self.config.vram
         rows = vram.per_process_metrics
         plans, states, facts = self.plans, self.states, self.facts
-        monitor_only = self.actuator.monitor_only
+        monitor_only, fans_off = self.actuator.monitor_only, self.actuator.fans.monitor_only
         ticks = []
         for gpu in self.gpus:
             uuid = gpu.uuid
@@ -476,7 +534,7 @@ class Governor:
                     processes=processes,
                     original_limit_saved=self._original_limit_saved(uuid),
                     model=_model_status(state) if plan.policy.power.target_mode else None,
-                    fan=self._fan_status(plan, state),
+                    fan=fan_status(plan, state, fans_off),
                 )
             )
         return tuple(ticks)
@@ -488,18 +546,6 @@ class Governor:
             return wanted
         share = self.budget.set_for(uuid)
         return wanted if share is None else share
-
-    def _fan_status(self, plan: GpuPlan, state: GpuRuleState) -> FanStatus:
-        """The fan mode, the speeds the governor set, and why it cannot drive the fans (None when it can)."""
-        mode = plan.policy.fan.mode
-        uuid = plan.info.uuid
-        why = self.actuator.fans.monitor_only.get(uuid) or state.fan.handed_back
-        if why is None and mode is not FanMode.AUTO:
-            why = plan.fan.no_fans
-        targets = () if why else state.fan.targets
-        if why is None and not targets:
-            return _FANS_UNSET[mode]
-        return FanStatus(mode=mode.value, targets_percent=targets, monitor_only=why)
 
     def _original_limit_saved(self, uuid: str) -> bool | None:
         """False while a GPU is left alone because its original could not be saved, True once saved, else None."""
@@ -553,21 +599,18 @@ class Governor:
                 )
                 self.states[uuid] = replace(now, ladder=before.ladder, target=target)
 
-    def _inspect(self, snapshot: Snapshot) -> tuple[dict[int, ProcessFacts], tuple[tuple[int, str], ...]]:
-        """Facts for every process any GPU reports; one unreadable process never stops the tick."""
-        facts: dict[int, ProcessFacts] = {}
-        errors: list[tuple[int, str]] = []
-        vram = self.config.vram
-        for reading in snapshot.gpus:
-            for process in reading.processes or ():
-                if process.pid in facts:
-                    continue
-                try:
-                    facts[process.pid] = self.inspector.facts(process.pid, process.name, vram)
-                except Exception as exc:  # a hostile /proc entry must not stop the loop
-                    errors.append((process.pid, str(exc)))
-        self.inspector.forget_except(facts)
-        return facts, tuple(errors)
+
+def fan_status(plan: GpuPlan, state: GpuRuleState, fans_off: Mapping[str, str]) -> FanStatus:
+    """The fan mode, the speeds the governor set, and why it cannot drive the fans (None when it can);
+    ``fans_off``: GPU UUID -> why the actuator cannot drive that GPU's fans."""
+    mode = plan.policy.fan.mode
+    why = fans_off.get(plan.info.uuid) or state.fan.handed_back
+    if why is None and mode is not FanMode.AUTO:
+        why = plan.fan.no_fans
+    targets = () if why else state.fan.targets
+    if why is None and not targets:
+        return _FANS_UNSET[mode]
+    return FanStatus(mode=mode.value, targets_percent=targets, monitor_only=why)
 
 
 def _model_status(state: GpuRuleState) -> ThermalModelStatus | None:
@@ -604,6 +647,13 @@ def restore_now(governor: Governor, reason: str, clock: Clock, *, force: bool = 
         actuator.dry_run = dry_run
 
 
+def reclamp_now(governor: Governor, clock: Clock) -> TickReport | None:
+    """Set the limits a reload moved GPUs to on a fresh snapshot (None when it moved none)."""
+    if not governor.reclamps:
+        return None
+    return governor.apply_reclamps(governor.read(), clock.wall())
+
+
 def read_error_indexes(snapshot: Snapshot) -> list[int]:
     """The indexes of GPUs whose reading in ``snapshot`` is not healthy."""
     return [r.index for r in snapshot.gpus if r.health is not GpuHealth.OK]
@@ -615,6 +665,18 @@ class Observer(Protocol):
     def observe(self, report: TickReport) -> None:
         """Take in one report."""
         ...
+
+
+def observe_all(observers: Sequence[Observer], report: TickReport, log: Any, failed: Callable[[], int]) -> None:
+    """Hand ``report`` to every observer in turn. One that raises is logged (``observer_failed``)
+    and counted by ``failed`` (the tick-failure counter), and the ones after it still see the
+    report: a bug in the decision log on one odd process name must not leave the metrics
+    stale or starve systemd's watchdog, which the last observer pings."""
+    for observer in observers:
+        try:
+            observer.observe(report)
+        except Exception as exc:
+            log.exception("observer_failed", observer=type(observer).__name__, error=str(exc), failures=failed())
 
 
 def status_line(report: TickReport | None, waiting_reason: str | None = None) -> str:

@@ -74,6 +74,7 @@ __all__ = [
     "GovernorError",
     "GpuError",
     "GpuLostError",
+    "ListenUnavailable",
     "SetLimitFailed",
     "SetLimitRefused",
     "SimDataError",
@@ -120,6 +121,15 @@ class ConfigIssue:
     def __str__(self) -> str:
         where = f"{self.file}: {self.key}" if self.key else self.file
         return f"{where}: expected {self.expected}, got {self.got}"
+
+
+class ListenUnavailable(CliError):
+    """The metrics address is in use (another process holds the port) or not on this host yet
+    (an address a network service adds later): the daemon governs without its endpoint and
+    tries to bind again (governor.listener). Exit code 6 where a command cannot wait."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_BIND)
 
 
 class ConfigError(GovernorError):

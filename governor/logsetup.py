@@ -361,5 +361,11 @@ def _colour(stream: TextIO) -> bool:
 
 
 def get_logger(**context: Any) -> Any:
-    """A structlog logger, with ``context`` bound to every event it logs."""
-    return structlog.get_logger().bind(**context)
+    """A structlog logger, with ``context`` bound to every event it logs.
+
+    Lazy: each event goes through the configuration in force when it is logged, so a level or
+    format that :func:`reconfigure` applies on a reload reaches the loggers made before it
+    (the service's own among them). Binding more context to it freezes the configuration of
+    the moment; pass the context here instead.
+    """
+    return structlog.get_logger(**context)

@@ -52,7 +52,7 @@ EXIT_MEANINGS: Final[dict[int, str]] = {
     EXIT_CONFIG: "invalid or untrusted configuration (each problem is printed with file, key and what was expected)",
     EXIT_NO_DRIVER: "no NVIDIA driver or NVML library (try --simulate)",
     EXIT_BACKEND_FATAL: "the hardware backend failed fatally (e.g. the driver was upgraded): restart",
-    EXIT_BIND: "the metrics address cannot be bound (port in use, bad address)",
+    EXIT_BIND: "the metrics address can never be bound (no permission, bad address); a port in use is retried",
     EXIT_UNREACHABLE: "no answer from the metrics endpoint (refused, timeout, unknown host, TLS failure)",
     EXIT_GPU_UNHEALTHY: "the daemon answered, and a GPU is lost or degraded",
     EXIT_BAD_ANSWER: "an answer that is not usable gpu-governor metrics (HTTP 401/403, 404, another error)",

@@ -43,6 +43,8 @@ MESSAGES: dict[str, str] = {
     "waiting_for_driver": "Waiting for the NVIDIA driver: {reason}",
     "backend_fatal": "The GPU backend failed, gpu-governor exits: {error}",
     "tick_failed": "A governing tick failed ({failures} in a row): {error}",
+    "observer_failed": "The {observer} observer failed on a report ({failures} failures so far): {error}",
+    "metrics_listen_failed": "Metrics not served, governing goes on: {error} (tried again every {retry_s} s)",
     "metrics_listening": "Metrics served at {url} ({security})",
     "metrics_exposed": "The metrics endpoint {url} is exposed beyond loopback: {warnings}",
     # --- configuration --------------------------------------------------------------------

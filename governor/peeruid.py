@@ -16,6 +16,7 @@ address, never taken for root.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -124,6 +125,11 @@ def _find_line(handle: BinaryIO, needle: bytes) -> bytes | None:
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1, an IPv4-mapped one)."""
+    return _loopback(host) is not None
+
+
 def owner_uid(
     peer: tuple[str, int], local: tuple[str, int], proc_net: Path = PROC_NET, *, netlink: bool = True
 ) -> int | None:
@@ -149,3 +155,30 @@ def client_key(sock: socket.socket, peer: tuple[str, int]) -> str:
         return peer[0]
     uid = owner_uid((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
     return str(peer[0]) if uid is None else f"loopback uid {uid}"
+
+
+LISTEN_STATE = b"0A"
+"""TCP_LISTEN as /proc/net/tcp prints a socket's state."""
+
+
+def listening_uids(port: int, proc_net: Path = PROC_NET) -> set[int]:
+    """The uids owning the sockets that listen on TCP ``port`` (any address, IPv4 and IPv6) in
+    this network namespace, from ``/proc/net/tcp`` and ``tcp6`` (world-readable), each read up
+    to MAX_TABLE_BYTES; empty when none is listed or the tables cannot be read."""
+    suffix = f":{port:04X}".encode()
+    uids: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(proc_net / name, "rb") as handle:
+                scanned = 0
+                for line in handle:
+                    scanned += len(line)
+                    if scanned > MAX_TABLE_BYTES:
+                        break
+                    fields = line.split()  # sl, local, remote, st, tx:rx, tr:when, retrnsmt, uid
+                    if len(fields) > 7 and fields[3] == LISTEN_STATE and fields[1].endswith(suffix):
+                        with contextlib.suppress(ValueError):
+                            uids.add(int(fields[7]))
+        except OSError:
+            continue
+    return uids

@@ -36,6 +36,15 @@ the GPU process list is read; a process whose start time is later than that is a
 process holding a listed PID and is marked ``newer_than_listing``: the VRAM rule
 neither charges nor signals it that tick. Start times count in clock ticks (10 ms), so a
 process that started in the listing's own tick is marked too (which came first is unknown).
+
+PID namespaces. NVML lists processes by their PIDs in the host's (the kernel's initial) PID
+namespace. A governor running in a PID namespace of its own (a container without the host's
+PID namespace) finds under such a PID whatever process of *its* namespace holds that number:
+another process, charged and signalled for memory it does not use. The daemon asks
+:func:`foreign_pid_namespace` once at start (for every backend but the simulated one, whose
+PIDs are this namespace's own) and hands the answer to :class:`ProcessInspector`
+(``foreign_pids``): then every listed process is protected (reported, never signalled, its
+unit never stopped), with that reason.
 """
 
 from __future__ import annotations
@@ -67,6 +76,9 @@ REAL_ACCOUNT_UID_LIMIT = 60000
 """Owners at or above this uid (nobody, systemd DynamicUsers, user-namespace ids) get no built-in protection."""
 UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap")
 """Units that have a cgroup of their own (slices aside)."""
+HOST_PID_NAMESPACE = "pid:[4026531836]"
+"""What ``/proc/self/ns/pid`` links to in the kernel's initial PID namespace (PROC_PID_INIT_INO,
+fixed since Linux 3.8)."""
 PF_KTHREAD = 0x00200000
 """The kernel's per-task flag of a kernel thread (include/linux/sched.h), in /proc/PID/stat's flags."""
 
@@ -101,6 +113,25 @@ def _start_time_from_stat(raw: bytes) -> int | None:
         return int(fields[19])  # field 22 overall; fields[0] is field 3 (state)
     except (IndexError, ValueError):
         return None
+
+
+def foreign_pid_namespace(proc: Path = Path("/proc")) -> str | None:
+    """Why PIDs of the host's PID namespace (NVML's) do not name processes in ``proc`` here, or None
+    when the governor runs in the host's PID namespace. Unreadable counts as foreign: never signal on
+    a guess."""
+    try:
+        namespace = os.readlink(proc / "self" / "ns" / "pid")
+    except OSError as exc:
+        return (
+            f"cannot tell whether the governor runs in the host's PID namespace "
+            f"({proc}/self/ns/pid: {exc.strerror or exc}): NVML's host PIDs are not trusted to name processes here"
+        )
+    if namespace == HOST_PID_NAMESPACE:
+        return None
+    return (
+        f"the governor runs in a PID namespace of its own ({namespace}, not the host's {HOST_PID_NAMESPACE}): "
+        "NVML lists host PIDs, which name other processes here"
+    )
 
 
 def _kernel_thread_from_stat(raw: bytes) -> bool:
@@ -353,12 +384,22 @@ class ProcessInspector:
     which also starts the next tick's match budget and marks the listing time used to
     spot reused PIDs (a new process gets one tick of grace, never a charge it did not
     earn); :meth:`mark_listing` marks it exactly, right before a listing.
+
+    ``foreign_pids``: why the listed PIDs do not name processes in ``proc``
+    (:func:`foreign_pid_namespace`); when set, every process is protected with that reason.
     """
 
-    def __init__(self, proc: Path = Path("/proc"), own_pid: int | None = None, own_unit: str | None = None) -> None:
+    def __init__(
+        self,
+        proc: Path = Path("/proc"),
+        own_pid: int | None = None,
+        own_unit: str | None = None,
+        foreign_pids: str | None = None,
+    ) -> None:
         self.proc = proc
         self.own_pid = os.getpid() if own_pid is None else own_pid
         self.own_unit = own_unit  # the governor's own systemd unit (its processes are never touched)
+        self.foreign_pids = foreign_pids  # why listed PIDs name no process here (foreign_pid_namespace), or None
         self._cache: dict[int, ProcessFacts] = {}
         self._policy: VramPolicy | None = None
         self._deadline = _Deadline(TICK_MATCH_BUDGET_S)
@@ -442,7 +483,10 @@ class ProcessInspector:
             kernel_thread=kernel_thread,
             system_exe=system_exe,
         )
-        return classified(identity, policy, self.own_pid, self._deadline, self.own_unit)
+        facts = classified(identity, policy, self.own_pid, self._deadline, self.own_unit)
+        if self.foreign_pids is not None and facts.protected is None:
+            return facts.classified_as(protected=self.foreign_pids)
+        return facts
 
 
 def _is_system_exe(path: str, info: os.stat_result) -> bool:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import signal
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from governor import waiting
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock
 from governor.config import Config, ConfigError, load_config
@@ -24,18 +24,19 @@ from governor.core import (
     Observer,
     TickReport,
     as_config_error,
+    observe_all,
     open_originals,
+    pinned_changes,
+    reclamp_now,
     restore_now,
     status_line,
 )
+from governor.listener import MetricsListener
 from governor.model import Outcome, PublishedState, Snapshot
 from governor.notify import Notifier
 from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry, apply_logging, default_logger
 from governor.units import UnitManager
 from governor.waiting import RELOAD, RELOAD_SETTLE_MAX_S, RELOAD_SETTLE_S, STOP, PipeWaiter, Waiter, settle
-
-RESTART_ONLY = ("backend", "state_dir", "metrics", "simulation")
-"""Keys a reload cannot change (the open backend, the originals' home, the bound listener); all else applies."""
 
 
 class Service:
@@ -62,9 +63,7 @@ class Service:
         self.clock = clock
         self.waiter: Waiter = waiter if waiter is not None else PipeWaiter(clock)
         self.notifier = notifier if notifier is not None else Notifier()
-        self._metrics_server_factory = metrics_server_factory
         self._load = load
-        self.metrics_server: Any = None
         self.log = log if log is not None else default_logger()
         self.governor = Governor(config, backend, open_originals(config), inspector=inspector, units=units)
         self.instance_id = uuid.uuid4().hex  # names this run in the metrics and in processes.json
@@ -72,8 +71,10 @@ class Service:
         table = ProcessTable(self.log, self.instance_id)  # before the telemetry: it publishes the last write
         self.telemetry = Telemetry(clock.wall(), self.instance_id, table=table)  # observes only among the observers
         self._status = NotifyStatus(self.notifier)
+        published, listening = (lambda: self.published), self.decision_log.listening
+        self.listener = MetricsListener(metrics_server_factory, published, self.log, clock, listening)
         if observers is None:
-            observers = (self.decision_log, table, self.telemetry, self._status)
+            observers = (self.decision_log, table, self.telemetry, self.listener, self._status)
         self.observers = tuple(observers)
         self.report: TickReport | None = None
         self._touched = False  # the start got as far as the crash restore: a stop must put limits back
@@ -117,8 +118,7 @@ class Service:
     def _observe(self, report: TickReport) -> None:
         if report.kind == TICK:
             self.report = report
-        for observer in self.observers:
-            observer.observe(report)
+        observe_all(self.observers, report, self.log, self.telemetry.failed)
 
     def start(self) -> None:
         """Restore leftovers of a crash, take the first snapshot, bind metrics, send READY."""
@@ -134,9 +134,7 @@ class Service:
             snapshot = governor.backend.read()
         self._observe(governor.step(snapshot, self.clock.wall()))
         governor.live = True
-        if self._metrics_server_factory is not None:
-            self.metrics_server = self._metrics_server_factory(lambda: self.published)
-            self.decision_log.listening(self.metrics_server)
+        self.listener.bind()  # an address in use or not up yet: governing goes on, bound again later
         self.telemetry.set_ready()
         self._status.live = True
         self.notifier.ready(self.status_line())
@@ -156,26 +154,19 @@ class Service:
 
     def _loop(self) -> None:
         interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
-        # A poll interval longer than half systemd's WatchdogSec= (up to 3600 s is valid) must not
-        # look like a hang: between ticks the loop wakes to ping, and a stuck tick still pings nothing.
-        ping_every_s = self.notifier.watchdog_interval_s
-        ping_every_s = None if ping_every_s is None else ping_every_s / 2
+        watchdog_s = self.notifier.watchdog_interval_s  # pinged between ticks too: a long interval is no hang
+        ping_every_s = None if watchdog_s is None else watchdog_s / 2
         while True:
             deadline = origin + k * interval
-            if ping_every_s is not None and deadline - self.clock.monotonic() > ping_every_s:
-                events = self.waiter.wait(self.clock.monotonic() + ping_every_s)
-                if not events:
-                    self.notifier.watchdog()
-                    continue
-            else:
-                events = self.waiter.wait(deadline)
+            events = waiting.wait_pinging(self.waiter, self.clock, deadline, self.notifier.watchdog, ping_every_s)
             if STOP in events:
                 return
-            if RELOAD in events:
-                self.reload()  # a storm of SIGHUPs arrives here drained: one reload
-                if self.config.poll_interval_s != interval:
-                    interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
-                continue
+            if RELOAD in events:  # a storm of SIGHUPs arrives here drained: one reload, then the tick if due
+                self.reload()
+                if self.config.poll_interval_s != interval:  # the next tick no later than the old schedule's
+                    interval, k = self.config.poll_interval_s, 1
+                    origin = min(deadline, self.clock.monotonic() + interval) - interval
+                    deadline = origin + interval
             now = self.clock.monotonic()
             if now < deadline:
                 continue
@@ -205,20 +196,21 @@ class Service:
                 self.config_path, self.clock, self.waiter, self.reload_settle_s, self.reload_settle_max_s, self.log
             ):
                 return False  # asked to stop while waiting: the stop comes next
-            new = self._load(self.config_path)
-            for key in RESTART_ONLY:
-                if getattr(new, key) != getattr(old, key):
-                    self.log.warning("config_change_needs_restart", key=key)
-                    new = replace(new, **{key: getattr(old, key)})
+            new, pinned = pinned_changes(old, self._load(self.config_path))
             governor = self.governor.rebuilt(new)  # refuses a config these GPUs cannot follow
         except Exception as exc:  # no file, however broken, may stop the governor
             self._reload_failed(exc)
             return False
         self.governor = governor
-        if new.dry_run and not old.dry_run:  # what the enforcing run set goes back: a dry run changes nothing
-            self._observe(restore_now(governor, "restore_on_stop", self.clock, force=True))
         if new.logging != old.logging:
             apply_logging(new.logging.format, new.logging.level)
+        for key, running, requested in pinned:
+            self.log.warning("config_change_needs_restart", config=str(self.config_path), key=key, running=running,
+                             requested=requested)  # fmt: skip
+        if new.dry_run and not old.dry_run:  # what the enforcing run set goes back: a dry run changes nothing
+            self._observe(restore_now(governor, "restore_on_stop", self.clock, force=True))
+        if (moved := reclamp_now(governor, self.clock)) is not None:  # GPUs onto a changed ladder, at once
+            self._observe(moved)
         self.telemetry.reloaded(ok=True, wall_s=self.clock.wall())
         self.log.info(
             "config_reloaded",
@@ -253,7 +245,5 @@ class Service:
     def _close(self) -> None:
         if isinstance(self.waiter, PipeWaiter):
             self.waiter.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            self.metrics_server = None
+        self.listener.close()
         self.backend.close()

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from governor.errors import StatusError as StatusError  # noqa: PLC0414  (re-exported)
 from governor.escaping import escape
+from governor.peeruid import PROC_NET, is_loopback, listening_uids
 from governor.safefile import UnusableFile, read_json, root_trust_problems
 
 FETCH_TIMEOUT_S = 5.0
@@ -399,11 +400,34 @@ def _network_error(where: str, reason: object) -> str:
     return f"cannot reach {where}: {reason}"
 
 
+def check_port_holder(url: str, proc_net: Path = PROC_NET, caller_uid: int | None = None) -> None:
+    """On a loopback ``url``: StatusError (``answer``) when a socket listening on its port is owned
+    by neither root nor the caller (``caller_uid``, the effective uid by default). Any local user
+    may take the port while the daemon cannot bind it (it then governs without its endpoint and
+    logs ``metrics_listen_failed``) and answer with made-up metrics; the kernel's socket table
+    names who listens. Nothing is checked for another host."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if host != "localhost" and not is_loopback(host):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    allowed = {0, os.geteuid() if caller_uid is None else caller_uid}
+    strangers = sorted(listening_uids(port, proc_net) - allowed)
+    if strangers:
+        raise StatusError(
+            f"port {port} is held by a process of uid {', '.join(map(str, strangers))}, neither root nor you: "
+            "not the governor's endpoint (it logs metrics_listen_failed while another process holds its port: "
+            "journalctl -u gpu-governor)",
+            "answer",
+        )
+
+
 def fetch_status(
     url: str, *, cafile: str | None = None, username: str | None = None, password: str | None = None
 ) -> DaemonStatus:
     """GET the metrics endpoint and parse it; StatusError when the answer is not the governor's."""
     body = fetch_text(url, cafile=cafile, username=username, password=password)
+    check_port_holder(url)
     try:
         status = parse_status(body)
     except ValueError:

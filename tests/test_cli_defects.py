@@ -291,8 +291,8 @@ class TestNoTraceback:
         config = sim_config(tmp_path, HEAT_COOL, 100.0, extra=f'state_dir = "{tmp_path / "state"}"\n')
         trace = tmp_path / "t.jsonl"
         assert (
-            gg("record", "--simulate", "--config", str(config), "--duration", "120", "-o", str(trace)).returncode == 0
-        )
+            gg("record", "--simulate", "--config", str(config), "--duration", "400", "-o", str(trace)).returncode == 0
+        )  # the burn and the cool-down: calibrate refuses a load alone (it cannot tell the room from R)
         port = free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM")}
 

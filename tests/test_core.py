@@ -330,3 +330,45 @@ def test_simulation_writes_no_process_table(tmp_path: Path) -> None:
     run = run_policy(setup, Config(runtime_dir=str(tmp_path / "run")), "defaults", (80.0,))
     assert run.gpus[0].work_s > 0
     assert not (tmp_path / "run").exists()
+
+
+class _Pings(Notifier):
+    """A notifier that counts watchdog pings instead of sending them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pings = 0
+
+    def watchdog(self) -> None:
+        self.pings += 1
+
+
+class _Raises:
+    """An observer with a bug: it raises on every report."""
+
+    def observe(self, report: TickReport) -> None:
+        raise RuntimeError(f"broken on {report.kind}")
+
+
+def test_an_observer_that_raises_starves_none_of_the_others(tmp_path: Path) -> None:
+    """An observer raising on every report is logged and counted as a tick failure, and the observers after
+    it still run: the metrics follow every tick and systemd's watchdog is pinged on every tick."""
+    clock = VirtualClock()
+    config = Config(state_dir=str(tmp_path / "s"), runtime_dir="")
+    notifier = _Pings()
+    service = Service(config, ScriptedBackend(clock, hot), clock, waiter=VirtualWaiter(clock), notifier=notifier)
+    service.observers = (_Raises(), *service.observers)
+    with capture_logs() as logs:
+        service.start()
+        seen_t_s = []
+        for _ in range(3):
+            clock.advance(1.0)
+            service.tick()
+            assert service.published is not None and service.published.snapshot is not None
+            seen_t_s.append(service.published.snapshot.t_s)
+    service.stop()
+    assert notifier.pings == 3
+    assert seen_t_s == sorted(set(seen_t_s))  # the metrics' state followed each of the 3 ticks
+    failed = [e for e in logs if e["event"] == "observer_failed"]
+    assert len(failed) >= 4 and {e["observer"] for e in failed} == {"_Raises"}
+    assert service.telemetry.tick_failures >= 4

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,10 +19,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from governor import listener
 from governor.clock import VirtualClock
-from governor.config import Config
+from governor.config import Config, MetricsConfig
 from governor.daemon import Daemon
-from governor.errors import EXIT_BIND, CliError
+from governor.errors import EXIT_BIND, CliError, ListenUnavailable
+from governor.listener import bind_error, metrics_factory
 from tests.builders import build_daemon
 from tests.scripted import ScriptedBackend
 from tests.support import NotifyListener
@@ -106,6 +111,45 @@ class TestFailedStart:
         assert backend.sets[0] == (UUID, 180.0)  # the critical zone stepped down at once
         assert backend.limits_w[UUID] == 200.0
         assert backend.closed
+
+
+class TestMetricsPortTaken:
+    def test_a_taken_port_does_not_stop_the_governing_and_is_bound_once_free(self, tmp_path: Path) -> None:
+        """With the metrics port held by another process's socket, the daemon starts and governs (95 C steps
+        200 W down), logs metrics_listen_failed once, and serves /metrics on a tick RETRY_S after the port
+        came free."""
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        factory = metrics_factory(MetricsConfig(listen_address="127.0.0.1", port=port), "test")
+        daemon, backend, clock = hot_daemon(tmp_path, [95.0], metrics_server_factory=factory)
+        try:
+            with capture_logs() as logs:
+                daemon.start()
+                tick(daemon, clock, int(listener.RETRY_S) + 2)  # the port still taken: tried again, failed again
+            assert backend.limits_w[UUID] == 180.0
+            failed = [e for e in logs if e["event"] == "metrics_listen_failed"]
+            assert len(failed) == 1 and "in use" in failed[0]["error"]
+            assert daemon.listener.server is None and daemon.listener.unavailable is not None
+            squatter.close()
+            with capture_logs() as logs:
+                tick(daemon, clock, int(listener.RETRY_S))
+            assert [e["event"] for e in logs].count("metrics_listening") == 1
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+                body = answer.read().decode()
+            assert "gpu_governor_gpu_power_limit_watts" in body
+        finally:
+            squatter.close()
+            daemon.stop()
+        assert backend.limits_w[UUID] == 200.0
+
+    def test_only_errors_waiting_can_clear_are_tried_again(self) -> None:
+        """A port in use and an address not on the host yet are retried (ListenUnavailable); no permission for a
+        port under 1024 is an error of exit 6 that ends the start (as TestFailedStart shows)."""
+        error = bind_error(OSError(errno.EACCES, "Permission denied"), "127.0.0.1:80")
+        assert not isinstance(error, ListenUnavailable) and error.exit_code == EXIT_BIND
+        assert isinstance(bind_error(OSError(errno.EADDRNOTAVAIL, "not available"), "10.9.9.9:1"), ListenUnavailable)
 
 
 class TestStateFileRemoved:

@@ -138,11 +138,12 @@ class TestStepDown:
         assert lad.series([(0.0, 80.0), (1.0, 80.0), (2.0, between), (3.0, 80.0), (4.0, 80.0)]) == []
         assert rules(lad.feed(5.0, 80.0)) == ["power_step_down"]
 
-    def test_missing_sample_resets_debounce(self) -> None:
-        """A missing reading between hot ones restarts the count too."""
+    def test_missing_sample_holds_debounce(self) -> None:
+        """A missing reading between hot ones neither counts nor restarts the count: the third hot reading steps."""
         lad = Ladder()
-        lad.series([(0.0, 80.0), (1.0, 80.0), (2.0, None), (3.0, 80.0), (4.0, 80.0)])
+        lad.series([(0.0, 80.0), (1.0, 80.0), (2.0, None)])
         assert "power_step_down" not in rules(lad.decisions)
+        assert rules(lad.feed(3.0, 80.0)) == ["power_step_down"]
 
     def test_first_step_lands_below_enforced_limit(self) -> None:
         """On an H100 at 700 W the first step goes to the highest rung below 700 W, not further."""
@@ -450,7 +451,7 @@ class TestEngine:
         lost = reading(None, None, health=GpuHealth.LOST)
         new, decisions = evaluate(snapshot(100.0, [lost]), {CARD_200W.uuid: plan()}, states)
         assert rules(decisions) == ["thermal_zone"]
-        assert new[CARD_200W.uuid] == GpuRuleState(zone=Z.UNKNOWN, ladder=ladder)
+        assert new[CARD_200W.uuid] == GpuRuleState(zone=Z.UNKNOWN, ladder=ladder, last_known_zone=Z.HOT)
 
     def test_lost_gpu_with_stale_hot_reading(self) -> None:
         """Even with a hot temperature, a LOST GPU gets no power decision."""

@@ -665,3 +665,89 @@ def test_labels_of_a_forged_endpoint_reach_the_terminal_escaped() -> None:
 def _loaded(status: DaemonStatus) -> tuple[list[dict[str, object]] | None, str | None]:
     table = load_process_table(status, 105.0)
     return table.rows, table.note
+
+
+FORGER = r"""
+import os, socket
+body = b'gpu_governor_build_info{version="9",backend="nvml",dry_run="false"} 1\n'
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+os.write(out, b"%d\n" % server.getsockname()[1])  # out: the pipe the test reads the port from
+while True:
+    conn, _ = server.accept()
+    conn.recv(65536)
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body)
+    conn.sendall(head + body)
+    conn.close()
+"""
+
+
+class TestPortHolder:
+    """`status` refuses an answer from a port another local user holds (the daemon could not bind it)."""
+
+    @staticmethod
+    def tables(tmp_path: Path, *rows: tuple[str, str, int]) -> Path:
+        """A /proc/net with a tcp table of (local address, state, uid) rows and an empty tcp6."""
+        net = tmp_path / "net"
+        net.mkdir()
+        head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        lines = [
+            f"   {i}: {local} 00000000:0000 {state} 00000000:00000000 00:00000000 00000000 {uid:5d} 0 {1000 + i}\n"
+            for i, (local, state, uid) in enumerate(rows)
+        ]
+        (net / "tcp").write_text(head + "".join(lines))
+        (net / "tcp6").write_text(head)
+        return net
+
+    def test_a_listener_of_another_user_is_refused(self, tmp_path: Path) -> None:
+        """A socket of uid 1000 listening on the port: refused for root ("answer", exit 9), naming the uid."""
+        from governor.status import StatusError, check_port_holder
+
+        net = self.tables(tmp_path, ("0100007F:2673", "0A", 1000))
+        with pytest.raises(StatusError) as raised:
+            check_port_holder("http://127.0.0.1:9843/metrics", net, caller_uid=0)
+        assert raised.value.exit_code == EXIT_BAD_ANSWER and "uid 1000" in str(raised.value)
+
+    def test_root_or_the_caller_may_hold_the_port(self, tmp_path: Path) -> None:
+        """Root's listener, the caller's own (a demo daemon run by that user), a connection of another user on the
+        port (not listening), another port and another host all pass."""
+        from governor.status import check_port_holder
+
+        net = self.tables(
+            tmp_path,
+            ("00000000:2673", "0A", 0),
+            ("0100007F:2674", "0A", 1000),
+            ("0100007F:2673", "01", 1001),
+            ("0100007F:2675", "0A", 1002),
+        )
+        check_port_holder("http://127.0.0.1:9843/metrics", net, caller_uid=0)
+        check_port_holder("http://127.0.0.1:9844/metrics", net, caller_uid=1000)
+        check_port_holder("http://10.0.0.5:9845/metrics", net, caller_uid=0)
+
+    def test_a_forged_endpoint_of_nobody_is_refused_by_the_real_command(self) -> None:
+        """A process of uid 65534 answering with gpu-governor metrics on a loopback port: `status` run by root exits
+        9 and says who holds the port, instead of showing the forged state."""
+        if os.geteuid() != 0:
+            pytest.skip("needs root to run the forger as another user")
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: drop to nobody, then serve the forged answer (the interpreter is root's)
+            try:
+                os.close(read)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                exec(FORGER, {"out": write})
+            finally:
+                os._exit(99)
+        os.close(write)
+        try:
+            with os.fdopen(read) as lines:
+                port = int(lines.readline())
+            result = status("--url", f"127.0.0.1:{port}")
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert result.returncode == EXIT_BAD_ANSWER, result.stderr
+        assert "held by a process of uid 65534" in result.stderr and "Traceback" not in result.stderr

@@ -83,6 +83,26 @@ def governed(
 # ----------------------------------------------------------------------------- temperature sensors
 
 
+class TestImplausibleFanRange:
+    @pytest.mark.parametrize("fan_range", [(100, 30), (30, 255), (-1, 100)])
+    def test_a_fan_range_no_card_has_is_unknown(self, fan_range: tuple[int, int]) -> None:
+        """An inverted speed range, or one outside 0-100 %, is dropped (None, logged once): the fan rule
+        then clamps to 0-100 % instead of to a range no card has."""
+        fake = FakeNvml([FakeGpu(uuid=UUID0, fans=[40, 40], fan_range=fan_range)])
+        with capture_logs() as logs:
+            backend = NvmlBackend(VirtualClock(), nvml=fake)
+            backend.read()
+            (info,) = backend.gpus()
+        assert (info.fan_count, info.fan_speed_min_percent, info.fan_speed_max_percent) == (2, None, None)
+        assert [e["event"] for e in logs].count("nvml_value_implausible") == 1
+
+    def test_a_plausible_fan_range_is_kept(self) -> None:
+        """A range such as 30-100 % is the card's, kept as read."""
+        backend = NvmlBackend(VirtualClock(), nvml=FakeNvml([FakeGpu(uuid=UUID0, fans=[40], fan_range=(30, 100))]))
+        (info,) = backend.gpus()
+        assert (info.fan_speed_min_percent, info.fan_speed_max_percent) == (30.0, 100.0)
+
+
 class TestBrokenTemperatureSensor:
     @pytest.mark.parametrize("raw_c", [0, 255, 65535, 4294967295])
     def test_a_sensor_error_value_reads_as_missing(self, raw_c: int) -> None:

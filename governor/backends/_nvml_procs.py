@@ -29,9 +29,13 @@ class ProcessLister:
         self, compute: Any, graphics: Any, total_bytes: int | None = None
     ) -> tuple[ProcessReading, ...] | None:
         """Compute and graphics processes, one entry per pid with its largest memory use in
-        bytes (None when neither list is available; None memory when NVML cannot say, or
-        says more than the GPU's ``total_bytes``)."""
-        if compute is None and graphics is None:
+        bytes (None memory when NVML cannot say, or says more than the GPU's ``total_bytes``).
+
+        None (unknown) when the compute list is not available: the processes a budget is
+        about would be missing, and a partial or empty list would read as processes gone
+        (their escalation reset, their class's usage 0). A missing graphics list (cards
+        without graphics, or a call that failed this tick) leaves the compute processes."""
+        if compute is None:
             return None
         if not compute and not graphics:
             return ()  # the usual answer of an idle GPU: no list to build

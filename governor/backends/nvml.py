@@ -596,6 +596,10 @@ def _static_fans(backend: NvmlBackend, st: _GpuState, now: float) -> None:
     fans = backend._get(st, "fan_count", backend._reads.fan_count, now)
     st.telemetry.fan_count = None if fans is None else int(fans)
     low, high = fan_range_percent(backend._call, backend._nvml, st.handle) if fans else (None, None)
+    if low is not None and high is not None and not 0.0 <= low <= high <= 100.0:
+        # Inverted or outside 0-100 %: clamping to it would drive a fan to a speed no curve asked for.
+        _implausible(st, "fan_range", f"fan speed range {low:g}-{high:g} %")
+        low = high = None
     st.info = replace(st.info, fan_count=st.telemetry.fan_count, fan_speed_min_percent=low, fan_speed_max_percent=high)
 
 

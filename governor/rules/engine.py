@@ -22,7 +22,7 @@ from governor.rules.fan import FanPlan, FanState, step_fan
 from governor.rules.power import LadderState, effective_ladder, step_power, target_w
 from governor.rules.target import TargetState, step_target, target_bounds
 from governor.rules.thermal import evaluate_zone, thresholds
-from governor.rules.vram import VramState, evaluate_vram
+from governor.rules.vram import Offender, ProcessKey, VramState, evaluate_vram, signalled_processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,9 @@ class GpuRuleState:
 
     zone: ThermalZone = ThermalZone.UNKNOWN
     ladder: LadderState = field(default_factory=LadderState)
+    # The zone before the temperature went missing (while ``zone`` is unknown): the hysteresis goes on
+    # from it when the reading comes back.
+    last_known_zone: ThermalZone = ThermalZone.UNKNOWN
     vram: VramState = field(default_factory=VramState)
     target: TargetState = field(default_factory=TargetState)
     fan: FanState = field(default_factory=FanState)
@@ -98,6 +101,7 @@ def evaluate_gpu(
     stopped_units: frozenset[str] = frozenset(),
     fans_blocked: bool = False,
     cap_w: float | None = None,
+    signalled: Mapping[ProcessKey, Offender] | None = None,
 ) -> tuple[GpuRuleState, list[Decision]]:
     """Run the thermal rule, the fans, the power ladder and the VRAM budgets for one GPU reading.
 
@@ -105,18 +109,20 @@ def evaluate_gpu(
     never applied) and every process decision is marked dry whatever ``[vram]`` or its class
     says; the actuator, under the same flag, takes no action of any kind. ``fans_blocked``:
     the actuator cannot drive this GPU's fans. ``cap_w``: the highest limit (W) the actuator
-    writes on this GPU (its saved original), for the power rule's drift check.
+    writes on this GPU (its saved original), for the power rule's drift check. ``signalled``: the
+    processes any GPU's VRAM rule already signalled (:func:`governor.rules.vram.signalled_processes`).
     """
     reading = finite_reading(reading)
     decisions: list[Decision] = []
-    zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s)
+    zone, zone_decision = evaluate_zone(reading, plan.policy.thermal, state.zone, t_s, last_known=state.last_known_zone)
+    if zone is not ThermalZone.UNKNOWN:
+        last_known = ThermalZone.UNKNOWN  # kept only through a gap
+    else:
+        last_known = state.last_known_zone if state.zone is ThermalZone.UNKNOWN else state.zone
     if zone_decision is not None:
         decisions.append(zone_decision)
     if reading.health is GpuHealth.LOST:
-        return (
-            GpuRuleState(zone=zone, ladder=state.ladder, vram=state.vram, target=state.target, fan=state.fan),
-            decisions,
-        )
+        return replace(state, zone=zone, last_known_zone=last_known), decisions
     fans = step_fan(reading, plan.fan, plan.policy.fan, state.fan, t_s, blocked=fans_blocked, check_follow=not dry_run)
     decisions.extend(fans.decisions)
     ladder, target = state.ladder, state.target
@@ -152,13 +158,16 @@ def evaluate_gpu(
             # One dry run: the global one covers process signals too; a class's own
             # dry_run = false cannot turn them back on.
             vram = replace(vram, dry_run=True)
-        vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s, stopped_units)
+        vram_state, vram_decisions = evaluate_vram(reading, facts, vram, state.vram, t_s, stopped_units, signalled)
         decisions.extend(vram_decisions)
     fan = fans.state
     steady = zone is state.zone and ladder is state.ladder and target is state.target
-    if steady and vram_state is state.vram and fan is state.fan:
+    if steady and vram_state is state.vram and fan is state.fan and last_known is state.last_known_zone:
         return state, decisions  # every rule kept its state: so does the GPU (no copy of it)
-    return GpuRuleState(zone=zone, ladder=ladder, vram=vram_state, target=target, fan=fan), decisions
+    return (
+        GpuRuleState(zone=zone, ladder=ladder, last_known_zone=last_known, vram=vram_state, target=target, fan=fan),
+        decisions,
+    )
 
 
 def rearm_drift(state: GpuRuleState) -> GpuRuleState:
@@ -196,9 +205,13 @@ def evaluate(
     has not resumed (never stopped again). ``fans_blocked``: UUIDs of GPUs whose fans the
     actuator cannot drive. ``caps_w``: UUID -> the highest limit (W) the actuator writes on that
     GPU (:meth:`governor.actuator.Actuator.caps_w`), for the power rules' drift check.
+
+    A process on several GPUs is signalled once: each GPU's VRAM rule sees the signals the
+    others sent it, in earlier ticks or earlier in this one.
     """
     new_states = dict(states)
     decisions: list[Decision] = []
+    signalled = signalled_processes(s.vram for s in states.values()) if vram is not None and facts is not None else None
     for reading in snapshot.gpus:
         plan = plans.get(reading.uuid)
         if plan is None:
@@ -215,6 +228,9 @@ def evaluate(
             stopped_units=stopped_units,
             fans_blocked=reading.uuid in fans_blocked,
             cap_w=None if not caps_w else caps_w.get(reading.uuid),
+            signalled=signalled,
         )
         decisions.extend(gpu_decisions)
+        if signalled is not None and new_states[reading.uuid].vram is not state.vram:
+            signalled = signalled_processes((new_states[reading.uuid].vram,), signalled)
     return new_states, decisions

@@ -3,14 +3,19 @@
 * One rung down after ``debounce_samples`` consecutive readings at or above
   ``step_down_at_c``.
 * One rung up only after the temperature stayed at or below ``step_up_at_c`` for
-  ``dwell_s`` seconds (the dwell restarts after each step up).
-* Never more than one change per ``min_change_interval_s``, except that entering
-  the critical zone drops straight to the lowest rung.
+  ``dwell_s`` seconds (the dwell restarts after each step up), and never while the thermal
+  zone (with its hysteresis) is still ``throttle`` or ``critical``.
+* Never more than one change per ``min_change_interval_s``, except that a reading in
+  the critical zone drops straight to the lowest rung (every such reading until the
+  ladder is there: a refused drop is taken again).
+* The snapshot clock is trusted only forward: a time stored after this tick's (the
+  clock went backwards) counts as now.
 * A rung is watts or a percentage of the card's default limit ("90%": 180 W on a
   200 W RTX 4070, 630 W on a 700 W H100); every rung is then clamped to the GPU's
   allowed range, so a 180 W rung on an H100 (200-700 W) becomes 200 W (and an
   absolute ladder that deep is refused at load unless ``allow_deep_cap``).
-* A missing temperature holds the current limit: never a step up on no data.
+* A missing temperature holds the current limit: never a step up on no data. It holds the
+  run of hot readings too (neither counted nor reset) and ends the run of cool ones.
 * Anti-flap backoff (lazy when releasing, as thermald): a step down (or critical
   jump) within ``flap_window_s`` of the last step up doubles the dwell before the
   next step up - and keeps doubling it until it is longer than the release lasted (the
@@ -20,7 +25,9 @@
   the lower rung instead of stepping down and up every cycle.
 * Drift: when the enforced limit differs from the governor's target, the target is
   re-applied once per drift if the enforced limit is higher; an out-of-band limit
-  that is lower than ours (another tool, a BMC) is reported and never fought.
+  that is lower than ours (another tool, a BMC) is reported and never fought. A driver that
+  stores a limit rounded to its own step: the enforced limit read right after a change, moved
+  toward the target and within ``ROUNDING_MAX_RATIO`` of it, is what the governor put in force.
 
 Until its first step down the governor is hands-off (``rung`` is None): it does not
 touch a cool GPU's limit at all.
@@ -35,6 +42,9 @@ from governor.policy import Action, PowerPolicy, Rule, Rung, ThermalZone, format
 
 DRIFT_TOLERANCE_W = 1.0
 """Enforced and target limits closer than this (watts) are the same limit."""
+ROUNDING_MAX_RATIO = 0.1
+"""The farthest (as a fraction of the target) the driver may store a limit from the one asked, rounding
+it to its own step, for the enforced limit read back right after a change to count as that change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +59,8 @@ class LadderState:
     drift_seen: bool = False  # the current drift was already handled
     last_up_s: float | None = None  # time of the last step up (a step down soon after is a flap)
     backoff: int = 0  # dwell doublings in force as of last_change_s (before decay)
+    settle_from_w: float | None = None  # enforced limit (W) when the last change was decided, until read back
+    granted_w: float | None = None  # the limit (W) the driver stored for the target, when it rounded it
 
     @property
     def governed(self) -> bool:
@@ -199,6 +211,35 @@ def _cooled(state: LadderState, cool_since_s: float | None = None) -> LadderStat
     return replace(state, hot_samples=0, cool_since_s=cool_since_s)
 
 
+def _rebased(state: LadderState, t_s: float, lowest: int) -> LadderState:
+    """``state`` made consistent with this tick: a rung past the ladder's floor (the ladder shrank: a
+    narrower power range, a reload with fewer rungs) is the floor, and times after ``t_s`` (the snapshot
+    clock went backwards: a replay started over, a clock reset) are taken as ``t_s``, so the minimum
+    interval and the dwell count from now instead of waiting for the old clock, and the last step up,
+    of unknown age, is no flap. ``state`` itself when nothing needs it (every steady tick)."""
+    rung, cool, change, up = state.rung, state.cool_since_s, state.last_change_s, state.last_up_s
+    if (
+        (rung is None or rung <= lowest)
+        and (cool is None or cool <= t_s)
+        and (change is None or change <= t_s)
+        and (up is None or up <= t_s)
+    ):
+        return state
+    return replace(
+        state,
+        rung=None if rung is None else min(rung, lowest),
+        cool_since_s=None if cool is None else min(cool, t_s),
+        last_change_s=None if change is None else min(change, t_s),
+        last_up_s=None if up is None or up > t_s else up,
+    )
+
+
+def _changed(state: LadderState, reading: GpuReading) -> LadderState:
+    """``state`` as a limit change is decided: the drift check starts over and the next reading of the
+    enforced limit shows what the driver made of the request (:func:`_settle`)."""
+    return replace(state, drift_seen=False, settle_from_w=reading.power_limit_w, granted_w=None)
+
+
 def step_power(
     reading: GpuReading,
     previous_zone: ThermalZone,
@@ -223,17 +264,18 @@ def step_power(
     ``cap_w``: the highest limit (W) the actuator writes on this GPU (its saved original), for the
     drift check (:func:`drift`).
     """
-    entering_critical = zone is ThermalZone.CRITICAL and previous_zone is not ThermalZone.CRITICAL
     if not policy.enabled or not ladder:
         return state, []
+    lowest = len(ladder) - 1
+    state = _rebased(state, t_s, lowest)
+    critical = zone is ThermalZone.CRITICAL
     temperature = reading.temperature_c
     current_w = target_w(state, ladder)
     from_w = current_w if current_w is not None else reading.power_limit_w
-    lowest = len(ladder) - 1
 
-    if temperature is None:
+    if temperature is None:  # no reading: no count either way; the run of hot readings is held, the cool run ends
         if state.holding:
-            return _cooled(state), []
+            return (state if state.cool_since_s is None else replace(state, cool_since_s=None)), []
         held = power_decision(
             reading,
             t_s,
@@ -243,24 +285,26 @@ def step_power(
             from_w=from_w,
             to_w=from_w,
         )
-        return replace(state, hot_samples=0, cool_since_s=None, holding=True), [held]
+        return replace(state, cool_since_s=None, holding=True), [held]
     if state.holding:
         state = replace(state, holding=False)
 
     interval_ok = state.last_change_s is None or t_s - state.last_change_s >= policy.min_change_interval_s
 
-    if entering_critical and state.rung != lowest and not _would_raise(ladder[lowest], reading):
+    if critical and state.rung != lowest and not _would_raise(ladder[lowest], reading):
+        # Every critical reading above the floor, not only the one entering the zone: a drop that was
+        # refused (and undone) or held under another tool's lower limit is taken as soon as it can be.
         level, note = _after_step_down(policy, state, t_s)
         state = replace(
-            state,
+            _changed(state, reading),
             rung=lowest,
             hot_samples=0,
             cool_since_s=None,
             last_change_s=t_s,
-            drift_seen=False,
             backoff=level,
         )
-        reason = f"entered critical zone at {temperature:g} C: straight to the lowest rung{note}"
+        entered = "entered" if previous_zone is not ThermalZone.CRITICAL else "in"
+        reason = f"{entered} critical zone at {temperature:g} C: straight to the lowest rung{note}"
         return state, [power_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=ladder[lowest])]
 
     if cooling_headroom and temperature >= policy.step_down_at_c:
@@ -272,7 +316,7 @@ def step_power(
             below = _first_rung_below(ladder, reading.power_limit_w) if state.rung is None else state.rung + 1
             if below is not None and below <= lowest and not _would_raise(ladder[below], reading):
                 level, note = _after_step_down(policy, state, t_s)
-                state = replace(state, rung=below, hot_samples=0, last_change_s=t_s, drift_seen=False, backoff=level)
+                state = replace(_changed(state, reading), rung=below, hot_samples=0, last_change_s=t_s, backoff=level)
                 reason = (
                     f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C for {hot} consecutive samples{note}"
                 )
@@ -292,15 +336,15 @@ def step_power(
         state = _cooled(state, cool_since)
         cooled_s = t_s - cool_since
         dwell_s = effective_dwell_s(policy, state, t_s)
-        if state.rung is not None and state.rung > 0 and cooled_s >= dwell_s and interval_ok:
+        releasable = zone.severity < ThermalZone.THROTTLE.severity  # never up while throttle or critical holds
+        if state.rung is not None and state.rung > 0 and cooled_s >= dwell_s and interval_ok and releasable:
             up = state.rung - 1
             level = backoff_level(policy, state, t_s)
             state = replace(
-                state,
+                _changed(state, reading),
                 rung=up,
                 cool_since_s=t_s,
                 last_change_s=t_s,
-                drift_seen=False,
                 last_up_s=t_s,
                 backoff=level,
             )
@@ -330,16 +374,40 @@ def step_power(
     return state, []
 
 
+def _settle(state: LadderState, enforced: float | None, target: float | None) -> LadderState:
+    """The first reading of the enforced limit after a change: a limit the driver moved toward the
+    target (W) but stored a little off it (rounded to its own step, at most ROUNDING_MAX_RATIO of the
+    target away) is what the governor put in force, not a drift (``granted_w``)."""
+    before = state.settle_from_w
+    if before is None or enforced is None:
+        return state
+    granted = None
+    if target is not None:
+        off = abs(enforced - target)
+        if DRIFT_TOLERANCE_W < off < abs(before - target) and off <= ROUNDING_MAX_RATIO * target:
+            granted = enforced
+    return replace(state, settle_from_w=None, granted_w=granted)
+
+
 def _drift(
     reading: GpuReading, state: LadderState, ladder: tuple[float, ...], t_s: float, cap_w: float | None
 ) -> tuple[LadderState, list[Decision]]:
     """Re-apply our target once per drift; report (never fight) a lower out-of-band limit."""
-    seen, decisions = drift(reading, target_w(state, ladder), state.drift_seen, t_s, cap_w)
+    target = target_w(state, ladder)
+    if state.settle_from_w is not None:
+        state = _settle(state, reading.power_limit_w, target if cap_w is None or target is None else min(target, cap_w))
+    seen, decisions = drift(reading, target, state.drift_seen, t_s, cap_w, granted_w=state.granted_w)
     return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
 
 
 def drift(
-    reading: GpuReading, target: float | None, seen: bool, t_s: float, cap_w: float | None = None
+    reading: GpuReading,
+    target: float | None,
+    seen: bool,
+    t_s: float,
+    cap_w: float | None = None,
+    *,
+    granted_w: float | None = None,
 ) -> tuple[bool, list[Decision]]:
     """The drift check shared by the ladder and target mode: when the enforced limit has moved
     off ``target`` (W) by more than DRIFT_TOLERANCE_W, re-apply a higher one once, and report a
@@ -347,20 +415,25 @@ def drift(
     returns the new ``seen`` and the decisions. ``cap_w``: the highest limit (W) the actuator
     writes on this GPU (its saved original); a target above it is compared as ``cap_w``, since
     that is what the governor itself put in force (a step up capped at the card's own limit is
-    no out-of-band limit)."""
+    no out-of-band limit). ``granted_w``: the limit (W) the driver stored when asked for
+    ``target`` (it rounds to its own step); the enforced limit is compared with it, and a
+    re-apply still asks for ``target``."""
     enforced = reading.power_limit_w
     if target is None or enforced is None:
         return seen, []
     if cap_w is not None and target > cap_w:
         target = cap_w
-    if abs(enforced - target) <= DRIFT_TOLERANCE_W:
+    held = target if granted_w is None else granted_w
+    if abs(enforced - held) <= DRIFT_TOLERANCE_W:
         return False, []
     if seen:
         return True, []
-    if enforced > target:
-        reason = f"enforced limit {enforced:g} W drifted above target {target:g} W: re-applying once"
+    if enforced > held:
+        stored = "" if held == target else f" (stored by the driver as {held:g} W)"
+        reason = f"enforced limit {enforced:g} W drifted above target {target:g} W{stored}: re-applying once"
         return True, [power_decision(reading, t_s, Rule.POWER_DRIFT_REAPPLY, reason, from_w=enforced, to_w=target)]
-    reason = f"enforced limit {enforced:g} W is below target {target:g} W, set outside the governor: left alone"
+    stored = "" if held == target else f" (stored by the driver as {held:g} W)"
+    reason = f"enforced limit {enforced:g} W is below target {target:g} W{stored}, set outside the governor: left alone"
     return True, [
         power_decision(
             reading, t_s, Rule.POWER_DRIFT_EXTERNAL_LOWER, reason, action=Action.NONE, from_w=enforced, to_w=target

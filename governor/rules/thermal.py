@@ -3,7 +3,8 @@
 A zone is entered as soon as the temperature is at or above its threshold and left
 only once the temperature has fallen below ``threshold - hysteresis_c`` (thermald's
 trip semantics), so a reading that wobbles around a threshold does not flap.
-A missing temperature gives the ``unknown`` zone: nothing is inferred from it.
+A missing temperature gives the ``unknown`` zone: nothing is inferred from it; the reading
+that ends the gap leaves the zone before it only as the hysteresis allows.
 """
 
 from __future__ import annotations
@@ -48,25 +49,39 @@ def next_zone(temperature_c: float | None, policy: ThermalPolicy, previous: Ther
 
 
 def evaluate_zone(
-    reading: GpuReading, policy: ThermalPolicy, previous: ThermalZone, t_s: float
+    reading: GpuReading,
+    policy: ThermalPolicy,
+    previous: ThermalZone,
+    t_s: float,
+    *,
+    last_known: ThermalZone = ThermalZone.UNKNOWN,
 ) -> tuple[ThermalZone, Decision | None]:
-    """New zone for ``reading`` and a ``thermal_zone`` decision when it changed."""
-    zone = next_zone(reading.temperature_c, policy, previous)
+    """New zone for ``reading`` and a ``thermal_zone`` decision when it changed.
+
+    ``last_known``: the zone before the temperature went missing, when ``previous`` is unknown; the
+    reading that ends the gap leaves it only as the hysteresis allows (a gap of a tick does not turn a
+    critical card at 93 C into a throttling one)."""
+    basis = last_known if previous is ThermalZone.UNKNOWN else previous
+    zone = next_zone(reading.temperature_c, policy, basis)
     if zone is previous:
         return zone, None
     threshold: float | None = None
-    if zone is not ThermalZone.UNKNOWN:
-        rising = previous is ThermalZone.UNKNOWN or zone.severity > previous.severity
-        bounds = dict(thresholds(policy))
-        threshold = bounds.get(zone) if rising else bounds[previous] - policy.hysteresis_c
+    temperature = reading.temperature_c
+    bounds = dict(thresholds(policy))
     if zone is ThermalZone.UNKNOWN:
         reason = "temperature reading missing"
-    elif threshold is None:
-        reason = f"temperature {reading.temperature_c:g} C below every zone threshold"
-    elif previous is ThermalZone.UNKNOWN or zone.severity > previous.severity:
-        reason = f"temperature {reading.temperature_c:g} C >= {threshold:g} C"
+    elif zone is basis and zone is not ThermalZone.OPTIMAL:  # back from a gap, held by the hysteresis
+        threshold = bounds[zone] - policy.hysteresis_c
+        reason = f"temperature {temperature:g} C not below {threshold:g} C (threshold - hysteresis): still {zone}"
+    elif basis is ThermalZone.UNKNOWN or zone.severity >= basis.severity:
+        threshold = bounds.get(zone)
+        if threshold is None:
+            reason = f"temperature {temperature:g} C below every zone threshold"
+        else:
+            reason = f"temperature {temperature:g} C >= {threshold:g} C"
     else:
-        reason = f"temperature {reading.temperature_c:g} C < {threshold:g} C (threshold - hysteresis)"
+        threshold = bounds[basis] - policy.hysteresis_c
+        reason = f"temperature {temperature:g} C < {threshold:g} C (threshold - hysteresis)"
     decision = Decision(
         t_s=t_s,
         gpu_index=reading.index,

@@ -27,6 +27,24 @@ For every process on every GPU with a class budget:
   (``stopped_units``) or stopped on this GPU within the cooldown is not stopped again.
   Processes of user sessions (under ``user.slice``) and processes without a unit are
   reported, never stopped; resuming is :mod:`governor.rules.units`' job;
+* a process that goes back within its budget, drops off the GPU's listing, or whose usage
+  NVML cannot say (None) for a while keeps its escalation for its class's ``max(grace_s,
+  kill_after_s)`` after it was last seen over budget: over budget again within that time,
+  it is neither reported again nor given a new grace, and a SIGKILL due since its SIGTERM
+  is sent at once (hovering at the budget edge, or dipping under it for a tick after the
+  SIGTERM, does not restart the escalation). Within budget that long, it starts afresh.
+  At most :data:`REMEMBERED_OFFENDERS_MAX` such offenders are kept per GPU (the ones
+  seen over budget longest ago are forgotten first), so the state cannot grow without bound;
+* several GPUs: a budget is per GPU, but signals are per process. A process the rule of
+  another GPU already sent SIGTERM (or SIGKILL) counts as signalled here too
+  (``signalled``, built by :func:`signalled_processes`): no second SIGTERM, and its SIGKILL
+  comes ``kill_after_s`` after the first SIGTERM, once. Such a signal also starts this
+  GPU's cooldown (the process frees its memory here too);
+* dry run: signals a dry run only "would send" are recorded as such (:attr:`Offender.dry_run`);
+  once the run is live (a reload), they count as never sent: the first real signal is a
+  SIGTERM (a ``kill`` class: a SIGKILL), and a SIGKILL follows ``kill_after_s`` after it;
+* ties under pressure (same priority, same overrun) go to the newest process (latest start
+  time, then highest pid), whatever the order of the listing;
 * kill-restart loops (signalling classes): a system unit whose processes were signalled
   ``restart_loop_count`` times within ``restart_loop_window_s`` and that is over budget again
   is reported once (``unit_restart_loop``) and its processes are signalled no more, until
@@ -37,7 +55,7 @@ A budget is per process and per GPU (see :mod:`governor.policy`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from governor.model import Decision, GpuReading, ProcessFacts, ProcessReading
@@ -55,15 +73,71 @@ from governor.policy import (
 
 OffenderKey = tuple[str, int, int | None]
 """(GPU UUID, pid, start time): one process on one GPU."""
+ProcessKey = tuple[int, int]
+"""(pid, start time): one process, whatever the GPU."""
+REMEMBERED_OFFENDERS_MAX = 1024
+"""Offenders not over budget in this tick (within budget, off the listing) kept per GPU, at most."""
 
 
 @dataclass(frozen=True, slots=True)
 class Offender:
-    """A process over its budget on one GPU, and how far its escalation went."""
+    """A process over its budget on one GPU, and how far its escalation went.
+
+    ``last_over_s``: the last tick it was seen over budget (None: ``over_since_s``);
+    ``forget_after_s``: how long after that it is remembered while not over budget (s);
+    ``dry_run``: the signals recorded were only "would send" (a dry run).
+    """
 
     over_since_s: float
     term_sent_s: float | None = None
     kill_sent_s: float | None = None
+    last_over_s: float | None = None
+    forget_after_s: float = 0.0
+    dry_run: bool = False
+
+    def remembered_at(self, t_s: float) -> bool:
+        """True while a process not over budget at ``t_s`` keeps this escalation."""
+        last = self.over_since_s if self.last_over_s is None else self.last_over_s
+        return t_s - last < self.forget_after_s
+
+
+def signalled_processes(
+    states: Iterable[VramState], known: Mapping[ProcessKey, Offender] | None = None
+) -> dict[ProcessKey, Offender]:
+    """(pid, start time) -> the earliest SIGTERM and SIGKILL any GPU's rule sent that process
+    (only processes sent one), from ``states`` added to ``known``; the ``signalled`` argument of
+    :func:`evaluate_vram`."""
+    out: dict[ProcessKey, Offender] = dict(known) if known else {}
+    for state in states:
+        for (_, pid, start), offender in state.offenders.items():
+            if start is None or (offender.term_sent_s is None and offender.kill_sent_s is None):
+                continue
+            seen = out.get((pid, start))
+            out[(pid, start)] = offender if seen is None else _adopted(seen, offender)
+    return out
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _signalled(offender: Offender) -> bool:
+    return offender.term_sent_s is not None or offender.kill_sent_s is not None
+
+
+def _adopted(offender: Offender, other: Offender) -> Offender:
+    """``offender`` with the signals ``other`` (the same process, another GPU) records, earliest first."""
+    term = _earliest(offender.term_sent_s, other.term_sent_s)
+    kill = _earliest(offender.kill_sent_s, other.kill_sent_s)
+    if term == offender.term_sent_s and kill == offender.kill_sent_s:
+        return offender
+    dry = other.dry_run and (offender.dry_run or not _signalled(offender))
+    return replace(offender, term_sent_s=term, kill_sent_s=kill, dry_run=dry)
+
+
+def _sent(offender: Offender, dry: bool, **sent_s: float) -> Offender:
+    """``offender`` with a signal recorded (``term_sent_s`` or ``kill_sent_s``); ``dry``: only "would send"."""
+    return replace(offender, dry_run=dry and (offender.dry_run or not _signalled(offender)), **sent_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +237,12 @@ def evaluate_vram(
     state: VramState,
     t_s: float,
     stopped_units: frozenset[str] = frozenset(),
+    signalled: Mapping[ProcessKey, Offender] | None = None,
 ) -> tuple[VramState, list[Decision]]:
     """One GPU's budgets for one tick; ``facts`` maps pid -> ProcessFacts (with class);
-    ``stopped_units`` are the units the governor stopped and has not resumed yet."""
+    ``stopped_units`` are the units the governor stopped and has not resumed yet;
+    ``signalled`` (:func:`signalled_processes` of every GPU's state) the processes any GPU's
+    rule already sent a signal."""
     if not policy.enabled or reading.processes is None:
         return state, []
     remembered = state.offenders or state.loops_s or state.unit_signals_s or state.unit_stops_s
@@ -231,12 +308,22 @@ def evaluate_vram(
         return state, []  # no process over its budget, none to make room, nothing remembered: this very state
 
     last_victim = state.last_victim_s.get(uuid)
-    cooling = last_victim is not None and t_s - last_victim < policy.cooldown_s
     new_victims: list[tuple[_Candidate, Offender]] = []
     for candidate, known in current:
-        offender = known
         klass = candidate.klass
         dry = policy.dry_run or klass.dry_run
+        offender = replace(known, last_over_s=t_s, forget_after_s=max(klass.grace_s, klass.kill_after_s))
+        if known.dry_run and not dry and _signalled(known):
+            # Live now (a reload ended the dry run): a would-be signal was never sent.
+            offender = replace(offender, term_sent_s=None, kill_sent_s=None, dry_run=False)
+        start = candidate.facts.start_time
+        other = None if not signalled or start is None else signalled.get((candidate.process.pid, start))
+        if other is not None and not (other.dry_run and not dry):  # would-be signals count in a dry run only
+            adopted = _adopted(offender, other)
+            if adopted is not offender:  # signalled for another GPU: that signal counts here, and cools this GPU
+                sent_s = max(x for x in (other.term_sent_s, other.kill_sent_s) if x is not None)
+                last_victim = sent_s if last_victim is None else max(last_victim, sent_s)
+            offender = adopted
         if offender.term_sent_s is not None and offender.kill_sent_s is None:
             # Escalate only while the class still asks for it: a reload may have made it
             # protected or observe-only since the SIGTERM.
@@ -252,7 +339,7 @@ def evaluate_vram(
                 decisions.append(
                     _decision(reading, candidate, t_s, Rule.VRAM_ESCALATE, Action.SIGNAL_KILL, reason, dry_run=dry)
                 )
-                offender = replace(offender, kill_sent_s=t_s)
+                offender = _sent(offender, dry, kill_sent_s=t_s)
         elif (
             offender.term_sent_s is None
             and offender.kill_sent_s is None
@@ -261,16 +348,22 @@ def evaluate_vram(
         ):
             new_victims.append((candidate, offender))
         offenders[candidate.key] = offender
+    _keep_remembered(offenders, state.offenders, uuid, {c.key for c, _ in current}, t_s)
     for candidate in yielders:
         if _may_act(candidate, stopped_units, unit_stops, loops):
             new_victims.append((candidate, Offender(over_since_s=t_s)))
 
     last_victim_s = dict(state.last_victim_s)
+    if last_victim is not None:
+        last_victim_s[uuid] = last_victim
+    cooling = last_victim is not None and t_s - last_victim < policy.cooldown_s
     if new_victims and not cooling:
         new_victims.sort(
             key=lambda item: (
                 item[0].klass.priority,
                 -(item[0].used_bytes - (item[0].klass.budget_bytes or 0)),
+                -(item[0].facts.start_time or 0),  # ties: the newest process, whatever the listing order
+                -item[0].process.pid,
             )
         )
         candidate, offender = new_victims[0]
@@ -299,9 +392,9 @@ def evaluate_vram(
             unit_stops[unit] = t_s
         else:
             if klass.enforced_action is ProcessAction.KILL:
-                action, offender = Action.SIGNAL_KILL, replace(offender, kill_sent_s=t_s)
+                action, offender = Action.SIGNAL_KILL, _sent(offender, dry, kill_sent_s=t_s)
             else:
-                action, offender = Action.SIGNAL_TERM, replace(offender, term_sent_s=t_s)
+                action, offender = Action.SIGNAL_TERM, _sent(offender, dry, term_sent_s=t_s)
             decisions.append(
                 _decision(
                     reading,
@@ -329,6 +422,23 @@ def evaluate_vram(
         ),
         decisions,
     )
+
+
+def _keep_remembered(
+    offenders: dict[OffenderKey, Offender],
+    before: Mapping[OffenderKey, Offender],
+    uuid: str,
+    now_over: set[OffenderKey],
+    t_s: float,
+) -> None:
+    """Add to ``offenders`` this GPU's earlier offenders not over budget now that are still
+    remembered (:meth:`Offender.remembered_at`), at most :data:`REMEMBERED_OFFENDERS_MAX`,
+    the ones seen over budget last first."""
+    kept = [(k, o) for k, o in before.items() if k[0] == uuid and k not in now_over and o.remembered_at(t_s)]
+    if len(kept) > REMEMBERED_OFFENDERS_MAX:
+        kept.sort(key=lambda item: item[1].over_since_s if item[1].last_over_s is None else item[1].last_over_s)
+        kept = kept[-REMEMBERED_OFFENDERS_MAX:]
+    offenders.update(kept)
 
 
 def _may_act(

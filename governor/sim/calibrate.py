@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from governor.sim.profiles import GpuProfile
+from governor.sim.profiles import AMBIENT_RANGE_C, C_RANGE_J_PER_C, R_RANGE_C_PER_W, GpuProfile
 from governor.sim.thermal import StepMatrix, ThermalParams, sink_for_die_c, step_matrix
 from governor.trace import Trace
 
@@ -191,17 +191,53 @@ def _solve3(m: list[list[float]], v: list[float]) -> list[float] | None:
     return x
 
 
+MIN_LOAD_STEP_W = 20.0
+"""The least spread (W) between the low and high power of a trace that can be calibrated on."""
+MIN_LOAD_STEP_RATIO = 0.2
+"""... and the least spread as a share of the high power: an idle wobble of a few watts pins
+neither the room nor the resistance down (it fits a room far below freezing)."""
+LOAD_QUANTILE = 0.05
+"""The low and high power are the 5th and 95th percentile: a lone spike is not a load."""
+
+
 def _check(samples: Sequence[ThermalSample], minimum: int) -> None:
+    """ValueError unless ``samples`` can pin the model down: enough of them, and power at (at
+    least) two clearly different levels, each held for a part of the trace."""
     if len(samples) < minimum:
         raise ValueError(f"calibration: expected at least {minimum} samples, got {len(samples)}")
-    powers = [s.power_w for s in samples]
-    if max(powers) - min(powers) < 1.0:
+    powers = sorted(s.power_w for s in samples)
+    if powers[-1] - powers[0] < 1.0:
         raise ValueError("calibration: the power never changes by 1 W or more; nothing to fit")
+    k = int(LOAD_QUANTILE * (len(powers) - 1))
+    low_w, high_w = powers[k], powers[-1 - k]
+    needed_w = max(MIN_LOAD_STEP_W, MIN_LOAD_STEP_RATIO * high_w)
+    if high_w - low_w < needed_w:
+        raise ValueError(
+            f"calibration: expected idle and a sustained load (power apart by at least {needed_w:.0f} W), "
+            f"got power between {low_w:.1f} and {high_w:.1f} W for most of the trace; "
+            "record the GPU going from idle to load and back"
+        )
+
+
+def _typical_interval_s(samples: Sequence[ThermalSample]) -> float:
+    """The median interval between samples with time between them (s); 0 when there is none."""
+    steps = sorted(b.t_s - a.t_s for a, b in itertools.pairwise(samples) if b.t_s > a.t_s)
+    return steps[len(steps) // 2] if steps else 0.0
 
 
 def fit_first_order(samples: Sequence[ThermalSample]) -> FirstOrderFit:
-    """Least-squares single-node fit from pairs of consecutive samples 0.5-2 s apart."""
+    """Least-squares single-node fit from pairs of consecutive samples half to twice the
+    trace's typical interval apart (whatever it was recorded at: 0.25 s, 1 s, 10 s).
+
+    When the temperature follows the power within one interval (a water-cooled H200: the
+    regression's ``a`` is not in (0, 1)), the single node is its steady state instead,
+    ``T = T_amb + R * P`` by least squares, with a time constant of ten intervals: only a
+    start for :func:`fit_thermal`, which finds the real ones.
+    """
     _check(samples, 4)
+    typical_s = _typical_interval_s(samples)
+    if typical_s <= 0.0:
+        raise ValueError(f"calibration: expected samples spread over time, got all at t = {samples[0].t_s:g} s")
     # Normal equations of T[k+1] = a*T[k] + b*P[k+1] + c, and the mean step length.
     sums = [[0.0] * 3 for _ in range(3)]
     rhs = [0.0] * 3
@@ -209,7 +245,7 @@ def fit_first_order(samples: Sequence[ThermalSample]) -> FirstOrderFit:
     pairs = 0
     for prev, cur in itertools.pairwise(samples):
         dt = cur.t_s - prev.t_s
-        if not 0.5 <= dt <= 2.0:
+        if not 0.5 * typical_s <= dt <= 2.0 * typical_s:
             continue
         row = (prev.temperature_c, cur.power_w, 1.0)
         for i in range(3):
@@ -219,18 +255,33 @@ def fit_first_order(samples: Sequence[ThermalSample]) -> FirstOrderFit:
         total_dt += dt
         pairs += 1
     solution = _solve3(sums, rhs) if pairs >= 3 else None
-    if solution is None or not 0.0 < solution[0] < 1.0 or solution[1] <= 0:
-        raise ValueError("calibration: the trace does not look like a heated, cooled body (no fit)")
-    a, b, c = solution
-    mean_dt = total_dt / pairs
-    tau = -mean_dt / math.log(a)
-    r = b / (1.0 - a)
-    ambient = c / (1.0 - a)
+    if solution is not None and 0.0 < solution[0] < 1.0 and solution[1] > 0:
+        a, b, c = solution
+        mean_dt = total_dt / pairs
+        tau = -mean_dt / math.log(a)
+        r = b / (1.0 - a)
+        ambient = c / (1.0 - a)
+    else:
+        r, ambient = _steady_fit(samples)
+        tau = 10.0 * typical_s
     t = [s.t_s for s in samples]
     p = [s.power_w for s in samples]
     measured = [s.temperature_c for s in samples]
     predicted = predict_first_order(r, tau / r, ambient, t, p, measured[0])
     return FirstOrderFit(r, tau / r, ambient, rmse(predicted, measured), len(samples))
+
+
+def _steady_fit(samples: Sequence[ThermalSample]) -> tuple[float, float]:
+    """(R in C/W, T_amb in C) of ``T = T_amb + R * P`` by least squares; ValueError when the
+    temperature does not rise with the power."""
+    n = len(samples)
+    mean_p = sum(s.power_w for s in samples) / n
+    mean_t = sum(s.temperature_c for s in samples) / n
+    spread = sum((s.power_w - mean_p) ** 2 for s in samples)
+    r = sum((s.power_w - mean_p) * (s.temperature_c - mean_t) for s in samples) / spread
+    if not r > 0:
+        raise ValueError("calibration: the temperature does not rise with the power; not a heated, cooled body")
+    return r, mean_t - r * mean_p
 
 
 def nelder_mead(
@@ -312,8 +363,14 @@ def fit_thermal(samples: Sequence[ThermalSample], *, max_restarts: int = 8) -> F
     measured = [s.temperature_c for s in samples]
     t0 = measured[0]
 
+    # The search stays within what a profile accepts (R_RANGE_C_PER_W, C_RANGE_J_PER_C): a die
+    # faster than the sampling drives C_die toward 0, and its floor predicts the same.
+    r_lo, r_hi = math.log(R_RANGE_C_PER_W[0]), math.log(R_RANGE_C_PER_W[1])
+    c_lo, c_hi = math.log(C_RANGE_J_PER_C[0]), math.log(C_RANGE_J_PER_C[1])
+    bounds = ((r_lo, r_hi), (c_lo, c_hi), (r_lo, r_hi), (c_lo, c_hi))
+
     def objective(u: list[float]) -> float:
-        if any(not -20.0 < x < 20.0 for x in u[:4]):
+        if any(not lo <= x <= hi for x, (lo, hi) in zip(u, bounds)):
             return math.inf
         return rmse(predict(_params(u), t, p, t0, u[4]), measured)
 
@@ -346,7 +403,35 @@ def fit_thermal(samples: Sequence[ThermalSample], *, max_restarts: int = 8) -> F
         if value < best:
             best_u, best = u, value
     u = best_u
-    return FitResult(_params(u), u[4], best, len(samples), evaluations)
+    result = FitResult(_params(u), u[4], best, len(samples), evaluations)
+    _check_plausible(result)
+    return result
+
+
+def _check_plausible(fit: FitResult) -> None:
+    """ValueError when the fitted constants lie outside what a profile accepts
+    (governor.sim.profiles: resistances, capacities, a room of -20 to 60 C): the trace did not
+    pin them down, and a profile written from them would not load."""
+    p = fit.params
+    problems = []
+    lo_amb, hi_amb = AMBIENT_RANGE_C
+    if not lo_amb <= fit.ambient_c <= hi_amb:
+        problems.append(f"a room of {fit.ambient_c:.1f} C (expected {lo_amb:g} to {hi_amb:g} C)")
+    lo_r, hi_r = R_RANGE_C_PER_W
+    lo_c, hi_c = C_RANGE_J_PER_C
+    for name, value, lo, hi in (
+        ("r_die_c_per_w", p.r_die_c_per_w, lo_r, hi_r),
+        ("r_sink_c_per_w", p.r_sink_c_per_w, lo_r, hi_r),
+        ("c_die_j_per_c", p.c_die_j_per_c, lo_c, hi_c),
+        ("c_sink_j_per_c", p.c_sink_j_per_c, lo_c, hi_c),
+    ):
+        if not lo <= value <= hi:
+            problems.append(f"{name} {value:.3g} (expected {lo:g} to {hi:g})")
+    if problems:
+        raise ValueError(
+            "calibration: the fit gives an implausible model, " + ", ".join(problems) + "; "
+            "the trace does not pin the thermal constants down: record idle, a sustained load and the cool-down"
+        )
 
 
 def validate_split(samples: Sequence[ThermalSample], fraction: float = 0.5) -> SplitValidation:

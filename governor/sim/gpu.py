@@ -8,7 +8,9 @@ seed, the same noise) however often it is read.
 Per step::
 
     base_w  = max(idle_w, min(demand_w, limit_w))       (idle_w when there is no work)
-    power_w = base_w + gauss(0, noise_w)                (seeded; never below 0)
+    power_w = base_w + gauss(0, noise_w)                (seeded; never below 0, never above
+                                                         the enforced limit: the card's power
+                                                         controller holds it there)
 
 and when the die is at or above the slowdown temperature the GPU throttles itself:
 ``base_w`` drops to the power that would hold the die at the slowdown temperature
@@ -70,12 +72,14 @@ class SimStats:
 class _Segment:
     """What a run of steps of one phase keeps constant (SimulatedGpu._segment_for): the
     ambient (C), demand and base powers (W, ``_hot``: at or above the slowdown temperature),
-    throughput ratios, utilization, clock event reasons and (SM MHz, memory MHz, pstate)."""
+    the most the noisy power may reach (W: the enforced limit, or idle power under a limit set
+    below it), throughput ratios, utilization, clock event reasons and (SM MHz, memory MHz, pstate)."""
 
     ambient_c: float
     demand_w: float
     active: bool
     base_w: float
+    ceiling_w: float
     base_hot_w: float
     throughput: float
     throughput_hot: float
@@ -314,6 +318,7 @@ class SimulatedGpu:
         ambient = seg.ambient_c
         base, base_hot = seg.base_w, seg.base_hot_w
         thr, thr_hot = seg.throughput, seg.throughput_hot
+        ceiling = seg.ceiling_w
         slowdown = p.temperature_slowdown_c
         shutdown = p.temperature_shutdown_c
         sigma = self._noise_w
@@ -333,7 +338,7 @@ class SimulatedGpu:
             hot_steps += hot
             power = base_hot if hot else base
             if sigma > 0.0:
-                power = max(power + gauss(0.0, sigma), 0.0)
+                power = min(max(power + gauss(0.0, sigma), 0.0), ceiling)
             inf_die = power * r_total
             inf_sink = power * r_sink
             d_die = die - ambient - inf_die
@@ -477,6 +482,7 @@ def _segment_for(gpu: SimulatedGpu, phase: int) -> _Segment:
         demand_w=demand,
         active=active,
         base_w=base,
+        ceiling_w=max(limit, idle),
         base_hot_w=base_hot,
         throughput=throughput_ratio(base, demand, exponent),
         throughput_hot=throughput_ratio(base_hot, demand, exponent),

@@ -145,6 +145,8 @@ def resolve(name_or_path: str, kind: str, key: str) -> Path:
 R_RANGE_C_PER_W = (1e-5, 10.0)
 C_RANGE_J_PER_C = (1e-3, 1e7)
 TAU_RANGE_S = (1e-3, 1e6)
+AMBIENT_RANGE_C = (-20.0, 60.0)
+"""The room temperatures (C) a profile or scenario may give."""
 
 
 def _thermal(table: Table, issues: Issues) -> tuple[ThermalParams | None, float | None]:
@@ -169,7 +171,7 @@ def _thermal(table: Table, issues: Issues) -> tuple[ThermalParams | None, float 
         else:
             tau = table.number(tau_key, "a time constant in seconds", lo=TAU_RANGE_S[0], hi=TAU_RANGE_S[1])
             capacities[node] = None if tau is None or r is None else tau / r
-    ambient = table.number("ambient_c", "a room temperature in C", lo=-20.0, hi=60.0)
+    ambient = table.number("ambient_c", "a room temperature in C", lo=AMBIENT_RANGE_C[0], hi=AMBIENT_RANGE_C[1])
     c_die, c_sink = capacities["die"], capacities["sink"]
     if r_die is None or r_sink is None or c_die is None or c_sink is None:
         return None, ambient

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from governor.safefile import write_atomic
 from governor.sim.calibrate import FitResult, fit_thermal, predict, profile_from_trace, rmse, samples_from_trace
 from governor.sim.profiles import render_profile
 from governor.sim.thermal import steady_temperature_c
@@ -103,7 +104,8 @@ def render_calibration(source: str, results: list[GpuCalibration]) -> str:
 
 def write_profile(trace: Trace, result: GpuCalibration, path: Path) -> str:
     """Write the profile of ``result``'s GPU (facts from ``trace``, thermal constants from the fit)
-    to ``path``; returns the profile's name (the file's stem)."""
+    to ``path`` (a new file, mode 0644, renamed over it: a planted symlink is replaced, never
+    followed); returns the profile's name (the file's stem)."""
     name = path.stem or "calibrated"
     try:
         profile = profile_from_trace(trace, result.fit, name, result.gpu_index)
@@ -115,8 +117,8 @@ def write_profile(trace: Trace, result: GpuCalibration, path: Path) -> str:
     )
     if result.check is not None:
         comment += f"\nCheck RMSE {result.check.rmse_c:.3f} C over {result.check.n} samples of {result.check.source}."
-    try:
-        path.write_text(render_profile(profile, comment), encoding="utf-8")
+    try:  # a new file renamed over the path: a symlink planted there is replaced, never followed
+        write_atomic(path, render_profile(profile, comment).encode("utf-8"), mode=0o644)
     except OSError as exc:
         raise WhatIfError(f"--output: cannot write {path}: {exc.strerror or exc}") from None
     return name

@@ -12,8 +12,9 @@ import json
 from dataclasses import replace
 from typing import TextIO
 
+from governor.backends.simulated import DEFAULT_SUBSTEP_S
 from governor.sim.profiles import load_profile
-from governor.sim.scenario import load_scenario
+from governor.sim.scenario import MAX_GPU_INDEX, load_scenario
 from governor.trace import Trace, TraceError, read_trace
 from governor.whatif.calibrate import check_fit, fit_gpus, render_calibration, write_profile
 from governor.whatif.common import WhatIfError, load_policy_config, parse_duration, unique_labels
@@ -21,6 +22,9 @@ from governor.whatif.plot import plot_series, require_matplotlib
 from governor.whatif.progress import Progress
 from governor.whatif.replay import render_replay, replay_titles, replay_trace
 from governor.whatif.simulate import SimSetup, compare, comparison_document, render_comparison
+
+MAX_GPUS = MAX_GPU_INDEX + 1
+"""The most GPUs a simulation has (``[simulation] gpu_count``'s bound)."""
 
 
 def _trace(path: object, option: str = "") -> Trace:
@@ -68,10 +72,15 @@ def cmd_replay(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_simulate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Simulate the config (and every --compare config) against no governor; print the table."""
     duration_s = parse_duration(args.duration)
+    if duration_s < DEFAULT_SUBSTEP_S:  # no physics step would run: no energy, no work, no throughput
+        raise WhatIfError(
+            f"--duration: expected at least {DEFAULT_SUBSTEP_S:g} s (one step of the simulated physics), "
+            f"got {args.duration}"
+        )
     if args.plot is not None:
         require_matplotlib()
-    if args.gpus is not None and args.gpus < 1:
-        raise WhatIfError(f"--gpus: expected 1 or more, got {args.gpus}")
+    if args.gpus is not None and not 1 <= args.gpus <= MAX_GPUS:
+        raise WhatIfError(f"--gpus: expected 1 to {MAX_GPUS} (as [simulation] gpu_count), got {args.gpus}")
     profile = load_profile(args.profile)
     scenario = load_scenario(args.scenario)
     configs = [load_policy_config(args.config), *(load_policy_config(p) for p in args.compare or ())]

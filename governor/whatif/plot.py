@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import importlib.util
+import io
 import math
 from array import array
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from governor.model import ThermalZone
+from governor.safefile import write_atomic
 from governor.whatif.common import EXIT_USAGE, WhatIfError
 from governor.whatif.series import GpuSeries
 
@@ -96,8 +98,9 @@ def plot_series(
 ) -> None:
     """Write a PNG to ``path``: every series' temperature and limit, and ``primary``'s power,
     VRAM per class and decisions (and its target limit with ``show_target``: in a replay,
-    what the governor would have set). Raises WhatIfError when matplotlib is missing or
-    the file cannot be written."""
+    what the governor would have set). The PNG is written to a new file renamed over ``path``
+    (mode 0644): a symlink planted there is replaced, never followed. Raises WhatIfError when
+    matplotlib is missing or the file cannot be written."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -123,7 +126,8 @@ def plot_series(
             continue
         xs_m = [m.t_s / unit for m in marks]
         ys_m = [_value_at(primary, m.t_s) for m in marks]
-        ax_t.scatter(xs_m, ys_m, marker=marker, color=colour, s=36, zorder=5, label=f"{text} ({len(marks)})")
+        count = primary.mark_counts.get(rule, len(marks))  # every decision, also those a long run thinned out
+        ax_t.scatter(xs_m, ys_m, marker=marker, color=colour, s=36, zorder=5, label=f"{text} ({count})")
     ax_t.set_ylim(low, high)
     ax_t.set_ylabel("temperature (C)")
     ax_t.legend(loc="upper left", fontsize=7, ncol=3)
@@ -154,8 +158,10 @@ def plot_series(
     ax_v.set_ylabel("VRAM by class (GiB)")
     ax_v.set_xlabel(f"time ({unit_name})")
     ax_v.grid(alpha=0.3)
-    try:
-        fig.savefig(path, format="png")
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
+    try:  # a new file renamed over the path: a symlink planted there is replaced, never followed
+        write_atomic(path, image.getvalue(), mode=0o644)
     except OSError as exc:
         raise WhatIfError(f"cannot write the plot to {path}: {exc.strerror or exc}", EXIT_USAGE) from None
 

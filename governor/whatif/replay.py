@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from governor.classes import MATCH_KEYS, format_size
-from governor.config import Config
+from governor.config import Config, ConfigError, check_resolved
 from governor.core import class_usage
 from governor.model import Action, Decision, GpuHealth, ThermalZone
+from governor.policy import Rung
 from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate
 from governor.rules.power import target_w
 from governor.rules.thermal import thresholds
@@ -78,8 +79,22 @@ class ReplayResult:
     notes: tuple[str, ...]
 
 
-def _notes(config: Config, trace: Trace) -> list[str]:
+def _rungs(rungs: Sequence[Rung]) -> str:
+    """A configured ladder as text: ``[900, 800]`` (watts) or ``['100%', '90%']``."""
+    return "[" + ", ".join(repr(r) if isinstance(r, str) else f"{r:g}" for r in rungs) + "]"
+
+
+def _notes(config: Config, trace: Trace, plans: dict[str, GpuPlan]) -> list[str]:
     notes = ["open loop: the recorded GPU did not follow these decisions"]
+    for plan in sorted(plans.values(), key=lambda p: p.info.index):
+        power, info = plan.policy.power, plan.info
+        if not power.enabled or power.target_mode or len(plan.ladder_w) != 1 or len(set(power.ladder_w)) < 2:
+            continue
+        notes.append(
+            f"gpu{info.index} ({info.name}): power.ladder_w {_rungs(power.ladder_w)} resolves to one rung, "
+            f"{plan.ladder_w[0]:g} W, within the card's {info.power_limit_min_w:g}-{info.power_limit_max_w:g} W: "
+            "the power rule has no rung to step down to"
+        )
     for klass in config.vram.classes:
         keys = [k for k in MATCH_KEYS if k != "name" and getattr(klass.match, k) is not None]
         if keys:
@@ -93,8 +108,15 @@ def _notes(config: Config, trace: Trace) -> list[str]:
 
 
 def replay_trace(trace: Trace, config: Config) -> ReplayResult:
-    """Feed every snapshot of ``trace`` through the rules under ``config``; see the module docstring."""
+    """Feed every snapshot of ``trace`` through the rules under ``config``; see the module docstring.
+
+    Raises ConfigError when the daemon would refuse ``config`` on the trace's cards (a ladder
+    that would deep-cap one, contradicting overrides: :func:`governor.config.check_resolved`).
+    """
     infos = {d.info.uuid: d.info for d in trace.devices.values() if d.info.index in trace.samples}
+    issues = check_resolved(config, list(infos.values()))
+    if issues:  # what the daemon refuses to start with on these cards (simulate refuses it too)
+        raise ConfigError(issues)
     plans = {uuid: GpuPlan.build(info, config.policy_for(info)) for uuid, info in infos.items()}
     by_index = {info.index: info for info in infos.values()}
     series = {
@@ -189,7 +211,7 @@ def replay_trace(trace: Trace, config: Config) -> ReplayResult:
         decisions=tuple(decisions),
         gpus=tuple(gpus),
         series=tuple(series[i] for i in sorted(series)),
-        notes=tuple(_notes(config, trace)),
+        notes=tuple(_notes(config, trace, plans)),
     )
 
 
