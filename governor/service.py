@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from governor import waiting
 from governor.backends import Backend, BackendFatal
 from governor.clock import Clock
 from governor.config import Config, ConfigError, load_config
@@ -153,9 +154,11 @@ class Service:
 
     def _loop(self) -> None:
         interval, origin, k = self.config.poll_interval_s, self.clock.monotonic(), 1
+        watchdog_s = self.notifier.watchdog_interval_s  # pinged between ticks too: a long interval is no hang
+        ping_every_s = None if watchdog_s is None else watchdog_s / 2
         while True:
             deadline = origin + k * interval
-            events = self.waiter.wait(deadline)
+            events = waiting.wait_pinging(self.waiter, self.clock, deadline, self.notifier.watchdog, ping_every_s)
             if STOP in events:
                 return
             if RELOAD in events:  # a storm of SIGHUPs arrives here drained: one reload, then the tick if due

@@ -14,6 +14,7 @@ import select
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -126,6 +127,21 @@ class VirtualWaiter:
             return events
         self._clock.advance_to(deadline_s)
         return []
+
+
+def wait_pinging(
+    waiter: Waiter, clock: Clock, deadline_s: float, ping: Callable[[], None], ping_every_s: float | None
+) -> list[str]:
+    """The events that came before ``deadline_s`` (monotonic seconds; empty: none came), calling
+    ``ping`` every ``ping_every_s`` seconds meanwhile (None: never). A poll interval longer than
+    half systemd's WatchdogSec= (up to 3600 s is valid) must not look like a hang: the wait wakes
+    to ping between ticks, while a stuck tick, which never waits, still pings nothing."""
+    while ping_every_s is not None and deadline_s - clock.monotonic() > ping_every_s:
+        events = waiter.wait(clock.monotonic() + ping_every_s)
+        if events:
+            return events
+        ping()
+    return waiter.wait(deadline_s)
 
 
 def settle(

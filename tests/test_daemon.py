@@ -182,6 +182,26 @@ class TestNotify:
         assert "STATUS=governing 1 GPU(s): gpu0 50C optimal 200W" in ready_msg
         assert not thread.is_alive()
 
+    def test_poll_interval_longer_than_the_watchdog_still_pings(self, tmp_path: Path, listener: NotifyListener) -> None:
+        """poll_interval_s 60 under WatchdogSec=2s: WATCHDOG=1 keeps coming between ticks (else systemd kills it)."""
+        config_path = tmp_path / "governor.toml"
+        config_path.write_text(f'state_dir = "{tmp_path / "state"}"\npoll_interval_s = 60.0\n')
+        clock = RealClock()
+        config = load_config(config_path, enforce_trust=False)
+        backend = ScriptedBackend(clock, lambda t, i: 50.0)
+        daemon = Daemon(config, backend, clock, config_path=config_path, waiter=PipeWaiter(clock))
+        thread = threading.Thread(target=daemon.run)
+        thread.start()
+        try:
+            listener.until(lambda m: "READY=1" in m)
+            for _ in range(3):  # WATCHDOG_USEC=2 s: one ping a second, while the next tick is a minute away
+                listener.until(lambda m: m == "WATCHDOG=1")
+                listener.messages.clear()
+        finally:
+            daemon.request_stop()
+            thread.join(10)
+        assert not thread.is_alive()
+
 
 class TestMetricsEndpoint:
     def test_scrape_shows_readings_zone_and_decisions(self, tmp_path: Path) -> None:

@@ -1,0 +1,298 @@
+"""The hardened unit against the jobs it must still do, under a real systemd (tests/system/nspawn.py).
+
+A Debian 12 container booted with systemd-nspawn runs the .deb's gpu-governor.service on a
+simulated RTX 4070 whose GPU processes are real processes of a logged-in user (uid 1000),
+given VRAM by a ``[simulation] processes_file`` (matched by cgroup). One class signals
+everything that user runs over 256 MiB: a copy of sleep named ``hog`` must be terminated,
+and a copy named ``Xorg`` under /usr/local/bin must not be, because the built-in protection
+of display servers needs the governor to read the process's /proc/PID/exe, which the kernel
+lets root read only with CAP_SYS_PTRACE when the process belongs to another user.
+
+Also here, without a container: the unit's device allow list, resolved the way systemd
+resolves it when the unit starts before the NVIDIA driver is loaded (--wait-for-driver).
+systemd-nspawn containers do not enforce DevicePolicy= (no device cgroup), so that one
+is checked by resolving the list, not by opening a device.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.system.nspawn import (
+    CONFIG,
+    SIM_STATE,
+    STATE_DIR,
+    UNIT,
+    UNIT_FILE,
+    Container,
+    boot,
+    build_deb,
+    check_prerequisites,
+    deb_depends,
+    debootstrap,
+    power_off,
+    remove_root,
+    wait_for,
+)
+
+pytestmark = pytest.mark.system
+
+GIB = 2**30
+PROCESSES = "/etc/gpu-governor/sim-processes.json"
+USER, UID = "gguser", 1000
+XORG, HOG = "gg-xorg.service", "gg-hog.service"
+
+
+def make_config() -> str:
+    """Everything uid 1000 runs is in one class that terminates at once above 256 MiB."""
+    return textwrap.dedent(
+        f"""\
+        # written by tests/system/test_hardening_e2e.py
+        backend = "simulated"
+        poll_interval_s = 0.5
+        state_dir = "{STATE_DIR}"
+        runtime_dir = "/run/gpu-governor"
+
+        [metrics]
+        listen_address = "127.0.0.1"
+        port = 9847
+
+        [simulation]
+        profile = "rtx4070"
+        scenario = "idle"
+        state_file = "{STATE_DIR}/simulated-gpus.json"
+        processes_file = "{PROCESSES}"
+
+        [vram]
+        reserve = "2GiB"
+        cooldown_s = 1.0
+
+        [[class]]
+        name = "user-jobs"
+        budget = "256MiB"
+        priority = 10
+        action = "terminate"
+        grace_s = 0.0
+        kill_after_s = 5.0
+        match = {{ user = "{USER}" }}
+        """
+    )
+
+
+def processes_file() -> str:
+    """Both of the user's units hold 1 GiB on GPU 0."""
+    entries = [
+        {"gpu": 0, "cgroup": f"/system.slice/{unit}", "used_bytes": GIB, "name": name}
+        for unit, name in ((XORG, "Xorg"), (HOG, "hog"))
+    ]
+    return json.dumps({"processes": entries})
+
+
+@pytest.fixture(scope="module")
+def box(request: pytest.FixtureRequest) -> Iterator[Container]:
+    """A booted Debian 12 with the .deb installed and a user account with uid 1000."""
+    check_prerequisites()
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="gg-hardening-e2e-"))
+    root = work / "root"
+    container: Container | None = None
+    try:
+        deb = build_deb(work / "deb")
+        debootstrap(root, deb_depends(deb))
+        print(f"[hardening-e2e] debootstrap done after {time.monotonic() - started:.0f}s")
+        shutil.copy(deb, root / "var/tmp" / "gpu-governor.deb")
+        drop_in = root / "etc/systemd/system/gpu-governor.service.d"
+        drop_in.mkdir(parents=True)
+        (drop_in / "e2e.conf").write_text("[Unit]\nStartLimitIntervalSec=0\n\n[Service]\nRestartSec=1s\n")
+        container = boot(root, deb, work / "nspawn.log")
+        print(f"[hardening-e2e] container booted after {time.monotonic() - started:.0f}s")
+        yield container
+    finally:
+        if container is not None:
+            if request.session.testsfailed:
+                tail = container.sh(f"journalctl --no-pager -o short-monotonic -n 150 -u {UNIT}", check=False)
+                print(f"[hardening-e2e] journal of {UNIT}:\n{tail.stdout}")
+            power_off(container)
+        if os.environ.get("GG_KEEP_ROOT") == "1":
+            print(f"[hardening-e2e] kept {work}")
+        else:
+            remove_root(root)
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"[hardening-e2e] module wall time {time.monotonic() - started:.0f}s")
+
+
+def active(box: Container, unit: str) -> str:
+    return box.sh(f"systemctl is-active {unit}", check=False).stdout.strip()
+
+
+def process_rows(box: Container) -> list[dict[str, object]]:
+    """The rows of the governor's processes.json (empty before the first one is written)."""
+    if not box.exists("/run/gpu-governor/processes.json"):
+        return []
+    rows: list[dict[str, object]] = json.loads(box.read("/run/gpu-governor/processes.json"))["processes"]
+    return rows
+
+
+def test_users_compositor_keeps_its_protection_under_the_hardened_unit(box: Container) -> None:
+    """Another user's /usr/local/bin/Xorg is protected (its exe is readable) while that user's hog is terminated."""
+    box.sh("dpkg -i /var/tmp/gpu-governor.deb", timeout=120)
+    box.sh(f"useradd --uid {UID} --create-home {USER}")
+    box.sh("install -o root -g root -m 0755 /bin/sleep /usr/local/bin/Xorg")
+    box.sh("install -o root -g root -m 0755 /bin/sleep /usr/local/bin/hog")
+    box.write(PROCESSES, processes_file())
+    box.write(CONFIG, make_config())
+    for unit, exe in ((XORG, "/usr/local/bin/Xorg"), (HOG, "/usr/local/bin/hog")):
+        box.sh(f"systemd-run --unit={unit} -p User={USER} {exe} infinity")
+    xorg_pid = int(box.show("MainPID", unit=XORG)["MainPID"])
+    box.sh(f"systemctl restart {UNIT}", timeout=90)
+    assert box.show("ActiveState")["ActiveState"] == "active"
+
+    wait_for("the hog to be terminated", lambda: active(box, HOG) != "active" or None, 30)
+    rows = wait_for(
+        "processes.json to list the user's Xorg",
+        lambda: [r for r in process_rows(box) if r["pid"] == xorg_pid] or None,
+        15,
+    )
+    assert rows[0]["user"] == USER, rows
+    protected = str(rows[0]["protected"])
+    assert protected.startswith("protected executable 'Xorg'"), rows
+    time.sleep(3)  # several more ticks, each of which would have signalled an unprotected Xorg
+    assert active(box, XORG) == "active"
+    assert int(box.show("MainPID", unit=XORG)["MainPID"]) == xorg_pid
+    signalled = [
+        e
+        for e in box.daemon_events()
+        if e.fields.get("PID") == str(xorg_pid) and e.event in ("process_signalled", "process_signal_failed")
+    ]
+    assert signalled == [], [e.message for e in signalled]
+
+
+def test_documentation_links_of_the_installed_unit_resolve(box: Container) -> None:
+    """Every file:// link in the installed unit's Documentation= names a file the package installed."""
+    links = box.show("Documentation")["Documentation"].split()
+    files = [link.removeprefix("file://") for link in links if link.startswith("file://")]
+    assert files, links
+    missing = [path for path in files if not box.exists(path)]
+    assert missing == [], f"Documentation= links to missing files: {missing}"
+
+
+def test_installed_files_are_root_owned_and_not_writable_by_others(box: Container) -> None:
+    """The config, the unit, the code and the state directory: root-owned, none writable by group or others."""
+    paths = [CONFIG, "/etc/gpu-governor", f"/lib/systemd/system/{UNIT}", "/usr/bin/gpu-governor", STATE_DIR]
+    listing = box.sh("stat -c '%u %a %n' " + " ".join(paths)).stdout.splitlines()
+    listing += box.sh("find /usr/lib/gpu-governor -printf '%U %m %p\\n'").stdout.splitlines()
+    bad = [line for line in listing if line.split()[0] != "0" or int(line.split()[1], 8) & 0o022]
+    assert bad == [], bad
+    assert box.sh(f"stat -c %a {STATE_DIR}").stdout.strip() == "700"
+
+
+def hot_config() -> str:
+    """The simulated RTX 4070 in the hot scenario at 20x real time: the limit steps down within seconds."""
+    return textwrap.dedent(
+        f"""\
+        # written by tests/system/test_hardening_e2e.py
+        backend = "simulated"
+        poll_interval_s = 0.5
+        state_dir = "{STATE_DIR}"
+
+        [simulation]
+        profile = "rtx4070"
+        scenario = "hot"
+        state_file = "{SIM_STATE}"
+        time_scale = 20.0
+
+        [power]
+        step_down_at_c = 75.0
+        step_up_at_c = 65.0
+        debounce_samples = 2
+        """
+    )
+
+
+def test_remove_after_a_crash_restores_the_lowered_limit(box: Container) -> None:
+    """`dpkg -r` with the governor killed (not restarted) and the limit lowered: the original limit is back."""
+    box.write("/run/systemd/system/gpu-governor.service.d/no-restart.conf", "[Service]\nRestart=no\n")
+    box.write(CONFIG, hot_config())
+    box.sh(f"systemctl daemon-reload && systemctl restart {UNIT}", timeout=90)
+    original = wait_for("an original limit to be recorded", lambda: box.originals() or None, 60, interval=0.5)[0]
+    wait_for("the limit to be stepped down", lambda: box.sim_limit_w() < original or None, 60, interval=0.5)
+    box.sh(f"kill -KILL {box.main_pid()}")
+    wait_for("the unit to be dead", lambda: box.show("ActiveState")["ActiveState"] != "active" or None, 30)
+    assert box.sim_limit_w() < original, "the killed governor restored nothing"
+
+    removed = box.sh("dpkg -r gpu-governor", timeout=300)
+    print(removed.stdout + removed.stderr)
+    assert box.sim_limit_w() == original
+    assert box.originals() == []
+    assert box.sh(f"systemctl is-active {UNIT}", check=False).stdout.strip() in ("inactive", "unknown")
+
+
+# --------------------------------------------------------------------------- no container
+
+
+def unit_values(key: str) -> list[str]:
+    """Every value of ``key=`` in the shipped unit's [Service] section, in order."""
+    service = UNIT_FILE.read_text().split("[Service]", 1)[1].split("[Install]", 1)[0]
+    return [line.split("=", 1)[1].strip() for line in service.splitlines() if line.startswith(key + "=")]
+
+
+def allowed_char_majors(proc_devices: str) -> set[int]:
+    """The character-device majors the unit's DeviceAllow= grants, resolved as systemd resolves them
+    when the unit starts (src/core/bpf-devices.c): ``char-N`` is major N, ``char-GLOB`` every major
+    whose name in that moment's /proc/devices matches the glob."""
+    names: dict[str, int] = {}
+    section = ""
+    for line in proc_devices.splitlines():
+        if line.endswith(":"):
+            section = line
+        elif section == "Character devices:" and line.split():
+            major, name = line.split(None, 1)
+            names[name] = int(major)
+    majors: set[int] = set()
+    for value in unit_values("DeviceAllow"):
+        spec = value.split()[0]
+        if not spec.startswith("char-"):
+            continue
+        group = spec.removeprefix("char-")
+        if group.isdigit():
+            majors.add(int(group))
+        else:
+            majors |= {major for name, major in names.items() if fnmatch.fnmatchcase(name, group)}
+    return majors
+
+
+BEFORE_DRIVER = "Character devices:\n  1 mem\n  4 tty\n  5 /dev/tty\n 10 misc\n136 pts\n\nBlock devices:\n  7 loop\n"
+# /proc/devices on an H200 host (driver 580.159.04) once the driver is loaded.
+NVIDIA_GROUPS = {
+    "nvidia": 195,
+    "nvidiactl": 195,
+    "nvidia-uvm": 238,
+    "nvidia-nvswitch": 239,
+    "nvidia-nvlink": 240,
+    "nvidia-caps": 241,
+    "nvidia-caps-imex-channels": 242,
+}
+WITH_DRIVER = BEFORE_DRIVER.replace(
+    " 10 misc\n", " 10 misc\n" + "".join(f"{major} {name}\n" for name, major in NVIDIA_GROUPS.items())
+)
+
+
+def test_device_allow_reaches_nvidiactl_when_the_driver_loads_after_the_unit() -> None:
+    """Major 195 (/dev/nvidiactl, /dev/nvidiaN) is allowed even when /proc/devices had no NVIDIA entry at start."""
+    assert unit_values("DevicePolicy") == ["closed"]
+    assert 195 in allowed_char_majors(BEFORE_DRIVER)
+
+
+def test_device_allow_covers_every_nvidia_group_loaded_before_the_unit() -> None:
+    """With the driver loaded first, every NVIDIA group (uvm, caps for MIG, nvswitch...) is allowed, nothing else."""
+    assert allowed_char_majors(WITH_DRIVER) == set(NVIDIA_GROUPS.values())
