@@ -12,6 +12,7 @@ drift, and a tick missed entirely is skipped, not bunched.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import IO
 
 from governor.backends import Backend
 from governor.clock import Clock
+from governor.safefile import open_output
 from governor.trace import device_record, sample_record, write_records
 
 __all__ = ["ScaledClock", "record", "run_record"]
@@ -72,7 +74,7 @@ def record(
     if duration_s is not None and not duration_s >= 0:
         raise ValueError(f"duration_s must be >= 0 seconds or None, got {duration_s!r}")
     if isinstance(output, (str, Path)):
-        with open(output, "w", encoding="utf-8") as handle:
+        with os.fdopen(open_output(output), "w", encoding="utf-8") as handle:  # never through a planted link
             return _record(backend, handle, interval_s, duration_s, clock, sleep, stop_event, profile)
     return _record(backend, output, interval_s, duration_s, clock, sleep, stop_event, profile)
 

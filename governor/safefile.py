@@ -171,6 +171,34 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = 
         fsync_dir(directory)
 
 
+def open_output(path: Path | str, *, mode: int = 0o644) -> int:
+    """A descriptor of ``path`` open for writing from its start, for output written as it comes (a
+    recorded trace), created with ``mode`` if absent. Never through a planted link: O_NOFOLLOW
+    refuses a symlink, and an existing file must be a regular file of this user with one link
+    (a hard link to another user's file in a shared directory would otherwise be truncated)
+    before it is truncated. OSError (a readable ``strerror``) otherwise."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symbolic link, which is not followed") from None
+        if exc.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, "it is a FIFO, not a regular file: not written") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{_kind(info.st_mode)}, not a regular file: not written")
+        if info.st_uid != os.geteuid() or info.st_nlink != 1:
+            raise OSError(errno.EPERM, "an existing file of another user, or with other links, is not overwritten")
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def state_json(document: object) -> str:
     """A state file's text: ``document`` as indented, key-sorted JSON with a final newline."""
     return json.dumps(document, indent=2, sort_keys=True) + "\n"

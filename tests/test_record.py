@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -223,3 +224,52 @@ def test_a_gpu_found_while_recording_gets_its_device_record(tmp_path: Path) -> N
     assert len(trace.samples[0]) == 40
     assert 0 < len(trace.samples[1]) < 40  # from the count that found it on
     assert {s.reading.temperature_c for s in trace.samples[1]} == {66.0}
+
+
+class TestPlantedOutput:
+    """What another user may have put at the output path is never written through."""
+
+    def test_a_planted_symlink_is_refused_and_its_target_untouched(self, tmp_path: Path) -> None:
+        """An output path that is a symlink (to a file the recorder may write) is refused: the target is unchanged."""
+        victim = tmp_path / "victim"
+        victim.write_text("precious\n")
+        link = tmp_path / "trace.jsonl"
+        link.symlink_to(victim)
+        clock = VirtualClock()
+        backend, _ = fake_backend(clock)
+        with pytest.raises(OSError) as raised:
+            record(backend, link, 1.0, 2.0, clock, sleep=clock.advance)
+        assert "symbolic link" in str(raised.value)
+        assert victim.read_text() == "precious\n"
+
+    def test_a_hard_link_to_another_file_is_not_truncated(self, tmp_path: Path) -> None:
+        """An existing output path with a second link (a hard link planted to someone's file) is refused untouched."""
+        victim = tmp_path / "victim"
+        victim.write_text("precious\n")
+        planted = tmp_path / "trace.jsonl"
+        os.link(victim, planted)
+        clock = VirtualClock()
+        backend, _ = fake_backend(clock)
+        with pytest.raises(OSError) as raised:
+            record(backend, planted, 1.0, 2.0, clock, sleep=clock.advance)
+        assert "other links" in str(raised.value)
+        assert victim.read_text() == "precious\n"
+
+    def test_a_fifo_is_refused_without_blocking(self, tmp_path: Path) -> None:
+        """A FIFO at the output path (no reader) is refused at once instead of blocking the command."""
+        fifo = tmp_path / "trace.jsonl"
+        os.mkfifo(fifo)
+        clock = VirtualClock()
+        backend, _ = fake_backend(clock)
+        with pytest.raises(OSError) as raised:
+            record(backend, fifo, 1.0, 2.0, clock, sleep=clock.advance)
+        assert "FIFO" in str(raised.value)
+
+    def test_an_own_existing_file_is_overwritten(self, tmp_path: Path) -> None:
+        """The recorder's own earlier trace at the path is truncated and written again."""
+        path = tmp_path / "trace.jsonl"
+        path.write_text("x" * 100_000)
+        clock = VirtualClock()
+        backend, _ = fake_backend(clock)
+        assert record(backend, path, 1.0, 2.0, clock, sleep=clock.advance) == 4
+        assert len(read_trace(path).samples[0]) == 2
