@@ -296,6 +296,30 @@ def remove_root(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def tear_down(
+    container: Container | None, work: Path, *, failed: bool, tag: str, started: float, unit: str, lines: int = 150
+) -> None:
+    """The end of a booted container's module: ``unit``'s last ``lines`` journal lines when a test
+    ``failed`` (post-mortem for CI logs), power off, then the root and ``work`` removed (kept with
+    GG_KEEP_ROOT=1); ``tag`` prefixes what is printed, ``started`` (monotonic s) times the module."""
+    if container is not None:
+        if failed:
+            tail = container.sh(f"journalctl --no-pager -o short-monotonic -n {lines} -u {unit}", check=False)
+            print(f"[{tag}] journal of {unit} (last {lines} lines):\n{tail.stdout}")
+        power_off(container)
+    if os.environ.get("GG_KEEP_ROOT") == "1":
+        print(f"[{tag}] kept {work}")
+    else:
+        remove_root(work / "root")
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"[{tag}] module wall time {time.monotonic() - started:.0f}s")
+
+
+def active(box: Container, unit: str) -> str:
+    """``systemctl is-active UNIT`` inside the container (active, activating, failed, inactive...)."""
+    return box.sh(f"systemctl is-active {unit}", check=False).stdout.strip()
+
+
 def check_prerequisites() -> None:
     """Skip (or fail under GG_REQUIRE_SYSTEM_TESTS=1) without root and the tools."""
     if os.geteuid() != 0:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import shutil
 import tempfile
 import textwrap
@@ -35,13 +34,13 @@ from tests.system.nspawn import (
     UNIT,
     UNIT_FILE,
     Container,
+    active,
     boot,
     build_deb,
     check_prerequisites,
     deb_depends,
     debootstrap,
-    power_off,
-    remove_root,
+    tear_down,
     wait_for,
 )
 
@@ -118,21 +117,15 @@ def box(request: pytest.FixtureRequest) -> Iterator[Container]:
         print(f"[hardening-e2e] container booted after {time.monotonic() - started:.0f}s")
         yield container
     finally:
-        if container is not None:
-            if request.session.testsfailed:
-                tail = container.sh(f"journalctl --no-pager -o short-monotonic -n 150 -u {UNIT}", check=False)
-                print(f"[hardening-e2e] journal of {UNIT}:\n{tail.stdout}")
-            power_off(container)
-        if os.environ.get("GG_KEEP_ROOT") == "1":
-            print(f"[hardening-e2e] kept {work}")
-        else:
-            remove_root(root)
-            shutil.rmtree(work, ignore_errors=True)
-        print(f"[hardening-e2e] module wall time {time.monotonic() - started:.0f}s")
-
-
-def active(box: Container, unit: str) -> str:
-    return box.sh(f"systemctl is-active {unit}", check=False).stdout.strip()
+        tear_down(
+            container,
+            work,
+            failed=bool(request.session.testsfailed),
+            tag="hardening-e2e",
+            started=started,
+            unit=UNIT,
+            lines=150,
+        )
 
 
 def process_rows(box: Container) -> list[dict[str, object]]:

@@ -49,8 +49,7 @@ from tests.system.nspawn import (
     debootstrap,
     host,
     metric,
-    power_off,
-    remove_root,
+    tear_down,
     unavailable,
     wait_for,
 )
@@ -115,18 +114,9 @@ def box(request: pytest.FixtureRequest) -> Iterator[Container]:
         print(f"[e2e] container booted after {time.monotonic() - started:.0f}s")
         yield container
     finally:
-        if container is not None:
-            if request.session.testsfailed:
-                # Post-mortem for CI logs: the unit's journal, systemd's lines included.
-                tail = container.sh(f"journalctl --no-pager -o short-monotonic -n 150 -u {UNIT}", check=False)
-                print(f"[e2e] journal of {UNIT} (last 150 lines):\n{tail.stdout}")
-            power_off(container)
-        if os.environ.get("GG_KEEP_ROOT") == "1":
-            print(f"[e2e] kept {work}")
-        else:
-            remove_root(root)
-            shutil.rmtree(work, ignore_errors=True)
-        print(f"[e2e] module wall time {time.monotonic() - started:.0f}s")
+        tear_down(
+            container, work, failed=bool(request.session.testsfailed), tag="e2e", started=started, unit=UNIT, lines=150
+        )
 
 
 def make_config(hot_c: float = 80.0, step_down_at_c: float = 75.0) -> str:

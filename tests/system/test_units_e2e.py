@@ -19,7 +19,6 @@ signalled no more. Needs root, systemd-nspawn and debootstrap (.ci/install-syste
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import textwrap
@@ -34,14 +33,14 @@ from tests.system.nspawn import (
     STATE_DIR,
     UNIT,
     Container,
+    active,
     boot,
     build_deb,
     check_prerequisites,
     deb_depends,
     debootstrap,
     metric,
-    power_off,
-    remove_root,
+    tear_down,
     wait_for,
 )
 
@@ -157,21 +156,15 @@ def box(request: pytest.FixtureRequest) -> Iterator[Container]:
         print(f"[units-e2e] container booted after {time.monotonic() - started:.0f}s")
         yield container
     finally:
-        if container is not None:
-            if request.session.testsfailed:
-                tail = container.sh(f"journalctl --no-pager -o short-monotonic -n 200 -u {UNIT}", check=False)
-                print(f"[units-e2e] journal of {UNIT}:\n{tail.stdout}")
-            power_off(container)
-        if os.environ.get("GG_KEEP_ROOT") == "1":
-            print(f"[units-e2e] kept {work}")
-        else:
-            remove_root(root)
-            shutil.rmtree(work, ignore_errors=True)
-        print(f"[units-e2e] module wall time {time.monotonic() - started:.0f}s")
-
-
-def active(box: Container, unit: str) -> str:
-    return box.sh(f"systemctl is-active {unit}", check=False).stdout.strip()
+        tear_down(
+            container,
+            work,
+            failed=bool(request.session.testsfailed),
+            tag="units-e2e",
+            started=started,
+            unit=UNIT,
+            lines=200,
+        )
 
 
 def events(box: Container, name: str, pid: int | None = None) -> list[str]:
@@ -282,7 +275,8 @@ def test_successor_of_a_killed_governor_resumes_the_unit_when_the_game_exits(box
     began = time.monotonic()
     wait_for("secondary-sd.service to be active again", lambda: active(box, SECONDARY) == "active" or None, 30)
     assert time.monotonic() - began >= RESUME_AFTER_S - 1.0
-    started = events(box, "unit_started", pid)
+    # The unit turns active a moment before the governor's unit_started entry reaches the journal.
+    started = wait_for("the unit_started event", lambda: events(box, "unit_started", pid) or None, 15)
     print(f"[units-e2e] resumed {time.monotonic() - began:.1f} s after the game exited: {started[:1]}")
     assert started and f"unit={SECONDARY}" in started[0] and "clear for" in started[0], started
     assert status_json(box)["stopped_units"] == []
