@@ -89,10 +89,7 @@ class MetricsListener:
         try:
             self.server = self._factory(self._published)
         except ListenUnavailable as exc:
-            self._retry_at_s = self._clock.monotonic() + RETRY_S
-            if str(exc) != self.unavailable:
-                self._log.error("metrics_listen_failed", error=str(exc), retry_s=RETRY_S)
-            self.unavailable = str(exc)
+            self._failed(str(exc))
             return
         self.unavailable = self._retry_at_s = None
         self._on_bound(self.server)
@@ -103,9 +100,15 @@ class MetricsListener:
         if due and report.kind == TICK:
             try:
                 self.bind()
-            except CliError as exc:  # it became an error waiting cannot clear: keep governing, say so once
-                self._retry_at_s = None
-                self._log.error("metrics_listen_failed", error=str(exc), retry_s=None)
+            except Exception as exc:  # once governing, no endpoint error ends it (a web config broken since)
+                self._failed(str(exc))
+
+    def _failed(self, error: str) -> None:
+        """Log ``error`` once (until it changes) and try again in RETRY_S."""
+        self._retry_at_s = self._clock.monotonic() + RETRY_S
+        if error != self.unavailable:
+            self._log.error("metrics_listen_failed", error=error, retry_s=RETRY_S)
+        self.unavailable = error
 
     def close(self) -> None:
         """Close the server, if one is bound; no more tries."""

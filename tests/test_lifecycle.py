@@ -144,6 +144,35 @@ class TestMetricsPortTaken:
             daemon.stop()
         assert backend.limits_w[UUID] == 200.0
 
+    def test_a_retry_that_fails_otherwise_is_logged_once_and_tried_again(self, tmp_path: Path) -> None:
+        """After the start, a retry failing with an error waiting cannot clear (permission, a broken web config)
+        is logged once, not every tick, governing goes on, and the endpoint is bound once the error is gone."""
+
+        class Served:
+            def close(self) -> None:
+                """Nothing to release."""
+
+        errors: list[Exception] = [
+            ListenUnavailable("cannot listen for metrics on 127.0.0.1:9: Address already in use"),
+            CliError("cannot listen for metrics on 127.0.0.1:9: Permission denied", EXIT_BIND),
+            CliError("cannot listen for metrics on 127.0.0.1:9: Permission denied", EXIT_BIND),
+        ]
+
+        def factory(source: object) -> Served:
+            if errors:
+                raise errors.pop(0)
+            return Served()
+
+        daemon, backend, clock = hot_daemon(tmp_path, [95.0], metrics_server_factory=factory)
+        with capture_logs() as logs:
+            daemon.start()
+            tick(daemon, clock, 4 * int(listener.RETRY_S) + 2)
+        failed = [e["error"] for e in logs if e["event"] == "metrics_listen_failed"]
+        assert len(failed) == 2 and "in use" in failed[0] and "Permission denied" in failed[1]
+        assert not [e for e in logs if e["event"] in ("observer_failed", "tick_failed")]
+        assert isinstance(daemon.listener.server, Served) and backend.limits_w[UUID] == 180.0
+        daemon.stop()
+
     def test_only_errors_waiting_can_clear_are_tried_again(self) -> None:
         """A port in use and an address not on the host yet are retried (ListenUnavailable); no permission for a
         port under 1024 is an error of exit 6 that ends the start (as TestFailedStart shows)."""
