@@ -7,14 +7,16 @@ Shared by tests/system/test_units_e2e.py and test_systemd_e2e.py (which keeps it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +26,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 UNIT = "gpu-governor.service"
 UNIT_FILE = REPO / "systemd" / UNIT
+RESTART_QUICKLY = "[Unit]\nStartLimitIntervalSec=0\n\n[Service]\nRestartSec=1s\n"
+"""A test-only drop-in: restart a killed governor within a second, however often a test kills it."""
 CONFIG = "/etc/gpu-governor/governor.toml"
 STATE_DIR = "/var/lib/gpu-governor"
 SIM_STATE = f"{STATE_DIR}/simulated-gpus.json"
@@ -313,6 +317,40 @@ def tear_down(
         remove_root(work / "root")
         shutil.rmtree(work, ignore_errors=True)
     print(f"[{tag}] module wall time {time.monotonic() - started:.0f}s")
+
+
+@contextlib.contextmanager
+def booted(
+    tag: str,
+    drop_in: str,
+    failed: Callable[[], bool],
+    *,
+    prepare: Callable[[Path], None] | None = None,
+    lines: int = 150,
+) -> Iterator[Container]:
+    """A Debian 12 booted in a container with the .deb built from this tree installed, for a module:
+    the governor unit gets ``drop_in`` (as ``e2e.conf``) before the install, ``prepare`` writes anything
+    else into the root; afterwards :func:`tear_down` (``failed``: whether a test failed, asked then)."""
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=f"gg-{tag}-"))
+    root = work / "root"
+    container: Container | None = None
+    try:
+        deb = build_deb(work / "deb")
+        print(f"[{tag}] .deb {deb.name} ready after {time.monotonic() - started:.0f}s")
+        debootstrap(root, deb_depends(deb))
+        print(f"[{tag}] debootstrap done after {time.monotonic() - started:.0f}s")
+        shutil.copy(deb, root / "var/tmp" / "gpu-governor.deb")
+        unit_dir = root / "etc/systemd/system" / f"{UNIT}.d"
+        unit_dir.mkdir(parents=True)
+        (unit_dir / "e2e.conf").write_text(drop_in)
+        if prepare is not None:
+            prepare(root)
+        container = boot(root, deb, work / "nspawn.log")
+        print(f"[{tag}] container booted after {time.monotonic() - started:.0f}s")
+        yield container
+    finally:
+        tear_down(container, work, failed=failed(), tag=tag, started=started, unit=UNIT, lines=lines)
 
 
 def active(box: Container, unit: str) -> str:

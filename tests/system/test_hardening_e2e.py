@@ -18,29 +18,23 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import shutil
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.system.nspawn import (
     CONFIG,
+    RESTART_QUICKLY,
     SIM_STATE,
     STATE_DIR,
     UNIT,
     UNIT_FILE,
     Container,
     active,
-    boot,
-    build_deb,
+    booted,
     check_prerequisites,
-    deb_depends,
-    debootstrap,
-    tear_down,
     wait_for,
 )
 
@@ -101,31 +95,8 @@ def processes_file() -> str:
 def box(request: pytest.FixtureRequest) -> Iterator[Container]:
     """A booted Debian 12 with the .deb installed and a user account with uid 1000."""
     check_prerequisites()
-    started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="gg-hardening-e2e-"))
-    root = work / "root"
-    container: Container | None = None
-    try:
-        deb = build_deb(work / "deb")
-        debootstrap(root, deb_depends(deb))
-        print(f"[hardening-e2e] debootstrap done after {time.monotonic() - started:.0f}s")
-        shutil.copy(deb, root / "var/tmp" / "gpu-governor.deb")
-        drop_in = root / "etc/systemd/system/gpu-governor.service.d"
-        drop_in.mkdir(parents=True)
-        (drop_in / "e2e.conf").write_text("[Unit]\nStartLimitIntervalSec=0\n\n[Service]\nRestartSec=1s\n")
-        container = boot(root, deb, work / "nspawn.log")
-        print(f"[hardening-e2e] container booted after {time.monotonic() - started:.0f}s")
+    with booted("hardening-e2e", RESTART_QUICKLY, lambda: bool(request.session.testsfailed)) as container:
         yield container
-    finally:
-        tear_down(
-            container,
-            work,
-            failed=bool(request.session.testsfailed),
-            tag="hardening-e2e",
-            started=started,
-            unit=UNIT,
-            lines=150,
-        )
 
 
 def process_rows(box: Container) -> list[dict[str, object]]:

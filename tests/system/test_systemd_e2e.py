@@ -27,7 +27,6 @@ import re
 import shutil
 import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -43,13 +42,9 @@ from tests.system.nspawn import (
     UNIT_FILE,
     Container,
     Event,
-    boot,
-    build_deb,
-    deb_depends,
-    debootstrap,
+    booted,
     host,
     metric,
-    tear_down,
     unavailable,
     wait_for,
 )
@@ -76,47 +71,32 @@ def check_prerequisites() -> None:
         unavailable(f"missing tools: {', '.join(missing)} (run .ci/install-system-deps.sh)")
 
 
+# The drop-in a user would add to try the governor on a simulated GPU (installed before the
+# .deb), plus test-only short watchdog and restart delays.
+DROP_IN = textwrap.dedent(
+    """\
+    [Unit]
+    # test only: the test restarts the unit more often than a crash loop would
+    StartLimitIntervalSec=0
+
+    [Service]
+    ExecStart=
+    ExecStart=/usr/bin/gpu-governor run --simulate
+    # test only: find a frozen daemon within 3 s and restart quickly
+    WatchdogSec=3s
+    TimeoutAbortSec=3s
+    RestartSec=1s
+    LimitCORE=0
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def box(request: pytest.FixtureRequest) -> Iterator[Container]:
     """A booted Debian 12 with gpu-governor installed from the .deb and running on a simulated GPU."""
     check_prerequisites()
-    started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="gg-e2e-"))
-    root = work / "root"
-    container: Container | None = None
-    try:
-        deb = build_deb(work / "deb")
-        print(f"[e2e] .deb {deb.name} ready after {time.monotonic() - started:.0f}s")
-        debootstrap(root, deb_depends(deb))
-        print(f"[e2e] debootstrap done after {time.monotonic() - started:.0f}s")
-        shutil.copy(deb, root / "var/tmp" / "gpu-governor.deb")
-        # Before installing: the drop-in a user would add to try the governor on a
-        # simulated GPU, plus test-only short watchdog and restart delays.
-        drop_in = textwrap.dedent(
-            """\
-            [Unit]
-            # test only: the test restarts the unit more often than a crash loop would
-            StartLimitIntervalSec=0
-
-            [Service]
-            ExecStart=
-            ExecStart=/usr/bin/gpu-governor run --simulate
-            # test only: find a frozen daemon within 3 s and restart quickly
-            WatchdogSec=3s
-            TimeoutAbortSec=3s
-            RestartSec=1s
-            LimitCORE=0
-            """
-        )
-        (root / "etc/systemd/system/gpu-governor.service.d").mkdir(parents=True)
-        (root / "etc/systemd/system/gpu-governor.service.d/e2e.conf").write_text(drop_in)
-        container = boot(root, deb, work / "nspawn.log")
-        print(f"[e2e] container booted after {time.monotonic() - started:.0f}s")
+    with booted("e2e", DROP_IN, lambda: bool(request.session.testsfailed)) as container:
         yield container
-    finally:
-        tear_down(
-            container, work, failed=bool(request.session.testsfailed), tag="e2e", started=started, unit=UNIT, lines=150
-        )
 
 
 def make_config(hot_c: float = 80.0, step_down_at_c: float = 75.0) -> str:

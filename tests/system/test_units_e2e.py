@@ -19,8 +19,6 @@ signalled no more. Needs root, systemd-nspawn and debootstrap (.ci/install-syste
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -30,17 +28,14 @@ import pytest
 
 from tests.system.nspawn import (
     CONFIG,
+    RESTART_QUICKLY,
     STATE_DIR,
     UNIT,
     Container,
     active,
-    boot,
-    build_deb,
+    booted,
     check_prerequisites,
-    deb_depends,
-    debootstrap,
     metric,
-    tear_down,
     wait_for,
 )
 
@@ -135,36 +130,16 @@ def make_config(dry_run: bool) -> str:
 def box(request: pytest.FixtureRequest) -> Iterator[Container]:
     """A booted Debian 12 with the .deb installed, the test's services and the governor running on them."""
     check_prerequisites()
-    started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="gg-units-e2e-"))
-    root = work / "root"
-    container: Container | None = None
-    try:
-        deb = build_deb(work / "deb")
-        debootstrap(root, deb_depends(deb))
-        print(f"[units-e2e] debootstrap done after {time.monotonic() - started:.0f}s")
-        shutil.copy(deb, root / "var/tmp" / "gpu-governor.deb")
-        drop_in = root / "etc/systemd/system/gpu-governor.service.d"
-        drop_in.mkdir(parents=True)
-        # test only: restart a killed governor within a second, however often the test kills it
-        (drop_in / "e2e.conf").write_text("[Unit]\nStartLimitIntervalSec=0\n\n[Service]\nRestartSec=1s\n")
+
+    def services(root: Path) -> None:
         for name, restart in SERVICES.items():
             (root / "etc/systemd/system" / name).write_text(
                 f"[Unit]\nDescription=e2e workload {name}\n\n[Service]\nExecStart=/bin/sleep infinity\n{restart}\n"
             )
-        container = boot(root, deb, work / "nspawn.log")
-        print(f"[units-e2e] container booted after {time.monotonic() - started:.0f}s")
+
+    failed = lambda: bool(request.session.testsfailed)  # noqa: E731
+    with booted("units-e2e", RESTART_QUICKLY, failed, prepare=services, lines=200) as container:
         yield container
-    finally:
-        tear_down(
-            container,
-            work,
-            failed=bool(request.session.testsfailed),
-            tag="units-e2e",
-            started=started,
-            unit=UNIT,
-            lines=200,
-        )
 
 
 def events(box: Container, name: str, pid: int | None = None) -> list[str]:
