@@ -479,10 +479,11 @@ def _metrics_warnings(config: Config) -> list[str]:
             "move them into a web-config file ([metrics] web_config_file, docs/security.md)"
         )
     if metrics.enabled and metrics.web_config_file:
-        from governor.webconfig import IGNORED_KEYS, read_web_config
+        from governor.webconfig import IGNORED_KEYS, exposed_secrets, read_web_config
 
         web = read_web_config(metrics.web_config_file, trust_euid=os.geteuid())  # validated with the config
         warnings.extend(f"{web.source}: {key}: ignored ({IGNORED_KEYS[key]})" for key in web.ignored)
+        warnings.extend(f"{web.source}: {exposed}" for exposed in exposed_secrets(web))
     return warnings
 
 

@@ -78,6 +78,7 @@ from governor.webconfig import (
     TlsServerConfig,
     WebConfig,
     build_tls_context,
+    exposed_secrets,
     file_states,
     from_metrics_keys,
     password_hashes,
@@ -710,6 +711,8 @@ class LiveWebConfig:
         self._failed: tuple[tuple[Any, ...], ...] | None = None
         self._next_check_s = clock() + check_interval_s
         self._log_ignored(config)
+        self._exposed: tuple[str, ...] = ()
+        self._log_exposed(config)
 
     @classmethod
     def from_file(cls, path: str, *, trust_euid: int | None = None, log: Any = None) -> LiveWebConfig:
@@ -743,6 +746,18 @@ class LiveWebConfig:
                 source=config.source,
                 keys=list(config.ignored),
                 effect="gpu-governor does not implement them (docs/security.md)",
+            )
+
+    def _log_exposed(self, config: WebConfig) -> None:
+        """Warn of secrets readable by others: at start, and when a change of the files exposes a new one."""
+        exposed, before = exposed_secrets(config), self._exposed
+        self._exposed = exposed
+        if exposed and exposed != before:
+            self._log.warning(
+                "web_config_secret_exposed",
+                source=config.source,
+                exposed=list(exposed),
+                effect="served as it is; a local user who reads it can pose as this endpoint or crack the hashes",
             )
 
     def current(self) -> Served:
@@ -800,6 +815,7 @@ class LiveWebConfig:
         )
         if config.ignored != served.config.ignored:
             self._log_ignored(config)
+        self._log_exposed(config)
 
 
 def security_warnings(address: str, tls: TlsServerConfig | None, basic_auth: bool) -> tuple[str, ...]:

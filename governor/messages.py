@@ -111,6 +111,7 @@ MESSAGES: dict[str, str] = {
     "web_config_reloaded": "Web config {source} reloaded: TLS {tls}, {basic_auth_users} basic auth user(s)",
     "web_config_reload_failed": "Web config {source} could not be reloaded: {error}; {effect}",
     "web_config_keys_ignored": "Web config {source} has keys {keys} that are ignored: {effect}",
+    "web_config_secret_exposed": "Web config {source}: {exposed}: {effect}",
     # --- systemd units (stop-unit classes, kill-restart loops) ---------------------------------
     "stopped_units_unreadable": "The list of units the governor stopped could not be read: {detail}",
     "unit_stopped_earlier": "Unit {unit} (class {class}) was stopped by the governor earlier: {effect}",

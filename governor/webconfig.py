@@ -279,6 +279,28 @@ def parse_web_config(document: Any, source: str, base_dir: Path) -> WebConfig:
     return WebConfig(source, tls, users, tuple(ignored), path=source)
 
 
+def exposed_secrets(config: WebConfig) -> tuple[str, ...]:
+    """The secrets ``config`` reads that users other than the owner may read: the TLS private
+    key (anyone who reads it can answer scrapes as this endpoint, from a port taken first)
+    and a web-config file with basic-auth users (its bcrypt hashes can be cracked offline).
+    One line per file, naming the key, the file and its mode; empty when none is exposed or
+    a file cannot be stat'ed (reading it reports that)."""
+    secrets: list[tuple[str, str]] = []
+    if config.tls is not None:
+        secrets.append((config.key("key_file"), config.tls.key_file))
+    if config.users and config.path:
+        secrets.append(("basic_auth_users", config.path))
+    out = []
+    for key, path in secrets:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            continue
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            out.append(f"{key}: {path} is readable by group or others (mode {mode:o}; chmod go-r)")
+    return tuple(out)
+
+
 def read_web_config(path: Path | str, *, trust_euid: int | None = None) -> WebConfig:
     """Read and validate the web-config file at ``path`` without opening the files it names
     (what ``status`` needs to find the certificate); ConfigError naming every problem."""

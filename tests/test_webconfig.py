@@ -31,6 +31,7 @@ from governor.webconfig import (
     MAX_WEB_CONFIG_BYTES,
     TLS_VERSIONS,
     build_tls_context,
+    exposed_secrets,
     load_web_config,
     parse_web_config,
     parse_yaml,
@@ -395,6 +396,48 @@ class TestFiles:
                 server.close()
         assert set(TLS_VERSIONS) == {"TLS10", "TLS11", "TLS12", "TLS13"}
 
+    def test_secrets_readable_by_others_are_named(self, tmp_path: Path, pairs: tuple[Pair, Pair]) -> None:
+        """A TLS key or a basic-auth file readable by group or others is named with its key and mode; 0600 is not."""
+        first, _ = pairs
+        key = tmp_path / "server.key"
+        shutil.copyfile(first.key, key)
+        key.chmod(0o640)
+        hashed = auth.hash_password("x", cost=4)
+        text = f"tls_server_config:\n  cert_file: {first.cert}\n  key_file: {key}\nbasic_auth_users:\n  a: '{hashed}'\n"
+        web = read_web_config(write(tmp_path / "w.yml", text, mode=0o604))
+        assert exposed_secrets(web) == (
+            f"tls_server_config.key_file: {key} is readable by group or others (mode 640; chmod go-r)",
+            f"basic_auth_users: {tmp_path / 'w.yml'} is readable by group or others (mode 604; chmod go-r)",
+        )
+        key.chmod(0o600)
+        (tmp_path / "w.yml").chmod(0o600)
+        assert exposed_secrets(web) == ()
+        no_users = read_web_config(write(tmp_path / "t.yml", text.split("basic_auth_users")[0], mode=0o644))
+        assert exposed_secrets(no_users) == ()  # a world-readable file with no hashes in it holds no secret
+
+    def test_exposed_secret_is_logged_at_start_and_when_a_change_exposes_it(self, tmp_path: Path) -> None:
+        """The endpoint warns once at start, not again while unchanged, and again when a chmod exposes the file."""
+        hashed = auth.hash_password("x", cost=4)
+        web = write(tmp_path / "w.yml", f"basic_auth_users:\n  a: '{hashed}'\n", mode=0o600)
+        now = [0.0]
+        log = Recorder()
+        live = LiveWebConfig(
+            lambda: read_web_config(web), path=str(web), log=log, check_interval_s=1.0, clock=lambda: now[0]
+        )
+        assert log.named("web_config_secret_exposed") == []
+        web.chmod(0o644)
+        now[0] = 5.0
+        live.current()
+        (warned,) = log.named("web_config_secret_exposed")
+        assert warned["exposed"] == [f"basic_auth_users: {web} is readable by group or others (mode 644; chmod go-r)"]
+        write(web, f"basic_auth_users:\n  b: '{hashed}'\n", mode=0o644)  # still exposed: said once
+        now[0] = 10.0
+        assert live.current().config.users[0][0] == "b"
+        assert len(log.named("web_config_secret_exposed")) == 1
+        started = Recorder()
+        LiveWebConfig(lambda: read_web_config(web), path=str(web), log=started)
+        assert len(started.named("web_config_secret_exposed")) == 1
+
     def test_build_needs_tls(self) -> None:
         """Building a context for a config without TLS is a programming error, said plainly."""
         from governor.webconfig import WebConfig
@@ -461,6 +504,7 @@ class TestConfigKeys:
         assert main(["check-config", str(new), "--profile", "rtx4070"], out=out, err=io.StringIO()) == 0
         warned = capsys.readouterr().err
         assert f"{web}: rate_limit: ignored" in warned and "deprecated" not in warned
+        assert f"{web}: basic_auth_users: {web} is readable by group or others (mode 644" in warned
         assert f'web_config_file = "{web}"' in out.getvalue()
 
 
