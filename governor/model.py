@@ -507,7 +507,10 @@ class ProcessIdentity:
     ``start_time`` is in clock ticks since boot (None when the process is not visible);
     together with ``pid`` it names one process for its whole life. ``system_exe``: the
     exe is a root-owned, not group/world-writable file under a system directory;
-    ``newer_than_listing``: it started after the GPU process list was read (a reused PID).
+    ``newer_than_listing``: it started after the GPU process list was read (a reused PID);
+    ``exe_elsewhere``: the governor does not find the process's exe at that path (another
+    mount namespace: a container, or a user who mounted their own binary there in a user
+    namespace of theirs; or a deleted file), so the path matches no class's ``exe`` key.
     """
 
     pid: int
@@ -523,6 +526,7 @@ class ProcessIdentity:
     kernel_thread: bool
     system_exe: bool = False
     newer_than_listing: bool = False
+    exe_elsewhere: bool = False
 
     @property
     def exe_name(self) -> str | None:
@@ -614,6 +618,11 @@ class ProcessFacts:
     def exe_name(self) -> str | None:
         """The basename of the executable (without " (deleted)")."""
         return self.identity.exe_name
+
+    @property
+    def exe_elsewhere(self) -> bool:
+        """True when the exe path does not lead to the process's executable here (it matches no ``exe`` key)."""
+        return self.identity.exe_elsewhere
 
     @property
     def cmdline(self) -> str | None:

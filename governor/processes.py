@@ -22,8 +22,10 @@ to be a real account (uid below 60000: not nobody, not a systemd DynamicUser, no
 user-namespace id) *and* the governor to find that very file at that path: the path is the
 one the process's own mount namespace shows, and in a user namespace of their own any user
 may mount a system binary at ``/usr/local/bin/Xorg``. A process can only get such an exe by
-exec'ing that very binary. A kernel thread is one the kernel flags as such (PF_KTHREAD), not a
-process without exe or command line (a user process whose main thread exited shows neither).
+exec'ing that very binary. For the same reason a class's ``exe`` key matches only an exe the
+governor finds at that path (:attr:`~governor.model.ProcessIdentity.exe_elsewhere`). A kernel
+thread is one the kernel flags as such (PF_KTHREAD), not a process without exe or command
+line (a user process whose main thread exited shows neither).
 
 Bounded matching. ``cmdline`` and ``cgroup`` regexes (the ``regex`` module) run on at
 most ``CMDLINE_MAX_BYTES`` of text with a timeout of ``MATCH_TIMEOUT_S`` per match and a
@@ -276,7 +278,7 @@ def _match(klass: ProcessClass, facts: ProcessIdentity | ProcessFacts, deadline:
             return None
         reasons.append(f"name {facts.name!r} matches {m.name!r}")
     if m.exe is not None:
-        if facts.exe is None or not fnmatch.fnmatchcase(facts.exe, m.exe):
+        if facts.exe is None or facts.exe_elsewhere or not fnmatch.fnmatchcase(facts.exe, m.exe):
             return None
         reasons.append(f"exe matches {m.exe!r}")
     if m.user is not None:
@@ -473,13 +475,15 @@ class ProcessInspector:
         base = self.proc / str(pid)
         name = exe = cmdline = cgroup = None
         uid: int | None = None
-        kernel_thread = system_exe = False
+        kernel_thread = system_exe = exe_elsewhere = False
         if start is not None:
             comm = _read_text(base / "comm", 256)
             name = comm.removesuffix("\n") if comm is not None else None  # the kernel's newline, not the name's
             try:
                 exe = os.readlink(base / "exe")
-                system_exe = _is_system_exe(exe, os.stat(base / "exe"))
+                info = os.stat(base / "exe")
+                exe_elsewhere = not _same_file_here(exe, info)
+                system_exe = not exe_elsewhere and _is_system_file(exe, info)
             except OSError:
                 pass
             raw_cmdline = _read_text(base / "cmdline")
@@ -511,6 +515,7 @@ class ProcessInspector:
             slices=slices,
             kernel_thread=kernel_thread,
             system_exe=system_exe,
+            exe_elsewhere=exe_elsewhere,
         )
         facts = classified(identity, policy, self.own_pid, self._deadline, self.own_unit)
         foreign = self.foreign_pids is not None and facts.protected is None
@@ -520,20 +525,24 @@ class ProcessInspector:
         return facts
 
 
-def _is_system_exe(path: str, info: os.stat_result) -> bool:
-    """True for a root-owned regular file, not group/world-writable, under a system directory,
-    that is the very file found at ``path`` here.
-
-    ``path`` is the exe as the process's own mount namespace names it: in a user namespace any
-    user may mount a system binary (root-owned) at ``/usr/local/bin/Xorg`` for themselves, so the
-    path counts only when the governor finds that same file (device and inode) at it."""
-    if not (
+def _is_system_file(path: str, info: os.stat_result) -> bool:
+    """True for a root-owned regular file (``info``), not group/world-writable, whose path is
+    under a system directory."""
+    return (
         path.startswith(SYSTEM_EXE_PREFIXES)
         and stat.S_ISREG(info.st_mode)
         and info.st_uid == 0
         and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    ):
-        return False
+    )
+
+
+def _same_file_here(path: str, info: os.stat_result) -> bool:
+    """True when the governor finds the very file ``info`` describes (device and inode) at ``path``.
+
+    ``path`` is the exe as the process's own mount namespace names it: in a user namespace any
+    user may mount a binary of theirs at ``/usr/bin/ollama`` (or a system binary at
+    ``/usr/local/bin/Xorg``) for themselves, so the path is believed only when it leads to the
+    same file here."""
     try:
         here = os.stat(path)
     except OSError:

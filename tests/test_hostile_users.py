@@ -9,7 +9,8 @@ Real processes throughout. Each test is an attack that worked on an earlier vers
   the process the listing named under that PID: charged with its memory and signalled in its place;
 - a user namespace lets any user mount what they like where they like, for themselves: a root-owned
   system binary bind-mounted at ``/usr/local/bin/Xorg`` shows that path as its exe from outside, and
-  got the built-in protection of display servers.
+  got the built-in protection of display servers; the same mount of one's own binary at the path a
+  generous class names (``exe = "/usr/local/bin/ollama"``) put the process in that class.
 """
 
 from __future__ import annotations
@@ -170,6 +171,39 @@ class TestSpoofedExecutable:
         finally:
             child.kill()
             child.wait()
+
+    @pytest.mark.skipif(SLEEP is None or shutil.which("unshare") is None, reason="needs sleep and unshare")
+    def test_own_binary_mounted_at_a_class_exe_path_does_not_join_the_class(self, tmp_path: Path) -> None:
+        """A copy of a binary bind-mounted privately at the exe path of a generous class stays out of that class;
+        a process really running the file at a class's exe path is still matched.
+
+        Run as root here; any user gets the same with ``unshare -Urm``."""
+        if os.geteuid() != 0 or not Path("/usr/local").is_dir():
+            pytest.skip("mounting in a private mount namespace needs root (or user namespaces) and /usr/local")
+        assert SLEEP is not None
+        own = tmp_path / "mine"
+        shutil.copyfile(os.path.realpath(SLEEP), own)
+        own.chmod(0o755)
+        generous = ProcessClass("primary", ProcessMatch(exe="/usr/local/bin/ollama"), 64 * GiB)
+        real = ProcessClass("sleepers", ProcessMatch(exe=os.path.realpath(SLEEP)), GiB)
+        policy = VramPolicy(classes=(generous, real))
+        shell = (
+            "mount -t tmpfs tmpfs /usr/local && mkdir /usr/local/bin && : > /usr/local/bin/ollama && "
+            f'mount --bind "{own}" /usr/local/bin/ollama && exec /usr/local/bin/ollama 60'
+        )
+        child = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", shell])
+        honest = subprocess.Popen([os.path.realpath(SLEEP), "60"])
+        try:
+            wait_for(lambda: os.readlink(f"/proc/{child.pid}/exe") == "/usr/local/bin/ollama", 5.0, "the fake ollama")
+            got = ProcessInspector().facts(child.pid, None, policy)
+            assert got.exe == "/usr/local/bin/ollama" and got.exe_elsewhere
+            assert got.klass == "unclassified", got.why
+            wait_for(lambda: os.readlink(f"/proc/{honest.pid}/exe") == os.path.realpath(SLEEP), 5.0, "the exec")
+            assert ProcessInspector().facts(honest.pid, None, policy).klass == "sleepers"
+        finally:
+            for process in (child, honest):
+                process.kill()
+                process.wait()
 
 
 class TestClosedClientIsNobodysRoot:
