@@ -431,6 +431,7 @@ class ProcessInspector:
         self.own_unit = own_unit  # the governor's own systemd unit (its processes are never touched)
         self.foreign_pids = foreign_pids  # why listed PIDs name no process here (foreign_pid_namespace), or None
         self.gpu_device_prefix = GPU_DEVICE_PREFIX  # a process trusted in a foreign namespace holds one open
+        self.host_root = host_root(proc)  # where exe paths are looked up: init's view of the filesystem
         self._cache: dict[int, ProcessFacts] = {}
         self._policy: VramPolicy | None = None
         self._deadline = _Deadline(TICK_MATCH_BUDGET_S)
@@ -482,7 +483,7 @@ class ProcessInspector:
             try:
                 exe = os.readlink(base / "exe")
                 info = os.stat(base / "exe")
-                exe_elsewhere = not _same_file_here(exe, info)
+                exe_elsewhere = not _same_file_here(exe, info, self.host_root)
                 system_exe = not exe_elsewhere and _is_system_file(exe, info)
             except OSError:
                 pass
@@ -536,15 +537,28 @@ def _is_system_file(path: str, info: os.stat_result) -> bool:
     )
 
 
-def _same_file_here(path: str, info: os.stat_result) -> bool:
-    """True when the governor finds the very file ``info`` describes (device and inode) at ``path``.
+def host_root(proc: Path = Path("/proc")) -> str:
+    """``/proc/1/root`` (init's root: the host's view of the filesystem, whatever the governor's
+    own mount namespace hides, such as ``/home`` under ``ProtectHome=``) when it can be looked
+    through (root with ``CAP_SYS_PTRACE``), else "" (the governor's own view)."""
+    root = proc / "1" / "root"
+    try:
+        os.stat(root)
+    except OSError:
+        return ""
+    return str(root)
+
+
+def _same_file_here(path: str, info: os.stat_result, root: str = "") -> bool:
+    """True when the very file ``info`` describes (device and inode) is at ``path`` under ``root``
+    (:func:`host_root`; "" for the governor's own view).
 
     ``path`` is the exe as the process's own mount namespace names it: in a user namespace any
     user may mount a binary of theirs at ``/usr/bin/ollama`` (or a system binary at
     ``/usr/local/bin/Xorg``) for themselves, so the path is believed only when it leads to the
-    same file here."""
+    same file on the host."""
     try:
-        here = os.stat(path)
+        here = os.stat(root + path)
     except OSError:
         return False
     return (here.st_dev, here.st_ino) == (info.st_dev, info.st_ino)

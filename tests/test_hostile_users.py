@@ -205,6 +205,32 @@ class TestSpoofedExecutable:
                 process.kill()
                 process.wait()
 
+    def test_exe_paths_are_looked_up_as_the_host_sees_them(self, tmp_path: Path) -> None:
+        """With init's root readable, an exe path is checked there, not in the governor's own mount namespace
+        (which ProtectHome= empties): the same file there matches, another file at that path does not."""
+        binary = tmp_path / "bin" / "llama-server"
+        binary.parent.mkdir()
+        binary.write_bytes(b"\x7fELF")
+        proc = tmp_path / "proc"
+        host = proc / "1" / "root"
+        (host / binary.parent.relative_to("/")).mkdir(parents=True)
+        for pid, start in ((100, 1000), (200, 2000)):
+            base = proc / str(pid)
+            base.mkdir()
+            (base / "stat").write_text(f"{pid} (llama-server) S 1 {' '.join(['0'] * 17)} {start} 0\n")
+            (base / "comm").write_text("llama-server\n")
+            (base / "exe").symlink_to(binary)
+        policy = VramPolicy(classes=(ProcessClass("primary", ProcessMatch(exe="*/llama-server"), 8 * GiB),))
+        inspector = ProcessInspector(proc=proc)
+        assert inspector.host_root == str(host)
+        os.link(binary, host / binary.relative_to("/"))  # the host shows the very same file there
+        assert inspector.facts(100, None, policy).klass == "primary"
+        (host / binary.relative_to("/")).unlink()
+        shutil.copyfile(binary, host / binary.relative_to("/"))  # the host shows another file at that path
+        got = inspector.facts(200, None, policy)
+        assert got.exe_elsewhere and got.klass == "unclassified"
+        assert ProcessInspector(proc=tmp_path / "nothing").host_root == ""  # no init root to look through
+
 
 class TestClosedClientIsNobodysRoot:
     def test_a_client_that_closed_its_socket_is_not_taken_for_root(self) -> None:
