@@ -43,7 +43,8 @@ pytestmark = pytest.mark.system
 GIB = 2**30
 PROCESSES = "/etc/gpu-governor/sim-processes.json"
 USER, UID = "gguser", 1000
-XORG, HOG = "gg-xorg.service", "gg-hog.service"
+XORG, HOG, LLAMA = "gg-xorg.service", "gg-hog.service", "gg-llama.service"
+LLAMA_EXE = f"/home/{USER}/llama.cpp/llama-server"
 
 
 def make_config() -> str:
@@ -71,6 +72,13 @@ def make_config() -> str:
         cooldown_s = 1.0
 
         [[class]]
+        name = "llama"
+        budget = "8GiB"
+        priority = 20
+        action = "observe"
+        match = {{ exe = "*/llama-server" }}
+
+        [[class]]
         name = "user-jobs"
         budget = "256MiB"
         priority = 10
@@ -83,10 +91,10 @@ def make_config() -> str:
 
 
 def processes_file() -> str:
-    """Both of the user's units hold 1 GiB on GPU 0."""
+    """Each of the user's units holds 1 GiB on GPU 0."""
     entries = [
         {"gpu": 0, "cgroup": f"/system.slice/{unit}", "used_bytes": GIB, "name": name}
-        for unit, name in ((XORG, "Xorg"), (HOG, "hog"))
+        for unit, name in ((XORG, "Xorg"), (HOG, "hog"), (LLAMA, "llama-server"))
     ]
     return json.dumps({"processes": entries})
 
@@ -113,9 +121,10 @@ def test_users_compositor_keeps_its_protection_under_the_hardened_unit(box: Cont
     box.sh(f"useradd --uid {UID} --create-home {USER}")
     box.sh("install -o root -g root -m 0755 /bin/sleep /usr/local/bin/Xorg")
     box.sh("install -o root -g root -m 0755 /bin/sleep /usr/local/bin/hog")
+    box.sh(f"install -D -o {USER} -g {USER} -m 0755 /bin/sleep {LLAMA_EXE}")
     box.write(PROCESSES, processes_file())
     box.write(CONFIG, make_config())
-    for unit, exe in ((XORG, "/usr/local/bin/Xorg"), (HOG, "/usr/local/bin/hog")):
+    for unit, exe in ((XORG, "/usr/local/bin/Xorg"), (HOG, "/usr/local/bin/hog"), (LLAMA, LLAMA_EXE)):
         box.sh(f"systemd-run --unit={unit} -p User={USER} {exe} infinity")
     xorg_pid = int(box.show("MainPID", unit=XORG)["MainPID"])
     box.sh(f"systemctl restart {UNIT}", timeout=90)
@@ -139,6 +148,22 @@ def test_users_compositor_keeps_its_protection_under_the_hardened_unit(box: Cont
         if e.fields.get("PID") == str(xorg_pid) and e.event in ("process_signalled", "process_signal_failed")
     ]
     assert signalled == [], [e.message for e in signalled]
+
+
+def test_exe_class_matches_a_binary_in_a_home_directory_the_unit_hides(box: Container) -> None:
+    """Under ProtectHome=yes the governor cannot see /home, yet `exe = "*/llama-server"` matches the user's
+    llama-server there: the path is looked up as the host sees it (/proc/1/root), the same file."""
+    llama_pid = int(box.show("MainPID", unit=LLAMA)["MainPID"])
+    assert llama_pid > 0
+    rows = wait_for(
+        "processes.json to list the llama-server",
+        lambda: [r for r in process_rows(box) if r["pid"] == llama_pid] or None,
+        15,
+    )
+    assert rows[0]["class"] == "llama", rows
+    assert active(box, LLAMA) == "active"
+    hidden = box.sh(f"systemd-run --wait --pipe -p ProtectHome=yes test -e {LLAMA_EXE}", check=False)
+    assert hidden.returncode != 0  # ProtectHome=yes hides it from a unit's own view
 
 
 def test_documentation_links_of_the_installed_unit_resolve(box: Container) -> None:
