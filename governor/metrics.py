@@ -84,7 +84,7 @@ def _governor_metrics(state: PublishedState) -> Iterator[Metric]:
         [],
         {
             "pid": "" if state.pid is None else str(state.pid),
-            "instance": state.instance_id,
+            "instance_id": state.instance_id,
             "runtime_dir": state.runtime_dir,
         },
     )

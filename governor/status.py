@@ -218,7 +218,7 @@ def parse_status(text: str) -> DaemonStatus:
                 status.dry_run = labels.get("dry_run") == "true"
             elif name == "gpu_governor_daemon_info":
                 status.pid = _int(labels.get("pid"))
-                status.instance = labels.get("instance") or None
+                status.instance = labels.get("instance_id") or None
                 status.runtime_dir = labels.get("runtime_dir", "")
             elif name == "gpu_governor_config_info":
                 status.config = labels.get("source") or None

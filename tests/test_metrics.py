@@ -284,6 +284,20 @@ class TestLabels:
             expected |= {"gpu_governor_gpu_fan_speed_ratio"}
         assert expected <= per_gpu, expected - per_gpu
 
+    def test_no_sample_carries_a_label_prometheus_sets_on_the_target(self, tmp_path: Path) -> None:
+        """No exposed label is named job or instance: Prometheus renames those (exported_instance) or, with
+        honor_labels, lets them replace the target's own, losing which host a series came from."""
+        body = full_exposition(tmp_path, "rtx4070")
+        clashes = [
+            (sample.name, label)
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            for label in sample.labels
+            if label in ("job", "instance")
+        ]
+        assert clashes == []
+        assert "gpu_governor_daemon_info{" in body and 'instance_id="' in body
+
 
 class TestTelemetryMetrics:
     def test_h100_exposition_in_base_units(self, tmp_path: Path) -> None:
