@@ -48,6 +48,7 @@ import errno
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from governor.backends import Backend, GpuError, SetLimitRefused
@@ -55,8 +56,9 @@ from governor.fanactuator import FanActuator
 from governor.fanstate import FanControl
 from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Rule, Snapshot, plausible_w
 from governor.policy import denied_unit
-from governor.processes import read_start_time
+from governor.processes import read_process_state, read_start_time
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
+from governor.rules.vram import KILL_FOLLOW_UPS
 from governor.state import OriginalLimits
 from governor.units import MemoryUnits, UnitManager
 
@@ -121,9 +123,11 @@ class Actuator:
         dry_run: bool = False,
         signaller: Callable[[int, int, int], str | None] = send_signal,
         units: UnitManager | None = None,
+        process_state: Callable[[int, int], str | None] = read_process_state,
     ) -> None:
         self._backend = backend
         self._signaller = signaller
+        self._process_state = process_state  # (pid, start time) -> /proc state letter, for KILL_FOLLOW_UPS
         self.units: UnitManager = MemoryUnits() if units is None else units
         self.originals = originals
         self.dry_run = dry_run
@@ -168,14 +172,22 @@ class Actuator:
                     readings = {r.uuid: r for r in snapshot.gpus}
                 results.append(self._set(decision, float(decision.to_value), readings.get(decision.gpu_uuid)))
             elif decision.action in SIGNALS:
-                results.append(self._signal(decision))
+                state = self._state_before(decision)  # read first: the state the process outlived its SIGKILL in
+                result = self._signal(decision)
+                results.append(result if state is None else replace(result, process_state=state))
             elif decision.action in (Action.STOP_UNIT, Action.START_UNIT):
                 results.append(self._unit(decision))
             elif decision.action in FAN_ACTIONS:
                 results.append(self.fans.apply(decision, self.dry_run))
             else:
-                results.append(ActionResult(decision, Outcome.SKIPPED))
+                results.append(ActionResult(decision, Outcome.SKIPPED, process_state=self._state_before(decision)))
         return results
+
+    def _state_before(self, decision: Decision) -> str | None:
+        """The /proc state letter of a process that outlived its SIGKILL (KILL_FOLLOW_UPS), else None."""
+        if decision.rule not in KILL_FOLLOW_UPS or decision.pid is None or decision.process_start_time is None:
+            return None
+        return self._process_state(decision.pid, decision.process_start_time)
 
     def _set(self, decision: Decision, limit_w: float, reading: GpuReading | None) -> ActionResult:
         uuid = decision.gpu_uuid
