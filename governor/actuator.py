@@ -107,6 +107,14 @@ def send_signal(pid: int, start_time: int, signum: int, proc: Path = Path("/proc
     return None
 
 
+def _state_before(read: Callable[[int, int], str | None], decision: Decision) -> str | None:
+    """The /proc state letter (``read``: pid, start time -> letter) of the process a KILL_FOLLOW_UPS
+    decision is about, read before the actuator acts on it; None for any other decision."""
+    if decision.rule not in KILL_FOLLOW_UPS or decision.pid is None or decision.process_start_time is None:
+        return None
+    return read(decision.pid, decision.process_start_time)
+
+
 NO_RANGE = "the card reports no power-limit range (NVML gives none, or none a GPU can have)"
 """Why a GPU whose limit cannot be clamped to its range is monitor-only."""
 
@@ -123,11 +131,10 @@ class Actuator:
         dry_run: bool = False,
         signaller: Callable[[int, int, int], str | None] = send_signal,
         units: UnitManager | None = None,
-        process_state: Callable[[int, int], str | None] = read_process_state,
     ) -> None:
         self._backend = backend
         self._signaller = signaller
-        self._process_state = process_state  # (pid, start time) -> /proc state letter, for KILL_FOLLOW_UPS
+        self.process_state: Callable[[int, int], str | None] = read_process_state  # (pid, start) -> D, Z ...
         self.units: UnitManager = MemoryUnits() if units is None else units
         self.originals = originals
         self.dry_run = dry_run
@@ -167,27 +174,20 @@ class Actuator:
         readings: dict[str, GpuReading] | None = None  # built at the first limit to set (most ticks set none)
         results = []
         for decision in decisions:
+            state = _state_before(self.process_state, decision)  # first: the state a process outlived SIGKILL in
             if decision.action is Action.SET_POWER_LIMIT and isinstance(decision.to_value, (int, float)):
                 if readings is None:
                     readings = {r.uuid: r for r in snapshot.gpus}
                 results.append(self._set(decision, float(decision.to_value), readings.get(decision.gpu_uuid)))
             elif decision.action in SIGNALS:
-                state = self._state_before(decision)  # read first: the state the process outlived its SIGKILL in
-                result = self._signal(decision)
-                results.append(result if state is None else replace(result, process_state=state))
+                results.append(replace(self._signal(decision), process_state=state))
             elif decision.action in (Action.STOP_UNIT, Action.START_UNIT):
                 results.append(self._unit(decision))
             elif decision.action in FAN_ACTIONS:
                 results.append(self.fans.apply(decision, self.dry_run))
             else:
-                results.append(ActionResult(decision, Outcome.SKIPPED, process_state=self._state_before(decision)))
+                results.append(ActionResult(decision, Outcome.SKIPPED, process_state=state))
         return results
-
-    def _state_before(self, decision: Decision) -> str | None:
-        """The /proc state letter of a process that outlived its SIGKILL (KILL_FOLLOW_UPS), else None."""
-        if decision.rule not in KILL_FOLLOW_UPS or decision.pid is None or decision.process_start_time is None:
-            return None
-        return self._process_state(decision.pid, decision.process_start_time)
 
     def _set(self, decision: Decision, limit_w: float, reading: GpuReading | None) -> ActionResult:
         uuid = decision.gpu_uuid

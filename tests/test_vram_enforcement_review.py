@@ -14,13 +14,11 @@ from types import SimpleNamespace
 from governor.backends._nvml_procs import ProcessLister
 from governor.classes import ProcessAction, ProcessClass, ProcessMatch, VramPolicy
 from governor.clock import VirtualClock
-from governor.config import Config, parse_config
-from governor.core import Governor, open_originals
-from governor.model import Action, ActionResult, Decision, GpuReading, Outcome, ProcessReading, Snapshot
+from governor.core import Governor
+from governor.model import Action, ActionResult, Decision, GpuReading, Outcome, ProcessReading
 from governor.processes import HOST_PID_NAMESPACE, ProcessFacts, ProcessInspector, foreign_pid_namespace
 from governor.rules.vram import KILL_FOLLOW_UPS, REMEMBERED_OFFENDERS_MAX, VramState, evaluate_vram
-from tests.builders import GiB, classes_toml, listing, process_facts, spawn
-from tests.scripted import ScriptedBackend
+from tests.builders import GiB, listing, process_facts, spawn, two_gpu_governor
 
 # ----------------------------------------------------------------------------- the pure rule
 
@@ -245,41 +243,6 @@ COUNT_TERMS = (
     "time.sleep(120)\n"
 )
 """A child that ignores SIGTERM but prints ``term`` for each one it gets."""
-
-
-class TwoGpus(ScriptedBackend):
-    """Two scripted GPUs that list the processes a test puts on them (pid -> used bytes, per GPU)."""
-
-    def __init__(self, clock: VirtualClock) -> None:
-        super().__init__(clock, lambda _t, _i: 50.0, gpu_count=2)
-        self.on: list[dict[int, int]] = [{}, {}]
-
-    def read(self) -> Snapshot:
-        """The scripted readings with this tick's processes."""
-        snap = super().read()
-        gpus = tuple(
-            GpuReading(
-                index=r.index,
-                uuid=r.uuid,
-                temperature_c=r.temperature_c,
-                power_w=r.power_w,
-                power_limit_w=r.power_limit_w,
-                memory_used_bytes=r.memory_used_bytes,
-                memory_total_bytes=r.memory_total_bytes,
-                processes=tuple(ProcessReading(pid, used) for pid, used in self.on[r.index].items()),
-            )
-            for r in snap.gpus
-        )
-        return Snapshot(t_s=snap.t_s, wall_time_s=snap.wall_time_s, gpus=gpus)
-
-
-def two_gpu_governor(tmp_path: Path) -> tuple[Governor, TwoGpus, VirtualClock]:
-    """A governor on two scripted GPUs with the shared test classes (secondary: 3 GiB, grace 10 s, kill after 5 s)."""
-    clock = VirtualClock()
-    backend = TwoGpus(clock)
-    vram = parse_config(classes_toml(), "test.toml").vram
-    cfg = Config(state_dir=str(tmp_path / "state"), runtime_dir=str(tmp_path / "run"), vram=vram)
-    return Governor(cfg, backend, open_originals(cfg)), backend, clock
 
 
 def tick(governor: Governor, clock: VirtualClock, seconds: int) -> list[ActionResult]:

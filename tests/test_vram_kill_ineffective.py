@@ -34,15 +34,15 @@ from governor.observers import DecisionLog
 from governor.processes import ProcessFacts, read_process_state, read_start_time
 from governor.rules.vram import (
     KILL_FOLLOW_UPS,
+    KILL_RECHECK_MIN_S,
     KILL_RETRIES_MAX,
     REMEMBERED_OFFENDERS_MAX,
     VramState,
     evaluate_vram,
 )
 from governor.state import OriginalLimits
-from tests.builders import GiB, Harness, classes_toml, listing, process_facts, spawn
+from tests.builders import GiB, Harness, classes_toml, listing, process_facts, spawn, two_gpu_governor
 from tests.support import Branch
-from tests.test_vram_enforcement_review import two_gpu_governor
 
 KILL_AFTER_S = 10.0
 TERMINATE = ProcessClass(
@@ -124,6 +124,15 @@ class TestRule:
         expected.append(("vram_kill_given_up", Action.NONE, FIRST_KILL_S + KILL_AFTER_S * (KILL_RETRIES_MAX + 1)))
         assert follow_ups(decisions) == expected
         assert len(decisions) == 3 + KILL_RETRIES_MAX + 1  # report, SIGTERM, SIGKILL, retries, give-up: an hour
+
+    def test_a_kill_after_of_zero_still_gives_the_sigkill_time_to_work(self) -> None:
+        """kill_after_s = 0: a SIGKILL is found ineffective only KILL_RECHECK_MIN_S after it, retries as far apart."""
+        quick = replace(TERMINATE, kill_after_s=0.0)
+        _, decisions = run(stuck(300, replace(POLICY, classes=(quick,))))
+        kill_s = next(d.t_s for d in decisions if d.rule == "vram_escalate")
+        assert [t for _, _, t in follow_ups(decisions)] == [
+            kill_s + KILL_RECHECK_MIN_S * n for n in range(1, KILL_RETRIES_MAX + 2)
+        ]
 
     def test_a_kill_class_is_followed_up_the_same_way(self) -> None:
         """A class whose action is kill (no SIGTERM) is followed up after its one SIGKILL just the same."""
@@ -222,8 +231,7 @@ def lives(draw: st.DrawFn) -> list[tuple[float, int | None, bool]]:
 
 class TestProperties:
     def test_follow_ups_only_after_a_real_sigkill_spaced_and_bounded(self) -> None:
-        """Any life: follow-ups only while over budget, kill_after_s after a real SIGKILL and apart, at most
-        KILL_RETRIES_MAX + 1 per real first SIGKILL."""
+        """Any life: follow-ups only over budget, kill_after_s after a real SIGKILL and apart, 4 per SIGKILL at most."""
         branch = Branch("a follow-up")
 
         @settings(max_examples=150, deadline=None, derandomize=True)
@@ -307,13 +315,14 @@ def actuator(tmp_path: Path, calls: list[str]) -> Actuator:
         calls.append("state")
         return "D"
 
-    return Actuator(
+    act = Actuator(
         None,  # type: ignore[arg-type]  # no limit is set: the backend is never called
         OriginalLimits(tmp_path / "originals.json"),
         [],
         signaller=signaller,
-        process_state=state,
     )
+    act.process_state = state
+    return act
 
 
 class TestProcState:
@@ -415,8 +424,7 @@ class TestRealZombie:
     def test_a_zombie_over_budget_is_reported_killed_again_and_given_up_once(
         self, tmp_path: Path, children: list[subprocess.Popen[bytes]]
     ) -> None:
-        """The daemon SIGKILLs a real child that stays listed as a zombie: three retries and one give-up
-        in the log (state Z), counted per GPU in gpu_governor_decisions_total, and no more in ten minutes."""
+        """A SIGKILLed child listed as a zombie: 3 retries, 1 give-up (state Z, errors, counted), then 10 min quiet."""
         h = Harness(tmp_path, classes_toml())  # secondary: 3 GiB, grace 10 s, kill after 5 s
         child = child_marked(children)
         h.daemon.start()

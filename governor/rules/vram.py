@@ -47,14 +47,14 @@ For every process on every GPU with a class budget:
   time, then highest pid), whatever the order of the listing;
 * a SIGKILL that does not end the process (one in uninterruptible sleep in the driver, a zombie
   whose memory another holder keeps, a PID the signal cannot reach): the same process (pid and
-  start time) still listed and over budget ``kill_after_s`` after its first real SIGKILL is
-  reported (``vram_kill_ineffective``) and sent SIGKILL again, then again at most once per
-  ``kill_after_s``, :data:`KILL_RETRIES_MAX` times in all; still so ``kill_after_s`` after the
-  last, it is reported once more (``vram_kill_given_up``) and left alone. A dry run's would-be
-  SIGKILL never counts as a real one: it starts no such report, and once the run is live the
-  SIGKILL is sent for real (at once, when due). In a dry run a real SIGKILL that did not work is
-  still reported, its retries "would" only. Processes on several GPUs get one report and one
-  SIGKILL per retry, not one per GPU;
+  start time) still listed and over budget ``kill_after_s`` (at least :data:`KILL_RECHECK_MIN_S`)
+  after its first real SIGKILL is reported (``vram_kill_ineffective``) and sent SIGKILL again,
+  then again at most once per that time, :data:`KILL_RETRIES_MAX` times in all; still so that
+  long after the last, it is reported once more (``vram_kill_given_up``) and left alone. A dry
+  run's would-be SIGKILL never counts as a real one: it starts no such report, and once the run
+  is live the SIGKILL is sent for real (at once, when due). In a dry run a real SIGKILL that did
+  not work is still reported, its retries "would" only. Processes on several GPUs get one report
+  and one SIGKILL per retry, not one per GPU;
 * kill-restart loops (signalling classes): a system unit whose processes were signalled
   ``restart_loop_count`` times within ``restart_loop_window_s`` and that is over budget again
   is reported once (``unit_restart_loop``) and its processes are signalled no more, until
@@ -90,6 +90,9 @@ REMEMBERED_OFFENDERS_MAX = 1024
 KILL_RETRIES_MAX = 3
 """SIGKILLs sent again, at most, to a process still listed and over budget ``kill_after_s`` after its
 last one; then the governor gives up on it (one ``vram_kill_given_up``)."""
+KILL_RECHECK_MIN_S = 5.0
+"""The least time (s) between a SIGKILL and the finding that it did not work, and between two retries,
+whatever ``kill_after_s`` (0 is allowed): tearing down a large GPU context can take seconds."""
 KILL_FOLLOW_UPS = frozenset({Rule.VRAM_KILL_INEFFECTIVE, Rule.VRAM_KILL_GIVEN_UP})
 """The rules about a process that outlived its SIGKILL (the actuator reads its /proc state for them)."""
 
@@ -495,15 +498,15 @@ def evaluate_vram(
 def _kill_follow_up(
     reading: GpuReading, c: _Candidate, offender: Offender, t_s: float, dry: bool
 ) -> tuple[Decision | None, Offender]:
-    """A process still listed and over budget after a real SIGKILL: once ``kill_after_s`` has passed
-    since that SIGKILL (or since it was last found so), a ``vram_kill_ineffective`` SIGKILL sent
-    again, or after :data:`KILL_RETRIES_MAX` of them one ``vram_kill_given_up`` report. None before
-    that (at most one decision per ``kill_after_s``)."""
+    """A process still listed and over budget after a real SIGKILL: once ``kill_after_s`` (at least
+    :data:`KILL_RECHECK_MIN_S`) has passed since that SIGKILL (or since it was last found so), a
+    ``vram_kill_ineffective`` SIGKILL sent again, or after :data:`KILL_RETRIES_MAX` of them one
+    ``vram_kill_given_up`` report. None before that (at most one decision per that time)."""
     killed_s = offender.killed_s
     assert killed_s is not None
     klass = c.klass
     last_s = killed_s if offender.kill_checked_s is None else max(killed_s, offender.kill_checked_s)
-    if t_s - last_s < klass.kill_after_s:
+    if t_s - last_s < max(klass.kill_after_s, KILL_RECHECK_MIN_S):
         return None, offender
     still = f"{_describe(c)}: still listed and over budget {format_seconds(t_s - killed_s)} after the first SIGKILL"
     if offender.kill_retries >= KILL_RETRIES_MAX:
