@@ -143,9 +143,9 @@ def read_process_state(pid: int, start_time: int, proc: Path = Path("/proc")) ->
 
 _STATE_MEANINGS = {
     "D": "uninterruptible sleep: it waits in the kernel, often in the GPU driver, and dies only once that call "
-    "returns (see dmesg for Xid errors; a GPU reset or a reboot may be needed)",
+    "returns; see dmesg for Xid errors, a GPU reset or a reboot may be needed",
     "Z": "a zombie: it has exited but its parent has not reaped it, and the driver or another process sharing "
-    "its GPU memory still holds it (see nvidia-smi and fuser -v /dev/nvidia*)",
+    "its GPU memory still holds that; see nvidia-smi and fuser -v /dev/nvidia*",
     "X": "dead: it is being torn down",
     "T": "stopped: a SIGKILL still ends it unless a tracer holds it",
     "t": "stopped by a tracer: a SIGKILL still ends it unless the tracer holds it",
@@ -155,8 +155,8 @@ _STATE_MEANINGS = {
 def state_meaning(state: str | None) -> str:
     """What a /proc state letter (:func:`read_process_state`) says about a process that outlived a SIGKILL."""
     if state is None:
-        return "unreadable: gone from /proc (the driver may still hold its memory) or its PID names another process"
-    return _STATE_MEANINGS.get(state, "alive: the SIGKILL did not reach it (see the outcome)")
+        return "unreadable: gone from /proc while the driver still lists it, or its PID names another process now"
+    return _STATE_MEANINGS.get(state, "alive: the SIGKILL did not reach it, see the outcome")
 
 
 def foreign_pid_namespace(proc: Path = Path("/proc")) -> str | None:

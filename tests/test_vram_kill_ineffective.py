@@ -394,7 +394,7 @@ class TestLog:
         assert "uninterruptible sleep" in str(event["state_means"])
         sentence = message("vram_kill_ineffective", event)
         assert sentence is not None and sentence.startswith(
-            "GPU 0: process 2 (stuck, class secondary) still holds 4GiB 22.5 s after SIGKILL (state D, uninterruptible"
+            "GPU 0: process 2 (stuck, class secondary) still holds 4GiB 22.5 s after its first SIGKILL (state D, "
         )
         assert sentence.endswith(": SIGKILL sent again")
 
