@@ -48,6 +48,7 @@ import errno
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from governor.backends import Backend, GpuError, SetLimitRefused
@@ -55,8 +56,9 @@ from governor.fanactuator import FanActuator
 from governor.fanstate import FanControl
 from governor.model import Action, ActionResult, Decision, GpuInfo, GpuReading, Outcome, Rule, Snapshot, plausible_w
 from governor.policy import denied_unit
-from governor.processes import read_start_time
+from governor.processes import read_process_state, read_start_time
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w
+from governor.rules.vram import KILL_FOLLOW_UPS
 from governor.state import OriginalLimits
 from governor.units import MemoryUnits, UnitManager
 
@@ -105,6 +107,14 @@ def send_signal(pid: int, start_time: int, signum: int, proc: Path = Path("/proc
     return None
 
 
+def _state_before(read: Callable[[int, int], str | None], decision: Decision) -> str | None:
+    """The /proc state letter (``read``: pid, start time -> letter) of the process a KILL_FOLLOW_UPS
+    decision is about, read before the actuator acts on it; None for any other decision."""
+    if decision.rule not in KILL_FOLLOW_UPS or decision.pid is None or decision.process_start_time is None:
+        return None
+    return read(decision.pid, decision.process_start_time)
+
+
 NO_RANGE = "the card reports no power-limit range (NVML gives none, or none a GPU can have)"
 """Why a GPU whose limit cannot be clamped to its range is monitor-only."""
 
@@ -124,6 +134,7 @@ class Actuator:
     ) -> None:
         self._backend = backend
         self._signaller = signaller
+        self.process_state: Callable[[int, int], str | None] = read_process_state  # (pid, start) -> D, Z ...
         self.units: UnitManager = MemoryUnits() if units is None else units
         self.originals = originals
         self.dry_run = dry_run
@@ -163,18 +174,19 @@ class Actuator:
         readings: dict[str, GpuReading] | None = None  # built at the first limit to set (most ticks set none)
         results = []
         for decision in decisions:
+            state = _state_before(self.process_state, decision)  # first: the state a process outlived SIGKILL in
             if decision.action is Action.SET_POWER_LIMIT and isinstance(decision.to_value, (int, float)):
                 if readings is None:
                     readings = {r.uuid: r for r in snapshot.gpus}
                 results.append(self._set(decision, float(decision.to_value), readings.get(decision.gpu_uuid)))
             elif decision.action in SIGNALS:
-                results.append(self._signal(decision))
+                results.append(replace(self._signal(decision), process_state=state))
             elif decision.action in (Action.STOP_UNIT, Action.START_UNIT):
                 results.append(self._unit(decision))
             elif decision.action in FAN_ACTIONS:
                 results.append(self.fans.apply(decision, self.dry_run))
             else:
-                results.append(ActionResult(decision, Outcome.SKIPPED))
+                results.append(ActionResult(decision, Outcome.SKIPPED, process_state=state))
         return results
 
     def _set(self, decision: Decision, limit_w: float, reading: GpuReading | None) -> ActionResult:

@@ -97,6 +97,10 @@ MESSAGES: dict[str, str] = {
     "process_signalled": _PROCESS + " sent {signal}: {reason}",
     "process_signal_failed": _PROCESS + ": {signal} failed: {detail}",
     "process_left_alone": _PROCESS + " left alone ({outcome}): {reason}",
+    "vram_kill_ineffective": _PROCESS + " still holds {used_bytes:size} {since_kill_s} s after its first SIGKILL "
+    "(state {proc_state}, {state_means}): {effect}",
+    "vram_kill_given_up": _PROCESS + " still holds {used_bytes:size} {since_kill_s} s after its first SIGKILL "
+    "and every retry (state {proc_state}, {state_means}): {effect}",
     "process_inspect_failed": "Process {pid} could not be inspected: {error}",
     "process_match_timed_out": "Matching process {pid} against {key} timed out after {timeout_s} s: {outcome}",
     "process_table_disabled": "The process table {path} cannot be written ({error}): disabled",

@@ -251,6 +251,8 @@ class Decision:
     ``pid``/``process_start_time``/``process_class``/``process_name`` for a process target
     (the action says what happens to it) and ``unit`` for the systemd unit a
     ``stop_unit``/``start_unit`` decision (or a kill-restart loop report) is about.
+    ``kill_sent_s`` (seconds, the snapshot clock of ``t_s``): for a ``vram_kill_ineffective`` or
+    ``vram_kill_given_up`` decision, when the process's first real SIGKILL was sent.
     """
 
     t_s: float
@@ -274,6 +276,7 @@ class Decision:
     fan: int | None = None
     from_percent: float | None = None
     to_percent: float | None = None
+    kill_sent_s: float | None = None  # a process that outlived a SIGKILL: when the first one was sent (s)
 
     @property
     def from_value(self) -> float | str | None:
@@ -313,11 +316,14 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ActionResult:
-    """The actuator's report on one decision."""
+    """The actuator's report on one decision; ``process_state``: for a process that outlived a
+    SIGKILL, the state letter /proc/PID/stat gave right before the actuator acted (``D``: in
+    uninterruptible sleep, ``Z``: a zombie ...; None: not read, or unreadable)."""
 
     decision: Decision
     outcome: Outcome
     detail: str | None = None
+    process_state: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

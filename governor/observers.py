@@ -36,6 +36,8 @@ from governor.model import (
     ThermalZone,
 )
 from governor.notify import Notifier
+from governor.processes import state_meaning
+from governor.rules.vram import KILL_FOLLOW_UPS
 from governor.safefile import write_atomic
 
 EVENT_NAMES = {
@@ -66,6 +68,8 @@ PROCESS_ACTION_NAMES = {
 _WARNING_RULES = frozenset({"power_critical", "power_hold", "power_drift_external_lower"})
 UNIT_ACTIONS = (Action.STOP_UNIT, Action.START_UNIT)
 UNIT_RULES = ("unit_resume", "unit_restart_loop")
+_NOT_ACTIONS = frozenset({*UNIT_RULES, "vram_kill_given_up"})
+"""Process decisions that are no process action (process_actions_total): units', and giving up on one."""
 
 
 def is_unit_decision(d: Decision) -> bool:
@@ -372,6 +376,9 @@ class DecisionLog:
                 fields["unit"] = facts.unit
             if facts.protected:
                 fields["protected"] = facts.protected
+        if d.rule in KILL_FOLLOW_UPS:
+            log_kill_follow_up(self.log, result, fields)
+            return
         if d.action is Action.NONE:
             self.log.warning("process_over_budget", **fields)
             return
@@ -416,6 +423,32 @@ def log_unit_decision(log: Any, result: ActionResult) -> None:
         log.warning("unit_stopped" if stop else "unit_started", **fields)
     else:
         log.info("unit_left_alone", **fields)
+
+
+def log_kill_follow_up(log: Any, result: ActionResult, fields: dict[str, Any]) -> None:
+    """A process still listed and over budget after a SIGKILL (error): sent SIGKILL again
+    (``vram_kill_ineffective``), or given up on (``vram_kill_given_up``); ``fields``: the process
+    decision's fields, with its /proc state and how long since its first SIGKILL."""
+    d = result.decision
+    state = result.process_state
+    fields["since_kill_s"] = None if d.kill_sent_s is None else round(d.t_s - d.kill_sent_s, 3)
+    fields["proc_state"] = state
+    fields["state_means"] = state_meaning(state)
+    fields["outcome"] = result.outcome.value
+    if result.detail:
+        fields["detail"] = result.detail
+    if d.rule == "vram_kill_given_up":
+        fields["effect"] = "no more SIGKILL is sent; its memory comes back only when the kernel lets it go"
+        log.error("vram_kill_given_up", **fields)
+        return
+    fields["signal"] = "SIGKILL"
+    effects = {
+        Outcome.APPLIED: "SIGKILL sent again",
+        Outcome.DRY_RUN: "SIGKILL would be sent again (dry run)",
+        Outcome.FAILED: f"sending SIGKILL again failed: {result.detail}",
+    }
+    fields["effect"] = effects.get(result.outcome, f"SIGKILL not sent again: {result.detail}")
+    log.error("vram_kill_ineffective", **fields)
 
 
 def log_fan_decision(log: Any, result: ActionResult) -> None:
@@ -676,7 +709,7 @@ class Telemetry:
             outcome = result.outcome.value if action is not Action.NONE else "reported"
             if action in UNIT_ACTIONS:
                 self._unit_actions[(decision.process_class or "", action.value, outcome)] += 1
-            elif decision.pid is not None and decision.process_class is not None and not is_unit_decision(decision):
+            elif decision.process_class is not None and decision.pid is not None and decision.rule not in _NOT_ACTIONS:
                 action_name = PROCESS_ACTION_NAMES.get(action, action.value)
                 self._process_actions[(decision.process_class, action_name, outcome)] += 1
             if action is not Action.NONE:

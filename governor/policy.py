@@ -89,6 +89,8 @@ class Rule(StrEnum):
     VRAM_OVER_BUDGET = "vram_over_budget"
     VRAM_ENFORCE = "vram_enforce"
     VRAM_ESCALATE = "vram_escalate"
+    VRAM_KILL_INEFFECTIVE = "vram_kill_ineffective"  # still listed and over budget kill_after_s after a SIGKILL
+    VRAM_KILL_GIVEN_UP = "vram_kill_given_up"  # still so after every SIGKILL sent again: no more are sent
     UNIT_RESUME = "unit_resume"
     UNIT_RESTART_LOOP = "unit_restart_loop"
     FAN_CURVE = "fan_curve"

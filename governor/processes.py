@@ -120,6 +120,47 @@ def _start_time_from_stat(raw: bytes) -> int | None:
         return None
 
 
+def read_process_state(pid: int, start_time: int, proc: Path = Path("/proc")) -> str | None:
+    """The state letter of the process (pid, start_time) from /proc/PID/stat (``R`` running, ``S``
+    sleeping, ``D`` uninterruptible sleep, ``Z`` zombie, ``T`` stopped ...), or None when it is gone,
+    its PID names another process now (another start time) or the file holds no such letter.
+
+    Read only for a process that outlived a SIGKILL (rare), never on the per-tick path."""
+    try:
+        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if _start_time_from_stat(raw) != start_time:
+        return None
+    end = raw.rfind(b")")  # the name (field 2) may hold ") ": the state (field 3) follows the LAST ')'
+    state = raw[end + 2 : end + 3]
+    return state.decode("ascii") if state.isascii() and state.isalpha() else None
+
+
+_STATE_MEANINGS = {
+    "D": "uninterruptible sleep: it waits in the kernel, often in the GPU driver, and dies only once that call "
+    "returns; see dmesg for Xid errors, a GPU reset or a reboot may be needed",
+    "Z": "a zombie: it has exited but its parent has not reaped it, and the driver or another process sharing "
+    "its GPU memory still holds that; see nvidia-smi and fuser -v /dev/nvidia*",
+    "X": "dead: it is being torn down",
+    "T": "stopped: a SIGKILL still ends it unless a tracer holds it",
+    "t": "stopped by a tracer: a SIGKILL still ends it unless the tracer holds it",
+}
+
+
+def state_meaning(state: str | None) -> str:
+    """What a /proc state letter (:func:`read_process_state`) says about a process that outlived a SIGKILL."""
+    if state is None:
+        return "unreadable: gone from /proc while the driver still lists it, or its PID names another process now"
+    return _STATE_MEANINGS.get(state, "alive: the SIGKILL did not reach it, see the outcome")
+
+
 def foreign_pid_namespace(proc: Path = Path("/proc")) -> str | None:
     """Why PIDs of the host's PID namespace (NVML's) do not name processes in ``proc`` here, or None
     when the governor runs in the host's PID namespace. Unreadable counts as foreign: never signal on

@@ -6,7 +6,8 @@
 - process facts: :func:`process_facts` (keyword arguments, so a change of ProcessFacts'
   fields is made here once);
 - real child processes on a simulated GPU: :class:`Harness`, :func:`spawn`, :func:`wait_exit`,
-  :data:`SLEEPER`, :func:`classes_toml`;
+  :data:`SLEEPER`, :func:`classes_toml`; on two scripted GPUs: :class:`TwoGpus`,
+  :func:`two_gpu_governor`;
 - traces: :func:`write_trace` (a hand-made one-card trace for replay and plot tests).
 """
 
@@ -26,10 +27,10 @@ from governor.backends import Backend
 from governor.backends.simulated import SimulatedBackend, build_simulated_backend
 from governor.clock import Clock, VirtualClock
 from governor.config import Config, SimulationConfig, parse_config
-from governor.core import Governor
+from governor.core import Governor, open_originals
 from governor.daemon import STOP, Daemon, VirtualWaiter, Waiter
 from governor.metrics import build_registry
-from governor.model import ActionResult, GpuInfo, GpuReading, ProcessReading
+from governor.model import ActionResult, GpuInfo, GpuReading, ProcessReading, Snapshot
 from governor.notify import Notifier
 from governor.policy import VramPolicy
 from governor.processes import ProcessFacts
@@ -262,6 +263,41 @@ def classes_toml(**vram: Any) -> dict[str, Any]:
             },
         ],
     }
+
+
+class TwoGpus(ScriptedBackend):
+    """Two scripted GPUs that list the processes a test puts on them (pid -> used bytes, per GPU)."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock, lambda _t, _i: 50.0, gpu_count=2)
+        self.on: list[dict[int, int]] = [{}, {}]
+
+    def read(self) -> Snapshot:
+        """The scripted readings with this tick's processes."""
+        snap = super().read()
+        gpus = tuple(
+            GpuReading(
+                index=r.index,
+                uuid=r.uuid,
+                temperature_c=r.temperature_c,
+                power_w=r.power_w,
+                power_limit_w=r.power_limit_w,
+                memory_used_bytes=r.memory_used_bytes,
+                memory_total_bytes=r.memory_total_bytes,
+                processes=tuple(ProcessReading(pid, used) for pid, used in self.on[r.index].items()),
+            )
+            for r in snap.gpus
+        )
+        return Snapshot(t_s=snap.t_s, wall_time_s=snap.wall_time_s, gpus=gpus)
+
+
+def two_gpu_governor(tmp_path: Path) -> tuple[Governor, TwoGpus, VirtualClock]:
+    """A governor on two scripted GPUs with the shared test classes (secondary: 3 GiB, grace 10 s, kill after 5 s)."""
+    clock = VirtualClock()
+    backend = TwoGpus(clock)
+    vram = parse_config(classes_toml(), "test.toml").vram
+    cfg = Config(state_dir=str(tmp_path / "state"), runtime_dir=str(tmp_path / "run"), vram=vram)
+    return Governor(cfg, backend, open_originals(cfg)), backend, clock
 
 
 # ----------------------------------------------------------------------------- traces

@@ -21,7 +21,7 @@ from governor.config import load_config
 from governor.metrics import build_registry
 from governor.model import CLOCK_EVENT_REASONS, ZONES_BY_SEVERITY, GpuHealth, Outcome
 from governor.observers import PROCESS_ACTION_NAMES
-from governor.policy import Action
+from governor.policy import Action, Rule
 from tests.builders import full_exposition, scripted_daemon
 from tests.support import require_tool
 
@@ -258,6 +258,7 @@ class TestAlertRules:
             "gpu_governor_gpu_power_ladder_floor_watts",
             "gpu_governor_class_over_budget_processes",
             'action=~"sigterm|sigkill"',
+            'gpu_governor_decisions_total{rule=~"vram_kill_ineffective|vram_kill_given_up"}',
             "gpu_governor_gpu_read_errors_total",
             'gpu_governor_gpu_health="lost"',
             "gpu_governor_config_last_reload_successful == 0",
@@ -662,6 +663,7 @@ KNOWN_VALUES = {
     "gpu_governor_gpu_thermal_zone": {z.value for z in ZONES_BY_SEVERITY},
     "gpu_governor_gpu_health": {h.value for h in GpuHealth},
     "zone": {z.value for z in ZONES_BY_SEVERITY},
+    "rule": {r.value for r in Rule},
 }
 """Every value the daemon can give these labels (a matcher on another value never matches)."""
 

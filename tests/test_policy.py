@@ -129,6 +129,8 @@ class TestStrEnums:
             "vram_over_budget",
             "vram_enforce",
             "vram_escalate",
+            "vram_kill_ineffective",
+            "vram_kill_given_up",
             "fan_curve",
             "fan_assist",
             "fan_release",

@@ -88,11 +88,12 @@ class TestVramRule:
         assert [d.rule for d in decisions] == ["vram_over_budget"] and over is not state
 
     def test_sigkill_follows_when_still_over_after_kill_after(self) -> None:
-        """A process still there and over budget kill_after seconds after SIGTERM gets SIGKILL."""
+        """A process still there and over budget kill_after seconds after SIGTERM gets SIGKILL (and, still
+        there kill_after after that, one more: tests/test_vram_kill_ineffective.py)."""
         table = {2: facts(2, "secondary")}
         decisions = run([(t, reading((2, 4 * GiB))) for t in range(0, 60)], table)
         kills = [d for d in decisions if d.action is Action.SIGNAL_KILL]
-        assert [(d.rule, d.t_s) for d in kills] == [("vram_escalate", 40)]
+        assert [(d.rule, d.t_s) for d in kills] == [("vram_escalate", 40), ("vram_kill_ineffective", 50)]
 
     def test_no_sigkill_once_a_reload_made_the_class_observe(self) -> None:
         """A SIGTERMed process whose class turns observe-only on reload is not escalated to SIGKILL."""

@@ -45,6 +45,16 @@ For every process on every GPU with a class budget:
   SIGTERM (a ``kill`` class: a SIGKILL), and a SIGKILL follows ``kill_after_s`` after it;
 * ties under pressure (same priority, same overrun) go to the newest process (latest start
   time, then highest pid), whatever the order of the listing;
+* a SIGKILL that does not end the process (one in uninterruptible sleep in the driver, a zombie
+  whose memory another holder keeps, a PID the signal cannot reach): the same process (pid and
+  start time) still listed and over budget ``kill_after_s`` (at least :data:`KILL_RECHECK_MIN_S`)
+  after its first real SIGKILL is reported (``vram_kill_ineffective``) and sent SIGKILL again,
+  then again at most once per that time, :data:`KILL_RETRIES_MAX` times in all; still so that
+  long after the last, it is reported once more (``vram_kill_given_up``) and left alone. A dry
+  run's would-be SIGKILL never counts as a real one: it starts no such report, and once the run
+  is live the SIGKILL is sent for real (at once, when due). In a dry run a real SIGKILL that did
+  not work is still reported, its retries "would" only. Processes on several GPUs get one report
+  and one SIGKILL per retry, not one per GPU;
 * kill-restart loops (signalling classes): a system unit whose processes were signalled
   ``restart_loop_count`` times within ``restart_loop_window_s`` and that is over budget again
   is reported once (``unit_restart_loop``) and its processes are signalled no more, until
@@ -77,6 +87,14 @@ ProcessKey = tuple[int, int]
 """(pid, start time): one process, whatever the GPU."""
 REMEMBERED_OFFENDERS_MAX = 1024
 """Offenders not over budget in this tick (within budget, off the listing) kept per GPU, at most."""
+KILL_RETRIES_MAX = 3
+"""SIGKILLs sent again, at most, to a process still listed and over budget ``kill_after_s`` after its
+last one; then the governor gives up on it (one ``vram_kill_given_up``)."""
+KILL_RECHECK_MIN_S = 5.0
+"""The least time (s) between a SIGKILL and the finding that it did not work, and between two retries,
+whatever ``kill_after_s`` (0 is allowed): tearing down a large GPU context can take seconds."""
+KILL_FOLLOW_UPS = frozenset({Rule.VRAM_KILL_INEFFECTIVE, Rule.VRAM_KILL_GIVEN_UP})
+"""The rules about a process that outlived its SIGKILL (the actuator reads its /proc state for them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +103,12 @@ class Offender:
 
     ``last_over_s``: the last tick it was seen over budget (None: ``over_since_s``);
     ``forget_after_s``: how long after that it is remembered while not over budget (s);
-    ``dry_run``: the signals recorded were only "would send" (a dry run).
+    ``dry_run``: the signals recorded were only "would send" (a dry run);
+    ``killed_s``: when the first SIGKILL decided outside a dry run was (``kill_sent_s`` may be a
+    would-be one); ``kill_checked_s``: when it was last found still there and over budget after
+    it (``vram_kill_ineffective``); ``kill_retries``: the SIGKILLs sent again since (a dry run's
+    "would" included); ``kill_given_up``: no more are sent (``vram_kill_given_up`` logged). Times
+    in seconds on the snapshot clock.
     """
 
     over_since_s: float
@@ -94,6 +117,10 @@ class Offender:
     last_over_s: float | None = None
     forget_after_s: float = 0.0
     dry_run: bool = False
+    killed_s: float | None = None
+    kill_checked_s: float | None = None
+    kill_retries: int = 0
+    kill_given_up: bool = False
 
     def remembered_at(self, t_s: float) -> bool:
         """True while a process not over budget at ``t_s`` keeps this escalation."""
@@ -121,23 +148,57 @@ def _earliest(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
 
+def _latest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
 def _signalled(offender: Offender) -> bool:
     return offender.term_sent_s is not None or offender.kill_sent_s is not None
 
 
 def _adopted(offender: Offender, other: Offender) -> Offender:
-    """``offender`` with the signals ``other`` (the same process, another GPU) records, earliest first."""
+    """``offender`` with the signals ``other`` (the same process, another GPU) records, earliest first,
+    and the SIGKILL retries either made (the latest, the most)."""
     term = _earliest(offender.term_sent_s, other.term_sent_s)
     kill = _earliest(offender.kill_sent_s, other.kill_sent_s)
-    if term == offender.term_sent_s and kill == offender.kill_sent_s:
+    killed = _earliest(offender.killed_s, other.killed_s)
+    checked = _latest(offender.kill_checked_s, other.kill_checked_s)
+    retries = max(offender.kill_retries, other.kill_retries)
+    given_up = offender.kill_given_up or other.kill_given_up
+    if (term, kill, killed, checked, retries, given_up) == (
+        offender.term_sent_s,
+        offender.kill_sent_s,
+        offender.killed_s,
+        offender.kill_checked_s,
+        offender.kill_retries,
+        offender.kill_given_up,
+    ):
         return offender
-    dry = other.dry_run and (offender.dry_run or not _signalled(offender))
-    return replace(offender, term_sent_s=term, kill_sent_s=kill, dry_run=dry)
+    dry = offender.dry_run
+    if (term, kill) != (offender.term_sent_s, offender.kill_sent_s):
+        dry = other.dry_run and (offender.dry_run or not _signalled(offender))
+    return replace(
+        offender,
+        term_sent_s=term,
+        kill_sent_s=kill,
+        dry_run=dry,
+        killed_s=killed,
+        kill_checked_s=checked,
+        kill_retries=retries,
+        kill_given_up=given_up,
+    )
 
 
-def _sent(offender: Offender, dry: bool, **sent_s: float) -> Offender:
+def _sent(
+    offender: Offender, dry: bool, *, term_sent_s: float | None = None, kill_sent_s: float | None = None
+) -> Offender:
     """``offender`` with a signal recorded (``term_sent_s`` or ``kill_sent_s``); ``dry``: only "would send"."""
-    return replace(offender, dry_run=dry and (offender.dry_run or not _signalled(offender)), **sent_s)
+    dry_run = dry and (offender.dry_run or not _signalled(offender))
+    if kill_sent_s is None:
+        return replace(offender, term_sent_s=term_sent_s, dry_run=dry_run)
+    # A real SIGKILL is also ``killed_s``; a dry run's would-be one never counts as one.
+    killed_s = kill_sent_s if not dry and offender.killed_s is None else offender.killed_s
+    return replace(offender, kill_sent_s=kill_sent_s, killed_s=killed_s, dry_run=dry_run)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +240,7 @@ def _decision(
     *,
     dry_run: bool,
     unit: str | None = None,
+    kill_sent_s: float | None = None,
 ) -> Decision:
     return Decision(
         t_s=t_s,
@@ -195,6 +257,7 @@ def _decision(
         process_class=c.klass.name,
         dry_run=dry_run,
         unit=unit,
+        kill_sent_s=kill_sent_s,
     )
 
 
@@ -320,16 +383,19 @@ def evaluate_vram(
         other = None if not signalled or start is None else signalled.get((candidate.process.pid, start))
         if other is not None and not (other.dry_run and not dry):  # would-be signals count in a dry run only
             adopted = _adopted(offender, other)
-            if adopted is not offender:  # signalled for another GPU: that signal counts here, and cools this GPU
+            if (adopted.term_sent_s, adopted.kill_sent_s) != (offender.term_sent_s, offender.kill_sent_s):
+                # Signalled for another GPU: that signal counts here, and cools this GPU.
                 sent_s = max(x for x in (other.term_sent_s, other.kill_sent_s) if x is not None)
                 last_victim = sent_s if last_victim is None else max(last_victim, sent_s)
             offender = adopted
+        if not dry and offender.kill_sent_s is not None and offender.killed_s is None:
+            # Live now, and the SIGKILL recorded was only a dry run's "would send" (after a real
+            # SIGTERM): it counts as never sent, so the SIGKILL due since the SIGTERM goes out now.
+            offender = replace(offender, kill_sent_s=None)
+        # Escalate only while the class still asks for it: a reload may have made it
+        # protected or observe-only since the SIGTERM.
+        escalate = candidate.facts.protected is None and klass.enforced_action in SIGNAL_ACTIONS and not klass.protected
         if offender.term_sent_s is not None and offender.kill_sent_s is None:
-            # Escalate only while the class still asks for it: a reload may have made it
-            # protected or observe-only since the SIGTERM.
-            escalate = (
-                candidate.facts.protected is None and klass.enforced_action in SIGNAL_ACTIONS and not klass.protected
-            )
             if escalate and t_s - offender.term_sent_s >= klass.kill_after_s:
                 reason = (
                     f"{_describe(candidate)}: still running and over budget "
@@ -340,6 +406,11 @@ def evaluate_vram(
                     _decision(reading, candidate, t_s, Rule.VRAM_ESCALATE, Action.SIGNAL_KILL, reason, dry_run=dry)
                 )
                 offender = _sent(offender, dry, kill_sent_s=t_s)
+        elif offender.killed_s is not None:
+            if escalate and not offender.kill_given_up and not candidate.facts.unresolved:
+                follow_up, offender = _kill_follow_up(reading, candidate, offender, t_s, dry)
+                if follow_up is not None:
+                    decisions.append(follow_up)
         elif (
             offender.term_sent_s is None
             and offender.kill_sent_s is None
@@ -422,6 +493,34 @@ def evaluate_vram(
         ),
         decisions,
     )
+
+
+def _kill_follow_up(
+    reading: GpuReading, c: _Candidate, offender: Offender, t_s: float, dry: bool
+) -> tuple[Decision | None, Offender]:
+    """A process still listed and over budget after a real SIGKILL: once ``kill_after_s`` (at least
+    :data:`KILL_RECHECK_MIN_S`) has passed since that SIGKILL (or since it was last found so), a
+    ``vram_kill_ineffective`` SIGKILL sent again, or after :data:`KILL_RETRIES_MAX` of them one
+    ``vram_kill_given_up`` report. None before that (at most one decision per that time)."""
+    killed_s = offender.killed_s
+    assert killed_s is not None
+    klass = c.klass
+    last_s = killed_s if offender.kill_checked_s is None else max(killed_s, offender.kill_checked_s)
+    if t_s - last_s < max(klass.kill_after_s, KILL_RECHECK_MIN_S):
+        return None, offender
+    still = f"{_describe(c)}: still listed and over budget {format_seconds(t_s - killed_s)} after the first SIGKILL"
+    if offender.kill_retries >= KILL_RETRIES_MAX:
+        reason = f"{still} and {offender.kill_retries} more: no more SIGKILL is sent"
+        decision = _decision(
+            reading, c, t_s, Rule.VRAM_KILL_GIVEN_UP, Action.NONE, reason, dry_run=dry, kill_sent_s=killed_s
+        )
+        return decision, replace(offender, kill_checked_s=t_s, kill_given_up=True)
+    retry = offender.kill_retries + 1
+    reason = f"{still} (kill_after {format_seconds(klass.kill_after_s)}): SIGKILL again ({retry} of {KILL_RETRIES_MAX})"
+    decision = _decision(
+        reading, c, t_s, Rule.VRAM_KILL_INEFFECTIVE, Action.SIGNAL_KILL, reason, dry_run=dry, kill_sent_s=killed_s
+    )
+    return decision, replace(offender, kill_checked_s=t_s, kill_retries=retry)
 
 
 def _keep_remembered(
