@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with no daemon running, put back the power limits and fans a crashed or killed daemon left changed",
     )
     restore.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    restore.add_argument(
+        "--simulate",
+        nargs="?",
+        const="",
+        metavar="PROFILE",
+        help="restore on the simulated GPU backend, as `run --simulate [PROFILE]` governed it",
+    )
     restore.add_argument("--dry-run", action="store_true", help="say what would be put back, change and clear nothing")
     restore.add_argument(
         "--quiet", action="store_true", help="log nothing when nothing is recorded (the unit's ExecStopPost=)"
@@ -483,13 +490,18 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from governor.restore import restore_leftovers
 
     logsetup.configure("auto", "info")
-    config = _load_run_config(args.config)
+    config = _with_simulate(_load_run_config(args.config), args.simulate)
     if args.dry_run:
         config = replace(config, dry_run=True)
     logsetup.configure(config.logging.format, config.logging.level)
+    path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    # `run` keeps a simulation's state in a private directory unless the file names one (_private_dirs).
+    private = config.backend == "simulated" and "state_dir" not in _keys_in(path)
     clock = RealClock()
     log = logsetup.get_logger()
-    return restore_leftovers(config, lambda c: _open_backend(c, clock), clock, log, quiet=args.quiet)
+    return restore_leftovers(
+        config, lambda c: _open_backend(c, clock), clock, log, quiet=args.quiet, private_simulation=private
+    )
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:

@@ -83,18 +83,24 @@ def restore_leftovers(
     log: Any,
     *,
     quiet: bool = False,
+    private_simulation: bool = False,
     environ: Mapping[str, str] | None = None,
 ) -> int:
     """Put back every power limit and fan recorded in ``config``'s ``state_dir``; the exit code.
 
     ``open_backend`` opens the configured backend (raising a GovernorError with its exit code when
     it cannot); it is called only when something is recorded. ``quiet``: nothing recorded is
-    logged at debug level only (the unit's ``ExecStopPost=`` after a clean stop). Raises
+    logged at debug level only (the unit's ``ExecStopPost=`` after a clean stop).
+    ``private_simulation``: a simulation whose config names no ``state_dir``, which ``run`` keeps
+    in a private directory of its own: nothing is recorded where this command could look. Raises
     :class:`StateDirBusy` (exit 10) while another gpu-governor process holds the state directory,
     ConfigError (exit 3) for a state directory others may write.
     """
     if memory_only_originals(config):
         _nothing(log, quiet, "the simulated backend without [simulation] state_file keeps nothing between runs")
+        return EXIT_OK
+    if private_simulation:
+        _nothing(log, quiet, "a simulation whose config names no state_dir keeps its state in a private directory")
         return EXIT_OK
     state_dir = Path(config.state_dir)
     check_state_dirs(replace(config, runtime_dir=""))  # the daemon's own trust check of state_dir
