@@ -131,6 +131,7 @@ class Actuator:
         dry_run: bool = False,
         signaller: Callable[[int, int, int], str | None] = send_signal,
         units: UnitManager | None = None,
+        fans: FanControl | None = None,
     ) -> None:
         self._backend = backend
         self._signaller = signaller
@@ -145,8 +146,9 @@ class Actuator:
         self._would_be_original_w: dict[str, float] = {}  # dry-run: the original a live run would have saved
         self._in_range_w: dict[str, float] = {}  # originals found in their GPU's range once: never rejected later
         self.before_stop: Callable[[Decision], str | None] | None = None  # saves the stop first; why not
-        state_dir = None if originals.path is None else originals.path.parent
-        self.fans = FanActuator(backend, FanControl(state_dir), self._gpus.values())
+        if fans is None:  # the fan takeovers saved beside the originals (a caller may have opened them already)
+            fans = FanControl(None if originals.path is None else originals.path.parent)
+        self.fans = FanActuator(backend, fans, self._gpus.values())
         self._note_ranges()
 
     def set_gpus(self, gpus: Iterable[GpuInfo]) -> frozenset[str]:

@@ -1,4 +1,4 @@
-"""The command line: ``gpu-governor run | check-config | status | record | calibrate | replay | simulate``.
+"""The command line: ``gpu-governor run | restore | check-config | status | record | calibrate | replay | simulate``.
 
 Errors are one clear line on stderr and a distinct exit code, never a traceback:
 
@@ -15,6 +15,8 @@ code  meaning
 7     ``status``: no answer from the metrics endpoint (refused, timeout, unknown host, TLS)
 8     ``status``: the daemon answered, and a GPU is lost or degraded
 9     ``status``: an answer that is not usable gpu-governor metrics (HTTP 401/403, 404, other)
+10    another gpu-governor process holds the state directory (``restore``: a daemon runs, nothing done)
+11    ``restore``: something recorded could not be put back (kept for the next start or restore)
 130   interrupted (Ctrl-C)
 141   stdout was closed early (``gpu-governor status | head -1``): the rest of the
       output is dropped quietly, as for a command killed by SIGPIPE (128 + 13)
@@ -176,6 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROFILE",
         help="show the ladder on this simulated profile (name or TOML; repeatable; 'all': every built-in one) "
         "instead of the GPUs the NVIDIA driver reports",
+    )
+
+    restore = sub.add_parser(
+        "restore",
+        help="with no daemon running, put back the power limits and fans a crashed or killed daemon left changed",
+    )
+    restore.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    restore.add_argument(
+        "--simulate",
+        nargs="?",
+        const="",
+        metavar="PROFILE",
+        help="restore on the simulated GPU backend, as `run --simulate [PROFILE]` governed it",
+    )
+    restore.add_argument("--dry-run", action="store_true", help="say what would be put back, change and clear nothing")
+    restore.add_argument(
+        "--quiet", action="store_true", help="log nothing when nothing is recorded (the unit's ExecStopPost=)"
     )
 
     status = sub.add_parser(
@@ -414,6 +433,24 @@ def _run_daemon(
     waiter: Waiter,
     load: Callable[[Path], Config] = load_config,
 ) -> int:
+    """Hold the state directory (governor.statelock: a `restore` refuses meanwhile), then serve."""
+    from governor.logsetup import get_logger
+    from governor.statelock import hold_for_daemon
+
+    hold = hold_for_daemon(config, waiter, clock, get_logger())  # before the backend and the state files
+    if hold.stopped:
+        return EXIT_OK  # asked to stop while another process held it
+    with hold:
+        return _serve_daemon(args, config, clock, waiter, load)
+
+
+def _serve_daemon(
+    args: argparse.Namespace,
+    config: Config,
+    clock: Clock,
+    waiter: Waiter,
+    load: Callable[[Path], Config],
+) -> int:
     """Open the backend, start the daemon on ``config``; ``load`` reads the file again on reload."""
     from governor.listener import metrics_factory
     from governor.service import Service
@@ -445,6 +482,26 @@ def _run_daemon(
     )
     daemon.install_signal_handlers()
     return daemon.run()
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Put back what a daemon that no longer runs left changed (governor.restore)."""
+    from governor import logsetup
+    from governor.restore import restore_leftovers
+
+    logsetup.configure("auto", "info")
+    config = _with_simulate(_load_run_config(args.config), args.simulate)
+    if args.dry_run:
+        config = replace(config, dry_run=True)
+    logsetup.configure(config.logging.format, config.logging.level)
+    path = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    # `run` keeps a simulation's state in a private directory unless the file names one (_private_dirs).
+    private = config.backend == "simulated" and "state_dir" not in _keys_in(path)
+    clock = RealClock()
+    log = logsetup.get_logger()
+    return restore_leftovers(
+        config, lambda c: _open_backend(c, clock), clock, log, quiet=args.quiet, private_simulation=private
+    )
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
@@ -797,6 +854,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int | None:
     _check_outputs(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "restore":
+        return cmd_restore(args)
     if args.command == "check-config":
         return cmd_check_config(args, out)
     if args.command == "status":

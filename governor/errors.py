@@ -9,6 +9,7 @@ new ``except`` clause there::
     ├── ConfigError                 3  invalid or untrusted configuration (``issues``)
     │   └── SimDataError            3  a simulated profile or scenario
     ├── StateError                  a state file that exists but cannot be used
+    │   └── StateDirBusy           10  another gpu-governor process holds the state directory
     ├── StatusError                 ``status``: usage 2, unreachable 7, bad answer 9
     ├── TraceError                  2  a malformed trace file
     ├── WhatIfError                 the code given (2 unless told)
@@ -45,6 +46,8 @@ EXIT_BIND: Final = 6
 EXIT_UNREACHABLE: Final = 7
 EXIT_GPU_UNHEALTHY: Final = 8
 EXIT_BAD_ANSWER: Final = 9
+EXIT_BUSY: Final = 10
+EXIT_NOT_RESTORED: Final = 11
 EXIT_INTERRUPTED: Final = 130
 EXIT_BROKEN_PIPE: Final = 141
 
@@ -56,10 +59,12 @@ __all__ = [
     "EXIT_BAD_ANSWER",
     "EXIT_BIND",
     "EXIT_BROKEN_PIPE",
+    "EXIT_BUSY",
     "EXIT_CONFIG",
     "EXIT_GPU_UNHEALTHY",
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
+    "EXIT_NOT_RESTORED",
     "EXIT_NO_DRIVER",
     "EXIT_OK",
     "EXIT_UNREACHABLE",
@@ -78,6 +83,7 @@ __all__ = [
     "SetLimitFailed",
     "SetLimitRefused",
     "SimDataError",
+    "StateDirBusy",
     "StateError",
     "StatusError",
     "TraceError",
@@ -174,6 +180,17 @@ class StateError(GovernorError):
 
 UnusableFile = StateError
 """The older name of :class:`StateError` (:mod:`governor.safefile`)."""
+
+
+class StateDirBusy(StateError):
+    """Another gpu-governor process (a running daemon, or a restore) holds the state directory's
+    lock (:mod:`governor.statelock`); ``holder_pid`` is the PID it wrote there, None when unknown."""
+
+    exit_code = EXIT_BUSY
+
+    def __init__(self, path: Path, holder_pid: int | None, why: str) -> None:
+        super().__init__(path, why)
+        self.holder_pid = holder_pid
 
 
 class StatusError(GovernorError):

@@ -32,11 +32,13 @@ from governor.errors import (
     EXIT_BAD_ANSWER,
     EXIT_BIND,
     EXIT_BROKEN_PIPE,
+    EXIT_BUSY,
     EXIT_CONFIG,
     EXIT_GPU_UNHEALTHY,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_NO_DRIVER,
+    EXIT_NOT_RESTORED,
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
@@ -56,6 +58,10 @@ EXIT_MEANINGS: Final[dict[int, str]] = {
     EXIT_UNREACHABLE: "no answer from the metrics endpoint (refused, timeout, unknown host, TLS failure)",
     EXIT_GPU_UNHEALTHY: "the daemon answered, and a GPU is lost or degraded",
     EXIT_BAD_ANSWER: "an answer that is not usable gpu-governor metrics (HTTP 401/403, 404, another error)",
+    EXIT_BUSY: "another gpu-governor process holds the state directory (restore: a daemon runs and restores on "
+    "its own stop; nothing was done)",
+    EXIT_NOT_RESTORED: "restore: something recorded could not be put back (a GPU absent, a write failed, the state "
+    "directory unusable); it stays recorded for the next start or restore",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGINT)",
     EXIT_BROKEN_PIPE: "standard output was closed early (e.g. piped into head); the rest is dropped quietly",
 }
@@ -63,7 +69,16 @@ EXIT_MEANINGS: Final[dict[int, str]] = {
 
 _COMMON: Final = (EXIT_OK, EXIT_INTERNAL, EXIT_USAGE)
 COMMAND_EXIT_CODES: Final[dict[str, tuple[int, ...]]] = {
-    "run": (*_COMMON, EXIT_CONFIG, EXIT_NO_DRIVER, EXIT_BACKEND_FATAL, EXIT_BIND, EXIT_INTERRUPTED),
+    "run": (*_COMMON, EXIT_CONFIG, EXIT_NO_DRIVER, EXIT_BACKEND_FATAL, EXIT_BIND, EXIT_BUSY, EXIT_INTERRUPTED),
+    "restore": (
+        *_COMMON,
+        EXIT_CONFIG,
+        EXIT_NO_DRIVER,
+        EXIT_BACKEND_FATAL,
+        EXIT_BUSY,
+        EXIT_NOT_RESTORED,
+        EXIT_INTERRUPTED,
+    ),
     "check-config": (*_COMMON, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE),
     "status": (
         *_COMMON,
@@ -89,6 +104,14 @@ EXTRA_DESCRIPTION: Final[dict[str, str]] = {
     "and exits 0. SIGHUP re-reads the configuration; an invalid file is refused and the running "
     "configuration stays. Under systemd it reports readiness and pings the watchdog (Type=notify). "
     "Options given on the command line win over the configuration file, on every reload too.",
+    "restore": "Does what the next start of the daemon would do first, and only that: every power limit and "
+    "fan recorded in the state directory (/var/lib/gpu-governor) as changed by a daemon that did not stop "
+    "cleanly (a crash, a kill, a watchdog timeout, systemd giving up restarting it) is put back through the "
+    "configured backend, logged, and its entry cleared; an entry that cannot be put back stays recorded. "
+    "It refuses while a daemon holds the state directory (exit 10): that daemon restores on its own stop. "
+    "With nothing recorded it opens no driver and exits 0. A bad state file is kept aside as .corrupt, never "
+    "fatal. The unit runs it as ExecStopPost=, after every stop. With dry_run (the configuration's or "
+    "--dry-run) it only says what it would put back.",
     "check-config": "Prints the effective configuration as TOML on standard output, then the power ladder "
     "each GPU gets; problems go to standard error, one line each, naming the file, the key and what "
     "was expected.",
@@ -104,7 +127,11 @@ FILES: Final = (
         "/etc/gpu-governor/governor.toml",
         "The configuration. A daemon running as root refuses a file not owned by root or writable by group or others.",
     ),
-    ("/var/lib/gpu-governor", "The original power limits, saved so that they can be restored after a crash."),
+    (
+        "/var/lib/gpu-governor",
+        "The original power limits and the fans taken from the cards, saved so that they can be restored after "
+        "a crash (by the next start, or by gpu-governor restore); governor.lock is held by the running daemon.",
+    ),
 )
 ENVIRONMENT: Final[dict[str, tuple[tuple[str, str], ...]]] = {
     "status": (

@@ -91,6 +91,18 @@ MESSAGES: dict[str, str] = {
     "backend_state_unreadable": "The simulated GPUs' state file could not be read: {detail}",
     "backend_input_ignored": "The backend ignored part of its input: {detail}",
     "fan_state_unreadable": "The saved fan takeovers could not be read: {detail}",
+    "state_dir_busy": "The state directory is in use ({why}): waiting up to {wait_s} s before refusing to start",
+    "state_lock_unavailable": "The state directory cannot be locked ({error}): {effect}",
+    # --- gpu-governor restore (governor.restore) -------------------------------------------
+    "restore_nothing_recorded": "Nothing to restore: {detail}",
+    "restore_starting": "Restoring what a governor no longer running left changed in {state_dir}: "
+    "{limits} power limit(s), the fans of {fan_gpus} GPU(s) (dry run {dry_run})",
+    "restore_finished": "Restore finished: {restored} setting(s) put back, {unchanged} already as recorded; "
+    "{state_dir} records nothing left to restore",
+    "restore_dry_run_finished": "Dry run: {would} setting(s) would be put back, {unchanged} already as recorded; "
+    "nothing changed in {state_dir}",
+    "restore_incomplete": "Restore incomplete, still recorded in {state_dir} for the next start or restore: "
+    "{left} ({detail})",
     # --- processes ------------------------------------------------------------------------
     "process_over_budget": _PROCESS + " over its VRAM budget: {used_bytes:size} > {budget_bytes:size}",
     "process_would_signal": _PROCESS + " would get {signal} (dry run): {reason}",

@@ -121,6 +121,10 @@ class OriginalLimits(StateFile):
         """Every saved (uuid, original watts) pair."""
         return sorted((u, e.original_w) for u, e in self._entries.items() if e.original_w is not None)
 
+    def recorded(self) -> list[str]:
+        """Every GPU with an entry: an original to restore, or a marker (see :meth:`suspect`)."""
+        return sorted(self._entries)
+
     def is_durable(self, uuid: str) -> bool:
         """True when the GPU's original is on disk (always, for a store without a directory)."""
         if self.path is None:

@@ -76,6 +76,11 @@ class StateFile:
         """Where a bad file is kept (``<name>.corrupt``)."""
         return None if self.path is None else self.path.with_name(self.path.name + CORRUPT_SUFFIX)
 
+    @property
+    def corrupt_seen(self) -> bool:
+        """True when a bad file was kept aside, by this run or an earlier one (``<name>.corrupt`` exists)."""
+        return self._corrupt_seen
+
     def drain_warnings(self) -> list[str]:
         """Warnings about entries given up since the last call (for the daemon to log)."""
         out, self.warnings = self.warnings, []

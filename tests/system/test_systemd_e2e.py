@@ -357,7 +357,7 @@ def test_hardened_unit_can_still_do_its_job(box: Container) -> None:
     # Everything but the lifecycle: a oneshot, and no RuntimeDirectory= (stopping the
     # probe would remove the running governor's /run/gpu-governor).
     dropped = (
-        "Type=", "ExecStart=", "ExecReload=", "NotifyAccess=", "WatchdogSec=", "Restart", "Timeout",
+        "Type=", "ExecStart=", "ExecReload=", "ExecStop", "NotifyAccess=", "WatchdogSec=", "Restart", "Timeout",
         "RuntimeDirectory",
     )  # fmt: skip
     sandbox = "\n".join(line for line in service.splitlines() if not line.startswith(dropped))
