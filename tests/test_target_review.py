@@ -13,7 +13,7 @@ from governor.carryover import carry_over
 from governor.model import Action, Decision, GpuInfo, GpuReading
 from governor.policy import GpuPolicy, PowerPolicy, Rule, ThermalPolicy, ThermalZone
 from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate_gpu, wanted_w
-from governor.rules.fit import MAX_GAP_S, FitState, observe, replay
+from governor.rules.fit import MAX_GAP_S, FitState, observe
 from governor.rules.target import TargetState
 from governor.sim.thermal import ThermalParams, ThermalState
 from tests.helpers import H100
@@ -166,12 +166,13 @@ class TestCriticalZone:
         critical, and so no drop back to the floor either (no flapping)."""
         thermal = ThermalPolicy(warning_c=60.0, hot_c=70.0, throttle_c=75.0, critical_c=82.0, hysteresis_c=20.0)
         card = Card(plan_for(power=replace(TARGET, target_c=78.0), thermal=thermal), enforced_w=200.0)
-        card.room_c = 62.0
-        card.run(300)
-        assert Rule.POWER_CRITICAL in power_rules(card.decisions)
-        card.room_c = 30.0
+        card.room_c = 75.0
+        card.run(600)
+        assert card.state.zone is Z.CRITICAL and card.enforced_w == 100.0
+        card.room_c = 40.0  # 100 W settles at 66 C
         out = card.run(1800)
         assert card.state.zone is Z.CRITICAL  # below 78 - 3 C, not below 82 - 20 C
+        assert max(card.temperatures_c[-600:]) < 75.0
         assert power_rules(out) == []
         assert card.enforced_w == 100.0
 
@@ -180,17 +181,18 @@ class TestCriticalZone:
 
 
 class TestClock:
-    def test_a_clock_gone_back_an_hour_still_lowers_ahead_of_the_target(self) -> None:
-        """After the snapshot clock jumps back an hour, a room that warms is answered as before, by a lowering
-        on the model's prediction before the die reads the target: the minimum interval counts from now."""
+    def test_a_clock_gone_back_an_hour_does_not_hold_a_lowering(self) -> None:
+        """After the snapshot clock jumps back an hour, a die reading the target (no hotter than at the last change)
+        is lowered after one minimum interval, not once the clock has caught up: the last change counts as now."""
         card = settled()
+        card.state = replace(card.state, target=replace(card.target, last_change_s=card.t_s, changed_at_c=77.0))
         card.t_s -= 3600.0
-        card.run(60)
-        card.room_c = 33.0
-        out = changes(card.run(600))
+        card.room_c = 32.0  # 168 W now settles at 75.7 C
+        start = card.t_s
+        out = changes(card.run(1200))
         assert out and out[0].rule is Rule.POWER_TARGET_DOWN
-        assert out[0].reason.startswith("predicted ")
-        assert max(card.temperatures_c[-600:]) < 75.0
+        assert out[0].t_s - start <= TARGET.min_change_interval_s + 60.0
+        assert max(card.temperatures_c[-300:]) < 75.0
 
     @pytest.mark.parametrize("back_s", [3600.0, 86400.0])
     def test_a_clock_gone_back_does_not_hold_raises_past_an_hour(self, back_s: float) -> None:
@@ -339,21 +341,6 @@ class TestHostileReadings:
         assert power_rules(out) == [Rule.POWER_HOLD]
         assert card.target.fit == before
 
-    def test_replay_skips_what_the_governor_skips(self) -> None:
-        """The fit's replay of a recorded trace skips an absurd sample as the governor does: one 1e200 W sample
-        changes no scored error and leaves the fit finite."""
-        plant = ThermalState.at_steady_state(RTX4070, 1.0, 12.0, 30.0)
-        samples: list[tuple[float, float | None, float | None]] = []
-        for t in range(1800):
-            demand = 200.0 if (t // 300) % 2 == 0 else 80.0
-            samples.append((float(t), float(round(plant.step(demand, 30.0))), demand))
-        clean = replay(samples, 200.0)
-        samples[900] = (900.0, samples[900][1], 1e200)
-        hostile = replay(samples, 200.0)
-        assert all(math.isfinite(s) for s in hostile.final.sums)
-        assert hostile.rms_c is not None and clean.rms_c is not None
-        assert abs(hostile.rms_c - clean.rms_c) < 0.5
-
     def test_a_constant_temperature_leaves_the_prior(self) -> None:
         """Ten hours of one temperature at one power leave the fit finite at its prior, and a load step after
         them is learnt: the rise per watt comes within 10 % of the plant's."""
@@ -444,6 +431,8 @@ class TestDriverRounding:
         card.run(1800)
         ours = card.enforced_w
         assert ours is not None and ours < 700.0
+        card.demand_w = ours - 10.0  # a lighter load: the other tool's limit does not heat the die
+        card.run(60)
         card.enforced_w = 700.0
         out = card.run(3)
         assert power_rules(out) == [Rule.POWER_DRIFT_REAPPLY] and card.enforced_w == ours
@@ -466,17 +455,20 @@ class TestOutsideLimits:
         assert card.enforced_w == 140.0
 
     def test_a_tool_that_keeps_raising_the_limit_is_fought_once(self) -> None:
-        """Another tool that puts the default limit back after every write gets one re-apply per drift, not a
-        write every tick, and the die's heat is still answered by lowerings."""
+        """Another tool that puts the default limit back every tick gets at most one re-apply per limit target mode
+        sets (not a write every tick), and the die's heat is still answered by lowerings."""
         card = settled()
         writes = len(card.writes_w)
         card.room_c = 33.0
+        out: list[Decision] = []
         for _ in range(1800):
             card.enforced_w = 200.0
-            card.tick()
-        reapplies = [d for d in card.decisions if d.rule is Rule.POWER_DRIFT_REAPPLY]
-        assert len(reapplies) == 1
-        assert len(card.writes_w) - writes <= 1 + 1800 / TARGET.min_change_interval_s
+            out += card.tick()
+        reapplies = [d for d in out if d.rule is Rule.POWER_DRIFT_REAPPLY]
+        lowerings = [d for d in out if d.rule is Rule.POWER_TARGET_DOWN]
+        assert lowerings and 1 <= len(reapplies) <= len(lowerings) + 1
+        assert len(card.writes_w) - writes == len(reapplies) + len(lowerings)
+        assert len(card.writes_w) - writes <= 2 * (1 + 1800 / TARGET.min_change_interval_s)
 
 
 # ----------------------------------------------------------------------------- reload

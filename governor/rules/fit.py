@@ -58,8 +58,6 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from governor.model import plausible_c, plausible_draw_w
-
 BLOCK_S = 5.0
 """Readings are averaged over blocks of this many seconds: once a block the fit is solved again
 and the prediction error scored."""
@@ -463,13 +461,12 @@ class Replay:
 def replay(samples: Iterable[tuple[float, float | None, float | None]], default_w: float) -> Replay:
     """Run ``samples`` (time s, die C, board W; in time order) of one card whose default limit is
     ``default_w`` (W) through :func:`observe`, as target mode does each tick (a sample missing
-    either value, or with one no GPU reads: NaN, 0 C, a negative or 10-kW draw, is skipped, as the
-    governor skips it: :func:`governor.rules.engine.finite_reading`)."""
+    either value is skipped, as the governor skips it)."""
     fit, block = FitState(), None
     errors: list[float] = []
     rooms: list[float] = []
     for t_s, temperature_c, power_w in samples:
-        if temperature_c is None or power_w is None or not (plausible_c(temperature_c) and plausible_draw_w(power_w)):
+        if temperature_c is None or power_w is None:
             continue
         rows, scored = fit.rows, fit.scored
         fit, block = observe(fit, block, t_s, temperature_c, power_w, default_w)
