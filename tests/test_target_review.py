@@ -390,6 +390,18 @@ class TestRanges:
         assert [d for d in out if d.to_w is not None and d.to_w < 175.0 and d.action is Action.SET_POWER_LIMIT] == []
         assert Rule.POWER_DRIFT_REAPPLY not in power_rules(out)
 
+    def test_a_range_that_narrows_under_a_rounded_limit_forgets_it(self) -> None:
+        """On a driver that rounds, a maximum that drops below the limit it stored leaves no trace of that stored
+        limit: the new maximum in force is no limit set by someone else."""
+        card = Card(plan_for(H100), enforced_w=700.0, params=H100_PLANT, demand_w=750.0, driver_step_w=50.0)
+        card.run(1800)
+        assert card.target.granted_w is not None and card.target.granted_w > 500.0
+        card.plan = plan_for(replace(H100, power_limit_max_w=500.0, power_limit_default_w=500.0))
+        card.enforced_w = 500.0
+        out = card.run(600)
+        assert card.wanted is not None and card.wanted <= 500.0
+        assert Rule.POWER_DRIFT_EXTERNAL_LOWER not in power_rules(out)
+
     def test_a_fixed_limit_card_never_moves(self) -> None:
         """A card whose minimum limit equals its maximum gets no limit change, hot, critical or cool."""
         fixed = replace(CARD, power_limit_min_w=150.0, power_limit_max_w=150.0, power_limit_default_w=150.0)

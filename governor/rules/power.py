@@ -398,18 +398,36 @@ def settle(
     return None, granted
 
 
+DriftState = tuple[bool, float | None, float | None]
+"""What a power rule keeps for its drift check: whether the current drift was handled, and
+:func:`settle`'s ``settle_from_w`` and ``granted_w`` (W)."""
+
+
+def settled_drift(
+    reading: GpuReading, target: float | None, kept: DriftState, t_s: float, cap_w: float | None
+) -> tuple[DriftState, list[Decision]]:
+    """The drift check of the ladder and target mode with what the driver made of the last change: the first
+    reading after it settles it (:func:`settle`, against ``target`` W held to ``cap_w``), then :func:`drift`.
+    Returns what to keep (``kept`` itself when nothing changed) and the decisions."""
+    seen, settle_from, granted = kept
+    if settle_from is not None:
+        capped = target if cap_w is None or target is None else min(target, cap_w)
+        settle_from, granted = settle(settle_from, granted, reading.power_limit_w, capped)
+    now_seen, decisions = drift(reading, target, seen, t_s, cap_w, granted_w=granted)
+    if now_seen == seen and settle_from == kept[1] and granted == kept[2]:
+        return kept, decisions
+    return (now_seen, settle_from, granted), decisions
+
+
 def _drift(
     reading: GpuReading, state: LadderState, ladder: tuple[float, ...], t_s: float, cap_w: float | None
 ) -> tuple[LadderState, list[Decision]]:
     """Re-apply our target once per drift; report (never fight) a lower out-of-band limit."""
-    target = target_w(state, ladder)
-    if state.settle_from_w is not None:
-        capped = target if cap_w is None or target is None else min(target, cap_w)
-        settle_from, granted = settle(state.settle_from_w, state.granted_w, reading.power_limit_w, capped)
-        if settle_from is None:
-            state = replace(state, settle_from_w=None, granted_w=granted)
-    seen, decisions = drift(reading, target, state.drift_seen, t_s, cap_w, granted_w=state.granted_w)
-    return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
+    kept = (state.drift_seen, state.settle_from_w, state.granted_w)
+    now, decisions = settled_drift(reading, target_w(state, ladder), kept, t_s, cap_w)
+    if now is not kept:
+        state = replace(state, drift_seen=now[0], settle_from_w=now[1], granted_w=now[2])
+    return state, decisions
 
 
 def drift(

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from governor.model import Decision, GpuInfo, GpuReading
 from governor.policy import Action, PowerPolicy, Rule, ThermalZone, format_seconds
 from governor.rules.fit import MAX_GAP_S, Block, FitState, ModelParams, observe
-from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, drift, power_decision, rung_w, settle
+from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, power_decision, rung_w, settled_drift
 
 HOUR_S = 3600.0
 POWER_SMOOTHING_S = 5.0
@@ -149,11 +149,12 @@ def _changed(state: TargetState, limit_w: float, t_s: float, temperature_c: floa
 
 def _rebased(state: TargetState, t_s: float, ceiling_w: float, floor_w: float) -> TargetState:
     """``state`` made consistent with this tick, as the ladder's: a limit outside ``[floor_w, ceiling_w]``
-    (the card's range narrowed) is clamped into it; times after ``t_s`` (the snapshot clock went
-    backwards: a replay started over, a clock reset) are taken as ``t_s``, so the minimum interval, the
-    dwell and the hourly count go on from now instead of waiting for the old clock; a run of headroom
-    ends at a gap in the readings longer than :data:`~governor.rules.fit.MAX_GAP_S` (a suspended host:
-    time nobody read is no dwell). ``state`` itself when nothing needs it (every steady tick)."""
+    (the card's range narrowed) is clamped into it, and what the driver stored for it forgotten; times
+    after ``t_s`` (the snapshot clock went backwards: a replay started over, a clock reset) are taken as
+    ``t_s``, so the minimum interval, the dwell and the hourly count go on from now instead of waiting
+    for the old clock; a run of headroom ends at a gap in the readings longer than
+    :data:`~governor.rules.fit.MAX_GAP_S` (a suspended host: time nobody read is no dwell). ``state``
+    itself when nothing needs it (every steady tick)."""
     limit, change, since, read = state.limit_w, state.last_change_s, state.headroom_since_s, state.power_t_s
     changes = state.changes_s
     stale = since is not None and (since > t_s or read is None or not 0.0 <= t_s - read <= MAX_GAP_S)
@@ -164,9 +165,13 @@ def _rebased(state: TargetState, t_s: float, ceiling_w: float, floor_w: float) -
         and not stale
     ):
         return state
+    clamped = None if limit is None else min(max(limit, floor_w), ceiling_w)
+    moved = clamped != limit  # what the driver stored for the old limit says nothing of this one
     return replace(
         state,
-        limit_w=None if limit is None else min(max(limit, floor_w), ceiling_w),
+        limit_w=clamped,
+        settle_from_w=None if moved else state.settle_from_w,
+        granted_w=None if moved else state.granted_w,
         last_change_s=None if change is None else min(change, t_s),
         changes_s=tuple(min(c, t_s) for c in changes),
         headroom_since_s=None if stale else since,
@@ -370,12 +375,9 @@ def _drift(
     reading: GpuReading, state: TargetState, t_s: float, cap_w: float | None
 ) -> tuple[TargetState, list[Decision]]:
     """Re-apply our limit once per drift; report (never fight) a lower out-of-band limit; a limit the driver
-    rounded is no drift (:func:`~governor.rules.power.settle`, the ladder's)."""
-    target = state.limit_w
-    if state.settle_from_w is not None:
-        capped = target if cap_w is None or target is None else min(target, cap_w)
-        settle_from, granted = settle(state.settle_from_w, state.granted_w, reading.power_limit_w, capped)
-        if settle_from is None:
-            state = replace(state, settle_from_w=None, granted_w=granted)
-    seen, decisions = drift(reading, target, state.drift_seen, t_s, cap_w, granted_w=state.granted_w)
-    return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
+    rounded is no drift (the ladder's check: :func:`~governor.rules.power.settled_drift`)."""
+    kept = (state.drift_seen, state.settle_from_w, state.granted_w)
+    now, decisions = settled_drift(reading, state.limit_w, kept, t_s, cap_w)
+    if now is not kept:
+        state = replace(state, drift_seen=now[0], settle_from_w=now[1], granted_w=now[2])
+    return state, decisions
