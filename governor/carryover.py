@@ -61,6 +61,7 @@ def carry_power(
     wanted = wanted_w(state, old) if old.policy.power.enabled and old.ladder_w else None
     if wanted is None:  # hands-off under the old plan: nothing was set, nothing to map
         return state, None
+    old_granted = state.target.granted_w if old.policy.power.target_mode else state.ladder.granted_w
     power, bounds = new.policy.power, new.ladder_w
     was_target = old.policy.power.target_mode
     if not power.enabled or not bounds:
@@ -85,13 +86,28 @@ def carry_power(
             target=TargetState(fit=state.target.fit) if was_target else state.target,
         )
         why = "new ladder " + "/".join(f"{w:g}" for w in bounds) + f" W: rung {rung}"
+    held = old_granted if old_granted is not None else wanted
     if abs(limit - wanted) <= DRIFT_TOLERANCE_W:
-        return state, None
+        return _settling(state, new, old_granted, None), None
+    state = _settling(state, new, None, held)
     if power.enabled and power.target_mode:
         rule = Rule.POWER_TARGET_DOWN if limit < wanted else Rule.POWER_TARGET_UP
     else:
         rule = Rule.POWER_STEP_DOWN if limit < wanted else Rule.POWER_STEP_UP
     return state, Reclamp(limit, rule, f"config reloaded: the limit was {wanted:g} W; {why}")
+
+
+def _settling(state: GpuRuleState, plan: GpuPlan, granted_w: float | None, settle_from_w: float | None) -> GpuRuleState:
+    """``state`` with ``plan``'s power rule's record of what the driver made of the last change (W): the
+    limit it stored for the one kept (``granted_w``), or, for a limit the reload sets, the one in force
+    before it (``settle_from_w``), so that the next reading shows what the driver made of the new one
+    (:func:`governor.rules.power.settle`): a limit it rounds is no drift, before or after the reload."""
+    power = plan.policy.power
+    if not power.enabled or not plan.ladder_w:
+        return state
+    if power.target_mode:
+        return replace(state, target=replace(state.target, granted_w=granted_w, settle_from_w=settle_from_w))
+    return replace(state, ladder=replace(state.ladder, granted_w=granted_w, settle_from_w=settle_from_w))
 
 
 def lift_budget(state: GpuRuleState, plan: GpuPlan, share_w: float, own_w: float | None) -> Reclamp | None:

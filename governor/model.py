@@ -108,6 +108,12 @@ def plausible_w(watts: float | None) -> bool:
     return watts is not None and 0.0 < watts < MAX_PLAUSIBLE_W
 
 
+def plausible_draw_w(watts: float | None) -> bool:
+    """True for a power draw (W) a GPU can read: finite, 0 or more (an idle board may read 0 W), below
+    :data:`MAX_PLAUSIBLE_W`."""
+    return watts is not None and 0.0 <= watts < MAX_PLAUSIBLE_W
+
+
 MAX_PLAUSIBLE_C = 150.0
 """No GPU reads this hot and still answers (cards shut down at about 95-105 C): a temperature at or above
 it (255 or 65535 C, a sensor's all-ones error value) is a broken answer, and so is one at or below 0 C."""

@@ -12,11 +12,20 @@ zone change to ``unknown``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
-from governor.model import Decision, GpuHealth, GpuInfo, GpuReading, ProcessFacts, Snapshot, plausible_c
+from governor.model import (
+    Decision,
+    GpuHealth,
+    GpuInfo,
+    GpuReading,
+    ProcessFacts,
+    Snapshot,
+    plausible_c,
+    plausible_draw_w,
+    plausible_w,
+)
 from governor.policy import GpuPolicy, ThermalZone, VramPolicy
 from governor.rules.fan import FanPlan, FanState, step_fan
 from governor.rules.power import LadderState, effective_ladder, step_power, target_w
@@ -69,23 +78,24 @@ class GpuPlan:
         )
 
 
-def _finite(value: float | None) -> bool:
-    return value is None or math.isfinite(value)
-
-
 def finite_reading(reading: GpuReading) -> GpuReading:
-    """``reading`` with a NaN or infinite temperature, power or limit, or a temperature no sensor
-    can read (:func:`~governor.model.plausible_c`: 0 C, 255 C ...), as None: a value no backend
-    should give reads as missing (the rules hold), never as a number to compute with."""
+    """``reading`` with a temperature no sensor can read (:func:`~governor.model.plausible_c`: NaN,
+    0 C, 255 C ...), a power draw no card gives (:func:`~governor.model.plausible_draw_w`: NaN,
+    infinite, negative, 10 kW or more) or an enforced limit no card has
+    (:func:`~governor.model.plausible_w`: 0 W, negative ...) as None: a value no backend should give
+    reads as missing (the rules hold; an absurd draw never reaches the fit, an absurd limit never
+    reads as one set lower by someone else), never as a number to compute with."""
     temperature, power, limit = reading.temperature_c, reading.power_w, reading.power_limit_w
     temperature_ok = temperature is None or plausible_c(temperature)
-    if temperature_ok and _finite(power) and _finite(limit):
+    power_ok = power is None or plausible_draw_w(power)
+    limit_ok = limit is None or plausible_w(limit)
+    if temperature_ok and power_ok and limit_ok:
         return reading
     return replace(
         reading,
         temperature_c=temperature if temperature_ok else None,
-        power_w=power if _finite(power) else None,
-        power_limit_w=limit if _finite(limit) else None,
+        power_w=power if power_ok else None,
+        power_limit_w=limit if limit_ok else None,
     )
 
 

@@ -233,9 +233,13 @@ def _reading(fit: FitState, t_s: float, temperature_c: float, power_w: float) ->
     """``fit`` after one reading: the filters run over the time since the last one and the sums
     take the reading. The first reading, or one after a gap, starts the filters at ``power_w`` and
     the start transient at 1 (and so does every reading of the next :data:`START_S`): how far the
-    heatsink then was from settled is fitted too."""
+    heatsink then was from settled is fitted too. After a gap the sums start over, with the model
+    learnt so far as the prior: the start transient has one fitted offset, the last start's, and
+    charged to this start it would move the room by tens of degrees."""
     last = fit.last_t_s
     fresh = last is None or t_s < last or t_s - last > MAX_GAP_S or not fit.filters
+    if fresh and fit.filters:
+        fit = replace(fit, prior=fit.params, sums=(0.0, 0.0, 0.0), filters=())
     if last is None or fresh or t_s - fit.start_s < START_S:
         learnt = [f[6:] for f in fit.filters] if fit.filters else [(0.0,) * 7] * len(TAUS_S)
         restarted = tuple((power_w, 1.0, power_w, 1.0, power_w, 1.0, *sums) for sums in learnt)

@@ -60,7 +60,7 @@ class LadderState:
     last_up_s: float | None = None  # time of the last step up (a step down soon after is a flap)
     backoff: int = 0  # dwell doublings in force as of last_change_s (before decay)
     settle_from_w: float | None = None  # enforced limit (W) when the last change was decided, until read back
-    granted_w: float | None = None  # the limit (W) the driver stored for the target, when it rounded it
+    granted_w: float | None = None  # the limit (W) the driver stored for the last target read back, when it rounded it
 
     @property
     def governed(self) -> bool:
@@ -236,8 +236,8 @@ def _rebased(state: LadderState, t_s: float, lowest: int) -> LadderState:
 
 def _changed(state: LadderState, reading: GpuReading) -> LadderState:
     """``state`` as a limit change is decided: the drift check starts over and the next reading of the
-    enforced limit shows what the driver made of the request (:func:`_settle`)."""
-    return replace(state, drift_seen=False, settle_from_w=reading.power_limit_w, granted_w=None)
+    enforced limit shows what the driver made of the request (:func:`settle`)."""
+    return replace(state, drift_seen=False, settle_from_w=reading.power_limit_w)
 
 
 def step_power(
@@ -374,30 +374,60 @@ def step_power(
     return state, []
 
 
-def _settle(state: LadderState, enforced: float | None, target: float | None) -> LadderState:
-    """The first reading of the enforced limit after a change: a limit the driver moved toward the
-    target (W) but stored a little off it (rounded to its own step, at most ROUNDING_MAX_RATIO of the
-    target away) is what the governor put in force, not a drift (``granted_w``)."""
-    before = state.settle_from_w
-    if before is None or enforced is None:
-        return state
+def settle(
+    settle_from_w: float | None, granted_w: float | None, enforced_w: float | None, target_w: float | None
+) -> tuple[float | None, float | None]:
+    """``(settle_from_w, granted_w)`` after a reading of the enforced limit ``enforced_w`` (W), shared by the
+    ladder and target mode. ``settle_from_w``: the enforced limit when a change to ``target_w`` was decided,
+    until the first reading after it settles the change; ``granted_w``: the limit the driver stored for the
+    last target (None: the target itself). A driver that stores a limit rounded to its own step moves the
+    enforced limit toward the target but a little off it (at most ROUNDING_MAX_RATIO of the target away), or,
+    asked for a target that rounds to the step it already granted, leaves it there: either way that limit is
+    what the governor put in force, not a drift."""
+    if settle_from_w is None or enforced_w is None:
+        return settle_from_w, granted_w
     granted = None
-    if target is not None:
-        off = abs(enforced - target)
-        if DRIFT_TOLERANCE_W < off < abs(before - target) and off <= ROUNDING_MAX_RATIO * target:
-            granted = enforced
-    return replace(state, settle_from_w=None, granted_w=granted)
+    if target_w is not None:
+        off = abs(enforced_w - target_w)
+        moved_toward = off < abs(settle_from_w - target_w)
+        same_step = granted_w is not None and max(abs(enforced_w - granted_w), abs(settle_from_w - granted_w)) <= (
+            DRIFT_TOLERANCE_W
+        )
+        if DRIFT_TOLERANCE_W < off <= ROUNDING_MAX_RATIO * target_w and (moved_toward or same_step):
+            granted = enforced_w
+    return None, granted
+
+
+DriftState = tuple[bool, float | None, float | None]
+"""What a power rule keeps for its drift check: whether the current drift was handled, and
+:func:`settle`'s ``settle_from_w`` and ``granted_w`` (W)."""
+
+
+def settled_drift(
+    reading: GpuReading, target: float | None, kept: DriftState, t_s: float, cap_w: float | None
+) -> tuple[DriftState, list[Decision]]:
+    """The drift check of the ladder and target mode with what the driver made of the last change: the first
+    reading after it settles it (:func:`settle`, against ``target`` W held to ``cap_w``), then :func:`drift`.
+    Returns what to keep (``kept`` itself when nothing changed) and the decisions."""
+    seen, settle_from, granted = kept
+    if settle_from is not None:
+        capped = target if cap_w is None or target is None else min(target, cap_w)
+        settle_from, granted = settle(settle_from, granted, reading.power_limit_w, capped)
+    now_seen, decisions = drift(reading, target, seen, t_s, cap_w, granted_w=granted)
+    if now_seen == seen and settle_from == kept[1] and granted == kept[2]:
+        return kept, decisions
+    return (now_seen, settle_from, granted), decisions
 
 
 def _drift(
     reading: GpuReading, state: LadderState, ladder: tuple[float, ...], t_s: float, cap_w: float | None
 ) -> tuple[LadderState, list[Decision]]:
     """Re-apply our target once per drift; report (never fight) a lower out-of-band limit."""
-    target = target_w(state, ladder)
-    if state.settle_from_w is not None:
-        state = _settle(state, reading.power_limit_w, target if cap_w is None or target is None else min(target, cap_w))
-    seen, decisions = drift(reading, target, state.drift_seen, t_s, cap_w, granted_w=state.granted_w)
-    return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
+    kept = (state.drift_seen, state.settle_from_w, state.granted_w)
+    now, decisions = settled_drift(reading, target_w(state, ladder), kept, t_s, cap_w)
+    if now is not kept:
+        state = replace(state, drift_seen=now[0], settle_from_w=now[1], granted_w=now[2])
+    return state, decisions
 
 
 def drift(

@@ -4,8 +4,10 @@ A model-based controller on the thermal model fitted online to the GPU's own rea
 (:mod:`governor.rules.fit`). Each tick:
 
 * The reading joins the fit (temperature and power both present).
+* A reading in the critical zone sets the floor at once, whatever else holds (the power reading
+  too: the jump needs the temperature only), as long as the limit is above it (a jump that was
+  refused, or held under another tool's lower limit, is taken as soon as it can be).
 * A missing temperature or power holds the limit (one ``power_hold`` decision).
-* Entering the critical zone sets the floor at once, whatever else holds.
 * **Lower** when the die reads ``target_c`` or more (NVML's whole degrees: a reading equal
   to the target may be half a degree over it) or the model predicts it above ``target_c``
   within ``horizon_s`` seconds at the limit in force (at the power the GPU draws now when
@@ -15,7 +17,8 @@ A model-based controller on the thermal model fitted online to the GPU's own rea
 * **Raise** only while the limit binds (the GPU draws what the limit allows, or NVML
   reports the software power cap) and both the model (where the limit in force settles)
   and the reading are more than ``deadband_c`` below the target, for ``dwell_s`` seconds
-  in a row: to the same settling
+  of readings in a row (a gap in them, a suspended host, starts the run over), never in the
+  critical zone nor over a lower limit set outside the governor: to the same settling
   limit, by at most :data:`RAISE_STEP_RATIO` of the default limit per raise, and never
   above the default limit. Lazy when releasing, like the ladder.
 * Until the fit has 30 s of data (:data:`governor.rules.fit.MIN_ROWS`), only a reading
@@ -25,7 +28,11 @@ A model-based controller on the thermal model fitted online to the GPU's own rea
   raise only while it and a lowering after it still fit in ``max_changes_per_hour`` changes
   in the last hour (the rate limit; a needed lowering is never held back by it).
 * Drift: a higher enforced limit (a driver reload, another tool) gets our limit re-applied
-  once; a lower one, set outside the governor, is reported and left alone.
+  once; a lower one, set outside the governor, is reported and left alone. A limit the driver
+  stores rounded to its own step is what the governor put in force, as on the ladder
+  (:func:`governor.rules.power.settle`): no drift, and the limit the predictions start from.
+* The snapshot clock is trusted only forward, and a limit outside a range that narrowed is
+  clamped into it (:func:`_rebased`).
 
 Limits are whole watts clamped to ``[floor, the card's default limit]`` (NVML's range). A
 steady load settles: once the limit holds the die inside the deadband, neither rule fires.
@@ -41,8 +48,8 @@ from dataclasses import dataclass, field, replace
 
 from governor.model import Decision, GpuInfo, GpuReading
 from governor.policy import Action, PowerPolicy, Rule, ThermalZone, format_seconds
-from governor.rules.fit import Block, FitState, ModelParams, observe
-from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, drift, power_decision, rung_w
+from governor.rules.fit import MAX_GAP_S, Block, FitState, ModelParams, observe
+from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, power_decision, rung_w, settled_drift
 
 HOUR_S = 3600.0
 POWER_SMOOTHING_S = 5.0
@@ -64,8 +71,9 @@ class TargetState:
     """One GPU's controller, carried from tick to tick: the limit it set (None: hands-off),
     the online fit, when it last changed the limit and every change of the last hour
     (seconds) and the die then (C), the start of the current run of headroom at a binding limit, the smoothed
-    power (W) and when it was read, and whether it holds for a missing reading or has seen
-    the current drift."""
+    power (W) and when it was read, whether it holds for a missing reading or has seen
+    the current drift, and what the driver made of the last change (W: the enforced limit when it
+    was decided, until read back; the limit it stored, when it rounded it)."""
 
     limit_w: float | None = None
     fit: FitState = field(default_factory=FitState)
@@ -78,6 +86,8 @@ class TargetState:
     holding: bool = False
     drift_seen: bool = False
     changed_at_c: float = math.inf
+    settle_from_w: float | None = None
+    granted_w: float | None = None
 
     @property
     def governed(self) -> bool:
@@ -121,8 +131,9 @@ def describe_model(fit: FitState) -> str:
     return text
 
 
-def _changed(state: TargetState, limit_w: float, t_s: float, temperature_c: float) -> TargetState:
-    """``state`` after setting ``limit_w`` at ``t_s`` with the die at ``temperature_c``."""
+def _changed(state: TargetState, limit_w: float, t_s: float, temperature_c: float, reading: GpuReading) -> TargetState:
+    """``state`` after setting ``limit_w`` at ``t_s`` with the die at ``temperature_c``: the drift check
+    starts over and the next reading of the enforced limit shows what the driver made of it."""
     recent = tuple(c for c in state.changes_s if t_s - c < HOUR_S)
     return replace(
         state,
@@ -132,6 +143,38 @@ def _changed(state: TargetState, limit_w: float, t_s: float, temperature_c: floa
         headroom_since_s=None,
         drift_seen=False,
         changed_at_c=temperature_c,
+        settle_from_w=reading.power_limit_w,
+    )
+
+
+def _rebased(state: TargetState, t_s: float, ceiling_w: float, floor_w: float) -> TargetState:
+    """``state`` made consistent with this tick, as the ladder's: a limit outside ``[floor_w, ceiling_w]``
+    (the card's range narrowed) is clamped into it, and what the driver stored for it forgotten; times
+    after ``t_s`` (the snapshot clock went backwards: a replay started over, a clock reset) are taken as
+    ``t_s``, so the minimum interval, the dwell and the hourly count go on from now instead of waiting
+    for the old clock; a run of headroom ends at a gap in the readings longer than
+    :data:`~governor.rules.fit.MAX_GAP_S` (a suspended host: time nobody read is no dwell). ``state``
+    itself when nothing needs it (every steady tick)."""
+    limit, change, since, read = state.limit_w, state.last_change_s, state.headroom_since_s, state.power_t_s
+    changes = state.changes_s
+    stale = since is not None and (since > t_s or read is None or not 0.0 <= t_s - read <= MAX_GAP_S)
+    if (
+        (limit is None or floor_w <= limit <= ceiling_w)
+        and (change is None or change <= t_s)
+        and (not changes or changes[-1] <= t_s)
+        and not stale
+    ):
+        return state
+    clamped = None if limit is None else min(max(limit, floor_w), ceiling_w)
+    moved = clamped != limit  # what the driver stored for the old limit says nothing of this one
+    return replace(
+        state,
+        limit_w=clamped,
+        settle_from_w=None if moved else state.settle_from_w,
+        granted_w=None if moved else state.granted_w,
+        last_change_s=None if change is None else min(change, t_s),
+        changes_s=tuple(min(c, t_s) for c in changes),
+        headroom_since_s=None if stale else since,
     )
 
 
@@ -180,6 +223,7 @@ def step_target(
     if not policy.enabled or not bounds:
         return state, []
     ceiling, floor = bounds
+    state = _rebased(state, t_s, ceiling, floor)
     temperature, power = reading.temperature_c, reading.power_w
     if temperature is not None and power is not None:
         fit, block = observe(state.fit, state.block, t_s, temperature, power, ceiling)
@@ -188,6 +232,21 @@ def step_target(
     enforced = reading.power_limit_w
     current = state.limit_w
     from_w = current if current is not None else enforced
+
+    # Every critical reading above the floor, not only the one entering the zone, and with or without a
+    # power reading: a jump that was refused (and undone) or held under another tool's lower limit is
+    # taken as soon as it can be.
+    if (
+        temperature is not None
+        and zone is ThermalZone.CRITICAL
+        and current != floor
+        and not _would_raise(floor, reading)
+    ):
+        entered = "entered" if previous_zone is not ThermalZone.CRITICAL else "in"
+        reason = f"{entered} critical zone at {temperature:g} C: straight to the floor {floor:g} W"
+        return _changed(state, floor, t_s, temperature, reading), [
+            power_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=floor)
+        ]
 
     if temperature is None or power is None:
         if state.headroom_since_s is not None:
@@ -208,17 +267,15 @@ def step_target(
     if state.holding:
         state = replace(state, holding=False)
 
-    entering_critical = zone is ThermalZone.CRITICAL and previous_zone is not ThermalZone.CRITICAL
-    if entering_critical and current != floor and not _would_raise(floor, reading):
-        reason = f"entered critical zone at {temperature:g} C: straight to the floor {floor:g} W"
-        return _changed(state, floor, t_s, temperature), [
-            power_decision(reading, t_s, Rule.POWER_CRITICAL, reason, from_w=from_w, to_w=floor)
-        ]
-
     model = state.fit.params
     if model is None:  # pragma: no cover - a reading with both values always leaves a prior
         return state, []
-    in_force = current if current is not None else (enforced if enforced is not None else ceiling)
+    # The limit in force: ours (as the driver stored it, once read back), else the card's.
+    granted = state.granted_w if state.settle_from_w is None else None
+    if current is None:
+        in_force = enforced if enforced is not None else ceiling
+    else:
+        in_force = granted if granted is not None else current
     smooth = state.power_w if state.power_w is not None else power
     binding = smooth >= in_force - binding_margin_w(in_force) or bool((reading.clock_event_reasons or 0) & SW_POWER_CAP)
     future_w = in_force if binding else min(smooth, in_force)
@@ -244,7 +301,9 @@ def step_target(
             # The die is at the target already: the model is behind; take off the excess too.
             correction = (temperature - settle_c) / model.r_total_c_per_w
             wanted = max(floor, min(wanted, float(math.floor(min(smooth, in_force) - correction))))
-        if interval_ok and wanted < in_force - DRIFT_TOLERANCE_W / 2 and not _would_raise(wanted, reading):
+        # Below what is in force and below what we asked (a driver that rounds up is not asked again).
+        below = in_force if current is None else min(in_force, current)
+        if interval_ok and wanted < below - DRIFT_TOLERANCE_W / 2 and not _would_raise(wanted, reading):
             if at_target:
                 why = f"temperature {temperature:g} C >= target {target:g} C"
             else:
@@ -253,13 +312,20 @@ def step_target(
                     f"> target {target:g} C"
                 )
             reason = f"{why}: {wanted:g} W ({describe_model(state.fit)})"
-            return _changed(state, wanted, t_s, temperature), [
+            return _changed(state, wanted, t_s, temperature, reading), [
                 power_decision(
                     reading, t_s, Rule.POWER_TARGET_DOWN, reason, threshold=target, from_w=from_w, to_w=wanted
                 )
             ]
-    elif current is not None and current < ceiling and binding and ready:
-        settles_c = model.steady_c(current)
+    elif (
+        current is not None
+        and current < ceiling
+        and binding
+        and ready
+        and zone is not ThermalZone.CRITICAL  # the floor holds while the critical zone does
+        and not _held_lower(reading, in_force, cap_w)
+    ):
+        settles_c = model.steady_c(in_force)
         # Settled: the die is where the model says the power it draws now settles, so the
         # model is right here and now (not in the first minutes of a burst from cool).
         settled = abs(temperature - model.steady_c(smooth)) <= policy.deadband_c / 2.0
@@ -272,11 +338,11 @@ def step_target(
             rate_ok = changes_in_last_hour(state, t_s) + 2 <= policy.max_changes_per_hour
             if t_s - since >= policy.dwell_s and interval_ok and rate_ok and wanted > current + DRIFT_TOLERANCE_W / 2:
                 reason = (
-                    f"settles at {settles_c:.1f} C at {current:g} W, more than {policy.deadband_c:g} C "
+                    f"settles at {settles_c:.1f} C at {in_force:g} W, more than {policy.deadband_c:g} C "
                     f"below target {target:g} C for {format_seconds(t_s - since)}: {wanted:g} W "
                     f"({describe_model(state.fit)})"
                 )
-                return _changed(state, wanted, t_s, temperature), [
+                return _changed(state, wanted, t_s, temperature, reading), [
                     power_decision(
                         reading, t_s, Rule.POWER_TARGET_UP, reason, threshold=target, from_w=current, to_w=wanted
                     )
@@ -297,9 +363,21 @@ def _would_raise(watts: float, reading: GpuReading) -> bool:
     return enforced is not None and watts > enforced + DRIFT_TOLERANCE_W
 
 
+def _held_lower(reading: GpuReading, in_force_w: float, cap_w: float | None) -> bool:
+    """True when the enforced limit is below ours (``in_force_w``, W, at most ``cap_w``): set lower outside
+    the governor, it is left alone, and a raise would write over it."""
+    enforced = reading.power_limit_w
+    ours = in_force_w if cap_w is None else min(in_force_w, cap_w)
+    return enforced is not None and enforced < ours - DRIFT_TOLERANCE_W
+
+
 def _drift(
     reading: GpuReading, state: TargetState, t_s: float, cap_w: float | None
 ) -> tuple[TargetState, list[Decision]]:
-    """Re-apply our limit once per drift; report (never fight) a lower out-of-band limit."""
-    seen, decisions = drift(reading, state.limit_w, state.drift_seen, t_s, cap_w)
-    return (state if seen == state.drift_seen else replace(state, drift_seen=seen)), decisions
+    """Re-apply our limit once per drift; report (never fight) a lower out-of-band limit; a limit the driver
+    rounded is no drift (the ladder's check: :func:`~governor.rules.power.settled_drift`)."""
+    kept = (state.drift_seen, state.settle_from_w, state.granted_w)
+    now, decisions = settled_drift(reading, state.limit_w, kept, t_s, cap_w)
+    if now is not kept:
+        state = replace(state, drift_seen=now[0], settle_from_w=now[1], granted_w=now[2])
+    return state, decisions
