@@ -121,6 +121,21 @@ class TestCriticalZone:
         assert power_rules(out) == [Rule.POWER_CRITICAL]
         assert card.enforced_w == 560.0
 
+    def test_no_step_up_over_a_lower_outside_limit(self) -> None:
+        """A limit set lower by another tool is never fought: a cool card waits under it instead of stepping up
+        over it, and steps up once that tool lets go."""
+        power = replace(THREE_RUNGS, dwell_s=5.0, min_change_interval_s=0.0)
+        card = Card(plan_for(CARD_200W, power), enforced_w=200.0)
+        card.run(0.0, [90.0] * 4)  # debounced step down to 180 W
+        assert card.enforced_w == 180.0
+        card.enforced_w = 150.0  # another tool sets 150 W
+        out = card.run(4.0, [50.0] * 30)
+        assert Rule.POWER_STEP_UP not in power_rules(out) and card.enforced_w == 150.0
+        assert Rule.POWER_DRIFT_EXTERNAL_LOWER in power_rules(out)
+        card.enforced_w = 180.0  # it lets go
+        out = card.run(34.0, [50.0] * 10)
+        assert Rule.POWER_STEP_UP in power_rules(out) and card.enforced_w == 200.0
+
     def test_no_step_up_while_the_zone_is_still_critical(self) -> None:
         """With a wide hysteresis the critical zone outlasts the ladder's step-up threshold: no step up while the
         card is still in the critical zone (nor a drop back to the floor on the next tick: no flapping)."""

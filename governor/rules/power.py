@@ -193,6 +193,15 @@ def _would_raise(watts: float, reading: GpuReading) -> bool:
     return enforced is not None and watts > enforced + DRIFT_TOLERANCE_W
 
 
+def held_lower(reading: GpuReading, in_force_w: float, cap_w: float | None) -> bool:
+    """True when the enforced limit is below ours (``in_force_w``, W, at most ``cap_w``): set lower outside
+    the governor, it is left alone, and a raise would write over it (the ladder's step up, target mode's
+    raise)."""
+    enforced = reading.power_limit_w
+    ours = in_force_w if cap_w is None else min(in_force_w, cap_w)
+    return enforced is not None and enforced < ours - DRIFT_TOLERANCE_W
+
+
 def _first_rung_below(ladder: tuple[float, ...], limit_w: float | None) -> int | None:
     """Index of the highest rung below the enforced limit (where a first step down lands)."""
     if limit_w is None:
@@ -337,7 +346,14 @@ def step_power(
         cooled_s = t_s - cool_since
         dwell_s = effective_dwell_s(policy, state, t_s)
         releasable = zone.severity < ThermalZone.THROTTLE.severity  # never up while throttle or critical holds
-        if state.rung is not None and state.rung > 0 and cooled_s >= dwell_s and interval_ok and releasable:
+        if (
+            state.rung is not None
+            and state.rung > 0
+            and cooled_s >= dwell_s
+            and interval_ok
+            and releasable
+            and not held_lower(reading, ladder[state.rung] if state.granted_w is None else state.granted_w, cap_w)
+        ):
             up = state.rung - 1
             level = backoff_level(policy, state, t_s)
             state = replace(

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from governor.model import Decision, GpuInfo, GpuReading
 from governor.policy import Action, PowerPolicy, Rule, ThermalZone, format_seconds
 from governor.rules.fit import MAX_GAP_S, Block, FitState, ModelParams, observe
-from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, power_decision, rung_w, settled_drift
+from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, held_lower, power_decision, rung_w, settled_drift
 
 HOUR_S = 3600.0
 POWER_SMOOTHING_S = 5.0
@@ -323,7 +323,7 @@ def step_target(
         and binding
         and ready
         and zone is not ThermalZone.CRITICAL  # the floor holds while the critical zone does
-        and not _held_lower(reading, in_force, cap_w)
+        and not held_lower(reading, in_force, cap_w)
     ):
         settles_c = model.steady_c(in_force)
         # Settled: the die is where the model says the power it draws now settles, so the
@@ -361,14 +361,6 @@ def _would_raise(watts: float, reading: GpuReading) -> bool:
     """True when setting ``watts`` would raise the enforced limit (set lower by someone else)."""
     enforced = reading.power_limit_w
     return enforced is not None and watts > enforced + DRIFT_TOLERANCE_W
-
-
-def _held_lower(reading: GpuReading, in_force_w: float, cap_w: float | None) -> bool:
-    """True when the enforced limit is below ours (``in_force_w``, W, at most ``cap_w``): set lower outside
-    the governor, it is left alone, and a raise would write over it."""
-    enforced = reading.power_limit_w
-    ours = in_force_w if cap_w is None else min(in_force_w, cap_w)
-    return enforced is not None and enforced < ours - DRIFT_TOLERANCE_W
 
 
 def _drift(
