@@ -10,6 +10,7 @@ new ``except`` clause there::
     │   └── SimDataError            3  a simulated profile or scenario
     ├── StateError                  a state file that exists but cannot be used
     ├── StatusError                 ``status``: usage 2, unreachable 7, bad answer 9
+    ├── ReloadRefused               3  ``reload``: the daemon refused the new config
     ├── TraceError                  2  a malformed trace file
     ├── WhatIfError                 the code given (2 unless told)
     └── BackendError                5  base of every hardware backend error
@@ -45,6 +46,7 @@ EXIT_BIND: Final = 6
 EXIT_UNREACHABLE: Final = 7
 EXIT_GPU_UNHEALTHY: Final = 8
 EXIT_BAD_ANSWER: Final = 9
+EXIT_NO_RELOAD: Final = 10
 EXIT_INTERRUPTED: Final = 130
 EXIT_BROKEN_PIPE: Final = 141
 
@@ -61,6 +63,7 @@ __all__ = [
     "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
     "EXIT_NO_DRIVER",
+    "EXIT_NO_RELOAD",
     "EXIT_OK",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
@@ -75,6 +78,7 @@ __all__ = [
     "GpuError",
     "GpuLostError",
     "ListenUnavailable",
+    "ReloadRefused",
     "SetLimitFailed",
     "SetLimitRefused",
     "SimDataError",
@@ -187,6 +191,23 @@ class StatusError(GovernorError):
         super().__init__(message)
         self.kind = kind
         self.exit_code = self.CODES.get(kind, EXIT_INTERNAL)
+
+
+class ReloadRefused(GovernorError):
+    """``reload``: the daemon ``pid`` refused the new config and kept the running one; ``errors``
+    are its lines (file, key, what was expected), as it logged them."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, pid: int, errors: Sequence[str]) -> None:
+        self.pid = pid
+        self.errors = tuple(errors)
+        super().__init__(f"process {pid} refused the new configuration: " + "; ".join(self.errors))
+
+    def lines(self) -> list[str]:
+        """A line saying the running configuration stays, then one ``config error:`` line per problem."""
+        head = f"reload: process {self.pid} refused the new configuration and keeps running the old one"
+        return [head, *(f"config error: {line}" for line in self.errors)]
 
 
 class TraceError(GovernorError):
