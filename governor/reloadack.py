@@ -124,8 +124,11 @@ class ReloadAcks:
         try:
             write_atomic(self.path, json.dumps(document).encode(), durable=False)  # /run is tmpfs
         except OSError as exc:
-            level = self._log.debug if exc.errno == errno.ENOENT else self._log.warning
-            level("reload_ack_failed", path=str(self.path), error=exc.strerror or str(exc))
+            error = exc.strerror or str(exc)
+            if exc.errno == errno.ENOENT:  # no runtime directory (not under systemd): nobody waits on it
+                self._log.debug("reload_ack_failed", path=str(self.path), error=error)
+            else:
+                self._log.warning("reload_ack_failed", path=str(self.path), error=error)
 
 
 # --------------------------------------------------------------------------- the command's side
