@@ -259,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument(
         "--runtime-dir",
         type=Path,
-        default=Path("/run/gpu-governor"),
         metavar="DIR",
-        help="the daemon's runtime_dir, where it acknowledges each reload (default /run/gpu-governor)",
+        help="where the daemon acknowledges each reload (default: $RUNTIME_DIRECTORY, which systemd sets for "
+        "the unit's commands, else /run/gpu-governor)",
     )
 
     record = sub.add_parser("record", help="record NVML samples to a trace file (JSON Lines)")
@@ -806,9 +806,10 @@ def cmd_hash_password(stdin: TextIO, out: TextIO, cost: int = 10) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """SIGHUP to the daemon, then wait for its acknowledgement (governor.reloadack); silent when applied."""
-    from governor.reloadack import request_reload
+    from governor.reloadack import DEFAULT_RUNTIME_DIR, ack_directory, request_reload
 
-    request_reload(args.pid, args.runtime_dir, args.timeout)  # ReloadRefused: exit 3, CliError: exit 10
+    directory = args.runtime_dir or Path(ack_directory(DEFAULT_RUNTIME_DIR))
+    request_reload(args.pid, directory, args.timeout)  # ReloadRefused: exit 3, CliError: exit 10
     return EXIT_OK
 
 

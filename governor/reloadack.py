@@ -9,7 +9,10 @@ SIGHUP and waits for the daemon's acknowledgement.
 The daemon (:class:`ReloadAcks`) notes CLOCK_MONOTONIC when a reload begins, before it looks at
 the file (the same instant it sends as RELOADING=1's MONOTONIC_USEC=). When the reload has ended,
 applied or refused, it publishes the metrics again, sends READY=1 and then replaces
-``runtime_dir/reload.json`` (0600, written to a temporary file and renamed)::
+``reload.json`` (0600, written to a temporary file and renamed) in :func:`ack_directory`: the
+directory systemd made for the unit (``$RUNTIME_DIRECTORY``, which it sets for ExecReload= too,
+so both sides agree whatever the config says: a ``--simulate`` run keeps its runtime_dir in a
+private directory), else the config's runtime_dir::
 
     {"pid": 1234, "reload": 3, "began_monotonic_us": 81234567890, "result": "refused", "errors": ["..."]}
 
@@ -41,7 +44,7 @@ import select
 import signal
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -58,6 +61,8 @@ MAX_ACK_ERRORS: Final = 20
 """At most this many error lines of a refused reload are written (a ConfigError's summary is as long)."""
 MAX_ERROR_CHARS: Final = 1000
 """Each error line is cut to this many characters."""
+DEFAULT_RUNTIME_DIR: Final = "/run/gpu-governor"
+"""The command's directory outside systemd: the config's default runtime_dir."""
 DEFAULT_TIMEOUT_S: Final = 60.0
 """How long ``reload`` waits by default (seconds): below the unit's TimeoutStartSec= (90 s), which systemd
 applies to ExecReload=, so the command, not systemd's kill, says why."""
@@ -70,6 +75,13 @@ def monotonic_us() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
+def ack_directory(fallback: str, environ: Mapping[str, str] | None = None) -> str:
+    """Where acknowledgements go: the first directory of ``$RUNTIME_DIRECTORY`` (systemd's
+    RuntimeDirectory=, set for the main process and ExecReload= alike), else ``fallback`` ("": none)."""
+    first = (os.environ if environ is None else environ).get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return first if os.path.isabs(first) else fallback
+
+
 # --------------------------------------------------------------------------- the daemon's side
 
 
@@ -77,16 +89,24 @@ class ReloadAcks:
     """The daemon's half: RELOADING=1 when a reload begins; when it ends, the metrics published
     again, READY=1 (with STATUS=) and ``runtime_dir/reload.json`` replaced.
 
-    ``runtime_dir`` empty: no file (a what-if run). A file that cannot be written is logged
+    The file goes to :func:`ack_directory` (``runtime_dir`` outside systemd; empty there: no
+    file, as in a what-if run, which never reloads anyway). A file that cannot be written is logged
     (``reload_ack_failed``: a warning, or a debug event when the directory does not exist, as
     outside systemd without RuntimeDirectory=) and the daemon carries on; a waiting command then
     times out and says where it looked.
     """
 
     def __init__(
-        self, runtime_dir: str, notifier: Notifier, publish: Callable[[], None], log: Any, pid: int | None = None
+        self,
+        runtime_dir: str,
+        notifier: Notifier,
+        publish: Callable[[], None],
+        log: Any,
+        pid: int | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.path = Path(runtime_dir) / ACK_FILE if runtime_dir else None
+        directory = ack_directory(runtime_dir, environ)
+        self.path = Path(directory) / ACK_FILE if directory else None
         self._notifier = notifier
         self._publish = publish
         self._log = log

@@ -32,7 +32,15 @@ from governor.clock import VirtualClock
 from governor.config import Config, load_config
 from governor.errors import EXIT_CONFIG, EXIT_NO_RELOAD, EXIT_OK, EXIT_USAGE, UnusableFile
 from governor.notify import Notifier
-from governor.reloadack import ACK_FILE, DEFAULT_TIMEOUT_S, monotonic_us, read_ack
+from governor.reloadack import (
+    ACK_FILE,
+    DEFAULT_RUNTIME_DIR,
+    DEFAULT_TIMEOUT_S,
+    ReloadAcks,
+    ack_directory,
+    monotonic_us,
+    read_ack,
+)
 from governor.waiting import RELOAD, VirtualWaiter, settle
 from tests.builders import build_daemon
 from tests.scripted import ScriptedBackend
@@ -80,11 +88,12 @@ FAKE_DAEMON = textwrap.dedent(
 class FakeDaemon:
     """A process that answers a SIGHUP the way ``mode`` says, acknowledging in ``runtime_dir``."""
 
-    def __init__(self, mode: str, runtime_dir: Path) -> None:
+    def __init__(self, mode: str, runtime_dir: Path, environ: dict[str, str] | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"} | (environ or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-c", FAKE_DAEMON, mode, str(runtime_dir)],
             cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**env, "PYTHONPATH": str(REPO)},
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -103,12 +112,18 @@ class FakeDaemon:
             self.proc.stdout.close()
 
 
+@pytest.fixture(autouse=True)
+def outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No $RUNTIME_DIRECTORY (pytest run from a unit would have one) unless a test sets it."""
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+
+
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[Any]:
     made: list[FakeDaemon] = []
 
-    def start(mode: str) -> FakeDaemon:
-        made.append(FakeDaemon(mode, tmp_path))
+    def start(mode: str, runtime_dir: Path = tmp_path, environ: dict[str, str] | None = None) -> FakeDaemon:
+        made.append(FakeDaemon(mode, runtime_dir, environ))
         return made[-1]
 
     yield start
@@ -116,10 +131,11 @@ def fake(tmp_path: Path) -> Iterator[Any]:
         daemon.close()
 
 
-def reload(pid: int, runtime_dir: Path, timeout_s: float = 30.0) -> tuple[int, str]:
+def reload(pid: int, runtime_dir: Path | None, timeout_s: float = 30.0) -> tuple[int, str]:
     """``gpu-governor reload --pid PID`` through the real command line: (exit code, stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    argv = ["reload", "--pid", str(pid), "--runtime-dir", str(runtime_dir), "--timeout", str(timeout_s)]
+    argv = ["reload", "--pid", str(pid), "--timeout", str(timeout_s)]
+    argv += [] if runtime_dir is None else ["--runtime-dir", str(runtime_dir)]
     code = cli.main(argv, out, err)
     assert out.getvalue() == "", "an applied reload prints nothing"
     return code, err.getvalue()
@@ -196,6 +212,17 @@ class TestAgainstFakeDaemons:
         code, err = reload(daemon.pid, tmp_path, timeout_s=0.5)
         assert code == EXIT_NO_RELOAD
         assert "writable by group or others (refused unread)" in err
+
+    def test_under_systemd_both_sides_meet_in_runtime_directory(
+        self, fake: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """$RUNTIME_DIRECTORY set for both, as systemd does: the daemon acknowledges there, the command looks there."""
+        unit_dir = tmp_path / "unit"
+        unit_dir.mkdir()
+        daemon = fake("apply", tmp_path / "private", {"RUNTIME_DIRECTORY": str(unit_dir)})
+        monkeypatch.setenv("RUNTIME_DIRECTORY", str(unit_dir))
+        assert reload(daemon.pid, None) == (EXIT_OK, "")
+        assert read_ack(unit_dir / ACK_FILE).pid == daemon.pid
 
     def test_no_such_process_exits_10(self, tmp_path: Path) -> None:
         """A PID with no process: exit 10 at once, asking whether the daemon runs."""
@@ -276,7 +303,7 @@ class TestCommandLine:
     def test_defaults_match_the_daemon_and_the_unit(self) -> None:
         """Defaults: the config's runtime_dir; a timeout below TimeoutStartSec= (systemd's limit for ExecReload=)."""
         args = cli.build_parser().parse_args(["reload", "--pid", "2"])
-        assert args.runtime_dir == Path(Config().runtime_dir)
+        assert args.runtime_dir is None and Config().runtime_dir == DEFAULT_RUNTIME_DIR
         assert args.timeout == DEFAULT_TIMEOUT_S
         unit = UNIT.read_text()
         start = re.search(r"^TimeoutStartSec=(\d+)s$", unit, re.M)
@@ -287,6 +314,29 @@ class TestCommandLine:
         unit = UNIT.read_text()
         assert re.findall(r"^ExecReload=(.*)$", unit, re.M) == ["/usr/bin/gpu-governor reload --pid $MAINPID"]
         assert re.findall(r"^Type=(.*)$", unit, re.M) == ["notify"]
+
+
+class TestAckDirectory:
+    @pytest.mark.parametrize(
+        ("environ", "expected"),
+        [
+            ({}, "/fallback"),
+            ({"RUNTIME_DIRECTORY": "/run/gpu-governor"}, "/run/gpu-governor"),
+            ({"RUNTIME_DIRECTORY": "/run/a:/run/b"}, "/run/a"),
+            ({"RUNTIME_DIRECTORY": ""}, "/fallback"),
+            ({"RUNTIME_DIRECTORY": "relative/dir"}, "/fallback"),
+        ],
+    )
+    def test_systemds_directory_first_then_the_fallback(self, environ: dict[str, str], expected: str) -> None:
+        """$RUNTIME_DIRECTORY's first absolute entry wins; empty or relative falls back."""
+        assert ack_directory("/fallback", environ) == expected
+
+    def test_under_systemd_even_an_empty_runtime_dir_acknowledges(self, tmp_path: Path) -> None:
+        """runtime_dir = "" (no process table) under systemd: ExecReload= still gets its acknowledgement."""
+        acks = ReloadAcks("", Notifier(), lambda: None, None, environ={"RUNTIME_DIRECTORY": str(tmp_path)})
+        acks.begin()
+        acks.applied("")
+        assert read_ack(tmp_path / ACK_FILE).applied
 
 
 # --------------------------------------------------------------------------- the daemon's side
@@ -330,6 +380,7 @@ class TestDaemonSide:
         run.mkdir(mode=0o700)
         daemon = self.daemon(tmp_path, str(run), [Config(state_dir=str(tmp_path / "state"), runtime_dir=str(run))])
         daemon.notifier.sent.clear()
+        assert dict(daemon.published.config_reloads) == {}  # published now: only a republish can show the reload
         before = monotonic_us()
         assert daemon.reload()
         assert daemon.notifier.sent == [("RELOADING=1", False), ("READY=1", False)]
@@ -346,6 +397,7 @@ class TestDaemonSide:
         daemon = self.daemon(tmp_path, str(run), [Config(state_dir=str(tmp_path / "state"), runtime_dir=str(run))])
         daemon.config_path = tmp_path / "missing.toml"
         daemon._load = load_config  # the real loader, on a file that is not there
+        assert dict(daemon.published.config_reloads) == {}  # published now: only a republish can show the reload
         assert not daemon.reload()
         ack = read_ack(run / ACK_FILE)
         assert not ack.applied and ack.pid == os.getpid()
@@ -420,19 +472,18 @@ class TestDaemonSide:
 # --------------------------------------------------------------------------- against the real daemon
 
 
-def config_text(tmp_path: Path, step_down_at_c: float) -> str:
+def config_text(tmp_path: Path, step_down_at_c: float, runtime_dir: bool = True) -> str:
     """A valid config; its step_down_at_c shows in the config_reloaded event of the reload that read it."""
-    return (
-        f'state_dir = "{tmp_path}/state"\nruntime_dir = "{tmp_path}/run"\npoll_interval_s = 0.2\n'
-        f"[power]\nstep_down_at_c = {step_down_at_c}\n"
-    )
+    run = f'runtime_dir = "{tmp_path}/run"\n' if runtime_dir else ""
+    return f'state_dir = "{tmp_path}/state"\n{run}poll_interval_s = 0.2\n[power]\nstep_down_at_c = {step_down_at_c}\n'
 
 
 class RealDaemon:
     """``gpu-governor run --simulate`` as a real process, its runtime_dir under ``tmp_path``."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, environ: dict[str, str] | None = None) -> None:
         self.tmp_path = tmp_path
+        self.runtime_dir = environ is None  # under "systemd" (environ) the config names none, as the e2e tests'
         (tmp_path / "run").mkdir(mode=0o700)
         self.path = tmp_path / "governor.toml"
         self.write(75.0)
@@ -441,12 +492,17 @@ class RealDaemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "governor", "run", "--simulate", "--config", str(self.path),
              "--listen", f"127.0.0.1:{self.port}", "--log-format", "json"],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(environ or {})},
         )  # fmt: skip
-        wait_for(lambda: "gpu_governor_ready 1" in scrape(self.port, 5.0), 60, "the daemon to be ready")
+        try:
+            wait_for(lambda: "gpu_governor_ready 1" in scrape(self.port, 5.0), 60, "the daemon to be ready")
+        except BaseException:
+            self.proc.kill()
+            self.close()
+            raise
 
     def write(self, step_down_at_c: float, settled: bool = True) -> None:
-        self.path.write_text(config_text(self.tmp_path, step_down_at_c))
+        self.path.write_text(config_text(self.tmp_path, step_down_at_c, self.runtime_dir))
         if settled:
             os.utime(self.path, (time.time() - 5, time.time() - 5))
 
@@ -520,6 +576,20 @@ class TestAgainstTheRealDaemon:
         finally:
             stop.set()
             thread.join()
+
+    def test_a_simulation_under_systemd_acknowledges_in_its_runtime_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`run --simulate` keeps runtime_dir private, yet under systemd the command finds its acknowledgement."""
+        unit_dir = tmp_path / "run"
+        daemon = RealDaemon(tmp_path, {"RUNTIME_DIRECTORY": str(unit_dir)})
+        try:
+            monkeypatch.setenv("RUNTIME_DIRECTORY", str(unit_dir))
+            daemon.write(74.0)
+            assert reload(daemon.proc.pid, None) == (EXIT_OK, "")
+            assert daemon.applied() == [74.0]
+        finally:
+            daemon.close()
 
     def test_commands_during_a_sighup_storm_each_get_a_reload(self, real: RealDaemon, tmp_path: Path) -> None:
         """Four commands at once while 100 other SIGHUPs arrive: each exits 0; the daemon lives."""
