@@ -1,9 +1,10 @@
 """The reload handshake: ``systemctl reload`` returns once the daemon has applied or refused the file.
 
 Debian 12's systemd (252) has no ``Type=notify-reload`` (253 added it): with
-``ExecReload=/bin/kill -HUP $MAINPID`` the reload job ends as soon as kill(1) has sent the
-signal, before the daemon has even read the file, and a file the daemon refuses looks like a
-successful reload. The unit runs ``gpu-governor reload --pid $MAINPID`` instead, which sends the
+``ExecReload=/bin/kill -HUP $MAINPID`` the reload job ends as soon as kill(1) has exited, before
+the daemon has even read the file, unless the daemon's RELOADING=1 happens to reach systemd
+first (a race a daemon busy with a tick loses), and a file the daemon refuses is reported as
+"Reloaded". The unit runs ``gpu-governor reload --pid $MAINPID`` instead, which sends the
 SIGHUP and waits for the daemon's acknowledgement.
 
 The daemon (:class:`ReloadAcks`) notes CLOCK_MONOTONIC when a reload begins, before it looks at
@@ -54,7 +55,7 @@ from governor.notify import Notifier
 from governor.safefile import parse_json, read_bounded, write_atomic
 
 ACK_FILE: Final = "reload.json"
-"""The acknowledgement's name in the daemon's runtime_dir."""
+"""The acknowledgement's name in :func:`ack_directory`."""
 MAX_ACK_BYTES: Final = 64 * 1024
 """Size cap of the acknowledgement (bytes): a real one is well under 4 KiB."""
 MAX_ACK_ERRORS: Final = 20
@@ -87,7 +88,7 @@ def ack_directory(fallback: str, environ: Mapping[str, str] | None = None) -> st
 
 class ReloadAcks:
     """The daemon's half: RELOADING=1 when a reload begins; when it ends, the metrics published
-    again, READY=1 (with STATUS=) and ``runtime_dir/reload.json`` replaced.
+    again, READY=1 (with STATUS=) and ``reload.json`` replaced.
 
     The file goes to :func:`ack_directory` (``runtime_dir`` outside systemd; empty there: no
     file, as in a what-if run, which never reloads anyway). A file that cannot be written is logged
@@ -222,7 +223,10 @@ def _look(path: Path, pid: int, sent_us: int, seen: list[str]) -> Ack | None:
     if ack.pid != pid:
         seen[:] = [f"{path} names PID {ack.pid}, not {pid}"]
         return None
-    return ack if ack.began_monotonic_us >= sent_us else None
+    if ack.began_monotonic_us < sent_us:
+        seen[:] = [f"{path} acknowledges only reload {ack.reload}, which began before the signal"]
+        return None
+    return ack
 
 
 def request_reload(

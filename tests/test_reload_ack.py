@@ -192,8 +192,10 @@ class TestAgainstFakeDaemons:
     def test_an_acknowledgement_left_from_before_the_signal_is_not_taken(self, fake: Any, tmp_path: Path) -> None:
         """An applied acknowledgement of this PID that began before the SIGHUP: still waiting, then exit 10."""
         daemon = fake("ignore")
-        write_ack(tmp_path / ACK_FILE, pid=daemon.pid, began_monotonic_us=monotonic_us())
-        assert reload(daemon.pid, tmp_path, timeout_s=0.5)[0] == EXIT_NO_RELOAD
+        write_ack(tmp_path / ACK_FILE, pid=daemon.pid, reload=7, began_monotonic_us=monotonic_us())
+        code, err = reload(daemon.pid, tmp_path, timeout_s=0.5)
+        assert code == EXIT_NO_RELOAD
+        assert "acknowledges only reload 7, which began before the signal" in err
 
     def test_an_acknowledgement_of_another_process_is_not_taken(self, fake: Any, tmp_path: Path) -> None:
         """An acknowledgement naming another PID (an earlier daemon's), even from the future, is not taken."""
