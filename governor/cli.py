@@ -1,4 +1,5 @@
-"""The command line: ``gpu-governor run | restore | check-config | status | record | calibrate | replay | simulate``.
+"""The command line: ``gpu-governor run | restore | check-config | status | reload | record | calibrate |
+replay | simulate``.
 
 Errors are one clear line on stderr and a distinct exit code, never a traceback:
 
@@ -17,6 +18,7 @@ code  meaning
 9     ``status``: an answer that is not usable gpu-governor metrics (HTTP 401/403, 404, other)
 10    another gpu-governor process holds the state directory (``restore``: a daemon runs, nothing done)
 11    ``restore``: something recorded could not be put back (kept for the next start or restore)
+12    ``reload``: no acknowledgement (no such process, not permitted, it exited, or ``--timeout``)
 130   interrupted (Ctrl-C)
 141   stdout was closed early (``gpu-governor status | head -1``): the rest of the
       output is dropped quietly, as for a command killed by SIGPIPE (128 + 13)
@@ -96,6 +98,14 @@ exit codes:
   9  an answer that is not usable gpu-governor metrics: HTTP 401/403 (credentials), 404 (not a
      gpu-governor endpoint), another HTTP error or other content
 """
+RELOAD_EPILOG = """\
+exit codes:
+  0   the daemon applied the new config
+  2   bad usage
+  3   the daemon refused the new config and keeps running the old one (its errors are printed)
+  10  no acknowledgement: no such process, not permitted to signal it, it exited, or none within
+      --timeout (the SIGHUP stays queued: the reload may still happen)
+"""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -113,6 +123,22 @@ def _watch_seconds(value: str) -> float:
         seconds = float("nan")
     if not 0.1 <= seconds <= 86400:  # also false for NaN
         raise argparse.ArgumentTypeError(f"expected seconds between 0.1 and 86400, got {value!r}")
+    return seconds
+
+
+def _pid(value: str) -> int:
+    if not value.isdigit() or not 1 < int(value) <= 2**22:  # PID 1 is init: never the daemon
+        raise argparse.ArgumentTypeError(f"expected the daemon's process ID, got {value!r}")
+    return int(value)
+
+
+def _timeout_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 3600:  # also false for NaN
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, at most 3600, got {value!r}")
     return seconds
 
 
@@ -229,6 +255,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "--user", help="basic-auth user; the password comes from GPU_GOVERNOR_METRICS_PASSWORD or a prompt"
+    )
+
+    reload = sub.add_parser(
+        "reload",
+        help="ask the running daemon to re-read its config; return once it has applied or refused it",
+        description="Send SIGHUP to the daemon --pid and wait until it acknowledges a reload that began\n"
+        "after the signal (in DIR/reload.json). The unit's ExecReload= runs it, so that\n"
+        "`systemctl reload gpu-governor` returns only once the reload is done, and fails when\n"
+        "the new config was refused.",
+        epilog=RELOAD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reload.add_argument("--pid", type=_pid, required=True, help="the daemon's process ID (in the unit: $MAINPID)")
+    reload.add_argument(
+        "--timeout",
+        type=_timeout_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up after SECONDS (default 60; below the unit's TimeoutStartSec=, which systemd applies to "
+        "ExecReload=)",
+    )
+    reload.add_argument(
+        "--runtime-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the daemon acknowledges each reload (default: $RUNTIME_DIRECTORY, which systemd sets for "
+        "the unit's commands, else /run/gpu-governor)",
     )
 
     record = sub.add_parser("record", help="record NVML samples to a trace file (JSON Lines)")
@@ -810,6 +863,15 @@ def cmd_hash_password(stdin: TextIO, out: TextIO, cost: int = 10) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to the daemon, then wait for its acknowledgement (governor.reloadack); silent when applied."""
+    from governor.reloadack import DEFAULT_RUNTIME_DIR, ack_directory, request_reload
+
+    directory = args.runtime_dir or Path(ack_directory(DEFAULT_RUNTIME_DIR))
+    request_reload(args.pid, directory, args.timeout)  # ReloadRefused: exit 3, CliError: exit 12
+    return EXIT_OK
+
+
 def _whatif(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Dispatch to governor.whatif (imported only for these commands)."""
     from governor.whatif import commands
@@ -860,6 +922,8 @@ def _dispatch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int | None:
         return cmd_check_config(args, out)
     if args.command == "status":
         return cmd_status(args, out)
+    if args.command == "reload":
+        return cmd_reload(args)
     if args.command == "record":
         return cmd_record(args, out)
     if args.command == "hash-password":

@@ -11,6 +11,7 @@ new ``except`` clause there::
     ├── StateError                  a state file that exists but cannot be used
     │   └── StateDirBusy           10  another gpu-governor process holds the state directory
     ├── StatusError                 ``status``: usage 2, unreachable 7, bad answer 9
+    ├── ReloadRefused               3  ``reload``: the daemon refused the new config
     ├── TraceError                  2  a malformed trace file
     ├── WhatIfError                 the code given (2 unless told)
     └── BackendError                5  base of every hardware backend error
@@ -48,6 +49,7 @@ EXIT_GPU_UNHEALTHY: Final = 8
 EXIT_BAD_ANSWER: Final = 9
 EXIT_BUSY: Final = 10
 EXIT_NOT_RESTORED: Final = 11
+EXIT_NO_RELOAD: Final = 12
 EXIT_INTERRUPTED: Final = 130
 EXIT_BROKEN_PIPE: Final = 141
 
@@ -66,6 +68,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_NOT_RESTORED",
     "EXIT_NO_DRIVER",
+    "EXIT_NO_RELOAD",
     "EXIT_OK",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
@@ -80,6 +83,7 @@ __all__ = [
     "GpuError",
     "GpuLostError",
     "ListenUnavailable",
+    "ReloadRefused",
     "SetLimitFailed",
     "SetLimitRefused",
     "SimDataError",
@@ -204,6 +208,23 @@ class StatusError(GovernorError):
         super().__init__(message)
         self.kind = kind
         self.exit_code = self.CODES.get(kind, EXIT_INTERNAL)
+
+
+class ReloadRefused(GovernorError):
+    """``reload``: the daemon ``pid`` refused the new config and kept the running one; ``errors``
+    are its lines (file, key, what was expected), as it logged them."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, pid: int, errors: Sequence[str]) -> None:
+        self.pid = pid
+        self.errors = tuple(errors)
+        super().__init__(f"process {pid} refused the new configuration: " + "; ".join(self.errors))
+
+    def lines(self) -> list[str]:
+        """A line saying the running configuration stays, then one ``config error:`` line per problem."""
+        head = f"reload: process {self.pid} refused the new configuration and keeps running the old one"
+        return [head, *(f"config error: {line}" for line in self.errors)]
 
 
 class TraceError(GovernorError):

@@ -38,6 +38,7 @@ from governor.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_NO_DRIVER,
+    EXIT_NO_RELOAD,
     EXIT_NOT_RESTORED,
     EXIT_OK,
     EXIT_UNREACHABLE,
@@ -62,6 +63,8 @@ EXIT_MEANINGS: Final[dict[int, str]] = {
     "its own stop; nothing was done)",
     EXIT_NOT_RESTORED: "restore: something recorded could not be put back (a GPU absent, a write failed, the state "
     "directory unusable); it stays recorded for the next start or restore",
+    EXIT_NO_RELOAD: "reload: no acknowledgement from the daemon (no such process, not permitted to signal it, "
+    "it exited, or none within --timeout)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGINT)",
     EXIT_BROKEN_PIPE: "standard output was closed early (e.g. piped into head); the rest is dropped quietly",
 }
@@ -89,6 +92,7 @@ COMMAND_EXIT_CODES: Final[dict[str, tuple[int, ...]]] = {
         EXIT_INTERRUPTED,
         EXIT_BROKEN_PIPE,
     ),
+    "reload": (*_COMMON, EXIT_CONFIG, EXIT_NO_RELOAD, EXIT_INTERRUPTED),
     "record": (*_COMMON, EXIT_CONFIG, EXIT_NO_DRIVER, EXIT_BACKEND_FATAL, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE),
     "calibrate": (*_COMMON, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE),
     "replay": (*_COMMON, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE),
@@ -117,6 +121,10 @@ EXTRA_DESCRIPTION: Final[dict[str, str]] = {
     "was expected.",
     "status": "Reads the daemon's metrics endpoint, never NVML: it needs no privileges and works "
     "against a remote host.",
+    "reload": "systemctl reload gpu-governor runs it (the unit's ExecReload=); by hand: "
+    "gpu-governor reload --pid $(systemctl show -p MainPID --value gpu-governor). It prints nothing when the new "
+    "configuration is applied; a refused one prints the daemon's errors, one line each, naming the file, the key "
+    "and what was expected. A reload that began before the signal (another SIGHUP's) is not taken for this one.",
     "hash-password": "Reads one password from standard input (prompted without echo on a terminal) "
     "and prints its hash on standard output; the password itself is never printed.",
 }

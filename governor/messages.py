@@ -54,6 +54,8 @@ MESSAGES: dict[str, str] = {
     "config_reload_failed": "Configuration {config} refused, {kept} kept: {errors}",
     "config_change_needs_restart": "A change of {key} needs a restart; the running value is kept",
     "config_still_changing": "Configuration {config} still changing after {waited_s} s; reading it anyway",
+    "reload_ack_failed": "Reload acknowledgement {path} cannot be written ({error}): `gpu-governor reload` "
+    "(systemctl reload) waits for it in vain",
     "config_contradiction": "Configuration contradiction: {detail}; {effect}",
     # --- GPU decisions (observers.EVENT_NAMES) --------------------------------------------
     "thermal_zone_changed": _GPU + " thermal zone {from_zone} -> {to_zone}: {reason}",

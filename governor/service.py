@@ -35,6 +35,7 @@ from governor.listener import MetricsListener
 from governor.model import Outcome, PublishedState, Snapshot
 from governor.notify import Notifier
 from governor.observers import DecisionLog, NotifyStatus, ProcessTable, Telemetry, apply_logging, default_logger
+from governor.reloadack import ReloadAcks
 from governor.units import UnitManager
 from governor.waiting import RELOAD, RELOAD_SETTLE_MAX_S, RELOAD_SETTLE_S, STOP, PipeWaiter, Waiter, settle
 
@@ -71,6 +72,7 @@ class Service:
         table = ProcessTable(self.log, self.instance_id)  # before the telemetry: it publishes the last write
         self.telemetry = Telemetry(clock.wall(), self.instance_id, table=table)  # observes only among the observers
         self._status = NotifyStatus(self.notifier)
+        self.acks = ReloadAcks(config.runtime_dir, self.notifier, self.telemetry.republish, self.log)  # pinned dir
         published, listening = (lambda: self.published), self.decision_log.listening
         self.listener = MetricsListener(metrics_server_factory, published, self.log, clock, listening)
         if observers is None:
@@ -187,7 +189,7 @@ class Service:
 
     def reload(self) -> bool:
         """Validate the config file first; swap in a governor built from it only if whole and valid."""
-        self.notifier.reloading()
+        self.acks.begin()  # RELOADING=1
         old = self.config
         try:
             if self.config_path is None:
@@ -218,19 +220,14 @@ class Service:
             step_down_at_c=new.power.step_down_at_c,
             step_up_at_c=new.power.step_up_at_c,
         )
-        self.notifier.ready(self.status_line())
+        self.acks.applied(self.status_line())  # READY=1, then runtime_dir/reload.json (gpu-governor reload)
         return True
 
     def _reload_failed(self, exc: Exception) -> None:
-        error = as_config_error(exc, self.config_path)
+        errors = as_config_error(exc, self.config_path).summary() or ["no config file to reload"]
         self.telemetry.reloaded(ok=False, wall_s=None)
-        self.log.error(
-            "config_reload_failed",
-            config=str(self.config_path),
-            errors=error.summary() or ["no config file to reload"],
-            kept=self.config.source,
-        )
-        self.notifier.ready(self.status_line())
+        self.log.error("config_reload_failed", config=str(self.config_path), errors=errors, kept=self.config.source)
+        self.acks.refused(errors, self.status_line())
 
     def stop(self) -> None:
         """STOPPING=1, restore every original limit, release the hardware and the port."""

@@ -158,7 +158,9 @@ def settle(
     file; a file last changed longer ago than the settle time is read at once. Waits at
     most ``max_s`` seconds (then logs ``config_still_changing`` on ``log``) and reads
     what is there (validation judges it). The wait is on the waiter, so SIGTERM cuts it
-    short: False means a stop was queued (it is queued again for the loop).
+    short: False means a stop was queued (it is queued again for the loop). A SIGHUP that
+    arrives meanwhile is queued again too, when the wait ends: whoever sent it gets a reload
+    that began after it (``gpu-governor reload``, systemd's notify-reload), not this one.
     """
     if settle_s <= 0:
         return True
@@ -174,18 +176,21 @@ def settle(
     if seen is None or time.time() - seen[2] / 1e9 >= settle_s:
         return True
     begin = quiet_since = clock.monotonic()
+    again = False  # a SIGHUP came while waiting
     while True:
         now = clock.monotonic()
-        if now - quiet_since >= settle_s:
-            return True
-        if now - begin >= max_s:
-            if log is not None:
+        settled = now - quiet_since >= settle_s
+        if settled or now - begin >= max_s:
+            if not settled and log is not None:
                 log.warning("config_still_changing", config=str(path), waited_s=round(now - begin, 3))
+            if again:
+                waiter.put(RELOAD)
             return True
         events = waiter.wait(now + min(0.1, settle_s))
         if STOP in events:
             waiter.put(STOP)
             return False
+        again = again or RELOAD in events
         current = identity()
         if current != seen:
             seen, quiet_since = current, clock.monotonic()

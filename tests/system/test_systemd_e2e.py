@@ -249,7 +249,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
 
     assert wait_for("the hot threshold metric", hot_threshold, 10) == 80.0
     box.write(CONFIG, make_config() + '\n[thermal]\nhot_c = "very"\n')  # invalid: duplicate table, wrong type
-    box.sh(f"systemctl reload {UNIT}")
+    assert box.sh(f"systemctl reload {UNIT}", check=False).returncode != 0, "a refused file fails the reload job"
     errors = wait_for(
         "config_reload_failed in the journal",
         lambda: [e.message for e in box.daemon_events("-p", "err") if e.event == "config_reload_failed"] or None,
@@ -269,7 +269,7 @@ def test_3_reload_keeps_old_config_when_invalid_and_applies_valid_one(box: Conta
 
     # A config writable by others is refused too (it decides what gets signalled).
     box.write(CONFIG, make_config(hot_c=78.0), mode=0o666)
-    box.sh(f"systemctl reload {UNIT}")
+    assert box.sh(f"systemctl reload {UNIT}", check=False).returncode != 0
     wait_for(
         "the trust refusal in the journal",
         lambda: [e for e in box.daemon_events("-p", "err") if "writable by group or others" in e.message] or None,
