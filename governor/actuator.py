@@ -386,7 +386,8 @@ class Actuator:
                 continue
             if uuid in self.monitor_only and self.monitor_only[uuid] != NO_RANGE:
                 # (a card that stopped reporting its range still gets back the limit it had itself)
-                self.originals.forget(uuid)
+                if not self.dry_run:  # a dry run clears no record
+                    self.originals.forget(uuid)
                 results.append(ActionResult(decision, Outcome.REFUSED, f"monitor-only: {self.monitor_only[uuid]}"))
                 continue
             enforced = None if reading is None else reading.power_limit_w
@@ -396,7 +397,7 @@ class Actuator:
                 result = ActionResult(decision, Outcome.DRY_RUN, f"would set {original_w:g} W")
             else:
                 result = self._write(decision, uuid, original_w)
-            if result.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
+            if result.outcome in (Outcome.APPLIED, Outcome.UNCHANGED) and not self.dry_run:
                 self.originals.forget(uuid)
             results.append(result)
         results.extend(self.fans.restore(snapshot, t_s, rule, only, self.dry_run))

@@ -248,6 +248,24 @@ class TestDryRun:
         (done,) = [e for e in events if e["event"] == "restore_dry_run_finished"]
         assert done["would"] == 3
 
+    def test_a_card_already_at_its_original_keeps_its_record(
+        self, tmp_path: Path, nvml: FakeNvml, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A dry run clears no record, not even of a card already back at its original (found on the H200:
+        the dry run emptied original-limits.json); the live run then clears it, writing nothing."""
+        state = tmp_path / "state"
+        crash_after_changes(state, nvml)
+        gpu = nvml.gpus[0]
+        gpu.enforced_limit_mw = DEFAULT_MW  # someone put the original back by hand
+        before = files(state)
+        code, events, _ = run_restore(write_config(tmp_path, state, "dry_run = true"), capsys)
+        assert code == EXIT_OK and files(state) == before
+        (limit,) = [e for e in events if e["event"] == "power_limit_restored"]
+        assert limit["outcome"] == "unchanged"
+        code, _, _ = run_restore(write_config(tmp_path, state), capsys)
+        assert code == EXIT_OK and gpu.enforced_limit_mw == DEFAULT_MW
+        assert json.loads((state / STATE_FILE_NAME).read_text())["original_power_limits_w"] == {}
+
 
 class TestWithoutABackend:
     def test_nothing_recorded_opens_no_backend(self, tmp_path: Path) -> None:
