@@ -133,6 +133,7 @@ class Actuator:
         self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
         self._would_be_original_w: dict[str, float] = {}  # dry-run: the original a live run would have saved
         self._in_range_w: dict[str, float] = {}  # originals found in their GPU's range once: never rejected later
+        self._caps: tuple[int, dict[str, GpuInfo], dict[str, float]] | None = None  # caps_w of (originals, GPUs)
         self.before_stop: Callable[[Decision], str | None] | None = None  # saves the stop first; why not
         state_dir = None if originals.path is None else originals.path.parent
         self.fans = FanActuator(backend, FanControl(state_dir), self._gpus.values())
@@ -210,12 +211,16 @@ class Actuator:
             self.originals.forget(uuid)  # refused: nothing was changed, so nothing to restore
         return result
 
-    def caps_w(self) -> dict[str, float]:
+    def caps_w(self) -> Mapping[str, float]:
         """UUID -> the highest limit (W) :meth:`apply` writes on that GPU: its saved original, clamped
         to its range. The power rules' drift check compares with it, so the governor's own cap at
-        the original reads as no limit set outside the governor."""
-        gpus = self._gpus
-        return {uuid: clamp_w(watts, gpus.get(uuid)) for uuid, watts in self.originals.items()}
+        the original reads as no limit set outside the governor. Built again only when the saved
+        originals (their ``version``) or the GPUs changed; the same mapping otherwise (not to be changed)."""
+        version, gpus, cached = self.originals.version, self._gpus, self._caps
+        if cached is None or cached[0] != version or cached[1] is not gpus:
+            caps = {uuid: clamp_w(watts, gpus.get(uuid)) for uuid, watts in self.originals.items()}
+            self._caps = cached = (version, gpus, caps)
+        return cached[2]
 
     def _saved_original(self, uuid: str) -> float | None:
         """The saved original of a GPU in watts, or None; one outside the GPU's range is rejected.
