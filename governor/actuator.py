@@ -145,6 +145,7 @@ class Actuator:
         self._would_be_w: dict[str, float] = {}  # dry-run: the limit we would have set
         self._would_be_original_w: dict[str, float] = {}  # dry-run: the original a live run would have saved
         self._in_range_w: dict[str, float] = {}  # originals found in their GPU's range once: never rejected later
+        self._caps: tuple[int, dict[str, GpuInfo], dict[str, float]] | None = None  # caps_w of (originals, GPUs)
         self.before_stop: Callable[[Decision], str | None] | None = None  # saves the stop first; why not
         if fans is None:  # the fan takeovers saved beside the originals (a caller may have opened them already)
             fans = FanControl(None if originals.path is None else originals.path.parent)
@@ -224,12 +225,16 @@ class Actuator:
             self.originals.forget(uuid)  # refused: nothing was changed, so nothing to restore
         return result
 
-    def caps_w(self) -> dict[str, float]:
+    def caps_w(self) -> Mapping[str, float]:
         """UUID -> the highest limit (W) :meth:`apply` writes on that GPU: its saved original, clamped
         to its range. The power rules' drift check compares with it, so the governor's own cap at
-        the original reads as no limit set outside the governor."""
-        gpus = self._gpus
-        return {uuid: clamp_w(watts, gpus.get(uuid)) for uuid, watts in self.originals.items()}
+        the original reads as no limit set outside the governor. Built again only when the saved
+        originals (their ``version``) or the GPUs changed; the same mapping otherwise (not to be changed)."""
+        version, gpus, cached = self.originals.version, self._gpus, self._caps
+        if cached is None or cached[0] != version or cached[1] is not gpus:
+            caps = {uuid: clamp_w(watts, gpus.get(uuid)) for uuid, watts in self.originals.items()}
+            self._caps = cached = (version, gpus, caps)
+        return cached[2]
 
     def _saved_original(self, uuid: str) -> float | None:
         """The saved original of a GPU in watts, or None; one outside the GPU's range is rejected.
@@ -367,20 +372,9 @@ class Actuator:
         for uuid, saved_w in self.originals.items():
             if only is not None and uuid not in only:
                 continue
-            reading = readings.get(uuid)
-            info = self._gpus.get(uuid)
+            reading, info = readings.get(uuid), self._gpus.get(uuid)
             original_w = clamp_w(saved_w, info)
-            decision = Decision(
-                t_s=t_s,
-                gpu_index=-1 if info is None else info.index,
-                gpu_uuid=uuid,
-                rule=Rule(rule),
-                action=Action.SET_POWER_LIMIT,
-                reason=f"restoring the original limit {original_w:g} W"
-                + ("" if original_w == saved_w else f" (saved {saved_w:g} W, clamped to the GPU's range)"),
-                from_w=None if reading is None else reading.power_limit_w,
-                to_w=original_w,
-            )
+            decision = _restore_decision(t_s, uuid, info, rule, saved_w, original_w, reading)
             if info is None:
                 results.append(ActionResult(decision, Outcome.SKIPPED, "GPU not present; entry kept"))
                 continue
@@ -419,3 +413,26 @@ class Actuator:
             original_w, _ = self.original_from(uuid, reading.power_limit_w)
             if original_w != reading.power_limit_w:
                 self.originals.remember(uuid, original_w)
+
+
+def _restore_decision(
+    t_s: float,
+    uuid: str,
+    info: GpuInfo | None,
+    rule: str,
+    saved_w: float,
+    original_w: float,
+    reading: GpuReading | None,
+) -> Decision:
+    """The decision to put ``uuid``'s original limit back: ``saved_w`` as saved, ``original_w`` clamped (W)."""
+    return Decision(
+        t_s=t_s,
+        gpu_index=-1 if info is None else info.index,
+        gpu_uuid=uuid,
+        rule=Rule(rule),
+        action=Action.SET_POWER_LIMIT,
+        reason=f"restoring the original limit {original_w:g} W"
+        + ("" if original_w == saved_w else f" (saved {saved_w:g} W, clamped to the GPU's range)"),
+        from_w=None if reading is None else reading.power_limit_w,
+        to_w=original_w,
+    )

@@ -42,6 +42,7 @@ from governor.model import (
     ThermalModelStatus,
     ThermalZone,
     UnitWarning,
+    constructor,
     fast_init,
 )
 from governor.policy import FanMode
@@ -137,6 +138,9 @@ class TickReport:
     unit_warnings: tuple[UnitWarning, ...] = ()
     systemd_error: str | None = None
     systemd_asked: bool = False
+
+
+_new_gpu_tick = constructor(GpuTick)  # built every tick: keywords without a dict (governor.model.constructor)
 
 
 class Inspector(Protocol):
@@ -448,7 +452,8 @@ class Governor:
         results = self.actuator.apply(decisions, snapshot)
         self._undo_unsaved_changes(previous, results)
         warnings = units.record(results, snapshot, wall_s, config.vram, facts)
-        loops = sorted({u for state in self.states.values() for u in state.vram.loops_s})
+        looping = [state.vram.loops_s for state in self.states.values() if state.vram.loops_s]
+        loops = sorted({u for units_s in looping for u in units_s}) if looping else ()
         return self._report(
             TICK,
             snapshot,
@@ -476,7 +481,9 @@ class Governor:
         originals, fans, store = self.originals, self.actuator.fans.store, self.units.store
         for kept in (originals, fans, store):
             kept.keep()  # a saved file deleted or replaced under the governor is written again
-        warnings = (*originals.drain_warnings(), *fans.drain_warnings(), *store.drain_warnings())
+        warnings: tuple[str, ...] = ()
+        if originals.warnings or fans.warnings or store.warnings:  # usually none to drain
+            warnings = (*originals.drain_warnings(), *fans.drain_warnings(), *store.drain_warnings())
         return TickReport(
             kind=kind,
             config=self.config,
@@ -518,7 +525,7 @@ class Governor:
             else:
                 classes, unclassified, processes = (), 0, ()
             ticks.append(
-                GpuTick(
+                _new_gpu_tick(
                     info=gpu,
                     reading=reading,
                     zone=state.zone,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 # ruff: noqa: PLC0414 - "import X as X" marks a re-export (names that moved to governor.policy/schema)
 import enum
+import inspect
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 # Defined in governor.policy; re-exported here, where every reader found them before.
 from governor.policy import ZONES_BY_SEVERITY as ZONES_BY_SEVERITY
@@ -21,6 +23,7 @@ from governor.policy import Rule as Rule
 from governor.policy import ThermalZone as ThermalZone
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 _FACTORY = object()
 """The default of a field with a default factory in a :func:`fast_init` constructor (called when left)."""
 
@@ -68,6 +71,31 @@ def fast_init(cls: type[_T]) -> type[_T]:
     init.__qualname__, init.__module__ = f"{cls.__qualname__}.__init__", cls.__module__
     setattr(cls, "__init__", init)  # noqa: B010 - mypy refuses assigning a method
     return cls
+
+
+def constructor(cls: Callable[_P, _T]) -> Callable[_P, _T]:
+    """A plain function that builds ``cls``: the same parameters as its ``__init__`` (names, order,
+    defaults), passed on to ``cls`` by position.
+
+    A class called with keyword arguments first gathers them into a dict (CPython's call of a
+    class has no fast path for keywords): about 60 ns a keyword on CPython 3.11, a microsecond
+    for the report built every tick. A function takes keywords without one, so the values
+    built every tick are made through this, their fields still named at the call.
+
+    Raises TypeError when ``cls.__init__`` is not a Python function of plain parameters (no
+    keyword-only ones, no ``*args`` or ``**kwargs``).
+    """
+    init = getattr(cls, "__init__", None)
+    code = getattr(init, "__code__", None)
+    if code is None or code.co_kwonlyargcount or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+        raise TypeError(f"constructor: {cls!r} has no __init__ of plain parameters")
+    names = code.co_varnames[1 : code.co_argcount]  # after self
+    scope: dict[str, Any] = {"_cls": cls}
+    exec(f"def new({', '.join(names)}):\n    return _cls({', '.join(names)})", scope)  # noqa: S102 - field names
+    new: Callable[_P, _T] = scope["new"]
+    setattr(new, "__defaults__", getattr(init, "__defaults__", None))  # noqa: B010 - mypy refuses the assignment
+    setattr(new, "__qualname__", f"constructor({getattr(cls, '__qualname__', cls)!s})")  # noqa: B010
+    return new
 
 
 class GpuHealth(enum.Enum):

@@ -94,12 +94,14 @@ class OriginalLimits(StateFile):
 
     def __init__(self, state_dir: Path | str | None) -> None:
         super().__init__(state_dir, STATE_FILE_NAME, "the original limits")
+        self.version = 0  # one more on every change of the entries (each one saves): what caches key on
         self._entries: dict[str, Entry] = {}
         self._saved: dict[str, Entry] = {}  # what the file holds since the last successful save
         self._raw: bytes | None = None  # the bytes loaded, for a copy if an entry is rejected later
         loaded = self._load(_parse)
         if loaded is not None:
             self._entries, self._raw = loaded.entries, loaded.raw
+            self.version += 1
             if loaded.rejected:
                 self._save()  # the good entries and the markers, durable before anything changes
             else:
@@ -179,6 +181,7 @@ class OriginalLimits(StateFile):
             self._save()
 
     def _save(self) -> None:
+        self.version += 1  # every change of the entries ends here, saved or not
         document = {
             "version": VERSION,
             ORIGINAL_KEY: {u: e.original_w for u, e in self._entries.items() if e.original_w is not None},

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from governor.actuator import Actuator
 from governor.backends import Backend, BackendError, GpuLostError, SetLimitFailed, SetLimitRefused
 from governor.model import Action, Decision, GpuInfo, Outcome, Rule
+from governor.rules.power import clamp_w
 from governor.state import OriginalLimits
 from tests.helpers import CARD_200W, H100, RecordingBackend, reading, snapshot
 
@@ -305,3 +310,53 @@ class TestRestore:
         assert result.outcome is Outcome.APPLIED
         assert result.decision.from_value is None
         assert backend.calls == [(H100.uuid, 700.0)]
+
+
+_UUIDS = (H100.uuid, CARD_200W.uuid, "GPU-gone")
+_RANGES = ((100.0, 220.0), (150.0, 180.0), (200.0, 700.0), (None, None))
+_OPS = st.one_of(
+    st.tuples(st.just("remember"), st.sampled_from(_UUIDS), st.floats(50.0, 800.0), st.none() | st.floats(50.0, 800.0)),
+    st.tuples(st.just("reject"), st.sampled_from(_UUIDS)),
+    st.tuples(st.just("forget"), st.sampled_from(_UUIDS)),
+    st.tuples(st.just("gpus"), st.sampled_from(_RANGES), st.booleans()),
+)
+
+
+class TestCapsCache:
+    """caps_w() is rebuilt only when the originals or the GPUs changed, and always equals a fresh one."""
+
+    @staticmethod
+    def _fresh(act: Actuator, gpus: dict[str, GpuInfo]) -> dict[str, float]:
+        return {uuid: clamp_w(watts, gpus.get(uuid)) for uuid, watts in act.originals.items()}
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(_OPS, max_size=25))
+    def test_equals_a_fresh_build_across_random_changes(self, ops: list[tuple[Any, ...]]) -> None:
+        """After any sequence of saves, rejections, forgets and GPU changes, caps_w() (asked twice) is the fresh map."""
+        gpus = {g.uuid: g for g in (CARD_200W, H100)}
+        act = Actuator(RecordingBackend(infos=tuple(gpus.values())), OriginalLimits(None), tuple(gpus.values()))
+        assert act.caps_w() == {}
+        for op in ops:
+            if op[0] == "remember":
+                act.originals.remember(op[1], op[2], op[3])
+            elif op[0] == "reject":
+                act.originals.reject(op[1], "test")
+            elif op[0] == "forget":
+                act.originals.forget(op[1])
+            else:
+                (low, high), keep_h100 = op[1], op[2]
+                card = dataclasses.replace(CARD_200W, power_limit_min_w=low, power_limit_max_w=high)
+                gpus = {g.uuid: g for g in ((card, H100) if keep_h100 else (card,))}
+                act.set_gpus(gpus.values())
+            first, second = act.caps_w(), act.caps_w()  # the second is the kept one
+            assert first == second == self._fresh(act, gpus)
+
+    def test_a_narrowed_range_clamps_the_kept_cap_again(self) -> None:
+        """A saved 200 W original caps at 200 W, then at 180 W once the card reports a 150-180 W range."""
+        act = Actuator(RecordingBackend(infos=(CARD_200W,)), OriginalLimits(None), (CARD_200W,))
+        act.originals.remember(CARD_200W.uuid, 200.0)
+        assert act.caps_w() == {CARD_200W.uuid: 200.0}
+        act.set_gpus([dataclasses.replace(CARD_200W, power_limit_min_w=150.0, power_limit_max_w=180.0)])
+        assert act.caps_w() == {CARD_200W.uuid: 180.0}
+        act.originals.forget(CARD_200W.uuid)
+        assert act.caps_w() == {}

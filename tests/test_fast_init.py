@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from governor.core import TICK, GpuTick, TickReport
-from governor.model import FanStatus, GpuHealth, GpuReading, Snapshot, fast_init
+from governor.model import FanStatus, GpuHealth, GpuReading, Snapshot, constructor, fast_init
 
 
 def _reading(**changes: object) -> GpuReading:
@@ -79,3 +79,42 @@ def test_refuses_classes_it_does_not_fit() -> None:
     for cls in (Mutable, NoSlots, PostInit):
         with pytest.raises(TypeError, match="fast_init"):
             fast_init(cls)
+
+
+class TestConstructor:
+    """governor.model.constructor: a keyword-friendly function that builds the same values as the class."""
+
+    def test_builds_what_the_class_builds(self) -> None:
+        """Every field given by keyword lands where the class's own constructor puts it; defaults apply."""
+        new = constructor(GpuReading)
+        fields = {
+            f.name: f"value-{i}" if f.name != "health" else GpuHealth.LOST
+            for i, f in enumerate(dataclasses.fields(GpuReading))
+        }
+        built = new(**fields)  # type: ignore[arg-type]
+        assert type(built) is GpuReading and built == GpuReading(**fields)  # type: ignore[arg-type]
+        assert new(index=1, uuid="GPU-a", temperature_c=61.5, power_w=210.0) == _reading()
+
+    def test_default_factories_and_missing_arguments(self) -> None:
+        """A factory default is fresh per value (fast_init's marker passes through); a missing field raises."""
+        new = constructor(TickReport)
+        first = new(kind=TICK, config=None, snapshot=None, wall_s=0.0, results=())  # type: ignore[arg-type]
+        second = new(kind=TICK, config=None, snapshot=None, wall_s=0.0, results=())  # type: ignore[arg-type]
+        assert first.facts == {} and first.facts is not second.facts
+        with pytest.raises(TypeError):
+            new(kind=TICK)  # type: ignore[call-arg]
+
+    def test_refuses_an_init_it_cannot_forward(self) -> None:
+        """A keyword-only or catch-all __init__, and a class whose __init__ is not Python, are refused."""
+
+        @dataclasses.dataclass(kw_only=True)
+        class KeywordOnly:
+            x: int
+
+        class Catchall:
+            def __init__(self, *args: int, **kwargs: int) -> None:
+                pass
+
+        for cls in (KeywordOnly, Catchall, int):
+            with pytest.raises(TypeError, match="constructor"):
+                constructor(cls)

@@ -221,7 +221,10 @@ def evaluate(
     """
     new_states = dict(states)
     decisions: list[Decision] = []
-    signalled = signalled_processes(s.vram for s in states.values()) if vram is not None and facts is not None else None
+    signalled = None
+    if vram is not None and facts is not None:  # only a state that remembers offenders can have signalled one
+        remembering = [s.vram for s in states.values() if s.vram.offenders]
+        signalled = signalled_processes(remembering) if remembering else {}
     for reading in snapshot.gpus:
         plan = plans.get(reading.uuid)
         if plan is None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
-from governor.model import Decision, GpuInfo, GpuReading
+from governor.model import Decision, GpuInfo, GpuReading, fast_init
 from governor.policy import Action, FanMode, FanPolicy, Rule, format_seconds
 
 
@@ -83,6 +83,7 @@ class FanPlan:
         return cls(fans=fans, min_percent=low, max_percent=high)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class FanStep:
     """One tick of the fan rule: the new state, its decisions, and ``headroom``: True while

@@ -344,17 +344,18 @@ def step_power(
         cool_since = state.cool_since_s if state.cool_since_s is not None else t_s
         state = _cooled(state, cool_since)
         cooled_s = t_s - cool_since
-        dwell_s = effective_dwell_s(policy, state, t_s)
+        rung = state.rung
         releasable = zone.severity < ThermalZone.THROTTLE.severity  # never up while throttle or critical holds
+        # The dwell is computed only with a rung to release (most cool ticks have none).
         if (
-            state.rung is not None
-            and state.rung > 0
-            and cooled_s >= dwell_s
+            rung is not None
+            and rung > 0
             and interval_ok
             and releasable
-            and not held_lower(reading, ladder[state.rung] if state.granted_w is None else state.granted_w, cap_w)
+            and cooled_s >= (dwell_s := effective_dwell_s(policy, state, t_s))
+            and not held_lower(reading, ladder[rung] if state.granted_w is None else state.granted_w, cap_w)
         ):
-            up = state.rung - 1
+            up = rung - 1
             level = backoff_level(policy, state, t_s)
             state = replace(
                 _changed(state, reading),

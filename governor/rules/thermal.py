@@ -25,10 +25,17 @@ def thresholds(policy: ThermalPolicy) -> tuple[tuple[ThermalZone, float], ...]:
 
 def raw_zone(temperature_c: float, policy: ThermalPolicy) -> ThermalZone:
     """The zone a temperature falls in, ignoring hysteresis."""
+    # The loop over :func:`thresholds`, unrolled (every tick; no tuple built): the last zone whose
+    # lower bound the temperature reaches, checked coolest first.
     zone = ThermalZone.OPTIMAL
-    for candidate, lower_c in thresholds(policy):
-        if temperature_c >= lower_c:
-            zone = candidate
+    if temperature_c >= policy.warning_c:
+        zone = ThermalZone.WARNING
+    if temperature_c >= policy.hot_c:
+        zone = ThermalZone.HOT
+    if temperature_c >= policy.throttle_c:
+        zone = ThermalZone.THROTTLE
+    if temperature_c >= policy.critical_c:
+        zone = ThermalZone.CRITICAL
     return zone
 
 
