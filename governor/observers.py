@@ -23,6 +23,7 @@ from typing import Any
 from governor import __version__
 from governor.core import TICK, Governor, TickReport, status_line
 from governor.escaping import escape
+from governor.fanstate import FanControl
 from governor.model import (
     TICK_BUCKETS_S,
     Action,
@@ -39,6 +40,7 @@ from governor.notify import Notifier
 from governor.processes import state_meaning
 from governor.rules.vram import KILL_FOLLOW_UPS
 from governor.safefile import write_atomic
+from governor.state import OriginalLimits
 
 EVENT_NAMES = {
     "thermal_zone": "thermal_zone_changed",
@@ -145,18 +147,7 @@ class DecisionLog:
                 power_limit_range_w=f"{gpu.power_limit_min_w}-{gpu.power_limit_max_w}",
                 ladder_w=list(governor.plans[gpu.uuid].ladder_w),
             )
-        fans = governor.actuator.fans.store
-        if fans.load_warning:
-            log.warning("fan_state_unreadable", detail=fans.load_warning)
-        originals = governor.originals
-        if originals.load_warning:
-            log.warning(
-                "state_unreadable",
-                detail=originals.load_warning,
-                moved_to=None if originals.set_aside_to is None else str(originals.set_aside_to),
-                effect="a GPU without a usable saved original whose limit is below its default "
-                "gets its default limit back; delete the .corrupt file once inspected",
-            )
+        log_unreadable_state(log, governor.originals, governor.actuator.fans.store)
         store = governor.units.store
         if store.load_warning:
             log.warning("stopped_units_unreadable", detail=store.load_warning)
@@ -394,6 +385,20 @@ class DecisionLog:
             self.log.warning("process_signalled", **fields)
         else:
             self.log.info("process_left_alone", **fields)
+
+
+def log_unreadable_state(log: Any, originals: OriginalLimits, fans: FanControl) -> None:
+    """Warn of a saved-originals or fan-takeover file that could not be used (set aside as .corrupt)."""
+    if fans.load_warning:
+        log.warning("fan_state_unreadable", detail=fans.load_warning)
+    if originals.load_warning:
+        log.warning(
+            "state_unreadable",
+            detail=originals.load_warning,
+            moved_to=None if originals.set_aside_to is None else str(originals.set_aside_to),
+            effect="a GPU without a usable saved original whose limit is below its default "
+            "gets its default limit back; delete the .corrupt file once inspected",
+        )
 
 
 def log_unit_decision(log: Any, result: ActionResult) -> None:

@@ -94,17 +94,22 @@ def read_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
     Runs for every GPU process every tick, so it uses raw os.open/os.read: a third of the
     cost of pathlib and buffered I/O.
     """
+    raw = _read_stat(pid, proc)
+    return None if raw is None else _start_time_from_stat(raw)
+
+
+def _read_stat(pid: int, proc: Path) -> bytes | None:
+    """The bytes of /proc/PID/stat (its first 4 KiB), or None when it cannot be read."""
     try:
         fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        raw = os.read(fd, 4096)
+        return os.read(fd, 4096)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return _start_time_from_stat(raw)
 
 
 def _start_time_from_stat(raw: bytes) -> int | None:
@@ -126,17 +131,8 @@ def read_process_state(pid: int, start_time: int, proc: Path = Path("/proc")) ->
     its PID names another process now (another start time) or the file holds no such letter.
 
     Read only for a process that outlived a SIGKILL (rare), never on the per-tick path."""
-    try:
-        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        raw = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if _start_time_from_stat(raw) != start_time:
+    raw = _read_stat(pid, proc)
+    if raw is None or _start_time_from_stat(raw) != start_time:
         return None
     end = raw.rfind(b")")  # the name (field 2) may hold ") ": the state (field 3) follows the LAST ')'
     state = raw[end + 2 : end + 3]

@@ -59,7 +59,7 @@ from governor.errors import (
 )
 from governor.fanstate import FanControl
 from governor.model import Action, ActionResult, Outcome
-from governor.observers import DecisionLog
+from governor.observers import DecisionLog, log_unreadable_state
 from governor.state import OriginalLimits
 from governor.statelock import try_lock
 
@@ -122,16 +122,7 @@ def restore_leftovers(
     with lock:
         originals = OriginalLimits(state_dir)
         fans = FanControl(state_dir)
-        if originals.load_warning:
-            log.warning(
-                "state_unreadable",
-                detail=originals.load_warning,
-                moved_to=None if originals.set_aside_to is None else str(originals.set_aside_to),
-                effect="a GPU without a usable saved original whose limit is below its default "
-                "gets its default limit back; delete the .corrupt file once inspected",
-            )
-        if fans.load_warning:
-            log.warning("fan_state_unreadable", detail=fans.load_warning)
+        log_unreadable_state(log, originals, fans)
         limits, fan_gpus = originals.items(), fans.items()
         if not (originals.recorded() or originals.corrupt_seen or fan_gpus or fans.suspect):
             _nothing(log, quiet, f"{state_dir} records no changed power limit and no fan taken from the card")

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -163,6 +164,33 @@ class Container:
         if not self.exists(ORIGINALS):
             return []
         return [float(v) for v in json.loads(self.read(ORIGINALS))["original_power_limits_w"].values()]
+
+
+HOT_POWER = "[power]\nstep_down_at_c = 75.0\nstep_up_at_c = 65.0\ndebounce_samples = 2\n"
+"""A ladder that steps down within seconds of the hot scenario at 20x real time."""
+
+
+def sim_config(
+    written_by: str,
+    scenario: str,
+    sections: str = "",
+    *,
+    time_scale: float | None = None,
+    metrics: bool = False,
+    top: str = "",
+    simulation: str = "",
+) -> str:
+    """A governor.toml on the simulated RTX 4070 in ``scenario`` (``time_scale`` times real time), polled
+    every 0.5 s, its state under STATE_DIR; ``top``: more top-level lines; ``metrics``: served on
+    127.0.0.1:9847; ``simulation``: more [simulation] lines; ``sections``: the tables that follow."""
+    text = f'# written by {written_by}\nbackend = "simulated"\npoll_interval_s = 0.5\nstate_dir = "{STATE_DIR}"\n'
+    text += top
+    if metrics:
+        text += '\n[metrics]\nlisten_address = "127.0.0.1"\nport = 9847\n'
+    text += f'\n[simulation]\nprofile = "rtx4070"\nscenario = "{scenario}"\nstate_file = "{SIM_STATE}"\n'
+    if time_scale is not None:
+        text += f"time_scale = {time_scale}\n"
+    return text + simulation + ("\n" + textwrap.dedent(sections) if sections else "")
 
 
 def metric(page: str, name: str, **labels: str) -> float | None:

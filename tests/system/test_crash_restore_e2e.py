@@ -24,6 +24,7 @@ import pytest
 
 from tests.system.nspawn import (
     CONFIG,
+    HOT_POWER,
     SIM_STATE,
     STATE_DIR,
     UNIT,
@@ -31,6 +32,7 @@ from tests.system.nspawn import (
     Event,
     booted,
     check_prerequisites,
+    sim_config,
     wait_for,
 )
 
@@ -67,29 +69,8 @@ def box(request: pytest.FixtureRequest) -> Iterator[Container]:
 
 def make_config() -> str:
     """The simulated RTX 4070, hot, 20x real time, fans on a curve, its hardware kept under the state directory."""
-    return textwrap.dedent(
-        f"""\
-        # written by tests/system/test_crash_restore_e2e.py
-        backend = "simulated"
-        poll_interval_s = 0.5
-        state_dir = "{STATE_DIR}"
-
-        [simulation]
-        profile = "rtx4070"
-        scenario = "hot"
-        state_file = "{SIM_STATE}"
-        time_scale = 20.0
-
-        [power]
-        step_down_at_c = 75.0
-        step_up_at_c = 65.0
-        debounce_samples = 2
-
-        [fan]
-        mode = "curve"
-        max_percent = 75.0
-        """
-    )
+    fans = '\n[fan]\nmode = "curve"\nmax_percent = 75.0\n'
+    return sim_config("tests/system/test_crash_restore_e2e.py", "hot", HOT_POWER + fans, time_scale=20.0)
 
 
 def hardware(box: Container) -> tuple[float, dict[str, float]]:

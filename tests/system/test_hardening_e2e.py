@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import textwrap
 import time
 from collections.abc import Iterator
 
@@ -26,8 +25,8 @@ import pytest
 
 from tests.system.nspawn import (
     CONFIG,
+    HOT_POWER,
     RESTART_QUICKLY,
-    SIM_STATE,
     STATE_DIR,
     UNIT,
     UNIT_FILE,
@@ -35,6 +34,7 @@ from tests.system.nspawn import (
     active,
     booted,
     check_prerequisites,
+    sim_config,
     wait_for,
 )
 
@@ -49,24 +49,10 @@ LLAMA_EXE = f"/home/{USER}/llama.cpp/llama-server"
 
 def make_config() -> str:
     """Everything uid 1000 runs is in one class that terminates at once above 256 MiB."""
-    return textwrap.dedent(
+    return sim_config(
+        "tests/system/test_hardening_e2e.py",
+        "idle",
         f"""\
-        # written by tests/system/test_hardening_e2e.py
-        backend = "simulated"
-        poll_interval_s = 0.5
-        state_dir = "{STATE_DIR}"
-        runtime_dir = "/run/gpu-governor"
-
-        [metrics]
-        listen_address = "127.0.0.1"
-        port = 9847
-
-        [simulation]
-        profile = "rtx4070"
-        scenario = "idle"
-        state_file = "{STATE_DIR}/simulated-gpus.json"
-        processes_file = "{PROCESSES}"
-
         [vram]
         reserve = "2GiB"
         cooldown_s = 1.0
@@ -86,7 +72,10 @@ def make_config() -> str:
         grace_s = 0.0
         kill_after_s = 5.0
         match = {{ user = "{USER}" }}
-        """
+        """,
+        metrics=True,
+        top='runtime_dir = "/run/gpu-governor"\n',
+        simulation=f'processes_file = "{PROCESSES}"\n',
     )
 
 
@@ -187,25 +176,7 @@ def test_installed_files_are_root_owned_and_not_writable_by_others(box: Containe
 
 def hot_config() -> str:
     """The simulated RTX 4070 in the hot scenario at 20x real time: the limit steps down within seconds."""
-    return textwrap.dedent(
-        f"""\
-        # written by tests/system/test_hardening_e2e.py
-        backend = "simulated"
-        poll_interval_s = 0.5
-        state_dir = "{STATE_DIR}"
-
-        [simulation]
-        profile = "rtx4070"
-        scenario = "hot"
-        state_file = "{SIM_STATE}"
-        time_scale = 20.0
-
-        [power]
-        step_down_at_c = 75.0
-        step_up_at_c = 65.0
-        debounce_samples = 2
-        """
-    )
+    return sim_config("tests/system/test_hardening_e2e.py", "hot", HOT_POWER, time_scale=20.0)
 
 
 def test_remove_after_a_crash_restores_the_lowered_limit(box: Container) -> None:

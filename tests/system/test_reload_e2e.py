@@ -23,14 +23,13 @@ import pytest
 
 from tests.system.nspawn import (
     CONFIG,
-    SIM_STATE,
-    STATE_DIR,
     UNIT,
     Container,
     active,
     booted,
     check_prerequisites,
     metric,
+    sim_config,
     wait_for,
 )
 
@@ -85,30 +84,8 @@ PROBE_SCRIPT = textwrap.dedent(
 def make_config(step_down_at_c: float = 75.0, hot_c: float | str = 80.0) -> str:
     """A simulated RTX 4070; ``step_down_at_c`` shows in the config_reloaded entry, ``hot_c`` may be made invalid."""
     hot = json.dumps(hot_c) if isinstance(hot_c, str) else hot_c
-    return textwrap.dedent(
-        f"""\
-        # written by tests/system/test_reload_e2e.py
-        backend = "simulated"
-        poll_interval_s = 0.5
-        state_dir = "{STATE_DIR}"
-
-        [metrics]
-        listen_address = "127.0.0.1"
-        port = 9847
-
-        [simulation]
-        profile = "rtx4070"
-        scenario = "idle"
-        state_file = "{SIM_STATE}"
-
-        [thermal]
-        hot_c = {hot}
-
-        [power]
-        step_down_at_c = {step_down_at_c}
-        step_up_at_c = 65.0
-        """
-    )
+    sections = f"[thermal]\nhot_c = {hot}\n\n[power]\nstep_down_at_c = {step_down_at_c}\nstep_up_at_c = 65.0\n"
+    return sim_config("tests/system/test_reload_e2e.py", "idle", sections, metrics=True)
 
 
 @pytest.fixture(scope="module")

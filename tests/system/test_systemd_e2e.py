@@ -36,7 +36,6 @@ import pytest
 from tests.system.nspawn import (
     CONFIG,
     HOST_PATH,
-    SIM_STATE,
     STATE_DIR,
     UNIT,
     UNIT_FILE,
@@ -45,6 +44,7 @@ from tests.system.nspawn import (
     booted,
     host,
     metric,
+    sim_config,
     unavailable,
     wait_for,
 )
@@ -101,32 +101,9 @@ def box(request: pytest.FixtureRequest) -> Iterator[Container]:
 
 def make_config(hot_c: float = 80.0, step_down_at_c: float = 75.0) -> str:
     """The test's governor.toml: the simulated RTX 4070 in the hot scenario, 20x real time."""
-    return textwrap.dedent(
-        f"""\
-        # written by tests/system/test_systemd_e2e.py
-        backend = "simulated"
-        poll_interval_s = 0.5
-        state_dir = "{STATE_DIR}"
-
-        [metrics]
-        listen_address = "127.0.0.1"
-        port = 9847
-
-        [simulation]
-        profile = "rtx4070"
-        scenario = "hot"
-        state_file = "{SIM_STATE}"
-        time_scale = 20.0
-
-        [thermal]
-        hot_c = {hot_c}
-
-        [power]
-        step_down_at_c = {step_down_at_c}
-        step_up_at_c = 65.0
-        debounce_samples = 2
-        """
-    )
+    sections = f"[thermal]\nhot_c = {hot_c}\n\n[power]\nstep_down_at_c = {step_down_at_c}\nstep_up_at_c = 65.0\n"
+    return sim_config("tests/system/test_systemd_e2e.py", "hot", sections + "debounce_samples = 2\n", time_scale=20.0,
+                      metrics=True)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- tests, in order
