@@ -125,6 +125,10 @@ MESSAGES: dict[str, str] = {
     "nvml_gpu_found": _GPU + " ({name}) found: governed from now on",
     "nvml_gpu_count_failed": "Counting the GPUs through NVML failed: {reason}; tried again in {retry_in_s} s",
     "nvml_gpu_facts_read": _GPU + " ({name}) read again: power-limit range {power_limit_min_w}-{power_limit_max_w} W",
+    "nvml_power_range_changed": _GPU + " ({uuid}) power-limit range changed: {old_min_w}-{old_max_w} W "
+    "(default {old_default_w} W) -> {min_w}-{max_w} W (default {default_w} W)",
+    "nvml_power_range_refused": _GPU + " ({uuid}) reported a power-limit range no card has ({dropped}): "
+    "its last good values stay, {min_w}-{max_w} W (default {default_w} W)",
     "config_deprecated": "Config {source} uses deprecated keys {keys}: {effect}",
     "web_config_reloaded": "Web config {source} reloaded: TLS {tls}, {basic_auth_users} basic auth user(s)",
     "web_config_reload_failed": "Web config {source} could not be reloaded: {error}; {effect}",

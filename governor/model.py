@@ -108,7 +108,9 @@ class GpuHealth(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class GpuInfo:
-    """Static facts about one GPU, read once when the backend opens it."""
+    """Facts about one GPU, read when the backend opens it. The power-limit range and default can
+    change at runtime (an admin, a BMC, a mode change, a driver reload): a backend may read them
+    again and hand out a new GpuInfo, which the core follows (``Backend.gpus``)."""
 
     index: int
     uuid: str
@@ -152,6 +154,11 @@ def plausible_c(temperature_c: float | None) -> bool:
     return temperature_c is not None and 0.0 < temperature_c < MAX_PLAUSIBLE_C
 
 
+MAX_OVER_DEFAULT = 4.0
+"""No card allows a power limit this many times its default (the widest known, an RTX 4090, allows
+600 W over a 450 W default): a maximum above it is a broken answer, not a range to clamp to."""
+
+
 def checked_power_range(
     min_w: float | None, max_w: float | None, default_w: float | None
 ) -> tuple[float | None, float | None, float | None, str | None]:
@@ -159,7 +166,8 @@ def checked_power_range(
 
     A range that is not two plausible values with min <= max is unknown (both None: the card's
     limit is never changed); a default that is not plausible or lies outside the range is unknown
-    too. The fourth value names what was dropped (None when nothing was)."""
+    too; a range whose maximum is over :data:`MAX_OVER_DEFAULT` times its (plausible, inside) default
+    is unknown, the default kept. The fourth value names what was dropped (None when nothing was)."""
     problems = []
     if (min_w is not None or max_w is not None) and not (
         plausible_w(min_w) and plausible_w(max_w) and min_w <= max_w  # type: ignore[operator]
@@ -171,7 +179,34 @@ def checked_power_range(
     ):
         problems.append(f"default power limit {default_w} W")
         default_w = None
+    if max_w is not None and default_w is not None and max_w > MAX_OVER_DEFAULT * default_w:
+        problems.append(f"power limit range {min_w}-{max_w} W, over {MAX_OVER_DEFAULT:g}x the default {default_w} W")
+        min_w = max_w = None
     return min_w, max_w, default_w, ("; ".join(problems) if problems else None)
+
+
+PowerRange = tuple[float | None, float | None, float | None]
+"""A card's power-limit (min, max, default) in watts; None where unknown."""
+
+
+def refreshed_power_range(
+    last: PowerRange, min_w: float | None, max_w: float | None, default_w: float | None
+) -> tuple[PowerRange, str | None, bool]:
+    """A card's power-limit range and default (W) read again, against ``last``, the values in force.
+
+    What passes :func:`checked_power_range` is used. A part that fails it keeps its last value when it
+    has one: the range, and the default when the last one still passes with the range used; without
+    one it is None, as at open. Returns the values to use, what the read gave that was dropped (None
+    when nothing was) and whether a last value was kept in its place."""
+    low, high, default, problem = checked_power_range(min_w, max_w, default_w)
+    kept = False
+    if low is None and (min_w is not None or max_w is not None) and last[0] is not None and last[1] is not None:
+        low, high, kept = last[0], last[1], True
+        default = default_w if checked_power_range(low, high, default_w)[3] is None else None
+    last_default = last[2]
+    if default is None and default_w is not None and checked_power_range(low, high, last_default)[3] is None:
+        default, kept = last_default, last_default is not None
+    return (low, high, default), problem, kept
 
 
 @dataclass(frozen=True, slots=True)

@@ -383,18 +383,19 @@ class TestLostGpu:
 
 
 class TestStaticFactsReadAgain:
-    """Static facts that lack the power-limit range are read again, so the GPU is governed once it has one."""
+    """A power-limit range missing at start is read again (with every range read, each 10 s), so the GPU is
+    governed once it has one; a GPU lost at start gets all its facts once it answers."""
 
     CONSTRAINTS = "nvmlDeviceGetPowerManagementLimitConstraints"
 
     def test_a_range_read_that_failed_at_start_is_read_again(self) -> None:
-        """A transient failure (TIMEOUT) of the range read at start leaves no range; 30 s later it is read again."""
+        """A transient failure (TIMEOUT) of the range read at start leaves no range; 10 s later it is read again."""
         card = FakeGpu(uuid=UUID0, errors={self.CONSTRAINTS: NVML_ERROR_TIMEOUT})
         backend, fake, clock = make(card)
         assert backend.gpus()[0].power_limit_min_w is None
         del card.errors[self.CONSTRAINTS]
         with capture_logs() as logs:
-            for _ in range(29):
+            for _ in range(9):
                 clock.advance(1.0)
                 backend.read()
             assert fake.calls[self.CONSTRAINTS] == 1  # asked at start only, so far
@@ -405,20 +406,19 @@ class TestStaticFactsReadAgain:
             backend.read()
         (info,) = backend.gpus()
         assert (info.power_limit_min_w, info.power_limit_max_w, info.power_limit_default_w) == (200.0, 700.0, 700.0)
-        assert fake.calls[self.CONSTRAINTS] == 2  # complete now: never asked again
-        assert [(e["event"], e["power_limit_max_w"]) for e in logs if e["event"] == "nvml_gpu_facts_read"] == [
-            ("nvml_gpu_facts_read", 700.0)
-        ]
+        assert fake.calls[self.CONSTRAINTS] == 2  # next asked at 20 s, with every range read
+        changes = [e for e in logs if e["event"] == "nvml_power_range_changed"]
+        assert [(e["old_max_w"], e["max_w"]) for e in changes] == [(None, 700.0)]
 
-    def test_a_range_that_keeps_failing_is_asked_every_30_s_and_logged_once(self) -> None:
-        """While the range read keeps failing it is asked once per 30 s, with one warning in all."""
+    def test_a_range_that_keeps_failing_is_asked_every_10_s_and_logged_once(self) -> None:
+        """While the range read keeps failing it is asked once per 10 s, with one warning in all."""
         card = FakeGpu(uuid=UUID0, errors={self.CONSTRAINTS: NVML_ERROR_TIMEOUT})
         with capture_logs() as logs:
             backend, fake, clock = make(card)
             for _ in range(95):
                 clock.advance(1.0)
                 backend.read()
-        assert fake.calls[self.CONSTRAINTS] == 4  # at 0, 30, 60 and 90 s
+        assert fake.calls[self.CONSTRAINTS] == 10  # at 0, 10, ... 90 s
         assert [e["event"] for e in logs].count("nvml_field_failed") == 1
         assert backend.gpus()[0].power_limit_min_w is None
 
@@ -451,14 +451,15 @@ class TestStaticFactsReadAgain:
         assert info.memory_total_bytes == card.memory_total
 
     def test_complete_facts_are_never_read_again(self) -> None:
-        """A GPU whose facts hold its range costs no static read per tick (the same GpuInfo object is kept)."""
+        """A GPU whose facts hold its range has them read once, its range every 10 s, and keeps the same GpuInfo
+        object while the range does not change."""
         backend, fake, clock = make(FakeGpu(uuid=UUID0))
         before = backend.gpus()
         for _ in range(100):
             clock.advance(1.0)
             backend.read()
         assert backend.gpus() is before
-        assert fake.calls[self.CONSTRAINTS] == 1
+        assert fake.calls[self.CONSTRAINTS] == 11  # at 0, 10, ... 100 s
         assert fake.calls["nvmlDeviceGetName"] == 1
 
 

@@ -14,15 +14,14 @@ from governor.clock import VirtualClock
 from governor.errors import BackendError
 from governor.model import GpuHealth
 from tests import fake_pynvml
-from tests.fake_pynvml import NVML_ERROR_INVALID_ARGUMENT, NVML_ERROR_NO_DATA, FakeGpu, FakeNvml, NVMLError
+from tests.fake_pynvml import NVML_ERROR_NO_DATA, FakeGpu, FakeNvml, NVMLError
 
 UUID = "GPU-00000000-0000-0000-0000-000000000000"
 GOVERNOR = Path(__file__).resolve().parents[1] / "governor"
 
-# Every code of the table, plus two it does not list (TRANSIENT), with the kind expected.
+# Every code of the table, plus one it does not list (TRANSIENT), with the kind expected.
 CASES = [pytest.param(code, kind, id=symbol) for symbol, (code, kind) in TABLE.items()] + [
     pytest.param(NVML_ERROR_NO_DATA, Kind.TRANSIENT, id="NVML_ERROR_NO_DATA"),
-    pytest.param(NVML_ERROR_INVALID_ARGUMENT, Kind.TRANSIENT, id="NVML_ERROR_INVALID_ARGUMENT"),
 ]
 
 
@@ -62,6 +61,7 @@ READ_BEHAVIOUR = {
     Kind.DENIED: (GpuHealth.OK, True),
     Kind.NO_DRIVER: (GpuHealth.OK, True),
     Kind.MISSING_CALL: (GpuHealth.OK, True),
+    Kind.INVALID: (GpuHealth.OK, True),
     Kind.TRANSIENT: (GpuHealth.OK, True),
     Kind.TIMEOUT: (GpuHealth.OK, True),
     Kind.LOST: (GpuHealth.LOST, False),
@@ -99,6 +99,7 @@ SET_BEHAVIOUR: dict[Kind, type[BackendError]] = {
     Kind.FATAL: BackendFatal,
     Kind.NO_DRIVER: SetLimitFailed,
     Kind.MISSING_CALL: SetLimitFailed,
+    Kind.INVALID: SetLimitFailed,
     Kind.TRANSIENT: SetLimitFailed,
     Kind.TIMEOUT: SetLimitFailed,
 }

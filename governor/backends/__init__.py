@@ -55,7 +55,8 @@ class Backend(Protocol):
         ...
 
     def gpus(self) -> tuple[GpuInfo, ...]:
-        """Static facts of every GPU, in index order (read once at open)."""
+        """Facts of every GPU, in index order (read at open; a new tuple when a GPU appeared or a
+        power-limit range changed: the caller follows it every tick)."""
         ...
 
     def read(self) -> Snapshot:

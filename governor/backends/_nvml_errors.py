@@ -17,6 +17,9 @@ NO_DRIVER       None for this tick               SetLimitFailed               Ba
                                                                               driver: try --simulate)
 MISSING_CALL    the next older version of the    SetLimitFailed               BackendUnavailable
                 call is tried (governor.backends._nvml_probe)
+INVALID         None for this tick               SetLimitFailed; the GPU's    BackendUnavailable
+                                                 range is read again at the
+                                                 next tick (it may have moved)
 TRANSIENT       None for this tick               SetLimitFailed               BackendUnavailable
 TIMEOUT         None for this tick (an event     SetLimitFailed               BackendUnavailable
                 wait: nothing is pending)
@@ -51,12 +54,14 @@ class Kind(enum.Enum):
     FATAL = "fatal"  # the library no longer matches the driver: only a restart helps
     NO_DRIVER = "no_driver"  # no driver / no library
     MISSING_CALL = "missing_call"  # this version of the call is not in the driver or the bindings
+    INVALID = "invalid"  # NVML refused an argument: for a limit, one outside the range the GPU takes now
     TRANSIENT = "transient"  # anything else (no data ...): may pass on a later try
     TIMEOUT = "timeout"  # a wait ended with nothing to report (nvmlEventSetWait: no event pending)
 
 
 TABLE: Final[Mapping[str, tuple[int, Kind]]] = {
     # nvml.h symbol: (its code, used when the bindings lack the constant; its kind)
+    "NVML_ERROR_INVALID_ARGUMENT": (2, Kind.INVALID),
     "NVML_ERROR_NOT_SUPPORTED": (3, Kind.UNSUPPORTED),
     "NVML_ERROR_NO_PERMISSION": (4, Kind.DENIED),
     "NVML_ERROR_TIMEOUT": (10, Kind.TIMEOUT),

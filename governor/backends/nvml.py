@@ -8,7 +8,8 @@ module is watts, joules, bytes, degrees Celsius and MHz. A value the GPU cannot 
 Cost: the per-tick reads (temperature, power, enforced limit, memory, utilisation,
 clock event reasons, SM clock, compute and graphics processes) cost about 20 us per GPU
 on an H100. The two expensive reads, the requested power limit (~170 us) and the energy
-counter (~3 ms), run on a slower cadence and are carried forward in between. There is
+counter (~3 ms), run on a slower cadence and are carried forward in between; so does the
+power-limit range with the default limit (every ``telemetry_refresh_s``, see below). There is
 one read path (:meth:`NvmlBackend._read_all`). A second, unchecked "fast path" used to
 skip its bookkeeping: in-process, with the NVML calls stubbed out, it was 0.4-0.6 us per
 GPU per tick faster than this path (under 1 % of the 66 us H200 tick, 1-2 % of the
@@ -37,6 +38,18 @@ Robustness, by kind of error (the table in ``_nvml_errors``):
 - A GPU that stops answering (GPU_IS_LOST, GPU not found, reset required, unknown
   error) yields a reading with ``health=LOST``; the others are read as usual; its handle
   is reacquired by UUID with exponential backoff.
+- The power-limit range (min/max constraints) and the default limit are read at open and again
+  every ``telemetry_refresh_s`` (10 s), and at the next tick after NVML refused a limit the
+  governor set as an invalid argument (the range may have moved): an admin, a BMC, a mode
+  change or a driver reload can change them at runtime. A change gives the GPU a new
+  :class:`~governor.model.GpuInfo` (``nvml_power_range_changed``, old and new values), which the
+  core follows, so the rules clamp to it and the metrics show it. A read that fails in a way
+  that may pass keeps the last value; NotSupported is None (asked again after
+  ``unsupported_reprobe_s``); a lost GPU reads LOST. A range that fails
+  :func:`~governor.model.checked_power_range` (min above max, a bound at or below 0 W or absurd,
+  a maximum over 4x the default, a default outside the range) is refused: the last good range
+  and default stay, logged once (``nvml_power_range_refused``) until a good one is read; a GPU
+  with no good range yet gets what passes, as at open (``nvml_value_implausible``).
 - A GPU that cannot be opened at start (its handle or UUID read fails: a timeout, a GPU still
   initialising) is skipped (``nvml_gpu_skipped``, once per index). Every ``limit_refresh_s``
   the adapter counts the GPUs again and opens each index not open yet, as at start: a GPU
@@ -72,13 +85,23 @@ from governor.backends._nvml_procs import ProcessLister
 from governor.backends._nvml_telemetry import GpuTelemetryState
 from governor.clock import Clock
 from governor.errors import BackendFatal, BackendUnavailable, GpuLostError, SetLimitFailed, SetLimitRefused
-from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot, checked_power_range, plausible_c, plausible_w
+from governor.model import (
+    GpuHealth,
+    GpuInfo,
+    GpuReading,
+    Snapshot,
+    plausible_c,
+    plausible_w,
+    refreshed_power_range,
+)
 
 __all__ = ["NO_DRIVER_MESSAGE", "VERSION_MISMATCH_MESSAGE", "NvmlBackend"]
 
 log = structlog.get_logger("governor.nvml")
 
 NO_DRIVER_MESSAGE: Final = "no NVIDIA driver found; try --simulate"
+RANGE_FIELDS: Final = frozenset({"power_limit_constraints", "power_limit_default"})
+"""The reads of a GPU's power-limit range and default (:func:`_read_range`), every ``telemetry_refresh_s``."""
 DRAW_MAX_RATIO: Final = 2.0
 """A power draw above this multiple of the card's maximum limit is a broken answer (real excursions
 over the limit stay well under it)."""
@@ -111,6 +134,8 @@ class _GpuState:
         "limit_due_s",
         "limit_requested_w",
         "lost_error",
+        "range_due_s",
+        "range_refused",
         "reported",
         "retry_at_s",
         "telemetry",
@@ -123,9 +148,12 @@ class _GpuState:
         self.uuid = uuid
         self.handle: Any = handle
         self.info = GpuInfo(index=index, uuid=uuid, name="unknown GPU")
-        # monotonic time at which the static facts are read again (while they lack the power range)
+        # monotonic time at which the static facts are read again (a GPU lost while they were read)
         self.info_due_s = math.inf
-        self.implausible: str | None = None  # what the last static read dropped, logged once
+        # monotonic time at which the power-limit range and default are read again (_read_range)
+        self.range_due_s = math.inf
+        self.range_refused = False  # a range was refused (the last good one kept): logged once until a good one
+        self.implausible: str | None = None  # what the last range read dropped (no good range to keep), logged once
         # field -> monotonic time at which a NotSupported field is asked again
         self.unsupported: dict[str, float] = {}
         # (field, NVML error code) pairs already logged
@@ -145,7 +173,7 @@ class _GpuState:
         self.retry_at_s = now + self.backoff_s
         self.handle = None
         self.limit_requested_w = self.energy_j = None
-        self.limit_due_s = self.energy_due_s = -math.inf
+        self.limit_due_s = self.energy_due_s = self.range_due_s = -math.inf  # read again once it answers
         self.telemetry.lost()
         if self.lost_error is None:
             log.warning("nvml_gpu_lost", gpu=self.index, uuid=self.uuid, reason=reason, retry_in_s=self.backoff_s)
@@ -379,6 +407,8 @@ class NvmlBackend:
                 reading = self._read_gpu(st, now)
                 if now >= st.info_due_s:
                     _reread_static(self, st, now)
+                if now >= st.range_due_s:
+                    _refresh_range(self, st, now)
             except _Lost as exc:
                 self._mark_lost(st, str(exc), now)
                 readings.append(st.lost_reading())
@@ -418,6 +448,8 @@ class NvmlBackend:
             if exc.kind is Kind.LOST:
                 self._mark_lost(st, str(exc), self._clock.monotonic())
                 raise GpuLostError(f"{where} failed: {exc}") from None
+            if exc.kind is Kind.INVALID:  # outside the range the GPU takes now: read it at the next tick
+                st.range_due_s = -math.inf
             raise SetLimitFailed(f"{where} failed: {exc}") from None
         st.limit_due_s = -math.inf  # read the requested limit back on the next tick
 
@@ -548,9 +580,9 @@ def _reacquire(backend: NvmlBackend, st: _GpuState, now: float) -> bool:
 
 
 def _reread_static(backend: NvmlBackend, st: _GpuState, now: float) -> None:
-    """Read a GPU's static facts again: they lack its power-limit range, because a read failed
-    at start (a transient error, or the GPU was lost then) or the card gave none. The core
-    follows :meth:`NvmlBackend.gpus`, so a GPU monitor-only for want of a range is governed once it has one."""
+    """Read a GPU's facts again: the GPU was lost while they were read at open (its name unknown, its
+    range too). The core follows :meth:`NvmlBackend.gpus`, so a GPU monitor-only for want of a range
+    is governed once it has one."""
     before = st.info
     try:
         _read_static(backend, st, now)
@@ -571,24 +603,80 @@ def _reread_static(backend: NvmlBackend, st: _GpuState, now: float) -> None:
 
 
 def _read_static(backend: NvmlBackend, st: _GpuState, now: float) -> None:
-    """Read the static facts of one GPU into its state, and when to read them again: never once
-    they hold the power-limit range; while they do not, in ``limit_refresh_s`` (or when a
-    NotSupported range may be asked again). Raises _Lost / NvmlFailure as the reads do."""
+    """Read the facts of one GPU into its state, its power-limit range and default too (:func:`_read_range`,
+    read again every ``telemetry_refresh_s``); the other facts are not read again. Raises _Lost /
+    NvmlFailure as the reads do."""
     st.info = _static_info(backend, st, backend._driver, now)
     _static_fans(backend, st, now)
-    complete = st.info.power_limit_min_w is not None and st.info.power_limit_max_w is not None
-    resting = st.unsupported.get("power_limit_constraints")
-    if complete:
-        st.info_due_s = math.inf
+    _read_range(backend, st, now)
+    st.info_due_s = math.inf
+    # Only the telemetry and the range keep their rest after NotSupported: the other facts are never
+    # asked on their own (and per-tick reads then find no rest to check).
+    st.unsupported = {f: t for f, t in st.unsupported.items() if f in TELEMETRY_FIELDS or f in RANGE_FIELDS}
+
+
+def _refresh_range(backend: NvmlBackend, st: _GpuState, now: float) -> None:
+    """Read a GPU's power-limit range and default again (:func:`_read_range`); a change is logged once,
+    old and new values, and handed out by :meth:`NvmlBackend.gpus`."""
+    before = st.info
+    _read_range(backend, st, now)
+    info = st.info
+    if info is before:
+        return
+    backend._infos = tuple(s.info for s in backend._states)
+    log.info(
+        "nvml_power_range_changed",
+        gpu=st.index,
+        uuid=st.uuid,
+        old_min_w=before.power_limit_min_w,
+        old_max_w=before.power_limit_max_w,
+        old_default_w=before.power_limit_default_w,
+        min_w=info.power_limit_min_w,
+        max_w=info.power_limit_max_w,
+        default_w=info.power_limit_default_w,
+    )
+
+
+def _read_range(backend: NvmlBackend, st: _GpuState, now: float) -> None:
+    """Read one GPU's power-limit range and default (watts) into its facts (a new GpuInfo only when they
+    changed), and read them again in ``telemetry_refresh_s``. Each read that fails in a way that may pass
+    keeps the value in force; NotSupported is None; a lost GPU raises _Lost.
+
+    What the reads give is used where it passes :func:`~governor.model.checked_power_range`; a part that
+    does not keeps its last good value (:func:`~governor.model.refreshed_power_range`;
+    ``nvml_power_range_refused``, once until a read passes), or with none is None, as at open
+    (``nvml_value_implausible``, once per answer)."""
+    st.range_due_s = now + backend._telemetry_refresh_s
+    nvml, get, info = backend._nvml, backend._get, st.info
+    constraints = get(st, "power_limit_constraints", nvml.nvmlDeviceGetPowerManagementLimitConstraints, now)
+    default_mw = get(st, "power_limit_default", nvml.nvmlDeviceGetPowerManagementDefaultLimit, now)
+    last = (info.power_limit_min_w, info.power_limit_max_w, info.power_limit_default_w)
+    # No answer: None after NotSupported (now, or still resting), else (a failure that may pass) the last value.
+    if constraints is not None:
+        min_w, max_w = constraints[0] / 1000.0, constraints[1] / 1000.0
     else:
-        st.info_due_s = resting if resting is not None else now + backend._limit_refresh_s
-    # Only the telemetry and a NotSupported range still to be asked again keep their rest: the other
-    # static fields are never asked on their own (and per-tick reads then find no rest to check).
-    st.unsupported = {
-        f: t
-        for f, t in st.unsupported.items()
-        if f in TELEMETRY_FIELDS or (f == "power_limit_constraints" and not complete)
-    }
+        min_w, max_w = (None, None) if "power_limit_constraints" in st.unsupported else last[:2]
+    if default_mw is not None:
+        default_w: float | None = default_mw / 1000.0
+    else:
+        default_w = None if "power_limit_default" in st.unsupported else last[2]
+    used, problem, kept = refreshed_power_range(last, min_w, max_w, default_w)
+    if kept and not st.range_refused:  # the last good values stay
+        log.warning(
+            "nvml_power_range_refused",
+            gpu=st.index,
+            uuid=st.uuid,
+            dropped=problem,
+            min_w=used[0],
+            max_w=used[1],
+            default_w=used[2],
+        )
+    elif problem is not None and not kept and problem != st.implausible:  # a broken answer, nothing to keep
+        log.warning("nvml_value_implausible", gpu=st.index, uuid=st.uuid, dropped=problem)
+    st.implausible, st.range_refused = problem, kept
+    if used != last:
+        low, high, default = used
+        st.info = replace(info, power_limit_min_w=low, power_limit_max_w=high, power_limit_default_w=default)
 
 
 def _static_fans(backend: NvmlBackend, st: _GpuState, now: float) -> None:
@@ -692,33 +780,23 @@ def _watts(milliwatts: float | None, *, zero_ok: bool = False) -> float | None:
 
 
 def _static_info(backend: NvmlBackend, st: _GpuState, driver: str | None, now: float) -> GpuInfo:
-    """Static facts of one GPU; each one NVML cannot give is None."""
+    """Static facts of one GPU; each one NVML cannot give is None. The power-limit range and default are
+    those in force (:func:`_read_range` reads them)."""
     nvml, get = backend._nvml, backend._get
     name = get(st, "name", nvml.nvmlDeviceGetName, now)
     pci = get(st, "pci_bus_id", nvml.nvmlDeviceGetPciInfo, now)
-    constraints = get(st, "power_limit_constraints", nvml.nvmlDeviceGetPowerManagementLimitConstraints, now)
-    default_mw = get(st, "power_limit_default", nvml.nvmlDeviceGetPowerManagementDefaultLimit, now)
     threshold = nvml.nvmlDeviceGetTemperatureThreshold
     slowdown = get(st, "temperature_slowdown", lambda h: threshold(h, THRESHOLD_SLOWDOWN), now)
     shutdown = get(st, "temperature_shutdown", lambda h: threshold(h, THRESHOLD_SHUTDOWN), now)
     memory = get(st, "memory", backend._reads.memory, now)
-    min_w = max_w = None
-    if constraints is not None:
-        min_w, max_w = constraints[0] / 1000.0, constraints[1] / 1000.0
-    min_w, max_w, default_w, implausible = checked_power_range(
-        min_w, max_w, None if default_mw is None else default_mw / 1000.0
-    )
-    if implausible is not None and implausible != st.implausible:  # a broken answer: the limit is left alone
-        log.warning("nvml_value_implausible", gpu=st.index, uuid=st.uuid, dropped=implausible)
-    st.implausible = implausible
     return GpuInfo(
         index=st.index,
         uuid=st.uuid,
         name=text(name) if name is not None else "unknown GPU",
         pci_bus_id=None if pci is None else text(pci.busId),
-        power_limit_min_w=min_w,
-        power_limit_max_w=max_w,
-        power_limit_default_w=default_w,
+        power_limit_min_w=st.info.power_limit_min_w,
+        power_limit_max_w=st.info.power_limit_max_w,
+        power_limit_default_w=st.info.power_limit_default_w,
         temperature_slowdown_c=None if slowdown is None else float(slowdown),
         temperature_shutdown_c=None if shutdown is None else float(shutdown),
         memory_total_bytes=None if memory is None else int(memory.total),
