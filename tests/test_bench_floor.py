@@ -85,3 +85,19 @@ def test_the_floor_makes_the_calls_the_adapter_makes_each_tick(tmp_path: Path) -
     for read in reads:
         read()
     assert spy.counts == _per_tick_calls(tmp_path)
+
+
+def test_the_power_range_is_read_at_the_slow_cadence(tmp_path: Path) -> None:
+    """The power-limit range and default are read again every 10 s (4 times in 40 ticks at 1 Hz): slow reads,
+    outside the per-tick floor."""
+    spy = _Counting(FakeNvml([FakeGpu(uuid="GPU-0")]))
+    clock = VirtualClock()
+    backend = NvmlBackend(clock, nvml=spy, proc_root=tmp_path)
+    spy.counts = Counter()
+    for _ in range(40):
+        clock.advance(1.0)
+        backend.read()
+    backend.close()
+    ranges = ("nvmlDeviceGetPowerManagementLimitConstraints", "nvmlDeviceGetPowerManagementDefaultLimit")
+    assert [spy.counts[name] for name in ranges] == [4, 4]
+    assert not set(ranges) & set(_per_tick_calls(tmp_path))
