@@ -10,7 +10,8 @@
 - ``telemetry_us_p50``: the median of each telemetry read that is not per GPU and tick
   (GPU 0): the XID event wait with a zero timeout (once per tick for all GPUs), and the
   slow reads (violation counters, ECC counts, remapped rows, memory temperature through
-  field values, memory clock, performance state, fan count), or the NVML error it answered;
+  field values, memory clock, performance state, fan count, and the power-limit range and
+  default limit, read again every 10 s), or the NVML error it answered;
 - ``adapter_us_per_gpu``: p50/p99 of ``NvmlBackend.read()`` divided by the GPU count
   (the slow reads fall due once at the start, then every 10/30 s, so they barely show);
 - ``ratio_p50``: adapter p50 per GPU over the mean raw p50 per GPU.
@@ -84,6 +85,8 @@ def telemetry_reads(nvml: Any, handle: Any, event_set: Any) -> list[tuple[str, C
         ("memory_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_MEM)),
         ("pstate", lambda: nvml.nvmlDeviceGetPerformanceState(handle)),
         ("fan_count", lambda: nvml.nvmlDeviceGetNumFans(handle)),
+        ("power_limit_constraints", lambda: nvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)),
+        ("power_limit_default", lambda: nvml.nvmlDeviceGetPowerManagementDefaultLimit(handle)),
     ]
     return reads
 

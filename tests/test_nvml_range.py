@@ -8,6 +8,7 @@ adapter's GPUs, so the rules clamp to a range that moved and the metrics show it
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,13 @@ def power_range(backend: NvmlBackend) -> tuple[float | None, float | None, float
     return info.power_limit_min_w, info.power_limit_max_w, info.power_limit_default_w
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    """The captured log entries of event ``name``."""
     return [e for e in logs if e["event"] == name]
 
 
 def set_range(card: FakeGpu, min_mw: int, max_mw: int, default_mw: int) -> None:
+    """Give ``card`` a new range and default (mW), as NVML would report them from now on."""
     card.limit_min_mw, card.limit_max_mw, card.limit_default_mw = min_mw, max_mw, default_mw
 
 

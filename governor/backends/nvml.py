@@ -45,11 +45,11 @@ Robustness, by kind of error (the table in ``_nvml_errors``):
   :class:`~governor.model.GpuInfo` (``nvml_power_range_changed``, old and new values), which the
   core follows, so the rules clamp to it and the metrics show it. A read that fails in a way
   that may pass keeps the last value; NotSupported is None (asked again after
-  ``unsupported_reprobe_s``); a lost GPU reads LOST. A range that fails
-  :func:`~governor.model.checked_power_range` (min above max, a bound at or below 0 W or absurd,
-  a maximum over 4x the default, a default outside the range) is refused: the last good range
-  and default stay, logged once (``nvml_power_range_refused``) until a good one is read; a GPU
-  with no good range yet gets what passes, as at open (``nvml_value_implausible``).
+  ``unsupported_reprobe_s``); a lost GPU reads LOST. A part that fails
+  :func:`~governor.model.checked_power_range` (a range with min above max, a bound at or below
+  0 W or absurd, a maximum over 4x the default; a default outside the range) keeps its last good
+  value (:func:`~governor.model.refreshed_power_range`), logged once (``nvml_power_range_refused``)
+  until a read passes; without one it is None, as at open (``nvml_value_implausible``).
 - A GPU that cannot be opened at start (its handle or UUID read fails: a timeout, a GPU still
   initialising) is skipped (``nvml_gpu_skipped``, once per index). Every ``limit_refresh_s``
   the adapter counts the GPUs again and opens each index not open yet, as at start: a GPU
