@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from governor.backends import BackendUnavailable
 from governor.backends.nvml import NvmlBackend
@@ -344,3 +345,20 @@ def test_static_facts_read_again_on_a_real_gpu() -> None:
         assert st.info_due_s == float("inf")  # complete: not read again
     finally:
         fresh.close()
+
+
+def test_power_range_read_again_on_a_real_gpu(backend: NvmlBackend) -> None:
+    """On real NVML, the power-limit range and default read again (as every telemetry_refresh_s) are those read
+    at open: the same GpuInfo objects are handed out, no change or refusal is logged, nothing is written."""
+    first = backend.gpus()
+    for st in backend._states:
+        st.range_due_s = 0.0  # due now
+    with capture_logs() as logs:
+        backend.read()
+    again = backend.gpus()
+    report(
+        "range read again", ranges=[(g.power_limit_min_w, g.power_limit_max_w, g.power_limit_default_w) for g in again]
+    )
+    assert again is first
+    assert [e["event"] for e in logs if e["event"].startswith("nvml_power_range")] == []
+    assert all(st.range_due_s > 0.0 for st in backend._states)  # next at the slow cadence
