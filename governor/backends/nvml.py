@@ -383,7 +383,7 @@ class NvmlBackend:
     # ----------------------------------------------------------------- Backend
 
     def gpus(self) -> tuple[GpuInfo, ...]:
-        """Static facts of every GPU NVML could open, in NVML index order."""
+        """Facts of every GPU NVML could open, in NVML index order; a new tuple when a power-limit range changed."""
         return self._infos
 
     def read(self) -> Snapshot:
