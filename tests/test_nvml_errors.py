@@ -64,6 +64,7 @@ READ_BEHAVIOUR = {
     Kind.MISSING_CALL: (GpuHealth.OK, True),
     Kind.TRANSIENT: (GpuHealth.OK, True),
     Kind.TIMEOUT: (GpuHealth.OK, True),
+    Kind.NOT_FOUND: (GpuHealth.OK, True),
     Kind.LOST: (GpuHealth.LOST, False),
 }
 
@@ -101,6 +102,7 @@ SET_BEHAVIOUR: dict[Kind, type[BackendError]] = {
     Kind.MISSING_CALL: SetLimitFailed,
     Kind.TRANSIENT: SetLimitFailed,
     Kind.TIMEOUT: SetLimitFailed,
+    Kind.NOT_FOUND: SetLimitFailed,
 }
 
 

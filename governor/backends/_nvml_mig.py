@@ -52,7 +52,6 @@ log = structlog.get_logger("governor.nvml")
 
 MIG_ENABLE: Final = 1  # NVML_DEVICE_MIG_ENABLE
 MIG_DISABLE: Final = 0  # NVML_DEVICE_MIG_DISABLE
-NOT_FOUND: Final = 6  # NVML_ERROR_NOT_FOUND, when the bindings lack the constant
 MAX_MIG_DEVICES: Final = 64
 """No GPU has more MIG devices than this (an H100 has at most 7): a larger count is a broken answer."""
 
@@ -91,10 +90,14 @@ class MigState:
         enabled = current == MIG_ENABLE if current in (MIG_ENABLE, MIG_DISABLE) else None
         if enabled != self.enabled:
             if enabled or self.enabled is not None:
-                log.info("nvml_mig_mode_changed", gpu=gpu, uuid=uuid, enabled=enabled, was=self.enabled)
+                log.info("nvml_mig_mode_changed", gpu=gpu, uuid=uuid, mode=_mode(enabled), was=_mode(self.enabled))
             self.enabled = enabled
             self.devices, self.listed, self.unmatched, self.fallback = (), None, frozenset(), None
         self.stale = True
+
+
+def _mode(enabled: bool | None) -> str:
+    return "unknown" if enabled is None else "enabled" if enabled else "disabled"
 
 
 class MigReader:
@@ -104,7 +107,7 @@ class MigReader:
     ``compute`` the reads of one MIG device's memory info and compute processes, ``lister``
     the backend's process lister (process names)."""
 
-    __slots__ = ("_call", "_compute", "_lister", "_memory", "_not_found", "_nvml")
+    __slots__ = ("_call", "_compute", "_lister", "_memory", "_nvml")
 
     def __init__(self, nvml: Any, call: NvmlCaller, memory: Read, compute: Read, lister: ProcessLister) -> None:
         self._nvml = nvml
@@ -112,7 +115,6 @@ class MigReader:
         self._memory = memory
         self._compute = compute
         self._lister = lister
-        self._not_found = int(getattr(nvml, "NVML_ERROR_NOT_FOUND", NOT_FOUND))
 
     def read(
         self, gpu: int, uuid: str, handle: Any, mig: MigState, parent: tuple[ProcessReading, ...] | None
@@ -177,7 +179,7 @@ class MigReader:
             try:
                 mig_handle = call(by_index, handle, index)
             except NvmlFailure as exc:
-                if exc.code == self._not_found:
+                if exc.kind is Kind.NOT_FOUND:
                     continue  # no MIG device at this index
                 raise
             devices.append((index, text(call(uuid_of, mig_handle)), mig_handle))
