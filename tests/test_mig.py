@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import MutableMapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import generate_latest
 from structlog.testing import capture_logs
@@ -201,7 +203,7 @@ class TestResume:
             assert isinstance(problem, str) and "mig_instances" in problem
 
 
-def mig_daemon(tmp_path: Path, gpu: FakeGpu, seconds: int = 3) -> tuple[str, list[dict[str, object]]]:
+def mig_daemon(tmp_path: Path, gpu: FakeGpu, seconds: int = 3) -> tuple[str, list[MutableMapping[str, Any]]]:
     """The scrape and the log events of a daemon on one fake GPU after ``seconds`` one-second ticks."""
     clock = VirtualClock()
     backend = NvmlBackend(clock, nvml=FakeNvml([gpu]), proc_root=tmp_path)

@@ -7,6 +7,7 @@ validated against tests/fake_pynvml.py only.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -71,7 +72,7 @@ def used(reading: GpuReading) -> dict[int, int | None]:
     return {p.pid: p.used_memory_bytes for p in reading.processes}
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == name]
 
 
