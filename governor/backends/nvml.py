@@ -19,7 +19,17 @@ directly.
 Helpers: :mod:`governor.backends._nvml_errors` (the one call wrapper and the table that
 classifies every NVML error as unsupported, denied, lost, fatal, no driver, missing
 call or transient), :mod:`governor.backends._nvml_probe` (which version of each call
-this driver has) and :mod:`governor.backends._nvml_procs` (process listing).
+this driver has), :mod:`governor.backends._nvml_procs` (process listing) and
+:mod:`governor.backends._nvml_mig` (MIG).
+
+MIG (Multi-Instance GPU): the MIG mode is a slow read (first tick, then every
+``telemetry_refresh_s``); a GPU not in MIG mode makes the same per-tick calls as before. On a
+GPU in MIG mode each MIG device's memory and compute processes are read every tick (two calls
+per instance), so processes get the bytes of the instance they run in and memory pressure is
+judged per instance (``GpuReading.mig_instances``); power, temperature and limits stay the
+physical GPU's. The MIG devices are listed at the slow cadence and at once when the layout
+changed; when the per-instance reads fail, the GPU reads as before (the parent's memory and
+processes), said once. Validated against the fake NVML of the tests only.
 
 Telemetry (:mod:`governor.backends._nvml_telemetry`): each tick adds the clock event
 seconds from the reasons it reads anyway; NVML's violation counters (about 1 ms each on
