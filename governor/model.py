@@ -191,7 +191,9 @@ class MigInstanceReading:
     ``index`` is its MIG device index under the parent GPU (NVML's
     nvmlDeviceGetMigDeviceHandleByIndex); ``memory_used_bytes``/``memory_total_bytes`` are the
     instance's own VRAM (None when NVML could not give them: never 0); ``processes`` the compute
-    processes running in it, each with the bytes it uses in this instance (None when NVML cannot say).
+    processes running in it, each with the bytes it uses in this instance (None when NVML cannot say);
+    ``gpu_instance_id`` the GPU instance it is a compute instance of (the MIG devices of one GPU
+    instance share its memory; None when NVML cannot say).
     """
 
     uuid: str
@@ -199,6 +201,7 @@ class MigInstanceReading:
     memory_used_bytes: int | None = None
     memory_total_bytes: int | None = None
     processes: tuple[ProcessReading, ...] = ()
+    gpu_instance_id: int | None = None
 
 
 CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (

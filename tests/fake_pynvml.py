@@ -36,8 +36,8 @@ Knobs:
   slot, which nvmlDeviceGetMigDeviceHandleByIndex answers NOT_FOUND), up to
   ``max_mig_devices`` (what nvmlDeviceGetMaxMigDeviceCount answers in MIG mode; 0 otherwise).
   A :class:`FakeMig` answers the per-device calls on its handle (UUID, memory info, compute
-  processes, each counted in ``calls`` and in ``mig_calls``) with its own memory and processes,
-  and raises what its ``errors`` name. A handle whose slot is emptied (an instance destroyed)
+  processes, GPU instance id, each counted in ``calls`` and in ``mig_calls``) with its own memory
+  and processes, and raises what its ``errors`` name. A handle whose slot is emptied (an instance destroyed)
   answers ``FakeNvml.stale_mig_error`` (INVALID_ARGUMENT by default); a slot filled again
   answers for the new instance (NVML reuses handles). In MIG mode the parent's compute list
   also lists every instance's processes with ``usedGpuMemory`` None (NVML's aggregate, whose
@@ -212,6 +212,7 @@ class FakeMig(FakeGpu):
     uuid: str = "MIG-00000000-0000-0000-0000-000000000000"
     memory_total: int = 20_937_965_568  # a 2g.20gb instance of an H100
     memory_used: int = 0
+    gpu_instance_id: int | None = None  # nvmlDeviceGetGpuInstanceId; None: NotSupported
 
 
 @dataclass(frozen=True)
@@ -601,6 +602,14 @@ class FakeNvml:
         if gpu.mig_mode is None or isinstance(handle, FakeMigHandle):
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         return [gpu.mig_mode, gpu.mig_mode if gpu.mig_pending is None else gpu.mig_pending]
+
+    def nvmlDeviceGetGpuInstanceId(self, handle: FakeHandle) -> int:
+        gpu = self._gpu("nvmlDeviceGetGpuInstanceId", handle)
+        if not isinstance(gpu, FakeMig):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)  # not a MIG device handle
+        if gpu.gpu_instance_id is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.gpu_instance_id
 
     def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeHandle) -> int:
         gpu = self._gpu("nvmlDeviceGetMaxMigDeviceCount", handle)

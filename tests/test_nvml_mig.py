@@ -168,6 +168,21 @@ class TestInstances:
         )
         assert used(tick(backend, clock)) == {11: 5 * GiB}
 
+    def test_compute_instances_of_one_gpu_instance_count_a_process_once(self) -> None:
+        """Two MIG devices of one GPU instance (sharing its memory) both listing a process count it once, at
+        the most either says; across GPU instances its bytes add up."""
+        backend, _, clock = make(
+            mig_gpu(
+                FakeMig(uuid=MIG_A, gpu_instance_id=1, compute=[(11, 3 * GiB)]),
+                FakeMig(uuid=MIG_B, gpu_instance_id=1, compute=[(11, 2 * GiB)]),
+                FakeMig(uuid=MIG_C, gpu_instance_id=2, compute=[(11, GiB)]),
+            )
+        )
+        reading = tick(backend, clock)
+        assert used(reading) == {11: 4 * GiB}
+        assert reading.mig_instances is not None
+        assert [i.gpu_instance_id for i in reading.mig_instances] == [1, 1, 2]
+
     def test_an_unknown_share_makes_the_sum_unknown(self) -> None:
         """A process whose bytes one instance cannot say has an unknown use, never a partial sum."""
         backend, _, clock = make(
@@ -212,6 +227,7 @@ class TestInstances:
             tick(backend, clock)
         assert set(fake.mig_calls) == {
             "nvmlDeviceGetUUID",
+            "nvmlDeviceGetGpuInstanceId",
             "nvmlDeviceGetMemoryInfo_v2",
             "nvmlDeviceGetComputeRunningProcesses_v3",
         }

@@ -23,7 +23,9 @@ Cadence (the per-tick reads of a GPU not in MIG mode do not change):
 - every tick, for each MIG device: its memory info and its compute processes.
 
 A process in several instances of one GPU gets the sum of its bytes there (unknown when any of
-them is unknown); a process the parent lists but no instance does keeps the parent's entry.
+them is unknown); MIG devices of one GPU instance (compute instances sharing its memory, named
+by nvmlDeviceGetGpuInstanceId when the devices are listed) count a process once, at the most
+any of them says. A process the parent lists but no instance does keeps the parent's entry.
 
 When the per-instance reads fail (the listing or a read fails again after listing anew, a
 driver or nvidia-ml-py without the MIG calls, NVML refusing MIG device handles), the GPU reads
@@ -55,8 +57,8 @@ MIG_DISABLE: Final = 0  # NVML_DEVICE_MIG_DISABLE
 MAX_MIG_DEVICES: Final = 64
 """No GPU has more MIG devices than this (an H100 has at most 7): a larger count is a broken answer."""
 
-Device = tuple[int, str, Any]
-"""(MIG device index, its UUID, its NVML handle)."""
+Device = tuple[int, str, Any, int | None]
+"""(MIG device index, its UUID, its NVML handle, its GPU instance id; None: unknown)."""
 
 
 class MigState:
@@ -182,8 +184,8 @@ class MigReader:
                 if exc.kind is Kind.NOT_FOUND:
                     continue  # no MIG device at this index
                 raise
-            devices.append((index, text(call(uuid_of, mig_handle)), mig_handle))
-        uuids = tuple(u for _, u, _ in devices)
+            devices.append((index, text(call(uuid_of, mig_handle)), mig_handle, self._gpu_instance(mig_handle)))
+        uuids = tuple(d[1] for d in devices)
         if len(set(uuids)) != len(uuids):
             raise NvmlFailure(Kind.TRANSIENT, f"two MIG devices answer the same UUID: {', '.join(uuids)}")
         mig.devices, mig.stale = tuple(devices), False
@@ -191,9 +193,17 @@ class MigReader:
             mig.listed = uuids
             log.info("nvml_mig_instances_changed", gpu=gpu, uuid=uuid, count=len(uuids), instances=list(uuids))
 
+    def _gpu_instance(self, handle: Any) -> int | None:
+        """The GPU instance id of a MIG device; None when NVML cannot say (its memory is then its own)."""
+        try:
+            gi = self._call(self._fn("nvmlDeviceGetGpuInstanceId"), handle)
+        except NvmlFailure:
+            return None
+        return gi if isinstance(gi, int) and not isinstance(gi, bool) and 0 <= gi < MAX_MIG_DEVICES else None
+
     def _instance(self, device: Device) -> MigInstanceReading:
         """One MIG device's memory and compute processes; raises NvmlFailure."""
-        index, uuid, handle = device
+        index, uuid, handle, gi = device
         call = self._call
         memory = call(self._memory, handle)
         compute = call(self._compute, handle)
@@ -206,23 +216,33 @@ class MigReader:
             memory_used_bytes=used,
             memory_total_bytes=total,
             processes=() if processes is None else processes,
+            gpu_instance_id=gi,
         )
 
 
 def _merged(
     instances: tuple[MigInstanceReading, ...], parent: tuple[ProcessReading, ...] | None
 ) -> tuple[tuple[ProcessReading, ...], frozenset[int]]:
-    """The GPU's processes: each pid once, its bytes summed over the instances it runs in (None when
-    any is None), then the parent's entries for pids no instance lists; and those pids."""
-    by_pid: dict[int, ProcessReading] = {}
+    """The GPU's processes: each pid once, its bytes summed over the GPU instances it runs in (None when
+    any is None; MIG devices of one GPU instance count once, at their most), then the parent's entries
+    for pids no instance lists; and those pids."""
+    shares: dict[int, dict[object, int | None]] = {}  # pid -> GPU instance (or MIG UUID) -> bytes
+    first: dict[int, ProcessReading] = {}
     for instance in instances:
+        key = instance.uuid if instance.gpu_instance_id is None else instance.gpu_instance_id
         for process in instance.processes:
-            known = by_pid.get(process.pid)
-            if known is None:
-                by_pid[process.pid] = process
-                continue
-            a, b = known.used_memory_bytes, process.used_memory_bytes
-            by_pid[process.pid] = replace(known, used_memory_bytes=None if a is None or b is None else a + b)
+            first.setdefault(process.pid, process)
+            by_key = shares.setdefault(process.pid, {})
+            b = process.used_memory_bytes
+            if key in by_key:
+                a = by_key[key]
+                b = None if a is None or b is None else max(a, b)
+            by_key[key] = b
+    by_pid: dict[int, ProcessReading] = {}
+    for pid, process in first.items():
+        values = shares[pid].values()
+        total = None if None in values else sum(v for v in values if v is not None)
+        by_pid[pid] = process if process.used_memory_bytes == total else replace(process, used_memory_bytes=total)
     unmatched = []
     for process in parent or ():
         if process.pid not in by_pid:
