@@ -140,6 +140,25 @@ class TestMode:
         (changed,) = events(logs, "nvml_mig_mode_changed")
         assert (changed["mode"], changed["was"]) == ("enabled", "disabled")
 
+    def test_mig_disabled_at_runtime_drops_the_instances(self) -> None:
+        """A GPU taken out of MIG mode reads as a whole GPU again from the next slow read, logged once."""
+        gpu = mig_gpu(FakeMig(uuid=MIG_A, compute=[(11, GiB)]), compute=[(11, 5 * GiB)])
+        backend, _, clock = make(gpu)
+        assert tick(backend, clock).mig_instances is not None
+        gpu.mig_mode = 0
+        with capture_logs() as logs:
+            reading = tick(backend, clock, 10.0)
+        assert (reading.mig_enabled, reading.mig_instances) == (False, None)
+        assert used(reading) == {11: 5 * GiB}  # the whole GPU's listing, as on any GPU not in MIG mode
+        assert [(e["mode"], e["was"]) for e in events(logs, "nvml_mig_mode_changed")] == [("disabled", "enabled")]
+
+    def test_a_mode_no_nvml_defines_is_unknown(self) -> None:
+        """A current mode that is neither disabled (0) nor enabled (1) is unknown (None), not "disabled"."""
+        backend, fake, clock = make(FakeGpu(uuid=UUID, mig_mode=7, mig_devices=[FakeMig(uuid=MIG_A)]))
+        reading = tick(backend, clock)
+        assert (reading.mig_enabled, reading.mig_instances) == (None, None)
+        assert fake.calls["nvmlDeviceGetMaxMigDeviceCount"] == 0
+
 
 class TestInstances:
     def test_processes_get_their_instances_used_bytes(self) -> None:

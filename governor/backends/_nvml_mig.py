@@ -83,6 +83,7 @@ class MigState:
     def store_mode(self, gpu: int, uuid: str, raw: Any) -> None:
         """Keep a read of nvmlDeviceGetMigMode (``[current, pending]``; None when it failed: the mode
         read before is kept). A GPU in MIG mode has its devices listed again (the slow cadence)."""
+        self.stale = True
         if raw is None:
             return
         try:
@@ -95,7 +96,6 @@ class MigState:
                 log.info("nvml_mig_mode_changed", gpu=gpu, uuid=uuid, mode=_mode(enabled), was=_mode(self.enabled))
             self.enabled = enabled
             self.devices, self.listed, self.unmatched, self.fallback = (), None, frozenset(), None
-        self.stale = True
 
 
 def _mode(enabled: bool | None) -> str:
