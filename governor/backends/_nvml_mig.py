@@ -20,7 +20,10 @@ Cadence (the per-tick reads of a GPU not in MIG mode do not change):
   changed: a read on a MIG device fails (an instance destroyed: NVML's handle is no longer
   valid, and it may be reused), or the parent lists a process no instance lists (an instance
   created since the last listing). At most once per tick.
-- every tick, for each MIG device: its memory info and its compute processes.
+- every tick, for each MIG device: its memory info and its compute processes. An instance
+  destroyed and another created at the same index between two listings (NVML may hand out
+  the same handle) is read right, memory and processes from the same handle, but keeps the old
+  UUID until the next listing (at most ``telemetry_refresh_s``): its UUID is not read per tick.
 
 A process in several instances of one GPU gets the sum of its bytes there (unknown when any of
 them is unknown); MIG devices of one GPU instance (compute instances sharing its memory, named
