@@ -5,7 +5,8 @@
 - ``raw_us``: per GPU, p50/p99 microseconds of exactly the NVML reads NvmlBackend makes
   each tick (``governor.backends._nvml_probe.PER_TICK_FIELDS``: temperature V, power,
   enforced limit, memory v2, utilisation, clock event reasons, SM clock, compute and
-  graphics processes v3), in a tight loop;
+  graphics processes v3), in a tight loop (a GPU in MIG mode adds the memory info and compute
+  processes of each MIG instance: not measured, no GPU here runs MIG);
 - ``per_read_us_p50``: the median of each of those reads alone (GPU 0);
 - ``telemetry_us_p50``: the median of each telemetry read that is not per GPU and tick
   (GPU 0): the XID event wait with a zero timeout (once per tick for all GPUs), and the

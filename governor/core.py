@@ -49,7 +49,7 @@ from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.budget import BudgetState, apply_budget
 from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate, rearm_drift, wanted_w
-from governor.rules.vram import under_pressure
+from governor.rules.vram import mig_pressure, under_pressure
 from governor.safefile import check_private_dir
 from governor.state import OriginalLimits
 from governor.units import UnitManager
@@ -70,9 +70,10 @@ own control runs them): every tick of a GPU in ``auto`` mode, built once."""
 class GpuTick:
     """One GPU as a tick left it: its reading (None when the snapshot has none), zone and
     ladder position, the limit the ladder wants (W), why it is monitor-only, per-class VRAM
-    use, how many of its processes no class matched, whether its memory is under pressure,
-    its process rows (when per-process metrics are on) and whether its original limit is
-    saved (False: left alone until it is; None: nothing to save yet)."""
+    use, how many of its processes no class matched, whether its memory is under pressure
+    (in MIG mode: any of its instances', ``mig_pressure`` naming them by UUID), its process rows
+    (when per-process metrics are on) and whether its original limit is saved (False: left alone
+    until it is; None: nothing to save yet)."""
 
     info: GpuInfo
     reading: GpuReading | None
@@ -89,6 +90,7 @@ class GpuTick:
     original_limit_saved: bool | None
     model: ThermalModelStatus | None = None
     fan: FanStatus = field(default_factory=FanStatus)
+    mig_pressure: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +543,7 @@ class Governor:
                     original_limit_saved=self._original_limit_saved(uuid),
                     model=_model_status(state) if plan.policy.power.target_mode else None,
                     fan=fan_status(plan, state, fans_off),
+                    mig_pressure=_mig_pressure(reading, vram),
                 )
             )
         return tuple(ticks)
@@ -703,3 +706,10 @@ def status_line(report: TickReport | None, waiting_reason: str | None = None) ->
         parts.append(f"gpu{reading.index} {temp} {zones.get(reading.uuid, ThermalZone.UNKNOWN).value} {limit}")
     prefix = "dry-run; " if report.config.dry_run else ""
     return f"{prefix}governing {len(report.snapshot.gpus)} GPU(s): " + ", ".join(parts)
+
+
+def _mig_pressure(reading: GpuReading | None, vram: VramPolicy) -> tuple[str, ...]:
+    """The UUIDs of the reading's MIG instances under memory pressure (none for a GPU not read per instance)."""
+    if reading is None or not reading.mig_instances:
+        return ()
+    return tuple(i.uuid for i in mig_pressure(reading, vram))

@@ -83,6 +83,10 @@ MESSAGES: dict[str, str] = {
     "gpu_recovered": _GPU + " answers again (health {health})",
     "memory_pressure_began": _GPU + " VRAM pressure began: {used_bytes:size} used of {total_bytes:size}",
     "memory_pressure_ended": _GPU + " VRAM pressure ended: {used_bytes:size} used of {total_bytes:size}",
+    "mig_memory_pressure_began": _GPU + " MIG instance {instance} VRAM pressure began: "
+    "{used_bytes:size} used of {total_bytes:size}",
+    "mig_memory_pressure_ended": _GPU + " MIG instance {instance} VRAM pressure ended: "
+    "{used_bytes:size} used of {total_bytes:size}",
     "gpu_xid_error": _GPU + " reported XID error {xid}",
     # --- saved original limits ------------------------------------------------------------
     "state_unreadable": "The saved original limits could not be read: {detail}; moved to {moved_to}; {effect}",
@@ -160,6 +164,11 @@ MESSAGES: dict[str, str] = {
     "nvml_value_implausible": _GPU + " reported what no GPU can have ({dropped}): not used",
     "nvml_version_fallback": "NVML {read}: {skipped} is missing in this driver, using an older call ({reason})",
     "nvml_shutdown_failed": "NVML shutdown failed ({kind}): {reason}",
+    "nvml_mig_mode_changed": _GPU + " MIG mode {mode} (was {was})",
+    "nvml_mig_instances_changed": _GPU + " has {count} MIG instance(s): {instances}",
+    "nvml_mig_fallback": _GPU + " in MIG mode: the per-instance reads failed ({reason}); {effect}",
+    "nvml_mig_recovered": _GPU + " in MIG mode: the per-instance reads work again ({instances} instance(s)); "
+    "memory pressure is judged per instance",
     # --- the log itself -------------------------------------------------------------------
     "journal_send_failed": "The journal refused a native entry ({error}): this and later events go as lines "
     "until it accepts one again",

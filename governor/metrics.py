@@ -65,6 +65,7 @@ class GovernorCollector(Collector):
         yield from _vram_metrics(state)
         yield from _unit_metrics(state)
         yield from _model_metrics(state)
+        yield from _mig_metrics(state)
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
@@ -186,6 +187,9 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
         "mem_used": _gauge("gpu_memory_used_bytes", "VRAM in use."),
         "mem_total": _gauge("gpu_memory_total_bytes", "VRAM in total."),
         "util": _gauge("gpu_utilization_ratio", "GPU busy ratio, 0-1."),
+        "mig": _gauge(
+            "gpu_mig_mode", "1 while the GPU is in MIG mode, 0 while not (absent: unknown, or a GPU without MIG)."
+        ),
         "energy": CounterMetricFamily(
             f"{PREFIX}_gpu_energy_joules", "Energy used since driver load.", labels=GPU_LABELS
         ),
@@ -284,6 +288,8 @@ def _gpu_metrics(state: PublishedState) -> Iterator[Metric]:
                 families[key].add_metric(labels, float(value))
         if reading.memory_total_bytes is not None and info.memory_total_bytes is None:
             families["mem_total"].add_metric(labels, float(reading.memory_total_bytes))
+        if reading.mig_enabled is not None:
+            families["mig"].add_metric(labels, 1.0 if reading.mig_enabled else 0.0)
         if reading.clock_event_reasons is not None:
             for bit, name in CLOCK_EVENT_REASONS:
                 families["reasons"].add_metric([*labels, name], 1.0 if reading.clock_event_reasons & bit else 0.0)
@@ -442,6 +448,32 @@ LABEL_MAX_CHARS = 64
 """Process names in labels are escaped and cut to this length (they are chosen by the process)."""
 
 
+MIG_LABELS = [*GPU_LABELS, "mig_uuid"]
+
+
+def _mig_metrics(state: PublishedState) -> Iterator[Metric]:
+    """Each MIG instance's memory and memory pressure, for GPUs in MIG mode read per instance (absent
+    otherwise, and a value NVML did not give is absent, never 0)."""
+    used = _gauge("mig_instance_memory_used_bytes", "VRAM in use in a MIG instance.", MIG_LABELS)
+    total = _gauge("mig_instance_memory_total_bytes", "VRAM of a MIG instance in total.", MIG_LABELS)
+    pressure = _gauge(
+        "mig_instance_memory_pressure",
+        "1 when a MIG instance's free VRAM is below the reserve or its use above the threshold.",
+        MIG_LABELS,
+    )
+    pressed = {g.info.uuid: g.mig_pressure for g in state.gpus}
+    for reading in () if state.snapshot is None else state.snapshot.gpus:
+        for instance in reading.mig_instances or ():
+            labels = [str(reading.index), reading.uuid, instance.uuid]
+            if instance.memory_used_bytes is not None:
+                used.add_metric(labels, float(instance.memory_used_bytes))
+            if instance.memory_total_bytes is not None:
+                total.add_metric(labels, float(instance.memory_total_bytes))
+            if instance.memory_used_bytes is not None and instance.memory_total_bytes:
+                pressure.add_metric(labels, 1.0 if instance.uuid in pressed.get(reading.uuid, ()) else 0.0)
+    yield from (used, total, pressure)
+
+
 def _label(text: str) -> str:
     return escape(text)[:LABEL_MAX_CHARS]
 
@@ -498,7 +530,10 @@ def _vram_metrics(state: PublishedState) -> Iterator[Metric]:
         "unclassified_processes", "Processes on a GPU that matched no class (absent while its processes are unread)."
     )
     reserve = _gauge("gpu_vram_reserve_bytes", "Free VRAM the governor keeps in reserve on a GPU.")
-    pressure = _gauge("gpu_memory_pressure", "1 when free VRAM is below the reserve or use above the threshold.")
+    pressure = _gauge(
+        "gpu_memory_pressure",
+        "1 when free VRAM is below the reserve or use above the threshold (in MIG mode: in any MIG instance).",
+    )
     per_process = _gauge(
         "process_vram_used_bytes",
         "VRAM of one process (only when [vram] per_process_metrics = true).",

@@ -218,6 +218,27 @@ class ProcessReading:
     name: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class MigInstanceReading:
+    """One MIG device of a GPU in MIG mode (a compute instance, named by its own ``MIG-`` UUID), as
+    the backend read it in this tick.
+
+    ``index`` is its MIG device index under the parent GPU (NVML's
+    nvmlDeviceGetMigDeviceHandleByIndex); ``memory_used_bytes``/``memory_total_bytes`` are the
+    instance's own VRAM (None when NVML could not give them: never 0); ``processes`` the compute
+    processes running in it, each with the bytes it uses in this instance (None when NVML cannot say);
+    ``gpu_instance_id`` the GPU instance it is a compute instance of (the MIG devices of one GPU
+    instance share its memory; None when NVML cannot say).
+    """
+
+    uuid: str
+    index: int
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    processes: tuple[ProcessReading, ...] = ()
+    gpu_instance_id: int | None = None
+
+
 CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
     (0x1, "gpu_idle"),
     (0x2, "applications_clocks_setting"),
@@ -270,6 +291,15 @@ class GpuReading:
     (``health`` is then ``LOST`` or ``DEGRADED``). ``clock_event_s`` is the cumulative seconds each clock event
     reason (a name of :data:`CLOCK_EVENT_REASONS`) was active; ``telemetry`` the slow and
     rarely changing rest (:class:`GpuTelemetry`).
+
+    MIG (Multi-Instance GPU): ``mig_enabled`` is the GPU's current MIG mode (read on a slow
+    cadence; None when unknown or the GPU has no MIG). ``mig_instances`` holds each MIG device's
+    memory and processes when the GPU is in MIG mode and they could be read this tick; then
+    ``processes`` lists each process once with its bytes summed over the instances of this GPU it
+    runs in, and memory pressure is judged per instance (:mod:`governor.rules.vram`). None: not in
+    MIG mode, or the per-instance reads failed (then memory and processes are the parent device's,
+    as without MIG support). ``memory_used_bytes``/``memory_total_bytes`` stay the parent's
+    (in MIG mode NVML gives the aggregate there, or nothing).
     """
 
     index: int
@@ -289,6 +319,8 @@ class GpuReading:
     health: GpuHealth = GpuHealth.OK
     error: str | None = None
     telemetry: GpuTelemetry | None = None  # None: the backend gives none
+    mig_enabled: bool | None = None  # current MIG mode; None: unknown, or no MIG on this GPU
+    mig_instances: tuple[MigInstanceReading, ...] | None = None  # None: not in MIG mode, or not read
 
 
 @fast_init
@@ -479,6 +511,7 @@ class GpuStatus:
     last_vram: DecisionRecord | None = None  # the last decision about a process's VRAM
     model: ThermalModelStatus | None = None  # target mode's online thermal model
     fan: FanStatus = FanStatus()
+    mig_pressure: tuple[str, ...] = ()  # UUIDs of the GPU's MIG instances under memory pressure
 
 
 @dataclass(frozen=True, slots=True)

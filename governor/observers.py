@@ -118,6 +118,7 @@ class DecisionLog:
         self.log = log
         self._health: dict[str, GpuHealth] = {}
         self._pressure: dict[str, bool] = {}
+        self._mig_pressure: dict[str, frozenset[str]] = {}  # GPU UUID -> its MIG instances under pressure (logged)
         self._indexes: dict[str, int] = {}
         self._hands_off: set[str] = set()
         self._monitor_only: set[str] = set()
@@ -202,6 +203,7 @@ class DecisionLog:
             self._transitions(report)
             self._fan_transitions(report)
             log_xid_errors(self.log, self._xids, report)
+            log_mig_pressure(self.log, self._mig_pressure, report)
         for result in report.results:
             self._decision(report, result)
         self._state_store(report)
@@ -247,8 +249,13 @@ class DecisionLog:
                     self.log.error("gpu_lost", gpu=r.index, uuid=r.uuid, reason="the GPU stopped answering")
                 elif was is GpuHealth.LOST:
                     self.log.warning("gpu_recovered", gpu=r.index, uuid=r.uuid, health=health.value)
-            if health is GpuHealth.LOST or r.memory_used_bytes is None or not vram.enabled:
-                continue  # no reading: pressure is neither begun nor ended
+            if (
+                health is GpuHealth.LOST
+                or r.memory_used_bytes is None
+                or not vram.enabled
+                or r.mig_instances is not None
+            ):
+                continue  # no reading: pressure is neither begun nor ended (MIG instances: log_mig_pressure)
             pressure = bool(pressures.get(r.uuid))
             if pressure != self._pressure.get(r.uuid, False):
                 self._pressure[r.uuid] = pressure
@@ -487,6 +494,32 @@ def log_fan_decision(log: Any, result: ActionResult) -> None:
         log.warning("fan_not_following", **fields)
     else:
         log.info(EVENT_NAMES.get(d.rule, "fan_speed_set"), **fields)
+
+
+def log_mig_pressure(log: Any, seen_by_gpu: dict[str, frozenset[str]], report: TickReport) -> None:
+    """One warning when memory pressure begins or ends in a MIG instance (GPUs read per instance only;
+    ``seen_by_gpu``: the instances already logged as under pressure, per GPU UUID, kept here)."""
+    assert report.snapshot is not None
+    if not report.config.vram.enabled:
+        return
+    pressed = {g.info.uuid: g.mig_pressure for g in report.gpus}
+    for r in report.snapshot.gpus:
+        if not r.mig_instances:
+            continue  # not read per instance this tick: pressure is neither begun nor ended
+        now, before = frozenset(pressed.get(r.uuid, ())), seen_by_gpu.get(r.uuid, frozenset())
+        if now == before:
+            continue
+        seen_by_gpu[r.uuid] = now
+        for i in r.mig_instances:
+            if (i.uuid in now) != (i.uuid in before):
+                log.warning(
+                    "mig_memory_pressure_began" if i.uuid in now else "mig_memory_pressure_ended",
+                    gpu=r.index,
+                    uuid=r.uuid,
+                    instance=i.uuid,
+                    used_bytes=i.memory_used_bytes,
+                    total_bytes=i.memory_total_bytes,
+                )
 
 
 def log_xid_errors(log: Any, seen_by_gpu: dict[str, dict[int, int]], report: TickReport) -> None:
@@ -763,6 +796,7 @@ class Telemetry:
                     last_vram=self._last_vram.get(uuid),
                     model=g.model,
                     fan=g.fan,
+                    mig_pressure=g.mig_pressure,
                 )
             )
         vram = config.vram

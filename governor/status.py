@@ -86,6 +86,16 @@ class StoppedUnitRow:
 
 
 @dataclass
+class MigRow:
+    """One MIG instance of a GPU in MIG mode: its memory (bytes) and whether it is under memory pressure."""
+
+    uuid: str
+    memory_used_bytes: float | None = None
+    memory_total_bytes: float | None = None
+    memory_pressure: bool | None = None
+
+
+@dataclass
 class GpuRow:
     """What status shows for one GPU; every missing value is None (never 0)."""
 
@@ -107,6 +117,8 @@ class GpuRow:
     monitor_only: bool | None = None
     last_power: PowerDecision | None = None
     last_vram: VramDecision | None = None
+    mig_enabled: bool | None = None  # the GPU's MIG mode; None: unknown, or a GPU without MIG
+    mig_instances: dict[str, MigRow] = field(default_factory=dict)  # by MIG UUID
 
     @property
     def index(self) -> int | None:
@@ -169,6 +181,10 @@ _GAUGES = {
     "gpu_governor_gpu_memory_used_bytes": "memory_used_bytes",
     "gpu_governor_gpu_memory_total_bytes": "memory_total_bytes",
     "gpu_governor_gpu_utilization_ratio": "utilization_ratio",
+}
+_MIG_GAUGES = {
+    "gpu_governor_mig_instance_memory_used_bytes": "memory_used_bytes",
+    "gpu_governor_mig_instance_memory_total_bytes": "memory_total_bytes",
 }
 _DAEMON_GAUGES = {
     "gpu_governor_start_timestamp_seconds": "started_at_s",
@@ -246,6 +262,15 @@ def parse_status(text: str) -> DaemonStatus:
                 row(labels).name = labels.get("name") or None
             elif name in _GAUGES:
                 setattr(row(labels), _GAUGES[name], sample.value)
+            elif name == "gpu_governor_gpu_mig_mode":
+                row(labels).mig_enabled = sample.value == 1
+            elif name in _MIG_GAUGES or name == "gpu_governor_mig_instance_memory_pressure":
+                key = labels.get("mig_uuid", "")
+                instance = row(labels).mig_instances.setdefault(key, MigRow(key))
+                if name in _MIG_GAUGES:
+                    setattr(instance, _MIG_GAUGES[name], sample.value)
+                else:
+                    instance.memory_pressure = sample.value == 1
             elif name == "gpu_governor_gpu_thermal_zone" and sample.value == 1:
                 row(labels).zone = labels[name]
             elif name == "gpu_governor_gpu_health" and sample.value == 1:
@@ -648,7 +673,7 @@ def render_status(status: DaemonStatus, now_s: float | None = None) -> str:
         + ("  (last reload FAILED: old config in force)" if status.config_ok is False else ""),
         "",
     ]
-    header = ("GPU", "NAME", "TEMP", "ZONE", "HEALTH", "POWER", "LIMIT", "TARGET", "MEMORY", "MODE")
+    header = ("GPU", "NAME", "TEMP", "ZONE", "HEALTH", "POWER", "LIMIT", "TARGET", "MEMORY", "MIG", "MODE")
     rows: list[tuple[str, ...]] = [header]
     decisions: list[str] = []
     for r in status.rows():
@@ -664,9 +689,15 @@ def render_status(status: DaemonStatus, now_s: float | None = None) -> str:
                 _fmt(r.limit_w, " W"),
                 _fmt(r.target_w, " W") if r.target_w is not None else "hands-off",
                 memory,
+                "-" if r.mig_enabled is None else f"on ({len(r.mig_instances)})" if r.mig_enabled else "off",
                 "monitor-only" if r.monitor_only else "dry-run" if status.dry_run else "governed",
             )
         )
+        for m in sorted(r.mig_instances.values(), key=lambda m: m.uuid):
+            used = f"{_fmt(m.memory_used_bytes, '', 2**30, 1)}/{_fmt(m.memory_total_bytes, ' GiB', 2**30, 1)}"
+            decisions.append(
+                f"GPU {r.gpu} MIG instance {m.uuid}: {used}" + (" (memory pressure)" if m.memory_pressure else "")
+            )
         power = "-" if r.last_power is None else describe_power(r.last_power, now_s)
         vram = "-" if r.last_vram is None else describe_vram(r.last_vram, now_s)
         decisions.append(f"GPU {r.gpu} last power decision: {power}")
@@ -746,6 +777,16 @@ def status_json(status: DaemonStatus, table: ProcessTable, url: str, now_s: floa
                     "default_w": r.limit_default_w,
                 },
                 "target_w": r.target_w,
+                "mig_enabled": r.mig_enabled,
+                "mig_instances": [
+                    {
+                        "uuid": m.uuid,
+                        "memory_used_bytes": _bytes(m.memory_used_bytes),
+                        "memory_total_bytes": _bytes(m.memory_total_bytes),
+                        "memory_pressure": m.memory_pressure,
+                    }
+                    for m in sorted(r.mig_instances.values(), key=lambda m: m.uuid)
+                ],
                 "last_power_decision": _power_json(r.last_power, now_s),
                 "last_vram_decision": _vram_json(r.last_vram, now_s),
             }

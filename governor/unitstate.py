@@ -13,9 +13,13 @@ start as every state file is (:class:`governor.statefile.StateFile`)::
                                    "gpus": ["GPU-..."], "stopped_at_s": 1700000000.0,
                                    "resume_after_s": 60.0}}}
 
+An entry of a unit stopped on a GPU in MIG mode also has ``"mig_instances": ["MIG-..."]``, the
+MIG instances its processes ran in (the resume rule judges the room there); without it (an older
+file) the unit resumes when any instance has room.
+
 Every entry read is checked: a unit name systemd could have (a ``.service`` or ``.scope``
 of at most 255 safe characters, not on the deny list), a class name, a known reason, GPU
-UUIDs, a finite Unix time and a delay of 0-86400 s. A bad entry is dropped; a file with
+UUIDs, a finite Unix time and a delay of 0-86400 s (and MIG UUIDs). A bad entry is dropped; a file with
 any problem is kept aside as ``stopped-units.json.corrupt`` and ``load_warning`` says
 why. A unit loaded here starts its clear time afresh (monotonic times do not survive a
 restart).
@@ -52,7 +56,7 @@ from governor.rules.units import (
     resumable,
     resume_at_s,
 )
-from governor.rules.vram import under_pressure
+from governor.rules.vram import pressed_processes
 from governor.safefile import short_repr
 from governor.statefile import GPU_UUID, StateFile
 from governor.units import UnitManager, undone_by_restart
@@ -98,7 +102,14 @@ def parse_entry(unit: Any, raw: Any) -> StoppedUnit | str:
         return f"{unit}: gpus: expected a list of GPU UUIDs, got {short_repr(gpus)}"
     if stopped is None or delay is None:
         return f"{unit}: expected stopped_at_s (Unix time) and resume_after_s (0-86400 s)"
-    return StoppedUnit(unit, klass, str(reason), tuple(gpus), stopped, delay)
+    instances = raw.get("mig_instances", [])
+    if (
+        not isinstance(instances, list)
+        or len(instances) > 64
+        or not all(isinstance(i, str) and GPU_UUID.fullmatch(i) for i in instances)
+    ):
+        return f"{unit}: mig_instances: expected a list of MIG UUIDs, got {short_repr(instances)}"
+    return StoppedUnit(unit, klass, str(reason), tuple(gpus), stopped, delay, mig_instances=tuple(instances))
 
 
 def _parse(data: Any) -> tuple[dict[str, StoppedUnit], list[str]]:
@@ -145,6 +156,7 @@ class StoppedUnitsStore(StateFile):
                     "gpus": list(s.gpus),
                     "stopped_at_s": s.stopped_wall_s,
                     "resume_after_s": s.delay_s,
+                    **({"mig_instances": list(s.mig_instances)} if s.mig_instances else {}),
                 }
                 for u, s in sorted(stopped.items())
             },
@@ -254,10 +266,17 @@ class UnitKeeper:
             d = result.decision
             if d.unit is not None and d.action is Action.STOP_UNIT and result.outcome is Outcome.APPLIED:
                 reading = readings.get(d.gpu_uuid)
-                pressure = reading is not None and under_pressure(reading, policy)
                 klass = policy.class_named(d.process_class or "")
                 pids = tuple(f.pid for f in facts.values() if f.unit == d.unit)
-                state = record_stop(state, d, klass, snapshot.t_s, wall_s, pressure, pids)
+                pressure = False
+                instances: tuple[str, ...] = ()
+                if reading is not None:
+                    why_all, why_pid = pressed_processes(reading, policy)
+                    pressure = why_all is not None or any(p in why_pid for p in pids)
+                    instances = tuple(
+                        i.uuid for i in reading.mig_instances or () if any(p.pid in pids for p in i.processes)
+                    )
+                state = record_stop(state, d, klass, snapshot.t_s, wall_s, pressure, pids, instances)
         return state
 
     def _restart_warnings(self, policy: VramPolicy) -> tuple[UnitWarning, ...]:

@@ -30,6 +30,18 @@ Knobs:
   ``FakeGpu.fan_writes``. ``fan_range = None``: nvmlDeviceGetMinMaxFanSpeed answers
   NotSupported. Refusals through ``errors`` (NO_PERMISSION, NOT_SUPPORTED) or
   ``absent_symbols`` (an old driver: FUNCTION_NOT_FOUND).
+- MIG: ``FakeGpu.mig_mode`` is the current MIG mode nvmlDeviceGetMigMode answers (0 disabled,
+  1 enabled; None: NotSupported, a GPU without MIG), ``mig_pending`` the pending one (None: the
+  current). ``FakeGpu.mig_devices`` are its MIG devices by MIG device index (``None``: an empty
+  slot, which nvmlDeviceGetMigDeviceHandleByIndex answers NOT_FOUND), up to
+  ``max_mig_devices`` (what nvmlDeviceGetMaxMigDeviceCount answers in MIG mode; 0 otherwise).
+  A :class:`FakeMig` answers the per-device calls on its handle (UUID, memory info, compute
+  processes, GPU instance id, each counted in ``calls`` and in ``mig_calls``) with its own memory
+  and processes, and raises what its ``errors`` name. A handle whose slot is emptied (an instance destroyed)
+  answers ``FakeNvml.stale_mig_error`` (INVALID_ARGUMENT by default); a slot filled again
+  answers for the new instance (NVML reuses handles). In MIG mode the parent's compute list
+  also lists every instance's processes with ``usedGpuMemory`` None (NVML's aggregate, whose
+  per-process memory is not available there).
 Values are NVML's units: milliwatts, millijoules, bytes, degrees C, MHz, percent, ns.
 """
 
@@ -87,6 +99,8 @@ NVML_PSTATE_UNKNOWN = 32
 NVML_FAN_POLICY_TEMPERATURE_CONTINOUS_SW = 0
 NVML_FAN_POLICY_MANUAL = 1
 nvmlEventTypeXidCriticalError = 0x8
+NVML_DEVICE_MIG_DISABLE = 0x0
+NVML_DEVICE_MIG_ENABLE = 0x1
 
 _STRINGS = {
     NVML_ERROR_NOT_SUPPORTED: "Not Supported",
@@ -97,6 +111,7 @@ _STRINGS = {
     NVML_ERROR_GPU_IS_LOST: "GPU is lost",
     NVML_ERROR_LIB_RM_VERSION_MISMATCH: "RM has detected an NVML/RM version mismatch.",
     NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
+    NVML_ERROR_NOT_FOUND: "Not Found",
     NVML_ERROR_TIMEOUT: "Timeout",
     NVML_ERROR_UNKNOWN: "Unknown Error",
 }
@@ -183,6 +198,21 @@ class FakeGpu:
     graphics: list[tuple[int, int | None]] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)  # C symbol -> NVML error code
     lost: bool = False
+    mig_mode: int | None = NVML_DEVICE_MIG_DISABLE  # current MIG mode; None: NotSupported
+    mig_pending: int | None = None  # pending MIG mode; None: the current one
+    mig_devices: list[FakeMig | None] = field(default_factory=list)  # by MIG device index; None: empty slot
+    max_mig_devices: int = 7  # nvmlDeviceGetMaxMigDeviceCount in MIG mode
+
+
+@dataclass
+class FakeMig(FakeGpu):
+    """One MIG device (a compute instance): its UUID, its own memory and compute processes, and
+    ``errors`` (C symbol -> NVML error code) raised by calls on its handle."""
+
+    uuid: str = "MIG-00000000-0000-0000-0000-000000000000"
+    memory_total: int = 20_937_965_568  # a 2g.20gb instance of an H100
+    memory_used: int = 0
+    gpu_instance_id: int | None = None  # nvmlDeviceGetGpuInstanceId; None: NotSupported
 
 
 @dataclass(frozen=True)
@@ -190,6 +220,13 @@ class FakeHandle:
     """An opaque device handle."""
 
     index: int
+
+
+@dataclass(frozen=True)
+class FakeMigHandle(FakeHandle):
+    """An opaque MIG device handle: MIG device ``slot`` of GPU ``index``."""
+
+    slot: int
 
 
 class FakeEventSet:
@@ -229,6 +266,8 @@ class FakeNvml:
         self.shutdowns = 0
         self.event_sets: list[FakeEventSet] = []
         self.wait_error: int | None = None  # nvmlEventSetWait_v2 raises this (None: events or Timeout)
+        self.mig_calls: Counter[str] = Counter()  # calls made on MIG device handles, by C symbol
+        self.stale_mig_error = NVML_ERROR_INVALID_ARGUMENT  # a handle whose instance is gone answers this
 
     def xid(self, gpu_index: int, code: int) -> None:
         """An XID error ``code`` on GPU ``gpu_index``: queued on every live set it is registered on."""
@@ -254,6 +293,8 @@ class FakeNvml:
             raise NVMLError(self.fatal)
         if handle is None:
             return None
+        if isinstance(handle, FakeMigHandle):
+            return self._mig_device(symbol, handle)
         gpu = self.gpus[handle.index]
         if gpu.lost:
             raise NVMLError(NVML_ERROR_GPU_IS_LOST)
@@ -265,6 +306,27 @@ class FakeNvml:
         gpu = self._enter(symbol, handle)
         assert gpu is not None
         return gpu
+
+    def _mig_device(self, symbol: str, handle: FakeMigHandle) -> FakeMig:
+        """The MIG device a handle reaches now (raising what NVML would)."""
+        self.mig_calls[symbol] += 1
+        parent = self.gpus[handle.index]
+        if parent.lost:
+            raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+        slots = parent.mig_devices
+        mig = slots[handle.slot] if parent.mig_mode == NVML_DEVICE_MIG_ENABLE and handle.slot < len(slots) else None
+        if mig is None:
+            raise NVMLError(self.stale_mig_error)
+        if symbol in mig.errors:
+            raise NVMLError(mig.errors[symbol])
+        return mig
+
+    def _compute(self, gpu: FakeGpu) -> list[tuple[int, int | None]]:
+        """The compute list a device answers: in MIG mode the parent's also lists each instance's processes
+        with their memory not available."""
+        if gpu.mig_mode != NVML_DEVICE_MIG_ENABLE or isinstance(gpu, FakeMig):
+            return gpu.compute
+        return [*gpu.compute, *((pid, None) for mig in gpu.mig_devices if mig for pid, _ in mig.compute)]
 
     @staticmethod
     def _procs(entries: list[tuple[int, int | None]]) -> list[SimpleNamespace]:
@@ -516,13 +578,13 @@ class FakeNvml:
         event_set.freed = True
 
     def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: FakeHandle) -> list[SimpleNamespace]:
-        return self._procs(self._gpu("nvmlDeviceGetComputeRunningProcesses_v3", handle).compute)
+        return self._procs(self._compute(self._gpu("nvmlDeviceGetComputeRunningProcesses_v3", handle)))
 
     def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: FakeHandle) -> list[SimpleNamespace]:
-        return self._procs(self._gpu("nvmlDeviceGetComputeRunningProcesses_v2", handle).compute)
+        return self._procs(self._compute(self._gpu("nvmlDeviceGetComputeRunningProcesses_v2", handle)))
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[SimpleNamespace]:
-        return self._procs(self._gpu("nvmlDeviceGetComputeRunningProcesses", handle).compute)
+        return self._procs(self._compute(self._gpu("nvmlDeviceGetComputeRunningProcesses", handle)))
 
     def nvmlDeviceGetGraphicsRunningProcesses_v3(self, handle: FakeHandle) -> list[SimpleNamespace]:
         return self._procs(self._gpu("nvmlDeviceGetGraphicsRunningProcesses_v3", handle).graphics)
@@ -532,6 +594,38 @@ class FakeNvml:
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: FakeHandle) -> list[SimpleNamespace]:
         return self._procs(self._gpu("nvmlDeviceGetGraphicsRunningProcesses", handle).graphics)
+
+    # ------------------------------------------------------------------ MIG
+
+    def nvmlDeviceGetMigMode(self, handle: FakeHandle) -> list[int]:
+        gpu = self._gpu("nvmlDeviceGetMigMode", handle)
+        if gpu.mig_mode is None or isinstance(handle, FakeMigHandle):
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return [gpu.mig_mode, gpu.mig_mode if gpu.mig_pending is None else gpu.mig_pending]
+
+    def nvmlDeviceGetGpuInstanceId(self, handle: FakeHandle) -> int:
+        gpu = self._gpu("nvmlDeviceGetGpuInstanceId", handle)
+        if not isinstance(gpu, FakeMig):
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)  # not a MIG device handle
+        if gpu.gpu_instance_id is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.gpu_instance_id
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeHandle) -> int:
+        gpu = self._gpu("nvmlDeviceGetMaxMigDeviceCount", handle)
+        if gpu.mig_mode is None:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+        return gpu.max_mig_devices if gpu.mig_mode == NVML_DEVICE_MIG_ENABLE else 0
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeHandle, index: int) -> FakeMigHandle:
+        gpu = self._gpu("nvmlDeviceGetMigDeviceHandleByIndex", handle)
+        if gpu.mig_mode != NVML_DEVICE_MIG_ENABLE:
+            raise NVMLError(NVML_ERROR_NOT_SUPPORTED if gpu.mig_mode is None else NVML_ERROR_INVALID_ARGUMENT)
+        if not 0 <= index < gpu.max_mig_devices:
+            raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+        if index >= len(gpu.mig_devices) or gpu.mig_devices[index] is None:
+            raise NVMLError(NVML_ERROR_NOT_FOUND)
+        return FakeMigHandle(handle.index, index)
 
     # ------------------------------------------------------------------ setter
 

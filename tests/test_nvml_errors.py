@@ -64,6 +64,7 @@ READ_BEHAVIOUR = {
     Kind.INVALID: (GpuHealth.OK, True),
     Kind.TRANSIENT: (GpuHealth.OK, True),
     Kind.TIMEOUT: (GpuHealth.OK, True),
+    Kind.NOT_FOUND: (GpuHealth.OK, True),
     Kind.LOST: (GpuHealth.LOST, False),
 }
 
@@ -102,6 +103,7 @@ SET_BEHAVIOUR: dict[Kind, type[BackendError]] = {
     Kind.INVALID: SetLimitFailed,
     Kind.TRANSIENT: SetLimitFailed,
     Kind.TIMEOUT: SetLimitFailed,
+    Kind.NOT_FOUND: SetLimitFailed,
 }
 
 

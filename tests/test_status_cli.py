@@ -35,6 +35,8 @@ GPU_KEYS = {
     "readings",
     "limits",
     "target_w",
+    "mig_enabled",
+    "mig_instances",
     "last_power_decision",
     "last_vram_decision",
 }

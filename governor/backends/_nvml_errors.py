@@ -23,6 +23,8 @@ INVALID         None for this tick               SetLimitFailed; the GPU's    Ba
 TRANSIENT       None for this tick               SetLimitFailed               BackendUnavailable
 TIMEOUT         None for this tick (an event     SetLimitFailed               BackendUnavailable
                 wait: nothing is pending)
+NOT_FOUND       None for this tick (listing MIG  SetLimitFailed               BackendUnavailable
+                devices: an empty index, skipped)
 ==============  ===============================  ===========================  ==========================
 
 :class:`NvmlCaller` is the one call wrapper (like nvitop's ``nvmlQuery``): it runs an
@@ -57,6 +59,7 @@ class Kind(enum.Enum):
     INVALID = "invalid"  # NVML refused an argument: for a limit, one outside the range the GPU takes now
     TRANSIENT = "transient"  # anything else (no data ...): may pass on a later try
     TIMEOUT = "timeout"  # a wait ended with nothing to report (nvmlEventSetWait: no event pending)
+    NOT_FOUND = "not_found"  # nothing at that index (nvmlDeviceGetMigDeviceHandleByIndex: no MIG device there)
 
 
 TABLE: Final[Mapping[str, tuple[int, Kind]]] = {
@@ -64,6 +67,7 @@ TABLE: Final[Mapping[str, tuple[int, Kind]]] = {
     "NVML_ERROR_INVALID_ARGUMENT": (2, Kind.INVALID),
     "NVML_ERROR_NOT_SUPPORTED": (3, Kind.UNSUPPORTED),
     "NVML_ERROR_NO_PERMISSION": (4, Kind.DENIED),
+    "NVML_ERROR_NOT_FOUND": (6, Kind.NOT_FOUND),
     "NVML_ERROR_TIMEOUT": (10, Kind.TIMEOUT),
     "NVML_ERROR_DRIVER_NOT_LOADED": (9, Kind.NO_DRIVER),
     "NVML_ERROR_LIBRARY_NOT_FOUND": (12, Kind.NO_DRIVER),

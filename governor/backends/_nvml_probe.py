@@ -120,7 +120,9 @@ class Reads:
     do the ``slow`` telemetry reads (:data:`SLOW_FIELDS`: NVML's violation counters in
     ns, ECC counts, remapped rows, memory temperature in C, memory clock in MHz,
     performance state). ``fan_count`` is read once per GPU; ``fan_speed(handle, fan)``
-    answers in percent.
+    answers in percent. ``mig_mode`` (NVML's [current, pending] MIG modes) is a slow read too;
+    ``mig_memory`` and ``mig_compute`` read one MIG device (memory info, compute processes),
+    versioned apart from the parent's reads: a version is chosen on a MIG device handle.
     """
 
     per_tick: tuple[tuple[str, Read], ...]
@@ -130,6 +132,9 @@ class Reads:
     slow: tuple[tuple[str, Read], ...] = ()
     fan_count: Read = lambda h: 0
     fan_speed: Callable[[Any, int], Any] = lambda h, fan: None
+    mig_mode: Read = _absent
+    mig_memory: Read = _absent
+    mig_compute: Read = _absent
 
     def fan_speeds(self, count: int) -> Read:
         """A read of the speed of fans 0 .. ``count`` - 1 of one GPU (percent each)."""
@@ -172,8 +177,9 @@ SLOW_FIELDS: Final = (
     "pstate",
 )
 
-TELEMETRY_FIELDS: Final = frozenset({"memory_clock", "pstate", "fan_count", "fan_speed", *SLOW_FIELDS})
-"""Reads that only feed the telemetry: one that answers NotSupported is never asked again for that GPU."""
+TELEMETRY_FIELDS: Final = frozenset({"memory_clock", "pstate", "fan_count", "fan_speed", "mig_mode", *SLOW_FIELDS})
+"""Reads that only feed the telemetry (and the MIG mode, which a GPU without MIG never has): one that
+answers NotSupported is never asked again for that GPU."""
 
 
 def field_number(value: Any) -> float:
@@ -209,10 +215,10 @@ def build_reads(nvml: Any, caller: NvmlCaller) -> Reads:
         if has(name)
     ]
 
-    def processes(kind: str) -> Versioned:
+    def processes(kind: str, prefix: str = "") -> Versioned:
         base = f"nvmlDeviceGet{kind}RunningProcesses"
         names = (f"{base}_v3", f"{base}_v2", base)
-        return Versioned(f"{kind.lower()}_processes", [(n, getattr(nvml, n)) for n in names if has(n)], caller)
+        return Versioned(f"{prefix}{kind.lower()}_processes", [(n, getattr(nvml, n)) for n in names if has(n)], caller)
 
     get_clock = nvml.nvmlDeviceGetClockInfo
     read_memory = Versioned("memory", memory, caller)
@@ -270,4 +276,7 @@ def build_reads(nvml: Any, caller: NvmlCaller) -> Reads:
         slow=tuple(zip(SLOW_FIELDS, slow, strict=True)),
         fan_count=optional("nvmlDeviceGetNumFans") if callable(fan_speed) else optional("nvmlDeviceGetFanSpeed_v2"),
         fan_speed=fan_speed if callable(fan_speed) else _absent,
+        mig_mode=optional("nvmlDeviceGetMigMode"),
+        mig_memory=Versioned("mig_memory", memory, caller),
+        mig_compute=processes("Compute", "mig_"),
     )

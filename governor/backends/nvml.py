@@ -20,7 +20,17 @@ directly.
 Helpers: :mod:`governor.backends._nvml_errors` (the one call wrapper and the table that
 classifies every NVML error as unsupported, denied, lost, fatal, no driver, missing
 call or transient), :mod:`governor.backends._nvml_probe` (which version of each call
-this driver has) and :mod:`governor.backends._nvml_procs` (process listing).
+this driver has), :mod:`governor.backends._nvml_procs` (process listing) and
+:mod:`governor.backends._nvml_mig` (MIG).
+
+MIG (Multi-Instance GPU): the MIG mode is a slow read (first tick, then every
+``telemetry_refresh_s``); a GPU not in MIG mode makes the same per-tick calls as before. On a
+GPU in MIG mode each MIG device's memory and compute processes are read every tick (two calls
+per instance), so processes get the bytes of the instance they run in and memory pressure is
+judged per instance (``GpuReading.mig_instances``); power, temperature and limits stay the
+physical GPU's. The MIG devices are listed at the slow cadence and at once when the layout
+changed; when the per-instance reads fail, the GPU reads as before (the parent's memory and
+processes), said once. Validated against the fake NVML of the tests only.
 
 Telemetry (:mod:`governor.backends._nvml_telemetry`): each tick adds the clock event
 seconds from the reasons it reads anyway; NVML's violation counters (about 1 ms each on
@@ -73,6 +83,7 @@ import structlog
 from governor.backends._nvml_errors import VERSION_MISMATCH_MESSAGE, Kind, NvmlCaller, NvmlFailure
 from governor.backends._nvml_events import XidEvents
 from governor.backends._nvml_fans import fan_range_percent, set_fan_auto, set_fan_speed
+from governor.backends._nvml_mig import MigReader, MigState
 from governor.backends._nvml_probe import (
     TELEMETRY_FIELDS,
     THRESHOLD_SHUTDOWN,
@@ -134,6 +145,7 @@ class _GpuState:
         "limit_due_s",
         "limit_requested_w",
         "lost_error",
+        "mig",
         "range_due_s",
         "range_refused",
         "reported",
@@ -166,6 +178,7 @@ class _GpuState:
         self.energy_j: float | None = None
         self.energy_due_s = -math.inf
         self.telemetry = GpuTelemetryState()
+        self.mig = MigState()
 
     def mark_lost(self, reason: str, now: float, backoff_initial_s: float, backoff_max_s: float) -> None:
         """Remember that the GPU stopped answering and when to try it again (backoff doubling, seconds)."""
@@ -175,6 +188,7 @@ class _GpuState:
         self.limit_requested_w = self.energy_j = None
         self.limit_due_s = self.energy_due_s = self.range_due_s = -math.inf  # read again once it answers
         self.telemetry.lost()
+        self.mig.lost()
         if self.lost_error is None:
             log.warning("nvml_gpu_lost", gpu=self.index, uuid=self.uuid, reason=reason, retry_in_s=self.backoff_s)
         self.lost_error = f"GPU lost: {reason}"
@@ -252,6 +266,7 @@ class NvmlBackend:
         self._reads = build_reads(nvml, self._call)
         self._per_tick = self._reads.per_tick  # the chosen versions once all have settled
         self._settled = False
+        self._mig = MigReader(nvml, self._call, self._reads.mig_memory, self._reads.mig_compute, self._lister)
 
         try:
             self._call(nvml.nvmlInit)
@@ -360,6 +375,10 @@ class NvmlBackend:
             _read_slow_telemetry(self, st, now)
         temperature_c, error = _celsius(st, temperature)
         used_bytes, total_bytes = _memory_bytes(st, memory)
+        processes = self._lister.processes(compute, graphics, total_bytes or st.info.memory_total_bytes)
+        mig, instances = st.mig, None
+        if mig.enabled:  # MIG mode: memory and processes per MIG device (governor.backends._nvml_mig)
+            instances, processes = self._mig.read(st.index, st.uuid, st.handle, mig, processes)
         return GpuReading(
             index=st.index,
             uuid=st.uuid,
@@ -373,11 +392,13 @@ class NvmlBackend:
             sm_clock_mhz=None if sm_clock is None else float(sm_clock),
             power_limit_requested_w=st.limit_requested_w,
             energy_j=st.energy_j,
-            processes=self._lister.processes(compute, graphics, total_bytes or st.info.memory_total_bytes),
+            processes=processes,
             health=GpuHealth.OK if temperature_c is not None else GpuHealth.DEGRADED,
             error=error,
             clock_event_s=telemetry.clock_event_s(None if reasons is None else int(reasons), now),
             telemetry=telemetry.record,
+            mig_enabled=mig.enabled,
+            mig_instances=instances,
         )
 
     # ----------------------------------------------------------------- Backend
@@ -720,8 +741,9 @@ def _read_resting(
 
 
 def _read_slow_telemetry(backend: NvmlBackend, st: _GpuState, now: float) -> None:
-    """The slow telemetry reads of one GPU, kept on its state until the next refresh."""
+    """The slow telemetry reads of one GPU, kept on its state until the next refresh, and its MIG mode."""
     telemetry = st.telemetry
+    st.mig.store_mode(st.index, st.uuid, backend._get(st, "mig_mode", backend._reads.mig_mode, now))
     values = backend._read_all(st, backend._reads.slow, now)
     count = telemetry.fan_count
     fans = backend._get(st, "fan_speed", backend._reads.fan_speeds(count), now) if count else None

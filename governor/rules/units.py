@@ -9,7 +9,11 @@ once the actuator reports the stop done, :func:`record_stop` puts the unit here.
 * a unit whose processes are on a GPU again was started by someone else: it is forgotten;
 * the condition is *clear* on every GPU it held memory on when no GPU is under memory
   pressure and starting it again would not break the reserve by its class's budget:
-  ``free - budget >= reserve`` and ``(used + budget) / total <= pressure_used_ratio``;
+  ``free - budget >= reserve`` and ``(used + budget) / total <= pressure_used_ratio``.
+  On a GPU in MIG mode whose instances were read, that is judged per MIG instance: in every
+  instance the unit's processes ran in when it was stopped (``mig_instances``) that is still
+  there, else (none recorded, or all gone: a layout changed since, or a restart of the governor
+  that lost none) in at least one instance, since where it will run is not known;
 * once clear for the unit's resume delay without a break, a ``start_unit`` decision.
   A failed start is tried again after the delay (at least ``RETRY_MIN_S``).
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from governor.model import Decision, GpuHealth, ProcessFacts, Snapshot
+from governor.model import Decision, GpuHealth, MigInstanceReading, ProcessFacts, Snapshot
 from governor.policy import Action, ProcessAction, ProcessClass, Rule, VramPolicy, format_seconds, format_size
 
 RETRY_MIN_S = 10.0
@@ -42,7 +46,8 @@ class StoppedUnit:
     the GPUs (UUIDs) it held memory on, when it was stopped (Unix time, s), its resume delay (s),
     since when (snapshot time, s) the condition has been clear, and the earliest retry after a
     failed start (snapshot time, s); ``pids`` its processes when stopped: they may stay listed
-    while they exit, and do not make the unit "running again"."""
+    while they exit, and do not make the unit "running again"; ``mig_instances`` the UUIDs of the
+    MIG instances its processes ran in (GPUs in MIG mode only)."""
 
     unit: str
     klass: str
@@ -53,6 +58,7 @@ class StoppedUnit:
     clear_since_s: float | None = None
     retry_at_s: float | None = None
     pids: tuple[int, ...] = ()  # its processes when it was stopped (still listed while they exit)
+    mig_instances: tuple[str, ...] = ()  # the MIG instances (UUIDs) its processes ran in
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +94,10 @@ def record_stop(
     wall_s: float,
     pressure: bool,
     pids: tuple[int, ...] = (),
+    mig_instances: tuple[str, ...] = (),
 ) -> UnitsState:
     """``state`` with the unit of an applied ``stop_unit`` decision added (or its GPU added);
-    ``pids`` are the unit's processes seen now."""
+    ``pids`` are the unit's processes seen now, ``mig_instances`` the MIG instances they run in."""
     unit = decision.unit
     if unit is None:
         return state
@@ -99,7 +106,8 @@ def record_stop(
     if known is not None:
         if decision.gpu_uuid not in known.gpus:
             known = replace(known, gpus=(*known.gpus, decision.gpu_uuid))
-        stopped[unit] = replace(known, pids=tuple(sorted({*known.pids, *pids})))
+        instances = (*known.mig_instances, *(i for i in mig_instances if i not in known.mig_instances))
+        stopped[unit] = replace(known, pids=tuple(sorted({*known.pids, *pids})), mig_instances=instances)
         return replace(state, stopped=stopped)
     stopped[unit] = StoppedUnit(
         unit=unit,
@@ -109,6 +117,7 @@ def record_stop(
         stopped_wall_s=wall_s,
         delay_s=resume_delay_s(klass, state.resumed.get(unit), t_s),
         pids=tuple(sorted(pids)),
+        mig_instances=tuple(dict.fromkeys(mig_instances)),
     )
     return replace(state, stopped=stopped)
 
@@ -140,24 +149,59 @@ def room(entry: StoppedUnit, klass: ProcessClass, snapshot: Snapshot, policy: Vr
         reading = readings.get(uuid)
         if reading is None or reading.health is GpuHealth.LOST:
             return False, f"GPU {uuid} is not readable"
-        used, total = reading.memory_used_bytes, reading.memory_total_bytes
-        if used is None or not total:
-            return False, f"GPU {reading.index} reports no memory use"
-        free = total - used
-        need = policy.reserve_bytes + budget
-        if free < need or (used + budget) / total > policy.pressure_used_ratio:
-            return False, (
-                f"GPU {reading.index} has {format_size(max(0, free))} free < reserve "
-                f"{format_size(policy.reserve_bytes)} + budget {format_size(budget)}"
-                if free < need
-                else f"GPU {reading.index} would be {(used + budget) / total:.0%} used "
-                f"> {policy.pressure_used_ratio:.0%} with the budget {format_size(budget)}"
+        if reading.mig_instances is not None:
+            clear, why = _instance_room(entry, reading.index, reading.mig_instances, budget, policy)
+        else:
+            clear, why = _fits(
+                f"GPU {reading.index}", reading.memory_used_bytes, reading.memory_total_bytes, budget, policy
             )
-        parts.append(
-            f"GPU {reading.index} has {format_size(free)} free >= reserve {format_size(policy.reserve_bytes)} "
-            f"+ budget {format_size(budget)}"
-        )
+        if not clear:
+            return False, why
+        parts.append(why)
     return True, "; ".join(parts)
+
+
+def _fits(where: str, used: int | None, total: int | None, budget: int, policy: VramPolicy) -> tuple[bool, str]:
+    """Whether ``budget`` more bytes fit above the reserve at ``where`` (a GPU or a MIG instance), and why."""
+    if used is None or not total:
+        return False, f"{where} reports no memory use"
+    free = total - used
+    need = policy.reserve_bytes + budget
+    if free < need:
+        return False, (
+            f"{where} has {format_size(max(0, free))} free < reserve "
+            f"{format_size(policy.reserve_bytes)} + budget {format_size(budget)}"
+        )
+    if (used + budget) / total > policy.pressure_used_ratio:
+        return False, (
+            f"{where} would be {(used + budget) / total:.0%} used "
+            f"> {policy.pressure_used_ratio:.0%} with the budget {format_size(budget)}"
+        )
+    return True, (
+        f"{where} has {format_size(free)} free >= reserve {format_size(policy.reserve_bytes)} "
+        f"+ budget {format_size(budget)}"
+    )
+
+
+def _instance_room(
+    entry: StoppedUnit, index: int, instances: tuple[MigInstanceReading, ...], budget: int, policy: VramPolicy
+) -> tuple[bool, str]:
+    """Whether the unit's budget fits in the MIG instances of GPU ``index``: in each instance it ran in that
+    is still there, else (none of them known) in at least one."""
+    judged = [
+        (i, *_fits(f"GPU {index} MIG instance {i.uuid}", i.memory_used_bytes, i.memory_total_bytes, budget, policy))
+        for i in instances
+    ]
+    known = [j for j in judged if j[0].uuid in entry.mig_instances]
+    if known:
+        refused = [why for _, fits, why in known if not fits]
+        return (False, refused[0]) if refused else (True, "; ".join(why for *_, why in known))
+    fitting = [why for _, fits, why in judged if fits]
+    if fitting:
+        return True, fitting[0]
+    if not judged:
+        return False, f"GPU {index} is in MIG mode without MIG instances"
+    return False, f"GPU {index}: no MIG instance has room ({'; '.join(why for *_, why in judged)})"
 
 
 def resumable(klass: ProcessClass, entry: StoppedUnit) -> bool:

@@ -9,6 +9,11 @@ For every process on every GPU with a class budget:
 * under memory pressure (free VRAM below the reserve, or used above
   ``pressure_used_ratio``) an over-budget process is acted on without waiting for
   its grace, lowest priority first (then the largest overrun);
+* a GPU in MIG mode whose MIG instances were read (``GpuReading.mig_instances``) is judged
+  per instance: the reserve and the ratio apply to each instance's own memory, and a process
+  is a pressure candidate only when an instance it runs in is under pressure (the parent's
+  aggregate is not judged). Its budgets stay per process and per GPU: the backend sums a
+  process's bytes over the instances of the GPU it runs in. The cooldown stays per GPU;
 * at most one new victim per GPU per ``cooldown_s``: VRAM is freed with a lag, and
   the next tick's fresh reading is the re-check before choosing another, so only as
   many processes are stopped as needed. Escalating a victim already chosen
@@ -68,7 +73,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from governor.model import Decision, GpuReading, ProcessFacts, ProcessReading
+from governor.model import Decision, GpuReading, MigInstanceReading, ProcessFacts, ProcessReading
 from governor.policy import (
     SIGNAL_ACTIONS,
     Action,
@@ -221,13 +226,44 @@ class _Candidate:
     klass: ProcessClass
 
 
-def under_pressure(reading: GpuReading, policy: VramPolicy) -> bool:
-    """True when free VRAM is below the reserve or the used ratio is above the threshold (never on a
-    reading with more used than the card has: a broken answer)."""
-    used, total = reading.memory_used_bytes, reading.memory_total_bytes
-    if used is None or not total or used > total:
+def memory_full(used_bytes: int | None, total_bytes: int | None, policy: VramPolicy) -> bool:
+    """True when free memory (bytes) is below the reserve or the used ratio is above the threshold;
+    never when either is unknown or more is used than there is (a broken answer)."""
+    if used_bytes is None or not total_bytes or used_bytes > total_bytes:
         return False
-    return total - used < policy.reserve_bytes or used / total > policy.pressure_used_ratio
+    return total_bytes - used_bytes < policy.reserve_bytes or used_bytes / total_bytes > policy.pressure_used_ratio
+
+
+def under_pressure(reading: GpuReading, policy: VramPolicy) -> bool:
+    """True when the GPU's memory is full (:func:`memory_full`); for a GPU whose MIG instances were
+    read, when any instance's is (:func:`mig_pressure`: the parent's aggregate is not judged)."""
+    instances = reading.mig_instances
+    if instances is not None:
+        return any(memory_full(i.memory_used_bytes, i.memory_total_bytes, policy) for i in instances)
+    return memory_full(reading.memory_used_bytes, reading.memory_total_bytes, policy)
+
+
+def mig_pressure(reading: GpuReading, policy: VramPolicy) -> tuple[MigInstanceReading, ...]:
+    """The MIG instances of ``reading`` under memory pressure (none for a GPU whose instances were not read)."""
+    return tuple(
+        i for i in reading.mig_instances or () if memory_full(i.memory_used_bytes, i.memory_total_bytes, policy)
+    )
+
+
+def pressed_processes(reading: GpuReading, policy: VramPolicy) -> tuple[str | None, dict[int, str]]:
+    """Which processes are under memory pressure, and why (text): ``(why, {})`` when the whole GPU is
+    (every process is); ``(None, pid -> why)`` for the processes in a MIG instance under pressure;
+    ``(None, {})`` when none is."""
+    if reading.mig_instances is None:
+        return (_free_text(reading) if under_pressure(reading, policy) else None), {}
+    pressed: dict[int, str] = {}
+    for instance in mig_pressure(reading, policy):
+        used, total = instance.memory_used_bytes, instance.memory_total_bytes
+        assert used is not None and total is not None  # memory_full holds only on known values
+        why = f"memory pressure on MIG instance {instance.uuid} ({format_size(max(0, total - used))} free)"
+        for process in instance.processes:
+            pressed.setdefault(process.pid, why)
+    return None, pressed
 
 
 def _decision(
@@ -314,7 +350,7 @@ def evaluate_vram(
     uuid = reading.uuid
     decisions: list[Decision] = []
     offenders = {k: v for k, v in state.offenders.items() if k[0] != uuid}
-    pressure = under_pressure(reading, policy)
+    why_all, why_pid = pressed_processes(reading, policy)
     loops = {u: s for u, s in state.loops_s.items()}
     signals = {u: s for u, s in state.unit_signals_s.items()}
     unit_stops = {u: s for u, s in state.unit_stops_s.items() if t_s - s < policy.cooldown_s}
@@ -330,7 +366,7 @@ def evaluate_vram(
             continue
         candidate = _Candidate((uuid, process.pid, pf.start_time), process, used, pf, klass)
         if used <= klass.budget_bytes:
-            if pressure and klass.enforced_action is ProcessAction.STOP_UNIT:
+            if (why_all is not None or process.pid in why_pid) and klass.enforced_action is ProcessAction.STOP_UNIT:
                 yielders.append(candidate)
             continue
         unit = system_unit(pf)
@@ -415,7 +451,9 @@ def evaluate_vram(
             offender.term_sent_s is None
             and offender.kill_sent_s is None
             and _may_act(candidate, stopped_units, unit_stops, loops)
-            and (pressure or t_s - offender.over_since_s >= klass.grace_s)
+            and (
+                why_all is not None or candidate.process.pid in why_pid or t_s - offender.over_since_s >= klass.grace_s
+            )
         ):
             new_victims.append((candidate, offender))
         offenders[candidate.key] = offender
@@ -441,9 +479,10 @@ def evaluate_vram(
         klass = candidate.klass
         dry = policy.dry_run or klass.dry_run
         over_s = t_s - offender.over_since_s
+        pressure = why_all if why_all is not None else why_pid.get(candidate.process.pid)
         why = (
-            f"{_free_text(reading)}, lowest priority {klass.priority} first"
-            if pressure and over_s < klass.grace_s
+            f"{pressure}, lowest priority {klass.priority} first"
+            if pressure is not None and over_s < klass.grace_s
             else f"over budget for {format_seconds(over_s)} (grace {format_seconds(klass.grace_s)})"
         )
         unit = system_unit(candidate.facts)
