@@ -51,8 +51,10 @@ RENAME_AND_WAIT = (
 )
 NOBODY = 65534
 SLEEP = shutil.which("sleep", path="/usr/bin:/bin")
-CATASTROPHIC = r"--model[= ](\S+/)*\S+\.gguf"
-"""The administrator's pattern from issue 12: exponential on a/a/a/.../x without '.gguf'."""
+CATASTROPHIC = r"--model[= ]((\S)+/)*\S+\.gguf"
+"""A nested-quantifier pattern an administrator could write, still catastrophic in the regex release of
+2026-11 on a/a/a/.../x without '.gguf' (issue 12's ``(\S+/)*\S+`` no longer is: the engine learnt it);
+``test_the_pattern_is_still_slow_on_this_regex`` fails first if a newer engine learns this one too."""
 
 
 def comm(pid: int) -> str:
@@ -378,6 +380,13 @@ HOSTILE = "import time\nprint('ready', flush=True)\ntime.sleep(120)"
 
 
 class TestBoundedMatching:
+    def test_the_pattern_is_still_slow_on_this_regex(self) -> None:
+        """The hostile pattern outlasts the governor's per-match bound on the installed regex engine
+        (else the tests below prove nothing: pick a pattern the engine cannot shortcut)."""
+        text = "--model=" + "a/" * 2040 + "x"
+        with pytest.raises(TimeoutError):
+            regex.compile(CATASTROPHIC).search(text, timeout=MATCH_TIMEOUT_S * 4)
+
     def test_the_catastrophic_pattern_times_out_once_and_is_logged_once(
         self, children: list[subprocess.Popen[bytes]]
     ) -> None:
