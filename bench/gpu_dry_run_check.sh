@@ -39,6 +39,9 @@ gov=$!
 sleep 25
 python3 -m governor status --url 127.0.0.1:19847 > "$out/status.txt" 2>&1; echo "status rc=$?" >> "$out/status.txt"
 python3 -m governor status --url 127.0.0.1:19847 --json > "$out/status.json" 2>&1
+# The readings behind the MIG mode and the power-limit range (read again every 10 s), as Prometheus sees them.
+python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:19847/metrics").read().decode())' \
+    | grep -E '^gpu_governor_(gpu_mig_mode|gpu_power_limit_(min|max|default)_watts|mig_instance)' > "$out/metrics-mig-range.txt" 2>&1
 kill -HUP $gov; sleep 3   # a reload must keep the dry run
 kill -TERM $gov; wait $gov; echo "governor rc=$?" | tee -a "$out/status.txt"
 kill $load 2>/dev/null; wait $load 2>/dev/null
