@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -278,7 +279,7 @@ def start_and_freeze_while_held(tmp_path: Path, attempts: int = 3) -> Governor:
             with contextlib.suppress(OSError):
                 if _holds(pid):
                     os.kill(pid, signal.SIGSTOP)
-                    wait_for(lambda pid=pid: _stopped(pid), 10.0, "the daemon to stop")
+                    wait_for(partial(_stopped, pid), 10.0, "the daemon to stop")
                     if _holds(pid):
                         return gov
                     break  # released just before the stop: too late for this one
