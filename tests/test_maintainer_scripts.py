@@ -223,8 +223,12 @@ class TestPostrmPurge:
         assert done.returncode == 0 and (host.state / "stopped-units.json").exists()
 
 
-def test_the_scripts_are_posix_sh() -> None:
-    """Both scripts parse as POSIX sh (dash -n where available, else sh -n)."""
+@pytest.mark.parametrize("name", ["gpu-governor.prerm", "gpu-governor.postrm"])
+def test_the_scripts_parse_once_debhelper_fills_them_in(name: str) -> None:
+    """Each script names #DEBHELPER# once, on a line of its own (debhelper replaces every occurrence: one in a
+    comment broke the built prerm's syntax), and parses as POSIX sh with that line filled in."""
+    text = (DEBIAN / name).read_text()
+    assert text.count("#DEBHELPER#") == 1 and "\n#DEBHELPER#\n" in text
+    filled = text.replace("#DEBHELPER#", "if true; then\n    :\nfi")
     shell = "/bin/dash" if os.path.exists("/bin/dash") else "sh"
-    for name in ("gpu-governor.prerm", "gpu-governor.postrm"):
-        subprocess.run([shell, "-n", str(DEBIAN / name)], check=True, timeout=30)
+    subprocess.run([shell, "-n"], input=filled, text=True, check=True, timeout=30)
