@@ -80,7 +80,8 @@ from governor.unitstate import UnitKeeper
 RULE = "restore_after_crash"
 """The reason the restored settings are logged under: the leftovers of a governor that did not stop cleanly."""
 SERVICE_VARIABLES = ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS")
-"""What systemd tells an ``ExecStopPost=`` command about the run that ended (logged as context only)."""
+"""What systemd tells an ``ExecStopPost=`` command about the run that ended: logged as context; only
+``SERVICE_RESULT=success`` is acted upon, and only to log ``units_left_stopped`` at debug under ``quiet``."""
 MAX_VARIABLE_CHARS = 64
 
 
@@ -238,7 +239,7 @@ def _units_left_stopped(config: Config, log: Any, keeper: UnitKeeper, quiet: boo
     if not stopped:
         return
     clean = quiet and environ.get("SERVICE_RESULT") == "success"
-    first = "gpu-governor restore starts no unit, the memory pressure or budget that stopped it may still hold; "
+    first = "gpu-governor restore starts no unit (the memory pressure or budget that stopped it may still hold); "
     log_units_left_stopped(log, stopped, first=first, level="debug" if clean else "warning")
 
 
