@@ -274,13 +274,13 @@ def test_apt_remove_after_a_crash_restores_without_starting_the_unit(box: Contai
     box.write(STOPPED_UNITS, json.dumps(stopped, indent=2, sort_keys=True) + "\n", mode=0o600)
     cursor = journal_cursor(box)
     said = remove_package(box, "apt-get -o Dpkg::Use-Pty=0 remove -y gpu-governor")
+    assert unit_starts_after(box, cursor) == []
+    assert_restored(box)
+    assert not box.exists("/usr/bin/gpu-governor")
     assert "putting them back: gpu-governor restore" in said
     assert "put back every power limit and fan recorded in /var/lib/gpu-governor" in said
     assert '"event": "power_limit_restored"' in said and '"event": "units_left_stopped"' in said
     assert "units the governor stopped stay stopped" in said and "comfyui.service" in said
-    assert_restored(box)
-    assert unit_starts_after(box, cursor) == []
-    assert not box.exists("/usr/bin/gpu-governor")
     box.sh(f"rm -f {STOPPED_UNITS}")
 
 
@@ -300,12 +300,13 @@ def test_dpkg_purge_keeps_a_record_that_could_not_be_put_back(box: Container) ->
     box.sh("python3 -", stdin=add_gone)
     cursor = journal_cursor(box)
     said = remove_package(box, "dpkg --purge gpu-governor")
-    assert "some power limits or fans could not be put back" in said and "The removal goes on." in said
-    assert f"kept {STATE_DIR}" in said
-    limit_w, fans = hardware(box)
-    assert (limit_w, fans) == (DEFAULT_W, {})
+    assert unit_starts_after(box, cursor) == []
+    assert box.exists(ORIGINALS), "the purge deleted the record of the gone GPU's original limit"
     assert json.loads(box.read(ORIGINALS))["original_power_limits_w"] == {GONE_UUID: 250.0}
     assert json.loads(box.read(FANS))["manual_fans"] == {}
-    assert unit_starts_after(box, cursor) == []
+    limit_w, fans = hardware(box)
+    assert (limit_w, fans) == (DEFAULT_W, {})
     assert not box.exists("/etc/gpu-governor")  # the purge itself went through
+    assert "some power limits or fans could not be put back" in said and "The removal goes on." in said
+    assert f"kept {STATE_DIR}" in said
     box.sh(f"rm -rf {STATE_DIR} {NO_RESTORE} && systemctl daemon-reload")
