@@ -220,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--dry-run", action="store_true", help="say what would be put back, change and clear nothing")
     restore.add_argument(
-        "--quiet", action="store_true", help="log nothing when nothing is recorded (the unit's ExecStopPost=)"
+        "--quiet",
+        action="store_true",
+        help="log nothing when nothing is recorded, nor the units left stopped after a run systemd calls clean "
+        "(SERVICE_RESULT=success: that daemon said so itself); for the unit's ExecStopPost=",
     )
 
     status = sub.add_parser(

@@ -114,8 +114,10 @@ EXTRA_DESCRIPTION: Final[dict[str, str]] = {
     "configured backend, logged, and its entry cleared; an entry that cannot be put back stays recorded. "
     "It refuses while a daemon holds the state directory (exit 10): that daemon restores on its own stop. "
     "With nothing recorded it opens no driver and exits 0. A bad state file is kept aside as .corrupt, never "
-    "fatal. The unit runs it as ExecStopPost=, after every stop. With dry_run (the configuration's or "
-    "--dry-run) it only says what it would put back.",
+    "fatal. Units a stop-unit class stopped are never started: it names them (units_left_stopped) and leaves "
+    "their list for the next start of the daemon, which resumes them once there is room, as after a clean stop. "
+    "The unit runs it as ExecStopPost=, after every stop, and the Debian package's removal runs it when the "
+    "service is not running. With dry_run (the configuration's or --dry-run) it only says what it would put back.",
     "check-config": "Prints the effective configuration as TOML on standard output, then the power ladder "
     "each GPU gets; problems go to standard error, one line each, naming the file, the key and what "
     "was expected.",
@@ -138,7 +140,8 @@ FILES: Final = (
     (
         "/var/lib/gpu-governor",
         "The original power limits and the fans taken from the cards, saved so that they can be restored after "
-        "a crash (by the next start, or by gpu-governor restore); governor.lock is held by the running daemon.",
+        "a crash (by the next start, or by gpu-governor restore), and the units a stop-unit class stopped "
+        "(stopped-units.json); governor.lock is held by the running daemon.",
     ),
 )
 ENVIRONMENT: Final[dict[str, tuple[tuple[str, str], ...]]] = {

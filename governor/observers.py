@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from governor.model import (
     GpuStatus,
     Outcome,
     PublishedState,
+    StoppedUnitStatus,
     ThermalZone,
 )
 from governor.notify import Notifier
@@ -230,11 +232,7 @@ class DecisionLog:
         if report.kind == TICK:
             self._ticked = True
         elif self._ticked and report.stopped_units:
-            self.log.warning(
-                "units_left_stopped",
-                units=[u.unit for u in report.stopped_units],
-                effect="the next start of the governor resumes them when there is room (or: systemctl start UNIT)",
-            )
+            log_units_left_stopped(self.log, report.stopped_units)
 
     def _transitions(self, report: TickReport) -> None:
         """One event when a GPU is lost (error) or back (warning), and when memory pressure begins or ends (warning)."""
@@ -406,6 +404,28 @@ def log_unreadable_state(log: Any, originals: OriginalLimits, fans: FanControl) 
             effect="a GPU without a usable saved original whose limit is below its default "
             "gets its default limit back; delete the .corrupt file once inspected",
         )
+
+
+def log_units_left_stopped(
+    log: Any, units: Sequence[StoppedUnitStatus], *, first: str = "", level: str = "warning"
+) -> None:
+    """``units_left_stopped``: the units the governor stopped and did not start again, and who will
+    (the next start of the governor, when their class resumes them, or the admin); ``first`` opens
+    the effect (``gpu-governor restore`` says it starts none); ``level``: the log method."""
+    resumed = [u.unit for u in units if u.resume]
+    kept = [u.unit for u in units if not u.resume]
+    if not kept:
+        effect = "the next start of the governor resumes them when there is room"
+    elif not resumed:
+        effect = "their class does not resume them"
+    else:
+        effect = (
+            f"the next start of the governor resumes {', '.join(resumed)} when there is room; "
+            f"{', '.join(kept)}: its class does not resume it"
+        )
+    getattr(log, level)(
+        "units_left_stopped", units=[u.unit for u in units], effect=f"{first}{effect} (or: systemctl start UNIT)"
+    )
 
 
 def log_unit_decision(log: Any, result: ActionResult) -> None:

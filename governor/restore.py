@@ -21,6 +21,18 @@ through the same code:
   are back under the card's control), and kept when not (a GPU absent, a write failed) for
   the next start or restore.
 
+Units a ``stop-unit`` class stopped (``stopped-units.json``, :class:`governor.unitstate.StoppedUnitsStore`)
+are reported, never started: ``units_left_stopped`` names them (read under the lock, with the
+daemon's own store and :class:`governor.unitstate.UnitKeeper`; systemd is not asked anything) and
+the list stays on disk for the next start. That is what a clean stop does too: the daemon's stop
+starts no unit either, and the next start resumes a unit through the resume rule
+(:mod:`governor.rules.units`) once the condition that stopped it has stayed clear for the unit's
+delay on the readings of successive ticks. A one-shot command has no such readings, and after a
+crash the cause (a game holding the VRAM) usually still holds: starting the units here would
+bring back the pressure with no governor left to stop them again. With ``quiet`` after a run
+that systemd calls clean (``SERVICE_RESULT=success``) the report is at debug level, since that
+daemon's stop said it already.
+
 It refuses while a daemon holds the state directory (:mod:`governor.statelock`): that
 daemon governs the GPUs and restores them when it stops. With ``dry_run`` (the config's, or
 ``--dry-run``) it says what it would put back and changes and clears nothing. The backend is
@@ -47,7 +59,7 @@ from governor.actuator import Actuator
 from governor.backends import Backend
 from governor.clock import Clock
 from governor.config import Config
-from governor.core import Governor, check_state_dirs, memory_only_originals, restore_now
+from governor.core import Governor, check_state_dirs, memory_only_originals, open_stopped_units, restore_now
 from governor.errors import (
     EXIT_BACKEND_FATAL,
     EXIT_NOT_RESTORED,
@@ -59,14 +71,17 @@ from governor.errors import (
 )
 from governor.fanstate import FanControl
 from governor.model import Action, ActionResult, Outcome
-from governor.observers import DecisionLog, log_unreadable_state
+from governor.observers import DecisionLog, log_units_left_stopped, log_unreadable_state
 from governor.state import OriginalLimits
 from governor.statelock import try_lock
+from governor.units import MemoryUnits
+from governor.unitstate import UnitKeeper
 
 RULE = "restore_after_crash"
 """The reason the restored settings are logged under: the leftovers of a governor that did not stop cleanly."""
 SERVICE_VARIABLES = ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS")
-"""What systemd tells an ``ExecStopPost=`` command about the run that ended (logged as context only)."""
+"""What systemd tells an ``ExecStopPost=`` command about the run that ended: logged as context; only
+``SERVICE_RESULT=success`` is acted upon, and only to log ``units_left_stopped`` at debug under ``quiet``."""
 MAX_VARIABLE_CHARS = 64
 
 
@@ -90,7 +105,8 @@ def restore_leftovers(
 
     ``open_backend`` opens the configured backend (raising a GovernorError with its exit code when
     it cannot); it is called only when something is recorded. ``quiet``: nothing recorded is
-    logged at debug level only (the unit's ``ExecStopPost=`` after a clean stop).
+    logged at debug level only (the unit's ``ExecStopPost=`` after a clean stop), and so are the
+    units left stopped when ``SERVICE_RESULT=success`` (``environ``, default os.environ).
     ``private_simulation``: a simulation whose config names no ``state_dir``, which ``run`` keeps
     in a private directory of its own: nothing is recorded where this command could look. Raises
     :class:`StateDirBusy` (exit 10) while another gpu-governor process holds the state directory,
@@ -122,10 +138,15 @@ def restore_leftovers(
     with lock:
         originals = OriginalLimits(state_dir)
         fans = FanControl(state_dir)
+        keeper = UnitKeeper(open_stopped_units(config), MemoryUnits())  # read only: restore asks systemd nothing
         log_unreadable_state(log, originals, fans)
+        if keeper.store.load_warning:
+            log.warning("stopped_units_unreadable", detail=keeper.store.load_warning)
+        environ = os.environ if environ is None else environ
         limits, fan_gpus = originals.items(), fans.items()
         if not (originals.recorded() or originals.corrupt_seen or fan_gpus or fans.suspect):
             _nothing(log, quiet, f"{state_dir} records no changed power limit and no fan taken from the card")
+            _units_left_stopped(config, log, keeper, quiet, environ)
             return EXIT_OK
         log.info(
             "restore_starting",
@@ -134,9 +155,10 @@ def restore_leftovers(
             fan_gpus=len(fan_gpus),
             suspect=originals.corrupt_seen or fans.suspect,
             dry_run=config.dry_run,
-            **service_context(os.environ if environ is None else environ),
+            **service_context(environ),
         )
-        results = _restore(config, open_backend, clock, log, originals, fans)
+        results = _restore(config, open_backend, clock, log, originals, fans, keeper)
+        _units_left_stopped(config, log, keeper, quiet, environ)
         return _finish(config, log, state_dir, results, originals, fans)
 
 
@@ -147,6 +169,7 @@ def _restore(
     log: Any,
     originals: OriginalLimits,
     fans: FanControl,
+    keeper: UnitKeeper,
 ) -> tuple[ActionResult, ...]:
     """The daemon's restore (a governor on the backend, restore_now), its report logged as the daemon logs it."""
     try:
@@ -156,9 +179,7 @@ def _restore(
     try:
         gpus = tuple(backend.gpus())
         actuator = Actuator(backend, originals, gpus, dry_run=config.dry_run, fans=fans)
-        governor = Governor(config, backend, originals, actuator=actuator, gpus=gpus)
-        if governor.units.store.load_warning:
-            log.warning("stopped_units_unreadable", detail=governor.units.store.load_warning)
+        governor = Governor(config, backend, originals, actuator=actuator, gpus=gpus, keeper=keeper)
         try:
             report = restore_now(governor, RULE, clock)
         except BackendFatal as exc:  # the settings not put back yet stay recorded
@@ -166,13 +187,6 @@ def _restore(
                 f"{exc}; what was not restored stays recorded in {config.state_dir}", EXIT_BACKEND_FATAL
             ) from None
         DecisionLog(log).observe(report)
-        stopped = governor.units.statuses(None, config.vram)
-        if stopped:
-            log.warning(
-                "units_left_stopped",
-                units=[u.unit for u in stopped],
-                effect="the next start of the governor resumes them when there is room (or: systemctl start UNIT)",
-            )
         return report.results
     finally:
         backend.close()
@@ -215,6 +229,18 @@ def _finish(
         unchanged=counts[Outcome.UNCHANGED],
     )
     return EXIT_OK
+
+
+def _units_left_stopped(config: Config, log: Any, keeper: UnitKeeper, quiet: bool, environ: Mapping[str, str]) -> None:
+    """Say which units the governor stopped stay stopped: this command starts none (see the module
+    docstring). ``quiet`` after a run systemd calls clean (``SERVICE_RESULT=success``): at debug
+    only, since that daemon's own stop said it already (``units_left_stopped``)."""
+    stopped = keeper.statuses(None, config.vram)
+    if not stopped:
+        return
+    clean = quiet and environ.get("SERVICE_RESULT") == "success"
+    first = "gpu-governor restore starts no unit (the memory pressure or budget that stopped it may still hold); "
+    log_units_left_stopped(log, stopped, first=first, level="debug" if clean else "warning")
 
 
 def _why(result: ActionResult) -> str:

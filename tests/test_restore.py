@@ -20,6 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from governor import cli
+from governor import units as units_module
 from governor.backends import Backend
 from governor.backends.nvml import NvmlBackend
 from governor.clock import RealClock, VirtualClock
@@ -28,8 +29,12 @@ from governor.core import Governor
 from governor.errors import EXIT_BUSY, EXIT_NO_DRIVER, EXIT_NOT_RESTORED, EXIT_OK, StateDirBusy
 from governor.fanstate import FAN_STATE_FILE_NAME
 from governor.restore import restore_leftovers, service_context
+from governor.rules.units import PRESSURE, StoppedUnit
 from governor.state import STATE_FILE_NAME, OriginalLimits
 from governor.statelock import LOCK_FILE_NAME, hold_for_daemon, try_lock
+from governor.units import SystemdUnits, UnitCall
+from governor.unitstate import FILE_NAME as STOPPED_UNITS_FILE
+from governor.unitstate import StoppedUnitsStore
 from governor.waiting import STOP, VirtualWaiter
 from tests.fake_pynvml import NVML_ERROR_DRIVER_NOT_LOADED, FakeGpu, FakeNvml
 from tests.support import wait_for
@@ -288,6 +293,143 @@ class TestWithoutABackend:
         """SERVICE_RESULT, EXIT_CODE and EXIT_STATUS are taken as logged context, cut to 64 characters."""
         got = service_context({"SERVICE_RESULT": "signal", "EXIT_CODE": "killed", "EXIT_STATUS": "K" * 500, "X": "y"})
         assert got == {"service_result": "signal", "exit_code": "killed", "exit_status": "K" * 64}
+
+
+UNIT_CLASSES = """
+[[class]]
+name = "secondary"
+budget = "3GiB"
+priority = 50
+action = "stop-unit"
+resume = true
+match = { slice = "system.slice", unit = "comfyui.service" }
+
+[[class]]
+name = "batch"
+budget = "2GiB"
+priority = 40
+action = "stop-unit"
+match = { slice = "system.slice", unit = "batch.service" }
+"""
+"""Two stop-unit classes: comfyui.service is resumed by the governor once there is room, batch.service never."""
+
+
+def stop_units(state: Path) -> bytes:
+    """Record comfyui.service and batch.service as stopped by the governor (its own store); the file's bytes."""
+    state.mkdir(exist_ok=True)
+    StoppedUnitsStore(state).save(
+        {
+            unit: StoppedUnit(unit, klass, PRESSURE, (UUID0,), 1_700_000_000.0, 60.0)
+            for unit, klass in (("comfyui.service", "secondary"), ("batch.service", "batch"))
+        }
+    )
+    return (state / STOPPED_UNITS_FILE).read_bytes()
+
+
+@pytest.fixture
+def systemd_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every StartUnit/StopUnit on the real system-bus manager, and every bus connection, recorded and refused."""
+    calls: list[tuple[str, str]] = []
+
+    def refused(verb: str) -> Any:
+        def call(self: SystemdUnits, unit: str) -> UnitCall:
+            calls.append((verb, unit))
+            return UnitCall(False, error="refused by the test")
+
+        return call
+
+    def connect(address: str | None) -> Any:
+        calls.append(("connect", str(address)))
+        raise ConnectionRefusedError("no bus in this test")
+
+    monkeypatch.setattr(SystemdUnits, "start_unit", refused("start"))
+    monkeypatch.setattr(SystemdUnits, "stop_unit", refused("stop"))
+    monkeypatch.setattr(units_module, "_connect_system_bus", connect)
+    return calls
+
+
+class TestUnitsTheGovernorStopped:
+    def test_are_named_and_left_stopped_when_nothing_else_is_recorded(
+        self,
+        tmp_path: Path,
+        nvml: FakeNvml,
+        capsys: pytest.CaptureFixture[str],
+        systemd_calls: list[tuple[str, str]],
+    ) -> None:
+        """A crash that changed no limit but left two units stopped: restore opens no driver, starts no unit, keeps
+        the list for the next start and says so (units_left_stopped, warning), naming which one the next start
+        resumes; before, it said only that nothing was recorded."""
+        state = tmp_path / "state"
+        before = stop_units(state)
+        inits = nvml.calls["nvmlInit"]
+        code, events, other = run_restore(write_config(tmp_path, state, UNIT_CLASSES), capsys)
+        assert (code, other) == (EXIT_OK, "")
+        assert systemd_calls == [] and nvml.calls["nvmlInit"] == inits
+        assert (state / STOPPED_UNITS_FILE).read_bytes() == before
+        (left,) = [e for e in events if e["event"] == "units_left_stopped"]
+        assert left["level"] == "warning" and left["units"] == ["batch.service", "comfyui.service"]
+        assert left["effect"].startswith("gpu-governor restore starts no unit")
+        assert "the next start of the governor resumes comfyui.service when there is room" in left["effect"]
+        assert "batch.service: its class does not resume it" in left["effect"]
+
+    @pytest.mark.parametrize("dry_run", [False, True])
+    def test_are_left_stopped_beside_a_restored_limit(
+        self,
+        tmp_path: Path,
+        nvml: FakeNvml,
+        capsys: pytest.CaptureFixture[str],
+        systemd_calls: list[tuple[str, str]],
+        dry_run: bool,
+    ) -> None:
+        """With a lowered limit recorded too: the limit is put back (or, in a dry run, would be), the units are
+        named once, none is started and their list is unchanged either way."""
+        state = tmp_path / "state"
+        crash_after_changes(state, nvml)
+        before = stop_units(state)
+        flags = ["--dry-run"] if dry_run else []
+        code, events, _ = run_restore(write_config(tmp_path, state, UNIT_CLASSES), capsys, *flags)
+        assert code == EXIT_OK and systemd_calls == []
+        assert (nvml.gpus[0].enforced_limit_mw < DEFAULT_MW) is dry_run
+        assert (state / STOPPED_UNITS_FILE).read_bytes() == before
+        names = [e["event"] for e in events]
+        assert names.count("units_left_stopped") == 1
+        assert names[-1] == ("restore_dry_run_finished" if dry_run else "restore_finished")
+
+    @pytest.mark.parametrize(("result", "said"), [("success", False), ("signal", True), (None, True)])
+    def test_quiet_names_them_unless_systemd_saw_a_clean_stop(
+        self,
+        tmp_path: Path,
+        nvml: FakeNvml,
+        capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch,
+        result: str | None,
+        said: bool,
+    ) -> None:
+        """--quiet (ExecStopPost=): after a clean stop (SERVICE_RESULT=success, the daemon named the units itself)
+        nothing is logged; after a killed run (signal), or run by hand with --quiet, the units are named."""
+        state = tmp_path / "state"
+        stop_units(state)
+        if result is None:
+            monkeypatch.delenv("SERVICE_RESULT", raising=False)
+        else:
+            monkeypatch.setenv("SERVICE_RESULT", result)
+        code, events, other = run_restore(write_config(tmp_path, state, UNIT_CLASSES), capsys, "--quiet")
+        assert (code, other) == (EXIT_OK, "")
+        assert [e["event"] for e in events] == (["units_left_stopped"] if said else [])
+
+    def test_a_daemon_holding_the_state_directory_gets_exit_10_and_no_report(
+        self, tmp_path: Path, nvml: FakeNvml, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The lock comes first: while held, exit 10 and not a word about the units the daemon governs."""
+        state = tmp_path / "state"
+        before = stop_units(state)
+        held = try_lock(state)
+        try:
+            code, events, _ = run_restore(write_config(tmp_path, state, UNIT_CLASSES), capsys)
+        finally:
+            held.release()
+        assert (code, events) == (EXIT_BUSY, [])
+        assert (state / STOPPED_UNITS_FILE).read_bytes() == before
 
 
 class TestStateLock:

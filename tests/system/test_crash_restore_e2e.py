@@ -11,12 +11,19 @@ from inside the sandbox after a crash is checked on a real GPU only.
 
 A test-only drop-in restarts within a second and gives up after two starts in five minutes
 (``StartLimitBurst=2``), so the second SIGKILL is the last run: no successor restores anything.
+
+The last two tests remove the package after a crash whose ``ExecStopPost=`` restore did not run
+(a runtime drop-in empties it, standing for a restore that could not put everything back): the
+package's prerm puts the card back with ``gpu-governor restore`` itself, without starting the unit
+(``apt-get remove``), and when that restore cannot put back everything (a recorded GPU that is
+gone, exit 11) the removal goes on and ``dpkg --purge`` keeps the record.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import textwrap
 from collections.abc import Iterator
 
@@ -42,6 +49,9 @@ SIM_UUID = "GPU-sim-rtx4070-0"
 DEFAULT_W = 200.0
 FANS = f"{STATE_DIR}/fan-control.json"
 ORIGINALS = f"{STATE_DIR}/original-limits.json"
+STOPPED_UNITS = f"{STATE_DIR}/stopped-units.json"
+NO_RESTORE = f"/run/systemd/system/{UNIT}.d/no-restore.conf"
+GONE_UUID = "GPU-gone-0"
 DROP_IN = textwrap.dedent(
     """\
     [Unit]
@@ -206,3 +216,97 @@ def test_clean_stop_runs_the_restore_as_a_silent_no_op(box: Container) -> None:
     assert (post["code"], post["status"]) == ("exited", "0"), post
     assert events_of(box, int(post["pid"])) == []
     assert_restored(box)
+
+
+# --------------------------------------------------------------------------- package removal
+
+
+def crash_without_restore(box: Container) -> None:
+    """A run killed with SIGKILL whose ExecStopPost= restore does not run (a runtime drop-in empties it) and that
+    is not restarted: the card stays changed and recorded, the unit failed."""
+    box.write(NO_RESTORE, "[Service]\n# test only: no restore after the stop, no restart\nExecStopPost=\nRestart=no\n")
+    box.sh(f"systemctl daemon-reload && systemctl reset-failed {UNIT} && systemctl restart {UNIT}", timeout=90)
+    kill_9_when_changed(box)
+    wait_for("the killed unit to fail", lambda: box.show("ActiveState")["ActiveState"] == "failed" or None, 30)
+    assert changed(box), "the killed governor's changes were restored: the drop-in did not take"
+
+
+def journal_cursor(box: Container) -> str:
+    """The journal's current end, to read only what comes after it."""
+    out = box.sh("journalctl -n 0 --show-cursor --no-pager").stdout
+    return out.strip().rsplit("-- cursor: ", 1)[1]
+
+
+def unit_starts_after(box: Container, cursor: str) -> list[str]:
+    """What says the unit was started after ``cursor``: systemd's start jobs and the daemon's own start events."""
+    entries = box.journal(f"--after-cursor={shlex.quote(cursor)}")
+    return [
+        str(e.get("MESSAGE"))
+        for e in entries
+        if e.get("JOB_TYPE") == "start" or e.get("EVENT") in ("governor_starting", "governor_ready")
+    ]
+
+
+def remove_package(box: Container, command: str) -> str:
+    """Run ``command`` (apt-get or dpkg removing the package), which must succeed; everything it printed."""
+    done = box.sh(f"DEBIAN_FRONTEND=noninteractive {command}", timeout=300)
+    print(done.stdout + done.stderr)
+    return done.stdout + done.stderr
+
+
+def test_apt_remove_after_a_crash_restores_without_starting_the_unit(box: Container) -> None:
+    """`apt-get remove` with the governor killed and its changes recorded: prerm runs `gpu-governor restore`, the
+    card is back at its default with its fans under its own control and nothing recorded; the unit was never
+    started (no start job, no daemon start in the journal); a unit the governor had stopped is named."""
+    crash_without_restore(box)
+    stopped = {
+        "units": {
+            "comfyui.service": {
+                "class": "secondary",
+                "gpus": [SIM_UUID],
+                "reason": "memory_pressure",
+                "resume_after_s": 60.0,
+                "stopped_at_s": 1700000000.0,
+            }
+        },
+        "version": 1,
+    }
+    box.write(STOPPED_UNITS, json.dumps(stopped, indent=2, sort_keys=True) + "\n", mode=0o600)
+    cursor = journal_cursor(box)
+    said = remove_package(box, "apt-get -o Dpkg::Use-Pty=0 remove -y gpu-governor")
+    assert unit_starts_after(box, cursor) == []
+    assert_restored(box)
+    assert not box.exists("/usr/bin/gpu-governor")
+    assert "putting them back: gpu-governor restore" in said
+    assert "put back every power limit and fan recorded in /var/lib/gpu-governor" in said
+    assert '"event": "power_limit_restored"' in said and '"event": "units_left_stopped"' in said
+    assert "units the governor stopped stay stopped" in said and "comfyui.service" in said
+    box.sh(f"rm -f {STOPPED_UNITS}")
+
+
+def test_dpkg_purge_keeps_a_record_that_could_not_be_put_back(box: Container) -> None:
+    """Reinstalled, then killed again with a recorded GPU that is gone: `dpkg --purge` succeeds, prerm puts the
+    present card back and warns that the rest stays recorded (exit 11), the unit is not started, and postrm keeps
+    the state directory with the gone GPU's original instead of deleting the only record of it."""
+    box.sh("DEBIAN_FRONTEND=noninteractive dpkg -i /var/tmp/gpu-governor.deb", timeout=120)
+    crash_without_restore(box)
+    add_gone = (
+        "import json\n"
+        f"path = {ORIGINALS!r}\n"
+        "doc = json.load(open(path))\n"
+        f"doc['original_power_limits_w'][{GONE_UUID!r}] = 250.0\n"
+        "open(path, 'w').write(json.dumps(doc, indent=2, sort_keys=True) + '\\n')\n"
+    )
+    box.sh("python3 -", stdin=add_gone)
+    cursor = journal_cursor(box)
+    said = remove_package(box, "dpkg --purge gpu-governor")
+    assert unit_starts_after(box, cursor) == []
+    assert box.exists(ORIGINALS), "the purge deleted the record of the gone GPU's original limit"
+    assert json.loads(box.read(ORIGINALS))["original_power_limits_w"] == {GONE_UUID: 250.0}
+    assert json.loads(box.read(FANS))["manual_fans"] == {}
+    limit_w, fans = hardware(box)
+    assert (limit_w, fans) == (DEFAULT_W, {})
+    assert not box.exists("/etc/gpu-governor")  # the purge itself went through
+    assert "some power limits or fans could not be put back" in said and "The removal goes on." in said
+    assert f"kept {STATE_DIR}" in said
+    box.sh(f"rm -rf {STATE_DIR} {NO_RESTORE} && systemctl daemon-reload")

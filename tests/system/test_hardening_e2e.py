@@ -25,7 +25,6 @@ import pytest
 
 from tests.system.nspawn import (
     CONFIG,
-    HOT_POWER,
     RESTART_QUICKLY,
     STATE_DIR,
     UNIT,
@@ -172,29 +171,6 @@ def test_installed_files_are_root_owned_and_not_writable_by_others(box: Containe
     bad = [line for line in listing if line.split()[0] != "0" or int(line.split()[1], 8) & 0o022]
     assert bad == [], bad
     assert box.sh(f"stat -c %a {STATE_DIR}").stdout.strip() == "700"
-
-
-def hot_config() -> str:
-    """The simulated RTX 4070 in the hot scenario at 20x real time: the limit steps down within seconds."""
-    return sim_config("tests/system/test_hardening_e2e.py", "hot", HOT_POWER, time_scale=20.0)
-
-
-def test_remove_after_a_crash_restores_the_lowered_limit(box: Container) -> None:
-    """`dpkg -r` with the governor killed (not restarted) and the limit lowered: the original limit is back."""
-    box.write("/run/systemd/system/gpu-governor.service.d/no-restart.conf", "[Service]\nRestart=no\n")
-    box.write(CONFIG, hot_config())
-    box.sh(f"systemctl daemon-reload && systemctl restart {UNIT}", timeout=90)
-    original = wait_for("an original limit to be recorded", lambda: box.originals() or None, 60, interval=0.5)[0]
-    wait_for("the limit to be stepped down", lambda: box.sim_limit_w() < original or None, 60, interval=0.5)
-    box.sh(f"kill -KILL {box.main_pid()}")
-    wait_for("the unit to be dead", lambda: box.show("ActiveState")["ActiveState"] != "active" or None, 30)
-    assert box.sim_limit_w() < original, "the killed governor restored nothing"
-
-    removed = box.sh("dpkg -r gpu-governor", timeout=300)
-    print(removed.stdout + removed.stderr)
-    assert box.sim_limit_w() == original
-    assert box.originals() == []
-    assert box.sh(f"systemctl is-active {UNIT}", check=False).stdout.strip() in ("inactive", "unknown")
 
 
 # --------------------------------------------------------------------------- no container
