@@ -52,7 +52,7 @@ RENAME_AND_WAIT = (
 NOBODY = 65534
 SLEEP = shutil.which("sleep", path="/usr/bin:/bin")
 CATASTROPHIC = r"--model[= ]((\S)+/)*\S+\.gguf"
-"""A nested-quantifier pattern an administrator could write, still catastrophic in the regex release of
+r"""A nested-quantifier pattern an administrator could write, still catastrophic in the regex release of
 2026-11 on a/a/a/.../x without '.gguf' (issue 12's ``(\S+/)*\S+`` no longer is: the engine learnt it);
 ``test_the_pattern_is_still_slow_on_this_regex`` fails first if a newer engine learns this one too."""
 
