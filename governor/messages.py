@@ -39,6 +39,8 @@ MESSAGES: dict[str, str] = {
     "governor_stopping": "gpu-governor stopping: restoring the original power limits",
     "governor_stopped": "gpu-governor stopped",
     "gpu_found": _GPU + " found: {name} ({uuid})",
+    "power_ladder_inert": _GPU + " power limit stays at {limit_w} W: its allowed range is "
+    "{power_limit_range_w} W, so no rung of the ladder is lower",
     "gpu_gone": "GPU {uuid} is gone",
     "waiting_for_driver": "Waiting for the NVIDIA driver: {reason}",
     "backend_fatal": "The GPU backend failed, gpu-governor exits: {error}",

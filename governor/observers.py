@@ -150,6 +150,18 @@ class DecisionLog:
                 power_limit_range_w=f"{gpu.power_limit_min_w}-{gpu.power_limit_max_w}",
                 ladder_w=list(governor.plans[gpu.uuid].ladder_w),
             )
+            plan = governor.plans[gpu.uuid]
+            if plan.policy.power.enabled and len(set(plan.ladder_w)) == 1:
+                log.warning(
+                    "power_ladder_inert",
+                    gpu=gpu.index,
+                    uuid=gpu.uuid,
+                    limit_w=plan.ladder_w[0],
+                    power_limit_range_w=f"{gpu.power_limit_min_w}-{gpu.power_limit_max_w}",
+                    effect="the power limit cannot be lowered on this GPU: every step of the power rule is "
+                    "clamped to this one limit (the card's allowed range); the thermal zones, the fans and "
+                    "the VRAM budgets still apply",
+                )
         log_unreadable_state(log, governor.originals, governor.actuator.fans.store)
         store = governor.units.store
         if store.load_warning:
