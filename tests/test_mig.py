@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import MutableMapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from prometheus_client import generate_latest
-from structlog.testing import capture_logs
-
-from governor.backends.nvml import NvmlBackend
-from governor.clock import VirtualClock
-from governor.config import Config
-from governor.metrics import build_registry
 from governor.model import (
     Action,
     ActionResult,
@@ -35,12 +26,10 @@ from governor.rules.vram import Offender, VramState, evaluate_vram, mig_pressure
 from governor.status import ProcessTable, parse_status, render_status, status_json
 from governor.units import MemoryUnits
 from governor.unitstate import StoppedUnitsStore, UnitKeeper, parse_entry
-from tests.builders import GiB, build_daemon, process_facts
-from tests.fake_pynvml import FakeGpu, FakeMig, FakeNvml
+from tests.builders import MIG_A, MIG_B, GiB, full_mig_gpu, mig_daemon, process_facts
+from tests.fake_pynvml import FakeGpu
 from tests.support import require_tool
 
-MIG_A = "MIG-aaaaaaaa-0000-0000-0000-000000000000"
-MIG_B = "MIG-bbbbbbbb-0000-0000-0000-000000000000"
 UNIT = "secondary-sd.service"
 
 LEAKY = ProcessClass(
@@ -288,31 +277,6 @@ class TestResume:
         for bad in ("MIG-a", [1], ["a b"], ["x"] * 65):
             problem = parse_entry(UNIT, {**raw, "mig_instances": bad})
             assert isinstance(problem, str) and "mig_instances" in problem
-
-
-def mig_daemon(tmp_path: Path, gpu: FakeGpu, seconds: int = 3) -> tuple[str, list[MutableMapping[str, Any]]]:
-    """The scrape and the log events of a daemon on one fake GPU after ``seconds`` one-second ticks."""
-    clock = VirtualClock()
-    backend = NvmlBackend(clock, nvml=FakeNvml([gpu]), proc_root=tmp_path)
-    config = Config(state_dir=str(tmp_path), runtime_dir="", vram=VramPolicy(reserve_bytes=2 * GiB))
-    daemon = build_daemon(config, backend, clock)
-    with capture_logs() as logs:
-        daemon.start()
-        for _ in range(seconds):
-            clock.advance(1.0)
-            daemon.tick()
-    return generate_latest(build_registry(lambda: daemon.published)).decode(), logs
-
-
-def full_mig_gpu() -> FakeGpu:
-    return FakeGpu(
-        uuid="GPU-0",
-        mig_mode=1,
-        mig_devices=[
-            FakeMig(uuid=MIG_A, memory_total=20 * GiB, memory_used=19 * GiB),
-            FakeMig(uuid=MIG_B, memory_total=40 * GiB, memory_used=10 * GiB),
-        ],
-    )
 
 
 class TestDaemon:

@@ -22,9 +22,8 @@ from governor.metrics import build_registry
 from governor.model import CLOCK_EVENT_REASONS, ZONES_BY_SEVERITY, GpuHealth, Outcome
 from governor.observers import PROCESS_ACTION_NAMES
 from governor.policy import Action, Rule
-from tests.builders import full_exposition, scripted_daemon
+from tests.builders import full_exposition, full_mig_gpu, mig_daemon, scripted_daemon
 from tests.support import require_tool
-from tests.test_mig import full_mig_gpu, mig_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = REPO / "packaging" / "prometheus"
@@ -677,8 +676,8 @@ class TestDashboard:
         for target, _ in targets:
             carried = set().union(*(labels[name] for name in metric_names_in(target["expr"])))
             assert set(re.findall(r"\{\{(\w+)\}\}", target["legendFormat"])) <= carried | TARGET_LABELS, target
-        counts = [(f"count({substitute(target['expr'])})", n) for target, n in targets]
-        (tmp_path / "mig.test.yml").write_text(expr_test(body, used, counts))
+        series_counts = [(f"count({substitute(target['expr'])})", n) for target, n in targets]
+        (tmp_path / "mig.test.yml").write_text(expr_test(body, used, series_counts))
         result = promtool("test", "rules", "mig.test.yml", cwd=tmp_path)
         assert result.returncode == 0, result.stdout + result.stderr
 
