@@ -17,13 +17,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
+from structlog.testing import capture_logs
 
 from governor.backends import Backend
+from governor.backends.nvml import NvmlBackend
 from governor.backends.simulated import SimulatedBackend, build_simulated_backend
 from governor.clock import Clock, VirtualClock
 from governor.config import Config, SimulationConfig, parse_config
@@ -37,6 +39,7 @@ from governor.processes import ProcessFacts
 from governor.sim import load_profile
 from governor.sim.scenario import parse_scenario
 from governor.trace import device_record, sample_record, write_records
+from tests.fake_pynvml import FakeGpu, FakeMig, FakeNvml
 from tests.scripted import ScriptedBackend
 
 GiB = 2**30
@@ -351,3 +354,34 @@ def step_ticks(governor: Governor, clock: VirtualClock, count: int) -> list[Acti
         clock.advance(1.0)
         results += governor.step(governor.read()).results
     return results
+
+
+MIG_A = "MIG-aaaaaaaa-0000-0000-0000-000000000000"
+MIG_B = "MIG-bbbbbbbb-0000-0000-0000-000000000000"
+
+
+def mig_daemon(tmp_path: Path, gpu: FakeGpu, seconds: int = 3) -> tuple[str, list[MutableMapping[str, Any]]]:
+    """The scrape and the log events of a daemon on one fake GPU (NVML backend, [vram] reserve 2 GiB) after
+    ``seconds`` one-second ticks."""
+    clock = VirtualClock()
+    backend = NvmlBackend(clock, nvml=FakeNvml([gpu]), proc_root=tmp_path)
+    config = Config(state_dir=str(tmp_path), runtime_dir="", vram=VramPolicy(reserve_bytes=2 * GiB))
+    daemon = build_daemon(config, backend, clock)
+    with capture_logs() as logs:
+        daemon.start()
+        for _ in range(seconds):
+            clock.advance(1.0)
+            daemon.tick()
+    return generate_latest(build_registry(lambda: daemon.published)).decode(), logs
+
+
+def full_mig_gpu() -> FakeGpu:
+    """GPU-0 in MIG mode with two instances: MIG_A (19 of 20 GiB used: under pressure) and MIG_B (10 of 40 GiB)."""
+    return FakeGpu(
+        uuid="GPU-0",
+        mig_mode=1,
+        mig_devices=[
+            FakeMig(uuid=MIG_A, memory_total=20 * GiB, memory_used=19 * GiB),
+            FakeMig(uuid=MIG_B, memory_total=40 * GiB, memory_used=10 * GiB),
+        ],
+    )

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import MutableMapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from prometheus_client import generate_latest
-from structlog.testing import capture_logs
-
-from governor.backends.nvml import NvmlBackend
-from governor.clock import VirtualClock
-from governor.config import Config
-from governor.metrics import build_registry
 from governor.model import (
     Action,
     ActionResult,
@@ -31,16 +22,14 @@ from governor.model import (
 )
 from governor.policy import ProcessAction, ProcessClass, ProcessMatch, VramPolicy
 from governor.rules.units import UnitsState, evaluate_units, record_stop
-from governor.rules.vram import VramState, evaluate_vram, mig_pressure, under_pressure
+from governor.rules.vram import Offender, VramState, evaluate_vram, mig_pressure, under_pressure
 from governor.status import ProcessTable, parse_status, render_status, status_json
 from governor.units import MemoryUnits
 from governor.unitstate import StoppedUnitsStore, UnitKeeper, parse_entry
-from tests.builders import GiB, build_daemon, process_facts
-from tests.fake_pynvml import FakeGpu, FakeMig, FakeNvml
+from tests.builders import MIG_A, MIG_B, GiB, full_mig_gpu, mig_daemon, process_facts
+from tests.fake_pynvml import FakeGpu
 from tests.support import require_tool
 
-MIG_A = "MIG-aaaaaaaa-0000-0000-0000-000000000000"
-MIG_B = "MIG-bbbbbbbb-0000-0000-0000-000000000000"
 UNIT = "secondary-sd.service"
 
 LEAKY = ProcessClass(
@@ -143,6 +132,93 @@ class TestPressure:
         assert [(d.rule, d.reading) for d in decisions] == [(Rule.VRAM_OVER_BUDGET, float(6 * GiB))]
 
 
+def enforced(
+    ticks: list[tuple[float, GpuReading]], table: dict[int, ProcessFacts], state: VramState | None = None
+) -> tuple[VramState, list[tuple[float, int | None, str]]]:
+    """The rule run over ``ticks``; the state after, and (time, pid, unit or action) of each vram_enforce."""
+    state = state or VramState()
+    acted: list[tuple[float, int | None, str]] = []
+    for t_s, reading in ticks:
+        state, decisions = evaluate_vram(reading, table, POLICY, state, t_s)
+        acted += [(d.t_s, d.pid, d.unit or d.action.value) for d in decisions if d.rule is Rule.VRAM_ENFORCE]
+    return state, acted
+
+
+FULL_B = instance(MIG_B, 39 * GiB, 40 * GiB, (12, 6 * GiB))
+TERM = Action.SIGNAL_TERM.value
+
+
+class TestCooldownPerInstance:
+    """The cooldown and the one-victim-a-tick guard hold per memory pool: the whole GPU without MIG,
+    each MIG instance (each GPU instance, whose compute instances share its memory) with it."""
+
+    def test_two_full_instances_each_get_their_victim_in_the_same_tick(self) -> None:
+        """Both instances under pressure at once: each one's over-budget process is signalled in the first tick."""
+        _, acted = enforced([(0.0, mig_reading(FULL_A, FULL_B))], facts(11, 12))
+        assert sorted(acted) == [(0.0, 11, TERM), (0.0, 12, TERM)]
+
+    def test_a_victim_in_one_instance_does_not_hold_back_another(self) -> None:
+        """Instance B filling up 5 s after a victim in A gets its own victim at once, not after A's cooldown."""
+        ticks = [(0.0, mig_reading(FULL_A, ROOMY_B)), (5.0, mig_reading(FULL_A, FULL_B))]
+        _, acted = enforced(ticks, facts(11, 12))
+        assert acted == [(0.0, 11, TERM), (5.0, 12, TERM)]
+
+    def test_a_victim_in_one_instance_does_not_let_another_of_it_act_early(self) -> None:
+        """Two processes in one full instance (another full one beside it): the second waits the cooldown."""
+        crowded = replace(FULL_A, processes=(ProcessReading(11, 6 * GiB), ProcessReading(13, 5 * GiB)))
+        reading = mig_reading(crowded, FULL_B)
+        ticks = [(float(t), reading) for t in (0, 1, 29, 30)]
+        _, acted = enforced(ticks, facts(11, 12, 13))
+        assert sorted(acted) == [(0.0, 11, TERM), (0.0, 12, TERM), (30.0, 13, TERM)]
+
+    def test_stop_unit_and_signal_in_two_instances_in_the_same_tick(self) -> None:
+        """A stop-unit process yielding in one full instance and an over-budget one in another both act at once."""
+        table = {**facts(11), **facts(12, klass="secondary", unit=UNIT)}
+        reading = mig_reading(FULL_A, instance(MIG_B, 39 * GiB, 40 * GiB, (12, GiB)))
+        _, acted = enforced([(0.0, reading)], table)
+        assert sorted(acted, key=str) == [(0.0, 11, TERM), (0.0, 12, UNIT)]
+
+    def test_compute_instances_of_one_gpu_instance_share_the_cooldown(self) -> None:
+        """Two MIG devices of one GPU instance share its memory: one victim between them per cooldown."""
+        shared_a, shared_b = (replace(i, gpu_instance_id=1) for i in (FULL_A, FULL_B))
+        ticks = [(float(t), mig_reading(shared_a, shared_b)) for t in (0, 1, 30)]
+        _, acted = enforced(ticks, facts(11, 12))
+        assert [(t, pid) for t, pid, _ in acted] == [(0.0, 12), (30.0, 11)]  # ties: the newest pid first
+
+    def test_without_mig_one_victim_per_gpu_as_before(self) -> None:
+        """The same processes on a GPU read as a whole (no instances): one victim per cooldown on the GPU."""
+        reading = replace(mig_reading(FULL_A, FULL_B, used=79 * GiB), mig_instances=None)
+        _, acted = enforced([(float(t), reading) for t in (0, 1, 30)], facts(11, 12))
+        assert [(t, pid) for t, pid, _ in acted] == [(0.0, 12), (30.0, 11)]
+
+    def test_a_pressure_victim_counts_only_against_the_full_instances_it_runs_in(self) -> None:
+        """A process in a full and a roomy instance, within its grace, waits for the full one's cooldown."""
+        full = instance(MIG_A, 19 * GiB, 20 * GiB, (13, 6 * GiB), (11, 3 * GiB))
+        roomy = instance(MIG_B, 10 * GiB, 40 * GiB, (11, 3 * GiB))
+        reading = replace(
+            mig_reading(full, roomy), processes=(ProcessReading(13, 6 * GiB), ProcessReading(11, 6 * GiB))
+        )
+        _, acted = enforced([(float(t), reading) for t in (0, 1, 30)], facts(11, 13))
+        assert [(t, pid) for t, pid, _ in acted] == [(0.0, 13), (30.0, 11)]
+
+    def test_a_signal_for_another_gpu_cools_only_the_instances_the_process_runs_in(self) -> None:
+        """A process SIGTERMed for another GPU cools its own instance here; the other full instance acts at once."""
+        full_a = instance(MIG_A, 19 * GiB, 20 * GiB, (11, 6 * GiB), (13, 5 * GiB))
+        reading = mig_reading(full_a, FULL_B)
+        signalled = {(11, 1000): Offender(over_since_s=0.0, term_sent_s=0.0)}
+        _, decisions = evaluate_vram(reading, facts(11, 12, 13), POLICY, VramState(), 1.0, signalled=signalled)
+        assert [d.pid for d in decisions if d.rule is Rule.VRAM_ENFORCE] == [12]
+
+    def test_the_cooldown_of_an_instance_gone_is_forgotten(self) -> None:
+        """An instance destroyed after its victim keeps no cooldown entry once that cooldown is over."""
+        state, _ = enforced([(0.0, mig_reading(FULL_A, FULL_B))], facts(11, 12))
+        assert len(state.last_victim_s) == 2
+        state, _ = enforced([(10.0, mig_reading(FULL_A))], facts(11, 12), state)
+        assert len(state.last_victim_s) == 2  # B's cooldown still runs
+        state, _ = enforced([(31.0, mig_reading(FULL_A))], facts(11, 12), state)
+        assert [k for k in state.last_victim_s if MIG_B in k] == []
+
+
 def stop_decision() -> Decision:
     return Decision(
         t_s=0.0,
@@ -201,31 +277,6 @@ class TestResume:
         for bad in ("MIG-a", [1], ["a b"], ["x"] * 65):
             problem = parse_entry(UNIT, {**raw, "mig_instances": bad})
             assert isinstance(problem, str) and "mig_instances" in problem
-
-
-def mig_daemon(tmp_path: Path, gpu: FakeGpu, seconds: int = 3) -> tuple[str, list[MutableMapping[str, Any]]]:
-    """The scrape and the log events of a daemon on one fake GPU after ``seconds`` one-second ticks."""
-    clock = VirtualClock()
-    backend = NvmlBackend(clock, nvml=FakeNvml([gpu]), proc_root=tmp_path)
-    config = Config(state_dir=str(tmp_path), runtime_dir="", vram=VramPolicy(reserve_bytes=2 * GiB))
-    daemon = build_daemon(config, backend, clock)
-    with capture_logs() as logs:
-        daemon.start()
-        for _ in range(seconds):
-            clock.advance(1.0)
-            daemon.tick()
-    return generate_latest(build_registry(lambda: daemon.published)).decode(), logs
-
-
-def full_mig_gpu() -> FakeGpu:
-    return FakeGpu(
-        uuid="GPU-0",
-        mig_mode=1,
-        mig_devices=[
-            FakeMig(uuid=MIG_A, memory_total=20 * GiB, memory_used=19 * GiB),
-            FakeMig(uuid=MIG_B, memory_total=40 * GiB, memory_used=10 * GiB),
-        ],
-    )
 
 
 class TestDaemon:

@@ -22,7 +22,7 @@ from governor.metrics import build_registry
 from governor.model import CLOCK_EVENT_REASONS, ZONES_BY_SEVERITY, GpuHealth, Outcome
 from governor.observers import PROCESS_ACTION_NAMES
 from governor.policy import Action, Rule
-from tests.builders import full_exposition, scripted_daemon
+from tests.builders import full_exposition, full_mig_gpu, mig_daemon, scripted_daemon
 from tests.support import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +62,8 @@ VARIABLE_VALUES = {
     "gpu": "0|1",
 }
 """Values for the dashboard's variables, regex-safe where they land in =~ matchers."""
+SCRAPE_TARGET = {"instance": VARIABLE_VALUES["instance"], "job": VARIABLE_VALUES["job"]}
+"""The labels Prometheus adds to what it scrapes from a governor the variables select."""
 
 
 def promtool(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -177,6 +179,23 @@ def metric_names_in(expr: str) -> set[str]:
     return set(re.findall(r"\b(?:gpu_governor|process)_\w+", expr))
 
 
+def expr_test(body: str, names: set[str], counts: list[tuple[str, int]]) -> str:
+    """A `promtool test rules` file: the samples of ``names`` in ``body`` (a scrape, as Prometheus
+    would store it from the target the dashboard's variables select) held for 5 minutes, and each
+    expression of ``counts`` expected to give that one value at 2m."""
+    lines = ["evaluation_interval: 1m", "tests:", "  - interval: 1m", "    input_series:"]
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name in names:
+                matchers = ",".join(f'{k}="{v}"' for k, v in {**sample.labels, **SCRAPE_TARGET}.items())
+                lines += [f"      - series: '{sample.name}{{{matchers}}}'", f"        values: '{sample.value:.0f}x5'"]
+    lines.append("    promql_expr_test:")
+    for expr, value in counts:
+        lines += [f"      - expr: {json.dumps(expr)}", "        eval_time: 2m", "        exp_samples:"]
+        lines += ["          - labels: '{}'", f"            value: {value}"]
+    return "\n".join(lines) + "\n"
+
+
 class TestAlertRules:
     def test_promtool_check_rules_is_clean(self) -> None:
         """`promtool check rules` accepts the shipped rules with no warning."""
@@ -285,6 +304,27 @@ class TestAlertRules:
             "unless on (instance, job, gpu) gpu_governor_gpu_power_limit_target_watts"
             in alerts["GpuGovernorGpuPowerThrottling"]
         ), "a power cap the governor set itself must not fire the power alert"
+
+    def test_mig_pressure_alert_mirrors_the_gpu_pressure_alert(self) -> None:
+        """GpuGovernorMigVramPressure watches each MIG instance's pressure with the GPU alert's threshold,
+        `for:` and severity, and names the instance; the GPU alert leaves GPUs read per instance to it."""
+        alerts = dict(alert_exprs())
+        blocks = alert_blocks()
+        gpu, mig = alerts["GpuGovernorVramPressure"], alerts["GpuGovernorMigVramPressure"]
+        comparison = gpu.split(" unless ")[0].removeprefix("gpu_governor_gpu_memory_pressure")
+        assert comparison == " == 1"
+        assert mig == f"gpu_governor_mig_instance_memory_pressure{comparison}"
+        assert gpu.endswith("unless on (instance, job, gpu, uuid) gpu_governor_mig_instance_memory_pressure")
+
+        def setting(name: str, key: str) -> str:
+            match = re.search(rf"\n\s+{key}: (\S+)\n", blocks[name])
+            assert match, (name, key)
+            return match.group(1)
+
+        for key in ("for", "severity"):
+            assert setting("GpuGovernorMigVramPressure", key) == setting("GpuGovernorVramPressure", key)
+        summary = re.search(r"summary: (.*)", blocks["GpuGovernorMigVramPressure"])
+        assert summary and "{{ $labels.mig_uuid }}" in summary.group(1) and "{{ $labels.gpu }}" in summary.group(1)
 
     def test_shipped_alerts_are_the_generator_default(self) -> None:
         """gpu-governor-alerts.yml is generate_alerts.py's output for the default selector job="gpu-governor"."""
@@ -611,6 +651,35 @@ class TestDashboard:
         assert "gpu_governor_gpu_pstate" in exprs("Performance state")
         assert by_title["Time slowed down, by reason"]["fieldConfig"]["defaults"]["unit"] == "percentunit"
         assert by_title["SM and memory clocks"]["fieldConfig"]["defaults"]["unit"] == "hertz"
+
+    def test_mig_panels_answer_on_a_real_mig_scrape(self, tmp_path: Path) -> None:
+        """The MIG row's queries, run by promtool on the series a daemon on a fake GPU in MIG mode (two
+        instances) really exports, return one series per GPU (mode) and per instance (memory, pressure),
+        with every label their legends name."""
+        body, _ = mig_daemon(tmp_path, full_mig_gpu())
+        by_title = {p["title"]: p for p in panels(load_dashboard())}
+        expected = {"MIG mode": [1], "MIG instance memory used vs total": [2, 2], "MIG instance memory pressure": [2]}
+        targets: list[tuple[dict[str, Any], int]] = []
+        for title, counts in expected.items():
+            assert len(by_title[title]["targets"]) == len(counts), title
+            targets += zip(by_title[title]["targets"], counts, strict=True)
+        exprs = [target["expr"] for target, _ in targets]
+        used = set().union(*(metric_names_in(expr) for expr in exprs))
+        assert used == {
+            "gpu_governor_gpu_mig_mode",
+            "gpu_governor_mig_instance_memory_used_bytes",
+            "gpu_governor_mig_instance_memory_total_bytes",
+            "gpu_governor_mig_instance_memory_pressure",
+        }
+        labels = scraped_labels([body])
+        assert label_problems(exprs, labels) == []
+        for target, _ in targets:
+            carried = set().union(*(labels[name] for name in metric_names_in(target["expr"])))
+            assert set(re.findall(r"\{\{(\w+)\}\}", target["legendFormat"])) <= carried | TARGET_LABELS, target
+        series_counts = [(f"count({substitute(target['expr'])})", n) for target, n in targets]
+        (tmp_path / "mig.test.yml").write_text(expr_test(body, used, series_counts))
+        result = promtool("test", "rules", "mig.test.yml", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
 
     def test_every_expression_parses(self, tmp_path: Path) -> None:
         """Every dashboard query, variables substituted, parses as PromQL (promtool check rules)."""

@@ -13,11 +13,17 @@ For every process on every GPU with a class budget:
   per instance: the reserve and the ratio apply to each instance's own memory, and a process
   is a pressure candidate only when an instance it runs in is under pressure (the parent's
   aggregate is not judged). Its budgets stay per process and per GPU: the backend sums a
-  process's bytes over the instances of the GPU it runs in. The cooldown stays per GPU;
-* at most one new victim per GPU per ``cooldown_s``: VRAM is freed with a lag, and
+  process's bytes over the instances of the GPU it runs in;
+* at most one new victim per memory pool per ``cooldown_s``: VRAM is freed with a lag, and
   the next tick's fresh reading is the re-check before choosing another, so only as
-  many processes are stopped as needed. Escalating a victim already chosen
-  (SIGTERM -> SIGKILL) is not held back by the cooldown;
+  many processes are stopped as needed. A memory pool (:func:`memory_pools`) is the whole GPU,
+  or on a GPU whose MIG instances were read each GPU instance (its compute instances share its
+  memory; a MIG device whose GPU instance is unknown is a pool of its own), so pressure in one
+  instance neither holds back nor hurries the victim of another. A victim taken for pressure
+  before its grace counts against the pools under pressure it runs in; one past its grace,
+  against any pool it runs in; either cools every pool it runs in (a process no instance lists:
+  the GPU's own pool). Escalating a victim already chosen (SIGTERM -> SIGKILL) is not held back
+  by the cooldown;
 * protected processes (PID 1, kernel threads, the governor, display servers, protected
   classes) and processes whose identity (start time) is unknown are reported, never
   signalled;
@@ -43,8 +49,8 @@ For every process on every GPU with a class budget:
 * several GPUs: a budget is per GPU, but signals are per process. A process the rule of
   another GPU already sent SIGTERM (or SIGKILL) counts as signalled here too
   (``signalled``, built by :func:`signalled_processes`): no second SIGTERM, and its SIGKILL
-  comes ``kill_after_s`` after the first SIGTERM, once. Such a signal also starts this
-  GPU's cooldown (the process frees its memory here too);
+  comes ``kill_after_s`` after the first SIGTERM, once. Such a signal also starts the
+  cooldown of the pools it runs in on this GPU (the process frees its memory here too);
 * dry run: signals a dry run only "would send" are recorded as such (:attr:`Offender.dry_run`);
   once the run is live (a reload), they count as never sent: the first real signal is a
   SIGTERM (a ``kill`` class: a SIGKILL), and a SIGKILL follows ``kill_after_s`` after it;
@@ -70,6 +76,7 @@ A budget is per process and per GPU (see :mod:`governor.policy`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -211,7 +218,7 @@ class VramState:
     """What the VRAM rule remembers between ticks."""
 
     offenders: Mapping[OffenderKey, Offender] = field(default_factory=dict)
-    last_victim_s: Mapping[str, float] = field(default_factory=dict)  # per GPU UUID
+    last_victim_s: Mapping[str, float] = field(default_factory=dict)  # per memory pool (memory_pools)
     unit_signals_s: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # unit -> first signals, in window
     loops_s: Mapping[str, float] = field(default_factory=dict)  # unit in a kill-restart loop -> last seen over budget
     unit_stops_s: Mapping[str, float] = field(default_factory=dict)  # unit -> last stop decided on this GPU
@@ -264,6 +271,56 @@ def pressed_processes(reading: GpuReading, policy: VramPolicy) -> tuple[str | No
         for process in instance.processes:
             pressed.setdefault(process.pid, why)
     return None, pressed
+
+
+def _pool(reading: GpuReading, instance: MigInstanceReading) -> str:
+    """The memory pool of a MIG device: its GPU instance (whose compute instances share its memory),
+    or the device itself when that is unknown; named under the GPU's UUID."""
+    if instance.gpu_instance_id is None:
+        return f"{reading.uuid}/{instance.uuid}"
+    return f"{reading.uuid}/gi{instance.gpu_instance_id}"
+
+
+def memory_pools(reading: GpuReading) -> dict[int, tuple[str, ...]]:
+    """pid -> the memory pools it runs in on this GPU, each named by a key of
+    :attr:`VramState.last_victim_s`: the GPU's UUID when its MIG instances were not read (and for a
+    process no instance lists), else ``UUID/giN`` per GPU instance (``UUID/MIG-...`` per MIG device
+    whose GPU instance is unknown). The cooldown and the one-victim-a-tick guard hold per pool."""
+    pools: dict[int, tuple[str, ...]] = {}
+    for instance in reading.mig_instances or ():
+        pool = _pool(reading, instance)
+        for process in instance.processes:
+            known = pools.get(process.pid, ())
+            if pool not in known:
+                pools[process.pid] = (*known, pool)
+    return pools
+
+
+def _pressed_pools(reading: GpuReading, policy: VramPolicy) -> frozenset[str]:
+    """The memory pools of ``reading`` under memory pressure (:func:`memory_pools`)."""
+    if reading.mig_instances is None:
+        return frozenset({reading.uuid}) if under_pressure(reading, policy) else frozenset()
+    return frozenset(_pool(reading, i) for i in mig_pressure(reading, policy))
+
+
+def _kept_pools(
+    last_victim_s: Mapping[str, float], reading: GpuReading, cooldown_s: float, t_s: float
+) -> dict[str, float]:
+    """``last_victim_s`` less this GPU's MIG pools that are gone (or not read now) and cooled down: a
+    layout that changes cannot grow the state without bound."""
+    prefix = f"{reading.uuid}/"
+    now = {_pool(reading, i) for i in reading.mig_instances or ()}
+    return {
+        pool: last
+        for pool, last in last_victim_s.items()
+        if not pool.startswith(prefix) or pool in now or t_s - last < cooldown_s
+    }
+
+
+def _victim_order(item: tuple[_Candidate, Offender]) -> tuple[int, int, int, int]:
+    """Lowest priority first, then the largest overrun; ties: the newest process, whatever the listing order."""
+    c = item[0]
+    return (c.klass.priority, -(c.used_bytes - (c.klass.budget_bytes or 0)), -(c.facts.start_time or 0), -c.process.pid)
 
 
 def _decision(
@@ -406,7 +463,8 @@ def evaluate_vram(
     if not current and not yielders and not remembered:
         return state, []  # no process over its budget, none to make room, nothing remembered: this very state
 
-    last_victim = state.last_victim_s.get(uuid)
+    pools = memory_pools(reading)
+    last_victim_s = _kept_pools(state.last_victim_s, reading, policy.cooldown_s, t_s)
     new_victims: list[tuple[_Candidate, Offender]] = []
     for candidate, known in current:
         klass = candidate.klass
@@ -420,9 +478,10 @@ def evaluate_vram(
         if other is not None and not (other.dry_run and not dry):  # would-be signals count in a dry run only
             adopted = _adopted(offender, other)
             if (adopted.term_sent_s, adopted.kill_sent_s) != (offender.term_sent_s, offender.kill_sent_s):
-                # Signalled for another GPU: that signal counts here, and cools this GPU.
+                # Signalled for another GPU: that signal counts here, and cools the pools it runs in here.
                 sent_s = max(x for x in (other.term_sent_s, other.kill_sent_s) if x is not None)
-                last_victim = sent_s if last_victim is None else max(last_victim, sent_s)
+                for pool in pools.get(candidate.process.pid, (uuid,)):
+                    last_victim_s[pool] = max(sent_s, last_victim_s.get(pool, sent_s))
             offender = adopted
         if not dry and offender.kill_sent_s is not None and offender.killed_s is None:
             # Live now, and the SIGKILL recorded was only a dry run's "would send" (after a real
@@ -462,66 +521,33 @@ def evaluate_vram(
         if _may_act(candidate, stopped_units, unit_stops, loops):
             new_victims.append((candidate, Offender(over_since_s=t_s)))
 
-    last_victim_s = dict(state.last_victim_s)
-    if last_victim is not None:
-        last_victim_s[uuid] = last_victim
-    cooling = last_victim is not None and t_s - last_victim < policy.cooldown_s
-    if new_victims and not cooling:
-        new_victims.sort(
-            key=lambda item: (
-                item[0].klass.priority,
-                -(item[0].used_bytes - (item[0].klass.budget_bytes or 0)),
-                -(item[0].facts.start_time or 0),  # ties: the newest process, whatever the listing order
-                -item[0].process.pid,
-            )
-        )
-        candidate, offender = new_victims[0]
+    pressed = _pressed_pools(reading, policy)
+    taken: set[str] = set()  # pools given a victim in this tick (a cooldown of 0 s still allows one a tick)
+    for candidate, offender in sorted(new_victims, key=_victim_order):
         klass = candidate.klass
-        dry = policy.dry_run or klass.dry_run
-        over_s = t_s - offender.over_since_s
-        pressure = why_all if why_all is not None else why_pid.get(candidate.process.pid)
-        why = (
-            f"{pressure}, lowest priority {klass.priority} first"
-            if pressure is not None and over_s < klass.grace_s
-            else f"over budget for {format_seconds(over_s)} (grace {format_seconds(klass.grace_s)})"
-        )
+        runs_in = pools.get(candidate.process.pid, (uuid,))
+        due = candidate.used_bytes > (klass.budget_bytes or 0) and t_s - offender.over_since_s >= klass.grace_s
+        free = [
+            pool
+            for pool in (runs_in if due else [p for p in runs_in if p in pressed])
+            if pool not in taken and t_s - last_victim_s.get(pool, -math.inf) >= policy.cooldown_s
+        ]
         unit = system_unit(candidate.facts)
-        if klass.enforced_action is ProcessAction.STOP_UNIT and unit is not None:
-            decisions.append(
-                _decision(
-                    reading,
-                    candidate,
-                    t_s,
-                    Rule.VRAM_ENFORCE,
-                    Action.STOP_UNIT,
-                    f"{_describe(candidate)}: {why}: stop unit {unit}",
-                    dry_run=dry,
-                    unit=unit,
-                )
-            )
+        if not free or (klass.enforced_action is ProcessAction.STOP_UNIT and unit in unit_stops):
+            continue
+        why = why_all if why_all is not None else why_pid.get(candidate.process.pid)
+        decision, sent = _enforce(reading, candidate, offender, policy, t_s, why, unit)
+        decisions.append(decision)
+        if decision.action is Action.STOP_UNIT and unit is not None:
             unit_stops[unit] = t_s
         else:
-            if klass.enforced_action is ProcessAction.KILL:
-                action, offender = Action.SIGNAL_KILL, _sent(offender, dry, kill_sent_s=t_s)
-            else:
-                action, offender = Action.SIGNAL_TERM, _sent(offender, dry, term_sent_s=t_s)
-            decisions.append(
-                _decision(
-                    reading,
-                    candidate,
-                    t_s,
-                    Rule.VRAM_ENFORCE,
-                    action,
-                    f"{_describe(candidate)}: {why}",
-                    dry_run=dry,
-                    unit=unit,
-                )
-            )
-            offenders[candidate.key] = offender
+            offenders[candidate.key] = sent
             if unit is not None:
                 window = klass.restart_loop_window_s
                 signals[unit] = (*(s for s in signals.get(unit, ()) if t_s - s <= window), t_s)
-        last_victim_s[uuid] = t_s
+        for pool in runs_in:
+            last_victim_s[pool] = t_s
+            taken.add(pool)
     return (
         VramState(
             offenders=offenders,
@@ -532,6 +558,36 @@ def evaluate_vram(
         ),
         decisions,
     )
+
+
+def _enforce(
+    reading: GpuReading,
+    c: _Candidate,
+    offender: Offender,
+    policy: VramPolicy,
+    t_s: float,
+    pressure: str | None,
+    unit: str | None,
+) -> tuple[Decision, Offender]:
+    """The class's action on a new victim (``pressure``: why its memory is short, None when it is not),
+    and the offender with the signal recorded."""
+    klass = c.klass
+    dry = policy.dry_run or klass.dry_run
+    over_s = t_s - offender.over_since_s
+    why = (
+        f"{pressure}, lowest priority {klass.priority} first"
+        if pressure is not None and over_s < klass.grace_s
+        else f"over budget for {format_seconds(over_s)} (grace {format_seconds(klass.grace_s)})"
+    )
+    if klass.enforced_action is ProcessAction.STOP_UNIT and unit is not None:
+        reason = f"{_describe(c)}: {why}: stop unit {unit}"
+        return _decision(reading, c, t_s, Rule.VRAM_ENFORCE, Action.STOP_UNIT, reason, dry_run=dry, unit=unit), offender
+    if klass.enforced_action is ProcessAction.KILL:
+        action, offender = Action.SIGNAL_KILL, _sent(offender, dry, kill_sent_s=t_s)
+    else:
+        action, offender = Action.SIGNAL_TERM, _sent(offender, dry, term_sent_s=t_s)
+    decision = _decision(reading, c, t_s, Rule.VRAM_ENFORCE, action, f"{_describe(c)}: {why}", dry_run=dry, unit=unit)
+    return decision, offender
 
 
 def _kill_follow_up(

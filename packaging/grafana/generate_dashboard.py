@@ -329,6 +329,38 @@ def power_row(dash: db.Dashboard) -> db.Dashboard:
     return dash
 
 
+MIG_LEGEND = "{{instance}} GPU {{gpu}} {{mig_uuid}}"
+"""A MIG instance: the host, the physical GPU and the MIG device's own UUID (``mig_uuid``)."""
+PRESSURE_STATES = {"0": ("ok", "green"), "1": ("pressure", "red")}
+"""Memory pressure (0/1) as words on a state timeline."""
+
+
+def state_timeline(
+    title: str, description: str, expr: str, legend: str, states: dict[str, tuple[str, str]], w: int
+) -> statetimeline.Panel:
+    """A state timeline whose values ``states`` maps to coloured words (value -> (text, colour))."""
+    panel = (
+        statetimeline.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .span(w)
+        .height(8)
+        .show_value(cm.VisibilityMode.NEVER)
+        .mappings(
+            [
+                dm.ValueMap(
+                    options={
+                        value: dm.ValueMappingResult(text=text, color=color, index=i)
+                        for i, (value, (text, color)) in enumerate(states.items())
+                    }
+                )
+            ]
+        )
+    )
+    return with_queries(panel, [(expr, legend)])
+
+
 def vram_row(dash: db.Dashboard) -> db.Dashboard:
     dash = dash.with_row(db.Row("VRAM"))
     by_class = graph(
@@ -388,27 +420,57 @@ def vram_row(dash: db.Dashboard) -> db.Dashboard:
         .draw_style(cm.GraphDrawStyle.BARS)
         .no_value("none")
     )
-    pressure = (
-        statetimeline.Panel()
-        .title("Memory pressure")
-        .description("1 while free VRAM is below the configured reserve (gpu_governor_gpu_memory_pressure).")
-        .datasource(DATASOURCE)
-        .span(12)
-        .height(8)
-        .show_value(cm.VisibilityMode.NEVER)
-        .mappings(
-            [
-                dm.ValueMap(
-                    options={
-                        "0": dm.ValueMappingResult(text="ok", color="green", index=0),
-                        "1": dm.ValueMappingResult(text="pressure", color="red", index=1),
-                    }
-                )
-            ]
-        )
+    pressure = state_timeline(
+        "Memory pressure",
+        "1 while free VRAM is below the configured reserve (gpu_governor_gpu_memory_pressure).",
+        f"gpu_governor_gpu_memory_pressure{{{GPU}}}",
+        GPU_LEGEND,
+        PRESSURE_STATES,
+        w=12,
     )
-    pressure = with_queries(pressure, [(f"gpu_governor_gpu_memory_pressure{{{GPU}}}", GPU_LEGEND)])
     for panel in (by_class, processes, actions, pressure):
+        dash = dash.with_panel(panel)
+    return dash
+
+
+def mig_row(dash: db.Dashboard) -> db.Dashboard:
+    """MIG (Multi-Instance GPU): each instance's own memory and pressure, which the VRAM rule judges
+    per instance, and each GPU's MIG mode. The instance series exist only while a GPU in MIG mode is
+    read per instance, and the mode is absent on GPUs without MIG: on other hosts the row is empty.
+    Last on the dashboard, so the panel ids before it (links with viewPanel=N) stay as they were."""
+    dash = dash.with_row(db.Row("MIG"))
+    mode = state_timeline(
+        "MIG mode",
+        "Whether each GPU is in MIG mode (gpu_governor_gpu_mig_mode, read every 10 s); no series for a GPU "
+        "without MIG support or whose mode NVML does not know.",
+        f"max by (instance, gpu) (gpu_governor_gpu_mig_mode{{{GPU}}})",
+        GPU_LEGEND,
+        {"0": ("off", "text"), "1": ("MIG", "blue")},
+        w=8,
+    )
+    memory = graph(
+        "MIG instance memory used vs total",
+        "VRAM used in each MIG instance (gpu_governor_mig_instance_memory_used_bytes) against the "
+        "instance's own total (dashed, gpu_governor_mig_instance_memory_total_bytes). The reserve and "
+        "pressure_used_ratio apply to each instance's memory, not to the card's.",
+        "bytes",
+        [
+            (f"gpu_governor_mig_instance_memory_used_bytes{{{GPU}}}", f"{MIG_LEGEND} used"),
+            (f"gpu_governor_mig_instance_memory_total_bytes{{{GPU}}}", f"{MIG_LEGEND} total"),
+        ],
+        w=16,
+    ).override_by_regexp("/ total$/", [line_style("dash")])
+    pressure = state_timeline(
+        "MIG instance memory pressure",
+        "1 while a MIG instance's free VRAM is below the reserve or its use above pressure_used_ratio "
+        "(gpu_governor_mig_instance_memory_pressure): over-budget processes in it are acted on before "
+        "their grace, one per cooldown in each instance.",
+        f"gpu_governor_mig_instance_memory_pressure{{{GPU}}}",
+        MIG_LEGEND,
+        PRESSURE_STATES,
+        w=24,
+    )
+    for panel in (mode, memory, pressure):
         dash = dash.with_panel(panel)
     return dash
 
@@ -683,8 +745,8 @@ def build() -> dict[str, Any]:
         db.Dashboard("GPU governor")
         .uid(UID)
         .description(
-            "gpu-governor: thermal zones, power-limit ladder, VRAM budgets and the governor's own health, "
-            "per host and GPU. Source: packaging/grafana/generate_dashboard.py."
+            "gpu-governor: thermal zones, power-limit ladder, VRAM budgets, the governor's own health and "
+            "MIG instances, per host and GPU. Source: packaging/grafana/generate_dashboard.py."
         )
         .tags(["gpu", "gpu-governor", "nvidia"])
         .editable()
@@ -702,7 +764,8 @@ def build() -> dict[str, Any]:
         .icon_color("purple")
         .expr(DECISIONS_ANNOTATION)
     )
-    for row in (overview_row, thermal_row, power_row, vram_row, decisions_row, hardware_row, health_row):
+    rows = (overview_row, thermal_row, power_row, vram_row, decisions_row, hardware_row, health_row, mig_row)
+    for row in rows:
         dash = row(dash)
     model: dict[str, Any] = json.loads(json.dumps(dash.build(), cls=JSONEncoder))
     for annotation in model["annotations"]["list"]:

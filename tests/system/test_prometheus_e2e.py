@@ -13,7 +13,8 @@ Every dashboard query must return data, with one documented exception:
 hardware reports an event (an XID, an ECC error, a remapped row); a simulated GPU has none.
 The rest of issue 14's telemetry (clocks, clock-event seconds, fan, pstate) must answer
 here, from the simulated backend; memory temperature is absent on the simulated RTX 4070s
-(as on GeForce boards), so its panel may be empty too.
+(as on GeForce boards), so its panel may be empty too, and so may the MIG row (the simulated
+backend has no MIG; tests/test_monitoring.py runs those queries on a MIG scrape instead).
 
 Needs ``prometheus`` (Debian package prometheus); without it the tests skip, unless
 GG_REQUIRE_SYSTEM_TESTS=1 (CI), where they fail.
@@ -86,6 +87,12 @@ EMPTY_WITHOUT_HARDWARE_EVENTS: dict[str, str] = {
     "Remapped memory rows": "the row remapper exists only on data-center GPUs (A100, H100, H200), not simulated",
     "Memory temperature": "NVML reports a memory (HBM) temperature only on data-center GPUs, not on the "
     "simulated RTX 4070s here (GeForce answers NotSupported)",
+    "MIG mode": "gpu_governor_gpu_mig_mode exists only for GPUs whose MIG mode NVML reports; the simulated "
+    "backend has no MIG (nor have GeForce boards)",
+    "MIG instance memory used vs total": "the MIG instance series exist only for a GPU in MIG mode read per "
+    "instance (A100, H100, H200); the simulated backend has no MIG",
+    "MIG instance memory pressure": "the MIG instance series exist only for a GPU in MIG mode read per instance; "
+    "the simulated backend has no MIG",
 }
 """Dashboard panels (by title) whose queries may return nothing here, and why. Only series
 that exist on real hardware events or boards belong here; everything else must answer."""
