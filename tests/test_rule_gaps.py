@@ -8,7 +8,7 @@ from governor.config import Config, GpuPolicy, PowerPolicy
 from governor.core import build_plans
 from governor.model import Action, GpuReading, GpuTelemetry
 from governor.policy import FanMode, FanPolicy, Rule, ThermalZone
-from governor.rules.engine import GpuPlan, GpuRuleState, evaluate_gpu
+from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate_gpu
 from governor.rules.fan import FanPlan, FanState, FanStep, step_fan
 from governor.rules.gaps import max_gap_s
 from governor.rules.power import LadderState
@@ -25,7 +25,7 @@ ASSIST = FanPolicy(mode=FanMode.ASSIST, max_percent=75.0, raise_at_c=70.0, lower
 class Card:
     """The 200 W card fed through the engine (:func:`evaluate_gpu`), its enforced limit following every set."""
 
-    def __init__(self, poll_interval_s: float = 1.0, state: GpuRuleState = GpuRuleState()) -> None:
+    def __init__(self, poll_interval_s: float = 1.0, state: GpuRuleState = NEW_STATE) -> None:
         self.plan = GpuPlan.build(CARD_200W, GpuPolicy(power=POWER), poll_interval_s)
         self.state = state
         self.enforced_w = 200.0 if state.ladder.rung is None else self.plan.ladder_w[state.ladder.rung]
@@ -59,7 +59,8 @@ class TestLadder:
         """NVML failing every tick for a minute is a gap too; a few missing readings still hold the run."""
         card = Card()
         card.read(0.0, HOT_C)
-        assert [card.read(float(t), None) for t in range(1, 60)][0] == [Rule.POWER_HOLD]
+        missing = [card.read(float(t), None) for t in range(1, 60)]
+        assert missing[0] == [Rule.POWER_HOLD] and not any(missing[1:])
         assert card.read(60.0, HOT_C) == [] and card.state.ladder.hot_samples == 1
         short = Card()
         short.read(0.0, HOT_C)
@@ -75,7 +76,7 @@ class TestLadder:
         assert card.first_step_up(range(131, 300)) == 190.0
 
     def test_a_gap_up_to_the_limit_keeps_the_runs_and_past_it_restarts_them(self) -> None:
-        """15 s without a reading (the limit at a 1 s poll) or a clock going backwards keeps both runs; 15.5 s does not."""
+        """15 s without a reading (the limit at a 1 s poll) or a clock going back keeps both runs; 15.5 s does not."""
         at_limit, past = Card(), Card()
         at_limit.read(0.0, HOT_C)
         past.read(0.0, HOT_C)
@@ -93,7 +94,7 @@ class TestLadder:
         assert cool_past.state.ladder.cool_since_s == 15.5 and cool_past.first_step_up(range(16, 200)) == 76.0
 
     def test_the_limit_scales_with_the_poll_interval(self) -> None:
-        """Polling every 10 s, readings 30 s apart (3 polls) are one run and 30.5 s apart are not; at 1 s, 15 s is the limit."""
+        """Polling every 10 s, readings 30 s apart (3 polls) are one run, 30.5 s apart are not; at 1 s, 15 s is."""
         assert (max_gap_s(1.0), max_gap_s(5.0), max_gap_s(10.0)) == (15.0, 15.0, 30.0)
         plans = build_plans(Config(poll_interval_s=10.0), [CARD_200W])
         assert plans[CARD_200W.uuid].max_gap_s == 30.0
@@ -128,13 +129,15 @@ def fan_reading(temperature_c: float, fans_percent: tuple[float, float]) -> GpuR
 
 
 class TestFans:
-    def assist(self, times: list[float], state: FanState = FanState(), **kwargs: float) -> list[FanStep]:
-        """Assist at 72 C at each time, the fans reading their targets (45 % where the card runs them)."""
+    def assist(self, times: list[float], state: FanState | None = None) -> list[FanStep]:
+        """Assist at 72 C at each time from ``state`` (the card's control when None), the fans reading their
+        targets (45 % where the card runs them)."""
         plan = FanPlan.build(FANS, ASSIST)
+        state = FanState() if state is None else state
         steps = []
         for t in times:
             measured = tuple(dict(state.targets).get(f, 45.0) for f in (0, 1))
-            step = step_fan(fan_reading(72.0, (measured[0], measured[1])), plan, ASSIST, state, t, **kwargs)
+            step = step_fan(fan_reading(72.0, (measured[0], measured[1])), plan, ASSIST, state, t)
             state = step.state
             steps.append(step)
         return steps
