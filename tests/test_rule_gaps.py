@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from governor.config import Config, GpuPolicy, PowerPolicy
 from governor.core import build_plans
@@ -12,6 +13,8 @@ from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate_gpu
 from governor.rules.fan import FanPlan, FanState, FanStep, step_fan
 from governor.rules.gaps import max_gap_s
 from governor.rules.power import LadderState
+from governor.trace import device_record, read_trace, sample_record, write_records
+from governor.whatif.replay import replay_trace
 from tests.helpers import CARD_200W, reading
 
 POWER = PowerPolicy(debounce_samples=2, min_change_interval_s=0.0)  # 200 -> 180 W at 75 C x2, up at 65 C for 60 s
@@ -114,6 +117,20 @@ class TestLadder:
         hot = Card()
         hot.read(0.0, HOT_C)
         assert hot.state.ladder.last_read_s == 0.0
+
+
+class TestReplay:
+    def test_a_trace_recorded_every_20_s_has_no_gap_every_sample(self, tmp_path: Path) -> None:
+        """Replay reckons gaps from the trace's own interval: 3 hot samples 20 s apart step down (debounce 3)."""
+        records = [device_record(CARD_200W, 20.0, "slow")]
+        for k, temperature_c in enumerate((60.0, 78.0, 78.0, 78.0, 60.0)):
+            records.append(sample_record(20.0 * k, reading(temperature_c)))
+        with open(tmp_path / "slow.jsonl", "w", encoding="utf-8") as handle:
+            write_records(handle, records)
+        result = replay_trace(read_trace(tmp_path / "slow.jsonl"), Config())
+        assert [(d.t_s, d.rule) for d in result.decisions if d.rule.startswith("power")] == [
+            (60.0, Rule.POWER_STEP_DOWN)
+        ]
 
 
 def fan_reading(temperature_c: float, fans_percent: tuple[float, float]) -> GpuReading:
