@@ -315,7 +315,7 @@ def build_plans(config: Config, gpus: Iterable[GpuInfo]) -> dict[str, GpuPlan]:
         policy = config.policy_for(gpu)
         if deep_cap_problem(policy.power, gpu) is not None:
             policy = replace(policy, power=replace(policy.power, enabled=False))
-        plans[gpu.uuid] = GpuPlan.build(gpu, policy)
+        plans[gpu.uuid] = GpuPlan.build(gpu, policy, config.poll_interval_s)
     return plans
 
 

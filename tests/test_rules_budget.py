@@ -198,7 +198,9 @@ def nodes(draw: st.DrawFn) -> tuple[Node, list[tuple[float, list[float], list[fl
     node = Node(gpus, policy, power, enforced=start)
     for g in gpus:
         weight = draw(st.sampled_from([0.25, 1.0, 4.0]))
-        node.plans[g.uuid] = GpuPlan.build(g, GpuPolicy(ThermalPolicy(), replace(power, budget_weight=weight)))
+        gpu_policy = GpuPolicy(ThermalPolicy(), replace(power, budget_weight=weight))
+        # Ticks come up to 30 s apart: a daemon polling every 10 s, to which 30 s is no gap in the readings.
+        node.plans[g.uuid] = GpuPlan.build(g, gpu_policy, 10.0)
     ticks = []
     t = 0.0
     demands = [0.0] * n

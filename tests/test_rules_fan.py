@@ -103,11 +103,12 @@ class TestAssist:
         assert all(headroom for _, _, headroom in steps)  # at the ceiling: still settling
 
     def test_ceiling_holds_the_ladder_for_settle_s_only(self) -> None:
-        """At the ceiling since t=10 the headroom lasts until t=70 (settle_s 60) and is gone after."""
-        temps = [(0.0, 71.0), (5.0, 72.0), (10.0, 72.0), (69.0, 76.0), (70.0, 76.0), (80.0, 76.0)]
+        """At the ceiling since t=10 (read every 10 s) the headroom lasts until t=70 (settle_s 60) and is gone after."""
+        at_ceiling = [(float(t), 74.0) for t in range(20, 70, 10)]
+        temps = [(0.0, 71.0), (5.0, 72.0), (10.0, 72.0), *at_ceiling, (69.0, 76.0), (70.0, 76.0), (80.0, 76.0)]
         steps = self.run(temps)
         assert steps[2][1].ceiling_since_s == 10.0
-        assert [h for _, _, h in steps] == [True, True, True, True, False, False]
+        assert [h for _, _, h in steps] == [True] * 9 + [False, False]
 
     def test_lowers_and_hands_back_when_cool(self) -> None:
         """At 62 C and below the fans come down 10 % every 5 s, and go back to the card at the speed taken over at."""

@@ -28,6 +28,7 @@ from governor.model import (
 )
 from governor.policy import GpuPolicy, ThermalZone, VramPolicy
 from governor.rules.fan import FanPlan, FanState, step_fan
+from governor.rules.gaps import DEFAULT_MAX_GAP_S, max_gap_s
 from governor.rules.power import LadderState, effective_ladder, step_power, target_w
 from governor.rules.target import TargetState, step_target, target_bounds
 from governor.rules.thermal import evaluate_zone, thresholds
@@ -57,17 +58,21 @@ building one costs more than all the rules of a steady tick)."""
 class GpuPlan:
     """A GPU's policy resolved against its facts: what the rules need, computed once per config.
 
-    ``ladder_w`` holds the resolved ladder; in target mode, (ceiling, floor) in watts."""
+    ``ladder_w`` holds the resolved ladder; in target mode, (ceiling, floor) in watts. ``max_gap_s``:
+    the longest time (s) between two readings of one run of the ladder or the fans, for the poll
+    interval in force (:func:`governor.rules.gaps.max_gap_s`)."""
 
     info: GpuInfo
     policy: GpuPolicy
     ladder_w: tuple[float, ...]
     zone_thresholds_c: tuple[tuple[ThermalZone, float], ...]
     fan: FanPlan = field(default_factory=FanPlan)
+    max_gap_s: float = DEFAULT_MAX_GAP_S
 
     @classmethod
-    def build(cls, info: GpuInfo, policy: GpuPolicy) -> GpuPlan:
-        """Resolve the ladder (or target mode's bounds) against the GPU's allowed power range, and its fans."""
+    def build(cls, info: GpuInfo, policy: GpuPolicy, poll_interval_s: float = 1.0) -> GpuPlan:
+        """Resolve the ladder (or target mode's bounds) against the GPU's allowed power range, and its fans;
+        ``poll_interval_s``: the seconds between two readings (the config's ``poll_interval_s``)."""
         power = policy.power
         return cls(
             info=info,
@@ -75,6 +80,7 @@ class GpuPlan:
             ladder_w=target_bounds(power, info) if power.target_mode else effective_ladder(power.ladder_w, info),
             zone_thresholds_c=thresholds(policy.thermal),
             fan=FanPlan.build(info, policy.fan),
+            max_gap_s=max_gap_s(poll_interval_s),
         )
 
 
@@ -133,7 +139,16 @@ def evaluate_gpu(
         decisions.append(zone_decision)
     if reading.health is GpuHealth.LOST:
         return replace(state, zone=zone, last_known_zone=last_known), decisions
-    fans = step_fan(reading, plan.fan, plan.policy.fan, state.fan, t_s, blocked=fans_blocked, check_follow=not dry_run)
+    fans = step_fan(
+        reading,
+        plan.fan,
+        plan.policy.fan,
+        state.fan,
+        t_s,
+        blocked=fans_blocked,
+        check_follow=not dry_run,
+        max_gap_s=plan.max_gap_s,
+    )
     decisions.extend(fans.decisions)
     ladder, target = state.ladder, state.target
     if plan.policy.power.target_mode:
@@ -160,6 +175,7 @@ def evaluate_gpu(
             check_drift=not dry_run,
             cooling_headroom=fans.headroom,
             cap_w=cap_w,
+            max_gap_s=plan.max_gap_s,
         )
     decisions.extend(power_decisions)
     vram_state = state.vram

@@ -16,6 +16,10 @@ Three modes (:class:`governor.policy.FanMode`):
   time and go back to the card's automatic control once they are at or below the speed
   they were taken over at.
 
+A gap in the readings (a reading more than ``max_gap_s`` after the last one, as on the power
+ladder: :mod:`governor.rules.gaps`) starts both of the rule's times over at that reading: the
+settle time at the ceiling and a fan's time off its target count only readings.
+
 Every target is clamped to the noise ceiling and the card's range and rounded to a whole
 percent (NVML's unit). A missing temperature hands the fans back to the card, whose own
 control has a sensor of its own. A fan that does not follow its target (the measured speed
@@ -35,6 +39,7 @@ from dataclasses import dataclass, replace
 
 from governor.model import Decision, GpuInfo, GpuReading, fast_init
 from governor.policy import Action, FanMode, FanPolicy, Rule, format_seconds
+from governor.rules.gaps import DEFAULT_MAX_GAP_S, after_gap
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +50,8 @@ class FanState:
     card's own control runs the fans. ``taken_from_percent``: the speed the card ran
     them at when assist took over; ``ceiling_since_s``: when assist reached the ceiling;
     ``off_target_since_s``: since when a fan reads away from its target; ``handed_back``:
-    why the governor gave the fans up for good (None while it may drive them).
+    why the governor gave the fans up for good (None while it may drive them);
+    ``last_read_s``: the last reading while one of those two times runs (None otherwise).
     """
 
     targets: tuple[tuple[int, float], ...] = ()
@@ -54,6 +60,7 @@ class FanState:
     ceiling_since_s: float | None = None
     off_target_since_s: float | None = None
     handed_back: str | None = None
+    last_read_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +233,13 @@ def step_fan(
     *,
     blocked: bool = False,
     check_follow: bool = True,
+    max_gap_s: float = DEFAULT_MAX_GAP_S,
 ) -> FanStep:
     """Advance one GPU's fan control by one reading (see the module docstring).
 
     ``blocked``: the actuator cannot drive this GPU's fans (monitor-only); the rule then
-    decides nothing and reports no headroom. ``check_follow`` is off in dry run.
+    decides nothing and reports no headroom. ``check_follow`` is off in dry run. ``max_gap_s``:
+    a reading more than this long (s) after the last one starts the settle and follow times over.
     """
     if blocked or not plan.fans:
         # The actuator gave these fans up (or there are none): nothing to drive, nothing held.
@@ -248,16 +257,28 @@ def step_fan(
             reading, state, t_s, Rule.FAN_RELEASE, "temperature reading missing: fans back to the card's control"
         )
         return FanStep(state, decisions, False)
+    if after_gap(state.last_read_s, t_s, max_gap_s):  # time nobody read: both times start over at this reading
+        state = replace(state, ceiling_since_s=None, off_target_since_s=None)
     if check_follow and state.targets:
         handed = _not_following(reading, policy, state, t_s)
         if handed is not None:
             state, decisions = handed
             if decisions:
-                return FanStep(state, decisions, False)
+                return _stamped(FanStep(state, decisions, False), t_s)
     if policy.mode is FanMode.CURVE:
         state, decisions = _curve(reading, plan, policy, state, t_s, temperature)
-        return FanStep(state, decisions, False)
-    return _assist(reading, plan, policy, state, t_s, temperature)
+        return _stamped(FanStep(state, decisions, False), t_s)
+    return _stamped(_assist(reading, plan, policy, state, t_s, temperature), t_s)
+
+
+def _stamped(step: FanStep, t_s: float) -> FanStep:
+    """``step`` after a reading at ``t_s``: its state remembers it while the settle or the follow time
+    runs, and forgets any earlier one otherwise (a steady tick keeps ``step`` itself)."""
+    state = step.state
+    read = t_s if state.ceiling_since_s is not None or state.off_target_since_s is not None else None
+    if state.last_read_s == read:
+        return step
+    return FanStep(replace(state, last_read_s=read), step.decisions, step.headroom)
 
 
 def _curve(

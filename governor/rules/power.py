@@ -16,6 +16,10 @@
   absolute ladder that deep is refused at load unless ``allow_deep_cap``).
 * A missing temperature holds the current limit: never a step up on no data. It holds the
   run of hot readings too (neither counted nor reset) and ends the run of cool ones.
+* A gap in the readings: a temperature reading more than ``max_gap_s`` after the last one
+  (:func:`governor.rules.gaps.max_gap_s`: 3 polls, at least 15 s; a suspended host, a stalled
+  daemon, a GPU lost and back, NVML failing every tick) starts both runs over at that reading,
+  so neither the debounce nor the dwell counts time nobody read.
 * Anti-flap backoff (lazy when releasing, as thermald): a step down (or critical
   jump) within ``flap_window_s`` of the last step up doubles the dwell before the
   next step up - and keeps doubling it until it is longer than the release lasted (the
@@ -39,6 +43,7 @@ from dataclasses import dataclass, replace
 
 from governor.model import Decision, GpuInfo, GpuReading
 from governor.policy import Action, PowerPolicy, Rule, Rung, ThermalZone, format_seconds, percent_of
+from governor.rules.gaps import DEFAULT_MAX_GAP_S, after_gap
 
 DRIFT_TOLERANCE_W = 1.0
 """Enforced and target limits closer than this (watts) are the same limit."""
@@ -61,6 +66,7 @@ class LadderState:
     backoff: int = 0  # dwell doublings in force as of last_change_s (before decay)
     settle_from_w: float | None = None  # enforced limit (W) when the last change was decided, until read back
     granted_w: float | None = None  # the limit (W) the driver stored for the last target read back, when it rounded it
+    last_read_s: float | None = None  # the last temperature reading while a run counts (_counting); else None
 
     @property
     def governed(self) -> bool:
@@ -220,18 +226,35 @@ def _cooled(state: LadderState, cool_since_s: float | None = None) -> LadderStat
     return replace(state, hot_samples=0, cool_since_s=cool_since_s)
 
 
+def _counting(state: LadderState) -> bool:
+    """True while a run counts toward a change: hot readings toward a step down, or cool ones toward
+    a step up (a rung above this one to release). Only then does a gap in the readings matter, so only
+    then is the last reading's time kept: an idle GPU's steady tick changes nothing."""
+    return state.hot_samples > 0 or (state.cool_since_s is not None and state.rung is not None and state.rung > 0)
+
+
+def _stamped(state: LadderState, t_s: float) -> LadderState:
+    """``state`` after a temperature reading at ``t_s``: remembering it while a run counts, forgetting
+    any earlier one otherwise; ``state`` itself when that already holds."""
+    read = t_s if _counting(state) else None
+    return state if state.last_read_s == read else replace(state, last_read_s=read)
+
+
 def _rebased(state: LadderState, t_s: float, lowest: int) -> LadderState:
     """``state`` made consistent with this tick: a rung past the ladder's floor (the ladder shrank: a
     narrower power range, a reload with fewer rungs) is the floor, and times after ``t_s`` (the snapshot
     clock went backwards: a replay started over, a clock reset) are taken as ``t_s``, so the minimum
-    interval and the dwell count from now instead of waiting for the old clock, and the last step up,
-    of unknown age, is no flap. ``state`` itself when nothing needs it (every steady tick)."""
+    interval and the dwell count from now instead of waiting for the old clock, the last reading is no
+    gap, and the last step up, of unknown age, is no flap. ``state`` itself when nothing needs it (every
+    steady tick)."""
     rung, cool, change, up = state.rung, state.cool_since_s, state.last_change_s, state.last_up_s
+    read = state.last_read_s
     if (
         (rung is None or rung <= lowest)
         and (cool is None or cool <= t_s)
         and (change is None or change <= t_s)
         and (up is None or up <= t_s)
+        and (read is None or read <= t_s)
     ):
         return state
     return replace(
@@ -240,6 +263,7 @@ def _rebased(state: LadderState, t_s: float, lowest: int) -> LadderState:
         cool_since_s=None if cool is None else min(cool, t_s),
         last_change_s=None if change is None else min(change, t_s),
         last_up_s=None if up is None or up > t_s else up,
+        last_read_s=None if read is None else min(read, t_s),
     )
 
 
@@ -261,6 +285,7 @@ def step_power(
     check_drift: bool = True,
     cooling_headroom: bool = False,
     cap_w: float | None = None,
+    max_gap_s: float = DEFAULT_MAX_GAP_S,
 ) -> tuple[LadderState, list[Decision]]:
     """Advance one GPU's ladder by one reading; returns the new state and its decisions.
 
@@ -271,7 +296,9 @@ def step_power(
     :mod:`governor.rules.fan`): the fans can still cool the card, so a step down waits and
     the run of hot readings starts over (entering critical still drops to the floor).
     ``cap_w``: the highest limit (W) the actuator writes on this GPU (its saved original), for the
-    drift check (:func:`drift`).
+    drift check (:func:`drift`). ``max_gap_s``: a temperature reading more than this long (s) after
+    the last one starts the runs of hot and cool readings over (:mod:`governor.rules.gaps`; the
+    GPU's plan has it for the poll interval in force).
     """
     if not policy.enabled or not ladder:
         return state, []
@@ -297,6 +324,8 @@ def step_power(
         return replace(state, cool_since_s=None, holding=True), [held]
     if state.holding:
         state = replace(state, holding=False)
+    if after_gap(state.last_read_s, t_s, max_gap_s):  # time nobody read: both runs start over at this reading
+        state = replace(state, hot_samples=0, cool_since_s=None)
 
     interval_ok = state.last_change_s is None or t_s - state.last_change_s >= policy.min_change_interval_s
 
@@ -311,6 +340,7 @@ def step_power(
             cool_since_s=None,
             last_change_s=t_s,
             backoff=level,
+            last_read_s=None,  # no run counts after a change down
         )
         entered = "entered" if previous_zone is not ThermalZone.CRITICAL else "in"
         reason = f"{entered} critical zone at {temperature:g} C: straight to the lowest rung{note}"
@@ -325,7 +355,14 @@ def step_power(
             below = _first_rung_below(ladder, reading.power_limit_w) if state.rung is None else state.rung + 1
             if below is not None and below <= lowest and not _would_raise(ladder[below], reading):
                 level, note = _after_step_down(policy, state, t_s)
-                state = replace(_changed(state, reading), rung=below, hot_samples=0, last_change_s=t_s, backoff=level)
+                state = replace(
+                    _changed(state, reading),
+                    rung=below,
+                    hot_samples=0,
+                    last_change_s=t_s,
+                    backoff=level,
+                    last_read_s=None,  # no run counts after a change down
+                )
                 reason = (
                     f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C for {hot} consecutive samples{note}"
                 )
@@ -364,6 +401,7 @@ def step_power(
                 last_change_s=t_s,
                 last_up_s=t_s,
                 backoff=level,
+                last_read_s=t_s if up > 0 else None,  # the cool run counts on while a rung above is left
             )
             dwell_text = f"dwell {format_seconds(dwell_s)}"
             if dwell_s != policy.dwell_s:
@@ -385,6 +423,7 @@ def step_power(
             ]
     else:
         state = _cooled(state)
+    state = _stamped(state, t_s)
 
     if check_drift:
         return _drift(reading, state, ladder, t_s, cap_w)

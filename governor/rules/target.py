@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from governor.model import Decision, GpuInfo, GpuReading
 from governor.policy import Action, PowerPolicy, Rule, ThermalZone, format_seconds
 from governor.rules.fit import MAX_GAP_S, Block, FitState, ModelParams, observe
+from governor.rules.gaps import after_gap
 from governor.rules.power import DRIFT_TOLERANCE_W, clamp_w, held_lower, power_decision, rung_w, settled_drift
 
 HOUR_S = 3600.0
@@ -157,7 +158,7 @@ def _rebased(state: TargetState, t_s: float, ceiling_w: float, floor_w: float) -
     itself when nothing needs it (every steady tick)."""
     limit, change, since, read = state.limit_w, state.last_change_s, state.headroom_since_s, state.power_t_s
     changes = state.changes_s
-    stale = since is not None and (since > t_s or read is None or not 0.0 <= t_s - read <= MAX_GAP_S)
+    stale = since is not None and (since > t_s or read is None or read > t_s or after_gap(read, t_s, MAX_GAP_S))
     if (
         (limit is None or floor_w <= limit <= ceiling_w)
         and (change is None or change <= t_s)

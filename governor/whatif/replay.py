@@ -11,7 +11,10 @@ would run them, except:
   ``gpu-governor record`` wrote it) through the config's classes; a replay cannot read
   ``/proc`` of a recorded process, so its start time is unknown and the VRAM rule reports
   it but never picks it to be signalled. Classes that match on anything but ``name``
-  (exe, cmdline, user, unit, slice, cgroup) cannot match here.
+  (exe, cmdline, user, unit, slice, cgroup) cannot match here;
+- the readings came at the trace's interval, not the config's ``poll_interval_s``: the gap in the
+  readings that starts the ladder's and the fans' runs over (:mod:`governor.rules.gaps`) is
+  reckoned from the trace's typical interval.
 
 Times are the trace's ``t`` (seconds since the recording started).
 """
@@ -117,7 +120,11 @@ def replay_trace(trace: Trace, config: Config) -> ReplayResult:
     issues = check_resolved(config, list(infos.values()))
     if issues:  # what the daemon refuses to start with on these cards (simulate refuses it too)
         raise ConfigError(issues)
-    plans = {uuid: GpuPlan.build(info, config.policy_for(info)) for uuid, info in infos.items()}
+    snapshots = list(trace.snapshots())
+    intervals = [b.t_s - a.t_s for a, b in itertools.pairwise(snapshots)]
+    typical_s = statistics.median(intervals) if intervals else _interval(trace)
+    # The trace's own interval is the poll the rules see: a recording every 10 s has no gap every tick.
+    plans = {uuid: GpuPlan.build(info, config.policy_for(info), typical_s) for uuid, info in infos.items()}
     by_index = {info.index: info for info in infos.values()}
     series = {
         i: GpuSeries(label=f"gpu{i}", gpu_index=i, zones=thresholds(plans[info.uuid].policy.thermal))
@@ -130,9 +137,6 @@ def replay_trace(trace: Trace, config: Config) -> ReplayResult:
     zone_s: dict[int, dict[ThermalZone, float]] = {i: dict.fromkeys(ThermalZone, 0.0) for i in by_index}
     over: dict[tuple[int, int, str | None], list[float]] = {}  # -> [peak bytes, seconds over, first t]
     over_class: dict[tuple[int, int, str | None], tuple[str, int]] = {}
-    snapshots = list(trace.snapshots())
-    intervals = [b.t_s - a.t_s for a, b in itertools.pairwise(snapshots)]
-    typical_s = statistics.median(intervals) if intervals else _interval(trace)
     for k, snapshot in enumerate(snapshots):
         dt = intervals[k] if k < len(intervals) else typical_s
         facts = {
