@@ -175,7 +175,9 @@ class TestBudget:
 
 @st.composite
 def nodes(draw: st.DrawFn) -> tuple[Node, list[tuple[float, list[float], list[float], list[bool]]]]:
-    """A node of 2-4 GPUs with any ranges, weights and a feasible budget, and a series of ticks."""
+    """A node of 2-4 GPUs with any ranges, weights and a feasible budget, and a series of ticks. About half
+    the nodes are built to move their demand (:func:`moving_demand`), so that writes which raise a limit
+    happen by construction and not only by luck of the draw."""
     n = draw(st.integers(2, 4))
     gpus = []
     for i in range(n):
@@ -201,6 +203,8 @@ def nodes(draw: st.DrawFn) -> tuple[Node, list[tuple[float, list[float], list[fl
         gpu_policy = GpuPolicy(ThermalPolicy(), replace(power, budget_weight=weight))
         # Ticks come up to 30 s apart: a daemon polling every 10 s, to which 30 s is no gap in the readings.
         node.plans[g.uuid] = GpuPlan.build(g, gpu_policy, 10.0)
+    if draw(st.booleans()):
+        return moving_demand(draw, gpus, policy, power)
     ticks = []
     t = 0.0
     demands = [0.0] * n
@@ -211,6 +215,34 @@ def nodes(draw: st.DrawFn) -> tuple[Node, list[tuple[float, list[float], list[fl
         temps = [float(draw(st.sampled_from([40, 60, 78, 90]))) for _ in gpus]
         fails = draw(st.lists(st.booleans(), min_size=0, max_size=8))
         ticks.append((t, demands, temps, fails))
+    return node, ticks
+
+
+def moving_demand(
+    draw: st.DrawFn, gpus: list[GpuInfo], policy: NodePolicy, power: PowerPolicy
+) -> tuple[Node, list[tuple[float, list[float], list[float], list[bool]]]]:
+    """A fresh node (every card at its maximum) under a budget well inside its range, shared by demand: a
+    cool first card busy, then (after at least one rebalance interval) a cool second card busy instead,
+    whose share, and limit, the budget then raises (every write succeeds: a failed lowering holds the
+    raise back, which the drawn nodes cover)."""
+    floors = sum(g.power_limit_min_w or 0.0 for g in gpus)
+    ceilings = sum(g.power_limit_max_w or 0.0 for g in gpus)
+    quarter = (ceilings - floors) / 4.0
+    budget = float(draw(st.integers(int(floors + quarter), int(ceilings - quarter))))
+    policy = replace(policy, power_budget_w=budget, share="demand", min_share_change_w=0.0)
+    node = Node(gpus, policy, power, enforced={g.uuid: g.power_limit_max_w or 0.0 for g in gpus})
+    for g in gpus:
+        node.plans[g.uuid] = GpuPlan.build(g, GpuPolicy(ThermalPolicy(), power), 10.0)
+    busy = [(g.power_limit_max_w or 0.0) + 50.0 for g in gpus]
+    first = [busy[0]] + [0.0] * (len(gpus) - 1)
+    second = [0.0, busy[1]] + [0.0] * (len(gpus) - 2)
+    step_s = float(draw(st.sampled_from([1, 5])))
+    swap_s = policy.rebalance_interval_s + 5.0
+    ticks: Ticks = []
+    t = 0.0
+    while t < 2 * swap_s + 10.0:
+        t += step_s
+        ticks.append((t, first if t <= swap_s else second, [40.0] * len(gpus), []))
     return node, ticks
 
 
