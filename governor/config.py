@@ -459,7 +459,7 @@ def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]
         prefix = f"[[gpu]] overrides for GPU {gpu.index} ({gpu.name}) combined: "
         _thermal_contradictions(policy.thermal, prefix, out)
         _power_contradictions(policy.power, prefix, out)
-        _target_contradictions(policy, prefix, out)
+        _target_contradictions(policy, config.poll_interval_s, prefix, out)
         _fan_contradictions(policy.fan, prefix, out)
         problem = deep_cap_problem(policy.power, gpu)
         if problem is not None:
@@ -468,14 +468,33 @@ def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]
     return out.issues
 
 
-def _target_contradictions(policy: GpuPolicy, prefix: str, out: Issues) -> None:
-    """Target mode needs its target below the critical zone (which sends the limit to the floor)."""
+TARGET_MAX_POLL_S = 5.0
+"""The longest poll interval (s) target mode takes: one reading per block of its fit
+(:data:`governor.rules.fit.BLOCK_S`), three within its gap limit (``MAX_GAP_S``, 15 s)."""
+
+
+def _target_contradictions(policy: GpuPolicy, poll_interval_s: float, prefix: str, out: Issues) -> None:
+    """Target mode needs its target below the critical zone (which sends the limit to the floor), and
+    readings often enough for its thermal model: at most :data:`TARGET_MAX_POLL_S` apart (its fit takes
+    a longer interval between two readings for a gap, and starts over at every reading)."""
+    from governor.rules.fit import BLOCK_S, MAX_GAP_S
+
     power, thermal = policy.power, policy.thermal
-    if power.target_mode and not power.target_c < thermal.critical_c:
+    if not power.target_mode:
+        return
+    if not power.target_c < thermal.critical_c:
         out.add(
             f"{prefix}power.target_c",
             f"a temperature below thermal.critical_c ({thermal.critical_c:g} C)",
             f"{power.target_c:g}",
+        )
+    if poll_interval_s > TARGET_MAX_POLL_S:
+        out.add(
+            f"{prefix}power.mode",
+            f"poll_interval_s at most {TARGET_MAX_POLL_S:g} s with target mode on (its thermal model fits "
+            f"the readings of {BLOCK_S:g} s blocks and takes more than {MAX_GAP_S:g} s without one for a gap), "
+            'or the ladder (mode = "ladder")',
+            f'mode = "target" with poll_interval_s = {poll_interval_s:g}',
         )
 
 
@@ -689,7 +708,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     fan = replace(FanPolicy(), **sections.get("fan", {}))
     _thermal_contradictions(thermal, "", out)
     _power_contradictions(power, "", out)
-    _target_contradictions(GpuPolicy(thermal, power), "", out)
+    _target_contradictions(GpuPolicy(thermal, power), float(top.get("poll_interval_s", 1.0)), "", out)
     _fan_contradictions(fan, "", out)
     node = replace(NodePolicy(), **sections.get("node", {}))
     metrics = replace(MetricsConfig(), **sections.get("metrics", {}))

@@ -25,6 +25,7 @@ from governor.config import (
     PowerPolicy,
     SimulationConfig,
     ThermalPolicy,
+    check_resolved,
     check_trust,
     load_config,
     parse_config,
@@ -713,3 +714,33 @@ class TestRender:
         """The rendered text says where the configuration came from."""
         text = render_config(replace(Config(), source="/etc/x.toml"))
         assert text.splitlines()[0] == "# effective configuration from /etc/x.toml"
+
+
+class TestTargetModePollInterval:
+    """Target mode's thermal model needs a reading at least every 5 s."""
+
+    def test_a_slow_poll_with_target_mode_is_refused_naming_both_keys(self) -> None:
+        """poll_interval_s = 20 with power.mode = "target" is refused on power.mode, saying the limit and the
+        way out (before, every 20 s reading was a gap to the fit: the limit was never raised)."""
+        (issue,) = issues_of({"poll_interval_s": 20.0, "power": {"mode": "target", "target_c": 70.0}})
+        assert issue.key == "power.mode"
+        assert "poll_interval_s at most 5 s" in issue.expected and 'mode = "ladder"' in issue.expected
+        assert issue.got == 'mode = "target" with poll_interval_s = 20'
+
+    @pytest.mark.parametrize("poll_s", [0.5, 1.0, 5.0])
+    def test_a_poll_the_fit_can_follow_is_accepted(self, poll_s: float) -> None:
+        """Target mode at a poll of 5 s or faster loads."""
+        config = parse_config({"poll_interval_s": poll_s, "power": {"mode": "target", "target_c": 70.0}}, "f")
+        assert config.power.target_mode and config.poll_interval_s == poll_s
+
+    def test_the_ladder_takes_any_poll(self) -> None:
+        """The ladder has no such limit: a 60 s poll loads."""
+        assert parse_config({"poll_interval_s": 60.0}, "f").poll_interval_s == 60.0
+
+    def test_target_mode_from_a_gpu_override_is_checked_against_the_poll(self) -> None:
+        """A [[gpu]] override that turns target mode on under a 20 s poll is a contradiction for that GPU."""
+        data = {"poll_interval_s": 20.0, "gpu": [{"index": 0, "power": {"mode": "target", "target_c": 70.0}}]}
+        config = parse_config(data, "f")
+        (issue,) = check_resolved(config, [gpu(index=0)])
+        assert issue.key.endswith("power.mode") and "poll_interval_s at most 5 s" in issue.expected
+        assert check_resolved(config, [gpu(index=1)]) == []
