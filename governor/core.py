@@ -49,6 +49,7 @@ from governor.policy import FanMode
 from governor.processes import ProcessFacts, ProcessInspector
 from governor.rules.budget import BudgetState, apply_budget
 from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate, rearm_drift, wanted_w
+from governor.rules.gaps import max_gap_s
 from governor.rules.vram import mig_pressure, under_pressure
 from governor.safefile import check_private_dir
 from governor.state import OriginalLimits
@@ -438,7 +439,7 @@ class Governor:
             fans_blocked=self.actuator.fans.monitor_only,
             caps_w=self.actuator.caps_w(),
         )
-        decisions.extend(units.decide(snapshot, config.vram, facts))
+        decisions.extend(units.decide(snapshot, config.vram, facts, max_gap_s(config.poll_interval_s)))
         if config.node.power_budget_w is not None:
             actuator = self.actuator
             self.budget, decisions = apply_budget(

@@ -45,6 +45,7 @@ from governor.model import (
     UnitWarning,
 )
 from governor.policy import ProcessAction, VramPolicy, denied_unit
+from governor.rules.gaps import DEFAULT_MAX_GAP_S
 from governor.rules.units import (
     OVER_BUDGET,
     PRESSURE,
@@ -204,10 +205,17 @@ class UnitKeeper:
         stopped = self.state.stopped
         return frozenset(stopped) if stopped else _NONE_STOPPED
 
-    def decide(self, snapshot: Snapshot, policy: VramPolicy, facts: Mapping[int, ProcessFacts]) -> list[Decision]:
-        """The resume rule's decisions for this tick (its state moves on)."""
+    def decide(
+        self,
+        snapshot: Snapshot,
+        policy: VramPolicy,
+        facts: Mapping[int, ProcessFacts],
+        max_gap_s: float = DEFAULT_MAX_GAP_S,
+    ) -> list[Decision]:
+        """The resume rule's decisions for this tick (its state moves on); ``max_gap_s`` as
+        :func:`~governor.rules.units.evaluate_units`."""
         self._tick = (snapshot, policy, facts)
-        self.state, decisions = evaluate_units(snapshot, self.state, policy, facts)
+        self.state, decisions = evaluate_units(snapshot, self.state, policy, facts, max_gap_s)
         return decisions
 
     def save_ahead(self, decision: Decision) -> str | None:

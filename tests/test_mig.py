@@ -4,6 +4,7 @@ log events, metrics and `status`, through a daemon on the fake NVML (no GPU here
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -236,7 +237,8 @@ def stop_decision() -> Decision:
 def resumed(state: UnitsState, reading: GpuReading) -> list[Decision]:
     decisions: list[Decision] = []
     for t in (1.0, 40.0):
-        state, decisions = evaluate_units(Snapshot(t, 1.7e9 + t, (reading,)), state, POLICY, {})
+        # Two sampled ticks of a steady reading, not a gap in the readings.
+        state, decisions = evaluate_units(Snapshot(t, 1.7e9 + t, (reading,)), state, POLICY, {}, math.inf)
     return decisions
 
 

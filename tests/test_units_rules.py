@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from governor.model import Action, Decision, GpuReading, ProcessFacts, ProcessReading, Rule, Snapshot
 from governor.policy import ProcessAction, ProcessClass, ProcessMatch, VramPolicy
+from governor.rules.gaps import DEFAULT_MAX_GAP_S, max_gap_s
 from governor.rules.units import (
     RETRY_MIN_S,
     Resumed,
@@ -171,7 +173,8 @@ class TestResume:
     def run(
         self, state: UnitsState, t_s: float, reading: GpuReading, pids: tuple[int, ...] = (1,)
     ) -> tuple[UnitsState, list[Decision]]:
-        return evaluate_units(snap(t_s, reading), state, POLICY, facts_for(*pids))
+        # The readings between the sampled ticks are left out, not missing: no gap (tests/test_rule_gaps.py).
+        return evaluate_units(snap(t_s, reading), state, POLICY, facts_for(*pids), math.inf)
 
     def test_resumes_once_clear_for_resume_after(self) -> None:
         """The game gone, the unit is started again after resume_after_s of clear reserve, not before."""
@@ -246,6 +249,40 @@ class TestResume:
         state, soon = self.run(state, 62.0, gpu((1, 6 * GiB)))
         _, later = self.run(state, 61.0 + max(60.0, RETRY_MIN_S), gpu((1, 6 * GiB)))
         assert soon == [] and [d.action for d in later] == [Action.START_UNIT]
+
+
+class TestResumeAfterGap:
+    """Time nobody read is no evidence of room: a gap in the ticks starts the clear run over."""
+
+    def resume_ticks(self, times_s: list[float], max_gap_s: float = DEFAULT_MAX_GAP_S) -> list[float]:
+        """The times of ``times_s`` (ticks of a GPU with room; resume_after_s 60 s) that started the unit."""
+        state, started = stopped_state(), []
+        for t_s in times_s:
+            state, decisions = evaluate_units(snap(t_s, gpu((1, 6 * GiB))), state, POLICY, facts_for(1), max_gap_s)
+            if any(d.action is Action.START_UNIT for d in decisions):
+                started.append(t_s)
+                break
+        return started
+
+    def test_a_suspend_in_the_clear_run_restarts_it(self) -> None:
+        """Clear for 10 s, then an hour with no tick: the unit waits 60 s of clear ticks after it, not 0."""
+        before = [float(t) for t in range(1, 11)]
+        after = [3610.0 + t for t in range(0, 70)]
+        assert self.resume_ticks(before + after) == [3670.0]
+
+    def test_a_gap_within_the_limit_keeps_the_run(self) -> None:
+        """Ticks 15 s apart (the limit at a 1 s poll) are one run: started 60 s after the first clear tick."""
+        assert self.resume_ticks([1.0 + 15.0 * k for k in range(10)]) == [61.0]
+
+    def test_the_limit_follows_the_poll_interval(self) -> None:
+        """At a 10 s poll ticks 30 s apart are one run; at a 1 s poll they are gaps and it never starts."""
+        ticks = [1.0 + 30.0 * k for k in range(10)]
+        assert self.resume_ticks(ticks, max_gap_s(10.0)) == [61.0]
+        assert self.resume_ticks(ticks, max_gap_s(1.0)) == []
+
+    def test_a_clock_that_went_backwards_restarts_the_run(self) -> None:
+        """A tick earlier than the last one is a break too: the run restarts at it."""
+        assert self.resume_ticks([100.0 + t for t in range(50)] + [10.0 + t for t in range(70)]) == [70.0]
 
 
 LOOPER = ProcessClass(

@@ -14,7 +14,10 @@ once the actuator reports the stop done, :func:`record_stop` puts the unit here.
   instance the unit's processes ran in when it was stopped (``mig_instances``) that is still
   there, else (none recorded, or all gone: a layout changed since, or a restart of the governor
   that lost none) in at least one instance, since where it will run is not known;
-* once clear for the unit's resume delay without a break, a ``start_unit`` decision.
+* once clear for the unit's resume delay without a break, a ``start_unit`` decision. A gap in
+  the ticks longer than :func:`~governor.rules.gaps.max_gap_s` (a suspended host, a stalled
+  daemon), or a clock that went backwards, is a break: the clear run starts again at the tick
+  after it (time nobody read is no evidence of room).
   A failed start is tried again after the delay (at least ``RETRY_MIN_S``).
 
 Backoff, as the power ladder's anti-flap: a unit stopped again within its class's
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from governor.model import Decision, GpuHealth, MigInstanceReading, ProcessFacts, Snapshot
 from governor.policy import Action, ProcessAction, ProcessClass, Rule, VramPolicy, format_seconds, format_size
+from governor.rules.gaps import DEFAULT_MAX_GAP_S, after_gap
 
 RETRY_MIN_S = 10.0
 """A failed start is tried again after the unit's delay, and never sooner than this (s)."""
@@ -75,6 +79,7 @@ class UnitsState:
 
     stopped: Mapping[str, StoppedUnit] = field(default_factory=dict)
     resumed: Mapping[str, Resumed] = field(default_factory=dict)
+    last_t_s: float | None = None  # the snapshot time of the last tick that judged a stopped unit
 
 
 def resume_delay_s(klass: ProcessClass, previous: Resumed | None, t_s: float) -> float:
@@ -210,12 +215,18 @@ def resumable(klass: ProcessClass, entry: StoppedUnit) -> bool:
 
 
 def evaluate_units(
-    snapshot: Snapshot, state: UnitsState, policy: VramPolicy, facts: Mapping[int, ProcessFacts]
+    snapshot: Snapshot,
+    state: UnitsState,
+    policy: VramPolicy,
+    facts: Mapping[int, ProcessFacts],
+    max_gap_s: float = DEFAULT_MAX_GAP_S,
 ) -> tuple[UnitsState, list[Decision]]:
-    """Decide which stopped units to start again this tick (see the module docstring)."""
+    """Decide which stopped units to start again this tick (see the module docstring). ``max_gap_s``:
+    the longest time (s) between two ticks of one clear run (:func:`~governor.rules.gaps.max_gap_s`)."""
     if not state.stopped:
         return state, []  # nothing stopped: nothing to resume (the common tick, kept cheap)
     t_s = snapshot.t_s
+    gap = after_gap(state.last_t_s, t_s, max_gap_s) or (state.last_t_s is not None and t_s < state.last_t_s)
     indexes = {r.uuid: r.index for r in snapshot.gpus}
     stopped = dict(state.stopped)
     decisions: list[Decision] = []
@@ -245,7 +256,7 @@ def evaluate_units(
         if not clear:
             stopped[unit] = replace(entry, clear_since_s=None)
             continue
-        since = t_s if entry.clear_since_s is None else entry.clear_since_s
+        since = t_s if entry.clear_since_s is None or gap else min(entry.clear_since_s, t_s)
         stopped[unit] = replace(entry, clear_since_s=since)
         if t_s - since < entry.delay_s or (entry.retry_at_s is not None and t_s < entry.retry_at_s):
             continue
@@ -256,7 +267,7 @@ def evaluate_units(
         decisions.append(
             replace(base, action=Action.START_UNIT, reason=reason, threshold=float(klass.budget_bytes or 0))
         )
-    return replace(state, stopped=stopped), decisions
+    return replace(state, stopped=stopped, last_t_s=t_s), decisions
 
 
 def resume_at_s(entry: StoppedUnit, klass: ProcessClass, t_s: float) -> float | None:
