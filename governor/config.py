@@ -198,6 +198,14 @@ class Config:
     node: NodePolicy = field(default_factory=NodePolicy)
     fan: FanPolicy = field(default_factory=FanPolicy)
 
+    @property
+    def reading_interval_s(self) -> float:
+        """The snapshot-time seconds between two polls: ``poll_interval_s``, times the simulation's
+        ``time_scale`` on the simulated backend (whose snapshot clock runs that much faster)."""
+        if self.backend == "simulated":
+            return self.poll_interval_s * self.simulation.time_scale
+        return self.poll_interval_s
+
     def policy_for(self, gpu: GpuInfo) -> GpuPolicy:
         """The thermal, power and fan policy for ``gpu``: defaults, then every matching override."""
         thermal, power, fan = self.thermal, self.power, self.fan
@@ -459,7 +467,7 @@ def check_resolved(config: Config, gpus: Sequence[GpuInfo]) -> list[ConfigIssue]
         prefix = f"[[gpu]] overrides for GPU {gpu.index} ({gpu.name}) combined: "
         _thermal_contradictions(policy.thermal, prefix, out)
         _power_contradictions(policy.power, prefix, out)
-        _target_contradictions(policy, config.poll_interval_s, prefix, out)
+        _target_contradictions(policy, config.reading_interval_s, prefix, out)
         _fan_contradictions(policy.fan, prefix, out)
         problem = deep_cap_problem(policy.power, gpu)
         if problem is not None:
@@ -491,10 +499,11 @@ def _target_contradictions(policy: GpuPolicy, poll_interval_s: float, prefix: st
     if poll_interval_s > TARGET_MAX_POLL_S:
         out.add(
             f"{prefix}power.mode",
-            f"poll_interval_s at most {TARGET_MAX_POLL_S:g} s with target mode on (its thermal model fits "
+            f"poll_interval_s (times [simulation] time_scale on the simulator) at most {TARGET_MAX_POLL_S:g} s "
+            "with target mode on (its thermal model fits "
             f"the readings of {BLOCK_S:g} s blocks and takes more than {MAX_GAP_S:g} s without one for a gap), "
             'or the ladder (mode = "ladder")',
-            f'mode = "target" with poll_interval_s = {poll_interval_s:g}',
+            f'mode = "target" with readings {poll_interval_s:g} s apart',
         )
 
 

@@ -316,7 +316,7 @@ def build_plans(config: Config, gpus: Iterable[GpuInfo]) -> dict[str, GpuPlan]:
         policy = config.policy_for(gpu)
         if deep_cap_problem(policy.power, gpu) is not None:
             policy = replace(policy, power=replace(policy.power, enabled=False))
-        plans[gpu.uuid] = GpuPlan.build(gpu, policy, config.poll_interval_s)
+        plans[gpu.uuid] = GpuPlan.build(gpu, policy, config.reading_interval_s)
     return plans
 
 
@@ -439,7 +439,7 @@ class Governor:
             fans_blocked=self.actuator.fans.monitor_only,
             caps_w=self.actuator.caps_w(),
         )
-        decisions.extend(units.decide(snapshot, config.vram, facts, max_gap_s(config.poll_interval_s)))
+        decisions.extend(units.decide(snapshot, config.vram, facts, max_gap_s(config.reading_interval_s)))
         if config.node.power_budget_w is not None:
             actuator = self.actuator
             self.budget, decisions = apply_budget(

@@ -724,8 +724,8 @@ class TestTargetModePollInterval:
         way out (before, every 20 s reading was a gap to the fit: the limit was never raised)."""
         (issue,) = issues_of({"poll_interval_s": 20.0, "power": {"mode": "target", "target_c": 70.0}})
         assert issue.key == "power.mode"
-        assert "poll_interval_s at most 5 s" in issue.expected and 'mode = "ladder"' in issue.expected
-        assert issue.got == 'mode = "target" with poll_interval_s = 20'
+        assert "at most 5 s with target mode on" in issue.expected and 'mode = "ladder"' in issue.expected
+        assert issue.got == 'mode = "target" with readings 20 s apart'
 
     @pytest.mark.parametrize("poll_s", [0.5, 1.0, 5.0])
     def test_a_poll_the_fit_can_follow_is_accepted(self, poll_s: float) -> None:
@@ -742,5 +742,12 @@ class TestTargetModePollInterval:
         data = {"poll_interval_s": 20.0, "gpu": [{"index": 0, "power": {"mode": "target", "target_c": 70.0}}]}
         config = parse_config(data, "f")
         (issue,) = check_resolved(config, [gpu(index=0)])
-        assert issue.key.endswith("power.mode") and "poll_interval_s at most 5 s" in issue.expected
+        assert issue.key.endswith("power.mode") and "at most 5 s with target mode on" in issue.expected
         assert check_resolved(config, [gpu(index=1)]) == []
+
+    def test_target_mode_on_a_fast_simulated_clock_is_a_contradiction(self) -> None:
+        """`run --simulate` at time_scale 60 reads 60 simulated seconds apart: too far for target mode."""
+        data = {"backend": "simulated", "simulation": {"time_scale": 60.0}, "power": {"mode": "target"}}
+        config = parse_config(data, "f")
+        (issue,) = check_resolved(config, [gpu(index=0)])
+        assert issue.key.endswith("power.mode") and issue.got == 'mode = "target" with readings 60 s apart'

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from governor.config import Config, GpuPolicy, PowerPolicy
+from governor.config import Config, GpuPolicy, PowerPolicy, SimulationConfig
 from governor.core import build_plans
 from governor.model import Action, GpuReading, GpuTelemetry
 from governor.policy import FanMode, FanPolicy, Rule, ThermalZone
@@ -107,6 +107,14 @@ class TestLadder:
         assert slow.read(30.0, HOT_C) == [Rule.POWER_STEP_DOWN]
         assert slower.read(30.5, HOT_C) == []
         assert fast.read(30.0, HOT_C) == []
+
+    def test_a_faster_simulated_clock_scales_the_limit(self) -> None:
+        """`run --simulate` at time_scale 60 reads once a wall second, 60 simulated seconds apart: that is the
+        interval the plans and the units' rule take, so no reading is a gap (before, the ladder never stepped)."""
+        config = Config(backend="simulated", simulation=SimulationConfig(time_scale=60.0))
+        assert config.reading_interval_s == 60.0
+        assert build_plans(config, [CARD_200W])[CARD_200W.uuid].max_gap_s == 180.0
+        assert Config(simulation=SimulationConfig(time_scale=60.0)).reading_interval_s == 1.0  # NVML: wall time
 
     def test_an_idle_cards_steady_tick_keeps_its_state(self) -> None:
         """Only a run that counts remembers its last reading: a cool card on the top rung keeps its state object."""
