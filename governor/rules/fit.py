@@ -219,7 +219,7 @@ def observe(
         )
     fit = _reading(fit, t_s, temperature_c, power_w)
     if block is None or t_s - block.end_s > MAX_GAP_S or t_s < block.end_s:
-        # First reading, or a gap (missing readings, a suspended host): no block spans it.
+        # First reading, or a gap (missing readings, a stalled daemon): no block spans it.
         if block is not None and (fit.last_block is not None or fit.history):
             fit = replace(fit, last_block=None, history=())
         return fit, Block(t_s, t_s, temperature_c, power_w, 1)

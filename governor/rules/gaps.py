@@ -2,8 +2,9 @@
 
 A rule that waits for a run of readings (the ladder's hot readings and its cool dwell, the fans'
 settle and follow times, a stopped unit's clear time) starts the run over at the first reading
-after a gap longer than :func:`max_gap_s` (a suspended host, a stalled daemon, a GPU lost and back,
-NVML failing every tick): the readings on either side of it are not consecutive, and what the card
+after a gap longer than :func:`max_gap_s` (a frozen or stalled daemon, a driver call that hung, a GPU
+lost and back, NVML failing every tick; in snapshot time, so a suspend, during which the daemon's
+CLOCK_MONOTONIC stops, is no gap): the readings on either side of it are not consecutive, and what the card
 did in between is not known. Target mode does the same for its run of headroom with its fit's fixed
 :data:`governor.rules.fit.MAX_GAP_S` (15 s, this module's floor).
 """

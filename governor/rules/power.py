@@ -17,7 +17,7 @@
 * A missing temperature holds the current limit: never a step up on no data. It holds the
   run of hot readings too (neither counted nor reset) and ends the run of cool ones.
 * A gap in the readings: a temperature reading more than ``max_gap_s`` after the last one
-  (:func:`governor.rules.gaps.max_gap_s`: 3 polls, at least 15 s; a suspended host, a stalled
+  (:func:`governor.rules.gaps.max_gap_s`: 3 polls, at least 15 s; a frozen or stalled
   daemon, a GPU lost and back, NVML failing every tick) starts both runs over at that reading,
   so neither the debounce nor the dwell counts time nobody read.
 * Anti-flap backoff (lazy when releasing, as thermald): a step down (or critical

@@ -17,7 +17,7 @@ A model-based controller on the thermal model fitted online to the GPU's own rea
 * **Raise** only while the limit binds (the GPU draws what the limit allows, or NVML
   reports the software power cap) and both the model (where the limit in force settles)
   and the reading are more than ``deadband_c`` below the target, for ``dwell_s`` seconds
-  of readings in a row (a gap in them, a suspended host, starts the run over), never in the
+  of readings in a row (a gap in them, a stalled daemon, starts the run over), never in the
   critical zone nor over a lower limit set outside the governor: to the same settling
   limit, by at most :data:`RAISE_STEP_RATIO` of the default limit per raise, and never
   above the default limit. Lazy when releasing, like the ladder.
@@ -154,7 +154,7 @@ def _rebased(state: TargetState, t_s: float, ceiling_w: float, floor_w: float) -
     after ``t_s`` (the snapshot clock went backwards: a replay started over, a clock reset) are taken as
     ``t_s``, so the minimum interval, the dwell and the hourly count go on from now instead of waiting
     for the old clock; a run of headroom ends at a gap in the readings longer than
-    :data:`~governor.rules.fit.MAX_GAP_S` (a suspended host: time nobody read is no dwell). ``state``
+    :data:`~governor.rules.fit.MAX_GAP_S` (a stalled daemon: time nobody read is no dwell). ``state``
     itself when nothing needs it (every steady tick)."""
     limit, change, since, read = state.limit_w, state.last_change_s, state.headroom_since_s, state.power_t_s
     changes = state.changes_s

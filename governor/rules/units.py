@@ -15,7 +15,7 @@ once the actuator reports the stop done, :func:`record_stop` puts the unit here.
   there, else (none recorded, or all gone: a layout changed since, or a restart of the governor
   that lost none) in at least one instance, since where it will run is not known;
 * once clear for the unit's resume delay without a break, a ``start_unit`` decision. A gap in
-  the ticks longer than :func:`~governor.rules.gaps.max_gap_s` (a suspended host, a stalled
+  the ticks longer than :func:`~governor.rules.gaps.max_gap_s` (a frozen or stalled
   daemon), or a clock that went backwards, is a break: the clear run starts again at the tick
   after it (time nobody read is no evidence of room).
   A failed start is tried again after the delay (at least ``RETRY_MIN_S``).
