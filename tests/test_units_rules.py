@@ -264,8 +264,8 @@ class TestResumeAfterGap:
                 break
         return started
 
-    def test_a_suspend_in_the_clear_run_restarts_it(self) -> None:
-        """Clear for 10 s, then an hour with no tick: the unit waits 60 s of clear ticks after it, not 0."""
+    def test_a_stall_in_the_clear_run_restarts_it(self) -> None:
+        """Clear for 10 s, then an hour with no tick (a frozen daemon): it waits 60 s of clear ticks after, not 0."""
         before = [float(t) for t in range(1, 11)]
         after = [3610.0 + t for t in range(0, 70)]
         assert self.resume_ticks(before + after) == [3670.0]
