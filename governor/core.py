@@ -343,6 +343,7 @@ class Governor:
         if vram is not None and config.dry_run and not vram.dry_run:
             vram = replace(vram, dry_run=True)
         self._rules_vram = vram
+        self._max_gap_s = max_gap_s(config.reading_interval_s)  # the units' rule's gap limit, once per config
         self.backend = backend
         self.originals = originals
         self.gpus: tuple[GpuInfo, ...] = tuple(backend.gpus()) if gpus is None else gpus
@@ -439,7 +440,7 @@ class Governor:
             fans_blocked=self.actuator.fans.monitor_only,
             caps_w=self.actuator.caps_w(),
         )
-        decisions.extend(units.decide(snapshot, config.vram, facts, max_gap_s(config.reading_interval_s)))
+        decisions.extend(units.decide(snapshot, config.vram, facts, self._max_gap_s))
         if config.node.power_budget_w is not None:
             actuator = self.actuator
             self.budget, decisions = apply_budget(

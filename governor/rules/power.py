@@ -333,14 +333,16 @@ def step_power(
         # Every critical reading above the floor, not only the one entering the zone: a drop that was
         # refused (and undone) or held under another tool's lower limit is taken as soon as it can be.
         level, note = _after_step_down(policy, state, t_s)
-        state = replace(
-            _changed(state, reading),
-            rung=lowest,
-            hot_samples=0,
-            cool_since_s=None,
-            last_change_s=t_s,
-            backoff=level,
-            last_read_s=None,  # no run counts after a change down
+        state = _stamped(
+            replace(
+                _changed(state, reading),
+                rung=lowest,
+                hot_samples=0,
+                cool_since_s=None,
+                last_change_s=t_s,
+                backoff=level,
+            ),
+            t_s,
         )
         entered = "entered" if previous_zone is not ThermalZone.CRITICAL else "in"
         reason = f"{entered} critical zone at {temperature:g} C: straight to the lowest rung{note}"
@@ -355,13 +357,8 @@ def step_power(
             below = _first_rung_below(ladder, reading.power_limit_w) if state.rung is None else state.rung + 1
             if below is not None and below <= lowest and not _would_raise(ladder[below], reading):
                 level, note = _after_step_down(policy, state, t_s)
-                state = replace(
-                    _changed(state, reading),
-                    rung=below,
-                    hot_samples=0,
-                    last_change_s=t_s,
-                    backoff=level,
-                    last_read_s=None,  # no run counts after a change down
+                state = _stamped(
+                    replace(_changed(state, reading), rung=below, hot_samples=0, last_change_s=t_s, backoff=level), t_s
                 )
                 reason = (
                     f"temperature {temperature:g} C >= {policy.step_down_at_c:g} C for {hot} consecutive samples{note}"
@@ -394,14 +391,11 @@ def step_power(
         ):
             up = rung - 1
             level = backoff_level(policy, state, t_s)
-            state = replace(
-                _changed(state, reading),
-                rung=up,
-                cool_since_s=t_s,
-                last_change_s=t_s,
-                last_up_s=t_s,
-                backoff=level,
-                last_read_s=t_s if up > 0 else None,  # the cool run counts on while a rung above is left
+            state = _stamped(  # the cool run counts on while a rung above is left
+                replace(
+                    _changed(state, reading), rung=up, cool_since_s=t_s, last_change_s=t_s, last_up_s=t_s, backoff=level
+                ),
+                t_s,
             )
             dwell_text = f"dwell {format_seconds(dwell_s)}"
             if dwell_s != policy.dwell_s:
