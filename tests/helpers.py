@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from governor.backends import BackendError
-from governor.model import GpuHealth, GpuInfo, GpuReading, Snapshot
+from governor.model import GpuHealth, GpuInfo, GpuReading, GpuTelemetry, Snapshot
 
 H100 = GpuInfo(
     index=0,
@@ -27,6 +27,21 @@ CARD_200W = GpuInfo(
     power_limit_default_w=200.0,
 )
 """A 200 W card: both default rungs (200 W, 180 W) fit its range."""
+
+FAN_CARD = replace(CARD_200W, fan_count=2, fan_speed_min_percent=30.0, fan_speed_max_percent=100.0)
+"""The 200 W card with two fans the driver lets the governor set (30-100 %)."""
+
+
+def fan_reading(temperature_c: float | None, fans_percent: tuple[float, ...] | None = (45.0, 45.0)) -> GpuReading:
+    """A reading of FAN_CARD at ``temperature_c`` (C) with its fans measured at ``fans_percent`` (%)."""
+    ratios = None if fans_percent is None else tuple((i, p / 100.0) for i, p in enumerate(fans_percent))
+    return GpuReading(
+        index=FAN_CARD.index,
+        uuid=FAN_CARD.uuid,
+        temperature_c=temperature_c,
+        power_limit_w=200.0,
+        telemetry=GpuTelemetry(fan_speed_ratios=ratios),
+    )
 
 
 def reading(

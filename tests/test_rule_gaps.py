@@ -7,7 +7,7 @@ from pathlib import Path
 
 from governor.config import Config, GpuPolicy, PowerPolicy, SimulationConfig
 from governor.core import build_plans
-from governor.model import Action, GpuReading, GpuTelemetry
+from governor.model import Action
 from governor.policy import FanMode, FanPolicy, Rule, ThermalZone
 from governor.rules.engine import NEW_STATE, GpuPlan, GpuRuleState, evaluate_gpu
 from governor.rules.fan import FanPlan, FanState, FanStep, step_fan
@@ -15,13 +15,13 @@ from governor.rules.gaps import max_gap_s
 from governor.rules.power import LadderState
 from governor.trace import device_record, read_trace, sample_record, write_records
 from governor.whatif.replay import replay_trace
-from tests.helpers import CARD_200W, reading
+from tests.helpers import CARD_200W, FAN_CARD, fan_reading, reading
 
 POWER = PowerPolicy(debounce_samples=2, min_change_interval_s=0.0)  # 200 -> 180 W at 75 C x2, up at 65 C for 60 s
 HOT_C, COOL_C = 78.0, 60.0
 STEPPED_DOWN = GpuRuleState(zone=ThermalZone.OPTIMAL, ladder=LadderState(rung=1, last_change_s=-1000.0))
 """A card on the 180 W rung since long ago: the next step is up, after 60 s of cool readings."""
-FANS = replace(CARD_200W, fan_count=2, fan_speed_min_percent=30.0, fan_speed_max_percent=100.0)
+FANS = FAN_CARD
 ASSIST = FanPolicy(mode=FanMode.ASSIST, max_percent=75.0, raise_at_c=70.0, lower_at_c=62.0)
 
 
@@ -139,18 +139,6 @@ class TestReplay:
         assert [(d.t_s, d.rule) for d in result.decisions if d.rule.startswith("power")] == [
             (60.0, Rule.POWER_STEP_DOWN)
         ]
-
-
-def fan_reading(temperature_c: float, fans_percent: tuple[float, float]) -> GpuReading:
-    """A reading of the two-fan card at ``temperature_c`` with its fans measured at ``fans_percent``."""
-    ratios = tuple((i, p / 100.0) for i, p in enumerate(fans_percent))
-    return GpuReading(
-        index=FANS.index,
-        uuid=FANS.uuid,
-        temperature_c=temperature_c,
-        power_limit_w=200.0,
-        telemetry=GpuTelemetry(fan_speed_ratios=ratios),
-    )
 
 
 class TestFans:

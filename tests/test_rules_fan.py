@@ -4,28 +4,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from governor.model import Action, GpuReading, GpuTelemetry
+from governor.model import Action, GpuReading
 from governor.policy import FanMode, FanPolicy, GpuPolicy, PowerPolicy, Rule, ThermalZone
 from governor.rules.engine import GpuPlan, GpuRuleState, evaluate_gpu
 from governor.rules.fan import FanPlan, FanState, curve_percent, step_fan
 from governor.rules.power import LadderState, step_power
-from tests.helpers import CARD_200W
+from tests.helpers import FAN_CARD, fan_reading
 
-CARD = replace(CARD_200W, fan_count=2, fan_speed_min_percent=30.0, fan_speed_max_percent=100.0)
+CARD = FAN_CARD
 ASSIST = FanPolicy(mode=FanMode.ASSIST, max_percent=75.0, raise_at_c=70.0, lower_at_c=62.0)
 CURVE = FanPolicy(mode=FanMode.CURVE, max_percent=90.0, curve=((50.0, 30.0), (70.0, 50.0), (80.0, 80.0)))
-
-
-def fan_reading(temperature_c: float | None, fans_percent: tuple[float, ...] | None = (45.0, 45.0)) -> GpuReading:
-    """A reading of CARD with its fans measured at ``fans_percent``."""
-    ratios = None if fans_percent is None else tuple((i, p / 100.0) for i, p in enumerate(fans_percent))
-    return GpuReading(
-        index=CARD.index,
-        uuid=CARD.uuid,
-        temperature_c=temperature_c,
-        power_limit_w=200.0,
-        telemetry=GpuTelemetry(fan_speed_ratios=ratios),
-    )
 
 
 def targets(state: FanState) -> dict[int, float]:
