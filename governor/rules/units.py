@@ -256,7 +256,7 @@ def evaluate_units(
         if not clear:
             stopped[unit] = replace(entry, clear_since_s=None)
             continue
-        since = t_s if entry.clear_since_s is None or gap else min(entry.clear_since_s, t_s)
+        since = t_s if entry.clear_since_s is None or gap else entry.clear_since_s
         stopped[unit] = replace(entry, clear_since_s=since)
         if t_s - since < entry.delay_s or (entry.retry_at_s is not None and t_s < entry.retry_at_s):
             continue
